@@ -1,0 +1,53 @@
+"""loompy: read and write Loom files (chunked, compressed HDF5 containers for annotated matrices).
+
+>>> import loompy
+>>> with loompy.connect("cortex.loom") as ds:
+...     ds[ds.ra.Gene == "Actb", :]
+"""
+
+from .attributes import AttributeManager, GlobalAttributeManager
+from .connection import LoomConnection, connect
+from .create import create, new
+from .errors import (
+    LoomAttributeError,
+    LoomError,
+    LoomFileError,
+    LoomFormatError,
+    LoomIndexError,
+    LoomKeyError,
+    LoomLockError,
+    LoomTypeError,
+    LoomValueError,
+)
+from .format import CURRENT_SPEC as LOOM_SPEC_VERSION
+from .format import timestamp
+from .graphs import GraphManager
+from .layers import LayerManager, LoomLayer
+from .validator import LoomValidator
+
+__version__ = "4.0.0.dev0"
+
+__all__ = [
+    "AttributeManager",
+    "GlobalAttributeManager",
+    "GraphManager",
+    "LOOM_SPEC_VERSION",
+    "LayerManager",
+    "LoomAttributeError",
+    "LoomConnection",
+    "LoomError",
+    "LoomFileError",
+    "LoomFormatError",
+    "LoomIndexError",
+    "LoomKeyError",
+    "LoomLayer",
+    "LoomLockError",
+    "LoomTypeError",
+    "LoomValidator",
+    "LoomValueError",
+    "__version__",
+    "connect",
+    "create",
+    "new",
+    "timestamp",
+]

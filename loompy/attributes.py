@@ -1,0 +1,243 @@
+"""Row, column and global attribute managers.
+
+Both are mutable mappings (``keys``, ``items``, ``in``, ``get``, ``update``...) with dot access.
+Values are read from the file on first use and cached; assignment validates, then writes
+through to the file at once. A manager without an HDF5 group holds values in memory only
+(used by views).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import format as fmt
+from .errors import LoomAttributeError, LoomFileError, LoomKeyError, LoomValueError
+from .indexing import select_axis
+
+AXIS_LABELS = ("row", "column")
+
+
+class Dims:
+    """The matrix shape, shared (not copied) between a connection and its managers."""
+
+    __slots__ = ("shape",)
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+
+
+def check_writable(file: h5py.File | None, what: str) -> None:
+    """Refuse a write before anything is touched when the file is open read-only."""
+    if file is not None and file.mode != "r+":
+        raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
+
+
+class AttributeManager(MutableMapping):
+    """Attributes along one axis (``axis=0``: rows, ``axis=1``: columns)."""
+
+    def __init__(self, file: h5py.File | None, axis: int, dims: Dims, *, group_name: str | None = None,
+                 legacy: bool = False, values: dict[str, np.ndarray] | None = None) -> None:
+        object.__setattr__(self, "_file", file)
+        object.__setattr__(self, "_group_name", group_name or fmt.ATTR_GROUPS[axis])
+        object.__setattr__(self, "axis", axis)
+        object.__setattr__(self, "_dims", dims)
+        object.__setattr__(self, "_legacy", legacy)
+        object.__setattr__(self, "_cache", dict(values or {}))
+        object.__setattr__(self, "_names", list(self._cache))
+        group = self._group
+        if group is not None:
+            self._names[:0] = [k for k, v in group.items() if isinstance(v, h5py.Dataset) and k not in self._cache]
+
+    @property
+    def _group(self) -> h5py.Group | None:
+        """The HDF5 group behind this manager (None in memory, or when the file lacks it)."""
+        if self._file is None:
+            return None
+        group = self._file.get(self._group_name)
+        return group if isinstance(group, h5py.Group) else None
+
+    # --------------------------------------------------------------- reading
+    @property
+    def _where(self) -> str:
+        file = self._file.filename if self._file is not None else "<memory>"
+        return f"{file}: {AXIS_LABELS[self.axis]} attribute"
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            if key not in self._cache:
+                if key not in self._names:
+                    raise LoomKeyError(f"{self._where} '{key}' does not exist")
+                self._cache[key] = fmt.read_values(self._group[key], self._legacy)
+            return self._cache[key]
+        selection = select_axis(key, self._dims.shape[self.axis], self.axis)
+        index = selection.indices[0] if selection.drop else selection.indices
+        return {name: self[name][index] for name in self._names}
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def keys(self) -> list[str]:  # loompy 3 returns a list
+        return list(self._names)
+
+    def _ipython_key_completions_(self) -> list[str]:
+        return self.keys()
+
+    def __dir__(self) -> list[str]:
+        return list(super().__dir__()) + [n for n in self._names if n.isidentifier()]
+
+    def __repr__(self) -> str:
+        return f"<{AXIS_LABELS[self.axis]} attributes: {', '.join(self._names) or 'none'}>"
+
+    # --------------------------------------------------------------- writing
+    def __setitem__(self, name: str, values: Any) -> None:
+        self.set(name, values)
+
+    def __setattr__(self, name: str, values: Any) -> None:
+        if name.startswith("_") or name == "axis":
+            object.__setattr__(self, name, values)
+        else:
+            self.set(name, values)
+
+    def set(self, name: str, values: Any, dtype: Any = None) -> None:
+        """Validate ``values`` (one per row/column), then create or overwrite attribute ``name``."""
+        if not isinstance(name, str) or not name or "/" in name:
+            raise LoomValueError(f"{self._where} name {name!r} is invalid (a non-empty string without '/')")
+        where = f"{self._where} '{name}'"
+        check_writable(self._file, where)
+        length = self._dims.shape[self.axis]
+        arr = fmt.normalize_values(values if dtype is None else np.asarray(values, dtype=dtype), where,
+                                   length=length if self._has_shape() else None)
+        if self._file is not None:
+            group = self._file.require_group(self._group_name)
+            fmt.write_values(group, name, arr, resizable=self.axis == 1, where=where)
+        self._cache[name] = arr
+        if name not in self._names:
+            self._names.append(name)
+
+    def _has_shape(self) -> bool:
+        """An empty file (from ``new()``) has no matrix yet; its first attribute defines the length."""
+        return self._dims.shape != (0, 0) or bool(self._names)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._names:
+            raise LoomKeyError(f"{self._where} '{name}' does not exist")
+        check_writable(self._file, f"{self._where} '{name}'")
+        group = self._group
+        if group is not None and name in group:
+            del group[name]
+            fmt.touch(group)
+        self._names.remove(name)
+        self._cache.pop(name, None)
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+    # --------------------------------------------------------------- helpers for other modules
+    def to_dict(self) -> dict[str, np.ndarray]:
+        return {name: self[name] for name in self._names}
+
+    def _forget(self) -> None:
+        """Drop cached values (after the file changed underneath, e.g. columns were appended)."""
+        self._cache.clear()
+        group = self._group
+        if group is not None:
+            self._names[:] = [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
+
+
+class GlobalAttributeManager(MutableMapping):
+    """File-wide attributes (``title``, ``description``...); ``LOOM_SPEC_VERSION`` is read-only."""
+
+    def __init__(self, f: h5py.File, *, in_group: bool, legacy: bool) -> None:
+        object.__setattr__(self, "_file", f)
+        object.__setattr__(self, "_in_group", in_group)
+        object.__setattr__(self, "_legacy", legacy)
+
+    @property
+    def _where(self) -> str:
+        return f"{self._file.filename}: global attribute"
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self:
+            raise LoomKeyError(f"{self._where} '{name}' does not exist")
+        return fmt.read_global(self._file, name, self._in_group, self._legacy)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise LoomValueError(f"{self._where} name {name!r} is invalid (a non-empty string without '/')")
+        if name == fmt.SPEC_VERSION_KEY:
+            raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be changed")
+        check_writable(self._file, f"{self._where} '{name}'")
+        arr = fmt.normalize_global(value, name)
+        fmt.write_global(self._file, name, arr, self._in_group)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, value)
+        else:
+            self[name] = value
+
+    def __delitem__(self, name: str) -> None:
+        if name == fmt.SPEC_VERSION_KEY:
+            raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be deleted")
+        if name not in self:
+            raise LoomKeyError(f"{self._where} '{name}' does not exist")
+        check_writable(self._file, f"{self._where} '{name}'")
+        if self._in_group:
+            del self._file[fmt.GLOBAL_ATTRS][name]
+            fmt.touch(self._file[fmt.GLOBAL_ATTRS])
+        else:
+            del self._file.attrs[name]
+            self._file.attrs[fmt.LAST_MODIFIED] = fmt.timestamp()
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in fmt.global_names(self._file, self._in_group)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(fmt.global_names(self._file, self._in_group))
+
+    def __len__(self) -> int:
+        return len(fmt.global_names(self._file, self._in_group))
+
+    def keys(self) -> list[str]:
+        return fmt.global_names(self._file, self._in_group)
+
+    def _ipython_key_completions_(self) -> list[str]:
+        return self.keys()
+
+    def __repr__(self) -> str:
+        return f"<global attributes: {', '.join(self.keys()) or 'none'}>"

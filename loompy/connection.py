@@ -1,0 +1,244 @@
+"""``LoomConnection``: an open Loom file. It holds the managers and delegates to them."""
+
+from __future__ import annotations
+
+import errno
+import html
+import os
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from . import format as fmt
+from .attributes import AttributeManager, Dims, GlobalAttributeManager
+from .errors import LoomAttributeError, LoomFileError, LoomFormatError, LoomLockError, LoomValueError
+from .graphs import GraphManager
+from .layers import LayerManager
+
+_LOCK_HINT = (
+    "HDF5 could not lock the file (another process may be writing it, or the file system does not "
+    "support locks, as on some NFS mounts). To read anyway, open read-only without locking: "
+    "loompy.connect(path, 'r', locking=False) or set HDF5_USE_FILE_LOCKING=FALSE."
+)
+
+
+def _is_lock_error(exc: OSError) -> bool:
+    text = str(exc).lower()
+    return "lock" in text or getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK)
+
+
+def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = None) -> h5py.File:
+    """Open the HDF5 file behind a Loom file, turning HDF5's errors into loompy's."""
+    path = os.fspath(filename)
+    if mode not in ("r", "r+"):
+        raise LoomValueError(f"{path}: mode must be 'r' (read-only) or 'r+' (read/write), got {mode!r}")
+    if not os.path.exists(path):
+        raise LoomFileError(errno.ENOENT, f"{path}: no such file")
+    kwargs: dict[str, Any] = {}
+    if locking is not None:
+        kwargs["locking"] = locking
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except OSError as exc:
+        if _is_lock_error(exc):
+            raise LoomLockError(f"{path}: {_LOCK_HINT} ({exc})") from exc
+        raise LoomFileError(f"{path}: cannot open as a Loom (HDF5) file: {exc}") from exc
+
+
+class LoomConnection:
+    """A connection to a ``.loom`` file: the matrix stays on disk, attributes load on first use."""
+
+    def __init__(self, filename: str | os.PathLike, mode: str = "r+", *, validate: bool = True,
+                 spec_version: str = fmt.CURRENT_SPEC, locking: bool | None = None) -> None:
+        self.filename = os.fspath(filename)
+        self._file = open_h5(self.filename, mode, locking=locking)
+        try:
+            if validate:
+                from .validator import check_structure
+                problems = check_structure(self._file)
+                if problems:
+                    raise LoomFormatError(f"{self.filename}: not a valid Loom file: " + "; ".join(problems))
+            self._open_managers()
+        except BaseException:
+            self._file.close()
+            raise
+        self.spec_version = spec_version
+
+    def _open_managers(self) -> None:
+        f = self._file
+        self.version = fmt.read_spec_version(f)
+        legacy = self.version.is_legacy
+        matrix = f.get(fmt.MATRIX)
+        self._dims = Dims(matrix.shape if isinstance(matrix, h5py.Dataset) else (0, 0))
+        self.layers = LayerManager(f, self._dims)
+        self.row_attrs = AttributeManager(f, 0, self._dims, legacy=legacy)
+        self.col_attrs = AttributeManager(f, 1, self._dims, legacy=legacy)
+        self.row_graphs = GraphManager(f, 0, self._dims, group_name=fmt.graph_group_name(f, 0))
+        self.col_graphs = GraphManager(f, 1, self._dims, group_name=fmt.graph_group_name(f, 1))
+        self.attrs = GlobalAttributeManager(f, in_group=fmt.globals_live_in_group(f), legacy=legacy)
+
+    # --------------------------------------------------------------- aliases kept from loompy 2/3
+    @property
+    def ra(self) -> AttributeManager:
+        return self.row_attrs
+
+    @property
+    def ca(self) -> AttributeManager:
+        return self.col_attrs
+
+    @property
+    def layer(self) -> LayerManager:
+        return self.layers
+
+    # --------------------------------------------------------------- basic properties
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(rows, columns) of the main matrix; (0, 0) for an empty file made by ``new()``."""
+        return self._dims.shape
+
+    @property
+    def mode(self) -> str:
+        return self._file.mode if self._file else "closed"
+
+    @property
+    def closed(self) -> bool:
+        return not bool(self._file)
+
+    def close(self, suppress_warning: bool = False) -> None:
+        """Close the file; the connection cannot be used afterwards."""
+        if self._file:
+            self._file.flush()
+            self._file.close()
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def __enter__(self) -> LoomConnection:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- matrix access
+    def __getitem__(self, key: Any) -> Any:
+        """``ds["layer"]`` is a layer; anything else selects from the main matrix."""
+        if isinstance(key, str):
+            return self.layers[key]
+        return self.layers[""][key]
+
+    def __setitem__(self, key: Any, values: Any) -> None:
+        if isinstance(key, str):
+            self.layers[key] = values
+        else:
+            self.layers[""][key] = values
+
+    def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None) -> sp.coo_matrix:
+        """A layer (default: main matrix), or its ``rows`` x ``cols`` part, as a COO matrix."""
+        return self.layers["" if layer is None else layer].sparse(rows, cols)
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        """``ds.Name``: a column attribute, else a row attribute (methods always win)."""
+        if name.startswith("_") or name in ("row_attrs", "col_attrs", "layers"):
+            raise AttributeError(name)
+        if name in self.col_attrs:
+            return self.col_attrs[name]
+        if name in self.row_attrs:
+            return self.row_attrs[name]
+        raise LoomAttributeError(f"{self.filename}: no method, column attribute or row attribute named '{name}'")
+
+    # --------------------------------------------------------------- attribute and layer helpers
+    def set_attr(self, name: str, values: Any, axis: int = 0, dtype: Any = None) -> None:
+        """Create or overwrite a row (``axis=0``) or column (``axis=1``) attribute."""
+        self._attr_manager(axis).set(name, values, dtype=dtype)
+
+    def delete_attr(self, name: str, axis: int = 0) -> None:
+        del self._attr_manager(axis)[name]
+
+    def _attr_manager(self, axis: int) -> AttributeManager:
+        if axis not in (0, 1):
+            raise LoomValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
+        return self.row_attrs if axis == 0 else self.col_attrs
+
+    def set_layer(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
+                  chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
+                  compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL) -> None:
+        """Create or overwrite a layer; see :meth:`LayerManager.set_layer`."""
+        self.layers.set_layer(name, matrix, chunks=chunks, chunk_cache=chunk_cache, dtype=dtype,
+                              compression_opts=compression_opts)
+
+    def list_edges(self, axis: int) -> list[str]:
+        return (self.row_graphs if axis == 0 else self.col_graphs).keys()
+
+    def get_edges(self, name: str, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A graph as (from, to, weight) arrays."""
+        g = (self.row_graphs if axis == 0 else self.col_graphs)[name]
+        return g.row, g.col, g.data
+
+    def set_edges(self, name: str, a: np.ndarray, b: np.ndarray, w: np.ndarray, axis: int) -> None:
+        """Store a graph from (from, to, weight) arrays of equal length."""
+        a, b, w = np.asarray(a), np.asarray(b), np.asarray(w)
+        if not a.shape == b.shape == w.shape or a.ndim != 1:
+            raise LoomValueError(f"{self.filename}: graph '{name}': a, b and w must be 1-D and of equal length")
+        n = self.shape[axis]
+        if a.size and (a.min() < 0 or b.min() < 0 or a.max() >= n or b.max() >= n):
+            raise LoomValueError(f"{self.filename}: graph '{name}': vertex indices must lie in [0, {n})")
+        graphs = self.row_graphs if axis == 0 else self.col_graphs
+        graphs[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
+
+    # --------------------------------------------------------------- display
+    def __repr__(self) -> str:
+        if self.closed:
+            return f"<LoomConnection to '{self.filename}' (closed)>"
+        n, m = self.shape
+        return (f"<LoomConnection to '{self.filename}' (mode {self.mode}, spec {self.version}): "
+                f"{n} rows x {m} columns; layers {self.layers.keys()}; "
+                f"row attributes {self.row_attrs.keys()}; column attributes {self.col_attrs.keys()}>")
+
+    def _repr_html_(self) -> str:
+        """Upper-left 10x10 corner with the attributes, for notebooks (every value HTML-escaped)."""
+        if self.closed:
+            return html.escape(repr(self))
+        return render_html(self)
+
+
+def render_html(ds: Any, size: int = 10) -> str:
+    """HTML table: shape, column attributes as header rows, row attributes as leading columns."""
+    esc = html.escape
+    n, m = ds.shape
+    rn, cn = min(n, size), min(m, size)
+    ra, ca = list(ds.ra.keys()), list(ds.ca.keys())
+    corner = ds[:rn, :cn] if rn and cn and "" in ds.layers else np.zeros((rn, cn))
+    more_cols = "<td>...</td>" if m > size else ""
+    cells = ["<p>" + esc(str(ds.shape)) + "</p><table><tbody>"]
+
+    def values(arr: np.ndarray, k: int) -> list[str]:
+        return [esc(str(v)) for v in np.asarray(arr)[:k].tolist()]
+
+    for name in ca:
+        cells.append("<tr>" + "<td>&nbsp;</td>" * max(0, len(ra) - 1) + f"<td><strong>{esc(name)}</strong></td>"
+                     + "".join(f"<td>{v}</td>" for v in values(ds.ca[name], cn)) + more_cols + "</tr>")
+    cells.append("<tr>" + "".join(f"<td><strong>{esc(name)}</strong></td>" for name in ra)
+                 + ("<td>&nbsp;</td>" if not ra else "") + "<td>&nbsp;</td>" * cn + more_cols + "</tr>")
+    row_values = [values(ds.ra[name], rn) for name in ra]
+    for i in range(rn):
+        lead = "".join(f"<td>{col[i]}</td>" for col in row_values) or "<td>&nbsp;</td>"
+        cells.append("<tr>" + lead + "".join(f"<td>{esc(str(v))}</td>" for v in corner[i].tolist())
+                     + more_cols + "</tr>")
+    if n > size:
+        cells.append("<tr>" + "<td>...</td>" * (max(1, len(ra)) + cn + (1 if m > size else 0)) + "</tr>")
+    cells.append("</tbody></table>")
+    return "".join(cells)
+
+
+def connect(filename: str | os.PathLike, mode: str = "r+", *, validate: bool = True,
+            spec_version: str = fmt.CURRENT_SPEC, locking: bool | None = None) -> LoomConnection:
+    """Open a Loom file. ``mode`` is ``'r+'`` (read/write, default) or ``'r'`` (read-only).
+
+    ``validate`` checks the structure (cheap: no data is read). ``locking=False`` opens without
+    HDF5 file locks, for file systems that refuse them (NFS); use it only with ``mode='r'`` and
+    when no other process writes the file.
+    """
+    return LoomConnection(filename, mode, validate=validate, spec_version=spec_version, locking=locking)
+

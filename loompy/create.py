@@ -1,0 +1,165 @@
+"""Creating Loom files: ``new`` and ``create``, written atomically (temporary file, then rename)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from . import engine
+from . import format as fmt
+from .attributes import AttributeManager
+from .connection import LoomConnection, connect
+from .errors import LoomTypeError, LoomValueError
+from .layers import LayerManager, LoomLayer
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
+    """Write a new HDF5 file at a temporary path beside ``path`` and rename it into place on success.
+
+    The target path always holds either its old content or the complete new file; a failure
+    (or a kill) leaves at most a stray ``.*.loom-tmp`` file, never a broken target.
+    """
+    path = os.path.abspath(os.fspath(path))
+    directory, base = os.path.split(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".loom-tmp", dir=directory)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            yield f
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
+    if isinstance(layers, LayerManager):
+        return {name: layers[name] for name in layers.keys()}
+    if isinstance(layers, Mapping):
+        out = dict(layers)
+    elif isinstance(layers, (np.ndarray, LoomLayer)) or sp.issparse(layers):
+        out = {"": layers}
+    elif isinstance(layers, (list, tuple)):
+        out = {"": np.asarray(layers)}
+    else:
+        raise LoomTypeError(f"{where}: layers must be an ndarray, a sparse matrix, a dict or a LayerManager, "
+                            f"got {type(layers).__name__}")
+    if "" not in out:
+        raise LoomValueError(f"{where}: layers must include the main matrix under the name ''")
+    for name, matrix in out.items():
+        if not isinstance(name, str) or "/" in name:
+            raise LoomValueError(f"{where}: layer name {name!r} is invalid (a string without '/')")
+        if not (sp.issparse(matrix) or isinstance(matrix, LoomLayer)):
+            out[name] = np.asarray(matrix)
+    return out
+
+
+def _as_attr_dict(attrs: Any, where: str) -> dict[str, Any]:
+    if attrs is None:
+        return {}
+    if isinstance(attrs, AttributeManager):
+        return attrs.to_dict()
+    if isinstance(attrs, Mapping):
+        return dict(attrs)
+    raise LoomTypeError(f"{where}: attributes must be a dict or an attribute manager, got {type(attrs).__name__}")
+
+
+def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any, file_attrs: Any,
+                      dtype: Any) -> tuple[dict, dict, dict, dict, dict]:
+    """Check and normalise everything ``create`` will write; nothing is written here."""
+    where = os.fspath(filename)
+    layer_dict = _as_layer_dict(layers, where)
+    shape = tuple(layer_dict[""].shape)
+    if len(shape) != 2:
+        raise LoomValueError(f"{where}: the main matrix must be two-dimensional, got shape {shape}")
+    dtypes = {}
+    for name, matrix in layer_dict.items():
+        lw = f"{where}: layer '{name}'"
+        if tuple(matrix.shape) != shape:
+            raise LoomValueError(f"{lw}: shape {tuple(matrix.shape)} differs from the main matrix's {shape}")
+        if not isinstance(matrix, LoomLayer) and matrix.dtype.kind not in "biuf":
+            raise LoomValueError(f"{lw}: cannot store values of dtype {matrix.dtype} in a matrix")
+        wanted = dtype if (dtype is not None and name == "") else matrix.dtype
+        if not isinstance(matrix, LoomLayer) and np.dtype(wanted).kind == "b":
+            wanted = np.uint8
+        dtypes[name] = fmt.check_matrix_dtype(wanted, lw)
+    rows = {name: fmt.normalize_values(v, f"{where}: row attribute '{name}'", shape[0])
+            for name, v in _as_attr_dict(row_attrs, where).items()}
+    cols = {name: fmt.normalize_values(v, f"{where}: column attribute '{name}'", shape[1])
+            for name, v in _as_attr_dict(col_attrs, where).items()}
+    for kind, group in (("row", rows), ("column", cols)):
+        for name in group:
+            if not isinstance(name, str) or not name or "/" in name:
+                raise LoomValueError(f"{where}: {kind} attribute name {name!r} is invalid")
+    globals_ = {}
+    for name, value in (file_attrs or {}).items():
+        if name == fmt.SPEC_VERSION_KEY:
+            raise LoomValueError(f"{where}: global attribute '{name}' is managed by loompy and cannot be set")
+        globals_[name] = fmt.normalize_global(value, name)
+    return layer_dict, dtypes, rows, cols, globals_
+
+
+def write_contents(f: h5py.File, layer_dict: dict, dtypes: dict, rows: dict, cols: dict, globals_: dict, *,
+                   chunks: tuple[int, int], chunk_cache: int, compression_opts: int | None) -> None:
+    """Write validated contents into a freshly created (empty) HDF5 file."""
+    fmt.init_file(f)
+    for name, value in globals_.items():
+        fmt.write_global(f, name, value, in_group=True)
+    for name, matrix in layer_dict.items():
+        group = f if name == "" else f[fmt.LAYERS]
+        ds = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, matrix.shape, dtypes[name], chunks=chunks,
+                               compression_opts=compression_opts, chunk_cache=chunk_cache)
+        engine.write_matrix(ds, matrix[:, :] if isinstance(matrix, LoomLayer) else matrix)
+    for axis, values in enumerate((rows, cols)):
+        group = f[fmt.ATTR_GROUPS[axis]]
+        for name, arr in values.items():
+            fmt.write_values(group, name, arr, resizable=axis == 1, where=f"attribute '{name}'")
+
+
+def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = None, col_attrs: Any = None, *,
+           file_attrs: Mapping[str, Any] | None = None, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
+           chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
+           compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL, matrix: Any = None) -> LoomConnection:
+    """Create a Loom file from a matrix (or dict of layers) and row/column attributes.
+
+    ``layers`` is an ndarray, a scipy.sparse matrix, a dict of layers (``""`` is the main
+    matrix) or a LayerManager; ``matrix=`` is the older keyword for the same thing. ``dtype=None``
+    keeps the input's dtype. The file is written to a temporary path and renamed into place, so an
+    existing file of that name is replaced only when the new one is complete. Returns an open
+    connection (use it in a ``with`` block, or close it).
+    """
+    if layers is None and matrix is None:
+        raise LoomTypeError("create() needs the matrix: pass layers (or matrix=)")
+    if layers is not None and matrix is not None:
+        raise LoomTypeError("create() takes either layers or matrix=, not both")
+    contents = validate_contents(filename, layers if layers is not None else matrix, row_attrs, col_attrs,
+                                 file_attrs, dtype)
+    with atomic_h5(filename) as f:
+        write_contents(f, *contents, chunks=chunks, chunk_cache=chunk_cache, compression_opts=compression_opts)
+    return connect(filename, "r+")
+
+
+def new(filename: str | os.PathLike, *, file_attrs: Mapping[str, Any] | None = None) -> LoomConnection:
+    """Create an empty Loom file (no matrix yet) and return a read/write connection to it.
+
+    The first ``add_columns`` call defines the rows.
+    """
+    globals_ = {name: fmt.normalize_global(value, name) for name, value in (file_attrs or {}).items()}
+    if fmt.SPEC_VERSION_KEY in globals_:
+        raise LoomValueError(f"{filename}: global attribute '{fmt.SPEC_VERSION_KEY}' is managed by loompy")
+    with atomic_h5(filename) as f:
+        fmt.init_file(f)
+        for name, value in globals_.items():
+            fmt.write_global(f, name, value, in_group=True)
+    return connect(filename, "r+")

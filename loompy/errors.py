@@ -1,0 +1,47 @@
+"""One exception hierarchy for loompy.
+
+Every class derives from :class:`LoomError` and also from the builtin exception the
+reference loompy raises in the same situation, so ``except KeyError`` and
+``except loompy.LoomError`` both work.
+"""
+
+from __future__ import annotations
+
+
+class LoomError(Exception):
+    """Base class of every error raised by loompy."""
+
+
+class LoomKeyError(LoomError, KeyError):
+    """A named attribute, layer or graph does not exist."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class LoomAttributeError(LoomError, AttributeError):
+    """Dot access to a name that is neither a method nor an attribute."""
+
+
+class LoomValueError(LoomError, ValueError):
+    """A value has the wrong shape, type or content for where it is written."""
+
+
+class LoomIndexError(LoomError, IndexError):
+    """A selection reaches outside the matrix."""
+
+
+class LoomTypeError(LoomError, TypeError):
+    """An argument has a type loompy cannot use."""
+
+
+class LoomFileError(LoomError, OSError):
+    """The file cannot be opened, is not a Loom file, or is open in the wrong mode."""
+
+
+class LoomLockError(LoomFileError):
+    """HDF5 could not take the file lock (another process writes, or the file system refuses locks)."""
+
+
+class LoomFormatError(LoomValueError):
+    """The file's structure breaks the Loom specification in a way readers cannot work around."""

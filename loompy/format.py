@@ -1,0 +1,371 @@
+"""Everything loompy knows about the on-disk layout of a Loom file.
+
+This is the only module that names HDF5 paths, knows which spec version keeps global
+attributes where, and converts between stored values and what users see:
+
+* strings are written as variable-length UTF-8 and always read back as ``str``;
+  bytes that are not valid UTF-8 are decoded with ``surrogateescape`` (lossless: writing
+  the string back restores the original bytes);
+* fixed-length ASCII strings in files older than spec 3.0.0 carry XML character
+  references (``&#233;``), which are decoded;
+* booleans are stored as ``uint8`` (HDF5 has no boolean type), as the reference writer does.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import LoomTypeError, LoomValueError
+
+# ----------------------------------------------------------------------------- paths
+MATRIX = "matrix"
+LAYERS = "layers"
+GLOBAL_ATTRS = "attrs"
+ROW_ATTRS = "row_attrs"
+COL_ATTRS = "col_attrs"
+ROW_GRAPHS = "row_graphs"
+COL_GRAPHS = "col_graphs"
+GROUPS = (GLOBAL_ATTRS, LAYERS, ROW_ATTRS, COL_ATTRS, ROW_GRAPHS, COL_GRAPHS)
+ATTR_GROUPS = (ROW_ATTRS, COL_ATTRS)  # indexed by axis
+GRAPH_GROUPS = (ROW_GRAPHS, COL_GRAPHS)  # indexed by axis
+LEGACY_GRAPH_GROUPS = ("row_edges", "col_edges")  # loompy 1 and some R writers
+
+SPEC_VERSION_KEY = "LOOM_SPEC_VERSION"
+CREATION_DATE_KEY = "CreationDate"
+LAST_MODIFIED = "last_modified"
+CURRENT_SPEC = "3.0.0"
+MEDIA_TYPE = "application/vnd.loom"
+
+# ----------------------------------------------------------------------------- creation defaults
+DEFAULT_CHUNKS = (64, 64)
+DEFAULT_COMPRESSION_LEVEL = 2
+DEFAULT_CHUNK_CACHE_MB = 512
+MATRIX_DTYPES = frozenset(
+    np.dtype(t) for t in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+                          "float16", "float32", "float64")
+)
+STRING_DTYPE = h5py.string_dtype("utf-8")
+_XML_REF = re.compile(r"&#(?:x([0-9a-fA-F]+)|([0-9]+));")
+
+
+def timestamp() -> str:
+    """UTC time in the format Loom uses for ``CreationDate`` and ``last_modified``."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+
+
+def touch(*objects: h5py.HLObject) -> None:
+    """Stamp ``last_modified`` on each object (dataset or group) and on the file root."""
+    now = timestamp()
+    for obj in objects:
+        obj.attrs[LAST_MODIFIED] = now
+    if objects:
+        objects[0].file.attrs[LAST_MODIFIED] = now
+
+
+# ----------------------------------------------------------------------------- spec versions
+@dataclass(frozen=True)
+class SpecVersion:
+    """The spec a file follows, as far as it matters to a reader or writer."""
+
+    text: str | None  # as stored ("3.0.0", "2.0.1"), or None when the file has none
+
+    @property
+    def major(self) -> int:
+        if not self.text:
+            return 0
+        try:
+            return int(self.text.split(".")[0])
+        except ValueError:
+            return 0
+
+    @property
+    def is_legacy(self) -> bool:
+        """True for files before 3.0.0 (global attributes on the root, XML-escaped ASCII strings)."""
+        return self.major < 3
+
+    def __str__(self) -> str:
+        return self.text or "old"
+
+
+def _scalar_text(value: Any) -> str:
+    """A scalar or shape-(1,) str/bytes value as ``str``."""
+    arr = np.asarray(value)
+    if arr.shape not in ((), (1,)):
+        raise LoomValueError(f"expected a single string, got shape {arr.shape}")
+    item = arr.reshape(()).item() if arr.dtype != object else arr.reshape(-1)[0]
+    return decode_one(item) if isinstance(item, bytes) else str(item)
+
+
+def read_spec_version(f: h5py.File) -> SpecVersion:
+    """Find LOOM_SPEC_VERSION: first ``/attrs/LOOM_SPEC_VERSION``, then the root HDF5 attribute."""
+    group = f.get(GLOBAL_ATTRS)
+    if isinstance(group, h5py.Group) and SPEC_VERSION_KEY in group:
+        return SpecVersion(_scalar_text(group[SPEC_VERSION_KEY][()]))
+    if SPEC_VERSION_KEY in f.attrs:
+        return SpecVersion(_scalar_text(f.attrs[SPEC_VERSION_KEY]))
+    return SpecVersion(None)
+
+
+def globals_live_in_group(f: h5py.File) -> bool:
+    """Where this file keeps global attributes: ``/attrs`` datasets (3.0.0) or root HDF5 attributes."""
+    group = f.get(GLOBAL_ATTRS)
+    if not isinstance(group, h5py.Group):
+        return False
+    return SPEC_VERSION_KEY in group or SPEC_VERSION_KEY not in f.attrs
+
+
+def graph_group_name(f: h5py.File, axis: int) -> str:
+    """Where graphs along ``axis`` live: the spec's group, or the loompy 1 name if only that exists."""
+    name, legacy = GRAPH_GROUPS[axis], LEGACY_GRAPH_GROUPS[axis]
+    if name not in f and isinstance(f.get(legacy), h5py.Group):
+        return legacy
+    return name
+
+
+# ----------------------------------------------------------------------------- strings
+def decode_one(item: bytes | str, xml_refs: bool = False) -> str:
+    """Bytes to str losslessly (invalid UTF-8 becomes lone surrogates, see module docstring)."""
+    text = item.decode("utf-8", "surrogateescape") if isinstance(item, bytes) else str(item)
+    if xml_refs and "&#" in text:
+        text = _XML_REF.sub(_xml_ref_to_char, text)
+    return text
+
+
+def _xml_ref_to_char(match: re.Match) -> str:
+    hex_digits, dec_digits = match.groups()
+    code = int(hex_digits, 16) if hex_digits else int(dec_digits)
+    try:
+        return chr(code)
+    except (ValueError, OverflowError):
+        return match.group(0)
+
+
+def decode_strings(raw: np.ndarray, xml_refs: bool = False) -> np.ndarray:
+    """Any stored string array (fixed ``S``, vlen bytes or str) as an object array of ``str``."""
+    flat = [decode_one(x, xml_refs) for x in raw.ravel().tolist()]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(raw.shape)
+
+
+def encode_one(text: str, where: str) -> bytes:
+    """Str to the UTF-8 bytes HDF5 stores; a NUL cannot be stored in an HDF5 string."""
+    if "\x00" in text:
+        raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
+    return text.encode("utf-8", "surrogateescape")
+
+
+def is_string_kind(dtype: np.dtype) -> bool:
+    return dtype.kind in "SUO"
+
+
+def _string_fields(dtype: np.dtype) -> bool:
+    return dtype.names is not None and any(is_string_kind(dtype.fields[n][0]) for n in dtype.names)
+
+
+# ----------------------------------------------------------------------------- reading values
+def read_values(dataset: h5py.Dataset, legacy: bool) -> np.ndarray:
+    """A row/column/global attribute dataset as users see it (strings as ``str``)."""
+    dtype = dataset.dtype
+    if dataset.shape == ():
+        raw = np.asarray(dataset[()])
+    else:
+        raw = dataset[...]
+    return present(raw, dtype, legacy)
+
+
+def present(raw: np.ndarray, stored_dtype: np.dtype, legacy: bool) -> np.ndarray:
+    """Convert raw stored values to the user's view (strings decoded, compound string fields decoded)."""
+    if stored_dtype.kind == "S" or (stored_dtype.kind == "O" and h5py.check_string_dtype(stored_dtype)):
+        return decode_strings(np.asarray(raw), xml_refs=legacy and stored_dtype.kind == "S")
+    if stored_dtype.kind == "O" or raw.dtype.kind in "SO":
+        return decode_strings(np.asarray(raw, dtype=object), xml_refs=False)
+    if _string_fields(raw.dtype):
+        fields = []
+        for name in raw.dtype.names:
+            sub = raw.dtype.fields[name][0]
+            fields.append((name, object if is_string_kind(sub) else sub))
+        out = np.empty(raw.shape, dtype=fields)
+        for name in raw.dtype.names:
+            col = raw[name]
+            out[name] = decode_strings(col, xml_refs=legacy) if is_string_kind(col.dtype) else col
+        return out
+    return raw
+
+
+# ----------------------------------------------------------------------------- writing values
+def normalize_values(values: Any, where: str, length: int | None = None) -> np.ndarray:
+    """Validate and convert user values into the array that will be stored.
+
+    Strings become an object array of ``str``; booleans become ``uint8``; numbers keep their
+    dtype. ``length`` (if given) is the required size of the first dimension.
+    """
+    try:
+        arr = np.asarray(values)
+    except Exception as exc:  # ragged lists and the like
+        raise LoomValueError(f"{where}: cannot convert values to an array ({exc})") from exc
+    if arr.dtype.kind == "O":
+        items = arr.ravel().tolist()
+        if all(isinstance(x, (str, bytes, np.str_, np.bytes_)) for x in items):
+            arr = decode_strings(arr)
+        elif all(isinstance(x, (bool, np.bool_)) for x in items) and items:
+            arr = arr.astype(bool)
+        else:
+            try:
+                arr = np.asarray(arr.tolist())
+            except Exception as exc:
+                raise LoomValueError(f"{where}: cannot store values of mixed types") from exc
+            if arr.dtype.kind == "O":
+                raise LoomValueError(f"{where}: cannot store values of mixed or unknown types")
+    if arr.dtype.kind in "US":
+        arr = decode_strings(arr)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind in "mMcV" and arr.dtype.names is None:
+        raise LoomValueError(f"{where}: values of dtype {arr.dtype} cannot be stored in a Loom file")
+    if arr.dtype.kind == "O":
+        for text in arr.ravel():
+            if "\x00" in text:
+                raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
+    if length is not None:
+        if arr.ndim == 0:
+            raise LoomValueError(f"{where}: expected an array of length {length}, got a scalar")
+        if arr.shape[0] != length:
+            raise LoomValueError(f"{where}: expected {length} values, got {arr.shape[0]} (shape {arr.shape})")
+    return arr
+
+
+def _storable(arr: np.ndarray, where: str) -> tuple[np.ndarray, np.dtype]:
+    if arr.dtype.kind == "O":
+        data = np.empty(arr.shape, dtype=object)
+        data.ravel()[:] = [encode_one(s, where) for s in arr.ravel()]
+        return data, STRING_DTYPE
+    return arr, arr.dtype
+
+
+def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable: bool, where: str) -> h5py.Dataset:
+    """(Re)write a dataset holding normalized attribute values, in place when shape and dtype allow."""
+    data, dtype = _storable(values, where)
+    existing = group.get(name)
+    if isinstance(existing, h5py.Dataset) and existing.shape == data.shape and existing.dtype == dtype:
+        if data.shape == ():
+            existing[()] = data[()]
+        elif data.size:
+            existing[...] = data
+        touch(existing, group)
+        return existing
+    if name in group:
+        del group[name]
+    if data.shape == ():
+        ds = group.create_dataset(name, data=data, dtype=dtype)
+    else:
+        maxshape = (None,) + data.shape[1:] if resizable else None
+        chunks = (max(1, min(len(data), 4096)),) + data.shape[1:] if data.ndim else None
+        if 0 in data.shape[1:]:
+            chunks, maxshape = None, None
+        ds = group.create_dataset(
+            name, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
+            compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
+        )
+    touch(ds, group)
+    return ds
+
+
+def normalize_global(value: Any, name: str) -> np.ndarray:
+    """A global attribute value (scalar, string, list of strings, array) ready for storage."""
+    if isinstance(value, (dict, set)) or value is None:
+        raise LoomTypeError(f"global attribute '{name}': cannot store a value of type {type(value).__name__}")
+    return normalize_values(value, f"global attribute '{name}'")
+
+
+def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> None:
+    """Store a normalized global attribute where this file keeps them."""
+    if in_group:
+        write_values(f[GLOBAL_ATTRS], name, value, resizable=False, where=f"global attribute '{name}'")
+        return
+    data, dtype = _storable(value, f"global attribute '{name}'")
+    if dtype is STRING_DTYPE:
+        f.attrs.create(name, data, dtype=dtype)
+    else:
+        f.attrs[name] = data
+    f.attrs[LAST_MODIFIED] = timestamp()
+
+
+def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
+    """A global attribute as users see it: scalar strings as ``str``, arrays as arrays."""
+    if in_group:
+        value = read_values(f[GLOBAL_ATTRS][name], legacy)
+    else:
+        raw = f.attrs[name]
+        if isinstance(raw, (bytes, str)):
+            return decode_one(raw, xml_refs=legacy)
+        raw = np.asarray(raw)
+        value = present(raw, raw.dtype, legacy)
+        if value.dtype == object and value.shape == (1,):  # R writers store every scalar as a vector
+            return value[0]
+    if value.shape == ():
+        return value[()]
+    return value
+
+
+def global_names(f: h5py.File, in_group: bool) -> list[str]:
+    if in_group:
+        return [k for k, v in f[GLOBAL_ATTRS].items() if isinstance(v, h5py.Dataset)]
+    return [k for k in f.attrs.keys() if k != LAST_MODIFIED]
+
+
+def init_file(f: h5py.File) -> None:
+    """Lay out an empty spec 3.0.0 file: the six groups, LOOM_SPEC_VERSION and CreationDate."""
+    for name in GROUPS:
+        f.require_group(name)
+    now = timestamp()
+    attrs = f[GLOBAL_ATTRS]
+    attrs.create_dataset(SPEC_VERSION_KEY, data=CURRENT_SPEC.encode(), dtype=STRING_DTYPE)
+    attrs.create_dataset(CREATION_DATE_KEY, data=now.encode(), dtype=STRING_DTYPE)
+    for name in GROUPS:
+        f[name].attrs[LAST_MODIFIED] = now
+    f.attrs[LAST_MODIFIED] = now
+
+
+# ----------------------------------------------------------------------------- matrices
+def matrix_chunks(shape: tuple[int, int], chunks: tuple[int, int] = DEFAULT_CHUNKS) -> tuple[int, int]:
+    """Chunk shape clipped to the matrix shape (never zero)."""
+    return (max(1, min(int(chunks[0]), shape[0])), max(1, min(int(chunks[1]), shape[1])))
+
+
+def check_matrix_dtype(dtype: Any, where: str) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.kind == "b":
+        raise LoomValueError(f"{where}: boolean matrices are not allowed; use uint8")
+    if dt not in MATRIX_DTYPES:
+        allowed = ", ".join(sorted(str(d) for d in MATRIX_DTYPES))
+        raise LoomValueError(f"{where}: dtype {dt} is not allowed for a matrix (allowed: {allowed})")
+    return dt
+
+
+def create_matrix(
+    group: h5py.Group,
+    name: str,
+    shape: tuple[int, int],
+    dtype: Any,
+    *,
+    chunks: tuple[int, int] = DEFAULT_CHUNKS,
+    compression_opts: int | None = DEFAULT_COMPRESSION_LEVEL,
+    chunk_cache: int = DEFAULT_CHUNK_CACHE_MB,
+) -> h5py.Dataset:
+    """Create an empty (all-zero) matrix dataset with the reference writer's conventions."""
+    shape = (int(shape[0]), int(shape[1]))
+    compression = None if compression_opts is None else "gzip"
+    ds = group.create_dataset(
+        name, shape=shape, dtype=dtype, chunks=matrix_chunks(shape, chunks), maxshape=(shape[0], None),
+        compression=compression, compression_opts=compression_opts, fillvalue=0,
+        rdcc_nbytes=int(chunk_cache) * 1024 * 1024,
+    )
+    touch(ds)
+    return ds

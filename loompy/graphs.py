@@ -1,0 +1,147 @@
+"""Graphs over rows or columns, stored as coordinate lists ``a`` (from), ``b`` (to), ``w`` (weight)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from . import format as fmt
+from .attributes import AXIS_LABELS, Dims, check_writable
+from .errors import LoomAttributeError, LoomFormatError, LoomKeyError, LoomValueError
+
+
+def _vertices(raw: np.ndarray, where: str) -> np.ndarray:
+    """Vertex indices as int64; some writers (R) store them as floats."""
+    if raw.dtype.kind == "f":
+        as_int = raw.astype(np.int64)
+        if not np.array_equal(as_int, raw):
+            raise LoomFormatError(f"{where}: vertex indices are not whole numbers")
+        return as_int
+    return raw.astype(np.int64, copy=False)
+
+
+class GraphManager(MutableMapping):
+    """Graphs along one axis as ``scipy.sparse.coo_matrix`` (N x N for rows, M x M for columns)."""
+
+    def __init__(self, file: h5py.File | None, axis: int, dims: Dims, *, group_name: str | None = None,
+                 values: dict[str, sp.coo_matrix] | None = None) -> None:
+        object.__setattr__(self, "_file", file)
+        object.__setattr__(self, "axis", axis)
+        object.__setattr__(self, "_dims", dims)
+        object.__setattr__(self, "_group_name", group_name or fmt.GRAPH_GROUPS[axis])
+        object.__setattr__(self, "_memory", dict(values or {}))
+
+    @property
+    def _where(self) -> str:
+        file = self._file.filename if self._file is not None else "<memory>"
+        return f"{file}: {AXIS_LABELS[self.axis]} graph"
+
+    @property
+    def _group(self) -> h5py.Group | None:
+        if self._file is None:
+            return None
+        group = self._file.get(self._group_name)
+        return group if isinstance(group, h5py.Group) else None
+
+    def keys(self) -> list[str]:
+        group = self._group
+        if group is None:
+            return list(self._memory)
+        return [k for k, v in group.items() if isinstance(v, h5py.Group) and {"a", "b"} <= set(v.keys())]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys()
+
+    def __getitem__(self, name: str) -> sp.coo_matrix:
+        if name not in self:
+            raise LoomKeyError(f"{self._where} '{name}' does not exist")
+        if self._file is None:
+            return self._memory[name]
+        g = self._group[name]
+        where = f"{self._where} '{name}'"
+        a = _vertices(g["a"][...], where)
+        b = _vertices(g["b"][...], where)
+        w = g["w"][...] if "w" in g else np.ones(a.size, dtype=np.float64)
+        n = self._dims.shape[self.axis]
+        return sp.coo_matrix((w, (a, b)), shape=(n, n))
+
+    def __getattr__(self, name: str) -> sp.coo_matrix:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+    def __setitem__(self, name: str, graph: Any) -> None:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise LoomValueError(f"{self._where} name {name!r} is invalid (a non-empty string without '/')")
+        where = f"{self._where} '{name}'"
+        check_writable(self._file, where)
+        n = self._dims.shape[self.axis]
+        if not sp.issparse(graph):
+            arr = np.asarray(graph)
+            if arr.ndim != 2:
+                raise LoomValueError(f"{where}: expected a sparse or square 2-D matrix, got shape {arr.shape}")
+            graph = sp.coo_matrix(arr)
+        graph = sp.coo_matrix(graph)
+        if graph.shape != (n, n):
+            raise LoomValueError(f"{where}: expected shape {(n, n)}, got {graph.shape}")
+        a, b = graph.row.astype(np.int64), graph.col.astype(np.int64)
+        if a.size and (a.min() < 0 or b.min() < 0 or a.max() >= n or b.max() >= n):
+            raise LoomValueError(f"{where}: vertex indices must lie in [0, {n})")
+        w = graph.data
+        if w.dtype.kind not in "iuf":
+            w = w.astype(np.float64)
+        if self._file is None:
+            self._memory[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
+            return
+        parent = self._file.require_group(self._group_name)
+        if name in parent:
+            del parent[name]
+        g = parent.create_group(name)
+        datasets = []
+        for key, values in (("a", a), ("b", b), ("w", w)):
+            datasets.append(g.create_dataset(key, data=values, compression="gzip" if values.size else None,
+                                             compression_opts=fmt.DEFAULT_COMPRESSION_LEVEL if values.size else None,
+                                             chunks=True if values.size else None, maxshape=(None,) if values.size else None))
+        fmt.touch(*datasets, g, parent)
+
+    def __setattr__(self, name: str, graph: Any) -> None:
+        if name.startswith("_") or name == "axis":
+            object.__setattr__(self, name, graph)
+        else:
+            self[name] = graph
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise LoomKeyError(f"{self._where} '{name}' does not exist")
+        check_writable(self._file, f"{self._where} '{name}'")
+        if self._file is None:
+            del self._memory[name]
+            return
+        group = self._group
+        del group[name]
+        fmt.touch(group)
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+    def _ipython_key_completions_(self) -> list[str]:
+        return self.keys()
+
+    def __repr__(self) -> str:
+        return f"<{AXIS_LABELS[self.axis]} graphs: {', '.join(self.keys()) or 'none'}>"

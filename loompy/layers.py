@@ -1,0 +1,216 @@
+"""Layers: the main matrix (named ``""``) and any number of extra matrices of the same shape."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from . import engine
+from . import format as fmt
+from .attributes import Dims, check_writable
+from .errors import LoomAttributeError, LoomKeyError, LoomTypeError, LoomValueError
+from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
+
+
+def _axis(selection: Any, length: int, axis: int) -> AxisSelection:
+    return select_axis(slice(None) if selection is None else selection, length, axis)
+
+
+class LoomLayer:
+    """One matrix of a Loom file, read and written lazily through the chunk engine."""
+
+    def __init__(self, name: str, dataset: h5py.Dataset) -> None:
+        self.name = name
+        self._dataset = dataset
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self._dataset.shape)  # type: ignore[return-value]
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dataset.dtype
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = select(key, self.shape)
+        return expand(engine.read_block(self._dataset, rows.unique, cols.unique), rows, cols)
+
+    def __setitem__(self, key: Any, values: Any) -> None:
+        check_writable(self._dataset.file, f"layer '{self.name}'")
+        rows, cols = select(key, self.shape)
+        data = values_for_unique(values, rows, cols, self.dtype)
+        engine.write_block(self._dataset, rows.unique, cols.unique, data)
+        fmt.touch(self._dataset)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("reading a Loom layer always makes a copy")
+        data = self[:, :]
+        return data if dtype is None else data.astype(dtype)
+
+    def sparse(self, rows: Any = None, cols: Any = None) -> sp.coo_matrix:
+        """The layer (or the ``rows`` x ``cols`` part of it) as a COO matrix in the stored dtype."""
+        r = _axis(rows, self.shape[0], 0)
+        c = _axis(cols, self.shape[1], 1)
+        coo = engine.read_sparse(self._dataset, r.unique, c.unique)
+        if r.inverse is None and c.inverse is None:
+            return coo
+        csr = coo.tocsr()
+        if r.inverse is not None:
+            csr = csr[r.inverse]
+        if c.inverse is not None:
+            csr = csr[:, c.inverse]
+        return csr.tocoo()
+
+    def as_coo(self) -> sp.coo_matrix:
+        return self.sparse()
+
+    def as_csr(self) -> sp.csr_matrix:
+        return self.sparse().tocsr()
+
+    def as_csc(self) -> sp.csc_matrix:
+        return self.sparse().tocsc()
+
+    def __repr__(self) -> str:
+        return f"<LoomLayer '{self.name}' shape {self.shape} dtype {self.dtype}>"
+
+
+def _input_dtype(matrix: Any) -> np.dtype:
+    if isinstance(matrix, LoomLayer):
+        return matrix.dtype
+    return matrix.dtype if hasattr(matrix, "dtype") else np.asarray(matrix).dtype
+
+
+class LayerManager(MutableMapping):
+    """Layers by name; ``""`` is the main matrix at ``/matrix``."""
+
+    def __init__(self, file: h5py.File, dims: Dims) -> None:
+        object.__setattr__(self, "_file", file)
+        object.__setattr__(self, "_dims", dims)
+
+    # --------------------------------------------------------------- reading
+    def _dataset(self, name: str) -> h5py.Dataset | None:
+        path = fmt.MATRIX if name == "" else f"{fmt.LAYERS}/{name}"
+        obj = self._file.get(path)
+        return obj if isinstance(obj, h5py.Dataset) else None
+
+    def keys(self) -> list[str]:
+        names = [""] if isinstance(self._file.get(fmt.MATRIX), h5py.Dataset) else []
+        group = self._file.get(fmt.LAYERS)
+        if isinstance(group, h5py.Group):
+            names += [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
+        return names
+
+    def __getitem__(self, name: str) -> LoomLayer:
+        if not isinstance(name, str):
+            raise LoomTypeError(f"layer names are strings, got {type(name).__name__}")
+        dataset = self._dataset(name)
+        if dataset is None:
+            raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
+        return LoomLayer(name, dataset)
+
+    def __getattr__(self, name: str) -> LoomLayer:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise LoomAttributeError(f"{self._file.filename}: layer '{name}' does not exist") from None
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._dataset(name) is not None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def _ipython_key_completions_(self) -> list[str]:
+        return self.keys()
+
+    def __repr__(self) -> str:
+        return f"<layers: {', '.join(repr(k) for k in self.keys())}>"
+
+    # --------------------------------------------------------------- writing
+    def __setitem__(self, name: str, matrix: Any) -> None:
+        if isinstance(matrix, (str, np.dtype, type)):
+            self.set_layer(name, None, dtype=matrix)
+        else:
+            self.set_layer(name, matrix)
+
+    def __setattr__(self, name: str, matrix: Any) -> None:
+        if name.startswith("_"):
+            object.__setattr__(self, name, matrix)
+        else:
+            self[name] = matrix
+
+    def set_layer(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
+                  chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
+                  compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL) -> None:
+        """Create or overwrite layer ``name`` from a dense or sparse matrix (or zeros of ``dtype`` when None).
+
+        The stored dtype is ``dtype`` if given, else the input's. An existing layer of the same shape
+        and dtype is overwritten in place, so the file does not grow.
+        """
+        if not isinstance(name, str) or "/" in name:
+            raise LoomValueError(f"{self._file.filename}: layer name {name!r} is invalid (a string without '/')")
+        where = f"{self._file.filename}: layer '{name}'"
+        check_writable(self._file, where)
+        if isinstance(matrix, LoomLayer):
+            matrix = matrix[:, :]
+        if matrix is not None and not sp.issparse(matrix):
+            matrix = np.asarray(matrix)
+        target_dtype = fmt.check_matrix_dtype(dtype if dtype is not None else _input_dtype(matrix), where)
+        shape = self._dims.shape if matrix is None else tuple(matrix.shape)
+        if len(shape) != 2:
+            raise LoomValueError(f"{where}: a layer must be two-dimensional, got shape {shape}")
+        defines_shape = self._dims.shape == (0, 0) and name == "" and "" not in self
+        if not defines_shape and shape != self._dims.shape:
+            raise LoomValueError(f"{where}: shape {shape} does not match the matrix shape {self._dims.shape}")
+        if matrix is not None and not sp.issparse(matrix) and matrix.dtype.kind not in "biuf":
+            raise LoomValueError(f"{where}: cannot store values of dtype {matrix.dtype} in a matrix")
+        existing = self._dataset(name)
+        if existing is not None and existing.dtype == target_dtype and existing.shape == shape \
+                and existing.chunks == fmt.matrix_chunks(shape, chunks):
+            dataset = existing
+            if matrix is None:
+                engine.write_matrix(dataset, sp.csc_matrix(shape, dtype=target_dtype))
+        else:
+            if existing is not None:
+                del self._file[existing.name]
+            group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
+            dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, shape, target_dtype,
+                                        chunks=chunks, compression_opts=compression_opts, chunk_cache=chunk_cache)
+        if matrix is not None:
+            engine.write_matrix(dataset, matrix)
+        fmt.touch(dataset, dataset.parent)
+        if defines_shape:
+            self._dims.shape = shape
+
+    def __delitem__(self, name: str) -> None:
+        if name == "":
+            raise LoomValueError(f"{self._file.filename}: the main matrix (layer '') cannot be deleted")
+        if name not in self:
+            raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
+        check_writable(self._file, f"{self._file.filename}: layer '{name}'")
+        group = self._file[fmt.LAYERS]
+        del group[name]
+        fmt.touch(group)
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]
+        except KeyError:
+            raise LoomAttributeError(f"{self._file.filename}: layer '{name}' does not exist") from None

@@ -1,0 +1,189 @@
+"""Check Loom files against the spec: liberal about what real writers produce, strict about what breaks readers.
+
+``check_structure`` is the cheap test ``connect`` runs (shapes and names only, no data read);
+:class:`LoomValidator` is the full report with ``errors``, ``warnings`` and ``summary``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+
+from . import format as fmt
+
+_CONVENTIONAL_ROW_ATTRS = ("Gene", "Accession")
+_CONVENTIONAL_COL_ATTRS = ("CellID",)
+
+
+def _attr_problems(f: h5py.File, group_name: str, length: int | None) -> list[str]:
+    problems: list[str] = []
+    group = f.get(group_name)
+    if group is None:
+        return problems
+    if not isinstance(group, h5py.Group):
+        return [f"/{group_name} is not a group"]
+    for name, obj in group.items():
+        if not isinstance(obj, h5py.Dataset):
+            continue  # nested groups are tolerated (kept intact, not exposed)
+        if obj.shape == ():
+            problems.append(f"/{group_name}/{name} is a scalar; attributes need one value per {group_name[:3]}")
+        elif length is not None and obj.shape[0] != length:
+            problems.append(f"/{group_name}/{name} has {obj.shape[0]} values, expected {length}")
+    return problems
+
+
+def check_structure(f: h5py.File) -> list[str]:
+    """Problems that would make the file unreadable as Loom (names and shapes only; cheap)."""
+    problems: list[str] = []
+    matrix = f.get(fmt.MATRIX)
+    shape: tuple[int, ...] | None = None
+    if matrix is not None:
+        if not isinstance(matrix, h5py.Dataset) or matrix.ndim != 2:
+            return ["/matrix is not a two-dimensional dataset"]
+        shape = matrix.shape
+    layers = f.get(fmt.LAYERS)
+    if isinstance(layers, h5py.Group):
+        for name, obj in layers.items():
+            if isinstance(obj, h5py.Dataset) and obj.shape != shape:
+                problems.append(f"layer '{name}' has shape {obj.shape}, but /matrix has shape {shape}")
+    for axis, group_name in enumerate(fmt.ATTR_GROUPS):
+        problems += _attr_problems(f, group_name, shape[axis] if shape else None)
+    for axis in (0, 1):
+        group = f.get(fmt.graph_group_name(f, axis))
+        if not isinstance(group, h5py.Group):
+            continue
+        for name, g in group.items():
+            if not isinstance(g, h5py.Group):
+                continue
+            parts = {k: g[k].shape for k in ("a", "b", "w") if isinstance(g.get(k), h5py.Dataset)}
+            if not {"a", "b"} <= set(parts):
+                problems.append(f"graph '{group.name}/{name}' lacks its 'a' or 'b' dataset")
+            elif len(set(parts.values())) != 1:
+                problems.append(f"graph '{group.name}/{name}' has a, b, w of unequal lengths {parts}")
+    return problems
+
+
+class LoomValidator:
+    """Validate a Loom file; after :meth:`validate`, read ``errors``, ``warnings`` and ``summary``."""
+
+    def __init__(self, version: str | None = None) -> None:
+        self.version = version  # the spec to validate against; None: the file's own
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+        self.summary: list[str] = []
+
+    def validate(self, path: str | os.PathLike, strictness: str = "speconly") -> bool:
+        """True when the file has no errors. ``strictness``: ``"speconly"`` or ``"conventions"``."""
+        if strictness not in ("speconly", "conventions"):
+            raise ValueError(f"strictness must be 'speconly' or 'conventions', got {strictness!r}")
+        self.errors, self.warnings, self.summary = [], [], []
+        path = os.fspath(path)
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            self.errors.append(f"{path}: cannot be opened as an HDF5 file ({exc})")
+            return False
+        with f:
+            self._check(f)
+            if strictness == "conventions":
+                self._check_conventions(f)
+        return not self.errors
+
+    # --------------------------------------------------------------- spec checks
+    def _check(self, f: h5py.File) -> None:
+        try:
+            found = fmt.read_spec_version(f)
+        except ValueError as exc:
+            self.errors.append(f"LOOM_SPEC_VERSION is unreadable: {exc}")
+            found = fmt.SpecVersion(None)
+        spec = fmt.SpecVersion(self.version) if self.version else found
+        self.summary.append(f"spec version: {found}")
+        if found.text is None:
+            self.warnings.append("no LOOM_SPEC_VERSION: treated as a file older than spec 2.0")
+        if self.version and found.text and found.text != self.version:
+            self.warnings.append(f"file declares spec {found.text}, validating against {self.version}")
+        for name in fmt.GROUPS:
+            if name == fmt.GLOBAL_ATTRS and spec.is_legacy:
+                continue
+            if not isinstance(f.get(name), h5py.Group):
+                alt = name in fmt.GRAPH_GROUPS and isinstance(f.get(fmt.graph_group_name(f, fmt.GRAPH_GROUPS.index(name))), h5py.Group)
+                message = f"group /{name} is missing" + (" (the loompy 1 name is used instead)" if alt else "")
+                (self.warnings if spec.is_legacy else self.errors).append(message)
+        if fmt.MATRIX not in f:
+            self.errors.append("/matrix is missing")
+        self.errors += check_structure(f)
+        matrix = f.get(fmt.MATRIX)
+        if isinstance(matrix, h5py.Dataset):
+            self.summary.append(f"matrix: shape {matrix.shape}, dtype {matrix.dtype}, chunks {matrix.chunks}")
+            self._check_matrix("/matrix", matrix)
+        layers = f.get(fmt.LAYERS)
+        if isinstance(layers, h5py.Group):
+            for name, obj in layers.items():
+                if isinstance(obj, h5py.Dataset):
+                    self._check_matrix(f"/layers/{name}", obj)
+                    self.summary.append(f"layer '{name}': dtype {obj.dtype}")
+        for group_name in fmt.ATTR_GROUPS:
+            group = f.get(group_name)
+            if not isinstance(group, h5py.Group):
+                continue
+            for name, obj in group.items():
+                if isinstance(obj, h5py.Dataset):
+                    self._check_attribute(f"/{group_name}/{name}", obj, spec)
+                    self.summary.append(f"{group_name[:-6]} attribute '{name}': {obj.dtype}, shape {obj.shape}")
+                else:
+                    self.warnings.append(f"/{group_name}/{name} is a group, not an attribute dataset (kept, not read)")
+        for axis in (0, 1):
+            self._check_graphs(f, axis, matrix.shape[axis] if isinstance(matrix, h5py.Dataset) else None)
+
+    def _check_matrix(self, path: str, ds: h5py.Dataset) -> None:
+        if ds.dtype not in fmt.MATRIX_DTYPES:
+            self.errors.append(f"{path} has dtype {ds.dtype}, which the spec does not allow for matrices")
+        if ds.chunks is None:
+            self.warnings.append(f"{path} is not chunked (columns cannot be appended)")
+        elif ds.maxshape[1] is not None:
+            self.warnings.append(f"{path} is not resizable along columns (columns cannot be appended)")
+
+    def _check_attribute(self, path: str, ds: h5py.Dataset, spec: fmt.SpecVersion) -> None:
+        kind = ds.dtype.kind
+        if kind == "V" and ds.dtype.names:
+            self.warnings.append(f"{path} has a compound dtype (not in the spec; read as a structured array)")
+        elif kind == "S" and not spec.is_legacy:
+            self.warnings.append(f"{path} stores fixed-length strings; spec 3.0.0 asks for variable-length UTF-8")
+        elif kind == "O" and not h5py.check_string_dtype(ds.dtype):
+            self.errors.append(f"{path} has an object dtype that is not a string")
+        elif kind not in "biufSOV":
+            self.errors.append(f"{path} has dtype {ds.dtype}, which the spec does not allow for attributes")
+
+    def _check_graphs(self, f: h5py.File, axis: int, n: int | None) -> None:
+        group = f.get(fmt.graph_group_name(f, axis))
+        if not isinstance(group, h5py.Group):
+            return
+        for name, g in group.items():
+            if not isinstance(g, h5py.Group) or not {"a", "b"} <= set(g.keys()):
+                continue
+            a, b = g["a"][...], g["b"][...]
+            if a.dtype.kind == "f" or b.dtype.kind == "f":
+                if not (np.array_equal(a, np.round(a)) and np.array_equal(b, np.round(b))):
+                    self.errors.append(f"graph {g.name}: vertex indices are not whole numbers")
+                    continue
+                self.warnings.append(f"graph {g.name}: vertex indices are stored as floats")
+            if n is not None and a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
+                self.errors.append(f"graph {g.name}: vertex indices outside [0, {n})")
+            self.summary.append(f"graph {g.name}: {a.size} edges")
+
+    # --------------------------------------------------------------- conventions
+    def _check_conventions(self, f: h5py.File) -> None:
+        row_names = set(f[fmt.ROW_ATTRS].keys()) if isinstance(f.get(fmt.ROW_ATTRS), h5py.Group) else set()
+        col_names = set(f[fmt.COL_ATTRS].keys()) if isinstance(f.get(fmt.COL_ATTRS), h5py.Group) else set()
+        if not row_names & set(_CONVENTIONAL_ROW_ATTRS):
+            self.warnings.append("no row attribute 'Gene' or 'Accession' (conventional names for genes)")
+        if not col_names & set(_CONVENTIONAL_COL_ATTRS):
+            self.warnings.append("no column attribute 'CellID' (conventional name for cells)")
+        for name in set(_CONVENTIONAL_ROW_ATTRS) & row_names:
+            if f[fmt.ROW_ATTRS][name].dtype.kind not in "SO":
+                self.warnings.append(f"row attribute '{name}' is conventionally a string")
+        matrix = f.get(fmt.MATRIX)
+        if isinstance(matrix, h5py.Dataset) and matrix.chunks and matrix.chunks != fmt.matrix_chunks(matrix.shape):
+            self.warnings.append(f"/matrix has chunks {matrix.chunks}; the convention is (64, 64)")
