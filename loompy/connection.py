@@ -187,6 +187,10 @@ class LoomConnection:
         graphs = self.row_graphs if axis == 0 else self.col_graphs
         graphs[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
 
+    # --------------------------------------------------------------- scanning and computing (operations.py, view.py)
+
+    # --------------------------------------------------------------- growing and reordering (growing.py)
+
     # --------------------------------------------------------------- display
     def __repr__(self) -> str:
         if self.closed:
