@@ -126,7 +126,7 @@ def select(key: Any, shape: tuple[int, int]) -> tuple[AxisSelection, AxisSelecti
     parts = [k for k in key if k is not Ellipsis]
     if len(parts) > 2:
         raise LoomIndexError(f"too many indices for a 2-dimensional matrix: {len(parts)} were given")
-    if Ellipsis in key and key and key[0] is Ellipsis and len(parts) == 1:
+    if key and key[0] is Ellipsis and len(parts) == 1:
         parts = [slice(None), parts[0]]
     while len(parts) < 2:
         parts.append(slice(None))
