@@ -23,7 +23,7 @@ def numpy_outer(m, key):
     """The numpy expectation: ints drop axes, everything else selects orthogonally (np.ix_)."""
     if not isinstance(key, tuple):
         key = (key,)
-    if key in ((), (Ellipsis,)):
+    if len(key) == 0 or (len(key) == 1 and key[0] is Ellipsis):
         key = (slice(None), slice(None))
     if key[0] is Ellipsis and len(key) == 2:
         key = (slice(None), key[1])
