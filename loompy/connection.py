@@ -13,7 +13,14 @@ import scipy.sparse as sp
 
 from . import format as fmt
 from .attributes import AttributeManager, Dims, GlobalAttributeManager
-from .errors import LoomAttributeError, LoomFileError, LoomFormatError, LoomLockError, LoomValueError
+from .errors import (
+    LoomAttributeError,
+    LoomFileError,
+    LoomFileNotFoundError,
+    LoomFormatError,
+    LoomLockError,
+    LoomValueError,
+)
 from .graphs import GraphManager
 from .layers import LayerManager
 
@@ -35,7 +42,7 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
     if mode not in ("r", "r+"):
         raise LoomValueError(f"{path}: mode must be 'r' (read-only) or 'r+' (read/write), got {mode!r}")
     if not os.path.exists(path):
-        raise LoomFileError(errno.ENOENT, f"{path}: no such file")
+        raise LoomFileNotFoundError(errno.ENOENT, "no such Loom file", path)
     kwargs: dict[str, Any] = {}
     if locking is not None:
         kwargs["locking"] = locking

@@ -39,6 +39,10 @@ class LoomFileError(LoomError, OSError):
     """The file cannot be opened, is not a Loom file, or is open in the wrong mode."""
 
 
+class LoomFileNotFoundError(LoomFileError, FileNotFoundError):
+    """The path does not exist."""
+
+
 class LoomLockError(LoomFileError):
     """HDF5 could not take the file lock (another process writes, or the file system refuses locks)."""
 

@@ -206,6 +206,8 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
     Strings become an object array of ``str``; booleans become ``uint8``; numbers keep their
     dtype. ``length`` (if given) is the required size of the first dimension.
     """
+    if isinstance(values, (list, tuple)) and any(isinstance(v, str) and "\x00" in v for v in values):
+        raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
     try:
         arr = np.asarray(values)
     except Exception as exc:  # ragged lists and the like

@@ -112,9 +112,9 @@ class GraphManager(MutableMapping):
         g = parent.create_group(name)
         datasets = []
         for key, values in (("a", a), ("b", b), ("w", w)):
-            datasets.append(g.create_dataset(key, data=values, compression="gzip" if values.size else None,
-                                             compression_opts=fmt.DEFAULT_COMPRESSION_LEVEL if values.size else None,
-                                             chunks=True if values.size else None, maxshape=(None,) if values.size else None))
+            options = {"compression": "gzip", "compression_opts": fmt.DEFAULT_COMPRESSION_LEVEL, "chunks": True,
+                       "maxshape": (None,)} if values.size else {}
+            datasets.append(g.create_dataset(key, data=values, **options))
         fmt.touch(*datasets, g, parent)
 
     def __setattr__(self, name: str, graph: Any) -> None:

@@ -108,7 +108,7 @@ class LoomValidator:
             if name == fmt.GLOBAL_ATTRS and spec.is_legacy:
                 continue
             if not isinstance(f.get(name), h5py.Group):
-                alt = name in fmt.GRAPH_GROUPS and isinstance(f.get(fmt.graph_group_name(f, fmt.GRAPH_GROUPS.index(name))), h5py.Group)
+                alt = name in fmt.GRAPH_GROUPS and fmt.graph_group_name(f, fmt.GRAPH_GROUPS.index(name)) != name
                 message = f"group /{name} is missing" + (" (the loompy 1 name is used instead)" if alt else "")
                 (self.warnings if spec.is_legacy else self.errors).append(message)
         if fmt.MATRIX not in f:
@@ -160,7 +160,7 @@ class LoomValidator:
         group = f.get(fmt.graph_group_name(f, axis))
         if not isinstance(group, h5py.Group):
             return
-        for name, g in group.items():
+        for g in group.values():
             if not isinstance(g, h5py.Group) or not {"a", "b"} <= set(g.keys()):
                 continue
             a, b = g["a"][...], g["b"][...]

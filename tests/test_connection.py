@@ -1,0 +1,372 @@
+"""The connection API: managers, aliases, display, errors, read-only mode, files left intact on bad input."""
+
+from __future__ import annotations
+
+import hashlib
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import loompy
+
+
+def digest(path) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+@pytest.fixture
+def small(tmp_path):
+    m = np.arange(40, dtype=np.float32).reshape(5, 8)
+    ra = {"Gene": np.array(["Actb", "Gapdh", "Sox2", "Ménage", "中文"]), "Score": np.linspace(0, 1, 5)}
+    ca = {"CellID": np.array([f"c{i}" for i in range(8)]), "Age": np.arange(8) * 2, "Keep": np.arange(8) % 2 == 0}
+    path = tmp_path / "small.loom"
+    loompy.create(path, m, ra, ca, file_attrs={"title": "Small <test>"}).close()
+    return path, m, ra, ca
+
+
+def test_create_returns_open_connection_usable_in_with(small, tmp_path):
+    path, m, _, _ = small
+    ds = loompy.create(tmp_path / "x.loom", m, {}, {})
+    assert isinstance(ds, loompy.LoomConnection) and ds.mode == "r+" and not ds.closed
+    ds.close()
+    assert ds.closed
+    with loompy.create(tmp_path / "y.loom", matrix=m, row_attrs={}, col_attrs={}, dtype="int16") as ds2:
+        assert ds2.layers[""].dtype == np.int16
+        np.testing.assert_array_equal(ds2[:, :], m.astype(np.int16))
+
+
+def test_attributes_round_trip_and_dict_protocol(small):
+    path, m, ra, ca = small
+    with loompy.connect(path) as ds:
+        assert ds.shape == (5, 8)
+        assert ds.ra is ds.row_attrs and ds.ca is ds.col_attrs and ds.layer is ds.layers
+        assert sorted(ds.ra.keys()) == ["Gene", "Score"] and len(ds.ca) == 3
+        assert "Gene" in ds.ra and "Nope" not in ds.ra
+        assert list(ds.ra.Gene) == list(ra["Gene"]) and all(type(x) is str for x in ds.ra.Gene)
+        np.testing.assert_array_equal(ds.ca.Age, ca["Age"])
+        assert ds.ca.Keep.dtype == np.uint8  # booleans are stored as uint8
+        np.testing.assert_array_equal(ds.ca.Keep, ca["Keep"].astype(np.uint8))
+        assert dict(ds.ra.items()).keys() == {"Gene", "Score"}
+        assert ds.ra.get("Nope") is None
+        with pytest.raises(KeyError):
+            ds.ra["Nope"]
+        with pytest.raises(AttributeError):
+            ds.ra.Nope
+        # slicing a manager gives a dict of sliced arrays
+        sliced = ds.ca[ds.ca.Age > 6]
+        assert set(sliced) == {"CellID", "Age", "Keep"}
+        np.testing.assert_array_equal(sliced["Age"], [8, 10, 12, 14])
+        assert list(ds.ca[1:3]["CellID"]) == ["c1", "c2"]
+        # assignment styles, all saved
+        ds.ra.Extra = np.arange(5)
+        ds.ca["Name"] = [f"n{i}" for i in range(8)]
+        ds.set_attr("Viaset", np.ones(5), axis=0)
+        ds.set_attr("Typed", np.arange(8), axis=1, dtype="float32")
+        ds.ra.Multi = np.arange(10).reshape(5, 2)
+    with h5py.File(path, "r") as f:
+        assert f["row_attrs/Extra"][...].tolist() == list(range(5))
+        assert f["col_attrs/Typed"].dtype == np.float32
+        assert f["row_attrs/Multi"].shape == (5, 2)
+        assert f["col_attrs"]["Name"].maxshape[0] is None  # column attributes can grow
+    with loompy.connect(path) as ds:
+        assert list(ds.ca.Name) == [f"n{i}" for i in range(8)]
+        del ds.ra.Extra
+        ds.delete_attr("Typed", axis=1)
+        del ds.ca["Name"]
+        assert "Extra" not in ds.ra and "Typed" not in ds.ca and "Name" not in ds.ca
+    with h5py.File(path, "r") as f:
+        assert "Extra" not in f["row_attrs"] and "Typed" not in f["col_attrs"]
+
+
+def test_dot_access_precedence(tmp_path):
+    m = np.zeros((2, 3), dtype=np.float32)
+    with loompy.create(tmp_path / "p.loom", m, {"Name": ["r0", "r1"], "shape": [1, 2], "OnlyRow": [5, 6]},
+                       {"Name": ["c0", "c1", "c2"]}) as ds:
+        assert list(ds.Name) == ["c0", "c1", "c2"]  # column attributes win
+        assert list(ds.OnlyRow) == [5, 6]
+        assert ds.shape == (2, 3)  # methods and properties win over attributes
+        with pytest.raises(AttributeError):
+            ds.Missing
+
+
+def test_overwriting_attribute_in_place_does_not_grow_file(small):
+    path, *_ = small
+    with loompy.connect(path) as ds:
+        ds.ra.Score = np.zeros(5)
+    size = path.stat().st_size
+    for i in range(20):
+        with loompy.connect(path) as ds:
+            ds.ra.Score = np.full(5, float(i))
+            ds.ca.CellID = np.array([f"cell-{i}-{j}" for j in range(8)])
+    assert path.stat().st_size <= size + 64 * 1024
+    with loompy.connect(path) as ds:
+        np.testing.assert_array_equal(ds.ra.Score, np.full(5, 19.0))
+
+
+def test_global_attributes(small):
+    path, *_ = small
+    with loompy.connect(path) as ds:
+        assert ds.attrs["title"] == "Small <test>" and ds.attrs.title == "Small <test>"
+        assert ds.attrs["LOOM_SPEC_VERSION"] == "3.0.0"
+        assert "CreationDate" in ds.attrs
+        ds.attrs.description = "Longer text é"
+        ds.attrs["n"] = 42
+        ds.attrs["ratio"] = 0.5
+        ds.attrs["tags"] = ["a", "b", "ç"]
+        ds.attrs["vec"] = np.arange(4)
+        with pytest.raises(ValueError):
+            ds.attrs["LOOM_SPEC_VERSION"] = "9"
+        with pytest.raises(ValueError):
+            del ds.attrs["LOOM_SPEC_VERSION"]
+        with pytest.raises(TypeError):
+            ds.attrs["bad"] = {"a": 1}
+    with loompy.connect(path, "r") as ds:
+        assert ds.attrs.description == "Longer text é"
+        assert int(ds.attrs.n) == 42 and float(ds.attrs.ratio) == 0.5
+        assert list(ds.attrs.tags) == ["a", "b", "ç"]
+        np.testing.assert_array_equal(ds.attrs.vec, np.arange(4))
+    with loompy.connect(path) as ds:
+        del ds.attrs.description
+        assert "description" not in ds.attrs
+        with pytest.raises(KeyError):
+            ds.attrs["description"]
+        with pytest.raises(AttributeError):
+            ds.attrs.description
+
+
+def test_layers(small):
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        assert ds.layers.keys() == [""]
+        ds.layers["dense"] = m * 2
+        ds.layers["sparse"] = sp.csr_matrix(m.astype(np.int32))
+        ds.layers["empty"] = "float64"
+        ds.set_layer("explicit", m, dtype="uint16", chunks=(2, 3), compression_opts=7)
+        ds["viaitem"] = m + 1
+        assert set(ds.layers.keys()) == {"", "dense", "sparse", "empty", "explicit", "viaitem"}
+        np.testing.assert_array_equal(ds.layers["dense"][:, :], m * 2)
+        np.testing.assert_array_equal(ds["viaitem"][1:3, ::2], (m + 1)[1:3, ::2])
+        assert ds.layers["sparse"].dtype == np.int32
+        assert ds.layers["empty"].dtype == np.float64 and not ds.layers["empty"][:, :].any()
+        sm = ds.layers["sparse"].sparse()
+        assert sp.isspmatrix_coo(sm) and sm.dtype == np.int32
+        np.testing.assert_array_equal(sm.toarray(), m.astype(np.int32))
+        np.testing.assert_array_equal(ds.layers["dense"].as_csr().toarray(), m * 2)
+        np.testing.assert_array_equal(ds.layers["dense"].as_csc().toarray(), m * 2)
+        np.testing.assert_array_equal(ds.layers["dense"].as_coo().toarray(), m * 2)
+        np.testing.assert_array_equal(ds.sparse(rows=[4, 0], cols=np.arange(8) > 3).toarray(), m[[4, 0]][:, 4:])
+        np.testing.assert_array_equal(ds.sparse(layer="dense").toarray(), m * 2)
+        np.testing.assert_array_equal(np.asarray(ds.layers["dense"]), m * 2)
+        ds.layers["dense"][0, :] = 99
+        assert (ds.layers["dense"][0] == 99).all()
+        del ds.layers["empty"]
+        assert "empty" not in ds.layers
+        with pytest.raises(KeyError):
+            ds.layers["empty"]
+        with pytest.raises(ValueError):
+            del ds.layers[""]
+        with pytest.raises(ValueError):
+            ds.layers["wrong"] = np.zeros((3, 3))
+        with pytest.raises(ValueError):
+            ds.layers["bad"] = np.array([["a"] * 8] * 5)
+    with h5py.File(path, "r") as f:
+        e = f["layers/explicit"]
+        assert e.dtype == np.uint16 and e.chunks == (2, 3) and e.compression_opts == 7
+        assert f["matrix"].chunks == (5, 8) and f["matrix"].compression == "gzip"
+        assert f["matrix"].compression_opts == 2 and f["matrix"].maxshape == (5, None)
+
+
+def test_graphs(small):
+    path, *_ = small
+    g = sp.coo_matrix((np.array([0.5, 1.5, 2.0]), (np.array([0, 1, 7]), np.array([1, 2, 0]))), shape=(8, 8))
+    with loompy.connect(path) as ds:
+        ds.col_graphs["knn"] = g
+        ds.row_graphs.net = sp.csr_matrix(np.eye(5))
+        ds.set_edges("edges", [0, 1], [1, 2], [1.0, 3.0], axis=1)
+        with pytest.raises(ValueError):
+            ds.col_graphs["bad"] = sp.coo_matrix(np.eye(5))
+        with pytest.raises(ValueError):
+            ds.set_edges("bad", [0, 8], [1, 2], [1.0, 1.0], axis=1)
+    with loompy.connect(path, "r") as ds:
+        knn = ds.col_graphs["knn"]
+        assert sp.isspmatrix_coo(knn) and knn.shape == (8, 8)
+        np.testing.assert_array_equal(knn.toarray(), g.toarray())
+        np.testing.assert_array_equal(ds.row_graphs.net.toarray(), np.eye(5))
+        assert set(ds.list_edges(axis=1)) == {"knn", "edges"}
+        a, b, w = ds.get_edges("edges", axis=1)
+        assert list(a) == [0, 1] and list(b) == [1, 2] and list(w) == [1.0, 3.0]
+    with loompy.connect(path) as ds:
+        del ds.col_graphs["knn"]
+        assert "knn" not in ds.col_graphs
+    with h5py.File(path, "r") as f:
+        assert set(f["col_graphs/edges"].keys()) == {"a", "b", "w"}
+
+
+def test_read_only_mode_refuses_writes_and_leaves_file_intact(small):
+    path, m, *_ = small
+    before = digest(path)
+    with loompy.connect(path, "r") as ds:
+        assert ds.mode == "r"
+        for action in (lambda: ds.ra.__setitem__("X", np.ones(5)), lambda: ds.attrs.__setitem__("t", "x"),
+                       lambda: ds.layers.__setitem__("L", m), lambda: ds.__setitem__((0, 0), 1),
+                       lambda: ds.col_graphs.__setitem__("g", sp.coo_matrix((8, 8))),
+                       lambda: ds.ra.__delitem__("Gene")):
+            with pytest.raises(OSError) as info:
+                action()
+            assert str(path) in str(info.value)
+    assert digest(path) == before
+
+
+def test_rejected_calls_leave_file_byte_identical(small):
+    path, m, *_ = small
+    before = digest(path)
+    bad_calls = [
+        lambda ds: ds.ra.__setitem__("Gene", np.arange(4)),  # wrong length
+        lambda ds: ds.ca.__setitem__("X", np.arange(9)),
+        lambda ds: ds.ra.__setitem__("a/b", np.arange(5)),
+        lambda ds: ds.ra.__setitem__("S", ["ok", "bad\x00", "x", "y", "z"]),
+        lambda ds: ds.ra.__setitem__("S", np.array(["ok", "b\x00d", "x", "y", "z"], dtype=object)),
+        lambda ds: ds.layers.__setitem__("L", np.zeros((5, 7))),
+        lambda ds: ds.layers.__setitem__("L", np.zeros((5, 8), dtype=complex)),
+        lambda ds: ds.set_layer("L", m, dtype="bool"),
+        lambda ds: ds.attrs.__setitem__("LOOM_SPEC_VERSION", "1"),
+        lambda ds: ds.col_graphs.__setitem__("g", sp.coo_matrix((5, 5))),
+        lambda ds: ds.__setitem__((slice(None), slice(None)), np.zeros((2, 2))),
+        lambda ds: ds.set_attr("x", np.ones(5), axis=2),
+    ]
+    for call in bad_calls:
+        with loompy.connect(path) as ds:
+            with pytest.raises(loompy.LoomError) as info:
+                call(ds)
+            assert isinstance(info.value, (ValueError, TypeError, IndexError, KeyError))
+        assert digest(path) == before, call
+
+
+def test_error_messages_name_file_and_thing(small):
+    path, *_ = small
+    with loompy.connect(path) as ds:
+        with pytest.raises(ValueError) as info:
+            ds.ra["Gene"] = np.arange(4)
+        assert "Gene" in str(info.value) and "small.loom" in str(info.value) and "5" in str(info.value)
+        with pytest.raises(KeyError) as info:
+            ds.layers["nope"]
+        assert "nope" in str(info.value) and "small.loom" in str(info.value)
+
+
+def test_connect_errors(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        loompy.connect(tmp_path / "missing.loom")
+    assert "missing.loom" in str(info.value)
+    bogus = tmp_path / "bogus.loom"
+    bogus.write_bytes(b"not hdf5 at all")
+    with pytest.raises(OSError) as info:
+        loompy.connect(bogus)
+    assert isinstance(info.value, loompy.LoomFileError) and "bogus.loom" in str(info.value)
+    with pytest.raises(ValueError):
+        loompy.connect(bogus, mode="w")
+    broken = tmp_path / "broken.loom"
+    with h5py.File(broken, "w") as f:
+        f["matrix"] = np.zeros((3, 4))
+        f["row_attrs/Gene"] = np.arange(7)
+    with pytest.raises(loompy.LoomFormatError) as info:
+        loompy.connect(broken)
+    assert "Gene" in str(info.value)
+    with loompy.connect(broken, validate=False) as ds:  # the escape hatch still opens it
+        assert ds.shape == (3, 4)
+
+
+def test_lock_error_names_the_lock_and_unlocked_read_only_works(small):
+    path, *_ = small
+    import subprocess
+    import sys
+    import textwrap
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import h5py, sys, time
+        f = h5py.File({str(path)!r}, "r+")
+        print("open", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(loompy.LoomLockError) as info:
+            loompy.connect(path, "r")
+        assert "lock" in str(info.value).lower() and "locking=False" in str(info.value)
+        with loompy.connect(path, "r", locking=False) as ds:
+            assert ds.shape == (5, 8)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_repr_and_html_escape_everything(tmp_path):
+    m = np.arange(12 * 12, dtype=np.float32).reshape(12, 12)
+    ra = {"Gene": np.array([f"<g{i}>&" for i in range(12)])}
+    ca = {"<script>": np.array([f"c{i}" for i in range(12)])}
+    with loompy.create(tmp_path / "h.loom", m, ra, ca) as ds:
+        text = repr(ds)
+        assert "h.loom" in text and "12 rows" in text and "Gene" in text
+        page = ds._repr_html_()
+        assert "<script>" not in page and "&lt;script&gt;" in page
+        assert "&lt;g0&gt;&amp;" in page and "<g0>" not in page
+        assert "(12, 12)" in page and page.count("<tr>") == 1 + 1 + 10 + 1
+        assert ">9.0<" in page and ">10.0<" not in page  # only the 10x10 corner
+
+
+def test_new_file_is_empty_and_valid(tmp_path):
+    path = tmp_path / "new.loom"
+    with loompy.new(path, file_attrs={"title": "empty"}) as ds:
+        assert ds.shape == (0, 0) and ds.attrs.title == "empty"
+    with h5py.File(path, "r") as f:
+        assert {"attrs", "layers", "row_attrs", "col_attrs", "row_graphs", "col_graphs"} <= set(f.keys())
+        assert f["attrs/LOOM_SPEC_VERSION"][()] == b"3.0.0"
+
+
+def test_create_accepts_dicts_managers_and_sliced_managers(small, tmp_path):
+    path, m, ra, ca = small
+    with loompy.connect(path) as ds:
+        ds.layers["extra"] = m + 5
+        keep = ds.ca.Age >= 4
+        with loompy.create(tmp_path / "copy.loom", ds.layers, ds.ra, ds.ca) as copy:
+            assert copy.layers.keys() == ds.layers.keys()
+            np.testing.assert_array_equal(copy["extra"][:, :], m + 5)
+            assert list(copy.ra.Gene) == list(ra["Gene"])
+        sub = {name: layer[:, keep] for name, layer in ds.layers.items()}
+        with loompy.create(tmp_path / "sub.loom", sub, ds.ra[:], ds.ca[keep]) as part:
+            assert part.shape == (5, int(keep.sum()))
+            np.testing.assert_array_equal(part[:, :], m[:, keep])
+            np.testing.assert_array_equal(part.ca.Age, ca["Age"][keep])
+    sparse_in = sp.random(300, 200, density=0.05, format="coo", random_state=1, dtype=np.float64)
+    with loompy.create(tmp_path / "sp.loom", sparse_in, {}, {}) as ds:
+        assert ds.layers[""].dtype == np.float64
+        np.testing.assert_array_equal(ds[:, :], sparse_in.toarray())
+    with pytest.raises(ValueError):
+        loompy.create(tmp_path / "bad.loom", {"": m, "x": np.zeros((2, 2))}, {}, {})
+    with pytest.raises(ValueError):
+        loompy.create(tmp_path / "bad.loom", {"x": m}, {}, {})
+    with pytest.raises(ValueError):
+        loompy.create(tmp_path / "bad.loom", m, {"Gene": np.arange(3)}, {})
+    assert not (tmp_path / "bad.loom").exists()
+    assert not list(tmp_path.glob("*.loom-tmp"))
+
+
+def test_validator(small, tmp_path):
+    path, *_ = small
+    v = loompy.LoomValidator()
+    assert v.validate(path) and v.errors == []
+    assert any("matrix" in line for line in v.summary)
+    assert v.validate(path, strictness="conventions")
+    assert not any("CellID" in w or "Accession" in w for w in v.warnings)  # the conventional names exist
+    bad = tmp_path / "bad.loom"
+    with h5py.File(bad, "w") as f:
+        f["matrix"] = np.zeros((3, 4), dtype=complex)
+        f["row_attrs/Gene"] = np.arange(3)
+        f["col_graphs/g/a"] = np.array([0, 9])
+        f["col_graphs/g/b"] = np.array([1, 2])
+        f["col_graphs/g/w"] = np.array([1.0, 1.0])
+    v = loompy.LoomValidator(version="3.0.0")
+    assert not v.validate(bad)
+    joined = " ".join(v.errors)
+    assert "complex" in joined and "vertex" in joined and "/attrs" in joined
