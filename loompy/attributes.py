@@ -36,6 +36,16 @@ def check_writable(file: h5py.File | None, what: str) -> None:
         raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
 
 
+def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
+    """Apply an explicit dtype; ``"string"``/``"str"`` (the seed's names) mean text."""
+    try:
+        if dtype in ("string", "str", str):
+            return np.asarray(values).astype(str)
+        return np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise LoomValueError(f"{where}: cannot convert values to dtype {dtype!r} ({exc})") from exc
+
+
 class AttributeManager(MutableMapping):
     """Attributes along one axis (``axis=0``: rows, ``axis=1``: columns)."""
 
@@ -123,8 +133,9 @@ class AttributeManager(MutableMapping):
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
         length = self._dims.shape[self.axis]
-        arr = fmt.normalize_values(values if dtype is None else np.asarray(values, dtype=dtype), where,
-                                   length=length if self._has_shape() else None)
+        if dtype is not None:
+            values = _convert(values, dtype, where)
+        arr = fmt.normalize_values(values, where, length=length if self._has_shape() else None)
         if self._file is not None:
             group = self._file.require_group(self._group_name)
             fmt.write_values(group, name, arr, resizable=self.axis == 1, where=where)

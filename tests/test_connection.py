@@ -65,6 +65,10 @@ def test_attributes_round_trip_and_dict_protocol(small):
         ds.set_attr("Viaset", np.ones(5), axis=0)
         ds.set_attr("Typed", np.arange(8), axis=1, dtype="float32")
         ds.ra.Multi = np.arange(10).reshape(5, 2)
+        ds.set_attr("AsText", np.arange(5), axis=0, dtype="string")
+        assert list(ds.ra.AsText) == ["0", "1", "2", "3", "4"]
+        with pytest.raises(ValueError):
+            ds.set_attr("Bad", ["x"] * 5, axis=0, dtype="float64")
     with h5py.File(path, "r") as f:
         assert f["row_attrs/Extra"][...].tolist() == list(range(5))
         assert f["col_attrs/Typed"].dtype == np.float32
