@@ -23,6 +23,7 @@ from .errors import (
 from .format import CURRENT_SPEC as LOOM_SPEC_VERSION
 from .format import timestamp
 from .graphs import GraphManager
+from .importers import create_from_cellranger
 from .layers import LayerManager, LoomLayer
 from .validator import LoomValidator
 
@@ -50,6 +51,7 @@ __all__ = [
     "__version__",
     "connect",
     "create",
+    "create_from_cellranger",
     "new",
     "timestamp",
 ]

@@ -16,7 +16,7 @@ from . import engine
 from . import format as fmt
 from .attributes import AttributeManager
 from .connection import LoomConnection, connect
-from .errors import LoomTypeError, LoomValueError
+from .errors import LoomFileNotFoundError, LoomTypeError, LoomValueError
 from .layers import LayerManager, LoomLayer
 
 
@@ -29,6 +29,8 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
     """
     path = os.path.abspath(os.fspath(path))
     directory, base = os.path.split(path)
+    if not os.path.isdir(directory):
+        raise LoomFileNotFoundError(2, "the folder for the new Loom file does not exist", directory)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".loom-tmp", dir=directory)
     os.close(fd)
     try:

@@ -1,0 +1,218 @@
+"""Importers for 10x Genomics Cell Ranger output (MEX folders and HDF5 files, versions 2 and 3).
+
+Each source format is a small reader with a ``can_open`` sniffing check and a ``read`` that returns
+:class:`TenXData`; :func:`read_10x` finds the data below a folder (``outs/...`` or the matrix folder
+itself) and picks the reader. Matrices stay sparse from file to Loom.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.io
+import scipy.sparse as sp
+
+from .errors import LoomFileNotFoundError, LoomValueError
+
+
+@dataclass
+class TenXData:
+    """One 10x count matrix: genes in rows, cells in columns."""
+
+    matrix: sp.csc_matrix
+    genes: np.ndarray  # gene symbols
+    accessions: np.ndarray  # Ensembl ids
+    barcodes: np.ndarray
+    feature_types: np.ndarray | None = None  # Cell Ranger 3 only
+    genomes: np.ndarray | None = None  # per feature (Cell Ranger 3 .h5)
+    genome: str | None = None  # the genome folder/group (Cell Ranger 2)
+
+    def row_attrs(self) -> dict[str, np.ndarray]:
+        attrs = {"Gene": self.genes, "Accession": self.accessions}
+        if self.feature_types is not None:
+            attrs["FeatureType"] = self.feature_types
+        if self.genomes is not None:
+            attrs["Genome"] = self.genomes
+        return attrs
+
+
+def _counts(matrix: sp.spmatrix) -> sp.csc_matrix:
+    """Counts as int32 when they fit (the .h5 files' own type), so MEX and .h5 give the same file."""
+    m = sp.csc_matrix(matrix)
+    if m.dtype.kind in "iu" and (m.nnz == 0 or (m.data.min() >= np.iinfo(np.int32).min
+                                                and m.data.max() <= np.iinfo(np.int32).max)):
+        m = m.astype(np.int32)
+    return m
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def _table(path: Path) -> list[list[str]]:
+    with _open_text(path) as handle:
+        return [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+
+
+def _find(folder: Path, *names: str) -> Path | None:
+    for name in names:
+        for candidate in (folder / name, folder / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _strings(values: np.ndarray) -> np.ndarray:
+    return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values], dtype=object)
+
+
+class MexReader:
+    """A Matrix Market folder: ``matrix.mtx[.gz]``, ``barcodes.tsv[.gz]`` and ``genes.tsv`` (v2) or ``features.tsv.gz`` (v3)."""
+
+    @staticmethod
+    def can_open(path: Path) -> bool:
+        return path.is_dir() and _find(path, "matrix.mtx") is not None and _find(path, "barcodes.tsv") is not None \
+            and _find(path, "features.tsv", "genes.tsv") is not None
+
+    @staticmethod
+    def read(path: Path, genome: str | None = None) -> TenXData:
+        matrix = scipy.io.mmread(str(_find(path, "matrix.mtx")))
+        features = _table(_find(path, "features.tsv", "genes.tsv"))
+        barcodes = np.array([row[0] for row in _table(_find(path, "barcodes.tsv"))], dtype=object)
+        if matrix.shape != (len(features), len(barcodes)):
+            raise LoomValueError(f"{path}: matrix shape {matrix.shape} does not match {len(features)} features "
+                                 f"x {len(barcodes)} barcodes")
+        accessions = np.array([row[0] for row in features], dtype=object)
+        genes = np.array([row[1] if len(row) > 1 else row[0] for row in features], dtype=object)
+        types = np.array([row[2] for row in features], dtype=object) if all(len(r) > 2 for r in features) else None
+        return TenXData(_counts(matrix), genes, accessions, barcodes, feature_types=types,
+                        genome=path.name if types is None else None)
+
+
+class H5Reader:
+    """A Cell Ranger HDF5 file: v3 (``/matrix`` with ``features/``) or v2 (one group per genome)."""
+
+    @staticmethod
+    def can_open(path: Path) -> bool:
+        if not path.is_file() or not h5py.is_hdf5(path):
+            return False
+        with h5py.File(path, "r") as f:
+            groups = [f["matrix"]] if isinstance(f.get("matrix"), h5py.Group) else list(f.values())
+            return any(isinstance(g, h5py.Group) and {"data", "indices", "indptr", "shape"} <= set(g.keys())
+                       for g in groups)
+
+    @staticmethod
+    def read(path: Path, genome: str | None = None) -> TenXData:
+        with h5py.File(path, "r") as f:
+            if isinstance(f.get("matrix"), h5py.Group) and "features" in f["matrix"]:
+                g = f["matrix"]
+                feats = g["features"]
+                data = TenXData(None, _strings(feats["name"][...]), _strings(feats["id"][...]),
+                                _strings(g["barcodes"][...]),
+                                feature_types=_strings(feats["feature_type"][...]) if "feature_type" in feats else None,
+                                genomes=_strings(feats["genome"][...]) if "genome" in feats else None)
+            else:
+                names = [k for k, v in f.items() if isinstance(v, h5py.Group) and "indptr" in v]
+                chosen = _choose_genome(names, genome, path)
+                g = f[chosen]
+                data = TenXData(None, _strings(g["gene_names"][...]), _strings(g["genes"][...]),
+                                _strings(g["barcodes"][...]), genome=chosen)
+            shape = tuple(int(x) for x in g["shape"][...])
+            # 10x stores CSC with genes in rows: column pointers index cells
+            data.matrix = _counts(sp.csc_matrix((g["data"][...], g["indices"][...], g["indptr"][...]), shape=shape))
+        return data
+
+
+READERS = (MexReader, H5Reader)
+
+
+def _choose_genome(available: Sequence[str], genome: str | None, where: Path) -> str:
+    if genome is not None and genome in available:
+        return genome
+    if genome is None and len(available) == 1:
+        return available[0]
+    wanted = f"genome '{genome}' not found" if genome else "several genomes; pass genome="
+    raise LoomValueError(f"{where}: {wanted} (available: {', '.join(sorted(available)) or 'none'})")
+
+
+def _candidates(path: Path, genome: str | None) -> list[Path]:
+    """Where Cell Ranger puts its matrices, below ``path`` (which may be the sample or ``outs`` folder)."""
+    if path.is_file():
+        return [path]
+    found = [path]
+    for base in (path, path / "outs"):
+        found += [base / "filtered_feature_bc_matrix", base / "filtered_feature_bc_matrix.h5"]
+        v2 = base / "filtered_gene_bc_matrices"
+        if v2.is_dir():
+            genomes = sorted(p.name for p in v2.iterdir() if p.is_dir())
+            if genomes:
+                found.append(v2 / _choose_genome(genomes, genome, v2))
+        found.append(base / "filtered_gene_bc_matrices_h5.h5")
+    return found
+
+
+def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
+    """Read 10x output from a sample folder, its ``outs`` folder, a matrix folder or a ``.h5`` file."""
+    root = Path(path)
+    if not root.exists():
+        raise LoomFileNotFoundError(2, "no such 10x output", str(root))
+    for candidate in _candidates(root, genome):
+        for reader in READERS:
+            if candidate.exists() and reader.can_open(candidate):
+                return reader.read(candidate, genome)
+    raise LoomValueError(f"{root}: no 10x Genomics matrix found (looked for a Matrix Market folder with "
+                         "matrix.mtx, barcodes.tsv and genes.tsv/features.tsv, or a Cell Ranger .h5 file, "
+                         "also below outs/)")
+
+
+def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike | None = None,
+                           genome: str | None = None, file_attrs: Mapping[str, Any] | None = None,
+                           selected_cellids: Sequence[str] | None = None, *, loom_file: str | os.PathLike | None = None,
+                           cell_id_prefix: str | None = None,
+                           sample_annotation: Mapping[str, Any] | None = None) -> str:
+    """Create a ``.loom`` file from 10x Genomics Cell Ranger output; returns its path.
+
+    Two calling conventions are accepted. loompy 3's: ``create_from_cellranger(indir, outdir=None,
+    genome=None, file_attrs=None, selected_cellids=None)`` writes ``{outdir}/{sample}.loom`` with cell
+    ids ``{sample}:{barcode}``. The seed's: ``create_from_cellranger(folder, loom_file, cell_id_prefix='',
+    sample_annotation=None, genome=...)``, recognised by a second argument ending in ``.loom``, writes
+    ``loom_file`` with cell ids ``{cell_id_prefix}{barcode}``. Both return the path (a string), so code
+    written for either works; ``sample_annotation`` adds column attributes (one value for all cells, or
+    one per cell).
+    """
+    if outdir is not None and loom_file is None and os.fspath(outdir).endswith(".loom"):
+        # the seed's positional order: (folder, loom_file, cell_id_prefix, sample_annotation, genome)
+        seed_args = [genome, file_attrs, selected_cellids]
+        loom_file, outdir = outdir, None
+        cell_id_prefix = seed_args[0] if cell_id_prefix is None else cell_id_prefix
+        sample_annotation = seed_args[1] if sample_annotation is None else sample_annotation
+        genome = seed_args[2] if isinstance(seed_args[2], str) else None
+        file_attrs, selected_cellids = None, None
+    indir = Path(indir)
+    sample = (indir.parent.name if indir.name == "outs" else indir.name) or "sample"
+    data = read_10x(indir, genome)
+    prefix = f"{sample}:" if cell_id_prefix is None else cell_id_prefix
+    cell_ids = np.array([prefix + b for b in data.barcodes], dtype=object)
+    matrix = data.matrix
+    if selected_cellids is not None:
+        keep = np.isin(cell_ids, np.asarray(list(selected_cellids), dtype=object))
+        matrix, cell_ids = matrix[:, keep], cell_ids[keep]
+    col_attrs: dict[str, Any] = {"CellID": cell_ids}
+    for name, value in (sample_annotation or {}).items():
+        value = np.asarray(value)
+        col_attrs[name] = np.full(len(cell_ids), value[()], dtype=value.dtype) if value.ndim == 0 else value
+    attrs = dict(file_attrs or {})
+    if data.genome and "Genome" not in attrs:
+        attrs["Genome"] = data.genome
+    target = Path(loom_file) if loom_file is not None else Path(outdir or indir) / f"{sample}.loom"
+    from .create import create
+
+    create(target, matrix, data.row_attrs(), col_attrs, file_attrs=attrs).close()
+    return str(target)

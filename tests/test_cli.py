@@ -1,0 +1,45 @@
+"""The loompy command line, run through its main() and as an installed script."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+
+import loompy
+from loompy.cli import main
+
+from .conftest import REAL
+
+CR3_H5 = REAL / "scverse+scanpy/tests/_data/10x_data/3.0.0/filtered_feature_bc_matrix.h5"
+
+
+def test_demo_builds_and_shows_the_example(tmp_path, capsys):
+    out = tmp_path / "demo.loom"
+    assert main(["demo", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "507 rows x 1107 columns" in text and "Top-left corner" in text and "CH507-9B2.2" in text
+    with h5py.File(out, "r") as f:
+        assert f["matrix"].shape == (507, 1107)
+
+
+def test_info_import_and_validate(tmp_path, capsys):
+    out = tmp_path / "cr3.loom"
+    assert main(["import", str(CR3_H5), str(out), "--cell-id-prefix", "x_"]) == 0
+    with loompy.connect(out, "r") as ds:
+        assert ds.ca.CellID[0] == "x_AAACCCAAGGAGAGTA-1"
+        total = int(ds.sparse().sum())
+    with h5py.File(CR3_H5, "r") as f:
+        assert total == int(np.sum(f["matrix/data"][...]))
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Gene: str" in text and "CellID" in text and "int32" in text
+    assert main(["validate", str(out)]) == 0
+    assert "valid (0 errors" in capsys.readouterr().out
+    bad = tmp_path / "bad.loom"
+    with h5py.File(bad, "w") as f:
+        f["matrix"] = np.zeros((2, 2), dtype=complex)
+    assert main(["validate", str(bad)]) == 1
+    assert "error:" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "missing.loom")]) == 2
+    assert "missing.loom" in capsys.readouterr().err

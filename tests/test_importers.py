@@ -1,0 +1,126 @@
+"""10x Genomics importers, checked against scipy.io.mmread / raw h5py on the same real files."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import scipy.io
+
+import loompy
+from loompy.importers import read_10x
+
+from .conftest import REAL
+
+CR2 = REAL / "scverse+scanpy/tests/_data/10x_data/1.2.0"
+CR3 = REAL / "scverse+scanpy/tests/_data/10x_data/3.0.0"
+SEURAT_CR3 = REAL / "satijalab+seurat/tests/testdata/cr3.0"
+PROTEIN = REAL / "scverse+scvi-tools/tests/test_data/10X/pbmc_10k_protein_v3/filtered_feature_bc_matrix"
+
+
+def lines(path):
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        return [line.rstrip("\n").split("\t") for line in handle]
+
+
+@pytest.mark.parametrize("folder, features", [
+    (CR2 / "filtered_gene_bc_matrices/hg19_chr21", "genes.tsv"),
+    (CR3 / "filtered_feature_bc_matrix", "features.tsv.gz"),
+    (SEURAT_CR3, "features.tsv.gz"),
+    (PROTEIN, "features.tsv.gz"),
+])
+def test_mex_folders_match_mmread(folder, features):
+    data = read_10x(folder)
+    mtx = next(p for p in folder.iterdir() if p.name.startswith("matrix.mtx"))
+    expected = scipy.io.mmread(str(mtx)).toarray()
+    np.testing.assert_array_equal(data.matrix.toarray(), expected)
+    feats = lines(folder / features)
+    assert list(data.accessions) == [row[0] for row in feats]
+    assert list(data.genes) == [row[1] for row in feats]
+    barcodes = next(p for p in folder.iterdir() if p.name.startswith("barcodes"))
+    assert list(data.barcodes) == [row[0] for row in lines(barcodes)]
+
+
+def test_h5_files_match_raw_h5py_and_their_mex_twins():
+    v3 = read_10x(CR3 / "filtered_feature_bc_matrix.h5")
+    with h5py.File(CR3 / "filtered_feature_bc_matrix.h5", "r") as f:
+        g = f["matrix"]
+        assert v3.matrix.nnz == g["data"].shape[0] and v3.matrix.shape == tuple(g["shape"][...])
+        assert v3.barcodes[0] == g["barcodes"][0].decode()
+    mex = read_10x(CR3 / "filtered_feature_bc_matrix")
+    np.testing.assert_array_equal(v3.matrix.toarray(), mex.matrix.toarray())
+    assert list(v3.genes) == list(mex.genes) and list(v3.barcodes) == list(mex.barcodes)
+    v2 = read_10x(CR2 / "filtered_gene_bc_matrices_h5.h5")
+    mex2 = read_10x(CR2 / "filtered_gene_bc_matrices/hg19_chr21")
+    assert v2.genome == "hg19_chr21" == mex2.genome
+    np.testing.assert_array_equal(v2.matrix.toarray(), mex2.matrix.toarray())
+    assert list(v2.genes) == list(mex2.genes)
+
+
+def test_create_from_cellranger_both_conventions(tmp_path):
+    sample = tmp_path / "sample3"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
+    # loompy 3: (indir, outdir) -> "{outdir}/{sample}.loom", cell ids "{sample}:{barcode}"
+    path = loompy.create_from_cellranger(sample, tmp_path, file_attrs={"title": "t"})
+    assert path == str(tmp_path / "sample3.loom")
+    expected = scipy.io.mmread(str(CR3 / "filtered_feature_bc_matrix/matrix.mtx.gz")).toarray()
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (507, 1107) and ds.attrs.title == "t"
+        np.testing.assert_array_equal(ds[:, :], expected)
+        assert ds.ca.CellID[0] == "sample3:AAACCCAAGGAGAGTA-1"
+        assert ds.ra.Gene[0] == "CH507-9B2.2" and ds.ra.Accession[0] == "ENSG00000279493"
+        assert set(ds.ra.FeatureType) == {"Gene Expression"}
+    # the seed: (folder, loom_file, cell_id_prefix, sample_annotation)
+    out = tmp_path / "seed.loom"
+    path = loompy.create_from_cellranger(sample, str(out), "S3_", {"Donor": "d1", "Index": np.arange(1107)})
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.CellID[0] == "S3_AAACCCAAGGAGAGTA-1"
+        assert set(ds.ca.Donor) == {"d1"} and ds.ca.Index[-1] == 1106
+    keep = ["sample3:AAACCCAAGGAGAGTA-1", "sample3:AAACGCTTCAGCCCAG-1"]
+    path = loompy.create_from_cellranger(sample, tmp_path, selected_cellids=keep)
+    with loompy.connect(path, "r") as ds:
+        assert list(ds.ca.CellID) == keep
+        np.testing.assert_array_equal(ds[:, :], expected[:, :2])
+
+
+def test_cellranger2_layout_records_genome(tmp_path):
+    sample = tmp_path / "s2"
+    shutil.copytree(CR2 / "filtered_gene_bc_matrices", sample / "outs" / "filtered_gene_bc_matrices")
+    path = loompy.create_from_cellranger(sample, tmp_path)
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (343, 12) and ds.attrs.Genome == "hg19_chr21"
+    with pytest.raises(ValueError) as info:
+        loompy.create_from_cellranger(sample, tmp_path, genome="mm10")
+    assert "mm10" in str(info.value) and "hg19_chr21" in str(info.value)
+
+
+def test_importer_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_10x(tmp_path / "nothing")
+    with pytest.raises(ValueError) as info:
+        read_10x(tmp_path)
+    assert str(tmp_path) in str(info.value)
+
+
+@pytest.mark.reference
+def test_same_values_as_reference_importer(tmp_path, reference):
+    sample = tmp_path / "sample1"
+    shutil.copytree(CR2 / "filtered_gene_bc_matrices", sample / "outs" / "filtered_gene_bc_matrices")
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    ref = reference.run("""
+        import sys, json, loompy
+        p = loompy.create_from_cellranger(sys.argv[1], sys.argv[2])
+        with loompy.connect(p, "r") as ds:
+            print(json.dumps({"m": ds[:, :].tolist(), "cells": list(ds.ca.CellID), "genes": list(ds.ra.Gene),
+                              "acc": list(ds.ra.Accession), "genome": ds.attrs["Genome"]}))
+    """, str(sample), str(ref_dir))
+    path = loompy.create_from_cellranger(sample, tmp_path)
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], np.array(ref["m"]))
+        assert list(ds.ca.CellID) == ref["cells"] and list(ds.ra.Gene) == ref["genes"]
+        assert list(ds.ra.Accession) == ref["acc"] and ds.attrs.Genome == ref["genome"]
