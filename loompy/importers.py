@@ -74,7 +74,7 @@ def _strings(values: np.ndarray) -> np.ndarray:
 
 
 class MexReader:
-    """A Matrix Market folder: ``matrix.mtx[.gz]``, ``barcodes.tsv[.gz]`` and ``genes.tsv`` (v2) or ``features.tsv.gz`` (v3)."""
+    """A Matrix Market folder: matrix.mtx, barcodes.tsv and genes.tsv (v2) or features.tsv (v3), maybe gzipped."""
 
     @staticmethod
     def can_open(path: Path) -> bool:
