@@ -1,0 +1,169 @@
+"""Every Loom file from the field opens, lists its contents and reads its values (see tests/data/real/README.md)."""
+
+from __future__ import annotations
+
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import loompy
+
+from .conftest import REAL
+
+LOOMS = sorted(p.relative_to(REAL).as_posix() for p in REAL.rglob("*.loom"))
+
+# hand-checked facts per file: shape, matrix dtype, spec, layers, a few row/col attribute values
+EXPECTED = {
+    "Bioconductor+LoomExperiment/inst/extdata/L1_DRG_20_example.loom":
+        ((20, 20), "float64", "2.0.1", [""], ("Gene", ["Nnat", "Rasl10a"]), ("Age", ["p20", "p20"])),
+    "Bioconductor+LoomExperiment/inst/extdata/example.loom":
+        ((20, 6), "float64", "old", ["", "a", "b"], ("id", ["1", "2"]), ("group", ["A", "A"])),
+    "aertslab+SCope/server/test/data/minimal.loom":
+        ((64, 5), "int32", "3.0.0", [""], None, ("CellID", ["Cell_1", "Cell_2"])),
+    "aertslab+SCopeLoomR/inst/extdata/example.loom":
+        ((50, 100), "float64", "old", [""], ("Gene", ["gene_1", "gene_2"]), ("CellID", ["cell_1", "cell_2"])),
+    "linnarsson-lab+loom-viewer/test_loom.loom":
+        ((21, 2100), "float32", "old", [""], ("Gene", ["Cdk1", "Top2a"]), ("Cluster", [0, 0])),
+    "linnarsson-lab+loompy/_history/bc58ebdd2632/test.loom":
+        ((1000, 100), "float64", "2.0.1", [""], ("g_id", [0, 1]), ("c_id", [0, 1])),
+    "linnarsson-lab+loompy/test.loom":
+        ((20, 200), "float64", "3.0.0", [""], ("Gene", ["A", "B"]), ("Cell", [0, 1])),
+    "pachterlab+kb_python/tests/fixtures/counts/genes.loom":
+        ((17, 29), "float32", "3.0.0", [""], ("var_names", ["ENSMUSG00000026034", "ENSMUSG00000092572"]),
+         ("obs_names", ["AACTCAGAGAGTCGGT", "AACTCTTAGGAGTTTA"])),
+    "scverse+scvi-tools/tests/test_data/Cortex.loom":
+        ((10, 50), "int64", "2.0.1", [""], ("Gene", ["R_SSU-RRNA_HSA", "TTR"]), None),
+}
+
+
+def test_every_real_file_is_listed():
+    assert sorted(EXPECTED) == LOOMS
+
+
+@pytest.mark.parametrize("name", LOOMS)
+def test_opens_lists_and_reads_like_raw_h5py(name):
+    shape, dtype, spec, layers, row, col = EXPECTED[name]
+    path = REAL / name
+    with loompy.connect(path, "r") as ds, h5py.File(path, "r") as raw:
+        assert ds.shape == shape and str(ds.layers[""].dtype) == dtype and str(ds.version) == spec
+        assert ds.layers.keys() == layers
+        np.testing.assert_array_equal(ds[:, :], raw["matrix"][...])
+        for layer in layers[1:]:
+            np.testing.assert_array_equal(ds.layers[layer][:, :], raw["layers"][layer][...])
+        np.testing.assert_array_equal(ds.sparse().toarray(), raw["matrix"][...])
+        for axis, expected, group in ((0, row, "row_attrs"), (1, col, "col_attrs")):
+            manager = ds.ra if axis == 0 else ds.ca
+            assert sorted(manager.keys()) == sorted(k for k, v in raw[group].items() if isinstance(v, h5py.Dataset))
+            for key in manager.keys():
+                values = manager[key]
+                assert len(values) == shape[axis]
+                if values.dtype == object:
+                    assert all(type(v) is str for v in values.ravel()), key
+            if expected:
+                attr, first_two = expected
+                assert list(manager[attr][:2]) == first_two
+        for key in ds.attrs.keys():
+            value = ds.attrs[key]
+            assert not isinstance(value, bytes)
+
+
+def test_scope_file_non_ascii_compound_and_spaces():
+    path = REAL / "aertslab+SCope/server/test/data/minimal.loom"
+    with loompy.connect(path, "r") as ds, h5py.File(path, "r") as raw:
+        assert ds.attrs.title == raw["attrs/title"][()].decode("utf-8") == "ŅȰQìşţ"
+        assert ds.attrs.Genome == "Nomen dubium"
+        assert "My Annotation" in ds.ca
+        assert list(ds.ca["My Annotation"]) == [v.decode("utf-8") for v in raw["col_attrs/My Annotation"][...]]
+        emb = ds.ca.Embedding
+        assert emb.dtype.names == ("_X", "_Y")
+        np.testing.assert_array_equal(emb["_X"], raw["col_attrs/Embedding"]["_X"])
+        assert ds.ca.Clusterings.dtype.names == ("14", "6", "63")
+        assert len(ds.ra.Regulons.dtype.names) == len(raw["row_attrs/Regulons"].dtype.names)
+        assert ds[0, :3].tolist() == [63, 58, 63]
+
+
+def test_loomexperiment_float_graphs_and_shape1_spec_version():
+    path = REAL / "Bioconductor+LoomExperiment/inst/extdata/L1_DRG_20_example.loom"
+    with loompy.connect(path, "r") as ds, h5py.File(path, "r") as raw:
+        assert raw.attrs["LOOM_SPEC_VERSION"].shape == (1,)  # stored as a shape-(1,) bytes array
+        assert ds.attrs.LOOM_SPEC_VERSION == "2.0.1" and ds.attrs.CreatedWith == "LoomExperiment-1.3.3"
+        assert sorted(ds.col_graphs.keys()) == ["KNN", "MKNN"]
+        knn = ds.col_graphs.KNN
+        assert sp.isspmatrix_coo(knn) and knn.shape == (20, 20) and knn.nnz == 282
+        assert raw["col_graphs/KNN/a"].dtype == np.float64
+        np.testing.assert_array_equal(knn.row, raw["col_graphs/KNN/a"][...].astype(int))
+        np.testing.assert_array_equal(knn.data, raw["col_graphs/KNN/w"][...])
+        assert ds.col_graphs.MKNN.nnz == 152
+        assert ds[:2, :3].tolist() == [[13.0, 13.0, 12.0], [6.0, 4.0, 4.0]]
+
+
+def test_r_writers_shape1_title_and_json_metadata():
+    with loompy.connect(REAL / "Bioconductor+LoomExperiment/inst/extdata/example.loom", "r") as ds:
+        assert ds.attrs.title == "Sample '.loom' file"
+        assert ds.row_graphs.keys() == [] and ds.col_graphs.keys() == []
+    with loompy.connect(REAL / "aertslab+SCopeLoomR/inst/extdata/example.loom", "r") as ds:
+        assert ds.attrs.Genome == "Mouse" and ds.attrs.RVersion.startswith("R version 3.4.2")
+        assert ds.ca.Embedding.dtype.names == ("_X", "_Y")
+        assert ds.ra.Regulons.dtype.names == ("gene_5", "gene_7", "gene_21", "gene_36")
+
+
+def test_cortex_two_dimensional_attribute():
+    with loompy.connect(REAL / "scverse+scvi-tools/tests/test_data/Cortex.loom", "r") as ds:
+        assert ds.ca.ClusterID.shape == (50, 1)
+        assert ds[0, :3].tolist() == [8234, 6015, 4873]
+        assert int(ds[:, :].sum()) == 649518
+
+
+@pytest.mark.parametrize("name", LOOMS)
+def test_writing_a_copy_keeps_everything_else(name, tmp_path):
+    path = tmp_path / "copy.loom"
+    shutil.copy(REAL / name, path)
+    path.chmod(0o644)
+    with h5py.File(path, "r") as raw:
+        before = {}
+        raw.visititems(lambda key, obj: before.__setitem__(key, obj[()] if isinstance(obj, h5py.Dataset) else None))
+    with loompy.connect(path) as ds:
+        n, m = ds.shape
+        ds.ra["NewRow"] = np.arange(n)
+        ds.ca["NewCol"] = [f"c{i}" for i in range(m)]
+        ds.attrs["added"] = "yes é"
+        ds.layers["extra"] = np.ones((n, m), dtype=np.float32)
+    with loompy.connect(path, "r") as ds:
+        assert list(ds.ra.NewRow) == list(range(n)) and ds.ca.NewCol[-1] == f"c{m - 1}"
+        assert ds.attrs.added == "yes é"
+        assert ds.layers["extra"][:, :].sum() == n * m
+    with h5py.File(path, "r") as raw:
+        for key, value in before.items():
+            assert key in raw, key
+            if value is not None:
+                now = raw[key][()]
+                same = now.tolist() == value.tolist() if np.asarray(value).dtype == object else \
+                    np.asarray(now).tobytes() == np.asarray(value).tobytes()  # bitwise: NaNs compare equal
+                assert same, key
+    v = loompy.LoomValidator()
+    assert v.validate(path), v.errors
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("name", LOOMS)
+def test_reference_reads_our_modified_copies(name, tmp_path, reference):
+    path = tmp_path / "copy.loom"
+    shutil.copy(REAL / name, path)
+    path.chmod(0o644)
+    script = """
+        import sys, json, loompy
+        with loompy.connect(sys.argv[1], "r", validate=False) as ds:
+            print(json.dumps({"shape": list(ds.shape), "sum": float(ds[:, :].sum()), "ra": sorted(ds.ra.keys())}))
+    """
+    try:
+        original = reference.run(script, str(path))
+    except RuntimeError:
+        pytest.skip("the reference loompy cannot open the original file either")
+    with loompy.connect(path) as ds:
+        ds.ra["NewRow"] = np.arange(ds.shape[0])
+    after = reference.run(script, str(path))
+    assert after["shape"] == original["shape"] and after["sum"] == original["sum"]
+    assert after["ra"] == sorted(original["ra"] + ["NewRow"])
