@@ -1,0 +1,123 @@
+"""Files exchanged with the reference loompy 3.0.8 (its own venv, driven through subprocesses)."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import loompy
+
+pytestmark = pytest.mark.reference
+
+# The reference reads a file and reports everything as JSON-able values.
+DUMP = """
+    import sys, json, numpy as np, loompy
+    def plain(v):
+        v = np.asarray(v)
+        return v.tolist()
+    with loompy.connect(sys.argv[1], "r") as ds:
+        out = {
+            "shape": list(ds.shape),
+            "layers": {k: plain(ds.layers[k][:, :]) for k in ds.layers.keys()},
+            "dtypes": {k: str(ds.layers[k][:, :].dtype) for k in ds.layers.keys()},
+            "ra": {k: plain(ds.ra[k]) for k in ds.ra.keys()},
+            "ca": {k: plain(ds.ca[k]) for k in ds.ca.keys()},
+            "row_graphs": {k: plain(ds.row_graphs[k].toarray()) for k in ds.row_graphs.keys()},
+            "col_graphs": {k: plain(ds.col_graphs[k].toarray()) for k in ds.col_graphs.keys()},
+            "attrs": {k: plain(ds.attrs[k]) for k in ds.attrs.keys()},
+        }
+    v = loompy.LoomValidator()
+    out["valid"] = bool(v.validate(sys.argv[1]))
+    out["errors"] = [str(e) for e in v.errors]
+    print(json.dumps(out))
+"""
+
+ASCII_GENES = ["Actb", "Gapdh", "Sox2", "Pax6"]
+NON_ASCII = ["Ménage", "中文", "naïve", "ok"]
+
+
+def data():
+    rng = np.random.default_rng(5)
+    m = rng.integers(0, 9, size=(4, 70)).astype(np.float32)
+    spliced = rng.integers(0, 3, size=(4, 70)).astype(np.int32)
+    graph = sp.coo_matrix((np.array([1.0, 0.5]), (np.array([0, 69]), np.array([69, 3]))), shape=(70, 70))
+    return m, spliced, graph
+
+
+def test_reference_reads_our_files(tmp_path, reference):
+    m, spliced, graph = data()
+    path = tmp_path / "ours.loom"
+    with loompy.create(path, {"": m, "spliced": spliced},
+                       {"Gene": ASCII_GENES, "Score": np.array([0.5, 1.5, 2.5, 3.5])},
+                       {"CellID": [f"c{i}" for i in range(70)], "Cluster": np.arange(70) % 3},
+                       file_attrs={"title": "interop", "n": 7}) as ds:
+        ds.col_graphs["knn"] = graph
+        ds.row_graphs["net"] = sp.coo_matrix(np.eye(4))
+    got = reference.run(DUMP, str(path))
+    assert got["valid"], got["errors"]
+    assert got["shape"] == [4, 70]
+    np.testing.assert_array_equal(got["layers"][""], m)
+    np.testing.assert_array_equal(got["layers"]["spliced"], spliced)
+    assert got["dtypes"] == {"": "float32", "spliced": "int32"}
+    assert got["ra"]["Gene"] == ASCII_GENES and got["ra"]["Score"] == [0.5, 1.5, 2.5, 3.5]
+    assert got["ca"]["CellID"] == [f"c{i}" for i in range(70)]
+    assert got["ca"]["Cluster"] == (np.arange(70) % 3).tolist()
+    np.testing.assert_array_equal(got["col_graphs"]["knn"], graph.toarray())
+    np.testing.assert_array_equal(got["row_graphs"]["net"], np.eye(4))
+    assert got["attrs"]["title"] == "interop" and got["attrs"]["n"] == 7
+    assert got["attrs"]["LOOM_SPEC_VERSION"] == "3.0.0"
+
+
+def test_we_read_reference_files_identically(tmp_path, reference):
+    path = tmp_path / "ref.loom"
+    written = reference.run("""
+        import sys, json, numpy as np, scipy.sparse as sp, loompy
+        rng = np.random.default_rng(9)
+        m = rng.integers(0, 9, size=(4, 70)).astype("float32")
+        g = sp.coo_matrix((np.array([2.0]), (np.array([1]), np.array([5]))), shape=(70, 70))
+        loompy.create(sys.argv[1], {"": m, "u": m.astype("int16")},
+                      {"Gene": np.array(%r), "Score": np.arange(4) * 0.5},
+                      {"CellID": np.array([f"c{i}" for i in range(70)]), "Keep": np.arange(70) %% 2 == 0},
+                      file_attrs={"title": "from the reference"})
+        with loompy.connect(sys.argv[1]) as ds:
+            ds.col_graphs["g"] = g
+        print(json.dumps({"m": m.tolist()}))
+    """ % (NON_ASCII,), str(path))
+    with loompy.connect(path, "r") as ds, h5py.File(path, "r") as raw:
+        np.testing.assert_array_equal(ds[:, :], np.array(written["m"], dtype=np.float32))
+        assert ds.layers["u"].dtype == np.int16
+        # every character survives: compare with the raw UTF-8 bytes the reference stored
+        assert list(ds.ra.Gene) == [b.decode("utf-8") for b in raw["row_attrs/Gene"][...]] == NON_ASCII
+        assert list(ds.ca.Keep) == [1, 0] * 35 and ds.ca.Keep.dtype == np.uint8
+        assert ds.attrs.title == "from the reference"
+        assert ds.col_graphs.g.toarray()[1, 5] == 2.0
+    assert loompy.LoomValidator().validate(path)
+
+
+def test_non_ascii_strings_read_by_reference_as_it_reads_its_own(tmp_path, reference):
+    """Under h5py 3 the reference decodes UTF-8 attribute bytes as ASCII (dropping é even from its own
+    files); our files must look to it exactly like its own, and the raw bytes must be proper UTF-8."""
+    ours, theirs = tmp_path / "ours.loom", tmp_path / "theirs.loom"
+    m = np.zeros((4, 2), dtype=np.float32)
+    loompy.create(ours, m, {"Gene": NON_ASCII}, {"CellID": ["a", "b"]}, file_attrs={"title": "Ménage"}).close()
+    reference.run("""
+        import sys, json, numpy as np, loompy
+        loompy.create(sys.argv[1], np.zeros((4, 2), dtype="float32"), {"Gene": np.array(%r)},
+                      {"CellID": np.array(["a", "b"])}, file_attrs={"title": "Ménage"})
+        print("{}")
+    """ % (NON_ASCII,), str(theirs))
+    read = reference.run("""
+        import sys, json, loompy
+        out = []
+        for p in sys.argv[1:]:
+            with loompy.connect(p, "r") as ds:
+                out.append({"genes": list(ds.ra.Gene), "title": ds.attrs.title})
+        print(json.dumps(out))
+    """, str(ours), str(theirs))
+    assert read[0] == read[1]
+    with h5py.File(ours, "r") as a, h5py.File(theirs, "r") as b:
+        assert list(a["row_attrs/Gene"][...]) == list(b["row_attrs/Gene"][...]) == [s.encode() for s in NON_ASCII]
+    with loompy.connect(theirs, "r") as ds:
+        assert list(ds.ra.Gene) == NON_ASCII and ds.attrs.title == "Ménage"
