@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -78,13 +80,13 @@ def test_we_read_reference_files_identically(tmp_path, reference):
         m = rng.integers(0, 9, size=(4, 70)).astype("float32")
         g = sp.coo_matrix((np.array([2.0]), (np.array([1]), np.array([5]))), shape=(70, 70))
         loompy.create(sys.argv[1], {"": m, "u": m.astype("int16")},
-                      {"Gene": np.array(%r), "Score": np.arange(4) * 0.5},
-                      {"CellID": np.array([f"c{i}" for i in range(70)]), "Keep": np.arange(70) %% 2 == 0},
+                      {"Gene": np.array(json.loads(sys.argv[2])), "Score": np.arange(4) * 0.5},
+                      {"CellID": np.array([f"c{i}" for i in range(70)]), "Keep": np.arange(70) % 2 == 0},
                       file_attrs={"title": "from the reference"})
         with loompy.connect(sys.argv[1]) as ds:
             ds.col_graphs["g"] = g
         print(json.dumps({"m": m.tolist()}))
-    """ % (NON_ASCII,), str(path))
+    """, str(path), json.dumps(NON_ASCII))
     with loompy.connect(path, "r") as ds, h5py.File(path, "r") as raw:
         np.testing.assert_array_equal(ds[:, :], np.array(written["m"], dtype=np.float32))
         assert ds.layers["u"].dtype == np.int16
@@ -104,10 +106,10 @@ def test_non_ascii_strings_read_by_reference_as_it_reads_its_own(tmp_path, refer
     loompy.create(ours, m, {"Gene": NON_ASCII}, {"CellID": ["a", "b"]}, file_attrs={"title": "Ménage"}).close()
     reference.run("""
         import sys, json, numpy as np, loompy
-        loompy.create(sys.argv[1], np.zeros((4, 2), dtype="float32"), {"Gene": np.array(%r)},
+        loompy.create(sys.argv[1], np.zeros((4, 2), dtype="float32"), {"Gene": np.array(json.loads(sys.argv[2]))},
                       {"CellID": np.array(["a", "b"])}, file_attrs={"title": "Ménage"})
         print("{}")
-    """ % (NON_ASCII,), str(theirs))
+    """, str(theirs), json.dumps(NON_ASCII))
     read = reference.run("""
         import sys, json, loompy
         out = []
