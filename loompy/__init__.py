@@ -26,6 +26,7 @@ from .graphs import GraphManager
 from .importers import create_from_cellranger
 from .layers import LayerManager, LoomLayer
 from .validator import LoomValidator
+from .view import LoomView, ViewManager
 
 __version__ = "4.0.0.dev0"
 
@@ -48,6 +49,8 @@ __all__ = [
     "LoomTypeError",
     "LoomValidator",
     "LoomValueError",
+    "LoomView",
+    "ViewManager",
     "__version__",
     "connect",
     "create",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import html
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
@@ -12,6 +13,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import format as fmt
+from . import operations
 from .attributes import AttributeManager, Dims, GlobalAttributeManager
 from .errors import (
     LoomAttributeError,
@@ -23,6 +25,7 @@ from .errors import (
 )
 from .graphs import GraphManager
 from .layers import LayerManager
+from .view import WHAT_ALL, LoomView, ViewManager
 
 _LOCK_HINT = (
     "HDF5 could not lock the file (another process may be writing it, or the file system does not "
@@ -195,6 +198,50 @@ class LoomConnection:
         graphs[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
 
     # --------------------------------------------------------------- scanning and computing (operations.py, view.py)
+    @property
+    def view(self) -> ViewManager:
+        """``ds.view[rows, cols]``: an in-memory :class:`LoomView` of a selection."""
+        return ViewManager(self)
+
+    def scan(self, *, items: Any = None, axis: int | None = None, layers: Any = None, key: str | None = None,
+             batch_size: int = 512, what: Any = WHAT_ALL) -> Iterator[tuple[int, np.ndarray, LoomView]]:
+        """Yield ``(ix, selection, view)`` in batches along ``axis``; see :func:`loompy.operations.scan`."""
+        return operations.scan(self, items=items, axis=axis, layers=layers, key=key, batch_size=batch_size,
+                               what=what)
+
+    def batch_scan(self, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
+                   layer: str | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Yield ``(ix, selection, values)`` in batches of rows (axis 0) or columns (axis 1)."""
+        return operations.batch_scan(self, cells, genes, axis, batch_size, layer)
+
+    def batch_scan_layers(self, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
+                          layers: Any = None) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+        """Like :meth:`batch_scan`, yielding a dict of layers."""
+        return operations.batch_scan_layers(self, cells, genes, axis, batch_size, layers)
+
+    def map(self, f_list: Any, axis: int = 0, chunksize: int = 1000, selection: Any = None) -> Any:
+        """Apply function(s) to every row (axis 0) or column (axis 1) in one pass; see :func:`operations.map_`."""
+        return operations.map_(self, f_list, axis, chunksize, selection)
+
+    def aggregate(self, out_file: str | os.PathLike | None = None, select: Any = None, group_by: Any = "Clusters",
+                  aggr_by: str = "mean", aggr_ca_by: dict[str, str] | None = None, return_matrix: bool = False,
+                  aggr_ca_if_equal: bool = False, *, layer: str = "") -> np.ndarray | None:
+        """Aggregate columns by group; see :func:`loompy.operations.aggregate`."""
+        return operations.aggregate(self, out_file, select, group_by, aggr_by, aggr_ca_by, return_matrix,
+                                    aggr_ca_if_equal, layer)
+
+    def export(self, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:
+        """Write a layer with its attributes as tab-separated text."""
+        operations.export(self, out_file, layer, format)
+
+    def last_modified(self, name: str | None = None, axis: int = 0) -> str:
+        """Timestamp of the last write to the file (or to one row/column attribute)."""
+        return operations.last_modified(self, name, axis)
+
+    def get_changes_since(self, timestamp: str) -> dict[str, list[str]]:
+        """What was written after ``timestamp``: names per part (layers, row_attrs, col_attrs, graphs, attrs)."""
+        return operations.get_changes_since(self, timestamp)
+
 
     # --------------------------------------------------------------- growing and reordering (growing.py)
 

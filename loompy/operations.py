@@ -1,0 +1,302 @@
+"""Out-of-core computation over a connection: scan, batch_scan, map, aggregate, export, change tracking.
+
+Everything streams the matrix in batches along one axis through the chunk engine, so memory holds
+one batch (plus the attributes), however large the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.stats
+
+from . import engine
+from . import format as fmt
+from .errors import LoomKeyError, LoomTypeError, LoomValueError
+from .indexing import AxisSelection, select_axis
+from .view import WHAT_ALL, LoomView, make_view
+
+
+def _check_axis(axis: Any) -> int:
+    if axis not in (0, 1):
+        raise LoomValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
+    return int(axis)
+
+
+def _items(items: Any, length: int, axis: int) -> np.ndarray:
+    """Selected positions along an axis, sorted and unique (an index array or a boolean mask)."""
+    if items is None:
+        return np.arange(length, dtype=np.int64)
+    return np.unique(select_axis(np.asarray(items), length, axis).indices)
+
+
+def iter_batches(selected: np.ndarray, length: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, positions) for each file window ``[start, start + batch_size)`` holding selected positions."""
+    if batch_size < 1:
+        raise LoomValueError(f"batch_size must be positive, got {batch_size}")
+    for start in range(0, length, batch_size):
+        lo, hi = np.searchsorted(selected, [start, start + batch_size])
+        if hi > lo:
+            yield start, selected[lo:hi]
+
+
+def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray) -> np.ndarray:
+    """Values of one batch: rows ``batch`` x cols ``other`` (axis 0) or rows ``other`` x cols ``batch`` (axis 1)."""
+    return engine.read_block(dataset, batch, other) if axis == 0 else engine.read_block(dataset, other, batch)
+
+
+def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterable[str] | None = None,
+         key: str | None = None, batch_size: int = 512, what: Sequence[str] = WHAT_ALL
+         ) -> Iterator[tuple[int, np.ndarray, LoomView]]:
+    """Yield ``(ix, selection, view)`` per batch along ``axis``; ``ix`` is the batch's first file position.
+
+    ``items`` (indices or mask) restricts the items scanned; ``key`` orders the *other* axis by that
+    attribute; ``layers`` and ``what`` restrict what each view carries.
+    """
+    axis = _check_axis(axis)
+    unknown = set(what) - set(WHAT_ALL)
+    if unknown:
+        raise LoomValueError(f"{ds.filename}: scan(what=...) got unknown parts {sorted(unknown)}")
+    names = list(ds.layers.keys()) if layers is None else list(layers)
+    for name in names:
+        if name not in ds.layers:
+            raise LoomKeyError(f"{ds.filename}: layer '{name}' does not exist")
+    length, other_length = ds.shape[axis], ds.shape[1 - axis]
+    selected = _items(items, length, axis)
+    if key is None:
+        other = np.arange(other_length, dtype=np.int64)
+    else:
+        other_attrs = ds.ca if axis == 0 else ds.ra
+        if key not in other_attrs:
+            raise LoomKeyError(f"{ds.filename}: scan(key=...): attribute '{key}' does not exist on the other axis")
+        other = np.argsort(other_attrs[key], kind="stable").astype(np.int64)
+    other_sel = AxisSelection(other, other_length)
+    for start, batch in iter_batches(selected, length, batch_size):
+        batch_sel = AxisSelection(batch, length)
+        rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
+        yield start, batch, make_view(ds, rows, cols, layers=names, what=what)
+
+
+def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
+                      layers: Iterable[str] | None = None) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
+    """Yield ``(ix, selection, {layer: values})`` per batch of rows (axis 0) or columns (axis 1)."""
+    axis = _check_axis(axis)
+    names = list(ds.layers.keys()) if layers is None else list(layers)
+    datasets = {name: ds.layers[name]._dataset for name in names}
+    rows = _items(genes, ds.shape[0], 0)
+    cols = _items(cells, ds.shape[1], 1)
+    along, other = (rows, cols) if axis == 0 else (cols, rows)
+    for start, batch in iter_batches(along, ds.shape[axis], batch_size):
+        yield start, batch, {name: read_strip(d, axis, batch, other) for name, d in datasets.items()}
+
+
+def batch_scan(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
+               layer: str | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield ``(ix, selection, values)`` per batch; the older, single-layer form of :func:`scan`."""
+    name = "" if layer is None else layer
+    for start, batch, values in batch_scan_layers(ds, cells, genes, axis, batch_size, layers=[name]):
+        yield start, batch, values[name]
+
+
+# numpy reductions that accept ``axis=``: applied to a whole batch at once (same result as per row)
+_VECTORISABLE = {np.mean, np.std, np.var, np.sum, np.max, np.min, np.amax, np.amin, np.median, np.prod,
+                 np.count_nonzero, np.nanmean, np.nanstd, np.nanvar, np.nansum, np.nanmax, np.nanmin, np.nanmedian,
+                 np.ptp, np.all, np.any}
+
+
+def _apply(f: Callable, block: np.ndarray, axis: int) -> np.ndarray:
+    """``f`` on every row (axis 0) or column (axis 1) of ``block``."""
+    if f in _VECTORISABLE:
+        return np.asarray(f(block, axis=1 - axis))
+    lines = block if axis == 0 else block.T
+    return np.array([f(line) for line in lines])
+
+
+def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksize: int = 1000,
+         selection: Any = None, layer: str = "") -> list[np.ndarray] | np.ndarray:
+    """Apply each function to every row (axis 0) or column (axis 1), in one pass over the file.
+
+    ``selection`` (mask or indices) restricts the *other* axis (the values each function sees).
+    Returns a list of arrays for a list of functions, one array for a single function.
+    """
+    axis = _check_axis(axis)
+    single = callable(f_list)
+    functions = [f_list] if single else list(f_list)
+    if not functions or not all(callable(f) for f in functions):
+        raise LoomTypeError("map() needs a function or a list of functions")
+    dataset = ds.layers[layer]._dataset
+    length = ds.shape[axis]
+    other = _items(selection, ds.shape[1 - axis], 1 - axis)
+    results: list[np.ndarray | None] = [None] * len(functions)
+    everything = np.arange(length, dtype=np.int64)
+    for start, batch in iter_batches(everything, length, chunksize):
+        block = read_strip(dataset, axis, batch, other)
+        for i, f in enumerate(functions):
+            values = _apply(f, block, axis)
+            if results[i] is None:
+                results[i] = np.empty(length, dtype=values.dtype if values.dtype != object else object)
+            results[i][start:start + len(batch)] = values
+    results = [r if r is not None else np.zeros(0) for r in results]
+    return results[0] if single else results
+
+
+# --------------------------------------------------------------------------- aggregate
+def _mode(values: np.ndarray, axis: int) -> np.ndarray:
+    return scipy.stats.mode(values, axis=axis, keepdims=False).mode
+
+
+AGGREGATORS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+    "sum": lambda v, a: np.sum(v, axis=a),
+    "mean": lambda v, a: np.mean(v, axis=a),
+    "median": lambda v, a: np.median(v, axis=a),
+    "min": lambda v, a: np.min(v, axis=a),
+    "max": lambda v, a: np.max(v, axis=a),
+    "count": lambda v, a: np.full(v.shape[1 - a] if v.ndim > 1 else (), v.shape[a]),
+    "first": lambda v, a: np.take(v, 0, axis=a),
+    "nansum": lambda v, a: np.nansum(v, axis=a),
+    "mode": _mode,
+}
+
+
+def _aggregate_values(values: np.ndarray, how: str, where: str) -> Any:
+    """One value from a 1-D group of attribute values."""
+    if how == "join":
+        return ",".join(str(v) for v in values)
+    if how not in AGGREGATORS:
+        raise LoomValueError(f"{where}: unknown aggregation '{how}' (use one of {sorted(AGGREGATORS)} or 'join')")
+    if values.dtype == object and how not in ("first", "count", "mode"):
+        raise LoomValueError(f"{where}: cannot compute '{how}' of strings")
+    if values.dtype == object and how == "mode":
+        uniq, counts = np.unique(values, return_counts=True)
+        return uniq[np.argmax(counts)]
+    return AGGREGATORS[how](values, 0)
+
+
+def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = None,
+              group_by: str | np.ndarray = "Clusters", aggr_by: str = "mean",
+              aggr_ca_by: dict[str, str] | None = None, return_matrix: bool = False,
+              aggr_ca_if_equal: bool = False, layer: str = "") -> np.ndarray | None:
+    """Aggregate columns by group (``group_by``: a column attribute name or one label per column).
+
+    Returns the (rows x groups) matrix, groups in sorted label order, when ``out_file`` is None or
+    ``return_matrix`` is true; with ``out_file``, also writes a Loom file with one column per group.
+    """
+    where = f"{ds.filename}: aggregate"
+    if aggr_by not in AGGREGATORS:
+        raise LoomValueError(f"{where}: unknown aggregation '{aggr_by}' (use one of {sorted(AGGREGATORS)})")
+    if isinstance(group_by, str):
+        if group_by not in ds.ca:
+            raise LoomKeyError(f"{where}: column attribute '{group_by}' does not exist")
+        labels_all = ds.ca[group_by]
+    else:
+        labels_all = np.asarray(group_by)
+        if labels_all.shape != (ds.shape[1],):
+            raise LoomValueError(f"{where}: group_by must give one label per column ({ds.shape[1]})")
+    cols = _items(select, ds.shape[1], 1)
+    labels = labels_all[cols]
+    groups, inverse = np.unique(labels, return_inverse=True)
+    members = [cols[inverse == g] for g in range(len(groups))]
+    for name, how in (aggr_ca_by or {}).items():  # validate before any work
+        if name not in ds.ca:
+            raise LoomKeyError(f"{where}: column attribute '{name}' does not exist")
+        if how != "join" and how not in AGGREGATORS:
+            raise LoomValueError(f"{where}: unknown aggregation '{how}' for column attribute '{name}'")
+    dataset = ds.layers[layer]._dataset
+    func = AGGREGATORS[aggr_by]
+    result: np.ndarray | None = None
+    everything = np.arange(ds.shape[0], dtype=np.int64)
+    for start, batch in iter_batches(everything, ds.shape[0], max(1, (64 << 20) // max(1, 8 * len(cols)))):
+        block = engine.read_block(dataset, batch, cols)
+        local = [np.searchsorted(cols, m) for m in members]
+        parts = [np.asarray(func(block[:, idx], 1)) for idx in local]
+        stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))
+        if result is None:
+            result = np.empty((ds.shape[0], len(groups)), dtype=stacked.dtype)
+        result[start:start + len(batch)] = stacked
+    if result is None:
+        result = np.zeros((ds.shape[0], len(groups)))
+    if out_file is not None:
+        group_name = group_by if isinstance(group_by, str) else "Group"
+        col_attrs: dict[str, Any] = {group_name: groups}
+        for name, how in (aggr_ca_by or {}).items():
+            values = ds.ca[name]
+            col_attrs[name] = np.array([_aggregate_values(values[m], how, f"{where}: '{name}'") for m in members])
+        if aggr_ca_if_equal:
+            for name in ds.ca.keys():
+                if name in col_attrs or ds.ca[name].ndim != 1:
+                    continue
+                values = ds.ca[name]
+                firsts = [values[m][0] for m in members]
+                if all(np.all(values[m] == f) for m, f in zip(members, firsts)):
+                    col_attrs[name] = np.array(firsts)
+        from .create import create
+
+        create(out_file, result, dict(ds.ra.items()), col_attrs, file_attrs=None).close()
+    if out_file is None or return_matrix:
+        return result
+    return None
+
+
+# --------------------------------------------------------------------------- export
+def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:
+    """Write a layer as tab-separated text: column attributes on top, row attributes on the left."""
+    if format != "tab":
+        raise LoomValueError(f"{ds.filename}: export format '{format}' is not supported (only 'tab')")
+    dataset = ds.layers["" if layer is None else layer]._dataset
+    row_names = list(ds.ra.keys())
+    lead = len(row_names)
+    cols = np.arange(ds.shape[1], dtype=np.int64)
+    with open(out_file, "w", encoding="utf-8") as out:
+        for name in ds.ca.keys():
+            values = ds.ca[name]
+            out.write("\t" * lead + name + "\t" + "\t".join(str(v) for v in values.tolist()) + "\n")
+        out.write("\t".join(row_names) + "\t" * (1 if lead else 0) + "\n")
+        row_values = [ds.ra[name] for name in row_names]
+        for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), ds.shape[0], 1000):
+            block = engine.read_block(dataset, batch, cols)
+            for i, row in enumerate(block):
+                labels = "".join(str(v[start + i]) + "\t" for v in row_values)
+                out.write(labels + "\t" + "\t".join(str(v) for v in row.tolist()) + "\n")
+
+
+# --------------------------------------------------------------------------- change tracking
+def last_modified(ds: Any, name: str | None = None, axis: int = 0) -> str:
+    """When the file (or, with ``name``, that row/column attribute) was last written (``YYYYmmddTHHMMSS.ffffffZ``)."""
+    f = ds._file
+    if name is None:
+        obj = f
+    else:
+        group = fmt.ATTR_GROUPS[_check_axis(axis)]
+        if name not in f.get(group, {}):
+            raise LoomKeyError(f"{ds.filename}: {group[:-6]} attribute '{name}' does not exist")
+        obj = f[group][name]
+    stamp = obj.attrs.get(fmt.LAST_MODIFIED)
+    if stamp is None:
+        stamp = f.attrs.get(fmt.LAST_MODIFIED, "19700101T000000.000000Z")
+    return fmt.decode_one(stamp) if isinstance(stamp, bytes) else str(stamp)
+
+
+def get_changes_since(ds: Any, timestamp: str) -> dict[str, list[str]]:
+    """Names of everything written after ``timestamp``, per part of the file."""
+    f = ds._file
+    changes: dict[str, list[str]] = {}
+    parts = (("row_graphs", fmt.graph_group_name(f, 0)), ("col_graphs", fmt.graph_group_name(f, 1)),
+             ("row_attrs", fmt.ROW_ATTRS), ("col_attrs", fmt.COL_ATTRS), ("layers", fmt.LAYERS),
+             ("attrs", fmt.GLOBAL_ATTRS))
+    for label, group_name in parts:
+        group = f.get(group_name)
+        names = []
+        if group is not None:
+            for key, obj in group.items():
+                stamp = obj.attrs.get(fmt.LAST_MODIFIED)
+                if stamp is not None and str(fmt.decode_one(stamp) if isinstance(stamp, bytes) else stamp) > timestamp:
+                    names.append(key)
+        changes[label] = names
+    matrix = f.get(fmt.MATRIX)
+    stamp = matrix.attrs.get(fmt.LAST_MODIFIED) if matrix is not None else None
+    if stamp is not None and str(stamp) > timestamp:
+        changes["layers"].insert(0, "")
+    return changes

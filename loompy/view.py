@@ -1,0 +1,191 @@
+"""In-memory views: ``ds.view[rows, cols]`` copies a selection (layers, attributes, graphs) into a ``LoomView``.
+
+A view reads like a connection (``view[:, :]``, ``view.ca``, ``view.layers[...]``, ``view.view[...]``)
+but never touches the file again; changes to it are not saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .attributes import AttributeManager, Dims
+from .errors import LoomAttributeError, LoomKeyError
+from .graphs import GraphManager
+from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
+
+
+class MemoryLayer:
+    """A layer held in memory, indexed like :class:`loompy.LoomLayer`."""
+
+    def __init__(self, name: str, values: np.ndarray) -> None:
+        self.name = name
+        self.values = values
+
+    shape = property(lambda self: self.values.shape)
+    dtype = property(lambda self: self.values.dtype)
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        rows, cols = select(key, self.shape)
+        return expand(self.values[np.ix_(rows.unique, cols.unique)], rows, cols)
+
+    def __setitem__(self, key: Any, values: Any) -> None:
+        rows, cols = select(key, self.shape)
+        self.values[np.ix_(rows.unique, cols.unique)] = values_for_unique(values, rows, cols, self.dtype)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def sparse(self, rows: Any = None, cols: Any = None) -> sp.coo_matrix:
+        r = select_axis(slice(None) if rows is None else rows, self.shape[0], 0)
+        c = select_axis(slice(None) if cols is None else cols, self.shape[1], 1)
+        return sp.coo_matrix(self.values[np.ix_(r.indices, c.indices)])
+
+    def as_coo(self) -> sp.coo_matrix:
+        return self.sparse()
+
+    def as_csr(self) -> sp.csr_matrix:
+        return self.sparse().tocsr()
+
+    def as_csc(self) -> sp.csc_matrix:
+        return self.sparse().tocsc()
+
+
+class MemoryLayerManager(Mapping):
+    """Layers of a view, by name (``""`` is the main matrix)."""
+
+    def __init__(self, layers: dict[str, np.ndarray]) -> None:
+        self._layers = {name: MemoryLayer(name, values) for name, values in layers.items()}
+
+    def __getitem__(self, name: str) -> MemoryLayer:
+        if name not in self._layers:
+            raise LoomKeyError(f"view: layer '{name}' is not in this view")
+        return self._layers[name]
+
+    def __getattr__(self, name: str) -> MemoryLayer:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise LoomAttributeError(f"view: layer '{name}' is not in this view") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def keys(self) -> list[str]:  # type: ignore[override]
+        return list(self._layers)
+
+
+def renumber_graph(graph: sp.coo_matrix, selection: np.ndarray) -> sp.coo_matrix:
+    """The subgraph on ``selection`` (in its order), vertices renumbered 0..len-1; other edges dropped."""
+    new_index = np.full(graph.shape[0], -1, dtype=np.int64)
+    new_index[selection[::-1]] = np.arange(len(selection))[::-1]  # first occurrence wins for repeats
+    a, b = new_index[graph.row], new_index[graph.col]
+    keep = (a >= 0) & (b >= 0)
+    n = len(selection)
+    return sp.coo_matrix((graph.data[keep], (a[keep], b[keep])), shape=(n, n))
+
+
+class LoomView:
+    """A selection of a Loom file (or of another view), held in memory."""
+
+    def __init__(self, layers: dict[str, np.ndarray], row_attrs: dict[str, np.ndarray],
+                 col_attrs: dict[str, np.ndarray], row_graphs: dict[str, sp.coo_matrix] | None = None,
+                 col_graphs: dict[str, sp.coo_matrix] | None = None, *, filename: str = "",
+                 file_attrs: dict[str, Any] | None = None, shape: tuple[int, int] | None = None) -> None:
+        if shape is None:
+            shape = next(iter(layers.values())).shape if layers else (0, 0)
+        self._dims = Dims(shape)
+        self.filename = filename
+        self.layers = MemoryLayerManager(layers)
+        self.row_attrs = AttributeManager(None, 0, self._dims, values=row_attrs)
+        self.col_attrs = AttributeManager(None, 1, self._dims, values=col_attrs)
+        self.row_graphs = GraphManager(None, 0, self._dims, values=row_graphs or {})
+        self.col_graphs = GraphManager(None, 1, self._dims, values=col_graphs or {})
+        self.attrs = dict(file_attrs or {})
+
+    ra = property(lambda self: self.row_attrs)
+    ca = property(lambda self: self.col_attrs)
+    layer = property(lambda self: self.layers)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._dims.shape
+
+    @property
+    def view(self) -> ViewManager:
+        return ViewManager(self)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return self.layers[key]
+        return self.layers[""][key]
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name.startswith("_") or name in ("row_attrs", "col_attrs", "layers"):
+            raise AttributeError(name)
+        if name in self.col_attrs:
+            return self.col_attrs[name]
+        if name in self.row_attrs:
+            return self.row_attrs[name]
+        raise LoomAttributeError(f"view: no method, column attribute or row attribute named '{name}'")
+
+    def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None) -> sp.coo_matrix:
+        return self.layers["" if layer is None else layer].sparse(rows, cols)
+
+    def __repr__(self) -> str:
+        n, m = self.shape
+        return (f"<LoomView of '{self.filename}': {n} rows x {m} columns; layers {self.layers.keys()}; "
+                f"row attributes {self.ra.keys()}; column attributes {self.ca.keys()}>")
+
+    def _repr_html_(self) -> str:
+        from .connection import render_html
+
+        return render_html(self)
+
+
+WHAT_ALL = ("col_attrs", "row_attrs", "layers", "col_graphs", "row_graphs")
+
+
+def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: Any = None,
+              what: Any = WHAT_ALL) -> LoomView:
+    """Copy the ``rows`` x ``cols`` selection of a connection or view into a new :class:`LoomView`."""
+    what = set(what)
+    names = list(source.layers.keys()) if layers is None else list(layers)
+    r, c = rows.indices, cols.indices
+    data = {}
+    if "layers" in what:
+        for name in names:
+            block = source.layers[name][rows.unique, cols.unique] if len(rows) and len(cols) else \
+                np.zeros((len(rows.unique), len(cols.unique)), dtype=source.layers[name].dtype)
+            data[name] = expand(np.asarray(block).reshape(len(rows.unique), len(cols.unique)),
+                                AxisSelection(r, rows.length), AxisSelection(c, cols.length))
+    row_attrs = {k: v[r] for k, v in source.ra.items()} if "row_attrs" in what else {}
+    col_attrs = {k: v[c] for k, v in source.ca.items()} if "col_attrs" in what else {}
+    row_graphs = {k: renumber_graph(source.row_graphs[k], r) for k in source.row_graphs.keys()} \
+        if "row_graphs" in what else {}
+    col_graphs = {k: renumber_graph(source.col_graphs[k], c) for k in source.col_graphs.keys()} \
+        if "col_graphs" in what else {}
+    file_attrs = {k: source.attrs[k] for k in source.attrs.keys()}
+    return LoomView(data, row_attrs, col_attrs, row_graphs, col_graphs, filename=source.filename,
+                    file_attrs=file_attrs, shape=(len(r), len(c)))
+
+
+class ViewManager:
+    """``ds.view[rows, cols]``: in-memory views of a connection or another view."""
+
+    def __init__(self, source: Any) -> None:
+        self._source = source
+
+    def __getitem__(self, key: Any) -> LoomView:
+        rows, cols = select(key, self._source.shape)
+        rows = AxisSelection(rows.indices, rows.length)  # a view keeps both axes, even for an int
+        cols = AxisSelection(cols.indices, cols.length)
+        return make_view(self._source, rows, cols)

@@ -1,0 +1,198 @@
+"""scan, batch_scan, map, aggregate, export and change tracking, checked against numpy on the same matrix."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import loompy
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    rng = np.random.default_rng(21)
+    m = rng.poisson(1.0, size=(130, 300)).astype(np.float32)
+    spliced = rng.integers(0, 5, size=m.shape).astype(np.int16)
+    ra = {"Gene": np.array([f"g{i}" for i in range(130)]), "Order": rng.permutation(130)}
+    ca = {"CellID": np.array([f"c{i}" for i in range(300)]), "Clusters": rng.integers(0, 4, 300),
+          "Batch": np.array(["x", "y"])[np.arange(300) % 2], "Rank": rng.permutation(300)}
+    path = tmp_path_factory.mktemp("ops") / "ops.loom"
+    with loompy.create(path, {"": m, "spliced": spliced}, ra, ca) as ds:
+        ds.col_graphs["knn"] = sp.coo_matrix((np.ones(3), ([0, 5, 299], [5, 0, 1])), shape=(300, 300))
+    return path, m, spliced, ra, ca
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("batch_size", [1, 64, 100, 1000])
+def test_scan_yields_every_item_once_in_file_order(dataset, axis, batch_size):
+    path, m, spliced, ra, ca = dataset
+    seen = []
+    with loompy.connect(path, "r") as ds:
+        for ix, selection, view in ds.scan(axis=axis, batch_size=batch_size):
+            assert ix <= selection[0] < ix + batch_size
+            seen.extend(selection.tolist())
+            expected = m[selection] if axis == 0 else m[:, selection]
+            np.testing.assert_array_equal(view[:, :], expected)
+            np.testing.assert_array_equal(view.layers["spliced"][:, :],
+                                          spliced[selection] if axis == 0 else spliced[:, selection])
+            attrs = view.ra if axis == 0 else view.ca
+            np.testing.assert_array_equal(attrs["Gene" if axis == 0 else "CellID"],
+                                          (ra["Gene"] if axis == 0 else ca["CellID"])[selection])
+    assert seen == list(range(m.shape[axis]))
+
+
+def test_scan_items_key_layers_and_what(dataset):
+    path, m, _, ra, ca = dataset
+    mask = ca["Clusters"] == 2
+    order = np.argsort(ra["Order"])  # rows sorted by the key attribute
+    with loompy.connect(path, "r") as ds:
+        seen = []
+        for _, selection, view in ds.scan(items=mask, axis=1, key="Order", layers=["spliced"], what=["layers"]):
+            seen.extend(selection.tolist())
+            assert view.layers.keys() == ["spliced"] and view.ca.keys() == []
+        assert seen == list(np.flatnonzero(mask))
+        _, sel, view = next(ds.scan(items=[5, 3], axis=1, key="Order", what=["layers", "row_attrs"]))
+        np.testing.assert_array_equal(view[:, :], m[np.ix_(order, [3, 5])])
+        assert list(view.ra.Order[:3]) == [0, 1, 2]
+        with pytest.raises(ValueError):
+            next(ds.scan(axis=2))
+        with pytest.raises(KeyError):
+            next(ds.scan(axis=0, layers=["missing"]))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_batch_scan_and_layers(dataset, axis):
+    path, m, spliced, _, _ = dataset
+    genes = np.arange(0, 130, 3)
+    cells = np.arange(300) % 5 == 0
+    with loompy.connect(path, "r") as ds:
+        pieces, seen = [], []
+        for ix, selection, values in ds.batch_scan(cells=cells, genes=genes, axis=axis, batch_size=50):
+            assert ix % 50 == 0 and np.all((selection >= ix) & (selection < ix + 50))
+            seen.extend(selection)
+            pieces.append(values)
+        got = np.concatenate(pieces, axis=axis)
+        np.testing.assert_array_equal(got, m[np.ix_(genes, cells)])
+        assert seen == list(genes if axis == 0 else np.flatnonzero(cells))
+        for _, selection, values in ds.batch_scan_layers(axis=axis, batch_size=128, layers=["", "spliced"]):
+            np.testing.assert_array_equal(values["spliced"], spliced[selection] if axis == 0 else spliced[:, selection])
+        for _, _selection, values in ds.batch_scan(axis=axis, batch_size=128, layer="spliced"):
+            assert values.dtype == np.int16
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_map_matches_numpy(dataset, axis):
+    path, m, *_ = dataset
+    with loompy.connect(path, "r") as ds:
+        mean, std, custom = ds.map([np.mean, np.std, lambda x: float((x > 1).sum())], axis=axis, chunksize=37)
+        np.testing.assert_allclose(mean, m.mean(axis=1 - axis), rtol=1e-6)
+        np.testing.assert_allclose(std, m.std(axis=1 - axis), rtol=1e-5)
+        np.testing.assert_array_equal(custom, (m > 1).sum(axis=1 - axis))
+        single = ds.map(np.max, axis=axis)
+        np.testing.assert_array_equal(single, m.max(axis=1 - axis))
+        sel = np.arange(m.shape[1 - axis]) % 3 == 0
+        (sums,) = ds.map([np.sum], axis, 64, sel)  # positional, as in the seed
+        expected = m[:, sel].sum(axis=1) if axis == 0 else m[sel].sum(axis=0)
+        np.testing.assert_allclose(sums, expected, rtol=1e-6)
+
+
+def test_map_memory_stays_flat(tmp_path):
+    """Peak memory of map/scan is about one batch, independent of the number of batches."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "long.loom"
+    m = sp.random(200, 20000, density=0.05, random_state=1, format="csc", dtype=np.float32)
+    loompy.create(path, m, {}, {"x": rng.random(20000)}).close()
+    with loompy.connect(path, "r") as ds:
+        peaks = []
+        for n_cols in (2000, 20000):
+            tracemalloc.start()
+            ds.map([np.sum], axis=1, chunksize=500, selection=None) if n_cols == 20000 else \
+                [v for v in ds.batch_scan(cells=np.arange(n_cols), axis=1, batch_size=500)]
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+    batch_bytes = 200 * 500 * 4
+    assert peaks[1] < 8 * batch_bytes + 1_000_000  # not the 16 MB of the whole matrix
+    assert peaks[1] < 3 * peaks[0] + 1_000_000
+
+
+@pytest.mark.parametrize("how", ["sum", "mean", "median", "min", "max", "count", "first", "nansum", "mode"])
+def test_aggregate_matches_numpy(dataset, how, tmp_path):
+    path, m, _, _, ca = dataset
+    labels = ca["Clusters"]
+    groups = np.unique(labels)
+    numpy_funcs = {"sum": np.sum, "mean": np.mean, "median": np.median, "min": np.min, "max": np.max,
+                   "nansum": np.nansum, "first": lambda v, axis: np.take(v, 0, axis=axis),
+                   "count": lambda v, axis: np.full(v.shape[0], v.shape[1])}
+    with loompy.connect(path, "r") as ds:
+        got = ds.aggregate(group_by="Clusters", aggr_by=how)
+        for j, g in enumerate(groups):
+            part = m[:, labels == g]
+            if how == "mode":
+                expected = np.array([np.unique(row, return_counts=True) for row in part], dtype=object)
+                expected = np.array([u[np.argmax(c)] for u, c in expected])
+            else:
+                expected = numpy_funcs[how](part, axis=1)
+            np.testing.assert_allclose(got[:, j], expected, rtol=1e-6)
+
+
+def test_aggregate_writes_a_file(dataset, tmp_path):
+    path, m, _, ra, ca = dataset
+    out = tmp_path / "agg.loom"
+    keep = ca["Rank"] < 200
+    with loompy.connect(path, "r") as ds:
+        mat = ds.aggregate(out, select=keep, group_by="Clusters", aggr_by="sum",
+                           aggr_ca_by={"Rank": "max", "Batch": "join"}, return_matrix=True)
+        assert ds.aggregate(out, group_by="Clusters") is None
+        with pytest.raises(ValueError):
+            ds.aggregate(aggr_by="bogus")
+        with pytest.raises(KeyError):
+            ds.aggregate(group_by="Nope")
+    labels = ca["Clusters"][keep]
+    expected = np.stack([m[:, keep][:, labels == g].sum(axis=1) for g in np.unique(labels)], axis=1)
+    np.testing.assert_allclose(mat, expected)
+    with loompy.connect(out, "r") as agg:
+        assert agg.shape == (130, 4) and list(agg.ca.Clusters) == [0, 1, 2, 3]
+        assert list(agg.ra.Gene) == list(ra["Gene"])
+
+
+def test_export_tab(dataset, tmp_path):
+    path, m, _, ra, ca = dataset
+    out = tmp_path / "m.tab"
+    with loompy.connect(path, "r") as ds:
+        ds.export(out)
+        with pytest.raises(ValueError):
+            ds.export(out, format="xlsx")
+    lines = out.read_text().splitlines()
+    n_ca, n_ra = 4, 2
+    header = {line.split("\t")[n_ra]: line.split("\t")[n_ra + 1:] for line in lines[:n_ca]}
+    assert set(header) == set(ca) and header["CellID"][:2] == ["c0", "c1"]
+    assert all(line.split("\t")[:n_ra] == ["", ""] for line in lines[:n_ca])
+    assert lines[n_ca].split("\t")[:n_ra] == ["Gene", "Order"]
+    first = lines[n_ca + 1].split("\t")
+    assert first[0] == "g0" and [float(v) for v in first[n_ra + 1:]] == m[0].tolist()
+    assert len(lines) == n_ca + 1 + 130
+
+
+def test_change_tracking(dataset, tmp_path):
+    path, *_ = dataset
+    copy = tmp_path / "c.loom"
+    copy.write_bytes(path.read_bytes())
+    with loompy.connect(copy) as ds:
+        before = ds.last_modified()
+        time.sleep(0.01)
+        stamp = loompy.timestamp()
+        time.sleep(0.01)
+        ds.ra["New"] = np.arange(130)
+        ds.layers["fresh"] = np.zeros(ds.shape, dtype=np.float32)
+        ds.attrs["note"] = "x"
+        changes = ds.get_changes_since(stamp)
+        assert changes["row_attrs"] == ["New"] and changes["layers"] == ["fresh"]
+        assert changes["col_attrs"] == [] and changes["attrs"] == ["note"]
+        assert ds.last_modified() > before
+        assert ds.last_modified("New") > stamp > ds.last_modified("CellID", axis=1)
+        with pytest.raises(KeyError):
+            ds.last_modified("Nope")

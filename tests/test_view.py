@@ -1,0 +1,65 @@
+"""In-memory views: sliced layers, attributes and renumbered graphs, usable like a connection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import loompy
+
+
+@pytest.fixture
+def ds(tmp_path):
+    rng = np.random.default_rng(2)
+    m = rng.integers(0, 10, size=(20, 30)).astype(np.float32)
+    edges = sp.coo_matrix((np.arange(1.0, 6.0), ([0, 3, 7, 29, 12], [3, 0, 12, 28, 7])), shape=(30, 30))
+    path = tmp_path / "v.loom"
+    with loompy.create(path, {"": m, "x": m * 2}, {"Gene": [f"g{i}" for i in range(20)]},
+                       {"CellID": [f"c{i}" for i in range(30)]}) as conn:
+        conn.col_graphs["knn"] = edges
+        conn.row_graphs["net"] = sp.coo_matrix(np.eye(20))
+    with loompy.connect(path, "r") as conn:
+        yield conn, m, edges
+
+
+def test_view_slices_everything(ds):
+    conn, m, edges = ds
+    cols = [12, 3, 7, 0]  # unsorted
+    view = conn.view[2:6, cols]
+    assert isinstance(view, loompy.LoomView) and view.shape == (4, 4)
+    np.testing.assert_array_equal(view[:, :], m[2:6][:, cols])
+    np.testing.assert_array_equal(view.layers["x"][:, :], (m * 2)[2:6][:, cols])
+    np.testing.assert_array_equal(view["x"][1, ::-1], (m * 2)[3, cols[::-1]])
+    assert list(view.ca.CellID) == ["c12", "c3", "c7", "c0"] and list(view.ra.Gene) == ["g2", "g3", "g4", "g5"]
+    assert list(view.CellID) == ["c12", "c3", "c7", "c0"]
+    # graph: keep edges inside the selection, renumbered to view positions
+    expected = edges.toarray()[np.ix_(cols, cols)]
+    np.testing.assert_array_equal(view.col_graphs["knn"].toarray(), expected)
+    assert view.col_graphs["knn"].nnz == 4  # 29->28 is outside
+    np.testing.assert_array_equal(view.row_graphs.net.toarray(), np.eye(4))
+
+
+def test_view_of_view_and_masks(ds):
+    conn, m, _ = ds
+    mask = np.arange(30) % 2 == 0
+    outer = conn.view[:, mask]
+    inner = outer.view[[1, 0], 2:5]
+    np.testing.assert_array_equal(inner[:, :], m[[1, 0]][:, mask][:, 2:5])
+    assert list(inner.ca.CellID) == ["c4", "c6", "c8"]
+    single = conn.view[3, :]
+    assert single.shape == (1, 30)
+    np.testing.assert_array_equal(single.sparse().toarray(), m[3:4])
+    np.testing.assert_array_equal(single.layers[""].as_csr().toarray(), m[3:4])
+
+
+def test_view_display(ds):
+    conn, _, _ = ds
+    view = conn.view[:3, :3]
+    assert "3 rows x 3 columns" in repr(view)
+    page = view._repr_html_()
+    assert "c0" in page and "g2" in page and "(3, 3)" in page
+    with pytest.raises(KeyError):
+        view.layers["nope"]
+    with pytest.raises(AttributeError):
+        view.Nope
