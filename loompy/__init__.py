@@ -6,6 +6,7 @@
 """
 
 from .attributes import AttributeManager, GlobalAttributeManager
+from .combine import combine, combine_faster, create_append, repack
 from .connection import LoomConnection, connect
 from .create import create, new
 from .errors import (
@@ -52,9 +53,13 @@ __all__ = [
     "LoomView",
     "ViewManager",
     "__version__",
+    "combine",
+    "combine_faster",
     "connect",
     "create",
+    "create_append",
     "create_from_cellranger",
     "new",
+    "repack",
     "timestamp",
 ]

@@ -65,6 +65,10 @@ class LoomConnection:
         self.filename = os.fspath(filename)
         self._file = open_h5(self.filename, mode, locking=locking)
         try:
+            from .growing import recover, refuse_if_pending_read_only
+
+            recover(self._file)  # an interrupted append is rolled back before anything else looks
+            refuse_if_pending_read_only(self._file, self.filename)
             if validate:
                 from .validator import check_structure
                 problems = check_structure(self._file)
@@ -244,6 +248,25 @@ class LoomConnection:
 
 
     # --------------------------------------------------------------- growing and reordering (growing.py)
+    def add_columns(self, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None) -> None:
+        """Append columns (every layer, every column attribute); see :func:`loompy.growing.add_columns`."""
+        from .growing import add_columns
+
+        add_columns(self, layers, col_attrs, row_attrs=row_attrs, fill_values=fill_values)
+
+    def add_loom(self, other_file: str | os.PathLike, key: str | None = None, fill_values: Any = None,
+                 batch_size: int = 1000, convert_attrs: bool = False, include_graphs: bool = False) -> None:
+        """Append the columns of another Loom file, rows aligned by ``key`` when given."""
+        from .growing import add_loom
+
+        add_loom(self, other_file, key, fill_values, batch_size, convert_attrs, include_graphs)
+
+    def permute(self, ordering: Any, axis: int) -> None:
+        """Reorder rows (axis 0) or columns (axis 1) everywhere; the file is rewritten atomically."""
+        from .combine import permute
+
+        permute(self, ordering, axis)
+
 
     # --------------------------------------------------------------- display
     def __repr__(self) -> str:

@@ -1,0 +1,214 @@
+"""Whole-file operations: combine, permute and repack, each written to a temporary file and renamed into place.
+
+The target path always holds either the old file or the complete new one (see ``create.atomic_h5``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from . import engine
+from . import format as fmt
+from .connection import LoomConnection, connect
+from .create import atomic_h5
+from .errors import LoomFileNotFoundError, LoomValueError
+from .growing import align_rows
+from .indexing import select_axis
+
+STRIP_BYTES = 64 << 20  # matrix bytes held in memory at once while copying
+
+
+def _strip(n_rows: int, itemsize: int, width: int = 64) -> int:
+    return max(width, (STRIP_BYTES // max(1, n_rows * itemsize)) // width * width)
+
+
+def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:
+    """Copy what loompy does not rewrite itself (extra groups, root attributes) unchanged."""
+    for name in src.keys():
+        if name not in skip and name not in dst:
+            src.copy(src[name], dst, name=name)
+    for key, value in src.attrs.items():
+        if key not in dst.attrs:
+            dst.attrs[key] = value
+
+
+def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
+                   file_attrs: dict[str, Any] | None = None, selections: Sequence[Any] | None = None,
+                   key: str | None = None, skip_attrs: Sequence[str] | None = None) -> None:
+    """Concatenate the columns of several Loom files into a new one (rows aligned by ``key`` if given).
+
+    ``selections`` picks columns per file (masks or indices); ``skip_attrs`` leaves column attributes out.
+    Layers and column attributes must be present in every file; global attributes come from
+    ``file_attrs``, else the first file. Nothing is written until every input has been checked.
+    """
+    files = [os.fspath(p) for p in files]
+    if not files:
+        raise LoomValueError("combine: no input files")
+    for path in files:
+        if not os.path.exists(path):
+            raise LoomFileNotFoundError(2, "no such Loom file", path)
+    skip = set(skip_attrs or [])
+    conns = [connect(p, "r") for p in files]
+    try:
+        first = conns[0]
+        orders = [align_rows(first, c, key) for c in conns]
+        names = first.layers.keys()
+        attr_names = [k for k in first.ca.keys() if k not in skip]
+        cols = []
+        for i, c in enumerate(conns):
+            lacking = [n for n in names if n not in c.layers] + [a for a in attr_names if a not in c.ca]
+            if lacking:
+                raise LoomValueError(f"{c.filename}: lacks {lacking}, which {first.filename} has")
+            sel = None if selections is None or selections[i] is None else selections[i]
+            cols.append(np.unique(select_axis(np.asarray(sel), c.shape[1], 1).indices) if sel is not None
+                        else np.arange(c.shape[1], dtype=np.int64))
+        total = int(sum(len(c) for c in cols))
+        col_attrs = {}
+        for a in attr_names:
+            parts = [fmt.normalize_values(c.ca[a][sel], f"{c.filename}: column attribute '{a}'")
+                     for c, sel in zip(conns, cols)]
+            if len({p.dtype == object for p in parts}) > 1:
+                raise LoomValueError(f"combine: column attribute '{a}' is text in some files and numbers in others")
+            col_attrs[a] = np.concatenate(parts)
+        globals_ = {k: fmt.normalize_global(v, k) for k, v in (file_attrs or {}).items()}
+        n = first.shape[0]
+        with atomic_h5(output_file) as out:
+            fmt.init_file(out)
+            for k in (first.attrs.keys() if file_attrs is None else []):
+                if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY):
+                    fmt.write_global(out, k, fmt.normalize_global(first.attrs[k], k), in_group=True)
+            for k, v in globals_.items():
+                fmt.write_global(out, k, v, in_group=True)
+            for name in names:
+                src = first.layers[name]._dataset
+                group = out if name == "" else out[fmt.LAYERS]
+                dst = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, (n, total), src.dtype)
+                offset = 0
+                for c, order, sel in zip(conns, orders, cols):
+                    dataset = c.layers[name]._dataset
+                    rows = np.arange(n, dtype=np.int64)
+                    step = _strip(n, dataset.dtype.itemsize)
+                    for start in range(0, len(sel), step):
+                        part = sel[start:start + step]
+                        block = engine.read_block(dataset, rows, part)
+                        if order is not None:
+                            block = block[order]
+                        engine.write_matrix(dst, block.astype(src.dtype, copy=False), col_offset=offset + start)
+                    offset += len(sel)
+            for k, v in first.ra.items():
+                fmt.write_values(out[fmt.ROW_ATTRS], k, v, resizable=False, where=f"row attribute '{k}'")
+            for k, v in col_attrs.items():
+                fmt.write_values(out[fmt.COL_ATTRS], k, v, resizable=True, where=f"column attribute '{k}'")
+            for g in first.row_graphs.keys():
+                write_graph(out, 0, g, first.row_graphs[g])
+    finally:
+        for c in conns:
+            c.close()
+
+
+def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, key: str | None = None,
+            file_attrs: dict[str, Any] | None = None, batch_size: int = 1000, convert_attrs: bool = False) -> None:
+    """Combine Loom files column-wise into ``output_file`` (rows aligned by ``key`` when given)."""
+    combine_faster(files, output_file, file_attrs=file_attrs, key=key)
+
+
+def create_append(filename: str | os.PathLike, layers: Any, row_attrs: Any, col_attrs: Any, *,
+                  file_attrs: dict[str, Any] | None = None, fill_values: Any = None) -> None:
+    """Create ``filename`` from the data, or append the data as new columns if it already exists."""
+    from .create import create
+
+    if os.path.exists(filename):
+        with connect(filename) as ds:
+            ds.add_columns(layers, col_attrs, fill_values=fill_values)
+    else:
+        create(filename, layers, row_attrs, col_attrs, file_attrs=file_attrs).close()
+
+
+def write_graph(f: h5py.File, axis: int, name: str, graph: sp.coo_matrix) -> None:
+    group = f.require_group(fmt.GRAPH_GROUPS[axis]).create_group(name)
+    for part, values in (("a", graph.row.astype(np.int64)), ("b", graph.col.astype(np.int64)), ("w", graph.data)):
+        group.create_dataset(part, data=values)
+    fmt.touch(group)
+
+
+def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
+    """Reorder rows (axis 0) or columns (axis 1): every layer, that axis's attributes and graphs."""
+    if axis not in (0, 1):
+        raise LoomValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
+    length = ds.shape[axis]
+    order = np.asarray(ordering)
+    if order.dtype.kind not in "iu" or order.shape != (length,) or \
+            not np.array_equal(np.sort(order), np.arange(length)):
+        raise LoomValueError(f"{ds.filename}: ordering must be a permutation of 0..{length - 1} "
+                             f"(got shape {order.shape}, dtype {order.dtype})")
+    order = order.astype(np.int64)
+    inverse = np.empty(length, dtype=np.int64)
+    inverse[order] = np.arange(length)
+    mode, f = ds.mode, ds._file
+    n, m = ds.shape
+    with atomic_h5(ds.filename) as out:
+        for name in ds.layers.keys():
+            src = ds.layers[name]._dataset
+            group = out if name == "" else out.require_group(fmt.LAYERS)
+            dst = group.create_dataset(fmt.MATRIX if name == "" else name, shape=src.shape, dtype=src.dtype,
+                                       chunks=src.chunks, maxshape=src.maxshape, compression=src.compression,
+                                       compression_opts=src.compression_opts, fillvalue=src.fillvalue)
+            for key, value in src.attrs.items():
+                dst.attrs[key] = value
+            if axis == 1:
+                step = max(1, STRIP_BYTES // max(1, m * src.dtype.itemsize) // 64 * 64) or 64
+                cols = np.arange(m, dtype=np.int64)
+                for start in range(0, n, step):
+                    rows = np.arange(start, min(n, start + step), dtype=np.int64)
+                    engine.write_block(dst, rows, cols, engine.read_block(src, rows, cols)[:, order])
+            else:
+                step = _strip(n, src.dtype.itemsize)
+                rows = np.arange(n, dtype=np.int64)
+                for start in range(0, m, step):
+                    cols = np.arange(start, min(m, start + step), dtype=np.int64)
+                    engine.write_matrix(dst, engine.read_block(src, rows, cols)[order], col_offset=start)
+            fmt.touch(dst)
+        attr_group = fmt.ATTR_GROUPS[axis]
+        graph_group = fmt.graph_group_name(f, axis)
+        _copy_extras(f, out, skip=[attr_group, graph_group, fmt.MATRIX, fmt.LAYERS])
+        out.require_group(fmt.LAYERS)
+        dst_attrs = out.require_group(attr_group)
+        for key, value in f[attr_group].attrs.items() if attr_group in f else []:
+            dst_attrs.attrs[key] = value
+        manager = ds.ra if axis == 0 else ds.ca
+        for key in manager.keys():
+            fmt.write_values(dst_attrs, key, manager[key][order], resizable=axis == 1, where=f"attribute '{key}'")
+        if attr_group in f:
+            for key, obj in f[attr_group].items():
+                if not isinstance(obj, h5py.Dataset):
+                    f.copy(obj, dst_attrs, name=key)
+        graphs = ds.row_graphs if axis == 0 else ds.col_graphs
+        out.require_group(graph_group)
+        for key in graphs.keys():
+            g = graphs[key]
+            renumbered = sp.coo_matrix((g.data, (inverse[g.row], inverse[g.col])), shape=g.shape)
+            group = out[graph_group].create_group(key)
+            for part, values in (("a", renumbered.row), ("b", renumbered.col), ("w", renumbered.data)):
+                group.create_dataset(part, data=values)
+        fmt.touch(out[attr_group])
+        ds._file.close()  # the rename replaces the file under this handle; reopen below
+    ds._file = h5py.File(ds.filename, mode)
+    ds._open_managers()
+
+
+def repack(filename: str | os.PathLike) -> None:
+    """Rewrite a file without the space HDF5 never reclaims from deleted or overwritten objects."""
+    path = os.fspath(filename)
+    if not os.path.exists(path):
+        raise LoomFileNotFoundError(2, "no such Loom file", path)
+    with h5py.File(path, "r") as src, atomic_h5(path) as out:
+        for name in src.keys():
+            src.copy(src[name], out, name=name)
+        for key, value in src.attrs.items():
+            out.attrs[key] = value

@@ -1,0 +1,250 @@
+"""Appending columns in place (``add_columns``, ``add_loom``) without ever losing what the file held.
+
+An append validates all input first, then records the old column count in a root HDF5 attribute
+(the *journal*), flushes, writes layers and column attributes, flushes, and removes the journal.
+If the writer dies in between, :func:`recover` (run by ``connect``) finds the journal and cuts every
+layer and column attribute back to the old width: the file reopens exactly as before the append.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from . import engine
+from . import format as fmt
+from .attributes import check_writable
+from .create import _as_attr_dict, _as_layer_dict
+from .errors import LoomFileError, LoomKeyError, LoomValueError
+
+JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
+
+
+def pending_append(f: h5py.File) -> int | None:
+    """The column count to roll back to, if an append was interrupted."""
+    value = f.attrs.get(JOURNAL)
+    return None if value is None else int(value)
+
+
+def recover(f: h5py.File) -> int | None:
+    """Roll back an interrupted append (in ``r+``); returns the committed column count, or None if clean.
+
+    In read-only mode nothing is written; the caller presents the committed width instead.
+    """
+    width = pending_append(f)
+    if width is None or f.mode != "r+":
+        return width
+    for ds in _matrices(f):
+        if ds.shape[1] > width:
+            ds.resize(width, axis=1)
+    group = f.get(fmt.COL_ATTRS)
+    if isinstance(group, h5py.Group):
+        for ds in group.values():
+            if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
+                ds.resize(width, axis=0)
+    del f.attrs[JOURNAL]
+    f.flush()
+    return width
+
+
+def _matrices(f: h5py.File) -> list[h5py.Dataset]:
+    out = [f[fmt.MATRIX]] if isinstance(f.get(fmt.MATRIX), h5py.Dataset) else []
+    layers = f.get(fmt.LAYERS)
+    if isinstance(layers, h5py.Group):
+        out += [d for d in layers.values() if isinstance(d, h5py.Dataset)]
+    return out
+
+
+def auto_fill(values: np.ndarray) -> Any:
+    """The ``fill_values="auto"`` value for an attribute like ``values``: "" for text, 0 for numbers."""
+    return "" if values.dtype == object or values.dtype.kind in "SU" else 0
+
+
+def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: str) -> np.ndarray:
+    if fill_values == "auto":
+        fill = auto_fill(existing)
+    elif isinstance(fill_values, Mapping) and name in fill_values:
+        fill = fill_values[name]
+    else:
+        raise LoomValueError(f"{where}: column attribute '{name}' has no values for the new columns "
+                             "(supply it, or pass fill_values={name: value} or fill_values='auto')")
+    return np.full((n,) + existing.shape[1:], fill, dtype=object if existing.dtype == object else existing.dtype)
+
+
+def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
+    """Convert new columns to the layer's stored dtype, refusing any change of value."""
+    data = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    converted = data.astype(dtype)
+    same = np.array_equal(converted.astype(data.dtype, copy=False), data, equal_nan=data.dtype.kind == "f")
+    if data.size and not same:
+        raise LoomValueError(f"{where}: values of dtype {data.dtype} do not fit the layer's dtype {dtype} "
+                             "without change")
+    if sp.issparse(matrix):
+        out = matrix.copy()
+        out.data = converted
+        return out.astype(dtype)
+    return converted
+
+
+def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None) -> None:
+    """Append columns: every existing layer must be given; column attributes must cover every existing one
+    (or be filled by ``fill_values``: a dict, or ``"auto"`` for 0 / ""). On an empty file from ``new()``
+    the first call defines the rows (and ``row_attrs``).
+    """
+    f = ds._file
+    where = ds.filename
+    check_writable(f, f"{where}: columns")
+    layer_dict = _as_layer_dict(layers, where)
+    layer_dict = {k: (v[:, :] if hasattr(v, "_dataset") else v) for k, v in layer_dict.items()}
+    n_new = layer_dict[""].shape[1]
+    n_rows = layer_dict[""].shape[0]
+    empty = "" not in ds.layers
+    if empty:
+        _first_columns(ds, layer_dict, col_attrs, row_attrs)
+        return
+    n, m = ds.shape
+    if n_rows != n:
+        raise LoomValueError(f"{where}: new columns have {n_rows} rows, the file has {n}")
+    existing = set(ds.layers.keys())
+    if set(layer_dict) != existing:
+        missing, extra = sorted(existing - set(layer_dict)), sorted(set(layer_dict) - existing)
+        raise LoomValueError(f"{where}: add_columns needs exactly the file's layers; "
+                             f"missing {missing}, unknown {extra}")
+    converted = {}
+    for name, matrix in layer_dict.items():
+        if tuple(matrix.shape) != (n, n_new):
+            raise LoomValueError(f"{where}: layer '{name}' has shape {tuple(matrix.shape)}, expected {(n, n_new)}")
+        converted[name] = _lossless(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")
+    new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
+                 for k, v in _as_attr_dict(col_attrs, where).items()}
+    for name in ds.ca.keys():
+        if name not in new_attrs:
+            new_attrs[name] = _fill_for(name, ds.ca[name], fill_values, n_new, where)
+    combined = {}
+    for name, values in new_attrs.items():
+        old = ds.ca[name] if name in ds.ca else _fill_for(name, values, fill_values, m, where)
+        if (old.dtype == object) != (values.dtype == object) or old.shape[1:] != values.shape[1:]:
+            raise LoomValueError(f"{where}: column attribute '{name}': new values ({values.dtype}, shape "
+                                 f"{values.shape[1:]}) do not match the stored ones ({old.dtype}, {old.shape[1:]})")
+        combined[name] = np.concatenate([old, values])
+    new_row_attrs = {k: fmt.normalize_values(v, f"{where}: row attribute '{k}'", n)
+                     for k, v in _as_attr_dict(row_attrs, where).items()}
+    # everything is valid: write, journalled
+    f.attrs[JOURNAL] = m
+    f.flush()
+    for name, matrix in converted.items():
+        dataset = ds.layers[name]._dataset
+        dataset.resize(m + n_new, axis=1)
+        engine.write_matrix(dataset, matrix, col_offset=m)
+        fmt.touch(dataset)
+    group = f.require_group(fmt.COL_ATTRS)
+    for name, values in combined.items():
+        _append_attr(group, name, values, m, where)
+    f.flush()
+    del f.attrs[JOURNAL]
+    for name, values in new_row_attrs.items():
+        ds.ra[name] = values
+    f.flush()
+    ds._dims.shape = (n, m + n_new)
+    ds.col_attrs._forget()
+
+
+def _append_attr(group: h5py.Group, name: str, values: np.ndarray, m: int, where: str) -> None:
+    """Grow a column attribute in place when its dataset allows, else rewrite it."""
+    dataset = group.get(name)
+    stored_ok = isinstance(dataset, h5py.Dataset) and dataset.maxshape and dataset.maxshape[0] is None
+    if stored_ok and (values.dtype == object) == (dataset.dtype.kind == "O") and \
+            (values.dtype == object or np.can_cast(values.dtype, dataset.dtype, "safe")):
+        dataset.resize(len(values), axis=0)
+        new = values[m:]
+        if new.dtype == object:
+            new = np.array([fmt.encode_one(s, f"{where}: column attribute '{name}'") for s in new.ravel()],
+                           dtype=object).reshape(new.shape)
+        dataset[m:] = new
+        fmt.touch(dataset, group)
+    else:
+        fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'")
+
+
+def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any) -> None:
+    """An empty file's first columns define its rows: write it like ``create`` would."""
+    from .create import validate_contents
+
+    contents = validate_contents(ds.filename, layer_dict, row_attrs, col_attrs, None, None)
+    layer_dict, dtypes, rows, cols, _ = contents
+    f = ds._file
+    for name, matrix in layer_dict.items():
+        group = f if name == "" else f.require_group(fmt.LAYERS)
+        dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, matrix.shape, dtypes[name])
+        engine.write_matrix(dataset, matrix)
+    ds._dims.shape = tuple(layer_dict[""].shape)
+    for name, values in rows.items():
+        ds.ra[name] = values
+    for name, values in cols.items():
+        ds.ca[name] = values
+    f.flush()
+
+
+def align_rows(ds: Any, other: Any, key: str | None) -> np.ndarray | None:
+    """Row order of ``other`` matching ``ds`` by the row attribute ``key`` (None: same order already)."""
+    where = f"{ds.filename} + {other.filename}"
+    if other.shape[0] != ds.shape[0]:
+        raise LoomValueError(f"{where}: the files have {ds.shape[0]} and {other.shape[0]} rows")
+    if key is None:
+        return None
+    for conn in (ds, other):
+        if key not in conn.ra:
+            raise LoomKeyError(f"{conn.filename}: row attribute '{key}' (the key) does not exist")
+    mine, theirs = ds.ra[key], other.ra[key]
+    if len(np.unique(mine)) != len(mine):
+        raise LoomValueError(f"{ds.filename}: key '{key}' has repeated values; rows cannot be aligned")
+    lookup = {v: i for i, v in enumerate(theirs.tolist())}
+    missing = [v for v in mine.tolist() if v not in lookup]
+    if missing or len(lookup) != len(theirs):
+        raise LoomValueError(f"{where}: key '{key}' values differ between the files (e.g. {missing[:3]})")
+    order = np.array([lookup[v] for v in mine.tolist()], dtype=np.int64)
+    return None if np.array_equal(order, np.arange(len(order))) else order
+
+
+def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any = None, batch_size: int = 1000,
+             convert_attrs: bool = False, include_graphs: bool = False) -> None:
+    """Append every column of another Loom file, rows aligned by ``key`` when given.
+
+    Layers of the other file that this file lacks are ignored; each batch is one journalled append.
+    ``include_graphs`` carries over column graphs present in both files (edges shifted to the new columns).
+    """
+    from .connection import connect
+
+    with connect(other_file, "r") as other:
+        order = align_rows(ds, other, key)
+        missing = [name for name in ds.layers.keys() if name not in other.layers]
+        if missing and "" in ds.layers:
+            raise LoomValueError(f"{other.filename}: lacks layers {missing} that {ds.filename} has")
+        names = ds.layers.keys() if "" in ds.layers else other.layers.keys()
+        attrs = other.ca.to_dict()
+        if convert_attrs:
+            attrs = {k: (v.astype(str).astype(object) if k in ds.ca and ds.ca[k].dtype == object else v)
+                     for k, v in attrs.items()}
+        graphs = {g: other.col_graphs[g] for g in other.col_graphs.keys()} if include_graphs else {}
+        m0 = ds.shape[1]
+        rows = np.arange(other.shape[0]) if order is None else order
+        for start in range(0, other.shape[1], batch_size):
+            cols = slice(start, min(other.shape[1], start + batch_size))
+            block = {name: other.layers[name][rows, cols] for name in names}
+            ds.add_columns(block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values)
+    for name, g in graphs.items():
+        mine = ds.col_graphs[name] if name in ds.col_graphs else sp.coo_matrix((m0, m0))
+        total = ds.shape[1]
+        merged = sp.coo_matrix((np.concatenate([mine.data, g.data]),
+                                (np.concatenate([mine.row, g.row + m0]), np.concatenate([mine.col, g.col + m0]))),
+                               shape=(total, total))
+        ds.col_graphs[name] = merged
+
+
+def refuse_if_pending_read_only(f: h5py.File, filename: str) -> None:
+    if pending_append(f) is not None and f.mode != "r+":
+        raise LoomFileError(f"{filename}: an append was interrupted; open with mode 'r+' once to roll it back")
