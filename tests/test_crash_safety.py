@@ -1,0 +1,147 @@
+"""Fault injection: writers killed with SIGKILL at random moments never leave a broken or half-written file.
+
+Each trial prepares the target with known "old" content, starts the operation in a subprocess, kills it
+after a random delay (seeded) and checks that the target opens with loompy and holds exactly the old or
+the new content. The default run does a few kills per operation; ``--run-slow`` does 50 per operation.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import loompy
+
+N, M, NEW = 400, 1500, 600
+
+WORKER = """
+import sys, numpy as np, loompy
+op, target, extra = sys.argv[1], sys.argv[2], sys.argv[3]
+rng = np.random.default_rng(1)
+new = rng.poisson(0.5, size=({n}, {new})).astype("float32")
+print("ready", flush=True)
+sys.stdin.readline()
+if op == "create":
+    loompy.create(target, new, {{"Gene": [f"g{{i}}" for i in range({n})]}}, {{"CellID": [f"n{{i}}" for i in range({new})]}}).close()
+elif op == "add_columns":
+    with loompy.connect(target) as ds:
+        ds.add_columns(new, {{"CellID": [f"n{{i}}" for i in range({new})]}})
+elif op == "combine":
+    loompy.combine([extra, extra], target)
+elif op == "permute":
+    with loompy.connect(target) as ds:
+        ds.permute(np.arange(ds.shape[1])[::-1], axis=1)
+elif op == "repack":
+    loompy.repack(target)
+print("done", flush=True)
+""".format(n=N, new=NEW)
+
+
+def fingerprint(path) -> tuple:
+    with loompy.connect(path) as ds:  # r+: an interrupted append is rolled back here
+        return ds.shape, float(ds[:, :].sum()), tuple(ds.ca.CellID[[0, -1]])
+
+
+@pytest.fixture(scope="module")
+def originals(tmp_path_factory):
+    base = tmp_path_factory.mktemp("crash")
+    rng = np.random.default_rng(0)
+    old = rng.poisson(0.5, size=(N, M)).astype(np.float32)
+    path = base / "old.loom"
+    loompy.create(path, old, {"Gene": [f"g{i}" for i in range(N)]}, {"CellID": [f"o{i}" for i in range(M)]}).close()
+    return base, path
+
+
+def expected_states(op, base, old_path):
+    """Fingerprints of the target before and after a complete run of ``op`` (computed without kills)."""
+    target = base / f"expect-{op}.loom"
+    shutil.copy(old_path, target)
+    before = fingerprint(target)
+    run_worker(op, target, old_path, kill_after=None)
+    return {before, fingerprint(target)}
+
+
+def run_worker(op, target, extra, kill_after):
+    proc = subprocess.Popen([sys.executable, "-c", WORKER, op, str(target), str(extra)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__) + "/..")
+    assert proc.stdout.readline().strip() == "ready"
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    if kill_after is None:
+        assert proc.stdout.readline().strip() == "done"
+        proc.wait()
+        return True
+    time.sleep(kill_after)
+    finished = proc.poll() is not None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return finished
+
+
+def campaign(op, kills, seed, base, old_path):
+    allowed = expected_states(op, base, old_path)
+    rng = random.Random(seed)
+    timing_target = base / "timing.loom"
+    shutil.copy(old_path, timing_target)
+    t0 = time.perf_counter()
+    run_worker(op, timing_target, old_path, kill_after=None)
+    duration = time.perf_counter() - t0  # kills land anywhere in a full run's time
+    bad = []
+    for trial in range(kills):
+        target = base / f"{op}-{trial}.loom"
+        shutil.copy(old_path, target)
+        run_worker(op, target, old_path, kill_after=rng.uniform(0, duration))
+        try:
+            state = fingerprint(target)
+        except Exception as exc:  # a file that no longer opens is the failure we look for
+            bad.append((trial, repr(exc)))
+            continue
+        if state not in allowed:
+            bad.append((trial, f"unexpected content {state}"))
+    return bad
+
+
+OPERATIONS = ["create", "add_columns", "combine", "permute", "repack"]
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_killed_writers_leave_old_or_new_content(op, originals, tmp_path):
+    base, old_path = originals
+    assert campaign(op, kills=3, seed=OPERATIONS.index(op), base=tmp_path, old_path=old_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_fifty_kills_per_operation(op, originals, tmp_path):
+    base, old_path = originals
+    bad = campaign(op, kills=50, seed=12345, base=tmp_path, old_path=old_path)
+    assert bad == [], f"{len(bad)} of 50 kills left a broken file: {bad[:5]}"
+
+
+def test_reader_gets_a_clear_lock_error_while_a_writer_works(originals, tmp_path):
+    _, old_path = originals
+    target = tmp_path / "locked.loom"
+    shutil.copy(old_path, target)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time, loompy
+        ds = loompy.connect({str(target)!r})
+        print("writing", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True, cwd=os.path.dirname(__file__) + "/..")
+    try:
+        assert holder.stdout.readline().strip() == "writing"
+        with pytest.raises(loompy.LoomLockError) as info:
+            loompy.connect(target, "r")
+        assert "lock" in str(info.value).lower() and str(target) in str(info.value)
+    finally:
+        holder.kill()
+        holder.wait()
