@@ -23,18 +23,19 @@ import loompy
 
 N, M, NEW = 400, 1500, 600
 
-WORKER = """
+WORKER = f"""
 import sys, numpy as np, loompy
 op, target, extra = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(1)
-new = rng.poisson(0.5, size=({n}, {new})).astype("float32")
+new = rng.poisson(0.5, size=({N}, {NEW})).astype("float32")
 print("ready", flush=True)
 sys.stdin.readline()
 if op == "create":
-    loompy.create(target, new, {{"Gene": [f"g{{i}}" for i in range({n})]}}, {{"CellID": [f"n{{i}}" for i in range({new})]}}).close()
+    genes, cells = [f"g{{i}}" for i in range({N})], [f"n{{i}}" for i in range({NEW})]
+    loompy.create(target, new, {{"Gene": genes}}, {{"CellID": cells}}).close()
 elif op == "add_columns":
     with loompy.connect(target) as ds:
-        ds.add_columns(new, {{"CellID": [f"n{{i}}" for i in range({new})]}})
+        ds.add_columns(new, {{"CellID": [f"n{{i}}" for i in range({NEW})]}})
 elif op == "combine":
     loompy.combine([extra, extra], target)
 elif op == "permute":
@@ -43,7 +44,7 @@ elif op == "permute":
 elif op == "repack":
     loompy.repack(target)
 print("done", flush=True)
-""".format(n=N, new=NEW)
+"""
 
 
 def fingerprint(path) -> tuple:
