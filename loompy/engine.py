@@ -1,18 +1,85 @@
 """Matrix I/O for every layer: the one place that reads and writes matrix elements.
 
-Callers pass *sorted, unique* row and column index arrays (see :mod:`loompy.indexing`);
-the engine reads each needed chunk once and returns the dense block for those indices.
+Callers pass *sorted, unique* row and column index arrays (see :mod:`loompy.indexing`). For the
+datasets Loom files normally hold (chunked; no filter or a single deflate filter; numeric dtype) the
+engine works on raw chunks: each needed chunk is read once with ``read_direct_chunk``, inflated with
+libdeflate (:mod:`loompy.codecs`) and only the requested elements are copied out; unallocated chunks
+read as the fill value. Whole-column writes compress full chunks and store them with
+``write_direct_chunk``, leaving all-zero chunks unallocated in new datasets. Anything else (shuffle,
+other codecs, checksums, contiguous storage, unaligned partial chunks) goes through h5py's own path,
+so every valid file still reads and writes correctly.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from . import codecs
 
-def _strip_height(dataset: h5py.Dataset) -> int:
-    return dataset.chunks[0] if dataset.chunks else 64
+STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """What the fast path needs to know about a dataset's storage."""
+
+    chunks: tuple[int, int]
+    dtype: np.dtype
+    compressed: bool
+    level: int | None
+    fill: float | int
+
+    @property
+    def nbytes(self) -> int:
+        return self.chunks[0] * self.chunks[1] * self.dtype.itemsize
+
+
+def chunk_layout(dataset: h5py.Dataset) -> ChunkLayout | None:
+    """The dataset's layout when the fast path can handle it, else None (use h5py)."""
+    if dataset.chunks is None or dataset.ndim != 2 or dataset.dtype.kind not in "iuf":
+        return None
+    dcpl = dataset.id.get_create_plist()
+    filters = [dcpl.get_filter(i)[:3:2] for i in range(dcpl.get_nfilters())]
+    if not codecs.supported_pipeline(filters):
+        return None
+    level = int(filters[0][1][0]) if filters and filters[0][1] else (4 if filters else None)
+    return ChunkLayout(tuple(dataset.chunks), dataset.dtype, bool(filters), level, dataset.fillvalue)
+
+
+def _groups(indices: np.ndarray, size: int) -> list[tuple[int, slice, slice | np.ndarray]]:
+    """Split sorted indices by chunk: (chunk number, positions in the result, offsets inside the chunk)."""
+    ids = indices // size
+    bounds = np.flatnonzero(np.diff(ids)) + 1
+    starts = np.concatenate([[0], bounds])
+    stops = np.concatenate([bounds, [indices.size]])
+    out = []
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        chunk = int(ids[a])
+        local = indices[a:b] - chunk * size
+        if int(local[-1]) - int(local[0]) + 1 == b - a:
+            local = slice(int(local[0]), int(local[-1]) + 1)
+        out.append((chunk, slice(a, b), local))
+    return out
+
+
+def read_chunk(dataset: h5py.Dataset, layout: ChunkLayout, row: int, col: int) -> np.ndarray | None:
+    """One stored chunk as a (chunk rows, chunk cols) array, or None when it was never written."""
+    try:
+        mask, data = dataset.id.read_direct_chunk((row, col))
+    except (MemoryError, OSError, KeyError, RuntimeError):  # how HDF5 reports an unallocated chunk
+        return None
+    raw = codecs.decompress(data, layout.nbytes, layout.compressed and not (mask & 1))
+    return np.frombuffer(raw, dtype=layout.dtype).reshape(layout.chunks)
+
+
+def _refresh(dataset: h5py.Dataset) -> None:
+    """Make writes still in HDF5's chunk cache visible to raw chunk reads."""
+    if dataset.file.mode == "r+":
+        dataset.flush()
 
 
 def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -20,20 +87,37 @@ def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> np.
     out = np.empty((rows.size, cols.size), dtype=dataset.dtype)
     if out.size == 0:
         return out
+    layout = chunk_layout(dataset)
+    if layout is None:
+        return _read_block_h5py(dataset, rows, cols, out)
+    _refresh(dataset)
+    c0, c1 = layout.chunks
+    col_groups = _groups(cols, c1)
+    for ri, rpos, rloc in _groups(rows, c0):
+        for cj, cpos, cloc in col_groups:
+            chunk = read_chunk(dataset, layout, ri * c0, cj * c1)
+            if chunk is None:
+                out[rpos, cpos] = layout.fill
+            elif isinstance(rloc, slice) and isinstance(cloc, slice):
+                out[rpos, cpos] = chunk[rloc, cloc]
+            else:
+                out[rpos, cpos] = chunk[rloc][:, cloc]
+    return out
+
+
+def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """h5py's own path: one bounding-box read per strip of chunk rows, then pick the elements."""
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     cols_contiguous = c1 - c0 == cols.size
-    rows_contiguous = int(rows[-1]) - int(rows[0]) + 1 == rows.size
-    if rows_contiguous and cols_contiguous:
+    if cols_contiguous and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
         dataset.read_direct(out, np.s_[int(rows[0]):int(rows[-1]) + 1, c0:c1])
         return out
-    height = _strip_height(dataset)
-    strip_ids = rows // height
-    bounds = np.flatnonzero(np.diff(strip_ids)) + 1
-    for part in np.split(np.arange(rows.size), bounds):
+    height = dataset.chunks[0] if dataset.chunks else 64
+    for _, part, _ in _groups(rows, height):
         r = rows[part]
         r0, r1 = int(r[0]), int(r[-1]) + 1
         block = dataset[r0:r1, c0:c1]
-        out[part] = block[np.ix_(r - r0, cols - c0)] if not cols_contiguous else block[r - r0]
+        out[part] = block[r - r0] if cols_contiguous else block[np.ix_(r - r0, cols - c0)]
     return out
 
 
@@ -43,18 +127,22 @@ def write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, value
         return
     values = np.asarray(values, dtype=dataset.dtype)
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
-    r0_all, r1_all = int(rows[0]), int(rows[-1]) + 1
-    if r1_all - r0_all == rows.size and c1 - c0 == cols.size:
-        dataset[r0_all:r1_all, c0:c1] = values
+    if int(rows[-1]) - int(rows[0]) + 1 == rows.size and c1 - c0 == cols.size:
+        dataset[int(rows[0]):int(rows[-1]) + 1, c0:c1] = values
         return
-    height = _strip_height(dataset)
-    bounds = np.flatnonzero(np.diff(rows // height)) + 1
-    for part in np.split(np.arange(rows.size), bounds):
+    height = dataset.chunks[0] if dataset.chunks else 64
+    for _, part, _ in _groups(rows, height):
         r = rows[part]
         r0, r1 = int(r[0]), int(r[-1]) + 1
-        block = dataset[r0:r1, c0:c1]
+        block = read_block(dataset, np.arange(r0, r1), np.arange(c0, c1))
         block[np.ix_(r - r0, cols - c0)] = values[part]
         dataset[r0:r1, c0:c1] = block
+
+
+def _dense(matrix: np.ndarray | sp.spmatrix, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
+    block = matrix[:, start:stop]
+    block = block.toarray() if sp.issparse(block) else np.asarray(block)
+    return block.astype(dtype, copy=False)
 
 
 def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_offset: int = 0) -> None:
@@ -65,34 +153,71 @@ def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_of
     n, m = matrix.shape
     if n == 0 or m == 0:
         return
-    width = dataset.chunks[1] if dataset.chunks else 64
-    strip = max(width, (width * max(1, (64 << 20) // max(1, n * width * dataset.dtype.itemsize))))
-    strip = min(strip, m)
     if sp.issparse(matrix):
         matrix = sp.csc_matrix(matrix)
-    for start in range(0, m, strip):
-        stop = min(m, start + strip)
-        block = matrix[:, start:stop]
-        block = block.toarray() if sp.issparse(block) else np.asarray(block)
-        dataset[:, col_offset + start:col_offset + stop] = block.astype(dataset.dtype, copy=False)
+    layout = chunk_layout(dataset)
+    width = dataset.chunks[1] if dataset.chunks else 64
+    strip = max(width, STRIP_BYTES // max(1, n * dataset.dtype.itemsize) // width * width)
+    start, stop = col_offset, col_offset + m
+    if layout is None:
+        body = (stop, stop)
+    else:
+        first_full = -(-start // width) * width
+        last_full = stop if stop == dataset.shape[1] else stop // width * width
+        body = (first_full, last_full) if first_full < last_full else (stop, stop)
+    # unaligned edges go through h5py (it merges them with what the chunks already hold)
+    for a, b in ((start, min(body[0], stop)), (max(body[1], start), stop)):
+        for s in range(a, b, strip):
+            e = min(b, s + strip)
+            dataset[:, s:e] = _dense(matrix, s - col_offset, e - col_offset, dataset.dtype)
+    if body[0] < body[1]:
+        _refresh(dataset)
+        _write_direct(dataset, layout, matrix, col_offset, body, strip)
+
+
+def _write_direct(dataset: h5py.Dataset, layout: ChunkLayout, matrix: np.ndarray | sp.spmatrix,
+                  col_offset: int, body: tuple[int, int], strip: int) -> None:
+    """Compress and store whole chunks for columns ``body`` (chunk-aligned, or ending at the edge)."""
+    c0, c1 = layout.chunks
+    n = dataset.shape[0]
+    fresh = dataset.id.get_num_chunks() == 0
+    for s in range(body[0], body[1], strip):
+        e = min(body[1], s + strip)
+        block = _dense(matrix, s - col_offset, e - col_offset, dataset.dtype)
+        for r in range(0, n, c0):
+            for c in range(s, e, c1):
+                piece = block[r:r + c0, c - s:c - s + c1]
+                if piece.shape != (c0, c1):  # edge chunk: HDF5 stores it full size
+                    padded = np.zeros((c0, c1), dtype=dataset.dtype)
+                    padded[:piece.shape[0], :piece.shape[1]] = piece
+                    piece = padded
+                if not piece.any() and layout.fill == 0 and \
+                        (fresh or dataset.id.get_chunk_info_by_coord((r, c)).byte_offset is None):
+                    continue  # all zero and never stored: leave unallocated, it reads as 0
+                dataset.id.write_direct_chunk((r, c), codecs.compress(piece, layout.level if layout.compressed
+                                                                      else None))
 
 
 def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
-    """``dataset[np.ix_(rows, cols)]`` as a COO matrix in the stored dtype, read a strip at a time."""
+    """``dataset[np.ix_(rows, cols)]`` as a COO matrix in the stored dtype, read a strip at a time.
+
+    scipy.sparse has no float16: such layers come back as float32 (exactly the same values).
+    """
     shape = (rows.size, cols.size)
+    dtype = np.dtype(np.float32) if dataset.dtype == np.float16 else dataset.dtype
     if rows.size == 0 or cols.size == 0:
-        return sp.coo_matrix(shape, dtype=dataset.dtype)
-    height = max(_strip_height(dataset), 1)
+        return sp.coo_matrix(shape, dtype=dtype)
+    height = dataset.chunks[0] if dataset.chunks else 64
+    step = max(height, STRIP_BYTES // max(1, cols.size * dataset.dtype.itemsize) // height * height)
     parts_r, parts_c, parts_v = [], [], []
-    bounds = np.flatnonzero(np.diff(rows // (height * 16))) + 1
     offset = 0
-    for part in np.split(np.arange(rows.size), bounds):
+    for _, part, _ in _groups(rows, step):
         block = read_block(dataset, rows[part], cols)
         r, c = np.nonzero(block)
         parts_r.append(r + offset)
         parts_c.append(c)
-        parts_v.append(block[r, c])
-        offset += part.size
+        parts_v.append(block[r, c].astype(dtype, copy=False))
+        offset += part.stop - part.start
     return sp.coo_matrix(
-        (np.concatenate(parts_v), (np.concatenate(parts_r), np.concatenate(parts_c))), shape=shape, dtype=dataset.dtype
+        (np.concatenate(parts_v), (np.concatenate(parts_r), np.concatenate(parts_c))), shape=shape, dtype=dtype
     )

@@ -1,0 +1,140 @@
+"""The chunk engine against numpy and plain h5py: fast path, fallbacks, unallocated chunks, direct writes."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from loompy import engine
+
+RNG = np.random.default_rng(42)
+
+
+def sparse_counts(shape, dtype, density=0.1):
+    m = (RNG.random(shape) < density) * RNG.integers(1, 100, size=shape)
+    return m.astype(dtype)
+
+
+STORAGE = {
+    "gzip2": {"chunks": (64, 64), "compression": "gzip", "compression_opts": 2},
+    "gzip9-odd-chunks": {"chunks": (7, 33), "compression": "gzip", "compression_opts": 9},
+    "uncompressed": {"chunks": (16, 64)},
+    "shuffle": {"chunks": (64, 64), "compression": "gzip", "shuffle": True},
+    "fletcher32": {"chunks": (64, 64), "fletcher32": True},
+    "contiguous": {},
+    "lzf": {"chunks": (32, 32), "compression": "lzf"},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(STORAGE))
+def stored(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("eng") / f"{request.param}.h5"
+    m = sparse_counts((150, 211), np.float32)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("m", data=m, **STORAGE[request.param])
+    f = h5py.File(path, "r")
+    yield request.param, f["m"], m
+    f.close()
+
+
+def random_selection(length):
+    kind = RNG.integers(0, 4)
+    if kind == 0:
+        return np.arange(length)
+    if kind == 1:
+        a = int(RNG.integers(0, length))
+        return np.arange(a, min(length, a + int(RNG.integers(1, 90))))
+    if kind == 2:
+        return np.unique(RNG.integers(0, length, size=int(RNG.integers(1, 40))))
+    return np.flatnonzero(RNG.random(length) < 0.3)
+
+
+def test_read_block_equals_numpy(stored):
+    name, dataset, m = stored
+    expect_fast = name in ("gzip2", "gzip9-odd-chunks", "uncompressed")
+    assert (engine.chunk_layout(dataset) is not None) == expect_fast
+    for _ in range(30):
+        rows, cols = random_selection(150), random_selection(211)
+        np.testing.assert_array_equal(engine.read_block(dataset, rows, cols), m[np.ix_(rows, cols)])
+    coo = engine.read_sparse(dataset, np.arange(150), np.arange(211))
+    assert coo.dtype == np.float32
+    np.testing.assert_array_equal(coo.toarray(), m)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint16", "int32", "int64", "float16", "float64"])
+def test_dtypes_round_trip_through_direct_writes(tmp_path, dtype):
+    m = sparse_counts((130, 100), dtype)
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        d = f.create_dataset("m", shape=m.shape, dtype=dtype, chunks=(64, 64), compression="gzip",
+                             compression_opts=2, maxshape=(130, None), fillvalue=0)
+        engine.write_matrix(d, m if dtype == "float16" else sp.csr_matrix(m))  # scipy has no float16
+        coo = engine.read_sparse(d, np.arange(130), np.arange(100))
+        np.testing.assert_array_equal(coo.toarray(), m)
+        np.testing.assert_array_equal(engine.read_block(d, np.arange(130), np.arange(100)), m)
+    with h5py.File(tmp_path / "d.h5", "r") as f:  # plain h5py (HDF5's gzip filter) reads what we wrote
+        np.testing.assert_array_equal(f["m"][...], m)
+
+
+def test_zero_chunks_stay_unallocated_and_read_as_zero(tmp_path):
+    m = np.zeros((200, 300), dtype=np.float32)
+    m[5, 5] = 1.0  # only chunk (0, 0) holds data
+    m[199, 299] = 2.0  # and the edge chunk (192, 256)
+    with h5py.File(tmp_path / "z.h5", "w") as f:
+        d = f.create_dataset("m", shape=m.shape, dtype="f4", chunks=(64, 64), compression="gzip", fillvalue=0)
+        engine.write_matrix(d, m)
+        assert d.id.get_num_chunks() == 2
+        assert d.id.get_chunk_info_by_coord((64, 64)).byte_offset is None
+        np.testing.assert_array_equal(engine.read_block(d, np.arange(200), np.arange(300)), m)
+    with h5py.File(tmp_path / "z.h5", "r") as f:
+        np.testing.assert_array_equal(f["m"][...], m)
+
+
+def test_unallocated_chunks_read_as_fill_value(tmp_path):
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        d = f.create_dataset("m", shape=(100, 100), dtype="i4", chunks=(64, 64), compression="gzip", fillvalue=-7)
+        d[0:10, 0:10] = 3
+        f.flush()
+        got = engine.read_block(d, np.arange(100), np.arange(100))
+        expected = np.full((100, 100), -7, dtype=np.int32)
+        expected[:10, :10] = 3
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_overwriting_with_zeros_replaces_stored_chunks(tmp_path):
+    m = sparse_counts((100, 100), np.float32, density=0.5)
+    with h5py.File(tmp_path / "o.h5", "w") as f:
+        d = f.create_dataset("m", shape=m.shape, dtype="f4", chunks=(64, 64), compression="gzip", fillvalue=0)
+        engine.write_matrix(d, m)
+        engine.write_matrix(d, np.zeros_like(m))
+        assert not engine.read_block(d, np.arange(100), np.arange(100)).any()
+        assert not d[...].any()
+
+
+def test_appends_at_unaligned_offsets(tmp_path):
+    """add_columns appends at any column: partial chunks merge with what is stored."""
+    parts = [sparse_counts((90, w), np.float32, density=0.3) for w in (50, 30, 100, 1, 64)]
+    with h5py.File(tmp_path / "a.h5", "w") as f:
+        d = f.create_dataset("m", shape=(90, 0), dtype="f4", chunks=(64, 64), compression="gzip",
+                             maxshape=(90, None), fillvalue=0)
+        offset = 0
+        for p in parts:
+            d.resize(offset + p.shape[1], axis=1)
+            engine.write_matrix(d, sp.csc_matrix(p) if p.shape[1] % 2 else p, col_offset=offset)
+            offset += p.shape[1]
+        expected = np.hstack(parts)
+        np.testing.assert_array_equal(engine.read_block(d, np.arange(90), np.arange(offset)), expected)
+    with h5py.File(tmp_path / "a.h5", "r") as f:
+        np.testing.assert_array_equal(f["m"][...], expected)
+
+
+def test_write_block_then_read_sees_it(tmp_path):
+    m = sparse_counts((100, 120), np.float64)
+    with h5py.File(tmp_path / "w.h5", "w") as f:
+        d = f.create_dataset("m", data=m, chunks=(64, 64), compression="gzip")
+        rows, cols = np.array([0, 63, 64, 99]), np.array([1, 70, 119])
+        values = RNG.random((4, 3))
+        engine.write_block(d, rows, cols, values)
+        m[np.ix_(rows, cols)] = values
+        np.testing.assert_array_equal(engine.read_block(d, np.arange(100), np.arange(120)), m)
