@@ -1,0 +1,148 @@
+"""Benchmark this loompy against the reference loompy 3.0.8 on the same seeded data, in the same run.
+
+Each operation runs in a fresh process, alternating between the two implementations; the child
+times only the operation (not imports or setup) and reports its peak RSS. Prints a Markdown table of
+median seconds, the ratio (reference / ours: above 1 means we are faster) and peak RSS.
+
+    python benchmarks/bench.py                         # 20,000 x 20,000, 7% non-zero (slow)
+    python benchmarks/bench.py --genes 5000 --cells 5000 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+import reference  # noqa: E402  (tests/reference.py: the reference's own venv)
+
+PRELUDE = """
+import json, resource, sys, time, numpy as np, scipy.sparse as sp, loompy
+base, work, extra = sys.argv[1], sys.argv[2], sys.argv[3]
+rng = np.random.default_rng(7)
+def done(seconds):
+    print(json.dumps({"s": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+# name -> (setup, timed statement, needs a private copy of the base file)
+OPERATIONS: dict[str, tuple[str, str, bool]] = {
+    "create from scipy.sparse": (
+        "d = np.load(extra + '/data.npz', allow_pickle=True); m = sp.csc_matrix((d['data'], d['indices'], "
+        "d['indptr']), shape=tuple(d['shape'])); ra = {'Gene': d['genes']}; ca = {'CellID': d['cells']}",
+        "r = loompy.create(work, m, ra, ca)\nif r is not None: r.close()", False),
+    "connect": ("", "ds = loompy.connect(base, 'r'); ds.close()", False),
+    "20 single rows": ("ds = loompy.connect(base, 'r'); ix = rng.choice(ds.shape[0], 20, replace=False)",
+                       "for i in ix: ds[int(i), :]", False),
+    "20 single columns": ("ds = loompy.connect(base, 'r'); ix = rng.choice(ds.shape[1], 20, replace=False)",
+                          "for i in ix: ds[:, int(i)]", False),
+    "500 random rows": ("ds = loompy.connect(base, 'r'); ix = np.sort(rng.choice(ds.shape[0], 500, replace=False))",
+                        "ds[ix, :]", False),
+    "2,000 random columns": (
+        "ds = loompy.connect(base, 'r'); ix = np.sort(rng.choice(ds.shape[1], 2000, replace=False))",
+        "ds[:, ix]", False),
+    "rows by gene-name mask": ("ds = loompy.connect(base, 'r'); names = set(ds.ra.Gene[::97])",
+                               "ds[np.array([g in names for g in ds.ra.Gene]), :]", False),
+    "scan rows": ("ds = loompy.connect(base, 'r')", "for _ in ds.scan(axis=0, batch_size=512): pass", False),
+    "scan columns": ("ds = loompy.connect(base, 'r')", "for _ in ds.scan(axis=1, batch_size=512): pass", False),
+    "map([np.mean, np.std])": ("ds = loompy.connect(base, 'r')", "ds.map([np.mean, np.std], axis=0)", False),
+    "sparse()": ("ds = loompy.connect(base, 'r')", "ds.sparse()", False),
+    "ds[:, :]": ("ds = loompy.connect(base, 'r')", "ds[:, :]", False),
+    "set_attr": ("ds = loompy.connect(work)", "ds.ca['Score'] = rng.random(ds.shape[1]); ds.close()", True),
+    "add_columns (2,000)": (
+        "ds = loompy.connect(work); cols = sp.random(ds.shape[0], 2000, density=0.07, format='csc', "
+        "random_state=1, dtype=np.float32).toarray(); ca = {'CellID': np.array([f'new{i}' for i in range(2000)])}",
+        "ds.add_columns(cols, ca); ds.close()", True),
+    "combine (2 files)": ("", "loompy.combine([base, base], work)", False),
+    "permute (columns)": ("ds = loompy.connect(work); order = rng.permutation(ds.shape[1])",
+                          "ds.permute(order, axis=1); ds.close()", True),
+    "anndata.read_loom": ("import anndata", "anndata.read_loom(base, sparse=True)", False),
+}
+
+
+def make_data(folder: Path, genes: int, cells: int, density: float) -> None:
+    rng = np.random.default_rng(0)
+    m = sp.random(genes, cells, density=density, format="csc", random_state=rng, dtype=np.float32,
+                  data_rvs=lambda k: rng.integers(1, 30, size=k))
+    np.savez(folder / "data.npz", data=m.data, indices=m.indices, indptr=m.indptr, shape=np.array(m.shape),
+             genes=np.array([f"Gene{i}" for i in range(genes)]), cells=np.array([f"Cell{i}" for i in range(cells)]))
+
+
+def run(python: str, env: dict, op: str, base: Path, work: Path, extra: Path) -> dict | None:
+    setup, statement, _ = OPERATIONS[op]
+    body = PRELUDE + setup + "\nt = time.perf_counter()\n" + statement + "\ndone(time.perf_counter() - t)\n"
+    proc = subprocess.run([python, "-c", textwrap.dedent(body), str(base), str(work), str(extra)],
+                          capture_output=True, text=True, env=env, cwd="/")
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--genes", type=int, default=20000)
+    parser.add_argument("--cells", type=int, default=20000)
+    parser.add_argument("--density", type=float, default=0.07)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--ops", nargs="*", default=list(OPERATIONS), help="subset of operations (by name)")
+    parser.add_argument("--workdir", default=None)
+    args = parser.parse_args()
+
+    ref_python = str(reference.ensure_reference())
+    subprocess.run([ref_python, "-m", "pip", "install", "-q", "anndata"], check=False)
+    folder = Path(args.workdir or tempfile.mkdtemp(prefix="loompy-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    make_data(folder, args.genes, args.cells, args.density)
+    ours_env = {**os.environ, "PYTHONPATH": str(REPO)}
+    impls = {"ours": (sys.executable, ours_env), "reference": (ref_python, dict(os.environ))}
+    bases = {}
+    for name, (python, env) in impls.items():  # each side reads a file it wrote itself
+        bases[name] = folder / f"base-{name}.loom"
+        result = run(python, env, "create from scipy.sparse", folder / "unused", bases[name], folder)
+        if not result or "error" in result:
+            raise SystemExit(f"{name}: could not create the base file: {result}")
+
+    results: dict[str, dict[str, list]] = {op: {"ours": [], "reference": []} for op in args.ops}
+    for op in args.ops:
+        for _ in range(args.repeats):
+            for name, (python, env) in impls.items():
+                work = folder / f"work-{name}.loom"
+                if work.exists():
+                    work.unlink()
+                if OPERATIONS[op][2]:
+                    shutil.copy(bases[name], work)
+                results[op][name].append(run(python, env, op, bases[name], work, folder))
+        print(f"done: {op}", file=sys.stderr)
+
+    print(f"\n{args.genes:,} x {args.cells:,}, {args.density:.0%} non-zero float32 counts, "
+          f"median of {args.repeats} fresh processes each\n")
+    print("| operation | ours (s) | reference (s) | speed-up | ours peak RSS (MB) | reference peak RSS (MB) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for op, by_impl in results.items():
+        cells = []
+        for name in ("ours", "reference"):
+            ok = [r for r in by_impl[name] if r and "s" in r]
+            cells.append((statistics.median(r["s"] for r in ok), max(r["rss_mb"] for r in ok)) if ok else None)
+        if cells[0] is None or cells[1] is None:
+            errors = [r.get("error") for name in by_impl for r in by_impl[name] if r and "error" in r]
+            print(f"| {op} | {'-' if cells[0] is None else f'{cells[0][0]:.3f}'} | "
+                  f"{'-' if cells[1] is None else f'{cells[1][0]:.3f}'} | n/a ({(errors or ['?'])[0][:60]}) | | |")
+            continue
+        ratio = cells[1][0] / cells[0][0] if cells[0][0] > 0 else float("inf")
+        print(f"| {op} | {cells[0][0]:.3f} | {cells[1][0]:.3f} | {ratio:.1f}x | {cells[0][1]:.0f} "
+              f"| {cells[1][1]:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
