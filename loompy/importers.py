@@ -16,7 +16,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-import scipy.io
 import scipy.sparse as sp
 
 from .errors import LoomFileNotFoundError, LoomValueError
@@ -83,6 +82,8 @@ class MexReader:
 
     @staticmethod
     def read(path: Path, genome: str | None = None) -> TenXData:
+        import scipy.io  # only importers need it; keep ``import loompy`` light
+
         matrix = scipy.io.mmread(str(_find(path, "matrix.mtx")))
         features = _table(_find(path, "features.tsv", "genes.tsv"))
         barcodes = np.array([row[0] for row in _table(_find(path, "barcodes.tsv"))], dtype=object)

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import scipy.stats
 
 from . import engine
 from . import format as fmt
@@ -145,6 +144,8 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
 
 # --------------------------------------------------------------------------- aggregate
 def _mode(values: np.ndarray, axis: int) -> np.ndarray:
+    import scipy.stats  # heavy: imported only when a mode is asked for
+
     return scipy.stats.mode(values, axis=axis, keepdims=False).mode
 
 
