@@ -29,11 +29,13 @@ sys.path.insert(0, str(REPO / "tests"))
 import reference  # noqa: E402  (tests/reference.py: the reference's own venv)
 
 PRELUDE = """
-import json, resource, sys, time, numpy as np, scipy.sparse as sp, loompy
+import json, sys, time, numpy as np, scipy.sparse as sp, loompy
 base, work, extra = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(7)
 def done(seconds):
-    print(json.dumps({"s": seconds, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    # VmHWM: this process's own peak (ru_maxrss would carry over the parent's across exec)
+    hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print(json.dumps({"s": seconds, "rss_mb": hwm / 1024}))
 """
 
 # name -> (setup, timed statement, needs a private copy of the base file)

@@ -94,7 +94,9 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                     dataset = c.layers[name]._dataset
                     rows = np.arange(n, dtype=np.int64)
                     step = _strip(n, dataset.dtype.itemsize)
-                    for start in range(0, len(sel), step):
+                    whole = order is None and len(sel) == c.shape[1]
+                    copied = engine.copy_chunks(dataset, dst, offset) if whole else 0  # no re-compression
+                    for start in range(copied, len(sel), step):
                         part = sel[start:start + step]
                         block = engine.read_block(dataset, rows, part)
                         if order is not None:

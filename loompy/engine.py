@@ -12,6 +12,7 @@ so every valid file still reads and writes correctly.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import h5py
@@ -177,25 +178,60 @@ def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_of
 
 def _write_direct(dataset: h5py.Dataset, layout: ChunkLayout, matrix: np.ndarray | sp.spmatrix,
                   col_offset: int, body: tuple[int, int], strip: int) -> None:
-    """Compress and store whole chunks for columns ``body`` (chunk-aligned, or ending at the edge)."""
+    """Compress and store whole chunks for columns ``body`` (chunk-aligned, or ending at the edge).
+
+    Works a few chunk columns at a time (small dense strips stay in cache); compression, which
+    releases the GIL, runs on two threads while this thread densifies and stores.
+    """
     c0, c1 = layout.chunks
     n = dataset.shape[0]
     fresh = dataset.id.get_num_chunks() == 0
-    for s in range(body[0], body[1], strip):
-        e = min(body[1], s + strip)
-        block = _dense(matrix, s - col_offset, e - col_offset, dataset.dtype)
-        for r in range(0, n, c0):
-            for c in range(s, e, c1):
-                piece = block[r:r + c0, c - s:c - s + c1]
-                if piece.shape != (c0, c1):  # edge chunk: HDF5 stores it full size
-                    padded = np.zeros((c0, c1), dtype=dataset.dtype)
-                    padded[:piece.shape[0], :piece.shape[1]] = piece
-                    piece = padded
-                if not piece.any() and layout.fill == 0 and \
-                        (fresh or dataset.id.get_chunk_info_by_coord((r, c)).byte_offset is None):
-                    continue  # all zero and never stored: leave unallocated, it reads as 0
-                dataset.id.write_direct_chunk((r, c), codecs.compress(piece, layout.level if layout.compressed
-                                                                      else None))
+    level = layout.level if layout.compressed else None
+    width = max(c1, min(strip, 4 * c1))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for s in range(body[0], body[1], width):
+            e = min(body[1], s + width)
+            block = _dense(matrix, s - col_offset, e - col_offset, dataset.dtype)
+            coords, pieces = [], []
+            for r in range(0, n, c0):
+                for c in range(s, e, c1):
+                    piece = block[r:r + c0, c - s:c - s + c1]
+                    if piece.shape != (c0, c1):  # edge chunk: HDF5 stores it full size
+                        padded = np.zeros((c0, c1), dtype=dataset.dtype)
+                        padded[:piece.shape[0], :piece.shape[1]] = piece
+                        piece = padded
+                    if not piece.any() and layout.fill == 0 and \
+                            (fresh or dataset.id.get_chunk_info_by_coord((r, c)).byte_offset is None):
+                        continue  # all zero and never stored: leave unallocated, it reads as 0
+                    coords.append((r, c))
+                    pieces.append(piece)
+            half = (len(pieces) + 1) // 2
+            parts = pool.map(lambda batch: [codecs.compress(p, level) for p in batch], [pieces[:half], pieces[half:]])
+            for coord, data in zip(coords, (d for part in parts for d in part)):
+                dataset.id.write_direct_chunk(coord, data)
+
+
+def copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
+    """Copy ``src``'s stored chunks into ``dst`` at ``col_offset`` without inflating them, where possible.
+
+    Possible when both use the same chunk shape, dtype and filters and ``col_offset`` is chunk-aligned;
+    only chunks lying wholly inside ``src`` are copied. Returns how many leading columns were handled
+    (a multiple of the chunk width; 0 when nothing could be copied).
+    """
+    layout, target = chunk_layout(src), chunk_layout(dst)
+    if layout is None or layout != target or col_offset % layout.chunks[1] or src.shape[0] != dst.shape[0]:
+        return 0
+    c0, c1 = layout.chunks
+    full = src.shape[1] // c1 * c1
+    _refresh(src)
+    for r in range(0, src.shape[0], c0):
+        for c in range(0, full, c1):
+            try:
+                mask, data = src.id.read_direct_chunk((r, c))
+            except (MemoryError, OSError, KeyError, RuntimeError):
+                continue  # never stored: stays unallocated in the copy too
+            dst.id.write_direct_chunk((r, c + col_offset), data, filter_mask=mask)
+    return full
 
 
 def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:

@@ -78,6 +78,8 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
 def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
     """Convert new columns to the layer's stored dtype, refusing any change of value."""
     data = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
+    if np.can_cast(data.dtype, dtype, "safe"):
+        return matrix.astype(dtype) if sp.issparse(matrix) else data.astype(dtype, copy=False)
     converted = data.astype(dtype)
     same = np.array_equal(converted.astype(data.dtype, copy=False), data, equal_nan=data.dtype.kind == "f")
     if data.size and not same:

@@ -138,3 +138,17 @@ def test_write_block_then_read_sees_it(tmp_path):
         engine.write_block(d, rows, cols, values)
         m[np.ix_(rows, cols)] = values
         np.testing.assert_array_equal(engine.read_block(d, np.arange(100), np.arange(120)), m)
+
+
+def test_copy_chunks_only_when_layouts_match(tmp_path):
+    m = sparse_counts((100, 150), np.float32, density=0.3)
+    with h5py.File(tmp_path / "c.h5", "w") as f:
+        src = f.create_dataset("src", data=m, chunks=(64, 64), compression="gzip", compression_opts=2)
+        dst = f.create_dataset("dst", shape=(100, 400), dtype="f4", chunks=(64, 64), compression="gzip",
+                               compression_opts=2, fillvalue=0)
+        other = f.create_dataset("other", shape=(100, 400), dtype="f4", chunks=(32, 64), compression="gzip")
+        assert engine.copy_chunks(src, other, 0) == 0  # chunk shapes differ
+        assert engine.copy_chunks(src, dst, 10) == 0  # not chunk-aligned
+        assert engine.copy_chunks(src, dst, 128) == 128  # the two whole chunk columns
+        np.testing.assert_array_equal(dst[:, 128:256], m[:, :128])
+        assert not dst[:, :128].any()
