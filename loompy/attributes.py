@@ -46,7 +46,39 @@ def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
         raise LoomValueError(f"{where}: cannot convert values to dtype {dtype!r} ({exc})") from exc
 
 
-class AttributeManager(MutableMapping):
+class DotAccess:
+    """``m.name`` reads ``m["name"]`` and ``del m.name`` deletes it; a missing name raises AttributeError.
+
+    Subclasses are mappings with a ``_where`` property naming the file and the kind of item.
+    """
+
+    _where: str
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]  # type: ignore[index]
+        except KeyError:
+            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+    def __delattr__(self, name: str) -> None:
+        try:
+            del self[name]  # type: ignore[attr-defined]
+        except KeyError:
+            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+
+def attribute_shortcut(row_attrs: AttributeManager, col_attrs: AttributeManager, name: str, where: str) -> Any:
+    """``ds.Name``: the column attribute if there is one, else the row attribute."""
+    if name in col_attrs:
+        return col_attrs[name]
+    if name in row_attrs:
+        return row_attrs[name]
+    raise LoomAttributeError(f"{where}: no method, column attribute or row attribute named '{name}'")
+
+
+class AttributeManager(DotAccess, MutableMapping):
     """Attributes along one axis (``axis=0``: rows, ``axis=1``: columns)."""
 
     def __init__(self, file: h5py.File | None, axis: int, dims: Dims, *, group_name: str | None = None,
@@ -86,14 +118,6 @@ class AttributeManager(MutableMapping):
         selection = select_axis(key, self._dims.shape[self.axis], self.axis)
         index = selection.indices[0] if selection.drop else selection.indices
         return {name: self[name][index] for name in self._names}
-
-    def __getattr__(self, name: str) -> np.ndarray:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._names))
@@ -158,12 +182,6 @@ class AttributeManager(MutableMapping):
         self._names.remove(name)
         self._cache.pop(name, None)
 
-    def __delattr__(self, name: str) -> None:
-        try:
-            del self[name]
-        except KeyError:
-            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
-
     # --------------------------------------------------------------- helpers for other modules
     def to_dict(self) -> dict[str, np.ndarray]:
         return {name: self[name] for name in self._names}
@@ -176,7 +194,7 @@ class AttributeManager(MutableMapping):
             self._names[:] = [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
 
 
-class GlobalAttributeManager(MutableMapping):
+class GlobalAttributeManager(DotAccess, MutableMapping):
     """File-wide attributes (``title``, ``description``...); ``LOOM_SPEC_VERSION`` is read-only."""
 
     def __init__(self, f: h5py.File, *, in_group: bool, legacy: bool) -> None:
@@ -192,14 +210,6 @@ class GlobalAttributeManager(MutableMapping):
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         return fmt.read_global(self._file, name, self._in_group, self._legacy)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
 
     def __setitem__(self, name: str, value: Any) -> None:
         if not isinstance(name, str) or not name or "/" in name:
@@ -228,12 +238,6 @@ class GlobalAttributeManager(MutableMapping):
         else:
             del self._file.attrs[name]
             self._file.attrs[fmt.LAST_MODIFIED] = fmt.timestamp()
-
-    def __delattr__(self, name: str) -> None:
-        try:
-            del self[name]
-        except KeyError:
-            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in fmt.global_names(self._file, self._in_group)

@@ -14,9 +14,8 @@ import scipy.sparse as sp
 
 from . import format as fmt
 from . import operations
-from .attributes import AttributeManager, Dims, GlobalAttributeManager
+from .attributes import AttributeManager, Dims, GlobalAttributeManager, attribute_shortcut
 from .errors import (
-    LoomAttributeError,
     LoomFileError,
     LoomFileNotFoundError,
     LoomFormatError,
@@ -156,11 +155,7 @@ class LoomConnection:
         """``ds.Name``: a column attribute, else a row attribute (methods always win)."""
         if name.startswith("_") or name in ("row_attrs", "col_attrs", "layers"):
             raise AttributeError(name)
-        if name in self.col_attrs:
-            return self.col_attrs[name]
-        if name in self.row_attrs:
-            return self.row_attrs[name]
-        raise LoomAttributeError(f"{self.filename}: no method, column attribute or row attribute named '{name}'")
+        return attribute_shortcut(self.row_attrs, self.col_attrs, name, self.filename)
 
     # --------------------------------------------------------------- attribute and layer helpers
     def set_attr(self, name: str, values: Any, axis: int = 0, dtype: Any = None) -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import format as fmt
-from .attributes import AXIS_LABELS, Dims, check_writable
-from .errors import LoomAttributeError, LoomFormatError, LoomKeyError, LoomValueError
+from .attributes import AXIS_LABELS, Dims, DotAccess, check_writable
+from .errors import LoomFormatError, LoomKeyError, LoomValueError
 
 
 def _vertices(raw: np.ndarray, where: str) -> np.ndarray:
@@ -24,7 +24,7 @@ def _vertices(raw: np.ndarray, where: str) -> np.ndarray:
     return raw.astype(np.int64, copy=False)
 
 
-class GraphManager(MutableMapping):
+class GraphManager(DotAccess, MutableMapping):
     """Graphs along one axis as ``scipy.sparse.coo_matrix`` (N x N for rows, M x M for columns)."""
 
     def __init__(self, file: h5py.File | None, axis: int, dims: Dims, *, group_name: str | None = None,
@@ -74,14 +74,6 @@ class GraphManager(MutableMapping):
         w = g["w"][...] if "w" in g else np.ones(a.size, dtype=np.float64)
         n = self._dims.shape[self.axis]
         return sp.coo_matrix((w, (a, b)), shape=(n, n))
-
-    def __getattr__(self, name: str) -> sp.coo_matrix:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
 
     def __setitem__(self, name: str, graph: Any) -> None:
         if not isinstance(name, str) or not name or "/" in name:
@@ -133,12 +125,6 @@ class GraphManager(MutableMapping):
         group = self._group
         del group[name]
         fmt.touch(group)
-
-    def __delattr__(self, name: str) -> None:
-        try:
-            del self[name]
-        except KeyError:
-            raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
 
     def _ipython_key_completions_(self) -> list[str]:
         return self.keys()

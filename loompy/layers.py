@@ -11,8 +11,8 @@ import scipy.sparse as sp
 
 from . import engine
 from . import format as fmt
-from .attributes import Dims, check_writable
-from .errors import LoomAttributeError, LoomKeyError, LoomTypeError, LoomValueError
+from .attributes import Dims, DotAccess, check_writable
+from .errors import LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -20,7 +20,20 @@ def _axis(selection: Any, length: int, axis: int) -> AxisSelection:
     return select_axis(slice(None) if selection is None else selection, length, axis)
 
 
-class LoomLayer:
+class SparseForms:
+    """The loompy 2 names for a whole layer as a sparse matrix, built on the subclass's ``sparse()``."""
+
+    def as_coo(self) -> sp.coo_matrix:
+        return self.sparse()
+
+    def as_csr(self) -> sp.csr_matrix:
+        return self.sparse().tocsr()
+
+    def as_csc(self) -> sp.csc_matrix:
+        return self.sparse().tocsc()
+
+
+class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
     def __init__(self, name: str, dataset: h5py.Dataset) -> None:
@@ -73,15 +86,6 @@ class LoomLayer:
             csr = csr[:, c.inverse]
         return csr.tocoo()
 
-    def as_coo(self) -> sp.coo_matrix:
-        return self.sparse()
-
-    def as_csr(self) -> sp.csr_matrix:
-        return self.sparse().tocsr()
-
-    def as_csc(self) -> sp.csc_matrix:
-        return self.sparse().tocsc()
-
     def __repr__(self) -> str:
         return f"<LoomLayer '{self.name}' shape {self.shape} dtype {self.dtype}>"
 
@@ -92,12 +96,16 @@ def _input_dtype(matrix: Any) -> np.dtype:
     return matrix.dtype if hasattr(matrix, "dtype") else np.asarray(matrix).dtype
 
 
-class LayerManager(MutableMapping):
+class LayerManager(DotAccess, MutableMapping):
     """Layers by name; ``""`` is the main matrix at ``/matrix``."""
 
     def __init__(self, file: h5py.File, dims: Dims) -> None:
         object.__setattr__(self, "_file", file)
         object.__setattr__(self, "_dims", dims)
+
+    @property
+    def _where(self) -> str:
+        return f"{self._file.filename}: layer"
 
     # --------------------------------------------------------------- reading
     def _dataset(self, name: str) -> h5py.Dataset | None:
@@ -119,14 +127,6 @@ class LayerManager(MutableMapping):
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
         return LoomLayer(name, dataset)
-
-    def __getattr__(self, name: str) -> LoomLayer:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise LoomAttributeError(f"{self._file.filename}: layer '{name}' does not exist") from None
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._dataset(name) is not None
@@ -208,9 +208,3 @@ class LayerManager(MutableMapping):
         group = self._file[fmt.LAYERS]
         del group[name]
         fmt.touch(group)
-
-    def __delattr__(self, name: str) -> None:
-        try:
-            del self[name]
-        except KeyError:
-            raise LoomAttributeError(f"{self._file.filename}: layer '{name}' does not exist") from None

@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .attributes import AttributeManager, Dims
-from .errors import LoomAttributeError, LoomKeyError
+from .attributes import AttributeManager, Dims, DotAccess, attribute_shortcut
+from .errors import LoomKeyError
 from .graphs import GraphManager
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
+from .layers import SparseForms
 
 
-class MemoryLayer:
+class MemoryLayer(SparseForms):
     """A layer held in memory, indexed like :class:`loompy.LoomLayer`."""
 
     def __init__(self, name: str, values: np.ndarray) -> None:
@@ -44,34 +45,19 @@ class MemoryLayer:
         c = select_axis(slice(None) if cols is None else cols, self.shape[1], 1)
         return sp.coo_matrix(self.values[np.ix_(r.indices, c.indices)])
 
-    def as_coo(self) -> sp.coo_matrix:
-        return self.sparse()
 
-    def as_csr(self) -> sp.csr_matrix:
-        return self.sparse().tocsr()
-
-    def as_csc(self) -> sp.csc_matrix:
-        return self.sparse().tocsc()
-
-
-class MemoryLayerManager(Mapping):
+class MemoryLayerManager(DotAccess, Mapping):
     """Layers of a view, by name (``""`` is the main matrix)."""
+
+    _where = "view: layer"
 
     def __init__(self, layers: dict[str, np.ndarray]) -> None:
         self._layers = {name: MemoryLayer(name, values) for name, values in layers.items()}
 
     def __getitem__(self, name: str) -> MemoryLayer:
         if name not in self._layers:
-            raise LoomKeyError(f"view: layer '{name}' is not in this view")
+            raise LoomKeyError(f"{self._where} '{name}' is not in this view")
         return self._layers[name]
-
-    def __getattr__(self, name: str) -> MemoryLayer:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        try:
-            return self[name]
-        except KeyError:
-            raise LoomAttributeError(f"view: layer '{name}' is not in this view") from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._layers)
@@ -131,11 +117,7 @@ class LoomView:
     def __getattr__(self, name: str) -> np.ndarray:
         if name.startswith("_") or name in ("row_attrs", "col_attrs", "layers"):
             raise AttributeError(name)
-        if name in self.col_attrs:
-            return self.col_attrs[name]
-        if name in self.row_attrs:
-            return self.row_attrs[name]
-        raise LoomAttributeError(f"view: no method, column attribute or row attribute named '{name}'")
+        return attribute_shortcut(self.row_attrs, self.col_attrs, name, f"view of {self.filename}")
 
     def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None) -> sp.coo_matrix:
         return self.layers["" if layer is None else layer].sparse(rows, cols)
