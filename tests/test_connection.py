@@ -223,6 +223,14 @@ def test_read_only_mode_refuses_writes_and_leaves_file_intact(small):
     assert digest(path) == before
 
 
+def test_reading_in_read_write_mode_changes_nothing(small):
+    path, *_ = small
+    before = digest(path)
+    with loompy.connect(path) as ds:  # default mode r+
+        ds[:, :], ds.ra.Gene, ds.ca.to_dict(), ds.attrs.keys(), ds.sparse(), ds.col_graphs.keys()
+    assert digest(path) == before
+
+
 def test_rejected_calls_leave_file_byte_identical(small):
     path, m, *_ = small
     before = digest(path)
