@@ -24,8 +24,9 @@ from .indexing import select_axis
 STRIP_BYTES = 64 << 20  # matrix bytes held in memory at once while copying
 
 
-def _strip(n_rows: int, itemsize: int, width: int = 64) -> int:
-    return max(width, (STRIP_BYTES // max(1, n_rows * itemsize)) // width * width)
+def _strip(across: int, itemsize: int, unit: int = 64) -> int:
+    """How many lines (a multiple of ``unit``, one chunk's extent) fit in STRIP_BYTES when each is ``across`` long."""
+    return max(unit, (STRIP_BYTES // max(1, across * itemsize)) // unit * unit)
 
 
 def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:
@@ -164,13 +165,13 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
             for key, value in src.attrs.items():
                 dst.attrs[key] = value
             if axis == 1:
-                step = max(1, STRIP_BYTES // max(1, m * src.dtype.itemsize) // 64 * 64) or 64
+                step = _strip(m, src.dtype.itemsize, src.chunks[0] if src.chunks else 64)  # whole chunk rows
                 cols = np.arange(m, dtype=np.int64)
                 for start in range(0, n, step):
                     rows = np.arange(start, min(n, start + step), dtype=np.int64)
                     engine.write_block(dst, rows, cols, engine.read_block(src, rows, cols)[:, order])
             else:
-                step = _strip(n, src.dtype.itemsize)
+                step = _strip(n, src.dtype.itemsize, src.chunks[1] if src.chunks else 64)
                 rows = np.arange(n, dtype=np.int64)
                 for start in range(0, m, step):
                     cols = np.arange(start, min(m, start + step), dtype=np.int64)

@@ -33,6 +33,7 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
         raise LoomFileNotFoundError(2, "the folder for the new Loom file does not exist", directory)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".loom-tmp", dir=directory)
     os.close(fd)
+    os.chmod(tmp, _permissions_for(path))  # mkstemp makes 0600; the result must look like any new file
     try:
         with h5py.File(tmp, "w") as f:
             yield f
@@ -43,6 +44,16 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _permissions_for(path: str) -> int:
+    """The existing file's permission bits, or what the umask gives a newly created file."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:

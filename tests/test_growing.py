@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 
 import h5py
 import numpy as np
@@ -176,3 +178,21 @@ def test_overwrites_then_repack_reclaims_space(tmp_path):
         for k, v in before.items():
             np.testing.assert_array_equal(f[k][()], v)
     assert loompy.LoomValidator().validate(path)
+
+
+def test_whole_file_writes_give_ordinary_permissions(tmp_path):
+    """The temporary file behind an atomic write must not leave its private 0600 mode on the result."""
+    old = os.umask(0o022)
+    try:
+        m = np.arange(12, dtype=np.float32).reshape(3, 4)
+        path = make(tmp_path / "mode.loom", m)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644
+        loompy.combine([path, path], tmp_path / "both.loom")
+        assert stat.S_IMODE((tmp_path / "both.loom").stat().st_mode) == 0o644
+        path.chmod(0o640)  # rewriting an existing file keeps the mode its owner chose
+        with loompy.connect(path) as ds:
+            ds.permute([1, 0, 2], axis=0)
+        loompy.repack(path)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
