@@ -90,20 +90,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                 src = first.layers[name]._dataset
                 group = out if name == "" else out[fmt.LAYERS]
                 dst = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, (n, total), src.dtype)
-                offset = 0
-                for c, order, sel in zip(conns, orders, cols):
-                    dataset = c.layers[name]._dataset
-                    rows = np.arange(n, dtype=np.int64)
-                    step = _strip(n, dataset.dtype.itemsize)
-                    whole = order is None and len(sel) == c.shape[1]
-                    copied = engine.copy_chunks(dataset, dst, offset) if whole else 0  # no re-compression
-                    for start in range(copied, len(sel), step):
-                        part = sel[start:start + step]
-                        block = engine.read_block(dataset, rows, part)
-                        if order is not None:
-                            block = block[order]
-                        engine.write_matrix(dst, block.astype(src.dtype, copy=False), col_offset=offset + start)
-                    offset += len(sel)
+                _concatenate_layer(dst, [(c.layers[name]._dataset, order, sel) for c, order, sel in
+                                         zip(conns, orders, cols)])
             for k, v in first.ra.items():
                 fmt.write_values(out[fmt.ROW_ATTRS], k, v, resizable=False, where=f"row attribute '{k}'")
             for k, v in col_attrs.items():
@@ -113,6 +101,43 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
     finally:
         for c in conns:
             c.close()
+
+
+def _concatenate_layer(dst: h5py.Dataset, sources: list[tuple[h5py.Dataset, np.ndarray | None, np.ndarray]]) -> None:
+    """Fill ``dst`` with the selected columns of each source in turn (rows reordered by ``order``).
+
+    A source whose columns are all taken, in place and chunk-aligned, has its chunks copied as
+    stored; everything else is gathered in strips aligned to ``dst``'s chunks and written once.
+    """
+    spans = []  # (first output column, source, order, selected columns)
+    needed = []  # output column ranges still to write
+    offset = 0
+    for dataset, order, sel in sources:
+        whole = order is None and len(sel) == dataset.shape[1]
+        copied = engine.copy_chunks(dataset, dst, offset) if whole else 0
+        spans.append((offset, dataset, order, sel))
+        if copied < len(sel):
+            if needed and needed[-1][1] == offset + copied:
+                needed[-1][1] = offset + len(sel)
+            else:
+                needed.append([offset + copied, offset + len(sel)])
+        offset += len(sel)
+    rows = np.arange(dst.shape[0], dtype=np.int64)
+
+    def gather(start: int, stop: int) -> np.ndarray:
+        block = np.empty((dst.shape[0], stop - start), dtype=dst.dtype)
+        for first, dataset, order, sel in spans:
+            a, b = max(start, first), min(stop, first + len(sel))
+            if a < b:
+                cols = sel[a - first:b - first]
+                if order is None:  # straight into place
+                    engine.read_block(dataset, rows, cols, out=block[:, a - start:b - start])
+                else:
+                    block[:, a - start:b - start] = engine.read_block(dataset, rows, cols)[order]
+        return block
+
+    for start, stop in needed:
+        engine.write_columns(dst, start, stop - start, lambda a, b, start=start: gather(start + a, start + b))
 
 
 def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, key: str | None = None,

@@ -12,9 +12,8 @@ so every valid file still reads and writes correctly.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import h5py
@@ -98,9 +97,11 @@ def _refresh(dataset: h5py.Dataset) -> None:
         dataset.flush()
 
 
-def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Dense ``dataset[np.ix_(rows, cols)]`` for sorted unique ``rows`` and ``cols``."""
-    out = np.empty((rows.size, cols.size), dtype=dataset.dtype)
+def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Dense ``dataset[np.ix_(rows, cols)]`` for sorted unique ``rows`` and ``cols`` (into ``out`` if given)."""
+    if out is None:
+        out = np.empty((rows.size, cols.size), dtype=dataset.dtype)
     if out.size == 0:
         return out
     layout = chunk_layout(dataset)
@@ -144,7 +145,10 @@ def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, 
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     cols_contiguous = c1 - c0 == cols.size
     if cols_contiguous and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
-        dataset.read_direct(out, np.s_[int(rows[0]):int(rows[-1]) + 1, c0:c1])
+        if out.flags.c_contiguous:
+            dataset.read_direct(out, np.s_[int(rows[0]):int(rows[-1]) + 1, c0:c1])
+        else:
+            out[...] = dataset[int(rows[0]):int(rows[-1]) + 1, c0:c1]
         return out
     height = dataset.chunks[0] if dataset.chunks else 64
     for _, part, _ in _groups(rows, height):
@@ -179,50 +183,52 @@ def write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, value
         dataset[r0:r1, c0:c1] = block
 
 
-def _dense(matrix: np.ndarray | sp.spmatrix, start: int, stop: int, dtype: np.dtype) -> np.ndarray:
-    block = matrix[:, start:stop]
+def _dense(block: np.ndarray | sp.spmatrix, dtype: np.dtype) -> np.ndarray:
     block = block.toarray() if sp.issparse(block) else np.asarray(block)
     return block.astype(dtype, copy=False)
+
+
+Producer = Callable[[int, int], "np.ndarray | sp.csc_matrix"]
 
 
 def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_offset: int = 0) -> None:
     """Write a whole dense or sparse matrix into ``dataset[:, col_offset:col_offset + m]``.
 
-    Sparse input is densified one strip of chunk columns at a time, never as a whole.
+    Sparse input is never densified as a whole: whole chunks are filled straight from it.
     """
-    n, m = matrix.shape
-    if n == 0 or m == 0:
-        return
     if sp.issparse(matrix):
         matrix = sp.csc_matrix(matrix)
+    write_columns(dataset, col_offset, matrix.shape[1], lambda a, b: matrix[:, a:b])
+
+
+def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: Producer) -> None:
+    """Write ``ncols`` full-height columns from ``col_offset``; ``produce(a, b)`` gives relative columns a:b.
+
+    Whole chunks are compressed on worker threads (which also call ``produce``) and stored directly;
+    unaligned edges go through h5py, which merges them with what their chunks already hold.
+    """
+    n = dataset.shape[0]
+    if n == 0 or ncols == 0:
+        return
     layout = chunk_layout(dataset)
     width = dataset.chunks[1] if dataset.chunks else 64
     strip = max(width, STRIP_BYTES // max(1, n * dataset.dtype.itemsize) // width * width)
-    start, stop = col_offset, col_offset + m
+    start, stop = col_offset, col_offset + ncols
     if layout is None:
         body = (stop, stop)
     else:
         first_full = -(-start // width) * width
         last_full = stop if stop == dataset.shape[1] else stop // width * width
         body = (first_full, last_full) if first_full < last_full else (stop, stop)
-    # unaligned edges go through h5py (it merges them with what the chunks already hold)
     for a, b in ((start, min(body[0], stop)), (max(body[1], start), stop)):
         for s in range(a, b, strip):
             e = min(b, s + strip)
-            dataset[:, s:e] = _dense(matrix, s - col_offset, e - col_offset, dataset.dtype)
+            dataset[:, s:e] = _dense(produce(s - col_offset, e - col_offset), dataset.dtype)
     if body[0] < body[1]:
         _refresh(dataset)
-        _write_direct(dataset, layout, matrix, col_offset, body)
-
-
-def _write_direct(dataset: h5py.Dataset, layout: ChunkLayout, matrix: np.ndarray | sp.spmatrix,
-                  col_offset: int, body: tuple[int, int]) -> None:
-    """Store whole chunks for columns ``body`` (chunk-aligned, or ending at the edge)."""
-    def produce(a: int, b: int) -> np.ndarray | sp.csc_matrix:
-        start, stop = body[0] + a - col_offset, body[0] + b - col_offset
-        return matrix[:, start:stop] if sp.issparse(matrix) else _dense(matrix, start, stop, dataset.dtype)
-
-    store_region(dataset, layout, 0, body[0], dataset.shape[0], body[1] - body[0], produce)
+        shift = body[0] - col_offset
+        store_region(dataset, layout, 0, body[0], n, body[1] - body[0],
+                     lambda a, b: produce(shift + a, shift + b))
 
 
 def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int, c0: int, c1: int) -> bool:
@@ -235,66 +241,67 @@ def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int,
 
 
 def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: int, nrows: int, ncols: int,
-                 produce: Callable[[int, int], np.ndarray]) -> None:
+                 produce: Producer) -> None:
     """Store the chunks covering ``nrows`` x ``ncols`` from the chunk boundary ``(row0, col0)``.
 
     ``produce(a, b)`` returns the values of relative columns ``a:b`` (dense, or scipy.sparse CSC).
-    Worker threads produce, cut and compress strips of a few chunk columns (deflate releases the
-    GIL); this thread stores them in order, holding at most ``THREADS + 1`` strips. All-zero chunks never stored stay
+    Strip by strip, this thread produces the values and cuts them into chunks; worker threads
+    compress them (deflate releases the GIL) while this thread produces the next strip, then this
+    thread stores them (HDF5 calls stay on one thread). All-zero chunks never stored stay
     unallocated (they read as 0); stored ones are overwritten with zeros.
     """
     h, w = layout.chunks
-    width = max(w, STRIP_BYTES // 4 // max(1, nrows * layout.dtype.itemsize) // w * w)
+    width = max(w, STRIP_BYTES // max(1, nrows * layout.dtype.itemsize) // w * w)
     fresh = dataset.id.get_num_chunks() == 0
-    zero_chunk: list[bytes] = []
+    level = layout.level if layout.compressed else None
+    zero_chunk = None
 
-    def store(a: int, future: Future) -> None:
-        coords, data, zeros = future.result()
-        for (r, c), payload in zip(coords, data):
-            dataset.id.write_direct_chunk((row0 + r, col0 + a + c), payload)
-        for r, c in [] if fresh else zeros:
-            coord = (row0 + r, col0 + a + c)
+    def store(a: int, coords: list, keep: np.ndarray, futures: list) -> None:
+        nonlocal zero_chunk
+        payloads = (p for future in futures for p in future.result())
+        for (i, j), payload in zip(coords, payloads):
+            dataset.id.write_direct_chunk((row0 + int(i) * h, col0 + a + int(j) * w), payload)
+        for i, j in [] if fresh else zip(*np.nonzero(~keep)):
+            coord = (row0 + int(i) * h, col0 + a + int(j) * w)
             if dataset.id.get_chunk_info_by_coord(coord).byte_offset is not None:
-                if not zero_chunk:
-                    level = layout.level if layout.compressed else None
-                    zero_chunk.append(codecs.compress(np.zeros(layout.chunks, layout.dtype), level))
-                dataset.id.write_direct_chunk(coord, zero_chunk[0])
+                if zero_chunk is None:
+                    zero_chunk = codecs.compress(np.zeros(layout.chunks, layout.dtype), level)
+                dataset.id.write_direct_chunk(coord, zero_chunk)
 
-    pending: deque[tuple[int, Future]] = deque()
+    def compress(tiles: np.ndarray, part: list) -> list[bytes]:
+        return [codecs.compress(tiles[i, j], level) for i, j in part]
+
+    pending = None
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         for a in range(0, ncols, width):
-            b = min(ncols, a + width)
-            pending.append((a, pool.submit(lambda a=a, b=b: _encode(layout, produce(a, b)))))
-            if len(pending) > THREADS:
-                store(*pending.popleft())
-        while pending:
-            store(*pending.popleft())
+            tiles, keep = _tiles(produce(a, min(ncols, a + width)), layout)
+            coords = list(zip(*np.nonzero(keep)))
+            share = -(-len(coords) // THREADS) or 1
+            futures = [pool.submit(compress, tiles, coords[k:k + share]) for k in range(0, len(coords), share)]
+            if pending:
+                store(*pending)
+            pending = (a, coords, keep, futures)
+        if pending:
+            store(*pending)
 
 
-def _encode(layout: ChunkLayout, block: np.ndarray | sp.csc_matrix) -> tuple[list, list[bytes], list]:
-    """Cut ``block`` (corner on a chunk boundary) into chunks and compress those to store.
-
-    Returns (coordinates, stored bytes) of the chunks holding any non-zero bit (-0.0 counts), and
-    the coordinates of the all-zero ones, relative to the block's corner. With a non-zero fill
-    value every chunk is stored.
-    """
+def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout) -> tuple[np.ndarray, np.ndarray]:
+    """``block`` (corner on a chunk boundary) as contiguous (chunk row, chunk col, h, w) tiles, edges
+    zero-padded, and which tiles to store: those with any non-zero bit (-0.0 counts), or all of
+    them when the fill value is not zero."""
     h, w = layout.chunks
     if sp.issparse(block):
         tiles, keep = _sparse_tiles(block, h, w, layout.dtype)
     else:
-        tiles = _tiles(np.asarray(block, dtype=layout.dtype), h, w)
+        tiles = _dense_tiles(np.asarray(block, dtype=layout.dtype), h, w)
         keep = tiles.view(f"u{layout.dtype.itemsize}").any(axis=(2, 3))
     if layout.fill != 0:
         keep[...] = True
-    level = layout.level if layout.compressed else None
-    coords = [(int(i) * h, int(j) * w) for i, j in zip(*np.nonzero(keep))]
-    data = [codecs.compress(tiles[r // h, c // w], level) for r, c in coords]
-    zeros = [(int(i) * h, int(j) * w) for i, j in zip(*np.nonzero(~keep))]
-    return coords, data, zeros
+    return tiles, keep
 
 
 def _sparse_tiles(block: sp.csc_matrix, h: int, w: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """Tiles (as :func:`_tiles`) of a CSC block by scattering its entries, and which tiles hold any.
+    """Tiles (as :func:`_dense_tiles`) of a CSC block by scattering its entries, and which tiles hold any.
 
     Skips the dense intermediate: each stored entry goes straight to its place in its chunk.
     """
@@ -316,7 +323,7 @@ def _sparse_tiles(block: sp.csc_matrix, h: int, w: int, dtype: np.dtype) -> tupl
     return tiles.reshape(nr, nc, h, w), keep.reshape(nr, nc)
 
 
-def _tiles(block: np.ndarray, h: int, w: int) -> np.ndarray:
+def _dense_tiles(block: np.ndarray, h: int, w: int) -> np.ndarray:
     """``block`` as a contiguous (chunk row, chunk col, h, w) array, edges padded with zeros."""
     n, m = block.shape
     nr, nc, fr, fc = -(-n // h), -(-m // w), n // h, m // w

@@ -200,3 +200,15 @@ def test_sparse_input_is_scattered_into_chunks_like_toarray(tmp_path, chunks):
     expected = m.toarray().astype(np.float32)
     np.testing.assert_array_equal(back, expected)
     assert back[0, 0] == 3 and back[50, 64] == -1 and np.signbit(back[13, 7])
+
+
+def test_read_block_into_a_strided_view_of_another_dtype(stored):
+    """combine reads each input straight into its columns of the output strip."""
+    name, dataset, m = stored
+    out = np.full((150, 300), -1.0)
+    rows, cols = np.arange(150), np.array([0, 1, 2, 100, 210])
+    engine.read_block(dataset, rows, cols, out=out[:, 50:55])
+    np.testing.assert_array_equal(out[:, 50:55], m[:, cols])
+    assert (out[:, :50] == -1).all() and (out[:, 55:] == -1).all()
+    engine.read_block(dataset, rows, np.arange(211), out=out[:, 10:221])
+    np.testing.assert_array_equal(out[:, 10:221], m)
