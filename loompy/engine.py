@@ -373,16 +373,23 @@ def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp
         return sp.coo_matrix(shape, dtype=dtype)
     height = dataset.chunks[0] if dataset.chunks else 64
     step = max(height, STRIP_BYTES // max(1, cols.size * dataset.dtype.itemsize) // height * height)
-    parts_r, parts_c, parts_v = [], [], []
-    offset = 0
-    for _, part, _ in _groups(rows, step):
-        block = read_block(dataset, rows[part], cols)
-        flat = np.flatnonzero(block)  # faster than a 2-D nonzero
-        r = flat // cols.size
-        parts_r.append(r + offset)
-        parts_c.append(flat - r * cols.size)
-        parts_v.append(block.ravel()[flat].astype(dtype, copy=False))
-        offset += part.stop - part.start
-    return sp.coo_matrix(
-        (np.concatenate(parts_v), (np.concatenate(parts_r), np.concatenate(parts_c))), shape=shape, dtype=dtype
-    )
+    index = np.int32 if max(shape) < 2**31 else np.int64  # what scipy would convert to anyway
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    with ThreadPoolExecutor(max_workers=THREADS) as pool:
+        for _, part, _ in _groups(rows, step):
+            block = read_block(dataset, rows[part], cols)
+            # the entries of each strip are found on the workers, a slice of its rows each (numpy
+            # releases the GIL there); slices are kept in row order, so the result is row-major
+            bounds = np.linspace(0, block.shape[0], THREADS + 1).astype(int).tolist()
+            parts.extend(pool.map(lambda a, b, block=block, first=part.start:
+                                  _entries(block[a:b], first + a, index, dtype), bounds[:-1], bounds[1:]))
+    r, c, v = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    return sp.coo_matrix((v, (r, c)), shape=shape, dtype=dtype)
+
+
+def _entries(block: np.ndarray, first_row: int, index: type, dtype: np.dtype) -> tuple[np.ndarray, ...]:
+    """Row, column and value of every non-zero of ``block`` (rows numbered from ``first_row``), row-major."""
+    flat = np.flatnonzero(block)  # faster than a 2-D nonzero
+    r, c = np.divmod(flat, block.shape[1])
+    r += first_row
+    return r.astype(index), c.astype(index), block.ravel()[flat].astype(dtype, copy=False)
