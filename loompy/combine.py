@@ -133,7 +133,7 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[tuple[h5py.Dataset, np.n
                 if order is None:  # straight into place
                     engine.read_block(dataset, rows, cols, out=block[:, a - start:b - start])
                 else:
-                    block[:, a - start:b - start] = engine.read_block(dataset, rows, cols)[order]
+                    block[:, a - start:b - start] = np.take(engine.read_block(dataset, rows, cols), order, axis=0)
         return block
 
     for start, stop in needed:
@@ -194,13 +194,15 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
                 cols = np.arange(m, dtype=np.int64)
                 for start in range(0, n, step):
                     rows = np.arange(start, min(n, start + step), dtype=np.int64)
-                    engine.write_block(dst, rows, cols, engine.read_block(src, rows, cols)[:, order])
+                    # np.take: 4x faster than fancy indexing for a random order
+                    engine.write_block(dst, rows, cols, np.take(engine.read_block(src, rows, cols), order, axis=1))
             else:
                 step = _strip(n, src.dtype.itemsize, src.chunks[1] if src.chunks else 64)
                 rows = np.arange(n, dtype=np.int64)
                 for start in range(0, m, step):
                     cols = np.arange(start, min(m, start + step), dtype=np.int64)
-                    engine.write_matrix(dst, engine.read_block(src, rows, cols)[order], col_offset=start)
+                    block = np.take(engine.read_block(src, rows, cols), order, axis=0)
+                    engine.write_matrix(dst, block, col_offset=start)
             fmt.touch(dst)
         attr_group = fmt.ATTR_GROUPS[axis]
         graph_group = fmt.graph_group_name(f, axis)
