@@ -53,6 +53,11 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
     except OSError as exc:
         if _is_lock_error(exc):
             raise LoomLockError(f"{path}: {_LOCK_HINT} ({exc})") from exc
+        if "addr overflow" in str(exc):  # a writer died before HDF5 recorded the space it had used
+            if mode == "r+" and fmt.extend_allocation(path):
+                return open_h5(path, mode, locking=locking)
+            raise LoomFileError(f"{path}: a write was interrupted; open it once with mode 'r+' to repair it "
+                                f"({exc})") from exc
         raise LoomFileError(f"{path}: cannot open as a Loom (HDF5) file: {exc}") from exc
 
 
@@ -64,9 +69,16 @@ class LoomConnection:
         self.filename = os.fspath(filename)
         self._file = open_h5(self.filename, mode, locking=locking)
         try:
-            from .growing import recover, refuse_if_pending_read_only
+            from .growing import RollbackError, recover, refuse_if_pending_read_only
 
-            recover(self._file)  # an interrupted append is rolled back before anything else looks
+            try:
+                recover(self._file)  # an interrupted append is rolled back before anything else looks
+            except RollbackError:
+                self._file.close()
+                if not fmt.extend_allocation(self.filename):
+                    raise
+                self._file = open_h5(self.filename, mode, locking=locking)
+                recover(self._file)
             refuse_if_pending_read_only(self._file, self.filename)
             if validate:
                 from .validator import check_structure

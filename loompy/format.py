@@ -13,6 +13,7 @@ attributes where, and converts between stored values and what users see:
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -371,3 +372,31 @@ def create_matrix(
     )
     touch(ds)
     return ds
+
+
+def extend_allocation(path: str) -> bool:
+    """Raise the end-of-allocation address in the superblock to the file's size; True if it changed.
+
+    A writer killed between HDF5's metadata writes and its next superblock write leaves metadata
+    pointing into space the superblock does not yet count as allocated, and HDF5 then refuses to
+    change those objects ("addr overflow"). The space is there on disk, so counting it as allocated
+    (what HDF5's ``h5clear --increment`` does) lets the rollback proceed. Handles superblock versions
+    0 and 1 at the start of the file (what h5py writes by default); later versions carry a checksum
+    and are left alone.
+    """
+    with open(path, "r+b") as fh:
+        head = fh.read(64)
+        if len(head) < 56 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (0, 1) or head[13] != 8:
+            return False
+        base_at = 24 if head[8] == 0 else 28
+        base = int.from_bytes(head[base_at:base_at + 8], "little")
+        end_at = base_at + 16
+        allocated = int.from_bytes(head[end_at:end_at + 8], "little")
+        actual = os.fstat(fh.fileno()).st_size - base
+        if actual <= allocated:
+            return False
+        fh.seek(end_at)
+        fh.write(actual.to_bytes(8, "little"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True

@@ -38,17 +38,24 @@ def recover(f: h5py.File) -> int | None:
     width = pending_append(f)
     if width is None or f.mode != "r+":
         return width
-    for ds in _matrices(f):
-        if ds.shape[1] > width:
-            ds.resize(width, axis=1)
-    group = f.get(fmt.COL_ATTRS)
-    if isinstance(group, h5py.Group):
-        for ds in group.values():
-            if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
-                ds.resize(width, axis=0)
-    del f.attrs[JOURNAL]
-    f.flush()
+    try:
+        for ds in _matrices(f):
+            if ds.shape[1] > width:
+                ds.resize(width, axis=1)
+        group = f.get(fmt.COL_ATTRS)
+        if isinstance(group, h5py.Group):
+            for ds in group.values():
+                if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
+                    ds.resize(width, axis=0)
+        del f.attrs[JOURNAL]
+        f.flush()
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        raise RollbackError(f"{f.filename}: could not roll back an interrupted append: {exc}") from exc
     return width
+
+
+class RollbackError(LoomFileError):
+    """HDF5 refused to roll back an interrupted append (see :func:`loompy.format.extend_allocation`)."""
 
 
 def _matrices(f: h5py.File) -> list[h5py.Dataset]:
