@@ -48,17 +48,29 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
     kwargs: dict[str, Any] = {}
     if locking is not None:
         kwargs["locking"] = locking
+    if mode == "r+" and fmt.allocation_short(path) and _interrupted(path, kwargs):
+        fmt.extend_allocation(path)  # before HDF5 opens it for writing, which would trim the file
     try:
         return h5py.File(path, mode, **kwargs)
     except OSError as exc:
         if _is_lock_error(exc):
             raise LoomLockError(f"{path}: {_LOCK_HINT} ({exc})") from exc
         if "addr overflow" in str(exc):  # a writer died before HDF5 recorded the space it had used
-            if mode == "r+" and fmt.extend_allocation(path):
-                return open_h5(path, mode, locking=locking)
             raise LoomFileError(f"{path}: a write was interrupted; open it once with mode 'r+' to repair it "
                                 f"({exc})") from exc
         raise LoomFileError(f"{path}: cannot open as a Loom (HDF5) file: {exc}") from exc
+
+
+def _interrupted(path: str, kwargs: dict[str, Any]) -> bool:
+    """Whether a file whose allocation is short was left so by an interrupted loompy append (it holds
+    the append journal) or cannot be opened at all for that reason; only then is it repaired."""
+    from .growing import JOURNAL
+
+    try:
+        with h5py.File(path, "r", **kwargs) as f:
+            return JOURNAL in f.attrs
+    except OSError as exc:
+        return "addr overflow" in str(exc)
 
 
 class LoomConnection:
@@ -69,16 +81,9 @@ class LoomConnection:
         self.filename = os.fspath(filename)
         self._file = open_h5(self.filename, mode, locking=locking)
         try:
-            from .growing import RollbackError, recover, refuse_if_pending_read_only
+            from .growing import recover, refuse_if_pending_read_only
 
-            try:
-                recover(self._file)  # an interrupted append is rolled back before anything else looks
-            except RollbackError:
-                self._file.close()
-                if not fmt.extend_allocation(self.filename):
-                    raise
-                self._file = open_h5(self.filename, mode, locking=locking)
-                recover(self._file)
+            recover(self._file)  # an interrupted append is rolled back before anything else looks
             refuse_if_pending_read_only(self._file, self.filename)
             if validate:
                 from .validator import check_structure

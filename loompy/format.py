@@ -374,23 +374,45 @@ def create_matrix(
     return ds
 
 
+def _end_of_allocation(head: bytes) -> tuple[int, int] | None:
+    """(position of the end-of-allocation field, base address) in a version 0/1 superblock at the
+    start of a file, or None for anything else (later versions carry a checksum: left alone)."""
+    if len(head) < 56 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (0, 1) or head[13] != 8:
+        return None
+    base_at = 24 if head[8] == 0 else 28
+    return base_at + 16, int.from_bytes(head[base_at:base_at + 8], "little")
+
+
+def allocation_short(path: str) -> bool:
+    """True when the file is longer than its superblock says HDF5 allocated: a writer died mid-write.
+
+    HDF5 trims a file to its allocation when it closes it, so this only happens after a crash; and
+    opening such a file read-write, then closing it, would trim away what the writer had stored.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+        field = _end_of_allocation(head)
+        if field is None:
+            return False
+        allocated = int.from_bytes(head[field[0]:field[0] + 8], "little")
+        return os.fstat(fh.fileno()).st_size - field[1] > allocated
+
+
 def extend_allocation(path: str) -> bool:
-    """Raise the end-of-allocation address in the superblock to the file's size; True if it changed.
+    """Count the whole file as allocated (raise the superblock's end-of-allocation address to its size).
 
     A writer killed between HDF5's metadata writes and its next superblock write leaves metadata
-    pointing into space the superblock does not yet count as allocated, and HDF5 then refuses to
-    change those objects ("addr overflow"). The space is there on disk, so counting it as allocated
-    (what HDF5's ``h5clear --increment`` does) lets the rollback proceed. Handles superblock versions
-    0 and 1 at the start of the file (what h5py writes by default); later versions carry a checksum
-    and are left alone.
+    pointing into space the superblock does not yet count as allocated; HDF5 then refuses to open
+    or change those objects ("addr overflow"). The bytes are on disk, so counting them as allocated
+    (what HDF5's ``h5clear --increment`` does) lets the interrupted append be rolled back. Returns
+    True if the superblock changed.
     """
     with open(path, "r+b") as fh:
         head = fh.read(64)
-        if len(head) < 56 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (0, 1) or head[13] != 8:
+        field = _end_of_allocation(head)
+        if field is None:
             return False
-        base_at = 24 if head[8] == 0 else 28
-        base = int.from_bytes(head[base_at:base_at + 8], "little")
-        end_at = base_at + 16
+        end_at, base = field
         allocated = int.from_bytes(head[end_at:end_at + 8], "little")
         actual = os.fstat(fh.fileno()).st_size - base
         if actual <= allocated:
