@@ -41,12 +41,15 @@ def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:
 
 def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
                    file_attrs: dict[str, Any] | None = None, selections: Sequence[Any] | None = None,
-                   key: str | None = None, skip_attrs: Sequence[str] | None = None) -> None:
+                   key: str | None = None, skip_attrs: Sequence[str] | None = None, *,
+                   convert_attrs: bool = False) -> None:
     """Concatenate the columns of several Loom files into a new one (rows aligned by ``key`` if given).
 
     ``selections`` picks columns per file (masks or indices); ``skip_attrs`` leaves column attributes out.
-    Layers and column attributes must be present in every file; global attributes come from
-    ``file_attrs``, else the first file. Nothing is written until every input has been checked.
+    Layers and column attributes must be present in every file; a column attribute that is text in
+    some files and numbers in others is an error, or with ``convert_attrs`` is written as text.
+    Global attributes come from ``file_attrs``, else the first file. Nothing is written until every
+    input has been checked.
     """
     files = [os.fspath(p) for p in files]
     if not files:
@@ -75,7 +78,10 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             parts = [fmt.normalize_values(c.ca[a][sel], f"{c.filename}: column attribute '{a}'")
                      for c, sel in zip(conns, cols)]
             if len({p.dtype == object for p in parts}) > 1:
-                raise LoomValueError(f"combine: column attribute '{a}' is text in some files and numbers in others")
+                if not convert_attrs:
+                    raise LoomValueError(f"combine: column attribute '{a}' is text in some files and numbers in "
+                                         "others (pass convert_attrs=True to store it as text)")
+                parts = [p if p.dtype == object else p.astype(str).astype(object) for p in parts]
             col_attrs[a] = np.concatenate(parts)
         globals_ = {k: fmt.normalize_global(v, k) for k, v in (file_attrs or {}).items()}
         n = first.shape[0]
@@ -142,8 +148,12 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[tuple[h5py.Dataset, np.n
 
 def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, key: str | None = None,
             file_attrs: dict[str, Any] | None = None, batch_size: int = 1000, convert_attrs: bool = False) -> None:
-    """Combine Loom files column-wise into ``output_file`` (rows aligned by ``key`` when given)."""
-    combine_faster(files, output_file, file_attrs=file_attrs, key=key)
+    """Combine Loom files column-wise into ``output_file`` (rows aligned by ``key`` when given).
+
+    ``convert_attrs`` stores a column attribute that is text in some files and numbers in others as
+    text; ``batch_size`` is accepted for loompy 3 compatibility (memory, not columns, sets batches).
+    """
+    combine_faster(files, output_file, file_attrs=file_attrs, key=key, convert_attrs=convert_attrs)
 
 
 def create_append(filename: str | os.PathLike, layers: Any, row_attrs: Any, col_attrs: Any, *,

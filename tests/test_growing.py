@@ -196,3 +196,18 @@ def test_whole_file_writes_give_ordinary_permissions(tmp_path):
         assert stat.S_IMODE(path.stat().st_mode) == 0o640
     finally:
         os.umask(old)
+
+
+def test_combine_mixed_attribute_types_needs_convert_attrs(tmp_path):
+    m = np.arange(12, dtype=np.float32).reshape(3, 4)
+    a = make(tmp_path / "a.loom", m, cells=["x", "y", "z", "w"])
+    b = tmp_path / "b.loom"
+    loompy.create(b, {"": m, "x": (m * 2).astype(np.int32)}, {"Gene": ["g0", "g1", "g2"]},
+                  {"CellID": [1, 2, 3, 4], "N": np.arange(4)}).close()
+    with pytest.raises(ValueError, match="CellID.*convert_attrs"):
+        loompy.combine([a, b], tmp_path / "ab.loom")
+    assert not (tmp_path / "ab.loom").exists()
+    loompy.combine([a, b], tmp_path / "ab.loom", convert_attrs=True)
+    with loompy.connect(tmp_path / "ab.loom", "r") as ds:
+        assert list(ds.ca.CellID) == ["x", "y", "z", "w", "1", "2", "3", "4"]
+        np.testing.assert_array_equal(ds[:, :], np.hstack([m, m]))
