@@ -21,12 +21,10 @@ from .errors import LoomFileNotFoundError, LoomValueError
 from .growing import align_rows
 from .indexing import select_axis
 
-STRIP_BYTES = 64 << 20  # matrix bytes held in memory at once while copying
-
 
 def _strip(across: int, itemsize: int, unit: int = 64) -> int:
-    """How many lines (a multiple of ``unit``, one chunk's extent) fit in STRIP_BYTES when each is ``across`` long."""
-    return max(unit, (STRIP_BYTES // max(1, across * itemsize)) // unit * unit)
+    """How many lines (a multiple of ``unit``, one chunk's extent) fit in a strip when each is ``across`` long."""
+    return max(unit, (engine.STRIP_BYTES // max(1, across * itemsize)) // unit * unit)
 
 
 def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:

@@ -86,12 +86,6 @@ def _decode(layout: ChunkLayout, raw: tuple[int, bytes]) -> np.ndarray:
     return np.frombuffer(decoded, dtype=layout.dtype).reshape(layout.chunks)
 
 
-def read_chunk(dataset: h5py.Dataset, layout: ChunkLayout, row: int, col: int) -> np.ndarray | None:
-    """One stored chunk as a (chunk rows, chunk cols) array, or None when it was never written."""
-    raw = _raw_chunk(dataset, row, col)
-    return None if raw is None else _decode(layout, raw)
-
-
 def _refresh(dataset: h5py.Dataset) -> None:
     """Make writes still in HDF5's chunk cache visible to raw chunk reads."""
     if dataset.file.mode == "r+":
