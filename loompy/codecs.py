@@ -14,7 +14,7 @@ try:  # libdeflate inflates fastest (measured here: 1.25x ISA-L, 2-3x zlib; see 
     import deflate as _deflate
 except ImportError:  # pragma: no cover - deflate is a dependency; keep working without it
     _deflate = None
-try:  # ISA-L compresses at levels 1-3 about 2.3x faster than libdeflate, output 10% larger
+try:  # ISA-L compresses at levels 1-3 about 2.3x faster than libdeflate, output 11% larger
     from isal import isal_zlib as _isal
 except ImportError:  # pragma: no cover - isal is a dependency; keep working without it
     _isal = None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -31,12 +32,15 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
     directory, base = os.path.split(path)
     if not os.path.isdir(directory):
         raise LoomFileNotFoundError(2, "the folder for the new Loom file does not exist", directory)
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".loom-tmp", dir=directory)
-    os.close(fd)
-    os.chmod(tmp, _permissions_for(path))  # mkstemp makes 0600; the result must look like any new file
+    # HDF5 creates the file exclusively ("x"), so it gets the umask's permissions like any new file
+    # (mkstemp would make it 0600); a file being replaced keeps its own
+    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.loom-tmp")
+    f = h5py.File(tmp, "x")  # fails, leaving nothing to clean up, if the name were ever taken
     try:
-        with h5py.File(tmp, "w") as f:
+        with f:
             yield f
+        if os.path.exists(path):
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -44,16 +48,6 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-
-
-def _permissions_for(path: str) -> int:
-    """The existing file's permission bits, or what the umask gives a newly created file."""
-    try:
-        return os.stat(path).st_mode & 0o7777
-    except OSError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
 
 
 def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:

@@ -199,7 +199,7 @@ def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_of
 def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: Producer) -> None:
     """Write ``ncols`` full-height columns from ``col_offset``; ``produce(a, b)`` gives relative columns a:b.
 
-    Whole chunks are compressed on worker threads (which also call ``produce``) and stored directly;
+    Whole chunks go through :func:`store_region` (compressed on worker threads, stored directly);
     unaligned edges go through h5py, which merges them with what their chunks already hold.
     """
     n = dataset.shape[0]

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -374,13 +374,20 @@ def create_matrix(
     return ds
 
 
-def _end_of_allocation(head: bytes) -> tuple[int, int] | None:
-    """(position of the end-of-allocation field, base address) in a version 0/1 superblock at the
-    start of a file, or None for anything else (later versions carry a checksum: left alone)."""
+def _short_allocation(fh: BinaryIO) -> tuple[int, int] | None:
+    """(position of the end-of-allocation field, file size past the base address) when the open file
+    ``fh`` is longer than its superblock says HDF5 allocated, else None. Only version 0/1 superblocks
+    at the start of the file (what h5py writes by default); later versions carry a checksum and are
+    left alone."""
+    head = fh.read(64)
     if len(head) < 56 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (0, 1) or head[13] != 8:
         return None
     base_at = 24 if head[8] == 0 else 28
-    return base_at + 16, int.from_bytes(head[base_at:base_at + 8], "little")
+    end_at = base_at + 16
+    base = int.from_bytes(head[base_at:base_at + 8], "little")
+    allocated = int.from_bytes(head[end_at:end_at + 8], "little")
+    actual = os.fstat(fh.fileno()).st_size - base
+    return (end_at, actual) if actual > allocated else None
 
 
 def allocation_short(path: str) -> bool:
@@ -390,12 +397,7 @@ def allocation_short(path: str) -> bool:
     opening such a file read-write, then closing it, would trim away what the writer had stored.
     """
     with open(path, "rb") as fh:
-        head = fh.read(64)
-        field = _end_of_allocation(head)
-        if field is None:
-            return False
-        allocated = int.from_bytes(head[field[0]:field[0] + 8], "little")
-        return os.fstat(fh.fileno()).st_size - field[1] > allocated
+        return _short_allocation(fh) is not None
 
 
 def extend_allocation(path: str) -> bool:
@@ -408,15 +410,10 @@ def extend_allocation(path: str) -> bool:
     True if the superblock changed.
     """
     with open(path, "r+b") as fh:
-        head = fh.read(64)
-        field = _end_of_allocation(head)
-        if field is None:
+        short = _short_allocation(fh)
+        if short is None:
             return False
-        end_at, base = field
-        allocated = int.from_bytes(head[end_at:end_at + 8], "little")
-        actual = os.fstat(fh.fileno()).st_size - base
-        if actual <= allocated:
-            return False
+        end_at, actual = short
         fh.seek(end_at)
         fh.write(actual.to_bytes(8, "little"))
         fh.flush()

@@ -50,12 +50,8 @@ def recover(f: h5py.File) -> int | None:
         del f.attrs[JOURNAL]
         f.flush()
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
-        raise RollbackError(f"{f.filename}: could not roll back an interrupted append: {exc}") from exc
+        raise LoomFileError(f"{f.filename}: could not roll back an interrupted append: {exc}") from exc
     return width
-
-
-class RollbackError(LoomFileError):
-    """HDF5 refused to roll back an interrupted append (see :func:`loompy.format.extend_allocation`)."""
 
 
 def _matrices(f: h5py.File) -> list[h5py.Dataset]:
