@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -73,6 +74,9 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
             raise LoomKeyError(f"{ds.filename}: scan(key=...): attribute '{key}' does not exist on the other axis")
         other = np.argsort(other_attrs[key], kind="stable").astype(np.int64)
     other_sel = AxisSelection(other, other_length)
+    if selected.size * 3 >= length:
+        for name in names:
+            engine.expect_full_read(ds.layers[name]._dataset)
     for start, batch in iter_batches(selected, length, batch_size):
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
@@ -88,6 +92,9 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     rows = _items(genes, ds.shape[0], 0)
     cols = _items(cells, ds.shape[1], 1)
     along, other = (rows, cols) if axis == 0 else (cols, rows)
+    if along.size * 3 >= ds.shape[axis]:
+        for dataset in datasets.values():
+            engine.expect_full_read(dataset)
     for start, batch in iter_batches(along, ds.shape[axis], batch_size):
         yield start, batch, {name: read_strip(d, axis, batch, other) for name, d in datasets.items()}
 
@@ -130,14 +137,20 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     length = ds.shape[axis]
     other = _items(selection, ds.shape[1 - axis], 1 - axis)
     results: list[np.ndarray | None] = [None] * len(functions)
-    everything = np.arange(length, dtype=np.int64)
-    for start, batch in iter_batches(everything, length, chunksize):
-        block = read_strip(dataset, axis, batch, other)
-        for i, f in enumerate(functions):
-            values = _apply(f, block, axis)
-            if results[i] is None:
-                results[i] = np.empty(length, dtype=values.dtype if values.dtype != object else object)
-            results[i][start:start + len(batch)] = values
+    engine.expect_full_read(dataset)
+    batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
+    # the next batch is read on a helper thread while the functions run on this one
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        ahead = helper.submit(read_strip, dataset, axis, batches[0][1], other) if batches else None
+        for k, (start, batch) in enumerate(batches):
+            block = ahead.result()
+            if k + 1 < len(batches):
+                ahead = helper.submit(read_strip, dataset, axis, batches[k + 1][1], other)
+            for i, f in enumerate(functions):
+                values = _apply(f, block, axis)
+                if results[i] is None:
+                    results[i] = np.empty(length, dtype=values.dtype if values.dtype != object else object)
+                results[i][start:start + len(batch)] = values
     results = [r if r is not None else np.zeros(0) for r in results]
     return results[0] if single else results
 
@@ -209,14 +222,16 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     func = AGGREGATORS[aggr_by]
     result: np.ndarray | None = None
     everything = np.arange(ds.shape[0], dtype=np.int64)
-    for start, batch in iter_batches(everything, ds.shape[0], max(1, (64 << 20) // max(1, 8 * len(cols)))):
-        block = engine.read_block(dataset, batch, cols)
-        local = [np.searchsorted(cols, m) for m in members]
-        parts = [np.asarray(func(block[:, idx], 1)) for idx in local]
-        stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))
-        if result is None:
-            result = np.empty((ds.shape[0], len(groups)), dtype=stacked.dtype)
-        result[start:start + len(batch)] = stacked
+    step = max(1, (64 << 20) // max(1, 8 * len(cols)))
+    local = [np.searchsorted(cols, m) for m in members]
+    with engine.held_index(dataset):  # nothing is written to the layer during the pass
+        for start, batch in iter_batches(everything, ds.shape[0], step):
+            block = engine.read_block(dataset, batch, cols)
+            parts = [np.asarray(func(block[:, idx], 1)) for idx in local]
+            stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))
+            if result is None:
+                result = np.empty((ds.shape[0], len(groups)), dtype=stacked.dtype)
+            result[start:start + len(batch)] = stacked
     if result is None:
         result = np.zeros((ds.shape[0], len(groups)))
     if out_file is not None:
@@ -256,11 +271,12 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
             out.write("\t" * lead + name + "\t" + "\t".join(str(v) for v in values.tolist()) + "\n")
         out.write("\t".join(row_names) + "\t" * (1 if lead else 0) + "\n")
         row_values = [ds.ra[name] for name in row_names]
-        for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), ds.shape[0], 1000):
-            block = engine.read_block(dataset, batch, cols)
-            for i, row in enumerate(block):
-                labels = "".join(str(v[start + i]) + "\t" for v in row_values)
-                out.write(labels + "\t" + "\t".join(str(v) for v in row.tolist()) + "\n")
+        with engine.held_index(dataset):  # nothing is written to the layer during the pass
+            for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), ds.shape[0], 1000):
+                block = engine.read_block(dataset, batch, cols)
+                for i, row in enumerate(block):
+                    labels = "".join(str(v[start + i]) + "\t" for v in row_values)
+                    out.write(labels + "\t" + "\t".join(str(v) for v in row.tolist()) + "\n")
 
 
 # --------------------------------------------------------------------------- change tracking

@@ -212,3 +212,57 @@ def test_read_block_into_a_strided_view_of_another_dtype(stored):
     assert (out[:, :50] == -1).all() and (out[:, 55:] == -1).all()
     engine.read_block(dataset, rows, np.arange(211), out=out[:, 10:221])
     np.testing.assert_array_equal(out[:, 10:221], m)
+
+
+def _many_chunk_file(path, userblock=0):
+    """A 300 x 700 matrix in 16 x 16 chunks: some never written (fill 7), some stored uncompressed."""
+    m = sparse_counts((300, 700), np.float32, density=0.2)
+    m[:, 208:288] = 7  # the fill value: these chunks are left unallocated below
+    with h5py.File(path, "w", userblock_size=userblock) as f:
+        d = f.create_dataset("m", shape=m.shape, dtype=np.float32, chunks=(16, 16), compression="gzip",
+                             compression_opts=2, fillvalue=7)
+        for r in range(0, 300, 16):
+            for c in range(0, 700, 16):
+                if 208 <= c < 288:
+                    continue
+                tile = np.zeros((16, 16), np.float32)
+                part = m[r:r + 16, c:c + 16]
+                tile[:part.shape[0], :part.shape[1]] = part
+                if (r // 16 + c // 16) % 5 == 0:  # deflate skipped: filter mask bit 0
+                    d.id.write_direct_chunk((r, c), tile.tobytes(), filter_mask=1)
+                else:
+                    d[r:r + 16, c:c + 16] = part
+    return m
+
+
+@pytest.mark.parametrize("userblock", [0, 1024])
+@pytest.mark.parametrize("how", ["index", "no index", "r+"])
+def test_reads_through_each_path_equal_numpy(tmp_path, monkeypatch, how, userblock):
+    """Chunks read by workers with pread (index), by this thread with HDF5 (no index), and in a writable file."""
+    from loompy.engine import storage
+
+    path = tmp_path / "many.h5"
+    m = _many_chunk_file(path, userblock)
+    if how == "index":
+        monkeypatch.setattr(storage, "INDEX_SHARE", 10**9)  # build at the first parallel read
+    if how == "no index":
+        monkeypatch.setattr(storage, "build_index", lambda dataset: None)
+    built = []
+    real_build = storage.build_index
+    monkeypatch.setattr(storage, "build_index", lambda d: built.append(real_build(d)) or built[-1])
+    with h5py.File(path, "r+" if how == "r+" else "r") as f:
+        d = f["m"]
+        selections = [(np.arange(300), np.arange(700)), (np.array([5]), np.arange(700)),
+                      (np.arange(300), np.array([699])), (np.arange(17, 290), np.arange(3, 650))]
+        selections += [(random_selection(300), random_selection(700)) for _ in range(25)]
+        for rows, cols in selections:
+            np.testing.assert_array_equal(engine.read_block(d, rows, cols), m[np.ix_(rows, cols)])
+        out = np.full((300, 710), -1.0)
+        engine.read_block(d, np.arange(300), np.arange(700), out=out[:, 5:705])
+        np.testing.assert_array_equal(out[:, 5:705], m)
+        assert (out[:, :5] == -1).all() and (out[:, 705:] == -1).all()
+        np.testing.assert_array_equal(engine.read_sparse(d, np.arange(300), np.arange(700)).toarray(), m)
+    if how == "index":
+        assert len(built) == 1 and built[0] is not None  # built once, kept for the read-only file
+    elif how == "r+":
+        assert len(built) > 1 and all(i is not None for i in built)  # built for each large read

@@ -1,157 +1,23 @@
-"""Matrix I/O for every layer: the one place that reads and writes matrix elements.
+"""Writing matrix elements: whole chunks compressed on worker threads and stored directly.
 
-Callers pass *sorted, unique* row and column index arrays (see :mod:`loompy.indexing`). For the
-datasets Loom files normally hold (chunked; no filter or a single deflate filter; numeric dtype) the
-engine works on raw chunks. Reads: each needed chunk is read once with ``read_direct_chunk`` and,
-for large reads, inflated on two worker threads (:mod:`loompy.codecs`; deflate releases the GIL),
-copying out only the requested elements; unallocated chunks read as the fill value. Writes: values
-are cut into whole-chunk tiles, compressed on the workers and stored with ``write_direct_chunk``;
-all-zero chunks stay unallocated. Anything else (shuffle, other codecs, checksums, contiguous
-storage, unaligned partial chunks) goes through h5py's own path, so every valid file still reads
-and writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
+Values are cut into whole-chunk tiles, compressed on the workers (deflate releases the GIL) while
+this thread prepares the next strip, and stored with ``write_direct_chunk``; all-zero chunks stay
+unallocated. Unaligned edges and datasets the fast path does not handle (see
+:func:`~.storage.chunk_layout`) go through h5py, which merges them with what their chunks hold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import h5py
 import numpy as np
 import scipy.sparse as sp
 
 from . import codecs
-
-STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
-THREADS = 2  # this library's target machines are small; more threads only contend for the GIL
-PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread
-READ_BATCH = 256  # raw chunks read before the workers inflate them (measured: 256 beats 2048)
-
-
-@dataclass(frozen=True)
-class ChunkLayout:
-    """What the fast path needs to know about a dataset's storage."""
-
-    chunks: tuple[int, int]
-    dtype: np.dtype
-    compressed: bool
-    level: int | None
-    fill: float | int
-
-    @property
-    def nbytes(self) -> int:
-        return self.chunks[0] * self.chunks[1] * self.dtype.itemsize
-
-
-def chunk_layout(dataset: h5py.Dataset) -> ChunkLayout | None:
-    """The dataset's layout when the fast path can handle it, else None (use h5py)."""
-    if dataset.chunks is None or dataset.ndim != 2 or dataset.dtype.kind not in "iuf":
-        return None
-    dcpl = dataset.id.get_create_plist()
-    filters = [dcpl.get_filter(i)[:3:2] for i in range(dcpl.get_nfilters())]
-    if not codecs.supported_pipeline(filters):
-        return None
-    level = int(filters[0][1][0]) if filters and filters[0][1] else (4 if filters else None)
-    return ChunkLayout(tuple(dataset.chunks), dataset.dtype, bool(filters), level, dataset.fillvalue)
-
-
-def _groups(indices: np.ndarray, size: int) -> list[tuple[int, slice, slice | np.ndarray]]:
-    """Split sorted indices by chunk: (chunk number, positions in the result, offsets inside the chunk)."""
-    ids = indices // size
-    bounds = np.flatnonzero(np.diff(ids)) + 1
-    starts = np.concatenate([[0], bounds])
-    stops = np.concatenate([bounds, [indices.size]])
-    out = []
-    for a, b in zip(starts.tolist(), stops.tolist()):
-        chunk = int(ids[a])
-        local = indices[a:b] - chunk * size
-        if int(local[-1]) - int(local[0]) + 1 == b - a:
-            local = slice(int(local[0]), int(local[-1]) + 1)
-        out.append((chunk, slice(a, b), local))
-    return out
-
-
-def _raw_chunk(dataset: h5py.Dataset, row: int, col: int) -> tuple[int, bytes] | None:
-    """(filter mask, stored bytes) of one chunk, or None when it was never written."""
-    try:
-        return dataset.id.read_direct_chunk((row, col))
-    except (MemoryError, OSError, KeyError, RuntimeError):  # how HDF5 reports an unallocated chunk
-        return None
-
-
-def _decode(layout: ChunkLayout, raw: tuple[int, bytes]) -> np.ndarray:
-    mask, data = raw
-    decoded = codecs.decompress(data, layout.nbytes, layout.compressed and not (mask & 1))
-    return np.frombuffer(decoded, dtype=layout.dtype).reshape(layout.chunks)
-
-
-def _refresh(dataset: h5py.Dataset) -> None:
-    """Make writes still in HDF5's chunk cache visible to raw chunk reads."""
-    if dataset.file.mode == "r+":
-        dataset.flush()
-
-
-def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
-               out: np.ndarray | None = None) -> np.ndarray:
-    """Dense ``dataset[np.ix_(rows, cols)]`` for sorted unique ``rows`` and ``cols`` (into ``out`` if given)."""
-    if out is None:
-        out = np.empty((rows.size, cols.size), dtype=dataset.dtype)
-    if out.size == 0:
-        return out
-    layout = chunk_layout(dataset)
-    if layout is None:
-        return _read_block_h5py(dataset, rows, cols, out)
-    _refresh(dataset)
-    c0, c1 = layout.chunks
-    col_groups = _groups(cols, c1)
-    work = [(ri * c0, rpos, rloc, cj * c1, cpos, cloc)
-            for ri, rpos, rloc in _groups(rows, c0) for cj, cpos, cloc in col_groups]
-
-    def place(tasks: list, raws: list) -> None:
-        for (_, rpos, rloc, _, cpos, cloc), raw in zip(tasks, raws):
-            if raw is None:
-                out[rpos, cpos] = layout.fill
-                continue
-            chunk = _decode(layout, raw)
-            if isinstance(rloc, slice) and isinstance(cloc, slice):
-                out[rpos, cpos] = chunk[rloc, cloc]
-            else:
-                out[rpos, cpos] = chunk[rloc][:, cloc]
-
-    if len(work) < PARALLEL_CHUNKS:
-        place(work, [_raw_chunk(dataset, t[0], t[3]) for t in work])
-        return out
-    # This thread reads a batch of raw chunks (HDF5 holds the GIL), then waits while the workers
-    # inflate (GIL released) and place them. Overlapping reads with inflating was slower: the
-    # threads then queue for the GIL behind each other.
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        for start in range(0, len(work), READ_BATCH):
-            batch = work[start:start + READ_BATCH]
-            raws = [_raw_chunk(dataset, t[0], t[3]) for t in batch]
-            share = -(-len(batch) // THREADS)
-            shares = [(batch[i:i + share], raws[i:i + share]) for i in range(0, len(batch), share)]
-            list(pool.map(lambda part: place(*part), shares))
-    return out
-
-
-def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """h5py's own path: one bounding-box read per strip of chunk rows, then pick the elements."""
-    c0, c1 = int(cols[0]), int(cols[-1]) + 1
-    cols_contiguous = c1 - c0 == cols.size
-    if cols_contiguous and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
-        if out.flags.c_contiguous:
-            dataset.read_direct(out, np.s_[int(rows[0]):int(rows[-1]) + 1, c0:c1])
-        else:
-            out[...] = dataset[int(rows[0]):int(rows[-1]) + 1, c0:c1]
-        return out
-    height = dataset.chunks[0] if dataset.chunks else 64
-    for _, part, _ in _groups(rows, height):
-        r = rows[part]
-        r0, r1 = int(r[0]), int(r[-1]) + 1
-        block = dataset[r0:r1, c0:c1]
-        out[part] = block[r - r0] if cols_contiguous else block[np.ix_(r - r0, cols - c0)]
-    return out
+from .read import STRIP_BYTES, THREADS, read_block
+from .storage import ChunkLayout, chunk_layout, groups, raw_chunk, refresh, stored_chunks
 
 
 def write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
@@ -164,13 +30,13 @@ def write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, value
     if r1 - r0 == rows.size and c1 - c0 == cols.size:
         layout = chunk_layout(dataset)
         if aligned(dataset, layout, r0, r1, c0, c1):
-            _refresh(dataset)
+            refresh(dataset)
             store_region(dataset, layout, r0, c0, r1 - r0, c1 - c0, lambda a, b: values[:, a:b])
         else:
             dataset[r0:r1, c0:c1] = values
         return
     height = dataset.chunks[0] if dataset.chunks else 64
-    for _, part, _ in _groups(rows, height):
+    for _, part, _ in groups(rows, height):
         r = rows[part]
         r0, r1 = int(r[0]), int(r[-1]) + 1
         block = read_block(dataset, np.arange(r0, r1), np.arange(c0, c1))
@@ -220,7 +86,7 @@ def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: P
             e = min(b, s + strip)
             dataset[:, s:e] = _dense(produce(s - col_offset, e - col_offset), dataset.dtype)
     if body[0] < body[1]:
-        _refresh(dataset)
+        refresh(dataset)
         shift = body[0] - col_offset
         store_region(dataset, layout, 0, body[0], n, body[1] - body[0],
                      lambda a, b: produce(shift + a, shift + b))
@@ -249,16 +115,18 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     width = max(w, STRIP_BYTES // max(1, nrows * layout.dtype.itemsize) // w * w)
     fresh = dataset.id.get_num_chunks() == 0
     level = layout.level if layout.compressed else None
-    zero_chunk = None
+    zero_chunk = stored = None
 
     def store(a: int, coords: list, keep: np.ndarray, futures: list) -> None:
-        nonlocal zero_chunk
+        nonlocal zero_chunk, stored
         payloads = (p for future in futures for p in future.result())
         for (i, j), payload in zip(coords, payloads):
             dataset.id.write_direct_chunk((row0 + int(i) * h, col0 + a + int(j) * w), payload)
         for i, j in [] if fresh else zip(*np.nonzero(~keep)):
             coord = (row0 + int(i) * h, col0 + a + int(j) * w)
-            if dataset.id.get_chunk_info_by_coord(coord).byte_offset is not None:
+            if stored is None:  # listed once, when the first all-zero chunk turns up
+                stored = stored_chunks(dataset)
+            if stored[coord[0] // h, coord[1] // w] if stored is not False else raw_chunk(dataset, *coord):
                 if zero_chunk is None:
                     zero_chunk = codecs.compress(np.zeros(layout.chunks, layout.dtype), level)
                 dataset.id.write_direct_chunk(coord, zero_chunk)
@@ -348,43 +216,10 @@ def copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
         return 0
     c0, c1 = layout.chunks
     full = src.shape[1] // c1 * c1
-    _refresh(src)
+    refresh(src)
     for r in range(0, src.shape[0], c0):
         for c in range(0, full, c1):
-            raw = _raw_chunk(src, r, c)
+            raw = raw_chunk(src, r, c)
             if raw is not None:  # a chunk never stored stays unallocated in the copy too
                 dst.id.write_direct_chunk((r, c + col_offset), raw[1], filter_mask=raw[0])
     return full
-
-
-def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
-    """``dataset[np.ix_(rows, cols)]`` as a COO matrix in the stored dtype, read a strip at a time.
-
-    scipy.sparse has no float16: such layers come back as float32 (exactly the same values).
-    """
-    shape = (rows.size, cols.size)
-    dtype = np.dtype(np.float32) if dataset.dtype == np.float16 else dataset.dtype
-    if rows.size == 0 or cols.size == 0:
-        return sp.coo_matrix(shape, dtype=dtype)
-    height = dataset.chunks[0] if dataset.chunks else 64
-    step = max(height, STRIP_BYTES // max(1, cols.size * dataset.dtype.itemsize) // height * height)
-    index = np.int32 if max(shape) < 2**31 else np.int64  # what scipy would convert to anyway
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        for _, part, _ in _groups(rows, step):
-            block = read_block(dataset, rows[part], cols)
-            # the entries of each strip are found on the workers, a slice of its rows each (numpy
-            # releases the GIL there); slices are kept in row order, so the result is row-major
-            bounds = np.linspace(0, block.shape[0], THREADS + 1).astype(int).tolist()
-            parts.extend(pool.map(lambda a, b, block=block, first=part.start:
-                                  _entries(block[a:b], first + a, index, dtype), bounds[:-1], bounds[1:]))
-    r, c, v = (np.concatenate([p[k] for p in parts]) for k in range(3))
-    return sp.coo_matrix((v, (r, c)), shape=shape, dtype=dtype)
-
-
-def _entries(block: np.ndarray, first_row: int, index: type, dtype: np.dtype) -> tuple[np.ndarray, ...]:
-    """Row, column and value of every non-zero of ``block`` (rows numbered from ``first_row``), row-major."""
-    flat = np.flatnonzero(block)  # faster than a 2-D nonzero
-    r, c = np.divmod(flat, block.shape[1])
-    r += first_row
-    return r.astype(index), c.astype(index), block.ravel()[flat].astype(dtype, copy=False)

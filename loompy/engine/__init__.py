@@ -1,0 +1,19 @@
+"""Matrix I/O for every layer: the one place that reads and writes matrix elements.
+
+Callers pass *sorted, unique* row and column index arrays (see :mod:`loompy.indexing`). For the
+datasets Loom files normally hold (chunked; no filter or a single deflate filter; numeric dtype) the
+engine works on raw chunks: :mod:`.storage` knows where they are, :mod:`.codecs` inflates and
+deflates them, :mod:`.read` assembles selections from them and :mod:`.write` stores values as them,
+with worker threads doing the inflating and deflating. Anything else (shuffle, other codecs,
+checksums, contiguous storage) goes through h5py's own path, so every valid file still reads and
+writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
+"""
+
+from .read import STRIP_BYTES, THREADS, read_block, read_sparse
+from .storage import ChunkLayout, chunk_layout, expect_full_read, held_index
+from .write import aligned, copy_chunks, store_region, write_block, write_columns, write_matrix
+
+__all__ = [
+    "STRIP_BYTES", "THREADS", "ChunkLayout", "aligned", "chunk_layout", "copy_chunks", "expect_full_read",
+    "held_index", "read_block", "read_sparse", "store_region", "write_block", "write_columns", "write_matrix",
+]

@@ -1,0 +1,236 @@
+"""Reading matrix elements: any sorted selection of rows and columns, a strip of chunks at a time.
+
+The work is cut into units: one chunk row's worth of the needed chunks (or part of it, so that even a
+single row strip keeps both workers busy). A unit's chunks are fetched, inflated, joined into one
+``(chunks, height, width)`` buffer and placed into the result with one or a few numpy copies, so the
+per-chunk Python work is a read and an inflate call. With a :class:`~.storage.ChunkIndex` the
+workers read the chunks themselves (``os.pread`` and deflate both release the GIL); without one this
+thread reads them with ``read_direct_chunk`` while the workers inflate and place earlier units.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from .storage import ChunkIndex, ChunkLayout, chunk_index, chunk_layout, groups, held_index, raw_chunk, refresh
+
+STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
+THREADS = 2  # this library's target machines are small; more threads only contend for the GIL
+PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread
+UNIT_CHUNKS = 16  # a row strip is split so that units keep at least this many chunks
+IN_FLIGHT = 8  # units read ahead per worker when this thread does the reading
+
+
+@dataclass
+class _Unit:
+    """One chunk row's share of a read: its chunks are fetched, joined and placed together."""
+
+    chunk_row: int
+    rows: slice  # positions in the result
+    local_rows: slice | np.ndarray  # rows inside the chunk
+    first: int  # first needed chunk column (position in the read's list of needed chunk columns)
+    stop: int
+    cols: slice  # positions in the result
+    raws: list | None = None  # (mask, bytes) or None per chunk, when read by the calling thread
+
+
+class _Columns:
+    """How the needed chunk columns map to result columns: a contiguous run, or a gather."""
+
+    def __init__(self, cols: np.ndarray, width: int, height: int):
+        self.width, self.height = width, height
+        self.groups = groups(cols, width)
+        self.chunk_cols = [g[0] for g in self.groups]
+        self.contiguous = int(cols[-1]) - int(cols[0]) + 1 == cols.size
+        self.first_offset = int(cols[0]) - self.chunk_cols[0] * width
+        if not self.contiguous:  # element offset of each result column inside the joined buffer
+            which = np.repeat(np.arange(len(self.groups)), [g[1].stop - g[1].start for g in self.groups])
+            self.flat = which * (height * width) + (cols - np.asarray(self.chunk_cols)[which] * width)
+
+    def parts(self, pieces: int) -> list[tuple[int, int, slice]]:
+        """Split the needed chunk columns into ``pieces`` runs: (first, stop, result columns)."""
+        n = len(self.groups)
+        bounds = np.linspace(0, n, min(n, pieces) + 1).astype(int).tolist()
+        return [(a, b, slice(self.groups[a][1].start, self.groups[b - 1][1].stop))
+                for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def place(self, target: np.ndarray, unit: _Unit, buf: np.ndarray) -> None:
+        """Copy the unit's elements from ``buf`` (its chunks, joined) into ``target`` (the unit's share)."""
+        if not self.contiguous:
+            local = np.arange(self.height)[unit.local_rows] * self.width
+            flat = self.flat[unit.cols] - unit.first * self.height * self.width
+            where = flat[None, :] + local[:, None]
+            if target.dtype == buf.dtype:
+                np.take(buf.reshape(-1), where, out=target, mode="clip")
+            else:
+                target[...] = np.take(buf.reshape(-1), where)
+            return
+        whole = isinstance(unit.local_rows, slice) and unit.local_rows == slice(0, self.height)
+        part = buf if whole else buf[:, unit.local_rows, :]
+        w, ncols = self.width, target.shape[1]
+        x, g = 0, 0
+        if unit.first == 0 and self.first_offset:  # the run starts inside its first chunk
+            x, g = min(w - self.first_offset, ncols), 1
+            target[:, :x] = part[0, :, self.first_offset:self.first_offset + x]
+        full = (ncols - x) // w
+        if full:
+            dest = target[:, x:x + full * w]
+            s0, s1 = dest.strides
+            dest = np.lib.stride_tricks.as_strided(dest, (dest.shape[0], full, w), (s0, w * s1, s1))
+            np.copyto(dest, part[g:g + full].transpose(1, 0, 2), casting="unsafe")
+            x, g = x + full * w, g + full
+        if x < ncols:
+            target[:, x:] = part[g, :, :ncols - x]
+
+
+def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Dense ``dataset[np.ix_(rows, cols)]`` for sorted unique ``rows`` and ``cols`` (into ``out`` if given)."""
+    if out is None:
+        out = np.empty((rows.size, cols.size), dtype=dataset.dtype)
+    if out.size == 0:
+        return out
+    layout = chunk_layout(dataset)
+    if layout is None:
+        return _read_block_h5py(dataset, rows, cols, out)
+    read = _ChunkRead(dataset, layout, rows, cols, split=True)
+    read.run(lambda unit, buf: read.columns.place(out[unit.rows, unit.cols], unit, buf))
+    return out
+
+
+class _ChunkRead:
+    """One read: its units, and the fetching, inflating and hand-over of each unit's chunks."""
+
+    def __init__(self, dataset: h5py.Dataset, layout: ChunkLayout, rows: np.ndarray, cols: np.ndarray,
+                 split: bool):
+        refresh(dataset)
+        self.dataset, self.layout = dataset, layout
+        h, w = layout.chunks
+        self.columns = _Columns(cols, w, h)
+        row_groups = groups(rows, h)
+        needed = len(row_groups) * len(self.columns.groups)
+        self.parallel = needed >= PARALLEL_CHUNKS
+        pieces = -(-2 * THREADS // len(row_groups)) if self.parallel and split else 1
+        parts = self.columns.parts(max(1, min(pieces, len(self.columns.groups) // UNIT_CHUNKS)))
+        self.units = [_Unit(ri, rpos, rloc, a, b, cpos) for ri, rpos, rloc in row_groups for a, b, cpos in parts]
+        self.index = chunk_index(dataset, needed) if self.parallel else None
+        self.fill = layout.fill_bytes()
+
+    def run(self, consume: Callable[[_Unit, np.ndarray], None]) -> None:
+        """Call ``consume(unit, buffer)`` for every unit, on worker threads for large reads."""
+        if not self.parallel:
+            for unit in self.units:
+                self.fetch(unit)
+                consume(unit, self.inflate(unit, None))
+            return
+        fd = self.index.open() if self.index is not None else None
+        try:
+            with ThreadPoolExecutor(max_workers=THREADS) as pool:
+                if fd is not None:  # the workers read, too
+                    list(pool.map(lambda unit: consume(unit, self.inflate(unit, fd)), self.units))
+                    return
+                pending: deque = deque()
+                for unit in self.units:  # this thread reads (HDF5 holds the GIL) while workers inflate
+                    self.fetch(unit)
+                    pending.append(pool.submit(lambda unit: consume(unit, self.inflate(unit, None)), unit))
+                    while len(pending) > IN_FLIGHT * THREADS:
+                        pending.popleft().result()
+                for future in pending:
+                    future.result()
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def fetch(self, unit: _Unit) -> None:
+        """Read the unit's stored chunks on this thread with HDF5."""
+        h, w = self.layout.chunks
+        unit.raws = [raw_chunk(self.dataset, unit.chunk_row * h, c * w)
+                     for c in self.columns.chunk_cols[unit.first:unit.stop]]
+
+    def inflate(self, unit: _Unit, fd: int | None) -> np.ndarray:
+        """The unit's chunks, inflated and joined: shape (chunks, height, width)."""
+        decode, fill = self.layout.decode, self.fill
+        if unit.raws is None:  # read them from the file through the index
+            chunk_cols = self.columns.chunk_cols[unit.first:unit.stop]
+            offsets = self.index.offset[unit.chunk_row, chunk_cols].tolist()
+            sizes = self.index.size[unit.chunk_row, chunk_cols].tolist()
+            masks = self.index.mask[unit.chunk_row, chunk_cols].tolist()
+            read = ChunkIndex.read
+            decoded = [fill if o < 0 else decode(read(fd, o, s), k) for o, s, k in zip(offsets, sizes, masks)]
+        else:
+            decoded = [fill if raw is None else decode(raw[1], raw[0]) for raw in unit.raws]
+            unit.raws = None
+        h, w = self.layout.chunks
+        return np.frombuffer(b"".join(decoded), dtype=self.layout.dtype).reshape(len(decoded), h, w)
+
+
+def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """h5py's own path: one bounding-box read per strip of chunk rows, then pick the elements."""
+    c0, c1 = int(cols[0]), int(cols[-1]) + 1
+    cols_contiguous = c1 - c0 == cols.size
+    if cols_contiguous and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
+        if out.flags.c_contiguous:
+            dataset.read_direct(out, np.s_[int(rows[0]):int(rows[-1]) + 1, c0:c1])
+        else:
+            out[...] = dataset[int(rows[0]):int(rows[-1]) + 1, c0:c1]
+        return out
+    height = dataset.chunks[0] if dataset.chunks else 64
+    for _, part, _ in groups(rows, height):
+        r = rows[part]
+        r0, r1 = int(r[0]), int(r[-1]) + 1
+        block = dataset[r0:r1, c0:c1]
+        out[part] = block[r - r0] if cols_contiguous else block[np.ix_(r - r0, cols - c0)]
+    return out
+
+
+def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
+    """``dataset[np.ix_(rows, cols)]`` as a COO matrix in the stored dtype, entries in row-major order.
+
+    Each chunk row is placed into a small dense block and its non-zeros taken while it is still in
+    the CPU's cache (on the workers), so no dense strip of the whole width is ever built.
+    scipy.sparse has no float16: such layers come back as float32 (exactly the same values).
+    """
+    shape = (rows.size, cols.size)
+    dtype = np.dtype(np.float32) if dataset.dtype == np.float16 else dataset.dtype
+    if rows.size == 0 or cols.size == 0:
+        return sp.coo_matrix(shape, dtype=dtype)
+    index = np.int32 if max(shape) < 2**31 else np.int64  # what scipy would convert to anyway
+    layout = chunk_layout(dataset)
+    if layout is None:
+        step = max(64, STRIP_BYTES // max(1, cols.size * dataset.dtype.itemsize))
+        parts = [_entries(_read_block_h5py(dataset, rows[a:a + step], cols,
+                                           np.empty((rows[a:a + step].size, cols.size), dataset.dtype)),
+                          a, index, dtype) for a in range(0, rows.size, step)]
+    else:
+        with held_index(dataset):
+            read = _ChunkRead(dataset, layout, rows, cols, split=False)
+            parts = [None] * len(read.units)
+            number = {id(unit): k for k, unit in enumerate(read.units)}
+
+            def consume(unit: _Unit, buf: np.ndarray) -> None:
+                block = np.empty((unit.rows.stop - unit.rows.start, cols.size), dtype=dataset.dtype)
+                read.columns.place(block, unit, buf)
+                parts[number[id(unit)]] = _entries(block, unit.rows.start, index, dtype)
+
+            read.run(consume)
+    r, c, v = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    return sp.coo_matrix((v, (r, c)), shape=shape, dtype=dtype)
+
+
+def _entries(block: np.ndarray, first_row: int, index: type, dtype: np.dtype) -> tuple[np.ndarray, ...]:
+    """Row, column and value of every non-zero of ``block`` (rows numbered from ``first_row``), row-major."""
+    flat = np.flatnonzero(block != 0)  # a boolean mask first: numpy finds its non-zeros ~3x faster
+    width = block.shape[1]
+    bounds = np.searchsorted(flat, np.arange(block.shape[0] + 1) * width)
+    per_row = np.diff(bounds)
+    r = np.repeat(np.arange(first_row, first_row + block.shape[0], dtype=index), per_row)
+    c = (flat - np.repeat(np.arange(block.shape[0]) * width, per_row)).astype(index)
+    return r, c, block.ravel()[flat].astype(dtype, copy=False)

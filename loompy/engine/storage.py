@@ -1,0 +1,235 @@
+"""Where a dataset's chunks are and how to get their stored bytes: what the read and write paths share.
+
+Two ways to reach a chunk's bytes. ``read_direct_chunk`` asks HDF5 for one chunk at a time (about
+3.5 us each, holding the GIL). A :class:`ChunkIndex` lists every chunk's file offset, size and filter
+mask in one ``chunk_iter`` pass (about 1.3 us per chunk); with it, worker threads read chunks with
+``os.pread``, which releases the GIL. The index is kept between calls only for files open read-only
+(nothing can move a chunk then); for writable files it is built afresh for reads that need at least a
+third of the chunks, where it pays for itself.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+
+from . import codecs
+
+INDEX_SHARE = 3  # build an index once a third of a dataset's chunks have been asked for
+CACHED_INDEXES = 8  # indexes kept for read-only files (each about 20 bytes per chunk)
+
+
+@dataclass(frozen=True)
+class ChunkLayout:
+    """What the fast path needs to know about a dataset's storage."""
+
+    chunks: tuple[int, int]
+    dtype: np.dtype
+    compressed: bool
+    level: int | None
+    fill: float | int
+
+    @property
+    def nbytes(self) -> int:
+        return self.chunks[0] * self.chunks[1] * self.dtype.itemsize
+
+    def decode(self, data: bytes, mask: int) -> bytes:
+        """A chunk's raw bytes from what is stored (filter mask bit 0 set: stored uncompressed)."""
+        return codecs.decompress(data, self.nbytes, self.compressed and not (mask & 1))
+
+    def fill_bytes(self) -> bytes:
+        """The raw bytes of a chunk never written."""
+        return np.full(self.chunks, self.fill, dtype=self.dtype).tobytes()
+
+
+def chunk_layout(dataset: h5py.Dataset) -> ChunkLayout | None:
+    """The dataset's layout when the fast path can handle it, else None (use h5py)."""
+    if dataset.chunks is None or dataset.ndim != 2 or dataset.dtype.kind not in "iuf":
+        return None
+    dcpl = dataset.id.get_create_plist()
+    filters = [dcpl.get_filter(i)[:3:2] for i in range(dcpl.get_nfilters())]
+    if not codecs.supported_pipeline(filters):
+        return None
+    level = int(filters[0][1][0]) if filters and filters[0][1] else (4 if filters else None)
+    return ChunkLayout(tuple(dataset.chunks), dataset.dtype, bool(filters), level, dataset.fillvalue)
+
+
+def groups(indices: np.ndarray, size: int) -> list[tuple[int, slice, slice | np.ndarray]]:
+    """Split sorted indices by chunk: (chunk number, positions in the result, offsets inside the chunk)."""
+    ids = indices // size
+    bounds = np.flatnonzero(np.diff(ids)) + 1
+    starts = np.concatenate([[0], bounds])
+    stops = np.concatenate([bounds, [indices.size]])
+    out = []
+    for a, b in zip(starts.tolist(), stops.tolist()):
+        chunk = int(ids[a])
+        local = indices[a:b] - chunk * size
+        if int(local[-1]) - int(local[0]) + 1 == b - a:
+            local = slice(int(local[0]), int(local[-1]) + 1)
+        out.append((chunk, slice(a, b), local))
+    return out
+
+
+def raw_chunk(dataset: h5py.Dataset, row: int, col: int) -> tuple[int, bytes] | None:
+    """(filter mask, stored bytes) of the chunk at element (row, col), or None when it was never written."""
+    try:
+        return dataset.id.read_direct_chunk((row, col))
+    except (MemoryError, OSError, KeyError, RuntimeError):  # how HDF5 reports an unallocated chunk
+        return None
+
+
+def refresh(dataset: h5py.Dataset) -> None:
+    """Make writes still in HDF5's chunk cache visible to raw chunk reads."""
+    if dataset.file.mode == "r+":
+        dataset.flush()
+
+
+def chunk_grid(dataset: h5py.Dataset) -> tuple[int, int]:
+    """How many chunks the dataset has along each axis."""
+    (n, m), (h, w) = dataset.shape, dataset.chunks
+    return -(-n // h), -(-m // w)
+
+
+def stored_chunks(dataset: h5py.Dataset) -> np.ndarray | bool:
+    """Which chunks have been written, by (chunk row, chunk column); False when HDF5 cannot list them."""
+    if not hasattr(dataset.id, "chunk_iter"):
+        return False
+    found: list[tuple[int, int]] = []
+    dataset.id.chunk_iter(lambda c: found.append(c.chunk_offset))
+    grid = np.zeros(chunk_grid(dataset), dtype=bool)
+    if found:
+        where = np.array(found, dtype=np.int64) // np.array(dataset.chunks)
+        grid[where[:, 0], where[:, 1]] = True
+    return grid
+
+
+@dataclass(frozen=True)
+class ChunkIndex:
+    """Every chunk's place in the file, by (chunk row, chunk column); offset -1 means never written."""
+
+    path: str
+    offset: np.ndarray
+    size: np.ndarray
+    mask: np.ndarray
+
+    def open(self) -> int:
+        """A file descriptor for :meth:`read` (the caller closes it)."""
+        return os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+
+    @staticmethod
+    def read(fd: int, offset: int, size: int) -> bytes:
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"short read of a chunk at byte {offset}: file truncated?")
+        return data
+
+
+def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:
+    """The chunk index of ``dataset``, or None when its chunks cannot be read from the file directly."""
+    if not hasattr(os, "pread") or not hasattr(dataset.id, "chunk_iter") or dataset.file.driver != "sec2":
+        return None
+    h, w = dataset.chunks
+    found: list[tuple[int, int, int, int, int]] = []
+    try:
+        dataset.id.chunk_iter(lambda c: found.append((*c.chunk_offset, c.byte_offset, c.size, c.filter_mask)))
+    except (RuntimeError, OSError, ValueError):
+        return None
+    shape = chunk_grid(dataset)
+    offset = np.full(shape, -1, dtype=np.int64)
+    size = np.zeros(shape, dtype=np.int64)
+    mask = np.zeros(shape, dtype=np.int64)
+    if found:
+        table = np.array(found, dtype=np.int64)
+        r, c = table[:, 0] // h, table[:, 1] // w
+        offset[r, c], size[r, c], mask[r, c] = table[:, 2], table[:, 3], table[:, 4]
+    index = ChunkIndex(dataset.file.filename, offset, size, mask)
+    return index if not found or _agrees(dataset, index, found[0]) else None
+
+
+def _agrees(dataset: h5py.Dataset, index: ChunkIndex, entry: tuple[int, ...]) -> bool:
+    """Check on one chunk that the offsets HDF5 reported are plain file offsets (no userblock shift etc.)."""
+    row, col, offset, size, _ = entry
+    try:
+        fd = index.open()
+    except OSError:
+        return False
+    try:
+        return os.pread(fd, size, offset) == raw_chunk(dataset, row, col)[1]
+    finally:
+        os.close(fd)
+
+
+_cache: OrderedDict[tuple, ChunkIndex | None] = OrderedDict()
+_asked: dict[tuple, int] = {}
+_held: dict[tuple, ChunkIndex | None] = {}
+_lock = threading.RLock()  # loompy may be used from several threads; HDF5 calls are serialised anyway
+
+
+def _key(dataset: h5py.Dataset) -> tuple:
+    # HDF5 numbers each opening of a file afresh, so a reopened (perhaps rewritten) file starts over
+    return dataset.id.fileno, dataset.name
+
+
+def chunk_index(dataset: h5py.Dataset, needed: int) -> ChunkIndex | None:
+    """An index for a read of ``needed`` chunks, when one exists or is worth building; else None.
+
+    Read-only files keep theirs and build it once reads have asked for a third of the chunks in
+    all; writable files build one per read that needs a third of the chunks, or use the one held
+    by :func:`held_index` around a loop of reads.
+    """
+    key = _key(dataset)
+    if key in _held:
+        return _held[key]
+    total = max(1, dataset.id.get_num_chunks())
+    if dataset.file.mode != "r":
+        return build_index(dataset) if needed * INDEX_SHARE >= total else None
+    with _lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        _asked[key] = _asked.get(key, 0) + needed
+        if _asked[key] * INDEX_SHARE < total:
+            return None
+    return _remember(dataset)
+
+
+def _remember(dataset: h5py.Dataset) -> ChunkIndex | None:
+    key = _key(dataset)
+    with _lock:
+        _asked.pop(key, None)
+        if key not in _cache:
+            _cache[key] = build_index(dataset)
+            while len(_cache) > CACHED_INDEXES:
+                _cache.popitem(last=False)
+        return _cache[key]
+
+
+def expect_full_read(dataset: h5py.Dataset) -> None:
+    """Say that reads of the whole dataset follow (a scan): a read-only file builds its index now."""
+    if dataset.file.mode == "r" and chunk_layout(dataset) is not None:
+        _remember(dataset)
+
+
+@contextmanager
+def held_index(dataset: h5py.Dataset) -> Iterator[None]:
+    """Use one index for every read of ``dataset`` inside the block, in any mode.
+
+    Only for loops of reads that write nothing to ``dataset`` in between (a write may move chunks).
+    """
+    key = _key(dataset)
+    if key in _held or chunk_layout(dataset) is None:
+        yield
+        return
+    refresh(dataset)
+    _held[key] = _remember(dataset) if dataset.file.mode == "r" else build_index(dataset)
+    try:
+        yield
+    finally:
+        del _held[key]
