@@ -1,17 +1,17 @@
 """Reading matrix elements: any sorted selection of rows and columns, a strip of chunks at a time.
 
 The work is cut into units: one chunk row's worth of the needed chunks (or part of it, so that even a
-single row strip keeps both workers busy). A unit's chunks are fetched, inflated, joined into one
+single strip of rows keeps both workers busy). A unit's chunks are fetched, inflated, joined into one
 ``(chunks, height, width)`` buffer and placed into the result with one or a few numpy copies, so the
-per-chunk Python work is a read and an inflate call. With a :class:`~.storage.ChunkIndex` the
-workers read the chunks themselves (``os.pread`` and deflate both release the GIL); without one this
-thread reads them with ``read_direct_chunk`` while the workers inflate and place earlier units.
+per-chunk Python work is a read and an inflate call. With a :class:`~.storage.ChunkIndex` two
+workers read the chunks themselves (``os.pread`` and deflate both release the GIL); without one
+(small reads, see :func:`~.storage.chunk_index`) this thread reads them with ``read_direct_chunk``
+and inflates them itself.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,9 +24,8 @@ from .storage import ChunkIndex, ChunkLayout, chunk_index, chunk_layout, groups,
 
 STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
 THREADS = 2  # this library's target machines are small; more threads only contend for the GIL
-PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread
+PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread and never build an index
 UNIT_CHUNKS = 16  # a row strip is split so that units keep at least this many chunks
-IN_FLIGHT = 8  # units read ahead per worker when this thread does the reading
 
 
 @dataclass
@@ -125,26 +124,33 @@ class _ChunkRead:
         self.fill = layout.fill_bytes()
 
     def run(self, consume: Callable[[_Unit, np.ndarray], None]) -> None:
-        """Call ``consume(unit, buffer)`` for every unit, on worker threads for large reads."""
-        if not self.parallel:
-            for unit in self.units:
-                self.fetch(unit)
-                consume(unit, self.inflate(unit, None))
-            return
+        """Call ``consume(unit, buffer)`` for every unit: on worker threads when there is an index.
+
+        Without one, everything stays on this thread: HDF5 holds the GIL while it reads a chunk, and
+        handing chunks to workers was measured slower than inflating them here (GIL hand-overs).
+        """
         fd = self.index.open() if self.index is not None else None
-        try:
-            with ThreadPoolExecutor(max_workers=THREADS) as pool:
-                if fd is not None:  # the workers read, too
-                    list(pool.map(lambda unit: consume(unit, self.inflate(unit, fd)), self.units))
-                    return
-                pending: deque = deque()
-                for unit in self.units:  # this thread reads (HDF5 holds the GIL) while workers inflate
+
+        def work(task: list[_Unit]) -> None:
+            for unit in task:
+                if fd is None:
                     self.fetch(unit)
-                    pending.append(pool.submit(lambda unit: consume(unit, self.inflate(unit, None)), unit))
-                    while len(pending) > IN_FLIGHT * THREADS:
-                        pending.popleft().result()
-                for future in pending:
-                    future.result()
+                consume(unit, self.inflate(unit, fd))
+
+        try:
+            if fd is None or not self.parallel:
+                work(self.units)
+                return
+            tasks, task, size = [], [], 0  # runs of units, so that each hand-over carries enough chunks
+            for unit in self.units:
+                task.append(unit)
+                size += unit.stop - unit.first
+                if size >= UNIT_CHUNKS:
+                    tasks.append(task)
+                    task, size = [], 0
+            tasks += [task] if task else []
+            with ThreadPoolExecutor(max_workers=THREADS) as pool:
+                list(pool.map(work, tasks))
         finally:
             if fd is not None:
                 os.close(fd)

@@ -113,7 +113,6 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     """
     h, w = layout.chunks
     width = max(w, STRIP_BYTES // max(1, nrows * layout.dtype.itemsize) // w * w)
-    fresh = dataset.id.get_num_chunks() == 0
     level = layout.level if layout.compressed else None
     zero_chunk = stored = None
 
@@ -122,7 +121,7 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
         payloads = (p for future in futures for p in future.result())
         for (i, j), payload in zip(coords, payloads):
             dataset.id.write_direct_chunk((row0 + int(i) * h, col0 + a + int(j) * w), payload)
-        for i, j in [] if fresh else zip(*np.nonzero(~keep)):
+        for i, j in zip(*np.nonzero(~keep)):
             coord = (row0 + int(i) * h, col0 + a + int(j) * w)
             if stored is None:  # listed once, when the first all-zero chunk turns up
                 stored = stored_chunks(dataset)
