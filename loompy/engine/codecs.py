@@ -38,14 +38,15 @@ def decompress(data: bytes, nbytes: int, compressed: bool) -> bytes:
     return zlib.decompress(data)
 
 
-def compress(chunk: np.ndarray, level: int | None) -> bytes:
-    """Stored bytes for a full chunk: zlib-wrapped deflate (what HDF5's gzip filter writes), or raw.
+def compress(chunk: np.ndarray | memoryview, level: int | None) -> bytes:
+    """Stored bytes for a full chunk (an array, or its raw bytes): zlib-wrapped deflate, as HDF5's
+    gzip filter writes, or raw when ``level`` is None.
 
     Any deflate encoder's output decodes with HDF5's gzip filter; the level picks speed against size.
     """
-    raw = np.ascontiguousarray(chunk)
+    raw = np.ascontiguousarray(chunk) if isinstance(chunk, np.ndarray) else chunk
     if level is None:
-        return raw.tobytes()
+        return bytes(raw)
     level = max(1, int(level))
     if _isal is not None and level <= FAST_LEVELS:
         return _isal.compress(raw, level)

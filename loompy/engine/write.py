@@ -8,6 +8,7 @@ unallocated. Unaligned edges and datasets the fast path does not handle (see
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -106,63 +107,81 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     """Store the chunks covering ``nrows`` x ``ncols`` from the chunk boundary ``(row0, col0)``.
 
     ``produce(a, b)`` returns the values of relative columns ``a:b`` (dense, or scipy.sparse CSC).
-    Strip by strip, this thread produces the values and cuts them into chunks; worker threads
-    compress them (deflate releases the GIL) while this thread produces the next strip, then this
-    thread stores them (HDF5 calls stay on one thread). All-zero chunks never stored stay
+    Strip by strip, this thread produces the values; worker threads cut them into chunks and
+    compress those (numpy and deflate release the GIL) while this thread stores the previous
+    strip's chunks (HDF5 calls stay on one thread) and produces the next. All-zero chunks never stored stay
     unallocated (they read as 0); stored ones are overwritten with zeros.
     """
     h, w = layout.chunks
     width = max(w, STRIP_BYTES // max(1, nrows * layout.dtype.itemsize) // w * w)
     level = layout.level if layout.compressed else None
+    size = layout.nbytes
     zero_chunk = stored = None
+    local = threading.local()  # each worker's tile buffer, reused strip after strip (fresh memory
+    # for every strip cost more in page faults than the copying itself)
 
-    def store(a: int, coords: list, keep: np.ndarray, futures: list) -> None:
+    def prepare(block: np.ndarray | sp.csc_matrix, first: int, stop: int, a: int) -> tuple[list, list, list]:
+        """Chunk columns first:stop of a strip as tiles, compressed: (coords, payloads, all-zero coords)."""
+        tiles, keep = _tiles(block[:, first * w:stop * w], layout, local)
+        numbers = np.flatnonzero(keep)
+        across = keep.shape[1]
+        left = col0 + a + first * w
+        coords = list(zip((row0 + numbers // across * h).tolist(), (left + numbers % across * w).tolist()))
+        flat = memoryview(tiles.reshape(-1).view(np.uint8))
+        payloads = [codecs.compress(flat[k * size:(k + 1) * size], level) for k in numbers.tolist()]
+        i, j = np.nonzero(~keep)
+        return coords, payloads, list(zip((row0 + i * h).tolist(), (left + j * w).tolist()))
+
+    def store(coords: list, payloads: list, empty: list) -> None:
         nonlocal zero_chunk, stored
-        payloads = (p for future in futures for p in future.result())
-        for (i, j), payload in zip(coords, payloads):
-            dataset.id.write_direct_chunk((row0 + int(i) * h, col0 + a + int(j) * w), payload)
-        for i, j in zip(*np.nonzero(~keep)):
-            coord = (row0 + int(i) * h, col0 + a + int(j) * w)
+        write = dataset.id.write_direct_chunk
+        for coord, payload in zip(coords, payloads):
+            write(coord, payload)
+        for coord in empty:
             if stored is None:  # listed once, when the first all-zero chunk turns up
                 stored = stored_chunks(dataset)
             if stored[coord[0] // h, coord[1] // w] if stored is not False else raw_chunk(dataset, *coord):
                 if zero_chunk is None:
                     zero_chunk = codecs.compress(np.zeros(layout.chunks, layout.dtype), level)
-                dataset.id.write_direct_chunk(coord, zero_chunk)
+                write(coord, zero_chunk)
 
-    def compress(tiles: np.ndarray, part: list) -> list[bytes]:
-        return [codecs.compress(tiles[i, j], level) for i, j in part]
-
-    pending = None
+    pending: list = []
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
         for a in range(0, ncols, width):
-            tiles, keep = _tiles(produce(a, min(ncols, a + width)), layout)
-            coords = list(zip(*np.nonzero(keep)))
-            share = -(-len(coords) // THREADS) or 1
-            futures = [pool.submit(compress, tiles, coords[k:k + share]) for k in range(0, len(coords), share)]
-            if pending:
-                store(*pending)
-            pending = (a, coords, keep, futures)
-        if pending:
-            store(*pending)
+            block = produce(a, min(ncols, a + width))
+            block = sp.csc_matrix(block) if sp.issparse(block) else np.asarray(block)
+            across = -(-block.shape[1] // w)
+            bounds = np.linspace(0, across, min(THREADS, across) + 1).astype(int).tolist()
+            futures = [pool.submit(prepare, block, f, e, a) for f, e in zip(bounds[:-1], bounds[1:])]
+            for future in pending:  # the previous strip, while the workers prepare this one
+                store(*future.result())
+            pending = futures
+        for future in pending:
+            store(*future.result())
 
 
-def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout) -> tuple[np.ndarray, np.ndarray]:
+def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, holder: threading.local
+           ) -> tuple[np.ndarray, np.ndarray]:
     """``block`` (corner on a chunk boundary) as contiguous (chunk row, chunk col, h, w) tiles, edges
     zero-padded, and which tiles to store: those with any non-zero bit (-0.0 counts), or all of
-    them when the fill value is not zero."""
+    them when the fill value is not zero. Tiles go into ``holder.buffer`` (grown when too small)."""
     h, w = layout.chunks
+    n, m = block.shape
+    size = -(-n // h) * -(-m // w) * h * w
+    if getattr(holder, "buffer", None) is None or holder.buffer.size < size:
+        holder.buffer = np.empty(size, dtype=layout.dtype)
+    out = holder.buffer[:size]
     if sp.issparse(block):
-        tiles, keep = _sparse_tiles(block, h, w, layout.dtype)
+        tiles, keep = _sparse_tiles(block, h, w, out)
     else:
-        tiles = _dense_tiles(np.asarray(block, dtype=layout.dtype), h, w)
+        tiles = _dense_tiles(np.asarray(block, dtype=layout.dtype), h, w, out)
         keep = tiles.view(f"u{layout.dtype.itemsize}").any(axis=(2, 3))
     if layout.fill != 0:
         keep[...] = True
     return tiles, keep
 
 
-def _sparse_tiles(block: sp.csc_matrix, h: int, w: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _sparse_tiles(block: sp.csc_matrix, h: int, w: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Tiles (as :func:`_dense_tiles`) of a CSC block by scattering its entries, and which tiles hold any.
 
     Skips the dense intermediate: each stored entry goes straight to its place in its chunk.
@@ -178,18 +197,18 @@ def _sparse_tiles(block: sp.csc_matrix, h: int, w: int, dtype: np.dtype) -> tupl
     chunk_col = np.repeat(col // kind(w), per_entry)
     tile = chunk_row * kind(nc) + chunk_col
     flat = tile * kind(h * w) + row_in * kind(w) + np.repeat(col % kind(w), per_entry)
-    tiles = np.zeros(nr * nc * h * w, dtype=dtype)
-    tiles[flat] = block.data
+    out.fill(0)
+    out[flat] = block.data
     keep = np.zeros(nr * nc, dtype=bool)
     keep[tile] = True
-    return tiles.reshape(nr, nc, h, w), keep.reshape(nr, nc)
+    return out.reshape(nr, nc, h, w), keep.reshape(nr, nc)
 
 
-def _dense_tiles(block: np.ndarray, h: int, w: int) -> np.ndarray:
-    """``block`` as a contiguous (chunk row, chunk col, h, w) array, edges padded with zeros."""
+def _dense_tiles(block: np.ndarray, h: int, w: int, out: np.ndarray) -> np.ndarray:
+    """``block`` as a contiguous (chunk row, chunk col, h, w) array in ``out``, edges padded with zeros."""
     n, m = block.shape
     nr, nc, fr, fc = -(-n // h), -(-m // w), n // h, m // w
-    tiles = np.empty((nr, nc, h, w), dtype=block.dtype)
+    tiles = out.reshape(nr, nc, h, w)
     view = tiles.transpose(0, 2, 1, 3)  # (chunk row, row in chunk, chunk col, col in chunk)
     view[:fr, :, :fc] = block[:fr * h, :fc * w].reshape(fr, h, fc, w)
     if fr < nr:  # a last, partial chunk row
