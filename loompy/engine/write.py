@@ -8,6 +8,7 @@ unallocated. Unaligned edges and datasets the fast path does not handle (see
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import scipy.sparse as sp
 
 from . import codecs
 from .read import STRIP_BYTES, THREADS, read_block
-from .storage import ChunkLayout, chunk_layout, groups, raw_chunk, refresh, stored_chunks
+from .storage import ChunkLayout, chunk_index, chunk_layout, groups, held_index, raw_chunk, refresh, stored_chunks
 
 
 def write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
@@ -93,6 +94,20 @@ def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: P
                      lambda a, b: produce(shift + a, shift + b))
 
 
+def write_rows(dataset: h5py.Dataset, produce: Producer) -> None:
+    """Write the whole dataset a strip of full-width rows at a time; ``produce(a, b)`` gives rows a:b (dense)."""
+    n, m = dataset.shape
+    layout = chunk_layout(dataset)
+    if layout is not None:
+        refresh(dataset)
+        store_region(dataset, layout, 0, 0, n, m, produce, axis=0)
+        return
+    height = dataset.chunks[0] if dataset.chunks else 64
+    step = max(height, STRIP_BYTES // max(1, m * dataset.dtype.itemsize) // height * height)
+    for a in range(0, n, step):
+        dataset[a:min(n, a + step), :] = _dense(produce(a, min(n, a + step)), dataset.dtype)
+
+
 def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int, c0: int, c1: int) -> bool:
     """True when rows r0:r1 and columns c0:c1 cover whole chunks (edge chunks count as whole)."""
     if layout is None:
@@ -103,34 +118,38 @@ def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int,
 
 
 def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: int, nrows: int, ncols: int,
-                 produce: Producer) -> None:
+                 produce: Producer, axis: int = 1) -> None:
     """Store the chunks covering ``nrows`` x ``ncols`` from the chunk boundary ``(row0, col0)``.
 
-    ``produce(a, b)`` returns the values of relative columns ``a:b`` (dense, or scipy.sparse CSC).
+    ``produce(a, b)`` returns the values of relative columns ``a:b`` (dense, or scipy.sparse CSC),
+    or with ``axis=0`` of relative rows ``a:b`` (dense).
     Strip by strip, this thread produces the values; worker threads cut them into chunks and
     compress those (numpy and deflate release the GIL) while this thread stores the previous
-    strip's chunks (HDF5 calls stay on one thread) and produces the next. All-zero chunks never stored stay
+    strip's chunks (HDF5 calls stay on one thread) and produces the next. A strip's values are in
+    use until ``produce`` has returned the next one, so ``produce`` may alternate two buffers. All-zero chunks never stored stay
     unallocated (they read as 0); stored ones are overwritten with zeros.
     """
     h, w = layout.chunks
-    width = max(w, STRIP_BYTES // max(1, nrows * layout.dtype.itemsize) // w * w)
+    across, unit = (ncols, h) if axis == 0 else (nrows, w)
+    step = max(unit, STRIP_BYTES // max(1, across * layout.dtype.itemsize) // unit * unit)
     level = layout.level if layout.compressed else None
     size = layout.nbytes
     zero_chunk = stored = None
     local = threading.local()  # each worker's tile buffer, reused strip after strip (fresh memory
     # for every strip cost more in page faults than the copying itself)
 
-    def prepare(block: np.ndarray | sp.csc_matrix, first: int, stop: int, a: int) -> tuple[list, list, list]:
+    def prepare(block: np.ndarray | sp.csc_matrix, first: int, stop: int, top: int, left: int
+                ) -> tuple[list, list, list]:
         """Chunk columns first:stop of a strip as tiles, compressed: (coords, payloads, all-zero coords)."""
         tiles, keep = _tiles(block[:, first * w:stop * w], layout, local)
         numbers = np.flatnonzero(keep)
         across = keep.shape[1]
-        left = col0 + a + first * w
-        coords = list(zip((row0 + numbers // across * h).tolist(), (left + numbers % across * w).tolist()))
+        left += first * w
+        coords = list(zip((top + numbers // across * h).tolist(), (left + numbers % across * w).tolist()))
         flat = memoryview(tiles.reshape(-1).view(np.uint8))
         payloads = [codecs.compress(flat[k * size:(k + 1) * size], level) for k in numbers.tolist()]
         i, j = np.nonzero(~keep)
-        return coords, payloads, list(zip((row0 + i * h).tolist(), (left + j * w).tolist()))
+        return coords, payloads, list(zip((top + i * h).tolist(), (left + j * w).tolist()))
 
     def store(coords: list, payloads: list, empty: list) -> None:
         nonlocal zero_chunk, stored
@@ -147,12 +166,13 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
 
     pending: list = []
     with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        for a in range(0, ncols, width):
-            block = produce(a, min(ncols, a + width))
+        for a in range(0, nrows if axis == 0 else ncols, step):
+            block = produce(a, min(nrows if axis == 0 else ncols, a + step))
             block = sp.csc_matrix(block) if sp.issparse(block) else np.asarray(block)
-            across = -(-block.shape[1] // w)
-            bounds = np.linspace(0, across, min(THREADS, across) + 1).astype(int).tolist()
-            futures = [pool.submit(prepare, block, f, e, a) for f, e in zip(bounds[:-1], bounds[1:])]
+            top, left = (row0 + a, col0) if axis == 0 else (row0, col0 + a)
+            wide = -(-block.shape[1] // w)
+            bounds = np.linspace(0, wide, min(THREADS, wide) + 1).astype(int).tolist()
+            futures = [pool.submit(prepare, block, f, e, top, left) for f, e in zip(bounds[:-1], bounds[1:])]
             for future in pending:  # the previous strip, while the workers prepare this one
                 store(*future.result())
             pending = futures
@@ -232,12 +252,24 @@ def copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
     layout, target = chunk_layout(src), chunk_layout(dst)
     if layout is None or layout != target or col_offset % layout.chunks[1] or src.shape[0] != dst.shape[0]:
         return 0
-    c0, c1 = layout.chunks
-    full = src.shape[1] // c1 * c1
-    refresh(src)
-    for r in range(0, src.shape[0], c0):
-        for c in range(0, full, c1):
-            raw = raw_chunk(src, r, c)
-            if raw is not None:  # a chunk never stored stays unallocated in the copy too
-                dst.id.write_direct_chunk((r, c + col_offset), raw[1], filter_mask=raw[0])
+    h, w = layout.chunks
+    full = src.shape[1] // w * w
+    write = dst.id.write_direct_chunk
+    with held_index(src):
+        index = chunk_index(src, 0)
+        if index is None:
+            for r in range(0, src.shape[0], h):
+                for c in range(0, full, w):
+                    raw = raw_chunk(src, r, c)
+                    if raw is not None:  # a chunk never stored stays unallocated in the copy too
+                        write((r, c + col_offset), raw[1], filter_mask=raw[0])
+            return full
+        i, j = np.nonzero(index.offset[:, :full // w] >= 0)
+        fd = index.open()
+        try:
+            for r, c, o, size, mask in zip((i * h).tolist(), (j * w + col_offset).tolist(), index.offset[i, j].tolist(),
+                                           index.size[i, j].tolist(), index.mask[i, j].tolist()):
+                write((r, c), index.read(fd, o, size), filter_mask=mask)
+        finally:
+            os.close(fd)
     return full
