@@ -3,9 +3,9 @@
 Two ways to reach a chunk's bytes. ``read_direct_chunk`` asks HDF5 for one chunk at a time (about
 3.5 us each, holding the GIL). A :class:`ChunkIndex` lists every chunk's file offset, size and filter
 mask in one ``chunk_iter`` pass (about 1.3 us per chunk); with it, worker threads read chunks with
-``os.pread``, which releases the GIL. The index is kept between calls only for files open read-only
-(nothing can move a chunk then); for writable files it is built afresh for reads that need at least a
-third of the chunks, where it pays for itself.
+``os.pread``, which releases the GIL. An index is built once reads have asked for a third of a
+dataset's chunks and kept until loompy next writes to that dataset (every engine write calls
+:func:`forget` first) or the file is closed (HDF5 numbers each opening of a file afresh).
 """
 
 from __future__ import annotations
@@ -180,20 +180,21 @@ def _key(dataset: h5py.Dataset) -> tuple:
 def chunk_index(dataset: h5py.Dataset, needed: int) -> ChunkIndex | None:
     """An index for a read of ``needed`` chunks, when one exists or is worth building; else None.
 
-    Read-only files keep theirs and build it once reads have asked for a third of the chunks in
-    all; writable files build one per read that needs a third of the chunks, or use the one held
-    by :func:`held_index` around a loop of reads.
+    One is built once reads of the dataset have asked for a third of its chunks in all (a single
+    large read, or the first batches of a scan), then kept until loompy writes to the dataset
+    (:func:`forget`) or the file is closed; :func:`held_index` keeps one around a loop of reads.
     """
     key = _key(dataset)
-    if key in _held:
-        return _held[key]
-    total = int(np.prod(chunk_grid(dataset)))  # (HDF5's get_num_chunks walks the whole index: slow)
-    if dataset.file.mode != "r":
-        return build_index(dataset) if needed * INDEX_SHARE >= total else None
     with _lock:
-        if key in _cache:
+        if key in _held:
+            return _held[key]
+        index = _cache.get(key)
+        if index is not None and index.offset.shape == chunk_grid(dataset):
             _cache.move_to_end(key)
-            return _cache[key]
+            return index
+        if key in _cache and index is None:
+            return None  # known not to work for this dataset
+        total = int(np.prod(chunk_grid(dataset)))  # (HDF5's get_num_chunks walks the whole index: slow)
         _asked[key] = _asked.get(key, 0) + needed
         if _asked[key] * INDEX_SHARE < total:
             return None
@@ -204,32 +205,39 @@ def _remember(dataset: h5py.Dataset) -> ChunkIndex | None:
     key = _key(dataset)
     with _lock:
         _asked.pop(key, None)
-        if key not in _cache:
+        index = _cache.get(key)
+        if index is None or index.offset.shape != chunk_grid(dataset):
+            refresh(dataset)
             _cache[key] = build_index(dataset)
             while len(_cache) > CACHED_INDEXES:
                 _cache.popitem(last=False)
         return _cache[key]
 
 
+def forget(dataset: h5py.Dataset) -> None:
+    """Drop what is known about where the dataset's chunks are: every write may move them."""
+    key = _key(dataset)
+    with _lock:
+        _cache.pop(key, None)
+        _asked.pop(key, None)
+        _held.pop(key, None)
+
+
 def expect_full_read(dataset: h5py.Dataset) -> None:
-    """Say that reads of the whole dataset follow (a scan): a read-only file builds its index now."""
-    if dataset.file.mode == "r" and chunk_layout(dataset) is not None:
+    """Say that reads of the whole dataset follow (a scan): its index is built now."""
+    if chunk_layout(dataset) is not None:
         _remember(dataset)
 
 
 @contextmanager
 def held_index(dataset: h5py.Dataset) -> Iterator[None]:
-    """Use one index for every read of ``dataset`` inside the block, in any mode.
-
-    Only for loops of reads that write nothing to ``dataset`` in between (a write may move chunks).
-    """
+    """Use one index for every read of ``dataset`` inside the block (kept even if the cache is full)."""
     key = _key(dataset)
     if key in _held or chunk_layout(dataset) is None:
         yield
         return
-    refresh(dataset)
-    _held[key] = _remember(dataset) if dataset.file.mode == "r" else build_index(dataset)
+    _held[key] = _remember(dataset)
     try:
         yield
     finally:
-        del _held[key]
+        _held.pop(key, None)

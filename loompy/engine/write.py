@@ -8,6 +8,7 @@ unallocated. Unaligned edges and datasets the fast path does not handle (see
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -19,9 +20,35 @@ import scipy.sparse as sp
 
 from . import codecs
 from .read import STRIP_BYTES, THREADS, read_block
-from .storage import ChunkLayout, chunk_index, chunk_layout, groups, held_index, raw_chunk, refresh, stored_chunks
+from .storage import (
+    ChunkLayout,
+    chunk_index,
+    chunk_layout,
+    forget,
+    groups,
+    held_index,
+    raw_chunk,
+    refresh,
+    stored_chunks,
+)
 
 
+def _writes(function: Callable) -> Callable:
+    """Mark a function that writes to its first argument's dataset: its chunk index is dropped
+    before and after (chunks may move), so no read uses a stale one."""
+
+    @functools.wraps(function)
+    def wrapper(dataset: h5py.Dataset, *args, **kwargs):
+        forget(dataset)
+        try:
+            return function(dataset, *args, **kwargs)
+        finally:
+            forget(dataset)
+
+    return wrapper
+
+
+@_writes
 def write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
     """Store ``values`` (shape ``(len(rows), len(cols))``) at ``np.ix_(rows, cols)``."""
     if rows.size == 0 or cols.size == 0:
@@ -64,6 +91,7 @@ def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_of
     write_columns(dataset, col_offset, matrix.shape[1], lambda a, b: matrix[:, a:b])
 
 
+@_writes
 def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: Producer) -> None:
     """Write ``ncols`` full-height columns from ``col_offset``; ``produce(a, b)`` gives relative columns a:b.
 
@@ -94,6 +122,7 @@ def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: P
                      lambda a, b: produce(shift + a, shift + b))
 
 
+@_writes
 def write_rows(dataset: h5py.Dataset, produce: Producer) -> None:
     """Write the whole dataset a strip of full-width rows at a time; ``produce(a, b)`` gives rows a:b (dense)."""
     n, m = dataset.shape
@@ -117,6 +146,7 @@ def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int,
     return r0 % h == 0 and c0 % w == 0 and (r1 % h == 0 or r1 == n) and (c1 % w == 0 or c1 == m)
 
 
+@_writes
 def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: int, nrows: int, ncols: int,
                  produce: Producer, axis: int = 1) -> None:
     """Store the chunks covering ``nrows`` x ``ncols`` from the chunk boundary ``(row0, col0)``.
@@ -126,8 +156,9 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     Strip by strip, this thread produces the values; worker threads cut them into chunks and
     compress those (numpy and deflate release the GIL) while this thread stores the previous
     strip's chunks (HDF5 calls stay on one thread) and produces the next. A strip's values are in
-    use until ``produce`` has returned the next one, so ``produce`` may alternate two buffers. All-zero chunks never stored stay
-    unallocated (they read as 0); stored ones are overwritten with zeros.
+    use until ``produce`` has returned the next one, so ``produce`` may alternate two buffers.
+    All-zero chunks never stored stay unallocated (they read as 0); stored ones are overwritten
+    with zeros.
     """
     h, w = layout.chunks
     across, unit = (ncols, h) if axis == 0 else (nrows, w)
@@ -252,6 +283,7 @@ def copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
     layout, target = chunk_layout(src), chunk_layout(dst)
     if layout is None or layout != target or col_offset % layout.chunks[1] or src.shape[0] != dst.shape[0]:
         return 0
+    forget(dst)
     h, w = layout.chunks
     full = src.shape[1] // w * w
     write = dst.id.write_direct_chunk
