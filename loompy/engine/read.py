@@ -26,6 +26,7 @@ STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
 THREADS = 2  # this library's target machines are small; more threads only contend for the GIL
 PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread and never build an index
 UNIT_CHUNKS = 16  # a row strip is split so that units keep at least this many chunks
+READ_BATCH = 1024  # chunks read by this thread before the workers inflate them (no index)
 
 
 @dataclass
@@ -50,9 +51,9 @@ class _Columns:
         self.chunk_cols = [g[0] for g in self.groups]
         self.contiguous = int(cols[-1]) - int(cols[0]) + 1 == cols.size
         self.first_offset = int(cols[0]) - self.chunk_cols[0] * width
-        if not self.contiguous:  # element offset of each result column inside the joined buffer
-            which = np.repeat(np.arange(len(self.groups)), [g[1].stop - g[1].start for g in self.groups])
-            self.flat = which * (height * width) + (cols - np.asarray(self.chunk_cols)[which] * width)
+        if not self.contiguous:  # for each result column: its chunk (in the read's list) and column in it
+            self.which = np.repeat(np.arange(len(self.groups)), [g[1].stop - g[1].start for g in self.groups])
+            self.local = cols - np.asarray(self.chunk_cols)[self.which] * width
 
     def parts(self, pieces: int) -> list[tuple[int, int, slice]]:
         """Split the needed chunk columns into ``pieces`` runs: (first, stop, result columns)."""
@@ -62,18 +63,23 @@ class _Columns:
                 for a, b in zip(bounds[:-1], bounds[1:])]
 
     def place(self, target: np.ndarray, unit: _Unit, buf: np.ndarray) -> None:
-        """Copy the unit's elements from ``buf`` (its chunks, joined) into ``target`` (the unit's share)."""
+        """Copy the unit's elements from ``buf`` (its chunks, joined; perhaps only the wanted rows)
+        into ``target`` (the unit's share of the result)."""
+        chosen = buf.shape[1] != self.height  # inflate kept only the wanted rows
+        if chosen or (isinstance(unit.local_rows, slice) and unit.local_rows == slice(0, self.height)):
+            part = buf
+        else:
+            part = buf[:, unit.local_rows, :]
         if not self.contiguous:
-            local = np.arange(self.height)[unit.local_rows] * self.width
-            flat = self.flat[unit.cols] - unit.first * self.height * self.width
-            where = flat[None, :] + local[:, None]
-            if target.dtype == buf.dtype:
-                np.take(buf.reshape(-1), where, out=target, mode="clip")
+            part = np.ascontiguousarray(part)
+            _, height, w = part.shape
+            columns = (self.which[unit.cols] - unit.first) * (height * w) + self.local[unit.cols]
+            where = columns[None, :] + (np.arange(height) * w)[:, None]
+            if target.dtype == part.dtype:
+                np.take(part.reshape(-1), where, out=target, mode="clip")
             else:
-                target[...] = np.take(buf.reshape(-1), where)
+                target[...] = np.take(part.reshape(-1), where)
             return
-        whole = isinstance(unit.local_rows, slice) and unit.local_rows == slice(0, self.height)
-        part = buf if whole else buf[:, unit.local_rows, :]
         w, ncols = self.width, target.shape[1]
         x, g = 0, 0
         if unit.first == 0 and self.first_offset:  # the run starts inside its first chunk
@@ -124,21 +130,22 @@ class _ChunkRead:
         self.fill = layout.fill_bytes()
 
     def run(self, consume: Callable[[_Unit, np.ndarray], None]) -> None:
-        """Call ``consume(unit, buffer)`` for every unit: on worker threads when there is an index.
+        """Call ``consume(unit, buffer)`` for every unit, on worker threads for large reads.
 
-        Without one, everything stays on this thread: HDF5 holds the GIL while it reads a chunk, and
-        handing chunks to workers was measured slower than inflating them here (GIL hand-overs).
+        With an index the workers read, inflate and hand over. Without one this thread reads a batch
+        of chunks with HDF5 (which holds the GIL) and only then lets the workers inflate them:
+        reading while they inflate was slower, as the threads queue for the GIL behind each other.
         """
         fd = self.index.open() if self.index is not None else None
 
         def work(task: list[_Unit]) -> None:
             for unit in task:
-                if fd is None:
+                if unit.raws is None and fd is None:
                     self.fetch(unit)
                 consume(unit, self.inflate(unit, fd))
 
         try:
-            if fd is None or not self.parallel:
+            if not self.parallel:
                 work(self.units)
                 return
             tasks, task, size = [], [], 0  # runs of units, so that each hand-over carries enough chunks
@@ -150,7 +157,18 @@ class _ChunkRead:
                     task, size = [], 0
             tasks += [task] if task else []
             with ThreadPoolExecutor(max_workers=THREADS) as pool:
-                list(pool.map(work, tasks))
+                if fd is not None:
+                    list(pool.map(work, tasks))
+                    return
+                batch, size = [], 0
+                for k, task in enumerate(tasks):
+                    for unit in task:
+                        self.fetch(unit)
+                        size += unit.stop - unit.first
+                    batch.append(task)
+                    if size >= READ_BATCH or k == len(tasks) - 1:
+                        list(pool.map(work, batch))
+                        batch, size = [], 0
         finally:
             if fd is not None:
                 os.close(fd)
@@ -162,7 +180,8 @@ class _ChunkRead:
                      for c in self.columns.chunk_cols[unit.first:unit.stop]]
 
     def inflate(self, unit: _Unit, fd: int | None) -> np.ndarray:
-        """The unit's chunks, inflated and joined: shape (chunks, height, width)."""
+        """The unit's chunks, inflated and joined: shape (chunks, rows, width), with only the wanted
+        rows when they are few (copying whole chunks for a row or two cost more than inflating)."""
         decode, fill = self.layout.decode, self.fill
         if unit.raws is None:  # read them from the file through the index
             chunk_cols = self.columns.chunk_cols[unit.first:unit.stop]
@@ -175,6 +194,9 @@ class _ChunkRead:
             decoded = [fill if raw is None else decode(raw[1], raw[0]) for raw in unit.raws]
             unit.raws = None
         h, w = self.layout.chunks
+        rows = unit.local_rows
+        if len(range(h)[rows] if isinstance(rows, slice) else rows) * 4 <= h:  # a few rows: keep just those
+            return np.stack([np.frombuffer(d, dtype=self.layout.dtype).reshape(h, w)[rows] for d in decoded])
         return np.frombuffer(b"".join(decoded), dtype=self.layout.dtype).reshape(len(decoded), h, w)
 
 
