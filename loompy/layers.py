@@ -72,11 +72,14 @@ class LoomLayer(SparseForms):
         data = self[:, :]
         return data if dtype is None else data.astype(dtype)
 
-    def sparse(self, rows: Any = None, cols: Any = None) -> sp.coo_matrix:
-        """The layer (or the ``rows`` x ``cols`` part of it) as a COO matrix in the stored dtype."""
+    def sparse(self, rows: Any = None, cols: Any = None, dtype: Any = None) -> sp.coo_matrix:
+        """The layer (or the ``rows`` x ``cols`` part of it) as a COO matrix, in the stored dtype
+        unless ``dtype`` is given."""
         r = _axis(rows, self.shape[0], 0)
         c = _axis(cols, self.shape[1], 1)
         coo = engine.read_sparse(self._dataset, r.unique, c.unique)
+        if dtype is not None:
+            coo = coo.astype(dtype, copy=False)
         if r.inverse is None and c.inverse is None:
             return coo
         csr = coo.tocsr()

@@ -157,6 +157,9 @@ def test_layers(small):
         sm = ds.layers["sparse"].sparse()
         assert sp.isspmatrix_coo(sm) and sm.dtype == np.int32
         np.testing.assert_array_equal(sm.toarray(), m.astype(np.int32))
+        as_float = ds.layers["sparse"].sparse(rows=[3, 1], dtype="float32")  # loompy 3's dtype argument
+        assert as_float.dtype == np.float32
+        np.testing.assert_array_equal(as_float.toarray(), m[[3, 1]].astype(np.float32))
         np.testing.assert_array_equal(ds.layers["dense"].as_csr().toarray(), m * 2)
         np.testing.assert_array_equal(ds.layers["dense"].as_csc().toarray(), m * 2)
         np.testing.assert_array_equal(ds.layers["dense"].as_coo().toarray(), m * 2)
