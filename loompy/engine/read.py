@@ -122,11 +122,12 @@ class _ChunkRead:
         self.columns = _Columns(cols, w, h)
         row_groups = groups(rows, h)
         needed = len(row_groups) * len(self.columns.groups)
-        self.parallel = needed >= PARALLEL_CHUNKS
+        # workers pay off for many chunks, unless each chunk row gives them just a chunk or two
+        self.parallel = needed >= PARALLEL_CHUNKS and len(self.columns.groups) >= 4
         pieces = -(-2 * THREADS // len(row_groups)) if self.parallel and split else 1
         parts = self.columns.parts(max(1, min(pieces, len(self.columns.groups) // UNIT_CHUNKS)))
         self.units = [_Unit(ri, rpos, rloc, a, b, cpos) for ri, rpos, rloc in row_groups for a, b, cpos in parts]
-        self.index = chunk_index(dataset, needed) if self.parallel else None
+        self.index = chunk_index(dataset, needed) if needed >= PARALLEL_CHUNKS else None
         self.fill = layout.fill_bytes()
 
     def run(self, consume: Callable[[_Unit, np.ndarray], None]) -> None:
@@ -195,8 +196,14 @@ class _ChunkRead:
             unit.raws = None
         h, w = self.layout.chunks
         rows = unit.local_rows
-        if len(range(h)[rows] if isinstance(rows, slice) else rows) * 4 <= h:  # a few rows: keep just those
-            return np.stack([np.frombuffer(d, dtype=self.layout.dtype).reshape(h, w)[rows] for d in decoded])
+        wanted = range(h)[rows] if isinstance(rows, slice) else rows.tolist()
+        if len(wanted) * 4 <= h:  # a few rows: join just those (byte ranges of each chunk)
+            line = w * self.layout.dtype.itemsize
+            if isinstance(rows, slice):
+                pieces = [d[rows.start * line:rows.stop * line] for d in decoded]
+            else:
+                pieces = [d[r * line:(r + 1) * line] for d in decoded for r in wanted]
+            return np.frombuffer(b"".join(pieces), dtype=self.layout.dtype).reshape(len(decoded), len(wanted), w)
         return np.frombuffer(b"".join(decoded), dtype=self.layout.dtype).reshape(len(decoded), h, w)
 
 
