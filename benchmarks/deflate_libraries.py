@@ -2,7 +2,7 @@
 
 Times compressing and inflating the same chunks with each library, on one thread and on two, and
 reports microseconds per chunk and stored bytes per chunk. The engine's choice of library for each
-direction (see ``loompy/codecs.py``) rests on these figures.
+direction (see ``loompy/engine/codecs.py``) rests on these figures.
 
     python benchmarks/deflate_libraries.py                 # seeded 64 x 64 float32 chunks, 7% non-zero counts
     python benchmarks/deflate_libraries.py FILE.loom       # the stored chunks of FILE's /matrix (up to 20,000)

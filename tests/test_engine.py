@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -296,3 +298,22 @@ def test_writes_drop_the_chunk_index_of_a_writable_file(tmp_path, monkeypatch):
         grown = np.concatenate([m, np.ones((300, 60), np.float32)], axis=1)
         np.testing.assert_array_equal(engine.read_block(d, np.arange(300), np.arange(760)), grown)
     assert len(built) >= 4  # rebuilt after every write
+
+
+def test_a_file_replaced_on_disk_is_still_read_through_the_open_handle(tmp_path, monkeypatch):
+    """The chunk index reads by path; once the path names another file, reads go through HDF5 again."""
+    from loompy.engine import storage
+
+    monkeypatch.setattr(storage, "INDEX_SHARE", 10**9)  # index at the first parallel read
+    path, other = tmp_path / "a.h5", tmp_path / "b.h5"
+    m = _many_chunk_file(path)
+    replacement = _many_chunk_file(other)
+    assert not np.array_equal(m, replacement)
+    everything = (np.arange(300), np.arange(700))
+    with h5py.File(path, "r") as f:
+        d = f["m"]
+        np.testing.assert_array_equal(engine.read_block(d, *everything), m)
+        assert storage.chunk_index(d, 0) is not None
+        os.replace(other, path)
+        np.testing.assert_array_equal(engine.read_block(d, *everything), m)
+        np.testing.assert_array_equal(engine.read_sparse(d, *everything).toarray(), m)

@@ -115,13 +115,23 @@ class ChunkIndex:
     """Every chunk's place in the file, by (chunk row, chunk column); offset -1 means never written."""
 
     path: str
+    file_id: tuple[int, int]  # (device, inode) of the file HDF5 has open
     offset: np.ndarray
     size: np.ndarray
     mask: np.ndarray
 
     def open(self) -> int:
-        """A file descriptor for :meth:`read` (the caller closes it)."""
-        return os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        """A file descriptor for :meth:`read` (the caller closes it).
+
+        Raises OSError when the path no longer names the file the index was built from (the file
+        was replaced on disk while open): the caller then reads through HDF5 instead.
+        """
+        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        stat = os.fstat(fd)
+        if (stat.st_dev, stat.st_ino) != self.file_id:
+            os.close(fd)
+            raise OSError(f"{self.path} was replaced on disk while open")
+        return fd
 
     @staticmethod
     def read(fd: int, offset: int, size: int) -> bytes:
@@ -149,19 +159,28 @@ def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:
         table = np.array(found, dtype=np.int64)
         r, c = table[:, 0] // h, table[:, 1] // w
         offset[r, c], size[r, c], mask[r, c] = table[:, 2], table[:, 3], table[:, 4]
-    index = ChunkIndex(dataset.file.filename, offset, size, mask)
-    return index if not found or _agrees(dataset, index, found[0]) else None
+    path = os.path.abspath(dataset.file.filename)  # the working directory may change later
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    index = ChunkIndex(path, (stat.st_dev, stat.st_ino), offset, size, mask)
+    return index if _agrees(dataset, index, found) else None
 
 
-def _agrees(dataset: h5py.Dataset, index: ChunkIndex, entry: tuple[int, ...]) -> bool:
-    """Check on one chunk that the offsets HDF5 reported are plain file offsets (no userblock shift etc.)."""
-    row, col, offset, size, _ = entry
+def _agrees(dataset: h5py.Dataset, index: ChunkIndex, found: list[tuple[int, ...]]) -> bool:
+    """Check on a few chunks that the offsets HDF5 reported are plain offsets in the file at ``path``
+    (no userblock shift, not another file under the same name)."""
     try:
         fd = index.open()
     except OSError:
         return False
     try:
-        return os.pread(fd, size, offset) == raw_chunk(dataset, row, col)[1]
+        for row, col, offset, size, _ in found[:1] + found[-1:]:
+            raw = raw_chunk(dataset, row, col)
+            if raw is None or os.pread(fd, size, offset) != raw[1]:
+                return False
+        return True
     finally:
         os.close(fd)
 

@@ -288,20 +288,24 @@ def copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
     full = src.shape[1] // w * w
     write = dst.id.write_direct_chunk
     with held_index(src):
-        index = chunk_index(src, 0)
-        if index is None:
-            for r in range(0, src.shape[0], h):
-                for c in range(0, full, w):
-                    raw = raw_chunk(src, r, c)
-                    if raw is not None:  # a chunk never stored stays unallocated in the copy too
-                        write((r, c + col_offset), raw[1], filter_mask=raw[0])
-            return full
-        i, j = np.nonzero(index.offset[:, :full // w] >= 0)
-        fd = index.open()
+        index, fd = chunk_index(src, 0), None
         try:
+            fd = index.open() if index is not None else None
+        except OSError:  # the file was replaced on disk: copy through HDF5
+            forget(src)
+        try:
+            if fd is None:
+                for r in range(0, src.shape[0], h):
+                    for c in range(0, full, w):
+                        raw = raw_chunk(src, r, c)
+                        if raw is not None:  # a chunk never stored stays unallocated in the copy too
+                            write((r, c + col_offset), raw[1], filter_mask=raw[0])
+                return full
+            i, j = np.nonzero(index.offset[:, :full // w] >= 0)
             for r, c, o, size, mask in zip((i * h).tolist(), (j * w + col_offset).tolist(), index.offset[i, j].tolist(),
                                            index.size[i, j].tolist(), index.mask[i, j].tolist()):
                 write((r, c), index.read(fd, o, size), filter_mask=mask)
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
     return full
