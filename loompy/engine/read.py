@@ -5,8 +5,9 @@ single strip of rows keeps both workers busy). A unit's chunks are fetched, infl
 ``(chunks, height, width)`` buffer and placed into the result with one or a few numpy copies, so the
 per-chunk Python work is a read and an inflate call. With a :class:`~.storage.ChunkIndex` two
 workers read the chunks themselves (``os.pread`` and deflate both release the GIL); without one
-(small reads, see :func:`~.storage.chunk_index`) this thread reads them with ``read_direct_chunk``
-and inflates them itself.
+(smaller reads, see :func:`~.storage.chunk_index`) this thread reads a batch of chunks with
+``read_direct_chunk`` and then the workers inflate them. Reads one to three chunks wide stay on
+this thread: there the hand-overs cost more than the inflating they share.
 """
 
 from __future__ import annotations
