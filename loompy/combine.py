@@ -257,6 +257,7 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
             for part, values in (("a", renumbered.row), ("b", renumbered.col), ("w", renumbered.data)):
                 group.create_dataset(part, data=values)
         fmt.touch(out[attr_group])
+        engine.forget_file(ds._file)
         ds._file.close()  # the rename replaces the file under this handle; reopen below
     ds._file = h5py.File(ds.filename, mode)
     ds._open_managers()

@@ -12,8 +12,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from . import engine, operations
 from . import format as fmt
-from . import operations
 from .attributes import AttributeManager, Dims, GlobalAttributeManager, attribute_shortcut
 from .errors import (
     LoomFileError,
@@ -140,6 +140,7 @@ class LoomConnection:
         """Close the file; the connection cannot be used afterwards."""
         if self._file:
             self._file.flush()
+            engine.forget_file(self._file)
             self._file.close()
 
     def flush(self) -> None:

@@ -317,3 +317,18 @@ def test_a_file_replaced_on_disk_is_still_read_through_the_open_handle(tmp_path,
         os.replace(other, path)
         np.testing.assert_array_equal(engine.read_block(d, *everything), m)
         np.testing.assert_array_equal(engine.read_sparse(d, *everything).toarray(), m)
+
+
+def test_closing_a_connection_drops_its_chunk_indexes(tmp_path):
+    import loompy
+    from loompy.engine import storage
+
+    m = sparse_counts((300, 700), np.float32, density=0.2)
+    path = tmp_path / "c.loom"
+    loompy.create(str(path), m, {"Gene": np.arange(300)}, {"Cell": np.arange(700)}, chunks=(16, 16)).close()
+    ds = loompy.connect(str(path), "r")
+    number = ds._file.id.fileno
+    np.testing.assert_array_equal(ds[:, :], m)
+    assert any(key[0] == number and index is not None for key, index in storage._cache.items())
+    ds.close()
+    assert not any(key[0] == number for key in storage._cache)

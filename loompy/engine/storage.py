@@ -242,6 +242,15 @@ def forget(dataset: h5py.Dataset) -> None:
         _held.pop(key, None)
 
 
+def forget_file(file: h5py.File) -> None:
+    """Drop the indexes of every dataset of a file being closed (they hold memory, not handles)."""
+    number = file.id.fileno
+    with _lock:
+        for table in (_cache, _asked, _held):
+            for key in [key for key in table if key[0] == number]:
+                del table[key]
+
+
 def expect_full_read(dataset: h5py.Dataset) -> None:
     """Say that reads of the whole dataset follow (a scan): its index is built now."""
     if chunk_layout(dataset) is not None:
