@@ -263,7 +263,9 @@ def test_reads_through_each_path_equal_numpy(tmp_path, monkeypatch, how, userblo
         engine.read_block(d, np.arange(300), np.arange(700), out=out[:, 5:705])
         np.testing.assert_array_equal(out[:, 5:705], m)
         assert (out[:, :5] == -1).all() and (out[:, 705:] == -1).all()
-        np.testing.assert_array_equal(engine.read_sparse(d, np.arange(300), np.arange(700)).toarray(), m)
+        coo = engine.read_sparse(d, np.arange(300), np.arange(700))
+        np.testing.assert_array_equal(coo.toarray(), m)
+        assert coo.nnz == np.count_nonzero(m) and (np.diff(coo.row) >= 0).all()  # row-major, no repeats
     if how != "no index":
         assert len(built) == 1 and built[0] is not None  # built once, then kept
 

@@ -13,6 +13,7 @@ this thread: there the hand-overs cost more than the inflating they share.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -246,25 +247,60 @@ def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp
         return sp.coo_matrix(shape, dtype=dtype)
     index = np.int32 if max(shape) < 2**31 else np.int64  # what scipy would convert to anyway
     layout = chunk_layout(dataset)
+    collected = _Collector(index, dtype)
     if layout is None:
         step = max(64, STRIP_BYTES // max(1, cols.size * dataset.dtype.itemsize))
-        parts = [_entries(_read_block_h5py(dataset, rows[a:a + step], cols,
-                                           np.empty((rows[a:a + step].size, cols.size), dataset.dtype)),
-                          a, index, dtype) for a in range(0, rows.size, step)]
+        for k, a in enumerate(range(0, rows.size, step)):
+            block = np.empty((rows[a:a + step].size, cols.size), dataset.dtype)
+            collected.add(k, _entries(_read_block_h5py(dataset, rows[a:a + step], cols, block), a, index, dtype))
     else:
         with held_index(dataset):
             read = _ChunkRead(dataset, layout, rows, cols, split=False)
-            parts = [None] * len(read.units)
             number = {id(unit): k for k, unit in enumerate(read.units)}
+            local = threading.local()  # each worker's dense block, reused unit after unit
 
             def consume(unit: _Unit, buf: np.ndarray) -> None:
-                block = np.empty((unit.rows.stop - unit.rows.start, cols.size), dtype=dataset.dtype)
+                size = (unit.rows.stop - unit.rows.start) * cols.size
+                if getattr(local, "block", None) is None or local.block.size < size:
+                    local.block = np.empty(size, dtype=dataset.dtype)
+                block = local.block[:size].reshape(-1, cols.size)
                 read.columns.place(block, unit, buf)
-                parts[number[id(unit)]] = _entries(block, unit.rows.start, index, dtype)
+                collected.add(number[id(unit)], _entries(block, unit.rows.start, index, dtype))
 
             read.run(consume)
-    r, c, v = (np.concatenate([p[k] for p in parts]) for k in range(3))
+    r, c, v = collected.result()
     return sp.coo_matrix((v, (r, c)), shape=shape, dtype=dtype)
+
+
+class _Collector:
+    """Entries of numbered parts, appended in part order as soon as they can be, into arrays that
+    grow in place (``ndarray.resize``: no copying of what is there), so parts are freed early and
+    nothing is concatenated at the end."""
+
+    def __init__(self, index: type, dtype: np.dtype):
+        self.arrays = [np.empty(1 << 16, dtype=index), np.empty(1 << 16, dtype=index), np.empty(1 << 16, dtype=dtype)]
+        self.size, self.next, self.waiting = 0, 0, {}
+        self.lock = threading.Lock()
+
+    def add(self, number: int, part: tuple[np.ndarray, ...]) -> None:
+        with self.lock:
+            self.waiting[number] = part
+            while self.next in self.waiting:
+                part = self.waiting.pop(self.next)
+                n = part[0].size
+                if self.size + n > self.arrays[0].size:
+                    capacity = max(2 * self.arrays[0].size, self.size + n)
+                    for array in self.arrays:
+                        array.resize(capacity, refcheck=False)
+                for array, values in zip(self.arrays, part):
+                    array[self.size:self.size + n] = values
+                self.size += n
+                self.next += 1
+
+    def result(self) -> list[np.ndarray]:
+        for array in self.arrays:
+            array.resize(self.size, refcheck=False)
+        return self.arrays
 
 
 def _entries(block: np.ndarray, first_row: int, index: type, dtype: np.dtype) -> tuple[np.ndarray, ...]:
