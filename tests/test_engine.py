@@ -334,3 +334,16 @@ def test_closing_a_connection_drops_its_chunk_indexes(tmp_path):
     assert any(key[0] == number and index is not None for key, index in storage._cache.items())
     ds.close()
     assert not any(key[0] == number for key in storage._cache)
+
+
+def test_sparse_parts_are_collected_in_order_whatever_order_they_finish_in():
+    from loompy.engine.read import _Collector
+
+    rng = np.random.default_rng(3)
+    parts = [tuple(rng.integers(0, 1000, size=n).astype(t) for t in (np.int32, np.int32, np.float32))
+             for n in rng.integers(0, 40000, size=12)]  # 12 parts, more in all than the first allocation
+    collector = _Collector(np.int32, np.dtype(np.float32))
+    for k in rng.permutation(len(parts)):
+        collector.add(int(k), parts[k])
+    for got, k in zip(collector.result(), range(3)):
+        np.testing.assert_array_equal(got, np.concatenate([p[k] for p in parts]))
