@@ -178,7 +178,8 @@ def write_graph(f: h5py.File, axis: int, name: str, graph: sp.coo_matrix) -> Non
 
 
 class _Reordered:
-    """Strips of ``src`` with ``axis`` reordered: rows a:b (axis 1) or columns a:b (axis 0) on each call.
+    """Strips of ``src`` for permute: rows a:b as stored (axis 1: the engine's workers gather the
+    columns), or columns a:b with the rows reordered (axis 0).
 
     The engine compresses one strip while the next is produced, so results alternate between two
     buffers (reused: fresh memory for each strip cost more in page faults than the copying).
@@ -197,11 +198,14 @@ class _Reordered:
 
     def __call__(self, a: int, b: int) -> np.ndarray:
         part = np.arange(a, b, dtype=np.int64)
-        rows, cols = (part, self.everything) if self.axis == 1 else (self.everything, part)
-        block = engine.read_block(self.src, rows, cols, out=self._buffer(2, (rows.size, cols.size)))
         self.calls += 1
+        if self.axis == 1:
+            return engine.read_block(self.src, part, self.everything,
+                                     out=self._buffer(self.calls % 2, (part.size, self.everything.size)))
+        block = engine.read_block(self.src, self.everything, part,
+                                  out=self._buffer(2, (self.everything.size, part.size)))
         # np.take with out= and mode="wrap": 4x faster than fancy indexing for a random order
-        return np.take(block, self.order, axis=self.axis, mode="wrap", out=self._buffer(self.calls % 2, block.shape))
+        return np.take(block, self.order, axis=0, mode="wrap", out=self._buffer(self.calls % 2, block.shape))
 
 
 def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
@@ -230,7 +234,7 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
                 dst.attrs[key] = value
             with engine.held_index(src):  # nothing is written to src
                 if axis == 1:
-                    engine.write_rows(dst, _Reordered(src, order, axis))
+                    engine.write_rows(dst, _Reordered(src, order, axis), columns=order)
                 else:
                     engine.write_columns(dst, 0, m, _Reordered(src, order, axis))
             fmt.touch(dst)

@@ -123,18 +123,20 @@ def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: P
 
 
 @_writes
-def write_rows(dataset: h5py.Dataset, produce: Producer) -> None:
-    """Write the whole dataset a strip of full-width rows at a time; ``produce(a, b)`` gives rows a:b (dense)."""
+def write_rows(dataset: h5py.Dataset, produce: Producer, columns: np.ndarray | None = None) -> None:
+    """Write the whole dataset a strip of full-width rows at a time; ``produce(a, b)`` gives rows a:b
+    (dense), or with ``columns`` rows a:b of which those columns, in that order, are written."""
     n, m = dataset.shape
     layout = chunk_layout(dataset)
     if layout is not None:
         refresh(dataset)
-        store_region(dataset, layout, 0, 0, n, m, produce, axis=0)
+        store_region(dataset, layout, 0, 0, n, m, produce, axis=0, columns=columns)
         return
     height = dataset.chunks[0] if dataset.chunks else 64
     step = max(height, STRIP_BYTES // max(1, m * dataset.dtype.itemsize) // height * height)
     for a in range(0, n, step):
-        dataset[a:min(n, a + step), :] = _dense(produce(a, min(n, a + step)), dataset.dtype)
+        block = _dense(produce(a, min(n, a + step)), dataset.dtype)
+        dataset[a:min(n, a + step), :] = block if columns is None else np.take(block, columns, axis=1)
 
 
 def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int, c0: int, c1: int) -> bool:
@@ -148,11 +150,12 @@ def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int,
 
 @_writes
 def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: int, nrows: int, ncols: int,
-                 produce: Producer, axis: int = 1) -> None:
+                 produce: Producer, axis: int = 1, columns: np.ndarray | None = None) -> None:
     """Store the chunks covering ``nrows`` x ``ncols`` from the chunk boundary ``(row0, col0)``.
 
     ``produce(a, b)`` returns the values of relative columns ``a:b`` (dense, or scipy.sparse CSC),
-    or with ``axis=0`` of relative rows ``a:b`` (dense).
+    or with ``axis=0`` of relative rows ``a:b`` (dense). With ``axis=0`` and ``columns``, the values
+    stored are those columns of each strip, in that order (the workers gather them: permute).
     Strip by strip, this thread produces the values; worker threads cut them into chunks and
     compress those (numpy and deflate release the GIL) while this thread stores the previous
     strip's chunks (HDF5 calls stay on one thread) and produces the next. A strip's values are in
@@ -172,7 +175,9 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     def prepare(block: np.ndarray | sp.csc_matrix, first: int, stop: int, top: int, left: int
                 ) -> tuple[list, list, list]:
         """Chunk columns first:stop of a strip as tiles, compressed: (coords, payloads, all-zero coords)."""
-        tiles, keep = _tiles(block[:, first * w:stop * w], layout, local)
+        part = block[:, first * w:stop * w] if columns is None else \
+            np.take(block, columns[first * w:stop * w], axis=1, mode="wrap")  # 4x faster than fancy indexing
+        tiles, keep = _tiles(part, layout, local)
         numbers = np.flatnonzero(keep)
         across = keep.shape[1]
         left += first * w
