@@ -23,11 +23,6 @@ from .growing import align_rows
 from .indexing import select_axis
 
 
-def _strip(across: int, itemsize: int, unit: int = 64) -> int:
-    """How many lines (a multiple of ``unit``, one chunk's extent) fit in a strip when each is ``across`` long."""
-    return max(unit, (engine.STRIP_BYTES // max(1, across * itemsize)) // unit * unit)
-
-
 def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:
     """Copy what loompy does not rewrite itself (extra groups, root attributes) unchanged."""
     for name in src.keys():

@@ -41,14 +41,12 @@ def recover(f: h5py.File) -> int | None:
     try:
         for ds in _matrices(f):
             if ds.shape[1] > width:
-                ds.resize(width, axis=1)
-                engine.forget(ds)
+                engine.resize(ds, width, axis=1)
         group = f.get(fmt.COL_ATTRS)
         if isinstance(group, h5py.Group):
             for ds in group.values():
                 if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
                     ds.resize(width, axis=0)
-                    engine.forget(ds)
         del f.attrs[JOURNAL]
         f.flush()
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
@@ -145,8 +143,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     f.flush()
     for name, matrix in converted.items():
         dataset = ds.layers[name]._dataset
-        dataset.resize(m + n_new, axis=1)
-        engine.forget(dataset)
+        engine.resize(dataset, m + n_new, axis=1)
         engine.write_matrix(dataset, matrix, col_offset=m)
         fmt.touch(dataset)
     group = f.require_group(fmt.COL_ATTRS)

@@ -139,6 +139,12 @@ def write_rows(dataset: h5py.Dataset, produce: Producer, columns: np.ndarray | N
         dataset[a:min(n, a + step), :] = block if columns is None else np.take(block, columns, axis=1)
 
 
+@_writes
+def resize(dataset: h5py.Dataset, size: int, axis: int) -> None:
+    """Resize a matrix along ``axis`` (shrinking may rewrite its edge chunks, so reads forget them)."""
+    dataset.resize(size, axis=axis)
+
+
 def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int, c0: int, c1: int) -> bool:
     """True when rows r0:r1 and columns c0:c1 cover whole chunks (edge chunks count as whole)."""
     if layout is None:
