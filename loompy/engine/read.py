@@ -22,7 +22,17 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from .storage import ChunkIndex, ChunkLayout, chunk_index, chunk_layout, forget, groups, held_index, raw_chunk, refresh
+from .storage import (
+    ChunkIndex,
+    ChunkLayout,
+    chunk_index,
+    chunk_layout,
+    groups,
+    held_index,
+    open_index,
+    raw_chunk,
+    refresh,
+)
 
 STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
 THREADS = 2  # this library's target machines are small; more threads only contend for the GIL
@@ -139,13 +149,7 @@ class _ChunkRead:
         of chunks with HDF5 (which holds the GIL) and only then lets the workers inflate them:
         reading while they inflate was slower, as the threads queue for the GIL behind each other.
         """
-        fd = None
-        if self.index is not None:
-            try:
-                fd = self.index.open()
-            except OSError:  # the file was replaced on disk: read through HDF5 from now on
-                forget(self.dataset)
-                self.index = None
+        fd = open_index(self.dataset, self.index) if self.index is not None else None
 
         def work(task: list[_Unit]) -> None:
             for unit in task:

@@ -23,7 +23,7 @@ import numpy as np
 from . import codecs
 
 INDEX_SHARE = 3  # build an index once a third of a dataset's chunks have been asked for
-CACHED_INDEXES = 8  # indexes kept for read-only files (each about 20 bytes per chunk)
+CACHED_INDEXES = 8  # indexes kept at once (each about 24 bytes per chunk)
 
 
 @dataclass(frozen=True)
@@ -97,16 +97,28 @@ def chunk_grid(dataset: h5py.Dataset) -> tuple[int, int]:
     return -(-n // h), -(-m // w)
 
 
+def _listing(dataset: h5py.Dataset) -> np.ndarray | None:
+    """One row per stored chunk (chunk row, chunk column, byte offset, size, filter mask), from one
+    ``chunk_iter`` pass; None when HDF5 cannot list chunks."""
+    if not hasattr(dataset.id, "chunk_iter"):
+        return None
+    found: list[tuple[int, int, int, int, int]] = []
+    try:
+        dataset.id.chunk_iter(lambda c: found.append((*c.chunk_offset, c.byte_offset, c.size, c.filter_mask)))
+    except (RuntimeError, OSError, ValueError):
+        return None
+    table = np.array(found, dtype=np.int64).reshape(-1, 5)
+    table[:, :2] //= np.array(dataset.chunks)
+    return table
+
+
 def stored_chunks(dataset: h5py.Dataset) -> np.ndarray | bool:
     """Which chunks have been written, by (chunk row, chunk column); False when HDF5 cannot list them."""
-    if not hasattr(dataset.id, "chunk_iter"):
+    table = _listing(dataset)
+    if table is None:
         return False
-    found: list[tuple[int, int]] = []
-    dataset.id.chunk_iter(lambda c: found.append(c.chunk_offset))
     grid = np.zeros(chunk_grid(dataset), dtype=bool)
-    if found:
-        where = np.array(found, dtype=np.int64) // np.array(dataset.chunks)
-        grid[where[:, 0], where[:, 1]] = True
+    grid[table[:, 0], table[:, 1]] = True
     return grid
 
 
@@ -143,46 +155,51 @@ class ChunkIndex:
 
 def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:
     """The chunk index of ``dataset``, or None when its chunks cannot be read from the file directly."""
-    if not hasattr(os, "pread") or not hasattr(dataset.id, "chunk_iter") or dataset.file.driver != "sec2":
+    if not hasattr(os, "pread") or dataset.file.driver != "sec2":
         return None
-    h, w = dataset.chunks
-    found: list[tuple[int, int, int, int, int]] = []
-    try:
-        dataset.id.chunk_iter(lambda c: found.append((*c.chunk_offset, c.byte_offset, c.size, c.filter_mask)))
-    except (RuntimeError, OSError, ValueError):
+    table = _listing(dataset)
+    if table is None:
         return None
     shape = chunk_grid(dataset)
     offset = np.full(shape, -1, dtype=np.int64)
     size = np.zeros(shape, dtype=np.int64)
     mask = np.zeros(shape, dtype=np.int64)
-    if found:
-        table = np.array(found, dtype=np.int64)
-        r, c = table[:, 0] // h, table[:, 1] // w
-        offset[r, c], size[r, c], mask[r, c] = table[:, 2], table[:, 3], table[:, 4]
+    r, c = table[:, 0], table[:, 1]
+    offset[r, c], size[r, c], mask[r, c] = table[:, 2], table[:, 3], table[:, 4]
     path = os.path.abspath(dataset.file.filename)  # the working directory may change later
     try:
         stat = os.stat(path)
     except OSError:
         return None
     index = ChunkIndex(path, (stat.st_dev, stat.st_ino), offset, size, mask)
-    return index if _agrees(dataset, index, found) else None
+    return index if _agrees(dataset, index, table) else None
 
 
-def _agrees(dataset: h5py.Dataset, index: ChunkIndex, found: list[tuple[int, ...]]) -> bool:
-    """Check on a few chunks that the offsets HDF5 reported are plain offsets in the file at ``path``
-    (no userblock shift, not another file under the same name)."""
-    try:
-        fd = index.open()
-    except OSError:
+def _agrees(dataset: h5py.Dataset, index: ChunkIndex, table: np.ndarray) -> bool:
+    """Check on the first and last stored chunks that the offsets HDF5 reported are plain offsets in
+    the file at ``path`` (no userblock shift, not another file under the same name)."""
+    fd = open_index(dataset, index)
+    if fd is None:
         return False
+    (h, w) = dataset.chunks
     try:
-        for row, col, offset, size, _ in found[:1] + found[-1:]:
-            raw = raw_chunk(dataset, row, col)
+        for row, col, offset, size, _ in table[[0, -1]].tolist() if len(table) else []:
+            raw = raw_chunk(dataset, row * h, col * w)
             if raw is None or os.pread(fd, size, offset) != raw[1]:
                 return False
         return True
     finally:
         os.close(fd)
+
+
+def open_index(dataset: h5py.Dataset, index: ChunkIndex) -> int | None:
+    """A file descriptor for reading ``dataset``'s chunks through ``index`` (the caller closes it), or
+    None when the file was replaced on disk: its index is then dropped and reads go through HDF5."""
+    try:
+        return index.open()
+    except OSError:
+        forget(dataset)
+        return None
 
 
 _cache: OrderedDict[tuple, ChunkIndex | None] = OrderedDict()

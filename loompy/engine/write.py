@@ -27,6 +27,7 @@ from .storage import (
     forget,
     groups,
     held_index,
+    open_index,
     raw_chunk,
     refresh,
     stored_chunks,
@@ -299,11 +300,8 @@ def copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
     full = src.shape[1] // w * w
     write = dst.id.write_direct_chunk
     with held_index(src):
-        index, fd = chunk_index(src, 0), None
-        try:
-            fd = index.open() if index is not None else None
-        except OSError:  # the file was replaced on disk: copy through HDF5
-            forget(src)
+        index = chunk_index(src, 0)
+        fd = open_index(src, index) if index is not None else None
         try:
             if fd is None:
                 for r in range(0, src.shape[0], h):
