@@ -74,9 +74,8 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
             raise LoomKeyError(f"{ds.filename}: scan(key=...): attribute '{key}' does not exist on the other axis")
         other = np.argsort(other_attrs[key], kind="stable").astype(np.int64)
     other_sel = AxisSelection(other, other_length)
-    if selected.size * 3 >= length:
-        for name in names:
-            engine.expect_full_read(ds.layers[name]._dataset)
+    for name in names:
+        engine.expect_reads(ds.layers[name]._dataset, selected.size / max(1, length))
     for start, batch in iter_batches(selected, length, batch_size):
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
@@ -92,9 +91,8 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     rows = _items(genes, ds.shape[0], 0)
     cols = _items(cells, ds.shape[1], 1)
     along, other = (rows, cols) if axis == 0 else (cols, rows)
-    if along.size * 3 >= ds.shape[axis]:
-        for dataset in datasets.values():
-            engine.expect_full_read(dataset)
+    for dataset in datasets.values():
+        engine.expect_reads(dataset, along.size / max(1, ds.shape[axis]))
     for start, batch in iter_batches(along, ds.shape[axis], batch_size):
         yield start, batch, {name: read_strip(d, axis, batch, other) for name, d in datasets.items()}
 
@@ -137,7 +135,7 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     length = ds.shape[axis]
     other = _items(selection, ds.shape[1 - axis], 1 - axis)
     results: list[np.ndarray | None] = [None] * len(functions)
-    engine.expect_full_read(dataset)
+    engine.expect_reads(dataset)
     batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
     # the next batch is read on a helper thread while the functions run on this one
     with ThreadPoolExecutor(max_workers=1) as helper:

@@ -10,11 +10,11 @@ writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
 """
 
 from .read import STRIP_BYTES, THREADS, read_block, read_sparse
-from .storage import ChunkLayout, chunk_layout, expect_full_read, forget, forget_file, held_index
+from .storage import ChunkLayout, chunk_layout, expect_reads, forget, forget_file, held_index
 from .write import aligned, copy_chunks, resize, store_region, write_block, write_columns, write_matrix, write_rows
 
 __all__ = [
-    "STRIP_BYTES", "THREADS", "ChunkLayout", "aligned", "chunk_layout", "copy_chunks", "expect_full_read",
+    "STRIP_BYTES", "THREADS", "ChunkLayout", "aligned", "chunk_layout", "copy_chunks", "expect_reads",
     "forget", "forget_file", "held_index", "read_block", "read_sparse", "resize", "store_region", "write_block",
     "write_columns", "write_matrix", "write_rows",
 ]

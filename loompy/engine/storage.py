@@ -268,9 +268,10 @@ def forget_file(file: h5py.File) -> None:
                 del table[key]
 
 
-def expect_full_read(dataset: h5py.Dataset) -> None:
-    """Say that reads of the whole dataset follow (a scan): its index is built now."""
-    if chunk_layout(dataset) is not None:
+def expect_reads(dataset: h5py.Dataset, share: float = 1.0) -> None:
+    """Say that reads of ``share`` of the dataset follow (a scan): if that is enough to be worth an
+    index (see :func:`chunk_index`), it is built now rather than after the first batches."""
+    if share * INDEX_SHARE >= 1 and chunk_layout(dataset) is not None:
         _remember(dataset)
 
 
