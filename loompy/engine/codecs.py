@@ -1,4 +1,5 @@
-"""Bytes of one stored chunk to and from arrays: the HDF5 deflate filter, done with libdeflate.
+"""Bytes of one stored chunk to and from arrays: the HDF5 deflate filter, inflated with libdeflate
+and deflated with ISA-L (gzip levels 1-3) or libdeflate (higher levels).
 
 Pure functions, no HDF5: the engine asks :func:`supported_pipeline` whether a dataset's filters are
 ones it can decode itself, and falls back to h5py for anything else (shuffle, other codecs, checksums).

@@ -162,7 +162,8 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
 
     ``produce(a, b)`` returns the values of relative columns ``a:b`` (dense, or scipy.sparse CSC),
     or with ``axis=0`` of relative rows ``a:b`` (dense). With ``axis=0`` and ``columns``, the values
-    stored are those columns of each strip, in that order (the workers gather them: permute).
+    stored are those columns of each strip, in that order (the workers gather them: permute);
+    ``columns`` must already be checked, as out-of-range entries wrap around instead of failing.
     Strip by strip, this thread produces the values; worker threads cut them into chunks and
     compress those (numpy and deflate release the GIL) while this thread stores the previous
     strip's chunks (HDF5 calls stay on one thread) and produces the next. A strip's values are in
