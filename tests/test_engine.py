@@ -257,6 +257,9 @@ def test_reads_through_each_path_equal_numpy(tmp_path, monkeypatch, how, userblo
         selections = [(np.arange(300), np.arange(700)), (np.array([5]), np.arange(700)),
                       (np.arange(300), np.array([699])), (np.arange(17, 290), np.arange(3, 650))]
         selections += [(random_selection(300), random_selection(700)) for _ in range(25)]
+        # narrow runs of columns: whole chunk rows are stacked into one unit (see the test below)
+        selections += [(np.arange(300), np.arange(20, 90)), (np.r_[0:100, 140:300], np.arange(200, 300)),
+                       (np.arange(16, 300), np.arange(64, 128)), (np.r_[0:32, 64:300], np.arange(600, 700))]
         for rows, cols in selections:
             np.testing.assert_array_equal(engine.read_block(d, rows, cols), m[np.ix_(rows, cols)])
         out = np.full((300, 710), -1.0)
@@ -268,6 +271,24 @@ def test_reads_through_each_path_equal_numpy(tmp_path, monkeypatch, how, userblo
         assert coo.nnz == np.count_nonzero(m) and (np.diff(coo.row) >= 0).all()  # row-major, no repeats
     if how != "no index":
         assert len(built) == 1 and built[0] is not None  # built once, then kept
+
+
+def test_narrow_reads_stack_whole_chunk_rows(tmp_path):
+    """A read a few chunks wide groups whole chunk rows into one unit; partial ones stay alone."""
+    from loompy.engine import read as engine_read
+
+    path = tmp_path / "many.h5"
+    m = _many_chunk_file(path)
+    with h5py.File(path, "r") as f:
+        d = f["m"]
+        rows, cols = np.r_[3:100, 112:300], np.arange(20, 90)  # chunk rows 0 and 6 only partly wanted
+        read = engine_read._ChunkRead(d, engine.storage.chunk_layout(d), rows, cols, split=True)
+        stacked = [(u.chunk_row, u.stacked) for u in read.units]
+        assert stacked == [(0, 1), (1, 5), (6, 1), (7, 11), (18, 1)]  # the last chunk row is 12 rows of 16
+        out = np.zeros((rows.size, cols.size + 3), np.float64)
+        engine.read_block(d, rows, cols, out=out[:, 2:-1])
+        np.testing.assert_array_equal(out[:, 2:-1], m[np.ix_(rows, cols)])
+        assert (out[:, :2] == 0).all() and (out[:, -1] == 0).all()
 
 
 def test_writes_drop_the_chunk_index_of_a_writable_file(tmp_path, monkeypatch):
