@@ -123,9 +123,17 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[tuple[h5py.Dataset, np.n
                 needed.append([offset + copied, offset + len(sel)])
         offset += len(sel)
     rows = np.arange(dst.shape[0], dtype=np.int64)
+    # the engine works on one strip while the next is gathered: two buffers take turns (fresh
+    # memory for every strip cost more in page faults than the copying itself)
+    buffers: list[np.ndarray] = [np.empty(0, dst.dtype)] * 2
+    turn = 0
 
     def gather(start: int, stop: int) -> np.ndarray:
-        block = np.empty((dst.shape[0], stop - start), dtype=dst.dtype)
+        nonlocal turn
+        turn, size = 1 - turn, dst.shape[0] * (stop - start)
+        if buffers[turn].size < size:
+            buffers[turn] = np.empty(size, dst.dtype)
+        block = buffers[turn][:size].reshape(dst.shape[0], stop - start)
         for first, dataset, order, sel in spans:
             a, b = max(start, first), min(stop, first + len(sel))
             if a < b:

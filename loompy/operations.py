@@ -43,9 +43,14 @@ def iter_batches(selected: np.ndarray, length: int, batch_size: int) -> Iterator
             yield start, selected[lo:hi]
 
 
-def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """Values of one batch: rows ``batch`` x cols ``other`` (axis 0) or rows ``other`` x cols ``batch`` (axis 1)."""
-    return engine.read_block(dataset, batch, other) if axis == 0 else engine.read_block(dataset, other, batch)
+def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """Values of one batch: rows ``batch`` x cols ``other`` (axis 0) or rows ``other`` x cols ``batch``
+    (axis 1); into ``out`` when given (reused memory: fresh memory costs page faults)."""
+    if out is not None:
+        out = out.reshape(-1)[:batch.size * other.size].reshape((batch.size, other.size) if axis == 0
+                                                                  else (other.size, batch.size))
+    return engine.read_block(dataset, batch, other, out) if axis == 0 else engine.read_block(dataset, other, batch, out)
 
 
 def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterable[str] | None = None,
@@ -143,14 +148,20 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     other = _items(selection, ds.shape[1 - axis], 1 - axis)
     results: list[np.ndarray | None] = [None] * len(functions)
     engine.expect_reads(dataset)
+    if dataset.chunks and chunksize >= dataset.chunks[axis]:  # whole chunks: none is inflated twice
+        chunksize = chunksize // dataset.chunks[axis] * dataset.chunks[axis]
     batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
+    # Numpy's reductions keep nothing of the values they are given, so two buffers can take turns;
+    # other functions get fresh arrays, as they may hold on to what they see.
+    reuse = all(f in _VECTORISABLE for f in functions) and batches
+    buffers = [np.empty(batches[0][1].size * other.size, dataset.dtype) for _ in range(2)] if reuse else [None] * 2
     # the next batch is read on a helper thread while the functions run on this one
     with ThreadPoolExecutor(max_workers=1) as helper:
-        ahead = helper.submit(read_strip, dataset, axis, batches[0][1], other) if batches else None
+        ahead = helper.submit(read_strip, dataset, axis, batches[0][1], other, buffers[0]) if batches else None
         for k, (start, batch) in enumerate(batches):
             block = ahead.result()
             if k + 1 < len(batches):
-                ahead = helper.submit(read_strip, dataset, axis, batches[k + 1][1], other)
+                ahead = helper.submit(read_strip, dataset, axis, batches[k + 1][1], other, buffers[(k + 1) % 2])
             for i, f in enumerate(functions):
                 values = _apply(f, block, axis)
                 if results[i] is None:

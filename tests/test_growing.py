@@ -186,6 +186,27 @@ def test_permute_in_many_strips(tmp_path, monkeypatch, axis):
         np.testing.assert_array_equal(ds["x"][:, :], ((m[order] if axis == 0 else m[:, order]) * 2).astype(np.int32))
 
 
+def test_combine_in_many_strips(tmp_path, monkeypatch):
+    """Unaligned inputs are gathered into two buffers that take turns while the engine compresses."""
+    from loompy.engine import write
+
+    monkeypatch.setattr(write, "STRIP_BYTES", 64 * 300 * 4)  # one chunk column per strip
+    tiles = write._tiles
+
+    def slow_tiles(*args):  # workers lag behind, so a buffer reused too early would show
+        time.sleep(0.02)
+        return tiles(*args)
+
+    monkeypatch.setattr(write, "_tiles", slow_tiles)
+    rng = np.random.default_rng(12)
+    parts = [((rng.random((300, n)) < 0.2) * rng.integers(1, 50, (300, n))).astype(np.float32) for n in (100, 230)]
+    paths = [make(tmp_path / f"in{k}.loom", m, cells=[f"c{k}_{i}" for i in range(m.shape[1])])
+             for k, m in enumerate(parts)]
+    loompy.combine(paths, tmp_path / "out.loom")
+    with loompy.connect(tmp_path / "out.loom", "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], np.hstack(parts))
+
+
 def test_overwrites_then_repack_reclaims_space(tmp_path):
     m = np.random.default_rng(2).random((300, 300)).astype(np.float32)
     path = make(tmp_path / "r.loom", m)

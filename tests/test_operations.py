@@ -100,6 +100,24 @@ def test_map_matches_numpy(dataset, axis):
         np.testing.assert_allclose(sums, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("chunksize", [5, 100, 150])
+def test_map_with_numpy_reductions_in_many_batches(dataset, axis, chunksize):
+    """Reductions numpy does on a whole batch (into two buffers that take turns, batches rounded to
+    whole chunks) give what numpy gives line by line."""
+    path, m, *_ = dataset
+    lines = m if axis == 0 else m.T
+    with loompy.connect(path, "r") as ds:
+        total, top, spread = ds.map([np.sum, np.max, np.std], axis=axis, chunksize=chunksize)
+        np.testing.assert_array_equal(total, [np.sum(line) for line in lines])  # small counts: exact
+        np.testing.assert_array_equal(top, [np.max(line) for line in lines])
+        np.testing.assert_allclose(spread, [np.std(line) for line in lines], rtol=1e-6)
+        sel = np.arange(m.shape[1 - axis]) % 4 == 1
+        picked = m[:, sel] if axis == 0 else m[sel].T
+        np.testing.assert_array_equal(ds.map(np.sum, axis=axis, chunksize=chunksize, selection=sel),
+                                      [np.sum(line) for line in picked])
+
+
 def test_map_memory_stays_flat(tmp_path):
     """Peak memory of map/scan is about one batch, independent of the number of batches."""
     rng = np.random.default_rng(0)
