@@ -143,7 +143,10 @@ class _ChunkRead:
         self.columns = _Columns(cols, w, h)
         row_groups = [(chunk, 1, pos, local) for chunk, pos, local in groups(rows, h)]
         needed = len(row_groups) * len(self.columns.groups)
-        if self.columns.contiguous and 2 * len(self.columns.groups) <= STACK_CHUNKS:
+        # stacked units join whole chunks: worth it when most of each chunk's columns are wanted
+        # (for a single column, the larger buffers cost more in cache misses than they save)
+        if self.columns.contiguous and 2 * len(self.columns.groups) <= STACK_CHUNKS \
+                and 2 * cols.size >= len(self.columns.groups) * w:
             row_groups = _stack(row_groups, h, STACK_CHUNKS // len(self.columns.groups))
         # workers pay off for many chunks, unless each chunk row gives them just a chunk or two
         self.parallel = needed >= PARALLEL_CHUNKS and len(self.columns.groups) >= 4
