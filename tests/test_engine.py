@@ -273,6 +273,29 @@ def test_reads_through_each_path_equal_numpy(tmp_path, monkeypatch, how, userblo
         assert len(built) == 1 and built[0] is not None  # built once, then kept
 
 
+def test_units_stay_below_the_largest_size(tmp_path, monkeypatch):
+    """Wide reads split each chunk row into units of at most LARGEST_UNIT chunks; narrow ones stack
+    whole chunk rows up to it; sparse() keeps whole rows per unit."""
+    from loompy.engine import read as engine_read
+
+    monkeypatch.setattr(engine_read, "LARGEST_UNIT", 10)
+    monkeypatch.setattr(engine_read, "UNIT_CHUNKS", 4)
+    path = tmp_path / "many.h5"
+    m = _many_chunk_file(path)
+    with h5py.File(path, "r") as f:
+        d = f["m"]
+        layout = engine.storage.chunk_layout(d)
+        for rows, cols in [(np.arange(300), np.arange(700)), (np.arange(5, 290), np.arange(33, 690)),
+                           (np.arange(300), np.arange(16, 48))]:
+            read = engine_read._ChunkRead(d, layout, rows, cols, split=True)
+            assert max(u.stacked * (u.stop - u.first) for u in read.units) <= 10
+            np.testing.assert_array_equal(engine.read_block(d, rows, cols), m[np.ix_(rows, cols)])
+            whole = engine_read._ChunkRead(d, layout, rows, cols, split=False)
+            assert all(u.first == 0 and u.stop == len(whole.columns.groups) for u in whole.units)
+            np.testing.assert_array_equal(engine.read_sparse(d, rows, cols).toarray(), m[np.ix_(rows, cols)])
+        assert [u.stacked for u in read.units] == [5, 5, 5, 3, 1]  # 2 chunk columns: 5 whole chunk rows a unit
+
+
 def test_narrow_reads_stack_whole_chunk_rows(tmp_path):
     """A read a few chunks wide groups whole chunk rows into one unit; partial ones stay alone."""
     from loompy.engine import read as engine_read

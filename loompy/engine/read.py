@@ -1,14 +1,15 @@
 """Reading matrix elements: any sorted selection of rows and columns, a strip of chunks at a time.
 
-The work is cut into units: one chunk row's worth of the needed chunks (or part of it, so that even a
-single strip of rows keeps both workers busy; or, for reads a few chunks wide, several whole chunk
-rows, so that units stay large). A unit's chunks are fetched, inflated, joined into one
-``(chunks, height, width)`` buffer and placed into the result with one or a few numpy copies, so the
-per-chunk Python work is a read and an inflate call. With a :class:`~.storage.ChunkIndex` two
-workers read the chunks themselves (``os.pread`` and deflate both release the GIL); without one
-(smaller reads, see :func:`~.storage.chunk_index`) this thread reads a batch of chunks with
-``read_direct_chunk`` and then the workers inflate them. Reads one to three chunks wide stay on
-this thread: there the hand-overs cost more than the inflating they share.
+The work is cut into units of up to ``LARGEST_UNIT`` chunks: a chunk row's worth of the needed
+chunks, or part of it (so that a unit's buffer stays in the CPU's cache and even one strip of rows
+keeps both workers busy), or, for reads a few chunks wide, several whole chunk rows. A unit's
+chunks are fetched, inflated, joined into one ``(chunks, height, width)`` buffer and placed into
+the result with one or a few numpy copies, so the per-chunk Python work is a read and an inflate
+call. With a :class:`~.storage.ChunkIndex` two workers read the chunks themselves (``os.pread``
+and deflate both release the GIL); without one (smaller reads, see :func:`~.storage.chunk_index`)
+this thread reads a batch of chunks with ``read_direct_chunk`` and then the workers inflate them.
+Reads one to three chunks wide stay on this thread: there the hand-overs cost more than the
+inflating they share.
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
 THREADS = 2  # this library's target machines are small; more threads only contend for the GIL
 PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread and never build an index
 UNIT_CHUNKS = 16  # a row strip is split so that units keep at least this many chunks
-STACK_CHUNKS = 128  # narrow reads stack whole chunk rows into units of about this many chunks
+LARGEST_UNIT = 128  # chunks: wide reads split chunk rows into units of at most this many, narrow
+# ones stack whole chunk rows up to it (2 MB for 64 x 64 float32: larger units lost the CPU's cache,
+# smaller ones cost more Python work per chunk; measured on row and column scans)
 READ_BATCH = 1024  # chunks read by this thread before the workers inflate them (no index)
 
 
@@ -145,12 +148,15 @@ class _ChunkRead:
         needed = len(row_groups) * len(self.columns.groups)
         # stacked units join whole chunks: worth it when most of each chunk's columns are wanted
         # (for a single column, the larger buffers cost more in cache misses than they save)
-        if self.columns.contiguous and 2 * len(self.columns.groups) <= STACK_CHUNKS \
+        if self.columns.contiguous and 2 * len(self.columns.groups) <= LARGEST_UNIT \
                 and 2 * cols.size >= len(self.columns.groups) * w:
-            row_groups = _stack(row_groups, h, STACK_CHUNKS // len(self.columns.groups))
+            row_groups = _stack(row_groups, h, LARGEST_UNIT // len(self.columns.groups))
         # workers pay off for many chunks, unless each chunk row gives them just a chunk or two
         self.parallel = needed >= PARALLEL_CHUNKS and len(self.columns.groups) >= 4
-        pieces = -(-2 * THREADS // len(row_groups)) if self.parallel and split else 1
+        pieces = 1
+        if split:  # units of a few chunk columns' width at most; parallel: enough for every worker
+            pieces = max(-(-2 * THREADS // len(row_groups)) if self.parallel else 1,
+                         -(-len(self.columns.groups) // LARGEST_UNIT))
         parts = self.columns.parts(max(1, min(pieces, len(self.columns.groups) // UNIT_CHUNKS)))
         self.units = [_Unit(ri, k, rpos, rloc, a, b, cpos) for ri, k, rpos, rloc in row_groups for a, b, cpos in parts]
         self.index = chunk_index(dataset, needed) if needed >= PARALLEL_CHUNKS else None
