@@ -275,7 +275,7 @@ def test_reads_through_each_path_equal_numpy(tmp_path, monkeypatch, how, userblo
 
 def test_units_stay_below_the_largest_size(tmp_path, monkeypatch):
     """Wide reads split each chunk row into units of at most LARGEST_UNIT chunks; narrow ones stack
-    whole chunk rows up to it; sparse() keeps whole rows per unit."""
+    whole chunk rows up to it."""
     from loompy.engine import read as engine_read
 
     monkeypatch.setattr(engine_read, "LARGEST_UNIT", 10)
@@ -287,12 +287,14 @@ def test_units_stay_below_the_largest_size(tmp_path, monkeypatch):
         layout = engine.storage.chunk_layout(d)
         for rows, cols in [(np.arange(300), np.arange(700)), (np.arange(5, 290), np.arange(33, 690)),
                            (np.arange(300), np.arange(16, 48))]:
-            read = engine_read._ChunkRead(d, layout, rows, cols, split=True)
-            assert max(u.stacked * (u.stop - u.first) for u in read.units) <= 10
+            for whole_rows in (False, True):
+                read = engine_read._ChunkRead(d, layout, rows, cols, whole_rows=whole_rows)
+                assert max(u.stacked * (u.stop - u.first) for u in read.units) <= 10
             np.testing.assert_array_equal(engine.read_block(d, rows, cols), m[np.ix_(rows, cols)])
-            whole = engine_read._ChunkRead(d, layout, rows, cols, split=False)
-            assert all(u.first == 0 and u.stop == len(whole.columns.groups) for u in whole.units)
-            np.testing.assert_array_equal(engine.read_sparse(d, rows, cols).toarray(), m[np.ix_(rows, cols)])
+            # sparse() completes a chunk row from several units on one worker before taking its entries
+            coo = engine.read_sparse(d, rows, cols)
+            np.testing.assert_array_equal(coo.toarray(), m[np.ix_(rows, cols)])
+            assert (np.diff(coo.row) >= 0).all() and (np.diff(coo.row * 10**6 + coo.col) > 0).all()
         assert [u.stacked for u in read.units] == [5, 5, 5, 3, 1]  # 2 chunk columns: 5 whole chunk rows a unit
 
 
@@ -305,10 +307,10 @@ def test_narrow_reads_stack_whole_chunk_rows(tmp_path):
     with h5py.File(path, "r") as f:
         d = f["m"]
         rows, cols = np.r_[3:100, 112:300], np.arange(20, 90)  # chunk rows 0 and 6 only partly wanted
-        read = engine_read._ChunkRead(d, engine.storage.chunk_layout(d), rows, cols, split=True)
+        read = engine_read._ChunkRead(d, engine.storage.chunk_layout(d), rows, cols)
         stacked = [(u.chunk_row, u.stacked) for u in read.units]
         assert stacked == [(0, 1), (1, 5), (6, 1), (7, 11), (18, 1)]  # the last chunk row is 12 rows of 16
-        one_column = engine_read._ChunkRead(d, engine.storage.chunk_layout(d), rows, np.array([37]), split=True)
+        one_column = engine_read._ChunkRead(d, engine.storage.chunk_layout(d), rows, np.array([37]))
         assert all(u.stacked == 1 for u in one_column.units)  # a sixteenth of each chunk: not worth joining
         out = np.zeros((rows.size, cols.size + 3), np.float64)
         engine.read_block(d, rows, cols, out=out[:, 2:-1])

@@ -130,7 +130,7 @@ def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
     layout = chunk_layout(dataset)
     if layout is None:
         return _read_block_h5py(dataset, rows, cols, out)
-    read = _ChunkRead(dataset, layout, rows, cols, split=True)
+    read = _ChunkRead(dataset, layout, rows, cols)
     read.run(lambda unit, buf: read.columns.place(out[unit.rows, unit.cols], unit, buf))
     return out
 
@@ -139,8 +139,11 @@ class _ChunkRead:
     """One read: its units, and the fetching, inflating and hand-over of each unit's chunks."""
 
     def __init__(self, dataset: h5py.Dataset, layout: ChunkLayout, rows: np.ndarray, cols: np.ndarray,
-                 split: bool):
+                 whole_rows: bool = False):
+        """``whole_rows``: each worker gets every unit of a chunk row, in order (sparse() needs a
+        chunk row complete before it takes its non-zeros)."""
         refresh(dataset)
+        self.whole_rows = whole_rows
         self.dataset, self.layout = dataset, layout
         h, w = layout.chunks
         self.columns = _Columns(cols, w, h)
@@ -153,10 +156,9 @@ class _ChunkRead:
             row_groups = _stack(row_groups, h, LARGEST_UNIT // len(self.columns.groups))
         # workers pay off for many chunks, unless each chunk row gives them just a chunk or two
         self.parallel = needed >= PARALLEL_CHUNKS and len(self.columns.groups) >= 4
-        pieces = 1
-        if split:  # units of a few chunk columns' width at most; parallel: enough for every worker
-            pieces = max(-(-2 * THREADS // len(row_groups)) if self.parallel else 1,
-                         -(-len(self.columns.groups) // LARGEST_UNIT))
+        # units of a few chunk columns' width at most; enough of them for every worker
+        pieces = max(-(-2 * THREADS // len(row_groups)) if self.parallel and not whole_rows else 1,
+                     -(-len(self.columns.groups) // LARGEST_UNIT))
         parts = self.columns.parts(max(1, min(pieces, len(self.columns.groups) // UNIT_CHUNKS)))
         self.units = [_Unit(ri, k, rpos, rloc, a, b, cpos) for ri, k, rpos, rloc in row_groups for a, b, cpos in parts]
         self.index = chunk_index(dataset, needed) if needed >= PARALLEL_CHUNKS else None
@@ -182,10 +184,11 @@ class _ChunkRead:
                 work(self.units)
                 return
             tasks, task, size = [], [], 0  # runs of units, so that each hand-over carries enough chunks
+            last = len(self.columns.groups)
             for unit in self.units:
                 task.append(unit)
                 size += unit.stop - unit.first
-                if size >= UNIT_CHUNKS:
+                if size >= UNIT_CHUNKS and (unit.stop == last or not self.whole_rows):
                     tasks.append(task)
                     task, size = [], 0
             tasks += [task] if task else []
@@ -299,17 +302,19 @@ def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp
             collected.add(k, _entries(_read_block_h5py(dataset, rows[a:a + step], cols, block), a, index, dtype))
     else:
         with held_index(dataset):
-            read = _ChunkRead(dataset, layout, rows, cols, split=False)
-            number = {id(unit): k for k, unit in enumerate(read.units)}
-            local = threading.local()  # each worker's dense block, reused unit after unit
+            read = _ChunkRead(dataset, layout, rows, cols, whole_rows=True)
+            last = len(read.columns.groups)
+            number = {id(unit): k for k, unit in enumerate(u for u in read.units if u.stop == last)}
+            local = threading.local()  # each worker's dense block, reused chunk row after chunk row
 
             def consume(unit: _Unit, buf: np.ndarray) -> None:
                 size = (unit.rows.stop - unit.rows.start) * cols.size
                 if getattr(local, "block", None) is None or local.block.size < size:
                     local.block = np.empty(size, dtype=dataset.dtype)
                 block = local.block[:size].reshape(-1, cols.size)
-                read.columns.place(block, unit, buf)
-                collected.add(number[id(unit)], _entries(block, unit.rows.start, index, dtype))
+                read.columns.place(block[:, unit.cols], unit, buf)
+                if unit.stop == last:  # the chunk row is complete
+                    collected.add(number[id(unit)], _entries(block, unit.rows.start, index, dtype))
 
             read.run(consume)
     r, c, v = collected.result()
