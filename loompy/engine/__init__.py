@@ -9,12 +9,12 @@ checksums, contiguous storage) goes through h5py's own path, so every valid file
 writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
 """
 
-from .read import STRIP_BYTES, THREADS, read_block, read_sparse
+from .read import STRIP_BYTES, THREADS, each_row_block, read_block, read_sparse
 from .storage import ChunkLayout, chunk_layout, expect_reads, forget, forget_file, held_index
 from .write import aligned, copy_chunks, resize, store_region, write_block, write_columns, write_matrix, write_rows
 
 __all__ = [
-    "STRIP_BYTES", "THREADS", "ChunkLayout", "aligned", "chunk_layout", "copy_chunks", "expect_reads",
+    "STRIP_BYTES", "THREADS", "ChunkLayout", "aligned", "chunk_layout", "copy_chunks", "each_row_block", "expect_reads",
     "forget", "forget_file", "held_index", "read_block", "read_sparse", "resize", "store_region", "write_block",
     "write_columns", "write_matrix", "write_rows",
 ]

@@ -281,42 +281,54 @@ def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, 
     return out
 
 
-def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
-    """``dataset[np.ix_(rows, cols)]`` as a COO matrix in the stored dtype, entries in row-major order.
+def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
+                   handle: Callable[[int, int, np.ndarray], None]) -> None:
+    """Call ``handle(k, first, block)`` with ``dataset[np.ix_(rows, cols)]`` a chunk row at a time:
+    ``block`` holds the ``k``-th group of rows, result rows ``first`` onwards, all of ``cols``.
 
-    Each chunk row is placed into a small dense block and its non-zeros taken while it is still in
-    the CPU's cache (on the workers), so no dense strip of the whole width is ever built.
-    scipy.sparse has no float16: such layers come back as float32 (exactly the same values).
+    For large reads the calls come from worker threads, in any order, each right after its block
+    is assembled (still in the CPU's cache). Blocks are reused: ``handle`` must not keep them.
     """
-    shape = (rows.size, cols.size)
-    dtype = np.dtype(np.float32) if dataset.dtype == np.float16 else dataset.dtype
     if rows.size == 0 or cols.size == 0:
-        return sp.coo_matrix(shape, dtype=dtype)
-    index = np.int32 if max(shape) < 2**31 else np.int64  # what scipy would convert to anyway
+        return
     layout = chunk_layout(dataset)
-    collected = _Collector(index, dtype)
     if layout is None:
         step = max(64, STRIP_BYTES // max(1, cols.size * dataset.dtype.itemsize))
         for k, a in enumerate(range(0, rows.size, step)):
             block = np.empty((rows[a:a + step].size, cols.size), dataset.dtype)
-            collected.add(k, _entries(_read_block_h5py(dataset, rows[a:a + step], cols, block), a, index, dtype))
-    else:
-        with held_index(dataset):
-            read = _ChunkRead(dataset, layout, rows, cols, whole_rows=True)
-            last = len(read.columns.groups)
-            number = {id(unit): k for k, unit in enumerate(u for u in read.units if u.stop == last)}
-            local = threading.local()  # each worker's dense block, reused chunk row after chunk row
+            handle(k, a, _read_block_h5py(dataset, rows[a:a + step], cols, block))
+        return
+    with held_index(dataset):
+        read = _ChunkRead(dataset, layout, rows, cols, whole_rows=True)
+        last = len(read.columns.groups)
+        number = {id(unit): k for k, unit in enumerate(u for u in read.units if u.stop == last)}
+        local = threading.local()  # each worker's block, reused chunk row after chunk row
 
-            def consume(unit: _Unit, buf: np.ndarray) -> None:
-                size = (unit.rows.stop - unit.rows.start) * cols.size
-                if getattr(local, "block", None) is None or local.block.size < size:
-                    local.block = np.empty(size, dtype=dataset.dtype)
-                block = local.block[:size].reshape(-1, cols.size)
-                read.columns.place(block[:, unit.cols], unit, buf)
-                if unit.stop == last:  # the chunk row is complete
-                    collected.add(number[id(unit)], _entries(block, unit.rows.start, index, dtype))
+        def consume(unit: _Unit, buf: np.ndarray) -> None:
+            size = (unit.rows.stop - unit.rows.start) * cols.size
+            if getattr(local, "block", None) is None or local.block.size < size:
+                local.block = np.empty(size, dtype=dataset.dtype)
+            block = local.block[:size].reshape(-1, cols.size)
+            read.columns.place(block[:, unit.cols], unit, buf)
+            if unit.stop == last:  # the chunk row is complete
+                handle(number[id(unit)], unit.rows.start, block)
 
-            read.run(consume)
+        read.run(consume)
+
+
+def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
+    """``dataset[np.ix_(rows, cols)]`` as a COO matrix in the stored dtype, entries in row-major order.
+
+    The non-zeros of each chunk row are taken right after it is assembled (on the workers, in a
+    small reused block), so no dense strip of the whole width is ever built.
+    scipy.sparse has no float16: such layers come back as float32 (exactly the same values).
+    """
+    shape = (rows.size, cols.size)
+    dtype = np.dtype(np.float32) if dataset.dtype == np.float16 else dataset.dtype
+    index = np.int32 if max(shape) < 2**31 else np.int64  # what scipy would convert to anyway
+    collected = _Collector(index, dtype)
+    each_row_block(dataset, rows, cols,
+                   lambda k, first, block: collected.add(k, _entries(block, first, index, dtype)))
     r, c, v = collected.result()
     return sp.coo_matrix((v, (r, c)), shape=shape, dtype=dtype)
 
