@@ -63,6 +63,17 @@ def test_read_block_equals_numpy(stored):
     coo = engine.read_sparse(dataset, np.arange(150), np.arange(211))
     assert coo.dtype == np.float32
     np.testing.assert_array_equal(coo.toarray(), m)
+    for rows, cols in [(np.arange(150), np.arange(211)), (random_selection(150), random_selection(211))]:
+        seen = np.full((rows.size, cols.size), -1.0)
+        numbers = []
+
+        def keep(k, first, block, seen=seen, numbers=numbers):  # blocks are reused: copy them now
+            numbers.append(k)
+            seen[first:first + block.shape[0]] = block
+
+        engine.each_row_block(dataset, rows, cols, keep)
+        np.testing.assert_array_equal(seen, m[np.ix_(rows, cols)])
+        assert sorted(numbers) == list(range(len(numbers)))
 
 
 @pytest.mark.parametrize("dtype", ["int8", "uint16", "int32", "int64", "float16", "float64"])
