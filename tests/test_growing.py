@@ -127,6 +127,49 @@ def test_combine_matches_numpy_and_reference_size(tmp_path):
     assert not (tmp_path / "x.loom").exists()
 
 
+def test_combine_starts_from_a_copy_of_a_first_input_stored_alike(tmp_path, monkeypatch):
+    """HDF5 copies the first input's chunks itself when it is stored as the output will be; an
+    input stored otherwise (another gzip level, other chunks) is rewritten in the output's layout."""
+    import importlib
+
+    combine_module = importlib.import_module("loompy.combine")
+    held = []
+    new_layer = combine_module._new_layer
+
+    def spy(*args):
+        made = new_layer(*args)
+        held.append(made[1])
+        return made
+
+    monkeypatch.setattr(combine_module, "_new_layer", spy)
+    rng = np.random.default_rng(9)
+    mats = [rng.poisson(0.3, size=(150, k)).astype(np.float32) for k in (100, 70)]
+    paths = [make(tmp_path / f"in{i}.loom", m, cells=[f"f{i}c{j}" for j in range(m.shape[1])])
+             for i, m in enumerate(mats)]
+    with h5py.File(paths[0], "r+") as f:
+        f["matrix"].attrs["stray"] = "not for the output"
+    odd = tmp_path / "odd.loom"  # the same values, stored with other chunks and another gzip level
+    with h5py.File(paths[0], "r") as src, h5py.File(odd, "w") as dst:
+        for key in src:
+            src.copy(src[key], dst, name=key)
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        del dst["matrix"]
+        dst.create_dataset("matrix", data=mats[0], chunks=(32, 32), compression="gzip", compression_opts=5,
+                           maxshape=(150, None))
+    for first, expect_held in ((paths[0], 100), (odd, 0)):
+        held.clear()
+        loompy.combine([first, paths[1]], tmp_path / "out.loom")
+        assert held[0] == expect_held  # the main matrix
+        with loompy.connect(tmp_path / "out.loom", "r") as ds:
+            np.testing.assert_array_equal(ds[:, :], np.hstack(mats))
+            np.testing.assert_array_equal(ds["x"][:, :], (np.hstack(mats) * 2).astype(np.int32))
+        with h5py.File(tmp_path / "out.loom", "r") as f:
+            assert f["matrix"].chunks == (64, 64) and f["matrix"].compression_opts == 2
+            assert f["matrix"].maxshape == (150, None) and set(f["matrix"].attrs) == {"last_modified"}
+        os.remove(tmp_path / "out.loom")
+
+
 def test_create_append(tmp_path):
     path = tmp_path / "ca.loom"
     m = np.ones((3, 2), np.float32)
