@@ -148,17 +148,13 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[tuple[h5py.Dataset, np.n
                 needed.append([offset + copied, offset + len(sel)])
         offset += len(sel)
     rows = np.arange(dst.shape[0], dtype=np.int64)
-    # the engine works on one strip while the next is gathered: two buffers take turns (fresh
-    # memory for every strip cost more in page faults than the copying itself)
-    buffers: list[np.ndarray] = [np.empty(0, dst.dtype)] * 2
-    turn = 0
+    # the engine works on one strip while the next is gathered: two buffers take turns
+    scratch, turn = engine.Scratch(), 0
 
     def gather(start: int, stop: int) -> np.ndarray:
         nonlocal turn
-        turn, size = 1 - turn, dst.shape[0] * (stop - start)
-        if buffers[turn].size < size:
-            buffers[turn] = np.empty(size, dst.dtype)
-        block = buffers[turn][:size].reshape(dst.shape[0], stop - start)
+        turn = 1 - turn
+        block = scratch.get(turn, (dst.shape[0], stop - start), dst.dtype)
         for first, dataset, order, sel in spans:
             a, b = max(start, first), min(stop, first + len(sel))
             if a < b:
@@ -210,19 +206,17 @@ class _Reordered:
     columns), or columns a:b with the rows reordered (axis 0).
 
     The engine compresses one strip while the next is produced, so results alternate between two
-    buffers (reused: fresh memory for each strip cost more in page faults than the copying).
+    reused buffers.
     """
 
     def __init__(self, src: h5py.Dataset, order: np.ndarray, axis: int):
         self.src, self.order, self.axis = src, order, axis
         self.everything = np.arange(src.shape[axis], dtype=np.int64)
-        self.buffers: list[np.ndarray] = [np.empty(0, src.dtype)] * 3
+        self.scratch = engine.Scratch()
         self.calls = 0
 
     def _buffer(self, slot: int, shape: tuple[int, int]) -> np.ndarray:
-        if self.buffers[slot].size < shape[0] * shape[1]:
-            self.buffers[slot] = np.empty(shape[0] * shape[1], self.src.dtype)
-        return self.buffers[slot][:shape[0] * shape[1]].reshape(shape)
+        return self.scratch.get(slot, shape, self.src.dtype)
 
     def __call__(self, a: int, b: int) -> np.ndarray:
         part = np.arange(a, b, dtype=np.int64)

@@ -24,6 +24,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from .scratch import Scratch
 from .storage import (
     ChunkIndex,
     ChunkLayout,
@@ -68,13 +69,18 @@ class _Columns:
         self.groups = groups(cols, width)
         self.chunk_cols = [g[0] for g in self.groups]
         self.contiguous = int(cols[-1]) - int(cols[0]) + 1 == cols.size
-        # how to pick the needed chunk columns out of an index grid: a slice when they are a run
-        self.picker = slice(self.chunk_cols[0], self.chunk_cols[-1] + 1) if self.contiguous else \
-            np.asarray(self.chunk_cols)
+        self.chunk_col_array = np.asarray(self.chunk_cols)
         self.first_offset = int(cols[0]) - self.chunk_cols[0] * width
         if not self.contiguous:  # for each result column: its chunk (in the read's list) and column in it
             self.which = np.repeat(np.arange(len(self.groups)), [g[1].stop - g[1].start for g in self.groups])
-            self.local = cols - np.asarray(self.chunk_cols)[self.which] * width
+            self.local = cols - self.chunk_col_array[self.which] * width
+
+    def chunk_cols_between(self, first: int, stop: int) -> slice | np.ndarray:
+        """Needed chunk columns ``first:stop`` (positions in this read's list), to index a grid of
+        chunks with: a slice when the columns are a run."""
+        if self.contiguous:
+            return slice(self.chunk_cols[first], self.chunk_cols[first] + stop - first)
+        return self.chunk_col_array[first:stop]
 
     def parts(self, pieces: int) -> list[tuple[int, int, slice]]:
         """Split the needed chunk columns into ``pieces`` runs: (first, stop, result columns)."""
@@ -221,10 +227,11 @@ class _ChunkRead:
         rows when they are few (copying whole chunks for a row or two cost more than inflating)."""
         decode, fill = self.layout.decode, self.fill
         if unit.raws is None:  # read them from the file through the index
-            where = (slice(unit.chunk_row, unit.chunk_row + unit.stacked), self.columns.picker)
-            offsets = self.index.offset[where][:, unit.first:unit.stop].ravel().tolist()
-            sizes = self.index.size[where][:, unit.first:unit.stop].ravel().tolist()
-            masks = self.index.mask[where][:, unit.first:unit.stop].ravel().tolist()
+            where = (slice(unit.chunk_row, unit.chunk_row + unit.stacked),
+                     self.columns.chunk_cols_between(unit.first, unit.stop))
+            offsets = self.index.offset[where].ravel().tolist()
+            sizes = self.index.size[where].ravel().tolist()
+            masks = self.index.mask[where].ravel().tolist()
             read = ChunkIndex.read
             decoded = [fill if o < 0 else decode(read(fd, o, s), k) for o, s, k in zip(offsets, sizes, masks)]
         else:
@@ -302,13 +309,10 @@ def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
         read = _ChunkRead(dataset, layout, rows, cols, whole_rows=True)
         last = len(read.columns.groups)
         number = {id(unit): k for k, unit in enumerate(u for u in read.units if u.stop == last)}
-        local = threading.local()  # each worker's block, reused chunk row after chunk row
+        scratch = Scratch()  # each worker's block, reused chunk row after chunk row
 
         def consume(unit: _Unit, buf: np.ndarray) -> None:
-            size = (unit.rows.stop - unit.rows.start) * cols.size
-            if getattr(local, "block", None) is None or local.block.size < size:
-                local.block = np.empty(size, dtype=dataset.dtype)
-            block = local.block[:size].reshape(-1, cols.size)
+            block = scratch.get("block", (unit.rows.stop - unit.rows.start, cols.size), dataset.dtype)
             read.columns.place(block[:, unit.cols], unit, buf)
             if unit.stop == last:  # the chunk row is complete
                 handle(number[id(unit)], unit.rows.start, block)

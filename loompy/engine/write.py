@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +19,7 @@ import scipy.sparse as sp
 
 from . import codecs
 from .read import STRIP_BYTES, THREADS, read_block
+from .scratch import Scratch
 from .storage import (
     ChunkLayout,
     chunk_index,
@@ -177,8 +177,7 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     level = layout.level if layout.compressed else None
     size = layout.nbytes
     zero_chunk = stored = None
-    local = threading.local()  # each worker's tile buffer, reused strip after strip (fresh memory
-    # for every strip cost more in page faults than the copying itself)
+    scratch = Scratch()  # each worker's tiles (and gathered columns), reused strip after strip
 
     def prepare(block: np.ndarray | sp.csc_matrix, first: int, stop: int, top: int, left: int
                 ) -> tuple[list, list, list]:
@@ -187,11 +186,9 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
             part = block[:, first * w:stop * w]
         else:  # into a reused buffer too; np.take: 4x faster than fancy indexing
             picked = columns[first * w:stop * w]
-            count = block.shape[0] * picked.size
-            if getattr(local, "gathered", None) is None or local.gathered.size < count:
-                local.gathered = np.empty(count, block.dtype)
-            part = np.take(block, picked, axis=1, mode="wrap", out=local.gathered[:count].reshape(-1, picked.size))
-        tiles, keep = _tiles(part, layout, local)
+            part = np.take(block, picked, axis=1, mode="wrap",
+                           out=scratch.get("gathered", (block.shape[0], picked.size), block.dtype))
+        tiles, keep = _tiles(part, layout, scratch)
         numbers = np.flatnonzero(keep)
         across = keep.shape[1]
         left += first * w
@@ -230,17 +227,15 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
             store(*future.result())
 
 
-def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, holder: threading.local
+def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratch
            ) -> tuple[np.ndarray, np.ndarray]:
     """``block`` (corner on a chunk boundary) as contiguous (chunk row, chunk col, h, w) tiles, edges
     zero-padded, and which tiles to store: those with any non-zero bit (-0.0 counts), or all of
-    them when the fill value is not zero. Tiles go into ``holder.buffer`` (grown when too small)."""
+    them when the fill value is not zero. Tiles go into this thread's ``scratch``."""
     h, w = layout.chunks
     n, m = block.shape
     size = -(-n // h) * -(-m // w) * h * w
-    if getattr(holder, "buffer", None) is None or holder.buffer.size < size:
-        holder.buffer = np.empty(size, dtype=layout.dtype)
-    out = holder.buffer[:size]
+    out = scratch.get("tiles", (size,), layout.dtype)
     if sp.issparse(block):
         tiles, keep = _sparse_tiles(block, h, w, out)
     else:
