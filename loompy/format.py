@@ -374,6 +374,14 @@ def create_matrix(
     return ds
 
 
+def stored_as_new_matrix(dataset: h5py.Dataset, shape: tuple[int, int]) -> bool:
+    """True when ``dataset`` is stored as :func:`create_matrix` (defaults) stores a ``shape`` matrix:
+    same chunks, one gzip filter at the default level, fill value 0; and its columns can grow."""
+    return (dataset.chunks == matrix_chunks(shape) and dataset.id.get_create_plist().get_nfilters() == 1
+            and dataset.compression == "gzip" and dataset.compression_opts == DEFAULT_COMPRESSION_LEVEL
+            and dataset.fillvalue == 0 and dataset.maxshape[1] is None)
+
+
 def _short_allocation(fh: BinaryIO) -> tuple[int, int] | None:
     """(position of the end-of-allocation field, file size past the base address) when the open file
     ``fh`` is longer than its superblock says HDF5 allocated, else None. Only version 0/1 superblocks
