@@ -122,7 +122,7 @@ CACHE_BYTES = 1 << 20  # rows reduced together: numpy's passes over them stay in
 def _apply(f: Callable, block: np.ndarray, axis: int) -> np.ndarray:
     """``f`` on every row (axis 0) or column (axis 1) of ``block``."""
     if f in _VECTORISABLE:
-        if axis == 1 or block.ndim != 2 or block.nbytes <= CACHE_BYTES:
+        if axis == 1 or block.nbytes <= CACHE_BYTES:
             return np.asarray(f(block, axis=1 - axis))
         # a few rows at a time: 1.6x faster than one pass over a block far larger than the cache
         step = max(1, CACHE_BYTES // max(1, block.strides[0]))
@@ -137,6 +137,9 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
 
     ``selection`` (mask or indices) restricts the *other* axis (the values each function sees).
     Returns a list of arrays for a list of functions, one array for a single function.
+    ``chunksize`` is how many rows or columns a batch holds, rounded down to whole chunks. When
+    every function is a numpy reduction (np.mean, np.std, np.sum, ...) over rows, no batch is
+    held at all: the engine's worker threads reduce each chunk row as soon as it is read.
     """
     axis = _check_axis(axis)
     single = callable(f_list)
@@ -146,18 +149,19 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     dataset = ds.layers[layer]._dataset
     length = ds.shape[axis]
     other = _items(selection, ds.shape[1 - axis], 1 - axis)
-    results: list[np.ndarray | None] = [None] * len(functions)
     engine.expect_reads(dataset)
-    if axis == 0 and other.size and all(f in _VECTORISABLE for f in functions):
-        results = _reduce_rows(dataset, functions, length, other)
-        return results[0] if single else results
+    numpy_only = all(f in _VECTORISABLE for f in functions)
+    if axis == 0 and other.size and numpy_only:
+        reduced = _reduce_rows(dataset, functions, length, other)
+        return reduced[0] if single else reduced
     if dataset.chunks and chunksize >= dataset.chunks[axis]:  # whole chunks: none is inflated twice
         chunksize = chunksize // dataset.chunks[axis] * dataset.chunks[axis]
     batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
     # Numpy's reductions keep nothing of the values they are given, so two buffers can take turns;
     # other functions get fresh arrays, as they may hold on to what they see.
-    reuse = all(f in _VECTORISABLE for f in functions) and batches
-    buffers = [np.empty(batches[0][1].size * other.size, dataset.dtype) for _ in range(2)] if reuse else [None] * 2
+    buffers = [np.empty(batches[0][1].size * other.size, dataset.dtype) for _ in range(2)] \
+        if numpy_only and batches else [None] * 2
+    results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
     with ThreadPoolExecutor(max_workers=1) as helper:
         ahead = helper.submit(read_strip, dataset, axis, batches[0][1], other, buffers[0]) if batches else None
