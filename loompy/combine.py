@@ -152,13 +152,10 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0)
                 needed.append([offset + copied, offset + len(sel)])
         offset += len(sel)
     rows = np.arange(dst.shape[0], dtype=np.int64)
-    # the engine works on one strip while the next is gathered: two buffers take turns
-    scratch, turn = engine.Scratch(), 0
+    scratch = engine.Scratch()  # the engine's workers gather: one strip buffer each
 
     def gather(start: int, stop: int) -> np.ndarray:
-        nonlocal turn
-        turn = 1 - turn
-        block = scratch.get(turn, (dst.shape[0], stop - start), dst.dtype)
+        block = scratch.get("strip", (dst.shape[0], stop - start), dst.dtype)
         for first, dataset, order, sel in spans:
             a, b = max(start, first), min(stop, first + len(sel))
             if a < b:
@@ -209,29 +206,24 @@ class _Reordered:
     """Strips of ``src`` for permute: rows a:b as stored (axis 1: the engine's workers gather the
     columns), or columns a:b with the rows reordered (axis 0).
 
-    The engine compresses one strip while the next is produced, so results alternate between two
-    reused buffers.
+    Called on the engine's workers; each keeps its own buffers.
     """
 
     def __init__(self, src: h5py.Dataset, order: np.ndarray, axis: int):
         self.src, self.order, self.axis = src, order, axis
         self.everything = np.arange(src.shape[axis], dtype=np.int64)
         self.scratch = engine.Scratch()
-        self.calls = 0
-
-    def _buffer(self, slot: int, shape: tuple[int, int]) -> np.ndarray:
-        return self.scratch.get(slot, shape, self.src.dtype)
 
     def __call__(self, a: int, b: int) -> np.ndarray:
         part = np.arange(a, b, dtype=np.int64)
-        self.calls += 1
+        get, dtype = self.scratch.get, self.src.dtype
         if self.axis == 1:
             return engine.read_block(self.src, part, self.everything,
-                                     out=self._buffer(self.calls % 2, (part.size, self.everything.size)))
+                                     out=get("read", (part.size, self.everything.size), dtype))
         block = engine.read_block(self.src, self.everything, part,
-                                  out=self._buffer(2, (self.everything.size, part.size)))
+                                  out=get("read", (self.everything.size, part.size), dtype))
         # np.take with out= and mode="wrap": 4x faster than fancy indexing for a random order
-        return np.take(block, self.order, axis=0, mode="wrap", out=self._buffer(self.calls % 2, block.shape))
+        return np.take(block, self.order, axis=0, mode="wrap", out=get("reordered", block.shape, dtype))
 
 
 def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:

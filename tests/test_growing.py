@@ -206,10 +206,11 @@ def test_permute_everything_consistently(tmp_path, axis):
 
 @pytest.mark.parametrize("axis", [0, 1])
 def test_permute_in_many_strips(tmp_path, monkeypatch, axis):
-    """Strips small enough that the engine compresses one while the next is read into reused buffers."""
+    """Write tasks small enough that both workers read, gather and compress at once, each in its own
+    reused buffers."""
     from loompy.engine import write
 
-    monkeypatch.setattr(write, "STRIP_BYTES", 64 * 300 * 4)  # one chunk row or column per strip
+    monkeypatch.setattr(write, "TASK_BYTES", 64 * 300 * 4)  # one chunk row or column per task
     compress = write.codecs.compress
 
     def slow_compress(chunk, level):  # workers lag behind, so a buffer reused too early would show
@@ -230,10 +231,10 @@ def test_permute_in_many_strips(tmp_path, monkeypatch, axis):
 
 
 def test_combine_in_many_strips(tmp_path, monkeypatch):
-    """Unaligned inputs are gathered into two buffers that take turns while the engine compresses."""
+    """Unaligned inputs are gathered by both workers at once, each into its own reused buffer."""
     from loompy.engine import write
 
-    monkeypatch.setattr(write, "STRIP_BYTES", 64 * 300 * 4)  # one chunk column per strip
+    monkeypatch.setattr(write, "TASK_BYTES", 64 * 300 * 4)  # one chunk column per task
     tiles = write._tiles
 
     def slow_tiles(*args):  # workers lag behind, so a buffer reused too early would show

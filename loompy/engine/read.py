@@ -17,14 +17,12 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from .scratch import Scratch
 from .storage import (
     ChunkIndex,
     ChunkLayout,
@@ -36,9 +34,9 @@ from .storage import (
     raw_chunk,
     refresh,
 )
+from .workers import THREADS, Scratch, on_worker, worker_pool
 
 STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
-THREADS = 2  # this library's target machines are small; more threads only contend for the GIL
 PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread and never build an index
 UNIT_CHUNKS = 16  # a row strip is split so that units keep at least this many chunks
 LARGEST_UNIT = 128  # chunks: wide reads split chunk rows into units of at most this many, narrow
@@ -161,7 +159,8 @@ class _ChunkRead:
                 and 2 * cols.size >= len(self.columns.groups) * w:
             row_groups = _stack(row_groups, h, LARGEST_UNIT // len(self.columns.groups))
         # workers pay off for many chunks, unless each chunk row gives them just a chunk or two
-        self.parallel = needed >= PARALLEL_CHUNKS and len(self.columns.groups) >= 4
+        # (not from a worker: a read inside a write task stays on that task's thread)
+        self.parallel = needed >= PARALLEL_CHUNKS and len(self.columns.groups) >= 4 and not on_worker()
         # units of a few chunk columns' width at most; enough of them for every worker
         pieces = max(-(-2 * THREADS // len(row_groups)) if self.parallel and not whole_rows else 1,
                      -(-len(self.columns.groups) // LARGEST_UNIT))
@@ -198,7 +197,7 @@ class _ChunkRead:
                     tasks.append(task)
                     task, size = [], 0
             tasks += [task] if task else []
-            with ThreadPoolExecutor(max_workers=THREADS) as pool:
+            with worker_pool() as pool:
                 if fd is not None:
                     list(pool.map(work, tasks))
                     return

@@ -1,8 +1,8 @@
 """Writing matrix elements: whole chunks compressed on worker threads and stored directly.
 
-Values are cut into whole-chunk tiles, compressed on the workers (deflate releases the GIL) while
-this thread prepares the next strip, and stored with ``write_direct_chunk``; all-zero chunks stay
-unallocated. Unaligned edges and datasets the fast path does not handle (see
+Worker threads produce the values a task of whole chunks at a time, cut them into tiles and compress
+those (deflate releases the GIL); this thread stores the finished chunks with ``write_direct_chunk``,
+in order; all-zero chunks stay unallocated. Unaligned edges and datasets the fast path does not handle (see
 :func:`~.storage.chunk_layout`) go through h5py, which merges them with what their chunks hold.
 """
 
@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 
 import h5py
 import numpy as np
 import scipy.sparse as sp
 
 from . import codecs
-from .read import STRIP_BYTES, THREADS, read_block
-from .scratch import Scratch
+from .read import STRIP_BYTES, read_block
 from .storage import (
     ChunkLayout,
     chunk_index,
@@ -32,6 +32,10 @@ from .storage import (
     refresh,
     stored_chunks,
 )
+from .workers import THREADS, Scratch, worker_pool
+
+TASK_BYTES = STRIP_BYTES // THREADS  # dense bytes a write task produces and compresses at once
+QUEUED_TASKS = 2 * THREADS  # tasks submitted ahead of the one being stored
 
 
 def _writes(function: Callable) -> Callable:
@@ -96,7 +100,7 @@ def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_of
 def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: Producer) -> None:
     """Write ``ncols`` full-height columns from ``col_offset``; ``produce(a, b)`` gives relative columns a:b.
 
-    Whole chunks go through :func:`store_region` (compressed on worker threads, stored directly);
+    Whole chunks go through :func:`store_region` (``produce`` then runs on its worker threads);
     unaligned edges go through h5py, which merges them with what their chunks already hold.
     """
     n = dataset.shape[0]
@@ -126,7 +130,8 @@ def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: P
 @_writes
 def write_rows(dataset: h5py.Dataset, produce: Producer, columns: np.ndarray | None = None) -> None:
     """Write the whole dataset a strip of full-width rows at a time; ``produce(a, b)`` gives rows a:b
-    (dense), or with ``columns`` rows a:b of which those columns, in that order, are written."""
+    (dense), or with ``columns`` rows a:b of which those columns, in that order, are written.
+    ``produce`` runs on the worker threads of :func:`store_region`."""
     n, m = dataset.shape
     layout = chunk_layout(dataset)
     if layout is not None:
@@ -162,37 +167,37 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
 
     ``produce(a, b)`` returns the values of relative columns ``a:b`` (dense, or scipy.sparse CSC),
     or with ``axis=0`` of relative rows ``a:b`` (dense). With ``axis=0`` and ``columns``, the values
-    stored are those columns of each strip, in that order (the workers gather them: permute);
-    ``columns`` must already be checked, as out-of-range entries wrap around instead of failing.
-    Strip by strip, this thread produces the values; worker threads cut them into chunks and
-    compress those (numpy and deflate release the GIL) while this thread stores the previous
-    strip's chunks (HDF5 calls stay on one thread) and produces the next. A strip's values are in
-    use until ``produce`` has returned the next one, so ``produce`` may alternate two buffers.
+    stored are those columns of each block, in that order (permute); ``columns`` must already be
+    checked, as out-of-range entries wrap around instead of failing.
+
+    The region is cut into tasks of whole chunks along ``axis``. A worker thread runs each task:
+    it produces the values, cuts them into chunks and compresses those; this thread stores the
+    finished tasks' chunks in order (HDF5 calls stay on one thread). So ``produce`` is called on
+    the workers, for several ranges at once; what it returns may live in a buffer of the calling
+    thread (a :class:`~.workers.Scratch`) that its next call reuses.
     All-zero chunks never stored stay unallocated (they read as 0); stored ones are overwritten
     with zeros.
     """
     h, w = layout.chunks
-    across, unit = (ncols, h) if axis == 0 else (nrows, w)
-    step = max(unit, STRIP_BYTES // max(1, across * layout.dtype.itemsize) // unit * unit)
+    length, across, unit = (nrows, ncols, h) if axis == 0 else (ncols, nrows, w)
+    step = max(unit, TASK_BYTES // max(1, across * layout.dtype.itemsize) // unit * unit)
     level = layout.level if layout.compressed else None
     size = layout.nbytes
     zero_chunk = stored = None
-    scratch = Scratch()  # each worker's tiles (and gathered columns), reused strip after strip
+    scratch = Scratch()  # each worker's tiles (and gathered columns), reused task after task
 
-    def prepare(block: np.ndarray | sp.csc_matrix, first: int, stop: int, top: int, left: int
-                ) -> tuple[list, list, list]:
-        """Chunk columns first:stop of a strip as tiles, compressed: (coords, payloads, all-zero coords)."""
-        if columns is None:
-            part = block[:, first * w:stop * w]
-        else:  # into a reused buffer too; np.take: 4x faster than fancy indexing
-            picked = columns[first * w:stop * w]
-            part = np.take(block, picked, axis=1, mode="wrap",
-                           out=scratch.get("gathered", (block.shape[0], picked.size), block.dtype))
-        tiles, keep = _tiles(part, layout, scratch)
+    def task(a: int, b: int) -> tuple[list, list, list]:
+        """Relative rows or columns a:b as compressed chunks: (coords, payloads, all-zero coords)."""
+        block = produce(a, b)
+        block = sp.csc_matrix(block) if sp.issparse(block) else np.asarray(block)
+        top, left = (row0 + a, col0) if axis == 0 else (row0, col0 + a)
+        if columns is not None:  # into a reused buffer too; np.take: 4x faster than fancy indexing
+            block = np.take(block, columns, axis=1, mode="wrap",
+                            out=scratch.get("gathered", (block.shape[0], columns.size), block.dtype))
+        tiles, keep = _tiles(block, layout, scratch)
         numbers = np.flatnonzero(keep)
-        across = keep.shape[1]
-        left += first * w
-        coords = list(zip((top + numbers // across * h).tolist(), (left + numbers % across * w).tolist()))
+        wide = keep.shape[1]
+        coords = list(zip((top + numbers // wide * h).tolist(), (left + numbers % wide * w).tolist()))
         flat = memoryview(tiles.reshape(-1).view(np.uint8))
         payloads = [codecs.compress(flat[k * size:(k + 1) * size], level) for k in numbers.tolist()]
         i, j = np.nonzero(~keep)
@@ -211,20 +216,18 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
                     zero_chunk = codecs.compress(np.zeros(layout.chunks, layout.dtype), level)
                 write(coord, zero_chunk)
 
-    pending: list = []
-    with ThreadPoolExecutor(max_workers=THREADS) as pool:
-        for a in range(0, nrows if axis == 0 else ncols, step):
-            block = produce(a, min(nrows if axis == 0 else ncols, a + step))
-            block = sp.csc_matrix(block) if sp.issparse(block) else np.asarray(block)
-            top, left = (row0 + a, col0) if axis == 0 else (row0, col0 + a)
-            wide = -(-block.shape[1] // w)
-            bounds = np.linspace(0, wide, min(THREADS, wide) + 1).astype(int).tolist()
-            futures = [pool.submit(prepare, block, f, e, top, left) for f, e in zip(bounds[:-1], bounds[1:])]
-            for future in pending:  # the previous strip, while the workers prepare this one
-                store(*future.result())
-            pending = futures
-        for future in pending:
-            store(*future.result())
+    pending: deque[Future] = deque()
+    with worker_pool() as pool:
+        try:
+            for a in range(0, length, step):
+                pending.append(pool.submit(task, a, min(length, a + step)))
+                if len(pending) > QUEUED_TASKS:  # store the oldest while the workers carry on
+                    store(*pending.popleft().result())
+            while pending:
+                store(*pending.popleft().result())
+        finally:
+            for future in pending:  # after a failure: run nothing more
+                future.cancel()
 
 
 def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratch
