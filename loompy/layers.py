@@ -57,7 +57,11 @@ class LoomLayer(SparseForms):
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, cols = select(key, self.shape)
-        return expand(engine.read_block(self._dataset, rows.unique, cols.unique), rows, cols)
+        return expand(self._read(rows.unique, cols.unique), rows, cols)
+
+    def _read(self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The block at sorted, unique ``rows`` x ``cols``, into ``out`` when given."""
+        return engine.read_block(self._dataset, rows, cols, out)
 
     def __setitem__(self, key: Any, values: Any) -> None:
         check_writable(self._dataset.file, f"layer '{self.name}'")

@@ -81,10 +81,11 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     other_sel = AxisSelection(other, other_length)
     for name in names:
         engine.expect_reads(ds.layers[name]._dataset, selected.size / max(1, length))
+    recyclers: dict[str, engine.Recycler] = {}  # a batch let go of lends its memory to the next but one
     for start, batch in iter_batches(selected, length, batch_size):
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
-        yield start, batch, make_view(ds, rows, cols, layers=names, what=what)
+        yield start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers)
 
 
 def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -98,8 +99,11 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     along, other = (rows, cols) if axis == 0 else (cols, rows)
     for dataset in datasets.values():
         engine.expect_reads(dataset, along.size / max(1, ds.shape[axis]))
+    recyclers = {name: engine.Recycler() for name in names}  # as in scan
     for start, batch in iter_batches(along, ds.shape[axis], batch_size):
-        yield start, batch, {name: read_strip(d, axis, batch, other) for name, d in datasets.items()}
+        shape = (batch.size, other.size) if axis == 0 else (other.size, batch.size)
+        yield start, batch, {name: read_strip(d, axis, batch, other, recyclers[name].get(shape, d.dtype))
+                             for name, d in datasets.items()}
 
 
 def batch_scan(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,

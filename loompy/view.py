@@ -13,10 +13,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from .attributes import AttributeManager, Dims, DotAccess, attribute_shortcut
+from .engine import Recycler
 from .errors import LoomKeyError
 from .graphs import GraphManager
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
-from .layers import SparseForms
+from .layers import LoomLayer, SparseForms
 
 
 class MemoryLayer(SparseForms):
@@ -137,16 +138,25 @@ WHAT_ALL = ("col_attrs", "row_attrs", "layers", "col_graphs", "row_graphs")
 
 
 def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: Any = None,
-              what: Any = WHAT_ALL) -> LoomView:
-    """Copy the ``rows`` x ``cols`` selection of a connection or view into a new :class:`LoomView`."""
+              what: Any = WHAT_ALL, recyclers: dict[str, Recycler] | None = None) -> LoomView:
+    """Copy the ``rows`` x ``cols`` selection of a connection or view into a new :class:`LoomView`.
+
+    With ``recyclers`` (a scan's), a file's layers are read into memory that earlier views no longer use.
+    """
     what = set(what)
     names = list(source.layers.keys()) if layers is None else list(layers)
     r, c = rows.indices, cols.indices
     data = {}
     if "layers" in what:
         for name in names:
-            block = source.layers[name][rows.unique, cols.unique] if len(rows) and len(cols) else \
-                np.zeros((len(rows.unique), len(cols.unique)), dtype=source.layers[name].dtype)
+            layer, shape = source.layers[name], (len(rows.unique), len(cols.unique))
+            if not len(rows) or not len(cols):
+                block = np.zeros(shape, dtype=layer.dtype)
+            elif recyclers is not None and isinstance(layer, LoomLayer):
+                out = recyclers.setdefault(name, Recycler()).get(shape, layer.dtype)
+                block = layer._read(rows.unique, cols.unique, out)
+            else:
+                block = layer[rows.unique, cols.unique]
             data[name] = expand(np.asarray(block).reshape(len(rows.unique), len(cols.unique)),
                                 AxisSelection(r, rows.length), AxisSelection(c, cols.length))
     row_attrs = {k: v[r] for k, v in source.ra.items()} if "row_attrs" in what else {}

@@ -214,3 +214,47 @@ def test_change_tracking(dataset, tmp_path):
         assert ds.last_modified("New") > stamp > ds.last_modified("CellID", axis=1)
         with pytest.raises(KeyError):
             ds.last_modified("Nope")
+
+
+def test_recycler_reuses_only_memory_nothing_refers_to():
+    from loompy.engine import Recycler
+
+    r = Recycler()
+    a = r.get((4, 5), np.float32)
+    owner = id(a.base)
+    del a
+    assert id(r.get((5, 4), np.float32).base) == owner  # let go of: taken again
+    kept = r.get((4, 5), np.float32)
+    kept[...] = 7
+    part = r.get((4, 5), np.float32)[1:]  # a view of a view still refers to the owner
+    part[...] = 3
+    for _ in range(5):
+        b = r.get((4, 5), np.float32)
+        assert not np.shares_memory(b, kept) and not np.shares_memory(b, part)
+        b[...] = -1
+    assert (kept == 7).all() and (part == 3).all()
+    assert r.get((8, 8), np.float32).size == 64 and r.get((2, 2), np.int64).dtype == np.int64
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_scan_batches_kept_or_let_go(dataset, axis):
+    """Views kept by the caller keep their values; a loop that lets go of them reuses two buffers."""
+    import weakref
+
+    path, m, spliced, _, _ = dataset
+    with loompy.connect(path, "r") as ds:
+        kept = list(ds.scan(axis=axis, batch_size=20))
+        for _, selection, view in kept:
+            np.testing.assert_array_equal(view[:, :], m[selection] if axis == 0 else m[:, selection])
+            np.testing.assert_array_equal(view.layers["spliced"][:, :],
+                                          spliced[selection] if axis == 0 else spliced[:, selection])
+        owners: list[weakref.ref] = []
+        for _, selection, view in ds.scan(axis=axis, batch_size=20):
+            owner = view.layers[""].values.base
+            if not any(ref() is owner for ref in owners):
+                owners.append(weakref.ref(owner))
+            del owner
+        assert len(owners) == 2
+        batches = list(ds.batch_scan_layers(axis=axis, batch_size=20))
+        for _, selection, values in batches:
+            np.testing.assert_array_equal(values[""], m[selection] if axis == 0 else m[:, selection])

@@ -4,18 +4,19 @@ Callers pass *sorted, unique* row and column index arrays (see :mod:`loompy.inde
 datasets Loom files normally hold (chunked; no filter or a single deflate filter; numeric dtype) the
 engine works on raw chunks: :mod:`.storage` knows where they are, :mod:`.codecs` inflates and
 deflates them, :mod:`.read` assembles selections from them and :mod:`.write` stores values as them,
-with worker threads doing the inflating and deflating (:mod:`.workers`).
+with worker threads doing the inflating and deflating (:mod:`.workers`) in reused memory (:mod:`.memory`).
 Anything else (shuffle, other codecs, checksums, contiguous storage) goes through h5py's own path,
 so every valid file still reads and writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
 """
 
+from .memory import Recycler, Scratch
 from .read import STRIP_BYTES, each_row_block, read_block, read_sparse
 from .storage import ChunkLayout, chunk_layout, expect_reads, forget, forget_file, held_index
-from .workers import THREADS, Scratch
+from .workers import THREADS
 from .write import aligned, copy_chunks, resize, store_region, write_block, write_columns, write_matrix, write_rows
 
 __all__ = [
-    "STRIP_BYTES", "THREADS", "ChunkLayout", "Scratch", "aligned", "chunk_layout", "copy_chunks", "each_row_block",
-    "expect_reads", "forget", "forget_file", "held_index", "read_block", "read_sparse", "resize", "store_region",
-    "write_block", "write_columns", "write_matrix", "write_rows",
+    "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "aligned", "chunk_layout", "copy_chunks",
+    "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "read_block", "read_sparse", "resize",
+    "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
 ]

@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from .memory import Scratch
 from .storage import (
     ChunkIndex,
     ChunkLayout,
@@ -34,7 +35,7 @@ from .storage import (
     raw_chunk,
     refresh,
 )
-from .workers import THREADS, Scratch, on_worker, worker_pool
+from .workers import THREADS, on_worker, worker_pool
 
 STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
 PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread and never build an index

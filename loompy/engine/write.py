@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import codecs
+from .memory import Scratch
 from .read import STRIP_BYTES, read_block
 from .storage import (
     ChunkLayout,
@@ -32,7 +33,7 @@ from .storage import (
     refresh,
     stored_chunks,
 )
-from .workers import THREADS, Scratch, worker_pool
+from .workers import THREADS, worker_pool
 
 TASK_BYTES = STRIP_BYTES // THREADS  # dense bytes a write task produces and compresses at once
 QUEUED_TASKS = 2 * THREADS  # tasks submitted ahead of the one being stored
@@ -174,7 +175,7 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     it produces the values, cuts them into chunks and compresses those; this thread stores the
     finished tasks' chunks in order (HDF5 calls stay on one thread). So ``produce`` is called on
     the workers, for several ranges at once; what it returns may live in a buffer of the calling
-    thread (a :class:`~.workers.Scratch`) that its next call reuses.
+    thread (a :class:`~.memory.Scratch`) that its next call reuses.
     All-zero chunks never stored stay unallocated (they read as 0); stored ones are overwritten
     with zeros.
     """
