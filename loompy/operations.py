@@ -1,7 +1,7 @@
 """Out-of-core computation over a connection: scan, batch_scan, map, aggregate, export, change tracking.
 
 Everything streams the matrix in batches along one axis through the chunk engine, so memory holds
-one batch (plus the attributes), however large the file.
+a few batches (plus the attributes), however large the file.
 """
 
 from __future__ import annotations
@@ -53,6 +53,27 @@ def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray,
     return engine.read_block(dataset, batch, other, out) if axis == 0 else engine.read_block(dataset, other, batch, out)
 
 
+def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool) -> Iterator[Any]:
+    """``build(item)`` for each item in turn. With ``ahead``, the next one is built on a helper
+    thread while the caller works on this one (reading overlaps the caller's computing, and
+    the engine's workers do not pause between batches).
+
+    Only for files open read-only: a batch built ahead would miss what the caller writes meanwhile.
+    A caller that stops early waits for at most the one batch being built.
+    """
+    if not ahead or len(items) < 2:
+        for item in items:
+            yield build(item)
+        return
+    with ThreadPoolExecutor(max_workers=1) as helper:
+        future = helper.submit(build, items[0])
+        for k in range(len(items)):
+            built = future.result()
+            if k + 1 < len(items):
+                future = helper.submit(build, items[k + 1])
+            yield built
+
+
 def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterable[str] | None = None,
          key: str | None = None, batch_size: int = 512, what: Sequence[str] = WHAT_ALL
          ) -> Iterator[tuple[int, np.ndarray, LoomView]]:
@@ -81,11 +102,15 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     other_sel = AxisSelection(other, other_length)
     for name in names:
         engine.expect_reads(ds.layers[name]._dataset, selected.size / max(1, length))
-    recyclers: dict[str, engine.Recycler] = {}  # a batch let go of lends its memory to the next but one
-    for start, batch in iter_batches(selected, length, batch_size):
+    recyclers: dict[str, engine.Recycler] = {}  # batches let go of lend their memory to later ones
+
+    def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, LoomView]:
+        start, batch = item
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
-        yield start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers)
+        return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers)
+
+    yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, ds.mode == "r")
 
 
 def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -100,10 +125,14 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     for dataset in datasets.values():
         engine.expect_reads(dataset, along.size / max(1, ds.shape[axis]))
     recyclers = {name: engine.Recycler() for name in names}  # as in scan
-    for start, batch in iter_batches(along, ds.shape[axis], batch_size):
+
+    def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
+        start, batch = item
         shape = (batch.size, other.size) if axis == 0 else (other.size, batch.size)
-        yield start, batch, {name: read_strip(d, axis, batch, other, recyclers[name].get(shape, d.dtype))
-                             for name, d in datasets.items()}
+        return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name].get(shape, d.dtype))
+                              for name, d in datasets.items()}
+
+    yield from _one_ahead(list(iter_batches(along, ds.shape[axis], batch_size)), build, ds.mode == "r")
 
 
 def batch_scan(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,

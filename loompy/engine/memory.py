@@ -43,12 +43,13 @@ class Recycler:
     earlier one that nothing refers to any more.
 
     Every numpy view of an array, however derived, refers to the array that owns the memory, so an
-    owner whose only reference is this recycler's is free: a loop that lets go of each batch gets
-    the memory of the one before last back (the last is still bound to its loop variables when the
-    next is asked for). A batch that is kept stays the caller's; the recycler forgets it.
+    owner whose only reference is this recycler's is free. A loop that lets go of each batch keeps
+    three in turn: the one it works on, the one before (still bound to its loop variables when the
+    next is asked for) and the one read ahead. A batch that is kept stays the caller's; the
+    recycler forgets it.
     """
 
-    KEPT = 2  # owners remembered: the batch in use and the one before it
+    KEPT = 3  # owners remembered: the batch in use, the one before it and the one read ahead
 
     def __init__(self) -> None:
         self.owners: list[np.ndarray] = []
