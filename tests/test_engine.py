@@ -215,6 +215,25 @@ def test_sparse_input_is_scattered_into_chunks_like_toarray(tmp_path, chunks):
     assert back[0, 0] == 3 and back[50, 64] == -1 and np.signbit(back[13, 7])
 
 
+def test_sparse_csc_input_with_duplicates_is_summed_and_left_as_given(tmp_path):
+    """A CSC matrix with unsorted and repeated row indices: stored as toarray() gives, and the
+    caller's arrays (which the engine shares while writing) are not sorted or summed in place."""
+    indptr = np.array([0, 3, 3, 6] + [6] * 130)
+    indices = np.array([70, 2, 70, 5, 1, 5], dtype=np.int32)
+    data = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=np.float32)
+    m = sp.csc_matrix((data, indices, indptr), shape=(80, 133))
+    assert not m.has_canonical_format
+    given = [a.copy() for a in (m.data, m.indices, m.indptr)]
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        d = f.create_dataset("m", shape=m.shape, dtype="f4", chunks=(64, 64), compression="gzip", fillvalue=0)
+        engine.write_matrix(d, m)
+        back = d[...]
+    np.testing.assert_array_equal(back, m.toarray())
+    assert back[70, 0] == 4 and back[5, 2] == 10
+    for before, after in zip(given, (m.data, m.indices, m.indptr)):
+        np.testing.assert_array_equal(before, after)
+
+
 def test_read_block_into_a_strided_view_of_another_dtype(stored):
     """combine reads each input straight into its columns of the output strip."""
     name, dataset, m = stored

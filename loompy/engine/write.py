@@ -92,9 +92,21 @@ def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_of
 
     Sparse input is never densified as a whole: whole chunks are filled straight from it.
     """
-    if sp.issparse(matrix):
-        matrix = sp.csc_matrix(matrix)
-    write_columns(dataset, col_offset, matrix.shape[1], lambda a, b: matrix[:, a:b])
+    if not sp.issparse(matrix):
+        write_columns(dataset, col_offset, matrix.shape[1], lambda a, b: matrix[:, a:b])
+        return
+    csc = sp.csc_matrix(matrix)  # shares the caller's arrays when it is CSC already
+    if not csc.has_canonical_format:  # duplicates add up, as toarray() would; the caller's matrix stays
+        csc = csc.copy() if matrix.format == "csc" else csc
+        csc.sum_duplicates()
+    write_columns(dataset, col_offset, csc.shape[1], lambda a, b: _columns(csc, a, b))
+
+
+def _columns(matrix: sp.csc_matrix, a: int, b: int) -> sp.csc_matrix:
+    """Columns a:b of a CSC matrix, sharing its arrays (slicing would copy them: fresh memory per task)."""
+    start, stop = matrix.indptr[a], matrix.indptr[b]
+    return sp.csc_matrix((matrix.data[start:stop], matrix.indices[start:stop], matrix.indptr[a:b + 1] - start),
+                         shape=(matrix.shape[0], b - a), copy=False)
 
 
 @_writes
@@ -190,7 +202,7 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     def task(a: int, b: int) -> tuple[list, list, list]:
         """Relative rows or columns a:b as compressed chunks: (coords, payloads, all-zero coords)."""
         block = produce(a, b)
-        block = sp.csc_matrix(block) if sp.issparse(block) else np.asarray(block)
+        block = block.tocsc(copy=False) if sp.issparse(block) else np.asarray(block)
         top, left = (row0 + a, col0) if axis == 0 else (row0, col0 + a)
         if columns is not None:  # into a reused buffer too; np.take: 4x faster than fancy indexing
             block = np.take(block, columns, axis=1, mode="wrap",
@@ -241,7 +253,7 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
     size = -(-n // h) * -(-m // w) * h * w
     out = scratch.get("tiles", (size,), layout.dtype)
     if sp.issparse(block):
-        tiles, keep = _sparse_tiles(block, h, w, out)
+        tiles, keep = _sparse_tiles(block, h, w, out, scratch)
     else:
         tiles = _dense_tiles(np.asarray(block, dtype=layout.dtype), h, w, out)
         keep = tiles.view(f"u{layout.dtype.itemsize}").any(axis=(2, 3))
@@ -250,26 +262,30 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
     return tiles, keep
 
 
-def _sparse_tiles(block: sp.csc_matrix, h: int, w: int, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _sparse_tiles(block: sp.csc_matrix, h: int, w: int, out: np.ndarray, scratch: Scratch
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Tiles (as :func:`_dense_tiles`) of a CSC block by scattering its entries, and which tiles hold any.
 
-    Skips the dense intermediate: each stored entry goes straight to its place in its chunk.
+    Skips the dense intermediate: each stored entry goes straight to its place in its chunk. The
+    per-entry arithmetic works in place in reused arrays (fresh ones cost page faults per task).
     """
-    block = sp.csc_matrix(block)
-    block.sum_duplicates()  # as toarray() would: duplicates add up
+    if not block.has_canonical_format:  # duplicates add up, as toarray() would (in a copy: the
+        block = block.copy()             # block may share the caller's arrays)
+        block.sum_duplicates()
     n, m = block.shape
     nr, nc = -(-n // h), -(-m // w)
     kind = np.int32 if nr * nc * h * w < 2**31 else np.int64  # narrower indices: less memory traffic
-    chunk_row, row_in = np.divmod(block.indices.astype(kind, copy=False), kind(h))
+    rows = block.indices.astype(kind, copy=False)
     col = np.arange(m, dtype=kind)
-    per_entry = np.diff(block.indptr)
-    chunk_col = np.repeat(col // kind(w), per_entry)
-    tile = chunk_row * kind(nc) + chunk_col
-    flat = tile * kind(h * w) + row_in * kind(w) + np.repeat(col % kind(w), per_entry)
+    # where each entry goes: chunk row, then chunk column and column in it, then row in the chunk
+    flat = np.repeat(col // kind(w) * kind(h * w) + col % kind(w), np.diff(block.indptr))
+    step = scratch.get("entries", rows.shape, kind)
+    flat += np.multiply(np.floor_divide(rows, kind(h), out=step), kind(nc * h * w), out=step)
+    flat += np.multiply(np.remainder(rows, kind(h), out=step), kind(w), out=step)
     out.fill(0)
     out[flat] = block.data
     keep = np.zeros(nr * nc, dtype=bool)
-    keep[tile] = True
+    keep[np.floor_divide(flat, kind(h * w), out=step)] = True
     return out.reshape(nr, nc, h, w), keep.reshape(nr, nc)
 
 
