@@ -425,3 +425,23 @@ def test_sparse_parts_are_collected_in_order_whatever_order_they_finish_in():
         collector.add(int(k), parts[k])
     for got, k in zip(collector.result(), range(3)):
         np.testing.assert_array_equal(got, np.concatenate([p[k] for p in parts]))
+
+
+def test_a_failing_write_task_stops_the_write_and_raises(tmp_path, monkeypatch):
+    """The error of a task run on a worker reaches the caller, and the write stops there."""
+    from loompy.engine import write
+
+    monkeypatch.setattr(write, "TASK_BYTES", 64 * 64 * 4)  # one chunk column per task
+    calls = []
+
+    def produce(a, b):
+        calls.append(a)
+        if a == 64 * 3:
+            raise ValueError("input broken at column 192")
+        return np.ones((64, b - a), np.float32)
+
+    with h5py.File(tmp_path / "f.h5", "w") as f:
+        d = f.create_dataset("m", shape=(64, 64 * 40), dtype="f4", chunks=(64, 64), compression="gzip")
+        with pytest.raises(ValueError, match="column 192"):
+            engine.write_columns(d, 0, 64 * 40, produce)
+    assert len(calls) <= 4 + write.QUEUED_TASKS + write.THREADS < 40  # no more tasks after the failure
