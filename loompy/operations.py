@@ -80,7 +80,8 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     """Yield ``(ix, selection, view)`` per batch along ``axis``; ``ix`` is the batch's first file position.
 
     ``items`` (indices or mask) restricts the items scanned; ``key`` orders the *other* axis by that
-    attribute; ``layers`` and ``what`` restrict what each view carries.
+    attribute; ``layers`` and ``what`` restrict what each view carries. In a file open read-only,
+    the next batch is read while the caller works on this one.
     """
     axis = _check_axis(axis)
     unknown = set(what) - set(WHAT_ALL)
@@ -115,7 +116,8 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
 
 def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
                       layers: Iterable[str] | None = None) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
-    """Yield ``(ix, selection, {layer: values})`` per batch of rows (axis 0) or columns (axis 1)."""
+    """Yield ``(ix, selection, {layer: values})`` per batch of rows (axis 0) or columns (axis 1);
+    read one batch ahead in a file open read-only, as :func:`scan`."""
     axis = _check_axis(axis)
     names = list(ds.layers.keys()) if layers is None else list(layers)
     datasets = {name: ds.layers[name]._dataset for name in names}
