@@ -445,3 +445,62 @@ def test_a_failing_write_task_stops_the_write_and_raises(tmp_path, monkeypatch):
         with pytest.raises(ValueError, match="column 192"):
             engine.write_columns(d, 0, 64 * 40, produce)
     assert len(calls) <= 4 + write.QUEUED_TASKS + write.THREADS < 40  # no more tasks after the failure
+
+
+def test_run_in_order_consumes_in_order_with_bounded_lookahead():
+    """Tasks finishing out of order are consumed in order, on this thread, never more than
+    ``ahead`` results (plus the one this thread runs) waiting; tasks run as workers."""
+    import random
+    import threading
+    import time
+
+    from loompy.engine import workers
+
+    rng = random.Random(5)
+    delays = [rng.random() * 0.004 for _ in range(60)]
+    consumed, lead, threads, flags = [], [], set(), []
+    caller = threading.get_ident()
+
+    def task(k):
+        lead.append(k - len(consumed))  # how far ahead of what was consumed this task starts
+        threads.add(threading.get_ident())
+        flags.append(workers.on_worker())
+        time.sleep(delays[k] if k < 30 else 0)  # the last ones quick: the helper could race ahead
+        return k * k
+
+    def consume(value):
+        assert threading.get_ident() == caller
+        consumed.append(value)
+        time.sleep(0.002 if value >= 30 * 30 else 0)
+
+    workers.run_in_order([lambda k=k: task(k) for k in range(60)], consume, ahead=3)
+    assert consumed == [k * k for k in range(60)]
+    assert max(lead) <= 4 and len(threads) == workers.THREADS and all(flags)
+    assert not workers.on_worker()
+
+
+@pytest.mark.parametrize("where", ["task", "consume"])
+def test_run_in_order_stops_at_the_first_failure(where):
+    import threading
+    import time
+
+    from loompy.engine import workers
+
+    before = threading.active_count()
+    ran = []
+
+    def task(k):
+        ran.append(k)
+        time.sleep(0.001)
+        if where == "task" and k == 5:
+            raise KeyError("task 5")
+        return k
+
+    def consume(value):
+        if where == "consume" and value == 5:
+            raise KeyError("consuming 5")
+
+    with pytest.raises(KeyError, match="5"):
+        workers.run_in_order([lambda k=k: task(k) for k in range(100)], consume, ahead=2)
+    assert max(ran) < 12 and threading.active_count() == before  # helpers stopped and joined
+    assert not workers.on_worker()

@@ -14,6 +14,7 @@ inflating they share.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from .storage import (
     raw_chunk,
     refresh,
 )
-from .workers import THREADS, on_worker, worker_pool
+from .workers import THREADS, on_worker, run_all
 
 STRIP_BYTES = 64 << 20  # dense bytes held at once when writing or scanning
 PARALLEL_CHUNKS = 64  # reads of fewer chunks stay on the calling thread and never build an index
@@ -173,9 +174,10 @@ class _ChunkRead:
     def run(self, consume: Callable[[_Unit, np.ndarray], None]) -> None:
         """Call ``consume(unit, buffer)`` for every unit, on worker threads for large reads.
 
-        With an index the workers read, inflate and hand over. Without one this thread reads a batch
-        of chunks with HDF5 (which holds the GIL) and only then lets the workers inflate them:
-        reading while they inflate was slower, as the threads queue for the GIL behind each other.
+        With an index the workers (this thread and a helper, see :func:`~.workers.run_all`) read,
+        inflate and hand over. Without one this thread reads a batch of chunks with HDF5 (which holds
+        the GIL) and only then do the workers inflate them: reading while they inflate was slower,
+        as the threads queue for the GIL behind each other.
         """
         fd = open_index(self.dataset, self.index) if self.index is not None else None
 
@@ -198,19 +200,18 @@ class _ChunkRead:
                     tasks.append(task)
                     task, size = [], 0
             tasks += [task] if task else []
-            with worker_pool() as pool:
-                if fd is not None:
-                    list(pool.map(work, tasks))
-                    return
-                batch, size = [], 0
-                for k, task in enumerate(tasks):
-                    for unit in task:
-                        self.fetch(unit)
-                        size += unit.stop - unit.first
-                    batch.append(task)
-                    if size >= READ_BATCH or k == len(tasks) - 1:
-                        list(pool.map(work, batch))
-                        batch, size = [], 0
+            if fd is not None:
+                run_all([functools.partial(work, task) for task in tasks])
+                return
+            batch, size = [], 0
+            for k, task in enumerate(tasks):
+                for unit in task:
+                    self.fetch(unit)
+                    size += unit.stop - unit.first
+                batch.append(functools.partial(work, task))
+                if size >= READ_BATCH or k == len(tasks) - 1:
+                    run_all(batch)
+                    batch, size = [], 0
         finally:
             if fd is not None:
                 os.close(fd)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
 
 import h5py
 import numpy as np
@@ -33,7 +31,7 @@ from .storage import (
     refresh,
     stored_chunks,
 )
-from .workers import THREADS, worker_pool
+from .workers import THREADS, run_in_order
 
 TASK_BYTES = STRIP_BYTES // THREADS  # dense bytes a write task produces and compresses at once
 QUEUED_TASKS = 2 * THREADS  # tasks submitted ahead of the one being stored
@@ -183,11 +181,11 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     stored are those columns of each block, in that order (permute); ``columns`` must already be
     checked, as out-of-range entries wrap around instead of failing.
 
-    The region is cut into tasks of whole chunks along ``axis``. A worker thread runs each task:
-    it produces the values, cuts them into chunks and compresses those; this thread stores the
-    finished tasks' chunks in order (HDF5 calls stay on one thread). So ``produce`` is called on
-    the workers, for several ranges at once; what it returns may live in a buffer of the calling
-    thread (a :class:`~.memory.Scratch`) that its next call reuses.
+    The region is cut into tasks of whole chunks along ``axis``. Each task produces its values,
+    cuts them into chunks and compresses those, on this thread or a helper (see
+    :func:`~.workers.run_in_order`); this thread stores the finished tasks' chunks in order. So
+    ``produce`` is called on several threads at once, for different ranges; what it returns may
+    live in a buffer of the calling thread (a :class:`~.memory.Scratch`) that its next call reuses.
     All-zero chunks never stored stay unallocated (they read as 0); stored ones are overwritten
     with zeros.
     """
@@ -229,18 +227,8 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
                     zero_chunk = codecs.compress(np.zeros(layout.chunks, layout.dtype), level)
                 write(coord, zero_chunk)
 
-    pending: deque[Future] = deque()
-    with worker_pool() as pool:
-        try:
-            for a in range(0, length, step):
-                pending.append(pool.submit(task, a, min(length, a + step)))
-                if len(pending) > QUEUED_TASKS:  # store the oldest while the workers carry on
-                    store(*pending.popleft().result())
-            while pending:
-                store(*pending.popleft().result())
-        finally:
-            for future in pending:  # after a failure: run nothing more
-                future.cancel()
+    tasks = [functools.partial(task, a, min(length, a + step)) for a in range(0, length, step)]
+    run_in_order(tasks, lambda result: store(*result), QUEUED_TASKS)
 
 
 def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratch
