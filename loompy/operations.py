@@ -43,14 +43,13 @@ def iter_batches(selected: np.ndarray, length: int, batch_size: int) -> Iterator
             yield start, selected[lo:hi]
 
 
-def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray,
-               out: np.ndarray | None = None) -> np.ndarray:
+def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, recycler: engine.Recycler
+               ) -> np.ndarray:
     """Values of one batch: rows ``batch`` x cols ``other`` (axis 0) or rows ``other`` x cols ``batch``
-    (axis 1); into ``out`` when given (reused memory: fresh memory costs page faults)."""
-    if out is not None:
-        out = out.reshape(-1)[:batch.size * other.size].reshape((batch.size, other.size) if axis == 0
-                                                                  else (other.size, batch.size))
-    return engine.read_block(dataset, batch, other, out) if axis == 0 else engine.read_block(dataset, other, batch, out)
+    (axis 1), in memory from ``recycler`` (fresh memory costs page faults)."""
+    if axis == 0:
+        return engine.read_block(dataset, batch, other, recycler.get((batch.size, other.size), dataset.dtype))
+    return engine.read_block(dataset, other, batch, recycler.get((other.size, batch.size), dataset.dtype))
 
 
 def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool) -> Iterator[Any]:
@@ -58,8 +57,9 @@ def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool) -> Iterato
     thread while the caller works on this one (reading overlaps the caller's computing, and
     the engine's workers do not pause between batches).
 
-    Only for files open read-only: a batch built ahead would miss what the caller writes meanwhile.
-    A caller that stops early waits for at most the one batch being built.
+    scan and batch_scan only read ahead in files open read-only: a batch built ahead would miss
+    what the caller writes meanwhile. A caller that stops early waits for at most the one batch
+    being built.
     """
     if not ahead or len(items) < 2:
         for item in items:
@@ -130,9 +130,7 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
         start, batch = item
-        shape = (batch.size, other.size) if axis == 0 else (other.size, batch.size)
-        return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name].get(shape, d.dtype))
-                              for name, d in datasets.items()}
+        return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name]) for name, d in datasets.items()}
 
     yield from _one_ahead(list(iter_batches(along, ds.shape[axis], batch_size)), build, ds.mode == "r")
 
@@ -192,23 +190,21 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     if dataset.chunks and chunksize >= dataset.chunks[axis]:  # whole chunks: none is inflated twice
         chunksize = chunksize // dataset.chunks[axis] * dataset.chunks[axis]
     batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
-    # Numpy's reductions keep nothing of the values they are given, so two buffers can take turns;
-    # other functions get fresh arrays, as they may hold on to what they see.
-    buffers = [np.empty(batches[0][1].size * other.size, dataset.dtype) for _ in range(2)] \
-        if numpy_only and batches else [None] * 2
+    recycler = engine.Recycler()  # a batch no function kept a part of lends its memory to a later one
+
+    def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
+        start, batch = item
+        return start, batch, read_strip(dataset, axis, batch, other, recycler)
+
     results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
-    with ThreadPoolExecutor(max_workers=1) as helper:
-        ahead = helper.submit(read_strip, dataset, axis, batches[0][1], other, buffers[0]) if batches else None
-        for k, (start, batch) in enumerate(batches):
-            block = ahead.result()
-            if k + 1 < len(batches):
-                ahead = helper.submit(read_strip, dataset, axis, batches[k + 1][1], other, buffers[(k + 1) % 2])
-            for i, f in enumerate(functions):
-                values = _apply(f, block, axis)
-                if results[i] is None:
-                    results[i] = np.empty(length, dtype=values.dtype if values.dtype != object else object)
-                results[i][start:start + len(batch)] = values
+    for start, batch, block in _one_ahead(batches, build, True):
+        for i, f in enumerate(functions):
+            values = _apply(f, block, axis)
+            if results[i] is None:
+                results[i] = np.empty(length, dtype=values.dtype if values.dtype != object else object)
+            results[i][start:start + len(batch)] = values
+        del block  # let go before the next batch is read ahead: two buffers take turns
     results = [r if r is not None else np.zeros(0) for r in results]
     return results[0] if single else results
 
