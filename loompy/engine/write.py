@@ -34,7 +34,7 @@ from .storage import (
 from .workers import THREADS, run_in_order
 
 TASK_BYTES = STRIP_BYTES // THREADS  # dense bytes a write task produces and compresses at once
-QUEUED_TASKS = 2 * THREADS  # tasks submitted ahead of the one being stored
+QUEUED_TASKS = 2 * THREADS  # finished tasks that may wait to be stored
 
 
 def _writes(function: Callable) -> Callable:
@@ -94,9 +94,6 @@ def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_of
         write_columns(dataset, col_offset, matrix.shape[1], lambda a, b: matrix[:, a:b])
         return
     csc = sp.csc_matrix(matrix)  # shares the caller's arrays when it is CSC already
-    if not csc.has_canonical_format:  # duplicates add up, as toarray() would; the caller's matrix stays
-        csc = csc.copy() if matrix.format == "csc" else csc
-        csc.sum_duplicates()
     write_columns(dataset, col_offset, csc.shape[1], lambda a, b: _columns(csc, a, b))
 
 
@@ -263,8 +260,8 @@ def _sparse_tiles(block: sp.csc_matrix, h: int, w: int, out: np.ndarray, scratch
     Skips the dense intermediate: each stored entry goes straight to its place in its chunk. The
     per-entry arithmetic works in place in reused arrays (fresh ones cost page faults per task).
     """
-    if not block.has_canonical_format:  # duplicates add up, as toarray() would (in a copy: the
-        block = block.copy()             # block may share the caller's arrays)
+    if not block.has_canonical_format:  # duplicates add up, as toarray() would; in a copy, as the
+        block = block.copy()             # block may share the caller's arrays (see write_matrix)
         block.sum_duplicates()
     n, m = block.shape
     nr, nc = -(-n // h), -(-m // w)
