@@ -103,7 +103,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     other_sel = AxisSelection(other, other_length)
     for name in names:
         engine.expect_reads(ds.layers[name]._dataset, selected.size / max(1, length))
-    recyclers: dict[str, engine.Recycler] = {}  # batches let go of lend their memory to later ones
+    recyclers = {name: engine.Recycler() for name in names}  # batches let go of lend their memory to later ones
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, LoomView]:
         start, batch = item

@@ -141,7 +141,8 @@ def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: 
               what: Any = WHAT_ALL, recyclers: dict[str, Recycler] | None = None) -> LoomView:
     """Copy the ``rows`` x ``cols`` selection of a connection or view into a new :class:`LoomView`.
 
-    With ``recyclers`` (a scan's), a file's layers are read into memory that earlier views no longer use.
+    With ``recyclers`` (a scan's, one per layer), a file's layers are read into memory that earlier
+    views no longer use.
     """
     what = set(what)
     names = list(source.layers.keys()) if layers is None else list(layers)
@@ -153,8 +154,7 @@ def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: 
             if not len(rows) or not len(cols):
                 block = np.zeros(shape, dtype=layer.dtype)
             elif recyclers is not None and isinstance(layer, LoomLayer):
-                out = recyclers.setdefault(name, Recycler()).get(shape, layer.dtype)
-                block = layer._read(rows.unique, cols.unique, out)
+                block = layer._read(rows.unique, cols.unique, recyclers[name].get(shape, layer.dtype))
             else:
                 block = layer[rows.unique, cols.unique]
             data[name] = expand(np.asarray(block).reshape(len(rows.unique), len(cols.unique)),
