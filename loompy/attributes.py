@@ -97,10 +97,7 @@ class AttributeManager(DotAccess, MutableMapping):
     @property
     def _group(self) -> h5py.Group | None:
         """The HDF5 group behind this manager (None in memory, or when the file lacks it)."""
-        if self._file is None:
-            return None
-        group = self._file.get(self._group_name)
-        return group if isinstance(group, h5py.Group) else None
+        return None if self._file is None else fmt.get_group(self._file, self._group_name)
 
     # --------------------------------------------------------------- reading
     @property

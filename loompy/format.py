@@ -103,10 +103,16 @@ def _scalar_text(value: Any) -> str:
     return decode_one(item) if isinstance(item, bytes) else str(item)
 
 
+def get_group(f: h5py.File, name: str) -> h5py.Group | None:
+    """The group at ``name``, or None when the file has none there (or something else)."""
+    group = f.get(name)
+    return group if isinstance(group, h5py.Group) else None
+
+
 def read_spec_version(f: h5py.File) -> SpecVersion:
     """Find LOOM_SPEC_VERSION: first ``/attrs/LOOM_SPEC_VERSION``, then the root HDF5 attribute."""
-    group = f.get(GLOBAL_ATTRS)
-    if isinstance(group, h5py.Group) and SPEC_VERSION_KEY in group:
+    group = get_group(f, GLOBAL_ATTRS)
+    if group is not None and SPEC_VERSION_KEY in group:
         return SpecVersion(_scalar_text(group[SPEC_VERSION_KEY][()]))
     if SPEC_VERSION_KEY in f.attrs:
         return SpecVersion(_scalar_text(f.attrs[SPEC_VERSION_KEY]))
@@ -115,8 +121,8 @@ def read_spec_version(f: h5py.File) -> SpecVersion:
 
 def globals_live_in_group(f: h5py.File) -> bool:
     """Where this file keeps global attributes: ``/attrs`` datasets (3.0.0) or root HDF5 attributes."""
-    group = f.get(GLOBAL_ATTRS)
-    if not isinstance(group, h5py.Group):
+    group = get_group(f, GLOBAL_ATTRS)
+    if group is None:
         return False
     return SPEC_VERSION_KEY in group or SPEC_VERSION_KEY not in f.attrs
 
@@ -124,7 +130,7 @@ def globals_live_in_group(f: h5py.File) -> bool:
 def graph_group_name(f: h5py.File, axis: int) -> str:
     """Where graphs along ``axis`` live: the spec's group, or the loompy 1 name if only that exists."""
     name, legacy = GRAPH_GROUPS[axis], LEGACY_GRAPH_GROUPS[axis]
-    if name not in f and isinstance(f.get(legacy), h5py.Group):
+    if name not in f and get_group(f, legacy) is not None:
         return legacy
     return name
 

@@ -42,10 +42,7 @@ class GraphManager(DotAccess, MutableMapping):
 
     @property
     def _group(self) -> h5py.Group | None:
-        if self._file is None:
-            return None
-        group = self._file.get(self._group_name)
-        return group if isinstance(group, h5py.Group) else None
+        return None if self._file is None else fmt.get_group(self._file, self._group_name)
 
     def keys(self) -> list[str]:
         group = self._group

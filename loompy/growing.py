@@ -42,8 +42,8 @@ def recover(f: h5py.File) -> int | None:
         for ds in _matrices(f):
             if ds.shape[1] > width:
                 engine.resize(ds, width, axis=1)
-        group = f.get(fmt.COL_ATTRS)
-        if isinstance(group, h5py.Group):
+        group = fmt.get_group(f, fmt.COL_ATTRS)
+        if group is not None:
             for ds in group.values():
                 if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
                     ds.resize(width, axis=0)
@@ -56,8 +56,8 @@ def recover(f: h5py.File) -> int | None:
 
 def _matrices(f: h5py.File) -> list[h5py.Dataset]:
     out = [f[fmt.MATRIX]] if isinstance(f.get(fmt.MATRIX), h5py.Dataset) else []
-    layers = f.get(fmt.LAYERS)
-    if isinstance(layers, h5py.Group):
+    layers = fmt.get_group(f, fmt.LAYERS)
+    if layers is not None:
         out += [d for d in layers.values() if isinstance(d, h5py.Dataset)]
     return out
 

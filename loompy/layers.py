@@ -122,8 +122,8 @@ class LayerManager(DotAccess, MutableMapping):
 
     def keys(self) -> list[str]:
         names = [""] if isinstance(self._file.get(fmt.MATRIX), h5py.Dataset) else []
-        group = self._file.get(fmt.LAYERS)
-        if isinstance(group, h5py.Group):
+        group = fmt.get_group(self._file, fmt.LAYERS)
+        if group is not None:
             names += [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
         return names
 
