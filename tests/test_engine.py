@@ -341,7 +341,8 @@ def test_narrow_reads_stack_whole_chunk_rows(tmp_path):
         stacked = [(u.chunk_row, u.stacked) for u in read.units]
         assert stacked == [(0, 1), (1, 5), (6, 1), (7, 11), (18, 1)]  # the last chunk row is 12 rows of 16
         one_column = engine_read._ChunkRead(d, engine.storage.chunk_layout(d), rows, np.array([37]))
-        assert all(u.stacked == 1 for u in one_column.units)  # a sixteenth of each chunk: not worth joining
+        assert [(u.chunk_row, u.stacked) for u in one_column.units] == stacked  # stacked as wider reads
+        np.testing.assert_array_equal(engine.read_block(d, rows, np.array([37])), m[rows][:, [37]])
         out = np.zeros((rows.size, cols.size + 3), np.float64)
         engine.read_block(d, rows, cols, out=out[:, 2:-1])
         np.testing.assert_array_equal(out[:, 2:-1], m[np.ix_(rows, cols)])
