@@ -16,6 +16,7 @@ import scipy.sparse as sp
 
 from . import engine
 from . import format as fmt
+from .attributes import check_writable
 from .connection import LoomConnection, connect
 from .create import atomic_h5
 from .errors import LoomFileNotFoundError, LoomValueError
@@ -230,6 +231,7 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     """Reorder rows (axis 0) or columns (axis 1): every layer, that axis's attributes and graphs."""
     if axis not in (0, 1):
         raise LoomValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
+    check_writable(ds._file, f"{ds.filename}: a permutation")
     length = ds.shape[axis]
     order = np.asarray(ordering)
     if order.dtype.kind not in "iu" or order.shape != (length,) or \

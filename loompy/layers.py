@@ -196,6 +196,7 @@ class LayerManager(DotAccess, MutableMapping):
                 engine.write_matrix(dataset, sp.csc_matrix(shape, dtype=target_dtype))
         else:
             if existing is not None:
+                engine.forget(existing)  # its chunk index must not outlive it (the name is reused)
                 del self._file[existing.name]
             group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
             dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, shape, target_dtype,
@@ -213,5 +214,6 @@ class LayerManager(DotAccess, MutableMapping):
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
         check_writable(self._file, f"{self._file.filename}: layer '{name}'")
         group = self._file[fmt.LAYERS]
+        engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         del group[name]
         fmt.touch(group)

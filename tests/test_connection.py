@@ -219,11 +219,26 @@ def test_read_only_mode_refuses_writes_and_leaves_file_intact(small):
         for action in (lambda: ds.ra.__setitem__("X", np.ones(5)), lambda: ds.attrs.__setitem__("t", "x"),
                        lambda: ds.layers.__setitem__("L", m), lambda: ds.__setitem__((0, 0), 1),
                        lambda: ds.col_graphs.__setitem__("g", sp.coo_matrix((8, 8))),
-                       lambda: ds.ra.__delitem__("Gene")):
+                       lambda: ds.ra.__delitem__("Gene"), lambda: ds.permute(np.arange(8)[::-1], axis=1)):
             with pytest.raises(OSError) as info:
                 action()
             assert str(path) in str(info.value)
     assert digest(path) == before
+
+
+def test_a_replaced_or_deleted_layer_leaves_no_chunk_index_behind(tmp_path):
+    """A layer made under the name of one that was read in full reads as itself (zeros), not as
+    the old layer's chunks."""
+    rng = np.random.default_rng(3)
+    m = rng.random((640, 640)).astype(np.float32) + 1
+    with loompy.create(tmp_path / "r.loom", {"": m, "x": m, "y": m}, {"g": np.arange(640)}, {"c": np.arange(640)}) as ds:
+        ds.layers["x"][:, :], ds.layers["y"][:, :]  # reads of every chunk: both get a chunk index
+        ds.layers["x"] = "float64"  # replaced
+        np.testing.assert_array_equal(ds.layers["x"][:, :], np.zeros((640, 640)))
+        del ds.layers["y"]
+        ds.layers["y"] = "float32"
+        np.testing.assert_array_equal(ds.layers["y"][:, :], np.zeros((640, 640)))
+        np.testing.assert_array_equal(ds[:, :], m)
 
 
 def test_reading_in_read_write_mode_changes_nothing(small):
