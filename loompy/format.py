@@ -234,6 +234,8 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
                 raise LoomValueError(f"{where}: cannot store values of mixed or unknown types")
     if arr.dtype.kind in "US":
         arr = decode_strings(arr)
+    if _string_fields(arr.dtype):
+        arr = _text_fields_as_str(arr, where)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.uint8)
     if arr.dtype.kind in "mMcV" and arr.dtype.names is None:
@@ -250,11 +252,38 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
     return arr
 
 
+def _text_fields_as_str(arr: np.ndarray, where: str) -> np.ndarray:
+    """A compound array with its text fields (fixed or variable length) as object fields of ``str``."""
+    names = arr.dtype.names
+    kinds = [arr.dtype.fields[n][0] for n in names]
+    out = np.empty(arr.shape, dtype=[(n, object if is_string_kind(k) else k) for n, k in zip(names, kinds)])
+    for name, kind in zip(names, kinds):
+        if not is_string_kind(kind):
+            out[name] = arr[name]
+            continue
+        items = arr[name].ravel().tolist()
+        if not all(isinstance(x, (str, bytes)) for x in items):
+            raise LoomValueError(f"{where}: field '{name}' mixes text with other values")
+        if any("\x00" in x for x in items if isinstance(x, str)):
+            raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
+        out[name] = decode_strings(arr[name])
+    return out
+
+
 def _storable(arr: np.ndarray, where: str) -> tuple[np.ndarray, np.dtype]:
+    """The array h5py writes for normalized values, and its HDF5 dtype: text as UTF-8 variable-length
+    strings, also inside compound values."""
     if arr.dtype.kind == "O":
         data = np.empty(arr.shape, dtype=object)
         data.ravel()[:] = [encode_one(s, where) for s in arr.ravel()]
         return data, STRING_DTYPE
+    if arr.dtype.names is not None and any(arr.dtype.fields[n][0].kind == "O" for n in arr.dtype.names):
+        kinds = {n: arr.dtype.fields[n][0] for n in arr.dtype.names}
+        dtype = np.dtype([(n, STRING_DTYPE if k.kind == "O" else k) for n, k in kinds.items()])
+        data = np.empty(arr.shape, dtype=dtype)
+        for name, kind in kinds.items():
+            data[name] = _storable(arr[name], where)[0] if kind.kind == "O" else arr[name]
+        return data, dtype
     return arr, arr.dtype
 
 
@@ -269,21 +298,37 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
             existing[...] = data
         touch(existing, group)
         return existing
-    if name in group:
+    # a replacement is written beside the old dataset first: if HDF5 refuses it, the old one stays
+    target = name if name not in group else _unused_name(group, name)
+    try:
+        if data.shape == ():
+            ds = group.create_dataset(target, data=data, dtype=dtype)
+        else:
+            maxshape = (None,) + data.shape[1:] if resizable else None
+            chunks = (max(1, min(len(data), 4096)),) + data.shape[1:] if data.ndim else None
+            if 0 in data.shape[1:]:
+                chunks, maxshape = None, None
+            ds = group.create_dataset(
+                target, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
+                compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
+            )
+    except (TypeError, ValueError, OSError, RuntimeError) as exc:
+        if target in group:
+            del group[target]
+        raise LoomValueError(f"{where}: HDF5 cannot store values of dtype {values.dtype} ({exc})") from exc
+    if target != name:
         del group[name]
-    if data.shape == ():
-        ds = group.create_dataset(name, data=data, dtype=dtype)
-    else:
-        maxshape = (None,) + data.shape[1:] if resizable else None
-        chunks = (max(1, min(len(data), 4096)),) + data.shape[1:] if data.ndim else None
-        if 0 in data.shape[1:]:
-            chunks, maxshape = None, None
-        ds = group.create_dataset(
-            name, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
-            compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
-        )
+        group.move(target, name)
+        ds = group[name]
     touch(ds, group)
     return ds
+
+
+def _unused_name(group: h5py.Group, name: str) -> str:
+    k = 0
+    while f"{name}.new{k}" in group:
+        k += 1
+    return f"{name}.new{k}"
 
 
 def normalize_global(value: Any, name: str) -> np.ndarray:

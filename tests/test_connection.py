@@ -241,6 +241,46 @@ def test_a_replaced_or_deleted_layer_leaves_no_chunk_index_behind(tmp_path):
         np.testing.assert_array_equal(ds[:, :], m)
 
 
+def test_compound_attributes_with_text_fields_are_stored_and_carried_through(small, tmp_path):
+    path, m, *_ = small
+    values = np.zeros(8, dtype=[("name", "U5"), ("v", "f8")])
+    values["name"], values["v"] = [f"n{i}é" for i in range(8)], np.arange(8) / 2
+    with h5py.File(path, "r+") as f:  # as another writer stores one: fixed-length bytes
+        stored = np.zeros(5, dtype=[("tag", "S4"), ("n", "i4")])
+        stored["tag"], stored["n"] = [b"a", b"bb", b"ccc", b"dddd", b"e"], np.arange(5)
+        f["row_attrs"].create_dataset("Tagged", data=stored)
+    with loompy.connect(path) as ds:
+        ds.ca["Named"] = values
+        assert list(ds.ca["Named"]["name"]) == list(values["name"])
+        ds.ra["Tagged"] = ds.ra["Tagged"]  # written back as read
+        ds.permute(np.arange(8)[::-1], axis=1)
+    loompy.combine([path, path], tmp_path / "both.loom")
+    with loompy.connect(path, "r") as ds, loompy.connect(tmp_path / "both.loom", "r") as both:
+        assert list(ds.ca["Named"]["name"]) == list(values["name"][::-1])
+        np.testing.assert_array_equal(ds.ca["Named"]["v"], values["v"][::-1])
+        assert list(ds.ra["Tagged"]["tag"]) == ["a", "bb", "ccc", "dddd", "e"]
+        np.testing.assert_array_equal(ds.ra["Tagged"]["n"], np.arange(5))
+        assert list(both.ca["Named"]["name"]) == 2 * list(values["name"][::-1])
+
+
+def test_an_attribute_hdf5_refuses_to_store_keeps_the_old_one(small, monkeypatch):
+    path, *_ = small
+    real = h5py.Group.create_dataset
+
+    def refuse(self, name, *args, **kwargs):  # HDF5 fails after making the dataset
+        real(self, name, *args, **kwargs)
+        raise TypeError("refused")
+
+    with loompy.connect(path) as ds:
+        monkeypatch.setattr(h5py.Group, "create_dataset", refuse)
+        with pytest.raises(loompy.LoomValueError, match="Age"):
+            ds.ca["Age"] = np.array([f"x{i}" for i in range(8)])
+        monkeypatch.undo()
+        assert sorted(ds._file["col_attrs"]) == ["Age", "CellID", "Keep"]
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds.ca.Age, np.arange(8) * 2)
+
+
 def test_reading_in_read_write_mode_changes_nothing(small):
     path, *_ = small
     before = digest(path)
