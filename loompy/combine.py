@@ -78,6 +78,9 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                                          "others (pass convert_attrs=True to store it as text)")
                 parts = [p if p.dtype == object else p.astype(str).astype(object) for p in parts]
             col_attrs[a] = np.concatenate(parts)
+        # each layer holds every input's values unchanged: the dtype numpy would concatenate them in
+        dtypes = {name: fmt.check_matrix_dtype(np.result_type(*(c.layers[name]._dataset.dtype for c in conns)),
+                                               f"combine: layer '{name}'") for name in names}
         globals_ = {k: fmt.normalize_global(v, k) for k, v in (file_attrs or {}).items()}
         n = first.shape[0]
         with atomic_h5(output_file) as out:
@@ -87,10 +90,10 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                     fmt.write_global(out, k, fmt.normalize_global(first.attrs[k], k), in_group=True)
             for k, v in globals_.items():
                 fmt.write_global(out, k, v, in_group=True)
-            for name in names:
+            for name, dtype in dtypes.items():
                 group = out if name == "" else out[fmt.LAYERS]
                 sources = [(c.layers[name]._dataset, order, sel) for c, order, sel in zip(conns, orders, cols)]
-                dst, held = _new_layer(group, fmt.MATRIX if name == "" else name, sources[0], (n, total))
+                dst, held = _new_layer(group, fmt.MATRIX if name == "" else name, sources[0], (n, total), dtype)
                 _concatenate_layer(dst, sources, held)
             for k, v in first.ra.items():
                 fmt.write_values(out[fmt.ROW_ATTRS], k, v, resizable=False, where=f"row attribute '{k}'")
@@ -112,16 +115,17 @@ def _whole(source: _Source) -> bool:
     return order is None and len(sel) == dataset.shape[1]
 
 
-def _new_layer(group: h5py.Group, name: str, first: _Source, shape: tuple[int, int]) -> tuple[h5py.Dataset, int]:
-    """One layer of the output, and how many of its leading columns already hold their values.
+def _new_layer(group: h5py.Group, name: str, first: _Source, shape: tuple[int, int], dtype: np.dtype
+               ) -> tuple[h5py.Dataset, int]:
+    """One layer of the output, of ``dtype``, and how many of its leading columns already hold their values.
 
     When the first input is taken whole and stored just as the output will be, the output starts
     as HDF5's own copy of it (H5Ocopy moves the stored chunks without inflating them: 0.28 s for
     98,000 chunks, against 0.6 s one by one from Python), then widened.
     """
     dataset = first[0]
-    if not _whole(first) or not fmt.stored_as_new_matrix(dataset, shape):
-        return fmt.create_matrix(group, name, shape, dataset.dtype), 0
+    if not _whole(first) or dataset.dtype != dtype or not fmt.stored_as_new_matrix(dataset, shape):
+        return fmt.create_matrix(group, name, shape, dtype), 0
     group.copy(dataset, name, without_attrs=True)
     dst = group[name]
     engine.resize(dst, shape[1], axis=1)

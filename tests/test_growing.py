@@ -127,6 +127,24 @@ def test_combine_matches_numpy_and_reference_size(tmp_path):
     assert not (tmp_path / "x.loom").exists()
 
 
+def test_combine_keeps_every_input_value_when_dtypes_differ(tmp_path):
+    """Each output layer takes the dtype numpy would concatenate the inputs in; nothing is cut."""
+    rng = np.random.default_rng(12)
+    counts = rng.integers(0, 60000, size=(70, 40)).astype(np.uint16)
+    fractions = rng.random((70, 30)) * 10
+    paths = [make(tmp_path / "u16.loom", counts, cells=[f"a{j}" for j in range(40)]),
+             make(tmp_path / "f64.loom", fractions, cells=[f"b{j}" for j in range(30)])]
+    out = tmp_path / "mixed.loom"
+    loompy.combine(paths, out)
+    with loompy.connect(out, "r") as ds:
+        assert ds.layers[""].dtype == np.float64 and ds.layers["x"].dtype == np.int32
+        np.testing.assert_array_equal(ds[:, :], np.hstack([counts, fractions]))
+    loompy.combine(paths[::-1], out)  # the first input is no longer the widest type
+    with loompy.connect(out, "r") as ds:
+        assert ds.layers[""].dtype == np.float64
+        np.testing.assert_array_equal(ds[:, :], np.hstack([fractions, counts]))
+
+
 def test_combine_starts_from_a_copy_of_a_first_input_stored_alike(tmp_path, monkeypatch):
     """HDF5 copies the first input's chunks itself when it is stored as the output will be; an
     input stored otherwise (another gzip level, other chunks) is rewritten in the output's layout."""
