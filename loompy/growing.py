@@ -75,7 +75,18 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
     else:
         raise LoomValueError(f"{where}: column attribute '{name}' has no values for the new columns "
                              "(supply it, or pass fill_values={name: value} or fill_values='auto')")
-    return np.full((n,) + existing.shape[1:], fill, dtype=object if existing.dtype == object else existing.dtype)
+    shape = (n,) + existing.shape[1:]
+    if existing.dtype == object:
+        if not isinstance(fill, str):
+            raise LoomValueError(f"{where}: column attribute '{name}' holds text; its fill value must be a "
+                                 f"string, got {fill!r}")
+        return fmt.normalize_values(np.full(shape, fill, dtype=object), f"{where}: column attribute '{name}'")
+    value = np.asarray(fill)
+    same = value.dtype.kind in "biuf" and value.ndim == 0 and value.astype(existing.dtype) == value
+    if not same:
+        raise LoomValueError(f"{where}: column attribute '{name}' holds {existing.dtype} values; its fill value "
+                             f"{fill!r} is not one of them")
+    return np.full(shape, value, dtype=existing.dtype)
 
 
 def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
@@ -123,6 +134,10 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     for name, matrix in layer_dict.items():
         if tuple(matrix.shape) != (n, n_new):
             raise LoomValueError(f"{where}: layer '{name}' has shape {tuple(matrix.shape)}, expected {(n, n_new)}")
+        limit = ds.layers[name]._dataset.maxshape[1]
+        if limit is not None and limit < m + n_new:
+            raise LoomValueError(f"{where}: layer '{name}' was stored with at most {limit} columns, so it cannot "
+                                 "grow; loompy.combine writes a copy with these columns added")
         converted[name] = _lossless(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")
     new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
                  for k, v in _as_attr_dict(col_attrs, where).items()}

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LoomIndexError, LoomTypeError
+from .errors import LoomIndexError, LoomTypeError, LoomValueError
 
 AXIS_NAMES = ("row", "column")
 
@@ -154,11 +154,18 @@ def result_shape(rows: AxisSelection, cols: AxisSelection) -> tuple[int, ...]:
     return tuple(len(s) for s in (rows, cols) if not s.drop)
 
 
-def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dtype: np.dtype) -> np.ndarray:
+def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dtype: np.dtype, where: str
+                      ) -> np.ndarray:
     """For writes: broadcast ``values`` to the selection and keep, per unique cell, the last value given."""
     target = result_shape(rows, cols)
     try:
-        arr = np.broadcast_to(np.asarray(values), target)
+        values = np.asarray(values)
+    except ValueError as exc:  # ragged nesting
+        raise LoomValueError(f"{where}: cannot make an array of the values ({exc})") from exc
+    if values.dtype.kind not in "biuf":
+        raise LoomValueError(f"{where}: cannot store values of dtype {values.dtype} in a matrix")
+    try:
+        arr = np.broadcast_to(values, target)
     except ValueError as exc:
         raise LoomIndexError(
             f"cannot assign values of shape {np.shape(values)} to a selection of shape {target}"

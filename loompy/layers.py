@@ -66,7 +66,7 @@ class LoomLayer(SparseForms):
     def __setitem__(self, key: Any, values: Any) -> None:
         check_writable(self._dataset.file, f"layer '{self.name}'")
         rows, cols = select(key, self.shape)
-        data = values_for_unique(values, rows, cols, self.dtype)
+        data = values_for_unique(values, rows, cols, self.dtype, f"{self._dataset.file.filename}: layer '{self.name}'")
         engine.write_block(self._dataset, rows.unique, cols.unique, data)
         fmt.touch(self._dataset)
 
@@ -178,7 +178,10 @@ class LayerManager(DotAccess, MutableMapping):
         if isinstance(matrix, LoomLayer):
             matrix = matrix[:, :]
         if matrix is not None and not sp.issparse(matrix):
-            matrix = np.asarray(matrix)
+            try:
+                matrix = np.asarray(matrix)
+            except ValueError as exc:  # ragged nesting
+                raise LoomValueError(f"{where}: cannot make a matrix of the values ({exc})") from exc
         target_dtype = fmt.check_matrix_dtype(dtype if dtype is not None else _input_dtype(matrix), where)
         shape = self._dims.shape if matrix is None else tuple(matrix.shape)
         if len(shape) != 2:

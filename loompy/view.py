@@ -36,7 +36,7 @@ class MemoryLayer(SparseForms):
 
     def __setitem__(self, key: Any, values: Any) -> None:
         rows, cols = select(key, self.shape)
-        self.values[np.ix_(rows.unique, cols.unique)] = values_for_unique(values, rows, cols, self.dtype)
+        self.values[np.ix_(rows.unique, cols.unique)] = values_for_unique(values, rows, cols, self.dtype, "view")
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         return self.values if dtype is None else self.values.astype(dtype)

@@ -231,7 +231,8 @@ def test_a_replaced_or_deleted_layer_leaves_no_chunk_index_behind(tmp_path):
     the old layer's chunks."""
     rng = np.random.default_rng(3)
     m = rng.random((640, 640)).astype(np.float32) + 1
-    with loompy.create(tmp_path / "r.loom", {"": m, "x": m, "y": m}, {"g": np.arange(640)}, {"c": np.arange(640)}) as ds:
+    layers, genes, cells = {"": m, "x": m, "y": m}, {"g": np.arange(640)}, {"c": np.arange(640)}
+    with loompy.create(tmp_path / "r.loom", layers, genes, cells) as ds:
         ds.layers["x"][:, :], ds.layers["y"][:, :]  # reads of every chunk: both get a chunk index
         ds.layers["x"] = "float64"  # replaced
         np.testing.assert_array_equal(ds.layers["x"][:, :], np.zeros((640, 640)))
@@ -305,6 +306,9 @@ def test_rejected_calls_leave_file_byte_identical(small):
         lambda ds: ds.col_graphs.__setitem__("g", sp.coo_matrix((5, 5))),
         lambda ds: ds.__setitem__((slice(None), slice(None)), np.zeros((2, 2))),
         lambda ds: ds.set_attr("x", np.ones(5), axis=2),
+        lambda ds: ds.layers.__setitem__("L", [[1, 2], [3]]),  # ragged
+        lambda ds: ds.__setitem__((0, 0), "abc"),
+        lambda ds: ds.ca.__setitem__("Age", np.array([{"a": 1}] * 8, dtype=object)),
     ]
     for call in bad_calls:
         with loompy.connect(path) as ds:

@@ -66,6 +66,9 @@ def test_add_columns_rejects_bad_input_leaving_file_identical(tmp_path):
         (good, {"CellID": ["a"], "N": [1, 2]}, None),  # wrong length
         (good, {"CellID": [1, 2], "N": [1, 2]}, None),  # numbers for a text attribute
         ({"": np.ones((10, 2), np.float32), "x": np.full((10, 2), 0.5)}, {"CellID": ["a", "b"], "N": [1, 2]}, None),
+        (good, {"N": [1, 2]}, {"CellID": 0}),  # a number to fill a text attribute
+        (good, {"CellID": ["a", "b"]}, {"N": "none"}),  # text to fill a numeric one
+        (good, {"CellID": ["a", "b"]}, {"N": 0.5}),  # a fill the attribute's integers cannot hold
     ]
     for layers, attrs, fill in bad_calls:
         with loompy.connect(path) as ds, pytest.raises(loompy.LoomError):

@@ -167,3 +167,35 @@ def test_reference_reads_our_modified_copies(name, tmp_path, reference):
     after = reference.run(script, str(path))
     assert after["shape"] == original["shape"] and after["sum"] == original["sum"]
     assert after["ra"] == sorted(original["ra"] + ["NewRow"])
+
+
+@pytest.mark.parametrize("name", LOOMS)
+def test_add_columns_grows_each_real_file_or_leaves_it_untouched(name, tmp_path):
+    """Files whose writer fixed the number of columns (the R writers) are refused up front."""
+    import hashlib
+
+    path = tmp_path / "copy.loom"
+    shutil.copy(REAL / name, path)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with h5py.File(path, "r") as raw:
+        fixed = any(d.maxshape[1] is not None for d in [raw["matrix"], *raw.get("layers", {}).values()])
+    with loompy.connect(path) as ds:
+        n, m = ds.shape
+        layers = {k: ds.layers[k][:, :2] for k in ds.layers.keys()}
+        attrs = {k: v[:2] for k, v in ds.ca.items()}
+        if fixed:
+            with pytest.raises(loompy.LoomValueError, match="cannot grow"):
+                ds.add_columns(layers, attrs)
+        else:
+            ds.add_columns(layers, attrs)
+    if fixed:
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+        return
+    with loompy.connect(path, "r") as ds, h5py.File(REAL / name, "r") as raw:
+        assert ds.shape == (n, m + 2)
+        np.testing.assert_array_equal(ds[:, :], np.hstack([raw["matrix"][...], raw["matrix"][:, :2]]))
+        for key, given in attrs.items():
+            stored = ds.ca[key][m:]
+            for field in given.dtype.names or [None]:  # compound ones field by field (NaN equals NaN)
+                np.testing.assert_array_equal(stored if field is None else stored[field],
+                                              given if field is None else given[field])
