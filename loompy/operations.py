@@ -201,19 +201,28 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     for start, batch, block in _one_ahead(batches, build, True):
         for i, f in enumerate(functions):
             values = _apply(f, block, axis)
+            dtype = _result_dtype(values.dtype)
             if results[i] is None:
-                results[i] = np.empty(length, dtype=values.dtype if values.dtype != object else object)
+                results[i] = np.empty(length, dtype=dtype)
+            elif np.result_type(results[i].dtype, dtype) != results[i].dtype:  # 0 first, 0.5 later
+                results[i] = results[i].astype(np.result_type(results[i].dtype, dtype))
             results[i][start:start + len(batch)] = values
         del block  # let go before the next batch is read ahead: two buffers take turns
     results = [r if r is not None else np.zeros(0) for r in results]
     return results[0] if single else results
 
 
+def _result_dtype(dtype: np.dtype) -> np.dtype:
+    """What map stores a function's values in: numbers as float64 at least (as loompy 3 does, so a
+    function giving 0 for one row and 0.5 for the next loses nothing), anything else as objects."""
+    return np.result_type(np.float64, dtype) if dtype.kind in "biufc" else np.dtype(object)
+
+
 def _reduce_rows(dataset: Any, functions: list[Callable], length: int, cols: np.ndarray) -> list[np.ndarray]:
     """numpy reductions of every row, on the engine's workers as each chunk row is assembled
     (while it is in the CPU's cache), instead of on this thread a batch at a time."""
     probe = np.zeros((1, cols.size), dataset.dtype)
-    results = [np.empty(length, dtype=np.asarray(f(probe, axis=1)).dtype) for f in functions]
+    results = [np.empty(length, dtype=_result_dtype(np.asarray(f(probe, axis=1)).dtype)) for f in functions]
 
     def reduce(_: int, first: int, block: np.ndarray) -> None:
         for f, result in zip(functions, results):

@@ -101,6 +101,24 @@ def test_map_matches_numpy(dataset, axis):
 
 
 @pytest.mark.parametrize("axis", [0, 1])
+def test_map_returns_float64_whatever_the_first_batch_gives(tmp_path, axis):
+    """As loompy 3: numbers come back as float64, so a function giving ints for the first batch
+    and fractions later loses nothing; np.mean of float32 values is float64 too."""
+    m = np.zeros((200, 130), np.float32)
+    m[100:, 70:] = 0.5
+    path = tmp_path / "half.loom"
+    loompy.create(path, m, {"g": np.arange(200)}, {"c": np.arange(130)}).close()
+    lines = m if axis == 0 else m.T
+    with loompy.connect(path, "r") as ds:
+        custom, mean = ds.map([lambda x: 0 if not x.any() else float(x.mean()), np.mean], axis=axis, chunksize=64)
+        assert custom.dtype == np.float64 and mean.dtype == np.float64
+        np.testing.assert_array_equal(custom, [float(line.mean()) for line in lines])
+        np.testing.assert_array_equal(mean, [np.mean(line) for line in lines])
+        names = ds.map(lambda x: "some" if x.any() else "none", axis=axis, chunksize=64)
+        assert names.dtype == object and list(names) == ["some" if line.any() else "none" for line in lines]
+
+
+@pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("chunksize", [5, 100, 150])
 def test_map_with_numpy_reductions_in_many_batches(dataset, axis, chunksize):
     """Reductions numpy does on a whole batch (into two buffers that take turns, batches rounded to
