@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import LoomFileNotFoundError, LoomValueError
+from .errors import LoomFileNotFoundError, LoomTypeError, LoomValueError
 
 
 @dataclass
@@ -173,9 +173,9 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
                          "also below outs/)")
 
 
-def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike | None = None,
+def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike | None = None, *args: Any,
                            genome: str | None = None, file_attrs: Mapping[str, Any] | None = None,
-                           selected_cellids: Sequence[str] | None = None, *, loom_file: str | os.PathLike | None = None,
+                           selected_cellids: Sequence[str] | None = None, loom_file: str | os.PathLike | None = None,
                            cell_id_prefix: str | None = None,
                            sample_annotation: Mapping[str, Any] | None = None) -> str:
     """Create a ``.loom`` file from 10x Genomics Cell Ranger output; returns its path.
@@ -183,19 +183,30 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     Two calling conventions are accepted. loompy 3's: ``create_from_cellranger(indir, outdir=None,
     genome=None, file_attrs=None, selected_cellids=None)`` writes ``{outdir}/{sample}.loom`` with cell
     ids ``{sample}:{barcode}``. The seed's: ``create_from_cellranger(folder, loom_file, cell_id_prefix='',
-    sample_annotation=None, genome=...)``, recognised by a second argument ending in ``.loom``, writes
-    ``loom_file`` with cell ids ``{cell_id_prefix}{barcode}``. Both return the path (a string), so code
-    written for either works; ``sample_annotation`` adds column attributes (one value for all cells, or
-    one per cell).
+    sample_annotation=None, genome=None)``, recognised by a second argument ending in ``.loom``, writes
+    ``loom_file`` with cell ids ``{cell_id_prefix}{barcode}``. Arguments after the second are read in
+    the order of the convention in use; keywords mean what they say in both. ``genome`` picks one
+    of several genomes (None: the only one). Both return the path (a string), so code written for
+    either works; ``sample_annotation`` adds column attributes (one value for all cells, or one per cell).
     """
-    if outdir is not None and loom_file is None and os.fspath(outdir).endswith(".loom"):
-        # the seed's positional order: (folder, loom_file, cell_id_prefix, sample_annotation, genome)
-        seed_args = [genome, file_attrs, selected_cellids]
-        loom_file, outdir = outdir, None
-        cell_id_prefix = seed_args[0] if cell_id_prefix is None else cell_id_prefix
-        sample_annotation = seed_args[1] if sample_annotation is None else sample_annotation
-        genome = seed_args[2] if isinstance(seed_args[2], str) else None
-        file_attrs, selected_cellids = None, None
+    if loom_file is not None and outdir is not None:
+        raise LoomTypeError("create_from_cellranger: pass outdir (a folder) or loom_file, not both")
+    seed = loom_file is not None or (outdir is not None and os.fspath(outdir).endswith(".loom"))
+    order = ("cell_id_prefix", "sample_annotation", "genome") if seed else ("genome", "file_attrs", "selected_cellids")
+    if len(args) > len(order):
+        raise LoomTypeError(f"create_from_cellranger takes at most {2 + len(order)} positional arguments "
+                            f"({', '.join(('indir', 'outdir') + order)})")
+    given = {"genome": genome, "file_attrs": file_attrs, "selected_cellids": selected_cellids,
+             "cell_id_prefix": cell_id_prefix, "sample_annotation": sample_annotation}
+    for name, value in zip(order, args):
+        if given[name] is not None:
+            raise LoomTypeError(f"create_from_cellranger got '{name}' both by position and by keyword")
+        given[name] = value
+    genome, file_attrs, selected_cellids = given["genome"], given["file_attrs"], given["selected_cellids"]
+    cell_id_prefix, sample_annotation = given["cell_id_prefix"], given["sample_annotation"]
+    if seed:
+        loom_file, outdir = (outdir if loom_file is None else loom_file), None
+        cell_id_prefix = "" if cell_id_prefix is None else cell_id_prefix
     indir = Path(indir)
     sample = (indir.parent.name if indir.name == "outs" else indir.name) or "sample"
     data = read_10x(indir, genome)

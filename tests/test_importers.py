@@ -80,6 +80,15 @@ def test_create_from_cellranger_both_conventions(tmp_path):
     with loompy.connect(path, "r") as ds:
         assert ds.ca.CellID[0] == "S3_AAACCCAAGGAGAGTA-1"
         assert set(ds.ca.Donor) == {"d1"} and ds.ca.Index[-1] == 1106
+    # the seed's documented keywords: the prefix stays '' (the seed's default)
+    path = loompy.create_from_cellranger(sample, str(out), sample_annotation={"Donor": "d2"})
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.CellID[0] == "AAACCCAAGGAGAGTA-1" and set(ds.ca.Donor) == {"d2"}
+    path = loompy.create_from_cellranger(sample, loom_file=out)
+    with loompy.connect(path, "r") as ds:
+        assert path == str(out) and ds.ca.CellID[0] == "AAACCCAAGGAGAGTA-1"
+    with pytest.raises(TypeError):
+        loompy.create_from_cellranger(sample, str(out), "S3_", cell_id_prefix="S4_")
     keep = ["sample3:AAACCCAAGGAGAGTA-1", "sample3:AAACGCTTCAGCCCAG-1"]
     path = loompy.create_from_cellranger(sample, tmp_path, selected_cellids=keep)
     with loompy.connect(path, "r") as ds:
@@ -96,6 +105,15 @@ def test_cellranger2_layout_records_genome(tmp_path):
     with pytest.raises(ValueError) as info:
         loompy.create_from_cellranger(sample, tmp_path, genome="mm10")
     assert "mm10" in str(info.value) and "hg19_chr21" in str(info.value)
+    # two genomes: genome= picks one, in either convention
+    genomes = sample / "outs" / "filtered_gene_bc_matrices"
+    shutil.copytree(genomes / "hg19_chr21", genomes / "mm10")
+    for call in (lambda: loompy.create_from_cellranger(sample, tmp_path, "mm10"),
+                 lambda: loompy.create_from_cellranger(sample, str(tmp_path / "seed.loom"), genome="mm10")):
+        with loompy.connect(call(), "r") as ds:
+            assert ds.attrs.Genome == "mm10" and ds.shape == (343, 12)
+    with pytest.raises(ValueError, match="several genomes"):
+        loompy.create_from_cellranger(sample, str(tmp_path / "seed.loom"))
 
 
 def test_importer_errors_name_the_path(tmp_path):
