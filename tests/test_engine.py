@@ -505,3 +505,22 @@ def test_run_in_order_stops_at_the_first_failure(where):
         workers.run_in_order([lambda k=k: task(k) for k in range(100)], consume, ahead=2)
     assert max(ran) < 12 and threading.active_count() == before  # helpers stopped and joined
     assert not workers.on_worker()
+
+
+def test_groups_split_any_sorted_selection_by_chunk():
+    """Runs take an arithmetic shortcut; every selection must still split exactly by chunk."""
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        size = int(rng.integers(1, 70))
+        if rng.random() < 0.5:
+            start = int(rng.integers(0, 300))
+            indices = np.arange(start, start + int(rng.integers(1, 400)))
+        else:
+            indices = np.unique(rng.integers(0, 700, size=int(rng.integers(1, 200))))
+        covered = []
+        for chunk, positions, local in engine.storage.groups(indices, size):
+            part = indices[positions]
+            assert (part // size == chunk).all()
+            np.testing.assert_array_equal(np.arange(size)[local], part - chunk * size)
+            covered += range(positions.start, positions.stop)
+        assert covered == list(range(indices.size))

