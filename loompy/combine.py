@@ -77,7 +77,11 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                     raise LoomValueError(f"combine: column attribute '{a}' is text in some files and numbers in "
                                          "others (pass convert_attrs=True to store it as text)")
                 parts = [p if p.dtype == object else p.astype(str).astype(object) for p in parts]
-            col_attrs[a] = np.concatenate(parts)
+            try:
+                col_attrs[a] = np.concatenate(parts)
+            except (TypeError, ValueError) as exc:  # other shapes or compound fields
+                kinds = ", ".join(f"{c.filename}: {p.dtype} {p.shape[1:]}" for c, p in zip(conns, parts))
+                raise LoomValueError(f"combine: column attribute '{a}' differs between the files ({kinds})") from exc
         # each layer holds every input's values unchanged: the dtype numpy would concatenate them in
         dtypes = {name: fmt.check_matrix_dtype(np.result_type(*(c.layers[name]._dataset.dtype for c in conns)),
                                                f"combine: layer '{name}'") for name in names}

@@ -106,10 +106,12 @@ def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
     return converted
 
 
-def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None) -> None:
+def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
+                journal: bool = True) -> None:
     """Append columns: every existing layer must be given; column attributes must cover every existing one
     (or be filled by ``fill_values``: a dict, or ``"auto"`` for 0 / ""). On an empty file from ``new()``
-    the first call defines the rows (and ``row_attrs``).
+    the first call defines the rows (and ``row_attrs``). ``journal=False``: the caller keeps the
+    journal (:func:`add_loom`'s batches are one append).
     """
     f = ds._file
     where = ds.filename
@@ -139,23 +141,13 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             raise LoomValueError(f"{where}: layer '{name}' was stored with at most {limit} columns, so it cannot "
                                  "grow; loompy.combine writes a copy with these columns added")
         converted[name] = _lossless(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")
-    new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
-                 for k, v in _as_attr_dict(col_attrs, where).items()}
-    for name in ds.ca.keys():
-        if name not in new_attrs:
-            new_attrs[name] = _fill_for(name, ds.ca[name], fill_values, n_new, where)
-    combined = {}
-    for name, values in new_attrs.items():
-        old = ds.ca[name] if name in ds.ca else _fill_for(name, values, fill_values, m, where)
-        if (old.dtype == object) != (values.dtype == object) or old.shape[1:] != values.shape[1:]:
-            raise LoomValueError(f"{where}: column attribute '{name}': new values ({values.dtype}, shape "
-                                 f"{values.shape[1:]}) do not match the stored ones ({old.dtype}, {old.shape[1:]})")
-        combined[name] = np.concatenate([old, values])
+    combined = _column_attrs(ds, col_attrs, n_new, fill_values)
     new_row_attrs = {k: fmt.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in _as_attr_dict(row_attrs, where).items()}
     # everything is valid: write, journalled
-    f.attrs[JOURNAL] = m
-    f.flush()
+    if journal:
+        f.attrs[JOURNAL] = m
+        f.flush()
     for name, matrix in converted.items():
         dataset = ds.layers[name]._dataset
         engine.resize(dataset, m + n_new, axis=1)
@@ -165,12 +157,35 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     for name, values in combined.items():
         _append_attr(group, name, values, m, where)
     f.flush()
-    del f.attrs[JOURNAL]
+    if journal:
+        del f.attrs[JOURNAL]
     for name, values in new_row_attrs.items():
         ds.ra[name] = values
     f.flush()
     ds._dims.shape = (n, m + n_new)
     ds.col_attrs._forget()
+
+
+def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any) -> dict[str, np.ndarray]:
+    """Every column attribute after appending ``n_new`` columns (old values, then new or filled
+    ones), checked against what is stored."""
+    where, m = ds.filename, ds.shape[1]
+    new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
+                 for k, v in _as_attr_dict(col_attrs, where).items()}
+    for name in ds.ca.keys():
+        if name not in new_attrs:
+            new_attrs[name] = _fill_for(name, ds.ca[name], fill_values, n_new, where)
+    combined = {}
+    for name, values in new_attrs.items():
+        old = ds.ca[name] if name in ds.ca else _fill_for(name, values, fill_values, m, where)
+        what = f"{where}: column attribute '{name}': new values ({values.dtype}, shape {values.shape[1:]})"
+        if (old.dtype == object) != (values.dtype == object) or old.shape[1:] != values.shape[1:]:
+            raise LoomValueError(f"{what} do not match the stored ones ({old.dtype}, {old.shape[1:]})")
+        try:
+            combined[name] = np.concatenate([old, values])
+        except (TypeError, ValueError) as exc:  # compound values with other fields, say
+            raise LoomValueError(f"{what} cannot follow the stored ones ({old.dtype}): {exc}") from exc
+    return combined
 
 
 def _append_attr(group: h5py.Group, name: str, values: np.ndarray, m: int, where: str) -> None:
@@ -234,11 +249,14 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
              convert_attrs: bool = False, include_graphs: bool = False) -> None:
     """Append every column of another Loom file, rows aligned by ``key`` when given.
 
-    Layers of the other file that this file lacks are ignored; each batch is one journalled append.
+    Layers of the other file that this file lacks are ignored. The batches are one journalled
+    append: attributes, and values a layer could not hold unchanged, are checked for the whole
+    file before anything is written, and a batch that fails takes the file back to where it was.
     ``include_graphs`` carries over column graphs present in both files (edges shifted to the new columns).
     """
     from .connection import connect
 
+    check_writable(ds._file, f"{ds.filename}: columns")
     with connect(other_file, "r") as other:
         order = align_rows(ds, other, key)
         missing = [name for name in ds.layers.keys() if name not in other.layers]
@@ -252,10 +270,32 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
         graphs = {g: other.col_graphs[g] for g in other.col_graphs.keys()} if include_graphs else {}
         m0 = ds.shape[1]
         rows = np.arange(other.shape[0]) if order is None else order
-        for start in range(0, other.shape[1], batch_size):
-            cols = slice(start, min(other.shape[1], start + batch_size))
-            block = {name: other.layers[name][rows, cols] for name in names}
-            ds.add_columns(block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values)
+        batches = [slice(a, min(other.shape[1], a + batch_size)) for a in range(0, other.shape[1], batch_size)]
+        if "" in ds.layers:  # an empty file takes the first batch as it comes
+            _column_attrs(ds, attrs, other.shape[1], fill_values)
+            for name in names:  # values a cast could change are read once to check them all
+                mine, theirs = ds.layers[name].dtype, other.layers[name].dtype
+                if not np.can_cast(theirs, mine, "safe"):
+                    for cols in batches:
+                        _lossless(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
+        journal = "" in ds.layers
+        if journal:
+            ds._file.attrs[JOURNAL] = m0
+            ds._file.flush()
+        try:
+            for cols in batches:
+                block = {name: other.layers[name][rows, cols] for name in names}
+                add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values,
+                            journal=not journal)
+        except BaseException:
+            if journal:  # back to the columns the file had
+                recover(ds._file)
+                ds._dims.shape = (ds.shape[0], m0)
+                ds.col_attrs._forget()
+            raise
+        if journal:
+            del ds._file.attrs[JOURNAL]
+            ds._file.flush()
     for name, g in graphs.items():
         mine = ds.col_graphs[name] if name in ds.col_graphs else sp.coo_matrix((m0, m0))
         total = ds.shape[1]

@@ -76,6 +76,61 @@ def test_add_columns_rejects_bad_input_leaving_file_identical(tmp_path):
         assert digest(path) == before
 
 
+def test_add_loom_is_one_append_all_or_nothing(tmp_path, monkeypatch):
+    """Values found not to fit in a late batch are found before anything is written; a batch
+    failing while written takes the file back to its old columns."""
+    counts = np.arange(20, dtype=np.int32).reshape(5, 4)
+    path = make(tmp_path / "a.loom", counts, extra={"": counts})
+    other = np.ones((5, 30))
+    other[0, 27] = 0.5  # in the last batch
+    make(tmp_path / "b.loom", other, extra={"": other})
+    before = digest(path)
+    for batch_size in (1000, 4):
+        with loompy.connect(path) as ds, pytest.raises(loompy.LoomValueError, match="int32"):
+            ds.add_loom(tmp_path / "b.loom", batch_size=batch_size)
+        assert digest(path) == before
+    other[0, 27] = 1
+    make(tmp_path / "b.loom", other, extra={"": other})
+    import importlib
+
+    growing = importlib.import_module("loompy.growing")
+    real, calls = growing.engine.write_matrix, []
+
+    def fail_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(growing.engine, "write_matrix", fail_third)
+    with loompy.connect(path) as ds:
+        with pytest.raises(OSError, match="disk full"):
+            ds.add_loom(tmp_path / "b.loom", batch_size=4)
+        assert ds.shape == (5, 4) and len(ds.ca.CellID) == 4
+    monkeypatch.undo()
+    with loompy.connect(path, "r") as ds:  # no journal left behind: opens read-only
+        np.testing.assert_array_equal(ds[:, :], counts)
+        assert ds.shape == (5, 4) and list(ds.ca.N) == [0, 1, 2, 3]
+    with loompy.connect(path) as ds:
+        ds.add_loom(tmp_path / "b.loom", batch_size=4)
+        np.testing.assert_array_equal(ds[:, :], np.hstack([counts, other.astype(np.int32)]))
+
+
+def test_combine_refuses_column_attributes_that_differ_in_kind(tmp_path):
+    m = np.ones((4, 3), np.float32)
+    a, b = (make(tmp_path / f"{x}.loom", m, cells=[f"{x}{j}" for j in range(3)]) for x in "ab")
+    for path, fields in ((a, ("x", "y")), (b, ("x", "z"))):
+        with loompy.connect(path) as ds:
+            ds.ca["E"] = np.zeros(3, dtype=[(fields[0], "f8"), (fields[1], "f8")])
+    with pytest.raises(loompy.LoomValueError, match="'E'"):
+        loompy.combine([a, b], tmp_path / "ab.loom")
+    assert not (tmp_path / "ab.loom").exists()
+    before = digest(a)
+    with loompy.connect(a) as ds, pytest.raises(loompy.LoomValueError, match="'E'"):
+        ds.add_loom(b)
+    assert digest(a) == before
+
+
 def test_first_add_columns_on_new_file_defines_rows(tmp_path):
     path = tmp_path / "n.loom"
     m = np.arange(12, dtype=np.float32).reshape(3, 4)
