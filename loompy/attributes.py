@@ -214,7 +214,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         if name == fmt.SPEC_VERSION_KEY:
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be changed")
         check_writable(self._file, f"{self._where} '{name}'")
-        arr = fmt.normalize_global(value, name)
+        arr = fmt.normalize_global(value, name, self._file.filename)
         fmt.write_global(self._file, name, arr, self._in_group)
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -20,6 +20,7 @@ from .errors import (
     LoomFileNotFoundError,
     LoomFormatError,
     LoomLockError,
+    LoomTypeError,
     LoomValueError,
 )
 from .graphs import GraphManager
@@ -184,9 +185,15 @@ class LoomConnection:
         del self._attr_manager(axis)[name]
 
     def _attr_manager(self, axis: int) -> AttributeManager:
-        if axis not in (0, 1):
-            raise LoomValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
-        return self.row_attrs if axis == 0 else self.col_attrs
+        return self.row_attrs if self._axis(axis) == 0 else self.col_attrs
+
+    def _graph_manager(self, axis: int) -> GraphManager:
+        return self.row_graphs if self._axis(axis) == 0 else self.col_graphs
+
+    def _axis(self, axis: Any) -> int:
+        if axis not in (0, 1) or isinstance(axis, bool):
+            raise LoomValueError(f"{self.filename}: axis must be 0 (rows) or 1 (columns), got {axis!r}")
+        return int(axis)
 
     def set_layer(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
                   chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
@@ -196,23 +203,27 @@ class LoomConnection:
                               compression_opts=compression_opts)
 
     def list_edges(self, axis: int) -> list[str]:
-        return (self.row_graphs if axis == 0 else self.col_graphs).keys()
+        return self._graph_manager(axis).keys()
 
     def get_edges(self, name: str, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """A graph as (from, to, weight) arrays."""
-        g = (self.row_graphs if axis == 0 else self.col_graphs)[name]
+        g = self._graph_manager(axis)[name]
         return g.row, g.col, g.data
 
     def set_edges(self, name: str, a: np.ndarray, b: np.ndarray, w: np.ndarray, axis: int) -> None:
         """Store a graph from (from, to, weight) arrays of equal length."""
+        graphs = self._graph_manager(axis)
+        where = f"{self.filename}: graph '{name}'"
         a, b, w = np.asarray(a), np.asarray(b), np.asarray(w)
         if not a.shape == b.shape == w.shape or a.ndim != 1:
-            raise LoomValueError(f"{self.filename}: graph '{name}': a, b and w must be 1-D and of equal length")
+            raise LoomValueError(f"{where}: a, b and w must be 1-D and of equal length")
+        for ends in (a, b):
+            if ends.dtype.kind not in "iuf" or (ends.dtype.kind == "f" and not np.array_equal(ends, np.round(ends))):
+                raise LoomValueError(f"{where}: vertex indices must be whole numbers, got {ends.dtype} values")
         n = self.shape[axis]
         if a.size and (a.min() < 0 or b.min() < 0 or a.max() >= n or b.max() >= n):
-            raise LoomValueError(f"{self.filename}: graph '{name}': vertex indices must lie in [0, {n})")
-        graphs = self.row_graphs if axis == 0 else self.col_graphs
-        graphs[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
+            raise LoomValueError(f"{where}: vertex indices must lie in [0, {n})")
+        graphs[name] = sp.coo_matrix((w, (a.astype(np.int64), b.astype(np.int64))), shape=(n, n))
 
     # --------------------------------------------------------------- scanning and computing (operations.py, view.py)
     @property
@@ -261,9 +272,17 @@ class LoomConnection:
 
 
     # --------------------------------------------------------------- growing and reordering (growing.py)
-    def add_columns(self, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None) -> None:
-        """Append columns (every layer, every column attribute); see :func:`loompy.growing.add_columns`."""
+    def add_columns(self, layers: Any = None, col_attrs: Any = None, *, row_attrs: Any = None,
+                    fill_values: Any = None, submatrix: Any = None) -> None:
+        """Append columns (every layer, every column attribute); see :func:`loompy.growing.add_columns`.
+        ``submatrix=`` is the seed's name for ``layers``."""
         from .growing import add_columns
+
+        if (layers is None) == (submatrix is None):
+            raise LoomTypeError(f"{self.filename}: add_columns needs the new columns: layers (or submatrix=), once")
+        layers = submatrix if layers is None else layers
+        if col_attrs is None:
+            raise LoomTypeError(f"{self.filename}: add_columns needs col_attrs (a dict, possibly empty)")
 
         add_columns(self, layers, col_attrs, row_attrs=row_attrs, fill_values=fill_values)
 

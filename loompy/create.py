@@ -98,7 +98,7 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
         if not isinstance(matrix, LoomLayer) and matrix.dtype.kind not in "biuf":
             raise LoomValueError(f"{lw}: cannot store values of dtype {matrix.dtype} in a matrix")
         wanted = dtype if (dtype is not None and name == "") else matrix.dtype
-        if not isinstance(matrix, LoomLayer) and np.dtype(wanted).kind == "b":
+        if wanted is matrix.dtype and wanted.kind == "b":  # booleans are stored as uint8
             wanted = np.uint8
         dtypes[name] = fmt.check_matrix_dtype(wanted, lw)
     rows = {name: fmt.normalize_values(v, f"{where}: row attribute '{name}'", shape[0])
@@ -134,10 +134,10 @@ def write_contents(f: h5py.File, layer_dict: dict, dtypes: dict, rows: dict, col
             fmt.write_values(group, name, arr, resizable=axis == 1, where=f"attribute '{name}'")
 
 
-def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = None, col_attrs: Any = None, *,
+def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = None, col_attrs: Any = None,
            file_attrs: Mapping[str, Any] | None = None, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
            chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
-           compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL, matrix: Any = None) -> LoomConnection:
+           compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL, *, matrix: Any = None) -> LoomConnection:
     """Create a Loom file from a matrix (or dict of layers) and row/column attributes.
 
     ``layers`` is an ndarray, a scipy.sparse matrix, a dict of layers (``""`` is the main
@@ -150,6 +150,7 @@ def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = Non
         raise LoomTypeError("create() needs the matrix: pass layers (or matrix=)")
     if layers is not None and matrix is not None:
         raise LoomTypeError("create() takes either layers or matrix=, not both")
+    chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, str(filename))
     contents = validate_contents(filename, layers if layers is not None else matrix, row_attrs, col_attrs,
                                  file_attrs, dtype)
     with atomic_h5(filename) as f:

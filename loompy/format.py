@@ -13,6 +13,8 @@ attributes where, and converts between stored values and what users see:
 
 from __future__ import annotations
 
+import numbers
+import operator
 import os
 import re
 from dataclasses import dataclass
@@ -165,7 +167,10 @@ def encode_one(text: str, where: str) -> bytes:
     """Str to the UTF-8 bytes HDF5 stores; a NUL cannot be stored in an HDF5 string."""
     if "\x00" in text:
         raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
-    return text.encode("utf-8", "surrogateescape")
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:  # a lone surrogate that did not come from undecodable bytes
+        raise LoomValueError(f"{where}: {text!r} cannot be written as UTF-8 ({exc.reason})") from None
 
 
 def is_string_kind(dtype: np.dtype) -> bool:
@@ -241,9 +246,8 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
     if arr.dtype.kind in "mMcV" and arr.dtype.names is None:
         raise LoomValueError(f"{where}: values of dtype {arr.dtype} cannot be stored in a Loom file")
     if arr.dtype.kind == "O":
-        for text in arr.ravel():
-            if "\x00" in text:
-                raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
+        for text in arr.ravel():  # what cannot be stored is refused now, before anything is written
+            encode_one(text, where)
     if length is not None:
         if arr.ndim == 0:
             raise LoomValueError(f"{where}: expected an array of length {length}, got a scalar")
@@ -264,9 +268,9 @@ def _text_fields_as_str(arr: np.ndarray, where: str) -> np.ndarray:
         items = arr[name].ravel().tolist()
         if not all(isinstance(x, (str, bytes)) for x in items):
             raise LoomValueError(f"{where}: field '{name}' mixes text with other values")
-        if any("\x00" in x for x in items if isinstance(x, str)):
-            raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
         out[name] = decode_strings(arr[name])
+        for text in out[name].ravel():
+            encode_one(text, where)
     return out
 
 
@@ -324,18 +328,22 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
     return ds
 
 
-def _unused_name(group: h5py.Group, name: str) -> str:
+def _unused_name(group: h5py.Group | h5py.AttributeManager, name: str) -> str:
     k = 0
     while f"{name}.new{k}" in group:
         k += 1
     return f"{name}.new{k}"
 
 
-def normalize_global(value: Any, name: str) -> np.ndarray:
+def normalize_global(value: Any, name: str, filename: str = "") -> np.ndarray:
     """A global attribute value (scalar, string, list of strings, array) ready for storage."""
+    where = f"{filename}: global attribute '{name}'" if filename else f"global attribute '{name}'"
     if isinstance(value, (dict, set)) or value is None:
-        raise LoomTypeError(f"global attribute '{name}': cannot store a value of type {type(value).__name__}")
-    return normalize_values(value, f"global attribute '{name}'")
+        raise LoomTypeError(f"{where}: cannot store a value of type {type(value).__name__}")
+    return normalize_values(value, where)
+
+
+ATTRIBUTE_BYTES = 64000  # HDF5 keeps a file's attributes in its object header: 64 KB each at most
 
 
 def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> None:
@@ -343,11 +351,23 @@ def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> 
     if in_group:
         write_values(f[GLOBAL_ATTRS], name, value, resizable=False, where=f"global attribute '{name}'")
         return
-    data, dtype = _storable(value, f"global attribute '{name}'")
-    if dtype is STRING_DTYPE:
-        f.attrs.create(name, data, dtype=dtype)
-    else:
-        f.attrs[name] = data
+    where = f"{f.filename}: global attribute '{name}'"
+    data, dtype = _storable(value, where)
+    if dtype.kind != "O" and data.nbytes > ATTRIBUTE_BYTES:
+        raise LoomValueError(f"{where}: {data.nbytes} bytes is more than an HDF5 attribute of this file holds "
+                             f"({ATTRIBUTE_BYTES})")
+    # made beside the old one first (HDF5 refuses values over 64 KB in an object header): if HDF5
+    # refuses, the old value stays
+    target = name if name not in f.attrs else _unused_name(f.attrs, name)
+    try:
+        f.attrs.create(target, data, dtype=dtype)
+    except (TypeError, ValueError, OSError, RuntimeError) as exc:
+        if target in f.attrs:
+            del f.attrs[target]
+        raise LoomValueError(f"{where}: HDF5 cannot store this value as an attribute of the file ({exc})") from exc
+    if target != name:
+        del f.attrs[name]
+        h5py.h5a.rename(f.id, target.encode(), name.encode())
     f.attrs[LAST_MODIFIED] = timestamp()
 
 
@@ -394,13 +414,41 @@ def matrix_chunks(shape: tuple[int, int], chunks: tuple[int, int] = DEFAULT_CHUN
 
 
 def check_matrix_dtype(dtype: Any, where: str) -> np.dtype:
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise LoomTypeError(f"{where}: {dtype!r} is not a dtype") from exc
     if dt.kind == "b":
         raise LoomValueError(f"{where}: boolean matrices are not allowed; use uint8")
     if dt not in MATRIX_DTYPES:
         allowed = ", ".join(sorted(str(d) for d in MATRIX_DTYPES))
         raise LoomValueError(f"{where}: dtype {dt} is not allowed for a matrix (allowed: {allowed})")
     return dt
+
+
+def check_storage(chunks: Any, compression_opts: Any, chunk_cache: Any, where: str
+                  ) -> tuple[tuple[int, int], int | None, float]:
+    """How a new matrix is to be stored, checked before anything is written: chunks (two positive
+    integers), gzip level (0-9, or None for no compression), chunk cache in MB (not negative)."""
+    try:
+        rows, cols = chunks
+        checked = (operator.index(rows), operator.index(cols))
+    except (TypeError, ValueError):
+        checked = None
+    if checked is None or min(checked) < 1:
+        raise LoomValueError(f"{where}: chunks must be two positive integers, got {chunks!r}")
+    level = None
+    if compression_opts is not None:
+        try:
+            level = operator.index(compression_opts)
+        except TypeError:
+            level = -1
+        if not 0 <= level <= 9:
+            raise LoomValueError(f"{where}: compression_opts must be a gzip level from 0 to 9 (or None), "
+                                 f"got {compression_opts!r}")
+    if isinstance(chunk_cache, bool) or not isinstance(chunk_cache, numbers.Real) or not chunk_cache >= 0:
+        raise LoomValueError(f"{where}: chunk_cache must be a size in MB (0 or more), got {chunk_cache!r}")
+    return checked, level, chunk_cache
 
 
 def create_matrix(

@@ -82,6 +82,8 @@ class GraphManager(DotAccess, MutableMapping):
             arr = np.asarray(graph)
             if arr.ndim != 2:
                 raise LoomValueError(f"{where}: expected a sparse or square 2-D matrix, got shape {arr.shape}")
+            if arr.dtype.kind not in "biuf":
+                raise LoomValueError(f"{where}: weights must be real numbers, got {arr.dtype}")
             graph = sp.coo_matrix(arr)
         graph = sp.coo_matrix(graph)
         if graph.shape != (n, n):
@@ -90,7 +92,9 @@ class GraphManager(DotAccess, MutableMapping):
         if a.size and (a.min() < 0 or b.min() < 0 or a.max() >= n or b.max() >= n):
             raise LoomValueError(f"{where}: vertex indices must lie in [0, {n})")
         w = graph.data
-        if w.dtype.kind not in "iuf":
+        if w.dtype.kind not in "biuf":
+            raise LoomValueError(f"{where}: weights must be real numbers, got {w.dtype}")
+        if w.dtype.kind == "b":
             w = w.astype(np.float64)
         if self._file is None:
             self._memory[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))

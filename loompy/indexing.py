@@ -168,7 +168,7 @@ def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dty
         arr = np.broadcast_to(values, target)
     except ValueError as exc:
         raise LoomIndexError(
-            f"cannot assign values of shape {np.shape(values)} to a selection of shape {target}"
+            f"{where}: cannot assign values of shape {np.shape(values)} to a selection of shape {target}"
         ) from exc
     arr = arr.reshape(len(rows), len(cols))
     if rows.last_occurrence is not None:

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from . import engine
 from . import format as fmt
 from .attributes import Dims, DotAccess, check_writable
-from .errors import LoomKeyError, LoomTypeError, LoomValueError
+from .errors import LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -56,8 +56,19 @@ class LoomLayer(SparseForms):
         return self.shape[0]
 
     def __getitem__(self, key: Any) -> np.ndarray:
-        rows, cols = select(key, self.shape)
+        rows, cols = self._select(key)
         return expand(self._read(rows.unique, cols.unique), rows, cols)
+
+    @property
+    def _where(self) -> str:
+        return f"{self._dataset.file.filename}: layer '{self.name}'"
+
+    def _select(self, key: Any) -> tuple[AxisSelection, AxisSelection]:
+        """The selection ``key`` on this layer; errors name the file and layer."""
+        try:
+            return select(key, self.shape)
+        except (LoomIndexError, LoomTypeError, LoomValueError) as exc:
+            raise type(exc)(f"{self._where}: {exc}") from None
 
     def _read(self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The block at sorted, unique ``rows`` x ``cols``, into ``out`` when given."""
@@ -65,8 +76,8 @@ class LoomLayer(SparseForms):
 
     def __setitem__(self, key: Any, values: Any) -> None:
         check_writable(self._dataset.file, f"layer '{self.name}'")
-        rows, cols = select(key, self.shape)
-        data = values_for_unique(values, rows, cols, self.dtype, f"{self._dataset.file.filename}: layer '{self.name}'")
+        rows, cols = self._select(key)
+        data = values_for_unique(values, rows, cols, self.dtype, self._where)
         engine.write_block(self._dataset, rows.unique, cols.unique, data)
         fmt.touch(self._dataset)
 
@@ -175,6 +186,7 @@ class LayerManager(DotAccess, MutableMapping):
             raise LoomValueError(f"{self._file.filename}: layer name {name!r} is invalid (a string without '/')")
         where = f"{self._file.filename}: layer '{name}'"
         check_writable(self._file, where)
+        chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, where)
         if isinstance(matrix, LoomLayer):
             matrix = matrix[:, :]
         if matrix is not None and not sp.issparse(matrix):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 
 import h5py
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 import loompy
+
+from .conftest import REAL
 
 
 def digest(path) -> str:
@@ -282,6 +285,33 @@ def test_an_attribute_hdf5_refuses_to_store_keeps_the_old_one(small, monkeypatch
         np.testing.assert_array_equal(ds.ca.Age, np.arange(8) * 2)
 
 
+def test_seed_signatures_of_create_and_add_columns(small, tmp_path):
+    """The seed's positional create() and add_columns(submatrix=...) work as documented."""
+    path, m, ra, ca = small
+    with loompy.create(tmp_path / "p.loom", m, ra, ca, {"title": "t"}, (4, 4), 64, "float64", 5) as ds:
+        assert ds.attrs.title == "t" and ds.layers[""].dtype == np.float64
+        assert ds._file["matrix"].chunks == (4, 4) and ds._file["matrix"].compression_opts == 5
+        ds.add_columns(submatrix=m[:, :2].astype(np.float64), col_attrs={k: v[:2] for k, v in ca.items()})
+        np.testing.assert_array_equal(ds[:, :], np.hstack([m, m[:, :2]]))
+        with pytest.raises(TypeError):
+            ds.add_columns(m[:, :2], {k: v[:2] for k, v in ca.items()}, submatrix=m[:, :2])
+
+
+def test_a_legacy_global_attribute_hdf5_refuses_keeps_the_old_value(tmp_path):
+    """Files of spec 2 keep global attributes in the root's HDF5 attributes (64 KB each at most)."""
+    path = tmp_path / "legacy.loom"
+    shutil.copy(REAL / "linnarsson-lab+loompy/_history/bc58ebdd2632/test.loom", path)
+    with loompy.connect(path) as ds:
+        ds.attrs["description"] = "x" * 100000  # text lives outside the header: any length
+        with pytest.raises(loompy.LoomValueError, match="description"):
+            ds.attrs["description"] = np.arange(20000.0)
+        assert ds.attrs.description == "x" * 100000
+        ds.attrs["description"] = np.arange(3.0)  # replaced beside the old value, then renamed
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds.attrs.description, np.arange(3.0))
+        assert sorted(ds.attrs.keys()) == ["CreationDate", "LOOM_SPEC_VERSION", "description"]
+
+
 def test_reading_in_read_write_mode_changes_nothing(small):
     path, *_ = small
     before = digest(path)
@@ -306,6 +336,17 @@ def test_rejected_calls_leave_file_byte_identical(small):
         lambda ds: ds.col_graphs.__setitem__("g", sp.coo_matrix((5, 5))),
         lambda ds: ds.__setitem__((slice(None), slice(None)), np.zeros((2, 2))),
         lambda ds: ds.set_attr("x", np.ones(5), axis=2),
+        lambda ds: ds.set_layer("", m * 2, compression_opts=12),  # storage settings HDF5 would refuse,
+        lambda ds: ds.set_layer("", m.astype(np.float64), chunks=("a", 3)),  # on a layer to be replaced
+        lambda ds: ds.set_layer("", m.astype(np.float64), chunks=None),
+        lambda ds: ds.set_layer("", m.astype(np.float64), chunk_cache="big"),
+        lambda ds: ds.layers.__setitem__("L", "notadtype"),
+        lambda ds: ds.set_edges("g", np.array([0.5, 2.9]), np.array([1.0, 3.0]), np.ones(2), axis=1),
+        lambda ds: ds.set_edges("g", np.array([0]), np.array([1]), np.ones(1), axis=2),
+        lambda ds: ds.col_graphs.__setitem__("g", sp.coo_matrix(np.eye(8) * (1 + 2j))),
+        lambda ds: ds.col_graphs.__setitem__("g", np.full((8, 8), "a")),
+        lambda ds: ds.ca.__setitem__("CellID", np.array([f"c{i}" for i in range(7)] + ["bad\ud800"], dtype=object)),
+        lambda ds: ds.add_columns(np.ones((5, 1), np.float32), {"CellID": ["x\ud800"], "Age": [1], "Keep": [1]}),
         lambda ds: ds.layers.__setitem__("L", [[1, 2], [3]]),  # ragged
         lambda ds: ds.__setitem__((0, 0), "abc"),
         lambda ds: ds.ca.__setitem__("Age", np.array([{"a": 1}] * 8, dtype=object)),
@@ -321,6 +362,12 @@ def test_rejected_calls_leave_file_byte_identical(small):
 def test_error_messages_name_file_and_thing(small):
     path, *_ = small
     with loompy.connect(path) as ds:
+        for call in (lambda: ds[99, 0], lambda: ds.__setitem__((slice(None), 0), np.ones(3)),
+                     lambda: ds.attrs.__setitem__("t", None), lambda: ds.set_attr("x", np.ones(5), axis=2),
+                     lambda: ds.list_edges(5), lambda: ds.layers[""].__getitem__((0, 0, 0))):
+            with pytest.raises(loompy.LoomError) as info:
+                call()
+            assert "small.loom" in str(info.value), info.value
         with pytest.raises(ValueError) as info:
             ds.ra["Gene"] = np.arange(4)
         assert "Gene" in str(info.value) and "small.loom" in str(info.value) and "5" in str(info.value)
