@@ -104,7 +104,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             for k, v in col_attrs.items():
                 fmt.write_values(out[fmt.COL_ATTRS], k, v, resizable=True, where=f"column attribute '{k}'")
             for g in first.row_graphs.keys():
-                write_graph(out, 0, g, first.row_graphs[g])
+                write_graph(out, fmt.GRAPH_GROUPS[0], g, first.row_graphs[g])
     finally:
         for c in conns:
             c.close()
@@ -204,11 +204,11 @@ def create_append(filename: str | os.PathLike, layers: Any, row_attrs: Any, col_
         create(filename, layers, row_attrs, col_attrs, file_attrs=file_attrs).close()
 
 
-def write_graph(f: h5py.File, axis: int, name: str, graph: sp.coo_matrix) -> None:
-    group = f.require_group(fmt.GRAPH_GROUPS[axis]).create_group(name)
-    for part, values in (("a", graph.row.astype(np.int64)), ("b", graph.col.astype(np.int64)), ("w", graph.data)):
-        group.create_dataset(part, data=values)
-    fmt.touch(group)
+def write_graph(f: h5py.File, where: str, name: str, graph: sp.coo_matrix) -> None:
+    """Store ``graph`` as the group ``where/name`` of a file being written (stamped as changed)."""
+    group = f.require_group(where).create_group(name)
+    parts = (("a", graph.row.astype(np.int64)), ("b", graph.col.astype(np.int64)), ("w", graph.data))
+    fmt.touch(*(group.create_dataset(part, data=values) for part, values in parts), group)
 
 
 class _Reordered:
@@ -237,8 +237,7 @@ class _Reordered:
 
 def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     """Reorder rows (axis 0) or columns (axis 1): every layer, that axis's attributes and graphs."""
-    if axis not in (0, 1):
-        raise LoomValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
+    axis = ds._axis(axis)
     check_writable(ds._file, f"{ds.filename}: a permutation")
     length = ds.shape[axis]
     order = np.asarray(ordering)
@@ -285,10 +284,8 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
         for key in graphs.keys():
             g = graphs[key]
             renumbered = sp.coo_matrix((g.data, (inverse[g.row], inverse[g.col])), shape=g.shape)
-            group = out[graph_group].create_group(key)
-            for part, values in (("a", renumbered.row), ("b", renumbered.col), ("w", renumbered.data)):
-                group.create_dataset(part, data=values)
-        fmt.touch(out[attr_group])
+            write_graph(out, graph_group, key, renumbered)
+        fmt.touch(out[attr_group], out[graph_group])
         engine.forget_file(ds._file)
         ds._file.close()  # the rename replaces the file under this handle; reopen below
     ds._file = h5py.File(ds.filename, mode)

@@ -20,12 +20,6 @@ from .indexing import AxisSelection, select_axis
 from .view import WHAT_ALL, LoomView, make_view
 
 
-def _check_axis(axis: Any) -> int:
-    if axis not in (0, 1):
-        raise LoomValueError(f"axis must be 0 (rows) or 1 (columns), got {axis!r}")
-    return int(axis)
-
-
 def _items(items: Any, length: int, axis: int) -> np.ndarray:
     """Selected positions along an axis, sorted and unique (an index array or a boolean mask)."""
     if items is None:
@@ -83,7 +77,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     attribute; ``layers`` and ``what`` restrict what each view carries. In a file open read-only,
     the next batch is read while the caller works on this one.
     """
-    axis = _check_axis(axis)
+    axis = ds._axis(axis)
     unknown = set(what) - set(WHAT_ALL)
     if unknown:
         raise LoomValueError(f"{ds.filename}: scan(what=...) got unknown parts {sorted(unknown)}")
@@ -118,7 +112,7 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
                       layers: Iterable[str] | None = None) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
     """Yield ``(ix, selection, {layer: values})`` per batch of rows (axis 0) or columns (axis 1);
     read one batch ahead in a file open read-only, as :func:`scan`."""
-    axis = _check_axis(axis)
+    axis = ds._axis(axis)
     names = list(ds.layers.keys()) if layers is None else list(layers)
     datasets = {name: ds.layers[name]._dataset for name in names}
     rows = _items(genes, ds.shape[0], 0)
@@ -174,7 +168,7 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     every function is a numpy reduction (np.mean, np.std, np.sum, ...) over rows, no batch is
     held at all: the engine's worker threads reduce each chunk row as soon as it is read.
     """
-    axis = _check_axis(axis)
+    axis = ds._axis(axis)
     single = callable(f_list)
     functions = [f_list] if single else list(f_list)
     if not functions or not all(callable(f) for f in functions):
@@ -345,7 +339,7 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
     with open(out_file, "w", encoding="utf-8") as out:
         for name in ds.ca.keys():
             values = ds.ca[name]
-            out.write("\t" * lead + name + "\t" + "\t".join(str(v) for v in values.tolist()) + "\n")
+            out.write("\t" * lead + name + "\t" + "\t".join(_as_text(values)) + "\n")
         out.write("\t".join(row_names) + "\t" * (1 if lead else 0) + "\n")
         row_values = [ds.ra[name] for name in row_names]
         with engine.held_index(dataset):  # nothing is written to the layer during the pass
@@ -353,7 +347,15 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
                 block = engine.read_block(dataset, batch, cols)
                 for i, row in enumerate(block):
                     labels = "".join(str(v[start + i]) + "\t" for v in row_values)
-                    out.write(labels + "\t" + "\t".join(str(v) for v in row.tolist()) + "\n")
+                    out.write(labels + "\t" + "\t".join(_as_text(row)) + "\n")
+
+
+def _as_text(values: np.ndarray) -> list[str]:
+    """Each value as numpy prints it: the shortest text that reads back as the same value in its own
+    dtype (float32 0.1 is "0.1", not the "0.10000000149011612" of the float64 it widens to)."""
+    if values.dtype.names is not None:
+        return [str(v) for v in values.tolist()]
+    return values.astype(str).tolist()
 
 
 # --------------------------------------------------------------------------- change tracking
@@ -363,7 +365,7 @@ def last_modified(ds: Any, name: str | None = None, axis: int = 0) -> str:
     if name is None:
         obj = f
     else:
-        group = fmt.ATTR_GROUPS[_check_axis(axis)]
+        group = fmt.ATTR_GROUPS[ds._axis(axis)]
         if name not in f.get(group, {}):
             raise LoomKeyError(f"{ds.filename}: {group[:-6]} attribute '{name}' does not exist")
         obj = f[group][name]

@@ -213,6 +213,18 @@ def test_export_tab(dataset, tmp_path):
     assert len(lines) == n_ca + 1 + 130
 
 
+def test_export_writes_float32_as_numpy_prints_it(tmp_path):
+    m = np.array([[0.1, 1 / 3], [2.5, 0.7]], np.float32)
+    path = tmp_path / "f.loom"
+    loompy.create(path, m, {"Gene": ["a", "b"]}, {"Weight": np.array([0.1, 0.2], np.float32)}).close()
+    with loompy.connect(path, "r") as ds:
+        ds.export(tmp_path / "f.tab")
+    lines = (tmp_path / "f.tab").read_text().splitlines()
+    assert lines[0] == "\tWeight\t0.1\t0.2"
+    assert lines[2].split("\t") == ["a", "", "0.1", "0.33333334"]
+    assert [np.float32(v) for v in lines[3].split("\t")[2:]] == m[1].tolist()
+
+
 def test_change_tracking(dataset, tmp_path):
     path, *_ = dataset
     copy = tmp_path / "c.loom"
@@ -232,6 +244,12 @@ def test_change_tracking(dataset, tmp_path):
         assert ds.last_modified("New") > stamp > ds.last_modified("CellID", axis=1)
         with pytest.raises(KeyError):
             ds.last_modified("Nope")
+        stamp = loompy.timestamp()
+        time.sleep(0.01)
+        ds.permute(np.arange(300)[::-1], axis=1)  # rewrites the column graphs too (vertices renumbered)
+        changes = ds.get_changes_since(stamp)
+        assert changes["col_graphs"] == ["knn"] and changes["row_graphs"] == []
+        assert sorted(changes["col_attrs"]) == sorted(["CellID", "Clusters", "Batch", "Rank"])
 
 
 def test_recycler_reuses_only_memory_nothing_refers_to():
