@@ -246,8 +246,7 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
     if arr.dtype.kind in "mMcV" and arr.dtype.names is None:
         raise LoomValueError(f"{where}: values of dtype {arr.dtype} cannot be stored in a Loom file")
     if arr.dtype.kind == "O":
-        for text in arr.ravel():  # what cannot be stored is refused now, before anything is written
-            encode_one(text, where)
+        _check_storable_text(arr, where)
     if length is not None:
         if arr.ndim == 0:
             raise LoomValueError(f"{where}: expected an array of length {length}, got a scalar")
@@ -269,9 +268,22 @@ def _text_fields_as_str(arr: np.ndarray, where: str) -> np.ndarray:
         if not all(isinstance(x, (str, bytes)) for x in items):
             raise LoomValueError(f"{where}: field '{name}' mixes text with other values")
         out[name] = decode_strings(arr[name])
-        for text in out[name].ravel():
-            encode_one(text, where)
+        _check_storable_text(out[name], where)
     return out
+
+
+def _check_storable_text(texts: np.ndarray, where: str) -> None:
+    """Refuse, before anything is written, text HDF5 cannot store: checked all at once (a joined
+    string encodes exactly when each part does), then one by one to name the culprit."""
+    joined = "".join(texts.ravel().tolist())
+    fine = "\x00" not in joined
+    try:
+        joined.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        fine = False
+    if not fine:
+        for text in texts.ravel():
+            encode_one(text, where)
 
 
 def _storable(arr: np.ndarray, where: str) -> tuple[np.ndarray, np.dtype]:
