@@ -30,9 +30,19 @@ class Dims:
         self.shape = (int(shape[0]), int(shape[1]))
 
 
+READ_ONLY = "_loompy_read_only"  # set on the h5py.File of a connection opened with mode 'r'
+
+
+def writable(file: h5py.File) -> bool:
+    """Whether loompy may write through this handle: HDF5 opened it for writing and the connection
+    did not ask for 'r' (HDF5 hands a second opening of a file open for writing in this process
+    that same writable file)."""
+    return file.mode == "r+" and not getattr(file, READ_ONLY, False)
+
+
 def check_writable(file: h5py.File | None, what: str) -> None:
     """Refuse a write before anything is touched when the file is open read-only."""
-    if file is not None and file.mode != "r+":
+    if file is not None and not writable(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
 
 

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from . import engine, operations
 from . import format as fmt
-from .attributes import AttributeManager, Dims, GlobalAttributeManager, attribute_shortcut
+from .attributes import READ_ONLY, AttributeManager, Dims, GlobalAttributeManager, attribute_shortcut, writable
 from .errors import (
     LoomFileError,
     LoomFileNotFoundError,
@@ -81,6 +81,8 @@ class LoomConnection:
                  spec_version: str = fmt.CURRENT_SPEC, locking: bool | None = None) -> None:
         self.filename = os.fspath(filename)
         self._file = open_h5(self.filename, mode, locking=locking)
+        if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
+            setattr(self._file, READ_ONLY, True)
         try:
             from .growing import recover, refuse_if_pending_read_only
 
@@ -131,7 +133,7 @@ class LoomConnection:
 
     @property
     def mode(self) -> str:
-        return self._file.mode if self._file else "closed"
+        return ("r+" if writable(self._file) else "r") if self._file else "closed"
 
     @property
     def closed(self) -> bool:

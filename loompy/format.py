@@ -438,6 +438,24 @@ def check_matrix_dtype(dtype: Any, where: str) -> np.dtype:
     return dt
 
 
+def cast_values(values: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
+    """``values`` in a matrix's stored ``dtype``, refusing any cast that would change them beyond
+    rounding: integers must fit, floats stored as integers must be whole, floats may round to a
+    narrower float but not overflow to infinity."""
+    if np.can_cast(values.dtype, dtype, "safe"):
+        return values.astype(dtype, copy=False)
+    with np.errstate(all="ignore"):
+        converted = values.astype(dtype)
+        if values.dtype.kind in "f" and dtype.kind == "f":
+            same = np.array_equal(np.isfinite(converted), np.isfinite(values))
+        else:
+            same = np.array_equal(converted.astype(values.dtype), values, equal_nan=values.dtype.kind == "f")
+    if values.size and not same:
+        raise LoomValueError(f"{where}: values of dtype {values.dtype} do not fit the layer's dtype {dtype} "
+                             "without change")
+    return converted
+
+
 def check_storage(chunks: Any, compression_opts: Any, chunk_cache: Any, where: str
                   ) -> tuple[tuple[int, int], int | None, float]:
     """How a new matrix is to be stored, checked before anything is written: chunks (two positive

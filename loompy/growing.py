@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from . import engine
 from . import format as fmt
-from .attributes import check_writable
+from .attributes import check_writable, writable
 from .create import _as_attr_dict, _as_layer_dict
 from .errors import LoomFileError, LoomKeyError, LoomValueError
 
@@ -36,7 +36,7 @@ def recover(f: h5py.File) -> int | None:
     In read-only mode nothing is written; the caller presents the committed width instead.
     """
     width = pending_append(f)
-    if width is None or f.mode != "r+":
+    if width is None or not writable(f):
         return width
     try:
         for ds in _matrices(f):
@@ -90,20 +90,12 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
 
 
 def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
-    """Convert new columns to the layer's stored dtype, refusing any change of value."""
-    data = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
-    if np.can_cast(data.dtype, dtype, "safe"):
-        return matrix.astype(dtype) if sp.issparse(matrix) else data.astype(dtype, copy=False)
-    converted = data.astype(dtype)
-    same = np.array_equal(converted.astype(data.dtype, copy=False), data, equal_nan=data.dtype.kind == "f")
-    if data.size and not same:
-        raise LoomValueError(f"{where}: values of dtype {data.dtype} do not fit the layer's dtype {dtype} "
-                             "without change")
+    """New columns in the layer's stored dtype (see :func:`~loompy.format.cast_values`)."""
     if sp.issparse(matrix):
         out = matrix.copy()
-        out.data = converted
+        out.data = fmt.cast_values(matrix.data, dtype, where)
         return out.astype(dtype)
-    return converted
+    return fmt.cast_values(np.asarray(matrix), dtype, where)
 
 
 def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
@@ -148,21 +140,33 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     if journal:
         f.attrs[JOURNAL] = m
         f.flush()
-    for name, matrix in converted.items():
-        dataset = ds.layers[name]._dataset
-        engine.resize(dataset, m + n_new, axis=1)
-        engine.write_matrix(dataset, matrix, col_offset=m)
-        fmt.touch(dataset)
-    group = f.require_group(fmt.COL_ATTRS)
-    for name, values in combined.items():
-        _append_attr(group, name, values, m, where)
-    f.flush()
+    try:
+        for name, matrix in converted.items():
+            dataset = ds.layers[name]._dataset
+            engine.resize(dataset, m + n_new, axis=1)
+            engine.write_matrix(dataset, matrix, col_offset=m)
+            fmt.touch(dataset)
+        group = f.require_group(fmt.COL_ATTRS)
+        for name, values in combined.items():
+            _append_attr(group, name, values, m, where)
+        f.flush()
+    except BaseException:  # an I/O error, Ctrl-C: back to the old width (else the next r+ open does it)
+        if journal:
+            _roll_back(ds, m)
+        raise
     if journal:
         del f.attrs[JOURNAL]
     for name, values in new_row_attrs.items():
         ds.ra[name] = values
     f.flush()
     ds._dims.shape = (n, m + n_new)
+    ds.col_attrs._forget()
+
+
+def _roll_back(ds: Any, width: int) -> None:
+    """Undo a journalled append that failed while writing: the file and the connection back at ``width``."""
+    recover(ds._file)
+    ds._dims.shape = (ds.shape[0], width)
     ds.col_attrs._forget()
 
 
@@ -289,9 +293,7 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                             journal=not journal)
         except BaseException:
             if journal:  # back to the columns the file had
-                recover(ds._file)
-                ds._dims.shape = (ds.shape[0], m0)
-                ds.col_attrs._forget()
+                _roll_back(ds, m0)
             raise
         if journal:
             del ds._file.attrs[JOURNAL]
@@ -306,5 +308,6 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
 
 
 def refuse_if_pending_read_only(f: h5py.File, filename: str) -> None:
-    if pending_append(f) is not None and f.mode != "r+":
-        raise LoomFileError(f"{filename}: an append was interrupted; open with mode 'r+' once to roll it back")
+    if pending_append(f) is not None and not writable(f):
+        raise LoomFileError(f"{filename}: an append is unfinished (interrupted, or under way in another "
+                            "connection); open with mode 'r+' once to roll an interrupted one back")

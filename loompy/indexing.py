@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LoomIndexError, LoomTypeError, LoomValueError
+from .format import cast_values
 
 AXIS_NAMES = ("row", "column")
 
@@ -175,4 +176,4 @@ def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dty
         arr = arr[rows.last_occurrence]
     if cols.last_occurrence is not None:
         arr = arr[:, cols.last_occurrence]
-    return np.ascontiguousarray(arr, dtype=dtype)
+    return np.ascontiguousarray(cast_values(arr, dtype, where))

@@ -36,9 +36,10 @@ class SparseForms:
 class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
-    def __init__(self, name: str, dataset: h5py.Dataset) -> None:
+    def __init__(self, name: str, dataset: h5py.Dataset, file: h5py.File | None = None) -> None:
         self.name = name
         self._dataset = dataset
+        self._file = dataset.file if file is None else file  # the connection's handle: it knows the mode
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -75,7 +76,7 @@ class LoomLayer(SparseForms):
         return engine.read_block(self._dataset, rows, cols, out)
 
     def __setitem__(self, key: Any, values: Any) -> None:
-        check_writable(self._dataset.file, f"layer '{self.name}'")
+        check_writable(self._file, f"layer '{self.name}'")
         rows, cols = self._select(key)
         data = values_for_unique(values, rows, cols, self.dtype, self._where)
         engine.write_block(self._dataset, rows.unique, cols.unique, data)
@@ -144,7 +145,7 @@ class LayerManager(DotAccess, MutableMapping):
         dataset = self._dataset(name)
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        return LoomLayer(name, dataset)
+        return LoomLayer(name, dataset, self._file)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._dataset(name) is not None

@@ -46,6 +46,12 @@ def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, re
     return engine.read_block(dataset, other, batch, recycler.get((other.size, batch.size), dataset.dtype))
 
 
+def _nothing_writes(ds: Any) -> bool:
+    """Whether no one in this process can write the file while a scan reads ahead: HDF5 itself
+    opened it read-only (a connection asking for 'r' may share a file open for writing)."""
+    return ds._file.mode == "r"
+
+
 def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool) -> Iterator[Any]:
     """``build(item)`` for each item in turn. With ``ahead``, the next one is built on a helper
     thread while the caller works on this one (reading overlaps the caller's computing, and
@@ -105,7 +111,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers)
 
-    yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, ds.mode == "r")
+    yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, _nothing_writes(ds))
 
 
 def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -126,7 +132,7 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
         start, batch = item
         return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name]) for name, d in datasets.items()}
 
-    yield from _one_ahead(list(iter_batches(along, ds.shape[axis], batch_size)), build, ds.mode == "r")
+    yield from _one_ahead(list(iter_batches(along, ds.shape[axis], batch_size)), build, _nothing_writes(ds))
 
 
 def batch_scan(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,

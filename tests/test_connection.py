@@ -312,6 +312,38 @@ def test_a_legacy_global_attribute_hdf5_refuses_keeps_the_old_value(tmp_path):
         assert sorted(ds.attrs.keys()) == ["CreationDate", "LOOM_SPEC_VERSION", "description"]
 
 
+def test_a_read_only_connection_to_a_file_open_for_writing_stays_read_only(small):
+    """HDF5 gives a second opening of a file open for writing in this process that same writable
+    file; the 'r' connection still refuses to write, and leaves the writer's journal alone."""
+    path, m, *_ = small
+    with loompy.connect(path) as writer:
+        writer._file.attrs["loompy_append_from_columns"] = 8  # as in the middle of an append
+        with pytest.raises(loompy.LoomFileError, match="unfinished"):
+            loompy.connect(path, "r")
+        del writer._file.attrs["loompy_append_from_columns"]
+        with loompy.connect(path, "r") as reader:
+            assert reader.mode == "r" and writer.mode == "r+"
+            for write in (lambda: reader.__setitem__((0, 0), 5), lambda: reader.ca.__setitem__("X", np.ones(8)),
+                          lambda: reader.layers[""].__setitem__((0, 0), 5), lambda: reader.attrs.__setitem__("t", "x")):
+                with pytest.raises(loompy.LoomFileError, match="read-only"):
+                    write()
+            np.testing.assert_array_equal(reader[:, :], m)
+
+
+def test_assignments_refuse_values_the_layer_cannot_hold(small):
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        ds.layers["i8"] = np.zeros((5, 8), np.int8)
+        for value in (300, -1.5, np.nan):
+            with pytest.raises(loompy.LoomValueError, match="int8"):
+                ds.layers["i8"][0, 0] = value
+        ds.layers["i8"][0, :2] = [127, -128]
+        ds[0, :] = np.full(8, 0.1)  # float64 into float32: rounding is no change of value here
+        with pytest.raises(loompy.LoomValueError, match="float32"):
+            ds[1, 0] = 1e300  # would overflow to infinity
+        assert ds.layers["i8"][0, :3].tolist() == [127, -128, 0] and ds[0, 0] == np.float32(0.1)
+
+
 def test_reading_in_read_write_mode_changes_nothing(small):
     path, *_ = small
     before = digest(path)

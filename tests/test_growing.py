@@ -116,6 +116,32 @@ def test_add_loom_is_one_append_all_or_nothing(tmp_path, monkeypatch):
         np.testing.assert_array_equal(ds[:, :], np.hstack([counts, other.astype(np.int32)]))
 
 
+def test_add_columns_failing_while_written_takes_file_and_connection_back(tmp_path, monkeypatch):
+    counts = np.arange(20, dtype=np.float32).reshape(5, 4)
+    path = make(tmp_path / "a.loom", counts)
+    import importlib
+
+    growing = importlib.import_module("loompy.growing")
+    real, calls = growing.engine.write_matrix, []
+
+    def interrupt_second(*args, **kwargs):  # the second layer: the first is written already
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(growing.engine, "write_matrix", interrupt_second)
+    with loompy.connect(path) as ds:
+        with pytest.raises(KeyboardInterrupt):
+            ds.add_columns({"": np.ones((5, 3), np.float32), "x": np.ones((5, 3), np.int32)},
+                           {"CellID": ["a", "b", "c"], "N": [7, 8, 9]})
+        assert ds.shape == (5, 4) and ds[:, :].shape == (5, 4) and len(ds.ca.N) == 4
+    monkeypatch.undo()
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], counts)
+        np.testing.assert_array_equal(ds.layers["x"][:, :], (counts * 2).astype(np.int32))
+
+
 def test_combine_refuses_column_attributes_that_differ_in_kind(tmp_path):
     m = np.ones((4, 3), np.float32)
     a, b = (make(tmp_path / f"{x}.loom", m, cells=[f"{x}{j}" for j in range(3)]) for x in "ab")
