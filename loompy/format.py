@@ -332,19 +332,27 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
         if target in group:
             del group[target]
         raise LoomValueError(f"{where}: HDF5 cannot store values of dtype {values.dtype} ({exc})") from exc
-    if target != name:
-        del group[name]
-        group.move(target, name)
+    if target != name:  # swapped by renames: a full copy is under a name at every step
+        backup = _unused_name(group, name, "old")
+        group.move(name, backup)
+        try:
+            group.move(target, name)
+        except BaseException:
+            group.move(backup, name)
+            del group[target]
+            raise
+        del group[backup]
         ds = group[name]
     touch(ds, group)
     return ds
 
 
-def _unused_name(group: h5py.Group | h5py.AttributeManager, name: str) -> str:
+def _unused_name(group: h5py.Group | h5py.AttributeManager, name: str, kind: str = "new") -> str:
+    """A free name beside ``name`` for a value being swapped in or out (none a user would pick)."""
     k = 0
-    while f"{name}.new{k}" in group:
+    while f"{name}.loompy-{kind}{k}" in group:
         k += 1
-    return f"{name}.new{k}"
+    return f"{name}.loompy-{kind}{k}"
 
 
 def normalize_global(value: Any, name: str, filename: str = "") -> np.ndarray:

@@ -2,8 +2,11 @@
 
 An append validates all input first, then records the old column count in a root HDF5 attribute
 (the *journal*), flushes, writes layers and column attributes, flushes, and removes the journal.
-If the writer dies in between, :func:`recover` (run by ``connect``) finds the journal and cuts every
-layer and column attribute back to the old width: the file reopens exactly as before the append.
+A column attribute that cannot grow in place (another dtype, or not resizable) is rewritten, its
+old dataset kept aside in the root group ``loompy_before_append`` until the append is done. If the
+writer dies in between, :func:`recover` (run by ``connect``) finds the journal, puts the kept
+attributes back and cuts every layer and column attribute back to the old width: the file
+reopens as before the append. An append that fails while writing does the same itself.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from .create import _as_attr_dict, _as_layer_dict
 from .errors import LoomFileError, LoomKeyError, LoomValueError
 
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
+BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
 
 
 def pending_append(f: h5py.File) -> int | None:
@@ -43,6 +47,14 @@ def recover(f: h5py.File) -> int | None:
             if ds.shape[1] > width:
                 engine.resize(ds, width, axis=1)
         group = fmt.get_group(f, fmt.COL_ATTRS)
+        kept = fmt.get_group(f, BEFORE_APPEND)
+        if group is not None and kept is not None:  # attributes the append rewrote: the old ones back
+            for name in list(kept):
+                if name in group:
+                    del group[name]
+                f.move(f"{BEFORE_APPEND}/{name}", f"{fmt.COL_ATTRS}/{name}")
+        if kept is not None:
+            del f[BEFORE_APPEND]
         if group is not None:
             for ds in group.values():
                 if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
@@ -155,7 +167,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             _roll_back(ds, m)
         raise
     if journal:
-        del f.attrs[JOURNAL]
+        _commit(f)
     for name, values in new_row_attrs.items():
         ds.ra[name] = values
     f.flush()
@@ -205,8 +217,22 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, m: int, where
                            dtype=object).reshape(new.shape)
         dataset[m:] = new
         fmt.touch(dataset, group)
-    else:
+    else:  # rewritten (another dtype, or not resizable): the old one kept aside until the append is done
+        if name in group:
+            kept = group.file.require_group(BEFORE_APPEND)
+            if name in kept:  # rewritten by an earlier batch of this append already
+                del group[name]
+            else:
+                group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
         fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'")
+
+
+def _commit(f: h5py.File) -> None:
+    """End a journalled append: drop the column attributes kept aside, then the journal."""
+    if BEFORE_APPEND in f:
+        del f[BEFORE_APPEND]
+        f.flush()
+    del f.attrs[JOURNAL]
 
 
 def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any) -> None:
@@ -296,7 +322,7 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                 _roll_back(ds, m0)
             raise
         if journal:
-            del ds._file.attrs[JOURNAL]
+            _commit(ds._file)
             ds._file.flush()
     for name, g in graphs.items():
         mine = ds.col_graphs[name] if name in ds.col_graphs else sp.coo_matrix((m0, m0))

@@ -142,6 +142,38 @@ def test_add_columns_failing_while_written_takes_file_and_connection_back(tmp_pa
         np.testing.assert_array_equal(ds.layers["x"][:, :], (counts * 2).astype(np.int32))
 
 
+@pytest.mark.parametrize("dies", [False, True])
+def test_an_undone_append_restores_column_attributes_it_rewrote(tmp_path, monkeypatch, dies):
+    """An append that widens a column attribute's dtype rewrites it; undone (by the failing call,
+    or by the next r+ open after the writer died), the old one comes back as it was."""
+    import importlib
+
+    growing = importlib.import_module("loompy.growing")
+    counts = np.ones((5, 4), np.float32)
+    path = make(tmp_path / "a.loom", counts, extra={"": counts})
+    with loompy.connect(path) as ds:
+        ds.ca["Id"] = np.arange(4, dtype=np.int32)
+    real = growing._append_attr
+
+    def fail_after_id(group, name, *args):  # Id is rewritten (int32 to int64), then N fails
+        real(group, name, *args)
+        if name == "N":
+            raise OSError("disk full")
+
+    monkeypatch.setattr(growing, "_append_attr", fail_after_id)
+    if dies:  # nothing undone by the call itself: as if the process had been killed there
+        monkeypatch.setattr(growing, "_roll_back", lambda ds, width: None)
+    with loompy.connect(path) as ds:
+        with pytest.raises(OSError, match="disk full"):
+            ds.add_columns({"": np.ones((5, 2), np.float32)}, {"Id": np.array([2**40, 5]), "CellID": ["x", "y"],
+                                                                "N": [4, 5]})
+    monkeypatch.undo()
+    with loompy.connect(path) as ds:  # r+: rolls back what a dead writer left
+        assert ds.shape == (5, 4) and ds.ca.Id.dtype == np.int32 and list(ds.ca.Id) == [0, 1, 2, 3]
+        assert sorted(ds._file) == sorted(["attrs", "col_attrs", "col_graphs", "layers", "matrix", "row_attrs",
+                                           "row_graphs"])
+
+
 def test_combine_refuses_column_attributes_that_differ_in_kind(tmp_path):
     m = np.ones((4, 3), np.float32)
     a, b = (make(tmp_path / f"{x}.loom", m, cells=[f"{x}{j}" for j in range(3)]) for x in "ab")
