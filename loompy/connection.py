@@ -192,6 +192,10 @@ class LoomConnection:
     def _graph_manager(self, axis: int) -> GraphManager:
         return self.row_graphs if self._axis(axis) == 0 else self.col_graphs
 
+    def _check_open(self) -> None:
+        if not self._file:
+            raise LoomFileError(f"{self.filename}: the connection is closed")
+
     def _axis(self, axis: Any) -> int:
         if axis not in (0, 1) or isinstance(axis, bool):
             raise LoomValueError(f"{self.filename}: axis must be 0 (rows) or 1 (columns), got {axis!r}")

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from . import engine
 from . import format as fmt
 from .attributes import Dims, DotAccess, check_writable
-from .errors import LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
+from .errors import LoomFileError, LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -40,6 +40,7 @@ class LoomLayer(SparseForms):
         self.name = name
         self._dataset = dataset
         self._file = dataset.file if file is None else file  # the connection's handle: it knows the mode
+        self._filename = self._file.filename
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -62,10 +63,12 @@ class LoomLayer(SparseForms):
 
     @property
     def _where(self) -> str:
-        return f"{self._dataset.file.filename}: layer '{self.name}'"
+        return f"{self._filename}: layer '{self.name}'"
 
     def _select(self, key: Any) -> tuple[AxisSelection, AxisSelection]:
         """The selection ``key`` on this layer; errors name the file and layer."""
+        if not self._file:
+            raise LoomFileError(f"{self._where}: the connection is closed")
         try:
             return select(key, self.shape)
         except (LoomIndexError, LoomTypeError, LoomValueError) as exc:
@@ -73,6 +76,8 @@ class LoomLayer(SparseForms):
 
     def _read(self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The block at sorted, unique ``rows`` x ``cols``, into ``out`` when given."""
+        if not self._file:
+            raise LoomFileError(f"{self._where}: the connection is closed")
         return engine.read_block(self._dataset, rows, cols, out)
 
     def __setitem__(self, key: Any, values: Any) -> None:
@@ -120,6 +125,7 @@ class LayerManager(DotAccess, MutableMapping):
 
     def __init__(self, file: h5py.File, dims: Dims) -> None:
         object.__setattr__(self, "_file", file)
+        object.__setattr__(self, "_filename", file.filename)
         object.__setattr__(self, "_dims", dims)
 
     @property
@@ -142,6 +148,8 @@ class LayerManager(DotAccess, MutableMapping):
     def __getitem__(self, name: str) -> LoomLayer:
         if not isinstance(name, str):
             raise LoomTypeError(f"layer names are strings, got {type(name).__name__}")
+        if not self._file:
+            raise LoomFileError(f"{self._filename}: the connection is closed")
         dataset = self._dataset(name)
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")

@@ -49,7 +49,7 @@ def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, re
 def _nothing_writes(ds: Any) -> bool:
     """Whether no one in this process can write the file while a scan reads ahead: HDF5 itself
     opened it read-only (a connection asking for 'r' may share a file open for writing)."""
-    return ds._file.mode == "r"
+    return bool(ds._file) and ds._file.mode == "r"
 
 
 def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool) -> Iterator[Any]:
@@ -83,6 +83,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     attribute; ``layers`` and ``what`` restrict what each view carries. In a file open read-only,
     the next batch is read while the caller works on this one.
     """
+    ds._check_open()
     axis = ds._axis(axis)
     unknown = set(what) - set(WHAT_ALL)
     if unknown:
@@ -118,6 +119,7 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
                       layers: Iterable[str] | None = None) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
     """Yield ``(ix, selection, {layer: values})`` per batch of rows (axis 0) or columns (axis 1);
     read one batch ahead in a file open read-only, as :func:`scan`."""
+    ds._check_open()
     axis = ds._axis(axis)
     names = list(ds.layers.keys()) if layers is None else list(layers)
     datasets = {name: ds.layers[name]._dataset for name in names}
@@ -174,6 +176,7 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     every function is a numpy reduction (np.mean, np.std, np.sum, ...) over rows, no batch is
     held at all: the engine's worker threads reduce each chunk row as soon as it is read.
     """
+    ds._check_open()
     axis = ds._axis(axis)
     single = callable(f_list)
     functions = [f_list] if single else list(f_list)

@@ -344,6 +344,18 @@ def test_assignments_refuse_values_the_layer_cannot_hold(small):
         assert ds.layers["i8"][0, :3].tolist() == [127, -128, 0] and ds[0, 0] == np.float32(0.1)
 
 
+def test_a_closed_connection_says_so(small):
+    path, *_ = small
+    ds = loompy.connect(path, "r")
+    batches = ds.scan(axis=1, batch_size=2)
+    next(batches)
+    ds.close()
+    for use in (lambda: ds[:, :], lambda: next(batches), lambda: ds.map(np.sum), lambda: next(ds.scan(axis=0)),
+                lambda: ds.layers["x"], lambda: ds.sparse()):
+        with pytest.raises(loompy.LoomFileError, match="small.loom: the connection is closed"):
+            use()
+
+
 def test_reading_in_read_write_mode_changes_nothing(small):
     path, *_ = small
     before = digest(path)
