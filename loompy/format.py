@@ -464,6 +464,19 @@ def cast_values(values: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     return converted
 
 
+def check_fits(matrix: Any, dtype: np.dtype, where: str) -> None:
+    """Refuse, before anything is written, a dense or sparse matrix whose values ``dtype`` cannot hold
+    (see :func:`cast_values`); checked a strip at a time, so memory stays small."""
+    data = matrix.data if hasattr(matrix, "tocsc") else matrix
+    if np.can_cast(data.dtype, dtype, "safe"):
+        return
+    data = np.atleast_1d(data)
+    line = max(1, data[:1].size * data.dtype.itemsize)  # bytes per entry of the first axis
+    step = max(1, (16 << 20) // line)
+    for start in range(0, data.shape[0], step):
+        cast_values(data[start:start + step], dtype, where)
+
+
 def check_storage(chunks: Any, compression_opts: Any, chunk_cache: Any, where: str
                   ) -> tuple[tuple[int, int], int | None, float]:
     """How a new matrix is to be stored, checked before anything is written: chunks (two positive

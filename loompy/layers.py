@@ -212,6 +212,8 @@ class LayerManager(DotAccess, MutableMapping):
             raise LoomValueError(f"{where}: shape {shape} does not match the matrix shape {self._dims.shape}")
         if matrix is not None and not sp.issparse(matrix) and matrix.dtype.kind not in "biuf":
             raise LoomValueError(f"{where}: cannot store values of dtype {matrix.dtype} in a matrix")
+        if matrix is not None:
+            fmt.check_fits(matrix, target_dtype, where)
         existing = self._dataset(name)
         if existing is not None and existing.dtype == target_dtype and existing.shape == shape \
                 and existing.chunks == fmt.matrix_chunks(shape, chunks):

@@ -338,6 +338,12 @@ def test_assignments_refuse_values_the_layer_cannot_hold(small):
             with pytest.raises(loompy.LoomValueError, match="int8"):
                 ds.layers["i8"][0, 0] = value
         ds.layers["i8"][0, :2] = [127, -128]
+        for write in (lambda: ds.set_layer("big", np.full((5, 8), 300), dtype="int8"),
+                      lambda: ds.set_layer("i8", sp.csr_matrix(np.full((5, 8), 0.5)), dtype="int8"),
+                      lambda: loompy.create(path.parent / "n.loom", np.full((5, 8), -1), {}, {}, dtype="uint8")):
+            with pytest.raises(loompy.LoomValueError, match="int8"):
+                write()
+        assert "big" not in ds.layers and not (path.parent / "n.loom").exists()
         ds[0, :] = np.full(8, 0.1)  # float64 into float32: rounding is no change of value here
         with pytest.raises(loompy.LoomValueError, match="float32"):
             ds[1, 0] = 1e300  # would overflow to infinity
