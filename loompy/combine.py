@@ -250,7 +250,7 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     inverse[order] = np.arange(length)
     mode, f = ds.mode, ds._file
     n, m = ds.shape
-    with atomic_h5(ds.filename) as out:
+    with atomic_h5(ds._path) as out:
         for name in ds.layers.keys():
             src = ds.layers[name]._dataset
             group = out if name == "" else out.require_group(fmt.LAYERS)
@@ -288,7 +288,7 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
         fmt.touch(out[attr_group], out[graph_group])
         engine.forget_file(ds._file)
         ds._file.close()  # the rename replaces the file under this handle; reopen below
-    ds._file = h5py.File(ds.filename, mode)
+    ds._file = h5py.File(ds._path, mode)
     ds._open_managers()
 
 

@@ -46,6 +46,10 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
         raise LoomValueError(f"{path}: mode must be 'r' (read-only) or 'r+' (read/write), got {mode!r}")
     if not os.path.exists(path):
         raise LoomFileNotFoundError(errno.ENOENT, "no such Loom file", path)
+    if os.path.isdir(path):
+        raise LoomFileError(f"{path}: is a folder, not a Loom file")
+    if os.path.getsize(path) == 0:  # HDF5 would write a header into it when opening it for writing
+        raise LoomFileError(f"{path}: the file is empty, not a Loom file")
     kwargs: dict[str, Any] = {}
     if locking is not None:
         kwargs["locking"] = locking
@@ -80,6 +84,7 @@ class LoomConnection:
     def __init__(self, filename: str | os.PathLike, mode: str = "r+", *, validate: bool = True,
                  spec_version: str = fmt.CURRENT_SPEC, locking: bool | None = None) -> None:
         self.filename = os.fspath(filename)
+        self._path = os.path.abspath(self.filename)  # where whole-file rewrites go, whatever the cwd later
         self._file = open_h5(self.filename, mode, locking=locking)
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
             setattr(self._file, READ_ONLY, True)

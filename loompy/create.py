@@ -17,7 +17,7 @@ from . import engine
 from . import format as fmt
 from .attributes import AttributeManager
 from .connection import LoomConnection, connect
-from .errors import LoomFileNotFoundError, LoomTypeError, LoomValueError
+from .errors import LoomFileError, LoomFileNotFoundError, LoomTypeError, LoomValueError
 from .layers import LayerManager, LoomLayer
 
 
@@ -32,6 +32,8 @@ def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
     directory, base = os.path.split(path)
     if not os.path.isdir(directory):
         raise LoomFileNotFoundError(2, "the folder for the new Loom file does not exist", directory)
+    if os.path.isdir(path):
+        raise LoomFileError(f"{path}: is a folder; a Loom file cannot replace it")
     # HDF5 creates the file exclusively ("x"), so it gets the umask's permissions like any new file
     # (mkstemp would make it 0600); a file being replaced keeps its own
     tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.loom-tmp")

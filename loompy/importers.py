@@ -207,8 +207,10 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     if seed:
         loom_file, outdir = (outdir if loom_file is None else loom_file), None
         cell_id_prefix = "" if cell_id_prefix is None else cell_id_prefix
-    indir = Path(indir)
-    sample = (indir.parent.name if indir.name == "outs" else indir.name) or "sample"
+    indir = Path(indir).resolve()  # ".", ".." and trailing separators name the folder they mean
+    folder = indir.parent if indir.is_file() else indir  # a Cell Ranger .h5: its folder holds the output
+    named = indir.with_suffix("") if indir.is_file() else indir
+    sample = (named.parent.name if named.name == "outs" else named.name) or "sample"
     data = read_10x(indir, genome)
     prefix = f"{sample}:" if cell_id_prefix is None else cell_id_prefix
     cell_ids = np.array([prefix + b for b in data.barcodes], dtype=object)
@@ -223,7 +225,7 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     attrs = dict(file_attrs or {})
     if data.genome and "Genome" not in attrs:
         attrs["Genome"] = data.genome
-    target = Path(loom_file) if loom_file is not None else Path(outdir or indir) / f"{sample}.loom"
+    target = Path(loom_file) if loom_file is not None else Path(outdir or folder) / f"{sample}.loom"
     from .create import create
 
     create(target, matrix, data.row_attrs(), col_attrs, file_attrs=attrs).close()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import h5py
 import numpy as np
 
@@ -43,3 +46,12 @@ def test_info_import_and_validate(tmp_path, capsys):
     assert "error:" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "missing.loom")]) == 2
     assert "missing.loom" in capsys.readouterr().err
+
+
+def test_python_dash_m_runs_the_tool(tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "loompy", "--help"], capture_output=True, text=True,
+                            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(loompy.__file__).parents[1])})
+    assert result.returncode == 0 and "validate" in result.stdout

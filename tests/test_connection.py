@@ -362,6 +362,35 @@ def test_a_closed_connection_says_so(small):
             use()
 
 
+def test_paths_that_are_not_loom_files_are_refused_untouched(tmp_path):
+    empty = tmp_path / "empty.loom"
+    empty.write_bytes(b"")
+    folder = tmp_path / "folder.loom"
+    folder.mkdir()
+    for path in (empty, folder):
+        for mode in ("r", "r+"):
+            with pytest.raises(loompy.LoomFileError):
+                loompy.connect(path, mode)
+    assert empty.read_bytes() == b""
+    with pytest.raises(loompy.LoomFileError, match="folder"):
+        loompy.create(folder, np.ones((2, 2)), {}, {})
+    assert folder.is_dir() and not list(tmp_path.glob(".*loom-tmp"))
+
+
+def test_permute_rewrites_the_file_opened_whatever_the_working_directory(small, tmp_path, monkeypatch):
+    path, m, *_ = small
+    monkeypatch.chdir(path.parent)
+    ds = loompy.connect(path.name)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ds.permute(np.arange(8)[::-1], axis=1)
+    ds.close()
+    assert not (elsewhere / path.name).exists()
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], m[:, ::-1])
+
+
 def test_reading_in_read_write_mode_changes_nothing(small):
     path, *_ = small
     before = digest(path)

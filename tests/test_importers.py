@@ -142,3 +142,19 @@ def test_same_values_as_reference_importer(tmp_path, reference):
         np.testing.assert_array_equal(ds[:, :], np.array(ref["m"]))
         assert list(ds.ca.CellID) == ref["cells"] and list(ds.ra.Gene) == ref["genes"]
         assert list(ds.ra.Accession) == ref["acc"] and ds.attrs.Genome == ref["genome"]
+
+
+def test_cellranger_sample_name_comes_from_the_folder_meant(tmp_path, monkeypatch):
+    """'.' and '..' name the folder they mean; a .h5 file's stem names it, and the file goes beside it."""
+    sample = tmp_path / "donor7"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
+    monkeypatch.chdir(sample / "outs")
+    path = loompy.create_from_cellranger(".", str(tmp_path))
+    assert path == str(tmp_path / "donor7.loom")
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.CellID[0].startswith("donor7:")
+    shutil.copy(CR3 / "filtered_feature_bc_matrix.h5", tmp_path / "run3.h5")
+    path = loompy.create_from_cellranger(tmp_path / "run3.h5")
+    assert path == str(tmp_path / "run3.loom")
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (507, 1107) and ds.ca.CellID[0].startswith("run3:")
