@@ -14,14 +14,30 @@ from .attributes import AXIS_LABELS, Dims, DotAccess, check_writable
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 
 
-def _vertices(raw: np.ndarray, where: str) -> np.ndarray:
-    """Vertex indices as int64; some writers (R) store them as floats."""
-    if raw.dtype.kind == "f":
-        as_int = raw.astype(np.int64)
-        if not np.array_equal(as_int, raw):
-            raise LoomFormatError(f"{where}: vertex indices are not whole numbers")
-        return as_int
-    return raw.astype(np.int64, copy=False)
+def read_edges(g: h5py.Group, n: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """A stored graph's (from, to, weight) arrays and what is wrong with them (empty when readable).
+
+    Vertex indices come back as int64: some writers (R) store them as whole floats. ``n``: the
+    number of vertices, to check indices against (None: unchecked).
+    """
+    parts = {k: g.get(k) for k in ("a", "b", "w")}
+    if not all(isinstance(parts[k], h5py.Dataset) for k in "ab"):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), ["its 'a' or 'b' is not a dataset"]
+    values = {k: np.asarray(v[()]) for k, v in parts.items() if isinstance(v, h5py.Dataset)}
+    a, b = values["a"], values["b"]
+    w = values.get("w", np.ones(a.shape, dtype=np.float64))
+    problems = []
+    if not all(x.ndim == 1 for x in (a, b, w)) or not a.shape == b.shape == w.shape:
+        problems.append(f"a, b, w must be 1-D and of equal length (shapes {a.shape}, {b.shape}, {w.shape})")
+    elif a.dtype.kind not in "iuf" or b.dtype.kind not in "iuf" or w.dtype.kind not in "biuf":
+        problems.append(f"a, b, w must be numbers (dtypes {a.dtype}, {b.dtype}, {w.dtype})")
+    elif not (np.array_equal(a, np.round(a)) and np.array_equal(b, np.round(b))):
+        problems.append("vertex indices are not whole numbers")
+    elif n is not None and a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
+        problems.append(f"vertex indices outside [0, {n})")
+    if problems:
+        return a, b, w, problems
+    return a.astype(np.int64), b.astype(np.int64), w, []
 
 
 class GraphManager(DotAccess, MutableMapping):
@@ -64,12 +80,10 @@ class GraphManager(DotAccess, MutableMapping):
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         if self._file is None:
             return self._memory[name]
-        g = self._group[name]
-        where = f"{self._where} '{name}'"
-        a = _vertices(g["a"][...], where)
-        b = _vertices(g["b"][...], where)
-        w = g["w"][...] if "w" in g else np.ones(a.size, dtype=np.float64)
         n = self._dims.shape[self.axis]
+        a, b, w, problems = read_edges(self._group[name], n)
+        if problems:
+            raise LoomFormatError(f"{self._where} '{name}': " + "; ".join(problems))
         return sp.coo_matrix((w, (a, b)), shape=(n, n))
 
     def __setitem__(self, name: str, graph: Any) -> None:

@@ -287,8 +287,9 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
         labels_all = ds.ca[group_by]
     else:
         labels_all = np.asarray(group_by)
-        if labels_all.shape != (ds.shape[1],):
-            raise LoomValueError(f"{where}: group_by must give one label per column ({ds.shape[1]})")
+    if labels_all.shape != (ds.shape[1],):
+        raise LoomValueError(f"{where}: group_by must give one label per column ({ds.shape[1]}), "
+                             f"got shape {labels_all.shape}")
     cols = _items(select, ds.shape[1], 1)
     labels = labels_all[cols]
     groups, inverse = np.unique(labels, return_inverse=True)

@@ -7,11 +7,13 @@
 from __future__ import annotations
 
 import os
+import re
 
 import h5py
-import numpy as np
 
 from . import format as fmt
+from .errors import LoomValueError
+from .graphs import read_edges
 
 _CONVENTIONAL_ROW_ATTRS = ("Gene", "Accession")
 _CONVENTIONAL_COL_ATTRS = ("CellID",)
@@ -34,11 +36,19 @@ def _attr_problems(f: h5py.File, group_name: str, length: int | None) -> list[st
     return problems
 
 
+def _empty(f: h5py.File) -> bool:
+    """A Loom file with no matrix yet (as ``new()`` makes it): its groups, but no layer or attribute."""
+    groups = [fmt.get_group(f, name) for name in (fmt.LAYERS, *fmt.ATTR_GROUPS)]
+    return all(g is not None and not any(isinstance(v, h5py.Dataset) for v in g.values()) for g in groups)
+
+
 def check_structure(f: h5py.File) -> list[str]:
     """Problems that would make the file unreadable as Loom (names and shapes only; cheap)."""
     problems: list[str] = []
     matrix = f.get(fmt.MATRIX)
     shape: tuple[int, ...] | None = None
+    if matrix is None and not _empty(f):
+        return ["no /matrix, and not an empty Loom file either (as new() makes one)"]
     if matrix is not None:
         if not isinstance(matrix, h5py.Dataset) or matrix.ndim != 2:
             return ["/matrix is not a two-dimensional dataset"]
@@ -77,14 +87,18 @@ class LoomValidator:
     def validate(self, path: str | os.PathLike, strictness: str = "speconly") -> bool:
         """True when the file has no errors. ``strictness``: ``"speconly"`` or ``"conventions"``."""
         if strictness not in ("speconly", "conventions"):
-            raise ValueError(f"strictness must be 'speconly' or 'conventions', got {strictness!r}")
+            raise LoomValueError(f"strictness must be 'speconly' or 'conventions', got {strictness!r}")
         self.errors, self.warnings, self.summary = [], [], []
         path = os.fspath(path)
         try:
             f = h5py.File(path, "r")
         except OSError as exc:
-            self.errors.append(f"{path}: cannot be opened as an HDF5 file ({exc})")
-            return False
+            try:  # locked by a writer elsewhere: the file can still be read for a report
+                f = h5py.File(path, "r", locking=False)
+                self.warnings.append(f"{path}: another process holds the file's lock; read without it")
+            except OSError:
+                self.errors.append(f"{path}: cannot be opened as an HDF5 file ({exc})")
+                return False
         with f:
             self._check(f)
             if strictness == "conventions":
@@ -102,6 +116,10 @@ class LoomValidator:
         self.summary.append(f"spec version: {found}")
         if found.text is None:
             self.warnings.append("no LOOM_SPEC_VERSION: treated as a file older than spec 2.0")
+        elif not re.fullmatch(r"\d+\.\d+\.\d+", found.text):
+            self.errors.append(f"LOOM_SPEC_VERSION {found.text!r} is not a version (major.minor.patch)")
+        elif found.major > fmt.SpecVersion(fmt.CURRENT_SPEC).major:
+            self.warnings.append(f"LOOM_SPEC_VERSION {found.text} is newer than this library's {fmt.CURRENT_SPEC}")
         if self.version and found.text and found.text != self.version:
             self.warnings.append(f"file declares spec {found.text}, validating against {self.version}")
         for name in fmt.GROUPS:
@@ -111,17 +129,19 @@ class LoomValidator:
                 alt = name in fmt.GRAPH_GROUPS and fmt.graph_group_name(f, fmt.GRAPH_GROUPS.index(name)) != name
                 message = f"group /{name} is missing" + (" (the loompy 1 name is used instead)" if alt else "")
                 (self.warnings if spec.is_legacy else self.errors).append(message)
-        if fmt.MATRIX not in f:
-            self.errors.append("/matrix is missing")
+        if fmt.MATRIX not in f and _empty(f):  # otherwise check_structure reports it
+            self.warnings.append("no /matrix yet: an empty file, as new() makes it")
         self.errors += check_structure(f)
         matrix = f.get(fmt.MATRIX)
-        if isinstance(matrix, h5py.Dataset):
+        if not isinstance(matrix, h5py.Dataset) or matrix.ndim != 2:
+            matrix = None  # check_structure has said why
+        if matrix is not None:
             self.summary.append(f"matrix: shape {matrix.shape}, dtype {matrix.dtype}, chunks {matrix.chunks}")
             self._check_matrix("/matrix", matrix)
         layers = f.get(fmt.LAYERS)
         if isinstance(layers, h5py.Group):
             for name, obj in layers.items():
-                if isinstance(obj, h5py.Dataset):
+                if isinstance(obj, h5py.Dataset) and obj.ndim == 2:
                     self._check_matrix(f"/layers/{name}", obj)
                     self.summary.append(f"layer '{name}': dtype {obj.dtype}")
         for group_name in fmt.ATTR_GROUPS:
@@ -135,7 +155,7 @@ class LoomValidator:
                 else:
                     self.warnings.append(f"/{group_name}/{name} is a group, not an attribute dataset (kept, not read)")
         for axis in (0, 1):
-            self._check_graphs(f, axis, matrix.shape[axis] if isinstance(matrix, h5py.Dataset) else None)
+            self._check_graphs(f, axis, matrix.shape[axis] if matrix is not None else None)
 
     def _check_matrix(self, path: str, ds: h5py.Dataset) -> None:
         if ds.dtype not in fmt.MATRIX_DTYPES:
@@ -161,16 +181,12 @@ class LoomValidator:
         if not isinstance(group, h5py.Group):
             return
         for g in group.values():
-            if not isinstance(g, h5py.Group) or not {"a", "b"} <= set(g.keys()):
-                continue
-            a, b = g["a"][...], g["b"][...]
-            if a.dtype.kind == "f" or b.dtype.kind == "f":
-                if not (np.array_equal(a, np.round(a)) and np.array_equal(b, np.round(b))):
-                    self.errors.append(f"graph {g.name}: vertex indices are not whole numbers")
-                    continue
+            if not isinstance(g, h5py.Group) or not all(isinstance(g.get(k), h5py.Dataset) for k in "ab"):
+                continue  # check_structure reports these
+            a, b, _, problems = read_edges(g, n)
+            self.errors += [f"graph {g.name}: {problem}" for problem in problems]
+            if not problems and (g["a"].dtype.kind == "f" or g["b"].dtype.kind == "f"):
                 self.warnings.append(f"graph {g.name}: vertex indices are stored as floats")
-            if n is not None and a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
-                self.errors.append(f"graph {g.name}: vertex indices outside [0, {n})")
             self.summary.append(f"graph {g.name}: {a.size} edges")
 
     # --------------------------------------------------------------- conventions
@@ -182,7 +198,8 @@ class LoomValidator:
         if not col_names & set(_CONVENTIONAL_COL_ATTRS):
             self.warnings.append("no column attribute 'CellID' (conventional name for cells)")
         for name in set(_CONVENTIONAL_ROW_ATTRS) & row_names:
-            if f[fmt.ROW_ATTRS][name].dtype.kind not in "SO":
+            obj = f[fmt.ROW_ATTRS][name]
+            if isinstance(obj, h5py.Dataset) and obj.dtype.kind not in "SO":
                 self.warnings.append(f"row attribute '{name}' is conventionally a string")
         matrix = f.get(fmt.MATRIX)
         if isinstance(matrix, h5py.Dataset) and matrix.chunks and matrix.chunks != fmt.matrix_chunks(matrix.shape):

@@ -570,3 +570,59 @@ def test_validator(small, tmp_path):
     assert not v.validate(bad)
     joined = " ".join(v.errors)
     assert "complex" in joined and "vertex" in joined and "/attrs" in joined
+
+
+def test_validator_reports_broken_files_instead_of_failing(tmp_path):
+    """Each broken file gets errors, never an exception; connect agrees, and a bad graph read says why."""
+    def write(name, build):
+        path = tmp_path / f"{name}.loom"
+        with h5py.File(path, "w") as f:
+            for group in ("row_attrs", "col_attrs", "layers", "row_graphs", "col_graphs", "attrs"):
+                f.create_group(group)
+            f["attrs/LOOM_SPEC_VERSION"] = "3.0.0"
+            f["matrix"] = np.zeros((3, 4), np.float32)
+            build(f)
+        return path
+
+    def graph(parts):
+        def build(f):
+            for key, value in parts.items():
+                f[f"col_graphs/g/{key}"] = value
+        return build
+
+    def replace(path, value):
+        def build(f):
+            del f[path]
+            f[path] = value
+        return build
+
+    def version(text):
+        def build(f):
+            del f["attrs/LOOM_SPEC_VERSION"]
+            f["attrs/LOOM_SPEC_VERSION"] = text
+        return build
+
+    broken = {
+        "matrix_1d": (replace("matrix", np.zeros(3)), "two-dimensional"),
+        "graph_a_group": (lambda f: (f.create_group("col_graphs/g/a"), f.__setitem__("col_graphs/g/b", [0])), "'a'"),
+        "graph_text": (graph({"a": [0], "b": [1], "w": np.array([b"x"])}), "numbers"),
+        "graph_scalars": (graph({"a": 0, "b": 1, "w": 1.0}), "1-D"),
+        "graph_range": (graph({"a": [0, 7], "b": [1, 1], "w": [1.0, 1.0]}), "outside"),
+        "version_text": (version("abc"), "not a version"),
+        "not_loom": (lambda f: [f.__delitem__(k) for k in list(f)], "not an empty Loom file"),
+    }
+    for name, (build, expected) in broken.items():
+        path = write(name, build)
+        for strictness in ("speconly", "conventions"):
+            v = loompy.LoomValidator()
+            assert not v.validate(path, strictness=strictness), name
+            assert any(expected in e for e in v.errors), (name, v.errors)
+        if name.startswith("graph") and name != "graph_a_group":  # that one connect refuses outright
+            with loompy.connect(path, "r") as ds, pytest.raises(loompy.LoomFormatError, match="graph 'g'"):
+                ds.col_graphs["g"]
+    with pytest.raises(loompy.LoomValueError):
+        loompy.LoomValidator().validate(write("fine", lambda f: None), strictness="strict")
+    empty = tmp_path / "new.loom"
+    loompy.new(empty).close()
+    v = loompy.LoomValidator()
+    assert v.validate(empty) and any("new()" in w for w in v.warnings)

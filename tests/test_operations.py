@@ -187,6 +187,8 @@ def test_aggregate_writes_a_file(dataset, tmp_path):
             ds.aggregate(aggr_by="bogus")
         with pytest.raises(KeyError):
             ds.aggregate(group_by="Nope")
+        with pytest.raises(loompy.LoomValueError, match="one label per column"):
+            ds.aggregate(group_by=np.zeros((300, 2)))
     labels = ca["Clusters"][keep]
     expected = np.stack([m[:, keep][:, labels == g].sum(axis=1) for g in np.unique(labels)], axis=1)
     np.testing.assert_allclose(mat, expected)
