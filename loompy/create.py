@@ -103,8 +103,7 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
         if wanted is matrix.dtype and wanted.kind == "b":  # booleans are stored as uint8
             wanted = np.uint8
         dtypes[name] = fmt.check_matrix_dtype(wanted, lw)
-        if not isinstance(matrix, LoomLayer):
-            fmt.check_fits(matrix, dtypes[name], lw)
+        fmt.check_fits(matrix, dtypes[name], lw)
     rows = {name: fmt.normalize_values(v, f"{where}: row attribute '{name}'", shape[0])
             for name, v in _as_attr_dict(row_attrs, where).items()}
     cols = {name: fmt.normalize_values(v, f"{where}: column attribute '{name}'", shape[1])

@@ -448,33 +448,50 @@ def check_matrix_dtype(dtype: Any, where: str) -> np.dtype:
 
 def cast_values(values: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     """``values`` in a matrix's stored ``dtype``, refusing any cast that would change them beyond
-    rounding: integers must fit, floats stored as integers must be whole, floats may round to a
-    narrower float but not overflow to infinity."""
+    float rounding: integers must be in the integer dtype's range, floats stored as integers must
+    be whole and in range, and nothing finite may become infinite."""
+    dtype = np.dtype(dtype)
     if np.can_cast(values.dtype, dtype, "safe"):
         return values.astype(dtype, copy=False)
     with np.errstate(all="ignore"):
         converted = values.astype(dtype)
-        if values.dtype.kind in "f" and dtype.kind == "f":
-            same = np.array_equal(np.isfinite(converted), np.isfinite(values))
+        if values.size == 0:
+            same = True
+        elif dtype.kind == "f":  # rounding is fine; overflowing to infinity is not
+            same = np.array_equal(np.isfinite(converted), np.isfinite(values)) if values.dtype.kind == "f" \
+                else bool(np.isfinite(converted).all())
         else:
-            same = np.array_equal(converted.astype(values.dtype), values, equal_nan=values.dtype.kind == "f")
-    if values.size and not same:
+            info = np.iinfo(dtype)
+            whole = values.dtype.kind != "f" or bool(np.isfinite(values).all() and (values == np.round(values)).all())
+            # the range by Python integers (exact), then the round trip (float bounds round)
+            same = whole and int(values.min()) >= info.min and int(values.max()) <= info.max and \
+                np.array_equal(converted.astype(values.dtype), values)
+    if not same:
         raise LoomValueError(f"{where}: values of dtype {values.dtype} do not fit the layer's dtype {dtype} "
                              "without change")
     return converted
 
 
 def check_fits(matrix: Any, dtype: np.dtype, where: str) -> None:
-    """Refuse, before anything is written, a dense or sparse matrix whose values ``dtype`` cannot hold
-    (see :func:`cast_values`); checked a strip at a time, so memory stays small."""
-    data = matrix.data if hasattr(matrix, "tocsc") else matrix
-    if np.can_cast(data.dtype, dtype, "safe"):
+    """Refuse, before anything is written, a dense or sparse matrix (or a layer of another file)
+    whose values ``dtype`` cannot hold (see :func:`cast_values`); sparse entries are summed as
+    they will be stored, dense values checked a strip of rows at a time."""
+    if hasattr(matrix, "tocsc"):  # scipy.sparse: repeated entries add up before they are stored
+        if np.can_cast(matrix.dtype, dtype, "safe"):
+            return
+        summed = matrix.tocsr(copy=True)
+        summed.sum_duplicates()
+        cast_values(summed.data, dtype, where)
         return
-    data = np.atleast_1d(data)
-    line = max(1, data[:1].size * data.dtype.itemsize)  # bytes per entry of the first axis
+    if np.can_cast(matrix.dtype, dtype, "safe"):
+        return
+    if np.ndim(matrix) < 2:
+        cast_values(np.atleast_1d(np.asarray(matrix)), dtype, where)
+        return
+    line = max(1, int(np.prod(matrix.shape[1:])) * np.dtype(matrix.dtype).itemsize)
     step = max(1, (16 << 20) // line)
-    for start in range(0, data.shape[0], step):
-        cast_values(data[start:start + step], dtype, where)
+    for start in range(0, matrix.shape[0], step):
+        cast_values(np.asarray(matrix[start:start + step]), dtype, where)
 
 
 def check_storage(chunks: Any, compression_opts: Any, chunk_cache: Any, where: str

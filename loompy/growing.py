@@ -26,6 +26,7 @@ from .errors import LoomFileError, LoomKeyError, LoomValueError
 
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
+ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
 
 
 def pending_append(f: h5py.File) -> int | None:
@@ -53,6 +54,9 @@ def recover(f: h5py.File) -> int | None:
                 if name in group:
                     del group[name]
                 f.move(f"{BEFORE_APPEND}/{name}", f"{fmt.COL_ATTRS}/{name}")
+            for name in kept.attrs.get(ADDED, []):  # and those it created: gone
+                if name in group:
+                    del group[name]
         if kept is not None:
             del f[BEFORE_APPEND]
         if group is not None:
@@ -80,7 +84,7 @@ def auto_fill(values: np.ndarray) -> Any:
 
 
 def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: str) -> np.ndarray:
-    if fill_values == "auto":
+    if isinstance(fill_values, str) and fill_values == "auto":
         fill = auto_fill(existing)
     elif isinstance(fill_values, Mapping) and name in fill_values:
         fill = fill_values[name]
@@ -88,6 +92,19 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
         raise LoomValueError(f"{where}: column attribute '{name}' has no values for the new columns "
                              "(supply it, or pass fill_values={name: value} or fill_values='auto')")
     shape = (n,) + existing.shape[1:]
+    what = f"{where}: column attribute '{name}'"
+    if existing.dtype.names is not None:  # compound: "auto" is zeros (and "" in text fields)
+        if isinstance(fill_values, str) and fill_values == "auto":
+            out = np.zeros(shape, existing.dtype)
+            for field in existing.dtype.names:
+                if existing.dtype.fields[field][0].kind == "O":
+                    out[field] = ""
+            return out
+        try:
+            return np.full(shape, np.array(fill, dtype=existing.dtype), dtype=existing.dtype)
+        except (TypeError, ValueError) as exc:
+            raise LoomValueError(f"{what} holds {existing.dtype} values; its fill value {fill!r} is not one "
+                                 "of them") from exc
     if existing.dtype == object:
         if not isinstance(fill, str):
             raise LoomValueError(f"{where}: column attribute '{name}' holds text; its fill value must be a "
@@ -104,8 +121,9 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
 def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
     """New columns in the layer's stored dtype (see :func:`~loompy.format.cast_values`)."""
     if sp.issparse(matrix):
-        out = matrix.copy()
-        out.data = fmt.cast_values(matrix.data, dtype, where)
+        out = matrix.tocsr(copy=True)
+        out.sum_duplicates()  # repeated entries add up before they are stored: check the sums
+        out.data = fmt.cast_values(out.data, dtype, where)
         return out.astype(dtype)
     return fmt.cast_values(np.asarray(matrix), dtype, where)
 
@@ -218,12 +236,15 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, m: int, where
         dataset[m:] = new
         fmt.touch(dataset, group)
     else:  # rewritten (another dtype, or not resizable): the old one kept aside until the append is done
+        kept = group.file.require_group(BEFORE_APPEND)
         if name in group:
-            kept = group.file.require_group(BEFORE_APPEND)
             if name in kept:  # rewritten by an earlier batch of this append already
                 del group[name]
             else:
                 group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
+        elif name not in kept.attrs.get(ADDED, []):  # new: noted first, so that a rollback removes it
+            kept.attrs[ADDED] = [*kept.attrs.get(ADDED, []), name]
+            group.file.flush()
         fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'")
 
 

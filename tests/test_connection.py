@@ -344,6 +344,19 @@ def test_assignments_refuse_values_the_layer_cannot_hold(small):
             with pytest.raises(loompy.LoomValueError, match="int8"):
                 write()
         assert "big" not in ds.layers and not (path.parent / "n.loom").exists()
+        ds.layers["u16"] = np.zeros((5, 8), np.uint16)
+        twice = sp.coo_matrix((np.array([200, 200]), ([0, 0], [0, 0])), shape=(5, 8))  # 400 once summed
+        for write in (lambda: ds.layers["u16"].__setitem__((0, slice(0, 1)), np.array([-1], np.int16)),  # same width
+                      lambda: ds.layers["i8"].__setitem__((0, slice(0, 1)), np.array([200], np.uint8)),
+                      lambda: ds.set_layer("dup", twice, dtype="uint8")):
+            with pytest.raises(loompy.LoomValueError, match="int"):
+                write()
+        ds.layers["u16"][0, :2] = np.array([65535, 0], np.int64)  # at the limits: fine
+        with pytest.raises(loompy.LoomValueError, match="int8"):  # another file's layer, read to check it
+            loompy.create(path.parent / "l.loom", ds.layers["u16"], {}, {}, dtype="int8")
+        ds.layers["f32"] = np.zeros((5, 8), np.float32)
+        ds.layers["f32"][0, 0] = np.int64(16777217)  # an integer float32 rounds: as float64 would
+        assert ds.layers["u16"][0, 0] == 65535 and ds.layers["f32"][0, 0] == np.float32(16777216)
         ds[0, :] = np.full(8, 0.1)  # float64 into float32: rounding is no change of value here
         with pytest.raises(loompy.LoomValueError, match="float32"):
             ds[1, 0] = 1e300  # would overflow to infinity
@@ -389,6 +402,17 @@ def test_permute_rewrites_the_file_opened_whatever_the_working_directory(small, 
     assert not (elsewhere / path.name).exists()
     with loompy.connect(path, "r") as ds:
         np.testing.assert_array_equal(ds[:, :], m[:, ::-1])
+
+
+def test_an_attribute_keeps_the_values_given_not_the_callers_array(small):
+    path, *_ = small
+    with loompy.connect(path) as ds:
+        mine = np.arange(5)
+        ds.ra.x = mine
+        mine[:] = 9
+        assert list(ds.ra.x) == [0, 1, 2, 3, 4]
+        ds.permute(np.arange(5)[::-1], axis=0)
+        assert list(ds.ra.x) == [4, 3, 2, 1, 0]
 
 
 def test_reading_in_read_write_mode_changes_nothing(small):

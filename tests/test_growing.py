@@ -174,6 +174,44 @@ def test_an_undone_append_restores_column_attributes_it_rewrote(tmp_path, monkey
                                            "row_graphs"])
 
 
+def test_an_undone_append_removes_column_attributes_it_created(tmp_path, monkeypatch):
+    import importlib
+
+    growing = importlib.import_module("loompy.growing")
+    counts = np.ones((5, 4), np.float32)
+    path = make(tmp_path / "a.loom", counts, extra={"": counts})
+    real = growing._append_attr
+
+    def fail_after_batch(group, name, *args):
+        real(group, name, *args)
+        if name == "batch":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(growing, "_append_attr", fail_after_batch)
+    with loompy.connect(path) as ds:
+        with pytest.raises(KeyboardInterrupt):
+            ds.add_columns({"": np.ones((5, 2), np.float32)}, {"batch": [2, 2], "CellID": ["x", "y"], "N": [4, 5]},
+                           fill_values={"batch": 1})
+        assert "batch" not in ds.ca.keys()
+    monkeypatch.undo()
+    with loompy.connect(path, "r") as ds:
+        assert sorted(ds.ca.keys()) == ["CellID", "N"] and ds.shape == (5, 4)
+
+
+def test_auto_fill_of_a_compound_column_attribute(tmp_path):
+    counts = np.ones((5, 3), np.float32)
+    path = make(tmp_path / "a.loom", counts, extra={"": counts})
+    with loompy.connect(path) as ds:
+        xy = np.zeros(3, dtype=[("x", "f8"), ("y", "f8")])
+        xy["x"] = [1, 2, 3]
+        ds.ca["Embedding"] = xy
+        ds.add_columns({"": np.ones((5, 2), np.float32)}, {"CellID": ["x", "y"], "N": [3, 4]}, fill_values="auto")
+        assert ds.ca.Embedding["x"].tolist() == [1, 2, 3, 0, 0] and ds.ca.Embedding.dtype == xy.dtype
+        with pytest.raises(loompy.LoomValueError, match="Embedding"):
+            ds.add_columns({"": np.ones((5, 1), np.float32)}, {"CellID": ["z"], "N": [5]},
+                           fill_values={"Embedding": "none"})
+
+
 def test_combine_refuses_column_attributes_that_differ_in_kind(tmp_path):
     m = np.ones((4, 3), np.float32)
     a, b = (make(tmp_path / f"{x}.loom", m, cells=[f"{x}{j}" for j in range(3)]) for x in "ab")
