@@ -121,7 +121,9 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
 def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
     """New columns in the layer's stored dtype (see :func:`~loompy.format.cast_values`)."""
     if sp.issparse(matrix):
-        out = matrix.tocsr(copy=True)
+        if np.can_cast(matrix.dtype, dtype, "safe"):
+            return matrix  # the engine stores it in the layer's dtype as it goes
+        out = matrix.tocsc(copy=True)
         out.sum_duplicates()  # repeated entries add up before they are stored: check the sums
         out.data = fmt.cast_values(out.data, dtype, where)
         return out.astype(dtype)
