@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import h5py
 import numpy as np
 
-from .errors import LoomTypeError, LoomValueError
+from .errors import LoomFileError, LoomTypeError, LoomValueError
 
 # ----------------------------------------------------------------------------- paths
 MATRIX = "matrix"
@@ -107,6 +107,8 @@ def _scalar_text(value: Any) -> str:
 
 def get_group(f: h5py.File, name: str) -> h5py.Group | None:
     """The group at ``name``, or None when the file has none there (or something else)."""
+    if not f:
+        raise LoomFileError("the connection is closed")
     group = f.get(name)
     return group if isinstance(group, h5py.Group) else None
 
@@ -286,7 +288,7 @@ def _check_storable_text(texts: np.ndarray, where: str) -> None:
             encode_one(text, where)
 
 
-def _storable(arr: np.ndarray, where: str) -> tuple[np.ndarray, np.dtype]:
+def storable(arr: np.ndarray, where: str) -> tuple[np.ndarray, np.dtype]:
     """The array h5py writes for normalized values, and its HDF5 dtype: text as UTF-8 variable-length
     strings, also inside compound values."""
     if arr.dtype.kind == "O":
@@ -298,14 +300,14 @@ def _storable(arr: np.ndarray, where: str) -> tuple[np.ndarray, np.dtype]:
         dtype = np.dtype([(n, STRING_DTYPE if k.kind == "O" else k) for n, k in kinds.items()])
         data = np.empty(arr.shape, dtype=dtype)
         for name, kind in kinds.items():
-            data[name] = _storable(arr[name], where)[0] if kind.kind == "O" else arr[name]
+            data[name] = storable(arr[name], where)[0] if kind.kind == "O" else arr[name]
         return data, dtype
     return arr, arr.dtype
 
 
 def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable: bool, where: str) -> h5py.Dataset:
     """(Re)write a dataset holding normalized attribute values, in place when shape and dtype allow."""
-    data, dtype = _storable(values, where)
+    data, dtype = storable(values, where)
     existing = group.get(name)
     if isinstance(existing, h5py.Dataset) and existing.shape == data.shape and existing.dtype == dtype:
         if data.shape == ():
@@ -322,7 +324,7 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
         else:
             maxshape = (None,) + data.shape[1:] if resizable else None
             chunks = (max(1, min(len(data), 4096)),) + data.shape[1:] if data.ndim else None
-            if 0 in data.shape[1:]:
+            if 0 in data.shape[1:] or (len(data) == 0 and not resizable):
                 chunks, maxshape = None, None
             ds = group.create_dataset(
                 target, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
@@ -372,7 +374,7 @@ def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> 
         write_values(f[GLOBAL_ATTRS], name, value, resizable=False, where=f"global attribute '{name}'")
         return
     where = f"{f.filename}: global attribute '{name}'"
-    data, dtype = _storable(value, where)
+    data, dtype = storable(value, where)
     if dtype.kind != "O" and data.nbytes > ATTRIBUTE_BYTES:
         raise LoomValueError(f"{where}: {data.nbytes} bytes is more than an HDF5 attribute of this file holds "
                              f"({ATTRIBUTE_BYTES})")
@@ -451,6 +453,8 @@ def cast_values(values: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
     float rounding: integers must be in the integer dtype's range, floats stored as integers must
     be whole and in range, and nothing finite may become infinite."""
     dtype = np.dtype(dtype)
+    if values.dtype.kind not in "biuf":
+        raise LoomValueError(f"{where}: cannot store values of dtype {values.dtype} in a matrix")
     if np.can_cast(values.dtype, dtype, "safe"):
         return values.astype(dtype, copy=False)
     with np.errstate(all="ignore"):

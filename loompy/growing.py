@@ -41,6 +41,9 @@ def recover(f: h5py.File) -> int | None:
     In read-only mode nothing is written; the caller presents the committed width instead.
     """
     width = pending_append(f)
+    if width is None and writable(f) and BEFORE_APPEND in f:  # what a finished append kept aside
+        del f[BEFORE_APPEND]
+        f.flush()
     if width is None or not writable(f):
         return width
     try:
@@ -111,10 +114,13 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
                                  f"string, got {fill!r}")
         return fmt.normalize_values(np.full(shape, fill, dtype=object), f"{where}: column attribute '{name}'")
     value = np.asarray(fill)
-    same = value.dtype.kind in "biuf" and value.ndim == 0 and value.astype(existing.dtype) == value
-    if not same:
-        raise LoomValueError(f"{where}: column attribute '{name}' holds {existing.dtype} values; its fill value "
-                             f"{fill!r} is not one of them")
+    refused = LoomValueError(f"{what} holds {existing.dtype} values; its fill value {fill!r} is not one of them")
+    if value.dtype.kind not in "biuf" or value.ndim != 0:
+        raise refused
+    try:
+        value = fmt.cast_values(value.reshape(1), existing.dtype, what)[0]
+    except LoomValueError:
+        raise refused from None
     return np.full(shape, value, dtype=existing.dtype)
 
 
@@ -168,6 +174,9 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     combined = _column_attrs(ds, col_attrs, n_new, fill_values)
     new_row_attrs = {k: fmt.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in _as_attr_dict(row_attrs, where).items()}
+    for name in [*new_row_attrs, *combined]:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise LoomValueError(f"{where}: attribute name {name!r} is invalid (a non-empty string without '/')")
     # everything is valid: write, journalled
     if journal:
         f.attrs[JOURNAL] = m
@@ -188,11 +197,11 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         raise
     if journal:
         _commit(f)
+    ds._dims.shape = (n, m + n_new)  # the columns are in: the connection says so before anything else
+    ds.col_attrs._forget()
     for name, values in new_row_attrs.items():
         ds.ra[name] = values
     f.flush()
-    ds._dims.shape = (n, m + n_new)
-    ds.col_attrs._forget()
 
 
 def _roll_back(ds: Any, width: int) -> None:
@@ -217,10 +226,24 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any) -> dict
         what = f"{where}: column attribute '{name}': new values ({values.dtype}, shape {values.shape[1:]})"
         if (old.dtype == object) != (values.dtype == object) or old.shape[1:] != values.shape[1:]:
             raise LoomValueError(f"{what} do not match the stored ones ({old.dtype}, {old.shape[1:]})")
+        if old.dtype != values.dtype and old.dtype.kind in "biuf" and values.dtype.kind in "biuf":
+            try:  # in the stored dtype when they fit it: nothing stored changes
+                values = fmt.cast_values(values, old.dtype, what)
+            except LoomValueError:
+                pass
         try:
-            combined[name] = np.concatenate([old, values])
+            joined = np.concatenate([old, values])
         except (TypeError, ValueError) as exc:  # compound values with other fields, say
             raise LoomValueError(f"{what} cannot follow the stored ones ({old.dtype}): {exc}") from exc
+        if joined.dtype != old.dtype and old.dtype.kind in "biuf":  # promoted: the stored values must survive
+            try:
+                fmt.cast_values(joined[:m], old.dtype, what)
+                same = np.array_equal(joined[:m].astype(old.dtype), old, equal_nan=old.dtype.kind == "f")
+            except LoomValueError:
+                same = False
+            if not same:
+                raise LoomValueError(f"{what} would change the stored {old.dtype} values (as {joined.dtype})")
+        combined[name] = joined
     return combined
 
 
@@ -231,11 +254,7 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, m: int, where
     if stored_ok and (values.dtype == object) == (dataset.dtype.kind == "O") and \
             (values.dtype == object or np.can_cast(values.dtype, dataset.dtype, "safe")):
         dataset.resize(len(values), axis=0)
-        new = values[m:]
-        if new.dtype == object:
-            new = np.array([fmt.encode_one(s, f"{where}: column attribute '{name}'") for s in new.ravel()],
-                           dtype=object).reshape(new.shape)
-        dataset[m:] = new
+        dataset[m:] = fmt.storable(values[m:], f"{where}: column attribute '{name}'")[0]
         fmt.touch(dataset, group)
     else:  # rewritten (another dtype, or not resizable): the old one kept aside until the append is done
         kept = group.file.require_group(BEFORE_APPEND)
@@ -251,11 +270,11 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, m: int, where
 
 
 def _commit(f: h5py.File) -> None:
-    """End a journalled append: drop the column attributes kept aside, then the journal."""
-    if BEFORE_APPEND in f:
-        del f[BEFORE_APPEND]
-        f.flush()
+    """End a journalled append: drop the journal (the append is then done), then what it kept aside."""
     del f.attrs[JOURNAL]
+    f.flush()
+    if BEFORE_APPEND in f:  # a kill right here leaves it behind: recover() drops it
+        del f[BEFORE_APPEND]
 
 
 def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any) -> None:

@@ -371,6 +371,7 @@ def _as_text(values: np.ndarray) -> list[str]:
 # --------------------------------------------------------------------------- change tracking
 def last_modified(ds: Any, name: str | None = None, axis: int = 0) -> str:
     """When the file (or, with ``name``, that row/column attribute) was last written (``YYYYmmddTHHMMSS.ffffffZ``)."""
+    ds._check_open()
     f = ds._file
     if name is None:
         obj = f

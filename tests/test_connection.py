@@ -373,6 +373,10 @@ def test_a_closed_connection_says_so(small):
                 lambda: ds.layers["x"], lambda: ds.sparse()):
         with pytest.raises(loompy.LoomFileError, match="small.loom: the connection is closed"):
             use()
+    for use in (lambda: ds.layers.keys(), lambda: ds.row_graphs.keys(), lambda: ds.last_modified(),
+                lambda: ds.view[:, :]):
+        with pytest.raises(loompy.LoomFileError, match="the connection is closed"):
+            use()
 
 
 def test_paths_that_are_not_loom_files_are_refused_untouched(tmp_path):
@@ -413,6 +417,14 @@ def test_an_attribute_keeps_the_values_given_not_the_callers_array(small):
         assert list(ds.ra.x) == [0, 1, 2, 3, 4]
         ds.permute(np.arange(5)[::-1], axis=0)
         assert list(ds.ra.x) == [4, 3, 2, 1, 0]
+
+
+def test_empty_global_attributes_are_stored(small):
+    path, *_ = small
+    with loompy.connect(path) as ds:
+        ds.attrs["none_yet"] = np.zeros(0)
+    with loompy.connect(path, "r") as ds:
+        assert ds.attrs.none_yet.shape == (0,)
 
 
 def test_reading_in_read_write_mode_changes_nothing(small):

@@ -198,6 +198,59 @@ def test_an_undone_append_removes_column_attributes_it_created(tmp_path, monkeyp
         assert sorted(ds.ca.keys()) == ["CellID", "N"] and ds.shape == (5, 4)
 
 
+def test_appends_keep_stored_values_and_check_everything_first(tmp_path):
+    counts = np.ones((5, 2), np.float32)
+    path = make(tmp_path / "a.loom", counts, extra={"": counts})
+    with loompy.connect(path) as ds:
+        ds.ca["Big"] = np.array([2**53 + 1, 7], np.int64)
+        ds.ca["F"] = np.array([1.5, 2.5], np.float32)
+    before = digest(path)
+    cols = {"CellID": ["x"], "N": [3], "F": [0.5]}
+    bad = [({"Big": np.array([2**63], np.uint64), **cols}, None, {}),  # int64 + uint64 would be float64
+           ({"Big": [1.5], **cols}, None, {}),
+           ({"Big": [1], **cols}, None, {"bad/name": np.arange(5)}),  # a row attribute's name
+           ({"Big": [1], **cols}, "complex", {})]  # complex values: the imaginary part would be lost
+    for attrs, layer, row_attrs in bad:
+        values = np.ones((5, 1), np.complex128) if layer else np.ones((5, 1), np.float32)
+        with loompy.connect(path) as ds, pytest.raises(loompy.LoomValueError):
+            ds.add_columns({"": values}, attrs, row_attrs=row_attrs)
+        assert digest(path) == before
+    with loompy.connect(path) as ds:
+        ds.add_columns({"": np.ones((5, 1), np.float32)}, {"Big": np.array([9], np.uint64), **cols},
+                       fill_values={"F": np.nan})
+        assert ds.ca.Big.dtype == np.int64 and ds.ca.Big.tolist() == [2**53 + 1, 7, 9]
+        ds.add_columns({"": np.ones((5, 1), np.float32)}, {"Big": [10], "CellID": ["y"], "N": [4]},
+                       fill_values={"F": 0.1})  # rounds into float32, as a write would
+        assert ds.ca.F[-1] == np.float32(0.1)
+
+
+def test_a_writer_killed_after_its_commit_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Killed after the journal is gone but before what the append kept aside is dropped: the next
+    r+ open drops it, and the append stands."""
+    import importlib
+
+    growing = importlib.import_module("loompy.growing")
+    counts = np.ones((5, 2), np.float32)
+    path = make(tmp_path / "a.loom", counts, extra={"": counts})
+    with loompy.connect(path) as ds:
+        ds.ca["Small"] = np.array([1, 2], np.int16)
+
+    def commit_then_die(f):
+        del f.attrs[growing.JOURNAL]
+        f.flush()
+        raise SystemExit  # stands in for the kill: nothing after this runs
+
+    monkeypatch.setattr(growing, "_commit", commit_then_die)
+    with loompy.connect(path) as ds, pytest.raises(SystemExit):
+        ds.add_columns({"": np.ones((5, 1), np.float32)}, {"Small": [100000], "CellID": ["x"], "N": [3]})
+    monkeypatch.undo()
+    with h5py.File(path, "r") as f:
+        assert growing.BEFORE_APPEND in f  # left behind by the "kill"
+    with loompy.connect(path) as ds:
+        assert ds.shape == (5, 3) and ds.ca.Small.tolist() == [1, 2, 100000]
+        assert growing.BEFORE_APPEND not in ds._file
+
+
 def test_auto_fill_of_a_compound_column_attribute(tmp_path):
     counts = np.ones((5, 3), np.float32)
     path = make(tmp_path / "a.loom", counts, extra={"": counts})
