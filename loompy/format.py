@@ -537,7 +537,8 @@ def create_matrix(
     shape = (int(shape[0]), int(shape[1]))
     compression = None if compression_opts is None else "gzip"
     ds = group.create_dataset(
-        name, shape=shape, dtype=dtype, chunks=matrix_chunks(shape, chunks), maxshape=(shape[0], None),
+        # (HDF5 has no chunk that fits a fixed dimension of 0: a matrix with no rows may grow them)
+        name, shape=shape, dtype=dtype, chunks=matrix_chunks(shape, chunks), maxshape=(shape[0] or None, None),
         compression=compression, compression_opts=compression_opts, fillvalue=0,
         rdcc_nbytes=int(chunk_cache) * 1024 * 1024,
     )

@@ -419,6 +419,14 @@ def test_an_attribute_keeps_the_values_given_not_the_callers_array(small):
         assert list(ds.ra.x) == [4, 3, 2, 1, 0]
 
 
+def test_a_matrix_with_no_rows(tmp_path):
+    with loompy.create(tmp_path / "z.loom", np.zeros((0, 3), np.float32), {}, {"c": np.arange(3)}) as ds:
+        assert ds.shape == (0, 3) and ds[:, :].shape == (0, 3) and ds.sparse().nnz == 0
+        ds.add_columns(np.zeros((0, 2), np.float32), {"c": [3, 4]})
+        assert ds.shape == (0, 5) and list(ds.ca.c) == [0, 1, 2, 3, 4]
+    assert loompy.LoomValidator().validate(tmp_path / "z.loom")
+
+
 def test_empty_global_attributes_are_stored(small):
     path, *_ = small
     with loompy.connect(path) as ds:
