@@ -20,7 +20,7 @@ from .attributes import check_writable
 from .connection import LoomConnection, connect
 from .create import atomic_h5
 from .errors import LoomFileNotFoundError, LoomValueError
-from .growing import align_rows
+from .growing import align_rows, differing_globals, per_column
 from .indexing import select_axis
 
 
@@ -85,12 +85,16 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         # each layer holds every input's values unchanged: the dtype numpy would concatenate them in
         dtypes = {name: fmt.check_matrix_dtype(np.result_type(*(c.layers[name]._dataset.dtype for c in conns)),
                                                f"combine: layer '{name}'") for name in names}
+        converted = differing_globals(conns) if convert_attrs else {}
+        converted = {k: v for k, v in converted.items() if k not in col_attrs}
+        for k, values in converted.items():  # file attributes that differ become column attributes, as in loompy 3
+            col_attrs[k] = per_column(values, [len(sel) for sel in cols], f"combine: column attribute '{k}'")
         globals_ = {k: fmt.normalize_global(v, k) for k, v in (file_attrs or {}).items()}
         n = first.shape[0]
         with atomic_h5(output_file) as out:
             fmt.init_file(out)
             for k in (first.attrs.keys() if file_attrs is None else []):
-                if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY):
+                if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted:
                     fmt.write_global(out, k, fmt.normalize_global(first.attrs[k], k), in_group=True)
             for k, v in globals_.items():
                 fmt.write_global(out, k, v, in_group=True)

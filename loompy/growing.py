@@ -137,7 +137,7 @@ def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
 
 
 def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
-                journal: bool = True) -> None:
+                journal: bool = True, convert_attrs: bool = False) -> None:
     """Append columns: every existing layer must be given; column attributes must cover every existing one
     (or be filled by ``fill_values``: a dict, or ``"auto"`` for 0 / ""). On an empty file from ``new()``
     the first call defines the rows (and ``row_attrs``). ``journal=False``: the caller keeps the
@@ -171,7 +171,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             raise LoomValueError(f"{where}: layer '{name}' was stored with at most {limit} columns, so it cannot "
                                  "grow; loompy.combine writes a copy with these columns added")
         converted[name] = _lossless(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")
-    combined = _column_attrs(ds, col_attrs, n_new, fill_values)
+    combined = _column_attrs(ds, col_attrs, n_new, fill_values, convert_attrs)
     new_row_attrs = {k: fmt.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in _as_attr_dict(row_attrs, where).items()}
     for name in [*new_row_attrs, *combined]:
@@ -204,6 +204,30 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     f.flush()
 
 
+def differing_globals(conns: list[Any]) -> dict[str, list[Any]]:
+    """Global attributes whose (single) value differs between the files, or that some files lack:
+    name -> value per file (None where missing). ``convert_attrs`` makes them column attributes."""
+    skip = {fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY, fmt.LAST_MODIFIED}
+    names = sorted({k for c in conns for k in c.attrs.keys()} - skip)
+    out = {}
+    for name in names:
+        values = [c.attrs[name] if name in c.attrs else None for c in conns]
+        if any(v is not None and np.ndim(v) > 0 for v in values):
+            continue  # arrays stay global attributes (the first file's)
+        if len({repr(v) for v in values}) > 1:
+            out[name] = values
+    return out
+
+
+def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
+    """One file-level value per file, repeated for each of its columns: numbers when all are numbers,
+    else text ("" where a file had none)."""
+    if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
+        return np.concatenate([np.full(w, v) for v, w in zip(values, widths)])
+    texts = ["" if v is None else str(v) for v in values]
+    return fmt.normalize_values(np.concatenate([np.full(w, t, dtype=object) for t, w in zip(texts, widths)]), where)
+
+
 def _roll_back(ds: Any, width: int) -> None:
     """Undo a journalled append that failed while writing: the file and the connection back at ``width``."""
     recover(ds._file)
@@ -211,9 +235,11 @@ def _roll_back(ds: Any, width: int) -> None:
     ds.col_attrs._forget()
 
 
-def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any) -> dict[str, np.ndarray]:
+def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert_attrs: bool = False
+                  ) -> dict[str, np.ndarray]:
     """Every column attribute after appending ``n_new`` columns (old values, then new or filled
-    ones), checked against what is stored."""
+    ones), checked against what is stored; with ``convert_attrs``, one that is text on either
+    side becomes text on both."""
     where, m = ds.filename, ds.shape[1]
     new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
                  for k, v in _as_attr_dict(col_attrs, where).items()}
@@ -223,6 +249,8 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any) -> dict
     combined = {}
     for name, values in new_attrs.items():
         old = ds.ca[name] if name in ds.ca else _fill_for(name, values, fill_values, m, where)
+        if convert_attrs and (old.dtype == object) != (values.dtype == object):
+            old, values = (fmt.normalize_values(x.astype(str), where) for x in (old, values))
         what = f"{where}: column attribute '{name}': new values ({values.dtype}, shape {values.shape[1:]})"
         if (old.dtype == object) != (values.dtype == object) or old.shape[1:] != values.shape[1:]:
             raise LoomValueError(f"{what} do not match the stored ones ({old.dtype}, {old.shape[1:]})")
@@ -336,15 +364,24 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
             raise LoomValueError(f"{other.filename}: lacks layers {missing} that {ds.filename} has")
         names = ds.layers.keys() if "" in ds.layers else other.layers.keys()
         attrs = other.ca.to_dict()
-        if convert_attrs:
-            attrs = {k: (v.astype(str).astype(object) if k in ds.ca and ds.ca[k].dtype == object else v)
-                     for k, v in attrs.items()}
+
         graphs = {g: other.col_graphs[g] for g in other.col_graphs.keys()} if include_graphs else {}
         m0 = ds.shape[1]
+        converted = differing_globals([ds, other]) if convert_attrs and "" in ds.layers else {}
+        converted = {k: v for k, v in converted.items() if k not in ds.ca and k not in attrs}
+        if converted:  # file attributes that differ become column attributes, as in loompy 3
+            fills = dict(fill_values) if isinstance(fill_values, Mapping) else {}
+            if isinstance(fill_values, str) and fill_values == "auto":
+                fills = {k: auto_fill(ds.ca[k]) for k in ds.ca.keys()}
+                fills.update({k: auto_fill(v) for k, v in attrs.items()})
+            for name, (mine, theirs) in converted.items():
+                both = per_column([mine, theirs], [m0, other.shape[1]], f"{ds.filename}: column attribute '{name}'")
+                attrs[name], fills[name] = both[m0:], both[0] if m0 else auto_fill(both)
+            fill_values = fills
         rows = np.arange(other.shape[0]) if order is None else order
         batches = [slice(a, min(other.shape[1], a + batch_size)) for a in range(0, other.shape[1], batch_size)]
         if "" in ds.layers:  # an empty file takes the first batch as it comes
-            _column_attrs(ds, attrs, other.shape[1], fill_values)
+            _column_attrs(ds, attrs, other.shape[1], fill_values, convert_attrs)
             for name in names:  # values a cast could change are read once to check them all
                 mine, theirs = ds.layers[name].dtype, other.layers[name].dtype
                 if not np.can_cast(theirs, mine, "safe"):
@@ -358,7 +395,7 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
             for cols in batches:
                 block = {name: other.layers[name][rows, cols] for name in names}
                 add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values,
-                            journal=not journal)
+                            journal=not journal, convert_attrs=convert_attrs)
         except BaseException:
             if journal:  # back to the columns the file had
                 _roll_back(ds, m0)
@@ -366,6 +403,9 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
         if journal:
             _commit(ds._file)
             ds._file.flush()
+        for name in converted:  # now a column attribute: the file-level value no longer holds for every column
+            if name in ds.attrs:
+                del ds.attrs[name]
     for name, g in graphs.items():
         mine = ds.col_graphs[name] if name in ds.col_graphs else sp.coo_matrix((m0, m0))
         total = ds.shape[1]

@@ -88,8 +88,8 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     unknown = set(what) - set(WHAT_ALL)
     if unknown:
         raise LoomValueError(f"{ds.filename}: scan(what=...) got unknown parts {sorted(unknown)}")
-    names = list(ds.layers.keys()) if layers is None else list(layers)
-    for name in names:
+    names = list(ds.layers.keys()) if layers is None else [layers] if isinstance(layers, str) else list(layers)
+    for name in names:  # (a single name, "" among them, is that layer alone, as in loompy 3)
         if name not in ds.layers:
             raise LoomKeyError(f"{ds.filename}: layer '{name}' does not exist")
     length, other_length = ds.shape[axis], ds.shape[1 - axis]
@@ -393,17 +393,14 @@ def get_changes_since(ds: Any, timestamp: str) -> dict[str, list[str]]:
     parts = (("row_graphs", fmt.graph_group_name(f, 0)), ("col_graphs", fmt.graph_group_name(f, 1)),
              ("row_attrs", fmt.ROW_ATTRS), ("col_attrs", fmt.COL_ATTRS), ("layers", fmt.LAYERS),
              ("attrs", fmt.GLOBAL_ATTRS))
+    def changed(obj: Any) -> bool:
+        stamp = obj.attrs.get(fmt.LAST_MODIFIED)  # text, or bytes from other writers
+        return stamp is not None and str(fmt.decode_one(stamp) if isinstance(stamp, bytes) else stamp) > timestamp
+
     for label, group_name in parts:
         group = f.get(group_name)
-        names = []
-        if group is not None:
-            for key, obj in group.items():
-                stamp = obj.attrs.get(fmt.LAST_MODIFIED)
-                if stamp is not None and str(fmt.decode_one(stamp) if isinstance(stamp, bytes) else stamp) > timestamp:
-                    names.append(key)
-        changes[label] = names
+        changes[label] = [key for key, obj in group.items() if changed(obj)] if group is not None else []
     matrix = f.get(fmt.MATRIX)
-    stamp = matrix.attrs.get(fmt.LAST_MODIFIED) if matrix is not None else None
-    if stamp is not None and str(stamp) > timestamp:
+    if matrix is not None and changed(matrix):
         changes["layers"].insert(0, "")
     return changes

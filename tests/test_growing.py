@@ -251,6 +251,29 @@ def test_a_writer_killed_after_its_commit_leaves_nothing_behind(tmp_path, monkey
         assert growing.BEFORE_APPEND not in ds._file
 
 
+def test_convert_attrs_makes_differing_file_attributes_column_attributes(tmp_path):
+    """As in loompy 3: a file attribute that differs between the inputs becomes a column attribute
+    (one value per column, from its file); equal ones stay file attributes. Text on one side and
+    numbers on the other is text on both, in combine and add_loom alike."""
+    m = np.ones((4, 3), np.float32)
+    a = make(tmp_path / "a.loom", m, cells=["a0", "a1", "a2"])
+    b = make(tmp_path / "b.loom", m[:, :2], cells=["b0", "b1"])
+    for path, sample, dose, batch in ((a, "s1", 1.5, [1.0, 2.0, 3.0]), (b, "s2", 3, ["x", "y"])):
+        with loompy.connect(path) as ds:
+            ds.attrs.SampleID, ds.attrs.Dose, ds.attrs.Same = sample, dose, "kept"
+            ds.ca.Batch = np.array(batch)
+    out = tmp_path / "ab.loom"
+    loompy.combine([a, b], out, convert_attrs=True)
+    with loompy.connect(out, "r") as ds:
+        assert list(ds.ca.SampleID) == ["s1"] * 3 + ["s2"] * 2 and list(ds.ca.Dose) == [1.5] * 3 + [3.0] * 2
+        assert list(ds.ca.Batch) == ["1.0", "2.0", "3.0", "x", "y"]
+        assert ds.attrs.Same == "kept" and "SampleID" not in ds.attrs
+    with loompy.connect(a) as ds:
+        ds.add_loom(b, convert_attrs=True)
+        assert list(ds.ca.SampleID) == ["s1"] * 3 + ["s2"] * 2 and list(ds.ca.Batch) == ["1.0", "2.0", "3.0", "x", "y"]
+        assert ds.attrs.Same == "kept" and "SampleID" not in ds.attrs
+
+
 def test_auto_fill_of_a_compound_column_attribute(tmp_path):
     counts = np.ones((5, 3), np.float32)
     path = make(tmp_path / "a.loom", counts, extra={"": counts})

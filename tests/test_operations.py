@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 
+import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -213,6 +214,26 @@ def test_export_tab(dataset, tmp_path):
     first = lines[n_ca + 1].split("\t")
     assert first[0] == "g0" and [float(v) for v in first[n_ra + 1:]] == m[0].tolist()
     assert len(lines) == n_ca + 1 + 130
+
+
+def test_scan_of_one_layer_by_name(dataset):
+    """layers="" (a single name) is the main matrix alone, as in loompy 3."""
+    path, m, *_ = dataset
+    with loompy.connect(path, "r") as ds:
+        for _, selection, view in ds.scan(axis=1, layers="", batch_size=100):
+            assert view.layers.keys() == [""]
+            np.testing.assert_array_equal(view[:, :], m[:, selection])
+
+
+def test_changes_with_stamps_other_writers_store_as_bytes(tmp_path):
+    path = tmp_path / "b.loom"
+    loompy.create(path, np.ones((3, 2)), {"G": np.arange(3)}, {"C": np.arange(2)}).close()
+    with h5py.File(path, "r+") as f:
+        for name in ("matrix", "row_attrs/G"):
+            f[name].attrs["last_modified"] = np.bytes_("20000101T000000.000000Z")
+    with loompy.connect(path, "r") as ds:
+        changes = ds.get_changes_since("20100101T000000.000000Z")
+        assert changes["layers"] == [] and changes["row_attrs"] == []
 
 
 def test_export_writes_float32_as_numpy_prints_it(tmp_path):
