@@ -20,7 +20,7 @@ from .attributes import check_writable
 from .connection import LoomConnection, connect
 from .create import atomic_h5
 from .errors import LoomFileNotFoundError, LoomValueError
-from .growing import align_rows, differing_globals, per_column
+from .growing import align_rows, differing_globals, join_values, per_column
 from .indexing import select_axis
 
 
@@ -61,7 +61,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         attr_names = [k for k in first.ca.keys() if k not in skip]
         cols = []
         for i, c in enumerate(conns):
-            lacking = [n for n in names if n not in c.layers] + [a for a in attr_names if a not in c.ca]
+            lacking = [n for n in names if n not in c.layers] + \
+                [a for a in attr_names if a not in c.ca and not (convert_attrs and a in c.attrs)]
             if lacking:
                 raise LoomValueError(f"{c.filename}: lacks {lacking}, which {first.filename} has")
             sel = None if selections is None or selections[i] is None else selections[i]
@@ -69,26 +70,27 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                         else np.arange(c.shape[1], dtype=np.int64))
         total = int(sum(len(c) for c in cols))
         col_attrs = {}
+        def column_values(c: LoomConnection, a: str, sel: np.ndarray) -> np.ndarray:
+            """A file's values of column attribute ``a``: its own, else (convert_attrs) its file attribute."""
+            if a in c.ca:
+                return fmt.normalize_values(c.ca[a][sel], f"{c.filename}: column attribute '{a}'")
+            return per_column([c.attrs[a] if a in c.attrs else None], [len(sel)], f"{c.filename}: attribute '{a}'")
+
         for a in attr_names:
-            parts = [fmt.normalize_values(c.ca[a][sel], f"{c.filename}: column attribute '{a}'")
-                     for c, sel in zip(conns, cols)]
-            if len({p.dtype == object for p in parts}) > 1:
-                if not convert_attrs:
-                    raise LoomValueError(f"combine: column attribute '{a}' is text in some files and numbers in "
-                                         "others (pass convert_attrs=True to store it as text)")
-                parts = [p if p.dtype == object else p.astype(str).astype(object) for p in parts]
-            try:
-                col_attrs[a] = np.concatenate(parts)
-            except (TypeError, ValueError) as exc:  # other shapes or compound fields
-                kinds = ", ".join(f"{c.filename}: {p.dtype} {p.shape[1:]}" for c, p in zip(conns, parts))
-                raise LoomValueError(f"combine: column attribute '{a}' differs between the files ({kinds})") from exc
+            parts = [column_values(c, a, sel) for c, sel in zip(conns, cols)]
+            if len({p.dtype == object for p in parts}) > 1 and not convert_attrs:
+                raise LoomValueError(f"combine: column attribute '{a}' is text in some files and numbers in "
+                                     "others (pass convert_attrs=True to store it as text)")
+            col_attrs[a] = join_values(parts, f"combine: column attribute '{a}'", convert_attrs)
         # each layer holds every input's values unchanged: the dtype numpy would concatenate them in
         dtypes = {name: fmt.check_matrix_dtype(np.result_type(*(c.layers[name]._dataset.dtype for c in conns)),
                                                f"combine: layer '{name}'") for name in names}
         converted = differing_globals(conns) if convert_attrs else {}
         converted = {k: v for k, v in converted.items() if k not in col_attrs}
-        for k, values in converted.items():  # file attributes that differ become column attributes, as in loompy 3
-            col_attrs[k] = per_column(values, [len(sel) for sel in cols], f"combine: column attribute '{k}'")
+        for k in converted:  # file attributes that differ become column attributes, as in loompy 3
+            parts = [column_values(c, k, sel) for c, sel in zip(conns, cols)]
+            col_attrs[k] = join_values(parts, f"combine: column attribute '{k}'", True)
+        converted.update({k: None for k in attr_names if any(k not in c.ca for c in conns)})
         globals_ = {k: fmt.normalize_global(v, k) for k, v in (file_attrs or {}).items()}
         n = first.shape[0]
         with atomic_h5(output_file) as out:

@@ -464,6 +464,8 @@ def cast_values(values: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
         elif dtype.kind == "f":  # rounding is fine; overflowing to infinity is not
             same = np.array_equal(np.isfinite(converted), np.isfinite(values)) if values.dtype.kind == "f" \
                 else bool(np.isfinite(converted).all())
+        elif dtype.kind == "b":  # booleans hold 0 and 1 only
+            same = bool(np.isin(values, (0, 1)).all())
         else:
             info = np.iinfo(dtype)
             whole = values.dtype.kind != "f" or bool(np.isfinite(values).all() and (values == np.round(values)).all())

@@ -204,6 +204,53 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     f.flush()
 
 
+def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False) -> np.ndarray:
+    """Column attribute values of several sources, one after the other, with no value changed:
+    each part is taken in the first one's dtype when it fits it, else the parts are promoted only
+    if every value survives. With ``convert_attrs``, text in any part makes all of them text."""
+    kinds = {p.dtype == object for p in parts}
+    if len(kinds) > 1 and convert_attrs and all(p.dtype.names is None for p in parts):
+        parts = [fmt.normalize_values(p.astype(str), where) for p in parts]
+    first = parts[0]
+    for p in parts[1:]:
+        if (p.dtype == object) != (first.dtype == object) or p.shape[1:] != first.shape[1:]:
+            raise LoomValueError(f"{where}: values of {p.dtype}, shape {p.shape[1:]}, do not match the "
+                                 f"others ({first.dtype}, {first.shape[1:]})")
+    if first.dtype.kind in "biuf":  # in the first part's dtype when they fit it: nothing changes
+        fitted = []
+        for p in parts:
+            try:
+                fitted.append(fmt.cast_values(p, first.dtype, where) if p.dtype.kind in "biuf" else p)
+            except LoomValueError:
+                fitted.append(p)
+        parts = fitted
+    try:
+        joined = np.concatenate(parts)
+    except (TypeError, ValueError) as exc:  # compound values with other fields, say
+        raise LoomValueError(f"{where}: values of {', '.join(str(p.dtype) for p in parts)} cannot be joined "
+                             f"({exc})") from exc
+    at = 0
+    for p in parts:  # a promotion (int64 with uint64 gives float64) must keep every value
+        if p.dtype != joined.dtype and not _same_values(joined[at:at + len(p)], p):
+            raise LoomValueError(f"{where}: joining {p.dtype} values with the others as {joined.dtype} would "
+                                 "change them")
+        at += len(p)
+    return joined
+
+
+def _same_values(part: np.ndarray, given: np.ndarray) -> bool:
+    """Whether ``part`` (promoted) holds exactly the values of ``given``, field by field for compounds."""
+    try:
+        back = part.astype(given.dtype)
+    except (TypeError, ValueError):
+        return False
+    if given.dtype.names is not None:
+        return all(_same_values(part[f], given[f]) for f in given.dtype.names)
+    if given.dtype == object:
+        return back.tolist() == given.tolist()
+    return bool(np.array_equal(back, given, equal_nan=given.dtype.kind in "fc"))
+
+
 def differing_globals(conns: list[Any]) -> dict[str, list[Any]]:
     """Global attributes whose (single) value differs between the files, or that some files lack:
     name -> value per file (None where missing). ``convert_attrs`` makes them column attributes."""
@@ -214,9 +261,17 @@ def differing_globals(conns: list[Any]) -> dict[str, list[Any]]:
         values = [c.attrs[name] if name in c.attrs else None for c in conns]
         if any(v is not None and np.ndim(v) > 0 for v in values):
             continue  # arrays stay global attributes (the first file's)
-        if len({repr(v) for v in values}) > 1:
+        if any(not _same_global(v, values[0]) for v in values[1:]):
             out[name] = values
     return out
+
+
+def _same_global(a: Any, b: Any) -> bool:
+    """Equal file attribute values: numbers by value (1 and 1.0), text by text, None only with None."""
+    numbers = (int, float, np.number)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return bool(a == b)
+    return type(a) is type(b) and a == b
 
 
 def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
@@ -249,29 +304,7 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
     combined = {}
     for name, values in new_attrs.items():
         old = ds.ca[name] if name in ds.ca else _fill_for(name, values, fill_values, m, where)
-        if convert_attrs and (old.dtype == object) != (values.dtype == object):
-            old, values = (fmt.normalize_values(x.astype(str), where) for x in (old, values))
-        what = f"{where}: column attribute '{name}': new values ({values.dtype}, shape {values.shape[1:]})"
-        if (old.dtype == object) != (values.dtype == object) or old.shape[1:] != values.shape[1:]:
-            raise LoomValueError(f"{what} do not match the stored ones ({old.dtype}, {old.shape[1:]})")
-        if old.dtype != values.dtype and old.dtype.kind in "biuf" and values.dtype.kind in "biuf":
-            try:  # in the stored dtype when they fit it: nothing stored changes
-                values = fmt.cast_values(values, old.dtype, what)
-            except LoomValueError:
-                pass
-        try:
-            joined = np.concatenate([old, values])
-        except (TypeError, ValueError) as exc:  # compound values with other fields, say
-            raise LoomValueError(f"{what} cannot follow the stored ones ({old.dtype}): {exc}") from exc
-        if joined.dtype != old.dtype and old.dtype.kind in "biuf":  # promoted: the stored values must survive
-            try:
-                fmt.cast_values(joined[:m], old.dtype, what)
-                same = np.array_equal(joined[:m].astype(old.dtype), old, equal_nan=old.dtype.kind == "f")
-            except LoomValueError:
-                same = False
-            if not same:
-                raise LoomValueError(f"{what} would change the stored {old.dtype} values (as {joined.dtype})")
-        combined[name] = joined
+        combined[name] = join_values([old, values], f"{where}: column attribute '{name}'", convert_attrs)
     return combined
 
 
@@ -358,7 +391,7 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
 
     check_writable(ds._file, f"{ds.filename}: columns")
     with connect(other_file, "r") as other:
-        order = align_rows(ds, other, key)
+        order = align_rows(ds, other, key) if "" in ds.layers else None  # an empty file takes the other's rows
         missing = [name for name in ds.layers.keys() if name not in other.layers]
         if missing and "" in ds.layers:
             raise LoomValueError(f"{other.filename}: lacks layers {missing} that {ds.filename} has")
@@ -369,14 +402,22 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
         m0 = ds.shape[1]
         converted = differing_globals([ds, other]) if convert_attrs and "" in ds.layers else {}
         converted = {k: v for k, v in converted.items() if k not in ds.ca and k not in attrs}
+        if convert_attrs and "" in ds.layers:  # a column attribute on one side, a file attribute on the other
+            for name in [k for k in ds.ca.keys() if k not in attrs and k in other.attrs]:
+                attrs[name] = per_column([other.attrs[name]], [other.shape[1]], f"{other.filename}: attribute '{name}'")
+            converted.update({k: [ds.attrs[k], None] for k in attrs if k not in ds.ca and k in ds.attrs})
         if converted:  # file attributes that differ become column attributes, as in loompy 3
             fills = dict(fill_values) if isinstance(fill_values, Mapping) else {}
             if isinstance(fill_values, str) and fill_values == "auto":
                 fills = {k: auto_fill(ds.ca[k]) for k in ds.ca.keys()}
                 fills.update({k: auto_fill(v) for k, v in attrs.items()})
             for name, (mine, theirs) in converted.items():
-                both = per_column([mine, theirs], [m0, other.shape[1]], f"{ds.filename}: column attribute '{name}'")
-                attrs[name], fills[name] = both[m0:], both[0] if m0 else auto_fill(both)
+                where_ = f"{ds.filename}: column attribute '{name}'"
+                if name in attrs:  # the other file's own column values: this file's value fills the old columns
+                    fills[name] = per_column([mine], [1], where_)[0]
+                    continue
+                both = per_column([mine, theirs], [max(m0, 1), other.shape[1]], where_)
+                attrs[name], fills[name] = both[max(m0, 1):], both[0]
             fill_values = fills
         rows = np.arange(other.shape[0]) if order is None else order
         batches = [slice(a, min(other.shape[1], a + batch_size)) for a in range(0, other.shape[1], batch_size)]

@@ -274,6 +274,55 @@ def test_convert_attrs_makes_differing_file_attributes_column_attributes(tmp_pat
         assert ds.attrs.Same == "kept" and "SampleID" not in ds.attrs
 
 
+def test_joining_column_attributes_never_changes_a_value(tmp_path):
+    m = np.ones((4, 2), np.float32)
+    a = make(tmp_path / "a.loom", m, cells=["a0", "a1"])
+    b = make(tmp_path / "b.loom", m, cells=["b0", "b1"])
+    with loompy.connect(a) as ds:
+        ds.ca.X = np.array([2**60 + 1, 5], np.int64)
+        ds.ca.C = np.array([(2**60 + 1, 0.5)] * 2, dtype=[("a", "i8"), ("b", "f8")])
+    with loompy.connect(b) as ds:
+        ds.ca.X = np.array([0.5, 1.5])
+        ds.ca.C = np.array([(1.5, 0.5)] * 2, dtype=[("a", "f8"), ("b", "f8")])
+    before = digest(a)
+    with pytest.raises(loompy.LoomValueError, match="would change them"):  # 2**60 + 1 would round
+        loompy.combine([a, b], tmp_path / "ab.loom")
+    for attrs in ({"X": np.array([2**63 + 5, 1], np.uint64)}, {"C": np.array([(1.5, 0.5)] * 2,
+                                                                               dtype=[("a", "f8"), ("b", "f8")])}):
+        with loompy.connect(a) as ds, pytest.raises(loompy.LoomValueError):
+            ds.add_columns({"": m, "x": m.astype(np.int32)}, {"CellID": ["c0", "c1"], "N": [2, 3], **attrs},
+                           fill_values="auto")
+        assert digest(a) == before
+    with h5py.File(a, "r+") as f:  # a flag as h5py stores numpy bool
+        f.create_dataset("col_attrs/Flag", data=np.array([True, False]), maxshape=(None,))
+    with loompy.connect(a) as ds:
+        ds.add_columns({"": m, "x": m.astype(np.int32)}, {"CellID": ["c0", "c1"], "N": [2, 3], "Flag": [0, 1]},
+                       fill_values="auto")
+        assert ds.ca.Flag.tolist() == [True, False, False, True] and ds.ca.X.tolist()[:2] == [2**60 + 1, 5]
+
+
+def test_convert_attrs_chains_and_keeps_a_files_own_columns(tmp_path):
+    m = np.ones((4, 2), np.float32)
+    paths = [make(tmp_path / f"{x}.loom", m, cells=[f"{x}0", f"{x}1"]) for x in "abc"]
+    for path, title in zip(paths, "ABC"):
+        with loompy.connect(path) as ds:
+            ds.attrs.title, ds.attrs.n = title, 1 if title == "A" else 1.0  # 1 and 1.0 are the same value
+    with loompy.connect(paths[1]) as ds:
+        ds.ca.title = np.array(["b0", "b1"])  # b's own column values win over its file attribute
+    out = tmp_path / "abc.loom"
+    loompy.combine(paths, out, convert_attrs=True)
+    with loompy.connect(out, "r") as ds:
+        assert list(ds.ca.title) == ["A", "A", "b0", "b1", "C", "C"] and ds.attrs.n == 1 and "n" not in ds.ca
+    with loompy.connect(paths[0]) as ds:  # one file after another: the column attribute grows each time
+        ds.add_loom(paths[2], convert_attrs=True)
+        ds.add_loom(paths[1], convert_attrs=True)
+        assert list(ds.ca.title) == ["A", "A", "C", "C", "b0", "b1"] and "title" not in ds.attrs
+    empty = tmp_path / "new.loom"
+    with loompy.new(empty) as ds:  # an empty file takes the other's rows
+        ds.add_loom(paths[2])
+        assert ds.shape == (4, 2)
+
+
 def test_auto_fill_of_a_compound_column_attribute(tmp_path):
     counts = np.ones((5, 3), np.float32)
     path = make(tmp_path / "a.loom", counts, extra={"": counts})
