@@ -216,13 +216,14 @@ def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False
         if (p.dtype == object) != (first.dtype == object) or p.shape[1:] != first.shape[1:]:
             raise LoomValueError(f"{where}: values of {p.dtype}, shape {p.shape[1:]}, do not match the "
                                  f"others ({first.dtype}, {first.shape[1:]})")
-    if first.dtype.kind in "biuf":  # in the first part's dtype when they fit it: nothing changes
+    if first.dtype.kind in "biuf":  # in the first part's dtype when they fit it exactly: nothing changes
         fitted = []
         for p in parts:
             try:
-                fitted.append(fmt.cast_values(p, first.dtype, where) if p.dtype.kind in "biuf" else p)
+                cast = fmt.cast_values(p, first.dtype, where) if p.dtype.kind in "biuf" else p
             except LoomValueError:
-                fitted.append(p)
+                cast = p
+            fitted.append(cast if _same_values(cast, p) else p)  # (no float rounding in attributes)
         parts = fitted
     try:
         joined = np.concatenate(parts)

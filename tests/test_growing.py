@@ -301,6 +301,23 @@ def test_joining_column_attributes_never_changes_a_value(tmp_path):
         assert ds.ca.Flag.tolist() == [True, False, False, True] and ds.ca.X.tolist()[:2] == [2**60 + 1, 5]
 
 
+def test_joined_float_attributes_are_not_rounded(tmp_path):
+    """A float32 attribute followed by float64 values becomes float64: no value is rounded."""
+    m = np.ones((4, 2), np.float32)
+    a = make(tmp_path / "a.loom", m, cells=["a0", "a1"])
+    b = make(tmp_path / "b.loom", m, cells=["b0", "b1"])
+    with loompy.connect(a) as ds:
+        ds.ca.X = np.array([0.5, 1.5], np.float32)
+    with loompy.connect(b) as ds:
+        ds.ca.X = np.array([0.1, 16777217.0])
+    loompy.combine([a, b], tmp_path / "ab.loom")
+    with loompy.connect(tmp_path / "ab.loom", "r") as ds:
+        assert ds.ca.X.dtype == np.float64 and ds.ca.X.tolist() == [0.5, 1.5, 0.1, 16777217.0]
+    with loompy.connect(a) as ds:
+        ds.add_loom(b)
+        assert ds.ca.X.dtype == np.float64 and ds.ca.X.tolist() == [0.5, 1.5, 0.1, 16777217.0]
+
+
 def test_convert_attrs_chains_and_keeps_a_files_own_columns(tmp_path):
     m = np.ones((4, 2), np.float32)
     paths = [make(tmp_path / f"{x}.loom", m, cells=[f"{x}0", f"{x}1"]) for x in "abc"]
