@@ -363,7 +363,7 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
 def _as_text(values: np.ndarray) -> list[str]:
     """Each value as numpy prints it: the shortest text that reads back as the same value in its own
     dtype (float32 0.1 is "0.1", not the "0.10000000149011612" of the float64 it widens to)."""
-    if values.dtype.names is not None:
+    if values.dtype.names is not None or values.ndim > 1:  # compound or several values per column
         return [str(v) for v in values.tolist()]
     return values.astype(str).tolist()
 

@@ -419,6 +419,13 @@ def test_an_attribute_keeps_the_values_given_not_the_callers_array(small):
         assert list(ds.ra.x) == [4, 3, 2, 1, 0]
 
 
+def test_booleans_are_stored_as_uint8(tmp_path):
+    flags = np.eye(3, dtype=bool)
+    for kwargs in ({}, {"dtype": bool}, {"dtype": "bool"}):
+        with loompy.create(tmp_path / "b.loom", flags, {}, {}, **kwargs) as ds:
+            assert ds.layers[""].dtype == np.uint8 and (ds[:, :] == flags).all()
+
+
 def test_a_matrix_with_no_rows(tmp_path):
     with loompy.create(tmp_path / "z.loom", np.zeros((0, 3), np.float32), {}, {"c": np.arange(3)}) as ds:
         assert ds.shape == (0, 3) and ds[:, :].shape == (0, 3) and ds.sparse().nnz == 0

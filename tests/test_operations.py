@@ -216,6 +216,14 @@ def test_export_tab(dataset, tmp_path):
     assert len(lines) == n_ca + 1 + 130
 
 
+def test_export_with_a_two_dimensional_column_attribute(tmp_path):
+    path = tmp_path / "e.loom"
+    loompy.create(path, np.ones((2, 3), np.float32), {"G": ["a", "b"]}, {"XY": np.arange(6.0).reshape(3, 2)}).close()
+    with loompy.connect(path, "r") as ds:
+        ds.export(tmp_path / "e.tab")
+    assert (tmp_path / "e.tab").read_text().splitlines()[0] == "\tXY\t[0.0, 1.0]\t[2.0, 3.0]\t[4.0, 5.0]"
+
+
 def test_scan_of_one_layer_by_name(dataset):
     """layers="" (a single name) is the main matrix alone, as in loompy 3."""
     path, m, *_ = dataset
