@@ -40,8 +40,29 @@ def writable(file: h5py.File) -> bool:
     return file.mode == "r+" and not getattr(file, READ_ONLY, False)
 
 
+class ClosedFile:
+    """What a closed connection's managers hold instead of its file: any use says the connection is closed."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        raise LoomFileError(f"{self.filename}: the connection is closed")
+
+    def __contains__(self, name: object) -> bool:
+        raise LoomFileError(f"{self.filename}: the connection is closed")
+
+    def __getitem__(self, name: object) -> Any:
+        raise LoomFileError(f"{self.filename}: the connection is closed")
+
+
 def check_writable(file: h5py.File | None, what: str) -> None:
-    """Refuse a write before anything is touched when the file is open read-only."""
+    """Refuse a write before anything is touched when the file is open read-only (or closed)."""
+    if file is not None and not file:
+        raise LoomFileError(f"cannot write {what}: the connection is closed")
     if file is not None and not writable(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
 

@@ -1,4 +1,4 @@
-"""The ``loompy`` command: demo, info, validate, import (and combine/repack/export when available).
+"""The ``loompy`` command: demo, info, validate, import.
 
 Built on the public API only, so every command does what the same Python call does.
 """

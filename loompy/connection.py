@@ -14,7 +14,15 @@ import scipy.sparse as sp
 
 from . import engine, operations
 from . import format as fmt
-from .attributes import READ_ONLY, AttributeManager, Dims, GlobalAttributeManager, attribute_shortcut, writable
+from .attributes import (
+    READ_ONLY,
+    AttributeManager,
+    ClosedFile,
+    Dims,
+    GlobalAttributeManager,
+    attribute_shortcut,
+    writable,
+)
 from .errors import (
     LoomFileError,
     LoomFileNotFoundError,
@@ -150,8 +158,13 @@ class LoomConnection:
             self._file.flush()
             engine.forget_file(self._file)
             self._file.close()
+            closed = ClosedFile(self.filename)  # later uses through the managers say so
+            for manager in (self.layers, self.row_attrs, self.col_attrs, self.row_graphs, self.col_graphs,
+                            self.attrs):
+                object.__setattr__(manager, "_file", closed)
 
     def flush(self) -> None:
+        self._check_open()
         self._file.flush()
 
     def __enter__(self) -> LoomConnection:
@@ -278,7 +291,8 @@ class LoomConnection:
         return operations.last_modified(self, name, axis)
 
     def get_changes_since(self, timestamp: str) -> dict[str, list[str]]:
-        """What was written after ``timestamp``: names per part (layers, row_attrs, col_attrs, graphs, attrs)."""
+        """What was written after ``timestamp``: names per part (layers, row_attrs, col_attrs, row_graphs,
+        col_graphs, attrs)."""
         return operations.get_changes_since(self, timestamp)
 
 

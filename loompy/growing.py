@@ -386,7 +386,8 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
     Layers of the other file that this file lacks are ignored. The batches are one journalled
     append: attributes, and values a layer could not hold unchanged, are checked for the whole
     file before anything is written, and a batch that fails takes the file back to where it was.
-    ``include_graphs`` carries over column graphs present in both files (edges shifted to the new columns).
+    ``include_graphs`` carries over the other file's column graphs (edges shifted to the new columns),
+    merged into this file's graph of the same name when it has one.
     """
     from .connection import connect
 

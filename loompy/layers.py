@@ -147,7 +147,7 @@ class LayerManager(DotAccess, MutableMapping):
 
     def __getitem__(self, name: str) -> LoomLayer:
         if not isinstance(name, str):
-            raise LoomTypeError(f"layer names are strings, got {type(name).__name__}")
+            raise LoomTypeError(f"{self._filename}: layer names are strings, got {type(name).__name__}")
         if not self._file:
             raise LoomFileError(f"{self._filename}: the connection is closed")
         dataset = self._dataset(name)
@@ -188,8 +188,8 @@ class LayerManager(DotAccess, MutableMapping):
                   compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL) -> None:
         """Create or overwrite layer ``name`` from a dense or sparse matrix (or zeros of ``dtype`` when None).
 
-        The stored dtype is ``dtype`` if given, else the input's. An existing layer of the same shape
-        and dtype is overwritten in place, so the file does not grow.
+        The stored dtype is ``dtype`` if given, else the input's (booleans as uint8). An existing layer
+        of the same shape and dtype is overwritten in place, so the file does not grow.
         """
         if not isinstance(name, str) or "/" in name:
             raise LoomValueError(f"{self._file.filename}: layer name {name!r} is invalid (a string without '/')")
@@ -203,7 +203,12 @@ class LayerManager(DotAccess, MutableMapping):
                 matrix = np.asarray(matrix)
             except ValueError as exc:  # ragged nesting
                 raise LoomValueError(f"{where}: cannot make a matrix of the values ({exc})") from exc
-        target_dtype = fmt.check_matrix_dtype(dtype if dtype is not None else _input_dtype(matrix), where)
+        wanted = dtype if dtype is not None else _input_dtype(matrix)
+        try:
+            boolean = np.dtype(wanted).kind == "b"
+        except TypeError:  # not a dtype: check_matrix_dtype says so
+            boolean = False
+        target_dtype = fmt.check_matrix_dtype(np.uint8 if boolean else wanted, where)  # booleans as uint8
         shape = self._dims.shape if matrix is None else tuple(matrix.shape)
         if len(shape) != 2:
             raise LoomValueError(f"{where}: a layer must be two-dimensional, got shape {shape}")
