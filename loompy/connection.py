@@ -91,6 +91,8 @@ class LoomConnection:
 
     def __init__(self, filename: str | os.PathLike, mode: str = "r+", *, validate: bool = True,
                  spec_version: str = fmt.CURRENT_SPEC, locking: bool | None = None) -> None:
+        if not isinstance(filename, (str, bytes, os.PathLike)):
+            raise LoomTypeError(f"connect needs a path to a Loom file, got {type(filename).__name__}")
         self.filename = os.fspath(filename)
         self._path = os.path.abspath(self.filename)  # where whole-file rewrites go, whatever the cwd later
         self._file = open_h5(self.filename, mode, locking=locking)

@@ -432,6 +432,11 @@ def test_booleans_are_stored_as_uint8(tmp_path):
             assert (ds.layers["again"][:, :] == flags).all()
 
 
+def test_connect_to_something_that_is_not_a_path():
+    with pytest.raises(loompy.LoomTypeError, match="path"):
+        loompy.connect(123)
+
+
 def test_a_matrix_with_no_rows(tmp_path):
     with loompy.create(tmp_path / "z.loom", np.zeros((0, 3), np.float32), {}, {"c": np.arange(3)}) as ds:
         assert ds.shape == (0, 3) and ds[:, :].shape == (0, 3) and ds.sparse().nnz == 0
