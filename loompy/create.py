@@ -100,12 +100,6 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
         if not isinstance(matrix, LoomLayer) and matrix.dtype.kind not in "biuf":
             raise LoomValueError(f"{lw}: cannot store values of dtype {matrix.dtype} in a matrix")
         wanted = dtype if (dtype is not None and name == "") else matrix.dtype
-        try:
-            boolean = np.dtype(wanted).kind == "b"
-        except TypeError:  # not a dtype: check_matrix_dtype says so
-            boolean = False
-        if boolean:  # booleans are stored as uint8
-            wanted = np.uint8
         dtypes[name] = fmt.check_matrix_dtype(wanted, lw)
         fmt.check_fits(matrix, dtypes[name], lw)
     rows = {name: fmt.normalize_values(v, f"{where}: row attribute '{name}'", shape[0])

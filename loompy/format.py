@@ -436,12 +436,13 @@ def matrix_chunks(shape: tuple[int, int], chunks: tuple[int, int] = DEFAULT_CHUN
 
 
 def check_matrix_dtype(dtype: Any, where: str) -> np.dtype:
+    """The dtype a matrix asked to be ``dtype`` is stored in (booleans as uint8), or why it cannot be."""
     try:
         dt = np.dtype(dtype)
     except TypeError as exc:
         raise LoomTypeError(f"{where}: {dtype!r} is not a dtype") from exc
-    if dt.kind == "b":
-        raise LoomValueError(f"{where}: boolean matrices are not allowed; use uint8")
+    if dt.kind == "b":  # the spec has no boolean matrices
+        return np.dtype(np.uint8)
     if dt not in MATRIX_DTYPES:
         allowed = ", ".join(sorted(str(d) for d in MATRIX_DTYPES))
         raise LoomValueError(f"{where}: dtype {dt} is not allowed for a matrix (allowed: {allowed})")

@@ -124,18 +124,6 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
     return np.full(shape, value, dtype=existing.dtype)
 
 
-def _lossless(matrix: Any, dtype: np.dtype, where: str) -> Any:
-    """New columns in the layer's stored dtype (see :func:`~loompy.format.cast_values`)."""
-    if sp.issparse(matrix):
-        if np.can_cast(matrix.dtype, dtype, "safe"):
-            return matrix  # the engine stores it in the layer's dtype as it goes
-        out = matrix.tocsc(copy=True)
-        out.sum_duplicates()  # repeated entries add up before they are stored: check the sums
-        out.data = fmt.cast_values(out.data, dtype, where)
-        return out.astype(dtype)
-    return fmt.cast_values(np.asarray(matrix), dtype, where)
-
-
 def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
                 journal: bool = True, convert_attrs: bool = False) -> None:
     """Append columns: every existing layer must be given; column attributes must cover every existing one
@@ -170,7 +158,8 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         if limit is not None and limit < m + n_new:
             raise LoomValueError(f"{where}: layer '{name}' was stored with at most {limit} columns, so it cannot "
                                  "grow; loompy.combine writes a copy with these columns added")
-        converted[name] = _lossless(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")
+        fmt.check_fits(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")  # the engine casts as it writes
+        converted[name] = matrix
     combined = _column_attrs(ds, col_attrs, n_new, fill_values, convert_attrs)
     new_row_attrs = {k: fmt.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in _as_attr_dict(row_attrs, where).items()}
@@ -429,7 +418,7 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                 mine, theirs = ds.layers[name].dtype, other.layers[name].dtype
                 if not np.can_cast(theirs, mine, "safe"):
                     for cols in batches:
-                        _lossless(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
+                        fmt.check_fits(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
         journal = "" in ds.layers
         if journal:
             ds._file.attrs[JOURNAL] = m0

@@ -203,12 +203,7 @@ class LayerManager(DotAccess, MutableMapping):
                 matrix = np.asarray(matrix)
             except ValueError as exc:  # ragged nesting
                 raise LoomValueError(f"{where}: cannot make a matrix of the values ({exc})") from exc
-        wanted = dtype if dtype is not None else _input_dtype(matrix)
-        try:
-            boolean = np.dtype(wanted).kind == "b"
-        except TypeError:  # not a dtype: check_matrix_dtype says so
-            boolean = False
-        target_dtype = fmt.check_matrix_dtype(np.uint8 if boolean else wanted, where)  # booleans as uint8
+        target_dtype = fmt.check_matrix_dtype(dtype if dtype is not None else _input_dtype(matrix), where)
         shape = self._dims.shape if matrix is None else tuple(matrix.shape)
         if len(shape) != 2:
             raise LoomValueError(f"{where}: a layer must be two-dimensional, got shape {shape}")
