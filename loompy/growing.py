@@ -241,6 +241,43 @@ def _same_values(part: np.ndarray, given: np.ndarray) -> bool:
     return bool(np.array_equal(back, given, equal_nan=given.dtype.kind in "fc"))
 
 
+def _file_attrs_as_columns(ds: Any, other: Any, attrs: dict[str, np.ndarray], fill_values: Any
+                           ) -> tuple[Any, list[str]]:
+    """``add_loom(convert_attrs=True)``: file attributes become column attributes, as in loompy 3.
+
+    A file attribute that differs between the files, or is a column attribute on one side only,
+    gives the other file's columns (added to ``attrs``) or this file's old columns (a fill value)
+    one value each. Returns the fill values to use and the file attributes of this file so replaced.
+    """
+    fills = dict(fill_values) if isinstance(fill_values, Mapping) else {}
+    if isinstance(fill_values, str) and fill_values == "auto":
+        fills = {k: auto_fill(ds.ca[k]) for k in ds.ca.keys()}
+        fills.update({k: auto_fill(v) for k, v in attrs.items()})
+    n, replaced = other.shape[1], []
+    for name, (mine, theirs) in differing_globals([ds, other]).items():
+        if name in ds.ca and name in attrs:
+            continue  # a column attribute on both sides already
+        where = f"{ds.filename}: column attribute '{name}'"
+        if name in ds.ca:  # this file's columns have their own values; the other's take its file attribute
+            if theirs is not None:
+                attrs[name] = per_column([theirs], [n], where)
+            continue
+        if name not in attrs:  # one value for this file's columns, one for the other's
+            both = per_column([mine, theirs], [1, n], where)
+            attrs[name], fills[name] = both[1:], both[0]
+        elif mine is not None:  # the other file's own column values; this file's value fills its old columns
+            fills[name] = per_column([mine], [1], where)[0]
+        else:
+            continue
+        replaced.append(name)
+    for name in [k for k in ds.ca.keys() if k not in attrs and k in other.attrs]:  # equal on both sides
+        attrs[name] = per_column([other.attrs[name]], [n], f"{other.filename}: attribute '{name}'")
+    for name in [k for k in attrs if k not in ds.ca and k in ds.attrs and k not in replaced]:
+        fills[name] = per_column([ds.attrs[name]], [1], f"{ds.filename}: attribute '{name}'")[0]
+        replaced.append(name)
+    return (fills if replaced else fill_values), replaced
+
+
 def differing_globals(conns: list[Any]) -> dict[str, list[Any]]:
     """Global attributes whose (single) value differs between the files, or that some files lack:
     name -> value per file (None where missing). ``convert_attrs`` makes them column attributes."""
@@ -382,44 +419,28 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
 
     check_writable(ds._file, f"{ds.filename}: columns")
     with connect(other_file, "r") as other:
-        order = align_rows(ds, other, key) if "" in ds.layers else None  # an empty file takes the other's rows
+        empty = "" not in ds.layers  # a file from new(): it takes the other's rows and layers
+        order = None if empty else align_rows(ds, other, key)
         missing = [name for name in ds.layers.keys() if name not in other.layers]
-        if missing and "" in ds.layers:
+        if missing and not empty:
             raise LoomValueError(f"{other.filename}: lacks layers {missing} that {ds.filename} has")
-        names = ds.layers.keys() if "" in ds.layers else other.layers.keys()
+        names = other.layers.keys() if empty else ds.layers.keys()
         attrs = other.ca.to_dict()
-
         graphs = {g: other.col_graphs[g] for g in other.col_graphs.keys()} if include_graphs else {}
         m0 = ds.shape[1]
-        converted = differing_globals([ds, other]) if convert_attrs and "" in ds.layers else {}
-        converted = {k: v for k, v in converted.items() if k not in ds.ca and k not in attrs}
-        if convert_attrs and "" in ds.layers:  # a column attribute on one side, a file attribute on the other
-            for name in [k for k in ds.ca.keys() if k not in attrs and k in other.attrs]:
-                attrs[name] = per_column([other.attrs[name]], [other.shape[1]], f"{other.filename}: attribute '{name}'")
-            converted.update({k: [ds.attrs[k], None] for k in attrs if k not in ds.ca and k in ds.attrs})
-        if converted:  # file attributes that differ become column attributes, as in loompy 3
-            fills = dict(fill_values) if isinstance(fill_values, Mapping) else {}
-            if isinstance(fill_values, str) and fill_values == "auto":
-                fills = {k: auto_fill(ds.ca[k]) for k in ds.ca.keys()}
-                fills.update({k: auto_fill(v) for k, v in attrs.items()})
-            for name, (mine, theirs) in converted.items():
-                where_ = f"{ds.filename}: column attribute '{name}'"
-                if name in attrs:  # the other file's own column values: this file's value fills the old columns
-                    fills[name] = per_column([mine], [1], where_)[0]
-                    continue
-                both = per_column([mine, theirs], [max(m0, 1), other.shape[1]], where_)
-                attrs[name], fills[name] = both[max(m0, 1):], both[0]
-            fill_values = fills
+        converted: list[str] = []  # file attributes of this file that become column attributes
+        if convert_attrs and not empty:
+            fill_values, converted = _file_attrs_as_columns(ds, other, attrs, fill_values)
         rows = np.arange(other.shape[0]) if order is None else order
         batches = [slice(a, min(other.shape[1], a + batch_size)) for a in range(0, other.shape[1], batch_size)]
-        if "" in ds.layers:  # an empty file takes the first batch as it comes
+        if not empty:  # (an empty file takes the first batch as it comes)
             _column_attrs(ds, attrs, other.shape[1], fill_values, convert_attrs)
             for name in names:  # values a cast could change are read once to check them all
                 mine, theirs = ds.layers[name].dtype, other.layers[name].dtype
                 if not np.can_cast(theirs, mine, "safe"):
                     for cols in batches:
                         fmt.check_fits(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
-        journal = "" in ds.layers
+        journal = not empty
         if journal:
             ds._file.attrs[JOURNAL] = m0
             ds._file.flush()
