@@ -147,25 +147,32 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0)
     """Fill ``dst`` with the selected columns of each source in turn (rows reordered by ``order``),
     except the first ``held`` columns, which are there already.
 
-    A source whose columns are all taken, in place and chunk-aligned, has its chunks copied as
-    stored; everything else is gathered in strips aligned to ``dst``'s chunks and written once.
+    A source whose columns are all taken, rows in place, is copied chunk by chunk by the engine
+    (stored chunks as they are when they line up with ``dst``'s); the rest (other sources, and
+    columns sharing a chunk with another source) is gathered in strips aligned to ``dst``'s chunks.
     """
     spans = []  # (first output column, source, order, selected columns) of what is still to read
-    needed = []  # output column ranges still to write
+    needed: list[list[int]] = []  # output column ranges still to write
+
+    def need(start: int, stop: int) -> None:
+        if start >= stop:
+            return
+        if needed and needed[-1][1] == start:
+            needed[-1][1] = stop
+        else:
+            needed.append([start, stop])
+
     offset = 0
     for source in sources:
         dataset, order, sel = source
-        if offset + len(sel) <= held:
-            copied = len(sel)
-        else:
-            copied = engine.copy_chunks(dataset, dst, offset) if _whole(source) else 0
-        if copied < len(sel):
-            spans.append((offset, dataset, order, sel))
-            if needed and needed[-1][1] == offset + copied:
-                needed[-1][1] = offset + len(sel)
-            else:
-                needed.append([offset + copied, offset + len(sel)])
-        offset += len(sel)
+        end = offset + len(sel)
+        if end > held:
+            a, b = engine.copy_columns(dataset, dst, offset) if _whole(source) else (offset, offset)
+            need(max(offset, held), a)
+            need(max(b, held), end)
+            if (a, b) != (offset, end):
+                spans.append((offset, dataset, order, sel))
+        offset = end
     rows = np.arange(dst.shape[0], dtype=np.int64)
     scratch = engine.Scratch()  # the engine's workers gather: one strip buffer each
 

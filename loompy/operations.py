@@ -52,10 +52,11 @@ def _nothing_writes(ds: Any) -> bool:
     return bool(ds._file) and ds._file.mode == "r"
 
 
-def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool) -> Iterator[Any]:
+def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Callable[[], None]) -> Iterator[Any]:
     """``build(item)`` for each item in turn. With ``ahead``, the next one is built on a helper
     thread while the caller works on this one (reading overlaps the caller's computing, and
-    the engine's workers do not pause between batches).
+    the engine's workers do not pause between batches). ``check()`` runs before each item is
+    handed over, so a connection closed meanwhile says so rather than what the read ahead met.
 
     scan and batch_scan only read ahead in files open read-only: a batch built ahead would miss
     what the caller writes meanwhile. A caller that stops early waits for at most the one batch
@@ -63,12 +64,16 @@ def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool) -> Iterato
     """
     if not ahead or len(items) < 2:
         for item in items:
+            check()
             yield build(item)
         return
     with ThreadPoolExecutor(max_workers=1) as helper:
         future = helper.submit(build, items[0])
         for k in range(len(items)):
-            built = future.result()
+            try:
+                built = future.result()
+            finally:
+                check()
             if k + 1 < len(items):
                 future = helper.submit(build, items[k + 1])
             yield built
@@ -112,7 +117,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers)
 
-    yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, _nothing_writes(ds))
+    yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, _nothing_writes(ds), ds._check_open)
 
 
 def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -134,7 +139,8 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
         start, batch = item
         return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name]) for name, d in datasets.items()}
 
-    yield from _one_ahead(list(iter_batches(along, ds.shape[axis], batch_size)), build, _nothing_writes(ds))
+    batches = list(iter_batches(along, ds.shape[axis], batch_size))
+    yield from _one_ahead(batches, build, _nothing_writes(ds), ds._check_open)
 
 
 def batch_scan(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -201,7 +207,7 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
 
     results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
-    for start, batch, block in _one_ahead(batches, build, True):
+    for start, batch, block in _one_ahead(batches, build, True, ds._check_open):
         for i, f in enumerate(functions):
             values = _apply(f, block, axis)
             dtype = _result_dtype(values.dtype)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import shutil
 
 import h5py
@@ -379,6 +380,33 @@ def test_a_closed_connection_says_so(small):
                 lambda: ds.permute(np.arange(8), axis=1), lambda: ds.add_columns(np.ones((5, 1)), {})):
         with pytest.raises(loompy.LoomFileError, match="the connection is closed"):
             use()
+
+
+def test_a_scan_closed_while_it_reads_ahead_says_so(small, monkeypatch):
+    """The batch being read ahead when the connection closes fails with h5py's own error; the
+    caller hears LoomFileError."""
+    import threading
+
+    operations = importlib.import_module("loompy.operations")
+    path, *_ = small
+    ds = loompy.connect(path, "r")
+    closed, make_view, calls = threading.Event(), operations.make_view, []
+    dataset = ds.layers[""]._dataset
+
+    def view_read_as_the_file_closes(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the read ahead: under way (its dataset in hand) when the caller closes
+            closed.wait(10)
+            dataset[0, 0]
+        return make_view(*args, **kwargs)
+
+    monkeypatch.setattr(operations, "make_view", view_read_as_the_file_closes)
+    batches = ds.scan(axis=1, batch_size=2)
+    next(batches)
+    ds.close()
+    closed.set()
+    with pytest.raises(loompy.LoomFileError, match="small.loom: the connection is closed"):
+        next(batches)
 
 
 def test_paths_that_are_not_loom_files_are_refused_untouched(tmp_path):

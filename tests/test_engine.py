@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 
 import h5py
 import numpy as np
@@ -153,18 +154,56 @@ def test_write_block_then_read_sees_it(tmp_path):
         np.testing.assert_array_equal(engine.read_block(d, np.arange(100), np.arange(120)), m)
 
 
-def test_copy_chunks_only_when_layouts_match(tmp_path):
+def test_copy_columns_copies_stored_chunks_when_layouts_match(tmp_path):
     m = sparse_counts((100, 150), np.float32, density=0.3)
     with h5py.File(tmp_path / "c.h5", "w") as f:
         src = f.create_dataset("src", data=m, chunks=(64, 64), compression="gzip", compression_opts=2)
         dst = f.create_dataset("dst", shape=(100, 400), dtype="f4", chunks=(64, 64), compression="gzip",
                                compression_opts=2, fillvalue=0)
         other = f.create_dataset("other", shape=(100, 400), dtype="f4", chunks=(32, 64), compression="gzip")
-        assert engine.copy_chunks(src, other, 0) == 0  # chunk shapes differ
-        assert engine.copy_chunks(src, dst, 10) == 0  # not chunk-aligned
-        assert engine.copy_chunks(src, dst, 128) == 128  # the two whole chunk columns
+        assert engine.copy_columns(src, other, 0) == (0, 0)  # chunk shapes differ
+        assert engine.copy_columns(src, dst, 128) == (128, 256)  # the two whole chunk columns, as stored
+        assert dst.id.read_direct_chunk((64, 128)) == src.id.read_direct_chunk((64, 0))
         np.testing.assert_array_equal(dst[:, 128:256], m[:, :128])
-        assert not dst[:, :128].any()
+        assert not dst[:, :128].any() and not dst[:, 256:].any()
+
+
+@pytest.mark.parametrize("offset, width, total, src_dtype, fill", [
+    (10, 150, 400, np.float32, 0),      # unaligned: dst's chunks 64:128 and 128:192 cut from src's
+    (32, 200, 232, np.int32, 0),        # reaching dst's end: its partial last chunk is src's alone
+    (100, 20, 130, np.float32, 0),      # inside one chunk of dst: nothing whole to copy
+    (64, 150, 214, np.int16, 7),        # aligned but another dtype and fill: re-encoded, not copied
+    (5, 300, 305, np.float64, 0),       # float64 into float64, at the end
+])
+def test_copy_columns_reencodes_shifted_chunks(tmp_path, offset, width, total, src_dtype, fill):
+    """Columns that do not line up with dst's chunks are cut from src's chunks, values exact, the
+    unallocated ones of src read as its fill value, padding left zero, and the edges left alone."""
+    m = sparse_counts((130, width), np.float64, density=0.2).astype(src_dtype)
+    m[:, 64:128] = 0  # a whole chunk column of src never stored: it reads as src's fill value
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        src = f.create_dataset("src", shape=m.shape, maxshape=(None, None), dtype=src_dtype, chunks=(64, 64),
+                               compression="gzip", fillvalue=fill)
+        for c in range(0, width, 64):  # only chunks with a non-zero, their padding not zero (HDF5 allows it)
+            for r in range(0, 130, 64):
+                block = np.full((64, 64), 99, dtype=src_dtype)
+                part = m[r:r + 64, c:c + 64]
+                block[:part.shape[0], :part.shape[1]] = part
+                if part.any():
+                    src.id.write_direct_chunk((r, c), zlib.compress(block.tobytes()))
+        expected_src = src[...]  # what src holds, as HDF5 reads it (fill value included)
+        dst = f.create_dataset("dst", shape=(130, total), dtype="f8", chunks=(64, 64), compression="gzip",
+                               compression_opts=2, fillvalue=0)
+        a, b = engine.copy_columns(src, dst, offset)
+        first = -(-offset // 64) * 64
+        last = total if offset + width == total else (offset + width) // 64 * 64
+        assert (a, b) == ((first, last) if first < last else (offset, offset))
+        got = dst[...]
+        np.testing.assert_array_equal(got[:, a:b], expected_src[:, a - offset:b - offset].astype("f8"))
+        assert not got[:, :a].any() and not got[:, b:].any()  # edges are the caller's
+        if b == total and total % 64:  # the padding of dst's last chunk column stays zero
+            mask, raw = dst.id.read_direct_chunk((128, (total - 1) // 64 * 64))
+            chunk = np.frombuffer(zlib.decompress(raw), "f8").reshape(64, 64)
+            assert not chunk[:, total % 64:].any() and not chunk[130 - 128:, :].any()
 
 
 def test_aligned_write_block_stores_chunks_directly(tmp_path):

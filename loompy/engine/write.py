@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -20,6 +21,7 @@ from . import codecs
 from .memory import Scratch
 from .read import STRIP_BYTES, read_block
 from .storage import (
+    ChunkIndex,
     ChunkLayout,
     chunk_index,
     chunk_layout,
@@ -82,7 +84,15 @@ def _dense(block: np.ndarray | sp.spmatrix, dtype: np.dtype) -> np.ndarray:
     return block.astype(dtype, copy=False)
 
 
-Producer = Callable[[int, int], "np.ndarray | sp.csc_matrix"]
+@dataclass
+class Tiles:
+    """Values a producer has already cut into whole chunks: (chunk rows, chunk columns, h, w), edges
+    zero-padded (see :func:`_dense_tiles`)."""
+
+    array: np.ndarray
+
+
+Producer = Callable[[int, int], "np.ndarray | sp.csc_matrix | Tiles"]
 
 
 def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_offset: int = 0) -> None:
@@ -197,7 +207,8 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     def task(a: int, b: int) -> tuple[list, list, list]:
         """Relative rows or columns a:b as compressed chunks: (coords, payloads, all-zero coords)."""
         block = produce(a, b)
-        block = block.tocsc(copy=False) if sp.issparse(block) else np.asarray(block)
+        if not isinstance(block, Tiles):
+            block = block.tocsc(copy=False) if sp.issparse(block) else np.asarray(block)
         top, left = (row0 + a, col0) if axis == 0 else (row0, col0 + a)
         tiles, keep = _tiles(block, layout, scratch, columns)
         numbers = np.flatnonzero(keep)
@@ -225,20 +236,22 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     run_in_order(tasks, lambda result: store(*result), QUEUED_TASKS)
 
 
-def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratch, columns: np.ndarray | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _tiles(block: np.ndarray | sp.spmatrix | Tiles, layout: ChunkLayout, scratch: Scratch,
+           columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``block`` (corner on a chunk boundary), or those ``columns`` of it in that order, as contiguous
     (chunk row, chunk col, h, w) tiles, edges zero-padded, and which tiles to store: those with any
     non-zero bit (-0.0 counts), or all of them when the fill value is not zero. Tiles go into this
     thread's ``scratch``."""
-    h, w = layout.chunks
-    n, m = block.shape[0], block.shape[1] if columns is None else columns.size
-    size = -(-n // h) * -(-m // w) * h * w
-    out = scratch.get("tiles", (size,), layout.dtype)
-    if sp.issparse(block):
-        tiles, keep = _sparse_tiles(block, h, w, out, scratch)
+    keep = None
+    if isinstance(block, Tiles):
+        tiles = block.array
     else:
-        if columns is None:
+        h, w = layout.chunks
+        n, m = block.shape[0], block.shape[1] if columns is None else columns.size
+        out = scratch.get("tiles", (-(-n // h) * -(-m // w) * h * w,), layout.dtype)
+        if sp.issparse(block):
+            tiles, keep = _sparse_tiles(block, h, w, out, scratch)
+        elif columns is None:
             tiles = _dense_tiles(np.asarray(block, dtype=layout.dtype), h, w, out)
         else:  # gathered a chunk row at a time, then tiled while in cache: 2-3% faster permute
             tiles = out.reshape(-1, -(-m // w), h, w)
@@ -247,6 +260,7 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
                 gathered = np.take(rows, columns, axis=1, mode="wrap",
                                    out=scratch.get("gathered", (rows.shape[0], m), rows.dtype))
                 _dense_tiles(gathered.astype(layout.dtype, copy=False), h, w, tiles[k])
+    if keep is None:
         keep = tiles.view(f"u{layout.dtype.itemsize}").any(axis=(2, 3))
     if layout.fill != 0:
         keep[...] = True
@@ -298,18 +312,32 @@ def _dense_tiles(block: np.ndarray, h: int, w: int, out: np.ndarray) -> np.ndarr
     return tiles
 
 
-def copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
-    """Copy ``src``'s stored chunks into ``dst`` at ``col_offset`` without inflating them, where possible.
+def copy_columns(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> tuple[int, int]:
+    """Copy ``src`` (all of it; as many rows as ``dst``) into ``dst`` from column ``col_offset``, as far
+    as whole chunks of ``dst`` go. Returns the columns ``a:b`` of ``dst`` now holding ``src``'s values;
+    any of its columns outside them (edges sharing a chunk with other values) are left to the caller.
 
-    Possible when both use the same chunk shape, dtype and filters and ``col_offset`` is chunk-aligned;
-    only chunks lying wholly inside ``src`` are copied. Returns how many leading columns were handled
-    (a multiple of the chunk width; 0 when nothing could be copied).
+    Both must use the engine's layouts with the same chunk shape. When ``col_offset`` is on a chunk
+    boundary and the dtype and filters agree, the stored chunks are copied as they are, never
+    inflated. Otherwise each chunk of ``dst`` is cut from the (at most two) inflated chunks of
+    ``src`` under it and compressed again: no strip of values is assembled first.
     """
     layout, target = chunk_layout(src), chunk_layout(dst)
-    if layout is None or layout != target or col_offset % layout.chunks[1] or src.shape[0] != dst.shape[0]:
-        return 0
+    nothing = (col_offset, col_offset)
+    if layout is None or target is None or layout.chunks != target.chunks or src.shape[0] != dst.shape[0]:
+        return nothing
+    if layout == target and col_offset % layout.chunks[1] == 0:
+        return col_offset, col_offset + _copy_stored(src, dst, col_offset)
+    if not np.can_cast(src.dtype, dst.dtype, "safe"):
+        return nothing
+    return _copy_shifted(src, dst, layout, target, col_offset)
+
+
+def _copy_stored(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
+    """Copy the stored chunks lying wholly inside ``src`` to ``dst`` at the chunk-aligned ``col_offset``;
+    returns how many leading columns that covers."""
     forget(dst)
-    h, w = layout.chunks
+    h, w = src.chunks
     full = src.shape[1] // w * w
     write = dst.id.write_direct_chunk
     with held_index(src):
@@ -331,3 +359,51 @@ def copy_chunks(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
             if fd is not None:
                 os.close(fd)
     return full
+
+
+def _copy_shifted(src: h5py.Dataset, dst: h5py.Dataset, layout: ChunkLayout, target: ChunkLayout,
+                  col_offset: int) -> tuple[int, int]:
+    """The re-encoding branch of :func:`copy_columns`: ``dst``'s whole chunks from ``src``'s, shifted."""
+    h, w = layout.chunks
+    n, m = src.shape
+    end = col_offset + m
+    first = -(-col_offset // w) * w
+    last = end if end == dst.shape[1] else end // w * w  # a partial last chunk of dst is src's alone
+    if first >= last:
+        return col_offset, col_offset
+    shift, base = (first - col_offset) % w, (first - col_offset) // w  # where dst's chunks start in src's
+    grid_cols = -(-m // w)
+    nr = -(-n // h)
+    fill = layout.fill_bytes()
+    scratch = Scratch()  # each worker's inflated chunk row and tiles
+
+    def produce(fd: int, index: ChunkIndex, a: int, b: int) -> Tiles:
+        """Dst columns first+a : first+b, as tiles cut from src's chunks."""
+        nc = -(-(b - a) // w)
+        j0 = base + a // w
+        # src's chunk columns under them, and one more (past src's last one, only padding comes from it)
+        inside = slice(j0, min(j0 + nc + 1, grid_cols))
+        offsets, sizes, masks = (x[:, inside].tolist() for x in (index.offset, index.size, index.mask))
+        row = scratch.get("row", (nc + 1, h, w), src.dtype)
+        into, size = memoryview(row.reshape(-1).view(np.uint8)), layout.nbytes
+        tiles = scratch.get("tiles", (nr, nc, h, w), dst.dtype)
+        for r in range(nr):
+            for k, (o, s, mask) in enumerate(zip(offsets[r], sizes[r], masks[r])):
+                into[k * size:(k + 1) * size] = fill if o < 0 else layout.decode(ChunkIndex.read(fd, o, s), mask)
+            tiles[r, :, :, :w - shift] = row[:nc, :, shift:]
+            tiles[r, :, :, w - shift:] = row[1:nc + 1, :, :shift]
+        tiles[nr - 1, :, n - (nr - 1) * h:] = 0  # padding: below src's last row, right of dst's last column
+        tiles[:, nc - 1, :, (b - a) - (nc - 1) * w:] = 0
+        return Tiles(tiles)
+
+    with held_index(src):
+        index = chunk_index(src, 0)
+        fd = open_index(src, index) if index is not None else None
+        if fd is None:
+            return col_offset, col_offset
+        try:
+            refresh(dst)
+            store_region(dst, target, 0, first, dst.shape[0], last - first, functools.partial(produce, fd, index))
+        finally:
+            os.close(fd)
+    return first, last
