@@ -37,14 +37,15 @@ def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:
 def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
                    file_attrs: dict[str, Any] | None = None, selections: Sequence[Any] | None = None,
                    key: str | None = None, skip_attrs: Sequence[str] | None = None, *,
-                   convert_attrs: bool = False) -> None:
+                   convert_attrs: bool = False, keep_first_attrs: bool = False) -> None:
     """Concatenate the columns of several Loom files into a new one (rows aligned by ``key`` if given).
 
     ``selections`` picks columns per file (masks or indices); ``skip_attrs`` leaves column attributes out.
     Layers and column attributes must be present in every file; a column attribute that is text in
     some files and numbers in others is an error, or with ``convert_attrs`` is written as text.
-    Global attributes come from ``file_attrs``, else the first file. Nothing is written until every
-    input has been checked.
+    Global attributes come from ``file_attrs``, else the first file (with ``keep_first_attrs``, the
+    first file's with ``file_attrs`` set over them, as :func:`combine` does). Nothing is written
+    until every input has been checked.
     """
     files = [os.fspath(p) for p in files]
     if not files:
@@ -95,8 +96,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         n = first.shape[0]
         with atomic_h5(output_file) as out:
             fmt.init_file(out)
-            for k in (first.attrs.keys() if file_attrs is None else []):
-                if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted:
+            for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else []):
+                if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted and k not in globals_:
                     fmt.write_global(out, k, fmt.normalize_global(first.attrs[k], k), in_group=True)
             for k, v in globals_.items():
                 fmt.write_global(out, k, v, in_group=True)
@@ -199,10 +200,12 @@ def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, 
             file_attrs: dict[str, Any] | None = None, batch_size: int = 1000, convert_attrs: bool = False) -> None:
     """Combine Loom files column-wise into ``output_file`` (rows aligned by ``key`` when given).
 
-    ``convert_attrs`` stores a column attribute that is text in some files and numbers in others as
+    Global attributes are the first file's, with ``file_attrs`` set over them, as in loompy 3
+    (:func:`combine_faster` takes ``file_attrs`` alone when given). ``convert_attrs`` stores a column attribute that is text in some files and numbers in others as
     text; ``batch_size`` is accepted for loompy 3 compatibility (memory, not columns, sets batches).
     """
-    combine_faster(files, output_file, file_attrs=file_attrs, key=key, convert_attrs=convert_attrs)
+    combine_faster(files, output_file, file_attrs=file_attrs, key=key, convert_attrs=convert_attrs,
+                   keep_first_attrs=True)
 
 
 def create_append(filename: str | os.PathLike, layers: Any, row_attrs: Any, col_attrs: Any, *,

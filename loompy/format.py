@@ -551,10 +551,13 @@ def create_matrix(
 
 def stored_as_new_matrix(dataset: h5py.Dataset, shape: tuple[int, int]) -> bool:
     """True when ``dataset`` is stored as :func:`create_matrix` (defaults) stores a ``shape`` matrix:
-    same chunks, one gzip filter at the default level, fill value 0; and its columns can grow."""
-    return (dataset.chunks == matrix_chunks(shape) and dataset.id.get_create_plist().get_nfilters() == 1
+    same chunks, one gzip filter at the default level, fill value 0 (given to chunks never written:
+    HDF5's default fill time); and its columns can grow."""
+    dcpl = dataset.id.get_create_plist()
+    return (dataset.chunks == matrix_chunks(shape) and dcpl.get_nfilters() == 1
             and dataset.compression == "gzip" and dataset.compression_opts == DEFAULT_COMPRESSION_LEVEL
-            and dataset.fillvalue == 0 and dataset.maxshape[1] is None)
+            and dataset.fillvalue == 0 and dcpl.get_fill_time() == h5py.h5d.FILL_TIME_IFSET
+            and dataset.maxshape[1] is None)
 
 
 def _short_allocation(fh: BinaryIO) -> tuple[int, int] | None:

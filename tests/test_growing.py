@@ -423,6 +423,47 @@ def test_combine_matches_numpy_and_reference_size(tmp_path):
     assert not (tmp_path / "x.loom").exists()
 
 
+def test_combine_keeps_the_first_files_attributes_under_file_attrs(tmp_path):
+    """combine (as loompy 3's) sets file_attrs over the first file's global attributes;
+    combine_faster (as loompy 3's) takes file_attrs alone."""
+    paths = [make(tmp_path / f"{n}.loom", np.ones((4, 3), np.float32)) for n in "ab"]
+    for path, description in zip(paths, ("first", "second")):
+        with loompy.connect(path) as ds:
+            ds.attrs.title, ds.attrs.description = "old", description
+    loompy.combine(paths, tmp_path / "c.loom", file_attrs={"title": "combined"})
+    with loompy.connect(tmp_path / "c.loom", "r") as ds:
+        assert (ds.attrs.title, ds.attrs.description) == ("combined", "first")
+    loompy.combine_faster(paths, tmp_path / "f.loom", file_attrs={"title": "combined"})
+    with loompy.connect(tmp_path / "f.loom", "r") as ds:
+        assert ds.attrs.title == "combined" and "description" not in ds.attrs
+
+
+def test_combine_output_reads_zero_where_chunks_are_never_written(tmp_path):
+    """A first input stored with fill_time='never' is not copied as it is: the output's unwritten
+    (all-zero) chunks must read as 0 in any reader, including HDF5 reading into a used buffer."""
+    a = np.arange(70 * 64, dtype=np.float32).reshape(70, 64) + 1
+    b = np.zeros((70, 128), np.float32)
+    b[:, 100] = 1
+    paths = [make(tmp_path / "a.loom", a), make(tmp_path / "b.loom", b)]
+    with h5py.File(paths[0], "r+") as f:  # the same values, stored by a writer that never fills
+        del f["matrix"]
+        f.create_dataset("matrix", data=a, chunks=(64, 64), maxshape=(70, None), compression="gzip",
+                         compression_opts=2, fillvalue=0, fill_time="never")
+    loompy.combine(paths, tmp_path / "out.loom")
+    with h5py.File(tmp_path / "out.loom", "r") as f:
+        buffer = np.full(f["matrix"].shape, 123, np.float32)
+        f["matrix"].read_direct(buffer)
+    np.testing.assert_array_equal(buffer, np.hstack([a, b]))
+
+
+def test_combine_files_without_rows(tmp_path):
+    """Inputs of 0 rows (widths that do not line up with the chunks) combine to 0 rows."""
+    paths = [make(tmp_path / f"{k}.loom", np.zeros((0, k), np.float32), genes=[]) for k in (10, 70)]
+    loompy.combine(paths, tmp_path / "out.loom")
+    with loompy.connect(tmp_path / "out.loom", "r") as ds:
+        assert ds.shape == (0, 80) and ds.layers["x"].shape == (0, 80)
+
+
 def test_combine_keeps_every_input_value_when_dtypes_differ(tmp_path):
     """Each output layer takes the dtype numpy would concatenate the inputs in; nothing is cut."""
     rng = np.random.default_rng(12)

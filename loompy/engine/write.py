@@ -324,7 +324,8 @@ def copy_columns(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> tuple
     """
     layout, target = chunk_layout(src), chunk_layout(dst)
     nothing = (col_offset, col_offset)
-    if layout is None or target is None or layout.chunks != target.chunks or src.shape[0] != dst.shape[0]:
+    if layout is None or target is None or layout.chunks != target.chunks or src.shape[0] != dst.shape[0] \
+            or src.size == 0:
         return nothing
     if layout == target and col_offset % layout.chunks[1] == 0:
         return col_offset, col_offset + _copy_stored(src, dst, col_offset)
