@@ -202,7 +202,8 @@ def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, 
 
     Global attributes are the first file's, with ``file_attrs`` set over them, as in loompy 3
     (:func:`combine_faster` takes ``file_attrs`` alone when given). ``convert_attrs`` stores a
-    column attribute that is text in some files and numbers in others as text; ``batch_size`` is accepted for loompy 3 compatibility (memory, not columns, sets batches).
+    column attribute that is text in some files and numbers in others as text; ``batch_size`` is
+    accepted for loompy 3 compatibility (memory, not columns, sets batches).
     """
     combine_faster(files, output_file, file_attrs=file_attrs, key=key, convert_attrs=convert_attrs,
                    keep_first_attrs=True)
