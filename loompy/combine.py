@@ -19,7 +19,7 @@ from . import format as fmt
 from .attributes import check_writable
 from .connection import LoomConnection, connect
 from .create import atomic_h5
-from .errors import LoomFileNotFoundError, LoomValueError
+from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError
 from .growing import align_rows, differing_globals, join_values, per_column
 from .indexing import select_axis
 
@@ -137,7 +137,11 @@ def _new_layer(group: h5py.Group, name: str, first: _Source, shape: tuple[int, i
     dataset = first[0]
     if not _whole(first) or dataset.dtype != dtype or not fmt.stored_as_new_matrix(dataset, shape):
         return fmt.create_matrix(group, name, shape, dtype), 0
-    group.copy(dataset, name, without_attrs=True)
+    try:
+        group.copy(dataset, name, without_attrs=True)
+    except (OSError, RuntimeError) as error:  # HDF5 read what it could not copy
+        raise LoomFileError(f"{dataset.file.filename}: {dataset.name} cannot be copied; the file is damaged "
+                            f"({error})") from error
     dst = group[name]
     engine.resize(dst, shape[1], axis=1)
     fmt.touch(dst)

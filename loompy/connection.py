@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import html
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,8 +44,9 @@ _LOCK_HINT = (
 
 
 def _is_lock_error(exc: OSError) -> bool:
-    text = str(exc).lower()
-    return "lock" in text or getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK)
+    text = str(exc).lower()  # "lock" as a word: HDF5 also speaks of its superblock ("sblock")
+    return bool(re.search(r"\block(ing|ed)?\b", text)) or \
+        getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK)
 
 
 def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = None) -> h5py.File:
@@ -68,6 +70,9 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
     except OSError as exc:
         if _is_lock_error(exc):
             raise LoomLockError(f"{path}: {_LOCK_HINT} ({exc})") from exc
+        if "truncated file" in str(exc):
+            raise LoomFileError(f"{path}: the file is shorter than HDF5 recorded it (an incomplete copy or "
+                                f"download?) ({exc})") from exc
         if "addr overflow" in str(exc):  # a writer died before HDF5 recorded the space it had used
             raise LoomFileError(f"{path}: a write was interrupted; open it once with mode 'r+' to repair it "
                                 f"({exc})") from exc

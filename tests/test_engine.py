@@ -563,3 +563,48 @@ def test_groups_split_any_sorted_selection_by_chunk():
             np.testing.assert_array_equal(np.arange(size)[local], part - chunk * size)
             covered += range(positions.start, positions.stop)
         assert covered == list(range(indices.size))
+
+
+def _damaged_copies(tmp_path):
+    """A Loom file, and copies of it: one with a chunk's bytes overwritten, one whose superblock says
+    it ends before its last chunk (as after a disk filled up mid-write), one cut short."""
+    import struct
+
+    import loompy
+
+    m = (RNG.random((300, 300)) < 0.3).astype(np.float32)
+    good = tmp_path / "good.loom"
+    loompy.create(good, m, {}, {}).close()
+    with h5py.File(good, "r") as f:
+        d = f["matrix"]
+        infos = [d.id.get_chunk_info(i) for i in range(d.id.get_num_chunks())]
+    last = max(infos, key=lambda info: info.byte_offset)
+    hit = next(info for info in infos if info.chunk_offset == last.chunk_offset)  # the same chunk, damaged
+    data = good.read_bytes()
+    assert data[8] == 0  # superblock version 0: the end-of-file address is bytes 40-47
+    garbled = bytearray(data)
+    garbled[hit.byte_offset + 10:hit.byte_offset + 50] = b"\xff" * 40
+    short_eoa = bytearray(data)
+    short_eoa[40:48] = struct.pack("<Q", last.byte_offset + 1)
+    copies = {"garbled": bytes(garbled), "short_eoa": bytes(short_eoa), "cut": data[:last.byte_offset + 5]}
+    for name, content in copies.items():
+        (tmp_path / f"{name}.loom").write_bytes(content)
+    return last.chunk_offset, {name: tmp_path / f"{name}.loom" for name in copies}
+
+
+def test_a_damaged_chunk_is_an_error_never_zeros(tmp_path):
+    """Chunks that exist but cannot be read (garbled bytes, beyond the end HDF5 recorded) raise
+    LoomFileError naming the file, on every read path; they never read as the fill value."""
+    import loompy
+
+    (r, c), paths = _damaged_copies(tmp_path)
+    for name in ("garbled", "short_eoa"):
+        with loompy.connect(paths[name], "r") as ds:
+            for read in (lambda: ds[:, :], lambda: ds[:, c], lambda: ds[[0, r], :], lambda: ds.sparse(),
+                         lambda: ds.map([np.sum], axis=1), lambda: [v for _, _, v in ds.scan(axis=0)]):
+                with pytest.raises(loompy.LoomFileError, match=f"{name}.loom.*(damaged|cannot be read)"):
+                    read()
+        with pytest.raises(loompy.LoomFileError, match=f"{name}.loom.*(damaged|cannot be read)"):
+            loompy.combine([paths[name], paths[name]], tmp_path / f"{name}-twice.loom")
+    with pytest.raises(loompy.LoomFileError, match="cut.loom: the file is shorter than HDF5 recorded"):
+        loompy.connect(paths["cut"], "r")

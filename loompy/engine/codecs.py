@@ -30,13 +30,21 @@ def supported_pipeline(filters: list[tuple[int, tuple[int, ...]]]) -> bool:
     return not filters or (len(filters) == 1 and filters[0][0] == FILTER_DEFLATE)
 
 
+class DamagedChunk(ValueError):
+    """A stored chunk that cannot be what it claims to be (does not inflate, wrong size, cut short)."""
+
+
 def decompress(data: bytes, nbytes: int, compressed: bool) -> bytes:
-    """Raw chunk bytes (``nbytes`` long once decoded) from what is stored."""
-    if not compressed:
-        return data
-    if _deflate is not None:
-        return _deflate.zlib_decompress(data, nbytes)
-    return zlib.decompress(data)
+    """Raw chunk bytes (``nbytes`` long once decoded) from what is stored; DamagedChunk when they
+    cannot be had (the file is damaged: such a chunk must never read as anything)."""
+    try:
+        raw = data if not compressed else _deflate.zlib_decompress(data, nbytes) if _deflate is not None \
+            else zlib.decompress(data)
+    except Exception as error:  # deflate.DeflateError, zlib.error: the libraries' own kinds
+        raise DamagedChunk(f"a stored chunk does not inflate ({error})") from error
+    if len(raw) != nbytes:
+        raise DamagedChunk(f"a stored chunk holds {len(raw)} bytes, not {nbytes}")
+    return raw
 
 
 def compress(chunk: np.ndarray | memoryview, level: int | None) -> bytes:

@@ -24,12 +24,14 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from .codecs import DamagedChunk
 from .memory import Scratch
 from .storage import (
     ChunkIndex,
     ChunkLayout,
     chunk_index,
     chunk_layout,
+    damaged,
     groups,
     held_index,
     open_index,
@@ -212,6 +214,8 @@ class _ChunkRead:
                 if size >= READ_BATCH or k == len(tasks) - 1:
                     run_all(batch)
                     batch, size = [], 0
+        except DamagedChunk as error:
+            raise damaged(self.dataset, error) from error
         finally:
             if fd is not None:
                 os.close(fd)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from ..errors import LoomFileError
 from . import codecs
 
 INDEX_SHARE = 3  # build an index once a third of a dataset's chunks have been asked for
@@ -86,11 +87,33 @@ def groups(indices: np.ndarray, size: int) -> list[tuple[int, slice, slice | np.
 
 
 def raw_chunk(dataset: h5py.Dataset, row: int, col: int) -> tuple[int, bytes] | None:
-    """(filter mask, stored bytes) of the chunk at element (row, col), or None when it was never written."""
+    """(filter mask, stored bytes) of the chunk at element (row, col), or None when it was never written.
+
+    Raises :class:`~loompy.errors.LoomFileError` when the chunk exists but cannot be read (a damaged
+    or truncated file): such a chunk must never read as the fill value.
+    """
     try:
         return dataset.id.read_direct_chunk((row, col))
-    except (MemoryError, OSError, KeyError, RuntimeError):  # how HDF5 reports an unallocated chunk
+    except MemoryError:  # h5py's answer when HDF5 gives a stored size of 0: never written
         return None
+    except (OSError, KeyError, RuntimeError) as error:  # never written (so HDF5 says), or worse
+        if "not allocated" in str(error) or _unallocated(dataset, row, col):
+            return None
+        raise LoomFileError(f"{dataset.file.filename}: the chunk of {dataset.name} at ({row}, {col}) "
+                            f"cannot be read (is the file damaged or truncated?): {error}") from error
+
+
+def damaged(dataset: h5py.Dataset, error: Exception) -> LoomFileError:
+    """The error to raise for a chunk of ``dataset`` that cannot be read (see :class:`~.codecs.DamagedChunk`)."""
+    return LoomFileError(f"{dataset.file.filename}: {dataset.name}: {error}; the file is damaged")
+
+
+def _unallocated(dataset: h5py.Dataset, row: int, col: int) -> bool:
+    """Whether HDF5's chunk index says the chunk at (row, col) was never written (slow: walks the index)."""
+    try:
+        return dataset.id.get_chunk_info_by_coord((row, col)).byte_offset is None
+    except (OSError, KeyError, RuntimeError, ValueError):
+        return False
 
 
 def refresh(dataset: h5py.Dataset) -> None:
@@ -157,7 +180,7 @@ class ChunkIndex:
     def read(fd: int, offset: int, size: int) -> bytes:
         data = os.pread(fd, size, offset)
         if len(data) != size:
-            raise OSError(f"short read of a chunk at byte {offset}: file truncated?")
+            raise codecs.DamagedChunk(f"the chunk at byte {offset} is cut short (is the file truncated?)")
         return data
 
 

@@ -25,6 +25,7 @@ from .storage import (
     ChunkLayout,
     chunk_index,
     chunk_layout,
+    damaged,
     forget,
     groups,
     held_index,
@@ -356,6 +357,8 @@ def _copy_stored(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
             for r, c, o, size, mask in zip((i * h).tolist(), (j * w + col_offset).tolist(), index.offset[i, j].tolist(),
                                            index.size[i, j].tolist(), index.mask[i, j].tolist()):
                 write((r, c), index.read(fd, o, size), filter_mask=mask)
+        except codecs.DamagedChunk as error:
+            raise damaged(src, error) from error
         finally:
             if fd is not None:
                 os.close(fd)
@@ -405,6 +408,8 @@ def _copy_shifted(src: h5py.Dataset, dst: h5py.Dataset, layout: ChunkLayout, tar
         try:
             refresh(dst)
             store_region(dst, target, 0, first, dst.shape[0], last - first, functools.partial(produce, fd, index))
+        except codecs.DamagedChunk as error:
+            raise damaged(src, error) from error
         finally:
             os.close(fd)
     return first, last
