@@ -1,6 +1,6 @@
 """Whole-file operations: combine, permute and repack, each written to a temporary file and renamed into place.
 
-The target path always holds either the old file or the complete new one (see ``create.atomic_h5``).
+The target path always holds either the old file or the complete new one (see :mod:`loompy.files`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from . import engine
 from . import format as fmt
 from .attributes import check_writable
 from .connection import LoomConnection, connect
-from .create import atomic_h5
 from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError
+from .files import replacing
 from .growing import align_rows, differing_globals, join_values, per_column
 from .indexing import select_axis
 
@@ -94,7 +94,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         converted.update({k: None for k in attr_names if any(k not in c.ca for c in conns)})
         globals_ = {k: fmt.normalize_global(v, k) for k, v in (file_attrs or {}).items()}
         n = first.shape[0]
-        with atomic_h5(output_file) as out:
+        with replacing(output_file) as out:
             fmt.init_file(out)
             for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else []):
                 if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted and k not in globals_:
@@ -270,8 +270,18 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     inverse = np.empty(length, dtype=np.int64)
     inverse[order] = np.arange(length)
     mode, f = ds.mode, ds._file
-    n, m = ds.shape
-    with atomic_h5(ds._path) as out:
+    try:
+        _permute_into(ds, f, order, inverse, axis)
+    finally:  # the file is the permuted one, or (after a failure) the old one, unchanged: reopen it
+        if not ds._file:
+            ds._file = h5py.File(ds._path, mode)
+            ds._open_managers()
+
+
+def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: np.ndarray, axis: int) -> None:
+    """Write the permuted file beside ``ds``'s and rename it into place (``ds``'s file is closed then)."""
+    m = ds.shape[1]
+    with replacing(ds._path, own=f) as out:
         for name in ds.layers.keys():
             src = ds.layers[name]._dataset
             group = out if name == "" else out.require_group(fmt.LAYERS)
@@ -293,13 +303,13 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
         dst_attrs = out.require_group(attr_group)
         for key, value in f[attr_group].attrs.items() if attr_group in f else []:
             dst_attrs.attrs[key] = value
-        manager = ds.ra if axis == 0 else ds.ca
-        for key in manager.keys():
-            fmt.write_values(dst_attrs, key, manager[key][order], resizable=axis == 1, where=f"attribute '{key}'")
-        if attr_group in f:
-            for key, obj in f[attr_group].items():
-                if not isinstance(obj, h5py.Dataset):
-                    f.copy(obj, dst_attrs, name=key)
+        legacy = (ds.ra if axis == 0 else ds.ca)._legacy
+        for key, obj in f[attr_group].items() if attr_group in f else []:  # the file's, not a cached list:
+            if isinstance(obj, h5py.Dataset):                              # other connections may have added some
+                values = fmt.read_values(obj, legacy)[order]
+                fmt.write_values(dst_attrs, key, values, resizable=axis == 1, where=f"attribute '{key}'")
+            else:
+                f.copy(obj, dst_attrs, name=key)
         graphs = ds.row_graphs if axis == 0 else ds.col_graphs
         out.require_group(graph_group)
         for key in graphs.keys():
@@ -308,17 +318,13 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
             write_graph(out, graph_group, key, renumbered)
         fmt.touch(out[attr_group], out[graph_group])
         engine.forget_file(ds._file)
-        ds._file.close()  # the rename replaces the file under this handle; reopen below
-    ds._file = h5py.File(ds._path, mode)
-    ds._open_managers()
+        ds._file.close()  # the rename replaces the file under this handle; permute reopens it
 
 
 def repack(filename: str | os.PathLike) -> None:
     """Rewrite a file without the space HDF5 never reclaims from deleted or overwritten objects."""
-    path = os.fspath(filename)
-    if not os.path.exists(path):
-        raise LoomFileNotFoundError(2, "no such Loom file", path)
-    with h5py.File(path, "r") as src, atomic_h5(path) as out:
+    with connect(filename, "r") as ds, replacing(ds._path) as out:
+        src = ds._file
         for name in src.keys():
             src.copy(src[name], out, name=name)
         for key, value in src.attrs.items():

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import h5py
@@ -17,39 +14,9 @@ from . import engine
 from . import format as fmt
 from .attributes import AttributeManager
 from .connection import LoomConnection, connect
-from .errors import LoomFileError, LoomFileNotFoundError, LoomTypeError, LoomValueError
+from .errors import LoomTypeError, LoomValueError
+from .files import replacing
 from .layers import LayerManager, LoomLayer
-
-
-@contextlib.contextmanager
-def atomic_h5(path: str | os.PathLike) -> Iterator[h5py.File]:
-    """Write a new HDF5 file at a temporary path beside ``path`` and rename it into place on success.
-
-    The target path always holds either its old content or the complete new file; a failure
-    (or a kill) leaves at most a stray ``.*.loom-tmp`` file, never a broken target.
-    """
-    path = os.path.abspath(os.fspath(path))
-    directory, base = os.path.split(path)
-    if not os.path.isdir(directory):
-        raise LoomFileNotFoundError(2, "the folder for the new Loom file does not exist", directory)
-    if os.path.isdir(path):
-        raise LoomFileError(f"{path}: is a folder; a Loom file cannot replace it")
-    # HDF5 creates the file exclusively ("x"), so it gets the umask's permissions like any new file
-    # (mkstemp would make it 0600); a file being replaced keeps its own
-    tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.loom-tmp")
-    f = h5py.File(tmp, "x")  # fails, leaving nothing to clean up, if the name were ever taken
-    try:
-        with f:
-            yield f
-        if os.path.exists(path):
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
 
 
 def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
@@ -154,7 +121,7 @@ def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = Non
     chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, str(filename))
     contents = validate_contents(filename, layers if layers is not None else matrix, row_attrs, col_attrs,
                                  file_attrs, dtype)
-    with atomic_h5(filename) as f:
+    with replacing(filename) as f:
         write_contents(f, *contents, chunks=chunks, chunk_cache=chunk_cache, compression_opts=compression_opts)
     return connect(filename, "r+")
 
@@ -167,7 +134,7 @@ def new(filename: str | os.PathLike, *, file_attrs: Mapping[str, Any] | None = N
     globals_ = {name: fmt.normalize_global(value, name) for name, value in (file_attrs or {}).items()}
     if fmt.SPEC_VERSION_KEY in globals_:
         raise LoomValueError(f"{filename}: global attribute '{fmt.SPEC_VERSION_KEY}' is managed by loompy")
-    with atomic_h5(filename) as f:
+    with replacing(filename) as f:
         fmt.init_file(f)
         for name, value in globals_.items():
             fmt.write_global(f, name, value, in_group=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import engine
 from . import format as fmt
-from .errors import LoomKeyError, LoomTypeError, LoomValueError
+from .errors import LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, select_axis
 from .view import WHAT_ALL, LoomView, make_view
 
@@ -349,6 +349,7 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
     if format != "tab":
         raise LoomValueError(f"{ds.filename}: export format '{format}' is not supported (only 'tab')")
     dataset = ds.layers["" if layer is None else layer]._dataset
+    _refuse_to_overwrite_hdf5(out_file)
     row_names = list(ds.ra.keys())
     lead = len(row_names)
     cols = np.arange(ds.shape[1], dtype=np.int64)
@@ -364,6 +365,23 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
                 for i, row in enumerate(block):
                     labels = "".join(str(v[start + i]) + "\t" for v in row_values)
                     out.write(labels + "\t" + "\t".join(_as_text(row)) + "\n")
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def _refuse_to_overwrite_hdf5(path: str | os.PathLike) -> None:
+    """Text never replaces an HDF5 file (a Loom file, perhaps the one being exported): a slip of the
+    output name must not destroy data."""
+    try:
+        with open(path, "rb") as existing:
+            start = existing.read(len(HDF5_SIGNATURE))
+    except (FileNotFoundError, IsADirectoryError):
+        return
+    except OSError:
+        return  # unreadable: open() for writing reports what is wrong
+    if start == HDF5_SIGNATURE:
+        raise LoomFileError(f"{os.fspath(path)}: is an HDF5 file; export writes text, give it another name")
 
 
 def _as_text(values: np.ndarray) -> list[str]:

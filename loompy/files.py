@@ -1,0 +1,156 @@
+"""Replacing a file on disk safely: the one place that turns a user's path into the file written.
+
+Whole-file writes (create, combine, permute, repack) build the new file beside the target and
+rename it into place, so the target always holds its old content or the complete new one. Before
+any work starts, :func:`target_path` and :func:`check_replaceable` refuse what that rename would
+get wrong: a symlink is followed (the file it names is replaced, the link stays), and a target
+that is read-only, has other hard links (they would keep the old content), or is open for
+writing by another connection or program (its later writes would go to the replaced file and
+be lost) is refused with a :class:`~loompy.errors.LoomFileError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import secrets
+import stat
+from collections.abc import Iterator
+
+import h5py
+
+from .errors import LoomFileError, LoomFileNotFoundError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows: there HDF5 takes no locks loompy could test
+    fcntl = None
+
+NAME_MAX = 255  # bytes in a file name on the usual file systems
+
+
+def target_path(path: str | os.PathLike | bytes) -> str:
+    """The absolute path of the file a write to ``path`` must replace (symlinks followed)."""
+    text = os.fsdecode(os.fspath(path))
+    if text.endswith(os.sep) or (os.altsep and text.endswith(os.altsep)):
+        raise LoomFileError(f"{text}: names a folder (it ends with a separator), not a Loom file")
+    return os.path.realpath(os.path.expanduser(text))
+
+
+def _writers_here(target: str, own: h5py.File | None) -> int:
+    """How many files HDF5 has open for writing in this process on ``target`` (besides ``own``)."""
+    try:
+        wanted = os.stat(target)
+    except OSError:
+        return 0
+    count = 0
+    for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
+        if own is not None and fid.id == own.id.id:  # (FileIDs of one file compare equal: use the ids)
+            continue
+        try:
+            found = os.stat(fid.name)
+            writable = fid.get_intent() & h5py.h5f.ACC_RDWR
+        except (OSError, ValueError, RuntimeError):
+            continue
+        if writable and (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino):
+            count += 1
+    return count
+
+
+def _locked_by_a_writer(target: str) -> bool:
+    """Whether another program holds HDF5's write lock on ``target`` (False when locks cannot be tested)."""
+    if fcntl is None:
+        return False
+    try:
+        fd = os.open(target, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # HDF5 writers hold LOCK_EX, readers LOCK_SH
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except OSError as error:
+        return error.errno in (errno.EWOULDBLOCK, errno.EAGAIN)
+    finally:
+        os.close(fd)
+
+
+def check_replaceable(target: str, own: h5py.File | None = None) -> None:
+    """Refuse, before any work, a rewrite of ``target`` that would lose or split users' data.
+
+    ``own`` is the caller's own open file on ``target`` (permute's connection), which is allowed.
+    """
+    directory = os.path.dirname(target)
+    if not os.path.isdir(directory):
+        raise LoomFileNotFoundError(errno.ENOENT, "the folder for the Loom file does not exist", directory)
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise LoomFileError(f"{target}: cannot write in its folder {directory} (permission denied)")
+    if os.path.isdir(target):
+        raise LoomFileError(f"{target}: is a folder; a Loom file cannot replace it")
+    if not os.path.exists(target):
+        return
+    if not os.access(target, os.W_OK):
+        raise LoomFileError(f"{target}: the file is read-only")
+    links = os.stat(target).st_nlink
+    if links > 1:
+        raise LoomFileError(f"{target}: the file has {links} hard links, and rewriting it would leave the "
+                            "other names with the old content; make it a file of its own first")
+    if _writers_here(target, own):
+        raise LoomFileError(f"{target}: the file is open for writing by another connection; close it first "
+                            "(its later writes would be lost)")
+    if own is None and _locked_by_a_writer(target):
+        raise LoomFileError(f"{target}: another program has the file open for writing; close it first")
+
+
+def _temporary_name(directory: str, base: str) -> str:
+    """A hidden, unused-looking name beside the target, short enough for any file name the target has."""
+    token = secrets.token_hex(8)
+    stem = base.encode()[:NAME_MAX - len(token) - 12].decode(errors="ignore")
+    return os.path.join(directory, f".{stem}.{token}.loom-tmp")
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike | bytes, own: h5py.File | None = None) -> Iterator[h5py.File]:
+    """Write a new HDF5 file that replaces ``path`` (the file it names) on success.
+
+    The target always holds either its old content or the complete new file; a failure (or a
+    kill) leaves at most a stray ``.*.loom-tmp`` file, never a broken target. The new file keeps
+    the old one's permission bits and, where allowed, its owner and group.
+    """
+    target = target_path(path)
+    check_replaceable(target, own)
+    tmp = _temporary_name(*os.path.split(target))
+    try:
+        f = h5py.File(tmp, "x")  # a new file: it gets the umask's permissions like any (mkstemp: 0600)
+    except OSError as error:
+        raise LoomFileError(f"{target}: cannot write a new file beside it ({error})") from error
+    try:
+        with f:
+            yield f
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            if os.path.exists(target):
+                _keep_ownership(target, tmp)
+            os.replace(tmp, target)
+        except OSError as error:
+            raise LoomFileError(f"{target}: the new file could not replace it ({error}); it is unchanged") from error
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _keep_ownership(old: str, new: str) -> None:
+    """Give ``new`` the permission bits of ``old``, and its owner and group where this process may."""
+    info = os.stat(old)
+    os.chmod(new, stat.S_IMODE(info.st_mode))
+    if hasattr(os, "chown") and (info.st_uid, info.st_gid) != (os.getuid(), os.getgid()):
+        for uid, gid in ((info.st_uid, info.st_gid), (-1, info.st_gid)):  # a group alone may be allowed
+            with contextlib.suppress(OSError):
+                os.chown(new, uid, gid)
+                break

@@ -1,0 +1,168 @@
+"""Whole-file rewrites (create, combine, permute, repack) and the file they replace: links, other
+writers, ownership, odd names, late failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+import loompy
+
+
+def make(path, m=None):
+    m = np.arange(12, dtype=np.float32).reshape(3, 4) if m is None else m
+    loompy.create(path, m, {"g": np.arange(m.shape[0])}, {"c": np.arange(m.shape[1])}).close()
+    return path
+
+
+def columns(path):
+    with loompy.connect(path, "r") as ds:
+        return ds.ca.c.tolist()
+
+
+def test_a_symlink_is_followed_and_kept(tmp_path):
+    """permute, repack and create through a symlink update the file it names; the link stays a link."""
+    (tmp_path / "data").mkdir()
+    real = make(tmp_path / "data" / "real.loom")
+    link = tmp_path / "link.loom"
+    link.symlink_to(real)
+    with loompy.connect(link) as ds:
+        ds.permute(np.array([3, 2, 1, 0]), axis=1)
+    assert link.is_symlink() and columns(real) == [3, 2, 1, 0]
+    loompy.repack(link)
+    assert link.is_symlink() and columns(real) == [3, 2, 1, 0]
+    make(link, np.zeros((3, 2), np.float32))
+    assert link.is_symlink() and columns(real) == [0, 1]
+    dangling = tmp_path / "dangling.loom"
+    dangling.symlink_to(tmp_path / "data" / "new.loom")
+    make(dangling)
+    assert dangling.is_symlink() and columns(tmp_path / "data" / "new.loom") == [0, 1, 2, 3]
+
+
+def test_a_file_with_other_hard_links_is_not_split(tmp_path):
+    path = make(tmp_path / "a.loom")
+    os.link(path, tmp_path / "b.loom")
+    before = path.read_bytes()
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomFileError, match="a.loom: the file has 2 hard links"):
+            ds.permute(np.array([3, 2, 1, 0]), axis=1)
+        assert ds.ca.c.tolist() == [0, 1, 2, 3]  # the connection still works
+    assert path.read_bytes() == before and (tmp_path / "b.loom").read_bytes() == before
+
+
+def test_a_file_open_for_writing_elsewhere_is_not_replaced(tmp_path):
+    """Writes through the other connection would go to the replaced file and be lost: refused."""
+    path = make(tmp_path / "a.loom")
+    first, second = loompy.connect(path), loompy.connect(path)
+    with pytest.raises(loompy.LoomFileError, match="open for writing by another connection"):
+        first.permute(np.array([3, 2, 1, 0]), axis=1)
+    with pytest.raises(loompy.LoomFileError, match="open for writing by another connection"):
+        make(path, np.zeros((3, 2), np.float32))
+    second.ca["kept"] = np.ones(4)
+    second.close()
+    first.permute(np.array([3, 2, 1, 0]), axis=1)  # alone now: allowed
+    assert first.ca.kept.tolist() == [1, 1, 1, 1] and first.ca.c.tolist() == [3, 2, 1, 0]
+    first.close()
+    with loompy.connect(path, "r") as reader:  # readers keep the old file and do not stand in the way
+        make(path, np.zeros((3, 2), np.float32))
+        assert reader.shape == (3, 4)
+    assert columns(path) == [0, 1]
+
+
+def test_a_file_another_program_writes_is_not_replaced(tmp_path):
+    path = make(tmp_path / "a.loom")
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, loompy
+        ds = loompy.connect({str(path)!r}, "r+")
+        print("open", flush=True)
+        sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=os.environ)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(loompy.LoomFileError, match="another program has the file open for writing"):
+            make(path, np.zeros((3, 2), np.float32))
+        with pytest.raises(loompy.LoomFileError):
+            loompy.combine([path, path], path)
+    finally:
+        holder.communicate("", timeout=60)
+    assert columns(path) == [0, 1, 2, 3]
+
+
+def test_a_late_failure_leaves_the_file_and_the_connection_as_they_were(tmp_path, monkeypatch):
+    path = make(tmp_path / "a.loom")
+    before = path.read_bytes()
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomFileError, match="a.loom: the new file could not replace it"):
+            ds.permute(np.array([3, 2, 1, 0]), axis=1)
+        assert not ds.closed and ds.ca.c.tolist() == [0, 1, 2, 3]
+        ds.ca["after"] = np.ones(4)  # still writable
+        assert ds.ca.after.tolist() == [1, 1, 1, 1]
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(".*loom-tmp"))
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.c.tolist() == [0, 1, 2, 3] and "after" in ds.ca
+    assert path.read_bytes() != before  # (the attribute written after the failure)
+
+
+def test_names_a_rewrite_must_cope_with(tmp_path):
+    existing = make(tmp_path / "results.loom")
+    before = existing.read_bytes()
+    for name in ("results.loom/", "newdir/"):
+        with pytest.raises(loompy.LoomFileError, match="names a folder"):
+            make(f"{tmp_path}/{name}")  # (pathlib would drop the slash)
+    assert existing.read_bytes() == before and not (tmp_path / "newdir").exists()
+    make(os.fsencode(tmp_path / "bytes.loom"))
+    assert columns(tmp_path / "bytes.loom") == [0, 1, 2, 3]
+    long_name = tmp_path / ("l" * 240 + ".loom")  # a legal name; the temporary one must fit too
+    make(long_name)
+    with loompy.connect(long_name) as ds:
+        ds.permute(np.array([1, 0, 3, 2]), axis=1)
+    assert columns(long_name) == [1, 0, 3, 2]
+    assert not list(tmp_path.glob(".*loom-tmp"))
+
+
+def test_repack_opens_only_loom_files(tmp_path):
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.arange(3)
+    before = plain.read_bytes()
+    with pytest.raises(loompy.LoomFormatError, match="plain.h5: not a valid Loom file"):
+        loompy.repack(plain)
+    assert plain.read_bytes() == before
+    with pytest.raises(loompy.LoomFileNotFoundError):
+        loompy.repack(tmp_path / "missing.loom")
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0, reason="changing owners needs root")
+def test_a_rewrite_keeps_the_owner_group_and_mode(tmp_path):
+    path = make(tmp_path / "a.loom")
+    os.chown(path, 65534, 65534)
+    os.chmod(path, 0o640)
+    with loompy.connect(path) as ds:
+        ds.permute(np.array([3, 2, 1, 0]), axis=1)
+    info = os.stat(path)
+    assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (65534, 65534, 0o640)
+
+
+def test_export_never_writes_text_over_a_loom_file(tmp_path):
+    path, other = make(tmp_path / "a.loom"), make(tmp_path / "b.loom")
+    before = {p: p.read_bytes() for p in (path, other)}
+    with loompy.connect(path, "r") as ds:
+        for target in (path, other):
+            with pytest.raises(loompy.LoomFileError, match="is an HDF5 file; export writes text"):
+                ds.export(target)
+        (tmp_path / "old.tsv").write_text("stale")
+        ds.export(tmp_path / "old.tsv")  # text over text is an ordinary overwrite
+    assert all(p.read_bytes() == content for p, content in before.items())
+    assert (tmp_path / "old.tsv").read_text().splitlines()[0].split("\t")[-1] == "3"
