@@ -27,6 +27,7 @@ from .errors import LoomFileError, LoomKeyError, LoomValueError
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
 ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
+FIRST = "first_columns"  # its HDF5 attribute: the append gives an empty file (new()) its first columns
 
 
 def pending_append(f: h5py.File) -> int | None:
@@ -47,11 +48,17 @@ def recover(f: h5py.File) -> int | None:
     if width is None or not writable(f):
         return width
     try:
+        kept = fmt.get_group(f, BEFORE_APPEND)
+        if kept is not None and kept.attrs.get(FIRST):  # the file was empty: empty it again
+            _empty_again(f)
+            del f[BEFORE_APPEND]
+            del f.attrs[JOURNAL]
+            f.flush()
+            return 0
         for ds in _matrices(f):
             if ds.shape[1] > width:
                 engine.resize(ds, width, axis=1)
         group = fmt.get_group(f, fmt.COL_ATTRS)
-        kept = fmt.get_group(f, BEFORE_APPEND)
         if group is not None and kept is not None:  # attributes the append rewrote: the old ones back
             for name in list(kept):
                 if name in group:
@@ -71,6 +78,27 @@ def recover(f: h5py.File) -> int | None:
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
         raise LoomFileError(f"{f.filename}: could not roll back an interrupted append: {exc}") from exc
     return width
+
+
+def _empty_again(f: h5py.File) -> None:
+    """Remove what the first columns of an empty file brought: matrix, layers, attributes, graphs."""
+    if fmt.MATRIX in f:
+        engine.forget(f[fmt.MATRIX])
+        del f[fmt.MATRIX]
+    for name in (fmt.LAYERS, fmt.ROW_ATTRS, fmt.COL_ATTRS, fmt.ROW_GRAPHS, fmt.COL_GRAPHS):
+        group = fmt.get_group(f, name)
+        for key in list(group) if group is not None else []:
+            if isinstance(group[key], h5py.Dataset):
+                engine.forget(group[key])
+            del group[key]
+
+
+def _begin(f: h5py.File, width: int, first: bool = False) -> None:
+    """Start a journalled append to a file of ``width`` columns (``first``: an empty one)."""
+    if first:
+        f.require_group(BEFORE_APPEND).attrs[FIRST] = True
+    f.attrs[JOURNAL] = width
+    f.flush()
 
 
 def _matrices(f: h5py.File) -> list[h5py.Dataset]:
@@ -140,7 +168,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     n_rows = layer_dict[""].shape[0]
     empty = "" not in ds.layers
     if empty:
-        _first_columns(ds, layer_dict, col_attrs, row_attrs)
+        _first_columns(ds, layer_dict, col_attrs, row_attrs, journal)
         return
     n, m = ds.shape
     if n_rows != n:
@@ -168,8 +196,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             raise LoomValueError(f"{where}: attribute name {name!r} is invalid (a non-empty string without '/')")
     # everything is valid: write, journalled
     if journal:
-        f.attrs[JOURNAL] = m
-        f.flush()
+        _begin(f, m)
     try:
         for name, matrix in converted.items():
             dataset = ds.layers[name]._dataset
@@ -313,6 +340,9 @@ def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
 def _roll_back(ds: Any, width: int) -> None:
     """Undo a journalled append that failed while writing: the file and the connection back at ``width``."""
     recover(ds._file)
+    if fmt.MATRIX not in ds._file:  # an empty file again: the connection starts over
+        ds._open_managers()
+        return
     ds._dims.shape = (ds.shape[0], width)
     ds.col_attrs._forget()
 
@@ -365,23 +395,33 @@ def _commit(f: h5py.File) -> None:
         del f[BEFORE_APPEND]
 
 
-def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any) -> None:
-    """An empty file's first columns define its rows: write it like ``create`` would."""
+def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, journal: bool) -> None:
+    """An empty file's first columns define its rows: write it like ``create`` would, journalled
+    (undone, the file is empty again; ``journal=False``: the caller keeps the journal)."""
     from .create import validate_contents
 
     contents = validate_contents(ds.filename, layer_dict, row_attrs, col_attrs, None, None)
     layer_dict, dtypes, rows, cols, _ = contents
     f = ds._file
-    for name, matrix in layer_dict.items():
-        group = f if name == "" else f.require_group(fmt.LAYERS)
-        dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, matrix.shape, dtypes[name])
-        engine.write_matrix(dataset, matrix)
-    ds._dims.shape = tuple(layer_dict[""].shape)
-    for name, values in rows.items():
-        ds.ra[name] = values
-    for name, values in cols.items():
-        ds.ca[name] = values
-    f.flush()
+    if journal:
+        _begin(f, 0, first=True)
+    try:
+        for name, matrix in layer_dict.items():
+            group = f if name == "" else f.require_group(fmt.LAYERS)
+            dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, matrix.shape, dtypes[name])
+            engine.write_matrix(dataset, matrix)
+        ds._dims.shape = tuple(layer_dict[""].shape)
+        for name, values in rows.items():
+            ds.ra[name] = values
+        for name, values in cols.items():
+            ds.ca[name] = values
+        f.flush()
+    except BaseException:
+        if journal:
+            _roll_back(ds, 0)
+        raise
+    if journal:
+        _commit(f)
 
 
 def align_rows(ds: Any, other: Any, key: str | None) -> np.ndarray | None:
@@ -440,22 +480,17 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                 if not np.can_cast(theirs, mine, "safe"):
                     for cols in batches:
                         fmt.check_fits(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
-        journal = not empty
-        if journal:
-            ds._file.attrs[JOURNAL] = m0
-            ds._file.flush()
+        _begin(ds._file, m0, first=empty)
         try:
             for cols in batches:
                 block = {name: other.layers[name][rows, cols] for name in names}
                 add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values,
-                            journal=not journal, convert_attrs=convert_attrs)
-        except BaseException:
-            if journal:  # back to the columns the file had
-                _roll_back(ds, m0)
+                            journal=False, convert_attrs=convert_attrs)
+        except BaseException:  # back to the columns the file had (an empty file: empty again)
+            _roll_back(ds, m0)
             raise
-        if journal:
-            _commit(ds._file)
-            ds._file.flush()
+        _commit(ds._file)
+        ds._file.flush()
         for name in converted:  # now a column attribute: the file-level value no longer holds for every column
             if name in ds.attrs:
                 del ds.attrs[name]

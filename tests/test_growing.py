@@ -142,6 +142,49 @@ def test_add_columns_failing_while_written_takes_file_and_connection_back(tmp_pa
         np.testing.assert_array_equal(ds.layers["x"][:, :], (counts * 2).astype(np.int32))
 
 
+@pytest.mark.parametrize("how", ["add_columns", "add_loom", "killed"])
+def test_the_first_columns_of_an_empty_file_are_one_journalled_append(tmp_path, monkeypatch, how):
+    """Interrupted (or killed) while writing an empty file's first columns, the file is empty again
+    and the connection says so; a retry then writes exactly what it is given."""
+    import importlib
+
+    growing = importlib.import_module("loompy.growing")
+    counts = np.arange(12, dtype=np.float32).reshape(3, 4)
+    layers = {"": counts, "spliced": np.ones((3, 4), np.float32)}
+    cells, genes = {"cell": np.arange(4)}, {"gene": np.array(["a", "b", "c"])}
+    other = make(tmp_path / "other.loom", counts)
+    path = tmp_path / "new.loom"
+    loompy.new(path).close()
+    real, calls = growing.engine.write_matrix, []
+
+    def interrupt(*args, **kwargs):  # the second layer (add_columns), or the second batch (add_loom)
+        calls.append(1)
+        if len(calls) == (2 if how == "add_columns" else 3):
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with loompy.connect(path) as ds:
+        if how == "killed":  # the process dies before the append is committed: the next r+ open undoes it
+            monkeypatch.setattr(growing, "_commit", lambda f: None)
+            ds.add_columns(layers, cells, row_attrs=genes)
+        else:
+            monkeypatch.setattr(growing.engine, "write_matrix", interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                if how == "add_columns":
+                    ds.add_columns(layers, cells, row_attrs=genes)
+                else:
+                    ds.add_loom(other, batch_size=2)
+            assert ds.shape == (0, 0) and ds.layers.keys() == [] and ds.ca.keys() == [] and ds.ra.keys() == []
+    monkeypatch.undo()
+    with loompy.connect(path) as ds:
+        assert ds.shape == (0, 0) and ds.layers.keys() == [] and ds.ca.keys() == [] and ds.ra.keys() == []
+        ds.add_columns(layers, cells, row_attrs=genes)
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], counts)
+        np.testing.assert_array_equal(ds.layers["spliced"][:, :], layers["spliced"])
+        assert ds.ca.cell.tolist() == [0, 1, 2, 3] and ds.ra.gene.tolist() == ["a", "b", "c"]
+
+
 @pytest.mark.parametrize("dies", [False, True])
 def test_an_undone_append_restores_column_attributes_it_rewrote(tmp_path, monkeypatch, dies):
     """An append that widens a column attribute's dtype rewrites it; undone (by the failing call,
