@@ -317,7 +317,7 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
         touch(existing, group)
         return existing
     # a replacement is written beside the old dataset first: if HDF5 refuses it, the old one stays
-    target = name if name not in group else _unused_name(group, name)
+    target = name if name not in group else unused_name(group, name)
     try:
         if data.shape == ():
             ds = group.create_dataset(target, data=data, dtype=dtype)
@@ -334,22 +334,28 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
         if target in group:
             del group[target]
         raise LoomValueError(f"{where}: HDF5 cannot store values of dtype {values.dtype} ({exc})") from exc
-    if target != name:  # swapped by renames: a full copy is under a name at every step
-        backup = _unused_name(group, name, "old")
-        group.move(name, backup)
-        try:
-            group.move(target, name)
-        except BaseException:
-            group.move(backup, name)
-            del group[target]
-            raise
-        del group[backup]
-        ds = group[name]
+    if target != name:
+        ds = swap_in(group, name, target)
     touch(ds, group)
     return ds
 
 
-def _unused_name(group: h5py.Group | h5py.AttributeManager, name: str, kind: str = "new") -> str:
+def swap_in(group: h5py.Group, name: str, replacement: str) -> h5py.Dataset:
+    """Replace dataset ``name`` by the complete dataset ``replacement`` beside it, by renames: a full
+    copy is under a name at every step, and the old one is deleted last."""
+    backup = unused_name(group, name, "old")
+    group.move(name, backup)
+    try:
+        group.move(replacement, name)
+    except BaseException:
+        group.move(backup, name)
+        del group[replacement]
+        raise
+    del group[backup]
+    return group[name]
+
+
+def unused_name(group: h5py.Group | h5py.AttributeManager, name: str, kind: str = "new") -> str:
     """A free name beside ``name`` for a value being swapped in or out (none a user would pick)."""
     k = 0
     while f"{name}.loompy-{kind}{k}" in group:
@@ -380,7 +386,7 @@ def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> 
                              f"({ATTRIBUTE_BYTES})")
     # made beside the old one first (HDF5 refuses values over 64 KB in an object header): if HDF5
     # refuses, the old value stays
-    target = name if name not in f.attrs else _unused_name(f.attrs, name)
+    target = name if name not in f.attrs else unused_name(f.attrs, name)
     try:
         f.attrs.create(target, data, dtype=dtype)
     except (TypeError, ValueError, OSError, RuntimeError) as exc:

@@ -38,9 +38,19 @@ class LoomLayer(SparseForms):
 
     def __init__(self, name: str, dataset: h5py.Dataset, file: h5py.File | None = None) -> None:
         self.name = name
-        self._dataset = dataset
+        self._path = dataset.name
         self._file = dataset.file if file is None else file  # the connection's handle: it knows the mode
         self._filename = self._file.filename
+
+    @property
+    def _dataset(self) -> h5py.Dataset:
+        """The layer's dataset now (looked up each time: a replaced layer is a new dataset)."""
+        dataset = self._file.get(self._path) if self._file else None
+        if not isinstance(dataset, h5py.Dataset):
+            if not self._file:
+                raise LoomFileError(f"{self._filename}: the connection is closed")
+            raise LoomKeyError(f"{self._filename}: layer '{self.name}' no longer exists")
+        return dataset
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -189,7 +199,8 @@ class LayerManager(DotAccess, MutableMapping):
         """Create or overwrite layer ``name`` from a dense or sparse matrix (or zeros of ``dtype`` when None).
 
         The stored dtype is ``dtype`` if given, else the input's (booleans as uint8). An existing layer
-        of the same shape and dtype is overwritten in place, so the file does not grow.
+        is replaced only once the new values are all written beside it: interrupted, it stays as it
+        was. (HDF5 does not reuse the old layer's space once the file is closed; ``repack`` does.)
         """
         if not isinstance(name, str) or "/" in name:
             raise LoomValueError(f"{self._file.filename}: layer name {name!r} is invalid (a string without '/')")
@@ -215,20 +226,22 @@ class LayerManager(DotAccess, MutableMapping):
         if matrix is not None:
             fmt.check_fits(matrix, target_dtype, where)
         existing = self._dataset(name)
-        if existing is not None and existing.dtype == target_dtype and existing.shape == shape \
-                and existing.chunks == fmt.matrix_chunks(shape, chunks):
-            dataset = existing
-            if matrix is None:
-                engine.write_matrix(dataset, sp.csc_matrix(shape, dtype=target_dtype))
-        else:
-            if existing is not None:
-                engine.forget(existing)  # its chunk index must not outlive it (the name is reused)
-                del self._file[existing.name]
-            group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
-            dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, shape, target_dtype,
-                                        chunks=chunks, compression_opts=compression_opts, chunk_cache=chunk_cache)
-        if matrix is not None:
-            engine.write_matrix(dataset, matrix)
+        group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
+        final = fmt.MATRIX if name == "" else name
+        # a replacement is written beside the layer it replaces, and swapped in once complete
+        target = final if existing is None else fmt.unused_name(group, final)
+        dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,
+                                    compression_opts=compression_opts, chunk_cache=chunk_cache)
+        try:
+            if matrix is not None:
+                engine.write_matrix(dataset, matrix)
+        except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was
+            engine.forget(dataset)
+            del group[target]
+            raise
+        if existing is not None:
+            engine.forget(existing)  # its chunk index must not outlive it (the name is reused)
+            dataset = fmt.swap_in(group, final, target)
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape

@@ -331,6 +331,32 @@ def test_a_read_only_connection_to_a_file_open_for_writing_stays_read_only(small
             np.testing.assert_array_equal(reader[:, :], m)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # in place before, then a new dataset
+def test_a_layer_replaced_is_kept_whole_if_the_replacement_is_interrupted(small, monkeypatch, dtype):
+    path, m, *_ = small
+    layers_module = importlib.import_module("loompy.layers")
+    real = layers_module.engine.write_matrix
+
+    def interrupted(dataset, matrix, *args, **kwargs):
+        real(dataset, matrix[:, :4], *args, **kwargs)  # half of it is written, then Ctrl-C
+        raise KeyboardInterrupt
+
+    with loompy.connect(path) as ds:
+        held = ds.layers[""]
+        monkeypatch.setattr(layers_module.engine, "write_matrix", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ds.layers[""] = (m * 10).astype(dtype)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(ds[:, :], m)
+        assert ds.layers[""].dtype == np.float32 and not any("loompy" in k for k in ds._file)
+        ds.layers[""] = (m * 10).astype(dtype)
+        np.testing.assert_array_equal(held[:, :], m * 10)  # a layer object held before sees the new values
+        held[0, 0] = -1  # ... and writes to them
+        assert ds[0, 0] == -1
+    with loompy.connect(path, "r") as ds:
+        assert ds.layers[""].dtype == np.dtype(dtype) and ds[0, 0] == -1 and ds[4, 7] == m[4, 7] * 10
+
+
 def test_assignments_refuse_values_the_layer_cannot_hold(small):
     path, m, *_ = small
     with loompy.connect(path) as ds:
