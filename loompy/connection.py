@@ -25,6 +25,7 @@ from .attributes import (
     writable,
 )
 from .errors import (
+    LoomError,
     LoomFileError,
     LoomFileNotFoundError,
     LoomFormatError,
@@ -63,8 +64,8 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
     kwargs: dict[str, Any] = {}
     if locking is not None:
         kwargs["locking"] = locking
-    if mode == "r+" and fmt.allocation_short(path) and _interrupted(path, kwargs):
-        fmt.extend_allocation(path)  # before HDF5 opens it for writing, which would trim the file
+    if mode == "r+" and fmt.allocation_short(path):  # a writer died, or its disk filled up, mid-write:
+        fmt.extend_allocation(path)  # keep what it stored (HDF5, opening it for writing, would trim it)
     try:
         return h5py.File(path, mode, **kwargs)
     except OSError as exc:
@@ -79,16 +80,11 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
         raise LoomFileError(f"{path}: cannot open as a Loom (HDF5) file: {exc}") from exc
 
 
-def _interrupted(path: str, kwargs: dict[str, Any]) -> bool:
-    """Whether a file whose allocation is short was left so by an interrupted loompy append (it holds
-    the append journal) or cannot be opened at all for that reason; only then is it repaired."""
-    from .growing import JOURNAL
-
-    try:
-        with h5py.File(path, "r", **kwargs) as f:
-            return JOURNAL in f.attrs
-    except OSError as exc:
-        return "addr overflow" in str(exc)
+def _unreadable(path: str, exc: Exception) -> LoomFileError:
+    """The error for a file HDF5 opened but cannot read the structure of."""
+    if "addr overflow" in str(exc):  # a writer died (or its disk filled up) before HDF5 recorded its space
+        return LoomFileError(f"{path}: a write was interrupted; open it once with mode 'r+' to repair it ({exc})")
+    return LoomFileError(f"{path}: the file is damaged; HDF5 cannot read its structure ({exc})")
 
 
 class LoomConnection:
@@ -98,7 +94,7 @@ class LoomConnection:
                  spec_version: str = fmt.CURRENT_SPEC, locking: bool | None = None) -> None:
         if not isinstance(filename, (str, bytes, os.PathLike)):
             raise LoomTypeError(f"connect needs a path to a Loom file, got {type(filename).__name__}")
-        self.filename = os.fspath(filename)
+        self.filename = os.fsdecode(os.fspath(filename))
         self._path = os.path.abspath(self.filename)  # where whole-file rewrites go, whatever the cwd later
         self._file = open_h5(self.filename, mode, locking=locking)
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
@@ -114,8 +110,10 @@ class LoomConnection:
                 if problems:
                     raise LoomFormatError(f"{self.filename}: not a valid Loom file: " + "; ".join(problems))
             self._open_managers()
-        except BaseException:
+        except BaseException as exc:
             self._file.close()
+            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, LoomError):
+                raise _unreadable(self.filename, exc) from exc
             raise
         self.spec_version = spec_version
 

@@ -7,6 +7,9 @@ get wrong: a symlink is followed (the file it names is replaced, the link stays)
 that is read-only, has other hard links (they would keep the old content), or is open for
 writing by another connection or program (its later writes would go to the replaced file and
 be lost) is refused with a :class:`~loompy.errors.LoomFileError`.
+
+In-place writes (appends, layer replacements) cannot be made safe against a full disk that way:
+:func:`check_free_space` refuses them first when the disk clearly lacks the room.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import os
 import secrets
 import stat
 from collections.abc import Iterator
+from typing import Any
 
 import h5py
+import numpy as np
+import scipy.sparse as sp
 
 from .errors import LoomFileError, LoomFileNotFoundError
 
@@ -154,3 +160,30 @@ def _keep_ownership(old: str, new: str) -> None:
             with contextlib.suppress(OSError):
                 os.chown(new, uid, gid)
                 break
+
+
+def stored_size_bound(matrix: Any) -> int:
+    """A generous estimate of the bytes ``matrix`` takes once compressed into a Loom file: twice what
+    its non-zeros need plus a little per element for the runs of zeros, but never more than its raw
+    size (deflate stores what it cannot shrink), plus 1 MB and 100 bytes a chunk of metadata."""
+    if matrix is None:
+        return 1 << 20
+    size = int(np.prod(matrix.shape))
+    nonzero = int(matrix.nnz) if sp.issparse(matrix) else int(np.count_nonzero(matrix))
+    itemsize = np.dtype(matrix.dtype).itemsize
+    data = min(2 * (nonzero * (itemsize + 2) + size // 64), size * itemsize + size // 100)
+    return data + size // 4096 * 100 + (1 << 20)
+
+
+def check_free_space(path: str, needed: int, where: str) -> None:
+    """Refuse an in-place write the file's disk has no room for: HDF5 running out of space mid-write
+    can leave the file's index pointing at metadata it never wrote, damaged beyond repair."""
+    try:
+        info = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except (AttributeError, OSError):  # no statvfs (Windows), or it failed: nothing to go by
+        return
+    free = info.f_bavail * info.f_frsize
+    if free < needed:
+        raise LoomFileError(f"{where}: about {needed / 1e6:.1f} MB may be needed on the file's disk and only "
+                            f"{free / 1e6:.1f} MB are free; a write running out of space can damage the file "
+                            "beyond repair, so nothing was written")

@@ -23,6 +23,7 @@ from . import format as fmt
 from .attributes import check_writable, writable
 from .create import _as_attr_dict, _as_layer_dict
 from .errors import LoomFileError, LoomKeyError, LoomValueError
+from .files import check_free_space, stored_size_bound
 
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
@@ -194,6 +195,8 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     for name in [*new_row_attrs, *combined]:
         if not isinstance(name, str) or not name or "/" in name:
             raise LoomValueError(f"{where}: attribute name {name!r} is invalid (a non-empty string without '/')")
+    needed = sum(stored_size_bound(matrix) for matrix in converted.values())
+    check_free_space(f.filename, needed + sum(v.nbytes for v in combined.values() if v.dtype != object), where)
     # everything is valid: write, journalled
     if journal:
         _begin(f, m)
@@ -480,6 +483,8 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                 if not np.can_cast(theirs, mine, "safe"):
                     for cols in batches:
                         fmt.check_fits(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
+        stored = sum(other.layers[name]._dataset.id.get_storage_size() for name in names)
+        check_free_space(ds._file.filename, 2 * stored + (1 << 20), f"{ds.filename}: columns of {other.filename}")
         _begin(ds._file, m0, first=empty)
         try:
             for cols in batches:

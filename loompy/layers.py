@@ -13,6 +13,7 @@ from . import engine
 from . import format as fmt
 from .attributes import Dims, DotAccess, check_writable
 from .errors import LoomFileError, LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
+from .files import check_free_space, stored_size_bound
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -225,6 +226,7 @@ class LayerManager(DotAccess, MutableMapping):
             raise LoomValueError(f"{where}: cannot store values of dtype {matrix.dtype} in a matrix")
         if matrix is not None:
             fmt.check_fits(matrix, target_dtype, where)
+        check_free_space(self._file.filename, stored_size_bound(matrix), where)
         existing = self._dataset(name)
         group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
         final = fmt.MATRIX if name == "" else name

@@ -166,3 +166,51 @@ def test_export_never_writes_text_over_a_loom_file(tmp_path):
         ds.export(tmp_path / "old.tsv")  # text over text is an ordinary overwrite
     assert all(p.read_bytes() == content for p, content in before.items())
     assert (tmp_path / "old.tsv").read_text().splitlines()[0].split("\t")[-1] == "3"
+
+
+def test_in_place_writes_are_refused_when_the_disk_has_no_room(tmp_path, monkeypatch):
+    """A disk filling up mid-write can damage an HDF5 file beyond repair: appends and layer
+    replacements that clearly do not fit are refused before anything is written."""
+    path = make(tmp_path / "a.loom", np.random.default_rng(0).random((50, 40)))
+    other = make(tmp_path / "b.loom", np.random.default_rng(1).random((50, 40)))
+    before = path.read_bytes()
+    real = os.statvfs
+
+    class Nearly_full:
+        f_frsize, f_bavail = 4096, 100  # 0.4 MB free
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Nearly_full())
+    with loompy.connect(path) as ds:
+        for write in (lambda: ds.add_columns(np.ones((50, 40)), {"c": np.arange(40)}),
+                      lambda: ds.add_loom(other),
+                      lambda: ds.set_layer("x", np.ones((50, 40)))):
+            with pytest.raises(loompy.LoomFileError, match="a.loom.*MB may be needed.*nothing was written"):
+                write()
+        assert ds.shape == (50, 40)
+    assert path.read_bytes() == before
+    monkeypatch.setattr(os, "statvfs", real)
+    with loompy.connect(path) as ds:  # with room, the same writes go ahead
+        ds.add_columns(np.ones((50, 40)), {"c": np.arange(40)})
+        assert ds.shape == (50, 80)
+
+
+def test_a_file_longer_than_hdf5_recorded_keeps_its_data_when_opened_for_writing(tmp_path):
+    """Metadata a writer stored past the end its superblock records (it died, or its disk filled
+    up) is kept: opening the file 'r+' counts those bytes in instead of letting HDF5 trim them."""
+    import struct
+
+    m = np.random.default_rng(2).random((300, 300)).astype(np.float32)
+    path = make(tmp_path / "a.loom", m)
+    with h5py.File(path, "r") as f:
+        d = f["matrix"]
+        last = max(d.id.get_chunk_info(i).byte_offset for i in range(d.id.get_num_chunks()))
+    data = bytearray(path.read_bytes())
+    assert data[8] == 0  # superblock version 0: the end-of-file address is bytes 40-47
+    data[40:48] = struct.pack("<Q", last + 1)
+    path.write_bytes(bytes(data))
+    with pytest.raises(loompy.LoomFileError, match=r"a.loom: a write was interrupted; open it once with mode 'r\+'"):
+        loompy.connect(path, "r")
+    with loompy.connect(path, "r+") as ds:
+        np.testing.assert_array_equal(ds[:, :], m)
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], m)
