@@ -83,9 +83,10 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                 raise LoomValueError(f"combine: column attribute '{a}' is text in some files and numbers in "
                                      "others (pass convert_attrs=True to store it as text)")
             col_attrs[a] = join_values(parts, f"combine: column attribute '{a}'", convert_attrs)
-        # each layer holds every input's values unchanged: the dtype numpy would concatenate them in
-        dtypes = {name: fmt.check_matrix_dtype(np.result_type(*(c.layers[name]._dataset.dtype for c in conns)),
-                                               f"combine: layer '{name}'") for name in names}
+        # each layer holds every input's values unchanged: the dtype numpy would concatenate them in, or
+        # when that would round 64-bit integers, one that holds the values the inputs have
+        dtypes = {name: _layer_dtype([c.layers[name]._dataset for c in conns], f"combine: layer '{name}'")
+                  for name in names}
         converted = differing_globals(conns) if convert_attrs else {}
         converted = {k: v for k, v in converted.items() if k not in col_attrs}
         for k in converted:  # file attributes that differ become column attributes, as in loompy 3
@@ -115,6 +116,42 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
     finally:
         for c in conns:
             c.close()
+
+
+def _layer_dtype(datasets: list[h5py.Dataset], where: str) -> np.dtype:
+    """The dtype that holds every input's values exactly: numpy's for concatenating them, unless it is
+    a float too narrow for some 64-bit integers they hold (int64 with uint64, or with floats); then
+    the integers' actual range decides (an integer dtype holding it all, when they are all integers)."""
+    dtype = fmt.check_matrix_dtype(np.result_type(*(d.dtype for d in datasets)), where)
+    exact = 2 ** (np.finfo(dtype).nmant + 1) if dtype.kind == "f" else None  # floats count integers exactly to here
+    if exact is None or not any(d.dtype.kind in "iu" and 2 ** (8 * d.dtype.itemsize - 1) > exact for d in datasets):
+        return dtype
+    lo, hi = 0, 0
+    for d in datasets:
+        if d.dtype.kind in "iu":
+            low, high = _value_range(d)
+            lo, hi = min(lo, low), max(hi, high)
+    if max(-lo, hi) <= exact:
+        return dtype
+    if all(d.dtype.kind in "iu" for d in datasets):
+        for candidate in (np.dtype(np.int64), np.dtype(np.uint64)):
+            if np.iinfo(candidate).min <= lo and hi <= np.iinfo(candidate).max:
+                return candidate
+    kinds = "integers" if all(d.dtype.kind in "iu" for d in datasets) else "fractions and integers"
+    raise LoomValueError(f"{where}: no dtype holds every input's values exactly ({kinds}; the integers "
+                         f"range from {lo} to {hi})")
+
+
+def _value_range(dataset: h5py.Dataset) -> tuple[int, int]:
+    """The smallest and largest value of an integer layer (0 when empty), read a strip at a time."""
+    n, m = dataset.shape
+    lo = hi = 0
+    step = max(1, engine.STRIP_BYTES // max(1, m * dataset.dtype.itemsize))
+    for a in range(0, n, step):
+        block = engine.read_block(dataset, np.arange(a, min(n, a + step)), np.arange(m))
+        if block.size:
+            lo, hi = min(lo, int(block.min())), max(hi, int(block.max()))
+    return lo, hi
 
 
 _Source = tuple[h5py.Dataset, np.ndarray | None, np.ndarray]  # layer, row order (or None), columns taken

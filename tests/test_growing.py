@@ -507,6 +507,29 @@ def test_combine_files_without_rows(tmp_path):
         assert ds.shape == (0, 80) and ds.layers["x"].shape == (0, 80)
 
 
+def test_combine_keeps_64_bit_integers_exact(tmp_path):
+    """int64 with uint64 (numpy: float64) must not round integers past 2**53: an integer dtype that
+    holds the values is used, or the combination is refused; small values keep numpy's dtype."""
+    big = np.full((4, 3), 2**62 + 1, dtype=np.int64)
+    unsigned = np.arange(12, dtype=np.uint64).reshape(4, 3)
+    layers = [{"": big, "x": big}, {"": unsigned, "x": unsigned}]
+    paths = [make(tmp_path / f"{k}.loom", m[""], extra=m) for k, m in enumerate(layers)]
+    loompy.combine(paths, tmp_path / "out.loom")
+    with loompy.connect(tmp_path / "out.loom", "r") as ds:
+        assert ds.layers[""].dtype == np.int64
+        np.testing.assert_array_equal(ds[:, :], np.hstack([big, unsigned.astype(np.int64)]))
+    fractions = np.full((4, 3), 0.5)
+    mixed = make(tmp_path / "f.loom", fractions, extra={"": fractions, "x": fractions})
+    with pytest.raises(loompy.LoomValueError, match="layer '.*': no dtype holds every input's values exactly"):
+        loompy.combine([paths[0], mixed], tmp_path / "bad.loom")
+    assert not (tmp_path / "bad.loom").exists()
+    small = make(tmp_path / "s.loom", np.ones((4, 3), np.int64), extra={"": np.ones((4, 3), np.int64),
+                                                                      "x": np.ones((4, 3), np.int64)})
+    loompy.combine([small, mixed], tmp_path / "fine.loom")  # integers a float64 holds exactly: float64
+    with loompy.connect(tmp_path / "fine.loom", "r") as ds:
+        assert ds.layers[""].dtype == np.float64 and ds[0, :].tolist() == [1, 1, 1, 0.5, 0.5, 0.5]
+
+
 def test_combine_keeps_every_input_value_when_dtypes_differ(tmp_path):
     """Each output layer takes the dtype numpy would concatenate the inputs in; nothing is cut."""
     rng = np.random.default_rng(12)
