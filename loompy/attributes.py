@@ -270,7 +270,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
             self._file.attrs[fmt.LAST_MODIFIED] = fmt.timestamp()
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name in fmt.global_names(self._file, self._in_group)
+        return isinstance(name, str) and fmt.has_global(self._file, name, self._in_group)
 
     def __iter__(self) -> Iterator[str]:
         return iter(fmt.global_names(self._file, self._in_group))

@@ -422,6 +422,13 @@ def global_names(f: h5py.File, in_group: bool) -> list[str]:
     return [k for k in f.attrs.keys() if k != LAST_MODIFIED]
 
 
+def has_global(f: h5py.File, name: str, in_group: bool) -> bool:
+    """Whether global attribute ``name`` exists (without listing them all)."""
+    if in_group:
+        return isinstance(f[GLOBAL_ATTRS].get(name), h5py.Dataset)
+    return name != LAST_MODIFIED and name in f.attrs
+
+
 def init_file(f: h5py.File) -> None:
     """Lay out an empty spec 3.0.0 file: the six groups, LOOM_SPEC_VERSION and CreationDate."""
     for name in GROUPS:

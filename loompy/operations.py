@@ -17,7 +17,7 @@ from . import engine
 from . import format as fmt
 from .errors import LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, select_axis
-from .view import WHAT_ALL, LoomView, make_view
+from .view import WHAT_ALL, LoomView, make_view, whole_parts
 
 
 def _items(items: Any, length: int, axis: int) -> np.ndarray:
@@ -110,12 +110,13 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     for name in names:
         engine.expect_reads(ds.layers[name]._dataset, selected.size / max(1, length))
     recyclers = {name: engine.Recycler() for name in names}  # batches let go of lend their memory to later ones
+    parts = whole_parts(ds, what)  # global attributes and graphs: read once, not per batch
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, LoomView]:
         start, batch = item
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
-        return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers)
+        return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
     yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, _nothing_writes(ds), ds._check_open)
 

@@ -137,12 +137,24 @@ class LoomView:
 WHAT_ALL = ("col_attrs", "row_attrs", "layers", "col_graphs", "row_graphs")
 
 
+def whole_parts(source: Any, what: Any = WHAT_ALL) -> dict[str, Any]:
+    """What every view of ``source`` shares, read once for a scan's many views: the global
+    attributes, and the graphs ``what`` asks for (renumbered per view)."""
+    what = set(what)
+    return {
+        "file_attrs": {k: source.attrs[k] for k in source.attrs.keys()},
+        "row_graphs": {k: source.row_graphs[k] for k in source.row_graphs.keys()} if "row_graphs" in what else {},
+        "col_graphs": {k: source.col_graphs[k] for k in source.col_graphs.keys()} if "col_graphs" in what else {},
+    }
+
+
 def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: Any = None,
-              what: Any = WHAT_ALL, recyclers: dict[str, Recycler] | None = None) -> LoomView:
+              what: Any = WHAT_ALL, recyclers: dict[str, Recycler] | None = None,
+              parts: dict[str, Any] | None = None) -> LoomView:
     """Copy the ``rows`` x ``cols`` selection of a connection or view into a new :class:`LoomView`.
 
     With ``recyclers`` (a scan's, one per layer), a file's layers are read into memory that earlier
-    views no longer use.
+    views no longer use; ``parts`` is :func:`whole_parts` of ``source``, read once by the caller.
     """
     what = set(what)
     names = list(source.layers.keys()) if layers is None else list(layers)
@@ -161,13 +173,11 @@ def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: 
                                 AxisSelection(r, rows.length), AxisSelection(c, cols.length))
     row_attrs = {k: v[r] for k, v in source.ra.items()} if "row_attrs" in what else {}
     col_attrs = {k: v[c] for k, v in source.ca.items()} if "col_attrs" in what else {}
-    row_graphs = {k: renumber_graph(source.row_graphs[k], r) for k in source.row_graphs.keys()} \
-        if "row_graphs" in what else {}
-    col_graphs = {k: renumber_graph(source.col_graphs[k], c) for k in source.col_graphs.keys()} \
-        if "col_graphs" in what else {}
-    file_attrs = {k: source.attrs[k] for k in source.attrs.keys()}
+    parts = whole_parts(source, what) if parts is None else parts
+    row_graphs = {k: renumber_graph(g, r) for k, g in parts["row_graphs"].items()} if "row_graphs" in what else {}
+    col_graphs = {k: renumber_graph(g, c) for k, g in parts["col_graphs"].items()} if "col_graphs" in what else {}
     return LoomView(data, row_attrs, col_attrs, row_graphs, col_graphs, filename=source.filename,
-                    file_attrs=file_attrs, shape=(len(r), len(c)))
+                    file_attrs=parts["file_attrs"], shape=(len(r), len(c)))
 
 
 class ViewManager:

@@ -349,3 +349,36 @@ def test_scan_sees_writes_made_during_it(tmp_path, scan):
             expected = -m[:, selection] if selection[0] else m[:, selection]
             np.testing.assert_array_equal(values, expected)
             ds[:, selection[-1] + 1:selection[-1] + 11] = -m[:, selection[-1] + 1:selection[-1] + 11]
+
+
+def test_a_scan_reads_global_attributes_and_graphs_once(tmp_path, monkeypatch):
+    """Each view carries the file's global attributes and renumbered graphs: read once per scan,
+    not once per batch (a scan of thousands of small batches re-read them all every time)."""
+    import importlib
+
+    fmt = importlib.import_module("loompy.format")
+    graphs = importlib.import_module("loompy.graphs")
+    m = np.arange(40 * 6, dtype=np.float32).reshape(40, 6)
+    path = tmp_path / "a.loom"
+    with loompy.create(path, m, {"g": np.arange(40)}, {"c": np.arange(6)},
+                       file_attrs={f"fa{k}": f"v{k}" for k in range(5)}) as ds:
+        ds.row_graphs["knn"] = sp.coo_matrix((np.ones(3), ([0, 5, 39], [1, 6, 0])), shape=(40, 40))
+    counts = {"globals": 0, "graphs": 0}
+    read_global, read_edges = fmt.read_global, graphs.read_edges
+
+    def counted(kind, real):
+        def wrapper(*args, **kwargs):
+            counts[kind] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fmt, "read_global", counted("globals", read_global))
+    monkeypatch.setattr(graphs, "read_edges", counted("graphs", read_edges))
+    with loompy.connect(path, "r") as ds:
+        names = ds.attrs.keys()  # the five, with the creation date and spec version
+        views = [(ix, view) for ix, _, view in ds.scan(axis=0, batch_size=4)]
+    assert len(views) == 10 and counts == {"globals": len(names), "graphs": 1}
+    ix, last = views[-1]
+    assert last.attrs["fa3"] == "v3" and last.row_graphs["knn"].nnz == 1  # the edge 39 -> 0 leaves the batch
+    ix, first = views[1]
+    assert ix == 4 and first.row_graphs["knn"].row.tolist() == [1]  # 5 -> 6, renumbered in the batch 4..7
