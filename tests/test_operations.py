@@ -379,6 +379,6 @@ def test_a_scan_reads_global_attributes_and_graphs_once(tmp_path, monkeypatch):
         views = [(ix, view) for ix, _, view in ds.scan(axis=0, batch_size=4)]
     assert len(views) == 10 and counts == {"globals": len(names), "graphs": 1}
     ix, last = views[-1]
-    assert last.attrs["fa3"] == "v3" and last.row_graphs["knn"].nnz == 1  # the edge 39 -> 0 leaves the batch
+    assert last.attrs["fa3"] == "v3" and last.row_graphs["knn"].nnz == 0  # the edge 39 -> 0 leaves the batch
     ix, first = views[1]
     assert ix == 4 and first.row_graphs["knn"].row.tolist() == [1]  # 5 -> 6, renumbered in the batch 4..7
