@@ -311,14 +311,13 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
         _permute_into(ds, f, order, inverse, axis)
     finally:  # the file is the permuted one, or (after a failure) the old one, unchanged: reopen it
         if not ds._file:
-            ds._file = h5py.File(ds._path, mode)
-            ds._open_managers()
+            ds._reopen(mode)
 
 
 def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: np.ndarray, axis: int) -> None:
     """Write the permuted file beside ``ds``'s and rename it into place (``ds``'s file is closed then)."""
     m = ds.shape[1]
-    with replacing(ds._path, own=f) as out:
+    with replacing(ds._path, own=ds) as out:
         for name in ds.layers.keys():
             src = ds.layers[name]._dataset
             group = out if name == "" else out.require_group(fmt.LAYERS)

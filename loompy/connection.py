@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine, operations
+from . import engine, files, operations
 from . import format as fmt
 from .attributes import (
     READ_ONLY,
@@ -95,14 +95,16 @@ class LoomConnection:
         if not isinstance(filename, (str, bytes, os.PathLike)):
             raise LoomTypeError(f"connect needs a path to a Loom file, got {type(filename).__name__}")
         self.filename = os.fsdecode(os.fspath(filename))
-        self._path = os.path.abspath(self.filename)  # where whole-file rewrites go, whatever the cwd later
-        self._file = open_h5(self.filename, mode, locking=locking)
+        self._path = os.path.abspath(os.path.expanduser(self.filename))  # whole-file rewrites go there,
+        self._file = open_h5(self._path, mode, locking=locking)            # whatever the cwd later
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
             setattr(self._file, READ_ONLY, True)
         try:
             from .growing import recover, refuse_if_pending_read_only
 
             recover(self._file)  # an interrupted append is rolled back before anything else looks
+            if writable(self._file):
+                fmt.finish_swaps(self._file)  # and an interrupted replacement settled
             refuse_if_pending_read_only(self._file, self.filename)
             if validate:
                 from .validator import check_structure
@@ -116,6 +118,20 @@ class LoomConnection:
                 raise _unreadable(self.filename, exc) from exc
             raise
         self.spec_version = spec_version
+        files.register(self)
+
+    def _reopen(self, mode: str) -> None:
+        """Open the file at this connection's path again (after a whole-file rewrite replaced it), into
+        the same managers: objects taken from them before (``ds.ca``, a layer) see the new file."""
+        self._file = h5py.File(self._path, mode)
+        if mode == "r":
+            setattr(self._file, READ_ONLY, True)
+        matrix = self._file.get(fmt.MATRIX)
+        self._dims.shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else (0, 0)
+        for manager in (self.layers, self.row_attrs, self.col_attrs, self.row_graphs, self.col_graphs, self.attrs):
+            object.__setattr__(manager, "_file", self._file)
+        self.row_attrs._forget()
+        self.col_attrs._forget()
 
     def _open_managers(self) -> None:
         f = self._file

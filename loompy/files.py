@@ -19,6 +19,7 @@ import errno
 import os
 import secrets
 import stat
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import LoomFileError, LoomFileNotFoundError
+from .errors import LoomError, LoomFileError, LoomFileNotFoundError
 
 try:
     import fcntl
@@ -44,23 +45,29 @@ def target_path(path: str | os.PathLike | bytes) -> str:
     return os.path.realpath(os.path.expanduser(text))
 
 
-def _writers_here(target: str, own: h5py.File | None) -> int:
-    """How many files HDF5 has open for writing in this process on ``target`` (besides ``own``)."""
+_connections: weakref.WeakSet = weakref.WeakSet()  # every LoomConnection opened in this process
+
+
+def register(connection: Any) -> None:
+    """Note an open connection, so that rewrites of its file know it is there."""
+    _connections.add(connection)
+
+
+def _writers_here(target: str, own: Any) -> int:
+    """How many connections of this process (besides ``own``) have ``target`` open for writing."""
     try:
         wanted = os.stat(target)
     except OSError:
         return 0
     count = 0
-    for fid in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE):
-        if own is not None and fid.id == own.id.id:  # (FileIDs of one file compare equal: use the ids)
+    for connection in list(_connections):
+        if connection is own or connection.closed or connection.mode != "r+":
             continue
         try:
-            found = os.stat(fid.name)
-            writable = fid.get_intent() & h5py.h5f.ACC_RDWR
-        except (OSError, ValueError, RuntimeError):
+            found = os.stat(connection._path)
+        except OSError:
             continue
-        if writable and (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino):
-            count += 1
+        count += (found.st_dev, found.st_ino) == (wanted.st_dev, wanted.st_ino)
     return count
 
 
@@ -82,10 +89,10 @@ def _locked_by_a_writer(target: str) -> bool:
         os.close(fd)
 
 
-def check_replaceable(target: str, own: h5py.File | None = None) -> None:
+def check_replaceable(target: str, own: Any = None) -> None:
     """Refuse, before any work, a rewrite of ``target`` that would lose or split users' data.
 
-    ``own`` is the caller's own open file on ``target`` (permute's connection), which is allowed.
+    ``own`` is the caller's own connection to ``target`` (permute's), which is allowed.
     """
     directory = os.path.dirname(target)
     if not os.path.isdir(directory):
@@ -98,6 +105,10 @@ def check_replaceable(target: str, own: h5py.File | None = None) -> None:
         return
     if not os.access(target, os.W_OK):
         raise LoomFileError(f"{target}: the file is read-only")
+    folder, info, me = os.stat(directory), os.stat(target), os.geteuid() if hasattr(os, "geteuid") else None
+    if folder.st_mode & stat.S_ISVTX and me not in (None, 0, info.st_uid, folder.st_uid):
+        raise LoomFileError(f"{target}: it belongs to another user in a folder where only owners may replace "
+                            "files (sticky bit)")
     links = os.stat(target).st_nlink
     if links > 1:
         raise LoomFileError(f"{target}: the file has {links} hard links, and rewriting it would leave the "
@@ -110,14 +121,15 @@ def check_replaceable(target: str, own: h5py.File | None = None) -> None:
 
 
 def _temporary_name(directory: str, base: str) -> str:
-    """A hidden, unused-looking name beside the target, short enough for any file name the target has."""
+    """A hidden, unused-looking name beside the target, short enough for any file name the target has
+    (names that are not UTF-8 included)."""
     token = secrets.token_hex(8)
-    stem = base.encode()[:NAME_MAX - len(token) - 12].decode(errors="ignore")
-    return os.path.join(directory, f".{stem}.{token}.loom-tmp")
+    stem = os.fsencode(base)[:NAME_MAX - len(token) - 12]
+    return os.path.join(directory, os.fsdecode(b".%s.%s.loom-tmp" % (stem, token.encode())))
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike | bytes, own: h5py.File | None = None) -> Iterator[h5py.File]:
+def replacing(path: str | os.PathLike | bytes, own: Any = None) -> Iterator[h5py.File]:
     """Write a new HDF5 file that replaces ``path`` (the file it names) on success.
 
     The target always holds either its old content or the complete new file; a failure (or a
@@ -130,10 +142,18 @@ def replacing(path: str | os.PathLike | bytes, own: h5py.File | None = None) -> 
     try:
         f = h5py.File(tmp, "x")  # a new file: it gets the umask's permissions like any (mkstemp: 0600)
     except OSError as error:
+        with contextlib.suppress(OSError):  # HDF5 may have made the file before failing (a full disk)
+            os.remove(tmp)
         raise LoomFileError(f"{target}: cannot write a new file beside it ({error})") from error
     try:
-        with f:
-            yield f
+        try:
+            with f:
+                yield f
+        except (OSError, RuntimeError) as error:  # HDF5's (a full disk): the target is untouched
+            if isinstance(error, LoomError):
+                raise
+            raise LoomFileError(f"{target}: the new file could not be written ({error}); the file is "
+                                "unchanged") from error
         try:
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -179,7 +199,7 @@ def check_free_space(path: str, needed: int, where: str) -> None:
     """Refuse an in-place write the file's disk has no room for: HDF5 running out of space mid-write
     can leave the file's index pointing at metadata it never wrote, damaged beyond repair."""
     try:
-        info = os.statvfs(os.path.dirname(os.path.abspath(path)))
+        info = os.statvfs(os.path.dirname(os.path.realpath(path)))  # the disk the file is on, links followed
     except (AttributeError, OSError):  # no statvfs (Windows), or it failed: nothing to go by
         return
     free = info.f_bavail * info.f_frsize

@@ -355,6 +355,34 @@ def swap_in(group: h5py.Group, name: str, replacement: str) -> h5py.Dataset:
     return group[name]
 
 
+_SWAPPED = re.compile(r"^(?P<base>.*)\.loompy-(?P<kind>new|old)\d+$")
+
+
+def is_swap_name(name: str) -> bool:
+    """Whether ``name`` is a value being swapped in or out (see :func:`unused_name`): never a user's."""
+    return _SWAPPED.match(name) is not None
+
+
+def finish_swaps(f: h5py.File) -> None:
+    """Settle replacements a writer was interrupted in (run by ``r+`` opens): an old value whose name
+    is free (the new one never got it) goes back under it; any other leftover is dropped."""
+    for group in (f, f.get(LAYERS), f.get(ROW_ATTRS), f.get(COL_ATTRS), f.get(GLOBAL_ATTRS)):
+        if not isinstance(group, h5py.Group):
+            continue
+        for name in [k for k in group if is_swap_name(k)]:
+            match = _SWAPPED.match(name)
+            if match["kind"] == "old" and match["base"] not in group:
+                group.move(name, match["base"])
+            else:
+                del group[name]
+    for name in [k for k in f.attrs if is_swap_name(k)]:  # global attributes of spec-2 files
+        match = _SWAPPED.match(name)
+        if match["kind"] == "old" and match["base"] not in f.attrs:
+            h5py.h5a.rename(f.id, name.encode(), match["base"].encode())
+        else:
+            del f.attrs[name]
+
+
 def unused_name(group: h5py.Group | h5py.AttributeManager, name: str, kind: str = "new") -> str:
     """A free name beside ``name`` for a value being swapped in or out (none a user would pick)."""
     k = 0
@@ -418,8 +446,8 @@ def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
 
 def global_names(f: h5py.File, in_group: bool) -> list[str]:
     if in_group:
-        return [k for k, v in f[GLOBAL_ATTRS].items() if isinstance(v, h5py.Dataset)]
-    return [k for k in f.attrs.keys() if k != LAST_MODIFIED]
+        return [k for k, v in f[GLOBAL_ATTRS].items() if isinstance(v, h5py.Dataset) and not is_swap_name(k)]
+    return [k for k in f.attrs.keys() if k != LAST_MODIFIED and not is_swap_name(k)]
 
 
 def has_global(f: h5py.File, name: str, in_group: bool) -> bool:

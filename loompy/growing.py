@@ -198,9 +198,9 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     needed = sum(stored_size_bound(matrix) for matrix in converted.values())
     check_free_space(f.filename, needed + sum(v.nbytes for v in combined.values() if v.dtype != object), where)
     # everything is valid: write, journalled
-    if journal:
-        _begin(f, m)
     try:
+        if journal:
+            _begin(f, m)
         for name, matrix in converted.items():
             dataset = ds.layers[name]._dataset
             engine.resize(dataset, m + n_new, axis=1)
@@ -210,12 +210,12 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         for name, values in combined.items():
             _append_attr(group, name, values, m, where)
         f.flush()
+        if journal:
+            _commit(f)
     except BaseException:  # an I/O error, Ctrl-C: back to the old width (else the next r+ open does it)
         if journal:
             _roll_back(ds, m)
         raise
-    if journal:
-        _commit(f)
     ds._dims.shape = (n, m + n_new)  # the columns are in: the connection says so before anything else
     ds.col_attrs._forget()
     for name, values in new_row_attrs.items():
@@ -341,12 +341,13 @@ def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
 
 
 def _roll_back(ds: Any, width: int) -> None:
-    """Undo a journalled append that failed while writing: the file and the connection back at ``width``."""
+    """Undo a journalled append that failed while writing (back at ``width`` columns; or, when it was
+    interrupted just after its commit, done): the connection then says what the file holds."""
     recover(ds._file)
     if fmt.MATRIX not in ds._file:  # an empty file again: the connection starts over
         ds._open_managers()
         return
-    ds._dims.shape = (ds.shape[0], width)
+    ds._dims.shape = tuple(ds._file[fmt.MATRIX].shape)
     ds.col_attrs._forget()
 
 
@@ -406,9 +407,9 @@ def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, jo
     contents = validate_contents(ds.filename, layer_dict, row_attrs, col_attrs, None, None)
     layer_dict, dtypes, rows, cols, _ = contents
     f = ds._file
-    if journal:
-        _begin(f, 0, first=True)
     try:
+        if journal:
+            _begin(f, 0, first=True)
         for name, matrix in layer_dict.items():
             group = f if name == "" else f.require_group(fmt.LAYERS)
             dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, matrix.shape, dtypes[name])
@@ -419,12 +420,12 @@ def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, jo
         for name, values in cols.items():
             ds.ca[name] = values
         f.flush()
+        if journal:
+            _commit(f)
     except BaseException:
         if journal:
             _roll_back(ds, 0)
         raise
-    if journal:
-        _commit(f)
 
 
 def align_rows(ds: Any, other: Any, key: str | None) -> np.ndarray | None:
@@ -485,16 +486,16 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                         fmt.check_fits(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
         stored = sum(other.layers[name]._dataset.id.get_storage_size() for name in names)
         check_free_space(ds._file.filename, 2 * stored + (1 << 20), f"{ds.filename}: columns of {other.filename}")
-        _begin(ds._file, m0, first=empty)
         try:
+            _begin(ds._file, m0, first=empty)
             for cols in batches:
                 block = {name: other.layers[name][rows, cols] for name in names}
                 add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values,
                             journal=False, convert_attrs=convert_attrs)
+            _commit(ds._file)
         except BaseException:  # back to the columns the file had (an empty file: empty again)
             _roll_back(ds, m0)
             raise
-        _commit(ds._file)
         ds._file.flush()
         for name in converted:  # now a column attribute: the file-level value no longer holds for every column
             if name in ds.attrs:

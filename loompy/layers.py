@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from . import engine
 from . import format as fmt
 from .attributes import Dims, DotAccess, check_writable
-from .errors import LoomFileError, LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
+from .errors import LoomError, LoomFileError, LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
 from .files import check_free_space, stored_size_bound
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
@@ -37,11 +37,16 @@ class SparseForms:
 class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
-    def __init__(self, name: str, dataset: h5py.Dataset, file: h5py.File | None = None) -> None:
+    def __init__(self, name: str, dataset: h5py.Dataset, owner: LayerManager | None = None) -> None:
         self.name = name
         self._path = dataset.name
-        self._file = dataset.file if file is None else file  # the connection's handle: it knows the mode
+        self._owner = owner  # the connection's layer manager: its file is the connection's, even reopened
+        self._own_file = dataset.file
         self._filename = self._file.filename
+
+    @property
+    def _file(self) -> h5py.File:
+        return self._own_file if self._owner is None else self._owner._file
 
     @property
     def _dataset(self) -> h5py.Dataset:
@@ -122,7 +127,10 @@ class LoomLayer(SparseForms):
         return csr.tocoo()
 
     def __repr__(self) -> str:
-        return f"<LoomLayer '{self.name}' shape {self.shape} dtype {self.dtype}>"
+        try:
+            return f"<LoomLayer '{self.name}' shape {self.shape} dtype {self.dtype}>"
+        except LoomError as error:  # deleted, or its connection closed: say so rather than fail
+            return f"<LoomLayer '{self.name}' ({error})>"
 
 
 def _input_dtype(matrix: Any) -> np.dtype:
@@ -153,7 +161,7 @@ class LayerManager(DotAccess, MutableMapping):
         names = [""] if isinstance(self._file.get(fmt.MATRIX), h5py.Dataset) else []
         group = fmt.get_group(self._file, fmt.LAYERS)
         if group is not None:
-            names += [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
+            names += [k for k, v in group.items() if isinstance(v, h5py.Dataset) and not fmt.is_swap_name(k)]
         return names
 
     def __getitem__(self, name: str) -> LoomLayer:
@@ -164,7 +172,7 @@ class LayerManager(DotAccess, MutableMapping):
         dataset = self._dataset(name)
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        return LoomLayer(name, dataset, self._file)
+        return LoomLayer(name, dataset, self)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._dataset(name) is not None
@@ -232,14 +240,15 @@ class LayerManager(DotAccess, MutableMapping):
         final = fmt.MATRIX if name == "" else name
         # a replacement is written beside the layer it replaces, and swapped in once complete
         target = final if existing is None else fmt.unused_name(group, final)
-        dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,
-                                    compression_opts=compression_opts, chunk_cache=chunk_cache)
         try:
+            dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,
+                                        compression_opts=compression_opts, chunk_cache=chunk_cache)
             if matrix is not None:
                 engine.write_matrix(dataset, matrix)
-        except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was
-            engine.forget(dataset)
-            del group[target]
+        except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was (a kill: see finish_swaps)
+            if target in group:
+                engine.forget(group[target])
+                del group[target]
             raise
         if existing is not None:
             engine.forget(existing)  # its chunk index must not outlive it (the name is reused)

@@ -357,6 +357,48 @@ def test_a_layer_replaced_is_kept_whole_if_the_replacement_is_interrupted(small,
         assert ds.layers[""].dtype == np.dtype(dtype) and ds[0, 0] == -1 and ds[4, 7] == m[4, 7] * 10
 
 
+@pytest.mark.parametrize("step", ["create", "swap", "drop old"])
+def test_a_layer_replacement_killed_at_any_step_is_settled_on_the_next_open(small, monkeypatch, step):
+    """Whatever step a kill interrupts, the next 'r+' open leaves one complete layer under its name
+    (the old values, or the new ones once swapped in) and nothing of the swap behind; a read-only
+    open shows only the real layers."""
+    path, m, *_ = small
+    fmt = importlib.import_module("loompy.format")
+    layers_module = importlib.import_module("loompy.layers")
+    with loompy.connect(path) as ds:
+        ds.layers["x"] = m * 2
+    real_create, real_swap = fmt.create_matrix, fmt.swap_in
+
+    def killed(*args, **kwargs):
+        raise SystemExit  # stands in for the kill
+
+    def swap_then_killed(group, name, replacement):  # renames done; killed before the old one is dropped
+        backup = fmt.unused_name(group, name, "old")
+        group.move(name, backup)
+        group.move(replacement, name)
+        raise SystemExit
+
+    if step == "create":
+        monkeypatch.setattr(layers_module.fmt, "create_matrix",
+                            lambda *a, **k: (real_create(*a, **k), killed())[0])
+    elif step == "swap":
+        monkeypatch.setattr(layers_module.fmt, "swap_in", lambda *a: killed())
+    else:
+        monkeypatch.setattr(layers_module.fmt, "swap_in", swap_then_killed)
+    ds = loompy.connect(path)
+    with pytest.raises(SystemExit):
+        ds.layers["x"] = m * 3
+    ds._file.flush()
+    ds._file.close()  # (a killed process runs no clean-up: the file is left as it is)
+    monkeypatch.undo()
+    with loompy.connect(path, "r") as ds:
+        assert ds.layers.keys() == ["", "x"]
+    with loompy.connect(path) as ds:
+        assert ds.layers.keys() == ["", "x"]
+        np.testing.assert_array_equal(ds.layers["x"][:, :], m * (3 if step == "drop old" else 2))
+        assert not [k for k in ds._file["layers"] if "loompy" in k]
+
+
 def test_assignments_refuse_values_the_layer_cannot_hold(small):
     path, m, *_ = small
     with loompy.connect(path) as ds:

@@ -214,3 +214,101 @@ def test_a_file_longer_than_hdf5_recorded_keeps_its_data_when_opened_for_writing
         np.testing.assert_array_equal(ds[:, :], m)
     with loompy.connect(path, "r") as ds:
         np.testing.assert_array_equal(ds[:, :], m)
+
+
+def test_the_free_space_checked_is_that_of_the_disk_the_file_is_on(tmp_path, monkeypatch):
+    (tmp_path / "full").mkdir()
+    real = make(tmp_path / "full" / "a.loom")
+    link = tmp_path / "link.loom"
+    link.symlink_to(real)
+    statvfs = os.statvfs
+
+    class Full:
+        f_frsize, f_bavail = 4096, 10
+
+    monkeypatch.setattr(os, "statvfs", lambda p: Full() if os.fspath(p).endswith("full") else statvfs(p))
+    with loompy.connect(link) as ds, pytest.raises(loompy.LoomFileError, match="MB may be needed"):
+        ds.add_columns(np.ones((3, 2), np.float32), {"c": [4, 5]})
+
+
+def test_readers_and_plain_h5py_writers_in_this_process(tmp_path):
+    """A read-only connection does not stop a permute (HDF5 shares its writable file: loompy knows
+    the connection's own mode); a file h5py itself has open for writing is not replaced."""
+    path = make(tmp_path / "a.loom")
+    writer = loompy.connect(path)
+    reader = loompy.connect(path, "r")  # (after: HDF5 cannot reopen for writing a file open read-only)
+    writer.permute(np.array([3, 2, 1, 0]), axis=1)
+    writer.close()
+    reader.close()
+    assert columns(path) == [3, 2, 1, 0]
+    with h5py.File(path, "r+"):
+        with pytest.raises(loompy.LoomFileError, match="open for writing"):
+            make(path, np.zeros((3, 2), np.float32))
+    assert columns(path) == [3, 2, 1, 0]
+
+
+def test_objects_taken_before_a_permute_see_the_permuted_file(tmp_path):
+    path = make(tmp_path / "a.loom")
+    with loompy.connect(path) as ds:
+        layer, layers, ca = ds.layers[""], ds.layers, ds.ca
+        ds.permute(np.array([3, 2, 1, 0]), axis=1)
+        assert layer[0, :].tolist() == [3, 2, 1, 0] and layers[""][0, 0] == 3 and ca["c"].tolist() == [3, 2, 1, 0]
+        layer[0, 0] = -1
+        assert ds[0, 0] == -1
+    assert "connection is closed" in repr(layer)  # a layer of a closed connection still shows itself
+
+
+def test_a_rewrite_that_fails_leaves_no_temporary_file_and_a_loompy_error(tmp_path, monkeypatch):
+    path = make(tmp_path / "a.loom")
+    before = path.read_bytes()
+    files = __import__("importlib").import_module("loompy.files")
+    real = h5py.File
+
+    def made_then_failed(name, mode="r", *args, **kwargs):
+        if mode == "x":  # HDF5 creates the file, then cannot write its header (a full disk)
+            open(name, "wb").close()
+            raise OSError(28, "No space left on device")
+        return real(name, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files.h5py, "File", made_then_failed)
+    with pytest.raises(loompy.LoomFileError, match="a.loom: cannot write a new file beside it"):
+        make(path, np.zeros((3, 2), np.float32))
+    monkeypatch.undo()
+    create = __import__("importlib").import_module("loompy.create")
+    write = create.engine.write_matrix
+
+    def full(*args, **kwargs):
+        raise RuntimeError("Can't write data (file write failed: No space left on device)")
+
+    monkeypatch.setattr(create.engine, "write_matrix", full)
+    with pytest.raises(loompy.LoomFileError, match="the new file could not be written.*the file is unchanged"):
+        make(path, np.zeros((3, 2), np.float32))
+    monkeypatch.setattr(create.engine, "write_matrix", write)
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*loom-tmp"))
+
+
+def test_home_and_undecodable_names(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with loompy.create("~/home.loom", np.ones((2, 2)), {}, {}) as ds:
+        assert ds.shape == (2, 2)
+    with loompy.connect("~/home.loom", "r") as ds:
+        assert ds.shape == (2, 2)
+    odd = os.fsencode(tmp_path) + b"/bad\xff.loom"  # a Linux file name that is not UTF-8
+    loompy.create(odd, np.ones((2, 2)), {}, {}).close()
+    with loompy.connect(odd) as ds:
+        ds.permute(np.array([1, 0]), axis=1)
+        assert ds.shape == (2, 2)
+    assert not list(tmp_path.glob(".*loom-tmp"))
+
+
+def test_a_sticky_folder_refuses_replacing_another_users_file_up_front(tmp_path, monkeypatch):
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    path = make(folder / "a.loom")
+    folder.chmod(0o1777)
+    mine = os.stat(path).st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: mine + 4242, raising=False)
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomFileError, match="sticky"):
+            ds.permute(np.array([3, 2, 1, 0]), axis=1)
+        assert ds.ca.c.tolist() == [0, 1, 2, 3]

@@ -284,6 +284,7 @@ def test_a_writer_killed_after_its_commit_leaves_nothing_behind(tmp_path, monkey
         raise SystemExit  # stands in for the kill: nothing after this runs
 
     monkeypatch.setattr(growing, "_commit", commit_then_die)
+    monkeypatch.setattr(growing, "_roll_back", lambda ds, width: None)  # a killed process undoes nothing
     with loompy.connect(path) as ds, pytest.raises(SystemExit):
         ds.add_columns({"": np.ones((5, 1), np.float32)}, {"Small": [100000], "CellID": ["x"], "N": [3]})
     monkeypatch.undo()
@@ -292,6 +293,36 @@ def test_a_writer_killed_after_its_commit_leaves_nothing_behind(tmp_path, monkey
     with loompy.connect(path) as ds:
         assert ds.shape == (5, 3) and ds.ca.Small.tolist() == [1, 2, 100000]
         assert growing.BEFORE_APPEND not in ds._file
+
+
+@pytest.mark.parametrize("at", ["begin", "commit"])
+def test_ctrl_c_as_an_append_starts_or_commits_leaves_file_and_connection_agreeing(tmp_path, monkeypatch, at):
+    """Interrupted while its journal is written (begin) the append is undone; interrupted as it is
+    committed (the journal gone, the rest not yet) it stands. Either way the connection says what
+    the file holds, the file opens read-only, and later writes are kept."""
+    import importlib
+
+    growing = importlib.import_module("loompy.growing")
+    counts = np.ones((5, 2), np.float32)
+    path = make(tmp_path / "a.loom", counts, extra={"": counts})
+    real = growing._begin if at == "begin" else growing._commit
+
+    def interrupted(f, *args, **kwargs):
+        real(f, *args, **kwargs) if at == "commit" else f.attrs.__setitem__(growing.JOURNAL, 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(growing, "_begin" if at == "begin" else "_commit", interrupted)
+    with loompy.connect(path) as ds:
+        with pytest.raises(KeyboardInterrupt):
+            ds.add_columns({"": np.full((5, 1), 7, np.float32)}, {"CellID": ["x"], "N": [3]})
+        monkeypatch.undo()
+        width = 2 if at == "begin" else 3
+        assert ds.shape == (5, width) and ds[:, :].shape == (5, width) and len(ds.ca.N) == width
+        ds.ca["later"] = np.arange(width)
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (5, width) and ds.ca.later.tolist() == list(range(width))
+    with loompy.connect(path) as ds:
+        assert ds.shape == (5, width) and ds.ca.later.tolist() == list(range(width))
 
 
 def test_convert_attrs_makes_differing_file_attributes_column_attributes(tmp_path):
