@@ -367,7 +367,7 @@ def test_a_layer_replacement_killed_at_any_step_is_settled_on_the_next_open(smal
     layers_module = importlib.import_module("loompy.layers")
     with loompy.connect(path) as ds:
         ds.layers["x"] = m * 2
-    real_create, real_swap = fmt.create_matrix, fmt.swap_in
+    real_create = fmt.create_matrix
 
     def killed(*args, **kwargs):
         raise SystemExit  # stands in for the kill
