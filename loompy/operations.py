@@ -250,14 +250,15 @@ def _mode(values: np.ndarray, axis: int) -> np.ndarray:
 
 
 AGGREGATORS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
-    "sum": lambda v, a: np.sum(v, axis=a),
-    "mean": lambda v, a: np.mean(v, axis=a),
-    "median": lambda v, a: np.median(v, axis=a),
+    # sums and means of floats in float64 (as loompy 3's), so that float32 counts lose nothing
+    "sum": lambda v, a: np.sum(v, axis=a, dtype=np.float64 if v.dtype.kind == "f" else None),
+    "mean": lambda v, a: np.mean(v, axis=a, dtype=np.float64),
+    "median": lambda v, a: np.median(v.astype(np.float64, copy=False), axis=a),
     "min": lambda v, a: np.min(v, axis=a),
     "max": lambda v, a: np.max(v, axis=a),
     "count": lambda v, a: np.full(v.shape[1 - a] if v.ndim > 1 else (), v.shape[a]),
     "first": lambda v, a: np.take(v, 0, axis=a),
-    "nansum": lambda v, a: np.nansum(v, axis=a),
+    "nansum": lambda v, a: np.nansum(v, axis=a, dtype=np.float64 if v.dtype.kind == "f" else None),
     "mode": _mode,
 }
 
@@ -284,6 +285,7 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
 
     Returns the (rows x groups) matrix, groups in sorted label order, when ``out_file`` is None or
     ``return_matrix`` is true; with ``out_file``, also writes a Loom file with one column per group.
+    Sums, means and medians of floats are float64, as in loompy 3.
     """
     where = f"{ds.filename}: aggregate"
     if aggr_by not in AGGREGATORS:

@@ -176,6 +176,20 @@ def test_aggregate_matches_numpy(dataset, how, tmp_path):
             np.testing.assert_allclose(got[:, j], expected, rtol=1e-6)
 
 
+def test_aggregate_of_float32_sums_and_averages_in_float64(tmp_path):
+    """float32 counts summed in float32 lose units past 2**24; loompy 3 gives float64 results."""
+    m = np.full((2, 6), 16777216.0, dtype=np.float32)
+    m[:, 1::2] = 1.0
+    path = tmp_path / "a.loom"
+    loompy.create(path, m, {"g": np.arange(2)}, {"Clusters": np.zeros(6, int)}).close()
+    exact = m.astype(np.float64)
+    with loompy.connect(path, "r") as ds:
+        for how, expected in (("sum", exact.sum(axis=1)), ("mean", exact.mean(axis=1)),
+                              ("median", np.median(exact, axis=1)), ("nansum", exact.sum(axis=1))):
+            got = ds.aggregate(group_by="Clusters", aggr_by=how)
+            assert got.dtype == np.float64 and got[:, 0].tolist() == expected.tolist(), how
+
+
 def test_aggregate_writes_a_file(dataset, tmp_path):
     path, m, _, ra, ca = dataset
     out = tmp_path / "agg.loom"
