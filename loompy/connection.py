@@ -64,8 +64,8 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
     kwargs: dict[str, Any] = {}
     if locking is not None:
         kwargs["locking"] = locking
-    if mode == "r+" and fmt.allocation_short(path):  # a writer died, or its disk filled up, mid-write:
-        fmt.extend_allocation(path)  # keep what it stored (HDF5, opening it for writing, would trim it)
+    if mode == "r+" and files.allocation_short(path):  # a writer died, or its disk filled up, mid-write:
+        files.extend_allocation(path)  # keep what it stored (HDF5, opening it for writing, would trim it)
     try:
         return h5py.File(path, mode, **kwargs)
     except OSError as exc:

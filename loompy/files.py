@@ -1,4 +1,4 @@
-"""Replacing a file on disk safely: the one place that turns a user's path into the file written.
+"""The file on disk: the one place that turns a user's path into the file written, and keeps it safe.
 
 Whole-file writes (create, combine, permute, repack) build the new file beside the target and
 rename it into place, so the target always holds its old content or the complete new one. Before
@@ -9,7 +9,9 @@ writing by another connection or program (its later writes would go to the repla
 be lost) is refused with a :class:`~loompy.errors.LoomFileError`.
 
 In-place writes (appends, layer replacements) cannot be made safe against a full disk that way:
-:func:`check_free_space` refuses them first when the disk clearly lacks the room.
+:func:`check_free_space` refuses them first when the disk clearly lacks the room. And a file a
+writer left longer than its superblock records (killed, or out of space, mid-write) is counted
+whole before HDF5 opens it for writing (:func:`extend_allocation`), which would trim it.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import secrets
 import stat
 import weakref
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -207,3 +209,50 @@ def check_free_space(path: str, needed: int, where: str) -> None:
         raise LoomFileError(f"{where}: about {needed / 1e6:.1f} MB may be needed on the file's disk and only "
                             f"{free / 1e6:.1f} MB are free; a write running out of space can damage the file "
                             "beyond repair, so nothing was written")
+
+
+def _short_allocation(fh: BinaryIO) -> tuple[int, int] | None:
+    """(position of the end-of-allocation field, file size past the base address) when the open file
+    ``fh`` is longer than its superblock says HDF5 allocated, else None. Only version 0/1 superblocks
+    at the start of the file (what h5py writes by default); later versions carry a checksum and are
+    left alone."""
+    head = fh.read(64)
+    if len(head) < 56 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (0, 1) or head[13] != 8:
+        return None
+    base_at = 24 if head[8] == 0 else 28
+    end_at = base_at + 16
+    base = int.from_bytes(head[base_at:base_at + 8], "little")
+    allocated = int.from_bytes(head[end_at:end_at + 8], "little")
+    actual = os.fstat(fh.fileno()).st_size - base
+    return (end_at, actual) if actual > allocated else None
+
+
+def allocation_short(path: str) -> bool:
+    """True when the file is longer than its superblock says HDF5 allocated: a writer died mid-write.
+
+    HDF5 trims a file to its allocation when it closes it, so this only happens after a crash; and
+    opening such a file read-write, then closing it, would trim away what the writer had stored.
+    """
+    with open(path, "rb") as fh:
+        return _short_allocation(fh) is not None
+
+
+def extend_allocation(path: str) -> bool:
+    """Count the whole file as allocated (raise the superblock's end-of-allocation address to its size).
+
+    A writer killed between HDF5's metadata writes and its next superblock write leaves metadata
+    pointing into space the superblock does not yet count as allocated; HDF5 then refuses to open
+    or change those objects ("addr overflow"). The bytes are on disk, so counting them as allocated
+    (what HDF5's ``h5clear --increment`` does) lets the interrupted append be rolled back. Returns
+    True if the superblock changed.
+    """
+    with open(path, "r+b") as fh:
+        short = _short_allocation(fh)
+        if short is None:
+            return False
+        end_at, actual = short
+        fh.seek(end_at)
+        fh.write(actual.to_bytes(8, "little"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True

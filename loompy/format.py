@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import numbers
 import operator
-import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, BinaryIO
+from typing import Any
 
 import h5py
 import numpy as np
@@ -599,50 +598,3 @@ def stored_as_new_matrix(dataset: h5py.Dataset, shape: tuple[int, int]) -> bool:
             and dataset.compression == "gzip" and dataset.compression_opts == DEFAULT_COMPRESSION_LEVEL
             and dataset.fillvalue == 0 and dcpl.get_fill_time() == h5py.h5d.FILL_TIME_IFSET
             and dataset.maxshape[1] is None)
-
-
-def _short_allocation(fh: BinaryIO) -> tuple[int, int] | None:
-    """(position of the end-of-allocation field, file size past the base address) when the open file
-    ``fh`` is longer than its superblock says HDF5 allocated, else None. Only version 0/1 superblocks
-    at the start of the file (what h5py writes by default); later versions carry a checksum and are
-    left alone."""
-    head = fh.read(64)
-    if len(head) < 56 or head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] not in (0, 1) or head[13] != 8:
-        return None
-    base_at = 24 if head[8] == 0 else 28
-    end_at = base_at + 16
-    base = int.from_bytes(head[base_at:base_at + 8], "little")
-    allocated = int.from_bytes(head[end_at:end_at + 8], "little")
-    actual = os.fstat(fh.fileno()).st_size - base
-    return (end_at, actual) if actual > allocated else None
-
-
-def allocation_short(path: str) -> bool:
-    """True when the file is longer than its superblock says HDF5 allocated: a writer died mid-write.
-
-    HDF5 trims a file to its allocation when it closes it, so this only happens after a crash; and
-    opening such a file read-write, then closing it, would trim away what the writer had stored.
-    """
-    with open(path, "rb") as fh:
-        return _short_allocation(fh) is not None
-
-
-def extend_allocation(path: str) -> bool:
-    """Count the whole file as allocated (raise the superblock's end-of-allocation address to its size).
-
-    A writer killed between HDF5's metadata writes and its next superblock write leaves metadata
-    pointing into space the superblock does not yet count as allocated; HDF5 then refuses to open
-    or change those objects ("addr overflow"). The bytes are on disk, so counting them as allocated
-    (what HDF5's ``h5clear --increment`` does) lets the interrupted append be rolled back. Returns
-    True if the superblock changed.
-    """
-    with open(path, "r+b") as fh:
-        short = _short_allocation(fh)
-        if short is None:
-            return False
-        end_at, actual = short
-        fh.seek(end_at)
-        fh.write(actual.to_bytes(8, "little"))
-        fh.flush()
-        os.fsync(fh.fileno())
-    return True
