@@ -34,8 +34,7 @@ def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
     if "" not in out:
         raise LoomValueError(f"{where}: layers must include the main matrix under the name ''")
     for name, matrix in out.items():
-        if not isinstance(name, str) or "/" in name:
-            raise LoomValueError(f"{where}: layer name {name!r} is invalid (a string without '/')")
+        fmt.check_name(name, f"{where}: layer", empty=True)
         if not (sp.issparse(matrix) or isinstance(matrix, LoomLayer)):
             out[name] = np.asarray(matrix)
     return out
@@ -75,8 +74,7 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
             for name, v in _as_attr_dict(col_attrs, where).items()}
     for kind, group in (("row", rows), ("column", cols)):
         for name in group:
-            if not isinstance(name, str) or not name or "/" in name:
-                raise LoomValueError(f"{where}: {kind} attribute name {name!r} is invalid")
+            fmt.check_name(name, f"{where}: {kind} attribute")
     globals_ = {}
     for name, value in (file_attrs or {}).items():
         if name == fmt.SPEC_VERSION_KEY:

@@ -213,13 +213,22 @@ def present(raw: np.ndarray, stored_dtype: np.dtype, legacy: bool) -> np.ndarray
 
 
 # ----------------------------------------------------------------------------- writing values
+def _has_nul(values: Any) -> bool:
+    """Whether a string, or a string in (nested) lists and tuples, holds a NUL character."""
+    if isinstance(values, str):
+        return "\x00" in values
+    if isinstance(values, (list, tuple)):
+        return any(_has_nul(v) for v in values)
+    return False
+
+
 def normalize_values(values: Any, where: str, length: int | None = None) -> np.ndarray:
     """Validate and convert user values into the array that will be stored.
 
     Strings become an object array of ``str``; booleans become ``uint8``; numbers keep their
     dtype. ``length`` (if given) is the required size of the first dimension.
     """
-    if isinstance(values, (list, tuple)) and any(isinstance(v, str) and "\x00" in v for v in values):
+    if _has_nul(values):  # (checked before numpy, whose fixed-width strings drop trailing NULs)
         raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
     try:
         arr = np.asarray(values)
@@ -355,6 +364,16 @@ def swap_in(group: h5py.Group, name: str, replacement: str) -> h5py.Dataset:
 
 
 _SWAPPED = re.compile(r"^(?P<base>.*)\.loompy-(?P<kind>new|old)\d+$")
+
+
+def check_name(name: Any, where: str, *, empty: bool = False) -> None:
+    """Refuse a name no layer, attribute or graph may have: not text, with '/', empty (unless
+    ``empty``: the main matrix is layer ""), or one loompy keeps for values being swapped."""
+    if not isinstance(name, str) or "/" in name or (not name and not empty):
+        raise LoomValueError(f"{where}: name {name!r} is invalid (a {'' if empty else 'non-empty '}string "
+                             "without '/')")
+    if is_swap_name(name):
+        raise LoomValueError(f"{where}: name {name!r} is reserved (loompy names values being replaced so)")
 
 
 def is_swap_name(name: str) -> bool:

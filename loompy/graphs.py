@@ -87,8 +87,7 @@ class GraphManager(DotAccess, MutableMapping):
         return sp.coo_matrix((w, (a, b)), shape=(n, n))
 
     def __setitem__(self, name: str, graph: Any) -> None:
-        if not isinstance(name, str) or not name or "/" in name:
-            raise LoomValueError(f"{self._where} name {name!r} is invalid (a non-empty string without '/')")
+        fmt.check_name(name, f"{self._where} '{name}'")
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
         n = self._dims.shape[self.axis]

@@ -193,8 +193,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     new_row_attrs = {k: fmt.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in _as_attr_dict(row_attrs, where).items()}
     for name in [*new_row_attrs, *combined]:
-        if not isinstance(name, str) or not name or "/" in name:
-            raise LoomValueError(f"{where}: attribute name {name!r} is invalid (a non-empty string without '/')")
+        fmt.check_name(name, f"{where}: attribute")
     needed = sum(stored_size_bound(matrix) for matrix in converted.values())
     check_free_space(f.filename, needed + sum(v.nbytes for v in combined.values() if v.dtype != object), where)
     # everything is valid: write, journalled

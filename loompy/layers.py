@@ -104,8 +104,8 @@ class LoomLayer(SparseForms):
         fmt.touch(self._dataset)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        if copy is False:
-            raise ValueError("reading a Loom layer always makes a copy")
+        if copy is False:  # (numpy's protocol: a ValueError when a copy cannot be avoided)
+            raise LoomValueError(f"{self._filename}: layer '{self.name}': reading a Loom layer always makes a copy")
         data = self[:, :]
         return data if dtype is None else data.astype(dtype)
 
@@ -211,8 +211,7 @@ class LayerManager(DotAccess, MutableMapping):
         is replaced only once the new values are all written beside it: interrupted, it stays as it
         was. (HDF5 does not reuse the old layer's space once the file is closed; ``repack`` does.)
         """
-        if not isinstance(name, str) or "/" in name:
-            raise LoomValueError(f"{self._file.filename}: layer name {name!r} is invalid (a string without '/')")
+        fmt.check_name(name, f"{self._file.filename}: layer", empty=True)
         where = f"{self._file.filename}: layer '{name}'"
         check_writable(self._file, where)
         chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, where)

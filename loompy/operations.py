@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import h5py
 import numpy as np
 
 from . import engine
@@ -110,12 +111,18 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     for name in names:
         engine.expect_reads(ds.layers[name]._dataset, selected.size / max(1, length))
     recyclers = {name: engine.Recycler() for name in names}  # batches let go of lend their memory to later ones
-    parts = whole_parts(ds, what)  # global attributes and graphs: read once, not per batch
+    # global attributes and graphs: read once in a file nobody writes, else again only when the file's
+    # last_modified says something was written since (every loompy write stamps it)
+    parts: dict[str, Any] = {"stamp": None}
+    fixed = _nothing_writes(ds)
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, LoomView]:
         start, batch = item
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
+        stamp = "" if fixed else ds._file.attrs.get(fmt.LAST_MODIFIED, "")
+        if parts["stamp"] != stamp:
+            parts.update(whole_parts(ds, what), stamp=stamp)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
     yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, _nothing_writes(ds), ds._check_open)
@@ -356,7 +363,11 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
     row_names = list(ds.ra.keys())
     lead = len(row_names)
     cols = np.arange(ds.shape[1], dtype=np.int64)
-    with open(out_file, "w", encoding="utf-8") as out:
+    try:
+        out = open(out_file, "w", encoding="utf-8")
+    except OSError as exc:  # a folder, a missing folder, no permission
+        raise LoomFileError(f"{os.fspath(out_file)}: cannot write the export there ({exc.strerror})") from exc
+    with out:
         for name in ds.ca.keys():
             values = ds.ca[name]
             out.write("\t" * lead + name + "\t" + "\t".join(_as_text(values)) + "\n")
@@ -370,20 +381,10 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
                     out.write(labels + "\t" + "\t".join(_as_text(row)) + "\n")
 
 
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
-
-
 def _refuse_to_overwrite_hdf5(path: str | os.PathLike) -> None:
     """Text never replaces an HDF5 file (a Loom file, perhaps the one being exported): a slip of the
     output name must not destroy data."""
-    try:
-        with open(path, "rb") as existing:
-            start = existing.read(len(HDF5_SIGNATURE))
-    except (FileNotFoundError, IsADirectoryError):
-        return
-    except OSError:
-        return  # unreadable: open() for writing reports what is wrong
-    if start == HDF5_SIGNATURE:
+    if os.path.isfile(path) and h5py.is_hdf5(os.fspath(path)):  # (h5py also finds it after a user block)
         raise LoomFileError(f"{os.fspath(path)}: is an HDF5 file; export writes text, give it another name")
 
 
@@ -414,7 +415,11 @@ def last_modified(ds: Any, name: str | None = None, axis: int = 0) -> str:
 
 
 def get_changes_since(ds: Any, timestamp: str) -> dict[str, list[str]]:
-    """Names of everything written after ``timestamp``, per part of the file."""
+    """Names of everything written after ``timestamp`` (as ``last_modified`` gives), per part of the file."""
+    ds._check_open()
+    if not isinstance(timestamp, str):
+        raise LoomTypeError(f"{ds.filename}: get_changes_since needs a timestamp string (as last_modified() "
+                            f"returns), got {type(timestamp).__name__}")
     f = ds._file
     changes: dict[str, list[str]] = {}
     parts = (("row_graphs", fmt.graph_group_name(f, 0)), ("col_graphs", fmt.graph_group_name(f, 1)),

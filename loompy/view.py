@@ -176,8 +176,9 @@ def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: 
     parts = whole_parts(source, what) if parts is None else parts
     row_graphs = {k: renumber_graph(g, r) for k, g in parts["row_graphs"].items()} if "row_graphs" in what else {}
     col_graphs = {k: renumber_graph(g, c) for k, g in parts["col_graphs"].items()} if "col_graphs" in what else {}
+    file_attrs = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in parts["file_attrs"].items()}
     return LoomView(data, row_attrs, col_attrs, row_graphs, col_graphs, filename=source.filename,
-                    file_attrs=parts["file_attrs"], shape=(len(r), len(c)))
+                    file_attrs=file_attrs, shape=(len(r), len(c)))
 
 
 class ViewManager:

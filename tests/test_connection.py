@@ -783,3 +783,33 @@ def test_validator_reports_broken_files_instead_of_failing(tmp_path):
     loompy.new(empty).close()
     v = loompy.LoomValidator()
     assert v.validate(empty) and any("new()" in w for w in v.warnings)
+
+
+def test_strings_with_nul_are_refused_wherever_the_nul_is(small, tmp_path):
+    """numpy's fixed-width strings drop trailing NULs: they must be refused before numpy sees them."""
+    path, m, *_ = small
+    with pytest.raises(loompy.LoomValueError, match="NUL"):
+        loompy.create(tmp_path / "n.loom", m, {}, {}, file_attrs={"c": "made\0"})
+    assert not (tmp_path / "n.loom").exists()
+    with loompy.connect(path) as ds:
+        for value in ("a\0", [["x\0", "y"]], ("ok", "b\0")):
+            with pytest.raises(loompy.LoomValueError, match="NUL"):
+                ds.attrs.t = value
+        with pytest.raises(loompy.LoomValueError, match="NUL"):
+            ds.ca["bad"] = ["ok"] * 7 + ["trailing\0"]
+        assert "t" not in ds.attrs and "bad" not in ds.ca
+        with pytest.raises(loompy.LoomTypeError, match="timestamp string"):
+            ds.get_changes_since(5)
+
+
+def test_names_loompy_keeps_for_replacements_are_refused(small):
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        for write in (lambda: ds.ca.__setitem__("x.loompy-old0", np.ones(8)),
+                      lambda: ds.attrs.__setitem__("t.loompy-new3", "v"),
+                      lambda: ds.layers.__setitem__("L.loompy-new0", m),
+                      lambda: ds.col_graphs.__setitem__("g.loompy-old1", sp.eye(8).tocoo())):
+            with pytest.raises(loompy.LoomValueError, match="is reserved"):
+                write()
+        ds.ca["x.loompy-older"] = np.ones(8)  # only the exact pattern is reserved
+        assert "x.loompy-older" in ds.ca.keys()

@@ -312,3 +312,18 @@ def test_a_sticky_folder_refuses_replacing_another_users_file_up_front(tmp_path,
         with pytest.raises(loompy.LoomFileError, match="sticky"):
             ds.permute(np.array([3, 2, 1, 0]), axis=1)
         assert ds.ca.c.tolist() == [0, 1, 2, 3]
+
+
+def test_export_errors_are_loompy_errors_and_hdf5_after_a_user_block_is_kept(tmp_path):
+    path = make(tmp_path / "a.loom")
+    blocked = tmp_path / "ub.h5"
+    with h5py.File(blocked, "w", userblock_size=512) as f:  # the HDF5 signature sits at byte 512
+        f["x"] = np.arange(3)
+    before = blocked.read_bytes()
+    with loompy.connect(path, "r") as ds:
+        with pytest.raises(loompy.LoomFileError, match="ub.h5: is an HDF5 file"):
+            ds.export(blocked)
+        for target in (tmp_path, tmp_path / "missing" / "out.tsv"):
+            with pytest.raises(loompy.LoomFileError, match="cannot write the export there"):
+                ds.export(target)
+    assert blocked.read_bytes() == before

@@ -396,3 +396,20 @@ def test_a_scan_reads_global_attributes_and_graphs_once(tmp_path, monkeypatch):
     assert last.attrs["fa3"] == "v3" and last.row_graphs["knn"].nnz == 0  # the edge 39 -> 0 leaves the batch
     ix, first = views[1]
     assert ix == 4 and first.row_graphs["knn"].row.tolist() == [1]  # 5 -> 6, renumbered in the batch 4..7
+
+
+def test_a_scan_in_a_writable_file_sees_attributes_and_graphs_written_during_it(tmp_path):
+    m = np.arange(12 * 3, dtype=np.float32).reshape(12, 3)
+    path = tmp_path / "a.loom"
+    with loompy.create(path, m, {"g": np.arange(12)}, {"c": np.arange(3)}, file_attrs={"vec": [1.0, 2.0]}) as ds:
+        ds.row_graphs["knn"] = sp.coo_matrix((np.ones(2), ([0, 4], [1, 5])), shape=(12, 12))
+    with loompy.connect(path) as ds:
+        seen = []
+        for ix, _, view in ds.scan(axis=0, batch_size=4):
+            seen.append((ix, view.attrs["title"] if "title" in view.attrs else None, view.row_graphs["knn"].nnz,
+                         view.attrs["vec"][0]))
+            view.attrs["vec"][0] = -1  # a view's values are its own
+            if ix == 0:
+                ds.attrs.title = "changed"
+                ds.row_graphs["knn"] = sp.coo_matrix((np.ones(1), ([8], [9])), shape=(12, 12))
+    assert seen == [(0, None, 1, 1.0), (4, "changed", 0, 1.0), (8, "changed", 1, 1.0)]
