@@ -34,6 +34,9 @@ class SparseForms:
         return self.sparse().tocsc()
 
 
+OVERWRITING = "loompy_overwriting"  # a layer's HDF5 attribute while loompy overwrites it in place
+
+
 class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
@@ -172,6 +175,9 @@ class LayerManager(DotAccess, MutableMapping):
         dataset = self._dataset(name)
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
+        if OVERWRITING in dataset.attrs:
+            raise LoomFileError(f"{self._file.filename}: layer '{name}' was being overwritten when its writer "
+                                "stopped, so it holds part old, part new values; write it again, or delete it")
         return LoomLayer(name, dataset, self)
 
     def __contains__(self, name: object) -> bool:
@@ -208,8 +214,10 @@ class LayerManager(DotAccess, MutableMapping):
         """Create or overwrite layer ``name`` from a dense or sparse matrix (or zeros of ``dtype`` when None).
 
         The stored dtype is ``dtype`` if given, else the input's (booleans as uint8). An existing layer
-        is replaced only once the new values are all written beside it: interrupted, it stays as it
-        was. (HDF5 does not reuse the old layer's space once the file is closed; ``repack`` does.)
+        of the same shape, dtype and chunks is overwritten in place, so the file does not grow; if
+        that is interrupted, reading the layer raises LoomFileError until it is written again or
+        deleted. Any other replacement is written beside the old layer and swapped in once complete
+        (interrupted, the old layer stays); its old space HDF5 does not reuse, ``repack`` does.
         """
         fmt.check_name(name, f"{self._file.filename}: layer", empty=True)
         where = f"{self._file.filename}: layer '{name}'"
@@ -235,9 +243,20 @@ class LayerManager(DotAccess, MutableMapping):
             fmt.check_fits(matrix, target_dtype, where)
         check_free_space(self._file.filename, stored_size_bound(matrix), where)
         existing = self._dataset(name)
+        if existing is not None and existing.dtype == target_dtype and existing.shape == shape \
+                and existing.chunks == fmt.matrix_chunks(shape, chunks):
+            # overwritten in place, so that the file does not grow (HDF5 would not reuse the old
+            # layer's space once the file is closed); marked meanwhile, so that an interrupted
+            # overwrite is never read as if it were whole
+            existing.attrs[OVERWRITING] = 1
+            self._file.flush()
+            engine.write_matrix(existing, sp.csc_matrix(shape, dtype=target_dtype) if matrix is None else matrix)
+            del existing.attrs[OVERWRITING]
+            fmt.touch(existing, existing.parent)
+            return
         group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
         final = fmt.MATRIX if name == "" else name
-        # a replacement is written beside the layer it replaces, and swapped in once complete
+        # another dtype or shape: written beside the layer it replaces, and swapped in once complete
         target = final if existing is None else fmt.unused_name(group, final)
         try:
             dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,

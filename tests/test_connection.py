@@ -331,8 +331,10 @@ def test_a_read_only_connection_to_a_file_open_for_writing_stays_read_only(small
             np.testing.assert_array_equal(reader[:, :], m)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])  # in place before, then a new dataset
-def test_a_layer_replaced_is_kept_whole_if_the_replacement_is_interrupted(small, monkeypatch, dtype):
+@pytest.mark.parametrize("dtype", ["float32", "float64"])  # overwritten in place; written beside and swapped
+def test_an_interrupted_layer_replacement_is_never_read_as_whole(small, monkeypatch, dtype):
+    """Same dtype: overwritten in place (the file does not grow), and if interrupted the layer says so
+    on every read until written again. Another dtype: the old layer stays whole."""
     path, m, *_ = small
     layers_module = importlib.import_module("loompy.layers")
     real = layers_module.engine.write_matrix
@@ -347,14 +349,23 @@ def test_a_layer_replaced_is_kept_whole_if_the_replacement_is_interrupted(small,
         with pytest.raises(KeyboardInterrupt):
             ds.layers[""] = (m * 10).astype(dtype)
         monkeypatch.undo()
-        np.testing.assert_array_equal(ds[:, :], m)
-        assert ds.layers[""].dtype == np.float32 and not any("loompy" in k for k in ds._file)
+        if dtype == "float32":
+            with pytest.raises(loompy.LoomFileError, match="layer '' was being overwritten when its writer stopped"):
+                ds[:, :]
+        else:
+            np.testing.assert_array_equal(ds[:, :], m)
+            assert ds.layers[""].dtype == np.float32 and not any("loompy" in k for k in ds._file)
         ds.layers[""] = (m * 10).astype(dtype)
         np.testing.assert_array_equal(held[:, :], m * 10)  # a layer object held before sees the new values
         held[0, 0] = -1  # ... and writes to them
         assert ds[0, 0] == -1
+    size = path.stat().st_size
+    with loompy.connect(path) as ds:
+        for k in range(5):  # same shape and dtype: in place, the file does not grow
+            ds.layers[""] = (m * k).astype(dtype)
+    assert path.stat().st_size <= size + 4096
     with loompy.connect(path, "r") as ds:
-        assert ds.layers[""].dtype == np.dtype(dtype) and ds[0, 0] == -1 and ds[4, 7] == m[4, 7] * 10
+        assert ds.layers[""].dtype == np.dtype(dtype) and ds[4, 7] == m[4, 7] * 4
 
 
 @pytest.mark.parametrize("step", ["create", "swap", "drop old"])
@@ -387,7 +398,7 @@ def test_a_layer_replacement_killed_at_any_step_is_settled_on_the_next_open(smal
         monkeypatch.setattr(layers_module.fmt, "swap_in", swap_then_killed)
     ds = loompy.connect(path)
     with pytest.raises(SystemExit):
-        ds.layers["x"] = m * 3
+        ds.layers["x"] = (m * 3).astype(np.float64)  # another dtype: written beside, then swapped in
     ds._file.flush()
     ds._file.close()  # (a killed process runs no clean-up: the file is left as it is)
     monkeypatch.undo()
