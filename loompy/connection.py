@@ -109,6 +109,9 @@ class LoomConnection:
             if validate:
                 from .validator import check_structure
                 problems = check_structure(self._file)
+                if problems and fmt.MATRIX not in self._file and any(fmt.is_swap_name(k) for k in self._file):
+                    raise LoomFileError(f"{self.filename}: a replacement of the main matrix was interrupted; "
+                                        "open it once with mode 'r+' to repair it")
                 if problems:
                     raise LoomFormatError(f"{self.filename}: not a valid Loom file: " + "; ".join(problems))
             self._open_managers()

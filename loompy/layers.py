@@ -46,6 +46,7 @@ class LoomLayer(SparseForms):
         self._owner = owner  # the connection's layer manager: its file is the connection's, even reopened
         self._own_file = dataset.file
         self._filename = self._file.filename
+        self._known: tuple[Any, h5py.Dataset | None] = (None, None)  # (manager state, dataset) last looked up
 
     @property
     def _file(self) -> h5py.File:
@@ -53,12 +54,17 @@ class LoomLayer(SparseForms):
 
     @property
     def _dataset(self) -> h5py.Dataset:
-        """The layer's dataset now (looked up each time: a replaced layer is a new dataset)."""
+        """The layer's dataset now: looked up again whenever its manager's file or layers changed (a
+        replaced layer is a new dataset, a permuted file a new file)."""
+        key = None if self._owner is None else (self._owner._generation, id(self._owner._file))
+        if key is not None and key == self._known[0]:
+            return self._known[1]
         dataset = self._file.get(self._path) if self._file else None
         if not isinstance(dataset, h5py.Dataset):
             if not self._file:
                 raise LoomFileError(f"{self._filename}: the connection is closed")
             raise LoomKeyError(f"{self._filename}: layer '{self.name}' no longer exists")
+        self._known = (key, dataset)
         return dataset
 
     @property
@@ -102,9 +108,10 @@ class LoomLayer(SparseForms):
     def __setitem__(self, key: Any, values: Any) -> None:
         check_writable(self._file, f"layer '{self.name}'")
         rows, cols = self._select(key)
-        data = values_for_unique(values, rows, cols, self.dtype, self._where)
-        engine.write_block(self._dataset, rows.unique, cols.unique, data)
-        fmt.touch(self._dataset)
+        dataset = self._dataset
+        data = values_for_unique(values, rows, cols, dataset.dtype, self._where)
+        engine.write_block(dataset, rows.unique, cols.unique, data)
+        fmt.touch(dataset)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         if copy is False:  # (numpy's protocol: a ValueError when a copy cannot be avoided)
@@ -149,6 +156,7 @@ class LayerManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_file", file)
         object.__setattr__(self, "_filename", file.filename)
         object.__setattr__(self, "_dims", dims)
+        object.__setattr__(self, "_generation", 0)  # counts replacements and deletions (see LoomLayer)
 
     @property
     def _where(self) -> str:
@@ -271,6 +279,7 @@ class LayerManager(DotAccess, MutableMapping):
         if existing is not None:
             engine.forget(existing)  # its chunk index must not outlive it (the name is reused)
             dataset = fmt.swap_in(group, final, target)
+            object.__setattr__(self, "_generation", self._generation + 1)
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape
@@ -284,4 +293,5 @@ class LayerManager(DotAccess, MutableMapping):
         group = self._file[fmt.LAYERS]
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         del group[name]
+        object.__setattr__(self, "_generation", self._generation + 1)
         fmt.touch(group)

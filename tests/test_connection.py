@@ -824,3 +824,17 @@ def test_names_loompy_keeps_for_replacements_are_refused(small):
                 write()
         ds.ca["x.loompy-older"] = np.ones(8)  # only the exact pattern is reserved
         assert "x.loompy-older" in ds.ca.keys()
+
+
+def test_a_file_killed_between_the_renames_of_a_matrix_swap(small):
+    """Killed after the old matrix was moved aside and before the new one took its name: a read-only
+    open says how to repair it, and an r+ open puts the old matrix back."""
+    path, m, *_ = small
+    with h5py.File(path, "r+") as f:
+        f.move("matrix", "matrix.loompy-old0")
+        f.create_dataset("matrix.loompy-new0", data=np.zeros_like(m))
+    with pytest.raises(loompy.LoomFileError, match=r"interrupted; open it once with mode 'r\+'"):
+        loompy.connect(path, "r")
+    with loompy.connect(path) as ds:
+        np.testing.assert_array_equal(ds[:, :], m)
+        assert not [k for k in ds._file if "loompy" in k]
