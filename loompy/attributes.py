@@ -124,7 +124,8 @@ class AttributeManager(DotAccess, MutableMapping):
         group = self._group
         if group is not None:
             self._names[:0] = [k for k, v in group.items()
-                               if isinstance(v, h5py.Dataset) and k not in self._cache and not fmt.is_swap_name(k)]
+                               if isinstance(v, h5py.Dataset) and k not in self._cache
+                               and not fmt.is_swapping(group, k)]
 
     @property
     def _group(self) -> h5py.Group | None:
@@ -221,7 +222,8 @@ class AttributeManager(DotAccess, MutableMapping):
         self._cache.clear()
         group = self._group
         if group is not None:
-            self._names[:] = [k for k, v in group.items() if isinstance(v, h5py.Dataset) and not fmt.is_swap_name(k)]
+            self._names[:] = [k for k, v in group.items()
+                              if isinstance(v, h5py.Dataset) and not fmt.is_swapping(group, k)]
 
 
 class GlobalAttributeManager(DotAccess, MutableMapping):

@@ -109,7 +109,8 @@ class LoomConnection:
             if validate:
                 from .validator import check_structure
                 problems = check_structure(self._file)
-                if problems and fmt.MATRIX not in self._file and any(fmt.is_swap_name(k) for k in self._file):
+                swapping = any(fmt.is_swapping(self._file, k) for k in self._file)
+                if problems and fmt.MATRIX not in self._file and swapping:
                     raise LoomFileError(f"{self.filename}: a replacement of the main matrix was interrupted; "
                                         "open it once with mode 'r+' to repair it")
                 if problems:

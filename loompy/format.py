@@ -338,6 +338,8 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
                 target, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
                 compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
             )
+        if target != name:
+            mark_swapping(ds)
     except (TypeError, ValueError, OSError, RuntimeError) as exc:
         if target in group:
             del group[target]
@@ -352,6 +354,7 @@ def swap_in(group: h5py.Group, name: str, replacement: str) -> h5py.Dataset:
     """Replace dataset ``name`` by the complete dataset ``replacement`` beside it, by renames: a full
     copy is under a name at every step, and the old one is deleted last."""
     backup = unused_name(group, name, "old")
+    mark_swapping(group[name])
     group.move(name, backup)
     try:
         group.move(replacement, name)
@@ -360,25 +363,34 @@ def swap_in(group: h5py.Group, name: str, replacement: str) -> h5py.Dataset:
         del group[replacement]
         raise
     del group[backup]
+    del group[name].attrs[SWAPPING]
     return group[name]
 
 
 _SWAPPED = re.compile(r"^(?P<base>.*)\.loompy-(?P<kind>new|old)\d+$")
+SWAPPING = "loompy_swapping"  # HDF5 attribute marking a dataset loompy is swapping in or out
 
 
 def check_name(name: Any, where: str, *, empty: bool = False) -> None:
-    """Refuse a name no layer, attribute or graph may have: not text, with '/', empty (unless
-    ``empty``: the main matrix is layer ""), or one loompy keeps for values being swapped."""
+    """Refuse a name no layer, attribute or graph may have: not text, with '/', or empty (unless
+    ``empty``: the main matrix is layer "")."""
     if not isinstance(name, str) or "/" in name or (not name and not empty):
         raise LoomValueError(f"{where}: name {name!r} is invalid (a {'' if empty else 'non-empty '}string "
                              "without '/')")
-    if is_swap_name(name):
-        raise LoomValueError(f"{where}: name {name!r} is reserved (loompy names values being replaced so)")
 
 
-def is_swap_name(name: str) -> bool:
-    """Whether ``name`` is a value being swapped in or out (see :func:`unused_name`): never a user's."""
-    return _SWAPPED.match(name) is not None
+def is_swapping(group: h5py.Group, name: str) -> bool:
+    """Whether ``group[name]`` is a value loompy was swapping in or out (named by :func:`unused_name`
+    and marked): such leftovers of an interrupted write are never listed. A user's own names that
+    merely look alike carry no mark."""
+    if _SWAPPED.match(name) is None:
+        return False
+    obj = group.get(name)
+    return isinstance(obj, h5py.Dataset) and SWAPPING in obj.attrs
+
+
+def mark_swapping(dataset: h5py.Dataset) -> None:
+    dataset.attrs[SWAPPING] = 1
 
 
 def finish_swaps(f: h5py.File) -> None:
@@ -387,18 +399,16 @@ def finish_swaps(f: h5py.File) -> None:
     for group in (f, f.get(LAYERS), f.get(ROW_ATTRS), f.get(COL_ATTRS), f.get(GLOBAL_ATTRS)):
         if not isinstance(group, h5py.Group):
             continue
-        for name in [k for k in group if is_swap_name(k)]:
+        for name in [k for k in group if is_swapping(group, k)]:
             match = _SWAPPED.match(name)
             if match["kind"] == "old" and match["base"] not in group:
                 group.move(name, match["base"])
+                del group[match["base"]].attrs[SWAPPING]
             else:
                 del group[name]
-    for name in [k for k in f.attrs if is_swap_name(k)]:  # global attributes of spec-2 files
-        match = _SWAPPED.match(name)
-        if match["kind"] == "old" and match["base"] not in f.attrs:
-            h5py.h5a.rename(f.id, name.encode(), match["base"].encode())
-        else:
-            del f.attrs[name]
+        for obj in group.values():  # a mark left on a value that did get its name
+            if isinstance(obj, h5py.Dataset) and SWAPPING in obj.attrs:
+                del obj.attrs[SWAPPING]
 
 
 def unused_name(group: h5py.Group | h5py.AttributeManager, name: str, kind: str = "new") -> str:
@@ -464,8 +474,9 @@ def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
 
 def global_names(f: h5py.File, in_group: bool) -> list[str]:
     if in_group:
-        return [k for k, v in f[GLOBAL_ATTRS].items() if isinstance(v, h5py.Dataset) and not is_swap_name(k)]
-    return [k for k in f.attrs.keys() if k != LAST_MODIFIED and not is_swap_name(k)]
+        group = f[GLOBAL_ATTRS]
+        return [k for k, v in group.items() if isinstance(v, h5py.Dataset) and not is_swapping(group, k)]
+    return [k for k in f.attrs.keys() if k != LAST_MODIFIED]
 
 
 def has_global(f: h5py.File, name: str, in_group: bool) -> bool:

@@ -35,6 +35,19 @@ class SparseForms:
 
 
 OVERWRITING = "loompy_overwriting"  # a layer's HDF5 attribute while loompy overwrites it in place
+_changes: dict[int, int] = {}  # per open HDF5 file (shared by its connections): layers replaced or deleted
+
+
+def changed(file: h5py.File) -> None:
+    """Note that a layer of ``file`` was replaced, deleted or is being overwritten: layer objects of
+    every connection to it look their dataset up again."""
+    number = file.id.fileno
+    _changes[number] = _changes.get(number, 0) + 1
+
+
+def _overwritten(filename: str, name: str) -> LoomFileError:
+    return LoomFileError(f"{filename}: layer '{name}' was being overwritten when its writer stopped, so it "
+                         "holds part old, part new values; write it again, or delete it")
 
 
 class LoomLayer(SparseForms):
@@ -56,14 +69,17 @@ class LoomLayer(SparseForms):
     def _dataset(self) -> h5py.Dataset:
         """The layer's dataset now: looked up again whenever its manager's file or layers changed (a
         replaced layer is a new dataset, a permuted file a new file)."""
-        key = None if self._owner is None else (self._owner._generation, id(self._owner._file))
+        file = self._file
+        key = (id(file), _changes.get(file.id.fileno, 0)) if file else None
         if key is not None and key == self._known[0]:
             return self._known[1]
-        dataset = self._file.get(self._path) if self._file else None
+        dataset = file.get(self._path) if file else None
         if not isinstance(dataset, h5py.Dataset):
-            if not self._file:
+            if not file:
                 raise LoomFileError(f"{self._filename}: the connection is closed")
             raise LoomKeyError(f"{self._filename}: layer '{self.name}' no longer exists")
+        if OVERWRITING in dataset.attrs:
+            raise _overwritten(self._filename, self.name)
         self._known = (key, dataset)
         return dataset
 
@@ -156,7 +172,6 @@ class LayerManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_file", file)
         object.__setattr__(self, "_filename", file.filename)
         object.__setattr__(self, "_dims", dims)
-        object.__setattr__(self, "_generation", 0)  # counts replacements and deletions (see LoomLayer)
 
     @property
     def _where(self) -> str:
@@ -172,7 +187,7 @@ class LayerManager(DotAccess, MutableMapping):
         names = [""] if isinstance(self._file.get(fmt.MATRIX), h5py.Dataset) else []
         group = fmt.get_group(self._file, fmt.LAYERS)
         if group is not None:
-            names += [k for k, v in group.items() if isinstance(v, h5py.Dataset) and not fmt.is_swap_name(k)]
+            names += [k for k, v in group.items() if isinstance(v, h5py.Dataset) and not fmt.is_swapping(group, k)]
         return names
 
     def __getitem__(self, name: str) -> LoomLayer:
@@ -184,8 +199,7 @@ class LayerManager(DotAccess, MutableMapping):
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
         if OVERWRITING in dataset.attrs:
-            raise LoomFileError(f"{self._file.filename}: layer '{name}' was being overwritten when its writer "
-                                "stopped, so it holds part old, part new values; write it again, or delete it")
+            raise _overwritten(self._file.filename, name)
         return LoomLayer(name, dataset, self)
 
     def __contains__(self, name: object) -> bool:
@@ -252,14 +266,18 @@ class LayerManager(DotAccess, MutableMapping):
         check_free_space(self._file.filename, stored_size_bound(matrix), where)
         existing = self._dataset(name)
         if existing is not None and existing.dtype == target_dtype and existing.shape == shape \
-                and existing.chunks == fmt.matrix_chunks(shape, chunks):
+                and existing.chunks == fmt.matrix_chunks(shape, chunks) \
+                and (existing.compression, existing.compression_opts) == \
+                (("gzip", compression_opts) if compression_opts is not None else (None, None)):
             # overwritten in place, so that the file does not grow (HDF5 would not reuse the old
             # layer's space once the file is closed); marked meanwhile, so that an interrupted
             # overwrite is never read as if it were whole
             existing.attrs[OVERWRITING] = 1
             self._file.flush()
+            changed(self._file)  # layer objects held elsewhere look again (and see the mark)
             engine.write_matrix(existing, sp.csc_matrix(shape, dtype=target_dtype) if matrix is None else matrix)
             del existing.attrs[OVERWRITING]
+            changed(self._file)
             fmt.touch(existing, existing.parent)
             return
         group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
@@ -269,6 +287,8 @@ class LayerManager(DotAccess, MutableMapping):
         try:
             dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,
                                         compression_opts=compression_opts, chunk_cache=chunk_cache)
+            if target != final:
+                fmt.mark_swapping(dataset)
             if matrix is not None:
                 engine.write_matrix(dataset, matrix)
         except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was (a kill: see finish_swaps)
@@ -279,7 +299,7 @@ class LayerManager(DotAccess, MutableMapping):
         if existing is not None:
             engine.forget(existing)  # its chunk index must not outlive it (the name is reused)
             dataset = fmt.swap_in(group, final, target)
-            object.__setattr__(self, "_generation", self._generation + 1)
+            changed(self._file)
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape
@@ -293,5 +313,5 @@ class LayerManager(DotAccess, MutableMapping):
         group = self._file[fmt.LAYERS]
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         del group[name]
-        object.__setattr__(self, "_generation", self._generation + 1)
+        changed(self._file)
         fmt.touch(group)

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import engine
 from . import format as fmt
-from .errors import LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
+from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, select_axis
 from .view import WHAT_ALL, LoomView, make_view, whole_parts
 
@@ -364,10 +364,16 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
     lead = len(row_names)
     cols = np.arange(ds.shape[1], dtype=np.int64)
     try:
-        out = open(out_file, "w", encoding="utf-8")
-    except OSError as exc:  # a folder, a missing folder, no permission
-        raise LoomFileError(f"{os.fspath(out_file)}: cannot write the export there ({exc.strerror})") from exc
-    with out:
+        _write_tab(ds, out_file, dataset, row_names, lead, cols)
+    except OSError as exc:  # a folder, a missing folder, no permission, a full disk
+        if isinstance(exc, LoomError):
+            raise
+        raise LoomFileError(f"{os.fspath(out_file)}: cannot write the export there ({exc.strerror or exc})") from exc
+
+
+def _write_tab(ds: Any, out_file: str | os.PathLike, dataset: Any, row_names: list[str], lead: int,
+               cols: np.ndarray) -> None:
+    with open(out_file, "w", encoding="utf-8") as out:
         for name in ds.ca.keys():
             values = ds.ca[name]
             out.write("\t" * lead + name + "\t" + "\t".join(_as_text(values)) + "\n")

@@ -385,6 +385,7 @@ def test_a_layer_replacement_killed_at_any_step_is_settled_on_the_next_open(smal
 
     def swap_then_killed(group, name, replacement):  # renames done; killed before the old one is dropped
         backup = fmt.unused_name(group, name, "old")
+        fmt.mark_swapping(group[name])
         group.move(name, backup)
         group.move(replacement, name)
         raise SystemExit
@@ -813,28 +814,78 @@ def test_strings_with_nul_are_refused_wherever_the_nul_is(small, tmp_path):
             ds.get_changes_since(5)
 
 
-def test_names_loompy_keeps_for_replacements_are_refused(small):
+def test_names_like_loompys_own_swap_names_are_a_users_to_keep(small):
+    """loompy 3 lets anyone name a layer or attribute 'x.loompy-new0': such names are listed, kept,
+    and never taken for the leftovers of an interrupted replacement (those carry a mark)."""
     path, m, *_ = small
     with loompy.connect(path) as ds:
-        for write in (lambda: ds.ca.__setitem__("x.loompy-old0", np.ones(8)),
-                      lambda: ds.attrs.__setitem__("t.loompy-new3", "v"),
-                      lambda: ds.layers.__setitem__("L.loompy-new0", m),
-                      lambda: ds.col_graphs.__setitem__("g.loompy-old1", sp.eye(8).tocoo())):
-            with pytest.raises(loompy.LoomValueError, match="is reserved"):
-                write()
-        ds.ca["x.loompy-older"] = np.ones(8)  # only the exact pattern is reserved
-        assert "x.loompy-older" in ds.ca.keys()
+        ds.ca["x.loompy-old0"] = np.ones(8)
+        ds.attrs["t.loompy-new3"] = "v"
+        ds.layers["L.loompy-new0"] = m
+    for _ in range(2):  # an r+ open settles only marked leftovers
+        with loompy.connect(path) as ds:
+            assert "x.loompy-old0" in ds.ca.keys() and ds.attrs["t.loompy-new3"] == "v"
+            assert "L.loompy-new0" in ds.layers.keys()
+            ds.layers["L.loompy-new0"] = m.astype(np.float64)  # replaced beside itself, and kept
+    with loompy.connect(path, "r") as ds:
+        assert ds.layers["L.loompy-new0"].dtype == np.float64 and "L.loompy-new0.loompy-new0" not in ds.layers
 
 
 def test_a_file_killed_between_the_renames_of_a_matrix_swap(small):
     """Killed after the old matrix was moved aside and before the new one took its name: a read-only
     open says how to repair it, and an r+ open puts the old matrix back."""
     path, m, *_ = small
+    fmt = importlib.import_module("loompy.format")
     with h5py.File(path, "r+") as f:
+        fmt.mark_swapping(f["matrix"])
         f.move("matrix", "matrix.loompy-old0")
-        f.create_dataset("matrix.loompy-new0", data=np.zeros_like(m))
+        fmt.mark_swapping(f.create_dataset("matrix.loompy-new0", data=np.zeros_like(m)))
     with pytest.raises(loompy.LoomFileError, match=r"interrupted; open it once with mode 'r\+'"):
         loompy.connect(path, "r")
     with loompy.connect(path) as ds:
         np.testing.assert_array_equal(ds[:, :], m)
         assert not [k for k in ds._file if "loompy" in k]
+
+
+def test_layer_objects_follow_writes_of_any_connection_and_interrupted_overwrites(small, monkeypatch):
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        ds.layers["x"] = m * 2
+    a, b = loompy.connect(path), loompy.connect(path)
+    held = a.layers["x"]
+    b.layers["x"] = (m * 3).astype(np.float64)  # another connection replaces it
+    assert held.dtype == np.float64 and held[0, 1] == m[0, 1] * 3
+    del b.layers["x"]
+    with pytest.raises(loompy.LoomKeyError, match="layer 'x' no longer exists"):
+        held[0, 0]
+    b.layers["x"] = m * 2
+    held = a.layers["x"]
+    layers_module = importlib.import_module("loompy.layers")
+    real = layers_module.engine.write_matrix
+
+    def interrupted(dataset, matrix, *args, **kwargs):
+        real(dataset, matrix[:, :4], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(layers_module.engine, "write_matrix", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        b.layers["x"] = m * 5  # same dtype: in place, interrupted
+    monkeypatch.undo()
+    for read in (lambda: held[:, :], lambda: held.sparse(), lambda: np.asarray(held), lambda: a.layers["x"]):
+        with pytest.raises(loompy.LoomFileError, match="was being overwritten"):
+            read()
+    b.layers["x"] = m * 5
+    assert held[0, 1] == m[0, 1] * 5
+    a.close()
+    b.close()
+
+
+def test_set_layer_honours_compression_when_replacing(small):
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        ds.layers["x"] = m
+        for level in (9, None, 2):
+            ds.set_layer("x", m * 2, compression_opts=level)
+            dataset = ds.layers["x"]._dataset
+            assert dataset.compression_opts == level and (dataset.compression is None) == (level is None)
+            np.testing.assert_array_equal(ds.layers["x"][:, :], m * 2)
