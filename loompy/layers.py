@@ -70,7 +70,7 @@ class LoomLayer(SparseForms):
         """The layer's dataset now: looked up again whenever its manager's file or layers changed (a
         replaced layer is a new dataset, a permuted file a new file)."""
         file = self._file
-        key = (id(file), _changes.get(file.id.fileno, 0)) if file else None
+        key = (file.id.id, _changes.get(file.id.fileno, 0)) if file else None  # (HDF5's id of this opening)
         if key is not None and key == self._known[0]:
             return self._known[1]
         dataset = file.get(self._path) if file else None
