@@ -123,9 +123,7 @@ class AttributeManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_names", list(self._cache))
         group = self._group
         if group is not None:
-            self._names[:0] = [k for k, v in group.items()
-                               if isinstance(v, h5py.Dataset) and k not in self._cache
-                               and not fmt.is_swapping(group, k)]
+            self._names[:0] = [k for k, v in group.items() if isinstance(v, h5py.Dataset) and k not in self._cache]
 
     @property
     def _group(self) -> h5py.Group | None:
@@ -222,8 +220,7 @@ class AttributeManager(DotAccess, MutableMapping):
         self._cache.clear()
         group = self._group
         if group is not None:
-            self._names[:] = [k for k, v in group.items()
-                              if isinstance(v, h5py.Dataset) and not fmt.is_swapping(group, k)]
+            self._names[:] = [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
 
 
 class GlobalAttributeManager(DotAccess, MutableMapping):

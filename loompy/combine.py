@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine
+from . import engine, swaps
 from . import format as fmt
 from .attributes import check_writable
 from .connection import LoomConnection, connect
@@ -27,7 +27,7 @@ from .indexing import select_axis
 def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:
     """Copy what loompy does not rewrite itself (extra groups, root attributes) unchanged."""
     for name in src.keys():
-        if name not in skip and name not in dst:
+        if name not in skip and name not in dst and name != swaps.STAGING:  # (half-done replacements stay)
             src.copy(src[name], dst, name=name)
     for key, value in src.attrs.items():
         if key not in dst.attrs:

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine, files, operations
+from . import engine, files, operations, swaps
 from . import format as fmt
 from .attributes import (
     READ_ONLY,
@@ -104,15 +104,14 @@ class LoomConnection:
 
             recover(self._file)  # an interrupted append is rolled back before anything else looks
             if writable(self._file):
-                fmt.finish_swaps(self._file)  # and an interrupted replacement settled
+                swaps.settle(self._file)  # and an interrupted replacement settled
+            elif swaps.pending(self._file):
+                raise LoomFileError(f"{self.filename}: the replacement of {', '.join(swaps.pending(self._file))} "
+                                    "was interrupted; open the file once with mode 'r+' to repair it")
             refuse_if_pending_read_only(self._file, self.filename)
             if validate:
                 from .validator import check_structure
                 problems = check_structure(self._file)
-                swapping = any(fmt.is_swapping(self._file, k) for k in self._file)
-                if problems and fmt.MATRIX not in self._file and swapping:
-                    raise LoomFileError(f"{self.filename}: a replacement of the main matrix was interrupted; "
-                                        "open it once with mode 'r+' to repair it")
                 if problems:
                     raise LoomFormatError(f"{self.filename}: not a valid Loom file: " + "; ".join(problems))
             self._open_managers()

@@ -23,6 +23,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from . import swaps
 from .errors import LoomFileError, LoomTypeError, LoomValueError
 
 # ----------------------------------------------------------------------------- paths
@@ -324,8 +325,9 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
             existing[...] = data
         touch(existing, group)
         return existing
-    # a replacement is written beside the old dataset first: if HDF5 refuses it, the old one stays
-    target = name if name not in group else unused_name(group, name)
+    # a replacement is written whole beside the old dataset first (see swaps): if HDF5 refuses it, or
+    # the writer is interrupted, the old one stays
+    target = name if name not in group else swaps.stage(group)
     try:
         if data.shape == ():
             ds = group.create_dataset(target, data=data, dtype=dtype)
@@ -339,36 +341,20 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
                 compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
             )
         if target != name:
-            mark_swapping(ds)
-    except (TypeError, ValueError, OSError, RuntimeError) as exc:
-        if target in group:
-            del group[target]
-        raise LoomValueError(f"{where}: HDF5 cannot store values of dtype {values.dtype} ({exc})") from exc
+            swaps.note_new(ds, group, name)
+    except BaseException as exc:
+        if target != name:
+            swaps.discard(group.file, target)
+        elif name in group:
+            del group[name]
+        if isinstance(exc, (TypeError, ValueError, OSError, RuntimeError)):
+            raise LoomValueError(f"{where}: HDF5 cannot store values of dtype {values.dtype} ({exc})") from exc
+        raise
     if target != name:
-        ds = swap_in(group, name, target)
+        ds = swaps.swap_in(group, name, target)
     touch(ds, group)
     return ds
 
-
-def swap_in(group: h5py.Group, name: str, replacement: str) -> h5py.Dataset:
-    """Replace dataset ``name`` by the complete dataset ``replacement`` beside it, by renames: a full
-    copy is under a name at every step, and the old one is deleted last."""
-    backup = unused_name(group, name, "old")
-    mark_swapping(group[name])
-    group.move(name, backup)
-    try:
-        group.move(replacement, name)
-    except BaseException:
-        group.move(backup, name)
-        del group[replacement]
-        raise
-    del group[backup]
-    del group[name].attrs[SWAPPING]
-    return group[name]
-
-
-_SWAPPED = re.compile(r"^(?P<base>.*)\.loompy-(?P<kind>new|old)\d+$")
-SWAPPING = "loompy_swapping"  # HDF5 attribute marking a dataset loompy is swapping in or out
 
 
 def check_name(name: Any, where: str, *, empty: bool = False) -> None:
@@ -377,46 +363,6 @@ def check_name(name: Any, where: str, *, empty: bool = False) -> None:
     if not isinstance(name, str) or "/" in name or (not name and not empty):
         raise LoomValueError(f"{where}: name {name!r} is invalid (a {'' if empty else 'non-empty '}string "
                              "without '/')")
-
-
-def is_swapping(group: h5py.Group, name: str) -> bool:
-    """Whether ``group[name]`` is a value loompy was swapping in or out (named by :func:`unused_name`
-    and marked): such leftovers of an interrupted write are never listed. A user's own names that
-    merely look alike carry no mark."""
-    if _SWAPPED.match(name) is None:
-        return False
-    obj = group.get(name)
-    return isinstance(obj, h5py.Dataset) and SWAPPING in obj.attrs
-
-
-def mark_swapping(dataset: h5py.Dataset) -> None:
-    dataset.attrs[SWAPPING] = 1
-
-
-def finish_swaps(f: h5py.File) -> None:
-    """Settle replacements a writer was interrupted in (run by ``r+`` opens): an old value whose name
-    is free (the new one never got it) goes back under it; any other leftover is dropped."""
-    for group in (f, f.get(LAYERS), f.get(ROW_ATTRS), f.get(COL_ATTRS), f.get(GLOBAL_ATTRS)):
-        if not isinstance(group, h5py.Group):
-            continue
-        for name in [k for k in group if is_swapping(group, k)]:
-            match = _SWAPPED.match(name)
-            if match["kind"] == "old" and match["base"] not in group:
-                group.move(name, match["base"])
-                del group[match["base"]].attrs[SWAPPING]
-            else:
-                del group[name]
-        for obj in group.values():  # a mark left on a value that did get its name
-            if isinstance(obj, h5py.Dataset) and SWAPPING in obj.attrs:
-                del obj.attrs[SWAPPING]
-
-
-def unused_name(group: h5py.Group | h5py.AttributeManager, name: str, kind: str = "new") -> str:
-    """A free name beside ``name`` for a value being swapped in or out (none a user would pick)."""
-    k = 0
-    while f"{name}.loompy-{kind}{k}" in group:
-        k += 1
-    return f"{name}.loompy-{kind}{k}"
 
 
 def normalize_global(value: Any, name: str, filename: str = "") -> np.ndarray:
@@ -440,18 +386,13 @@ def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> 
     if dtype.kind != "O" and data.nbytes > ATTRIBUTE_BYTES:
         raise LoomValueError(f"{where}: {data.nbytes} bytes is more than an HDF5 attribute of this file holds "
                              f"({ATTRIBUTE_BYTES})")
-    # made beside the old one first (HDF5 refuses values over 64 KB in an object header): if HDF5
+    # tried on a scratch object first (HDF5 refuses values over 64 KB in an object header): if HDF5
     # refuses, the old value stays
-    target = name if name not in f.attrs else unused_name(f.attrs, name)
     try:
-        f.attrs.create(target, data, dtype=dtype)
+        swaps.probe_attribute(f, data, dtype)
     except (TypeError, ValueError, OSError, RuntimeError) as exc:
-        if target in f.attrs:
-            del f.attrs[target]
         raise LoomValueError(f"{where}: HDF5 cannot store this value as an attribute of the file ({exc})") from exc
-    if target != name:
-        del f.attrs[name]
-        h5py.h5a.rename(f.id, target.encode(), name.encode())
+    f.attrs.create(name, data, dtype=dtype)
     f.attrs[LAST_MODIFIED] = timestamp()
 
 
@@ -474,8 +415,7 @@ def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
 
 def global_names(f: h5py.File, in_group: bool) -> list[str]:
     if in_group:
-        group = f[GLOBAL_ATTRS]
-        return [k for k, v in group.items() if isinstance(v, h5py.Dataset) and not is_swapping(group, k)]
+        return [k for k, v in f[GLOBAL_ATTRS].items() if isinstance(v, h5py.Dataset)]
     return [k for k in f.attrs.keys() if k != LAST_MODIFIED]
 
 

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine
+from . import engine, swaps
 from . import format as fmt
 from .attributes import Dims, DotAccess, check_writable
 from .errors import LoomError, LoomFileError, LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
@@ -187,7 +187,7 @@ class LayerManager(DotAccess, MutableMapping):
         names = [""] if isinstance(self._file.get(fmt.MATRIX), h5py.Dataset) else []
         group = fmt.get_group(self._file, fmt.LAYERS)
         if group is not None:
-            names += [k for k, v in group.items() if isinstance(v, h5py.Dataset) and not fmt.is_swapping(group, k)]
+            names += [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
         return names
 
     def __getitem__(self, name: str) -> LoomLayer:
@@ -282,24 +282,29 @@ class LayerManager(DotAccess, MutableMapping):
             return
         group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
         final = fmt.MATRIX if name == "" else name
-        # another dtype or shape: written beside the layer it replaces, and swapped in once complete
-        target = final if existing is None else fmt.unused_name(group, final)
+        # another dtype or shape: written whole beside the layer it replaces, then swapped in (see swaps)
+        target = final if existing is None else swaps.stage(group)
         try:
             dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,
                                         compression_opts=compression_opts, chunk_cache=chunk_cache)
             if target != final:
-                fmt.mark_swapping(dataset)
+                swaps.note_new(dataset, group, final)
             if matrix is not None:
                 engine.write_matrix(dataset, matrix)
-        except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was (a kill: see finish_swaps)
-            if target in group:
-                engine.forget(group[target])
+        except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was
+            if target in self._file:
+                engine.forget(self._file[target])
+            if target != final:
+                swaps.discard(self._file, target)
+            elif target in group:
                 del group[target]
             raise
         if existing is not None:
             engine.forget(existing)  # its chunk index must not outlive it (the name is reused)
-            dataset = fmt.swap_in(group, final, target)
-            changed(self._file)
+            try:
+                dataset = swaps.swap_in(group, final, target)
+            finally:
+                changed(self._file)
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape

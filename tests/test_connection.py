@@ -374,29 +374,30 @@ def test_a_layer_replacement_killed_at_any_step_is_settled_on_the_next_open(smal
     (the old values, or the new ones once swapped in) and nothing of the swap behind; a read-only
     open shows only the real layers."""
     path, m, *_ = small
-    fmt = importlib.import_module("loompy.format")
+    swaps = importlib.import_module("loompy.swaps")
     layers_module = importlib.import_module("loompy.layers")
     with loompy.connect(path) as ds:
         ds.layers["x"] = m * 2
-    real_create = fmt.create_matrix
+    real_create = layers_module.fmt.create_matrix
 
     def killed(*args, **kwargs):
         raise SystemExit  # stands in for the kill
 
-    def swap_then_killed(group, name, replacement):  # renames done; killed before the old one is dropped
-        backup = fmt.unused_name(group, name, "old")
-        fmt.mark_swapping(group[name])
-        group.move(name, backup)
-        group.move(replacement, name)
+    def swap_then_killed(group, name, staged):  # renames done; killed before the old one is dropped
+        f, target = group.file, f"{group.name}/{name}"
+        backup = swaps._free(f, "old")
+        swaps._note(group[name], group, name, "old")
+        f.move(target, backup)
+        f.move(staged, target)
         raise SystemExit
 
     if step == "create":
         monkeypatch.setattr(layers_module.fmt, "create_matrix",
                             lambda *a, **k: (real_create(*a, **k), killed())[0])
     elif step == "swap":
-        monkeypatch.setattr(layers_module.fmt, "swap_in", lambda *a: killed())
+        monkeypatch.setattr(layers_module.swaps, "swap_in", lambda *a: killed())
     else:
-        monkeypatch.setattr(layers_module.fmt, "swap_in", swap_then_killed)
+        monkeypatch.setattr(layers_module.swaps, "swap_in", swap_then_killed)
     ds = loompy.connect(path)
     with pytest.raises(SystemExit):
         ds.layers["x"] = (m * 3).astype(np.float64)  # another dtype: written beside, then swapped in
@@ -408,7 +409,7 @@ def test_a_layer_replacement_killed_at_any_step_is_settled_on_the_next_open(smal
     with loompy.connect(path) as ds:
         assert ds.layers.keys() == ["", "x"]
         np.testing.assert_array_equal(ds.layers["x"][:, :], m * (3 if step == "drop old" else 2))
-        assert not [k for k in ds._file["layers"] if "loompy" in k]
+        assert swaps.STAGING not in ds._file and not [k for k in ds._file["layers"] if "loompy" in k]
 
 
 def test_assignments_refuse_values_the_layer_cannot_hold(small):
@@ -835,16 +836,19 @@ def test_a_file_killed_between_the_renames_of_a_matrix_swap(small):
     """Killed after the old matrix was moved aside and before the new one took its name: a read-only
     open says how to repair it, and an r+ open puts the old matrix back."""
     path, m, *_ = small
-    fmt = importlib.import_module("loompy.format")
+    swaps = importlib.import_module("loompy.swaps")
     with h5py.File(path, "r+") as f:
-        fmt.mark_swapping(f["matrix"])
-        f.move("matrix", "matrix.loompy-old0")
-        fmt.mark_swapping(f.create_dataset("matrix.loompy-new0", data=np.zeros_like(m)))
-    with pytest.raises(loompy.LoomFileError, match=r"interrupted; open it once with mode 'r\+'"):
+        staged = swaps.stage(f)
+        swaps.note_new(f.create_dataset(staged, data=np.zeros_like(m)), f, "matrix")
+        backup = swaps._free(f, "old")
+        swaps._note(f["matrix"], f, "matrix", "old")
+        f.move("/matrix", backup)
+    with pytest.raises(loompy.LoomFileError, match=r"/matrix was interrupted; open the file once with mode 'r\+'"):
         loompy.connect(path, "r")
     with loompy.connect(path) as ds:
         np.testing.assert_array_equal(ds[:, :], m)
         assert not [k for k in ds._file if "loompy" in k]
+        assert not [k for k in ds._file["matrix"].attrs if k.startswith("loompy_")]
 
 
 def test_layer_objects_follow_writes_of_any_connection_and_interrupted_overwrites(small, monkeypatch):
@@ -889,3 +893,35 @@ def test_set_layer_honours_compression_when_replacing(small):
             dataset = ds.layers["x"]._dataset
             assert dataset.compression_opts == level and (dataset.compression is None) == (level is None)
             np.testing.assert_array_equal(ds.layers["x"][:, :], m * 2)
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_an_attribute_replacement_interrupted_between_its_renames(small, monkeypatch, killed):
+    """Interrupted after the old values moved aside and before the new ones took the name: in the
+    process, the old values go back at once; after a kill, a read-only open says to repair it and
+    an r+ open puts the old values back. A user's look-alike names are never touched."""
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        ds.ca["Age.loompy-new0"] = np.arange(8) * 7  # a user's own name
+    real, calls = h5py.Group.move, []
+
+    def second_move_fails(self, source, dest):
+        calls.append(source)
+        if len(calls) == 2 or (killed and len(calls) > 2):  # a kill: nothing more gets done
+            raise SystemExit if killed else KeyboardInterrupt
+        return real(self, source, dest)
+
+    ds = loompy.connect(path)
+    monkeypatch.setattr(h5py.Group, "move", second_move_fails)
+    with pytest.raises(SystemExit if killed else KeyboardInterrupt):
+        ds.ca["Age"] = np.array(["t"] * 8)  # text for numbers: written beside, swapped in
+    monkeypatch.undo()
+    if killed:
+        ds._file.close()
+        with pytest.raises(loompy.LoomFileError, match="col_attrs/Age was interrupted"):
+            loompy.connect(path, "r")
+        ds = loompy.connect(path)
+    assert ds.ca.Age.tolist() == (np.arange(8) * 2).tolist() and ds.ca["Age.loompy-new0"][1] == 7
+    ds.close()
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.Age.tolist() == (np.arange(8) * 2).tolist() and "loompy_swap" not in ds._file
