@@ -27,7 +27,7 @@ from .indexing import select_axis
 def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:
     """Copy what loompy does not rewrite itself (extra groups, root attributes) unchanged."""
     for name in src.keys():
-        if name not in skip and name not in dst and name != swaps.STAGING:  # (half-done replacements stay)
+        if name not in skip and name not in dst and not swaps.is_staging(src, name):  # (half-done replacements)
             src.copy(src[name], dst, name=name)
     for key, value in src.attrs.items():
         if key not in dst.attrs:
@@ -362,6 +362,7 @@ def repack(filename: str | os.PathLike) -> None:
     with connect(filename, "r") as ds, replacing(ds._path) as out:
         src = ds._file
         for name in src.keys():
-            src.copy(src[name], out, name=name)
+            if not swaps.is_staging(src, name):  # (what an interrupted replacement left: r+ opens settle it)
+                src.copy(src[name], out, name=name)
         for key, value in src.attrs.items():
             out.attrs[key] = value

@@ -327,7 +327,7 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
         return existing
     # a replacement is written whole beside the old dataset first (see swaps): if HDF5 refuses it, or
     # the writer is interrupted, the old one stays
-    target = name if name not in group else swaps.stage(group)
+    target = name if name not in group else swaps.stage(group, name)
     try:
         if data.shape == ():
             ds = group.create_dataset(target, data=data, dtype=dtype)
@@ -340,8 +340,6 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
                 target, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
                 compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
             )
-        if target != name:
-            swaps.note_new(ds, group, name)
     except BaseException as exc:
         if target != name:
             swaps.discard(group.file, target)
@@ -389,10 +387,9 @@ def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> 
     # tried on a scratch object first (HDF5 refuses values over 64 KB in an object header): if HDF5
     # refuses, the old value stays
     try:
-        swaps.probe_attribute(f, data, dtype)
+        swaps.replace_root_attribute(f, name, data, dtype)
     except (TypeError, ValueError, OSError, RuntimeError) as exc:
         raise LoomValueError(f"{where}: HDF5 cannot store this value as an attribute of the file ({exc})") from exc
-    f.attrs.create(name, data, dtype=dtype)
     f.attrs[LAST_MODIFIED] = timestamp()
 
 

@@ -283,12 +283,10 @@ class LayerManager(DotAccess, MutableMapping):
         group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
         final = fmt.MATRIX if name == "" else name
         # another dtype or shape: written whole beside the layer it replaces, then swapped in (see swaps)
-        target = final if existing is None else swaps.stage(group)
+        target = final if existing is None else swaps.stage(group, final)
         try:
             dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,
                                         compression_opts=compression_opts, chunk_cache=chunk_cache)
-            if target != final:
-                swaps.note_new(dataset, group, final)
             if matrix is not None:
                 engine.write_matrix(dataset, matrix)
         except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was

@@ -1,125 +1,137 @@
 """Replacing a value inside a Loom file (an attribute or a layer) so that an interruption never loses it.
 
 The replacement is written whole in a staging group, ``/loompy_swap``, that no listing shows; then
-the old value is moved there too and the new one moved to its name, and the old one deleted.
-Each staged dataset notes where it belongs (its group and name) and whether it is the new or the
-old value. An interruption leaves at most staged values: the next ``r+`` open puts an old value
+the old value is moved there too, the new one moved to its name, and the old one deleted. The
+staging group's own HDF5 attributes note where each staged value belongs; the user's datasets
+carry nothing. An interruption leaves at most staged values: the next ``r+`` open puts an old value
 back if its name is free (the new one never got it) and drops everything else (:func:`settle`); a
-read-only open refuses the file while a value is only to be found there (:func:`pending`).
-A user's own names are never touched, whatever they look like.
+read-only open refuses the file while a value is only to be found there (:func:`pending`). A
+user's own names are never touched, whatever they look like (a group of that name without the
+staging mark included).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import h5py
 
 STAGING = "loompy_swap"  # root group of values being swapped in or out
-_GROUP, _NAME, _KIND = "loompy_group", "loompy_name", "loompy_kind"  # a staged value's notes
+_MARK = "loompy_staging"  # its HDF5 attribute: the group is loompy's
+_OLD_ATTR = "attr:"  # a spec-2 global attribute's old value, kept on the staging group while replaced
 
 
 def _path(group: h5py.Group, name: str) -> str:
     return f"{group.name.rstrip('/')}/{name}"
 
 
-def _free(f: h5py.File, kind: str) -> str:
-    staging = f.require_group(STAGING)
+def _staging(f: h5py.File, create: bool = False) -> h5py.Group | None:
+    group = f.get(STAGING)
+    if isinstance(group, h5py.Group) and _MARK in group.attrs:
+        return group
+    if not create:
+        return None
+    group = f.create_group(STAGING)  # (fails if a user's own object has the name: then nothing is done)
+    group.attrs[_MARK] = 1
+    return group
+
+
+def is_staging(f: h5py.File, name: str) -> bool:
+    """Whether root object ``name`` is loompy's staging group (copies of a file leave it out)."""
+    return name == STAGING and _staging(f) is not None
+
+
+def _drop_if_empty(f: h5py.File) -> None:
+    staging = _staging(f)
+    if staging is not None and len(staging) == 0 and set(staging.attrs) == {_MARK}:
+        del f[STAGING]
+
+
+def stage(group: h5py.Group, name: str) -> str:
+    """A free path in the staging group to write the replacement of ``group[name]`` at, its
+    destination noted."""
+    staging = _staging(group.file, create=True)
     k = 0
-    while f"{kind}{k}" in staging:
+    while f"new{k}" in staging or f"new{k}" in staging.attrs:
         k += 1
-    return f"/{STAGING}/{kind}{k}"
-
-
-def _note(dataset: h5py.Dataset, group: h5py.Group, name: str, kind: str) -> None:
-    dataset.attrs[_GROUP], dataset.attrs[_NAME], dataset.attrs[_KIND] = group.name, name, kind
-
-
-def _unnote(dataset: h5py.Dataset) -> None:
-    for key in (_GROUP, _NAME, _KIND):
-        if key in dataset.attrs:
-            del dataset.attrs[key]
-
-
-def stage(group: h5py.Group) -> str:
-    """A free path in the staging group, to create a replacement at (then :func:`note_new` it)."""
-    return _free(group.file, "new")
-
-
-def note_new(dataset: h5py.Dataset, group: h5py.Group, name: str) -> None:
-    """Note a staged replacement's destination (until then an interruption just drops it)."""
-    _note(dataset, group, name, "new")
+    staging.attrs[f"new{k}"] = _path(group, name)
+    return f"/{STAGING}/new{k}"
 
 
 def discard(f: h5py.File, staged: str) -> None:
     """Drop a staged replacement that will not be swapped in (its writing failed)."""
     if staged in f:
         del f[staged]
-    _drop_staging_if_empty(f)
+    staging = _staging(f)
+    key = staged.rsplit("/", 1)[-1]
+    if staging is not None and key in staging.attrs:
+        del staging.attrs[key]
+    _drop_if_empty(f)
 
 
 def swap_in(group: h5py.Group, name: str, staged: str) -> h5py.Dataset:
     """Make the complete staged dataset ``staged`` the value ``group[name]``, the old one deleted last."""
     f = group.file
-    target = _path(group, name)
-    old = group.get(name)
-    if old is None:
+    target, backup = _path(group, name), f"{staged}.old"
+    try:
+        if target in f:
+            f.move(target, backup)
         f.move(staged, target)
-    else:
-        backup = _free(f, "old")
-        _note(old, group, name, "old")
-        f.move(target, backup)
-        try:
-            f.move(staged, target)
-        except BaseException:
+    except BaseException:
+        if target not in f and backup in f:
             f.move(backup, target)
-            _unnote(f[target])
-            discard(f, staged)
-            raise
+        discard(f, staged)
+        raise
+    if backup in f:
         del f[backup]
-    _unnote(f[target])
-    _drop_staging_if_empty(f)
+    discard(f, staged)  # (only its note is left to drop)
     return f[target]
-
-
-def _drop_staging_if_empty(f: h5py.File) -> None:
-    staging = f.get(STAGING)
-    if isinstance(staging, h5py.Group) and len(staging) == 0 and not staging.attrs:
-        del f[STAGING]
 
 
 def pending(f: h5py.File) -> list[str]:
     """Values an interrupted replacement left only in the staging group (an ``r+`` open restores them)."""
-    staging = f.get(STAGING)
-    found = []
-    for obj in staging.values() if isinstance(staging, h5py.Group) else []:
-        group, name, kind = (obj.attrs.get(k) for k in (_GROUP, _NAME, _KIND))
-        if kind == "old" and group is not None and name is not None and f"{str(group).rstrip('/')}/{name}" not in f:
-            found.append(f"{str(group).rstrip('/')}/{name}")
+    staging = _staging(f)
+    if staging is None:
+        return []
+    found = [str(target) for key, target in staging.attrs.items()
+             if key.startswith("new") and f"{key}.old" in staging and str(target) not in f]
+    found += [f"global attribute '{key[len(_OLD_ATTR):]}'" for key in staging.attrs
+              if key.startswith(_OLD_ATTR) and key[len(_OLD_ATTR):] not in f.attrs]
     return found
 
 
 def settle(f: h5py.File) -> None:
     """After an interruption (an ``r+`` open): old values whose name is free go back, the rest goes."""
-    staging = f.get(STAGING)
-    if not isinstance(staging, h5py.Group):
+    staging = _staging(f)
+    if staging is None:
         return
-    for key, obj in list(staging.items()):
-        group, name, kind = (obj.attrs.get(k) for k in (_GROUP, _NAME, _KIND))
-        target = f"{str(group).rstrip('/')}/{name}" if group is not None and name is not None else None
-        if kind == "old" and target is not None and target not in f and isinstance(obj, h5py.Dataset):
-            f.move(obj.name, target)
-            _unnote(f[target])
-        else:
-            del staging[key]
+    for key, value in list(staging.attrs.items()):
+        if key.startswith("new") and f"{key}.old" in staging and str(value) not in f:
+            f.move(f"/{STAGING}/{key}.old", str(value))
+        elif key.startswith(_OLD_ATTR) and key[len(_OLD_ATTR):] not in f.attrs:
+            f.attrs.create(key[len(_OLD_ATTR):], value, dtype=staging.attrs.get_id(key).dtype)
     del f[STAGING]
 
 
-def probe_attribute(f: h5py.File, value: object, dtype: object) -> None:
-    """Check that HDF5 takes ``value`` as an attribute of this file, without touching any real one
-    (written on the staging group, then dropped with it)."""
-    staging = f.require_group(STAGING)
+def replace_root_attribute(f: h5py.File, name: str, data: Any, dtype: Any) -> None:
+    """Store a spec-2 global attribute (on the file's root), the old value kept on the staging group
+    meanwhile: HDF5 replaces an attribute by deleting it, then creating the new one. Raises what
+    HDF5 raises if it refuses the value (tried on the staging group first: the old value stays)."""
+    staging = _staging(f, create=True)
+    backup = _OLD_ATTR + name
     try:
-        staging.attrs.create("probe", value, dtype=dtype)
+        staging.attrs.create("probe", data, dtype=dtype)  # refused (too large...)? nothing is touched
+        del staging.attrs["probe"]
+        if name in f.attrs:
+            staging.attrs.create(backup, f.attrs[name], dtype=f.attrs.get_id(name).dtype)
+        f.attrs.create(name, data, dtype=dtype)
+    except BaseException:
+        if name not in f.attrs and backup in staging.attrs:  # deleted, then not created: put it back
+            f.attrs.create(name, staging.attrs[backup], dtype=staging.attrs.get_id(backup).dtype)
+        raise
     finally:
         if "probe" in staging.attrs:
             del staging.attrs["probe"]
-        _drop_staging_if_empty(f)
+        if backup in staging.attrs and name in f.attrs:  # (else it is all that is left of the value)
+            del staging.attrs[backup]
+        _drop_if_empty(f)

@@ -327,3 +327,21 @@ def test_export_errors_are_loompy_errors_and_hdf5_after_a_user_block_is_kept(tmp
             with pytest.raises(loompy.LoomFileError, match="cannot write the export there"):
                 ds.export(target)
     assert blocked.read_bytes() == before
+
+
+def test_the_staging_group_is_loompys_only_and_never_copied(tmp_path):
+    """A leftover staging group (a replacement killed half-way) is not carried into repack's output;
+    a user's own group of that name, which lacks loompy's mark, is left alone by r+ opens."""
+    path = make(tmp_path / "a.loom")
+    swaps = __import__("importlib").import_module("loompy.swaps")
+    with h5py.File(path, "r+") as f:
+        f.create_dataset(swaps.stage(f["col_attrs"], "c"), data=np.arange(4) * 9)  # staged, never swapped in
+    loompy.repack(path)
+    with h5py.File(path, "r") as f:
+        assert swaps.STAGING not in f
+    with h5py.File(path, "r+") as f:
+        f.create_group(swaps.STAGING).create_dataset("my_notes", data=[1, 2])
+    with loompy.connect(path) as ds:
+        assert ds.ca.c.tolist() == [0, 1, 2, 3]
+    with h5py.File(path, "r") as f:
+        assert f[swaps.STAGING]["my_notes"][1] == 2

@@ -199,3 +199,36 @@ def test_add_columns_grows_each_real_file_or_leaves_it_untouched(name, tmp_path)
             for field in given.dtype.names or [None]:  # compound ones field by field (NaN equals NaN)
                 np.testing.assert_array_equal(stored if field is None else stored[field],
                                               given if field is None else given[field])
+
+
+@pytest.mark.parametrize("killed", [False, True])
+def test_a_spec2_global_attribute_interrupted_while_replaced_is_kept(tmp_path, monkeypatch, killed):
+    """HDF5 replaces an attribute by deleting it, then creating the new one: interrupted in between,
+    the old value comes back (at once, or after a kill on the next r+ open)."""
+    path = tmp_path / "legacy.loom"
+    shutil.copy(REAL / "Bioconductor+LoomExperiment/inst/extdata/L1_DRG_20_example.loom", path)
+    with loompy.connect(path, "r") as ds:
+        old = ds.attrs["CreatedWith"]
+    real_create = h5py.AttributeManager.create
+    calls = []
+
+    def interrupted(self, name, *args, **kwargs):
+        if name == "CreatedWith" and name in self and not calls:
+            calls.append(name)
+            del self[name]  # HDF5's first step, then the interruption
+            raise SystemExit if killed else KeyboardInterrupt
+        if killed and calls and name == "CreatedWith":
+            raise SystemExit  # a killed process restores nothing
+        return real_create(self, name, *args, **kwargs)
+
+    ds = loompy.connect(path)
+    monkeypatch.setattr(h5py.AttributeManager, "create", interrupted)
+    with pytest.raises(SystemExit if killed else KeyboardInterrupt):
+        ds.attrs["CreatedWith"] = "today"
+    monkeypatch.undo()
+    ds._file.close()
+    if killed:
+        with pytest.raises(loompy.LoomFileError, match="global attribute 'CreatedWith' was interrupted"):
+            loompy.connect(path, "r")
+    with loompy.connect(path) as ds:
+        assert ds.attrs["CreatedWith"] == old and "loompy_swap" not in ds._file
