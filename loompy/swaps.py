@@ -16,6 +16,8 @@ from typing import Any
 
 import h5py
 
+from .errors import LoomFileError
+
 STAGING = "loompy_swap"  # root group of values being swapped in or out
 _MARK = "loompy_staging"  # its HDF5 attribute: the group is loompy's
 _OLD_ATTR = "attr:"  # a spec-2 global attribute's old value, kept on the staging group while replaced
@@ -31,7 +33,10 @@ def _staging(f: h5py.File, create: bool = False) -> h5py.Group | None:
         return group
     if not create:
         return None
-    group = f.create_group(STAGING)  # (fails if a user's own object has the name: then nothing is done)
+    if group is None:
+        group = f.create_group(STAGING)
+    elif not (isinstance(group, h5py.Group) and len(group) == 0 and not group.attrs):  # (empty: ours, cut short)
+        raise LoomFileError(f"{f.filename}: /{STAGING} is not loompy's, so values cannot be replaced safely")
     group.attrs[_MARK] = 1
     return group
 
@@ -52,7 +57,7 @@ def stage(group: h5py.Group, name: str) -> str:
     destination noted."""
     staging = _staging(group.file, create=True)
     k = 0
-    while f"new{k}" in staging or f"new{k}" in staging.attrs:
+    while f"new{k}" in staging or f"new{k}.old" in staging or f"new{k}" in staging.attrs:
         k += 1
     staging.attrs[f"new{k}"] = _path(group, name)
     return f"/{STAGING}/new{k}"
@@ -80,6 +85,8 @@ def swap_in(group: h5py.Group, name: str, staged: str) -> h5py.Dataset:
     except BaseException:
         if target not in f and backup in f:
             f.move(backup, target)
+        elif backup in f:  # the new value is in place: the swap is done
+            del f[backup]
         discard(f, staged)
         raise
     if backup in f:

@@ -345,3 +345,26 @@ def test_the_staging_group_is_loompys_only_and_never_copied(tmp_path):
         assert ds.ca.c.tolist() == [0, 1, 2, 3]
     with h5py.File(path, "r") as f:
         assert f[swaps.STAGING]["my_notes"][1] == 2
+
+
+def test_replacements_get_past_what_an_interruption_left_in_the_staging_group(tmp_path):
+    path = make(tmp_path / "a.loom")
+    swaps = __import__("importlib").import_module("loompy.swaps")
+    with h5py.File(path, "r+") as f:
+        f.create_group(swaps.STAGING)  # cut short before loompy marked it: empty
+    with loompy.connect(path) as ds:
+        ds.ca["c"] = np.array(["w", "x", "y", "z"])  # another dtype: staged
+        assert ds.ca.c.tolist() == ["w", "x", "y", "z"]
+        staging = ds._file.require_group(swaps.STAGING)
+        staging.attrs["loompy_staging"] = 1
+        staging.create_dataset("new0.old", data=[1])  # an old value whose swap completed, note gone
+        ds.ca["c"] = np.arange(4) * 3
+        assert ds.ca.c.tolist() == [0, 3, 6, 9]
+    with h5py.File(path, "r+") as f:
+        f.create_group(swaps.STAGING + "_x")
+        del f[swaps.STAGING]
+        f.create_group(swaps.STAGING).create_dataset("mine", data=[1])  # a user's own, not loompy's
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomError, match="loompy_swap is not loompy's"):
+            ds.ca["c"] = np.array(["a", "b", "c", "d"])
+        assert ds.ca.c.tolist() == [0, 3, 6, 9]
