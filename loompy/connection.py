@@ -64,8 +64,11 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
     kwargs: dict[str, Any] = {}
     if locking is not None:
         kwargs["locking"] = locking
-    if mode == "r+" and files.allocation_short(path):  # a writer died, or its disk filled up, mid-write:
-        files.extend_allocation(path)  # keep what it stored (HDF5, opening it for writing, would trim it)
+    if mode == "r+" and files.allocation_short(path):  # HDF5, opening it for writing, would trim it
+        if not _loom_or_unreadable(path, kwargs):
+            raise LoomFormatError(f"{path}: not a Loom file (and HDF5 would cut off its last bytes if it were "
+                                  "opened for writing)")
+        files.extend_allocation(path)  # a writer died, or its disk filled up, mid-write: keep what it stored
     try:
         return h5py.File(path, mode, **kwargs)
     except OSError as exc:
@@ -78,6 +81,16 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
             raise LoomFileError(f"{path}: a write was interrupted; open it once with mode 'r+' to repair it "
                                 f"({exc})") from exc
         raise LoomFileError(f"{path}: cannot open as a Loom (HDF5) file: {exc}") from exc
+
+
+def _loom_or_unreadable(path: str, kwargs: dict[str, Any]) -> bool:
+    """Whether a file may be repaired before it is opened for writing: it looks like a Loom file, or
+    HDF5 cannot even read it (metadata past its recorded end: a writer's)."""
+    try:
+        with h5py.File(path, "r", **kwargs) as f:
+            return fmt.MATRIX in f or fmt.SPEC_VERSION_KEY in f.attrs or fmt.GLOBAL_ATTRS in f
+    except OSError:
+        return True
 
 
 def _unreadable(path: str, exc: Exception) -> LoomFileError:

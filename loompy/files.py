@@ -92,7 +92,7 @@ def _locked_by_a_writer(target: str) -> bool:
 
 
 def check_replaceable(target: str, own: Any = None) -> None:
-    """Refuse, before any work, a rewrite of ``target`` that would lose or split users' data.
+    """Refuse, before anything is written, a rewrite of ``target`` that would lose or split users' data.
 
     ``own`` is the caller's own connection to ``target`` (permute's), which is allowed.
     """
@@ -187,7 +187,7 @@ def _keep_ownership(old: str, new: str) -> None:
 def stored_size_bound(matrix: Any) -> int:
     """A generous estimate of the bytes ``matrix`` takes once compressed into a Loom file: twice what
     its non-zeros need plus a little per element for the runs of zeros, but never more than its raw
-    size (deflate stores what it cannot shrink), plus 1 MB and 100 bytes a chunk of metadata."""
+    size and 1% (deflate stores what it cannot shrink), plus 1 MB and 100 bytes a chunk of metadata."""
     if matrix is None:
         return 1 << 20
     size = int(np.prod(matrix.shape))

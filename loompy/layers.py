@@ -236,7 +236,7 @@ class LayerManager(DotAccess, MutableMapping):
         """Create or overwrite layer ``name`` from a dense or sparse matrix (or zeros of ``dtype`` when None).
 
         The stored dtype is ``dtype`` if given, else the input's (booleans as uint8). An existing layer
-        of the same shape, dtype and chunks is overwritten in place, so the file does not grow; if
+        of the same shape, dtype and chunks is overwritten in place (no second copy of it); if
         that is interrupted, reading the layer raises LoomFileError until it is written again or
         deleted. Any other replacement is written beside the old layer and swapped in once complete
         (interrupted, the old layer stays); its old space HDF5 does not reuse, ``repack`` does.
@@ -269,7 +269,7 @@ class LayerManager(DotAccess, MutableMapping):
                 and existing.chunks == fmt.matrix_chunks(shape, chunks) \
                 and (existing.compression, existing.compression_opts) == \
                 (("gzip", compression_opts) if compression_opts is not None else (None, None)):
-            # overwritten in place, so that the file does not grow (HDF5 would not reuse the old
+            # overwritten in place, so that the file takes no second copy (HDF5 would not reuse the old
             # layer's space once the file is closed); marked meanwhile, so that an interrupted
             # overwrite is never read as if it were whole
             existing.attrs[OVERWRITING] = 1

@@ -368,3 +368,15 @@ def test_replacements_get_past_what_an_interruption_left_in_the_staging_group(tm
         with pytest.raises(loompy.LoomError, match="loompy_swap is not loompy's"):
             ds.ca["c"] = np.array(["a", "b", "c", "d"])
         assert ds.ca.c.tolist() == [0, 3, 6, 9]
+
+
+def test_an_hdf5_file_that_is_not_loom_is_refused_untouched_even_with_trailing_bytes(tmp_path):
+    plain = tmp_path / "plain.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.arange(5)
+    with open(plain, "ab") as fh:
+        fh.write(b"\0" * 100)  # longer than HDF5 recorded: opening it for writing would trim it
+    before = plain.read_bytes()
+    with pytest.raises(loompy.LoomFormatError, match="plain.h5: not a Loom file"):
+        loompy.connect(plain)
+    assert plain.read_bytes() == before
