@@ -187,7 +187,7 @@ class AttributeManager(DotAccess, MutableMapping):
         if dtype is not None:
             values = _convert(values, dtype, where)
         arr = fmt.normalize_values(values, where, length=length if self._has_shape() else None)
-        if np.shares_memory(arr, np.asarray(values) if not isinstance(values, np.ndarray) else values):
+        if isinstance(values, np.ndarray) and np.shares_memory(arr, values):
             arr = arr.copy()  # the cache must not follow later changes to the caller's array
         if self._file is not None:
             group = self._file.require_group(self._group_name)

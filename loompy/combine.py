@@ -306,12 +306,12 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     order = order.astype(np.int64)
     inverse = np.empty(length, dtype=np.int64)
     inverse[order] = np.arange(length)
-    mode, f = ds.mode, ds._file
+    f = ds._file
     try:
         _permute_into(ds, f, order, inverse, axis)
     finally:  # the file is the permuted one, or (after a failure) the old one, unchanged: reopen it
         if not ds._file:
-            ds._reopen(mode)
+            ds._reopen()
 
 
 def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: np.ndarray, axis: int) -> None:

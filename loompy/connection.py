@@ -78,8 +78,7 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
             raise LoomFileError(f"{path}: the file is shorter than HDF5 recorded it (an incomplete copy or "
                                 f"download?) ({exc})") from exc
         if "addr overflow" in str(exc):  # a writer died before HDF5 recorded the space it had used
-            raise LoomFileError(f"{path}: a write was interrupted; open it once with mode 'r+' to repair it "
-                                f"({exc})") from exc
+            raise _unreadable(path, exc) from exc
         raise LoomFileError(f"{path}: cannot open as a Loom (HDF5) file: {exc}") from exc
 
 
@@ -109,7 +108,8 @@ class LoomConnection:
             raise LoomTypeError(f"connect needs a path to a Loom file, got {type(filename).__name__}")
         self.filename = os.fsdecode(os.fspath(filename))
         self._path = os.path.abspath(os.path.expanduser(self.filename))  # whole-file rewrites go there,
-        self._file = open_h5(self._path, mode, locking=locking)            # whatever the cwd later
+        self._locking = locking                                            # whatever the cwd later
+        self._file = open_h5(self._path, mode, locking=locking)
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
             setattr(self._file, READ_ONLY, True)
         try:
@@ -118,9 +118,9 @@ class LoomConnection:
             recover(self._file)  # an interrupted append is rolled back before anything else looks
             if writable(self._file):
                 swaps.settle(self._file)  # and an interrupted replacement settled
-            elif swaps.pending(self._file):
-                raise LoomFileError(f"{self.filename}: the replacement of {', '.join(swaps.pending(self._file))} "
-                                    "was interrupted; open the file once with mode 'r+' to repair it")
+            elif pending := swaps.pending(self._file):
+                raise LoomFileError(f"{self.filename}: the replacement of {', '.join(pending)} was interrupted; "
+                                    "open the file once with mode 'r+' to repair it")
             refuse_if_pending_read_only(self._file, self.filename)
             if validate:
                 from .validator import check_structure
@@ -136,18 +136,20 @@ class LoomConnection:
         self.spec_version = spec_version
         files.register(self)
 
-    def _reopen(self, mode: str) -> None:
-        """Open the file at this connection's path again (after a whole-file rewrite replaced it), into
-        the same managers: objects taken from them before (``ds.ca``, a layer) see the new file."""
-        self._file = h5py.File(self._path, mode)
-        if mode == "r":
-            setattr(self._file, READ_ONLY, True)
+    def _reopen(self) -> None:
+        """Open the file at this connection's path again for writing (after a whole-file rewrite
+        replaced it), into the same managers: objects taken from them before (``ds.ca``, a layer)
+        see the new file."""
+        self._file = open_h5(self._path, "r+", locking=self._locking)
         matrix = self._file.get(fmt.MATRIX)
         self._dims.shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else (0, 0)
-        for manager in (self.layers, self.row_attrs, self.col_attrs, self.row_graphs, self.col_graphs, self.attrs):
-            object.__setattr__(manager, "_file", self._file)
+        self._point_managers_at(self._file)
         self.row_attrs._forget()
         self.col_attrs._forget()
+
+    def _point_managers_at(self, file: h5py.File | ClosedFile) -> None:
+        for manager in (self.layers, self.row_attrs, self.col_attrs, self.row_graphs, self.col_graphs, self.attrs):
+            object.__setattr__(manager, "_file", file)
 
     def _open_managers(self) -> None:
         f = self._file
@@ -195,10 +197,7 @@ class LoomConnection:
             self._file.flush()
             engine.forget_file(self._file)
             self._file.close()
-            closed = ClosedFile(self.filename)  # later uses through the managers say so
-            for manager in (self.layers, self.row_attrs, self.col_attrs, self.row_graphs, self.col_graphs,
-                            self.attrs):
-                object.__setattr__(manager, "_file", closed)
+            self._point_managers_at(ClosedFile(self.filename))  # later uses through the managers say so
 
     def flush(self) -> None:
         self._check_open()

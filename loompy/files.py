@@ -111,7 +111,7 @@ def check_replaceable(target: str, own: Any = None) -> None:
     if folder.st_mode & stat.S_ISVTX and me not in (None, 0, info.st_uid, folder.st_uid):
         raise LoomFileError(f"{target}: it belongs to another user in a folder where only owners may replace "
                             "files (sticky bit)")
-    links = os.stat(target).st_nlink
+    links = info.st_nlink
     if links > 1:
         raise LoomFileError(f"{target}: the file has {links} hard links, and rewriting it would leave the "
                             "other names with the old content; make it a file of its own first")

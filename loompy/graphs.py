@@ -31,7 +31,7 @@ def read_edges(g: h5py.Group, n: int | None) -> tuple[np.ndarray, np.ndarray, np
         problems.append(f"a, b, w must be 1-D and of equal length (shapes {a.shape}, {b.shape}, {w.shape})")
     elif a.dtype.kind not in "iuf" or b.dtype.kind not in "iuf" or w.dtype.kind not in "biuf":
         problems.append(f"a, b, w must be numbers (dtypes {a.dtype}, {b.dtype}, {w.dtype})")
-    elif not (np.array_equal(a, np.round(a)) and np.array_equal(b, np.round(b))):
+    elif any(x.dtype.kind == "f" and not np.array_equal(x, np.round(x)) for x in (a, b)):  # (integers are)
         problems.append("vertex indices are not whole numbers")
     elif n is not None and a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
         problems.append(f"vertex indices outside [0, {n})")

@@ -179,7 +179,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         missing, extra = sorted(existing - set(layer_dict)), sorted(set(layer_dict) - existing)
         raise LoomValueError(f"{where}: add_columns needs exactly the file's layers; "
                              f"missing {missing}, unknown {extra}")
-    converted = {}
+    matrices = {}  # (cast by the engine as it writes)
     for name, matrix in layer_dict.items():
         if tuple(matrix.shape) != (n, n_new):
             raise LoomValueError(f"{where}: layer '{name}' has shape {tuple(matrix.shape)}, expected {(n, n_new)}")
@@ -188,19 +188,19 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             raise LoomValueError(f"{where}: layer '{name}' was stored with at most {limit} columns, so it cannot "
                                  "grow; loompy.combine writes a copy with these columns added")
         fmt.check_fits(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")  # the engine casts as it writes
-        converted[name] = matrix
+        matrices[name] = matrix
     combined = _column_attrs(ds, col_attrs, n_new, fill_values, convert_attrs)
     new_row_attrs = {k: fmt.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in _as_attr_dict(row_attrs, where).items()}
     for name in [*new_row_attrs, *combined]:
         fmt.check_name(name, f"{where}: attribute")
-    needed = sum(stored_size_bound(matrix) for matrix in converted.values())
+    needed = sum(stored_size_bound(matrix) for matrix in matrices.values())
     check_free_space(f.filename, needed + sum(v.nbytes for v in combined.values() if v.dtype != object), where)
     # everything is valid: write, journalled
     try:
         if journal:
             _begin(f, m)
-        for name, matrix in converted.items():
+        for name, matrix in matrices.items():
             dataset = ds.layers[name]._dataset
             engine.resize(dataset, m + n_new, axis=1)
             engine.write_matrix(dataset, matrix, col_offset=m)

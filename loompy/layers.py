@@ -35,52 +35,44 @@ class SparseForms:
 
 
 OVERWRITING = "loompy_overwriting"  # a layer's HDF5 attribute while loompy overwrites it in place
-_changes: dict[int, int] = {}  # per open HDF5 file (shared by its connections): layers replaced or deleted
 
 
-def changed(file: h5py.File) -> None:
-    """Note that a layer of ``file`` was replaced, deleted or is being overwritten: layer objects of
-    every connection to it look their dataset up again."""
-    number = file.id.fileno
-    _changes[number] = _changes.get(number, 0) + 1
-
-
-def _overwritten(filename: str, name: str) -> LoomFileError:
-    return LoomFileError(f"{filename}: layer '{name}' was being overwritten when its writer stopped, so it "
-                         "holds part old, part new values; write it again, or delete it")
+def _whole(dataset: h5py.Dataset, filename: str, name: str) -> h5py.Dataset:
+    """``dataset``, unless an overwrite of it was interrupted (its values are then part old, part new)."""
+    if OVERWRITING in dataset.attrs:
+        raise LoomFileError(f"{filename}: layer '{name}' was being overwritten when its writer stopped, so it "
+                            "holds part old, part new values; write it again, or delete it")
+    return dataset
 
 
 class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
-    def __init__(self, name: str, dataset: h5py.Dataset, owner: LayerManager | None = None) -> None:
+    def __init__(self, name: str, dataset: h5py.Dataset, owner: LayerManager) -> None:
         self.name = name
         self._path = dataset.name
         self._owner = owner  # the connection's layer manager: its file is the connection's, even reopened
-        self._own_file = dataset.file
-        self._filename = self._file.filename
-        self._known: tuple[Any, h5py.Dataset | None] = (None, None)  # (manager state, dataset) last looked up
+        self._filename = owner._filename
+        self._known: tuple[Any, h5py.Dataset | None] = (None, None)  # (file state, dataset) last looked up
 
     @property
     def _file(self) -> h5py.File:
-        return self._own_file if self._owner is None else self._owner._file
+        return self._owner._file
 
     @property
     def _dataset(self) -> h5py.Dataset:
         """The layer's dataset now: looked up again whenever its manager's file or layers changed (a
         replaced layer is a new dataset, a permuted file a new file)."""
         file = self._file
-        key = (file.id.id, _changes.get(file.id.fileno, 0)) if file else None  # (HDF5's id of this opening)
-        if key is not None and key == self._known[0]:
+        if not file:
+            raise LoomFileError(f"{self._filename}: the connection is closed")
+        key = (file.id.id, engine.layer_changes(file))  # (HDF5's id of this opening of the file)
+        if key == self._known[0]:
             return self._known[1]
-        dataset = file.get(self._path) if file else None
+        dataset = file.get(self._path)
         if not isinstance(dataset, h5py.Dataset):
-            if not file:
-                raise LoomFileError(f"{self._filename}: the connection is closed")
             raise LoomKeyError(f"{self._filename}: layer '{self.name}' no longer exists")
-        if OVERWRITING in dataset.attrs:
-            raise _overwritten(self._filename, self.name)
-        self._known = (key, dataset)
+        self._known = (key, _whole(dataset, self._filename, self.name))
         return dataset
 
     @property
@@ -108,8 +100,6 @@ class LoomLayer(SparseForms):
 
     def _select(self, key: Any) -> tuple[AxisSelection, AxisSelection]:
         """The selection ``key`` on this layer; errors name the file and layer."""
-        if not self._file:
-            raise LoomFileError(f"{self._where}: the connection is closed")
         try:
             return select(key, self.shape)
         except (LoomIndexError, LoomTypeError, LoomValueError) as exc:
@@ -117,8 +107,6 @@ class LoomLayer(SparseForms):
 
     def _read(self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The block at sorted, unique ``rows`` x ``cols``, into ``out`` when given."""
-        if not self._file:
-            raise LoomFileError(f"{self._where}: the connection is closed")
         return engine.read_block(self._dataset, rows, cols, out)
 
     def __setitem__(self, key: Any, values: Any) -> None:
@@ -198,9 +186,7 @@ class LayerManager(DotAccess, MutableMapping):
         dataset = self._dataset(name)
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        if OVERWRITING in dataset.attrs:
-            raise _overwritten(self._file.filename, name)
-        return LoomLayer(name, dataset, self)
+        return LoomLayer(name, _whole(dataset, self._file.filename, name), self)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._dataset(name) is not None
@@ -274,10 +260,10 @@ class LayerManager(DotAccess, MutableMapping):
             # overwrite is never read as if it were whole
             existing.attrs[OVERWRITING] = 1
             self._file.flush()
-            changed(self._file)  # layer objects held elsewhere look again (and see the mark)
+            engine.layers_changed(self._file)  # layer objects held elsewhere look again (and see the mark)
             engine.write_matrix(existing, sp.csc_matrix(shape, dtype=target_dtype) if matrix is None else matrix)
             del existing.attrs[OVERWRITING]
-            changed(self._file)
+            engine.layers_changed(self._file)
             fmt.touch(existing, existing.parent)
             return
         group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
@@ -289,9 +275,7 @@ class LayerManager(DotAccess, MutableMapping):
                                         compression_opts=compression_opts, chunk_cache=chunk_cache)
             if matrix is not None:
                 engine.write_matrix(dataset, matrix)
-        except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was
-            if target in self._file:
-                engine.forget(self._file[target])
+        except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was (its index: see _writes)
             if target != final:
                 swaps.discard(self._file, target)
             elif target in group:
@@ -302,7 +286,7 @@ class LayerManager(DotAccess, MutableMapping):
             try:
                 dataset = swaps.swap_in(group, final, target)
             finally:
-                changed(self._file)
+                engine.layers_changed(self._file)
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape
@@ -316,5 +300,5 @@ class LayerManager(DotAccess, MutableMapping):
         group = self._file[fmt.LAYERS]
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         del group[name]
-        changed(self._file)
+        engine.layers_changed(self._file)
         fmt.touch(group)

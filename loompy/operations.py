@@ -18,7 +18,7 @@ from . import engine
 from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, select_axis
-from .view import WHAT_ALL, LoomView, make_view, whole_parts
+from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
 
 
 def _items(items: Any, length: int, axis: int) -> np.ndarray:
@@ -50,7 +50,7 @@ def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, re
 def _nothing_writes(ds: Any) -> bool:
     """Whether no one in this process can write the file while a scan reads ahead: HDF5 itself
     opened it read-only (a connection asking for 'r' may share a file open for writing)."""
-    return bool(ds._file) and ds._file.mode == "r"
+    return ds._file.mode == "r"  # (callers checked that the connection is open)
 
 
 def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Callable[[], None]) -> Iterator[Any]:
@@ -86,16 +86,16 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     """Yield ``(ix, selection, view)`` per batch along ``axis``; ``ix`` is the batch's first file position.
 
     ``items`` (indices or mask) restricts the items scanned; ``key`` orders the *other* axis by that
-    attribute; ``layers`` and ``what`` restrict what each view carries. In a file open read-only,
-    the next batch is read while the caller works on this one.
+    attribute; ``layers`` (a name or a list of names) and ``what`` restrict what each view carries.
+    In a file open read-only, the next batch is read while the caller works on this one.
     """
     ds._check_open()
     axis = ds._axis(axis)
     unknown = set(what) - set(WHAT_ALL)
     if unknown:
         raise LoomValueError(f"{ds.filename}: scan(what=...) got unknown parts {sorted(unknown)}")
-    names = list(ds.layers.keys()) if layers is None else [layers] if isinstance(layers, str) else list(layers)
-    for name in names:  # (a single name, "" among them, is that layer alone, as in loompy 3)
+    names = layer_names(ds, layers)
+    for name in names:
         if name not in ds.layers:
             raise LoomKeyError(f"{ds.filename}: layer '{name}' does not exist")
     length, other_length = ds.shape[axis], ds.shape[1 - axis]
@@ -125,7 +125,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
             parts.update(whole_parts(ds, what), stamp=stamp)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
-    yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, _nothing_writes(ds), ds._check_open)
+    yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, fixed, ds._check_open)
 
 
 def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -134,14 +134,13 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     read one batch ahead in a file open read-only, as :func:`scan`."""
     ds._check_open()
     axis = ds._axis(axis)
-    names = list(ds.layers.keys()) if layers is None else list(layers)
-    datasets = {name: ds.layers[name]._dataset for name in names}
+    datasets = {name: ds.layers[name]._dataset for name in layer_names(ds, layers)}
     rows = _items(genes, ds.shape[0], 0)
     cols = _items(cells, ds.shape[1], 1)
     along, other = (rows, cols) if axis == 0 else (cols, rows)
     for dataset in datasets.values():
         engine.expect_reads(dataset, along.size / max(1, ds.shape[axis]))
-    recyclers = {name: engine.Recycler() for name in names}  # as in scan
+    recyclers = {name: engine.Recycler() for name in datasets}  # as in scan
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
         start, batch = item

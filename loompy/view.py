@@ -137,6 +137,14 @@ class LoomView:
 WHAT_ALL = ("col_attrs", "row_attrs", "layers", "col_graphs", "row_graphs")
 
 
+def layer_names(source: Any, layers: Any) -> list[str]:
+    """The layers a scan or view asks for: all of them (None), one by name ("" among them, as in
+    loompy 3), or a list of names."""
+    if layers is None:
+        return list(source.layers.keys())
+    return [layers] if isinstance(layers, str) else list(layers)
+
+
 def whole_parts(source: Any, what: Any = WHAT_ALL) -> dict[str, Any]:
     """What every view of ``source`` shares, read once for a scan's many views: the global
     attributes, and the graphs ``what`` asks for (renumbered per view)."""
@@ -157,7 +165,7 @@ def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: 
     views no longer use; ``parts`` is :func:`whole_parts` of ``source``, read once by the caller.
     """
     what = set(what)
-    names = list(source.layers.keys()) if layers is None else list(layers)
+    names = layer_names(source, layers)
     r, c = rows.indices, cols.indices
     data = {}
     if "layers" in what:
@@ -174,8 +182,8 @@ def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: 
     row_attrs = {k: v[r] for k, v in source.ra.items()} if "row_attrs" in what else {}
     col_attrs = {k: v[c] for k, v in source.ca.items()} if "col_attrs" in what else {}
     parts = whole_parts(source, what) if parts is None else parts
-    row_graphs = {k: renumber_graph(g, r) for k, g in parts["row_graphs"].items()} if "row_graphs" in what else {}
-    col_graphs = {k: renumber_graph(g, c) for k, g in parts["col_graphs"].items()} if "col_graphs" in what else {}
+    row_graphs = {k: renumber_graph(g, r) for k, g in parts["row_graphs"].items()}  # ({} unless in what)
+    col_graphs = {k: renumber_graph(g, c) for k, g in parts["col_graphs"].items()}
     file_attrs = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in parts["file_attrs"].items()}
     return LoomView(data, row_attrs, col_attrs, row_graphs, col_graphs, filename=source.filename,
                     file_attrs=file_attrs, shape=(len(r), len(c)))

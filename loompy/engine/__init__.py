@@ -11,12 +11,22 @@ so every valid file still reads and writes correctly. Measurements behind the ch
 
 from .memory import Recycler, Scratch
 from .read import STRIP_BYTES, each_row_block, read_block, read_sparse
-from .storage import ChunkLayout, chunk_layout, expect_reads, forget, forget_file, held_index
+from .storage import (
+    ChunkLayout,
+    chunk_layout,
+    expect_reads,
+    forget,
+    forget_file,
+    held_index,
+    layer_changes,
+    layers_changed,
+)
 from .workers import THREADS
 from .write import aligned, copy_columns, resize, store_region, write_block, write_columns, write_matrix, write_rows
 
 __all__ = [
     "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "aligned", "chunk_layout", "copy_columns",
-    "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "read_block", "read_sparse", "resize",
+    "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes", "layers_changed",
+    "read_block", "read_sparse", "resize",
     "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
 ]

@@ -297,6 +297,22 @@ def forget_file(file: h5py.File) -> None:
         for table in (_cache, _asked, _held):
             for key in [key for key in table if key[0] == number]:
                 del table[key]
+        _layer_changes.pop(number, None)
+
+
+_layer_changes: dict[int, int] = {}  # per opening of a file (shared by its connections): see layers_changed
+
+
+def layers_changed(file: h5py.File) -> None:
+    """Note that a layer of ``file`` was replaced, deleted or is being overwritten, so that layer
+    objects of every connection to it look their dataset up again (see :func:`layer_changes`)."""
+    with _lock:
+        _layer_changes[file.id.fileno] = _layer_changes.get(file.id.fileno, 0) + 1
+
+
+def layer_changes(file: h5py.File) -> int:
+    """How many times layers of ``file`` changed since it was opened (a cache key for layer objects)."""
+    return _layer_changes.get(file.id.fileno, 0)
 
 
 def expect_reads(dataset: h5py.Dataset, share: float = 1.0) -> None:
