@@ -358,7 +358,10 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
 
 
 def repack(filename: str | os.PathLike) -> None:
-    """Rewrite a file without the space HDF5 never reclaims from deleted or overwritten objects."""
+    """Rewrite a file without the space HDF5 never reclaims from deleted or overwritten objects.
+
+    The file is opened as ``connect(filename, "r")`` opens it: one with an unfinished append or
+    replacement must be opened once with ``r+`` first, which repairs it."""
     with connect(filename, "r") as ds, replacing(ds._path) as out:
         src = ds._file
         for name in src.keys():

@@ -349,7 +349,15 @@ class LoomConnection:
 
     def add_loom(self, other_file: str | os.PathLike, key: str | None = None, fill_values: Any = None,
                  batch_size: int = 1000, convert_attrs: bool = False, include_graphs: bool = False) -> None:
-        """Append the columns of another Loom file, rows aligned by ``key`` when given."""
+        """Append the columns of another Loom file, rows aligned by ``key`` when given.
+
+        ``fill_values`` supplies column attributes one file lacks (a dict, or ``"auto"``: 0 or "");
+        ``convert_attrs`` turns global attributes that differ between the files into column
+        attributes (and deletes them as global attributes here); ``include_graphs`` appends the
+        other file's column graphs, merged into this file's graph of the same name. The columns and
+        attributes are one journalled append; the graphs and converted global attributes are
+        written after it is committed.
+        """
         from .growing import add_loom
 
         add_loom(self, other_file, key, fill_values, batch_size, convert_attrs, include_graphs)

@@ -456,7 +456,9 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
     append: attributes, and values a layer could not hold unchanged, are checked for the whole
     file before anything is written, and a batch that fails takes the file back to where it was.
     ``include_graphs`` carries over the other file's column graphs (edges shifted to the new columns),
-    merged into this file's graph of the same name when it has one.
+    merged into this file's graph of the same name when it has one; they, and ``convert_attrs``'s
+    deletion of this file's global attributes that became column attributes, are written after the
+    append is committed.
     """
     from .connection import connect
 

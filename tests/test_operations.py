@@ -247,6 +247,17 @@ def test_scan_of_one_layer_by_name(dataset):
             np.testing.assert_array_equal(view[:, :], m[:, selection])
 
 
+def test_batch_scan_of_one_layer_by_name(tmp_path):
+    """A single name is that layer alone in batch_scan_layers too (not a list of its letters)."""
+    m = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = tmp_path / "one.loom"
+    loompy.create(path, {"": m, "sp": m * 2}, {"g": np.arange(3)}, {"c": np.arange(4)}).close()
+    with loompy.connect(path, "r") as ds:
+        for _, selection, values in ds.batch_scan_layers(axis=0, layers="sp", batch_size=2):
+            assert list(values) == ["sp"]
+            np.testing.assert_array_equal(values["sp"], m[selection] * 2)
+
+
 def test_changes_with_stamps_other_writers_store_as_bytes(tmp_path):
     path = tmp_path / "b.loom"
     loompy.create(path, np.ones((3, 2)), {"G": np.arange(3)}, {"C": np.arange(2)}).close()
