@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from . import swaps
-from .errors import LoomFileError, LoomTypeError, LoomValueError
+from .errors import LoomError, LoomFileError, LoomTypeError, LoomValueError
 
 # ----------------------------------------------------------------------------- paths
 MATRIX = "matrix"
@@ -325,31 +325,24 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
             existing[...] = data
         touch(existing, group)
         return existing
-    # a replacement is written whole beside the old dataset first (see swaps): if HDF5 refuses it, or
-    # the writer is interrupted, the old one stays
-    target = name if name not in group else swaps.stage(group, name)
-    try:
+    def create(target: str) -> h5py.Dataset:
         if data.shape == ():
-            ds = group.create_dataset(target, data=data, dtype=dtype)
-        else:
-            maxshape = (None,) + data.shape[1:] if resizable else None
-            chunks = (max(1, min(len(data), 4096)),) + data.shape[1:] if data.ndim else None
-            if 0 in data.shape[1:] or (len(data) == 0 and not resizable):
-                chunks, maxshape = None, None
-            ds = group.create_dataset(
-                target, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
-                compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
-            )
-    except BaseException as exc:
-        if target != name:
-            swaps.discard(group.file, target)
-        elif name in group:
-            del group[name]
-        if isinstance(exc, (TypeError, ValueError, OSError, RuntimeError)):
-            raise LoomValueError(f"{where}: HDF5 cannot store values of dtype {values.dtype} ({exc})") from exc
-        raise
-    if target != name:
-        ds = swaps.swap_in(group, name, target)
+            return group.create_dataset(target, data=data, dtype=dtype)
+        maxshape = (None,) + data.shape[1:] if resizable else None
+        chunks = (max(1, min(len(data), 4096)),) + data.shape[1:] if data.ndim else None
+        if 0 in data.shape[1:] or (len(data) == 0 and not resizable):
+            chunks, maxshape = None, None
+        return group.create_dataset(
+            target, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
+            compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
+        )
+
+    try:  # a replacement is written whole before it takes the name: refused or interrupted, the old one stays
+        ds = swaps.replace(group, name, create)
+    except (TypeError, ValueError, OSError, RuntimeError) as exc:
+        if isinstance(exc, LoomError):
+            raise
+        raise LoomValueError(f"{where}: HDF5 cannot store values of dtype {values.dtype} ({exc})") from exc
     touch(ds, group)
     return ds
 

@@ -268,24 +268,20 @@ class LayerManager(DotAccess, MutableMapping):
             return
         group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
         final = fmt.MATRIX if name == "" else name
-        # another dtype or shape: written whole beside the layer it replaces, then swapped in (see swaps)
-        target = final if existing is None else swaps.stage(group, final)
-        try:
+
+        def write(target: str) -> h5py.Dataset:
             dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,
                                         compression_opts=compression_opts, chunk_cache=chunk_cache)
             if matrix is not None:
                 engine.write_matrix(dataset, matrix)
-        except BaseException:  # an I/O error, Ctrl-C: the layer stays as it was (its index: see _writes)
-            if target != final:
-                swaps.discard(self._file, target)
-            elif target in group:
-                del group[target]
-            raise
+            return dataset
+
         if existing is not None:
             engine.forget(existing)  # its chunk index must not outlive it (the name is reused)
-            try:
-                dataset = swaps.swap_in(group, final, target)
-            finally:
+        try:  # another dtype or shape: written whole before it takes the name (see swaps)
+            dataset = swaps.replace(group, final, write)
+        finally:
+            if existing is not None:
                 engine.layers_changed(self._file)
         fmt.touch(dataset, dataset.parent)
         if defines_shape:

@@ -13,6 +13,7 @@ and one holding anything makes replacements fail with a clear error.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import h5py
@@ -94,6 +95,26 @@ def swap_in(group: h5py.Group, name: str, staged: str) -> h5py.Dataset:
         del f[backup]
     discard(f, staged)  # (only its note is left to drop)
     return f[target]
+
+
+def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.Dataset]) -> h5py.Dataset:
+    """The dataset ``group[name]`` as ``write(path)`` creates it at the path given: under the name
+    when it is free, else whole in the staging group and then swapped in. A write that fails or is
+    interrupted leaves the old value, and nothing of the new one."""
+    if name not in group:
+        try:
+            return write(name)
+        except BaseException:
+            if name in group:
+                del group[name]
+            raise
+    staged = stage(group, name)
+    try:
+        write(staged)
+    except BaseException:
+        discard(group.file, staged)
+        raise
+    return swap_in(group, name, staged)
 
 
 def pending(f: h5py.File) -> list[str]:
