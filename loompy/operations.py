@@ -111,16 +111,20 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     for name in names:
         engine.expect_reads(ds.layers[name]._dataset, selected.size / max(1, length))
     recyclers = {name: engine.Recycler() for name in names}  # batches let go of lend their memory to later ones
-    # global attributes and graphs: read once in a file nobody writes, else again only when the file's
-    # last_modified says something was written since (every loompy write stamps it)
+    # global attributes and graphs: read once in a file nobody writes, else again only when the stamps
+    # of their groups say one was written since (every loompy write stamps its group)
     parts: dict[str, Any] = {"stamp": None}
     fixed = _nothing_writes(ds)
+    f = ds._file
+    stamped = [fmt.graph_group_name(f, 0), fmt.graph_group_name(f, 1),
+               fmt.GLOBAL_ATTRS if fmt.globals_live_in_group(f) else "/"]  # (spec 2: on the root)
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, LoomView]:
         start, batch = item
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
-        stamp = "" if fixed else ds._file.attrs.get(fmt.LAST_MODIFIED, "")
+        stamp = "" if fixed else tuple(g.attrs.get(fmt.LAST_MODIFIED) if g is not None else None
+                                       for g in map(ds._file.get, stamped))
         if parts["stamp"] != stamp:
             parts.update(whole_parts(ds, what), stamp=stamp)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
