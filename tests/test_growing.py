@@ -586,14 +586,13 @@ def test_combine_starts_from_a_copy_of_a_first_input_stored_alike(tmp_path, monk
 
     combine_module = importlib.import_module("loompy.combine")
     held = []
-    new_layer = combine_module._new_layer
+    concatenate = combine_module._concatenate_layer
 
-    def spy(*args):
-        made = new_layer(*args)
-        held.append(made[1])
-        return made
+    def spy(dst, sources, already=0, started=None):
+        held.append(already)  # the leading columns already in place: the copy of the first input's
+        return concatenate(dst, sources, already, started)
 
-    monkeypatch.setattr(combine_module, "_new_layer", spy)
+    monkeypatch.setattr(combine_module, "_concatenate_layer", spy)
     rng = np.random.default_rng(9)
     mats = [rng.poisson(0.3, size=(150, k)).astype(np.float32) for k in (100, 70)]
     paths = [make(tmp_path / f"in{i}.loom", m, cells=[f"f{i}c{j}" for j in range(m.shape[1])])

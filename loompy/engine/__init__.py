@@ -22,11 +22,21 @@ from .storage import (
     layers_changed,
 )
 from .workers import THREADS
-from .write import aligned, copy_columns, resize, store_region, write_block, write_columns, write_matrix, write_rows
+from .write import (
+    aligned,
+    copy_columns,
+    copying_columns,
+    resize,
+    store_region,
+    write_block,
+    write_columns,
+    write_matrix,
+    write_rows,
+)
 
 __all__ = [
     "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "aligned", "chunk_layout", "copy_columns",
-    "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes", "layers_changed",
-    "read_block", "read_sparse", "resize",
-    "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
+    "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes",
+    "layers_changed", "read_block", "read_sparse", "resize", "store_region", "write_block",
+    "write_columns", "write_matrix", "write_rows",
 ]

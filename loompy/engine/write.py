@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import h5py
 import numpy as np
 import scipy.sparse as sp
 
 from . import codecs
+from .bands import BandPlan
 from .memory import Scratch
+from .processes import BandJob
 from .read import STRIP_BYTES, read_block
 from .storage import (
-    ChunkIndex,
     ChunkLayout,
     chunk_index,
     chunk_layout,
@@ -85,15 +86,7 @@ def _dense(block: np.ndarray | sp.spmatrix, dtype: np.dtype) -> np.ndarray:
     return block.astype(dtype, copy=False)
 
 
-@dataclass
-class Tiles:
-    """Values a producer has already cut into whole chunks: (chunk rows, chunk columns, h, w), edges
-    zero-padded (see :func:`_dense_tiles`)."""
-
-    array: np.ndarray
-
-
-Producer = Callable[[int, int], "np.ndarray | sp.csc_matrix | Tiles"]
+Producer = Callable[[int, int], "np.ndarray | sp.csc_matrix"]
 
 
 def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_offset: int = 0) -> None:
@@ -202,14 +195,12 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     step = max(unit, TASK_BYTES // max(1, across * layout.dtype.itemsize) // unit * unit)
     level = layout.level if layout.compressed else None
     size = layout.nbytes
-    zero_chunk = stored = None
     scratch = Scratch()  # each worker's tiles (and gathered columns), reused task after task
 
     def task(a: int, b: int) -> tuple[list, list, list]:
         """Relative rows or columns a:b as compressed chunks: (coords, payloads, all-zero coords)."""
         block = produce(a, b)
-        if not isinstance(block, Tiles):
-            block = block.tocsc(copy=False) if sp.issparse(block) else np.asarray(block)
+        block = block.tocsc(copy=False) if sp.issparse(block) else np.asarray(block)
         top, left = (row0 + a, col0) if axis == 0 else (row0, col0 + a)
         tiles, keep = _tiles(block, layout, scratch, columns)
         numbers = np.flatnonzero(keep)
@@ -220,47 +211,59 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
         i, j = np.nonzero(~keep)
         return coords, payloads, list(zip((top + i * h).tolist(), (left + j * w).tolist()))
 
-    def store(coords: list, payloads: list, empty: list) -> None:
-        nonlocal zero_chunk, stored
-        write = dataset.id.write_direct_chunk
-        for coord, payload in zip(coords, payloads):
-            write(coord, payload)
-        for coord in empty:
-            if stored is None:  # listed once, when the first all-zero chunk turns up
-                stored = stored_chunks(dataset)
-            if stored[coord[0] // h, coord[1] // w] if stored is not False else raw_chunk(dataset, *coord):
-                if zero_chunk is None:
-                    zero_chunk = codecs.compress(np.zeros(layout.chunks, layout.dtype), level)
-                write(coord, zero_chunk)
-
     tasks = [functools.partial(task, a, min(length, a + step)) for a in range(0, length, step)]
+    store = ChunkStore(dataset, layout)
     run_in_order(tasks, lambda result: store(*result), QUEUED_TASKS)
 
 
-def _tiles(block: np.ndarray | sp.spmatrix | Tiles, layout: ChunkLayout, scratch: Scratch,
+class ChunkStore:
+    """Stores finished chunks of a dataset on the calling thread, in the order given: compressed
+    bytes with ``write_direct_chunk``; an all-zero chunk stays unallocated, unless one is stored
+    there already (it is then overwritten with zeros)."""
+
+    def __init__(self, dataset: h5py.Dataset, layout: ChunkLayout):
+        self.dataset, self.layout = dataset, layout
+        self.write = dataset.id.write_direct_chunk
+        self.zero_chunk: bytes | None = None
+        self.stored: np.ndarray | bool | None = None  # which chunks hold something, listed when first needed
+
+    def __call__(self, coords: list, payloads: list, empty: list) -> None:
+        write = self.write
+        for coord, payload in zip(coords, payloads):
+            write(coord, payload)
+        h, w = self.layout.chunks
+        for coord in empty:
+            if self.stored is None:  # listed once, when the first all-zero chunk turns up
+                self.stored = stored_chunks(self.dataset)
+            stored = self.stored
+            if stored[coord[0] // h, coord[1] // w] if stored is not False else raw_chunk(self.dataset, *coord):
+                if self.zero_chunk is None:
+                    level = self.layout.level if self.layout.compressed else None
+                    self.zero_chunk = codecs.compress(np.zeros(self.layout.chunks, self.layout.dtype), level)
+                write(coord, self.zero_chunk)
+
+
+def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratch,
            columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``block`` (corner on a chunk boundary), or those ``columns`` of it in that order, as contiguous
     (chunk row, chunk col, h, w) tiles, edges zero-padded, and which tiles to store: those with any
     non-zero bit (-0.0 counts), or all of them when the fill value is not zero. Tiles go into this
     thread's ``scratch``."""
     keep = None
-    if isinstance(block, Tiles):
-        tiles = block.array
-    else:
-        h, w = layout.chunks
-        n, m = block.shape[0], block.shape[1] if columns is None else columns.size
-        out = scratch.get("tiles", (-(-n // h) * -(-m // w) * h * w,), layout.dtype)
-        if sp.issparse(block):
-            tiles, keep = _sparse_tiles(block, h, w, out, scratch)
-        elif columns is None:
-            tiles = _dense_tiles(np.asarray(block, dtype=layout.dtype), h, w, out)
-        else:  # gathered a chunk row at a time, then tiled while in cache: 2-3% faster permute
-            tiles = out.reshape(-1, -(-m // w), h, w)
-            for k, top in enumerate(range(0, n, h)):
-                rows = block[top:top + h]  # np.take with out=: 4x faster than fancy indexing
-                gathered = np.take(rows, columns, axis=1, mode="wrap",
-                                   out=scratch.get("gathered", (rows.shape[0], m), rows.dtype))
-                _dense_tiles(gathered.astype(layout.dtype, copy=False), h, w, tiles[k])
+    h, w = layout.chunks
+    n, m = block.shape[0], block.shape[1] if columns is None else columns.size
+    out = scratch.get("tiles", (-(-n // h) * -(-m // w) * h * w,), layout.dtype)
+    if sp.issparse(block):
+        tiles, keep = _sparse_tiles(block, h, w, out, scratch)
+    elif columns is None:
+        tiles = _dense_tiles(np.asarray(block, dtype=layout.dtype), h, w, out)
+    else:  # gathered a chunk row at a time, then tiled while in cache: 2-3% faster permute
+        tiles = out.reshape(-1, -(-m // w), h, w)
+        for k, top in enumerate(range(0, n, h)):
+            rows = block[top:top + h]  # np.take with out=: 4x faster than fancy indexing
+            gathered = np.take(rows, columns, axis=1, mode="wrap",
+                               out=scratch.get("gathered", (rows.shape[0], m), rows.dtype))
+            _dense_tiles(gathered.astype(layout.dtype, copy=False), h, w, tiles[k])
     if keep is None:
         keep = tiles.view(f"u{layout.dtype.itemsize}").any(axis=(2, 3))
     if layout.fill != 0:
@@ -313,26 +316,83 @@ def _dense_tiles(block: np.ndarray, h: int, w: int, out: np.ndarray) -> np.ndarr
     return tiles
 
 
-def copy_columns(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> tuple[int, int]:
-    """Copy ``src`` (all of it; as many rows as ``dst``) into ``dst`` from column ``col_offset``, as far
-    as whole chunks of ``dst`` go. Returns the columns ``a:b`` of ``dst`` now holding ``src``'s values;
-    any of its columns outside them (edges sharing a chunk with other values) are left to the caller.
+@contextmanager
+def copying_columns(src: h5py.Dataset, target: ChunkLayout | None, shape: tuple[int, int], col_offset: int
+                    ) -> Iterator[Callable[[h5py.Dataset], tuple[int, int]]]:
+    """Prepare to copy ``src`` (all of it) into columns ``col_offset:`` of a matrix of ``shape`` stored
+    as ``target``, as far as whole chunks of it go; yields ``finish(dst)``, which does the copy and
+    returns the columns ``a:b`` of ``dst`` now holding ``src``'s values. Its columns outside them
+    (edges sharing a chunk with other values) are left to the caller.
 
-    Both must use the engine's layouts with the same chunk shape. When ``col_offset`` is on a chunk
-    boundary and the dtype and filters agree, the stored chunks are copied as they are, never
-    inflated. Otherwise each chunk of ``dst`` is cut from the (at most two) inflated chunks of
-    ``src`` under it and compressed again: no strip of values is assembled first.
+    When ``col_offset`` is on a chunk boundary and the stored layouts agree, the stored chunks are
+    copied as they are, never inflated. Otherwise each chunk of ``dst`` is cut from the inflated
+    chunks of ``src`` under it and compressed again (:mod:`.bands`), in helper processes that start
+    at once: work done before calling ``finish`` (HDF5 copying another input) overlaps with theirs.
     """
-    layout, target = chunk_layout(src), chunk_layout(dst)
-    nothing = (col_offset, col_offset)
-    if layout is None or target is None or layout.chunks != target.chunks or src.shape[0] != dst.shape[0] \
-            or src.size == 0:
-        return nothing
-    if layout == target and col_offset % layout.chunks[1] == 0:
-        return col_offset, col_offset + _copy_stored(src, dst, col_offset)
-    if not np.can_cast(src.dtype, dst.dtype, "safe"):
-        return nothing
-    return _copy_shifted(src, dst, layout, target, col_offset)
+    layout = chunk_layout(src)
+    h, w = layout.chunks if layout is not None else (0, 0)
+    n, m = src.shape
+    end = col_offset + m
+    first, last = -(-col_offset // w) * w if w else 0, (end if end == shape[1] else end // w * w) if w else 0
+    if layout is None or target is None or layout.chunks != target.chunks or n != shape[0] or src.size == 0:
+        yield lambda dst: (col_offset, col_offset)
+    elif layout == target and col_offset % w == 0:
+        yield lambda dst: (col_offset, col_offset + _copy_stored(src, dst, col_offset))
+    elif not np.can_cast(src.dtype, target.dtype, "safe") or first >= last:
+        yield lambda dst: (col_offset, col_offset)
+    else:
+        with _band_job(src, target, first - col_offset, last - first, first) as job:
+            yield (lambda dst: (col_offset, col_offset)) if job is None else \
+                (lambda dst: _store_bands(dst, job, target, first, last))
+
+
+@contextmanager
+def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: int, start: int
+              ) -> Iterator[BandJob | None]:
+    """A started :class:`~.processes.BandJob` filling ``width`` columns of the output from ``start``
+    with ``src``'s from ``source_start`` (all its rows), or None when ``src``'s chunks cannot be
+    read directly."""
+    layout = chunk_layout(src)
+    with held_index(src):
+        index = chunk_index(src, 0)
+        fd = open_index(src, index) if index is not None else None
+        if fd is None:
+            yield None
+            return
+        plan = BandPlan(chunks=layout.chunks, rows=src.shape[0], source_dtype=src.dtype.str,
+                        target_dtype=target.dtype.str, compressed=layout.compressed,
+                        level=target.level if target.compressed else None, source_fill=layout.fill,
+                        target_fill=target.fill, start=start, source_start=source_start, width=width,
+                        offset=index.offset, size=index.size, mask=index.mask)
+        try:
+            with BandJob(plan, fd) as job:
+                yield job
+        except codecs.DamagedChunk as error:
+            raise damaged(src, error) from error
+        finally:
+            os.close(fd)
+
+
+@_writes
+def _store_bands(dst: h5py.Dataset, job: BandJob, target: ChunkLayout, first: int, last: int) -> tuple[int, int]:
+    """Store a job's bands into ``dst``'s columns ``first:last`` (see :func:`copying_columns`)."""
+    h, w = target.chunks
+    refresh(dst)
+    store = ChunkStore(dst, target)
+
+    def place(band: int, tiles: list[int], payloads: list, empty: list[int]) -> None:
+        top = band * h
+        store([(top, first + k * w) for k in tiles], payloads, [(top, first + k * w) for k in empty])
+
+    job.store_all(place)
+    return first, last
+
+
+def copy_columns(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> tuple[int, int]:
+    """:func:`copying_columns` at once: copy ``src`` into ``dst`` from column ``col_offset``; returns the
+    columns ``a:b`` of ``dst`` now holding ``src``'s values."""
+    with copying_columns(src, chunk_layout(dst), dst.shape, col_offset) as finish:
+        return finish(dst)
 
 
 def _copy_stored(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
@@ -363,53 +423,3 @@ def _copy_stored(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
             if fd is not None:
                 os.close(fd)
     return full
-
-
-def _copy_shifted(src: h5py.Dataset, dst: h5py.Dataset, layout: ChunkLayout, target: ChunkLayout,
-                  col_offset: int) -> tuple[int, int]:
-    """The re-encoding branch of :func:`copy_columns`: ``dst``'s whole chunks from ``src``'s, shifted."""
-    h, w = layout.chunks
-    n, m = src.shape
-    end = col_offset + m
-    first = -(-col_offset // w) * w
-    last = end if end == dst.shape[1] else end // w * w  # a partial last chunk of dst is src's alone
-    if first >= last:
-        return col_offset, col_offset
-    shift, base = (first - col_offset) % w, (first - col_offset) // w  # where dst's chunks start in src's
-    grid_cols = -(-m // w)
-    nr = -(-n // h)
-    fill = layout.fill_bytes()
-    scratch = Scratch()  # each worker's inflated chunk row and tiles
-
-    def produce(fd: int, index: ChunkIndex, a: int, b: int) -> Tiles:
-        """Dst columns first+a : first+b, as tiles cut from src's chunks."""
-        nc = -(-(b - a) // w)
-        j0 = base + a // w
-        # src's chunk columns under them, and one more (past src's last one, only padding comes from it)
-        inside = slice(j0, min(j0 + nc + 1, grid_cols))
-        offsets, sizes, masks = (x[:, inside].tolist() for x in (index.offset, index.size, index.mask))
-        row = scratch.get("row", (nc + 1, h, w), src.dtype)
-        into, size = memoryview(row.reshape(-1).view(np.uint8)), layout.nbytes
-        tiles = scratch.get("tiles", (nr, nc, h, w), dst.dtype)
-        for r in range(nr):
-            for k, (o, s, mask) in enumerate(zip(offsets[r], sizes[r], masks[r])):
-                into[k * size:(k + 1) * size] = fill if o < 0 else layout.decode(ChunkIndex.read(fd, o, s), mask)
-            tiles[r, :, :, :w - shift] = row[:nc, :, shift:]
-            tiles[r, :, :, w - shift:] = row[1:nc + 1, :, :shift]
-        tiles[nr - 1, :, n - (nr - 1) * h:] = 0  # padding: below src's last row, right of dst's last column
-        tiles[:, nc - 1, :, (b - a) - (nc - 1) * w:] = 0
-        return Tiles(tiles)
-
-    with held_index(src):
-        index = chunk_index(src, 0)
-        fd = open_index(src, index) if index is not None else None
-        if fd is None:
-            return col_offset, col_offset
-        try:
-            refresh(dst)
-            store_region(dst, target, 0, first, dst.shape[0], last - first, functools.partial(produce, fd, index))
-        except codecs.DamagedChunk as error:
-            raise damaged(src, error) from error
-        finally:
-            os.close(fd)
-    return first, last

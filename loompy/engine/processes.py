@@ -1,0 +1,163 @@
+"""Encoding bands (see :mod:`.bands`) in child processes, storing them here in order.
+
+The children are fresh interpreters (``sys.executable``) that load :mod:`.bands` and
+:mod:`.codecs` from this package's folder without running ``loompy/__init__.py`` (no h5py, and
+never the user's ``__main__``, as multiprocessing's spawned workers would). Each is handed a copy of
+the open source file's descriptor, so it reads the very file the chunk index was made from, and
+takes every ``PROCESSES``-th block of bands; this process reads their frames in band order and
+stores the chunks. Children start encoding as soon as they are made, so a caller can start them
+before other long work (combine: before HDF5 copies its first input).
+
+Nothing here is needed for correctness: when children cannot be started (no ``pread`` or
+``pass_fds``, a frozen or embedded interpreter, too few cores) the same bands are encoded on this
+process's threads, and a child that fails leaves its bands to this process. A chunk a child finds
+damaged raises :class:`~.codecs.DamagedChunk` here, as it would on a thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from . import codecs
+from .bands import DAMAGED, DATA, FRAME, BandEncoder, BandPlan
+from .workers import THREADS, run_in_order
+
+MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
+# about 0.1 s of CPU each, the re-encoding about 25 us per chunk
+BLOCK = 4  # bands a child takes in a row before the next child's turn
+AHEAD_FRAMES = 32  # finished bands a child may hold for this process (a few MB)
+
+Store = Callable[[int, list, list, list], None]  # (band, tile numbers, their bytes, all-zero tile numbers)
+
+_BOOT = """import sys, types
+sys.path[:] = {path!r}
+for name, folder in (("loompy", {package!r}), ("loompy.engine", {engine!r})):
+    module = types.ModuleType(name); module.__path__ = [folder]; sys.modules[name] = module
+from loompy.engine.bands import child_main
+child_main()
+"""
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _can_start_children() -> bool:
+    return (os.name == "posix" and hasattr(os, "pread") and bool(sys.executable)
+            and not getattr(sys, "frozen", False) and THREADS > 1 and _cores() > 1)
+
+
+class BandJob:
+    """The bands of ``plan`` being encoded, by children when worthwhile; :meth:`store_all` hands
+    each band to ``store`` in order. Children start at once; :meth:`close` (or leaving the
+    ``with`` block) ends any still running."""
+
+    def __init__(self, plan: BandPlan, fd: int):
+        self.plan, self.fd = plan, fd
+        self.children: list[subprocess.Popen | None] = []
+        if plan.bands * plan.tiles_per_band >= MIN_TILES and _can_start_children():
+            self._start_children()
+
+    def __enter__(self) -> BandJob:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def owner(self, band: int) -> int:
+        return band // BLOCK % max(1, len(self.children))
+
+    def _start_children(self) -> None:
+        engine_folder = os.path.dirname(os.path.abspath(__file__))
+        boot = _BOOT.format(path=[p for p in sys.path if p], package=os.path.dirname(engine_folder),
+                            engine=engine_folder)
+        count, plan = min(THREADS, _cores()), self.plan.to_bytes()
+        try:
+            for k in range(count):
+                mine = np.array([b for b in range(self.plan.bands) if b // BLOCK % count == k], dtype=np.int64)
+                # the job goes in a file, not a pipe: writing megabytes to a child still starting would block
+                with tempfile.TemporaryFile() as job:
+                    job.write(struct.pack("<qqq", self.fd, mine.size, AHEAD_FRAMES) + mine.tobytes())
+                    job.write(plan)
+                    job.seek(0)
+                    self.children.append(subprocess.Popen(
+                        [sys.executable, "-I", "-c", boot], stdin=job, stdout=subprocess.PIPE,
+                        stderr=subprocess.DEVNULL, pass_fds=(self.fd,)))
+        except (OSError, ValueError):  # no children here: threads do it all
+            self.close()
+            self.children = []
+
+    def _frame(self, band: int) -> tuple | None:
+        """Band ``band``'s result from its child, or None when the child cannot give it."""
+        k = self.owner(band)
+        child = self.children[k]
+        if child is None:
+            return None
+        stream = child.stdout
+        try:
+            got, kind, count, empty = FRAME.unpack(_read(stream, FRAME.size))
+            if kind == DAMAGED:
+                message = _read(stream, count).decode(errors="replace")
+            elif kind != DATA or got != band:
+                raise EOFError(f"band {got} of kind {kind} where band {band} was due")
+            numbers = np.frombuffer(_read(stream, 8 * (2 * count + empty)), dtype=np.int64)
+            stored, lengths, zeros = numbers[:count].tolist(), numbers[count:2 * count].tolist(), numbers[2 * count:]
+            blob = memoryview(_read(stream, sum(lengths)))
+            bounds = np.cumsum([0, *lengths]).tolist()
+            return stored, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], zeros.tolist()
+        except (EOFError, OSError, ValueError, struct.error):  # the child failed: this process takes over
+            self._end(k)
+            return None
+        raise codecs.DamagedChunk(message)
+
+    def store_all(self, store: Store) -> None:
+        """Hand every band to ``store``, in order."""
+        plan, fd = self.plan, self.fd
+        if not self.children:
+            mine = threading.local()  # each thread's encoder (it keeps buffers)
+
+            def encode(band: int) -> tuple:
+                if not hasattr(mine, "encoder"):
+                    mine.encoder = BandEncoder(plan, fd)
+                return (band, *mine.encoder.encode(band))
+
+            tasks = [functools.partial(encode, b) for b in range(plan.bands)]
+            run_in_order(tasks, lambda result: store(*result), 2 * THREADS)
+            return
+        local = None
+        for band in range(plan.bands):
+            result = self._frame(band)
+            if result is None:
+                local = local or BandEncoder(plan, fd)
+                result = local.encode(band)
+            store(band, *result)
+
+    def _end(self, k: int) -> None:
+        child, self.children[k] = self.children[k], None
+        if child is not None:
+            child.kill()
+            child.wait()
+            child.stdout.close()
+
+    def close(self) -> None:
+        for k in range(len(self.children)):
+            self._end(k)
+
+
+def _read(stream, n: int) -> bytes:
+    data = stream.read(n)
+    if len(data) != n:
+        raise EOFError(f"a helper process ended early ({len(data)} of {n} bytes)")
+    return data
