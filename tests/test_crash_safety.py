@@ -25,7 +25,8 @@ import loompy
 N, M, NEW = 400, 1500, 600
 
 WORKER = f"""
-import sys, numpy as np, loompy
+import importlib, sys, numpy as np, loompy
+importlib.import_module("loompy.engine.processes").MIN_TILES = 0  # combine's child processes, however small
 op, target, extra = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(1)
 new = rng.poisson(0.5, size=({N}, {NEW})).astype("float32")

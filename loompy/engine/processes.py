@@ -110,8 +110,8 @@ class BandJob:
             got, kind, count, empty = FRAME.unpack(_read(stream, FRAME.size))
             if kind == DAMAGED:
                 message = _read(stream, count).decode(errors="replace")
-            elif kind != DATA or got != band:
-                raise EOFError(f"band {got} of kind {kind} where band {band} was due")
+            elif kind != DATA or got != band or count + empty != self.plan.tiles_per_band:
+                raise EOFError(f"band {got} of kind {kind} with {count} + {empty} tiles where band {band} was due")
             numbers = np.frombuffer(_read(stream, 8 * (2 * count + empty)), dtype=np.int64)
             stored, lengths, zeros = numbers[:count].tolist(), numbers[count:2 * count].tolist(), numbers[2 * count:]
             blob = memoryview(_read(stream, sum(lengths)))

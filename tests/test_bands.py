@@ -1,0 +1,180 @@
+"""Re-encoding shifted chunk rows in child processes (engine/bands.py, engine/processes.py): the same
+values as on threads and as numpy, a fallback when children fail, errors for damaged chunks, and
+no child left behind."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+
+import h5py
+import numpy as np
+import pytest
+
+import loompy
+from loompy import engine
+
+processes = importlib.import_module("loompy.engine.processes")
+RNG = np.random.default_rng(5)
+
+
+@pytest.fixture
+def children(monkeypatch):
+    """Children for every job, however small; yields the list of those started."""
+    started = []
+    start = processes.BandJob._start_children
+
+    def spy(job):
+        start(job)
+        started.extend(c for c in job.children if c is not None)
+
+    monkeypatch.setattr(processes, "MIN_TILES", 0)
+    monkeypatch.setattr(processes.BandJob, "_start_children", spy)
+    return started
+
+
+def _source(path, shape=(300, 1000), dtype=np.float32, fill=0):
+    m = ((RNG.random(shape) < 0.2) * RNG.integers(1, 50, size=shape)).astype(dtype)
+    m[:, 128:256] = 0  # two chunk columns never stored: they read as the fill value
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("src", shape=shape, dtype=dtype, chunks=(64, 64), compression="gzip",
+                             compression_opts=2, fillvalue=fill)
+        for r in range(0, shape[0], 64):
+            for c in range(0, shape[1], 64):
+                block = np.zeros((64, 64), dtype)
+                part = m[r:r + 64, c:c + 64]
+                block[:part.shape[0], :part.shape[1]] = part
+                if part.any():
+                    d.id.write_direct_chunk((r, c), zlib.compress(block.tobytes(), 2))
+        return d[...]
+
+
+def _copy(path, offset, total, dst_dtype="f4"):
+    with h5py.File(path, "r+") as f:
+        if "dst" in f:
+            del f["dst"]
+        dst = f.create_dataset("dst", shape=(f["src"].shape[0], total), dtype=dst_dtype, chunks=(64, 64),
+                               compression="gzip", compression_opts=2, fillvalue=0)
+        a, b = engine.copy_columns(f["src"], dst, offset)
+        return (a, b), dst[...]
+
+
+@pytest.mark.parametrize("offset, total, dst_dtype, fill", [
+    (40, 1040, "f4", 0),    # reaching the end of dst: its partial last chunk column is the source's alone
+    (100, 1500, "f8", 0),   # ending inside a chunk shared with what comes next; another dtype
+    (3, 1003, "f4", 5),     # unstored chunks of the source read as its fill value, 5
+])
+def test_children_encode_what_threads_and_numpy_give(tmp_path, children, offset, total, dst_dtype, fill):
+    path = tmp_path / "s.h5"
+    expected = _source(path, fill=fill)
+    (a, b), got = _copy(path, offset, total, dst_dtype)
+    assert len(children) == 2 and all(c.returncode is not None for c in children)  # used, and reaped
+    first = -(-offset // 64) * 64
+    assert (a, b) == (first, total if offset + 1000 == total else (offset + 1000) // 64 * 64)
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - offset:b - offset].astype(dst_dtype))
+    assert not got[:, :a].any() and not got[:, b:].any()
+    processes.MIN_TILES = 10 ** 12  # the same on threads (the fixture restores it)
+    children.clear()
+    (a2, b2), threaded = _copy(path, offset, total, dst_dtype)
+    assert not children and (a2, b2) == (a, b)
+    np.testing.assert_array_equal(threaded, got)
+
+
+@pytest.mark.parametrize("boot", [
+    "import sys; sys.exit(3)",                                   # dies at once
+    "import sys; sys.stdout.buffer.write(bytes(32)); sys.stdout.flush()",  # a frame that is no band's
+    "import sys; sys.stdout.buffer.write(bytes(20))",          # a frame cut short
+])
+def test_bands_a_child_cannot_give_are_encoded_here(tmp_path, children, monkeypatch, boot):
+    path = tmp_path / "s.h5"
+    expected = _source(path)
+    monkeypatch.setattr(processes, "_BOOT", boot + "\n# {path} {package} {engine}")
+    (a, b), got = _copy(path, 10, 1010)
+    assert len(children) == 2
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+def test_a_damaged_chunk_found_by_a_child_names_the_source(tmp_path, children):
+    path = tmp_path / "s.h5"
+    _source(path)
+    with h5py.File(path, "r+") as f:
+        f["src"].id.write_direct_chunk((128, 512), b"\x78\x9c not deflate at all")
+    with pytest.raises(loompy.LoomFileError, match=r"s\.h5: /src: .*damaged"):
+        _copy(path, 10, 1010)
+    assert len(children) == 2 and all(c.returncode is not None for c in children)
+
+
+def test_children_are_ended_when_storing_fails(tmp_path, children, monkeypatch):
+    path = tmp_path / "s.h5"
+    _source(path)
+
+    def full_disk(self, coords, payloads, empty):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(engine.write.ChunkStore, "__call__", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        _copy(path, 10, 1010)
+    assert len(children) == 2 and all(c.returncode is not None for c in children)
+
+
+def test_combine_through_children_equals_numpy(tmp_path, children):
+    mats = [((RNG.random((200, k)) < 0.3) * RNG.integers(1, 9, size=(200, k))).astype(np.float32)
+            for k in (100, 333, 70)]
+    paths = []
+    for i, m in enumerate(mats):
+        paths.append(tmp_path / f"in{i}.loom")
+        loompy.create(paths[-1], m, {"Gene": [f"g{j}" for j in range(200)]},
+                      {"CellID": [f"f{i}c{j}" for j in range(m.shape[1])]}).close()
+    loompy.combine(paths, tmp_path / "out.loom")
+    assert children  # the second input, at column 100, was re-encoded by children
+    with loompy.connect(tmp_path / "out.loom", "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], np.hstack(mats))
+        assert list(ds.ca.CellID[98:102]) == ["f0c98", "f0c99", "f1c0", "f1c1"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_children_end_when_their_parent_is_killed(tmp_path):
+    """A parent killed while children work (here: stuck storing its first band) leaves no child running."""
+    script = textwrap.dedent("""
+        import sys, time, importlib, h5py, numpy as np
+        processes = importlib.import_module("loompy.engine.processes")
+        write = importlib.import_module("loompy.engine.write")
+        processes.MIN_TILES = 0
+        start = processes.BandJob._start_children
+        def spy(job):
+            start(job)
+            print(*[c.pid for c in job.children], flush=True)
+        processes.BandJob._start_children = spy
+        write.ChunkStore.__call__ = lambda *args: time.sleep(60)
+        with h5py.File(sys.argv[1], "r+") as f:
+            dst = f.create_dataset("dst", shape=(f["src"].shape[0], 1010), dtype="f4", chunks=(64, 64),
+                                   compression="gzip")
+            write.copy_columns(f["src"], dst, 10)
+    """)
+    path = tmp_path / "s.h5"
+    _source(path, shape=(3000, 1000))
+    parent = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(loompy.__file__))})
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    assert len(pids) == 2
+    time.sleep(1.0)  # the children fill their pipes and queues, then wait
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
