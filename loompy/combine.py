@@ -355,9 +355,9 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
             for key, value in src.attrs.items():
                 dst.attrs[key] = value
             with engine.held_index(src):  # nothing is written to src
-                if axis == 1:
+                if axis == 1 and not engine.reorder_columns(src, dst, order):
                     engine.write_rows(dst, _Reordered(src, order, axis), columns=order)
-                else:
+                elif axis == 0:
                     engine.write_columns(dst, 0, m, _Reordered(src, order, axis))
             fmt.touch(dst)
         attr_group = fmt.ATTR_GROUPS[axis]

@@ -178,3 +178,34 @@ def test_children_end_when_their_parent_is_killed(tmp_path):
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.parametrize("width, fill", [(1000, 0), (1030, 3)])
+def test_reordered_columns_through_children_equal_numpy(tmp_path, children, width, fill):
+    """permute's path: every chunk row gathered in the new column order; the padding of the last
+    chunk column stays zero; unstored source chunks read as their fill value."""
+    path = tmp_path / "s.h5"
+    expected = _source(path, shape=(300, width), fill=fill)
+    order = RNG.permutation(width)
+    with h5py.File(path, "r+") as f:
+        dst = f.create_dataset("dst", shape=(300, width), dtype="f8", chunks=(64, 64), compression="gzip",
+                               compression_opts=2, fillvalue=0)
+        assert engine.reorder_columns(f["src"], dst, order)
+        np.testing.assert_array_equal(dst[...], expected[:, order])
+        _, raw = dst.id.read_direct_chunk((256, (width - 1) // 64 * 64))  # the corner chunk, padding included
+        corner = np.frombuffer(zlib.decompress(raw), "f8").reshape(64, 64)
+        assert not corner[300 - 256:].any() and not corner[:, width % 64 or 64:].any()
+    assert len(children) == 2 and all(c.returncode is not None for c in children)
+
+
+def test_permute_through_children_equals_numpy(tmp_path, children):
+    m = ((RNG.random((130, 500)) < 0.3) * RNG.integers(1, 9, size=(130, 500))).astype(np.float32)
+    path = tmp_path / "p.loom"
+    loompy.create(path, m, {"Gene": [f"g{j}" for j in range(130)]}, {"CellID": [f"c{j}" for j in range(500)]}).close()
+    order = RNG.permutation(500)
+    with loompy.connect(path) as ds:
+        ds.permute(order, axis=1)
+    assert children
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], m[:, order])
+        assert list(ds.ca.CellID[:3]) == [f"c{j}" for j in order[:3]]

@@ -26,6 +26,7 @@ from .write import (
     aligned,
     copy_columns,
     copying_columns,
+    reorder_columns,
     resize,
     store_region,
     write_block,
@@ -37,6 +38,6 @@ from .write import (
 __all__ = [
     "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "aligned", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes",
-    "layers_changed", "read_block", "read_sparse", "resize", "store_region", "write_block",
+    "layers_changed", "read_block", "read_sparse", "reorder_columns", "resize", "store_region", "write_block",
     "write_columns", "write_matrix", "write_rows",
 ]

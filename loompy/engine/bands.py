@@ -35,8 +35,9 @@ class BandPlan:
     """Everything needed to encode bands: the source's chunks and where its columns go.
 
     The output's ``width`` columns from ``start`` (a chunk boundary of the output) hold the source's
-    columns from ``source_start``; both matrices have chunks of ``chunks`` and ``rows`` rows. Tiles
-    past the last row or the last of those columns are zero-padded.
+    columns from ``source_start`` (combine), or with ``order`` its columns ``order[k]`` (permute);
+    both matrices have chunks of ``chunks`` and ``rows`` rows. Tiles past the last row or the last
+    of those columns are zero-padded.
     """
 
     chunks: tuple[int, int]
@@ -53,6 +54,7 @@ class BandPlan:
     offset: np.ndarray  # the source's chunk index, by (chunk row, chunk column); offset -1: never written
     size: np.ndarray
     mask: np.ndarray
+    order: np.ndarray | None = None
     _fill: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
@@ -73,19 +75,22 @@ class BandPlan:
                                                 "level", "start", "source_start", "width")}
         header.update(source_fill=np.asarray(self.source_fill).item(), target_fill=np.asarray(self.target_fill).item())
         header["grid"] = list(self.offset.shape)
+        header["ordered"] = self.order is not None
         body = json.dumps(header).encode()
-        arrays = [np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in (self.offset, self.size, self.mask)]
+        arrays = [np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in
+                  (self.offset, self.size, self.mask, *([] if self.order is None else [self.order]))]
         return struct.pack("<q", len(body)) + body + b"".join(arrays)
 
     @classmethod
     def from_stream(cls, stream) -> BandPlan:
         (length,) = struct.unpack("<q", _read_exactly(stream, 8))
         header = json.loads(_read_exactly(stream, length))
-        grid = tuple(header.pop("grid"))
+        grid, ordered = tuple(header.pop("grid")), header.pop("ordered")
         offset, size, mask = (np.frombuffer(_read_exactly(stream, 8 * grid[0] * grid[1]), dtype=np.int64
                                             ).reshape(grid) for _ in range(3))
+        order = np.frombuffer(_read_exactly(stream, 8 * header["width"]), dtype=np.int64) if ordered else None
         header["chunks"] = tuple(header["chunks"])
-        return cls(offset=offset, size=size, mask=mask, **header)
+        return cls(offset=offset, size=size, mask=mask, order=order, **header)
 
 
 def _read_exactly(stream, n: int) -> bytes:
@@ -103,16 +108,28 @@ class BandEncoder:
         h, w = plan.chunks
         count = plan.tiles_per_band
         self.nbytes = h * w * np.dtype(plan.source_dtype).itemsize
-        self.row = np.empty((count + 1, h, w), dtype=plan.source_dtype)  # the source chunks under a band
         self.tiles = np.empty((count, h, w), dtype=plan.target_dtype)
+        if plan.order is None:  # the source chunk columns under the band's tiles, and one more
+            first = plan.source_start // w
+            self.chunk_cols: slice | np.ndarray = slice(first, min(first + count + 1, plan.offset.shape[1]))
+            self.row = np.empty((count + 1, h, w), dtype=plan.source_dtype)
+            return
+        # permute: every source chunk column a tile needs, then one of zeros for the padding
+        needed = np.unique(plan.order // w)
+        self.chunk_cols = needed
+        where = np.zeros(plan.offset.shape[1], dtype=np.int64)
+        where[needed] = np.arange(needed.size)
+        self.local = np.full(count * w, needed.size * w, dtype=np.int64)  # columns of the joined chunks
+        self.local[:plan.width] = where[plan.order // w] * w + plan.order % w
+        self.row = np.empty((needed.size + 1, h, w), dtype=plan.source_dtype)
+        self.joined = np.empty((h, self.row.shape[0] * w), dtype=plan.source_dtype)
+        self.gathered = np.empty((h, count * w), dtype=plan.source_dtype)
 
-    def _inflate(self, band: int, first: int) -> None:
-        """The source chunks of chunk row ``band`` from chunk column ``first`` into ``self.row``
-        (zeros past the source's last)."""
+    def _inflate(self, band: int) -> None:
+        """The source chunks of chunk row ``band`` a band needs into ``self.row`` (zeros after them)."""
         plan, size = self.plan, self.nbytes
         into = memoryview(self.row.reshape(-1).view(np.uint8))
-        inside = slice(first, min(first + self.row.shape[0], plan.offset.shape[1]))
-        offsets, sizes, masks = (a[band, inside].tolist() for a in (plan.offset, plan.size, plan.mask))
+        offsets, sizes, masks = (a[band, self.chunk_cols].tolist() for a in (plan.offset, plan.size, plan.mask))
         for k, (o, s, m) in enumerate(zip(offsets, sizes, masks)):
             if o < 0:
                 into[k * size:(k + 1) * size] = plan._fill
@@ -128,10 +145,15 @@ class BandEncoder:
         plan, tiles = self.plan, self.tiles
         h, w = plan.chunks
         count = tiles.shape[0]
-        first, shift = divmod(plan.source_start, w)
-        self._inflate(band, first)
-        tiles[:, :, :w - shift] = self.row[:count, :, shift:]
-        tiles[:, :, w - shift:] = self.row[1:count + 1, :, :shift]
+        self._inflate(band)
+        if plan.order is None:  # each tile from two neighbouring source chunks
+            shift = plan.source_start % w
+            tiles[:, :, :w - shift] = self.row[:count, :, shift:]
+            tiles[:, :, w - shift:] = self.row[1:count + 1, :, :shift]
+        else:  # rows of the joined chunks gathered (in the cache: 80 KB a row here), then cut into tiles
+            self.joined.reshape(h, -1, w)[...] = self.row.transpose(1, 0, 2)
+            np.take(self.joined, self.local, axis=1, out=self.gathered, mode="clip")
+            tiles[...] = self.gathered.reshape(h, count, w).transpose(1, 0, 2)
         tiles[:, plan.rows - band * h:] = 0  # padding: below the last row, right of the last column
         tiles[count - 1, :, plan.width - (count - 1) * w:] = 0
         if plan.target_fill != 0:

@@ -347,11 +347,11 @@ def copying_columns(src: h5py.Dataset, target: ChunkLayout | None, shape: tuple[
 
 
 @contextmanager
-def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: int, start: int
-              ) -> Iterator[BandJob | None]:
+def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: int, start: int,
+              order: np.ndarray | None = None) -> Iterator[BandJob | None]:
     """A started :class:`~.processes.BandJob` filling ``width`` columns of the output from ``start``
-    with ``src``'s from ``source_start`` (all its rows), or None when ``src``'s chunks cannot be
-    read directly."""
+    with ``src``'s from ``source_start``, or its columns ``order`` (all its rows); None when
+    ``src``'s chunks cannot be read directly."""
     layout = chunk_layout(src)
     with held_index(src):
         index = chunk_index(src, 0)
@@ -363,7 +363,7 @@ def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: 
                         target_dtype=target.dtype.str, compressed=layout.compressed,
                         level=target.level if target.compressed else None, source_fill=layout.fill,
                         target_fill=target.fill, start=start, source_start=source_start, width=width,
-                        offset=index.offset, size=index.size, mask=index.mask)
+                        offset=index.offset, size=index.size, mask=index.mask, order=order)
         try:
             with BandJob(plan, fd) as job:
                 yield job
@@ -386,6 +386,21 @@ def _store_bands(dst: h5py.Dataset, job: BandJob, target: ChunkLayout, first: in
 
     job.store_all(place)
     return first, last
+
+
+def reorder_columns(src: h5py.Dataset, dst: h5py.Dataset, order: np.ndarray) -> bool:
+    """Fill ``dst`` (the shape of ``src``, nothing stored yet) with ``src``'s columns in ``order``,
+    each chunk row re-encoded in the engine's helper processes. False, with nothing written, when
+    the layouts do not allow it (other chunks, filters the engine does not handle)."""
+    layout, target = chunk_layout(src), chunk_layout(dst)
+    if layout is None or target is None or layout.chunks != target.chunks or src.shape != dst.shape \
+            or src.size == 0 or not np.can_cast(src.dtype, dst.dtype, "safe"):
+        return False
+    with _band_job(src, target, 0, dst.shape[1], 0, np.asarray(order, dtype=np.int64)) as job:
+        if job is None:
+            return False
+        _store_bands(dst, job, target, 0, dst.shape[1])
+    return True
 
 
 def copy_columns(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> tuple[int, int]:
