@@ -354,11 +354,12 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
                                        compression_opts=src.compression_opts, fillvalue=src.fillvalue)
             for key, value in src.attrs.items():
                 dst.attrs[key] = value
-            with engine.held_index(src):  # nothing is written to src
-                if axis == 1 and not engine.reorder_columns(src, dst, order):
-                    engine.write_rows(dst, _Reordered(src, order, axis), columns=order)
-                elif axis == 0:
-                    engine.write_columns(dst, 0, m, _Reordered(src, order, axis))
+            if not (axis == 1 and engine.reorder_columns(src, dst, order)):  # (in helper processes)
+                with engine.held_index(src):  # nothing is written to src
+                    if axis == 1:
+                        engine.write_rows(dst, _Reordered(src, order, axis), columns=order)
+                    else:
+                        engine.write_columns(dst, 0, m, _Reordered(src, order, axis))
             fmt.touch(dst)
         attr_group = fmt.ATTR_GROUPS[axis]
         graph_group = fmt.graph_group_name(f, axis)

@@ -209,3 +209,18 @@ def test_permute_through_children_equals_numpy(tmp_path, children):
     with loompy.connect(path, "r") as ds:
         np.testing.assert_array_equal(ds[:, :], m[:, order])
         assert list(ds.ca.CellID[:3]) == [f"c{j}" for j in order[:3]]
+
+
+def test_children_refuse_a_file_that_is_not_the_one_listed(tmp_path, children, monkeypatch):
+    """Children open the source by name and check it is the file whose chunks were listed; when it
+    is not (replaced on disk meanwhile: here, a wrong identity), this process encodes every band."""
+    path = tmp_path / "s.h5"
+    expected = _source(path)
+    begin, encode = processes.BandJob.begin, processes.BandEncoder.encode
+    here = []
+    monkeypatch.setattr(processes.BandJob, "begin",
+                        lambda job, plan, fd, name, file_id: begin(job, plan, fd, name, (0, 0)))
+    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
+    (a, b), got = _copy(path, 10, 1010)
+    assert len(children) == 2 and sorted(here) == list(range(5))  # 300 rows: 5 bands, all done here
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])

@@ -82,22 +82,16 @@ class BandPlan:
         return struct.pack("<q", len(body)) + body + b"".join(arrays)
 
     @classmethod
-    def from_stream(cls, stream) -> BandPlan:
-        (length,) = struct.unpack("<q", _read_exactly(stream, 8))
-        header = json.loads(_read_exactly(stream, length))
+    def from_bytes(cls, data: bytes) -> BandPlan:
+        (length,) = struct.unpack_from("<q", data)
+        header = json.loads(data[8:8 + length])
         grid, ordered = tuple(header.pop("grid")), header.pop("ordered")
-        offset, size, mask = (np.frombuffer(_read_exactly(stream, 8 * grid[0] * grid[1]), dtype=np.int64
-                                            ).reshape(grid) for _ in range(3))
-        order = np.frombuffer(_read_exactly(stream, 8 * header["width"]), dtype=np.int64) if ordered else None
+        arrays = np.frombuffer(data, dtype=np.int64, offset=8 + length)
+        cells = grid[0] * grid[1]
+        offset, size, mask = (arrays[k * cells:(k + 1) * cells].reshape(grid) for k in range(3))
+        order = arrays[3 * cells:3 * cells + header["width"]] if ordered else None
         header["chunks"] = tuple(header["chunks"])
         return cls(offset=offset, size=size, mask=mask, order=order, **header)
-
-
-def _read_exactly(stream, n: int) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise EOFError(f"expected {n} bytes, got {len(data)}")
-    return data
 
 
 class BandEncoder:
@@ -166,17 +160,15 @@ class BandEncoder:
 
 
 def child_main() -> None:
-    """A child's whole life: read a plan, the descriptor to read through and its bands from stdin,
-    and write one frame per band to stdout, in order (see :mod:`.processes`)."""
-    source = sys.stdin.buffer
+    """A child's whole life: wait for its orders on stdin (where the plan is, which file to read,
+    which bands), then write one frame per band to stdout, in order (see :mod:`.processes`)."""
+    orders = json.loads(sys.stdin.buffer.read())  # the parent closes stdin once it has written them
+    plan = BandPlan.from_bytes(os.pread(orders["plan"], orders["length"], 0))
+    fd = os.open(orders["source"], os.O_RDONLY)
     out = sys.stdout.buffer
-    fd, count, ahead = struct.unpack("<qqq", _read_exactly(source, 24))
-    bands = np.frombuffer(_read_exactly(source, 8 * count), dtype=np.int64).tolist()
-    plan = BandPlan.from_stream(source)
-    encoder = BandEncoder(plan, fd)
     # a writer thread sends finished frames, so that encoding goes on while the parent is busy
     # elsewhere (copying the first input of a combine, say), up to ``ahead`` frames
-    frames: queue.Queue = queue.Queue(maxsize=ahead)
+    frames: queue.Queue = queue.Queue(maxsize=orders["ahead"])
 
     def send() -> None:
         try:
@@ -188,8 +180,13 @@ def child_main() -> None:
 
     writer = threading.Thread(target=send, daemon=True)
     writer.start()
-    for band in bands:
+    info = os.fstat(fd)
+    same = [info.st_dev, info.st_ino] == orders["file"]
+    encoder = BandEncoder(plan, fd)
+    for band in orders["bands"]:
         try:
+            if not same:  # replaced on disk since the parent listed its chunks: the parent reads it itself
+                raise OSError(f"{orders['source']} is no longer the file being read")
             stored, payloads, empty = encoder.encode(band)
         except codecs.DamagedChunk as error:
             message = str(error).encode()

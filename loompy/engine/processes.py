@@ -2,21 +2,23 @@
 
 The children are fresh interpreters (``sys.executable``) that load :mod:`.bands` and
 :mod:`.codecs` from this package's folder without running ``loompy/__init__.py`` (no h5py, and
-never the user's ``__main__``, as multiprocessing's spawned workers would). Each is handed a copy of
-the open source file's descriptor, so it reads the very file the chunk index was made from, and
-takes every ``PROCESSES``-th block of bands; this process reads their frames in band order and
-stores the chunks. Children start encoding as soon as they are made, so a caller can start them
-before other long work (combine: before HDF5 copies its first input).
+never the user's ``__main__``, as multiprocessing's spawned workers would). They are started
+before the source's chunks are even listed (they import numpy meanwhile), then told through stdin
+where the plan is (a temporary file they share), which file to read (they check it is the one
+listed) and which bands are theirs: every other block of ``BLOCK``. This process reads their
+frames in band order and stores the chunks. Children encode as soon as they have their orders, so
+a caller can start a job before other long work (combine: before HDF5 copies its first input).
 
-Nothing here is needed for correctness: when children cannot be started (no ``pread`` or
-``pass_fds``, a frozen or embedded interpreter, too few cores) the same bands are encoded on this
-process's threads, and a child that fails leaves its bands to this process. A chunk a child finds
-damaged raises :class:`~.codecs.DamagedChunk` here, as it would on a thread.
+Nothing here is needed for correctness: when children cannot be started (no ``pread``, a frozen
+or embedded interpreter, too few cores) the same bands are encoded on this process's threads, and
+a child that fails leaves its bands to this process. A chunk a child finds damaged raises
+:class:`~.codecs.DamagedChunk` here, as it would on a thread.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import struct
 import subprocess
@@ -60,14 +62,19 @@ def _can_start_children() -> bool:
 
 
 class BandJob:
-    """The bands of ``plan`` being encoded, by children when worthwhile; :meth:`store_all` hands
-    each band to ``store`` in order. Children start at once; :meth:`close` (or leaving the
-    ``with`` block) ends any still running."""
+    """Bands being encoded, by children when there are at least ``tiles`` (``MIN_TILES``) to do.
 
-    def __init__(self, plan: BandPlan, fd: int):
-        self.plan, self.fd = plan, fd
+    Children start at once; :meth:`begin` gives them the plan, :meth:`store_all` hands each band
+    to a store function in order, and :meth:`close` (or leaving the ``with`` block) ends any
+    still running.
+    """
+
+    def __init__(self, tiles: int):
+        self.plan: BandPlan | None = None
+        self.fd = -1
         self.children: list[subprocess.Popen | None] = []
-        if plan.bands * plan.tiles_per_band >= MIN_TILES and _can_start_children():
+        self.shared = None  # the temporary file the plan goes into
+        if tiles >= MIN_TILES and _can_start_children():
             self._start_children()
 
     def __enter__(self) -> BandJob:
@@ -83,21 +90,37 @@ class BandJob:
         engine_folder = os.path.dirname(os.path.abspath(__file__))
         boot = _BOOT.format(path=[p for p in sys.path if p], package=os.path.dirname(engine_folder),
                             engine=engine_folder)
-        count, plan = min(THREADS, _cores()), self.plan.to_bytes()
         try:
-            for k in range(count):
-                mine = np.array([b for b in range(self.plan.bands) if b // BLOCK % count == k], dtype=np.int64)
-                # the job goes in a file, not a pipe: writing megabytes to a child still starting would block
-                with tempfile.TemporaryFile() as job:
-                    job.write(struct.pack("<qqq", self.fd, mine.size, AHEAD_FRAMES) + mine.tobytes())
-                    job.write(plan)
-                    job.seek(0)
-                    self.children.append(subprocess.Popen(
-                        [sys.executable, "-I", "-c", boot], stdin=job, stdout=subprocess.PIPE,
-                        stderr=subprocess.DEVNULL, pass_fds=(self.fd,)))
+            self.shared = tempfile.TemporaryFile()
+            for _ in range(min(THREADS, _cores())):
+                self.children.append(subprocess.Popen(
+                    [sys.executable, "-I", "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, pass_fds=(self.shared.fileno(),)))
         except (OSError, ValueError):  # no children here: threads do it all
             self.close()
-            self.children = []
+
+    def begin(self, plan: BandPlan, fd: int, path: str, file_id: tuple[int, int]) -> None:
+        """Encode ``plan``'s bands, reading the source through ``fd`` here and by ``path`` (which must
+        still be the file ``file_id`` names) in the children."""
+        self.plan, self.fd = plan, fd
+        if not self.children:
+            return
+        body = plan.to_bytes()
+        try:
+            self.shared.write(body)
+            self.shared.flush()
+        except OSError:
+            self.close()
+            return
+        count = len(self.children)
+        for k, child in enumerate(self.children):
+            orders = {"plan": self.shared.fileno(), "length": len(body), "source": path, "file": list(file_id),
+                      "bands": [b for b in range(plan.bands) if b // BLOCK % count == k], "ahead": AHEAD_FRAMES}
+            try:
+                child.stdin.write(json.dumps(orders).encode())
+                child.stdin.close()
+            except OSError:  # it has died already: its bands are done here
+                self._end(k)
 
     def _frame(self, band: int) -> tuple | None:
         """Band ``band``'s result from its child, or None when the child cannot give it."""
@@ -149,11 +172,18 @@ class BandJob:
         if child is not None:
             child.kill()
             child.wait()
-            child.stdout.close()
+            for stream in (child.stdin, child.stdout):
+                if not stream.closed:
+                    stream.close()
 
     def close(self) -> None:
+        """End every child still running (none is needed once its bands are stored) and forget them."""
         for k in range(len(self.children)):
             self._end(k)
+        self.children = []
+        if self.shared is not None:
+            self.shared.close()
+            self.shared = None
 
 
 def _read(stream, n: int) -> bytes:

@@ -353,7 +353,9 @@ def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: 
     with ``src``'s from ``source_start``, or its columns ``order`` (all its rows); None when
     ``src``'s chunks cannot be read directly."""
     layout = chunk_layout(src)
-    with held_index(src):
+    h, w = layout.chunks
+    # children start now: they import numpy while this process lists the source's chunks
+    with BandJob(-(-src.shape[0] // h) * -(-width // w)) as job, held_index(src):
         index = chunk_index(src, 0)
         fd = open_index(src, index) if index is not None else None
         if fd is None:
@@ -365,8 +367,8 @@ def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: 
                         target_fill=target.fill, start=start, source_start=source_start, width=width,
                         offset=index.offset, size=index.size, mask=index.mask, order=order)
         try:
-            with BandJob(plan, fd) as job:
-                yield job
+            job.begin(plan, fd, index.path, index.file_id)
+            yield job
         except codecs.DamagedChunk as error:
             raise damaged(src, error) from error
         finally:
