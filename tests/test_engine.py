@@ -608,3 +608,31 @@ def test_a_damaged_chunk_is_an_error_never_zeros(tmp_path):
             loompy.combine([paths[name], paths[name]], tmp_path / f"{name}-twice.loom")
     with pytest.raises(loompy.LoomFileError, match="cut.loom: the file is shorter than HDF5 recorded"):
         loompy.connect(paths["cut"], "r")
+
+
+@pytest.mark.parametrize("children", [False, True])
+def test_zeros_written_under_a_negative_zero_fill_keep_their_sign(tmp_path, monkeypatch, children):
+    """-0.0 equals 0, but an all-(+0.0) chunk left unwritten would read back as a -0.0 fill: such
+    chunks are stored (direct writes, and permute's re-encoding in child processes)."""
+    import importlib
+
+    import loompy
+
+    monkeypatch.setattr(importlib.import_module("loompy.engine.processes"), "MIN_TILES", 0 if children else 10 ** 12)
+    m = np.zeros((130, 200), np.float32)
+    m[5, 7] = 1
+    with h5py.File(tmp_path / "z.h5", "w") as f:
+        d = f.create_dataset("m", shape=m.shape, dtype="f4", chunks=(64, 64), compression="gzip", fillvalue=-0.0)
+        engine.write_matrix(d, m)
+        assert not np.signbit(d[...]).any()
+    path = tmp_path / "z.loom"
+    loompy.create(path, m, {}, {}).close()
+    with h5py.File(path, "r+") as f:  # the same matrix, stored under a -0.0 fill value
+        del f["matrix"]
+        f.create_dataset("matrix", data=m, chunks=(64, 64), compression="gzip", maxshape=(130, None), fillvalue=-0.0)
+    with loompy.connect(path) as ds:
+        ds.permute(np.arange(200)[::-1], axis=1)
+    with h5py.File(path, "r") as f:
+        got = f["matrix"][...]
+    np.testing.assert_array_equal(got, m[:, ::-1])
+    assert not np.signbit(got).any()

@@ -150,7 +150,7 @@ class BandEncoder:
             tiles[...] = self.gathered.reshape(h, count, w).transpose(1, 0, 2)
         tiles[:, plan.rows - band * h:] = 0  # padding: below the last row, right of the last column
         tiles[count - 1, :, plan.width - (count - 1) * w:] = 0
-        if plan.target_fill != 0:
+        if not codecs.zero_bits(plan.target_fill, plan.target_dtype):
             keep = np.ones(count, dtype=bool)
         else:
             keep = tiles.view(f"u{tiles.dtype.itemsize}").reshape(count, -1).any(axis=1)

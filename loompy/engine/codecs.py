@@ -47,6 +47,12 @@ def decompress(data: bytes, nbytes: int, compressed: bool) -> bytes:
     return raw
 
 
+def zero_bits(value: float | int, dtype: np.dtype | str) -> bool:
+    """Whether ``value`` as ``dtype`` is all zero bits: only then may an all-zero chunk stay
+    unwritten (a fill value of -0.0 equals 0 but would read back with its sign)."""
+    return not np.array([value], dtype=dtype).view(np.uint8).any()
+
+
 def compress(chunk: np.ndarray | memoryview, level: int | None) -> bytes:
     """Stored bytes for a full chunk (an array, or its raw bytes): zlib-wrapped deflate, as HDF5's
     gzip filter writes, or raw when ``level`` is None.

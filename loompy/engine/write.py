@@ -247,7 +247,7 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
            columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``block`` (corner on a chunk boundary), or those ``columns`` of it in that order, as contiguous
     (chunk row, chunk col, h, w) tiles, edges zero-padded, and which tiles to store: those with any
-    non-zero bit (-0.0 counts), or all of them when the fill value is not zero. Tiles go into this
+    non-zero bit (-0.0 counts), or all of them when the fill value is not all zero bits. Tiles go into this
     thread's ``scratch``."""
     keep = None
     h, w = layout.chunks
@@ -266,7 +266,7 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
             _dense_tiles(gathered.astype(layout.dtype, copy=False), h, w, tiles[k])
     if keep is None:
         keep = tiles.view(f"u{layout.dtype.itemsize}").any(axis=(2, 3))
-    if layout.fill != 0:
+    if not codecs.zero_bits(layout.fill, layout.dtype):
         keep[...] = True
     return tiles, keep
 
