@@ -224,3 +224,44 @@ def test_children_refuse_a_file_that_is_not_the_one_listed(tmp_path, children, m
     (a, b), got = _copy(path, 10, 1010)
     assert len(children) == 2 and sorted(here) == list(range(5))  # 300 rows: 5 bands, all done here
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+def test_children_that_end_at_once_leave_the_work_to_threads(tmp_path, children, monkeypatch):
+    path = tmp_path / "s.h5"
+    expected = _source(path)
+    monkeypatch.setattr(processes, "_BOOT", "import sys; sys.exit(3)\n# {path} {package} {engine}")
+    start = processes.BandJob._start_children
+
+    def start_and_wait(job):
+        start(job)
+        for child in job.children:
+            child.wait()
+
+    monkeypatch.setattr(processes.BandJob, "_start_children", start_and_wait)
+    threaded, run = [], processes.run_in_order
+    monkeypatch.setattr(processes, "run_in_order",
+                        lambda tasks, *args: threaded.append(len(tasks)) or run(tasks, *args))
+    (a, b), got = _copy(path, 10, 1010)
+    assert threaded == [5]  # all 5 bands on the threads, not one by one here
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+def test_a_program_that_does_not_ignore_sigpipe_survives_children_that_die(tmp_path):
+    """Programs often restore SIGPIPE's default; writing to a dead child's pipe would then kill them."""
+    path = tmp_path / "s.h5"
+    expected = _source(path)
+    script = textwrap.dedent("""
+        import importlib, signal, sys, h5py, numpy as np
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        importlib.import_module("loompy.engine.processes").MIN_TILES = 0
+        sys.executable = "/bin/false"  # children that end at once
+        from loompy import engine
+        with h5py.File(sys.argv[1], "r+") as f:
+            dst = f.create_dataset("dst", shape=(300, 1010), dtype="f4", chunks=(64, 64), compression="gzip")
+            print(engine.copy_columns(f["src"], dst, 10))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(loompy.__file__))})
+    assert done.returncode == 0, done.stderr
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["dst"][:, 64:1010], expected[:, 54:1000])

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import codecs
 
+BLOCK = 4  # bands a child takes in a row before the next child's turn
 # frames a child writes: (band, kind, count, second count) then the kind's payload
 FRAME = struct.Struct("<qqqq")
 DATA, DAMAGED, FAILED = range(3)
@@ -160,10 +161,17 @@ class BandEncoder:
 
 
 def child_main() -> None:
-    """A child's whole life: wait for its orders on stdin (where the plan is, which file to read,
-    which bands), then write one frame per band to stdout, in order (see :mod:`.processes`)."""
-    orders = json.loads(sys.stdin.buffer.read())  # the parent closes stdin once it has written them
-    plan = BandPlan.from_bytes(os.pread(orders["plan"], orders["length"], 0))
+    """A child's whole life: wait for stdin to close, read its orders (the file to read, checked
+    against its identity) and the plan from the shared file named on its command line, then write
+    one frame per band of its own (every ``count``-th block of ``BLOCK``) to stdout, in order
+    (see :mod:`.processes`)."""
+    shared, me, count = (int(a) for a in sys.argv[1:4])
+    sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
+    # (the descriptor's offset is shared with the parent and the other child: read at fixed places)
+    (length,) = struct.unpack("<q", os.pread(shared, 8, 0))
+    orders = json.loads(os.pread(shared, length, 8))
+    plan = BandPlan.from_bytes(os.pread(shared, os.fstat(shared).st_size - 8 - length, 8 + length))
+    os.close(shared)
     fd = os.open(orders["source"], os.O_RDONLY)
     out = sys.stdout.buffer
     # a writer thread sends finished frames, so that encoding goes on while the parent is busy
@@ -183,7 +191,7 @@ def child_main() -> None:
     info = os.fstat(fd)
     same = [info.st_dev, info.st_ino] == orders["file"]
     encoder = BandEncoder(plan, fd)
-    for band in orders["bands"]:
+    for band in (b for b in range(plan.bands) if b // BLOCK % count == me):
         try:
             if not same:  # replaced on disk since the parent listed its chunks: the parent reads it itself
                 raise OSError(f"{orders['source']} is no longer the file being read")

@@ -3,11 +3,13 @@
 The children are fresh interpreters (``sys.executable``) that load :mod:`.bands` and
 :mod:`.codecs` from this package's folder without running ``loompy/__init__.py`` (no h5py, and
 never the user's ``__main__``, as multiprocessing's spawned workers would). They are started
-before the source's chunks are even listed (they import numpy meanwhile), then told through stdin
-where the plan is (a temporary file they share), which file to read (they check it is the one
-listed) and which bands are theirs: every other block of ``BLOCK``. This process reads their
-frames in band order and stores the chunks. Children encode as soon as they have their orders, so
-a caller can start a job before other long work (combine: before HDF5 copies its first input).
+before the source's chunks are even listed (they import numpy meanwhile) and wait for their stdin
+to close: then a temporary file they share holds their orders (which file to read: they check it
+is the one listed) and the plan. Which bands are theirs (every other block of ``BLOCK``) the
+number on their command line says. This process reads their frames in band order and stores the
+chunks. Children encode as soon as they have their orders, so a caller can start a job before
+other long work (combine: before HDF5 copies its first input). Nothing is ever written to a
+child's pipe: a child that died would raise SIGPIPE, which kills programs that do not ignore it.
 
 Nothing here is needed for correctness: when children cannot be started (no ``pread``, a frozen
 or embedded interpreter, too few cores) the same bands are encoded on this process's threads, and
@@ -30,12 +32,11 @@ from collections.abc import Callable
 import numpy as np
 
 from . import codecs
-from .bands import DAMAGED, DATA, FRAME, BandEncoder, BandPlan
+from .bands import BLOCK, DAMAGED, DATA, FRAME, BandEncoder, BandPlan
 from .workers import THREADS, run_in_order
 
 MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
 # about 0.1 s of CPU each, the re-encoding about 25 us per chunk
-BLOCK = 4  # bands a child takes in a row before the next child's turn
 AHEAD_FRAMES = 32  # finished bands a child may hold for this process (a few MB)
 
 Store = Callable[[int, list, list, list], None]  # (band, tile numbers, their bytes, all-zero tile numbers)
@@ -90,12 +91,14 @@ class BandJob:
         engine_folder = os.path.dirname(os.path.abspath(__file__))
         boot = _BOOT.format(path=[p for p in sys.path if p], package=os.path.dirname(engine_folder),
                             engine=engine_folder)
+        count = min(THREADS, _cores())
         try:
             self.shared = tempfile.TemporaryFile()
-            for _ in range(min(THREADS, _cores())):
+            for k in range(count):
                 self.children.append(subprocess.Popen(
-                    [sys.executable, "-I", "-c", boot], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=subprocess.DEVNULL, pass_fds=(self.shared.fileno(),)))
+                    [sys.executable, "-I", "-c", boot, str(self.shared.fileno()), str(k), str(count)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                    pass_fds=(self.shared.fileno(),)))
         except (OSError, ValueError):  # no children here: threads do it all
             self.close()
 
@@ -105,22 +108,15 @@ class BandJob:
         self.plan, self.fd = plan, fd
         if not self.children:
             return
-        body = plan.to_bytes()
+        orders = json.dumps({"source": path, "file": list(file_id), "ahead": AHEAD_FRAMES}).encode()
         try:
-            self.shared.write(body)
+            self.shared.write(struct.pack("<q", len(orders)) + orders + plan.to_bytes())
             self.shared.flush()
         except OSError:
             self.close()
             return
-        count = len(self.children)
-        for k, child in enumerate(self.children):
-            orders = {"plan": self.shared.fileno(), "length": len(body), "source": path, "file": list(file_id),
-                      "bands": [b for b in range(plan.bands) if b // BLOCK % count == k], "ahead": AHEAD_FRAMES}
-            try:
-                child.stdin.write(json.dumps(orders).encode())
-                child.stdin.close()
-            except OSError:  # it has died already: its bands are done here
-                self._end(k)
+        for child in self.children:  # closing (never writing: a dead child would raise SIGPIPE) says go
+            child.stdin.close()
 
     def _frame(self, band: int) -> tuple | None:
         """Band ``band``'s result from its child, or None when the child cannot give it."""
@@ -148,7 +144,10 @@ class BandJob:
     def store_all(self, store: Store) -> None:
         """Hand every band to ``store``, in order."""
         plan, fd = self.plan, self.fd
-        if not self.children:
+        for k, child in enumerate(self.children):
+            if child is not None and child.poll() is not None:  # ended already (could not start, say)
+                self._end(k)
+        if not any(self.children):
             mine = threading.local()  # each thread's encoder (it keeps buffers)
 
             def encode(band: int) -> tuple:
