@@ -97,10 +97,13 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         n = first.shape[0]
         sources = {name: [(c.layers[name]._dataset, order, sel) for c, order, sel in zip(conns, orders, cols)]
                    for name in names}
-        with replacing(output_file) as out, contextlib.ExitStack() as jobs:
+        start_from = _byte_copy_source(first, sources, (n, total), dtypes)
+        with replacing(output_file, start_from=start_from) as out, contextlib.ExitStack() as jobs:
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
             started = {"": _start_copies(sources[""], (n, total), dtypes[""], jobs)}
+            if start_from is not None:
+                _keep_only_layers(out)
             fmt.init_file(out)
             for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else []):
                 if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted and k not in globals_:
@@ -167,6 +170,41 @@ def _whole(source: _Source) -> bool:
     return order is None and len(sel) == dataset.shape[1]
 
 
+def _byte_copy_source(first: LoomConnection, sources: dict[str, list[_Source]], shape: tuple[int, int],
+                      dtypes: dict[str, np.dtype]) -> str | None:
+    """The first input's path when the output can start as a byte copy of that file (0.03 s for
+    106 MB here, against 0.36 s for HDF5 to copy its 98,000 chunks one by one), else None.
+
+    That is when every layer would start as HDF5's copy of the first input's anyway (see
+    :func:`_combine_layer`), the file holds nothing but Loom's groups, no handle in this process
+    has it open for writing (its bytes on disk may lag what HDF5 holds), and its layers are nearly
+    all of it: what the copy drops (attributes and graphs, rewritten from the connection like any
+    other input's, and space the file never reclaimed) stays unused space in the output, so it must
+    be small (a tenth of the layers' size and 4 MB at most).
+    """
+    f = first._file
+    if f.mode != "r" or f.driver != "sec2" or f.userblock_size or set(f.keys()) - {fmt.MATRIX, *fmt.GROUPS}:
+        return None
+    if not all(_copies_first(sources[name], shape, dtypes[name]) for name in sources):
+        return None
+    if fmt.LAYERS in f and set(f[fmt.LAYERS].keys()) != set(sources) - {""}:
+        return None
+    stored = sum(source[0][0].id.get_storage_size() for source in sources.values())
+    return f.filename if os.path.getsize(f.filename) <= 1.1 * stored + (4 << 20) else None
+
+
+def _keep_only_layers(out: h5py.File) -> None:
+    """Strip a byte copy of the first input down to its layers' datasets, without their attributes
+    (everything else is written as for any output)."""
+    for name in list(out.keys()):
+        if name not in (fmt.MATRIX, fmt.LAYERS):
+            del out[name]
+    layers = out.get(fmt.LAYERS)
+    for obj in (out, out[fmt.MATRIX], *([layers, *layers.values()] if layers is not None else [])):
+        for key in list(obj.attrs.keys()):
+            del obj.attrs[key]
+
+
 def _copies_first(sources: list[_Source], shape: tuple[int, int], dtype: np.dtype) -> bool:
     """Whether a layer of the output starts as HDF5's copy of the first input's (see :func:`_combine_layer`)."""
     first = sources[0][0]
@@ -191,17 +229,19 @@ def _combine_layer(group: h5py.Group, name: str, sources: list[_Source], shape: 
 
     When the first input is taken whole and stored just as the output will be, the output starts
     as HDF5's own copy of it (H5Ocopy moves the stored chunks without inflating them: 0.28 s for
-    98,000 chunks, against 0.6 s one by one from Python), then widened.
+    98,000 chunks, against 0.6 s one by one from Python), or is there already when the whole
+    output started as a byte copy of the first file (:func:`_byte_copy_source`); then widened.
     """
     if not _copies_first(sources, shape, dtype):
         _concatenate_layer(fmt.create_matrix(group, name, shape, dtype), sources)
         return
     first = sources[0][0]
-    try:
-        group.copy(first, name, without_attrs=True)
-    except (OSError, RuntimeError) as error:  # HDF5 read what it could not copy
-        raise LoomFileError(f"{first.file.filename}: {first.name} cannot be copied; the file is damaged "
-                            f"({error})") from error
+    if name not in group:  # (else the output is a byte copy of the first input's file)
+        try:
+            group.copy(first, name, without_attrs=True)
+        except (OSError, RuntimeError) as error:  # HDF5 read what it could not copy
+            raise LoomFileError(f"{first.file.filename}: {first.name} cannot be copied; the file is damaged "
+                                f"({error})") from error
     dst = group[name]
     engine.resize(dst, shape[1], axis=1)
     fmt.touch(dst)

@@ -621,6 +621,78 @@ def test_combine_starts_from_a_copy_of_a_first_input_stored_alike(tmp_path, monk
         os.remove(tmp_path / "out.loom")
 
 
+def _byte_copies(monkeypatch) -> list:
+    """Record the files combine's output starts as a byte copy of."""
+    import importlib
+
+    files_module = importlib.import_module("loompy.files")
+    copied, copy = [], files_module._copy_new
+    monkeypatch.setattr(files_module, "_copy_new", lambda source, target: copied.append(source) or copy(source, target))
+    return copied
+
+
+def test_combine_output_from_a_byte_copy_of_the_first_file_is_the_usual_output(tmp_path, monkeypatch):
+    """A first input holding only Loom's groups starts the output as a copy of its file; what the
+    output holds is still only what combine writes: no graphs of columns, no stray attributes, the
+    first file's global attributes with file_attrs over them, its row attributes and graphs."""
+    copied = _byte_copies(monkeypatch)
+    rng = np.random.default_rng(4)
+    mats = [rng.poisson(0.3, size=(150, k)).astype(np.float32) for k in (100, 70)]
+    paths = [make(tmp_path / f"in{i}.loom", m, cells=[f"f{i}c{j}" for j in range(m.shape[1])])
+             for i, m in enumerate(mats)]
+    with loompy.connect(paths[0]) as ds:
+        ds.attrs["title"] = "first"
+        ds.attrs["kept"] = "yes"
+        ds.row_graphs["net"] = sp.coo_matrix((np.array([7.0]), ([0], [149])), shape=(150, 150))
+    with h5py.File(paths[0], "r+") as f:
+        f["layers/x"].attrs["stray"] = "not for the output"
+        f["row_attrs"].attrs["stray"] = "not for the output"
+    loompy.combine(paths, tmp_path / "out.loom", file_attrs={"title": "both"})
+    assert copied == [str(paths[0])]
+    with loompy.connect(tmp_path / "out.loom", "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], np.hstack(mats))
+        np.testing.assert_array_equal(ds["x"][:, :], (np.hstack(mats) * 2).astype(np.int32))
+        assert (ds.attrs["title"], ds.attrs["kept"]) == ("both", "yes")
+        assert list(ds.col_graphs.keys()) == [] and list(ds.row_graphs.keys()) == ["net"]
+        assert list(ds.ca.CellID[99:101]) == ["f0c99", "f1c0"] and ds.ra.Score[3] == 4.5
+    with h5py.File(tmp_path / "out.loom", "r") as f:
+        for obj in (f["matrix"], f["layers/x"], f["row_attrs"]):
+            assert "stray" not in obj.attrs
+        assert f["matrix"].shape == (150, 170) and f["layers/x"].shape == (150, 170)
+
+
+def test_combine_copies_no_file_that_holds_more_or_is_being_written(tmp_path, monkeypatch):
+    """No byte copy of a first file with groups of its own, with much space besides its layers, or
+    open for writing in this process (its bytes on disk may lag what HDF5 holds: here, a value not
+    yet flushed); the output is then built from HDF5's reads, and holds that value."""
+    copied = _byte_copies(monkeypatch)
+    rng = np.random.default_rng(5)
+    m = rng.poisson(0.3, size=(150, 100)).astype(np.float32)
+    second = make(tmp_path / "second.loom", m)
+    extra = make(tmp_path / "extra.loom", m)
+    with h5py.File(extra, "r+") as f:
+        f.create_group("mine")
+    roomy = make(tmp_path / "roomy.loom", m)
+    with h5py.File(roomy, "r+") as f:  # 6 MB written, then deleted: HDF5 does not give the space back
+        f["scratch"] = rng.random(750_000)
+        f["row_attrs"]["later"] = np.arange(150)  # (stored after it)
+    with h5py.File(roomy, "r+") as f:
+        del f["scratch"]
+    assert os.path.getsize(roomy) > 6e6
+    for first in (extra, roomy):
+        loompy.combine([first, second], tmp_path / "out.loom")
+        with h5py.File(tmp_path / "out.loom", "r") as f:
+            assert "mine" not in f and "scratch" not in f
+        assert os.path.getsize(tmp_path / "out.loom") < 1e6
+    writing = make(tmp_path / "writing.loom", m)
+    with h5py.File(writing, "r+") as f:
+        f["matrix"][0, 0] = 42.0  # not flushed yet
+        loompy.combine([writing, second], tmp_path / "out.loom")
+    assert copied == []
+    with loompy.connect(tmp_path / "out.loom", "r") as ds:
+        assert ds[0, 0] == 42.0 and ds.shape == (150, 200)
+
+
 def test_create_append(tmp_path):
     path = tmp_path / "ca.loom"
     m = np.ones((3, 2), np.float32)
