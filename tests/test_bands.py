@@ -70,11 +70,15 @@ def _copy(path, offset, total, dst_dtype="f4"):
     (100, 1500, "f8", 0),   # ending inside a chunk shared with what comes next; another dtype
     (3, 1003, "f4", 5),     # unstored chunks of the source read as its fill value, 5
 ])
-def test_children_encode_what_threads_and_numpy_give(tmp_path, children, offset, total, dst_dtype, fill):
+def test_children_encode_what_threads_and_numpy_give(tmp_path, children, monkeypatch, offset, total, dst_dtype,
+                                                    fill):
     path = tmp_path / "s.h5"
     expected = _source(path, fill=fill)
+    here, encode = [], processes.BandEncoder.encode
+    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
     (a, b), got = _copy(path, offset, total, dst_dtype)
-    assert len(children) == 2 and all(c.returncode is not None for c in children)  # used, and reaped
+    assert len(children) == 2 and all(c.returncode is not None for c in children)  # started, and reaped
+    assert here == []  # every band came from them
     first = -(-offset // 64) * 64
     assert (a, b) == (first, total if offset + 1000 == total else (offset + 1000) // 64 * 64)
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - offset:b - offset].astype(dst_dtype))
@@ -265,3 +269,21 @@ def test_a_program_that_does_not_ignore_sigpipe_survives_children_that_die(tmp_p
     assert done.returncode == 0, done.stderr
     with h5py.File(path, "r") as f:
         np.testing.assert_array_equal(f["dst"][:, 64:1010], expected[:, 54:1000])
+
+
+def test_the_frames_of_children_that_are_done_are_used(tmp_path, children, monkeypatch):
+    """A small job's children may have sent everything and exited before their frames are read."""
+    path = tmp_path / "s.h5"
+    expected = _source(path, shape=(130, 400))
+    here, encode, store_all = [], processes.BandEncoder.encode, processes.BandJob.store_all
+    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
+
+    def late_store_all(job, store):
+        for child in job.children:
+            child.wait(timeout=20)  # (their frames fit in the pipes)
+        store_all(job, store)
+
+    monkeypatch.setattr(processes.BandJob, "store_all", late_store_all)
+    (a, b), got = _copy(path, 10, 410)
+    assert len(children) == 2 and here == []
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])

@@ -145,8 +145,8 @@ class BandJob:
         """Hand every band to ``store``, in order."""
         plan, fd = self.plan, self.fd
         for k, child in enumerate(self.children):
-            if child is not None and child.poll() is not None:  # ended already (could not start, say)
-                self._end(k)
+            if child is not None and child.poll() not in (None, 0):  # failed already (could not start, say;
+                self._end(k)                                         # one that is done has its frames sent)
         if not any(self.children):
             mine = threading.local()  # each thread's encoder (it keeps buffers)
 
