@@ -176,21 +176,53 @@ def _byte_copy_source(first: LoomConnection, sources: dict[str, list[_Source]], 
     106 MB here, against 0.36 s for HDF5 to copy its 98,000 chunks one by one), else None.
 
     That is when every layer would start as HDF5's copy of the first input's anyway (see
-    :func:`_combine_layer`), the file holds nothing but Loom's groups, no handle in this process
-    has it open for writing (its bytes on disk may lag what HDF5 holds), and its layers are nearly
-    all of it: what the copy drops (attributes and graphs, rewritten from the connection like any
-    other input's, and space the file never reclaimed) stays unused space in the output, so it must
-    be small (a tenth of the layers' size and 4 MB at most).
+    :func:`_combine_layer`), no handle in this process has the file open for writing (its bytes
+    on disk may lag what HDF5 holds), the file is laid out just as a new one of ours would be
+    (:func:`_laid_out_as_new`), and its layers are nearly all of it: what the copy drops
+    (attributes and graphs, rewritten like any other input's, and space the file never reclaimed)
+    stays unused space in the output, so it must be small.
     """
     f = first._file
     if f.mode != "r" or f.driver != "sec2" or f.userblock_size or set(f.keys()) - {fmt.MATRIX, *fmt.GROUPS}:
         return None
     if not all(_copies_first(sources[name], shape, dtypes[name]) for name in sources):
         return None
-    if fmt.LAYERS in f and set(f[fmt.LAYERS].keys()) != set(sources) - {""}:
+    layers = [source[0][0] for source in sources.values()]
+    if fmt.LAYERS in f and set(f[fmt.LAYERS].keys()) != set(sources) - {""} or not _laid_out_as_new(f, layers):
         return None
-    stored = sum(source[0][0].id.get_storage_size() for source in sources.values())
-    return f.filename if os.path.getsize(f.filename) <= 1.1 * stored + (4 << 20) else None
+    kept_names, dropped = {d.name for d in layers}, [0]
+
+    def count_dropped(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.name not in kept_names:
+            dropped[0] += obj.id.get_storage_size()
+
+    f.visititems(count_dropped)
+    kept = sum(d.id.get_storage_size() for d in layers)
+    chunk_index = 100 * sum(int(np.prod([-(-n // c) for n, c in zip(d.shape, d.chunks)])) for d in layers)
+    # (HDF5's chunk indexes take up to about 100 bytes a chunk; the rest of the file is what is dropped)
+    if dropped[0] > kept // 100 + (1 << 20) or \
+            os.path.getsize(f.filename) > kept + dropped[0] + chunk_index + (1 << 20):
+        return None
+    return f.filename
+
+
+def _laid_out_as_new(f: h5py.File, layers: list[h5py.Dataset]) -> bool:
+    """Whether a copy of the file is what a new file of ours would be: superblock version 0, HDF5's
+    default file creation settings (8-byte addresses, no paged space, ...), the root and layers
+    groups keeping no creation order, and each layer its own dataset, under one hard link."""
+    with open(f.filename, "rb") as raw:
+        head = raw.read(9)
+    if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] != 0:
+        return False
+    if not f.id.get_create_plist().equal(h5py.h5p.create(h5py.h5p.FILE_CREATE)):
+        return False
+    for obj in (f["/"], f.get(fmt.LAYERS), *layers):
+        plist = obj.id.get_create_plist() if obj is not None else None
+        if plist is not None and (plist.get_attr_creation_order() or
+                                  (isinstance(obj, h5py.Group) and plist.get_link_creation_order())):
+            return False
+    return all(isinstance(f.get(d.name, getlink=True), h5py.HardLink) and h5py.h5o.get_info(d.id).rc == 1
+               for d in layers)
 
 
 def _keep_only_layers(out: h5py.File) -> None:
