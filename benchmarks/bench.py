@@ -32,10 +32,16 @@ PRELUDE = """
 import json, sys, time, numpy as np, scipy.sparse as sp, loompy
 base, work, extra = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(7)
+import resource
+def helpers_peak():
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 def done(seconds):
-    # VmHWM: this process's own peak (ru_maxrss would carry over the parent's across exec)
+    # VmHWM: this process's own peak (ru_maxrss would carry over the parent's across exec); and the
+    # largest peak of the processes the operation started (combine's and permute's helpers), when
+    # above that of any started before it (imports run a few small ones)
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    print(json.dumps({"s": seconds, "rss_mb": hwm / 1024}))
+    helpers = helpers_peak()
+    print(json.dumps({"s": seconds, "rss_mb": hwm / 1024, "helpers_mb": helpers if helpers > before else 0}))
 """
 
 # name -> (setup, timed statement, needs a private copy of the base file)
@@ -83,7 +89,8 @@ def make_data(folder: Path, genes: int, cells: int, density: float) -> None:
 
 def run(python: str, env: dict, op: str, base: Path, work: Path, extra: Path) -> dict | None:
     setup, statement, _ = OPERATIONS[op]
-    body = PRELUDE + setup + "\nt = time.perf_counter()\n" + statement + "\ndone(time.perf_counter() - t)\n"
+    body = PRELUDE + setup + "\nbefore = helpers_peak()\nt = time.perf_counter()\n" + statement + \
+        "\ndone(time.perf_counter() - t)\n"
     proc = subprocess.run([python, "-c", textwrap.dedent(body), str(base), str(work), str(extra)],
                           capture_output=True, text=True, env=env, cwd="/")
     if proc.returncode != 0:
@@ -135,15 +142,16 @@ def main() -> None:
         cells = []
         for name in ("ours", "reference"):
             ok = [r for r in by_impl[name] if r and "s" in r]
-            cells.append((statistics.median(r["s"] for r in ok), max(r["rss_mb"] for r in ok)) if ok else None)
+            cells.append((statistics.median(r["s"] for r in ok), max(r["rss_mb"] for r in ok),
+                          max(r.get("helpers_mb", 0) for r in ok)) if ok else None)
         if cells[0] is None or cells[1] is None:
             errors = [r.get("error") for name in by_impl for r in by_impl[name] if r and "error" in r]
             print(f"| {op} | {'-' if cells[0] is None else f'{cells[0][0]:.3f}'} | "
                   f"{'-' if cells[1] is None else f'{cells[1][0]:.3f}'} | n/a ({(errors or ['?'])[0][:60]}) | | |")
             continue
         ratio = cells[1][0] / cells[0][0] if cells[0][0] > 0 else float("inf")
-        print(f"| {op} | {cells[0][0]:.3f} | {cells[1][0]:.3f} | {ratio:.1f}x | {cells[0][1]:.0f} "
-              f"| {cells[1][1]:.0f} |")
+        rss = [f"{c[1]:.0f}" + (f" (+{c[2]:.0f} per helper process)" if c[2] >= 1 else "") for c in cells]
+        print(f"| {op} | {cells[0][0]:.3f} | {cells[1][0]:.3f} | {ratio:.1f}x | {rss[0]} | {rss[1]} |")
 
 
 if __name__ == "__main__":
