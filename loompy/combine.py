@@ -97,13 +97,10 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         n = first.shape[0]
         sources = {name: [(c.layers[name]._dataset, order, sel) for c, order, sel in zip(conns, orders, cols)]
                    for name in names}
-        start_from = _byte_copy_source(first, sources, (n, total), dtypes)
-        with replacing(output_file, start_from=start_from) as out, contextlib.ExitStack() as jobs:
+        with replacing(output_file) as out, contextlib.ExitStack() as jobs:
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
             started = {"": _start_copies(sources[""], (n, total), dtypes[""], jobs)}
-            if start_from is not None:
-                _keep_only_layers(out)
             fmt.init_file(out)
             for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else []):
                 if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted and k not in globals_:
@@ -170,73 +167,6 @@ def _whole(source: _Source) -> bool:
     return order is None and len(sel) == dataset.shape[1]
 
 
-def _byte_copy_source(first: LoomConnection, sources: dict[str, list[_Source]], shape: tuple[int, int],
-                      dtypes: dict[str, np.dtype]) -> str | None:
-    """The first input's path when the output can start as a byte copy of that file (0.03 s for
-    106 MB here, against 0.36 s for HDF5 to copy its 98,000 chunks one by one), else None.
-
-    That is when every layer would start as HDF5's copy of the first input's anyway (see
-    :func:`_combine_layer`), no handle in this process has the file open for writing (its bytes
-    on disk may lag what HDF5 holds), the file is laid out just as a new one of ours would be
-    (:func:`_laid_out_as_new`), and its layers are nearly all of it: what the copy drops
-    (attributes and graphs, rewritten like any other input's, and space the file never reclaimed)
-    stays unused space in the output, so it must be small.
-    """
-    f = first._file
-    if f.mode != "r" or f.driver != "sec2" or f.userblock_size or set(f.keys()) - {fmt.MATRIX, *fmt.GROUPS}:
-        return None
-    if not all(_copies_first(sources[name], shape, dtypes[name]) for name in sources):
-        return None
-    layers = [source[0][0] for source in sources.values()]
-    if fmt.LAYERS in f and set(f[fmt.LAYERS].keys()) != set(sources) - {""} or not _laid_out_as_new(f, layers):
-        return None
-    kept_names, dropped = {d.name for d in layers}, [0]
-
-    def count_dropped(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and obj.name not in kept_names:
-            dropped[0] += obj.id.get_storage_size()
-
-    f.visititems(count_dropped)
-    kept = sum(d.id.get_storage_size() for d in layers)
-    chunk_index = 100 * sum(int(np.prod([-(-n // c) for n, c in zip(d.shape, d.chunks)])) for d in layers)
-    # (HDF5's chunk indexes take up to about 100 bytes a chunk; the rest of the file is what is dropped)
-    if dropped[0] > kept // 100 + (1 << 20) or \
-            os.path.getsize(f.filename) > kept + dropped[0] + chunk_index + (1 << 20):
-        return None
-    return f.filename
-
-
-def _laid_out_as_new(f: h5py.File, layers: list[h5py.Dataset]) -> bool:
-    """Whether a copy of the file is what a new file of ours would be: superblock version 0, HDF5's
-    default file creation settings (8-byte addresses, no paged space, ...), the root and layers
-    groups keeping no creation order, and each layer its own dataset, under one hard link."""
-    with open(f.filename, "rb") as raw:
-        head = raw.read(9)
-    if head[:8] != b"\x89HDF\r\n\x1a\n" or head[8] != 0:
-        return False
-    if not f.id.get_create_plist().equal(h5py.h5p.create(h5py.h5p.FILE_CREATE)):
-        return False
-    for obj in (f["/"], f.get(fmt.LAYERS), *layers):
-        plist = obj.id.get_create_plist() if obj is not None else None
-        if plist is not None and (plist.get_attr_creation_order() or
-                                  (isinstance(obj, h5py.Group) and plist.get_link_creation_order())):
-            return False
-    return all(isinstance(f.get(d.name, getlink=True), h5py.HardLink) and h5py.h5o.get_info(d.id).rc == 1
-               for d in layers)
-
-
-def _keep_only_layers(out: h5py.File) -> None:
-    """Strip a byte copy of the first input down to its layers' datasets, without their attributes
-    (everything else is written as for any output)."""
-    for name in list(out.keys()):
-        if name not in (fmt.MATRIX, fmt.LAYERS):
-            del out[name]
-    layers = out.get(fmt.LAYERS)
-    for obj in (out, out[fmt.MATRIX], *([layers, *layers.values()] if layers is not None else [])):
-        for key in list(obj.attrs.keys()):
-            del obj.attrs[key]
-
-
 def _copies_first(sources: list[_Source], shape: tuple[int, int], dtype: np.dtype) -> bool:
     """Whether a layer of the output starts as HDF5's copy of the first input's (see :func:`_combine_layer`)."""
     first = sources[0][0]
@@ -261,19 +191,17 @@ def _combine_layer(group: h5py.Group, name: str, sources: list[_Source], shape: 
 
     When the first input is taken whole and stored just as the output will be, the output starts
     as HDF5's own copy of it (H5Ocopy moves the stored chunks without inflating them: 0.28 s for
-    98,000 chunks, against 0.6 s one by one from Python), or is there already when the whole
-    output started as a byte copy of the first file (:func:`_byte_copy_source`); then widened.
+    98,000 chunks, against 0.6 s one by one from Python), then widened.
     """
     if not _copies_first(sources, shape, dtype):
         _concatenate_layer(fmt.create_matrix(group, name, shape, dtype), sources)
         return
     first = sources[0][0]
-    if name not in group:  # (else the output is a byte copy of the first input's file)
-        try:
-            group.copy(first, name, without_attrs=True)
-        except (OSError, RuntimeError) as error:  # HDF5 read what it could not copy
-            raise LoomFileError(f"{first.file.filename}: {first.name} cannot be copied; the file is damaged "
-                                f"({error})") from error
+    try:
+        group.copy(first, name, without_attrs=True)
+    except (OSError, RuntimeError) as error:  # HDF5 read what it could not copy
+        raise LoomFileError(f"{first.file.filename}: {first.name} cannot be copied; the file is damaged "
+                            f"({error})") from error
     dst = group[name]
     engine.resize(dst, shape[1], axis=1)
     fmt.touch(dst)
