@@ -97,10 +97,10 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         n = first.shape[0]
         sources = {name: [(c.layers[name]._dataset, order, sel) for c, order, sel in zip(conns, orders, cols)]
                    for name in names}
-        with replacing(output_file) as out, contextlib.ExitStack() as jobs:
+        with replacing(output_file) as out, contextlib.ExitStack() as job:
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
-            started = {"": _start_copies(sources[""], (n, total), dtypes[""], jobs)}
+            started = _start_copies(sources[""], (n, total), dtypes[""], job)
             fmt.init_file(out)
             for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else []):
                 if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted and k not in globals_:
@@ -113,10 +113,13 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                 fmt.write_values(out[fmt.COL_ATTRS], k, v, resizable=True, where=f"column attribute '{k}'")
             for g in first.row_graphs.keys():
                 write_graph(out, fmt.GRAPH_GROUPS[0], g, first.row_graphs[g])
+            _combine_layer(out, fmt.MATRIX, sources[""], (n, total), dtypes[""], started)
+            job.close()  # (its children are done)
             for name, dtype in dtypes.items():
-                group = out if name == "" else out[fmt.LAYERS]
-                begun = started[name] if name in started else _start_copies(sources[name], (n, total), dtype, jobs)
-                _combine_layer(group, fmt.MATRIX if name == "" else name, sources[name], (n, total), dtype, begun)
+                if name != "":
+                    with contextlib.ExitStack() as layer_job:
+                        _combine_layer(out[fmt.LAYERS], name, sources[name], (n, total), dtype,
+                                       _start_copies(sources[name], (n, total), dtype, layer_job))
     finally:
         for c in conns:
             c.close()
@@ -364,7 +367,9 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
         attr_group = fmt.ATTR_GROUPS[axis]
         graph_group = fmt.graph_group_name(f, axis)
         _copy_extras(f, out, skip=[attr_group, graph_group, fmt.MATRIX, fmt.LAYERS])
-        out.require_group(fmt.LAYERS)
+        layers = out.require_group(fmt.LAYERS)
+        if fmt.LAYERS in f:  # what else the layers group holds (not layers: nothing to reorder), as it is
+            _copy_extras(f[fmt.LAYERS], layers, skip=list(layers.keys()))
         dst_attrs = out.require_group(attr_group)
         for key, value in f[attr_group].attrs.items() if attr_group in f else []:
             dst_attrs.attrs[key] = value

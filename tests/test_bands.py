@@ -21,7 +21,7 @@ import loompy
 from loompy import engine
 
 processes = importlib.import_module("loompy.engine.processes")
-RNG = np.random.default_rng(5)
+bands = importlib.import_module("loompy.engine.bands")
 
 
 @pytest.fixture
@@ -39,8 +39,9 @@ def children(monkeypatch):
     return started
 
 
-def _source(path, shape=(300, 1000), dtype=np.float32, fill=0):
-    m = ((RNG.random(shape) < 0.2) * RNG.integers(1, 50, size=shape)).astype(dtype)
+def _source(path, shape=(300, 1000), dtype=np.float32, fill=0, seed=5):
+    rng = np.random.default_rng(seed)
+    m = ((rng.random(shape) < 0.2) * rng.integers(1, 50, size=shape)).astype(dtype)
     m[:, 128:256] = 0  # two chunk columns never stored: they read as the fill value
     with h5py.File(path, "w") as f:
         d = f.create_dataset("src", shape=shape, dtype=dtype, chunks=(64, 64), compression="gzip",
@@ -104,14 +105,17 @@ def test_bands_a_child_cannot_give_are_encoded_here(tmp_path, children, monkeypa
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
 
 
-def test_a_damaged_chunk_found_by_a_child_names_the_source(tmp_path, children):
+def test_a_damaged_chunk_found_by_a_child_names_the_source(tmp_path, children, monkeypatch):
+    """The child's report is the error (this process does not read the chunk again itself)."""
     path = tmp_path / "s.h5"
     _source(path)
     with h5py.File(path, "r+") as f:
         f["src"].id.write_direct_chunk((128, 512), b"\x78\x9c not deflate at all")
-    with pytest.raises(loompy.LoomFileError, match=r"s\.h5: /src: .*damaged"):
+    here, encode = [], processes.BandEncoder.encode
+    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+    with pytest.raises(loompy.LoomFileError, match=r"s\.h5: /src: a stored chunk does not inflate.*damaged"):
         _copy(path, 10, 1010)
-    assert len(children) == 2 and all(c.returncode is not None for c in children)
+    assert len(children) == 2 and all(c.returncode is not None for c in children) and here == []
 
 
 def test_children_are_ended_when_storing_fails(tmp_path, children, monkeypatch):
@@ -128,7 +132,8 @@ def test_children_are_ended_when_storing_fails(tmp_path, children, monkeypatch):
 
 
 def test_combine_through_children_equals_numpy(tmp_path, children):
-    mats = [((RNG.random((200, k)) < 0.3) * RNG.integers(1, 9, size=(200, k))).astype(np.float32)
+    rng = np.random.default_rng(11)
+    mats = [((rng.random((200, k)) < 0.3) * rng.integers(1, 9, size=(200, k))).astype(np.float32)
             for k in (100, 333, 70)]
     paths = []
     for i, m in enumerate(mats):
@@ -190,7 +195,7 @@ def test_reordered_columns_through_children_equal_numpy(tmp_path, children, widt
     chunk column stays zero; unstored source chunks read as their fill value."""
     path = tmp_path / "s.h5"
     expected = _source(path, shape=(300, width), fill=fill)
-    order = RNG.permutation(width)
+    order = np.random.default_rng(12).permutation(width)
     with h5py.File(path, "r+") as f:
         dst = f.create_dataset("dst", shape=(300, width), dtype="f8", chunks=(64, 64), compression="gzip",
                                compression_opts=2, fillvalue=0)
@@ -203,10 +208,11 @@ def test_reordered_columns_through_children_equal_numpy(tmp_path, children, widt
 
 
 def test_permute_through_children_equals_numpy(tmp_path, children):
-    m = ((RNG.random((130, 500)) < 0.3) * RNG.integers(1, 9, size=(130, 500))).astype(np.float32)
+    rng = np.random.default_rng(13)
+    m = ((rng.random((130, 500)) < 0.3) * rng.integers(1, 9, size=(130, 500))).astype(np.float32)
     path = tmp_path / "p.loom"
     loompy.create(path, m, {"Gene": [f"g{j}" for j in range(130)]}, {"CellID": [f"c{j}" for j in range(500)]}).close()
-    order = RNG.permutation(500)
+    order = rng.permutation(500)
     with loompy.connect(path) as ds:
         ds.permute(order, axis=1)
     assert children
@@ -226,7 +232,7 @@ def test_children_refuse_a_file_that_is_not_the_one_listed(tmp_path, children, m
                         lambda job, plan, fd, name, file_id: begin(job, plan, fd, name, (0, 0)))
     monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
     (a, b), got = _copy(path, 10, 1010)
-    assert len(children) == 2 and sorted(here) == list(range(5))  # 300 rows: 5 bands, all done here
+    assert len(children) == 2 and sorted(here) == list(range(5))  # 300 rows: 5 parts, all done here
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
 
 
@@ -287,3 +293,48 @@ def test_the_frames_of_children_that_are_done_are_used(tmp_path, children, monke
     (a, b), got = _copy(path, 10, 410)
     assert len(children) == 2 and here == []
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+def test_the_parts_of_one_failing_child_are_done_here(tmp_path, children, monkeypatch):
+    path = tmp_path / "s.h5"
+    expected = _source(path, shape=(640, 1000))  # 10 bands: child 0 has 0-3 and 8-9, child 1 has 4-7
+    monkeypatch.setattr(processes, "_BOOT", "import sys\nif sys.argv[2] == '1': sys.exit(3)\n" + processes._BOOT)
+    here, encode = [], processes.BandEncoder.encode
+    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+    (a, b), got = _copy(path, 10, 1010)
+    assert sorted(here) == [4, 5, 6, 7]
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+@pytest.mark.parametrize("piece", [1, 3, 16])
+def test_wide_bands_are_encoded_in_parts(tmp_path, children, monkeypatch, piece):
+    """combine's bands go in parts of at most ``piece_tiles`` tiles (memory independent of the width),
+    in children and on threads alike; the last part of each band is the narrower one."""
+    path = tmp_path / "s.h5"
+    expected = _source(path, shape=(200, 1000))
+    monkeypatch.setattr(bands.BandPlan, "piece_tiles", piece)
+    for min_tiles in (0, 10 ** 12):  # children, then threads
+        monkeypatch.setattr(processes, "MIN_TILES", min_tiles)
+        (a, b), got = _copy(path, 40, 1040)
+        np.testing.assert_array_equal(got[:, a:b], expected[:, a - 40:b - 40])
+        assert not got[:, :a].any()
+
+
+def test_a_child_that_sends_nothing_is_not_waited_for_forever(tmp_path, children, monkeypatch):
+    path = tmp_path / "s.h5"
+    expected = _source(path)
+    monkeypatch.setattr(processes, "_BOOT", "import time; time.sleep(30)\n# {path} {package} {engine}")
+    monkeypatch.setattr(processes, "PATIENCE", 0.5)
+    began = time.monotonic()
+    (a, b), got = _copy(path, 10, 1010)
+    assert time.monotonic() - began < 10 and len(children) == 2
+    assert all(c.returncode is not None for c in children)  # ended, not left sleeping
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+@pytest.mark.parametrize("executable", ["/usr/local/bin/uwsgi", "", "/opt/app/bin/myapp"])
+def test_no_children_where_sys_executable_is_not_a_python(monkeypatch, executable):
+    monkeypatch.setattr(sys, "executable", executable)
+    assert not processes._can_start_children()
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3.11")
+    assert processes._can_start_children() == (os.name == "posix" and processes._cores() > 1)

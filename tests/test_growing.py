@@ -635,6 +635,21 @@ def test_combine_reads_a_first_file_open_for_writing_through_hdf5(tmp_path):
         assert ds[0, 0] == 42.0 and ds.shape == (150, 200)
 
 
+def test_permute_keeps_what_else_the_layers_group_holds(tmp_path):
+    """Objects in the layers group that are not layers (a subgroup, an attribute) are kept as they are."""
+    m = np.arange(40, dtype=np.float32).reshape(4, 10)
+    path = make(tmp_path / "p.loom", m)
+    with h5py.File(path, "r+") as f:
+        f["layers"].create_group("sub")["x"] = np.arange(3)
+        f["layers"].attrs["note"] = "kept"
+    with loompy.connect(path) as ds:
+        assert ds.layers.keys() == ["", "x"]
+        ds.permute(np.arange(10)[::-1], axis=1)
+        np.testing.assert_array_equal(ds[:, :], m[:, ::-1])
+    with h5py.File(path, "r") as f:
+        assert list(f["layers/sub/x"][:]) == [0, 1, 2] and f["layers"].attrs["note"] == "kept"
+
+
 def test_create_append(tmp_path):
     path = tmp_path / "ca.loom"
     m = np.ones((3, 2), np.float32)

@@ -1,11 +1,12 @@
 """Re-encoding a matrix a chunk row (a *band*) at a time: the CPU-bound core of combine, where an
-input lands at an offset that does not line up with the output's chunks.
+input lands at an offset that does not line up with the output's chunks, and of permutes of columns.
 
 For each band of the output, the source's chunks under it are read by byte offset, inflated, cut
-into the output's chunks (moved along by the offset) and deflated again: about 23 us of CPU per
-chunk (deflate 13, inflate 6) in half a dozen short calls. On two cores, two threads doing it
-took longer than one here (every call hands the GIL over), so :mod:`.processes` runs bands in
-child interpreters, and on this process's threads only when those cannot start.
+into the output's chunks (moved along by the offset, or gathered in a new column order) and
+deflated again: 22-26 us of CPU per chunk (deflate 13, inflate 6) in half a dozen short calls. On
+two cores, two threads doing it took longer than one here (every call hands the GIL over), so
+:mod:`.processes` runs bands in child interpreters, and on this process's threads only when
+those cannot start.
 
 This module is what the children run. It imports numpy and :mod:`.codecs` only, never h5py or the
 rest of loompy: a child starts in 0.07 s instead of 0.25 s.
@@ -25,8 +26,11 @@ import numpy as np
 
 from . import codecs
 
-BLOCK = 4  # bands a child takes in a row before the next child's turn
-# frames a child writes: (band, kind, count, second count) then the kind's payload
+BLOCK = 4  # parts a child takes in a row before the next child's turn
+PIECE_TILES = 1024  # a band of combine is encoded in parts of at most this many tiles (16 MB of 64 x 64
+# float32), so that wide matrices need no more memory; permute's parts are whole bands (any tile may
+# need any of the band's source chunks)
+# frames a child writes: (part, kind, count, second count) then the kind's payload
 FRAME = struct.Struct("<qqqq")
 DATA, DAMAGED, FAILED = range(3)
 
@@ -35,10 +39,10 @@ DATA, DAMAGED, FAILED = range(3)
 class BandPlan:
     """Everything needed to encode bands: the source's chunks and where its columns go.
 
-    The output's ``width`` columns from ``start`` (a chunk boundary of the output) hold the source's
-    columns from ``source_start`` (combine), or with ``order`` its columns ``order[k]`` (permute);
-    both matrices have chunks of ``chunks`` and ``rows`` rows. Tiles past the last row or the last
-    of those columns are zero-padded.
+    The ``width`` columns a band's tiles cover (from a chunk boundary of the output) hold the
+    source's columns from ``source_start`` (combine), or with ``order`` its columns ``order[k]``
+    (permute); both matrices have chunks of ``chunks`` and ``rows`` rows. Tiles past the last row
+    or the last of those columns are zero-padded.
     """
 
     chunks: tuple[int, int]
@@ -49,18 +53,18 @@ class BandPlan:
     level: int | None  # the output's deflate level, None when stored raw
     source_fill: float | int
     target_fill: float | int
-    start: int
     source_start: int
     width: int
     offset: np.ndarray  # the source's chunk index, by (chunk row, chunk column); offset -1: never written
     size: np.ndarray
     mask: np.ndarray
     order: np.ndarray | None = None
+    piece_tiles: int = PIECE_TILES
     _fill: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:
         h, w = self.chunks
-        self._fill = np.full((h, w), self.source_fill, dtype=self.source_dtype).tobytes()
+        self._fill = np.full((h, w), self.source_fill, dtype=self.source_dtype).tobytes()  # a chunk never written
 
     @property
     def bands(self) -> int:
@@ -70,10 +74,26 @@ class BandPlan:
     def tiles_per_band(self) -> int:
         return -(-self.width // self.chunks[1])
 
+    @property
+    def piece(self) -> int:
+        """Tiles per part (the last part of a band may have fewer)."""
+        return self.tiles_per_band if self.order is not None else max(1, min(self.piece_tiles, self.tiles_per_band))
+
+    @property
+    def parts(self) -> int:
+        """Units of work: every band, cut into parts of :attr:`piece` tiles."""
+        return self.bands * -(-self.tiles_per_band // self.piece)
+
+    def part(self, number: int) -> tuple[int, int, int]:
+        """(band, first tile, end tile) of part ``number``; parts go band by band, left to right."""
+        per_band = -(-self.tiles_per_band // self.piece)
+        band, k = divmod(number, per_band)
+        return band, k * self.piece, min((k + 1) * self.piece, self.tiles_per_band)
+
     # the plan crosses to a child as a JSON header followed by its arrays' bytes
     def to_bytes(self) -> bytes:
         header = {k: getattr(self, k) for k in ("chunks", "rows", "source_dtype", "target_dtype", "compressed",
-                                                "level", "start", "source_start", "width")}
+                                                "level", "source_start", "width", "piece_tiles")}
         header.update(source_fill=np.asarray(self.source_fill).item(), target_fill=np.asarray(self.target_fill).item())
         header["grid"] = list(self.offset.shape)
         header["ordered"] = self.order is not None
@@ -96,22 +116,21 @@ class BandPlan:
 
 
 class BandEncoder:
-    """Encodes bands of a plan, reading the source through ``fd``; one per thread (it keeps buffers)."""
+    """Encodes parts of a plan's bands, reading the source through ``fd``; one per thread (it keeps
+    buffers the size of a part)."""
 
     def __init__(self, plan: BandPlan, fd: int):
         self.plan, self.fd = plan, fd
         h, w = plan.chunks
-        count = plan.tiles_per_band
         self.nbytes = h * w * np.dtype(plan.source_dtype).itemsize
-        self.tiles = np.empty((count, h, w), dtype=plan.target_dtype)
-        if plan.order is None:  # the source chunk columns under the band's tiles, and one more
-            first = plan.source_start // w
-            self.chunk_cols: slice | np.ndarray = slice(first, min(first + count + 1, plan.offset.shape[1]))
-            self.row = np.empty((count + 1, h, w), dtype=plan.source_dtype)
+        self.tiles = np.empty((plan.piece, h, w), dtype=plan.target_dtype)
+        if plan.order is None:  # the source chunks under a part's tiles, and one more
+            self.row = np.empty((plan.piece + 1, h, w), dtype=plan.source_dtype)
             return
         # permute: every source chunk column a tile needs, then one of zeros for the padding
+        count = plan.tiles_per_band
         needed = np.unique(plan.order // w)
-        self.chunk_cols = needed
+        self.needed = needed
         where = np.zeros(plan.offset.shape[1], dtype=np.int64)
         where[needed] = np.arange(needed.size)
         self.local = np.full(count * w, needed.size * w, dtype=np.int64)  # columns of the joined chunks
@@ -120,51 +139,50 @@ class BandEncoder:
         self.joined = np.empty((h, self.row.shape[0] * w), dtype=plan.source_dtype)
         self.gathered = np.empty((h, count * w), dtype=plan.source_dtype)
 
-    def _inflate(self, band: int) -> None:
-        """The source chunks of chunk row ``band`` a band needs into ``self.row`` (zeros after them)."""
+    def _inflate(self, band: int, chunk_cols: slice | np.ndarray) -> None:
+        """The source chunks of chunk row ``band`` at ``chunk_cols`` into ``self.row`` (zeros after them)."""
         plan, size = self.plan, self.nbytes
         into = memoryview(self.row.reshape(-1).view(np.uint8))
-        offsets, sizes, masks = (a[band, self.chunk_cols].tolist() for a in (plan.offset, plan.size, plan.mask))
+        offsets, sizes, masks = (a[band, chunk_cols].tolist() for a in (plan.offset, plan.size, plan.mask))
         for k, (o, s, m) in enumerate(zip(offsets, sizes, masks)):
             if o < 0:
                 into[k * size:(k + 1) * size] = plan._fill
             else:
-                data = os.pread(self.fd, s, o)
-                if len(data) != s:
-                    raise codecs.DamagedChunk(f"the chunk at byte {o} is cut short (is the file truncated?)")
+                data = codecs.read_stored(self.fd, o, s)
                 into[k * size:(k + 1) * size] = codecs.decompress(data, size, plan.compressed and not (m & 1))
         self.row[len(offsets):] = 0
 
-    def encode(self, band: int) -> tuple[list[int], list[bytes], list[int]]:
-        """Band ``band`` as (tile numbers stored, their bytes, tile numbers left all-zero)."""
-        plan, tiles = self.plan, self.tiles
+    def encode(self, part: int) -> tuple[list[int], list[bytes], list[int]]:
+        """Part ``part`` as (tile numbers in its band stored, their bytes, tile numbers left all-zero)."""
+        plan = self.plan
         h, w = plan.chunks
-        count = tiles.shape[0]
-        self._inflate(band)
+        band, start, stop = plan.part(part)
+        count = stop - start
+        tiles = self.tiles[:count]
         if plan.order is None:  # each tile from two neighbouring source chunks
-            shift = plan.source_start % w
+            first, shift = divmod(plan.source_start + start * w, w)
+            self._inflate(band, slice(first, min(first + count + 1, plan.offset.shape[1])))
             tiles[:, :, :w - shift] = self.row[:count, :, shift:]
             tiles[:, :, w - shift:] = self.row[1:count + 1, :, :shift]
         else:  # rows of the joined chunks gathered (in the cache: 80 KB a row here), then cut into tiles
+            self._inflate(band, self.needed)
             self.joined.reshape(h, -1, w)[...] = self.row.transpose(1, 0, 2)
             np.take(self.joined, self.local, axis=1, out=self.gathered, mode="clip")
             tiles[...] = self.gathered.reshape(h, count, w).transpose(1, 0, 2)
         tiles[:, plan.rows - band * h:] = 0  # padding: below the last row, right of the last column
-        tiles[count - 1, :, plan.width - (count - 1) * w:] = 0
-        if not codecs.zero_bits(plan.target_fill, plan.target_dtype):
-            keep = np.ones(count, dtype=bool)
-        else:
-            keep = tiles.view(f"u{tiles.dtype.itemsize}").reshape(count, -1).any(axis=1)
-        stored = np.flatnonzero(keep).tolist()
-        payloads = [codecs.compress(tiles[k], plan.level) for k in stored]
-        return stored, payloads, np.flatnonzero(~keep).tolist()
+        if stop == plan.tiles_per_band:
+            tiles[count - 1, :, plan.width - (plan.tiles_per_band - 1) * w:] = 0
+        keep = codecs.tiles_to_store(tiles, plan.target_fill)
+        payloads = [codecs.compress(tiles[k], plan.level) for k in np.flatnonzero(keep).tolist()]
+        return (start + np.flatnonzero(keep)).tolist(), payloads, (start + np.flatnonzero(~keep)).tolist()
 
 
 def child_main() -> None:
-    """A child's whole life: wait for stdin to close, read its orders (the file to read, checked
-    against its identity) and the plan from the shared file named on its command line, then write
-    one frame per band of its own (every ``count``-th block of ``BLOCK``) to stdout, in order
-    (see :mod:`.processes`)."""
+    """A child's whole life. Its command line gives the descriptor of the file it shares with its
+    parent and the other children, its number and how many there are. Once stdin closes, that file
+    holds its orders (the source's path and identity, how far ahead it may run) and the plan; it
+    encodes its parts (every ``count``-th block of ``BLOCK``) and writes one frame for each to
+    stdout, in order (see :mod:`.processes`)."""
     shared, me, count = (int(a) for a in sys.argv[1:4])
     sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
     # (the descriptor's offset is shared with the parent and the other child: read at fixed places)
@@ -191,21 +209,21 @@ def child_main() -> None:
     info = os.fstat(fd)
     same = [info.st_dev, info.st_ino] == orders["file"]
     encoder = BandEncoder(plan, fd)
-    for band in (b for b in range(plan.bands) if b // BLOCK % count == me):
+    for part in (p for p in range(plan.parts) if p // BLOCK % count == me):
         try:
             if not same:  # replaced on disk since the parent listed its chunks: the parent reads it itself
                 raise OSError(f"{orders['source']} is no longer the file being read")
-            stored, payloads, empty = encoder.encode(band)
+            stored, payloads, empty = encoder.encode(part)
         except codecs.DamagedChunk as error:
             message = str(error).encode()
-            frames.put(FRAME.pack(band, DAMAGED, len(message), 0) + message)
+            frames.put(FRAME.pack(part, DAMAGED, len(message), 0) + message)
             break
-        except Exception as error:  # anything else: the parent encodes the band itself
+        except Exception as error:  # anything else: the parent encodes the part itself
             message = f"{type(error).__name__}: {error}".encode()
-            frames.put(FRAME.pack(band, FAILED, len(message), 0) + message)
+            frames.put(FRAME.pack(part, FAILED, len(message), 0) + message)
             break
         lengths = [len(p) for p in payloads]
-        frames.put(b"".join([FRAME.pack(band, DATA, len(stored), len(empty)),
+        frames.put(b"".join([FRAME.pack(part, DATA, len(stored), len(empty)),
                              np.array(stored + lengths + empty, dtype=np.int64).tobytes(), *payloads]))
     frames.put(None)
     writer.join()

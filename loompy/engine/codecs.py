@@ -7,6 +7,7 @@ ones it can decode itself, and falls back to h5py for anything else (shuffle, ot
 
 from __future__ import annotations
 
+import os
 import zlib
 
 import numpy as np
@@ -51,6 +52,23 @@ def zero_bits(value: float | int, dtype: np.dtype | str) -> bool:
     """Whether ``value`` as ``dtype`` is all zero bits: only then may an all-zero chunk stay
     unwritten (a fill value of -0.0 equals 0 but would read back with its sign)."""
     return not np.array([value], dtype=dtype).view(np.uint8).any()
+
+
+def tiles_to_store(tiles: np.ndarray, fill: float | int) -> np.ndarray:
+    """Which of ``tiles`` (whole chunks along the last two axes) must be stored: those with any
+    non-zero bit (-0.0 counts), or all of them when the fill value is not all zero bits (an
+    unwritten chunk reads as the fill value)."""
+    if not zero_bits(fill, tiles.dtype):
+        return np.ones(tiles.shape[:-2], dtype=bool)
+    return tiles.view(f"u{tiles.dtype.itemsize}").any(axis=(-2, -1))
+
+
+def read_stored(fd: int, offset: int, size: int) -> bytes:
+    """The ``size`` stored bytes of a chunk at byte ``offset`` of the file open as ``fd``."""
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise DamagedChunk(f"the chunk at byte {offset} is cut short (is the file truncated?)")
+    return data
 
 
 def compress(chunk: np.ndarray | memoryview, level: int | None) -> bytes:

@@ -1,19 +1,21 @@
 """Encoding bands (see :mod:`.bands`) in child processes, storing them here in order.
 
-The children are fresh interpreters (``sys.executable``) that load :mod:`.bands` and
-:mod:`.codecs` from this package's folder without running ``loompy/__init__.py`` (no h5py, and
-never the user's ``__main__``, as multiprocessing's spawned workers would). They are started
-before the source's chunks are even listed (they import numpy meanwhile) and wait for their stdin
-to close: then a temporary file they share holds their orders (which file to read: they check it
-is the one listed) and the plan. Which bands are theirs (every other block of ``BLOCK``) the
-number on their command line says. This process reads their frames in band order and stores the
+The children are fresh interpreters (``sys.executable``, when it is a Python) that load
+:mod:`.bands` and :mod:`.codecs` from this package's folder without running
+``loompy/__init__.py`` (no h5py, and never the user's ``__main__``, as multiprocessing's spawned
+workers would). They are started before the source's chunks are listed and wait for their stdin
+to close; then a temporary file they share holds their orders (which file to read: they check it
+is the one listed) and the plan, and their command line says which parts are theirs (every
+``len(children)``-th block of ``BLOCK``). This process reads their frames in order and stores the
 chunks. Children encode as soon as they have their orders, so a caller can start a job before
-other long work (combine: before HDF5 copies its first input). Nothing is ever written to a
-child's pipe: a child that died would raise SIGPIPE, which kills programs that do not ignore it.
+other long work (combine: before it writes attributes and HDF5 copies its first input). Nothing
+is ever written to a child's pipe: a child that died would raise SIGPIPE, which kills programs that
+do not ignore it.
 
 Nothing here is needed for correctness: when children cannot be started (no ``pread``, a frozen
-or embedded interpreter, too few cores) the same bands are encoded on this process's threads, and
-a child that fails leaves its bands to this process. A chunk a child finds damaged raises
+interpreter or one that is not Python, one core, fewer than ``MIN_TILES`` chunks) the same parts
+are encoded on this process's threads, and a part a child cannot give (it failed, or sent nothing
+for ``PATIENCE`` seconds) is encoded here. A chunk a child finds damaged raises
 :class:`~.codecs.DamagedChunk` here, as it would on a thread.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import select
 import struct
 import subprocess
 import sys
@@ -37,7 +40,8 @@ from .workers import THREADS, run_in_order
 
 MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
 # about 0.1 s of CPU each, the re-encoding about 25 us per chunk
-AHEAD_FRAMES = 32  # finished bands a child may hold for this process (a few MB)
+AHEAD_BYTES = 64 << 20  # a child may run ahead of this process by this much raw data (2 to 32 parts)
+PATIENCE = 120.0  # seconds this process waits for a child's next bytes before it does the part itself
 
 Store = Callable[[int, list, list, list], None]  # (band, tile numbers, their bytes, all-zero tile numbers)
 
@@ -58,23 +62,26 @@ def _cores() -> int:
 
 
 def _can_start_children() -> bool:
-    return (os.name == "posix" and hasattr(os, "pread") and bool(sys.executable)
+    """Whether children can run here: a POSIX system, more than one core, and ``sys.executable``
+    a Python (not a frozen program, nor a host that embeds one, such as uWSGI)."""
+    name = os.path.basename(sys.executable or "").lower()
+    return (os.name == "posix" and hasattr(os, "pread") and name.startswith(("python", "pypy"))
             and not getattr(sys, "frozen", False) and THREADS > 1 and _cores() > 1)
 
 
 class BandJob:
-    """Bands being encoded, by children when there are at least ``tiles`` (``MIN_TILES``) to do.
+    """The parts of a plan being encoded, by children when there are at least ``MIN_TILES`` tiles.
 
-    Children start at once; :meth:`begin` gives them the plan, :meth:`store_all` hands each band
-    to a store function in order, and :meth:`close` (or leaving the ``with`` block) ends any
-    still running.
+    Children start when the job is made; :meth:`begin` gives them the plan, :meth:`store_all`
+    hands every part to a store function in order, and :meth:`close` (or leaving the ``with``
+    block) ends any still running.
     """
 
     def __init__(self, tiles: int):
         self.plan: BandPlan | None = None
         self.fd = -1
         self.children: list[subprocess.Popen | None] = []
-        self.shared = None  # the temporary file the plan goes into
+        self.shared = None  # the temporary file the orders and plan go into
         if tiles >= MIN_TILES and _can_start_children():
             self._start_children()
 
@@ -84,8 +91,9 @@ class BandJob:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def owner(self, band: int) -> int:
-        return band // BLOCK % max(1, len(self.children))
+    def owner(self, part: int) -> int:
+        """Which child encodes part ``part``."""
+        return part // BLOCK % max(1, len(self.children))
 
     def _start_children(self) -> None:
         engine_folder = os.path.dirname(os.path.abspath(__file__))
@@ -98,17 +106,19 @@ class BandJob:
                 self.children.append(subprocess.Popen(
                     [sys.executable, "-I", "-c", boot, str(self.shared.fileno()), str(k), str(count)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                    pass_fds=(self.shared.fileno(),)))
+                    pass_fds=(self.shared.fileno(),), bufsize=0))
         except (OSError, ValueError):  # no children here: threads do it all
             self.close()
 
     def begin(self, plan: BandPlan, fd: int, path: str, file_id: tuple[int, int]) -> None:
-        """Encode ``plan``'s bands, reading the source through ``fd`` here and by ``path`` (which must
+        """Encode ``plan``'s parts, reading the source through ``fd`` here and by ``path`` (which must
         still be the file ``file_id`` names) in the children."""
         self.plan, self.fd = plan, fd
         if not self.children:
             return
-        orders = json.dumps({"source": path, "file": list(file_id), "ahead": AHEAD_FRAMES}).encode()
+        part_bytes = plan.piece * plan.chunks[0] * plan.chunks[1] * np.dtype(plan.target_dtype).itemsize
+        ahead = max(2, min(32, AHEAD_BYTES // part_bytes))
+        orders = json.dumps({"source": path, "file": list(file_id), "ahead": ahead}).encode()
         try:
             self.shared.write(struct.pack("<q", len(orders)) + orders + plan.to_bytes())
             self.shared.flush()
@@ -118,31 +128,33 @@ class BandJob:
         for child in self.children:  # closing (never writing: a dead child would raise SIGPIPE) says go
             child.stdin.close()
 
-    def _frame(self, band: int) -> tuple | None:
-        """Band ``band``'s result from its child, or None when the child cannot give it."""
-        k = self.owner(band)
+    def _frame(self, part: int) -> tuple | None:
+        """Part ``part``'s result from its child, or None when the child cannot give it."""
+        k = self.owner(part)
         child = self.children[k]
         if child is None:
             return None
-        stream = child.stdout
+        fd = child.stdout.fileno()
         try:
-            got, kind, count, empty = FRAME.unpack(_read(stream, FRAME.size))
+            got, kind, count, empty = FRAME.unpack(_read(fd, FRAME.size))
             if kind == DAMAGED:
-                message = _read(stream, count).decode(errors="replace")
-            elif kind != DATA or got != band or count + empty != self.plan.tiles_per_band:
-                raise EOFError(f"band {got} of kind {kind} with {count} + {empty} tiles where band {band} was due")
-            numbers = np.frombuffer(_read(stream, 8 * (2 * count + empty)), dtype=np.int64)
-            stored, lengths, zeros = numbers[:count].tolist(), numbers[count:2 * count].tolist(), numbers[2 * count:]
-            blob = memoryview(_read(stream, sum(lengths)))
-            bounds = np.cumsum([0, *lengths]).tolist()
-            return stored, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], zeros.tolist()
+                message = _read(fd, count).decode(errors="replace")
+            else:
+                _, start, stop = self.plan.part(part)
+                if kind != DATA or got != part or count + empty != stop - start:
+                    raise EOFError(f"part {got} of kind {kind} with {count} + {empty} tiles where {part} was due")
+                numbers = np.frombuffer(_read(fd, 8 * (2 * count + empty)), dtype=np.int64)
+                stored, lengths = numbers[:count].tolist(), numbers[count:2 * count].tolist()
+                blob = memoryview(_read(fd, sum(lengths)))
+                bounds = np.cumsum([0, *lengths]).tolist()
+                return stored, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], numbers[2 * count:].tolist()
         except (EOFError, OSError, ValueError, struct.error):  # the child failed: this process takes over
             self._end(k)
             return None
         raise codecs.DamagedChunk(message)
 
     def store_all(self, store: Store) -> None:
-        """Hand every band to ``store``, in order."""
+        """Hand every part to ``store`` as (band, tile numbers, their bytes, all-zero tile numbers), in order."""
         plan, fd = self.plan, self.fd
         for k, child in enumerate(self.children):
             if child is not None and child.poll() not in (None, 0):  # failed already (could not start, say;
@@ -150,21 +162,21 @@ class BandJob:
         if not any(self.children):
             mine = threading.local()  # each thread's encoder (it keeps buffers)
 
-            def encode(band: int) -> tuple:
+            def encode(part: int) -> tuple:
                 if not hasattr(mine, "encoder"):
                     mine.encoder = BandEncoder(plan, fd)
-                return (band, *mine.encoder.encode(band))
+                return (plan.part(part)[0], *mine.encoder.encode(part))
 
-            tasks = [functools.partial(encode, b) for b in range(plan.bands)]
+            tasks = [functools.partial(encode, p) for p in range(plan.parts)]
             run_in_order(tasks, lambda result: store(*result), 2 * THREADS)
             return
         local = None
-        for band in range(plan.bands):
-            result = self._frame(band)
+        for part in range(plan.parts):
+            result = self._frame(part)
             if result is None:
                 local = local or BandEncoder(plan, fd)
-                result = local.encode(band)
-            store(band, *result)
+                result = local.encode(part)
+            store(plan.part(part)[0], *result)
 
     def _end(self, k: int) -> None:
         child, self.children[k] = self.children[k], None
@@ -185,8 +197,15 @@ class BandJob:
             self.shared = None
 
 
-def _read(stream, n: int) -> bytes:
-    data = stream.read(n)
-    if len(data) != n:
-        raise EOFError(f"a helper process ended early ({len(data)} of {n} bytes)")
-    return data
+def _read(fd: int, n: int) -> bytes:
+    """``n`` bytes from a child's pipe; EOFError when it ends first or sends nothing for ``PATIENCE`` s."""
+    parts, left = [], n
+    while left:
+        if not select.select([fd], [], [], PATIENCE)[0]:
+            raise EOFError(f"a helper process sent nothing for {PATIENCE:.0f} s")
+        data = os.read(fd, min(left, 1 << 20))
+        if not data:
+            raise EOFError(f"a helper process ended early ({n - left} of {n} bytes)")
+        parts.append(data)
+        left -= len(data)
+    return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -178,10 +178,7 @@ class ChunkIndex:
 
     @staticmethod
     def read(fd: int, offset: int, size: int) -> bytes:
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise codecs.DamagedChunk(f"the chunk at byte {offset} is cut short (is the file truncated?)")
-        return data
+        return codecs.read_stored(fd, offset, size)
 
 
 def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:

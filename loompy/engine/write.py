@@ -264,10 +264,8 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
             gathered = np.take(rows, columns, axis=1, mode="wrap",
                                out=scratch.get("gathered", (rows.shape[0], m), rows.dtype))
             _dense_tiles(gathered.astype(layout.dtype, copy=False), h, w, tiles[k])
-    if keep is None:
-        keep = tiles.view(f"u{layout.dtype.itemsize}").any(axis=(2, 3))
-    if not codecs.zero_bits(layout.fill, layout.dtype):
-        keep[...] = True
+    if keep is None or not codecs.zero_bits(layout.fill, layout.dtype):
+        keep = codecs.tiles_to_store(tiles, layout.fill)
     return tiles, keep
 
 
@@ -330,7 +328,7 @@ def copying_columns(src: h5py.Dataset, target: ChunkLayout | None, shape: tuple[
     at once: work done before calling ``finish`` (HDF5 copying another input) overlaps with theirs.
     """
     layout = chunk_layout(src)
-    h, w = layout.chunks if layout is not None else (0, 0)
+    w = layout.chunks[1] if layout is not None else 0
     n, m = src.shape
     end = col_offset + m
     first, last = -(-col_offset // w) * w if w else 0, (end if end == shape[1] else end // w * w) if w else 0
@@ -341,43 +339,43 @@ def copying_columns(src: h5py.Dataset, target: ChunkLayout | None, shape: tuple[
     elif not np.can_cast(src.dtype, target.dtype, "safe") or first >= last:
         yield lambda dst: (col_offset, col_offset)
     else:
-        with _band_job(src, target, first - col_offset, last - first, first) as job:
+        with _band_job(src, target, first - col_offset, last - first) as job:
             yield (lambda dst: (col_offset, col_offset)) if job is None else \
-                (lambda dst: _store_bands(dst, job, target, first, last))
+                (lambda dst: _store_bands(dst, src, job, target, first))
 
 
 @contextmanager
-def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: int, start: int,
+def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: int,
               order: np.ndarray | None = None) -> Iterator[BandJob | None]:
-    """A started :class:`~.processes.BandJob` filling ``width`` columns of the output from ``start``
-    with ``src``'s from ``source_start``, or its columns ``order`` (all its rows); None when
-    ``src``'s chunks cannot be read directly."""
+    """A started :class:`~.processes.BandJob` encoding ``width`` columns of the output as ``target``
+    from ``src``'s columns from ``source_start``, or its columns ``order`` (all its rows); None
+    when ``src``'s chunks cannot be read directly."""
     layout = chunk_layout(src)
     h, w = layout.chunks
-    # children start now: they import numpy while this process lists the source's chunks
-    with BandJob(-(-src.shape[0] // h) * -(-width // w)) as job, held_index(src):
+    tiles = -(-src.shape[0] // h) * -(-width // w) if src.file.driver == "sec2" else 0
+    # children start now (when worth it): they import numpy while this process lists the source's chunks
+    with BandJob(tiles) as job, held_index(src):
         index = chunk_index(src, 0)
         fd = open_index(src, index) if index is not None else None
         if fd is None:
             yield None
             return
-        plan = BandPlan(chunks=layout.chunks, rows=src.shape[0], source_dtype=src.dtype.str,
-                        target_dtype=target.dtype.str, compressed=layout.compressed,
-                        level=target.level if target.compressed else None, source_fill=layout.fill,
-                        target_fill=target.fill, start=start, source_start=source_start, width=width,
-                        offset=index.offset, size=index.size, mask=index.mask, order=order)
         try:
-            job.begin(plan, fd, index.path, index.file_id)
+            job.begin(BandPlan(chunks=layout.chunks, rows=src.shape[0], source_dtype=src.dtype.str,
+                               target_dtype=target.dtype.str, compressed=layout.compressed,
+                               level=target.level if target.compressed else None, source_fill=layout.fill,
+                               target_fill=target.fill, source_start=source_start, width=width,
+                               offset=index.offset, size=index.size, mask=index.mask, order=order),
+                      fd, index.path, index.file_id)
             yield job
-        except codecs.DamagedChunk as error:
-            raise damaged(src, error) from error
         finally:
             os.close(fd)
 
 
 @_writes
-def _store_bands(dst: h5py.Dataset, job: BandJob, target: ChunkLayout, first: int, last: int) -> tuple[int, int]:
-    """Store a job's bands into ``dst``'s columns ``first:last`` (see :func:`copying_columns`)."""
+def _store_bands(dst: h5py.Dataset, src: h5py.Dataset, job: BandJob, target: ChunkLayout, first: int
+                 ) -> tuple[int, int]:
+    """Store a job's bands into ``dst``'s columns from ``first``; returns the columns filled."""
     h, w = target.chunks
     refresh(dst)
     store = ChunkStore(dst, target)
@@ -386,8 +384,11 @@ def _store_bands(dst: h5py.Dataset, job: BandJob, target: ChunkLayout, first: in
         top = band * h
         store([(top, first + k * w) for k in tiles], payloads, [(top, first + k * w) for k in empty])
 
-    job.store_all(place)
-    return first, last
+    try:
+        job.store_all(place)
+    except codecs.DamagedChunk as error:  # (read by a child or here)
+        raise damaged(src, error) from error
+    return first, first + job.plan.width
 
 
 def reorder_columns(src: h5py.Dataset, dst: h5py.Dataset, order: np.ndarray) -> bool:
@@ -398,10 +399,10 @@ def reorder_columns(src: h5py.Dataset, dst: h5py.Dataset, order: np.ndarray) -> 
     if layout is None or target is None or layout.chunks != target.chunks or src.shape != dst.shape \
             or src.size == 0 or not np.can_cast(src.dtype, dst.dtype, "safe"):
         return False
-    with _band_job(src, target, 0, dst.shape[1], 0, np.asarray(order, dtype=np.int64)) as job:
+    with _band_job(src, target, 0, dst.shape[1], np.asarray(order, dtype=np.int64)) as job:
         if job is None:
             return False
-        _store_bands(dst, job, target, 0, dst.shape[1])
+        _store_bands(dst, src, job, target, 0)
     return True
 
 
