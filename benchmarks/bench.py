@@ -29,19 +29,31 @@ sys.path.insert(0, str(REPO / "tests"))
 import reference  # noqa: E402  (tests/reference.py: the reference's own venv)
 
 PRELUDE = """
-import json, sys, time, numpy as np, scipy.sparse as sp, loompy
+import json, os, sys, time, numpy as np, scipy.sparse as sp, loompy
 base, work, extra = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(7)
-import resource
-def helpers_peak():
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+import threading
+helpers = {}  # pid -> peak RSS (kB) of the processes this one started, sampled every 50 ms
+def watch_helpers():
+    me, seen = os.getpid(), set()
+    while True:
+        for task in os.listdir(f"/proc/{me}/task"):
+            try:
+                for pid in open(f"/proc/{me}/task/{task}/children").read().split():
+                    if pid not in seen:  # (the first sight may come before exec: this process's memory)
+                        seen.add(pid)
+                        continue
+                    for line in open(f"/proc/{pid}/status"):
+                        if line.startswith("VmHWM"):
+                            helpers[pid] = max(helpers.get(pid, 0), int(line.split()[1]))
+            except OSError:
+                pass
+        time.sleep(0.05)
 def done(seconds):
-    # VmHWM: this process's own peak (ru_maxrss would carry over the parent's across exec); and the
-    # largest peak of the processes the operation started (combine's and permute's helpers), when
-    # above that of any started before it (imports run a few small ones)
+    # VmHWM: this process's own peak (ru_maxrss would carry over the parent's across exec); and
+    # the largest peak of a process the operation started (combine's and permute's helpers)
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
-    helpers = helpers_peak()
-    print(json.dumps({"s": seconds, "rss_mb": hwm / 1024, "helpers_mb": helpers if helpers > before else 0}))
+    print(json.dumps({"s": seconds, "rss_mb": hwm / 1024, "helpers_mb": max(helpers.values(), default=0) / 1024}))
 """
 
 # name -> (setup, timed statement, needs a private copy of the base file)
@@ -89,8 +101,8 @@ def make_data(folder: Path, genes: int, cells: int, density: float) -> None:
 
 def run(python: str, env: dict, op: str, base: Path, work: Path, extra: Path) -> dict | None:
     setup, statement, _ = OPERATIONS[op]
-    body = PRELUDE + setup + "\nbefore = helpers_peak()\nt = time.perf_counter()\n" + statement + \
-        "\ndone(time.perf_counter() - t)\n"
+    body = PRELUDE + setup + "\nthreading.Thread(target=watch_helpers, daemon=True).start()\n" + \
+        "t = time.perf_counter()\n" + statement + "\ndone(time.perf_counter() - t)\n"
     proc = subprocess.run([python, "-c", textwrap.dedent(body), str(base), str(work), str(extra)],
                           capture_output=True, text=True, env=env, cwd="/")
     if proc.returncode != 0:
