@@ -338,3 +338,18 @@ def test_no_children_where_sys_executable_is_not_a_python(monkeypatch, executabl
     assert not processes._can_start_children()
     monkeypatch.setattr(sys, "executable", "/usr/bin/python3.11")
     assert processes._can_start_children() == (os.name == "posix" and processes._cores() > 1)
+
+
+def test_permutes_of_very_wide_matrices_go_a_strip_at_a_time(tmp_path, children, monkeypatch):
+    """A chunk row wider than the engine's strip is never held whole, four times over, in a child."""
+    path = tmp_path / "s.h5"
+    expected = _source(path, shape=(130, 700))
+    write = importlib.import_module("loompy.engine.write")
+    monkeypatch.setattr(write, "STRIP_BYTES", 64 * 600 * 4)  # less than a chunk row of 700 float32 columns
+    order = np.random.default_rng(3).permutation(700)
+    with h5py.File(path, "r+") as f:
+        dst = f.create_dataset("dst", shape=(130, 700), dtype="f4", chunks=(64, 64), compression="gzip")
+        assert not engine.reorder_columns(f["src"], dst, order) and not children
+        monkeypatch.setattr(write, "STRIP_BYTES", 64 * 700 * 4)
+        assert engine.reorder_columns(f["src"], dst, order) and children
+        np.testing.assert_array_equal(dst[...], expected[:, order])

@@ -394,10 +394,12 @@ def _store_bands(dst: h5py.Dataset, src: h5py.Dataset, job: BandJob, target: Chu
 def reorder_columns(src: h5py.Dataset, dst: h5py.Dataset, order: np.ndarray) -> bool:
     """Fill ``dst`` (the shape of ``src``, nothing stored yet) with ``src``'s columns in ``order``,
     each chunk row re-encoded in the engine's helper processes. False, with nothing written, when
-    the layouts do not allow it (other chunks, filters the engine does not handle)."""
+    the layouts do not allow it (other chunks, filters the engine does not handle) or a chunk row
+    holds more than ``STRIP_BYTES`` (it would be in memory whole, four times over)."""
     layout, target = chunk_layout(src), chunk_layout(dst)
     if layout is None or target is None or layout.chunks != target.chunks or src.shape != dst.shape \
-            or src.size == 0 or not np.can_cast(src.dtype, dst.dtype, "safe"):
+            or src.size == 0 or not np.can_cast(src.dtype, dst.dtype, "safe") \
+            or layout.chunks[0] * src.shape[1] * src.dtype.itemsize > STRIP_BYTES:
         return False
     with _band_job(src, target, 0, dst.shape[1], np.asarray(order, dtype=np.int64)) as job:
         if job is None:
