@@ -312,12 +312,17 @@ def test_wide_bands_are_encoded_in_parts(tmp_path, children, monkeypatch, piece)
     in children and on threads alike; the last part of each band is the narrower one."""
     path = tmp_path / "s.h5"
     expected = _source(path, shape=(200, 1000))
-    monkeypatch.setattr(bands.BandPlan, "piece_tiles", piece)
+    monkeypatch.setattr(bands, "PIECE_TILES", piece)
+    plans, begin = [], processes.BandJob.begin
+    monkeypatch.setattr(processes.BandJob, "begin",
+                        lambda job, plan, *args: plans.append(plan) or begin(job, plan, *args))
     for min_tiles in (0, 10 ** 12):  # children, then threads
         monkeypatch.setattr(processes, "MIN_TILES", min_tiles)
         (a, b), got = _copy(path, 40, 1040)
         np.testing.assert_array_equal(got[:, a:b], expected[:, a - 40:b - 40])
         assert not got[:, :a].any()
+    assert [(p.piece, p.parts) for p in plans] == [(piece, 4 * -(-16 // piece))] * 2  # 4 bands of 16 tiles
+    assert children
 
 
 def test_a_child_that_sends_nothing_is_not_waited_for_forever(tmp_path, children, monkeypatch):
@@ -353,3 +358,26 @@ def test_permutes_of_very_wide_matrices_go_a_strip_at_a_time(tmp_path, children,
         monkeypatch.setattr(write, "STRIP_BYTES", 64 * 700 * 4)
         assert engine.reorder_columns(f["src"], dst, order) and children
         np.testing.assert_array_equal(dst[...], expected[:, order])
+
+
+def test_children_are_heard_on_descriptors_past_1023(tmp_path, children, monkeypatch):
+    """select() cannot wait on such descriptors; with them in use, the children's parts still arrive."""
+    path = tmp_path / "s.h5"
+    expected = _source(path)
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("cannot open 1,100 descriptors here")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        here, encode = [], processes.BandEncoder.encode
+        monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+        (a, b), got = _copy(path, 10, 1010)
+        assert here == [] and len(children) == 2
+        np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

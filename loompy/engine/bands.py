@@ -59,7 +59,7 @@ class BandPlan:
     size: np.ndarray
     mask: np.ndarray
     order: np.ndarray | None = None
-    piece_tiles: int = PIECE_TILES
+    piece_tiles: int = field(default_factory=lambda: PIECE_TILES)
     _fill: bytes = field(default=b"", repr=False)
 
     def __post_init__(self) -> None:

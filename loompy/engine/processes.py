@@ -200,8 +200,10 @@ class BandJob:
 def _read(fd: int, n: int) -> bytes:
     """``n`` bytes from a child's pipe; EOFError when it ends first or sends nothing for ``PATIENCE`` s."""
     parts, left = [], n
+    waiting = select.poll()  # (select.select cannot wait on descriptors past 1023)
+    waiting.register(fd, select.POLLIN)
     while left:
-        if not select.select([fd], [], [], PATIENCE)[0]:
+        if not waiting.poll(PATIENCE * 1000):
             raise EOFError(f"a helper process sent nothing for {PATIENCE:.0f} s")
         data = os.read(fd, min(left, 1 << 20))
         if not data:
