@@ -381,3 +381,26 @@ def test_children_are_heard_on_descriptors_past_1023(tmp_path, children, monkeyp
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_each_layers_children_are_ended_before_the_next_layer(tmp_path, children, monkeypatch):
+    """combine lets go of a layer's helpers (and their descriptors) once that layer is written."""
+    rng = np.random.default_rng(14)
+    paths = []
+    for i, k in enumerate((100, 90)):
+        m = rng.poisson(0.5, size=(130, k)).astype(np.float32)
+        paths.append(tmp_path / f"in{i}.loom")
+        loompy.create(paths[-1], {"": m, "x": m * 2, "y": m * 3}, {"Gene": [f"g{j}" for j in range(130)]},
+                      {"CellID": [f"f{i}c{j}" for j in range(k)]}).close()
+    combine_module = importlib.import_module("loompy.combine")
+    start, alive_before = combine_module._start_copies, []
+
+    def spy(*args):
+        alive_before.append(sum(c.returncode is None for c in children))
+        return start(*args)
+
+    monkeypatch.setattr(combine_module, "_start_copies", spy)
+    loompy.combine(paths, tmp_path / "out.loom")
+    assert alive_before == [0, 0, 0] and len(children) == 6  # three layers, two helpers each
+    with loompy.connect(tmp_path / "out.loom", "r") as ds:
+        np.testing.assert_array_equal(ds["y"][:, :], ds[:, :] * 3)
