@@ -85,9 +85,11 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
 def _loom_or_unreadable(path: str, kwargs: dict[str, Any]) -> bool:
     """Whether a file may be repaired before it is opened for writing: it looks like a Loom file, or
     HDF5 cannot even read it (metadata past its recorded end: a writer's)."""
+    from .validator import looks_like_loom
+
     try:
         with h5py.File(path, "r", **kwargs) as f:
-            return fmt.MATRIX in f or fmt.SPEC_VERSION_KEY in f.attrs or fmt.GLOBAL_ATTRS in f
+            return looks_like_loom(f)
     except OSError:
         return True
 

@@ -42,12 +42,18 @@ def _empty(f: h5py.File) -> bool:
     return all(g is not None and not any(isinstance(v, h5py.Dataset) for v in g.values()) for g in groups)
 
 
+def looks_like_loom(f: h5py.File) -> bool:
+    """Whether the file is a Loom file at all, as connect decides it: a matrix, or the empty groups
+    ``new()`` makes (what else is wrong with it :func:`check_structure` tells)."""
+    return fmt.MATRIX in f or _empty(f)
+
+
 def check_structure(f: h5py.File) -> list[str]:
     """Problems that would make the file unreadable as Loom (names and shapes only; cheap)."""
     problems: list[str] = []
     matrix = f.get(fmt.MATRIX)
     shape: tuple[int, ...] | None = None
-    if matrix is None and not _empty(f):
+    if not looks_like_loom(f):
         return ["no /matrix, and not an empty Loom file either (as new() makes one)"]
     if matrix is not None:
         if not isinstance(matrix, h5py.Dataset) or matrix.ndim != 2:

@@ -370,10 +370,14 @@ def test_replacements_get_past_what_an_interruption_left_in_the_staging_group(tm
         assert ds.ca.c.tolist() == [0, 3, 6, 9]
 
 
-def test_an_hdf5_file_that_is_not_loom_is_refused_untouched_even_with_trailing_bytes(tmp_path):
+@pytest.mark.parametrize("content", ["a dataset", "a Loom attrs group only"])
+def test_an_hdf5_file_that_is_not_loom_is_refused_untouched_even_with_trailing_bytes(tmp_path, content):
     plain = tmp_path / "plain.h5"
     with h5py.File(plain, "w") as f:
-        f["x"] = np.arange(5)
+        if content == "a dataset":
+            f["x"] = np.arange(5)
+        else:  # what connect would refuse as not Loom: no matrix, not the groups of an empty file
+            f.create_group("attrs")["LOOM_SPEC_VERSION"] = "3.0.0"
     with open(plain, "ab") as fh:
         fh.write(b"\0" * 100)  # longer than HDF5 recorded: opening it for writing would trim it
     before = plain.read_bytes()
