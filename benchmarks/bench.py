@@ -29,10 +29,9 @@ sys.path.insert(0, str(REPO / "tests"))
 import reference  # noqa: E402  (tests/reference.py: the reference's own venv)
 
 PRELUDE = """
-import json, os, sys, time, numpy as np, scipy.sparse as sp, loompy
+import json, os, sys, threading, time, numpy as np, scipy.sparse as sp, loompy
 base, work, extra = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(7)
-import threading
 helpers = {}  # pid -> peak RSS (kB) of the processes this one started, sampled every 50 ms
 def watch_helpers():
     me, seen = os.getpid(), set()
@@ -162,7 +161,7 @@ def main() -> None:
                   f"{'-' if cells[1] is None else f'{cells[1][0]:.3f}'} | n/a ({(errors or ['?'])[0][:60]}) | | |")
             continue
         ratio = cells[1][0] / cells[0][0] if cells[0][0] > 0 else float("inf")
-        rss = [f"{c[1]:.0f}" + (f" (+{c[2]:.0f} per helper process)" if c[2] >= 1 else "") for c in cells]
+        rss = [f"{c[1]:.0f}" + (f" (helpers: {c[2]:.0f} at most)" if c[2] >= 1 else "") for c in cells]
         print(f"| {op} | {cells[0][0]:.3f} | {cells[1][0]:.3f} | {ratio:.1f}x | {rss[0]} | {rss[1]} |")
 
 

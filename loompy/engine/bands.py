@@ -14,6 +14,7 @@ rest of loompy: a child starts in 0.07 s instead of 0.25 s.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -33,6 +34,11 @@ PIECE_TILES = 1024  # a band of combine is encoded in parts of at most this many
 # frames a child writes: (part, kind, count, second count) then the kind's payload
 FRAME = struct.Struct("<qqqq")
 DATA, DAMAGED, FAILED = range(3)
+
+
+def owner(part: int, children: int) -> int:
+    """Which of ``children`` encodes part ``part`` (blocks of ``BLOCK`` parts in turn)."""
+    return part // BLOCK % max(1, children)
 
 
 @dataclass
@@ -60,11 +66,11 @@ class BandPlan:
     mask: np.ndarray
     order: np.ndarray | None = None
     piece_tiles: int = field(default_factory=lambda: PIECE_TILES)
-    _fill: bytes = field(default=b"", repr=False)
 
-    def __post_init__(self) -> None:
-        h, w = self.chunks
-        self._fill = np.full((h, w), self.source_fill, dtype=self.source_dtype).tobytes()  # a chunk never written
+    @functools.cached_property
+    def fill(self) -> bytes:
+        """The raw bytes of a source chunk never written."""
+        return codecs.fill_bytes(self.chunks, self.source_fill, self.source_dtype)
 
     @property
     def bands(self) -> int:
@@ -146,10 +152,10 @@ class BandEncoder:
         offsets, sizes, masks = (a[band, chunk_cols].tolist() for a in (plan.offset, plan.size, plan.mask))
         for k, (o, s, m) in enumerate(zip(offsets, sizes, masks)):
             if o < 0:
-                into[k * size:(k + 1) * size] = plan._fill
+                into[k * size:(k + 1) * size] = plan.fill
             else:
-                data = codecs.read_stored(self.fd, o, s)
-                into[k * size:(k + 1) * size] = codecs.decompress(data, size, plan.compressed and not (m & 1))
+                stored = codecs.read_stored(self.fd, o, s)
+                into[k * size:(k + 1) * size] = codecs.decode(stored, size, plan.compressed, m)
         self.row[len(offsets):] = 0
 
     def encode(self, part: int) -> tuple[list[int], list[bytes], list[int]]:
@@ -181,7 +187,7 @@ def child_main() -> None:
     """A child's whole life. Its command line gives the descriptor of the file it shares with its
     parent and the other children, its number and how many there are. Once stdin closes, that file
     holds its orders (the source's path and identity, how far ahead it may run) and the plan; it
-    encodes its parts (every ``count``-th block of ``BLOCK``) and writes one frame for each to
+    encodes its parts (see :func:`owner`) and writes one frame for each to
     stdout, in order (see :mod:`.processes`)."""
     shared, me, count = (int(a) for a in sys.argv[1:4])
     sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
@@ -191,6 +197,9 @@ def child_main() -> None:
     plan = BandPlan.from_bytes(os.pread(shared, os.fstat(shared).st_size - 8 - length, 8 + length))
     os.close(shared)
     fd = os.open(orders["source"], os.O_RDONLY)
+    info = os.fstat(fd)
+    if [info.st_dev, info.st_ino] != orders["file"]:
+        return  # replaced on disk since the parent listed its chunks: no frame, so the parent reads it itself
     out = sys.stdout.buffer
     # a writer thread sends finished frames, so that encoding goes on while the parent is busy
     # elsewhere (copying the first input of a combine, say), up to ``ahead`` frames
@@ -206,13 +215,9 @@ def child_main() -> None:
 
     writer = threading.Thread(target=send, daemon=True)
     writer.start()
-    info = os.fstat(fd)
-    same = [info.st_dev, info.st_ino] == orders["file"]
     encoder = BandEncoder(plan, fd)
-    for part in (p for p in range(plan.parts) if p // BLOCK % count == me):
+    for part in (p for p in range(plan.parts) if owner(p, count) == me):
         try:
-            if not same:  # replaced on disk since the parent listed its chunks: the parent reads it itself
-                raise OSError(f"{orders['source']} is no longer the file being read")
             stored, payloads, empty = encoder.encode(part)
         except codecs.DamagedChunk as error:
             message = str(error).encode()

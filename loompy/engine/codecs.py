@@ -63,6 +63,16 @@ def tiles_to_store(tiles: np.ndarray, fill: float | int) -> np.ndarray:
     return tiles.view(f"u{tiles.dtype.itemsize}").any(axis=(-2, -1))
 
 
+def decode(data: bytes, nbytes: int, compressed: bool, mask: int) -> bytes:
+    """A chunk's raw bytes from what is stored (filter mask bit 0 set: stored uncompressed)."""
+    return decompress(data, nbytes, compressed and not (mask & 1))
+
+
+def fill_bytes(shape: tuple[int, int], fill: float | int, dtype: np.dtype | str) -> bytes:
+    """The raw bytes of a chunk never written: its fill value everywhere."""
+    return np.full(shape, fill, dtype=dtype).tobytes()
+
+
 def read_stored(fd: int, offset: int, size: int) -> bytes:
     """The ``size`` stored bytes of a chunk at byte ``offset`` of the file open as ``fd``."""
     data = os.pread(fd, size, offset)

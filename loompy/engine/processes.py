@@ -5,12 +5,11 @@ The children are fresh interpreters (``sys.executable``, when it is a Python) th
 ``loompy/__init__.py`` (no h5py, and never the user's ``__main__``, as multiprocessing's spawned
 workers would). They are started before the source's chunks are listed and wait for their stdin
 to close; then a temporary file they share holds their orders (which file to read: they check it
-is the one listed) and the plan, and their command line says which parts are theirs (every
-``len(children)``-th block of ``BLOCK``). This process reads their frames in order and stores the
-chunks. Children encode as soon as they have their orders, so a caller can start a job before
-other long work (combine: before it writes attributes and HDF5 copies its first input). Nothing
-is ever written to a child's pipe: a child that died would raise SIGPIPE, which kills programs that
-do not ignore it.
+is the one listed) and the plan, and their command line says which parts are theirs
+(:func:`.bands.owner`). This process reads their frames in order and stores the chunks. Children
+encode as soon as they have their orders, so a caller can start a job before other long work
+(combine: before it writes attributes and HDF5 copies its first input). Nothing is ever written to
+a child's pipe: a child that died would raise SIGPIPE, which kills programs that do not ignore it.
 
 Nothing here is needed for correctness: when children cannot be started (no ``pread``, a frozen
 interpreter or one that is not Python, one core, fewer than ``MIN_TILES`` chunks) the same parts
@@ -35,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import codecs
-from .bands import BLOCK, DAMAGED, DATA, FRAME, BandEncoder, BandPlan
+from .bands import DAMAGED, DATA, FRAME, BandEncoder, BandPlan, owner
 from .workers import THREADS, run_in_order
 
 MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
@@ -91,10 +90,6 @@ class BandJob:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def owner(self, part: int) -> int:
-        """Which child encodes part ``part``."""
-        return part // BLOCK % max(1, len(self.children))
-
     def _start_children(self) -> None:
         engine_folder = os.path.dirname(os.path.abspath(__file__))
         boot = _BOOT.format(path=[p for p in sys.path if p], package=os.path.dirname(engine_folder),
@@ -130,7 +125,7 @@ class BandJob:
 
     def _frame(self, part: int) -> tuple | None:
         """Part ``part``'s result from its child, or None when the child cannot give it."""
-        k = self.owner(part)
+        k = owner(part, len(self.children))
         child = self.children[k]
         if child is None:
             return None

@@ -24,10 +24,10 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from . import codecs
 from .codecs import DamagedChunk
 from .memory import Scratch
 from .storage import (
-    ChunkIndex,
     ChunkLayout,
     chunk_index,
     chunk_layout,
@@ -243,7 +243,7 @@ class _ChunkRead:
                      self.columns.chunk_cols_between(unit.first, unit.stop))
             offsets = self.index.offset[where].ravel().tolist()
             stored = zip(offsets, self.index.size[where].ravel().tolist(), self.index.mask[where].ravel().tolist())
-            read = ChunkIndex.read
+            read = codecs.read_stored
             chunks = (fill if o < 0 else decode(read(fd, o, s), k) for o, s, k in stored)
             count = len(offsets)
         else:

@@ -34,7 +34,7 @@ class ChunkLayout:
     chunks: tuple[int, int]
     dtype: np.dtype
     compressed: bool
-    level: int | None
+    level: int | None  # None exactly when not compressed
     fill: float | int
 
     @property
@@ -42,12 +42,10 @@ class ChunkLayout:
         return self.chunks[0] * self.chunks[1] * self.dtype.itemsize
 
     def decode(self, data: bytes, mask: int) -> bytes:
-        """A chunk's raw bytes from what is stored (filter mask bit 0 set: stored uncompressed)."""
-        return codecs.decompress(data, self.nbytes, self.compressed and not (mask & 1))
+        return codecs.decode(data, self.nbytes, self.compressed, mask)
 
     def fill_bytes(self) -> bytes:
-        """The raw bytes of a chunk never written."""
-        return np.full(self.chunks, self.fill, dtype=self.dtype).tobytes()
+        return codecs.fill_bytes(self.chunks, self.fill, self.dtype)
 
 
 def chunk_layout(dataset: h5py.Dataset) -> ChunkLayout | None:
@@ -176,9 +174,6 @@ class ChunkIndex:
             raise OSError(f"{self.path} was replaced on disk while open")
         return fd
 
-    @staticmethod
-    def read(fd: int, offset: int, size: int) -> bytes:
-        return codecs.read_stored(fd, offset, size)
 
 
 def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:
@@ -317,6 +312,22 @@ def expect_reads(dataset: h5py.Dataset, share: float = 1.0) -> None:
     index (see :func:`chunk_index`), it is built now rather than after the first batches."""
     if share * INDEX_SHARE >= 1 and chunk_layout(dataset) is not None:
         _remember(dataset)
+
+
+@contextmanager
+def direct_reads(dataset: h5py.Dataset) -> Iterator[tuple[ChunkIndex, int] | None]:
+    """For reading all of ``dataset`` (and only reading it): its chunk index and a descriptor to
+    read its chunks through (closed after), or None when its chunks cannot be read directly."""
+    with held_index(dataset):
+        index = chunk_index(dataset, 0)
+        fd = open_index(dataset, index) if index is not None else None
+        if fd is None:
+            yield None
+            return
+        try:
+            yield index, fd
+        finally:
+            os.close(fd)
 
 
 @contextmanager

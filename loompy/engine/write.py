@@ -9,7 +9,6 @@ in order; all-zero chunks stay unallocated. Unaligned edges and datasets the fas
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -24,13 +23,11 @@ from .processes import BandJob
 from .read import STRIP_BYTES, read_block
 from .storage import (
     ChunkLayout,
-    chunk_index,
     chunk_layout,
     damaged,
+    direct_reads,
     forget,
     groups,
-    held_index,
-    open_index,
     raw_chunk,
     refresh,
     stored_chunks,
@@ -193,7 +190,7 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     h, w = layout.chunks
     length, across, unit = (nrows, ncols, h) if axis == 0 else (ncols, nrows, w)
     step = max(unit, TASK_BYTES // max(1, across * layout.dtype.itemsize) // unit * unit)
-    level = layout.level if layout.compressed else None
+    level = layout.level
     size = layout.nbytes
     scratch = Scratch()  # each worker's tiles (and gathered columns), reused task after task
 
@@ -238,8 +235,8 @@ class ChunkStore:
             stored = self.stored
             if stored[coord[0] // h, coord[1] // w] if stored is not False else raw_chunk(self.dataset, *coord):
                 if self.zero_chunk is None:
-                    level = self.layout.level if self.layout.compressed else None
-                    self.zero_chunk = codecs.compress(np.zeros(self.layout.chunks, self.layout.dtype), level)
+                    zeros = np.zeros(self.layout.chunks, self.layout.dtype)
+                    self.zero_chunk = codecs.compress(zeros, self.layout.level)
                 write(coord, self.zero_chunk)
 
 
@@ -264,7 +261,7 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
             gathered = np.take(rows, columns, axis=1, mode="wrap",
                                out=scratch.get("gathered", (rows.shape[0], m), rows.dtype))
             _dense_tiles(gathered.astype(layout.dtype, copy=False), h, w, tiles[k])
-    if keep is None or not codecs.zero_bits(layout.fill, layout.dtype):
+    if keep is None or not codecs.zero_bits(layout.fill, layout.dtype):  # (the scatter knows its non-zeros)
         keep = codecs.tiles_to_store(tiles, layout.fill)
     return tiles, keep
 
@@ -324,52 +321,54 @@ def copying_columns(src: h5py.Dataset, target: ChunkLayout | None, shape: tuple[
 
     When ``col_offset`` is on a chunk boundary and the stored layouts agree, the stored chunks are
     copied as they are, never inflated. Otherwise each chunk of ``dst`` is cut from the inflated
-    chunks of ``src`` under it and compressed again (:mod:`.bands`), in helper processes that start
-    at once: work done before calling ``finish`` (HDF5 copying another input) overlaps with theirs.
+    chunks of ``src`` under it and compressed again (:mod:`.bands`): in helper processes that start
+    at once when there are enough chunks (see :mod:`.processes`), so that work done before calling
+    ``finish`` (HDF5 copying another input) overlaps with theirs; else on threads, inside ``finish``.
     """
-    layout = chunk_layout(src)
-    w = layout.chunks[1] if layout is not None else 0
-    n, m = src.shape
-    end = col_offset + m
-    first, last = -(-col_offset // w) * w if w else 0, (end if end == shape[1] else end // w * w) if w else 0
-    if layout is None or target is None or layout.chunks != target.chunks or n != shape[0] or src.size == 0:
-        yield lambda dst: (col_offset, col_offset)
-    elif layout == target and col_offset % w == 0:
+    layout, nothing = chunk_layout(src), (lambda dst: (col_offset, col_offset))
+    if not _reencodable(src, layout, target, shape[0]):
+        yield nothing
+        return
+    w = layout.chunks[1]
+    end = col_offset + src.shape[1]
+    first = -(-col_offset // w) * w
+    last = end if end == shape[1] else end // w * w  # a partial last chunk of dst is src's alone
+    if layout == target and col_offset % w == 0:
         yield lambda dst: (col_offset, col_offset + _copy_stored(src, dst, col_offset))
-    elif not np.can_cast(src.dtype, target.dtype, "safe") or first >= last:
-        yield lambda dst: (col_offset, col_offset)
+    elif first >= last:
+        yield nothing
     else:
-        with _band_job(src, target, first - col_offset, last - first) as job:
-            yield (lambda dst: (col_offset, col_offset)) if job is None else \
-                (lambda dst: _store_bands(dst, src, job, target, first))
+        with _band_job(src, layout, target, first - col_offset, last - first) as job:
+            yield nothing if job is None else (lambda dst: _store_bands(dst, src, job, target, first))
+
+
+def _reencodable(src: h5py.Dataset, layout: ChunkLayout | None, target: ChunkLayout | None, rows: int) -> bool:
+    """Whether the engine can write ``src``'s chunks again as ``target``'s (same chunk shape and
+    rows, values that fit ``target``'s dtype)."""
+    return (layout is not None and target is not None and layout.chunks == target.chunks and src.shape[0] == rows
+            and src.size > 0 and np.can_cast(src.dtype, target.dtype, "safe"))
 
 
 @contextmanager
-def _band_job(src: h5py.Dataset, target: ChunkLayout, source_start: int, width: int,
+def _band_job(src: h5py.Dataset, layout: ChunkLayout, target: ChunkLayout, source_start: int, width: int,
               order: np.ndarray | None = None) -> Iterator[BandJob | None]:
     """A started :class:`~.processes.BandJob` encoding ``width`` columns of the output as ``target``
-    from ``src``'s columns from ``source_start``, or its columns ``order`` (all its rows); None
-    when ``src``'s chunks cannot be read directly."""
-    layout = chunk_layout(src)
+    from ``src``'s (stored as ``layout``) from ``source_start``, or its columns ``order`` (all its
+    rows); None when ``src``'s chunks cannot be read directly."""
     h, w = layout.chunks
     tiles = -(-src.shape[0] // h) * -(-width // w) if src.file.driver == "sec2" else 0
     # children start now (when worth it): they import numpy while this process lists the source's chunks
-    with BandJob(tiles) as job, held_index(src):
-        index = chunk_index(src, 0)
-        fd = open_index(src, index) if index is not None else None
-        if fd is None:
+    with BandJob(tiles) as job, direct_reads(src) as direct:
+        if direct is None:
             yield None
             return
-        try:
-            job.begin(BandPlan(chunks=layout.chunks, rows=src.shape[0], source_dtype=src.dtype.str,
-                               target_dtype=target.dtype.str, compressed=layout.compressed,
-                               level=target.level if target.compressed else None, source_fill=layout.fill,
-                               target_fill=target.fill, source_start=source_start, width=width,
-                               offset=index.offset, size=index.size, mask=index.mask, order=order),
-                      fd, index.path, index.file_id)
-            yield job
-        finally:
-            os.close(fd)
+        index, fd = direct
+        job.begin(BandPlan(chunks=layout.chunks, rows=src.shape[0], source_dtype=src.dtype.str,
+                           target_dtype=target.dtype.str, compressed=layout.compressed, level=target.level,
+                           source_fill=layout.fill, target_fill=target.fill, source_start=source_start,
+                           width=width, offset=index.offset, size=index.size, mask=index.mask, order=order),
+                  fd, index.path, index.file_id)
+        yield job
 
 
 @_writes
@@ -393,15 +392,15 @@ def _store_bands(dst: h5py.Dataset, src: h5py.Dataset, job: BandJob, target: Chu
 
 def reorder_columns(src: h5py.Dataset, dst: h5py.Dataset, order: np.ndarray) -> bool:
     """Fill ``dst`` (the shape of ``src``, nothing stored yet) with ``src``'s columns in ``order``,
-    each chunk row re-encoded in the engine's helper processes. False, with nothing written, when
-    the layouts do not allow it (other chunks, filters the engine does not handle) or a chunk row
-    holds more than ``STRIP_BYTES`` (it would be in memory whole, four times over)."""
+    each chunk row re-encoded in the engine's helper processes (on threads when they cannot start
+    or there are too few chunks). False, with nothing written, when the layouts do not allow it
+    (other chunks, filters the engine does not handle) or a chunk row holds more than
+    ``STRIP_BYTES`` (it would be in memory whole, four times over)."""
     layout, target = chunk_layout(src), chunk_layout(dst)
-    if layout is None or target is None or layout.chunks != target.chunks or src.shape != dst.shape \
-            or src.size == 0 or not np.can_cast(src.dtype, dst.dtype, "safe") \
+    if not _reencodable(src, layout, target, dst.shape[0]) or src.shape != dst.shape \
             or layout.chunks[0] * src.shape[1] * src.dtype.itemsize > STRIP_BYTES:
         return False
-    with _band_job(src, target, 0, dst.shape[1], np.asarray(order, dtype=np.int64)) as job:
+    with _band_job(src, layout, target, 0, dst.shape[1], np.asarray(order, dtype=np.int64)) as job:
         if job is None:
             return False
         _store_bands(dst, src, job, target, 0)
@@ -422,24 +421,20 @@ def _copy_stored(src: h5py.Dataset, dst: h5py.Dataset, col_offset: int) -> int:
     h, w = src.chunks
     full = src.shape[1] // w * w
     write = dst.id.write_direct_chunk
-    with held_index(src):
-        index = chunk_index(src, 0)
-        fd = open_index(src, index) if index is not None else None
+    with direct_reads(src) as direct:
         try:
-            if fd is None:
+            if direct is None:
                 for r in range(0, src.shape[0], h):
                     for c in range(0, full, w):
                         raw = raw_chunk(src, r, c)
                         if raw is not None:  # a chunk never stored stays unallocated in the copy too
                             write((r, c + col_offset), raw[1], filter_mask=raw[0])
                 return full
+            index, fd = direct
             i, j = np.nonzero(index.offset[:, :full // w] >= 0)
             for r, c, o, size, mask in zip((i * h).tolist(), (j * w + col_offset).tolist(), index.offset[i, j].tolist(),
                                            index.size[i, j].tolist(), index.mask[i, j].tolist()):
-                write((r, c), index.read(fd, o, size), filter_mask=mask)
+                write((r, c), codecs.read_stored(fd, o, size), filter_mask=mask)
         except codecs.DamagedChunk as error:
             raise damaged(src, error) from error
-        finally:
-            if fd is not None:
-                os.close(fd)
     return full
