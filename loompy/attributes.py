@@ -180,7 +180,7 @@ class AttributeManager(DotAccess, MutableMapping):
 
     def set(self, name: str, values: Any, dtype: Any = None) -> None:
         """Validate ``values`` (one per row/column), then create or overwrite attribute ``name``."""
-        fmt.check_name(name, f"{self._where} '{name}'")
+        fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
         length = self._dims.shape[self.axis]
@@ -241,7 +241,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         return fmt.read_global(self._file, name, self._in_group, self._legacy)
 
     def __setitem__(self, name: str, value: Any) -> None:
-        fmt.check_name(name, f"{self._where} '{name}'")
+        fmt.check_name(name, self._where)
         if name == fmt.SPEC_VERSION_KEY:
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be changed")
         check_writable(self._file, f"{self._where} '{name}'")

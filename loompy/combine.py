@@ -100,7 +100,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         with replacing(output_file) as out, contextlib.ExitStack() as job:
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
-            started = _start_copies(sources[""], (n, total), dtypes[""], job)
+            second = _start_second(sources[""], (n, total), dtypes[""], job)
             fmt.init_file(out)
             for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else []):
                 if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted and k not in globals_:
@@ -113,13 +113,13 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                 fmt.write_values(out[fmt.COL_ATTRS], k, v, resizable=True, where=f"column attribute '{k}'")
             for g in first.row_graphs.keys():
                 write_graph(out, fmt.GRAPH_GROUPS[0], g, first.row_graphs[g])
-            _combine_layer(out, fmt.MATRIX, sources[""], (n, total), dtypes[""], started)
+            _combine_layer(out, fmt.MATRIX, sources[""], (n, total), dtypes[""], second)
             job.close()  # (its children are done)
             for name, dtype in dtypes.items():
                 if name != "":
                     with contextlib.ExitStack() as layer_job:
                         _combine_layer(out[fmt.LAYERS], name, sources[name], (n, total), dtype,
-                                       _start_copies(sources[name], (n, total), dtype, layer_job))
+                                       _start_second(sources[name], (n, total), dtype, layer_job))
     finally:
         for c in conns:
             c.close()
@@ -176,21 +176,24 @@ def _copies_first(sources: list[_Source], shape: tuple[int, int], dtype: np.dtyp
     return _whole(sources[0]) and first.dtype == dtype and fmt.stored_as_new_matrix(first, shape)
 
 
-def _start_copies(sources: list[_Source], shape: tuple[int, int], dtype: np.dtype, stack: contextlib.ExitStack
-                  ) -> dict[int, Callable[[h5py.Dataset], tuple[int, int]]]:
+_Finish = Callable[[h5py.Dataset], tuple[int, int]]  # a copy under way: do it into dst, say which columns
+
+
+def _start_second(sources: list[_Source], shape: tuple[int, int], dtype: np.dtype, stack: contextlib.ExitStack
+                  ) -> _Finish | None:
     """Start copying a whole second input when the first is HDF5's copy (its re-encoding, if any,
-    runs in the engine's helper processes until the layer is written); by source number."""
+    runs in the engine's helper processes until the layer is written); None otherwise."""
     if not _copies_first(sources, shape, dtype) or len(sources) < 2 or not _whole(sources[1]):
-        return {}
+        return None
     first = sources[0][0]
-    return {1: stack.enter_context(
-        engine.copying_columns(sources[1][0], engine.chunk_layout(first), shape, first.shape[1]))}
+    return stack.enter_context(engine.copying_columns(sources[1][0], engine.chunk_layout(first), shape,
+                                                      first.shape[1]))
 
 
 def _combine_layer(group: h5py.Group, name: str, sources: list[_Source], shape: tuple[int, int],
-                   dtype: np.dtype, started: dict[int, Callable[[h5py.Dataset], tuple[int, int]]]) -> None:
+                   dtype: np.dtype, second: _Finish | None) -> None:
     """Write one layer of the output: the selected columns of every source, in turn, as ``dtype``;
-    ``started`` holds the copies of sources already under way (:func:`_start_copies`).
+    ``second`` is the copy of the second source already under way, if any (:func:`_start_second`).
 
     When the first input is taken whole and stored just as the output will be, the output starts
     as HDF5's own copy of it (H5Ocopy moves the stored chunks without inflating them: 0.28 s for
@@ -208,14 +211,14 @@ def _combine_layer(group: h5py.Group, name: str, sources: list[_Source], shape: 
     dst = group[name]
     engine.resize(dst, shape[1], axis=1)
     fmt.touch(dst)
-    _concatenate_layer(dst, sources, first.shape[1], started)
+    _concatenate_layer(dst, sources, first.shape[1], second)
 
 
-def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0,
-                       started: dict[int, Callable[[h5py.Dataset], tuple[int, int]]] | None = None) -> None:
+def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0, second: _Finish | None = None
+                       ) -> None:
     """Fill ``dst`` with the selected columns of each source in turn (rows reordered by ``order``),
-    except the first ``held`` columns, which are there already; ``started`` holds the copies of
-    whole sources already under way (:func:`~loompy.engine.copying_columns`), by source number.
+    except the first ``held`` columns, which are there already; ``second`` is the copy of the second
+    source already under way (:func:`~loompy.engine.copying_columns`), if any.
 
     A source whose columns are all taken, rows in place, is copied chunk by chunk by the engine
     (stored chunks as they are when they line up with ``dst``'s); the rest (other sources, and
@@ -237,8 +240,8 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0,
         dataset, order, sel = source
         end = offset + len(sel)
         if end > held:
-            if k in (started or {}):
-                a, b = started[k](dst)
+            if k == 1 and second is not None:
+                a, b = second(dst)
             else:
                 a, b = engine.copy_columns(dataset, dst, offset) if _whole(source) else (offset, offset)
             need(max(offset, held), a)
@@ -397,9 +400,4 @@ def repack(filename: str | os.PathLike) -> None:
     The file is opened as ``connect(filename, "r")`` opens it: one with an unfinished append or
     replacement must be opened once with ``r+`` first, which repairs it."""
     with connect(filename, "r") as ds, replacing(ds._path) as out:
-        src = ds._file
-        for name in src.keys():
-            if not swaps.is_staging(src, name):  # (what an interrupted replacement left: r+ opens settle it)
-                src.copy(src[name], out, name=name)
-        for key, value in src.attrs.items():
-            out.attrs[key] = value
+        _copy_extras(ds._file, out, skip=())  # everything (what an interrupted replacement left aside)

@@ -87,7 +87,7 @@ class GraphManager(DotAccess, MutableMapping):
         return sp.coo_matrix((w, (a, b)), shape=(n, n))
 
     def __setitem__(self, name: str, graph: Any) -> None:
-        fmt.check_name(name, f"{self._where} '{name}'")
+        fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
         n = self._dims.shape[self.axis]

@@ -213,7 +213,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             _commit(f)
     except BaseException:  # an I/O error, Ctrl-C: back to the old width (else the next r+ open does it)
         if journal:
-            _roll_back(ds, m)
+            _roll_back(ds)
         raise
     ds._dims.shape = (n, m + n_new)  # the columns are in: the connection says so before anything else
     ds.col_attrs._forget()
@@ -339,9 +339,9 @@ def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
     return fmt.normalize_values(np.concatenate([np.full(w, t, dtype=object) for t, w in zip(texts, widths)]), where)
 
 
-def _roll_back(ds: Any, width: int) -> None:
-    """Undo a journalled append that failed while writing (back at ``width`` columns; or, when it was
-    interrupted just after its commit, done): the connection then says what the file holds."""
+def _roll_back(ds: Any) -> None:
+    """Undo a journalled append that failed while writing (or, when it was interrupted just after
+    its commit, keep it done): the connection then says what the file holds."""
     recover(ds._file)
     if fmt.MATRIX not in ds._file:  # an empty file again: the connection starts over
         ds._open_managers()
@@ -423,7 +423,7 @@ def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, jo
             _commit(f)
     except BaseException:
         if journal:
-            _roll_back(ds, 0)
+            _roll_back(ds)
         raise
 
 
@@ -495,7 +495,7 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                             journal=False, convert_attrs=convert_attrs)
             _commit(ds._file)
         except BaseException:  # back to the columns the file had (an empty file: empty again)
-            _roll_back(ds, m0)
+            _roll_back(ds)
             raise
         ds._file.flush()
         for name in converted:  # now a column attribute: the file-level value no longer holds for every column

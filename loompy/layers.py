@@ -53,7 +53,13 @@ class LoomLayer(SparseForms):
         self._path = dataset.name
         self._owner = owner  # the connection's layer manager: its file is the connection's, even reopened
         self._filename = owner._filename
-        self._known: tuple[Any, h5py.Dataset | None] = (None, None)  # (file state, dataset) last looked up
+        # (file state, dataset) last looked up: the manager has just looked this one up and checked it
+        self._known: tuple[Any, h5py.Dataset] = (self._state(owner._file), dataset)
+
+    @staticmethod
+    def _state(file: h5py.File) -> tuple[int, int]:
+        """What the lookup depends on: HDF5's id of this opening of the file, and its layer changes."""
+        return file.id.id, engine.layer_changes(file)
 
     @property
     def _file(self) -> h5py.File:
@@ -66,7 +72,7 @@ class LoomLayer(SparseForms):
         file = self._file
         if not file:
             raise LoomFileError(f"{self._filename}: the connection is closed")
-        key = (file.id.id, engine.layer_changes(file))  # (HDF5's id of this opening of the file)
+        key = self._state(file)
         if key == self._known[0]:
             return self._known[1]
         dataset = file.get(self._path)

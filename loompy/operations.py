@@ -363,19 +363,18 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
         raise LoomValueError(f"{ds.filename}: export format '{format}' is not supported (only 'tab')")
     dataset = ds.layers["" if layer is None else layer]._dataset
     _refuse_to_overwrite_hdf5(out_file)
-    row_names = list(ds.ra.keys())
-    lead = len(row_names)
-    cols = np.arange(ds.shape[1], dtype=np.int64)
     try:
-        _write_tab(ds, out_file, dataset, row_names, lead, cols)
+        _write_tab(ds, out_file, dataset)
     except OSError as exc:  # a folder, a missing folder, no permission, a full disk
-        if isinstance(exc, LoomError):
+        if isinstance(exc, LoomError):  # (reading the file: the engine's errors say what is wrong)
             raise
         raise LoomFileError(f"{os.fspath(out_file)}: cannot write the export there ({exc.strerror or exc})") from exc
 
 
-def _write_tab(ds: Any, out_file: str | os.PathLike, dataset: Any, row_names: list[str], lead: int,
-               cols: np.ndarray) -> None:
+def _write_tab(ds: Any, out_file: str | os.PathLike, dataset: Any) -> None:
+    row_names = list(ds.ra.keys())
+    lead = len(row_names)
+    cols = np.arange(ds.shape[1], dtype=np.int64)
     with open(out_file, "w", encoding="utf-8") as out:
         for name in ds.ca.keys():
             values = ds.ca[name]

@@ -146,13 +146,15 @@ def replace_root_attribute(f: h5py.File, name: str, data: Any, dtype: Any) -> No
     """Store a spec-2 global attribute (on the file's root), the old value kept on the staging group
     meanwhile: HDF5 replaces an attribute by deleting it, then creating the new one. Raises what
     HDF5 raises if it refuses the value (tried on the staging group first: the old value stays)."""
+    if name not in f.attrs:  # nothing to lose: a refused value leaves no attribute behind
+        f.attrs.create(name, data, dtype=dtype)
+        return
     staging = _staging(f, create=True)
     backup = _OLD_ATTR + name
     try:
         staging.attrs.create("probe", data, dtype=dtype)  # refused (too large...)? nothing is touched
         del staging.attrs["probe"]
-        if name in f.attrs:
-            staging.attrs.create(backup, f.attrs[name], dtype=f.attrs.get_id(name).dtype)
+        staging.attrs.create(backup, f.attrs[name], dtype=f.attrs.get_id(name).dtype)
         f.attrs.create(name, data, dtype=dtype)
     except BaseException:
         if name not in f.attrs and backup in staging.attrs:  # deleted, then not created: put it back

@@ -393,13 +393,13 @@ def test_each_layers_children_are_ended_before_the_next_layer(tmp_path, children
         loompy.create(paths[-1], {"": m, "x": m * 2, "y": m * 3}, {"Gene": [f"g{j}" for j in range(130)]},
                       {"CellID": [f"f{i}c{j}" for j in range(k)]}).close()
     combine_module = importlib.import_module("loompy.combine")
-    start, alive_before = combine_module._start_copies, []
+    start, alive_before = combine_module._start_second, []
 
     def spy(*args):
         alive_before.append(sum(c.returncode is None for c in children))
         return start(*args)
 
-    monkeypatch.setattr(combine_module, "_start_copies", spy)
+    monkeypatch.setattr(combine_module, "_start_second", spy)
     loompy.combine(paths, tmp_path / "out.loom")
     assert alive_before == [0, 0, 0] and len(children) == 6  # three layers, two helpers each
     with loompy.connect(tmp_path / "out.loom", "r") as ds:

@@ -205,7 +205,7 @@ def test_an_undone_append_restores_column_attributes_it_rewrote(tmp_path, monkey
 
     monkeypatch.setattr(growing, "_append_attr", fail_after_id)
     if dies:  # nothing undone by the call itself: as if the process had been killed there
-        monkeypatch.setattr(growing, "_roll_back", lambda ds, width: None)
+        monkeypatch.setattr(growing, "_roll_back", lambda ds: None)
     with loompy.connect(path) as ds:
         with pytest.raises(OSError, match="disk full"):
             ds.add_columns({"": np.ones((5, 2), np.float32)}, {"Id": np.array([2**40, 5]), "CellID": ["x", "y"],
@@ -284,7 +284,7 @@ def test_a_writer_killed_after_its_commit_leaves_nothing_behind(tmp_path, monkey
         raise SystemExit  # stands in for the kill: nothing after this runs
 
     monkeypatch.setattr(growing, "_commit", commit_then_die)
-    monkeypatch.setattr(growing, "_roll_back", lambda ds, width: None)  # a killed process undoes nothing
+    monkeypatch.setattr(growing, "_roll_back", lambda ds: None)  # a killed process undoes nothing
     with loompy.connect(path) as ds, pytest.raises(SystemExit):
         ds.add_columns({"": np.ones((5, 1), np.float32)}, {"Small": [100000], "CellID": ["x"], "N": [3]})
     monkeypatch.undo()
@@ -588,9 +588,9 @@ def test_combine_starts_from_a_copy_of_a_first_input_stored_alike(tmp_path, monk
     held = []
     concatenate = combine_module._concatenate_layer
 
-    def spy(dst, sources, already=0, started=None):
+    def spy(dst, sources, already=0, second=None):
         held.append(already)  # the leading columns already in place: the copy of the first input's
-        return concatenate(dst, sources, already, started)
+        return concatenate(dst, sources, already, second)
 
     monkeypatch.setattr(combine_module, "_concatenate_layer", spy)
     rng = np.random.default_rng(9)
