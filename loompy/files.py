@@ -6,7 +6,8 @@ any work starts, :func:`target_path` and :func:`check_replaceable` refuse what t
 get wrong: a symlink is followed (the file it names is replaced, the link stays), and a target
 that is read-only, has other hard links (they would keep the old content), or is open for
 writing by another connection or program (its later writes would go to the replaced file and
-be lost) is refused with a :class:`~loompy.errors.LoomFileError`.
+be lost), or another user's file in a sticky folder (only its owner may replace it) is refused
+with a :class:`~loompy.errors.LoomFileError`.
 
 In-place writes (appends, layer replacements) cannot be made safe against a full disk that way:
 :func:`check_free_space` refuses them first when the disk clearly lacks the room. And a file a
