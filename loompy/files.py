@@ -22,6 +22,7 @@ import errno
 import os
 import secrets
 import stat
+import threading
 import weakref
 from collections.abc import Iterator
 from typing import Any, BinaryIO
@@ -149,29 +150,79 @@ def replacing(path: str | os.PathLike | bytes, own: Any = None) -> Iterator[h5py
             os.remove(tmp)
         raise LoomFileError(f"{target}: cannot write a new file beside it ({error})") from error
     try:
-        try:
-            with f:
-                yield f
-        except (OSError, RuntimeError) as error:  # HDF5's (a full disk): the target is untouched
-            if isinstance(error, LoomError):
-                raise
-            raise LoomFileError(f"{target}: the new file could not be written ({error}); the file is "
-                                "unchanged") from error
-        try:
-            fd = os.open(tmp, os.O_RDONLY)
+        with _EarlyFlush(tmp) as flusher:
             try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            if os.path.exists(target):
-                _keep_ownership(target, tmp)
-            os.replace(tmp, target)
-        except OSError as error:
-            raise LoomFileError(f"{target}: the new file could not replace it ({error}); it is unchanged") from error
+                with f:
+                    yield f
+            except (OSError, RuntimeError) as error:  # HDF5's (a full disk): the target is untouched
+                if isinstance(error, LoomError):
+                    raise
+                raise LoomFileError(f"{target}: the new file could not be written ({error}); the file is "
+                                    "unchanged") from error
+            try:
+                flusher.sync()
+                if os.path.exists(target):
+                    _keep_ownership(target, tmp)
+                os.replace(tmp, target)
+            except OSError as error:
+                raise LoomFileError(f"{target}: the new file could not replace it ({error}); it is "
+                                    "unchanged") from error
     except BaseException:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+class _EarlyFlush:
+    """Sends a new file's bytes to the disk while it is written, every ``EVERY`` seconds on a helper
+    thread, so that the sync before its rename has little left to wait for: the disk works while
+    the cores do (a combine's 200 MB took 0.1 s to sync at the end, with the cores idle).
+
+    :meth:`sync` syncs the rest, and raises any error a flush met (the kernel reports a failed
+    write once: the final sync would not see it again).
+    """
+
+    EVERY = 0.25
+
+    def __init__(self, path: str):
+        self.path, self.fd, self.thread = path, None, None
+        self.error: OSError | None = None
+        self.done = threading.Event()
+        with contextlib.suppress(OSError, RuntimeError):  # (no thread: the final sync does it all)
+            self.fd = os.open(path, os.O_RDONLY)
+            self.thread = threading.Thread(target=self._run, name="loompy-flush", daemon=True)
+            self.thread.start()
+
+    def __enter__(self) -> _EarlyFlush:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _run(self) -> None:
+        while not self.done.wait(self.EVERY):
+            try:
+                os.fsync(self.fd)
+            except OSError as error:
+                self.error = error
+                return
+
+    def _stop(self) -> None:
+        self.done.set()
+        if self.thread is not None and self.thread.is_alive():
+            self.thread.join()
+
+    def sync(self) -> None:
+        """Every byte of the file on disk; OSError if this or an earlier flush failed."""
+        self._stop()
+        if self.error is not None:
+            raise self.error
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        os.fsync(self.fd)
 
 
 def _keep_ownership(old: str, new: str) -> None:

@@ -295,14 +295,36 @@ def test_the_frames_of_children_that_are_done_are_used(tmp_path, children, monke
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
 
 
-def test_the_parts_of_one_failing_child_are_done_here(tmp_path, children, monkeypatch):
+def test_a_child_that_fails_at_start_leaves_its_share_to_the_other(tmp_path, children, monkeypatch):
+    """Children take parts as they get to them: the one left does them all."""
     path = tmp_path / "s.h5"
-    expected = _source(path, shape=(640, 1000))  # 10 bands: child 0 has 0-3 and 8-9, child 1 has 4-7
-    monkeypatch.setattr(processes, "_BOOT", "import sys\nif sys.argv[2] == '1': sys.exit(3)\n" + processes._BOOT)
+    expected = _source(path, shape=(640, 1000))  # 10 bands
+    flag = tmp_path / "first"
+    first_one_exits = ("import os, sys\ntry:\n    os.close(os.open(" + repr(str(flag)) + ", os.O_CREAT | os.O_EXCL))"
+                       "\nexcept FileExistsError:\n    pass\nelse:\n    sys.exit(3)\n")
+    monkeypatch.setattr(processes, "_BOOT", first_one_exits + processes._BOOT)
     here, encode = [], processes.BandEncoder.encode
     monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
     (a, b), got = _copy(path, 10, 1010)
-    assert sorted(here) == [4, 5, 6, 7]
+    assert flag.exists() and [c.returncode for c in children].count(3) == 1  # one failed, one did it all
+    assert here == []
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+def test_the_part_a_child_dies_on_is_done_here(tmp_path, children, monkeypatch):
+    path = tmp_path / "s.h5"
+    expected = _source(path, shape=(640, 1000))  # 10 bands
+    dying = ("from loompy.engine import bands\nencode = bands.BandEncoder.encode\n"  # (after its frames are out)
+             "bands.BandEncoder.encode = lambda self, part: (time.sleep(0.5), os._exit(5)) if part == 3 "
+             "else encode(self, part)\n")
+    boot = processes._BOOT.replace("from loompy.engine.bands import child_main\n",
+                                   "import os, time\n" + dying + "from loompy.engine.bands import child_main\n")
+    assert boot != processes._BOOT
+    monkeypatch.setattr(processes, "_BOOT", boot)
+    here, encode = [], processes.BandEncoder.encode
+    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+    (a, b), got = _copy(path, 10, 1010)
+    assert here == [3] and 5 in [c.returncode for c in children]
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
 
 
@@ -404,3 +426,15 @@ def test_each_layers_children_are_ended_before_the_next_layer(tmp_path, children
     assert alive_before == [0, 0, 0] and len(children) == 6  # three layers, two helpers each
     with loompy.connect(tmp_path / "out.loom", "r") as ds:
         np.testing.assert_array_equal(ds["y"][:, :], ds[:, :] * 3)
+
+
+def test_children_start_numpy_with_one_blas_thread(tmp_path, children, monkeypatch):
+    """A BLAS thread pool (never used there) spins for 0.1 s of CPU in each child as numpy loads."""
+    path = tmp_path / "s.h5"
+    _source(path)
+    envs, popen = [], subprocess.Popen
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "8")
+    monkeypatch.setattr(processes.subprocess, "Popen", lambda *a, **k: envs.append(k["env"]) or popen(*a, **k))
+    _copy(path, 10, 1010)
+    assert len(envs) == 2 and all(e["OPENBLAS_NUM_THREADS"] == e["OMP_NUM_THREADS"] == "1" for e in envs)
+    assert all(e["PATH"] == os.environ["PATH"] for e in envs)

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 
 import h5py
 import numpy as np
@@ -384,3 +386,35 @@ def test_an_hdf5_file_that_is_not_loom_is_refused_untouched_even_with_trailing_b
     with pytest.raises(loompy.LoomFormatError, match="plain.h5: not a Loom file"):
         loompy.connect(plain)
     assert plain.read_bytes() == before
+
+
+def test_a_new_file_is_flushed_while_written_and_a_failed_flush_is_not_lost(tmp_path, monkeypatch):
+    """Whole-file writes send their bytes to the disk as they go (the sync before the rename then has
+    little left); a flush that fails makes the rewrite fail, though the kernel reports it only once."""
+    files = __import__("importlib").import_module("loompy.files")
+    create = __import__("importlib").import_module("loompy.create")
+    monkeypatch.setattr(files._EarlyFlush, "EVERY", 0.01)
+    synced, real_fsync, write = [], os.fsync, create.engine.write_matrix
+
+    def slow_write(*args, **kwargs):
+        time.sleep(0.2)
+        return write(*args, **kwargs)
+
+    monkeypatch.setattr(create.engine, "write_matrix", slow_write)
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(threading.current_thread().name) or real_fsync(fd))
+    path = make(tmp_path / "a.loom")
+    assert synced.count("loompy-flush") >= 3 and synced[-1] == threading.current_thread().name  # and once at the end
+    before = path.read_bytes()
+
+    def fails_once(fd):
+        if threading.current_thread().name == "loompy-flush" and not synced:
+            synced.append("failed")
+            raise OSError(5, "Input/output error")
+        return real_fsync(fd)
+
+    synced.clear()
+    monkeypatch.setattr(files.os, "fsync", fails_once)
+    with pytest.raises(loompy.LoomFileError, match="a.loom: the new file could not replace it.*Input/output error"):
+        make(path, np.zeros((3, 2), np.float32))
+    assert synced == ["failed"] and path.read_bytes() == before and not list(tmp_path.glob(".*loom-tmp"))
+    assert not [t for t in threading.enumerate() if t.name == "loompy-flush"]

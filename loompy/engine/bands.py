@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import queue
 import struct
 import sys
 import threading
@@ -27,18 +26,33 @@ import numpy as np
 
 from . import codecs
 
-BLOCK = 4  # parts a child takes in a row before the next child's turn
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows, where no child is started
+    fcntl = None
+
 PIECE_TILES = 1024  # a band of combine is encoded in parts of at most this many tiles (16 MB of 64 x 64
 # float32), so that wide matrices need no more memory; permute's parts are whole bands (any tile may
 # need any of the band's source chunks)
 # frames a child writes: (part, kind, count, second count) then the kind's payload
 FRAME = struct.Struct("<qqqq")
 DATA, DAMAGED, FAILED = range(3)
+# the file a job's children share starts with the number of the next part to claim, then their
+# orders' length, the orders (JSON) and the plan (see BandPlan.to_bytes)
+COUNTER = struct.Struct("<q")
 
 
-def owner(part: int, children: int) -> int:
-    """Which of ``children`` encodes part ``part`` (blocks of ``BLOCK`` parts in turn)."""
-    return part // BLOCK % max(1, children)
+def claim(shared: int) -> int:
+    """The number of the next part nobody has taken, from the counter at the start of the file open
+    as ``shared`` (locked meanwhile: the children take parts as they get to them, so one that is
+    slowed down, by sharing a core with its parent say, does fewer)."""
+    fcntl.lockf(shared, fcntl.LOCK_EX, COUNTER.size, 0)  # (a POSIX lock: one process at a time)
+    try:
+        (part,) = COUNTER.unpack(os.pread(shared, COUNTER.size, 0))
+        os.pwrite(shared, COUNTER.pack(part + 1), 0)
+    finally:
+        fcntl.lockf(shared, fcntl.LOCK_UN, COUNTER.size, 0)
+    return part
 
 
 @dataclass
@@ -185,50 +199,71 @@ class BandEncoder:
 
 def child_main() -> None:
     """A child's whole life. Its command line gives the descriptor of the file it shares with its
-    parent and the other children, its number and how many there are. Once stdin closes, that file
-    holds its orders (the source's path and identity, how far ahead it may run) and the plan; it
-    encodes its parts (see :func:`owner`) and writes one frame for each to
-    stdout, in order (see :mod:`.processes`)."""
-    shared, me, count = (int(a) for a in sys.argv[1:4])
+    parent and the other children. Once stdin closes, that file holds its orders (the source's path
+    and identity, how many bytes of frames may wait for the parent) and the plan; it claims parts
+    (:func:`claim`) until none is left, and writes one frame for each to stdout (see
+    :mod:`.processes`)."""
+    shared = int(sys.argv[1])
     sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
     # (the descriptor's offset is shared with the parent and the other child: read at fixed places)
-    (length,) = struct.unpack("<q", os.pread(shared, 8, 0))
-    orders = json.loads(os.pread(shared, length, 8))
-    plan = BandPlan.from_bytes(os.pread(shared, os.fstat(shared).st_size - 8 - length, 8 + length))
-    os.close(shared)
+    (length,) = struct.unpack("<q", os.pread(shared, 8, COUNTER.size))
+    orders = json.loads(os.pread(shared, length, COUNTER.size + 8))
+    start = COUNTER.size + 8 + length
+    plan = BandPlan.from_bytes(os.pread(shared, os.fstat(shared).st_size - start, start))
     fd = os.open(orders["source"], os.O_RDONLY)
     info = os.fstat(fd)
     if [info.st_dev, info.st_ino] != orders["file"]:
         return  # replaced on disk since the parent listed its chunks: no frame, so the parent reads it itself
-    out = sys.stdout.buffer
     # a writer thread sends finished frames, so that encoding goes on while the parent is busy
-    # elsewhere (copying the first input of a combine, say), up to ``ahead`` frames
-    frames: queue.Queue = queue.Queue(maxsize=orders["ahead"])
+    # elsewhere (copying the first input of a combine, say), until ``ahead`` bytes of them wait
+    frames: list[bytes | None] = []
+    waiting = threading.Condition()
+    held = 0
 
     def send() -> None:
+        nonlocal held
         try:
-            while (frame := frames.get()) is not None:
-                out.write(frame)
-            out.flush()
+            while True:
+                with waiting:
+                    while not frames:
+                        waiting.wait()
+                    frame = frames.pop(0)
+                if frame is None:
+                    break
+                view = memoryview(frame)
+                while view:  # (unbuffered: whatever is written reaches the parent, even if this child dies)
+                    view = view[os.write(1, view):]
+                with waiting:
+                    held -= len(frame)
+                    waiting.notify_all()
         except OSError:  # the parent has gone: nothing is left to do
             os._exit(1)
+
+    def put(frame: bytes | None) -> None:
+        nonlocal held
+        with waiting:
+            while frames and frame is not None and held + len(frame) > orders["ahead"]:
+                waiting.wait()
+            frames.append(frame)
+            held += len(frame or b"")
+            waiting.notify_all()
 
     writer = threading.Thread(target=send, daemon=True)
     writer.start()
     encoder = BandEncoder(plan, fd)
-    for part in (p for p in range(plan.parts) if owner(p, count) == me):
+    while (part := claim(shared)) < plan.parts:
         try:
             stored, payloads, empty = encoder.encode(part)
         except codecs.DamagedChunk as error:
             message = str(error).encode()
-            frames.put(FRAME.pack(part, DAMAGED, len(message), 0) + message)
+            put(FRAME.pack(part, DAMAGED, len(message), 0) + message)
             break
         except Exception as error:  # anything else: the parent encodes the part itself
             message = f"{type(error).__name__}: {error}".encode()
-            frames.put(FRAME.pack(part, FAILED, len(message), 0) + message)
+            put(FRAME.pack(part, FAILED, len(message), 0) + message)
             break
         lengths = [len(p) for p in payloads]
-        frames.put(b"".join([FRAME.pack(part, DATA, len(stored), len(empty)),
-                             np.array(stored + lengths + empty, dtype=np.int64).tobytes(), *payloads]))
-    frames.put(None)
+        put(b"".join([FRAME.pack(part, DATA, len(stored), len(empty)),
+                      np.array(stored + lengths + empty, dtype=np.int64).tobytes(), *payloads]))
+    put(None)
     writer.join()

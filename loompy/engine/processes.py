@@ -1,21 +1,22 @@
-"""Encoding bands (see :mod:`.bands`) in child processes, storing them here in order.
+"""Encoding bands (see :mod:`.bands`) in child processes, storing them here as they come.
 
 The children are fresh interpreters (``sys.executable``, when it is a Python) that load
 :mod:`.bands` and :mod:`.codecs` from this package's folder without running
 ``loompy/__init__.py`` (no h5py, and never the user's ``__main__``, as multiprocessing's spawned
 workers would). They are started before the source's chunks are listed and wait for their stdin
 to close; then a temporary file they share holds their orders (which file to read: they check it
-is the one listed) and the plan, and their command line says which parts are theirs
-(:func:`.bands.owner`). This process reads their frames in order and stores the chunks. Children
-encode as soon as they have their orders, so a caller can start a job before other long work
-(combine: before it writes attributes and HDF5 copies its first input). Nothing is ever written to
-a child's pipe: a child that died would raise SIGPIPE, which kills programs that do not ignore it.
+is the one listed) and the plan, and a counter from which each claims the next part when it is
+ready for one (:func:`.bands.claim`), so a child slowed down does fewer. This process stores
+each part's chunks as its frame arrives. Children encode as soon as they have their orders, so a
+caller can start a job before other long work (combine: before it writes attributes and HDF5
+copies its first input). Nothing is ever written to a child's pipe: a child that died would raise
+SIGPIPE, which kills programs that do not ignore it.
 
 Nothing here is needed for correctness: when children cannot be started (no ``pread``, a frozen
 interpreter or one that is not Python, one core, fewer than ``MIN_TILES`` chunks) the same parts
-are encoded on this process's threads, and a part a child cannot give (it failed, or sent nothing
-for ``PATIENCE`` seconds) is encoded here. A chunk a child finds damaged raises
-:class:`~.codecs.DamagedChunk` here, as it would on a thread.
+are encoded on this process's threads, and the parts children did not give (one failed, or none
+sent anything for ``PATIENCE`` seconds) are encoded on them at the end. A chunk a child finds
+damaged raises :class:`~.codecs.DamagedChunk` here, as it would on a thread.
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ from collections.abc import Callable
 import numpy as np
 
 from . import codecs
-from .bands import DAMAGED, DATA, FRAME, BandEncoder, BandPlan, owner
+from .bands import COUNTER, DAMAGED, DATA, FAILED, FRAME, BandEncoder, BandPlan
 from .workers import THREADS, run_in_order
 
 MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
 # about 0.1 s of CPU each, the re-encoding about 25 us per chunk
-AHEAD_BYTES = 64 << 20  # a child may run ahead of this process by this much raw data (2 to 32 parts)
+AHEAD_BYTES = 32 << 20  # a child's finished frames may wait for this process up to this many bytes
 PATIENCE = 120.0  # seconds this process waits for a child's next bytes before it does the part itself
+
+# numpy's BLAS starts a thread per core that spins for a while (0.1 s of CPU in each child, which
+# never uses it): one thread, with OpenBLAS, MKL or OpenMP
+ONE_THREAD = {"OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 Store = Callable[[int, list, list, list], None]  # (band, tile numbers, their bytes, all-zero tile numbers)
 
@@ -72,8 +77,8 @@ class BandJob:
     """The parts of a plan being encoded, by children when there are at least ``MIN_TILES`` tiles.
 
     Children start when the job is made; :meth:`begin` gives them the plan, :meth:`store_all`
-    hands every part to a store function in order, and :meth:`close` (or leaving the ``with``
-    block) ends any still running.
+    hands every part to a store function, and :meth:`close` (or leaving the ``with`` block) ends
+    any still running.
     """
 
     def __init__(self, tiles: int):
@@ -95,13 +100,14 @@ class BandJob:
         boot = _BOOT.format(path=[p for p in sys.path if p], package=os.path.dirname(engine_folder),
                             engine=engine_folder)
         count = min(THREADS, _cores())
+        env = {**os.environ, **ONE_THREAD}
         try:
             self.shared = tempfile.TemporaryFile()
-            for k in range(count):
+            for _ in range(count):
                 self.children.append(subprocess.Popen(
-                    [sys.executable, "-I", "-c", boot, str(self.shared.fileno()), str(k), str(count)],
+                    [sys.executable, "-I", "-c", boot, str(self.shared.fileno())],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                    pass_fds=(self.shared.fileno(),), bufsize=0))
+                    pass_fds=(self.shared.fileno(),), bufsize=0, env=env))
         except (OSError, ValueError):  # no children here: threads do it all
             self.close()
 
@@ -111,11 +117,9 @@ class BandJob:
         self.plan, self.fd = plan, fd
         if not self.children:
             return
-        part_bytes = plan.piece * plan.chunks[0] * plan.chunks[1] * np.dtype(plan.target_dtype).itemsize
-        ahead = max(2, min(32, AHEAD_BYTES // part_bytes))
-        orders = json.dumps({"source": path, "file": list(file_id), "ahead": ahead}).encode()
+        orders = json.dumps({"source": path, "file": list(file_id), "ahead": AHEAD_BYTES}).encode()
         try:
-            self.shared.write(struct.pack("<q", len(orders)) + orders + plan.to_bytes())
+            self.shared.write(COUNTER.pack(0) + struct.pack("<q", len(orders)) + orders + plan.to_bytes())
             self.shared.flush()
         except OSError:
             self.close()
@@ -123,55 +127,73 @@ class BandJob:
         for child in self.children:  # closing (never writing: a dead child would raise SIGPIPE) says go
             child.stdin.close()
 
-    def _frame(self, part: int) -> tuple | None:
-        """Part ``part``'s result from its child, or None when the child cannot give it."""
-        k = owner(part, len(self.children))
-        child = self.children[k]
-        if child is None:
-            return None
-        fd = child.stdout.fileno()
-        try:
-            got, kind, count, empty = FRAME.unpack(_read(fd, FRAME.size))
-            if kind == DAMAGED:
-                message = _read(fd, count).decode(errors="replace")
-            else:
-                _, start, stop = self.plan.part(part)
-                if kind != DATA or got != part or count + empty != stop - start:
-                    raise EOFError(f"part {got} of kind {kind} with {count} + {empty} tiles where {part} was due")
-                numbers = np.frombuffer(_read(fd, 8 * (2 * count + empty)), dtype=np.int64)
-                stored, lengths = numbers[:count].tolist(), numbers[count:2 * count].tolist()
-                blob = memoryview(_read(fd, sum(lengths)))
-                bounds = np.cumsum([0, *lengths]).tolist()
-                return stored, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], numbers[2 * count:].tolist()
-        except (EOFError, OSError, ValueError, struct.error):  # the child failed: this process takes over
-            self._end(k)
-            return None
-        raise codecs.DamagedChunk(message)
-
     def store_all(self, store: Store) -> None:
-        """Hand every part to ``store`` as (band, tile numbers, their bytes, all-zero tile numbers), in order."""
+        """Hand every part to ``store`` as (band, tile numbers, their bytes, all-zero tile numbers),
+        each as soon as it is encoded; the parts children did not give are encoded here at the end."""
+        done = np.zeros(self.plan.parts, dtype=bool)
+        if self.children:
+            self._store_frames(store, done)
         plan, fd = self.plan, self.fd
+        mine = threading.local()  # each thread's encoder (it keeps buffers)
+
+        def encode(part: int) -> tuple:
+            if not hasattr(mine, "encoder"):
+                mine.encoder = BandEncoder(plan, fd)
+            return (plan.part(part)[0], *mine.encoder.encode(part))
+
+        tasks = [functools.partial(encode, p) for p in np.flatnonzero(~done).tolist()]
+        run_in_order(tasks, lambda result: store(*result), 2 * THREADS)
+
+    def _store_frames(self, store: Store, done: np.ndarray) -> None:
+        """Store the children's frames as they come, until every child has ended, marking the parts in ``done``."""
+        listening = select.poll()  # (select.select cannot wait on descriptors past 1023)
+        by_fd = {}
         for k, child in enumerate(self.children):
-            if child is not None and child.poll() not in (None, 0):  # failed already (could not start, say;
-                self._end(k)                                         # one that is done has its frames sent)
-        if not any(self.children):
-            mine = threading.local()  # each thread's encoder (it keeps buffers)
+            if child is not None:
+                by_fd[child.stdout.fileno()] = k
+                listening.register(child.stdout.fileno(), select.POLLIN)
+        while by_fd:
+            ready = listening.poll(PATIENCE * 1000)
+            if not ready:  # nothing from any child for PATIENCE seconds: this process does the rest
+                break
+            for fd, _ in ready:
+                k = by_fd[fd]
+                try:
+                    frame = self._next_frame(fd, done)
+                except codecs.DamagedChunk:  # (a ValueError, but the source's fault, not the child's)
+                    raise
+                except (EOFError, OSError, ValueError, struct.error):  # ended, or failed: others go on
+                    frame = None
+                if frame is None:
+                    listening.unregister(fd)
+                    del by_fd[fd]
+                    self._end(k)
+                    continue
+                part, result = frame
+                store(self.plan.part(part)[0], *result)
+                done[part] = True
+        self.close()
 
-            def encode(part: int) -> tuple:
-                if not hasattr(mine, "encoder"):
-                    mine.encoder = BandEncoder(plan, fd)
-                return (plan.part(part)[0], *mine.encoder.encode(part))
-
-            tasks = [functools.partial(encode, p) for p in range(plan.parts)]
-            run_in_order(tasks, lambda result: store(*result), 2 * THREADS)
-            return
-        local = None
-        for part in range(plan.parts):
-            result = self._frame(part)
-            if result is None:
-                local = local or BandEncoder(plan, fd)
-                result = local.encode(part)
-            store(plan.part(part)[0], *result)
+    def _next_frame(self, fd: int, done: np.ndarray) -> tuple[int, tuple] | None:
+        """The next frame a child sends, as (part, its result); None when it has ended or failed a part."""
+        head = _read(fd, FRAME.size, allow_end=True)
+        if head is None:
+            return None
+        part, kind, count, empty = FRAME.unpack(head)
+        if kind == DAMAGED:
+            raise codecs.DamagedChunk(_read(fd, count).decode(errors="replace"))
+        if kind == FAILED:
+            return None
+        if not 0 <= part < len(done) or done[part]:
+            raise ValueError(f"a frame for part {part}, which is not due")
+        _, start, stop = self.plan.part(part)
+        if kind != DATA or count + empty != stop - start:
+            raise ValueError(f"part {part} of kind {kind} with {count} + {empty} tiles")
+        numbers = np.frombuffer(_read(fd, 8 * (2 * count + empty)), dtype=np.int64)
+        stored, lengths = numbers[:count].tolist(), numbers[count:2 * count].tolist()
+        blob = memoryview(_read(fd, sum(lengths)))
+        bounds = np.cumsum([0, *lengths]).tolist()
+        return part, (stored, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], numbers[2 * count:].tolist())
 
     def _end(self, k: int) -> None:
         child, self.children[k] = self.children[k], None
@@ -192,8 +214,9 @@ class BandJob:
             self.shared = None
 
 
-def _read(fd: int, n: int) -> bytes:
-    """``n`` bytes from a child's pipe; EOFError when it ends first or sends nothing for ``PATIENCE`` s."""
+def _read(fd: int, n: int, allow_end: bool = False) -> bytes | None:
+    """``n`` bytes from a child's pipe; EOFError when it ends first or sends nothing for ``PATIENCE``
+    s (with ``allow_end``, None when it ends before the first byte)."""
     parts, left = [], n
     waiting = select.poll()  # (select.select cannot wait on descriptors past 1023)
     waiting.register(fd, select.POLLIN)
@@ -201,6 +224,8 @@ def _read(fd: int, n: int) -> bytes:
         if not waiting.poll(PATIENCE * 1000):
             raise EOFError(f"a helper process sent nothing for {PATIENCE:.0f} s")
         data = os.read(fd, min(left, 1 << 20))
+        if not data and allow_end and left == n:
+            return None
         if not data:
             raise EOFError(f"a helper process ended early ({n - left} of {n} bytes)")
         parts.append(data)
