@@ -438,3 +438,32 @@ def test_children_start_numpy_with_one_blas_thread(tmp_path, children, monkeypat
     _copy(path, 10, 1010)
     assert len(envs) == 2 and all(e["OPENBLAS_NUM_THREADS"] == e["OMP_NUM_THREADS"] == "1" for e in envs)
     assert all(e["PATH"] == os.environ["PATH"] for e in envs)
+
+
+def test_a_child_still_starting_up_is_not_waited_for_once_every_part_is_stored(tmp_path, children, monkeypatch):
+    path = tmp_path / "s.h5"
+    expected = _source(path)
+    flag = tmp_path / "first"
+    first_one_sleeps = ("import os, time\ntry:\n    os.close(os.open(" + repr(str(flag)) + ", os.O_CREAT | os.O_EXCL))"
+                        "\nexcept FileExistsError:\n    pass\nelse:\n    time.sleep(30)\n")
+    monkeypatch.setattr(processes, "_BOOT", first_one_sleeps + processes._BOOT)
+    here, encode = [], processes.BandEncoder.encode
+    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+    began = time.monotonic()
+    (a, b), got = _copy(path, 10, 1010)
+    assert time.monotonic() - began < 15 and here == [] and all(c.returncode is not None for c in children)
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+def test_no_children_where_the_temporary_folder_has_no_locks(tmp_path, children, monkeypatch):
+    """Children take parts under a lock on a temporary file; some network file systems have none."""
+    path = tmp_path / "s.h5"
+    expected = _source(path)
+
+    def no_locks(fd):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(processes, "check_locks", no_locks)
+    (a, b), got = _copy(path, 10, 1010)
+    assert not children
+    np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])

@@ -394,6 +394,7 @@ def test_a_new_file_is_flushed_while_written_and_a_failed_flush_is_not_lost(tmp_
     files = __import__("importlib").import_module("loompy.files")
     create = __import__("importlib").import_module("loompy.create")
     monkeypatch.setattr(files._EarlyFlush, "EVERY", 0.01)
+    monkeypatch.setattr(files._EarlyFlush, "GROWTH", 0)
     synced, real_fsync, write = [], os.fsync, create.engine.write_matrix
 
     def slow_write(*args, **kwargs):
@@ -418,3 +419,37 @@ def test_a_new_file_is_flushed_while_written_and_a_failed_flush_is_not_lost(tmp_
         make(path, np.zeros((3, 2), np.float32))
     assert synced == ["failed"] and path.read_bytes() == before and not list(tmp_path.glob(".*loom-tmp"))
     assert not [t for t in threading.enumerate() if t.name == "loompy-flush"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to see open descriptors")
+def test_a_failed_rewrite_does_not_wait_for_a_flush_under_way_and_leaves_nothing_open(tmp_path, monkeypatch):
+    files = __import__("importlib").import_module("loompy.files")
+    monkeypatch.setattr(files._EarlyFlush, "EVERY", 0.01)
+    monkeypatch.setattr(files._EarlyFlush, "GROWTH", 0)
+    flushing, real_fsync = threading.Event(), os.fsync
+
+    def slow_fsync(fd):
+        if threading.current_thread().name == "loompy-flush":
+            flushing.set()
+            time.sleep(1.0)  # a slow disk
+        return real_fsync(fd)
+
+    def temporary_files_open():
+        return [n for n in os.listdir("/proc/self/fd") if "loom-tmp" in os.path.realpath(f"/proc/self/fd/{n}")]
+
+    monkeypatch.setattr(files.os, "fsync", slow_fsync)
+    path = make(tmp_path / "a.loom")
+    before = path.read_bytes()
+    with pytest.raises(KeyboardInterrupt):
+        with files.replacing(path) as f:
+            f["x"] = np.zeros(10)
+            assert flushing.wait(5)
+            began = time.monotonic()
+            raise KeyboardInterrupt
+    assert time.monotonic() - began < 0.5  # not after the flush
+    for _ in range(100):  # the thread closes the file once its flush returns
+        if not [t for t in threading.enumerate() if t.name == "loompy-flush"]:
+            break
+        time.sleep(0.05)
+    assert not temporary_files_open() and not [t for t in threading.enumerate() if t.name == "loompy-flush"]
+    assert path.read_bytes() == before and not list(tmp_path.glob(".*loom-tmp"))

@@ -42,6 +42,13 @@ DATA, DAMAGED, FAILED = range(3)
 COUNTER = struct.Struct("<q")
 
 
+def check_locks(shared: int) -> None:
+    """OSError unless the file open as ``shared`` takes the locks :func:`claim` needs (where the
+    temporary folder has none, as on some network file systems, threads do the work instead)."""
+    fcntl.lockf(shared, fcntl.LOCK_EX | fcntl.LOCK_NB, COUNTER.size, 0)
+    fcntl.lockf(shared, fcntl.LOCK_UN, COUNTER.size, 0)
+
+
 def claim(shared: int) -> int:
     """The number of the next part nobody has taken, from the counter at the start of the file open
     as ``shared`` (locked meanwhile: the children take parts as they get to them, so one that is

@@ -35,7 +35,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import codecs
-from .bands import COUNTER, DAMAGED, DATA, FAILED, FRAME, BandEncoder, BandPlan
+from .bands import COUNTER, DAMAGED, DATA, FAILED, FRAME, BandEncoder, BandPlan, check_locks
 from .workers import THREADS, run_in_order
 
 MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
@@ -103,6 +103,7 @@ class BandJob:
         env = {**os.environ, **ONE_THREAD}
         try:
             self.shared = tempfile.TemporaryFile()
+            check_locks(self.shared.fileno())  # (children take parts under a lock on this file)
             for _ in range(count):
                 self.children.append(subprocess.Popen(
                     [sys.executable, "-I", "-c", boot, str(self.shared.fileno())],
@@ -152,7 +153,8 @@ class BandJob:
             if child is not None:
                 by_fd[child.stdout.fileno()] = k
                 listening.register(child.stdout.fileno(), select.POLLIN)
-        while by_fd:
+        left = int(np.count_nonzero(~done))
+        while by_fd and left:  # (once all are stored, a child still starting up is not waited for)
             ready = listening.poll(PATIENCE * 1000)
             if not ready:  # nothing from any child for PATIENCE seconds: this process does the rest
                 break
@@ -172,6 +174,7 @@ class BandJob:
                 part, result = frame
                 store(self.plan.part(part)[0], *result)
                 done[part] = True
+                left -= 1
         self.close()
 
     def _next_frame(self, fd: int, done: np.ndarray) -> tuple[int, tuple] | None:
