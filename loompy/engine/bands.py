@@ -151,6 +151,7 @@ class BandEncoder:
         h, w = plan.chunks
         self.nbytes = h * w * np.dtype(plan.source_dtype).itemsize
         self.tiles = np.empty((plan.piece, h, w), dtype=plan.target_dtype)
+        self.deflate = codecs.compressor(plan.level)
         if plan.order is None:  # the source chunks under a part's tiles, and one more
             self.row = np.empty((plan.piece + 1, h, w), dtype=plan.source_dtype)
             return
@@ -200,7 +201,8 @@ class BandEncoder:
         if stop == plan.tiles_per_band:
             tiles[count - 1, :, plan.width - (plan.tiles_per_band - 1) * w:] = 0
         keep = codecs.tiles_to_store(tiles, plan.target_fill)
-        payloads = [codecs.compress(tiles[k], plan.level) for k in np.flatnonzero(keep).tolist()]
+        flat, size = memoryview(tiles.reshape(-1).view(np.uint8)), tiles[0].nbytes
+        payloads = [self.deflate(flat[k * size:(k + 1) * size]) for k in np.flatnonzero(keep).tolist()]
         return (start + np.flatnonzero(keep)).tolist(), payloads, (start + np.flatnonzero(~keep)).tolist()
 
 

@@ -190,7 +190,7 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     h, w = layout.chunks
     length, across, unit = (nrows, ncols, h) if axis == 0 else (ncols, nrows, w)
     step = max(unit, TASK_BYTES // max(1, across * layout.dtype.itemsize) // unit * unit)
-    level = layout.level
+    deflate = codecs.compressor(layout.level)
     size = layout.nbytes
     scratch = Scratch()  # each worker's tiles (and gathered columns), reused task after task
 
@@ -204,7 +204,7 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
         wide = keep.shape[1]
         coords = list(zip((top + numbers // wide * h).tolist(), (left + numbers % wide * w).tolist()))
         flat = memoryview(tiles.reshape(-1).view(np.uint8))
-        payloads = [codecs.compress(flat[k * size:(k + 1) * size], level) for k in numbers.tolist()]
+        payloads = [deflate(flat[k * size:(k + 1) * size]) for k in numbers.tolist()]
         i, j = np.nonzero(~keep)
         return coords, payloads, list(zip((top + i * h).tolist(), (left + j * w).tolist()))
 
