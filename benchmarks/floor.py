@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loompy  # noqa: E402
 from loompy import engine  # noqa: E402
-from loompy.engine import storage  # noqa: E402
+from loompy.engine import codecs, storage  # noqa: E402
 
 
 def floor(path: str, threads: int) -> float:
@@ -46,7 +46,7 @@ def floor(path: str, threads: int) -> float:
             for o, s, k in zip(index.offset[chunk_row].tolist(), index.size[chunk_row].tolist(),
                                index.mask[chunk_row].tolist()):
                 if o >= 0:
-                    layout.decode(index.read(fd, o, s), k)
+                    layout.decode(codecs.read_stored(fd, o, s), k)
 
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
