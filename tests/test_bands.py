@@ -295,14 +295,18 @@ def test_the_frames_of_children_that_are_done_are_used(tmp_path, children, monke
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
 
 
+def _first_child_then(flag, statement: str) -> str:
+    """Boot code that runs ``statement`` in whichever child starts first (it makes ``flag``)."""
+    return ("import os\ntry:\n    os.close(os.open(" + repr(str(flag)) + ", os.O_CREAT | os.O_EXCL))\n"
+            "except FileExistsError:\n    pass\nelse:\n    " + statement + "\n")
+
+
 def test_a_child_that_fails_at_start_leaves_its_share_to_the_other(tmp_path, children, monkeypatch):
     """Children take parts as they get to them: the one left does them all."""
     path = tmp_path / "s.h5"
     expected = _source(path, shape=(640, 1000))  # 10 bands
     flag = tmp_path / "first"
-    first_one_exits = ("import os, sys\ntry:\n    os.close(os.open(" + repr(str(flag)) + ", os.O_CREAT | os.O_EXCL))"
-                       "\nexcept FileExistsError:\n    pass\nelse:\n    sys.exit(3)\n")
-    monkeypatch.setattr(processes, "_BOOT", first_one_exits + processes._BOOT)
+    monkeypatch.setattr(processes, "_BOOT", _first_child_then(flag, "import sys; sys.exit(3)") + processes._BOOT)
     here, encode = [], processes.BandEncoder.encode
     monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
     (a, b), got = _copy(path, 10, 1010)
@@ -443,10 +447,8 @@ def test_children_start_numpy_with_one_blas_thread(tmp_path, children, monkeypat
 def test_a_child_still_starting_up_is_not_waited_for_once_every_part_is_stored(tmp_path, children, monkeypatch):
     path = tmp_path / "s.h5"
     expected = _source(path)
-    flag = tmp_path / "first"
-    first_one_sleeps = ("import os, time\ntry:\n    os.close(os.open(" + repr(str(flag)) + ", os.O_CREAT | os.O_EXCL))"
-                        "\nexcept FileExistsError:\n    pass\nelse:\n    time.sleep(30)\n")
-    monkeypatch.setattr(processes, "_BOOT", first_one_sleeps + processes._BOOT)
+    monkeypatch.setattr(processes, "_BOOT", _first_child_then(tmp_path / "first", "import time; time.sleep(30)")
+                        + processes._BOOT)
     here, encode = [], processes.BandEncoder.encode
     monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
     began = time.monotonic()
