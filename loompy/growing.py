@@ -195,7 +195,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     for name in [*new_row_attrs, *combined]:
         fmt.check_name(name, f"{where}: attribute")
     needed = sum(stored_size_bound(matrix) for matrix in matrices.values())
-    check_free_space(f.filename, needed + sum(v.nbytes for v in combined.values() if v.dtype != object), where)
+    check_free_space(f.filename, needed + sum(v.nbytes for v, _ in combined.values() if v.dtype != object), where)
     # everything is valid: write, journalled
     try:
         if journal:
@@ -206,8 +206,8 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             engine.write_matrix(dataset, matrix, col_offset=m)
             fmt.touch(dataset)
         group = f.require_group(fmt.COL_ATTRS)
-        for name, values in combined.items():
-            _append_attr(group, name, values, m, where)
+        for name, (values, whole) in combined.items():
+            _append_attr(group, name, values, whole, m, where)
         f.flush()
         if journal:
             _commit(f)
@@ -351,43 +351,68 @@ def _roll_back(ds: Any) -> None:
 
 
 def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert_attrs: bool = False
-                  ) -> dict[str, np.ndarray]:
-    """Every column attribute after appending ``n_new`` columns (old values, then new or filled
-    ones), checked against what is stored; with ``convert_attrs``, one that is text on either
-    side becomes text on both."""
+                  ) -> dict[str, tuple[np.ndarray, bool]]:
+    """Each column attribute's values to write for ``n_new`` appended columns, checked against what
+    is stored, and whether they are every column's. Values that go after the stored ones unchanged
+    (in the stored dtype, into a dataset that can grow) are the new columns' alone, and the stored
+    values are never read (an append in batches would read them all again for each batch); else
+    they are all: the stored values, then the new or filled ones (with ``convert_attrs``, text on
+    either side makes both text), and the attribute is rewritten."""
     where, m = ds.filename, ds.shape[1]
+    group = ds._file[fmt.COL_ATTRS]
     new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
                  for k, v in _as_attr_dict(col_attrs, where).items()}
     for name in ds.ca.keys():
         if name not in new_attrs:
-            new_attrs[name] = _fill_for(name, ds.ca[name], fill_values, n_new, where)
-    combined = {}
+            new_attrs[name] = _fill_for(name, _stored_sample(ds, name), fill_values, n_new, where)
+    out = {}
     for name, values in new_attrs.items():
-        old = ds.ca[name] if name in ds.ca else _fill_for(name, values, fill_values, m, where)
-        combined[name] = join_values([old, values], f"{where}: column attribute '{name}'", convert_attrs)
-    return combined
+        what = f"{where}: column attribute '{name}'"
+        if name in ds.ca:
+            sample = _stored_sample(ds, name)  # its dtype and shape decide how the new values join
+            joined = join_values([sample, values], what, convert_attrs)
+            if joined.dtype == sample.dtype and _appendable(group.get(name), joined):
+                out[name] = (joined[len(sample):], False)
+                continue
+            old = ds.ca[name]
+        else:
+            old = _fill_for(name, values, fill_values, m, where)
+        out[name] = (join_values([old, values], what, convert_attrs), True)
+    return out
 
 
-def _append_attr(group: h5py.Group, name: str, values: np.ndarray, m: int, where: str) -> None:
-    """Grow a column attribute in place when its dataset allows, else rewrite it."""
-    dataset = group.get(name)
-    stored_ok = isinstance(dataset, h5py.Dataset) and dataset.maxshape and dataset.maxshape[0] is None
-    if stored_ok and (values.dtype == object) == (dataset.dtype.kind == "O") and \
-            (values.dtype == object or np.can_cast(values.dtype, dataset.dtype, "safe")):
-        dataset.resize(len(values), axis=0)
-        dataset[m:] = fmt.storable(values[m:], f"{where}: column attribute '{name}'")[0]
+def _stored_sample(ds: Any, name: str) -> np.ndarray:
+    """The first stored value of column attribute ``name`` (none when there are no columns), as read."""
+    dataset = ds._file[fmt.COL_ATTRS][name]
+    return fmt.present(dataset[:1], dataset.dtype, ds.ca._legacy)
+
+
+def _appendable(dataset: Any, values: np.ndarray) -> bool:
+    """Whether ``values`` can go after what the attribute ``dataset`` holds, in place."""
+    return (isinstance(dataset, h5py.Dataset) and bool(dataset.maxshape) and dataset.maxshape[0] is None
+            and (values.dtype == object) == (dataset.dtype.kind == "O")
+            and (values.dtype == object or np.can_cast(values.dtype, dataset.dtype, "safe")))
+
+
+def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, m: int, where: str) -> None:
+    """Write a column attribute's ``values`` for the new columns from ``m`` (in place), or with
+    ``whole`` all of its values (the old one kept aside until the append is done)."""
+    if not whole:
+        dataset = group[name]
+        dataset.resize(m + len(values), axis=0)
+        dataset[m:] = fmt.storable(values, f"{where}: column attribute '{name}'")[0]
         fmt.touch(dataset, group)
-    else:  # rewritten (another dtype, or not resizable): the old one kept aside until the append is done
-        kept = group.file.require_group(BEFORE_APPEND)
-        if name in group:
-            if name in kept:  # rewritten by an earlier batch of this append already
-                del group[name]
-            else:
-                group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
-        elif name not in kept.attrs.get(ADDED, []):  # new: noted first, so that a rollback removes it
-            kept.attrs[ADDED] = [*kept.attrs.get(ADDED, []), name]
-            group.file.flush()
-        fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'")
+        return
+    kept = group.file.require_group(BEFORE_APPEND)
+    if name in group:
+        if name in kept:  # rewritten by an earlier batch of this append already
+            del group[name]
+        else:
+            group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
+    elif name not in kept.attrs.get(ADDED, []):  # new: noted first, so that a rollback removes it
+        kept.attrs[ADDED] = [*kept.attrs.get(ADDED, []), name]
+        group.file.flush()
+    fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'")
 
 
 def _commit(f: h5py.File) -> None:

@@ -782,3 +782,27 @@ def test_combine_mixed_attribute_types_needs_convert_attrs(tmp_path):
     with loompy.connect(tmp_path / "ab.loom", "r") as ds:
         assert list(ds.ca.CellID) == ["x", "y", "z", "w", "1", "2", "3", "4"]
         np.testing.assert_array_equal(ds[:, :], np.hstack([m, m]))
+
+
+def test_appended_column_attributes_are_not_read_again_unless_they_must_be_rewritten(tmp_path, monkeypatch):
+    """Values that fit after the stored ones are appended without reading those (an add_loom in
+    batches read them all for every batch: 80,000 columns took 1.5 s, 320,000 about 24 s); values
+    that change the stored dtype rewrite the attribute, every value kept."""
+    rng = np.random.default_rng(8)
+    m = rng.integers(0, 5, size=(20, 30)).astype(np.float32)
+    path = make(tmp_path / "a.loom", m)
+    fmt = __import__("importlib").import_module("loompy.format")
+    reads, read_values = [], fmt.read_values
+    monkeypatch.setattr(fmt, "read_values", lambda d, *a: reads.append(d.name) or read_values(d, *a))
+    with loompy.connect(path) as ds:
+        ds.add_columns({"": m[:, :5], "x": m[:, :5].astype(np.int32)},
+                       {"CellID": [f"n{i}" for i in range(5)], "N": np.arange(5, dtype=np.int16)})
+        assert not [r for r in reads if r.startswith("/col_attrs")]
+        ds.add_columns({"": m[:, :2], "x": m[:, :2].astype(np.int32)},
+                       {"CellID": ["p0", "p1"], "N": np.array([0.5, 2 ** 60])})  # float64: N is rewritten
+        assert "/col_attrs/N" in reads and "/col_attrs/CellID" not in reads
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.CellID.tolist() == [f"c{i}" for i in range(30)] + [f"n{i}" for i in range(5)] + ["p0", "p1"]
+        assert ds.ca.N.dtype == np.float64
+        assert ds.ca.N.tolist() == [*range(30), *range(5), 0.5, 2.0 ** 60]
+        assert ds.ca.N.size == ds.shape[1] == 37
