@@ -372,21 +372,23 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
 
 
 def _write_tab(ds: Any, out_file: str | os.PathLike, dataset: Any) -> None:
+    """loompy 3's layout, byte for byte: every cell followed by a tab, so that every line has the
+    same number of fields (row attribute names, then the column attribute names' cell, then one
+    per column)."""
     row_names = list(ds.ra.keys())
     lead = len(row_names)
     cols = np.arange(ds.shape[1], dtype=np.int64)
     with open(out_file, "w", encoding="utf-8") as out:
         for name in ds.ca.keys():
-            values = ds.ca[name]
-            out.write("\t" * lead + name + "\t" + "\t".join(_as_text(values)) + "\n")
-        out.write("\t".join(row_names) + "\t" * (1 if lead else 0) + "\n")
+            out.write("\t" * lead + name + "\t" + "".join(v + "\t" for v in _as_text(ds.ca[name])) + "\n")
+        out.write("".join(name + "\t" for name in row_names) + "\t" + "\t" * ds.shape[1] + "\n")
         row_values = [ds.ra[name] for name in row_names]
         with engine.held_index(dataset):  # nothing is written to the layer during the pass
             for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), ds.shape[0], 1000):
                 block = engine.read_block(dataset, batch, cols)
                 for i, row in enumerate(block):
                     labels = "".join(str(v[start + i]) + "\t" for v in row_values)
-                    out.write(labels + "\t" + "\t".join(_as_text(row)) + "\n")
+                    out.write(labels + "\t" + "".join(v + "\t" for v in _as_text(row)) + "\n")
 
 
 def _refuse_to_overwrite_hdf5(path: str | os.PathLike) -> None:
@@ -399,8 +401,8 @@ def _refuse_to_overwrite_hdf5(path: str | os.PathLike) -> None:
 def _as_text(values: np.ndarray) -> list[str]:
     """Each value as numpy prints it: the shortest text that reads back as the same value in its own
     dtype (float32 0.1 is "0.1", not the "0.10000000149011612" of the float64 it widens to)."""
-    if values.dtype.names is not None or values.ndim > 1:  # compound or several values per column
-        return [str(v) for v in values.tolist()]
+    if values.dtype.names is not None or values.ndim > 1:  # compound or several values per column, as
+        return [str(v) for v in values]                     # numpy prints them ("[0. 1.]"), as loompy 3 does
     return values.astype(str).tolist()
 
 

@@ -123,3 +123,24 @@ def test_non_ascii_strings_read_by_reference_as_it_reads_its_own(tmp_path, refer
         assert list(a["row_attrs/Gene"][...]) == list(b["row_attrs/Gene"][...]) == [s.encode() for s in NON_ASCII]
     with loompy.connect(theirs, "r") as ds:
         assert list(ds.ra.Gene) == NON_ASCII and ds.attrs.title == "Ménage"
+
+
+def test_export_writes_what_the_reference_writes_byte_for_byte(tmp_path, reference):
+    """The same file exported by both: every cell followed by a tab, values printed alike (float32,
+    integers, text, several values per column), for the main matrix and a named layer."""
+    path = tmp_path / "e.loom"
+    m = np.array([[0.1, 1e-8, 3], [2.5, -1, 1e10]], dtype=np.float32)
+    loompy.create(path, {"": m, "i": np.arange(6, dtype=np.int32).reshape(2, 3)},
+                  {"Gene": ["a", "Ménage"], "F": np.array([0.1, 2.0])},
+                  {"CellID": ["c1", "c2", "c3"], "N": np.arange(3), "XY": np.arange(6.0).reshape(3, 2)}).close()
+    for layer in ("", "i"):
+        ours = tmp_path / f"ours{layer}.tab"
+        with loompy.connect(path, "r") as ds:
+            ds.export(ours, layer=layer)
+        theirs = tmp_path / f"theirs{layer}.tab"
+        reference.run("""
+            import sys, loompy
+            with loompy.connect(sys.argv[1], "r") as ds:
+                ds.export(sys.argv[2], layer=sys.argv[3])
+        """, str(path), str(theirs), layer, parse_json=False)
+        assert ours.read_bytes() == theirs.read_bytes()
