@@ -150,7 +150,9 @@ def replacing(path: str | os.PathLike | bytes, own: Any = None) -> Iterator[h5py
             os.remove(tmp)
         raise LoomFileError(f"{target}: cannot write a new file beside it ({error})") from error
     try:
-        with _EarlyFlush(tmp) as flusher:
+        with contextlib.ExitStack() as stack:
+            stack.callback(_close_quietly, f)  # (should the flusher's start be interrupted: f is closed below)
+            flusher = stack.enter_context(_EarlyFlush(tmp))
             try:
                 with f:
                     yield f
@@ -171,6 +173,12 @@ def replacing(path: str | os.PathLike | bytes, own: Any = None) -> Iterator[h5py
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _close_quietly(f: h5py.File) -> None:
+    """Close ``f`` if it is still open, whatever HDF5 says: a last resort on the way out of a failure."""
+    with contextlib.suppress(Exception):
+        f.close()
 
 
 class _EarlyFlush:

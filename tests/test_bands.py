@@ -469,3 +469,29 @@ def test_no_children_where_the_temporary_folder_has_no_locks(tmp_path, children,
     (a, b), got = _copy(path, 10, 1010)
     assert not children
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
+
+
+def test_claims_are_unique_across_processes(tmp_path):
+    """Three processes claiming at once from one shared counter get every number exactly once."""
+    shared = os.open(tmp_path / "counter", os.O_RDWR | os.O_CREAT)
+    os.write(shared, bands.COUNTER.pack(0))
+    script = textwrap.dedent("""
+        import sys
+        from loompy.engine.bands import claim
+        print(" ".join(str(claim(int(sys.argv[1]))) for _ in range(400)))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(loompy.__file__))}
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(shared)], pass_fds=(shared,), env=env,
+                                stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    got = [int(v) for w in workers for v in w.communicate(timeout=60)[0].split()]
+    os.close(shared)
+    assert sorted(got) == list(range(1200))
+
+
+@pytest.mark.parametrize("level", [None, 1, 2, 3, 4, 9])
+def test_compressor_gives_what_compress_gives(level):
+    raw = np.random.default_rng(level or 0).integers(0, 3, size=(64, 64)).astype(np.float32)
+    deflate = importlib.import_module("loompy.engine.codecs").compressor(level)
+    stored = bytes(deflate(memoryview(raw).cast("B")))
+    assert stored == bytes(importlib.import_module("loompy.engine.codecs").compress(raw, level))
+    assert (zlib.decompress(stored) if level is not None else stored) == raw.tobytes()

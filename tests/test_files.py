@@ -453,3 +453,35 @@ def test_a_failed_rewrite_does_not_wait_for_a_flush_under_way_and_leaves_nothing
         time.sleep(0.05)
     assert not temporary_files_open() and not [t for t in threading.enumerate() if t.name == "loompy-flush"]
     assert path.read_bytes() == before and not list(tmp_path.glob(".*loom-tmp"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to see open descriptors")
+def test_an_interrupt_as_the_flusher_starts_leaves_nothing_open(tmp_path, monkeypatch):
+    files = __import__("importlib").import_module("loompy.files")
+    path = make(tmp_path / "a.loom")
+    before, real_open = path.read_bytes(), os.open
+
+    def interrupted(name, flags, *args, **kwargs):
+        if str(name).endswith(".loom-tmp") and flags == os.O_RDONLY:
+            raise KeyboardInterrupt
+        return real_open(name, flags, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "open", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        make(path, np.zeros((3, 2), np.float32))
+    monkeypatch.undo()
+    held = [n for n in os.listdir("/proc/self/fd") if "loom-tmp" in os.path.realpath(f"/proc/self/fd/{n}")]
+    assert not held and path.read_bytes() == before and not list(tmp_path.glob(".*loom-tmp"))
+
+
+def test_small_files_are_synced_once_at_the_end(tmp_path, monkeypatch):
+    """The helper syncs only after 32 MB of growth: a small write is synced once, before its rename."""
+    files = __import__("importlib").import_module("loompy.files")
+    monkeypatch.setattr(files._EarlyFlush, "EVERY", 0.01)
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(files.os, "fsync", lambda fd: synced.append(threading.current_thread().name) or real_fsync(fd))
+    create = __import__("importlib").import_module("loompy.create")
+    write = create.engine.write_matrix
+    monkeypatch.setattr(create.engine, "write_matrix", lambda *a, **k: time.sleep(0.1) or write(*a, **k))
+    make(tmp_path / "a.loom")
+    assert synced == [threading.current_thread().name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import stat
 import time
@@ -691,13 +692,14 @@ def test_permute_in_many_strips(tmp_path, monkeypatch, axis):
     from loompy.engine import write
 
     monkeypatch.setattr(write, "TASK_BYTES", 64 * 300 * 4)  # one chunk row or column per task
-    compress = write.codecs.compress
+    monkeypatch.setattr(importlib.import_module("loompy.engine.processes"), "MIN_TILES", 10 ** 12)  # (threads)
+    compressor, slowed = write.codecs.compressor, []
 
-    def slow_compress(chunk, level):  # workers lag behind, so a buffer reused too early would show
-        time.sleep(0.002)
-        return compress(chunk, level)
+    def slow_compressor(level):  # workers lag behind, so a buffer reused too early would show
+        deflate = compressor(level)
+        return lambda raw: slowed.append(1) or time.sleep(0.002) or deflate(raw)
 
-    monkeypatch.setattr(write.codecs, "compress", slow_compress)
+    monkeypatch.setattr(write.codecs, "compressor", slow_compressor)
     rng = np.random.default_rng(11)
     m = ((rng.random((300, 330)) < 0.2) * rng.integers(1, 50, (300, 330))).astype(np.float32)
     m[:, 128:192] = 0  # whole chunks of zeros, to be left unallocated
@@ -708,6 +710,7 @@ def test_permute_in_many_strips(tmp_path, monkeypatch, axis):
     with loompy.connect(path, "r") as ds:
         np.testing.assert_array_equal(ds[:, :], m[order] if axis == 0 else m[:, order])
         np.testing.assert_array_equal(ds["x"][:, :], ((m[order] if axis == 0 else m[:, order]) * 2).astype(np.int32))
+    assert len(slowed) > 20
 
 
 def test_combine_in_many_strips(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ import os
 import struct
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,6 +46,8 @@ COUNTER = struct.Struct("<q")
 def check_locks(shared: int) -> None:
     """OSError unless the file open as ``shared`` takes the locks :func:`claim` needs (where the
     temporary folder has none, as on some network file systems, threads do the work instead)."""
+    if fcntl is None:
+        raise OSError("no file locks on this system")
     fcntl.lockf(shared, fcntl.LOCK_EX | fcntl.LOCK_NB, COUNTER.size, 0)
     fcntl.lockf(shared, fcntl.LOCK_UN, COUNTER.size, 0)
 
@@ -214,7 +217,7 @@ def child_main() -> None:
     :mod:`.processes`)."""
     shared = int(sys.argv[1])
     sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
-    # (the descriptor's offset is shared with the parent and the other child: read at fixed places)
+    # (the descriptor's offset is shared with the parent and the other children: read at fixed places)
     (length,) = struct.unpack("<q", os.pread(shared, 8, COUNTER.size))
     orders = json.loads(os.pread(shared, length, COUNTER.size + 8))
     start = COUNTER.size + 8 + length
@@ -225,7 +228,7 @@ def child_main() -> None:
         return  # replaced on disk since the parent listed its chunks: no frame, so the parent reads it itself
     # a writer thread sends finished frames, so that encoding goes on while the parent is busy
     # elsewhere (copying the first input of a combine, say), until ``ahead`` bytes of them wait
-    frames: list[bytes | None] = []
+    frames: deque[bytes | None] = deque()
     waiting = threading.Condition()
     held = 0
 
@@ -236,7 +239,7 @@ def child_main() -> None:
                 with waiting:
                     while not frames:
                         waiting.wait()
-                    frame = frames.pop(0)
+                    frame = frames.popleft()
                 if frame is None:
                     break
                 view = memoryview(frame)
@@ -248,7 +251,7 @@ def child_main() -> None:
         except OSError:  # the parent has gone: nothing is left to do
             os._exit(1)
 
-    def put(frame: bytes | None) -> None:
+    def put(frame: bytes | None) -> None:  # (one frame is always let in: it may be larger than ``ahead``)
         nonlocal held
         with waiting:
             while frames and frame is not None and held + len(frame) > orders["ahead"]:
@@ -267,9 +270,10 @@ def child_main() -> None:
             message = str(error).encode()
             put(FRAME.pack(part, DAMAGED, len(message), 0) + message)
             break
-        except Exception as error:  # anything else: the parent encodes the part itself
-            message = f"{type(error).__name__}: {error}".encode()
-            put(FRAME.pack(part, FAILED, len(message), 0) + message)
+        except Exception:
+            # anything else: the parent encodes the part itself (and meets the error again, unless
+            # it was this child's alone, such as running out of memory)
+            put(FRAME.pack(part, FAILED, 0, 0))
             break
         lengths = [len(p) for p in payloads]
         put(b"".join([FRAME.pack(part, DATA, len(stored), len(empty)),

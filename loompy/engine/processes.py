@@ -40,8 +40,9 @@ from .workers import THREADS, run_in_order
 
 MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
 # about 0.1 s of CPU each, the re-encoding about 25 us per chunk
-AHEAD_BYTES = 32 << 20  # a child's finished frames may wait for this process up to this many bytes
-PATIENCE = 120.0  # seconds this process waits for a child's next bytes before it does the part itself
+AHEAD_BYTES = 32 << 20  # a child's finished frames may wait for this process up to this many bytes (and
+# the one it is sending: the part it is encoding then waits)
+PATIENCE = 120.0  # seconds without a byte from any child (or within a frame) before this process does the rest
 
 # numpy's BLAS starts a thread per core that spins for a while (0.1 s of CPU in each child, which
 # never uses it): one thread, with OpenBLAS, MKL or OpenMP
@@ -146,7 +147,9 @@ class BandJob:
         run_in_order(tasks, lambda result: store(*result), 2 * THREADS)
 
     def _store_frames(self, store: Store, done: np.ndarray) -> None:
-        """Store the children's frames as they come, until every child has ended, marking the parts in ``done``."""
+        """Store the children's frames as they come, marking the parts in ``done``, until every part
+        is stored, every child has ended or failed, or none has sent a byte for ``PATIENCE`` s; then
+        end them all (the parts not done are left to the caller)."""
         listening = select.poll()  # (select.select cannot wait on descriptors past 1023)
         by_fd = {}
         for k, child in enumerate(self.children):
