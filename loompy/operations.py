@@ -284,6 +284,8 @@ def _aggregate_values(values: np.ndarray, how: str, where: str) -> Any:
     if values.dtype == object and how == "mode":
         uniq, counts = np.unique(values, return_counts=True)
         return uniq[np.argmax(counts)]
+    if how == "mean" and values.dtype.kind == "f":  # in the attribute's own dtype, as loompy 3 stores it
+        return AGGREGATORS[how](values, 0).astype(values.dtype)  # (summed in float64, then rounded once)
     return AGGREGATORS[how](values, 0)
 
 
@@ -295,7 +297,8 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
 
     Returns the (rows x groups) matrix, groups in sorted label order, when ``out_file`` is None or
     ``return_matrix`` is true; with ``out_file``, also writes a Loom file with one column per group.
-    Sums, means and medians of floats are float64, as in loompy 3.
+    Sums, means and medians of the matrix's floats are float64, as in loompy 3; the mean of a
+    float column attribute keeps its dtype (float32 stays float32), as there.
     """
     where = f"{ds.filename}: aggregate"
     if aggr_by not in AGGREGATORS:

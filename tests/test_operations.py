@@ -425,3 +425,18 @@ def test_a_scan_in_a_writable_file_sees_attributes_and_graphs_written_during_it(
                 ds.attrs.title = "changed"
                 ds.row_graphs["knn"] = sp.coo_matrix((np.ones(1), ([8], [9])), shape=(12, 12))
     assert seen == [(0, None, 1, 1.0), (4, "changed", 0, 1.0), (8, "changed", 1, 1.0)]
+
+
+def test_the_mean_of_a_float_column_attribute_keeps_its_dtype(tmp_path):
+    """As in loompy 3: float32 means stay float32 (here computed in float64, then rounded once);
+    means of integers are float64."""
+    path, out = tmp_path / "a.loom", tmp_path / "agg.loom"
+    f = np.array([0.1, 0.2, 0.3, 0.7, 1e8, 1.0], np.float32)
+    loompy.create(path, np.ones((3, 6), np.float32), {"Gene": ["a", "b", "c"]},
+                  {"Clusters": [0, 0, 0, 1, 1, 1], "F": f, "I": np.array([1, 2, 4, 5, 6, 8], np.int32)}).close()
+    with loompy.connect(path) as ds:
+        ds.aggregate(out, aggr_ca_by={"F": "mean", "I": "mean"})
+    with loompy.connect(out, "r") as agg:
+        assert agg.ca.F.dtype == np.float32 and agg.ca.I.dtype == np.float64
+        expected = [np.float32(np.mean(f[:3].astype(np.float64))), np.float32(np.mean(f[3:].astype(np.float64)))]
+        assert agg.ca.F.tolist() == expected and agg.ca.I.tolist() == [7 / 3, 19 / 3]
