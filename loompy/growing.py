@@ -22,7 +22,7 @@ from . import engine
 from . import format as fmt
 from .attributes import check_writable, writable
 from .create import _as_attr_dict, _as_layer_dict
-from .errors import LoomFileError, LoomKeyError, LoomValueError
+from .errors import LoomFileError, LoomFormatError, LoomKeyError, LoomValueError
 from .files import check_free_space, stored_size_bound
 
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
@@ -359,32 +359,35 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
     they are all: the stored values, then the new or filled ones (with ``convert_attrs``, text on
     either side makes both text), and the attribute is rewritten."""
     where, m = ds.filename, ds.shape[1]
-    group = ds._file[fmt.COL_ATTRS]
+    stored = {name: ds._file[fmt.COL_ATTRS][name] for name in ds.ca.keys()}  # (no such group: none)
+    for name, dataset in stored.items():
+        if dataset.shape[:1] != (m,):
+            raise LoomFormatError(f"{where}: column attribute '{name}' has {dataset.shape[0] if dataset.shape else 0} "
+                                  f"values for {m} columns; the file is damaged")
     new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
                  for k, v in _as_attr_dict(col_attrs, where).items()}
-    for name in ds.ca.keys():
+    for name, dataset in stored.items():
         if name not in new_attrs:
-            new_attrs[name] = _fill_for(name, _stored_sample(ds, name), fill_values, n_new, where)
+            new_attrs[name] = _fill_for(name, _stored_values(ds, dataset, 1), fill_values, n_new, where)
     out = {}
     for name, values in new_attrs.items():
         what = f"{where}: column attribute '{name}'"
-        if name in ds.ca:
-            sample = _stored_sample(ds, name)  # its dtype and shape decide how the new values join
+        if name in stored:
+            sample = _stored_values(ds, stored[name], 1)  # its dtype and shape decide how the new values join
             joined = join_values([sample, values], what, convert_attrs)
-            if joined.dtype == sample.dtype and _appendable(group.get(name), joined):
+            if joined.dtype == sample.dtype and _appendable(stored[name], joined):
                 out[name] = (joined[len(sample):], False)
                 continue
-            old = ds.ca[name]
+            old = _stored_values(ds, stored[name])  # (from the file: not an array the caller may have changed)
         else:
             old = _fill_for(name, values, fill_values, m, where)
         out[name] = (join_values([old, values], what, convert_attrs), True)
     return out
 
 
-def _stored_sample(ds: Any, name: str) -> np.ndarray:
-    """The first stored value of column attribute ``name`` (none when there are no columns), as read."""
-    dataset = ds._file[fmt.COL_ATTRS][name]
-    return fmt.present(dataset[:1], dataset.dtype, ds.ca._legacy)
+def _stored_values(ds: Any, dataset: h5py.Dataset, count: int | None = None) -> np.ndarray:
+    """The first ``count`` (else all) stored values of a column attribute, as read."""
+    return fmt.present(dataset[:count], dataset.dtype, ds.ca._legacy)
 
 
 def _appendable(dataset: Any, values: np.ndarray) -> bool:

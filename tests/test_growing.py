@@ -794,9 +794,15 @@ def test_appended_column_attributes_are_not_read_again_unless_they_must_be_rewri
     rng = np.random.default_rng(8)
     m = rng.integers(0, 5, size=(20, 30)).astype(np.float32)
     path = make(tmp_path / "a.loom", m)
-    fmt = __import__("importlib").import_module("loompy.format")
-    reads, read_values = [], fmt.read_values
+    fmt, growing = importlib.import_module("loompy.format"), importlib.import_module("loompy.growing")
+    reads, read_values, stored_values = [], fmt.read_values, growing._stored_values
     monkeypatch.setattr(fmt, "read_values", lambda d, *a: reads.append(d.name) or read_values(d, *a))
+    def spy(ds, dataset, count=None):
+        if count is None:  # (a one-value sample is not a read of them all)
+            reads.append(dataset.name)
+        return stored_values(ds, dataset, count)
+
+    monkeypatch.setattr(growing, "_stored_values", spy)
     with loompy.connect(path) as ds:
         ds.add_columns({"": m[:, :5], "x": m[:, :5].astype(np.int32)},
                        {"CellID": [f"n{i}" for i in range(5)], "N": np.arange(5, dtype=np.int16)})
@@ -809,3 +815,25 @@ def test_appended_column_attributes_are_not_read_again_unless_they_must_be_rewri
         assert ds.ca.N.dtype == np.float64
         assert ds.ca.N.tolist() == [*range(30), *range(5), 0.5, 2.0 ** 60]
         assert ds.ca.N.size == ds.shape[1] == 37
+
+
+def test_columns_added_to_a_file_without_column_attributes_or_with_a_short_one(tmp_path):
+    """No col_attrs group at all (valid Loom): columns go in. A column attribute shorter than the
+    matrix (a damaged file opened with validate=False): refused, nothing written."""
+    m = np.arange(12, dtype=np.float32).reshape(3, 4)
+    path = tmp_path / "a.loom"
+    loompy.create(path, m, {"Gene": ["a", "b", "c"]}, {"N": np.arange(4)}).close()
+    with h5py.File(path, "r+") as f:
+        del f["col_attrs"]
+    with loompy.connect(path) as ds:
+        ds.add_columns(m[:, :2], {})
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], np.hstack([m, m[:, :2]]))
+    loompy.create(path, m, {"Gene": ["a", "b", "c"]}, {"N": np.arange(4)}).close()
+    with h5py.File(path, "r+") as f:
+        f["col_attrs/N"].resize((3,))
+    before = digest(path)
+    with loompy.connect(path, validate=False) as ds:
+        with pytest.raises(loompy.LoomFormatError, match="column attribute 'N' has 3 values for 4 columns"):
+            ds.add_columns(m[:, :2], {"N": [7, 8]})
+    assert digest(path) == before
