@@ -120,12 +120,12 @@ def main() -> None:
     args = parser.parse_args()
 
     ref_python = str(reference.ensure_reference())
-    subprocess.run([ref_python, "-m", "pip", "install", "-q", "anndata"], check=False)
+    subprocess.run([ref_python, "-m", "pip", "install", "-q", "anndata"], check=False, env=reference.environment())
     folder = Path(args.workdir or tempfile.mkdtemp(prefix="loompy-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
     make_data(folder, args.genes, args.cells, args.density)
     ours_env = {**os.environ, "PYTHONPATH": str(REPO)}
-    impls = {"ours": (sys.executable, ours_env), "reference": (ref_python, dict(os.environ))}
+    impls = {"ours": (sys.executable, ours_env), "reference": (ref_python, reference.environment())}
     bases = {}
     for name, (python, env) in impls.items():  # each side reads a file it wrote itself
         bases[name] = folder / f"base-{name}.loom"

@@ -314,11 +314,10 @@ class LoomConnection:
         return operations.map_(self, f_list, axis, chunksize, selection)
 
     def aggregate(self, out_file: str | os.PathLike | None = None, select: Any = None, group_by: Any = "Clusters",
-                  aggr_by: str = "mean", aggr_ca_by: dict[str, str] | None = None, return_matrix: bool = False,
-                  aggr_ca_if_equal: bool = False, *, layer: str = "") -> np.ndarray | None:
+                  aggr_by: str = "mean", aggr_ca_by: dict[str, str] | None = None, layer: str = "",
+                  aggr_ca_if_equal: bool = False, *, return_matrix: bool = True) -> np.ndarray:
         """Aggregate columns by group; see :func:`loompy.operations.aggregate`."""
-        return operations.aggregate(self, out_file, select, group_by, aggr_by, aggr_ca_by, return_matrix,
-                                    aggr_ca_if_equal, layer)
+        return operations.aggregate(self, out_file, select, group_by, aggr_by, aggr_ca_by, layer, aggr_ca_if_equal)
 
     def export(self, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:
         """Write a layer with its attributes as tab-separated text."""

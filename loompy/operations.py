@@ -291,12 +291,14 @@ def _aggregate_values(values: np.ndarray, how: str, where: str) -> Any:
 
 def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = None,
               group_by: str | np.ndarray = "Clusters", aggr_by: str = "mean",
-              aggr_ca_by: dict[str, str] | None = None, return_matrix: bool = False,
-              aggr_ca_if_equal: bool = False, layer: str = "") -> np.ndarray | None:
+              aggr_ca_by: dict[str, str] | None = None, layer: str = "",
+              aggr_ca_if_equal: bool = False) -> np.ndarray:
     """Aggregate columns by group (``group_by``: a column attribute name or one label per column).
 
-    Returns the (rows x groups) matrix, groups in sorted label order, when ``out_file`` is None or
-    ``return_matrix`` is true; with ``out_file``, also writes a Loom file with one column per group.
+    Returns the (rows x groups) matrix, groups in sorted label order, as loompy 3 does (the
+    connection's ``return_matrix`` keyword, from older loompy, changes nothing); with ``out_file``,
+    also writes a Loom file with one column per group, labelled by a column attribute named as
+    ``group_by`` (``"Group"`` for labels given as an array), besides those of ``aggr_ca_by``.
     Sums, means and medians of the matrix's floats are float64, as in loompy 3; the mean of a
     float column attribute keeps its dtype (float32 stays float32), as there.
     """
@@ -354,9 +356,7 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
         from .create import create
 
         create(out_file, result, dict(ds.ra.items()), col_attrs, file_attrs=None).close()
-    if out_file is None or return_matrix:
-        return result
-    return None
+    return result
 
 
 # --------------------------------------------------------------------------- export

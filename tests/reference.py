@@ -23,6 +23,12 @@ def python() -> Path:
     return VENV / "bin" / "python"
 
 
+def environment() -> dict[str, str]:
+    """This process's environment without what would make the reference's Python import anything
+    but its own packages (PYTHONPATH pointing at this project would load our loompy in its place)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+
+
 def ensure_reference() -> Path:
     """Create the venv and install loompy==3.0.8 into it (once); returns its Python."""
     marker = VENV / ".ready"
@@ -30,7 +36,8 @@ def ensure_reference() -> Path:
         return python()
     VENV.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run([str(python()), "-m", "pip", "install", "-q", f"loompy=={REFERENCE_VERSION}"], check=True)
+    subprocess.run([str(python()), "-m", "pip", "install", "-q", f"loompy=={REFERENCE_VERSION}"], check=True,
+                   env=environment())
     check = run("import loompy; print(loompy.__version__)", parse_json=False)
     if check.strip() != REFERENCE_VERSION:
         raise RuntimeError(f"reference venv has loompy {check!r}, expected {REFERENCE_VERSION}")
@@ -42,7 +49,7 @@ def run(script: str, *args: str, parse_json: bool = True, timeout: float = 600):
     """Run ``script`` in the reference venv; with ``parse_json``, the last stdout line is parsed as JSON."""
     proc = subprocess.run(
         [str(python()), "-c", textwrap.dedent(script), *args],
-        capture_output=True, text=True, timeout=timeout, cwd="/",
+        capture_output=True, text=True, timeout=timeout, cwd="/", env=environment(),
     )
     if proc.returncode != 0:
         raise RuntimeError(f"reference script failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

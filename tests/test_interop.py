@@ -127,11 +127,12 @@ def test_non_ascii_strings_read_by_reference_as_it_reads_its_own(tmp_path, refer
 
 def test_export_writes_what_the_reference_writes_byte_for_byte(tmp_path, reference):
     """The same file exported by both: every cell followed by a tab, values printed alike (float32,
-    integers, text, several values per column), for the main matrix and a named layer."""
+    integers, text, several values per column), for the main matrix and a named layer. (ASCII text:
+    loompy 3.0.8 reads "Ménage" as "Mnage", see test_non_ascii_strings_read_by_reference_as_it_reads_its_own.)"""
     path = tmp_path / "e.loom"
     m = np.array([[0.1, 1e-8, 3], [2.5, -1, 1e10]], dtype=np.float32)
     loompy.create(path, {"": m, "i": np.arange(6, dtype=np.int32).reshape(2, 3)},
-                  {"Gene": ["a", "Ménage"], "F": np.array([0.1, 2.0])},
+                  {"Gene": ["a", "b&c"], "F": np.array([0.1, 2.0])},
                   {"CellID": ["c1", "c2", "c3"], "N": np.arange(3), "XY": np.arange(6.0).reshape(3, 2)}).close()
     for layer in ("", "i"):
         ours = tmp_path / f"ours{layer}.tab"
