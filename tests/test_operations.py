@@ -444,3 +444,17 @@ def test_the_mean_of_a_float_column_attribute_keeps_its_dtype(tmp_path):
         assert agg.ca.F.dtype == np.float32 and agg.ca.I.dtype == np.float64
         expected = [np.float32(np.mean(f[:3].astype(np.float64))), np.float32(np.mean(f[3:].astype(np.float64)))]
         assert agg.ca.F.tolist() == expected and agg.ca.I.tolist() == [7 / 3, 19 / 3]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.uint16, np.float16])
+def test_map_of_mean_std_and_var_over_rows_gives_numpys_values_exactly(tmp_path, dtype):
+    """np.std and np.var reuse np.mean's values when all are asked for: the very same numbers."""
+    rng = np.random.default_rng(4)
+    scale = 3 if dtype == np.float16 else 300  # (float16's variance of larger values overflows, in numpy too)
+    m = (rng.random((150, 700)) * scale - (0 if np.dtype(dtype).kind == "u" else scale / 3)).astype(dtype)
+    path = tmp_path / "m.loom"
+    loompy.create(path, m, {"Gene": np.arange(150)}, {"CellID": np.arange(700)}).close()
+    with loompy.connect(path, "r") as ds:
+        mean, std, var, total = ds.map([np.mean, np.std, np.var, np.sum], axis=0)
+    for got, f in ((mean, np.mean), (std, np.std), (var, np.var), (total, np.sum)):
+        np.testing.assert_array_equal(got, f(m, axis=1).astype(got.dtype))
