@@ -456,5 +456,8 @@ def test_map_of_mean_std_and_var_over_rows_gives_numpys_values_exactly(tmp_path,
     loompy.create(path, m, {"Gene": np.arange(150)}, {"CellID": np.arange(700)}).close()
     with loompy.connect(path, "r") as ds:
         mean, std, var, total = ds.map([np.mean, np.std, np.var, np.sum], axis=0)
+        std_first = ds.map([np.std, np.sum, np.mean], axis=0)  # (any order: the mean is taken first)
     for got, f in ((mean, np.mean), (std, np.std), (var, np.var), (total, np.sum)):
         np.testing.assert_array_equal(got, f(m, axis=1).astype(got.dtype))
+    for got, expected in zip(std_first, (std, total, mean)):
+        np.testing.assert_array_equal(got, expected)
