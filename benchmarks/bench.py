@@ -55,6 +55,9 @@ def done(seconds):
     print(json.dumps({"s": seconds, "rss_mb": hwm / 1024, "helpers_mb": max(helpers.values(), default=0) / 1024}))
 """
 
+# operations whose helper processes' memory is sampled (elsewhere no sampling thread runs while timed)
+STARTS_HELPERS = {"combine (2 files)", "permute (columns)"}
+
 # name -> (setup, timed statement, needs a private copy of the base file)
 OPERATIONS: dict[str, tuple[str, str, bool]] = {
     "create from scipy.sparse": (
@@ -100,8 +103,8 @@ def make_data(folder: Path, genes: int, cells: int, density: float) -> None:
 
 def run(python: str, env: dict, op: str, base: Path, work: Path, extra: Path) -> dict | None:
     setup, statement, _ = OPERATIONS[op]
-    body = PRELUDE + setup + "\nthreading.Thread(target=watch_helpers, daemon=True).start()\n" + \
-        "t = time.perf_counter()\n" + statement + "\ndone(time.perf_counter() - t)\n"
+    watch = "\nthreading.Thread(target=watch_helpers, daemon=True).start()" if op in STARTS_HELPERS else ""
+    body = PRELUDE + setup + watch + "\nt = time.perf_counter()\n" + statement + "\ndone(time.perf_counter() - t)\n"
     proc = subprocess.run([python, "-c", textwrap.dedent(body), str(base), str(work), str(extra)],
                           capture_output=True, text=True, env=env, cwd="/")
     if proc.returncode != 0:

@@ -24,8 +24,9 @@ from .growing import align_rows, differing_globals, join_values, per_column
 from .indexing import select_axis
 
 
-def _copy_extras(src: h5py.File, dst: h5py.File, skip: Sequence[str]) -> None:
-    """Copy what loompy does not rewrite itself (extra groups, root attributes) unchanged."""
+def _copy_extras(src: h5py.Group, dst: h5py.Group, skip: Sequence[str]) -> None:
+    """Copy what loompy does not rewrite itself (extra members and attributes of a file or group)
+    unchanged: what ``dst`` lacks, but for ``skip`` and staging groups."""
     for name in src.keys():
         if name not in skip and name not in dst and not swaps.is_staging(src, name):  # (half-done replacements)
             src.copy(src[name], dst, name=name)
@@ -117,9 +118,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             job.close()  # (its children are done)
             for name, dtype in dtypes.items():
                 if name != "":
-                    with contextlib.ExitStack() as layer_job:
-                        _combine_layer(out[fmt.LAYERS], name, sources[name], (n, total), dtype,
-                                       _start_second(sources[name], (n, total), dtype, layer_job))
+                    _combine_layer(out[fmt.LAYERS], name, sources[name], (n, total), dtype)
     finally:
         for c in conns:
             c.close()
@@ -191,9 +190,10 @@ def _start_second(sources: list[_Source], shape: tuple[int, int], dtype: np.dtyp
 
 
 def _combine_layer(group: h5py.Group, name: str, sources: list[_Source], shape: tuple[int, int],
-                   dtype: np.dtype, second: _Finish | None) -> None:
+                   dtype: np.dtype, second: _Finish | None = None) -> None:
     """Write one layer of the output: the selected columns of every source, in turn, as ``dtype``;
-    ``second`` is the copy of the second source already under way, if any (:func:`_start_second`).
+    ``second`` is the copy of the second source already under way (:func:`_start_second`), else
+    it is started here, before HDF5's copy of the first.
 
     When the first input is taken whole and stored just as the output will be, the output starts
     as HDF5's own copy of it (H5Ocopy moves the stored chunks without inflating them: 0.28 s for
@@ -202,16 +202,18 @@ def _combine_layer(group: h5py.Group, name: str, sources: list[_Source], shape: 
     if not _copies_first(sources, shape, dtype):
         _concatenate_layer(fmt.create_matrix(group, name, shape, dtype), sources)
         return
-    first = sources[0][0]
-    try:
-        group.copy(first, name, without_attrs=True)
-    except (OSError, RuntimeError) as error:  # HDF5 read what it could not copy
-        raise LoomFileError(f"{first.file.filename}: {first.name} cannot be copied; the file is damaged "
-                            f"({error})") from error
-    dst = group[name]
-    engine.resize(dst, shape[1], axis=1)
-    fmt.touch(dst)
-    _concatenate_layer(dst, sources, first.shape[1], second)
+    with contextlib.ExitStack() as job:
+        second = second or _start_second(sources, shape, dtype, job)  # (its helpers work during the copy)
+        first = sources[0][0]
+        try:
+            group.copy(first, name, without_attrs=True)
+        except (OSError, RuntimeError) as error:  # HDF5 read what it could not copy
+            raise LoomFileError(f"{first.file.filename}: {first.name} cannot be copied; the file is damaged "
+                                f"({error})") from error
+        dst = group[name]
+        engine.resize(dst, shape[1], axis=1)
+        fmt.touch(dst)
+        _concatenate_layer(dst, sources, first.shape[1], second)
 
 
 def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0, second: _Finish | None = None
@@ -372,7 +374,7 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
         _copy_extras(f, out, skip=[attr_group, graph_group, fmt.MATRIX, fmt.LAYERS])
         layers = out.require_group(fmt.LAYERS)
         if fmt.LAYERS in f:  # what else the layers group holds (not layers: nothing to reorder), as it is
-            _copy_extras(f[fmt.LAYERS], layers, skip=list(layers.keys()))
+            _copy_extras(f[fmt.LAYERS], layers, skip=())
         dst_attrs = out.require_group(attr_group)
         for key, value in f[attr_group].attrs.items() if attr_group in f else []:
             dst_attrs.attrs[key] = value
@@ -400,4 +402,4 @@ def repack(filename: str | os.PathLike) -> None:
     The file is opened as ``connect(filename, "r")`` opens it: one with an unfinished append or
     replacement must be opened once with ``r+`` first, which repairs it."""
     with connect(filename, "r") as ds, replacing(ds._path) as out:
-        _copy_extras(ds._file, out, skip=())  # everything (what an interrupted replacement left aside)
+        _copy_extras(ds._file, out, skip=())  # everything but what an interrupted replacement left aside

@@ -35,6 +35,7 @@ from .errors import (
 )
 from .graphs import GraphManager
 from .layers import LayerManager
+from .validator import check_structure, looks_like_loom
 from .view import WHAT_ALL, LoomView, ViewManager
 
 _LOCK_HINT = (
@@ -85,8 +86,6 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
 def _loom_or_unreadable(path: str, kwargs: dict[str, Any]) -> bool:
     """Whether a file may be repaired before it is opened for writing: it looks like a Loom file, or
     HDF5 cannot even read it (metadata past its recorded end: a writer's)."""
-    from .validator import looks_like_loom
-
     try:
         with h5py.File(path, "r", **kwargs) as f:
             return looks_like_loom(f)
@@ -125,7 +124,6 @@ class LoomConnection:
                                     "open the file once with mode 'r+' to repair it")
             refuse_if_pending_read_only(self._file, self.filename)
             if validate:
-                from .validator import check_structure
                 problems = check_structure(self._file)
                 if problems:
                     raise LoomFormatError(f"{self.filename}: not a valid Loom file: " + "; ".join(problems))
@@ -316,7 +314,9 @@ class LoomConnection:
     def aggregate(self, out_file: str | os.PathLike | None = None, select: Any = None, group_by: Any = "Clusters",
                   aggr_by: str = "mean", aggr_ca_by: dict[str, str] | None = None, layer: str = "",
                   aggr_ca_if_equal: bool = False, *, return_matrix: bool = True) -> np.ndarray:
-        """Aggregate columns by group; see :func:`loompy.operations.aggregate`."""
+        """Aggregate columns by group, returning the matrix of groups (also when writing ``out_file``),
+        with loompy 3's arguments in its order; ``return_matrix`` (older loompy's) changes nothing.
+        See :func:`loompy.operations.aggregate`."""
         return operations.aggregate(self, out_file, select, group_by, aggr_by, aggr_ca_by, layer, aggr_ca_if_equal)
 
     def export(self, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:

@@ -359,21 +359,22 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
     they are all: the stored values, then the new or filled ones (with ``convert_attrs``, text on
     either side makes both text), and the attribute is rewritten."""
     where, m = ds.filename, ds.shape[1]
-    stored = {name: ds._file[fmt.COL_ATTRS][name] for name in ds.ca.keys()}  # (no such group: none)
+    stored = {name: ds.ca._group[name] for name in ds.ca.keys()}  # (no such group: none)
     for name, dataset in stored.items():
         if dataset.shape[:1] != (m,):
             raise LoomFormatError(f"{where}: column attribute '{name}' has {dataset.shape[0] if dataset.shape else 0} "
                                   f"values for {m} columns; the file is damaged")
+    samples = {name: _stored_values(ds, dataset, 1) for name, dataset in stored.items()}  # (dtype and shape)
     new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
                  for k, v in _as_attr_dict(col_attrs, where).items()}
-    for name, dataset in stored.items():
+    for name, sample in samples.items():
         if name not in new_attrs:
-            new_attrs[name] = _fill_for(name, _stored_values(ds, dataset, 1), fill_values, n_new, where)
+            new_attrs[name] = _fill_for(name, sample, fill_values, n_new, where)
     out = {}
     for name, values in new_attrs.items():
         what = f"{where}: column attribute '{name}'"
         if name in stored:
-            sample = _stored_values(ds, stored[name], 1)  # its dtype and shape decide how the new values join
+            sample = samples[name]  # its dtype and shape decide how the new values join
             joined = join_values([sample, values], what, convert_attrs)
             if joined.dtype == sample.dtype and _appendable(stored[name], joined):
                 out[name] = (joined[len(sample):], False)
@@ -387,6 +388,8 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
 
 def _stored_values(ds: Any, dataset: h5py.Dataset, count: int | None = None) -> np.ndarray:
     """The first ``count`` (else all) stored values of a column attribute, as read."""
+    if count is None:
+        return fmt.read_values(dataset, ds.ca._legacy)
     return fmt.present(dataset[:count], dataset.dtype, ds.ca._legacy)
 
 

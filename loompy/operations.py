@@ -174,11 +174,7 @@ CACHE_BYTES = 1 << 20  # rows reduced together: numpy's passes over them stay in
 def _apply(f: Callable, block: np.ndarray, axis: int) -> np.ndarray:
     """``f`` on every row (axis 0) or column (axis 1) of ``block``."""
     if f in _VECTORISABLE:
-        if axis == 1 or block.nbytes <= CACHE_BYTES:
-            return np.asarray(f(block, axis=1 - axis))
-        # a few rows at a time: 1.6x faster than one pass over a block far larger than the cache
-        step = max(1, CACHE_BYTES // max(1, block.strides[0]))
-        return np.concatenate([np.asarray(f(block[a:a + step], axis=1)) for a in range(0, block.shape[0], step)])
+        return np.asarray(f(block, axis=0)) if axis == 1 else _reduce_block([f], block)[0]
     lines = block if axis == 0 else block.T
     return np.array([f(line) for line in lines])
 
@@ -260,7 +256,8 @@ _FROM_MEAN = {np.std, np.var} if int(np.__version__.split(".")[0]) >= 2 else set
 
 def _reduce_block(functions: list[Callable], block: np.ndarray) -> list[np.ndarray]:
     """Each of ``functions`` (numpy reductions) on every row of ``block``, a few rows at a time (they
-    stay in the CPU's cache); np.std and np.var start from np.mean's values when it is asked for too."""
+    stay in the CPU's cache: 1.6x faster than one pass over a block far larger than it); np.std
+    and np.var start from np.mean's values when it is asked for too."""
     share = np.mean in functions and any(f in _FROM_MEAN for f in functions) and \
         block.dtype.kind in "fiu" and block.dtype != np.float16  # (float16: numpy's mean sums in float32)
     step = max(1, CACHE_BYTES // max(1, block.strides[0]))

@@ -36,7 +36,7 @@ import numpy as np
 
 from . import codecs
 from .bands import COUNTER, DAMAGED, DATA, FAILED, FRAME, BandEncoder, BandPlan, check_locks
-from .workers import THREADS, run_in_order
+from .workers import QUEUED_TASKS, THREADS, run_in_order
 
 MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
 # about 0.1 s of CPU each, the re-encoding about 25 us per chunk
@@ -144,7 +144,7 @@ class BandJob:
             return (plan.part(part)[0], *mine.encoder.encode(part))
 
         tasks = [functools.partial(encode, p) for p in np.flatnonzero(~done).tolist()]
-        run_in_order(tasks, lambda result: store(*result), 2 * THREADS)
+        run_in_order(tasks, lambda result: store(*result), QUEUED_TASKS)
 
     def _store_frames(self, store: Store, done: np.ndarray) -> None:
         """Store the children's frames as they come, marking the parts in ``done``, until every part

@@ -162,7 +162,7 @@ class ChunkIndex:
     mask: np.ndarray
 
     def open(self) -> int:
-        """A file descriptor for :meth:`read` (the caller closes it).
+        """A file descriptor to read the chunks through (:func:`~.codecs.read_stored`; the caller closes it).
 
         Raises OSError when the path no longer names the file the index was built from (the file
         was replaced on disk while open): the caller then reads through HDF5 instead.

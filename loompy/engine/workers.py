@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 THREADS = 2  # this library's target machines are small; more threads only contend for the GIL
+QUEUED_TASKS = 2 * THREADS  # finished write tasks that may wait to be stored
 
 _local = threading.local()
 T = TypeVar("T")

@@ -2,8 +2,11 @@
 
 Worker threads produce the values a task of whole chunks at a time, cut them into tiles and compress
 those (deflate releases the GIL); this thread stores the finished chunks with ``write_direct_chunk``,
-in order; all-zero chunks stay unallocated. Unaligned edges and datasets the fast path does not handle (see
-:func:`~.storage.chunk_layout`) go through h5py, which merges them with what their chunks hold.
+in order; all-zero chunks stay unallocated. Chunk rows re-encoded from another dataset's chunks
+(combine's inputs at an offset, permutes of columns) are compressed in helper processes instead
+(:mod:`.bands`, :mod:`.processes`) and stored here as they arrive. Unaligned edges and datasets
+the fast path does not handle (see :func:`~.storage.chunk_layout`) go through h5py, which merges
+them with what their chunks hold.
 """
 
 from __future__ import annotations
@@ -32,10 +35,9 @@ from .storage import (
     refresh,
     stored_chunks,
 )
-from .workers import THREADS, run_in_order
+from .workers import QUEUED_TASKS, THREADS, run_in_order
 
 TASK_BYTES = STRIP_BYTES // THREADS  # dense bytes a write task produces and compresses at once
-QUEUED_TASKS = 2 * THREADS  # finished tasks that may wait to be stored
 
 
 def _writes(function: Callable) -> Callable:
@@ -216,10 +218,11 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
 class ChunkStore:
     """Stores finished chunks of a dataset on the calling thread, in the order given: compressed
     bytes with ``write_direct_chunk``; an all-zero chunk stays unallocated, unless one is stored
-    there already (it is then overwritten with zeros)."""
+    there already (it is then overwritten with zeros). With ``fresh``, nothing is stored where the
+    chunks go, so all-zero ones are simply left out (no listing of what the dataset holds)."""
 
-    def __init__(self, dataset: h5py.Dataset, layout: ChunkLayout):
-        self.dataset, self.layout = dataset, layout
+    def __init__(self, dataset: h5py.Dataset, layout: ChunkLayout, fresh: bool = False):
+        self.dataset, self.layout, self.fresh = dataset, layout, fresh
         self.write = dataset.id.write_direct_chunk
         self.zero_chunk: bytes | None = None
         self.stored: np.ndarray | bool | None = None  # which chunks hold something, listed when first needed
@@ -229,7 +232,7 @@ class ChunkStore:
         for coord, payload in zip(coords, payloads):
             write(coord, payload)
         h, w = self.layout.chunks
-        for coord in empty:
+        for coord in [] if self.fresh else empty:
             if self.stored is None:  # listed once, when the first all-zero chunk turns up
                 self.stored = stored_chunks(self.dataset)
             stored = self.stored
@@ -315,9 +318,10 @@ def _dense_tiles(block: np.ndarray, h: int, w: int, out: np.ndarray) -> np.ndarr
 def copying_columns(src: h5py.Dataset, target: ChunkLayout | None, shape: tuple[int, int], col_offset: int
                     ) -> Iterator[Callable[[h5py.Dataset], tuple[int, int]]]:
     """Prepare to copy ``src`` (all of it) into columns ``col_offset:`` of a matrix of ``shape`` stored
-    as ``target``, as far as whole chunks of it go; yields ``finish(dst)``, which does the copy and
-    returns the columns ``a:b`` of ``dst`` now holding ``src``'s values. Its columns outside them
-    (edges sharing a chunk with other values) are left to the caller.
+    as ``target`` (none of its chunks there stored yet), as far as whole chunks of it go; yields
+    ``finish(dst)``, which does the copy and returns the columns ``a:b`` of ``dst`` now holding
+    ``src``'s values. Its columns outside them (edges sharing a chunk with other values) are left
+    to the caller.
 
     When ``col_offset`` is on a chunk boundary and the stored layouts agree, the stored chunks are
     copied as they are, never inflated. Otherwise each chunk of ``dst`` is cut from the inflated
@@ -374,10 +378,11 @@ def _band_job(src: h5py.Dataset, layout: ChunkLayout, target: ChunkLayout, sourc
 @_writes
 def _store_bands(dst: h5py.Dataset, src: h5py.Dataset, job: BandJob, target: ChunkLayout, first: int
                  ) -> tuple[int, int]:
-    """Store a job's bands into ``dst``'s columns from ``first``; returns the columns filled."""
+    """Store a job's bands into ``dst``'s columns from ``first`` (nothing stored there yet); returns
+    the columns filled."""
     h, w = target.chunks
     refresh(dst)
-    store = ChunkStore(dst, target)
+    store = ChunkStore(dst, target, fresh=True)
 
     def place(band: int, tiles: list[int], payloads: list, empty: list[int]) -> None:
         top = band * h
@@ -391,11 +396,12 @@ def _store_bands(dst: h5py.Dataset, src: h5py.Dataset, job: BandJob, target: Chu
 
 
 def reorder_columns(src: h5py.Dataset, dst: h5py.Dataset, order: np.ndarray) -> bool:
-    """Fill ``dst`` (the shape of ``src``, nothing stored yet) with ``src``'s columns in ``order``,
-    each chunk row re-encoded in the engine's helper processes (on threads when they cannot start
-    or there are too few chunks). False, with nothing written, when the layouts do not allow it
-    (other chunks, filters the engine does not handle) or a chunk row holds more than
-    ``STRIP_BYTES`` (it would be in memory whole, four times over)."""
+    """Fill ``dst`` (the shape of ``src``, nothing stored yet) with ``src``'s columns in ``order`` (a
+    permutation of them, checked by the caller: other values would wrap or clip), each chunk row
+    re-encoded in the engine's helper processes (on threads when they cannot start or there are
+    too few chunks). False, with nothing written, when the layouts do not allow it (other chunks,
+    filters the engine does not handle) or a chunk row holds more than ``STRIP_BYTES`` (it would
+    be in memory whole, four times over)."""
     layout, target = chunk_layout(src), chunk_layout(dst)
     if not _reencodable(src, layout, target, dst.shape[0]) or src.shape != dst.shape \
             or layout.chunks[0] * src.shape[1] * src.dtype.itemsize > STRIP_BYTES:
