@@ -168,13 +168,10 @@ _VECTORISABLE = {np.mean, np.std, np.var, np.sum, np.max, np.min, np.amax, np.am
                  np.ptp, np.all, np.any}
 
 
-CACHE_BYTES = 1 << 20  # rows reduced together: numpy's passes over them stay in the CPU's cache
-
-
 def _apply(f: Callable, block: np.ndarray, axis: int) -> np.ndarray:
     """``f`` on every row (axis 0) or column (axis 1) of ``block``."""
     if f in _VECTORISABLE:
-        return np.asarray(f(block, axis=0)) if axis == 1 else _reduce_block([f], block)[0]
+        return np.asarray(f(block, axis=0)) if axis == 1 else engine.reduce_block([f], block)[0]
     lines = block if axis == 0 else block.T
     return np.array([f(line) for line in lines])
 
@@ -198,11 +195,10 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     dataset = ds.layers[layer]._dataset
     length = ds.shape[axis]
     other = _items(selection, ds.shape[1 - axis], 1 - axis)
-    engine.expect_reads(dataset)
-    numpy_only = all(f in _VECTORISABLE for f in functions)
-    if axis == 0 and other.size and numpy_only:
-        reduced = _reduce_rows(dataset, functions, length, other)
+    if axis == 0 and other.size and all(f in _VECTORISABLE for f in functions):
+        reduced = _reduce_rows(dataset, functions, other)
         return reduced[0] if single else reduced
+    engine.expect_reads(dataset)
     if dataset.chunks and chunksize >= dataset.chunks[axis]:  # whole chunks: none is inflated twice
         chunksize = chunksize // dataset.chunks[axis] * dataset.chunks[axis]
     batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
@@ -234,45 +230,12 @@ def _result_dtype(dtype: np.dtype) -> np.dtype:
     return np.result_type(np.float64, dtype) if dtype.kind in "biufc" else np.dtype(object)
 
 
-def _reduce_rows(dataset: Any, functions: list[Callable], length: int, cols: np.ndarray) -> list[np.ndarray]:
-    """numpy reductions of every row, on the engine's workers as each chunk row is assembled
-    (while it is in the CPU's cache), instead of on this thread a batch at a time."""
+def _reduce_rows(dataset: Any, functions: list[Callable], cols: np.ndarray) -> list[np.ndarray]:
+    """numpy reductions of every row, by the engine as each chunk row is inflated (see
+    :func:`~loompy.engine.reduce_rows`), instead of on this thread a batch at a time."""
     probe = np.zeros((1, cols.size), dataset.dtype)
-    results = [np.empty(length, dtype=_result_dtype(np.asarray(f(probe, axis=1)).dtype)) for f in functions]
-
-    def reduce(_: int, first: int, block: np.ndarray) -> None:
-        for values, result in zip(_reduce_block(functions, block), results):
-            result[first:first + block.shape[0]] = values
-
-    engine.each_row_block(dataset, np.arange(length, dtype=np.int64), cols, reduce)
-    return results
-
-
-# numpy 2 lets np.std and np.var take the means they would compute first (``mean=``): the same
-# values with one pass fewer over the data, when np.mean is asked for as well (map's 0.28 s of
-# worker time for np.mean and np.std over 20,000 x 20,000 float32 became 0.21 s)
-_FROM_MEAN = {np.std, np.var} if int(np.__version__.split(".")[0]) >= 2 else set()
-
-
-def _reduce_block(functions: list[Callable], block: np.ndarray) -> list[np.ndarray]:
-    """Each of ``functions`` (numpy reductions) on every row of ``block``, a few rows at a time (they
-    stay in the CPU's cache: 1.6x faster than one pass over a block far larger than it); np.std
-    and np.var start from np.mean's values when it is asked for too."""
-    share = np.mean in functions and any(f in _FROM_MEAN for f in functions) and \
-        block.dtype.kind in "fiu" and block.dtype != np.float16  # (float16: numpy's mean sums in float32)
-    step = max(1, CACHE_BYTES // max(1, block.strides[0]))
-    parts: list[list[np.ndarray]] = [[] for _ in functions]
-    for a in range(0, block.shape[0], step):
-        rows = block[a:a + step]
-        mean = np.mean(rows, axis=1, keepdims=True) if share else None
-        for part, f in zip(parts, functions):
-            if share and f is np.mean:
-                part.append(mean[:, 0])
-            elif share and f in _FROM_MEAN:
-                part.append(f(rows, axis=1, mean=mean))
-            else:
-                part.append(np.asarray(f(rows, axis=1)))
-    return [np.concatenate(part) for part in parts]
+    dtypes = [_result_dtype(np.asarray(f(probe, axis=1)).dtype) for f in functions]
+    return engine.reduce_rows(dataset, functions, cols, dtypes)
 
 
 # --------------------------------------------------------------------------- aggregate

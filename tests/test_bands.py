@@ -321,8 +321,8 @@ def test_the_part_a_child_dies_on_is_done_here(tmp_path, children, monkeypatch):
     dying = ("from loompy.engine import bands\nencode = bands.BandEncoder.encode\n"  # (after its frames are out)
              "bands.BandEncoder.encode = lambda self, part: (time.sleep(0.5), os._exit(5)) if part == 3 "
              "else encode(self, part)\n")
-    boot = processes._BOOT.replace("from loompy.engine.bands import child_main\n",
-                                   "import os, time\n" + dying + "from loompy.engine.bands import child_main\n")
+    boot = processes._BOOT.replace("from loompy.engine.child import child_main\n",
+                                   "import os, time\n" + dying + "from loompy.engine.child import child_main\n")
     assert boot != processes._BOOT
     monkeypatch.setattr(processes, "_BOOT", boot)
     here, encode = [], processes.BandEncoder.encode
@@ -474,10 +474,10 @@ def test_no_children_where_the_temporary_folder_has_no_locks(tmp_path, children,
 def test_claims_are_unique_across_processes(tmp_path):
     """Three processes claiming at once from one shared counter get every number exactly once."""
     shared = os.open(tmp_path / "counter", os.O_RDWR | os.O_CREAT)
-    os.write(shared, bands.COUNTER.pack(0))
+    os.write(shared, importlib.import_module("loompy.engine.child").COUNTER.pack(0))
     script = textwrap.dedent("""
         import sys
-        from loompy.engine.bands import claim
+        from loompy.engine.child import claim
         print(" ".join(str(claim(int(sys.argv[1]))) for _ in range(400)))
     """)
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(loompy.__file__))}

@@ -10,7 +10,8 @@ so every valid file still reads and writes correctly. Measurements behind the ch
 """
 
 from .memory import Recycler, Scratch
-from .read import STRIP_BYTES, each_row_block, read_block, read_sparse
+from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_rows
+from .rows import reduce_block
 from .storage import (
     ChunkLayout,
     chunk_layout,
@@ -38,6 +39,6 @@ from .write import (
 __all__ = [
     "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "aligned", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes",
-    "layers_changed", "read_block", "read_sparse", "reorder_columns", "resize", "store_region", "write_block",
-    "write_columns", "write_matrix", "write_rows",
+    "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_rows", "reorder_columns", "resize",
+    "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
 ]

@@ -8,61 +8,24 @@ two cores, two threads doing it took longer than one here (every call hands the 
 :mod:`.processes` runs bands in child interpreters, and on this process's threads only when
 those cannot start.
 
-This module is what the children run. It imports numpy and :mod:`.codecs` only, never h5py or the
-rest of loompy: a child starts in 0.07 s instead of 0.25 s.
+The children run this module (see :mod:`.child`): it imports numpy and :mod:`.codecs` only.
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import struct
-import sys
-import threading
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import codecs
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on Windows, where no child is started
-    fcntl = None
-
 PIECE_TILES = 1024  # a band of combine is encoded in parts of at most this many tiles (16 MB of 64 x 64
 # float32), so that wide matrices need no more memory; permute's parts are whole bands (any tile may
 # need any of the band's source chunks)
-# frames a child writes: (part, kind, count, second count) then the kind's payload
-FRAME = struct.Struct("<qqqq")
-DATA, DAMAGED, FAILED = range(3)
-# the file a job's children share starts with the number of the next part to claim, then their
-# orders' length, the orders (JSON) and the plan (see BandPlan.to_bytes)
-COUNTER = struct.Struct("<q")
-
-
-def check_locks(shared: int) -> None:
-    """OSError unless the file open as ``shared`` takes the locks :func:`claim` needs (where the
-    temporary folder has none, as on some network file systems, threads do the work instead)."""
-    if fcntl is None:
-        raise OSError("no file locks on this system")
-    fcntl.lockf(shared, fcntl.LOCK_EX | fcntl.LOCK_NB, COUNTER.size, 0)
-    fcntl.lockf(shared, fcntl.LOCK_UN, COUNTER.size, 0)
-
-
-def claim(shared: int) -> int:
-    """The number of the next part nobody has taken, from the counter at the start of the file open
-    as ``shared`` (locked meanwhile: the children take parts as they get to them, so one that is
-    slowed down, by sharing a core with its parent say, does fewer)."""
-    fcntl.lockf(shared, fcntl.LOCK_EX, COUNTER.size, 0)  # (a POSIX lock: one process at a time)
-    try:
-        (part,) = COUNTER.unpack(os.pread(shared, COUNTER.size, 0))
-        os.pwrite(shared, COUNTER.pack(part + 1), 0)
-    finally:
-        fcntl.lockf(shared, fcntl.LOCK_UN, COUNTER.size, 0)
-    return part
 
 
 @dataclass
@@ -74,6 +37,8 @@ class BandPlan:
     (permute); both matrices have chunks of ``chunks`` and ``rows`` rows. Tiles past the last row
     or the last of those columns are zero-padded.
     """
+
+    KIND = "bands"  # (see .child.plan_class)
 
     chunks: tuple[int, int]
     rows: int
@@ -119,6 +84,22 @@ class BandPlan:
         per_band = -(-self.tiles_per_band // self.piece)
         band, k = divmod(number, per_band)
         return band, k * self.piece, min((k + 1) * self.piece, self.tiles_per_band)
+
+    def worker(self, fd: int) -> BandEncoder:
+        return BandEncoder(self, fd)
+
+    def read_frame(self, part: int, count: int, empty: int, read: Callable[[int], bytes]) -> tuple:
+        """A child's result for ``part`` (frame counts ``count`` and ``empty``; ``read(n)`` gives the
+        payload's next ``n`` bytes) as (tile numbers stored, their bytes, all-zero tile numbers);
+        ValueError when the counts do not fit the part."""
+        _, start, stop = self.part(part)
+        if count < 0 or empty < 0 or count + empty != stop - start:
+            raise ValueError(f"part {part} with {count} + {empty} tiles")
+        numbers = np.frombuffer(read(8 * (2 * count + empty)), dtype=np.int64)
+        stored, lengths = numbers[:count].tolist(), numbers[count:2 * count].tolist()
+        blob = memoryview(read(sum(lengths)))
+        bounds = np.cumsum([0, *lengths]).tolist()
+        return stored, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], numbers[2 * count:].tolist()
 
     # the plan crosses to a child as a JSON header followed by its arrays' bytes
     def to_bytes(self) -> bytes:
@@ -172,16 +153,11 @@ class BandEncoder:
 
     def _inflate(self, band: int, chunk_cols: slice | np.ndarray) -> None:
         """The source chunks of chunk row ``band`` at ``chunk_cols`` into ``self.row`` (zeros after them)."""
-        plan, size = self.plan, self.nbytes
-        into = memoryview(self.row.reshape(-1).view(np.uint8))
-        offsets, sizes, masks = (a[band, chunk_cols].tolist() for a in (plan.offset, plan.size, plan.mask))
-        for k, (o, s, m) in enumerate(zip(offsets, sizes, masks)):
-            if o < 0:
-                into[k * size:(k + 1) * size] = plan.fill
-            else:
-                stored = codecs.read_stored(self.fd, o, s)
-                into[k * size:(k + 1) * size] = codecs.decode(stored, size, plan.compressed, m)
-        self.row[len(offsets):] = 0
+        plan = self.plan
+        stored = tuple(a[band, chunk_cols].tolist() for a in (plan.offset, plan.size, plan.mask))
+        codecs.inflate_into(memoryview(self.row.reshape(-1).view(np.uint8)), self.fd, stored, self.nbytes,
+                            plan.compressed, plan.fill)
+        self.row[len(stored[0]):] = 0
 
     def encode(self, part: int) -> tuple[list[int], list[bytes], list[int]]:
         """Part ``part`` as (tile numbers in its band stored, their bytes, tile numbers left all-zero)."""
@@ -208,75 +184,8 @@ class BandEncoder:
         payloads = [self.deflate(flat[k * size:(k + 1) * size]) for k in np.flatnonzero(keep).tolist()]
         return (start + np.flatnonzero(keep)).tolist(), payloads, (start + np.flatnonzero(~keep)).tolist()
 
-
-def child_main() -> None:
-    """A child's whole life. Its command line gives the descriptor of the file it shares with its
-    parent and the other children. Once stdin closes, that file holds its orders (the source's path
-    and identity, how many bytes of frames may wait for the parent) and the plan; it claims parts
-    (:func:`claim`) until none is left, and writes one frame for each to stdout (see
-    :mod:`.processes`)."""
-    shared = int(sys.argv[1])
-    sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
-    # (the descriptor's offset is shared with the parent and the other children: read at fixed places)
-    (length,) = struct.unpack("<q", os.pread(shared, 8, COUNTER.size))
-    orders = json.loads(os.pread(shared, length, COUNTER.size + 8))
-    start = COUNTER.size + 8 + length
-    plan = BandPlan.from_bytes(os.pread(shared, os.fstat(shared).st_size - start, start))
-    fd = os.open(orders["source"], os.O_RDONLY)
-    info = os.fstat(fd)
-    if [info.st_dev, info.st_ino] != orders["file"]:
-        return  # replaced on disk since the parent listed its chunks: no frame, so the parent reads it itself
-    # a writer thread sends finished frames, so that encoding goes on while the parent is busy
-    # elsewhere (copying the first input of a combine, say), until ``ahead`` bytes of them wait
-    frames: deque[bytes | None] = deque()
-    waiting = threading.Condition()
-    held = 0
-
-    def send() -> None:
-        nonlocal held
-        try:
-            while True:
-                with waiting:
-                    while not frames:
-                        waiting.wait()
-                    frame = frames.popleft()
-                if frame is None:
-                    break
-                view = memoryview(frame)
-                while view:  # (unbuffered: whatever is written reaches the parent, even if this child dies)
-                    view = view[os.write(1, view):]
-                with waiting:
-                    held -= len(frame)
-                    waiting.notify_all()
-        except OSError:  # the parent has gone: nothing is left to do
-            os._exit(1)
-
-    def put(frame: bytes | None) -> None:  # (one frame is always let in: it may be larger than ``ahead``)
-        nonlocal held
-        with waiting:
-            while frames and frame is not None and held + len(frame) > orders["ahead"]:
-                waiting.wait()
-            frames.append(frame)
-            held += len(frame or b"")
-            waiting.notify_all()
-
-    writer = threading.Thread(target=send, daemon=True)
-    writer.start()
-    encoder = BandEncoder(plan, fd)
-    while (part := claim(shared)) < plan.parts:
-        try:
-            stored, payloads, empty = encoder.encode(part)
-        except codecs.DamagedChunk as error:
-            message = str(error).encode()
-            put(FRAME.pack(part, DAMAGED, len(message), 0) + message)
-            break
-        except Exception:
-            # anything else: the parent encodes the part itself (and meets the error again, unless
-            # it was this child's alone, such as running out of memory)
-            put(FRAME.pack(part, FAILED, 0, 0))
-            break
+    def frame(self, part: int) -> tuple[int, int, list[bytes]]:
+        """Part ``part`` as a child sends it: counts and payload for :meth:`BandPlan.read_frame`."""
+        stored, payloads, empty = self.encode(part)
         lengths = [len(p) for p in payloads]
-        put(b"".join([FRAME.pack(part, DATA, len(stored), len(empty)),
-                      np.array(stored + lengths + empty, dtype=np.int64).tobytes(), *payloads]))
-    put(None)
-    writer.join()
+        return len(stored), len(empty), [np.array(stored + lengths + empty, dtype=np.int64).tobytes(), *payloads]

@@ -1,21 +1,22 @@
-"""Encoding bands (see :mod:`.bands`) in child processes, storing them here as they come.
+"""Jobs in child processes: bands re-encoded (:mod:`.bands`; stored here as they come) or rows
+reduced (:mod:`.rows`).
 
 The children are fresh interpreters (``sys.executable``, when it is a Python) that load
-:mod:`.bands` and :mod:`.codecs` from this package's folder without running
+:mod:`.child`, the plans and :mod:`.codecs` from this package's folder without running
 ``loompy/__init__.py`` (no h5py, and never the user's ``__main__``, as multiprocessing's spawned
 workers would). They are started before the source's chunks are listed and wait for their stdin
 to close; then a temporary file they share holds their orders (which file to read: they check it
 is the one listed) and the plan, and a counter from which each claims the next part when it is
-ready for one (:func:`.bands.claim`), so a child slowed down does fewer. This process stores
-each part's chunks as its frame arrives. Children encode as soon as they have their orders, so a
+ready for one (:func:`.child.claim`), so a child slowed down does fewer. This process handles
+each part's result as its frame arrives. Children work as soon as they have their orders, so a
 caller can start a job before other long work (combine: before it writes attributes and HDF5
 copies its first input). Nothing is ever written to a child's pipe: a child that died would raise
 SIGPIPE, which kills programs that do not ignore it.
 
 Nothing here is needed for correctness: when children cannot be started (no ``pread``, a frozen
 interpreter or one that is not Python, one core, fewer than ``MIN_TILES`` chunks) the same parts
-are encoded on this process's threads, and the parts children did not give (one failed, or none
-sent anything for ``PATIENCE`` seconds) are encoded on them at the end. A chunk a child finds
+are worked on this process's threads, and the parts children did not give (one failed, or none
+sent anything for ``PATIENCE`` seconds) are worked on them at the end. A chunk a child finds
 damaged raises :class:`~.codecs.DamagedChunk` here, as it would on a thread.
 """
 
@@ -35,11 +36,13 @@ from collections.abc import Callable
 import numpy as np
 
 from . import codecs
-from .bands import COUNTER, DAMAGED, DATA, FAILED, FRAME, BandEncoder, BandPlan, check_locks
+from .bands import BandEncoder, BandPlan
+from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, check_locks
+from .rows import RowPlan
 from .workers import QUEUED_TASKS, THREADS, run_in_order
 
-MIN_TILES = 20000  # fewer output chunks than this are encoded on threads: starting children costs
-# about 0.1 s of CPU each, the re-encoding about 25 us per chunk
+MIN_TILES = 20000  # jobs over fewer chunks than this run on threads: starting children costs about
+# 0.1 s of CPU each, re-encoding about 25 us per chunk, inflating and reducing about 10 us
 AHEAD_BYTES = 32 << 20  # a child's finished frames may wait for this process up to this many bytes (and
 # the one it is sending: the part it is encoding then waits)
 PATIENCE = 120.0  # seconds without a byte from any child (or within a frame) before this process does the rest
@@ -54,7 +57,7 @@ _BOOT = """import sys, types
 sys.path[:] = {path!r}
 for name, folder in (("loompy", {package!r}), ("loompy.engine", {engine!r})):
     module = types.ModuleType(name); module.__path__ = [folder]; sys.modules[name] = module
-from loompy.engine.bands import child_main
+from loompy.engine.child import child_main
 child_main()
 """
 
@@ -74,23 +77,24 @@ def _can_start_children() -> bool:
             and not getattr(sys, "frozen", False) and THREADS > 1 and _cores() > 1)
 
 
-class BandJob:
-    """The parts of a plan being encoded, by children when there are at least ``MIN_TILES`` tiles.
+class ChildJob:
+    """The parts of a plan (:class:`~.bands.BandPlan`, :class:`~.rows.RowPlan`), worked by children
+    when there are at least ``MIN_TILES`` chunks.
 
-    Children start when the job is made; :meth:`begin` gives them the plan, :meth:`store_all`
-    hands every part to a store function, and :meth:`close` (or leaving the ``with`` block) ends
+    Children start when the job is made; :meth:`begin` gives them the plan, :meth:`collect` hands
+    each part's result over as it comes, and :meth:`close` (or leaving the ``with`` block) ends
     any still running.
     """
 
     def __init__(self, tiles: int):
-        self.plan: BandPlan | None = None
+        self.plan: BandPlan | RowPlan | None = None
         self.fd = -1
         self.children: list[subprocess.Popen | None] = []
         self.shared = None  # the temporary file the orders and plan go into
         if tiles >= MIN_TILES and _can_start_children():
             self._start_children()
 
-    def __enter__(self) -> BandJob:
+    def __enter__(self) -> ChildJob:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -113,13 +117,14 @@ class BandJob:
         except (OSError, ValueError):  # no children here: threads do it all
             self.close()
 
-    def begin(self, plan: BandPlan, fd: int, path: str, file_id: tuple[int, int]) -> None:
-        """Encode ``plan``'s parts, reading the source through ``fd`` here and by ``path`` (which must
+    def begin(self, plan: BandPlan | RowPlan, fd: int, path: str, file_id: tuple[int, int]) -> None:
+        """Work ``plan``'s parts, reading the source through ``fd`` here and by ``path`` (which must
         still be the file ``file_id`` names) in the children."""
         self.plan, self.fd = plan, fd
         if not self.children:
             return
-        orders = json.dumps({"source": path, "file": list(file_id), "ahead": AHEAD_BYTES}).encode()
+        orders = json.dumps({"kind": plan.KIND, "source": path, "file": list(file_id),
+                             "ahead": AHEAD_BYTES}).encode()
         try:
             self.shared.write(COUNTER.pack(0) + struct.pack("<q", len(orders)) + orders + plan.to_bytes())
             self.shared.flush()
@@ -129,27 +134,17 @@ class BandJob:
         for child in self.children:  # closing (never writing: a dead child would raise SIGPIPE) says go
             child.stdin.close()
 
-    def store_all(self, store: Store) -> None:
-        """Hand every part to ``store`` as (band, tile numbers, their bytes, all-zero tile numbers),
-        each as soon as it is encoded; the parts children did not give are encoded here at the end."""
+    def collect(self, handle: Callable[[int, object], None]) -> np.ndarray:
+        """``handle(part, result)`` for each part a child works (``result``: what the plan's
+        ``read_frame`` makes of its frame), as the frames come, until every part is handled, every
+        child has ended or failed, or none has sent a byte for ``PATIENCE`` s; then end them all.
+        Returns which parts were handled: the caller works the others."""
         done = np.zeros(self.plan.parts, dtype=bool)
         if self.children:
-            self._store_frames(store, done)
-        plan, fd = self.plan, self.fd
-        mine = threading.local()  # each thread's encoder (it keeps buffers)
+            self._collect(handle, done)
+        return done
 
-        def encode(part: int) -> tuple:
-            if not hasattr(mine, "encoder"):
-                mine.encoder = BandEncoder(plan, fd)
-            return (plan.part(part)[0], *mine.encoder.encode(part))
-
-        tasks = [functools.partial(encode, p) for p in np.flatnonzero(~done).tolist()]
-        run_in_order(tasks, lambda result: store(*result), QUEUED_TASKS)
-
-    def _store_frames(self, store: Store, done: np.ndarray) -> None:
-        """Store the children's frames as they come, marking the parts in ``done``, until every part
-        is stored, every child has ended or failed, or none has sent a byte for ``PATIENCE`` s; then
-        end them all (the parts not done are left to the caller)."""
+    def _collect(self, handle: Callable[[int, object], None], done: np.ndarray) -> None:
         listening = select.poll()  # (select.select cannot wait on descriptors past 1023)
         by_fd = {}
         for k, child in enumerate(self.children):
@@ -175,31 +170,26 @@ class BandJob:
                     self._end(k)
                     continue
                 part, result = frame
-                store(self.plan.part(part)[0], *result)
+                handle(part, result)
                 done[part] = True
                 left -= 1
         self.close()
 
-    def _next_frame(self, fd: int, done: np.ndarray) -> tuple[int, tuple] | None:
+    def _next_frame(self, fd: int, done: np.ndarray) -> tuple[int, object] | None:
         """The next frame a child sends, as (part, its result); None when it has ended or failed a part."""
         head = _read(fd, FRAME.size, allow_end=True)
         if head is None:
             return None
-        part, kind, count, empty = FRAME.unpack(head)
+        part, kind, count, second = FRAME.unpack(head)
         if kind == DAMAGED:
             raise codecs.DamagedChunk(_read(fd, count).decode(errors="replace"))
         if kind == FAILED:
             return None
         if not 0 <= part < len(done) or done[part]:
             raise ValueError(f"a frame for part {part}, which is not due")
-        _, start, stop = self.plan.part(part)
-        if kind != DATA or count + empty != stop - start:
-            raise ValueError(f"part {part} of kind {kind} with {count} + {empty} tiles")
-        numbers = np.frombuffer(_read(fd, 8 * (2 * count + empty)), dtype=np.int64)
-        stored, lengths = numbers[:count].tolist(), numbers[count:2 * count].tolist()
-        blob = memoryview(_read(fd, sum(lengths)))
-        bounds = np.cumsum([0, *lengths]).tolist()
-        return part, (stored, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], numbers[2 * count:].tolist())
+        if kind != DATA:
+            raise ValueError(f"a frame of kind {kind}")
+        return part, self.plan.read_frame(part, count, second, functools.partial(_read, fd))
 
     def _end(self, k: int) -> None:
         child, self.children[k] = self.children[k], None
@@ -237,3 +227,22 @@ def _read(fd: int, n: int, allow_end: bool = False) -> bytes | None:
         parts.append(data)
         left -= len(data)
     return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class BandJob(ChildJob):
+    """A :class:`ChildJob` of bands, each part's chunks stored as they come."""
+
+    def store_all(self, store: Store) -> None:
+        """Hand every part to ``store`` as (band, tile numbers, their bytes, all-zero tile numbers),
+        each as soon as it is encoded; the parts children did not give are encoded here at the end."""
+        plan, fd = self.plan, self.fd
+        done = self.collect(lambda part, result: store(plan.part(part)[0], *result))
+        mine = threading.local()  # each thread's encoder (it keeps buffers)
+
+        def encode(part: int) -> tuple:
+            if not hasattr(mine, "encoder"):
+                mine.encoder = BandEncoder(plan, fd)
+            return (plan.part(part)[0], *mine.encoder.encode(part))
+
+        tasks = [functools.partial(encode, p) for p in np.flatnonzero(~done).tolist()]
+        run_in_order(tasks, lambda result: store(*result), QUEUED_TASKS)

@@ -27,11 +27,15 @@ import scipy.sparse as sp
 from . import codecs
 from .codecs import DamagedChunk
 from .memory import Scratch
+from .processes import ChildJob
+from .rows import RowPlan, numpy_name, reduce_block
 from .storage import (
     ChunkLayout,
+    chunk_grid,
     chunk_index,
     chunk_layout,
     damaged,
+    direct_reads,
     groups,
     held_index,
     open_index,
@@ -335,6 +339,62 @@ def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
                 handle(number[id(unit)], unit.rows.start, block)
 
         read.run(consume)
+
+
+def reduce_rows(dataset: h5py.Dataset, functions: list[Callable], cols: np.ndarray,
+                result_dtypes: list[np.dtype]) -> list[np.ndarray]:
+    """Each of ``functions`` (numpy reductions) on every row of ``dataset`` taken at ``cols`` (sorted,
+    unique), as arrays of ``result_dtypes``: exactly the values each function gives for each row.
+
+    Large matrices are reduced in the engine's helper processes (:mod:`.rows`), each chunk row as
+    its chunks are inflated; the rest (small ones, parts a failed helper did not give) on the workers,
+    each chunk row as soon as it is assembled (while it is in the CPU's cache).
+    """
+    results = [np.empty(dataset.shape[0], dtype=d) for d in result_dtypes]
+    left = np.arange(dataset.shape[0], dtype=np.int64)  # rows not reduced yet
+    layout = chunk_layout(dataset)
+    names = [numpy_name(f) for f in functions]
+    if layout is not None and None not in names and all(np.dtype(d).kind in "biufc" for d in result_dtypes) \
+            and dataset.file.driver == "sec2" and cols.size:
+        (h, w), needed = layout.chunks, np.unique(cols // layout.chunks[1]).size
+        band_bytes = h * needed * w * dataset.dtype.itemsize
+        with ChildJob(chunk_grid(dataset)[0] * needed if band_bytes <= STRIP_BYTES else 0) as job:
+            if job.children:  # (started before the chunks are listed: they load numpy meanwhile)
+                left = _reduce_in_children(job, dataset, layout, names, cols, results)
+
+    def reduce(_: int, first: int, block: np.ndarray) -> None:
+        for values, result in zip(reduce_block(functions, block), results):
+            result[left[first:first + block.shape[0]]] = values
+
+    if left.size:
+        each_row_block(dataset, left, cols, reduce)
+    return results
+
+
+def _reduce_in_children(job: ChildJob, dataset: h5py.Dataset, layout: ChunkLayout, names: list[str],
+                        cols: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
+    """:func:`reduce_rows` by ``job``'s children, into ``results``; returns the rows they did not give."""
+    with direct_reads(dataset) as direct:
+        if direct is None:
+            return np.arange(dataset.shape[0], dtype=np.int64)
+        index, fd = direct
+        plan = RowPlan(chunks=layout.chunks, rows=dataset.shape[0], dtype=dataset.dtype.str,
+                       compressed=layout.compressed, fill=layout.fill, functions=names,
+                       result_dtypes=[r.dtype.str for r in results], cols=cols, offset=index.offset,
+                       size=index.size, mask=index.mask)
+        job.begin(plan, fd, index.path, index.file_id)
+
+        def place(part: int, values: list[np.ndarray]) -> None:
+            rows = plan.part_rows(part)
+            for result, v in zip(results, values):
+                result[rows.start:rows.stop] = v
+
+        try:
+            done = job.collect(place)
+        except DamagedChunk as error:
+            raise damaged(dataset, error) from error
+    left = [np.arange(plan.part_rows(p).start, plan.part_rows(p).stop) for p in np.flatnonzero(~done).tolist()]
+    return np.concatenate(left).astype(np.int64) if left else np.zeros(0, dtype=np.int64)
 
 
 def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:

@@ -1,0 +1,232 @@
+"""numpy reductions of every row in helper processes (engine/rows.py, map over rows): exactly the
+values numpy gives for each row alone, the same as on threads, whatever the selection, dtype or
+shape; the rows a failed helper did not give are reduced here; damaged chunks are errors."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import zlib
+
+import h5py
+import numpy as np
+import pytest
+
+import loompy
+from loompy.engine import codecs
+
+processes = importlib.import_module("loompy.engine.processes")
+rows_module = importlib.import_module("loompy.engine.rows")
+read_module = importlib.import_module("loompy.engine.read")
+
+FUNCTIONS = [np.mean, np.std, np.var, np.sum, np.max, np.nanmean, np.count_nonzero]
+
+
+@pytest.fixture
+def children(monkeypatch):
+    """Helper processes for every map, however small; yields the list of those started. Unless a
+    test says otherwise, they must give every row (none is left to this process's threads)."""
+    started = []
+    start = processes.ChildJob._start_children
+
+    def spy(job):
+        start(job)
+        started.extend(c for c in job.children if c is not None)
+
+    monkeypatch.setattr(processes, "MIN_TILES", 0)
+    monkeypatch.setattr(processes.ChildJob, "_start_children", spy)
+    return started
+
+
+def _matrix(path, shape, dtype, fill=0, seed=3):
+    """A Loom file whose matrix has chunks never written (two chunk columns of the fill value) and a
+    partial last chunk row and column; returns the values it holds."""
+    rng = np.random.default_rng(seed)
+    m = (rng.random(shape) * 200 - (0 if np.dtype(dtype).kind == "u" else 60)).astype(dtype)
+    m[rng.random(shape) < 0.6] = 0
+    loompy.create(path, np.zeros((shape[0], 1), dtype), {"g": np.arange(shape[0])}, {"c": [0]}).close()
+    with h5py.File(path, "r+") as f:
+        del f["matrix"]
+        d = f.create_dataset("matrix", shape=shape, dtype=dtype, chunks=(64, 64), compression="gzip",
+                             maxshape=(shape[0], None), fillvalue=fill)
+        d[:, :64] = m[:, :64]
+        if shape[1] > 192:
+            d[:, 192:] = m[:, 192:]
+            m[:, 64:192] = fill  # never written
+        else:
+            d[:, 64:] = m[:, 64:]
+        del f["col_attrs/c"]
+        f["col_attrs/c"] = np.arange(shape[1])
+    return m
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.uint16, np.float16])
+def test_row_reductions_in_children_are_numpys_values_exactly(tmp_path, children, dtype, monkeypatch):
+    path = tmp_path / "m.loom"
+    monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
+    m = _matrix(path, (300, 700), dtype, fill=3)
+    picks = {"all": None, "run": np.arange(700) >= 150, "scattered": np.arange(700) % 7 == 2}
+    for name, selection in picks.items():
+        cols = np.arange(700) if selection is None else np.flatnonzero(selection)
+        functions = FUNCTIONS if dtype != np.float16 else [np.mean, np.sum, np.max]
+        with loompy.connect(path, "r") as ds:
+            got = ds.map(functions, axis=0, selection=selection)
+        for values, f in zip(got, functions):
+            expected = [f(m[r, cols]) for r in range(m.shape[0])]
+            assert values.dtype == np.result_type(np.float64, np.asarray(expected).dtype), (name, f)
+            np.testing.assert_array_equal(values, np.asarray(expected).astype(values.dtype), err_msg=f"{name} {f}")
+    assert len(children) == 2 * len(picks)  # (two helpers for each map)
+
+
+def test_children_and_threads_give_the_same_values(tmp_path, children, monkeypatch):
+    path = tmp_path / "m.loom"
+    _matrix(path, (1000, 400), np.float32)
+    each = read_module.each_row_block
+    with loompy.connect(path, "r") as ds:
+        monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
+        here = ds.map([np.mean, np.std, np.sum], axis=0)
+        assert len(children) == 2
+        monkeypatch.setattr(read_module, "each_row_block", each)
+        monkeypatch.setattr(processes, "MIN_TILES", 10 ** 12)
+        threads = ds.map([np.mean, np.std, np.sum], axis=0)
+    assert len(children) == 2
+    for a, b in zip(here, threads):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_narrow_matrices_go_several_bands_to_a_part(tmp_path, children, monkeypatch):
+    """A part holds at least PART_CHUNKS chunks: 2 chunk columns, so 32 bands a part."""
+    path = tmp_path / "narrow.loom"
+    m = _matrix(path, (5000, 100), np.float32)
+    monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
+    plans, begin = [], processes.ChildJob.begin
+    processes.ChildJob.begin = lambda job, plan, *a: plans.append(plan) or begin(job, plan, *a)
+    try:
+        with loompy.connect(path, "r") as ds:
+            mean, top = ds.map([np.mean, np.max], axis=0)
+    finally:
+        processes.ChildJob.begin = begin
+    assert plans[0].bands_per_part == 32 and plans[0].parts == 3  # 79 bands
+    np.testing.assert_array_equal(mean, np.mean(m, axis=1).astype(np.float64))
+    np.testing.assert_array_equal(top, np.max(m, axis=1))
+
+
+def _first_child_then(flag, statement: str) -> str:
+    return ("import os\ntry:\n    os.close(os.open(" + repr(str(flag)) + ", os.O_CREAT | os.O_EXCL))\n"
+            "except FileExistsError:\n    pass\nelse:\n    " + statement + "\n")
+
+
+def test_the_rows_of_a_child_that_dies_are_reduced_here(tmp_path, children, monkeypatch):
+    path = tmp_path / "m.loom"
+    m = _matrix(path, (1000, 4200), np.float32)  # 16 bands, one a part
+    dying = ("import os, time\nfrom loompy.engine import rows\nreduce = rows.RowReducer.reduce\n"
+             "rows.RowReducer.reduce = lambda self, part: (time.sleep(0.5), os._exit(5)) if part in (3, 11) "
+             "else reduce(self, part)\n")
+    boot = processes._BOOT.replace("from loompy.engine.child import child_main\n",
+                                   dying + "from loompy.engine.child import child_main\n")
+    assert boot != processes._BOOT
+    monkeypatch.setattr(processes, "_BOOT", boot)
+    here, each = [], read_module.each_row_block
+    monkeypatch.setattr(read_module, "each_row_block", lambda d, r, c, h: here.append(r) or each(d, r, c, h))
+    with loompy.connect(path, "r") as ds:
+        mean, std = ds.map([np.mean, np.std], axis=0)
+    # one died on part 3, the other on 11 (each once its frames were out)
+    assert [c.returncode for c in children] == [5, 5]
+    assert len(here) == 1 and here[0].tolist() == list(range(3 * 64, 4 * 64)) + list(range(11 * 64, 1000))
+    np.testing.assert_array_equal(mean, np.mean(m, axis=1).astype(np.float64))
+    np.testing.assert_array_equal(std, np.std(m, axis=1).astype(np.float64))
+
+
+def test_children_that_cannot_start_leave_it_all_to_threads(tmp_path, children, monkeypatch):
+    path = tmp_path / "m.loom"
+    m = _matrix(path, (300, 700), np.float32)
+    monkeypatch.setattr(processes, "_BOOT", "import sys; sys.exit(3)\n")
+    with loompy.connect(path, "r") as ds:
+        total = ds.map(np.sum, axis=0)
+    assert [c.returncode for c in children] == [3, 3]
+    np.testing.assert_array_equal(total, np.sum(m, axis=1))
+
+
+def test_only_numpys_own_reductions_go_to_children(tmp_path, children):
+    path = tmp_path / "m.loom"
+    m = _matrix(path, (300, 700), np.float32)
+    with loompy.connect(path, "r") as ds:
+        (custom,) = ds.map([lambda x: float(x.max())], axis=0)  # not vectorised at all
+        top = ds.map(np.amax, axis=0)  # numpy's, under its own name
+    assert len(children) == 2
+    np.testing.assert_array_equal(custom, m.max(axis=1))
+    np.testing.assert_array_equal(top, m.max(axis=1))
+    assert rows_module.numpy_name(np.amax) == "amax" and rows_module.numpy_name(lambda x: x) is None
+
+
+def test_children_see_what_this_connection_wrote(tmp_path, children):
+    """Writes still in HDF5's chunk cache reach the file before helpers read it."""
+    path = tmp_path / "m.loom"
+    m = _matrix(path, (300, 700), np.float32)
+    with loompy.connect(path) as ds:
+        ds[:, 10:20] = np.full((300, 10), 7, np.float32)
+        m[:, 10:20] = 7
+        total = ds.map(np.sum, axis=0)
+    assert len(children) == 2
+    np.testing.assert_array_equal(total, np.sum(m, axis=1))
+
+
+def test_a_damaged_chunk_read_by_a_child_is_an_error_naming_the_file(tmp_path, children):
+    path = tmp_path / "m.loom"
+    _matrix(path, (300, 700), np.float32)
+    with h5py.File(path, "r") as f:
+        info = f["matrix"].id.get_chunk_info_by_coord((128, 320))
+    data = bytearray(path.read_bytes())
+    data[info.byte_offset + 5:info.byte_offset + 40] = b"\xff" * 35
+    path.write_bytes(bytes(data))
+    with loompy.connect(path, "r") as ds, pytest.raises(loompy.LoomFileError, match="m.loom.*damaged"):
+        ds.map([np.mean], axis=0)
+    assert len(children) == 2
+
+
+def test_a_plan_crosses_to_a_child_unchanged():
+    rng = np.random.default_rng(0)
+    grid = (5, 7)
+    plan = rows_module.RowPlan(chunks=(64, 32), rows=300, dtype="<f4", compressed=True, fill=-1.5,
+                               functions=["mean", "std"], result_dtypes=["<f8", "<f8"],
+                               cols=np.array([0, 3, 70, 200]), offset=rng.integers(-1, 10 ** 9, grid),
+                               size=rng.integers(0, 999, grid), mask=rng.integers(0, 2, grid))
+    back = rows_module.RowPlan.from_bytes(plan.to_bytes())
+    for name in ("chunks", "rows", "dtype", "compressed", "fill", "functions", "result_dtypes"):
+        assert getattr(back, name) == getattr(plan, name)
+    for name in ("cols", "offset", "size", "mask"):
+        np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
+    assert back.needed.tolist() == [0, 2, 6] and back.parts == 1 and back.part_rows(0) == range(300)
+
+
+def test_inflate_into_reads_runs_of_chunks_as_one_chunk_at_a_time_would(tmp_path):
+    """Back-to-back chunks are read together; gaps, chunks never written and chunks stored raw
+    (filter mask bit 0) each read as they must."""
+    rng = np.random.default_rng(1)
+    chunks = [rng.integers(0, 4, (8, 8)).astype(np.float32) for _ in range(7)]
+    stored = [zlib.compress(c.tobytes(), 2) for c in chunks]
+    stored[4] = chunks[4].tobytes()  # raw
+    blob, offsets = bytearray(b"x" * 10), []
+    for k, data in enumerate(stored):
+        if k == 3:
+            blob += b"gap"
+        offsets.append(len(blob))
+        blob += data
+    offsets[5] = -1  # never written
+    path = tmp_path / "blob"
+    path.write_bytes(bytes(blob))
+    target = np.empty((7, 8, 8), np.float32)
+    fill = np.full((8, 8), 9, np.float32).tobytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        codecs.inflate_into(memoryview(target.reshape(-1).view(np.uint8)), fd,
+                            (offsets, [len(s) for s in stored], [0, 0, 0, 0, 1, 0, 0]), 256, True, fill)
+        codecs.inflate_into(memoryview(target.reshape(-1).view(np.uint8)), fd, ([], [], []), 256, True, fill)
+        with pytest.raises(codecs.DamagedChunk, match="cut short"):
+            codecs.inflate_into(memoryview(target.reshape(-1).view(np.uint8)), fd,
+                                ([offsets[-1]], [len(stored[-1]) + 5], [0]), 256, True, fill)
+    finally:
+        os.close(fd)
+    expected = np.stack(chunks)
+    expected[5] = 9
+    np.testing.assert_array_equal(target, expected)
