@@ -1,7 +1,9 @@
-"""Shared fixtures: real files from the field, the reference loompy, and the --run-slow switch."""
+"""Shared fixtures: real files from the field, the reference loompy, the engine's helper processes
+forced on, and the --run-slow switch."""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
@@ -29,3 +31,20 @@ def reference():
 
     ref.ensure_reference()
     return ref
+
+
+@pytest.fixture
+def children(monkeypatch):
+    """The engine's helper processes for every job, however small (combine, permute, map); yields
+    the list of those started."""
+    processes = importlib.import_module("loompy.engine.processes")
+    started = []
+    start = processes.ChildJob._start_children
+
+    def spy(job):
+        start(job)
+        started.extend(c for c in job.children if c is not None)
+
+    monkeypatch.setattr(processes, "MIN_TILES", 0)
+    monkeypatch.setattr(processes.ChildJob, "_start_children", spy)
+    return started

@@ -24,21 +24,6 @@ processes = importlib.import_module("loompy.engine.processes")
 bands = importlib.import_module("loompy.engine.bands")
 
 
-@pytest.fixture
-def children(monkeypatch):
-    """Children for every job, however small; yields the list of those started."""
-    started = []
-    start = processes.BandJob._start_children
-
-    def spy(job):
-        start(job)
-        started.extend(c for c in job.children if c is not None)
-
-    monkeypatch.setattr(processes, "MIN_TILES", 0)
-    monkeypatch.setattr(processes.BandJob, "_start_children", spy)
-    return started
-
-
 def _source(path, shape=(300, 1000), dtype=np.float32, fill=0, seed=5):
     rng = np.random.default_rng(seed)
     m = ((rng.random(shape) < 0.2) * rng.integers(1, 50, size=shape)).astype(dtype)

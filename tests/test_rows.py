@@ -22,22 +22,6 @@ read_module = importlib.import_module("loompy.engine.read")
 FUNCTIONS = [np.mean, np.std, np.var, np.sum, np.max, np.nanmean, np.count_nonzero]
 
 
-@pytest.fixture
-def children(monkeypatch):
-    """Helper processes for every map, however small; yields the list of those started. Unless a
-    test says otherwise, they must give every row (none is left to this process's threads)."""
-    started = []
-    start = processes.ChildJob._start_children
-
-    def spy(job):
-        start(job)
-        started.extend(c for c in job.children if c is not None)
-
-    monkeypatch.setattr(processes, "MIN_TILES", 0)
-    monkeypatch.setattr(processes.ChildJob, "_start_children", spy)
-    return started
-
-
 def _matrix(path, shape, dtype, fill=0, seed=3):
     """A Loom file whose matrix has chunks never written (two chunk columns of the fill value) and a
     partial last chunk row and column; returns the values it holds."""

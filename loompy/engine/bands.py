@@ -14,14 +14,13 @@ The children run this module (see :mod:`.child`): it imports numpy and :mod:`.co
 from __future__ import annotations
 
 import functools
-import json
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import codecs
+from .child import pack_plan, unpack_plan
 
 PIECE_TILES = 1024  # a band of combine is encoded in parts of at most this many tiles (16 MB of 64 x 64
 # float32), so that wide matrices need no more memory; permute's parts are whole bands (any tile may
@@ -101,28 +100,15 @@ class BandPlan:
         bounds = np.cumsum([0, *lengths]).tolist()
         return stored, [blob[a:b] for a, b in zip(bounds[:-1], bounds[1:])], numbers[2 * count:].tolist()
 
-    # the plan crosses to a child as a JSON header followed by its arrays' bytes
     def to_bytes(self) -> bytes:
         header = {k: getattr(self, k) for k in ("chunks", "rows", "source_dtype", "target_dtype", "compressed",
                                                 "level", "source_start", "width", "piece_tiles")}
         header.update(source_fill=np.asarray(self.source_fill).item(), target_fill=np.asarray(self.target_fill).item())
-        header["grid"] = list(self.offset.shape)
-        header["ordered"] = self.order is not None
-        body = json.dumps(header).encode()
-        arrays = [np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in
-                  (self.offset, self.size, self.mask, *([] if self.order is None else [self.order]))]
-        return struct.pack("<q", len(body)) + body + b"".join(arrays)
+        return pack_plan(header, (self.offset, self.size, self.mask), self.order)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BandPlan:
-        (length,) = struct.unpack_from("<q", data)
-        header = json.loads(data[8:8 + length])
-        grid, ordered = tuple(header.pop("grid")), header.pop("ordered")
-        arrays = np.frombuffer(data, dtype=np.int64, offset=8 + length)
-        cells = grid[0] * grid[1]
-        offset, size, mask = (arrays[k * cells:(k + 1) * cells].reshape(grid) for k in range(3))
-        order = arrays[3 * cells:3 * cells + header["width"]] if ordered else None
-        header["chunks"] = tuple(header["chunks"])
+        header, offset, size, mask, order = unpack_plan(data)
         return cls(offset=offset, size=size, mask=mask, order=order, **header)
 
 

@@ -19,7 +19,7 @@ import sys
 import threading
 from collections import deque
 
-import numpy  # noqa: F401  (loaded while the parent lists the source's chunks, not after)
+import numpy as np  # (loaded while the parent lists the source's chunks, not after)
 
 from . import codecs
 
@@ -56,6 +56,27 @@ def claim(shared: int) -> int:
     finally:
         fcntl.lockf(shared, fcntl.LOCK_UN, COUNTER.size, 0)
     return part
+
+
+def pack_plan(header: dict, index: tuple[np.ndarray, ...], extra: np.ndarray | None) -> bytes:
+    """How a plan crosses to the children: its ``header`` (JSON), then its chunk index (offsets,
+    sizes, filter masks, by chunk row and column) and perhaps one more array, as int64."""
+    header = {**header, "grid": list(index[0].shape), "extra": None if extra is None else int(extra.size)}
+    body = json.dumps(header).encode()
+    arrays = [np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in (*index, *([] if extra is None else [extra]))]
+    return struct.pack("<q", len(body)) + body + b"".join(arrays)
+
+
+def unpack_plan(data: bytes) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """What :func:`pack_plan` packed: (header, offsets, sizes, filter masks, the extra array or None)."""
+    (length,) = struct.unpack_from("<q", data)
+    header = json.loads(data[8:8 + length])
+    grid, extra = tuple(header.pop("grid")), header.pop("extra")
+    arrays = np.frombuffer(data, dtype=np.int64, offset=8 + length)
+    cells = grid[0] * grid[1]
+    offset, size, mask = (arrays[k * cells:(k + 1) * cells].reshape(grid) for k in range(3))
+    header["chunks"] = tuple(header["chunks"])
+    return header, offset, size, mask, None if extra is None else arrays[3 * cells:3 * cells + extra]
 
 
 def plan_class(kind: str) -> type:

@@ -12,14 +12,13 @@ The children run this module (see :mod:`.child`): it imports numpy and :mod:`.co
 from __future__ import annotations
 
 import functools
-import json
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import codecs
+from .child import pack_plan, unpack_plan
 
 CACHE_BYTES = 1 << 20  # rows reduced together: numpy's passes over them stay in the CPU's cache
 SLAB_BYTES = CACHE_BYTES // 2  # rows joined at once in helper processes (with numpy's temporary, in the cache)
@@ -115,26 +114,16 @@ class RowPlan:
             raise ValueError(f"part {part} with {count} rows and {functions} functions")
         return [np.frombuffer(read(count * np.dtype(d).itemsize), dtype=d) for d in self.result_dtypes]
 
-    # the plan crosses to a child as a JSON header followed by its arrays' bytes
     def to_bytes(self) -> bytes:
         header = {k: getattr(self, k) for k in ("chunks", "rows", "dtype", "compressed", "functions",
                                                 "result_dtypes")}
-        header.update(fill=np.asarray(self.fill).item(), grid=list(self.offset.shape), columns=int(self.cols.size))
-        body = json.dumps(header).encode()
-        arrays = [np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in (self.offset, self.size, self.mask,
-                                                                                self.cols)]
-        return struct.pack("<q", len(body)) + body + b"".join(arrays)
+        header.update(fill=np.asarray(self.fill).item())
+        return pack_plan(header, (self.offset, self.size, self.mask), self.cols)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> RowPlan:
-        (length,) = struct.unpack_from("<q", data)
-        header = json.loads(data[8:8 + length])
-        grid, columns = tuple(header.pop("grid")), header.pop("columns")
-        arrays = np.frombuffer(data, dtype=np.int64, offset=8 + length)
-        cells = grid[0] * grid[1]
-        offset, size, mask = (arrays[k * cells:(k + 1) * cells].reshape(grid) for k in range(3))
-        header["chunks"] = tuple(header["chunks"])
-        return cls(offset=offset, size=size, mask=mask, cols=arrays[3 * cells:3 * cells + columns], **header)
+        header, offset, size, mask, cols = unpack_plan(data)
+        return cls(offset=offset, size=size, mask=mask, cols=cols, **header)
 
 
 class RowReducer:
