@@ -5,6 +5,8 @@ datasets Loom files normally hold (chunked; no filter or a single deflate filter
 engine works on raw chunks: :mod:`.storage` knows where they are, :mod:`.codecs` inflates and
 deflates them, :mod:`.read` assembles selections from them and :mod:`.write` stores values as them,
 with worker threads doing the inflating and deflating (:mod:`.workers`) in reused memory (:mod:`.memory`).
+Whole-matrix jobs go to helper processes (:mod:`.processes`, running :mod:`.child`): re-encoding
+chunk rows (:mod:`.bands`: combine, permute) and reducing rows (:mod:`.rows`: map).
 Anything else (shuffle, other codecs, checksums, contiguous storage) goes through h5py's own path,
 so every valid file still reads and writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
 """
