@@ -45,6 +45,6 @@ def children(monkeypatch):
         start(job)
         started.extend(c for c in job.children if c is not None)
 
-    monkeypatch.setattr(processes, "MIN_TILES", 0)
+    monkeypatch.setattr(processes, "MIN_CHUNKS", 0)
     monkeypatch.setattr(processes.ChildJob, "_start_children", spy)
     return started

@@ -1,4 +1,4 @@
-"""Re-encoding shifted chunk rows in child processes (engine/bands.py, engine/processes.py): the same
+"""Re-encoding shifted chunk rows in child processes (engine/bands.py, child.py, processes.py): the same
 values as on threads and as numpy, a fallback when children fail, errors for damaged chunks, and
 no child left behind."""
 
@@ -69,7 +69,7 @@ def test_children_encode_what_threads_and_numpy_give(tmp_path, children, monkeyp
     assert (a, b) == (first, total if offset + 1000 == total else (offset + 1000) // 64 * 64)
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - offset:b - offset].astype(dst_dtype))
     assert not got[:, :a].any() and not got[:, b:].any()
-    processes.MIN_TILES = 10 ** 12  # the same on threads (the fixture restores it)
+    processes.MIN_CHUNKS = 10 ** 12  # the same on threads (the fixture restores it)
     children.clear()
     (a2, b2), threaded = _copy(path, offset, total, dst_dtype)
     assert not children and (a2, b2) == (a, b)
@@ -147,7 +147,7 @@ def test_children_end_when_their_parent_is_killed(tmp_path):
         import sys, time, importlib, h5py, numpy as np
         processes = importlib.import_module("loompy.engine.processes")
         write = importlib.import_module("loompy.engine.write")
-        processes.MIN_TILES = 0
+        processes.MIN_CHUNKS = 0
         start = processes.BandJob._start_children
         def spy(job):
             start(job)
@@ -248,7 +248,7 @@ def test_a_program_that_does_not_ignore_sigpipe_survives_children_that_die(tmp_p
     script = textwrap.dedent("""
         import importlib, signal, sys, h5py, numpy as np
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-        importlib.import_module("loompy.engine.processes").MIN_TILES = 0
+        importlib.import_module("loompy.engine.processes").MIN_CHUNKS = 0
         sys.executable = "/bin/false"  # children that end at once
         from loompy import engine
         with h5py.File(sys.argv[1], "r+") as f:
@@ -328,7 +328,7 @@ def test_wide_bands_are_encoded_in_parts(tmp_path, children, monkeypatch, piece)
     monkeypatch.setattr(processes.BandJob, "begin",
                         lambda job, plan, *args: plans.append(plan) or begin(job, plan, *args))
     for min_tiles in (0, 10 ** 12):  # children, then threads
-        monkeypatch.setattr(processes, "MIN_TILES", min_tiles)
+        monkeypatch.setattr(processes, "MIN_CHUNKS", min_tiles)
         (a, b), got = _copy(path, 40, 1040)
         np.testing.assert_array_equal(got[:, a:b], expected[:, a - 40:b - 40])
         assert not got[:, :a].any()
@@ -480,3 +480,23 @@ def test_compressor_gives_what_compress_gives(level):
     stored = bytes(deflate(memoryview(raw).cast("B")))
     assert stored == bytes(importlib.import_module("loompy.engine.codecs").compress(raw, level))
     assert (zlib.decompress(stored) if level is not None else stored) == raw.tobytes()
+
+
+def test_a_frame_whose_tiles_do_not_fit_its_part_is_refused():
+    """A child's frame must name each tile of its part once, with lengths that are not negative:
+    anything else is a failed child (its part is encoded here), never stored."""
+    grid = np.zeros((1, 10), np.int64)
+    plan = bands.BandPlan(chunks=(64, 64), rows=64, source_dtype="<f4", target_dtype="<f4", compressed=True,
+                          level=2, source_fill=0, target_fill=0, source_start=0, width=640, offset=grid,
+                          size=grid, mask=grid, piece_tiles=4)
+    assert plan.part(1) == (0, 4, 8)
+
+    def reader(numbers, blob=b"abcdef"):
+        data = [np.array(numbers, np.int64).tobytes(), blob]
+        return lambda n: data.pop(0)[:n]
+
+    stored, payloads, empty = plan.read_frame(1, 2, 2, reader([5, 7, 2, 4, 4, 6]))
+    assert (stored, [bytes(p) for p in payloads], empty) == ([5, 7], [b"ab", b"cdef"], [4, 6])
+    for numbers in ([5, 9, 2, 4, 4, 6], [5, 5, 2, 4, 4, 6], [5, 7, -2, 8, 4, 6]):  # outside, twice, negative
+        with pytest.raises(ValueError, match="part 1"):
+            plan.read_frame(1, 2, 2, reader(numbers))

@@ -26,7 +26,7 @@ N, M, NEW = 400, 1500, 600
 
 WORKER = f"""
 import importlib, sys, numpy as np, loompy
-importlib.import_module("loompy.engine.processes").MIN_TILES = 0  # combine, permute: child processes
+importlib.import_module("loompy.engine.processes").MIN_CHUNKS = 0  # combine, permute: child processes
 op, target, extra = sys.argv[1], sys.argv[2], sys.argv[3]
 rng = np.random.default_rng(1)
 new = rng.poisson(0.5, size=({N}, {NEW})).astype("float32")

@@ -618,7 +618,7 @@ def test_zeros_written_under_a_negative_zero_fill_keep_their_sign(tmp_path, monk
 
     import loompy
 
-    monkeypatch.setattr(importlib.import_module("loompy.engine.processes"), "MIN_TILES", 0 if children else 10 ** 12)
+    monkeypatch.setattr(importlib.import_module("loompy.engine.processes"), "MIN_CHUNKS", 0 if children else 10 ** 12)
     m = np.zeros((130, 200), np.float32)
     m[5, 7] = 1
     with h5py.File(tmp_path / "z.h5", "w") as f:

@@ -692,7 +692,7 @@ def test_permute_in_many_strips(tmp_path, monkeypatch, axis):
     from loompy.engine import write
 
     monkeypatch.setattr(write, "TASK_BYTES", 64 * 300 * 4)  # one chunk row or column per task
-    monkeypatch.setattr(importlib.import_module("loompy.engine.processes"), "MIN_TILES", 10 ** 12)  # (threads)
+    monkeypatch.setattr(importlib.import_module("loompy.engine.processes"), "MIN_CHUNKS", 10 ** 12)  # (threads)
     compressor, slowed = write.codecs.compressor, []
 
     def slow_compressor(level):  # workers lag behind, so a buffer reused too early would show

@@ -71,7 +71,7 @@ def test_children_and_threads_give_the_same_values(tmp_path, children, monkeypat
         here = ds.map([np.mean, np.std, np.sum], axis=0)
         assert len(children) == 2
         monkeypatch.setattr(read_module, "each_row_block", each)
-        monkeypatch.setattr(processes, "MIN_TILES", 10 ** 12)
+        monkeypatch.setattr(processes, "MIN_CHUNKS", 10 ** 12)
         threads = ds.map([np.mean, np.std, np.sum], axis=0)
     assert len(children) == 2
     for a, b in zip(here, threads):
@@ -171,46 +171,83 @@ def test_a_damaged_chunk_read_by_a_child_is_an_error_naming_the_file(tmp_path, c
 def test_a_plan_crosses_to_a_child_unchanged():
     rng = np.random.default_rng(0)
     grid = (5, 7)
-    plan = rows_module.RowPlan(chunks=(64, 32), rows=300, dtype="<f4", compressed=True, fill=-1.5,
+    plan = rows_module.RowPlan(chunks=(64, 32), rows=300, dtype="<f4", compressed=True, source_fill=-1.5,
                                functions=["mean", "std"], result_dtypes=["<f8", "<f8"],
                                cols=np.array([0, 3, 70, 200]), offset=rng.integers(-1, 10 ** 9, grid),
                                size=rng.integers(0, 999, grid), mask=rng.integers(0, 2, grid))
     back = rows_module.RowPlan.from_bytes(plan.to_bytes())
-    for name in ("chunks", "rows", "dtype", "compressed", "fill", "functions", "result_dtypes"):
+    for name in ("chunks", "rows", "dtype", "compressed", "source_fill", "functions", "result_dtypes"):
         assert getattr(back, name) == getattr(plan, name)
     for name in ("cols", "offset", "size", "mask"):
         np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
     assert back.needed.tolist() == [0, 2, 6] and back.parts == 1 and back.part_rows(0) == range(300)
 
 
-def test_inflate_into_reads_runs_of_chunks_as_one_chunk_at_a_time_would(tmp_path):
-    """Back-to-back chunks are read together; gaps, chunks never written and chunks stored raw
-    (filter mask bit 0) each read as they must."""
+def _chunk_blob(tmp_path):
+    """Seven 8 x 8 chunks in a file: back to back but for a gap before the fourth, the fifth stored
+    raw (filter mask bit 0), the sixth never written (offset -1, and a size that must not count)."""
     rng = np.random.default_rng(1)
     chunks = [rng.integers(0, 4, (8, 8)).astype(np.float32) for _ in range(7)]
     stored = [zlib.compress(c.tobytes(), 2) for c in chunks]
-    stored[4] = chunks[4].tobytes()  # raw
+    stored[4] = chunks[4].tobytes()
     blob, offsets = bytearray(b"x" * 10), []
     for k, data in enumerate(stored):
         if k == 3:
             blob += b"gap"
         offsets.append(len(blob))
         blob += data
-    offsets[5] = -1  # never written
+    offsets[5] = -1
     path = tmp_path / "blob"
     path.write_bytes(bytes(blob))
-    target = np.empty((7, 8, 8), np.float32)
+    expected = np.stack(chunks)
+    expected[5] = 9
+    return path, (offsets, [len(s) for s in stored], [0, 0, 0, 0, 1, 0, 0]), expected
+
+
+@pytest.mark.parametrize("run_bytes", [4 << 20, 100])
+def test_inflate_into_reads_runs_of_chunks_as_one_chunk_at_a_time_would(tmp_path, monkeypatch, run_bytes):
+    """Back-to-back chunks are read together (runs no longer than about RUN_BYTES); gaps, chunks
+    never written and chunks stored raw each read as they must."""
+    path, stored, expected = _chunk_blob(tmp_path)
+    monkeypatch.setattr(codecs, "RUN_BYTES", run_bytes)
+    reads, pread = [], os.pread
+    monkeypatch.setattr(codecs.os, "pread", lambda fd, n, at: reads.append(n) or pread(fd, n, at))
+    target = np.zeros((7, 8, 8), np.float32)
     fill = np.full((8, 8), 9, np.float32).tobytes()
     fd = os.open(path, os.O_RDONLY)
     try:
-        codecs.inflate_into(memoryview(target.reshape(-1).view(np.uint8)), fd,
-                            (offsets, [len(s) for s in stored], [0, 0, 0, 0, 1, 0, 0]), 256, True, fill)
+        codecs.inflate_into(memoryview(target.reshape(-1).view(np.uint8)), fd, stored, 256, True, fill)
         codecs.inflate_into(memoryview(target.reshape(-1).view(np.uint8)), fd, ([], [], []), 256, True, fill)
-        with pytest.raises(codecs.DamagedChunk, match="cut short"):
-            codecs.inflate_into(memoryview(target.reshape(-1).view(np.uint8)), fd,
-                                ([offsets[-1]], [len(stored[-1]) + 5], [0]), 256, True, fill)
     finally:
         os.close(fd)
-    expected = np.stack(chunks)
-    expected[5] = 9
     np.testing.assert_array_equal(target, expected)
+    largest = max(stored[1])
+    assert len(reads) == 3 if run_bytes > 1000 else len(reads) > 3  # (three runs: before the gap, after, the last)
+    assert max(reads) <= run_bytes + largest
+    assert sum(reads) == sum(size for o, size in zip(*stored[:2]) if o >= 0)
+
+
+def test_inflate_into_names_the_chunk_a_truncated_file_cuts(tmp_path):
+    path, stored, _ = _chunk_blob(tmp_path)
+    offsets, sizes, _ = stored
+    path.write_bytes(path.read_bytes()[:offsets[2] + 3])  # the third chunk of the first run is cut
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(codecs.DamagedChunk, match=f"the chunk at byte {offsets[2]} is cut short"):
+            codecs.inflate_into(memoryview(np.zeros(7 * 256, np.uint8)), fd, stored, 256, True, b"\0" * 256)
+    finally:
+        os.close(fd)
+
+
+def test_inflate_into_never_joins_a_chunk_never_written_to_the_next(tmp_path):
+    """An unwritten chunk's size must not matter, even one that would seem to end where the next begins."""
+    path, (offsets, sizes, masks), expected = _chunk_blob(tmp_path)
+    target = np.zeros((2, 8, 8), np.float32)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        codecs.inflate_into(memoryview(target.reshape(-1).view(np.uint8)), fd,
+                            ([-1, offsets[0]], [offsets[0] + 1, sizes[0]], [0, 0]), 256, True,
+                            np.full((8, 8), 9, np.float32).tobytes())
+    finally:
+        os.close(fd)
+    np.testing.assert_array_equal(target, [np.full((8, 8), 9), expected[0]])

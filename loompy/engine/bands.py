@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import codecs
-from .child import pack_plan, unpack_plan
+from .child import inflate_band, joined_columns, pack_plan, unpack_plan
 
 PIECE_TILES = 1024  # a band of combine is encoded in parts of at most this many tiles (16 MB of 64 x 64
 # float32), so that wide matrices need no more memory; permute's parts are whole bands (any tile may
@@ -95,6 +95,9 @@ class BandPlan:
         if count < 0 or empty < 0 or count + empty != stop - start:
             raise ValueError(f"part {part} with {count} + {empty} tiles")
         numbers = np.frombuffer(read(8 * (2 * count + empty)), dtype=np.int64)
+        tiles = np.sort(np.concatenate([numbers[:count], numbers[2 * count:]]))
+        if not np.array_equal(tiles, np.arange(start, stop)) or (numbers[count:2 * count] < 0).any():
+            raise ValueError(f"part {part}: tile numbers or lengths that do not fit it")
         stored, lengths = numbers[:count].tolist(), numbers[count:2 * count].tolist()
         blob = memoryview(read(sum(lengths)))
         bounds = np.cumsum([0, *lengths]).tolist()
@@ -119,7 +122,6 @@ class BandEncoder:
     def __init__(self, plan: BandPlan, fd: int):
         self.plan, self.fd = plan, fd
         h, w = plan.chunks
-        self.nbytes = h * w * np.dtype(plan.source_dtype).itemsize
         self.tiles = np.empty((plan.piece, h, w), dtype=plan.target_dtype)
         self.deflate = codecs.compressor(plan.level)
         if plan.order is None:  # the source chunks under a part's tiles, and one more
@@ -129,10 +131,8 @@ class BandEncoder:
         count = plan.tiles_per_band
         needed = np.unique(plan.order // w)
         self.needed = needed
-        where = np.zeros(plan.offset.shape[1], dtype=np.int64)
-        where[needed] = np.arange(needed.size)
         self.local = np.full(count * w, needed.size * w, dtype=np.int64)  # columns of the joined chunks
-        self.local[:plan.width] = where[plan.order // w] * w + plan.order % w
+        self.local[:plan.width] = joined_columns(plan.order, needed, plan.offset.shape[1], w)
         self.row = np.empty((needed.size + 1, h, w), dtype=plan.source_dtype)
         self.joined = np.empty((h, self.row.shape[0] * w), dtype=plan.source_dtype)
         self.gathered = np.empty((h, count * w), dtype=plan.source_dtype)
@@ -140,10 +140,9 @@ class BandEncoder:
     def _inflate(self, band: int, chunk_cols: slice | np.ndarray) -> None:
         """The source chunks of chunk row ``band`` at ``chunk_cols`` into ``self.row`` (zeros after them)."""
         plan = self.plan
-        stored = tuple(a[band, chunk_cols].tolist() for a in (plan.offset, plan.size, plan.mask))
-        codecs.inflate_into(memoryview(self.row.reshape(-1).view(np.uint8)), self.fd, stored, self.nbytes,
-                            plan.compressed, plan.fill)
-        self.row[len(stored[0]):] = 0
+        count = inflate_band(self.row, self.fd, (plan.offset, plan.size, plan.mask), band, chunk_cols,
+                             plan.compressed, plan.fill)
+        self.row[count:] = 0
 
     def encode(self, part: int) -> tuple[list[int], list[bytes], list[int]]:
         """Part ``part`` as (tile numbers in its band stored, their bytes, tile numbers left all-zero)."""

@@ -32,8 +32,9 @@ except ImportError:  # pragma: no cover - not on Windows, where no child is star
 FRAME = struct.Struct("<qqqq")
 DATA, DAMAGED, FAILED = range(3)
 # the file a job's children share starts with the number of the next part to claim, then their
-# orders' length, the orders (JSON) and the plan (its to_bytes)
+# orders' length, the orders (JSON) and the plan (its to_bytes: see pack_plan)
 COUNTER = struct.Struct("<q")
+LENGTH = struct.Struct("<q")  # before the orders, and before a plan's header
 
 
 def check_locks(shared: int) -> None:
@@ -64,19 +65,36 @@ def pack_plan(header: dict, index: tuple[np.ndarray, ...], extra: np.ndarray | N
     header = {**header, "grid": list(index[0].shape), "extra": None if extra is None else int(extra.size)}
     body = json.dumps(header).encode()
     arrays = [np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in (*index, *([] if extra is None else [extra]))]
-    return struct.pack("<q", len(body)) + body + b"".join(arrays)
+    return LENGTH.pack(len(body)) + body + b"".join(arrays)
 
 
 def unpack_plan(data: bytes) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """What :func:`pack_plan` packed: (header, offsets, sizes, filter masks, the extra array or None)."""
-    (length,) = struct.unpack_from("<q", data)
-    header = json.loads(data[8:8 + length])
+    (length,) = LENGTH.unpack_from(data)
+    header = json.loads(data[LENGTH.size:LENGTH.size + length])
     grid, extra = tuple(header.pop("grid")), header.pop("extra")
-    arrays = np.frombuffer(data, dtype=np.int64, offset=8 + length)
+    arrays = np.frombuffer(data, dtype=np.int64, offset=LENGTH.size + length)
     cells = grid[0] * grid[1]
     offset, size, mask = (arrays[k * cells:(k + 1) * cells].reshape(grid) for k in range(3))
     header["chunks"] = tuple(header["chunks"])
     return header, offset, size, mask, None if extra is None else arrays[3 * cells:3 * cells + extra]
+
+
+def inflate_band(into: np.ndarray, fd: int, index: tuple[np.ndarray, np.ndarray, np.ndarray], band: int,
+                 chunk_cols: slice | np.ndarray, compressed: bool, fill: bytes) -> int:
+    """The chunks of chunk row ``band`` at ``chunk_cols`` (by the chunk index: offsets, sizes,
+    filter masks) into ``into`` (chunks, height, width), one after another; returns how many."""
+    stored = tuple(a[band, chunk_cols].tolist() for a in index)
+    codecs.inflate_into(memoryview(into.reshape(-1).view(np.uint8)), fd, stored, into[0].nbytes, compressed, fill)
+    return len(stored[0])
+
+
+def joined_columns(cols: np.ndarray, needed: np.ndarray, grid_cols: int, width: int) -> np.ndarray:
+    """Where columns ``cols`` are once the chunk columns ``needed`` (sorted, holding them all; of
+    ``grid_cols``, each ``width`` wide) are joined side by side."""
+    where = np.zeros(grid_cols, dtype=np.int64)
+    where[needed] = np.arange(needed.size)
+    return where[cols // width] * width + cols % width
 
 
 def plan_class(kind: str) -> type:
@@ -101,9 +119,9 @@ def child_main() -> None:
     shared = int(sys.argv[1])
     sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
     # (the descriptor's offset is shared with the parent and the other children: read at fixed places)
-    (length,) = struct.unpack("<q", os.pread(shared, 8, COUNTER.size))
-    orders = json.loads(os.pread(shared, length, COUNTER.size + 8))
-    start = COUNTER.size + 8 + length
+    (length,) = LENGTH.unpack(os.pread(shared, LENGTH.size, COUNTER.size))
+    orders = json.loads(os.pread(shared, length, COUNTER.size + LENGTH.size))
+    start = COUNTER.size + LENGTH.size + length
     plan = plan_class(orders["kind"]).from_bytes(os.pread(shared, os.fstat(shared).st_size - start, start))
     fd = os.open(orders["source"], os.O_RDONLY)
     info = os.fstat(fd)

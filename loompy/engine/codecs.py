@@ -80,8 +80,15 @@ def read_stored(fd: int, offset: int, size: int) -> bytes:
     """The ``size`` stored bytes of a chunk at byte ``offset`` of the file open as ``fd``."""
     data = os.pread(fd, size, offset)
     if len(data) != size:
-        raise DamagedChunk(f"the chunk at byte {offset} is cut short (is the file truncated?)")
+        raise _cut_short(offset)
     return data
+
+
+def _cut_short(offset: int) -> DamagedChunk:
+    return DamagedChunk(f"the chunk at byte {offset} is cut short (is the file truncated?)")
+
+
+RUN_BYTES = 4 << 20  # chunks stored back to back are read together, up to about this many bytes at once
 
 
 def inflate_into(target: memoryview, fd: int, stored: tuple[list[int], list[int], list[int]], nbytes: int,
@@ -97,15 +104,20 @@ def inflate_into(target: memoryview, fd: int, stored: tuple[list[int], list[int]
         return
     o = np.asarray(offsets, dtype=np.int64)
     ends = o + np.asarray(sizes, dtype=np.int64)
-    bounds = [0, *(np.flatnonzero((o[1:] != ends[:-1]) | (o[1:] < 0)) + 1).tolist(), len(offsets)]
+    # a run ends where the next chunk does not follow on, at a chunk never written, or where the
+    # file crosses a multiple of RUN_BYTES (so that a run's bytes stay few)
+    apart = (o[1:] != ends[:-1]) | (o[1:] < 0) | (o[:-1] < 0) | (o[1:] // RUN_BYTES != o[:-1] // RUN_BYTES)
+    bounds = [0, *(np.flatnonzero(apart) + 1).tolist(), len(offsets)]
     for a, b in zip(bounds[:-1], bounds[1:]):
         if offsets[a] < 0:  # (a run of one)
             target[a * nbytes:(a + 1) * nbytes] = fill
             continue
         start = offsets[a]
-        run = memoryview(read_stored(fd, start, int(ends[b - 1]) - start))
+        run = memoryview(os.pread(fd, int(ends[b - 1]) - start, start))
         for k in range(a, b):
             at = offsets[k] - start
+            if at + sizes[k] > len(run):
+                raise _cut_short(offsets[k])
             target[k * nbytes:(k + 1) * nbytes] = decode(run[at:at + sizes[k]], nbytes, compressed, masks[k])
 
 

@@ -14,7 +14,7 @@ copies its first input). Nothing is ever written to a child's pipe: a child that
 SIGPIPE, which kills programs that do not ignore it.
 
 Nothing here is needed for correctness: when children cannot be started (no ``pread``, a frozen
-interpreter or one that is not Python, one core, fewer than ``MIN_TILES`` chunks) the same parts
+interpreter or one that is not Python, one core, fewer than ``MIN_CHUNKS`` chunks) the same parts
 are worked on this process's threads, and the parts children did not give (one failed, or none
 sent anything for ``PATIENCE`` seconds) are worked on them at the end. A chunk a child finds
 damaged raises :class:`~.codecs.DamagedChunk` here, as it would on a thread.
@@ -37,14 +37,14 @@ import numpy as np
 
 from . import codecs
 from .bands import BandEncoder, BandPlan
-from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, check_locks
+from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH, check_locks
 from .rows import RowPlan
 from .workers import QUEUED_TASKS, THREADS, run_in_order
 
-MIN_TILES = 20000  # jobs over fewer chunks than this run on threads: starting children costs about
+MIN_CHUNKS = 20000  # jobs over fewer chunks than this run on threads: starting children costs about
 # 0.1 s of CPU each, re-encoding about 25 us per chunk, inflating and reducing about 10 us
 AHEAD_BYTES = 32 << 20  # a child's finished frames may wait for this process up to this many bytes (and
-# the one it is sending: the part it is encoding then waits)
+# the one it is sending: the part it is working on then waits)
 PATIENCE = 120.0  # seconds without a byte from any child (or within a frame) before this process does the rest
 
 # numpy's BLAS starts a thread per core that spins for a while (0.1 s of CPU in each child, which
@@ -79,19 +79,20 @@ def _can_start_children() -> bool:
 
 class ChildJob:
     """The parts of a plan (:class:`~.bands.BandPlan`, :class:`~.rows.RowPlan`), worked by children
-    when there are at least ``MIN_TILES`` chunks.
+    when there are at least ``MIN_CHUNKS`` chunks.
 
     Children start when the job is made; :meth:`begin` gives them the plan, :meth:`collect` hands
     each part's result over as it comes, and :meth:`close` (or leaving the ``with`` block) ends
     any still running.
     """
 
-    def __init__(self, tiles: int):
+    def __init__(self, chunks: int):
+        """Start the children for a job over ``chunks`` chunks, when that many are worth it."""
         self.plan: BandPlan | RowPlan | None = None
         self.fd = -1
         self.children: list[subprocess.Popen | None] = []
         self.shared = None  # the temporary file the orders and plan go into
-        if tiles >= MIN_TILES and _can_start_children():
+        if chunks >= MIN_CHUNKS and _can_start_children():
             self._start_children()
 
     def __enter__(self) -> ChildJob:
@@ -126,7 +127,7 @@ class ChildJob:
         orders = json.dumps({"kind": plan.KIND, "source": path, "file": list(file_id),
                              "ahead": AHEAD_BYTES}).encode()
         try:
-            self.shared.write(COUNTER.pack(0) + struct.pack("<q", len(orders)) + orders + plan.to_bytes())
+            self.shared.write(COUNTER.pack(0) + LENGTH.pack(len(orders)) + orders + plan.to_bytes())
             self.shared.flush()
         except OSError:
             self.close()
@@ -201,7 +202,7 @@ class ChildJob:
                     stream.close()
 
     def close(self) -> None:
-        """End every child still running (none is needed once its bands are stored) and forget them."""
+        """End every child still running (none is needed once its parts are handled) and forget them."""
         for k in range(len(self.children)):
             self._end(k)
         self.children = []

@@ -379,7 +379,7 @@ def _reduce_in_children(job: ChildJob, dataset: h5py.Dataset, layout: ChunkLayou
             return np.arange(dataset.shape[0], dtype=np.int64)
         index, fd = direct
         plan = RowPlan(chunks=layout.chunks, rows=dataset.shape[0], dtype=dataset.dtype.str,
-                       compressed=layout.compressed, fill=layout.fill, functions=names,
+                       compressed=layout.compressed, source_fill=layout.fill, functions=names,
                        result_dtypes=[r.dtype.str for r in results], cols=cols, offset=index.offset,
                        size=index.size, mask=index.mask)
         job.begin(plan, fd, index.path, index.file_id)

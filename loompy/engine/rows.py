@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import codecs
-from .child import pack_plan, unpack_plan
+from .child import inflate_band, joined_columns, pack_plan, unpack_plan
 
 CACHE_BYTES = 1 << 20  # rows reduced together: numpy's passes over them stay in the CPU's cache
 SLAB_BYTES = CACHE_BYTES // 2  # rows joined at once in helper processes (with numpy's temporary, in the cache)
@@ -69,7 +69,7 @@ class RowPlan:
     rows: int
     dtype: str
     compressed: bool
-    fill: float | int
+    source_fill: float | int  # what chunks never written hold
     functions: list[str]
     result_dtypes: list[str]
     cols: np.ndarray  # sorted, unique
@@ -117,7 +117,7 @@ class RowPlan:
     def to_bytes(self) -> bytes:
         header = {k: getattr(self, k) for k in ("chunks", "rows", "dtype", "compressed", "functions",
                                                 "result_dtypes")}
-        header.update(fill=np.asarray(self.fill).item())
+        header.update(source_fill=np.asarray(self.source_fill).item())
         return pack_plan(header, (self.offset, self.size, self.mask), self.cols)
 
     @classmethod
@@ -135,8 +135,7 @@ class RowReducer:
         self.functions = [getattr(np, name) for name in plan.functions]
         h, w = plan.chunks
         dtype = np.dtype(plan.dtype)
-        self.nbytes = h * w * dtype.itemsize
-        self.fill = codecs.fill_bytes(plan.chunks, plan.fill, dtype)
+        self.fill = codecs.fill_bytes(plan.chunks, plan.source_fill, dtype)
         needed = plan.needed
         self.row = np.empty((needed.size, h, w), dtype=dtype)
         # a few rows at a time are joined from the band's chunks and reduced: with numpy's temporary
@@ -149,9 +148,7 @@ class RowReducer:
             self.run: slice | None = slice(int(cols[0]) - first, int(cols[-1]) + 1 - first)
         else:  # the columns' places in the joined chunks
             self.run = None
-            where = np.zeros(plan.offset.shape[1], dtype=np.int64)
-            where[needed] = np.arange(needed.size)
-            self.local = where[cols // w] * w + cols % w
+            self.local = joined_columns(cols, needed, plan.offset.shape[1], w)
             self.gathered = np.empty((self.slab.shape[0], cols.size), dtype=dtype)
 
     def reduce(self, part: int) -> list[np.ndarray]:
@@ -159,9 +156,8 @@ class RowReducer:
         plan, (h, w) = self.plan, self.plan.chunks
         values: list[list[np.ndarray]] = [[] for _ in self.functions]
         for band in plan.part(part):
-            stored = tuple(a[band, plan.needed].tolist() for a in (plan.offset, plan.size, plan.mask))
-            codecs.inflate_into(memoryview(self.row.reshape(-1).view(np.uint8)), self.fd, stored, self.nbytes,
-                                plan.compressed, self.fill)
+            inflate_band(self.row, self.fd, (plan.offset, plan.size, plan.mask), band, plan.needed,
+                         plan.compressed, self.fill)
             for a in range(0, min(h, plan.rows - band * h), self.step):
                 n = min(self.step, plan.rows - band * h - a, h - a)
                 slab = self.slab[:n]
