@@ -168,11 +168,10 @@ _VECTORISABLE = {np.mean, np.std, np.var, np.sum, np.max, np.min, np.amax, np.am
                  np.ptp, np.all, np.any}
 
 
-def _apply(f: Callable, block: np.ndarray, axis: int) -> np.ndarray:
-    """``f`` on every row (axis 0) or column (axis 1) of ``block``."""
+def _apply(f: Callable, lines: np.ndarray) -> np.ndarray:
+    """``f`` on every row of ``lines``."""
     if f in _VECTORISABLE:
-        return np.asarray(f(block, axis=0)) if axis == 1 else engine.reduce_block([f], block)[0]
-    lines = block if axis == 0 else block.T
+        return engine.reduce_block([f], lines)[0]
     return np.array([f(line) for line in lines])
 
 
@@ -183,8 +182,10 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     ``selection`` (mask or indices) restricts the *other* axis (the values each function sees).
     Returns a list of arrays for a list of functions, one array for a single function.
     ``chunksize`` is how many rows or columns a batch holds, rounded down to whole chunks. When
-    every function is a numpy reduction (np.mean, np.std, np.sum, ...) over rows, no batch is
-    held at all: the engine's worker threads reduce each chunk row as soon as it is read.
+    every function is a numpy reduction (np.mean, np.std, np.sum, ...), no batch is held at all:
+    the engine reduces each chunk row or column as soon as it is inflated (see
+    :func:`~loompy.engine.reduce_lines`). Each function sees each line as a contiguous array, so
+    its values are the ones it gives for that line alone, as in loompy 3.
     """
     ds._check_open()
     axis = ds._axis(axis)
@@ -195,8 +196,8 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     dataset = ds.layers[layer]._dataset
     length = ds.shape[axis]
     other = _items(selection, ds.shape[1 - axis], 1 - axis)
-    if axis == 0 and other.size and all(f in _VECTORISABLE for f in functions):
-        reduced = _reduce_rows(dataset, functions, other)
+    if other.size and all(f in _VECTORISABLE for f in functions):
+        reduced = _reduce_lines(dataset, axis, functions, other, chunksize)
         return reduced[0] if single else reduced
     engine.expect_reads(dataset)
     if dataset.chunks and chunksize >= dataset.chunks[axis]:  # whole chunks: none is inflated twice
@@ -211,15 +212,16 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
     results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
     for start, batch, block in _one_ahead(batches, build, True, ds._check_open):
+        lines = block if axis == 0 else np.ascontiguousarray(block.T)  # (numpy sums a column as on its own)
         for i, f in enumerate(functions):
-            values = _apply(f, block, axis)
+            values = _apply(f, lines)
             dtype = _result_dtype(values.dtype)
             if results[i] is None:
                 results[i] = np.empty(length, dtype=dtype)
             elif np.result_type(results[i].dtype, dtype) != results[i].dtype:  # 0 first, 0.5 later
                 results[i] = results[i].astype(np.result_type(results[i].dtype, dtype))
             results[i][start:start + len(batch)] = values
-        del block  # let go before the next batch is read ahead: two buffers take turns
+        del block, lines  # let go before the next batch is read ahead: two buffers take turns
     results = [r if r is not None else np.zeros(0) for r in results]
     return results[0] if single else results
 
@@ -230,12 +232,13 @@ def _result_dtype(dtype: np.dtype) -> np.dtype:
     return np.result_type(np.float64, dtype) if dtype.kind in "biufc" else np.dtype(object)
 
 
-def _reduce_rows(dataset: Any, functions: list[Callable], cols: np.ndarray) -> list[np.ndarray]:
-    """numpy reductions of every row, by the engine as each chunk row is inflated (see
-    :func:`~loompy.engine.reduce_rows`), instead of on this thread a batch at a time."""
-    probe = np.zeros((1, cols.size), dataset.dtype)
+def _reduce_lines(dataset: Any, axis: int, functions: list[Callable], others: np.ndarray, batch: int
+                  ) -> list[np.ndarray]:
+    """numpy reductions of every row or column, by the engine as each chunk row or column is
+    inflated (see :func:`~loompy.engine.reduce_lines`), instead of here a batch at a time."""
+    probe = np.zeros((1, others.size), dataset.dtype)
     dtypes = [_result_dtype(np.asarray(f(probe, axis=1)).dtype) for f in functions]
-    return engine.reduce_rows(dataset, functions, cols, dtypes)
+    return engine.reduce_lines(dataset, axis, functions, others, dtypes, batch)
 
 
 # --------------------------------------------------------------------------- aggregate

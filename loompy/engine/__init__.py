@@ -6,14 +6,14 @@ engine works on raw chunks: :mod:`.storage` knows where they are, :mod:`.codecs`
 deflates them, :mod:`.read` assembles selections from them and :mod:`.write` stores values as them,
 with worker threads doing the inflating and deflating (:mod:`.workers`) in reused memory (:mod:`.memory`).
 Whole-matrix jobs go to helper processes (:mod:`.processes`, running :mod:`.child`): re-encoding
-chunk rows (:mod:`.bands`: combine, permute) and reducing rows (:mod:`.rows`: map).
+chunk rows (:mod:`.bands`: combine, permute) and reducing rows or columns (:mod:`.lines`: map).
 Anything else (shuffle, other codecs, checksums, contiguous storage) goes through h5py's own path,
 so every valid file still reads and writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
 """
 
+from .lines import reduce_block
 from .memory import Recycler, Scratch
-from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_rows
-from .rows import reduce_block
+from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_lines
 from .storage import (
     ChunkLayout,
     chunk_layout,
@@ -41,6 +41,6 @@ from .write import (
 __all__ = [
     "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "aligned", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes",
-    "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_rows", "reorder_columns", "resize",
+    "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_lines", "reorder_columns", "resize",
     "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
 ]

@@ -1,5 +1,5 @@
-"""Jobs in child processes: bands re-encoded (:mod:`.bands`; stored here as they come) or rows
-reduced (:mod:`.rows`).
+"""Jobs in child processes: bands re-encoded (:mod:`.bands`; stored here as they come) or lines
+reduced (:mod:`.lines`).
 
 The children are fresh interpreters (``sys.executable``, when it is a Python) that load
 :mod:`.child`, the plans and :mod:`.codecs` from this package's folder without running
@@ -38,7 +38,7 @@ import numpy as np
 from . import codecs
 from .bands import BandEncoder, BandPlan
 from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH, check_locks
-from .rows import RowPlan
+from .lines import LinePlan
 from .workers import QUEUED_TASKS, THREADS, run_in_order
 
 MIN_CHUNKS = 20000  # jobs over fewer chunks than this run on threads: starting children costs about
@@ -78,7 +78,7 @@ def _can_start_children() -> bool:
 
 
 class ChildJob:
-    """The parts of a plan (:class:`~.bands.BandPlan`, :class:`~.rows.RowPlan`), worked by children
+    """The parts of a plan (:class:`~.bands.BandPlan`, :class:`~.lines.LinePlan`), worked by children
     when there are at least ``MIN_CHUNKS`` chunks.
 
     Children start when the job is made; :meth:`begin` gives them the plan, :meth:`collect` hands
@@ -88,7 +88,7 @@ class ChildJob:
 
     def __init__(self, chunks: int):
         """Start the children for a job over ``chunks`` chunks, when that many are worth it."""
-        self.plan: BandPlan | RowPlan | None = None
+        self.plan: BandPlan | LinePlan | None = None
         self.fd = -1
         self.children: list[subprocess.Popen | None] = []
         self.shared = None  # the temporary file the orders and plan go into
@@ -118,7 +118,7 @@ class ChildJob:
         except (OSError, ValueError):  # no children here: threads do it all
             self.close()
 
-    def begin(self, plan: BandPlan | RowPlan, fd: int, path: str, file_id: tuple[int, int]) -> None:
+    def begin(self, plan: BandPlan | LinePlan, fd: int, path: str, file_id: tuple[int, int]) -> None:
         """Work ``plan``'s parts, reading the source through ``fd`` here and by ``path`` (which must
         still be the file ``file_id`` names) in the children."""
         self.plan, self.fd = plan, fd

@@ -26,9 +26,9 @@ import scipy.sparse as sp
 
 from . import codecs
 from .codecs import DamagedChunk
+from .lines import LinePlan, numpy_name, reduce_block
 from .memory import Scratch
 from .processes import ChildJob
-from .rows import RowPlan, numpy_name, reduce_block
 from .storage import (
     ChunkLayout,
     chunk_grid,
@@ -341,59 +341,68 @@ def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
         read.run(consume)
 
 
-def reduce_rows(dataset: h5py.Dataset, functions: list[Callable], cols: np.ndarray,
-                result_dtypes: list[np.dtype]) -> list[np.ndarray]:
-    """Each of ``functions`` (numpy reductions) on every row of ``dataset`` taken at ``cols`` (sorted,
-    unique), as arrays of ``result_dtypes``: exactly the values each function gives for each row.
+def reduce_lines(dataset: h5py.Dataset, axis: int, functions: list[Callable], others: np.ndarray,
+                 result_dtypes: list[np.dtype], batch: int = 1024) -> list[np.ndarray]:
+    """Each of ``functions`` (numpy reductions) on every row (``axis`` 0) or column (1) of
+    ``dataset``, taken at ``others`` (sorted, unique positions on the other axis), as arrays of
+    ``result_dtypes``: exactly the values each function gives for each line alone.
 
-    Large matrices are reduced in the engine's helper processes (:mod:`.rows`), each chunk row as
-    its chunks are inflated; the rest (small ones, parts a failed helper did not give) on the workers,
-    each chunk row as soon as it is assembled (while it is in the CPU's cache).
+    Large matrices are reduced in the engine's helper processes (:mod:`.lines`), a chunk row or
+    column as its chunks are inflated; the rest (small ones, parts a failed helper did not give)
+    here: rows on the workers as each chunk row is assembled, columns ``batch`` at a time (rounded
+    down to whole chunks).
     """
-    results = [np.empty(dataset.shape[0], dtype=d) for d in result_dtypes]
-    left = np.arange(dataset.shape[0], dtype=np.int64)  # rows not reduced yet
+    results = [np.empty(dataset.shape[axis], dtype=d) for d in result_dtypes]
+    left = np.arange(dataset.shape[axis], dtype=np.int64)  # lines not reduced yet
     layout = chunk_layout(dataset)
     names = [numpy_name(f) for f in functions]
     if layout is not None and None not in names and all(np.dtype(d).kind in "biufc" for d in result_dtypes) \
-            and dataset.file.driver == "sec2" and cols.size:
-        (h, w), needed = layout.chunks, np.unique(cols // layout.chunks[1]).size
-        band_bytes = h * needed * w * dataset.dtype.itemsize
-        with ChildJob(chunk_grid(dataset)[0] * needed if band_bytes <= STRIP_BYTES else 0) as job:
+            and dataset.file.driver == "sec2" and others.size:
+        needed = np.unique(others // layout.chunks[1 - axis]).size
+        band_bytes = layout.nbytes * needed
+        with ChildJob(chunk_grid(dataset)[axis] * needed if band_bytes <= STRIP_BYTES else 0) as job:
             if job.children:  # (started before the chunks are listed: they load numpy meanwhile)
-                left = _reduce_in_children(job, dataset, layout, names, cols, results)
+                left = _reduce_in_children(job, dataset, axis, layout, names, others, results)
+    if not left.size:
+        return results
 
-    def reduce(_: int, first: int, block: np.ndarray) -> None:
+    def place(lines: np.ndarray, block: np.ndarray) -> None:
         for values, result in zip(reduce_block(functions, block), results):
-            result[left[first:first + block.shape[0]]] = values
+            result[lines] = values
 
-    if left.size:
-        each_row_block(dataset, left, cols, reduce)
+    if axis == 0:
+        each_row_block(dataset, left, others, lambda _, first, block: place(left[first:first + block.shape[0]], block))
+        return results
+    width = dataset.chunks[1] if dataset.chunks else 1
+    step = batch // width * width if batch >= width else max(1, batch)
+    for a in range(0, left.size, step):  # (each column as a contiguous line: numpy sums it as on its own)
+        place(left[a:a + step], np.ascontiguousarray(read_block(dataset, others, left[a:a + step]).T))
     return results
 
 
-def _reduce_in_children(job: ChildJob, dataset: h5py.Dataset, layout: ChunkLayout, names: list[str],
-                        cols: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
-    """:func:`reduce_rows` by ``job``'s children, into ``results``; returns the rows they did not give."""
+def _reduce_in_children(job: ChildJob, dataset: h5py.Dataset, axis: int, layout: ChunkLayout, names: list[str],
+                        others: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
+    """:func:`reduce_lines` by ``job``'s children, into ``results``; returns the lines they did not give."""
     with direct_reads(dataset) as direct:
         if direct is None:
-            return np.arange(dataset.shape[0], dtype=np.int64)
+            return np.arange(dataset.shape[axis], dtype=np.int64)
         index, fd = direct
-        plan = RowPlan(chunks=layout.chunks, rows=dataset.shape[0], dtype=dataset.dtype.str,
-                       compressed=layout.compressed, source_fill=layout.fill, functions=names,
-                       result_dtypes=[r.dtype.str for r in results], cols=cols, offset=index.offset,
-                       size=index.size, mask=index.mask)
+        plan = LinePlan(chunks=layout.chunks, shape=dataset.shape, axis=axis, dtype=dataset.dtype.str,
+                        compressed=layout.compressed, source_fill=layout.fill, functions=names,
+                        result_dtypes=[r.dtype.str for r in results], others=others, offset=index.offset,
+                        size=index.size, mask=index.mask)
         job.begin(plan, fd, index.path, index.file_id)
 
         def place(part: int, values: list[np.ndarray]) -> None:
-            rows = plan.part_rows(part)
+            lines = plan.part_lines(part)
             for result, v in zip(results, values):
-                result[rows.start:rows.stop] = v
+                result[lines.start:lines.stop] = v
 
         try:
             done = job.collect(place)
         except DamagedChunk as error:
             raise damaged(dataset, error) from error
-    left = [np.arange(plan.part_rows(p).start, plan.part_rows(p).stop) for p in np.flatnonzero(~done).tolist()]
+    left = [np.arange(plan.part_lines(p).start, plan.part_lines(p).stop) for p in np.flatnonzero(~done).tolist()]
     return np.concatenate(left).astype(np.int64) if left else np.zeros(0, dtype=np.int64)
 
 

@@ -1,10 +1,14 @@
-"""numpy reductions of every row (map over rows with np.mean, np.std, np.sum, ...), a chunk row
-(a *band*) at a time, where its chunks are inflated: in the engine's helper processes for large
-matrices (:mod:`.processes`), on this process's threads otherwise (:func:`.read.reduce_rows`).
+"""numpy reductions of every row or every column (map with np.mean, np.std, np.sum, ...), a chunk
+row or chunk column (a *band*) at a time, where its chunks are inflated: in the engine's helper
+processes for large matrices (:mod:`.processes`), on this process's threads otherwise
+(:func:`.read.reduce_lines`).
 
-In helper processes, a whole map over 20,000 x 20,000 float32 took 0.76-0.82 s where two threads
-took 0.87-1.38 s: their hundred thousand inflate calls, each handing the GIL over, cost more than
-the work when the machine is busy. Only the results cross back (a few bytes per row).
+In helper processes, a whole map over the rows of 20,000 x 20,000 float32 took 0.74-0.82 s where
+two threads took 0.81-1.35 s: their hundred thousand inflate calls, each handing the GIL over,
+cost more than the work when the machine is busy. Only the results cross back (a few bytes per line).
+
+Each line (row or column) is reduced from a contiguous copy of its values, so every value is
+exactly what the function gives for that line alone, as loompy 3's map gives it.
 
 The children run this module (see :mod:`.child`): it imports numpy and :mod:`.codecs` only.
 """
@@ -59,28 +63,41 @@ def numpy_name(f: Callable) -> str | None:
 
 
 @dataclass
-class RowPlan:
-    """Everything needed to reduce rows: the matrix's chunks, the columns each row is taken at, and
-    the functions (numpy's, by name) with the dtypes their values are returned in."""
+class LinePlan:
+    """Everything needed to reduce every row (``axis`` 0) or column (1) of a matrix: its chunks, the
+    positions on the other axis each line is taken at, and the functions (numpy's, by name) with
+    the dtypes their values are returned in."""
 
-    KIND = "rows"  # (see .child.plan_class)
+    KIND = "lines"  # (see .child.plan_class)
 
     chunks: tuple[int, int]
-    rows: int
+    shape: tuple[int, int]
+    axis: int
     dtype: str
     compressed: bool
     source_fill: float | int  # what chunks never written hold
     functions: list[str]
     result_dtypes: list[str]
-    cols: np.ndarray  # sorted, unique
+    others: np.ndarray  # sorted, unique
     offset: np.ndarray  # the chunk index, by (chunk row, chunk column); offset -1: never written
     size: np.ndarray
     mask: np.ndarray
 
+    @property
+    def index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The chunk index by (band, chunk across it)."""
+        arrays = (self.offset, self.size, self.mask)
+        return arrays if self.axis == 0 else tuple(a.T for a in arrays)
+
+    @property
+    def depth(self) -> int:
+        """Lines in a band."""
+        return self.chunks[self.axis]
+
     @functools.cached_property
     def needed(self) -> np.ndarray:
-        """The chunk columns holding ``cols``."""
-        return np.unique(self.cols // self.chunks[1])
+        """The chunks across a band that hold ``others``."""
+        return np.unique(self.others // self.chunks[1 - self.axis])
 
     @property
     def bands_per_part(self) -> int:
@@ -88,7 +105,7 @@ class RowPlan:
 
     @property
     def bands(self) -> int:
-        return -(-self.rows // self.chunks[0])
+        return -(-self.shape[self.axis] // self.depth)
 
     @property
     def parts(self) -> int:
@@ -99,79 +116,82 @@ class RowPlan:
         first = number * self.bands_per_part
         return range(first, min(first + self.bands_per_part, self.bands))
 
-    def part_rows(self, number: int) -> range:
-        """The rows of part ``number``."""
-        bands, h = self.part(number), self.chunks[0]
-        return range(bands.start * h, min(bands.stop * h, self.rows))
+    def part_lines(self, number: int) -> range:
+        """The lines of part ``number``."""
+        bands = self.part(number)
+        return range(bands.start * self.depth, min(bands.stop * self.depth, self.shape[self.axis]))
 
-    def worker(self, fd: int) -> RowReducer:
-        return RowReducer(self, fd)
+    def worker(self, fd: int) -> LineReducer:
+        return LineReducer(self, fd)
 
     def read_frame(self, part: int, count: int, functions: int, read: Callable[[int], bytes]) -> list[np.ndarray]:
-        """A child's values for ``part`` (frame counts: rows and functions; ``read(n)`` gives the
+        """A child's values for ``part`` (frame counts: lines and functions; ``read(n)`` gives the
         payload's next ``n`` bytes), one array per function; ValueError when the counts do not fit."""
-        if count != len(self.part_rows(part)) or functions != len(self.functions):
-            raise ValueError(f"part {part} with {count} rows and {functions} functions")
+        if count != len(self.part_lines(part)) or functions != len(self.functions):
+            raise ValueError(f"part {part} with {count} lines and {functions} functions")
         return [np.frombuffer(read(count * np.dtype(d).itemsize), dtype=d) for d in self.result_dtypes]
 
     def to_bytes(self) -> bytes:
-        header = {k: getattr(self, k) for k in ("chunks", "rows", "dtype", "compressed", "functions",
+        header = {k: getattr(self, k) for k in ("chunks", "shape", "axis", "dtype", "compressed", "functions",
                                                 "result_dtypes")}
         header.update(source_fill=np.asarray(self.source_fill).item())
-        return pack_plan(header, (self.offset, self.size, self.mask), self.cols)
+        return pack_plan(header, (self.offset, self.size, self.mask), self.others)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> RowPlan:
-        header, offset, size, mask, cols = unpack_plan(data)
-        return cls(offset=offset, size=size, mask=mask, cols=cols, **header)
+    def from_bytes(cls, data: bytes) -> LinePlan:
+        header, offset, size, mask, others = unpack_plan(data)
+        header["shape"] = tuple(header["shape"])
+        return cls(offset=offset, size=size, mask=mask, others=others, **header)
 
 
-class RowReducer:
-    """Reduces the rows of a plan's parts, reading the chunks through ``fd``; it keeps buffers a
+class LineReducer:
+    """Reduces the lines of a plan's parts, reading the chunks through ``fd``; it keeps buffers a
     band wide."""
 
-    def __init__(self, plan: RowPlan, fd: int):
+    def __init__(self, plan: LinePlan, fd: int):
         self.plan, self.fd = plan, fd
         self.functions = [getattr(np, name) for name in plan.functions]
         h, w = plan.chunks
         dtype = np.dtype(plan.dtype)
         self.fill = codecs.fill_bytes(plan.chunks, plan.source_fill, dtype)
-        needed = plan.needed
-        self.row = np.empty((needed.size, h, w), dtype=dtype)
-        # a few rows at a time are joined from the band's chunks and reduced: with numpy's temporary
+        needed, across = plan.needed, plan.chunks[1 - plan.axis]
+        self.band = np.empty((needed.size, h, w), dtype=dtype)
+        # a few lines at a time are joined from the band's chunks and reduced: with numpy's temporary
         # they stay in the CPU's cache (4% less CPU than joining the whole band first)
-        self.step = max(1, SLAB_BYTES // (needed.size * w * dtype.itemsize))
-        self.slab = np.empty((min(self.step, h), needed.size * w), dtype=dtype)
-        first = int(needed[0]) * w
-        cols = plan.cols
-        if int(cols[-1]) - int(cols[0]) + 1 == cols.size:  # a run of columns: a view of the joined chunks
-            self.run: slice | None = slice(int(cols[0]) - first, int(cols[-1]) + 1 - first)
-        else:  # the columns' places in the joined chunks
+        self.step = max(1, SLAB_BYTES // (needed.size * across * dtype.itemsize))
+        self.slab = np.empty((min(self.step, plan.depth), needed.size * across), dtype=dtype)
+        first, others = int(needed[0]) * across, plan.others
+        if int(others[-1]) - int(others[0]) + 1 == others.size:  # a run: a view of the joined chunks
+            self.run: slice | None = slice(int(others[0]) - first, int(others[-1]) + 1 - first)
+        else:  # their places in the joined chunks
             self.run = None
-            self.local = joined_columns(cols, needed, plan.offset.shape[1], w)
-            self.gathered = np.empty((self.slab.shape[0], cols.size), dtype=dtype)
+            self.local = joined_columns(others, needed, plan.index[0].shape[1], across)
+            self.gathered = np.empty((self.slab.shape[0], others.size), dtype=dtype)
 
     def reduce(self, part: int) -> list[np.ndarray]:
-        """Each function's values for the rows of part ``part``, in its result dtype."""
-        plan, (h, w) = self.plan, self.plan.chunks
+        """Each function's values for the lines of part ``part``, in its result dtype."""
+        plan, depth = self.plan, self.plan.depth
         values: list[list[np.ndarray]] = [[] for _ in self.functions]
         for band in plan.part(part):
-            inflate_band(self.row, self.fd, (plan.offset, plan.size, plan.mask), band, plan.needed,
-                         plan.compressed, self.fill)
-            for a in range(0, min(h, plan.rows - band * h), self.step):
-                n = min(self.step, plan.rows - band * h - a, h - a)
+            inflate_band(self.band, self.fd, plan.index, band, plan.needed, plan.compressed, self.fill)
+            lines = min(depth, plan.shape[plan.axis] - band * depth)
+            for a in range(0, lines, self.step):
+                n = min(self.step, lines - a)
                 slab = self.slab[:n]
-                slab.reshape(n, -1, w)[...] = self.row[:, a:a + n].transpose(1, 0, 2)
+                if plan.axis == 0:  # rows a:a+n of every chunk, side by side
+                    slab.reshape(n, -1, plan.chunks[1])[...] = self.band[:, a:a + n].transpose(1, 0, 2)
+                else:  # columns a:a+n of every chunk, one under another
+                    slab.reshape(n, -1, plan.chunks[0])[...] = self.band[:, :, a:a + n].transpose(2, 0, 1)
                 if self.run is not None:
                     block = slab[:, self.run]
                 else:
                     block = self.gathered[:n]
                     np.take(slab, self.local, axis=1, out=block, mode="clip")
-                for part_values, v in zip(values, reduce_block(self.functions, block)):
-                    part_values.append(v)
+                for line_values, v in zip(values, reduce_block(self.functions, block)):
+                    line_values.append(v)
         return [np.concatenate(v).astype(d, copy=False) for v, d in zip(values, plan.result_dtypes)]
 
     def frame(self, part: int) -> tuple[int, int, list[bytes]]:
-        """Part ``part`` as a child sends it: counts and payload for :meth:`RowPlan.read_frame`."""
+        """Part ``part`` as a child sends it: counts and payload for :meth:`LinePlan.read_frame`."""
         values = self.reduce(part)
         return len(values[0]), len(values), [np.ascontiguousarray(v).tobytes() for v in values]

@@ -1,6 +1,7 @@
-"""numpy reductions of every row in helper processes (engine/rows.py, map over rows): exactly the
-values numpy gives for each row alone, the same as on threads, whatever the selection, dtype or
-shape; the rows a failed helper did not give are reduced here; damaged chunks are errors."""
+"""numpy reductions of every row or column in helper processes (engine/lines.py, map): exactly the
+values numpy gives for each line alone (and loompy 3.0.8's map), the same as on threads, whatever
+the axis, selection, dtype or shape; the lines a failed helper did not give are reduced here;
+damaged chunks are errors."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import loompy
 from loompy.engine import codecs
 
 processes = importlib.import_module("loompy.engine.processes")
-rows_module = importlib.import_module("loompy.engine.rows")
+lines_module = importlib.import_module("loompy.engine.lines")
 read_module = importlib.import_module("loompy.engine.read")
 
 FUNCTIONS = [np.mean, np.std, np.var, np.sum, np.max, np.nanmean, np.count_nonzero]
@@ -44,38 +45,50 @@ def _matrix(path, shape, dtype, fill=0, seed=3):
     return m
 
 
+@pytest.mark.parametrize("axis", [0, 1])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.uint16, np.float16])
-def test_row_reductions_in_children_are_numpys_values_exactly(tmp_path, children, dtype, monkeypatch):
+def test_line_reductions_in_children_are_numpys_values_exactly(tmp_path, children, dtype, axis, monkeypatch):
     path = tmp_path / "m.loom"
     monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
+    monkeypatch.setattr(read_module, "read_block", None)
     m = _matrix(path, (300, 700), dtype, fill=3)
-    picks = {"all": None, "run": np.arange(700) >= 150, "scattered": np.arange(700) % 7 == 2}
+    n = m.shape[1 - axis]
+    picks = {"all": None, "run": np.arange(n) >= 150, "scattered": np.arange(n) % 7 == 2}
     for name, selection in picks.items():
-        cols = np.arange(700) if selection is None else np.flatnonzero(selection)
+        others = np.arange(n) if selection is None else np.flatnonzero(selection)
         functions = FUNCTIONS if dtype != np.float16 else [np.mean, np.sum, np.max]
         with loompy.connect(path, "r") as ds:
-            got = ds.map(functions, axis=0, selection=selection)
+            got = ds.map(functions, axis=axis, selection=selection)
+        lines = [m[k, others] if axis == 0 else m[others, k] for k in range(m.shape[axis])]
         for values, f in zip(got, functions):
-            expected = [f(m[r, cols]) for r in range(m.shape[0])]
+            expected = [f(line) for line in lines]
             assert values.dtype == np.result_type(np.float64, np.asarray(expected).dtype), (name, f)
             np.testing.assert_array_equal(values, np.asarray(expected).astype(values.dtype), err_msg=f"{name} {f}")
     assert len(children) == 2 * len(picks)  # (two helpers for each map)
 
 
-def test_children_and_threads_give_the_same_values(tmp_path, children, monkeypatch):
+@pytest.mark.parametrize("axis", [0, 1])
+def test_children_and_threads_give_the_same_values(tmp_path, children, monkeypatch, axis):
     path = tmp_path / "m.loom"
-    _matrix(path, (1000, 400), np.float32)
-    each = read_module.each_row_block
+    m = _matrix(path, (1000, 400), np.float32)
+    each, block = read_module.each_row_block, read_module.read_block
     with loompy.connect(path, "r") as ds:
         monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
-        here = ds.map([np.mean, np.std, np.sum], axis=0)
+        monkeypatch.setattr(read_module, "read_block", None)
+        here = ds.map([np.mean, np.std, np.sum], axis=axis)
         assert len(children) == 2
         monkeypatch.setattr(read_module, "each_row_block", each)
+        monkeypatch.setattr(read_module, "read_block", block)
         monkeypatch.setattr(processes, "MIN_CHUNKS", 10 ** 12)
-        threads = ds.map([np.mean, np.std, np.sum], axis=0)
+        threads = ds.map([np.mean, np.std, np.sum], axis=axis, chunksize=150)
+        mixed = ds.map([np.mean, np.std, lambda x: 0], axis=axis, chunksize=150)  # (not all numpy's: batches)
     assert len(children) == 2
-    for a, b in zip(here, threads):
+    lines = m if axis == 0 else m.T
+    for a, b, c, f in zip(here, threads, mixed, [np.mean, np.std, np.sum]):
         np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, [f(line) for line in lines])
+        if f is not np.sum:
+            np.testing.assert_array_equal(a, c)
 
 
 def test_narrow_matrices_go_several_bands_to_a_part(tmp_path, children, monkeypatch):
@@ -103,8 +116,8 @@ def _first_child_then(flag, statement: str) -> str:
 def test_the_rows_of_a_child_that_dies_are_reduced_here(tmp_path, children, monkeypatch):
     path = tmp_path / "m.loom"
     m = _matrix(path, (1000, 4200), np.float32)  # 16 bands, one a part
-    dying = ("import os, time\nfrom loompy.engine import rows\nreduce = rows.RowReducer.reduce\n"
-             "rows.RowReducer.reduce = lambda self, part: (time.sleep(0.5), os._exit(5)) if part in (3, 11) "
+    dying = ("import os, time\nfrom loompy.engine import lines\nreduce = lines.LineReducer.reduce\n"
+             "lines.LineReducer.reduce = lambda self, part: (time.sleep(0.5), os._exit(5)) if part in (3, 11) "
              "else reduce(self, part)\n")
     boot = processes._BOOT.replace("from loompy.engine.child import child_main\n",
                                    dying + "from loompy.engine.child import child_main\n")
@@ -140,7 +153,7 @@ def test_only_numpys_own_reductions_go_to_children(tmp_path, children):
     assert len(children) == 2
     np.testing.assert_array_equal(custom, m.max(axis=1))
     np.testing.assert_array_equal(top, m.max(axis=1))
-    assert rows_module.numpy_name(np.amax) == "amax" and rows_module.numpy_name(lambda x: x) is None
+    assert lines_module.numpy_name(np.amax) == "amax" and lines_module.numpy_name(lambda x: x) is None
 
 
 def test_children_see_what_this_connection_wrote(tmp_path, children):
@@ -168,19 +181,47 @@ def test_a_damaged_chunk_read_by_a_child_is_an_error_naming_the_file(tmp_path, c
     assert len(children) == 2
 
 
-def test_a_plan_crosses_to_a_child_unchanged():
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_plan_crosses_to_a_child_unchanged(axis):
     rng = np.random.default_rng(0)
     grid = (5, 7)
-    plan = rows_module.RowPlan(chunks=(64, 32), rows=300, dtype="<f4", compressed=True, source_fill=-1.5,
-                               functions=["mean", "std"], result_dtypes=["<f8", "<f8"],
-                               cols=np.array([0, 3, 70, 200]), offset=rng.integers(-1, 10 ** 9, grid),
-                               size=rng.integers(0, 999, grid), mask=rng.integers(0, 2, grid))
-    back = rows_module.RowPlan.from_bytes(plan.to_bytes())
-    for name in ("chunks", "rows", "dtype", "compressed", "source_fill", "functions", "result_dtypes"):
+    plan = lines_module.LinePlan(chunks=(64, 32), shape=(300, 220), axis=axis, dtype="<f4", compressed=True,
+                                 source_fill=-1.5, functions=["mean", "std"], result_dtypes=["<f8", "<f8"],
+                                 others=np.array([0, 3, 70, 200]), offset=rng.integers(-1, 10 ** 9, grid),
+                                 size=rng.integers(0, 999, grid), mask=rng.integers(0, 2, grid))
+    back = lines_module.LinePlan.from_bytes(plan.to_bytes())
+    for name in ("chunks", "shape", "axis", "dtype", "compressed", "source_fill", "functions", "result_dtypes"):
         assert getattr(back, name) == getattr(plan, name)
-    for name in ("cols", "offset", "size", "mask"):
+    for name in ("others", "offset", "size", "mask"):
         np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
-    assert back.needed.tolist() == [0, 2, 6] and back.parts == 1 and back.part_rows(0) == range(300)
+    if axis == 0:  # rows: chunk columns 0, 2 and 6 hold the columns; 5 bands of 64 rows, one part
+        assert back.needed.tolist() == [0, 2, 6] and back.parts == 1 and back.part_lines(0) == range(300)
+    else:  # columns: chunk rows 0, 1 and 3 hold the rows; 7 bands of 32 columns, one part
+        assert back.needed.tolist() == [0, 1, 3] and back.bands == 7 and back.part_lines(0) == range(220)
+        np.testing.assert_array_equal(back.index[0], plan.offset.T)
+
+
+def test_map_gives_what_the_reference_gives_exactly(tmp_path, reference, monkeypatch):
+    """loompy 3.0.8 applies each function to each row or column alone: so does map, in helper
+    processes and on threads, over rows and columns (a column summed down its rows in one pass
+    would differ in the last digits)."""
+    path = tmp_path / "m.loom"
+    rng = np.random.default_rng(8)
+    m = (rng.random((700, 300)) * 10).astype(np.float32)  # (floats with fractions: sums that round)
+    loompy.create(path, m, {"g": np.arange(700)}, {"c": np.arange(300)}).close()
+    theirs = reference.run("""
+        import sys, json, numpy as np, loompy
+        with loompy.connect(sys.argv[1], "r") as ds:
+            out = [[v.tolist() for v in ds.map([np.mean, np.std, np.sum], axis=a)] for a in (0, 1)]
+        print(json.dumps(out))
+    """, str(path))
+    for min_chunks in (0, 10 ** 12):
+        monkeypatch.setattr(processes, "MIN_CHUNKS", min_chunks)
+        with loompy.connect(path, "r") as ds:
+            ours = [ds.map([np.mean, np.std, np.sum], axis=a) for a in (0, 1)]
+        for axis in (0, 1):
+            for got, expected in zip(ours[axis], theirs[axis]):
+                np.testing.assert_array_equal(got, expected, err_msg=f"axis {axis}, MIN_CHUNKS {min_chunks}")
 
 
 def _chunk_blob(tmp_path):
