@@ -56,7 +56,7 @@ def done(seconds):
 """
 
 # operations whose helper processes' memory is sampled (elsewhere no sampling thread runs while timed)
-STARTS_HELPERS = {"combine (2 files)", "permute (columns)", "map([np.mean, np.std])"}
+STARTS_HELPERS = {"combine (2 files)", "permute (columns)", "map([np.mean, np.std])", "map over columns"}
 
 # name -> (setup, timed statement, needs a private copy of the base file)
 OPERATIONS: dict[str, tuple[str, str, bool]] = {
@@ -79,6 +79,7 @@ OPERATIONS: dict[str, tuple[str, str, bool]] = {
     "scan rows": ("ds = loompy.connect(base, 'r')", "for _ in ds.scan(axis=0, batch_size=512): pass", False),
     "scan columns": ("ds = loompy.connect(base, 'r')", "for _ in ds.scan(axis=1, batch_size=512): pass", False),
     "map([np.mean, np.std])": ("ds = loompy.connect(base, 'r')", "ds.map([np.mean, np.std], axis=0)", False),
+    "map over columns": ("ds = loompy.connect(base, 'r')", "ds.map([np.mean, np.std], axis=1)", False),
     "sparse()": ("ds = loompy.connect(base, 'r')", "ds.sparse()", False),
     "ds[:, :]": ("ds = loompy.connect(base, 'r')", "ds[:, :]", False),
     "set_attr": ("ds = loompy.connect(work)", "ds.ca['Score'] = rng.random(ds.shape[1]); ds.close()", True),

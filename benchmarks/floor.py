@@ -79,6 +79,7 @@ def main() -> None:
         "scan rows (512)": lambda ds: [None for _ in ds.scan(axis=0, batch_size=512, what=["layers"])],
         "scan columns (512)": lambda ds: [None for _ in ds.scan(axis=1, batch_size=512, what=["layers"])],
         "map([np.mean, np.std])": lambda ds: ds.map([np.mean, np.std], axis=0),
+        "map over columns": lambda ds: ds.map([np.mean, np.std], axis=1),
     }
     for name, action in actions.items():
         rows[name] = [timed(args.file, action) for _ in range(args.repeats)]

@@ -28,8 +28,9 @@ def test_floor_and_deflate_libraries_run_on_a_small_file(tmp_path):
     loompy.create(path, m, {"Gene": np.arange(200)}, {"CellID": np.arange(300)}).close()
     floor = _run("floor.py", str(path), "--repeats", "1")
     rows = [line for line in floor.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r.split("|")[1].strip() for r in rows][-5:] == ["ds[:, :]", "sparse()", "scan rows (512)",
-                                                           "scan columns (512)", "map([np.mean, np.std])"]
+    assert [r.split("|")[1].strip() for r in rows][-6:] == ["ds[:, :]", "sparse()", "scan rows (512)",
+                                                           "scan columns (512)", "map([np.mean, np.std])",
+                                                           "map over columns"]
     libraries = _run("deflate_libraries.py", str(path), "--chunks", "20")
     assert {"zlib", "libdeflate", "isal"} <= {line.split("|")[1].strip() for line in libraries.splitlines()
                                              if line.startswith("| ")}
