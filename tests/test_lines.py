@@ -91,19 +91,19 @@ def test_children_and_threads_give_the_same_values(tmp_path, children, monkeypat
             np.testing.assert_array_equal(a, c)
 
 
-def test_narrow_matrices_go_several_bands_to_a_part(tmp_path, children, monkeypatch):
-    """A part holds at least PART_CHUNKS chunks: 2 chunk columns, so 32 bands a part."""
+@pytest.mark.parametrize("part_chunks", [64, 16])
+def test_narrow_matrices_go_several_bands_to_a_part(tmp_path, children, monkeypatch, part_chunks):
+    """A part holds at least PART_CHUNKS chunks: with 2 chunk columns, 32 bands a part (8 for 16), as
+    this process decides: the children are told, whatever their own PART_CHUNKS."""
     path = tmp_path / "narrow.loom"
     m = _matrix(path, (5000, 100), np.float32)
     monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
+    monkeypatch.setattr(lines_module, "PART_CHUNKS", part_chunks)
     plans, begin = [], processes.ChildJob.begin
-    processes.ChildJob.begin = lambda job, plan, *a: plans.append(plan) or begin(job, plan, *a)
-    try:
-        with loompy.connect(path, "r") as ds:
-            mean, top = ds.map([np.mean, np.max], axis=0)
-    finally:
-        processes.ChildJob.begin = begin
-    assert plans[0].bands_per_part == 32 and plans[0].parts == 3  # 79 bands
+    monkeypatch.setattr(processes.ChildJob, "begin", lambda job, plan, *a: plans.append(plan) or begin(job, plan, *a))
+    with loompy.connect(path, "r") as ds:
+        mean, top = ds.map([np.mean, np.max], axis=0)
+    assert (plans[0].bands_per_part, plans[0].parts) == ((32, 3) if part_chunks == 64 else (8, 10))  # 79 bands
     np.testing.assert_array_equal(mean, np.mean(m, axis=1).astype(np.float64))
     np.testing.assert_array_equal(top, np.max(m, axis=1))
 
@@ -190,7 +190,8 @@ def test_a_plan_crosses_to_a_child_unchanged(axis):
                                  others=np.array([0, 3, 70, 200]), offset=rng.integers(-1, 10 ** 9, grid),
                                  size=rng.integers(0, 999, grid), mask=rng.integers(0, 2, grid))
     back = lines_module.LinePlan.from_bytes(plan.to_bytes())
-    for name in ("chunks", "shape", "axis", "dtype", "compressed", "source_fill", "functions", "result_dtypes"):
+    for name in ("chunks", "shape", "axis", "dtype", "compressed", "source_fill", "functions", "result_dtypes",
+                 "bands_per_part"):
         assert getattr(back, name) == getattr(plan, name)
     for name in ("others", "offset", "size", "mask"):
         np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))

@@ -82,6 +82,11 @@ class LinePlan:
     offset: np.ndarray  # the chunk index, by (chunk row, chunk column); offset -1: never written
     size: np.ndarray
     mask: np.ndarray
+    bands_per_part: int = 0  # 0: as many as hold PART_CHUNKS chunks (decided here, sent to the children)
+
+    def __post_init__(self) -> None:
+        if not self.bands_per_part:
+            self.bands_per_part = max(1, PART_CHUNKS // max(1, self.needed.size))
 
     @property
     def index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -99,9 +104,6 @@ class LinePlan:
         """The chunks across a band that hold ``others``."""
         return np.unique(self.others // self.chunks[1 - self.axis])
 
-    @property
-    def bands_per_part(self) -> int:
-        return max(1, PART_CHUNKS // max(1, self.needed.size))
 
     @property
     def bands(self) -> int:
@@ -133,7 +135,7 @@ class LinePlan:
 
     def to_bytes(self) -> bytes:
         header = {k: getattr(self, k) for k in ("chunks", "shape", "axis", "dtype", "compressed", "functions",
-                                                "result_dtypes")}
+                                                "result_dtypes", "bands_per_part")}
         header.update(source_fill=np.asarray(self.source_fill).item())
         return pack_plan(header, (self.offset, self.size, self.mask), self.others)
 
