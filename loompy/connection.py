@@ -309,7 +309,8 @@ class LoomConnection:
 
     def map(self, f_list: Any, axis: int = 0, chunksize: int = 1000, selection: Any = None) -> Any:
         """Apply function(s) to every row (axis 0) or column (axis 1) in one pass; see :func:`operations.map_`."""
-        return operations.map_(self, f_list, axis, chunksize, selection)
+        self._check_open()
+        return operations.map_(self.layers[""], f_list, axis, chunksize, selection)
 
     def aggregate(self, out_file: str | os.PathLike | None = None, select: Any = None, group_by: Any = "Clusters",
                   aggr_by: str = "mean", aggr_ca_by: dict[str, str] | None = None, layer: str = "",

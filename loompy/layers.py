@@ -129,6 +129,13 @@ class LoomLayer(SparseForms):
         data = self[:, :]
         return data if dtype is None else data.astype(dtype)
 
+    def map(self, f_list: Any, axis: int = 0, chunksize: int = 1000, selection: Any = None) -> Any:
+        """Apply function(s) to every row (axis 0) or column (axis 1) of this layer in one pass, as
+        the connection's ``map`` does for the main matrix; see :func:`loompy.operations.map_`."""
+        from . import operations  # (operations imports the view module, which imports this one)
+
+        return operations.map_(self, f_list, axis, chunksize, selection)
+
     def sparse(self, rows: Any = None, cols: Any = None, dtype: Any = None) -> sp.coo_matrix:
         """The layer (or the ``rows`` x ``cols`` part of it) as a COO matrix, in the stored dtype
         unless ``dtype`` is given."""

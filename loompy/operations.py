@@ -168,41 +168,51 @@ _VECTORISABLE = {np.mean, np.std, np.var, np.sum, np.max, np.min, np.amax, np.am
                  np.ptp, np.all, np.any}
 
 
-def _apply(f: Callable, lines: np.ndarray) -> np.ndarray:
-    """``f`` on every row of ``lines``."""
+def _apply(f: Callable, block: np.ndarray, axis: int) -> np.ndarray:
+    """``f`` on every row (axis 0) or column (axis 1) of ``block``: numpy's reductions on each line
+    as a contiguous array (the values they give for that line alone), others on each line as is."""
     if f in _VECTORISABLE:
-        return engine.reduce_block([f], lines)[0]
-    return np.array([f(line) for line in lines])
+        return (engine.reduce_block if axis == 0 else engine.reduce_columns)([f], block)[0]
+    values = [f(line) for line in (block if axis == 0 else block.T)]
+    if any(isinstance(v, (str, bytes)) for v in values):  # (np.array would turn the numbers into text)
+        kept = np.empty(len(values), dtype=object)
+        kept[:] = values
+        return kept
+    return np.array(values)
 
 
-def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksize: int = 1000,
-         selection: Any = None, layer: str = "") -> list[np.ndarray] | np.ndarray:
-    """Apply each function to every row (axis 0) or column (axis 1), in one pass over the file.
+def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksize: int = 1000,
+         selection: Any = None) -> list[np.ndarray] | np.ndarray:
+    """Apply each function to every row (axis 0) or column (axis 1) of ``layer`` (a
+    :class:`~loompy.layers.LoomLayer`: the main matrix or a named layer), in one pass over the file.
 
     ``selection`` (mask or indices) restricts the *other* axis (the values each function sees).
     Returns a list of arrays for a list of functions, one array for a single function.
     ``chunksize`` is how many rows or columns a batch holds, rounded down to whole chunks. When
-    every function is a numpy reduction (np.mean, np.std, np.sum, ...), no batch is held at all:
-    the engine reduces each chunk row or column as soon as it is inflated (see
-    :func:`~loompy.engine.reduce_lines`). Each function sees each line as a contiguous array, so
-    its values are the ones it gives for that line alone, as in loompy 3.
+    every function is a numpy reduction (np.mean, np.std, np.sum, ...), the engine reduces each
+    chunk row or column as soon as it is inflated (see :func:`~loompy.engine.reduce_lines`). numpy's
+    reductions see each line as a contiguous array, so their values are the ones they give for
+    that line alone, as in loompy 3.
     """
-    ds._check_open()
-    axis = ds._axis(axis)
+    dataset = layer._dataset  # (LoomFileError when the connection is closed)
+    if axis not in (0, 1) or isinstance(axis, bool):
+        raise LoomValueError(f"{layer._where}: map(axis=...) must be 0 (rows) or 1 (columns), got {axis!r}")
+    if isinstance(chunksize, bool) or not isinstance(chunksize, (int, np.integer)) or chunksize < 1:
+        raise LoomValueError(f"{layer._where}: map(chunksize=...) must be a positive number of rows or columns, "
+                             f"got {chunksize!r}")
     single = callable(f_list)
     functions = [f_list] if single else list(f_list)
     if not functions or not all(callable(f) for f in functions):
-        raise LoomTypeError("map() needs a function or a list of functions")
-    dataset = ds.layers[layer]._dataset
-    length = ds.shape[axis]
-    other = _items(selection, ds.shape[1 - axis], 1 - axis)
+        raise LoomTypeError(f"{layer._where}: map() needs a function or a list of functions")
+    length = dataset.shape[axis]
+    other = _items(selection, dataset.shape[1 - axis], 1 - axis)
     if other.size and all(f in _VECTORISABLE for f in functions):
-        reduced = _reduce_lines(dataset, axis, functions, other, chunksize)
+        reduced = _reduce_lines(dataset, axis, functions, other, int(chunksize))
         return reduced[0] if single else reduced
     engine.expect_reads(dataset)
     if dataset.chunks and chunksize >= dataset.chunks[axis]:  # whole chunks: none is inflated twice
         chunksize = chunksize // dataset.chunks[axis] * dataset.chunks[axis]
-    batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
+    batches = list(iter_batches(np.arange(length, dtype=np.int64), length, int(chunksize)))
     recycler = engine.Recycler()  # a batch no function kept a part of lends its memory to a later one
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
@@ -211,17 +221,16 @@ def map_(ds: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunksiz
 
     results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
-    for start, batch, block in _one_ahead(batches, build, True, ds._check_open):
-        lines = block if axis == 0 else np.ascontiguousarray(block.T)  # (numpy sums a column as on its own)
+    for start, batch, block in _one_ahead(batches, build, True, lambda: layer._dataset):
         for i, f in enumerate(functions):
-            values = _apply(f, lines)
+            values = _apply(f, block, axis)
             dtype = _result_dtype(values.dtype)
             if results[i] is None:
                 results[i] = np.empty(length, dtype=dtype)
             elif np.result_type(results[i].dtype, dtype) != results[i].dtype:  # 0 first, 0.5 later
                 results[i] = results[i].astype(np.result_type(results[i].dtype, dtype))
             results[i][start:start + len(batch)] = values
-        del block, lines  # let go before the next batch is read ahead: two buffers take turns
+        del block  # let go before the next batch is read ahead: two buffers take turns
     results = [r if r is not None else np.zeros(0) for r in results]
     return results[0] if single else results
 

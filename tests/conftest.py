@@ -33,18 +33,31 @@ def reference():
     return ref
 
 
+class Helpers(list):
+    """The helper processes started; ``left``: how many parts of their jobs this process's threads
+    did instead (0 when the helpers did everything)."""
+
+    left = 0
+
+
 @pytest.fixture
 def children(monkeypatch):
     """The engine's helper processes for every job, however small (combine, permute, map); yields
-    the list of those started."""
+    the :class:`Helpers` started."""
     processes = importlib.import_module("loompy.engine.processes")
-    started = []
-    start = processes.ChildJob._start_children
+    started = Helpers()
+    start, collect = processes.ChildJob._start_children, processes.ChildJob.collect
 
     def spy(job):
         start(job)
         started.extend(c for c in job.children if c is not None)
 
+    def counting(job, handle):
+        done = collect(job, handle)
+        started.left += int((~done).sum())
+        return done
+
     monkeypatch.setattr(processes, "MIN_CHUNKS", 0)
     monkeypatch.setattr(processes.ChildJob, "_start_children", spy)
+    monkeypatch.setattr(processes.ChildJob, "collect", counting)
     return started

@@ -327,8 +327,8 @@ def test_wide_bands_are_encoded_in_parts(tmp_path, children, monkeypatch, piece)
     plans, begin = [], processes.BandJob.begin
     monkeypatch.setattr(processes.BandJob, "begin",
                         lambda job, plan, *args: plans.append(plan) or begin(job, plan, *args))
-    for min_tiles in (0, 10 ** 12):  # children, then threads
-        monkeypatch.setattr(processes, "MIN_CHUNKS", min_tiles)
+    for min_chunks in (0, 10 ** 12):  # children, then threads
+        monkeypatch.setattr(processes, "MIN_CHUNKS", min_chunks)
         (a, b), got = _copy(path, 40, 1040)
         np.testing.assert_array_equal(got[:, a:b], expected[:, a - 40:b - 40])
         assert not got[:, :a].any()

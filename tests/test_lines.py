@@ -5,6 +5,7 @@ damaged chunks are errors."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import zlib
@@ -49,8 +50,6 @@ def _matrix(path, shape, dtype, fill=0, seed=3):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.uint16, np.float16])
 def test_line_reductions_in_children_are_numpys_values_exactly(tmp_path, children, dtype, axis, monkeypatch):
     path = tmp_path / "m.loom"
-    monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
-    monkeypatch.setattr(read_module, "read_block", None)
     m = _matrix(path, (300, 700), dtype, fill=3)
     n = m.shape[1 - axis]
     picks = {"all": None, "run": np.arange(n) >= 150, "scattered": np.arange(n) % 7 == 2}
@@ -64,31 +63,30 @@ def test_line_reductions_in_children_are_numpys_values_exactly(tmp_path, childre
             expected = [f(line) for line in lines]
             assert values.dtype == np.result_type(np.float64, np.asarray(expected).dtype), (name, f)
             np.testing.assert_array_equal(values, np.asarray(expected).astype(values.dtype), err_msg=f"{name} {f}")
-    assert len(children) == 2 * len(picks)  # (two helpers for each map)
+    assert len(children) == 2 * len(picks) and children.left == 0  # (two helpers for each map, which did it all)
 
 
 @pytest.mark.parametrize("axis", [0, 1])
-def test_children_and_threads_give_the_same_values(tmp_path, children, monkeypatch, axis):
+def test_children_threads_and_strips_give_the_same_values(tmp_path, children, monkeypatch, axis):
+    """The same values from helper processes, from threads (small matrices) and from strips read
+    through HDF5 (where chunks cannot be read directly), numpy's for each line alone."""
     path = tmp_path / "m.loom"
     m = _matrix(path, (1000, 400), np.float32)
-    each, block = read_module.each_row_block, read_module.read_block
     with loompy.connect(path, "r") as ds:
-        monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
-        monkeypatch.setattr(read_module, "read_block", None)
         here = ds.map([np.mean, np.std, np.sum], axis=axis)
-        assert len(children) == 2
-        monkeypatch.setattr(read_module, "each_row_block", each)
-        monkeypatch.setattr(read_module, "read_block", block)
+        assert len(children) == 2 and children.left == 0
         monkeypatch.setattr(processes, "MIN_CHUNKS", 10 ** 12)
-        threads = ds.map([np.mean, np.std, np.sum], axis=axis, chunksize=150)
+        threads = ds.map([np.mean, np.std, np.sum], axis=axis)
+        assert children.left == 2  # (both parts of the job, on threads)
+        monkeypatch.setattr(read_module, "direct_reads", lambda d: contextlib.nullcontext(None))
+        strips = ds.map([np.mean, np.std, np.sum], axis=axis, chunksize=150)
         mixed = ds.map([np.mean, np.std, lambda x: 0], axis=axis, chunksize=150)  # (not all numpy's: batches)
     assert len(children) == 2
     lines = m if axis == 0 else m.T
-    for a, b, c, f in zip(here, threads, mixed, [np.mean, np.std, np.sum]):
-        np.testing.assert_array_equal(a, b)
+    for a, b, c, d, f in zip(here, threads, strips, mixed, [np.mean, np.std, np.sum]):
         np.testing.assert_array_equal(a, [f(line) for line in lines])
-        if f is not np.sum:
-            np.testing.assert_array_equal(a, c)
+        for other in (b, c, d) if f is not np.sum else (b, c):
+            np.testing.assert_array_equal(a, other)
 
 
 @pytest.mark.parametrize("part_chunks", [64, 16])
@@ -97,13 +95,13 @@ def test_narrow_matrices_go_several_bands_to_a_part(tmp_path, children, monkeypa
     this process decides: the children are told, whatever their own PART_CHUNKS."""
     path = tmp_path / "narrow.loom"
     m = _matrix(path, (5000, 100), np.float32)
-    monkeypatch.setattr(read_module, "each_row_block", None)  # (children do it all)
     monkeypatch.setattr(lines_module, "PART_CHUNKS", part_chunks)
     plans, begin = [], processes.ChildJob.begin
     monkeypatch.setattr(processes.ChildJob, "begin", lambda job, plan, *a: plans.append(plan) or begin(job, plan, *a))
     with loompy.connect(path, "r") as ds:
         mean, top = ds.map([np.mean, np.max], axis=0)
     assert (plans[0].bands_per_part, plans[0].parts) == ((32, 3) if part_chunks == 64 else (8, 10))  # 79 bands
+    assert children.left == 0
     np.testing.assert_array_equal(mean, np.mean(m, axis=1).astype(np.float64))
     np.testing.assert_array_equal(top, np.max(m, axis=1))
 
@@ -123,13 +121,13 @@ def test_the_rows_of_a_child_that_dies_are_reduced_here(tmp_path, children, monk
                                    dying + "from loompy.engine.child import child_main\n")
     assert boot != processes._BOOT
     monkeypatch.setattr(processes, "_BOOT", boot)
-    here, each = [], read_module.each_row_block
-    monkeypatch.setattr(read_module, "each_row_block", lambda d, r, c, h: here.append(r) or each(d, r, c, h))
+    here, reduce = [], lines_module.LineReducer.reduce  # (parts reduced in this process)
+    monkeypatch.setattr(lines_module.LineReducer, "reduce", lambda self, part: here.append(part) or reduce(self, part))
     with loompy.connect(path, "r") as ds:
         mean, std = ds.map([np.mean, np.std], axis=0)
     # one died on part 3, the other on 11 (each once its frames were out)
     assert [c.returncode for c in children] == [5, 5]
-    assert len(here) == 1 and here[0].tolist() == list(range(3 * 64, 4 * 64)) + list(range(11 * 64, 1000))
+    assert sorted(here) == [3, 11, 12, 13, 14, 15] and children.left == 6
     np.testing.assert_array_equal(mean, np.mean(m, axis=1).astype(np.float64))
     np.testing.assert_array_equal(std, np.std(m, axis=1).astype(np.float64))
 
@@ -140,7 +138,7 @@ def test_children_that_cannot_start_leave_it_all_to_threads(tmp_path, children, 
     monkeypatch.setattr(processes, "_BOOT", "import sys; sys.exit(3)\n")
     with loompy.connect(path, "r") as ds:
         total = ds.map(np.sum, axis=0)
-    assert [c.returncode for c in children] == [3, 3]
+    assert [c.returncode for c in children] == [3, 3] and children.left == 1
     np.testing.assert_array_equal(total, np.sum(m, axis=1))
 
 
@@ -150,7 +148,7 @@ def test_only_numpys_own_reductions_go_to_children(tmp_path, children):
     with loompy.connect(path, "r") as ds:
         (custom,) = ds.map([lambda x: float(x.max())], axis=0)  # not vectorised at all
         top = ds.map(np.amax, axis=0)  # numpy's, under its own name
-    assert len(children) == 2
+    assert len(children) == 2 and children.left == 0
     np.testing.assert_array_equal(custom, m.max(axis=1))
     np.testing.assert_array_equal(top, m.max(axis=1))
     assert lines_module.numpy_name(np.amax) == "amax" and lines_module.numpy_name(lambda x: x) is None
@@ -164,7 +162,7 @@ def test_children_see_what_this_connection_wrote(tmp_path, children):
         ds[:, 10:20] = np.full((300, 10), 7, np.float32)
         m[:, 10:20] = 7
         total = ds.map(np.sum, axis=0)
-    assert len(children) == 2
+    assert len(children) == 2 and children.left == 0
     np.testing.assert_array_equal(total, np.sum(m, axis=1))
 
 
@@ -202,7 +200,7 @@ def test_a_plan_crosses_to_a_child_unchanged(axis):
         np.testing.assert_array_equal(back.index[0], plan.offset.T)
 
 
-def test_map_gives_what_the_reference_gives_exactly(tmp_path, reference, monkeypatch):
+def test_map_gives_what_the_reference_gives_exactly(tmp_path, reference, children, monkeypatch):
     """loompy 3.0.8 applies each function to each row or column alone: so does map, in helper
     processes and on threads, over rows and columns (a column summed down its rows in one pass
     would differ in the last digits)."""
@@ -216,13 +214,14 @@ def test_map_gives_what_the_reference_gives_exactly(tmp_path, reference, monkeyp
             out = [[v.tolist() for v in ds.map([np.mean, np.std, np.sum], axis=a)] for a in (0, 1)]
         print(json.dumps(out))
     """, str(path))
-    for min_chunks in (0, 10 ** 12):
-        monkeypatch.setattr(processes, "MIN_CHUNKS", min_chunks)
+    for where in ("helpers", "threads"):
         with loompy.connect(path, "r") as ds:
             ours = [ds.map([np.mean, np.std, np.sum], axis=a) for a in (0, 1)]
+        assert (len(children), children.left) == ((4, 0) if where == "helpers" else (4, 2))  # (one part each)
         for axis in (0, 1):
             for got, expected in zip(ours[axis], theirs[axis]):
-                np.testing.assert_array_equal(got, expected, err_msg=f"axis {axis}, MIN_CHUNKS {min_chunks}")
+                np.testing.assert_array_equal(got, expected, err_msg=f"axis {axis}, {where}")
+        monkeypatch.setattr(processes, "MIN_CHUNKS", 10 ** 12)
 
 
 def _chunk_blob(tmp_path):

@@ -461,3 +461,59 @@ def test_map_of_mean_std_and_var_over_rows_gives_numpys_values_exactly(tmp_path,
         np.testing.assert_array_equal(got, f(m, axis=1).astype(got.dtype))
     for got, expected in zip(std_first, (std, total, mean)):
         np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("path_taken", ["threads", "strips", "batches"])
+def test_map_over_columns_of_a_tall_matrix_holds_a_strip_not_the_matrix(tmp_path, monkeypatch, path_taken):
+    """Columns are reduced a few at a time from their chunks (threads), from strips of whole chunk
+    columns (strips), or from batches with a non-numpy function among numpy's (batches): never the
+    whole matrix, nor a transposed copy of a batch."""
+    import contextlib
+    import importlib
+
+    path = tmp_path / "tall.loom"
+    m = np.random.default_rng(3).random((40000, 200)).astype(np.float32)  # 32 MB
+    loompy.create(path, m, {"g": np.arange(40000)}, {"c": np.arange(200)}).close()
+    monkeypatch.setattr(importlib.import_module("loompy.engine.processes"), "MIN_CHUNKS", 10 ** 12)
+    if path_taken == "strips":
+        monkeypatch.setattr(importlib.import_module("loompy.engine.read"), "direct_reads",
+                            lambda d: contextlib.nullcontext(None))
+    functions = [np.mean, np.std] + ([lambda x: float(x[0])] if path_taken == "batches" else [])
+    with loompy.connect(path, "r") as ds:
+        tracemalloc.start()
+        got = ds.map(functions, axis=1, chunksize=64)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got[1], [np.std(m[:, c]) for c in range(200)])
+    assert peak < 2.5 * 40000 * 64 * 4  # one strip of 64 columns (10 MB) and change; the matrix is 32 MB
+
+
+def test_a_named_layer_maps_as_the_main_matrix_does(tmp_path):
+    """``ds.layers[name].map(...)``, as in loompy 3: the layer's values, not the main matrix's."""
+    path = tmp_path / "l.loom"
+    m = np.arange(300 * 130, dtype=np.float32).reshape(300, 130) % 17
+    loompy.create(path, {"": m, "twice": 2 * m}, {"g": np.arange(300)}, {"c": np.arange(130)}).close()
+    with loompy.connect(path, "r") as ds:
+        layer = ds.layers["twice"]
+        for axis in (0, 1):
+            total, custom = ds.layers["twice"].map([np.sum, lambda x: float(x.max())], axis=axis, chunksize=64)
+            np.testing.assert_array_equal(total, (2 * m).sum(axis=1 - axis))
+            np.testing.assert_array_equal(custom, (2 * m).max(axis=1 - axis))
+            np.testing.assert_array_equal(ds.layers[""].map(np.sum, axis=axis), ds.map(np.sum, axis=axis))
+    for closed in (lambda: layer.map(np.sum), lambda: ds.map(np.sum)):
+        with pytest.raises(loompy.LoomFileError, match="l.loom.*closed"):
+            closed()
+
+
+def test_map_keeps_numbers_next_to_text_and_refuses_batches_of_no_lines(tmp_path):
+    path = tmp_path / "t.loom"
+    m = np.zeros((100, 70), np.float32)
+    m[50:] = 1
+    loompy.create(path, m, {"g": np.arange(100)}, {"c": np.arange(70)}).close()
+    with loompy.connect(path, "r") as ds:
+        got = ds.map(lambda x: "some" if x.any() else 0.5, axis=0, chunksize=64)
+        assert got.dtype == object and got[:50].tolist() == [0.5] * 50 and got[50:].tolist() == ["some"] * 50
+        for functions in ([np.sum], [np.sum, lambda x: 0]):
+            for chunksize in (0, -5):
+                with pytest.raises(loompy.LoomValueError, match=r"t\.loom.*chunksize"):
+                    ds.map(functions, chunksize=chunksize)

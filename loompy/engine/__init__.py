@@ -11,7 +11,7 @@ Anything else (shuffle, other codecs, checksums, contiguous storage) goes throug
 so every valid file still reads and writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
 """
 
-from .lines import reduce_block
+from .lines import reduce_block, reduce_columns
 from .memory import Recycler, Scratch
 from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_lines
 from .storage import (
@@ -41,6 +41,6 @@ from .write import (
 __all__ = [
     "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "aligned", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes",
-    "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_lines", "reorder_columns", "resize",
-    "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
+    "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
+    "reorder_columns", "resize", "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
 ]

@@ -34,7 +34,7 @@ DATA, DAMAGED, FAILED = range(3)
 # the file a job's children share starts with the number of the next part to claim, then their
 # orders' length, the orders (JSON) and the plan (its to_bytes: see pack_plan)
 COUNTER = struct.Struct("<q")
-LENGTH = struct.Struct("<q")  # before the orders, and before a plan's header
+LENGTH_PREFIX = struct.Struct("<q")  # before the orders, and before a plan's header
 
 
 def check_locks(shared: int) -> None:
@@ -65,15 +65,15 @@ def pack_plan(header: dict, index: tuple[np.ndarray, ...], extra: np.ndarray | N
     header = {**header, "grid": list(index[0].shape), "extra": None if extra is None else int(extra.size)}
     body = json.dumps(header).encode()
     arrays = [np.ascontiguousarray(a, dtype=np.int64).tobytes() for a in (*index, *([] if extra is None else [extra]))]
-    return LENGTH.pack(len(body)) + body + b"".join(arrays)
+    return LENGTH_PREFIX.pack(len(body)) + body + b"".join(arrays)
 
 
 def unpack_plan(data: bytes) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """What :func:`pack_plan` packed: (header, offsets, sizes, filter masks, the extra array or None)."""
-    (length,) = LENGTH.unpack_from(data)
-    header = json.loads(data[LENGTH.size:LENGTH.size + length])
+    (length,) = LENGTH_PREFIX.unpack_from(data)
+    header = json.loads(data[LENGTH_PREFIX.size:LENGTH_PREFIX.size + length])
     grid, extra = tuple(header.pop("grid")), header.pop("extra")
-    arrays = np.frombuffer(data, dtype=np.int64, offset=LENGTH.size + length)
+    arrays = np.frombuffer(data, dtype=np.int64, offset=LENGTH_PREFIX.size + length)
     cells = grid[0] * grid[1]
     offset, size, mask = (arrays[k * cells:(k + 1) * cells].reshape(grid) for k in range(3))
     header["chunks"] = tuple(header["chunks"])
@@ -119,9 +119,9 @@ def child_main() -> None:
     shared = int(sys.argv[1])
     sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
     # (the descriptor's offset is shared with the parent and the other children: read at fixed places)
-    (length,) = LENGTH.unpack(os.pread(shared, LENGTH.size, COUNTER.size))
-    orders = json.loads(os.pread(shared, length, COUNTER.size + LENGTH.size))
-    start = COUNTER.size + LENGTH.size + length
+    (length,) = LENGTH_PREFIX.unpack(os.pread(shared, LENGTH_PREFIX.size, COUNTER.size))
+    orders = json.loads(os.pread(shared, length, COUNTER.size + LENGTH_PREFIX.size))
+    start = COUNTER.size + LENGTH_PREFIX.size + length
     plan = plan_class(orders["kind"]).from_bytes(os.pread(shared, os.fstat(shared).st_size - start, start))
     fd = os.open(orders["source"], os.O_RDONLY)
     info = os.fstat(fd)

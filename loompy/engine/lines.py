@@ -3,9 +3,10 @@ row or chunk column (a *band*) at a time, where its chunks are inflated: in the 
 processes for large matrices (:mod:`.processes`), on this process's threads otherwise
 (:func:`.read.reduce_lines`).
 
-In helper processes, a whole map over the rows of 20,000 x 20,000 float32 took 0.74-0.82 s where
-two threads took 0.81-1.35 s: their hundred thousand inflate calls, each handing the GIL over,
-cost more than the work when the machine is busy. Only the results cross back (a few bytes per line).
+In helper processes, map([np.mean, np.std]) over the rows of 20,000 x 20,000 float32 took
+0.74-0.82 s where two threads took 0.81-0.87 s in the same calm hour, and 1.27-1.35 s in a busy
+one (the helpers still 0.74-0.82 s): the threads' hundred thousand inflate calls each hand the GIL
+over. Only the values cross back (a few bytes per line).
 
 Each line (row or column) is reduced from a contiguous copy of its values, so every value is
 exactly what the function gives for that line alone, as loompy 3's map gives it.
@@ -26,7 +27,7 @@ from .child import inflate_band, joined_columns, pack_plan, unpack_plan
 
 CACHE_BYTES = 1 << 20  # rows reduced together: numpy's passes over them stay in the CPU's cache
 SLAB_BYTES = CACHE_BYTES // 2  # rows joined at once in helper processes (with numpy's temporary, in the cache)
-PART_CHUNKS = 64  # a part is as many bands as it takes to hold this many chunks (narrow matrices)
+PART_CHUNKS = 64  # narrow matrices: a part is as many whole bands as hold at most this many chunks (at least one)
 
 # numpy 2 lets np.std and np.var take the means they would compute first (``mean=``): the same
 # values with one pass fewer over the data, when np.mean is asked for as well (map's 0.28 s of
@@ -54,6 +55,21 @@ def reduce_block(functions: list[Callable], block: np.ndarray) -> list[np.ndarra
             else:
                 part.append(np.asarray(f(rows, axis=1)))
     return [np.concatenate(part) for part in parts]
+
+
+def reduce_columns(functions: list[Callable], block: np.ndarray) -> list[np.ndarray]:
+    """:func:`reduce_block` on every column of ``block``: a few columns at a time are copied into
+    contiguous lines (in a buffer that stays in the CPU's cache), so each value is exactly what the
+    function gives for that column alone (not what a sum down the whole block would give)."""
+    step = max(1, SLAB_BYTES // max(1, block.shape[0] * block.dtype.itemsize))
+    slab = np.empty((min(step, block.shape[1]), block.shape[0]), dtype=block.dtype)
+    parts: list[list[np.ndarray]] = [[] for _ in functions]
+    for a in range(0, block.shape[1], step):
+        lines = slab[:min(step, block.shape[1] - a)]
+        np.copyto(lines, block[:, a:a + step].T)
+        for part, values in zip(parts, reduce_block(functions, lines)):
+            part.append(values)
+    return [np.concatenate(part) if part else np.zeros(0) for part in parts]
 
 
 def numpy_name(f: Callable) -> str | None:
@@ -113,25 +129,31 @@ class LinePlan:
     def parts(self) -> int:
         return -(-self.bands // self.bands_per_part)
 
-    def part(self, number: int) -> range:
+    def part_bands(self, number: int) -> range:
         """The bands of part ``number``."""
         first = number * self.bands_per_part
         return range(first, min(first + self.bands_per_part, self.bands))
 
     def part_lines(self, number: int) -> range:
         """The lines of part ``number``."""
-        bands = self.part(number)
+        bands = self.part_bands(number)
         return range(bands.start * self.depth, min(bands.stop * self.depth, self.shape[self.axis]))
+
+    @functools.cached_property
+    def fill(self) -> bytes:
+        """The raw bytes of a chunk never written."""
+        return codecs.fill_bytes(self.chunks, self.source_fill, self.dtype)
 
     def worker(self, fd: int) -> LineReducer:
         return LineReducer(self, fd)
 
-    def read_frame(self, part: int, count: int, functions: int, read: Callable[[int], bytes]) -> list[np.ndarray]:
-        """A child's values for ``part`` (frame counts: lines and functions; ``read(n)`` gives the
-        payload's next ``n`` bytes), one array per function; ValueError when the counts do not fit."""
-        if count != len(self.part_lines(part)) or functions != len(self.functions):
-            raise ValueError(f"part {part} with {count} lines and {functions} functions")
-        return [np.frombuffer(read(count * np.dtype(d).itemsize), dtype=d) for d in self.result_dtypes]
+    def read_frame(self, part: int, lines: int, arrays: int, read: Callable[[int], bytes]) -> list[np.ndarray]:
+        """A child's values for ``part`` (frame counts: ``lines``, and ``arrays``, one per function;
+        ``read(n)`` gives the payload's next ``n`` bytes), one array per function; ValueError when
+        the counts do not fit."""
+        if lines != len(self.part_lines(part)) or arrays != len(self.functions):
+            raise ValueError(f"part {part} with {lines} lines and {arrays} functions")
+        return [np.frombuffer(read(lines * np.dtype(d).itemsize), dtype=d) for d in self.result_dtypes]
 
     def to_bytes(self) -> bytes:
         header = {k: getattr(self, k) for k in ("chunks", "shape", "axis", "dtype", "compressed", "functions",
@@ -155,9 +177,8 @@ class LineReducer:
         self.functions = [getattr(np, name) for name in plan.functions]
         h, w = plan.chunks
         dtype = np.dtype(plan.dtype)
-        self.fill = codecs.fill_bytes(plan.chunks, plan.source_fill, dtype)
         needed, across = plan.needed, plan.chunks[1 - plan.axis]
-        self.band = np.empty((needed.size, h, w), dtype=dtype)
+        self.inflated = np.empty((needed.size, h, w), dtype=dtype)  # a band's chunks
         # a few lines at a time are joined from the band's chunks and reduced: with numpy's temporary
         # they stay in the CPU's cache (4% less CPU than joining the whole band first)
         self.step = max(1, SLAB_BYTES // (needed.size * across * dtype.itemsize))
@@ -174,16 +195,16 @@ class LineReducer:
         """Each function's values for the lines of part ``part``, in its result dtype."""
         plan, depth = self.plan, self.plan.depth
         values: list[list[np.ndarray]] = [[] for _ in self.functions]
-        for band in plan.part(part):
-            inflate_band(self.band, self.fd, plan.index, band, plan.needed, plan.compressed, self.fill)
+        for band in plan.part_bands(part):
+            inflate_band(self.inflated, self.fd, plan.index, band, plan.needed, plan.compressed, plan.fill)
             lines = min(depth, plan.shape[plan.axis] - band * depth)
             for a in range(0, lines, self.step):
                 n = min(self.step, lines - a)
                 slab = self.slab[:n]
                 if plan.axis == 0:  # rows a:a+n of every chunk, side by side
-                    slab.reshape(n, -1, plan.chunks[1])[...] = self.band[:, a:a + n].transpose(1, 0, 2)
+                    slab.reshape(n, -1, plan.chunks[1])[...] = self.inflated[:, a:a + n].transpose(1, 0, 2)
                 else:  # columns a:a+n of every chunk, one under another
-                    slab.reshape(n, -1, plan.chunks[0])[...] = self.band[:, :, a:a + n].transpose(2, 0, 1)
+                    slab.reshape(n, -1, plan.chunks[0])[...] = self.inflated[:, :, a:a + n].transpose(2, 0, 1)
                 if self.run is not None:
                     block = slab[:, self.run]
                 else:

@@ -37,9 +37,9 @@ import numpy as np
 
 from . import codecs
 from .bands import BandEncoder, BandPlan
-from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH, check_locks
+from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH_PREFIX, check_locks
 from .lines import LinePlan
-from .workers import QUEUED_TASKS, THREADS, run_in_order
+from .workers import QUEUED_TASKS, THREADS, run_all, run_in_order
 
 MIN_CHUNKS = 20000  # jobs over fewer chunks than this run on threads: starting children costs about
 # 0.1 s of CPU each, re-encoding about 25 us per chunk, inflating and reducing about 10 us
@@ -127,7 +127,7 @@ class ChildJob:
         orders = json.dumps({"kind": plan.KIND, "source": path, "file": list(file_id),
                              "ahead": AHEAD_BYTES}).encode()
         try:
-            self.shared.write(COUNTER.pack(0) + LENGTH.pack(len(orders)) + orders + plan.to_bytes())
+            self.shared.write(COUNTER.pack(0) + LENGTH_PREFIX.pack(len(orders)) + orders + plan.to_bytes())
             self.shared.flush()
         except OSError:
             self.close()
@@ -247,3 +247,27 @@ class BandJob(ChildJob):
 
         tasks = [functools.partial(encode, p) for p in np.flatnonzero(~done).tolist()]
         run_in_order(tasks, lambda result: store(*result), QUEUED_TASKS)
+
+
+class LineJob(ChildJob):
+    """A :class:`ChildJob` of lines, each part's values placed as they come."""
+
+    def reduce_all(self, results: list[np.ndarray]) -> None:
+        """Fill ``results`` (one array per function of the plan, a value per line) with every part's
+        values; the parts children did not give are reduced here at the end, on the workers."""
+        plan, fd = self.plan, self.fd
+
+        def place(part: int, values: list[np.ndarray]) -> None:
+            lines = plan.part_lines(part)
+            for result, v in zip(results, values):
+                result[lines.start:lines.stop] = v
+
+        done = self.collect(place)
+        mine = threading.local()  # each thread's reducer (it keeps buffers)
+
+        def reduce(part: int) -> None:
+            if not hasattr(mine, "reducer"):
+                mine.reducer = plan.worker(fd)
+            place(part, mine.reducer.reduce(part))
+
+        run_all([functools.partial(reduce, p) for p in np.flatnonzero(~done).tolist()])

@@ -26,9 +26,9 @@ import scipy.sparse as sp
 
 from . import codecs
 from .codecs import DamagedChunk
-from .lines import LinePlan, numpy_name, reduce_block
+from .lines import LinePlan, numpy_name, reduce_block, reduce_columns
 from .memory import Scratch
-from .processes import ChildJob
+from .processes import LineJob
 from .storage import (
     ChunkLayout,
     chunk_grid,
@@ -347,63 +347,57 @@ def reduce_lines(dataset: h5py.Dataset, axis: int, functions: list[Callable], ot
     ``dataset``, taken at ``others`` (sorted, unique positions on the other axis), as arrays of
     ``result_dtypes``: exactly the values each function gives for each line alone.
 
-    Large matrices are reduced in the engine's helper processes (:mod:`.lines`), a chunk row or
-    column as its chunks are inflated; the rest (small ones, parts a failed helper did not give)
-    here: rows on the workers as each chunk row is assembled, columns ``batch`` at a time (rounded
-    down to whole chunks).
+    Where chunks can be read directly, a chunk row or column is reduced as its chunks are inflated
+    (:mod:`.lines`): in the engine's helper processes for large matrices, else (and for parts a
+    failed helper did not give) on the workers. Otherwise ``batch`` lines at a time (rounded down
+    to whole chunks) are read and reduced here.
     """
     results = [np.empty(dataset.shape[axis], dtype=d) for d in result_dtypes]
-    left = np.arange(dataset.shape[axis], dtype=np.int64)  # lines not reduced yet
-    layout = chunk_layout(dataset)
-    names = [numpy_name(f) for f in functions]
-    if layout is not None and None not in names and all(np.dtype(d).kind in "biufc" for d in result_dtypes) \
-            and dataset.file.driver == "sec2" and others.size:
-        needed = np.unique(others // layout.chunks[1 - axis]).size
-        band_bytes = layout.nbytes * needed
-        with ChildJob(chunk_grid(dataset)[axis] * needed if band_bytes <= STRIP_BYTES else 0) as job:
-            if job.children:  # (started before the chunks are listed: they load numpy meanwhile)
-                left = _reduce_in_children(job, dataset, axis, layout, names, others, results)
-    if not left.size:
-        return results
-
-    def place(lines: np.ndarray, block: np.ndarray) -> None:
-        for values, result in zip(reduce_block(functions, block), results):
-            result[lines] = values
-
-    if axis == 0:
-        each_row_block(dataset, left, others, lambda _, first, block: place(left[first:first + block.shape[0]], block))
-        return results
-    width = dataset.chunks[1] if dataset.chunks else 1
-    step = batch // width * width if batch >= width else max(1, batch)
-    for a in range(0, left.size, step):  # (each column as a contiguous line: numpy sums it as on its own)
-        place(left[a:a + step], np.ascontiguousarray(read_block(dataset, others, left[a:a + step]).T))
+    if not _reduce_direct(dataset, axis, functions, others, results):
+        _reduce_in_strips(dataset, axis, functions, others, results, batch)
     return results
 
 
-def _reduce_in_children(job: ChildJob, dataset: h5py.Dataset, axis: int, layout: ChunkLayout, names: list[str],
-                        others: np.ndarray, results: list[np.ndarray]) -> np.ndarray:
-    """:func:`reduce_lines` by ``job``'s children, into ``results``; returns the lines they did not give."""
-    with direct_reads(dataset) as direct:
+def _reduce_direct(dataset: h5py.Dataset, axis: int, functions: list[Callable], others: np.ndarray,
+                   results: list[np.ndarray]) -> bool:
+    """:func:`reduce_lines` from chunks read directly; False, with nothing done, where they cannot be."""
+    layout = chunk_layout(dataset)
+    names = [numpy_name(f) for f in functions]
+    if layout is None or None in names or any(r.dtype.kind not in "biufc" for r in results) \
+            or dataset.file.driver != "sec2" or not others.size:
+        return False
+    needed = np.unique(others // layout.chunks[1 - axis]).size
+    if layout.nbytes * needed > STRIP_BYTES:  # a band is held inflated: past this, strips through HDF5
+        return False
+    # (children start before the chunks are listed: they load numpy meanwhile)
+    with LineJob(chunk_grid(dataset)[axis] * needed) as job, direct_reads(dataset) as direct:
         if direct is None:
-            return np.arange(dataset.shape[axis], dtype=np.int64)
+            return False
         index, fd = direct
-        plan = LinePlan(chunks=layout.chunks, shape=dataset.shape, axis=axis, dtype=dataset.dtype.str,
-                        compressed=layout.compressed, source_fill=layout.fill, functions=names,
-                        result_dtypes=[r.dtype.str for r in results], others=others, offset=index.offset,
-                        size=index.size, mask=index.mask)
-        job.begin(plan, fd, index.path, index.file_id)
-
-        def place(part: int, values: list[np.ndarray]) -> None:
-            lines = plan.part_lines(part)
-            for result, v in zip(results, values):
-                result[lines.start:lines.stop] = v
-
+        job.begin(LinePlan(chunks=layout.chunks, shape=dataset.shape, axis=axis, dtype=dataset.dtype.str,
+                           compressed=layout.compressed, source_fill=layout.fill, functions=names,
+                           result_dtypes=[r.dtype.str for r in results], others=others, offset=index.offset,
+                           size=index.size, mask=index.mask), fd, index.path, index.file_id)
         try:
-            done = job.collect(place)
+            job.reduce_all(results)
         except DamagedChunk as error:
             raise damaged(dataset, error) from error
-    left = [np.arange(plan.part_lines(p).start, plan.part_lines(p).stop) for p in np.flatnonzero(~done).tolist()]
-    return np.concatenate(left).astype(np.int64) if left else np.zeros(0, dtype=np.int64)
+    return True
+
+
+def _reduce_in_strips(dataset: h5py.Dataset, axis: int, functions: list[Callable], others: np.ndarray,
+                      results: list[np.ndarray], batch: int) -> None:
+    """:func:`reduce_lines` a strip of lines at a time (whole chunks; no more than a quarter of
+    STRIP_BYTES unless one chunk's depth is more), read by :func:`read_block`."""
+    depth = dataset.chunks[axis] if dataset.chunks else 1
+    step = min(batch, max(depth, STRIP_BYTES // 4 // max(1, others.size * dataset.dtype.itemsize)))
+    step = step // depth * depth if step >= depth else max(1, step)
+    reduce = reduce_block if axis == 0 else reduce_columns
+    for a in range(0, dataset.shape[axis], step):
+        lines = np.arange(a, min(a + step, dataset.shape[axis]), dtype=np.int64)
+        block = read_block(dataset, lines, others) if axis == 0 else read_block(dataset, others, lines)
+        for result, values in zip(results, reduce(functions, block)):
+            result[a:a + lines.size] = values
 
 
 def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
