@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import zlib
 
 import h5py
@@ -636,3 +637,28 @@ def test_zeros_written_under_a_negative_zero_fill_keep_their_sign(tmp_path, monk
         got = f["matrix"][...]
     np.testing.assert_array_equal(got, m[:, ::-1])
     assert not np.signbit(got).any()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are Linux's")
+def test_large_fresh_arrays_are_kept_out_of_huge_pages():
+    """Huge pages cost a compaction each where memory is fragmented: large arrays the engine makes
+    are marked (madvise MADV_NOHUGEPAGE, 'nh' in /proc/self/smaps); small ones are left alone."""
+    from loompy.engine import memory
+
+    def flags(array):
+        address, found = array.ctypes.data + array.nbytes // 2, None
+        with open("/proc/self/smaps") as smaps:
+            for line in smaps:
+                head = line.split()[0]
+                if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                    low, high = (int(x, 16) for x in head.split("-"))
+                    found = low <= address < high
+                elif found and line.startswith("VmFlags:"):
+                    return line.split()[1:]
+        return None
+
+    large = memory.fresh((9000, 8000), np.float32)  # 288 MB (never touched whole: pages come as written)
+    large[::1000] = 1
+    assert large.shape == (9000, 8000) and large.dtype == np.float32 and (large[::1000] == 1).all()
+    assert "nh" in flags(large)
+    assert "nh" not in (flags(memory.fresh(1000, np.float64)) or [])

@@ -27,7 +27,7 @@ import scipy.sparse as sp
 from . import codecs
 from .codecs import DamagedChunk
 from .lines import LinePlan, numpy_name, reduce_block, reduce_columns
-from .memory import Scratch
+from .memory import Scratch, fresh
 from .processes import LineJob
 from .storage import (
     ChunkLayout,
@@ -136,7 +136,7 @@ def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
                out: np.ndarray | None = None) -> np.ndarray:
     """Dense ``dataset[np.ix_(rows, cols)]`` for sorted unique ``rows`` and ``cols`` (into ``out`` if given)."""
     if out is None:
-        out = np.empty((rows.size, cols.size), dtype=dataset.dtype)
+        out = fresh((rows.size, cols.size), dataset.dtype)
     if out.size == 0:
         return out
     layout = chunk_layout(dataset)
