@@ -197,6 +197,7 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
     dataset = layer._dataset  # (LoomFileError when the connection is closed)
     if axis not in (0, 1) or isinstance(axis, bool):
         raise LoomValueError(f"{layer._where}: map(axis=...) must be 0 (rows) or 1 (columns), got {axis!r}")
+    axis = int(axis)  # (1.0 and np.int64(1) are accepted, as in loompy 3)
     if isinstance(chunksize, bool) or not isinstance(chunksize, (int, np.integer)) or chunksize < 1:
         raise LoomValueError(f"{layer._where}: map(chunksize=...) must be a positive number of rows or columns, "
                              f"got {chunksize!r}")

@@ -517,3 +517,16 @@ def test_map_keeps_numbers_next_to_text_and_refuses_batches_of_no_lines(tmp_path
             for chunksize in (0, -5):
                 with pytest.raises(loompy.LoomValueError, match=r"t\.loom.*chunksize"):
                     ds.map(functions, chunksize=chunksize)
+
+
+def test_map_takes_an_axis_given_as_any_number(tmp_path):
+    """As loompy 3: axis=1.0 and np.int64(0) are axes; 2, True and '0' are not."""
+    path = tmp_path / "a.loom"
+    m = np.arange(12, dtype=np.float32).reshape(3, 4)
+    loompy.create(path, m, {"g": np.arange(3)}, {"c": np.arange(4)}).close()
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds.map(np.sum, axis=1.0), m.sum(axis=0))
+        np.testing.assert_array_equal(ds.map([np.sum, lambda x: 0], axis=np.int64(0))[0], m.sum(axis=1))
+        for axis in (2, True, "0"):
+            with pytest.raises(loompy.LoomValueError, match=r"a\.loom.*axis"):
+                ds.map(np.sum, axis=axis)

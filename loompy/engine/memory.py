@@ -30,7 +30,7 @@ def _advise() -> Callable[[int, int, int], int] | None:
         import ctypes
 
         madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):
         return None
     madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return madvise
