@@ -242,23 +242,28 @@ class _ChunkRead:
         of single-row reads.
         """
         decode, fill = self.layout.decode, self.fill
-        if unit.raws is None:  # read them from the file through the index
-            where = (slice(unit.chunk_row, unit.chunk_row + unit.stacked),
-                     self.columns.chunk_cols_between(unit.first, unit.stop))
-            offsets = self.index.offset[where].ravel().tolist()
-            stored = zip(offsets, self.index.size[where].ravel().tolist(), self.index.mask[where].ravel().tolist())
-            read = codecs.read_stored
-            chunks = (fill if o < 0 else decode(read(fd, o, s), k) for o, s, k in stored)
-            count = len(offsets)
-        else:
-            raws, unit.raws = unit.raws, None
-            chunks = (fill if raw is None else decode(raw[1], raw[0]) for raw in raws)
-            count = len(raws)
         h, w = self.layout.chunks
         dtype, line = self.layout.dtype, w * self.layout.dtype.itemsize
         rows = unit.local_rows
         wanted = range(h)[rows] if isinstance(rows, slice) else rows.tolist()
-        if len(wanted) * 4 <= h:  # a few rows: join just those (byte ranges of each chunk)
+        few = len(wanted) * 4 <= h  # a few rows: join just those (byte ranges of each chunk)
+        if unit.raws is None:  # read them from the file through the index
+            where = (slice(unit.chunk_row, unit.chunk_row + unit.stacked),
+                     self.columns.chunk_cols_between(unit.first, unit.stop))
+            stored = tuple(a[where].ravel().tolist() for a in (self.index.offset, self.index.size, self.index.mask))
+            count = len(stored[0])
+            if not few:  # whole chunks, into this thread's reused buffer
+                out = self.scratch.get("unit", (count, h, w), dtype)
+                codecs.inflate_into(memoryview(out.reshape(-1).view(np.uint8)), fd, stored, h * line,
+                                    self.layout.compressed, fill)
+                return out
+            read = codecs.read_stored
+            chunks = (fill if o < 0 else decode(read(fd, o, s), k) for o, s, k in zip(*stored))
+        else:
+            raws, unit.raws = unit.raws, None
+            chunks = (fill if raw is None else decode(raw[1], raw[0]) for raw in raws)
+            count = len(raws)
+        if few:
             if isinstance(rows, slice):
                 joined = b"".join(data[rows.start * line:rows.stop * line] for data in chunks)
             else:

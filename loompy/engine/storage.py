@@ -175,7 +175,6 @@ class ChunkIndex:
         return fd
 
 
-
 def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:
     """The chunk index of ``dataset``, or None when its chunks cannot be read from the file directly."""
     if not hasattr(os, "pread") or dataset.file.driver != "sec2":
