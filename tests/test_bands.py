@@ -60,8 +60,8 @@ def test_children_encode_what_threads_and_numpy_give(tmp_path, children, monkeyp
                                                     fill):
     path = tmp_path / "s.h5"
     expected = _source(path, fill=fill)
-    here, encode = [], processes.BandEncoder.encode
-    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
+    here, encode = [], bands.BandEncoder.encode
+    monkeypatch.setattr(bands.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
     (a, b), got = _copy(path, offset, total, dst_dtype)
     assert len(children) == 2 and all(c.returncode is not None for c in children)  # started, and reaped
     assert here == []  # every band came from them
@@ -96,8 +96,8 @@ def test_a_damaged_chunk_found_by_a_child_names_the_source(tmp_path, children, m
     _source(path)
     with h5py.File(path, "r+") as f:
         f["src"].id.write_direct_chunk((128, 512), b"\x78\x9c not deflate at all")
-    here, encode = [], processes.BandEncoder.encode
-    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+    here, encode = [], bands.BandEncoder.encode
+    monkeypatch.setattr(bands.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
     with pytest.raises(loompy.LoomFileError, match=r"s\.h5: /src: a stored chunk does not inflate.*damaged"):
         _copy(path, 10, 1010)
     assert len(children) == 2 and all(c.returncode is not None for c in children) and here == []
@@ -211,11 +211,11 @@ def test_children_refuse_a_file_that_is_not_the_one_listed(tmp_path, children, m
     is not (replaced on disk meanwhile: here, a wrong identity), this process encodes every band."""
     path = tmp_path / "s.h5"
     expected = _source(path)
-    begin, encode = processes.BandJob.begin, processes.BandEncoder.encode
+    begin, encode = processes.BandJob.begin, bands.BandEncoder.encode
     here = []
     monkeypatch.setattr(processes.BandJob, "begin",
                         lambda job, plan, fd, name, file_id: begin(job, plan, fd, name, (0, 0)))
-    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
+    monkeypatch.setattr(bands.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
     (a, b), got = _copy(path, 10, 1010)
     assert len(children) == 2 and sorted(here) == list(range(5))  # 300 rows: 5 parts, all done here
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
@@ -266,8 +266,8 @@ def test_the_frames_of_children_that_are_done_are_used(tmp_path, children, monke
     """A small job's children may have sent everything and exited before their frames are read."""
     path = tmp_path / "s.h5"
     expected = _source(path, shape=(130, 400))
-    here, encode, store_all = [], processes.BandEncoder.encode, processes.BandJob.store_all
-    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
+    here, encode, store_all = [], bands.BandEncoder.encode, processes.BandJob.store_all
+    monkeypatch.setattr(bands.BandEncoder, "encode", lambda self, band: here.append(band) or encode(self, band))
 
     def late_store_all(job, store):
         for child in job.children:
@@ -292,8 +292,8 @@ def test_a_child_that_fails_at_start_leaves_its_share_to_the_other(tmp_path, chi
     expected = _source(path, shape=(640, 1000))  # 10 bands
     flag = tmp_path / "first"
     monkeypatch.setattr(processes, "_BOOT", _first_child_then(flag, "import sys; sys.exit(3)") + processes._BOOT)
-    here, encode = [], processes.BandEncoder.encode
-    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+    here, encode = [], bands.BandEncoder.encode
+    monkeypatch.setattr(bands.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
     (a, b), got = _copy(path, 10, 1010)
     assert flag.exists() and [c.returncode for c in children].count(3) == 1  # one failed, one did it all
     assert here == []
@@ -310,8 +310,8 @@ def test_the_part_a_child_dies_on_is_done_here(tmp_path, children, monkeypatch):
                                    "import os, time\n" + dying + "from loompy.engine.child import child_main\n")
     assert boot != processes._BOOT
     monkeypatch.setattr(processes, "_BOOT", boot)
-    here, encode = [], processes.BandEncoder.encode
-    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+    here, encode = [], bands.BandEncoder.encode
+    monkeypatch.setattr(bands.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
     (a, b), got = _copy(path, 10, 1010)
     assert here == [3] and 5 in [c.returncode for c in children]
     np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
@@ -383,8 +383,8 @@ def test_children_are_heard_on_descriptors_past_1023(tmp_path, children, monkeyp
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
-        here, encode = [], processes.BandEncoder.encode
-        monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+        here, encode = [], bands.BandEncoder.encode
+        monkeypatch.setattr(bands.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
         (a, b), got = _copy(path, 10, 1010)
         assert here == [] and len(children) == 2
         np.testing.assert_array_equal(got[:, a:b], expected[:, a - 10:b - 10])
@@ -434,8 +434,8 @@ def test_a_child_still_starting_up_is_not_waited_for_once_every_part_is_stored(t
     expected = _source(path)
     monkeypatch.setattr(processes, "_BOOT", _first_child_then(tmp_path / "first", "import time; time.sleep(30)")
                         + processes._BOOT)
-    here, encode = [], processes.BandEncoder.encode
-    monkeypatch.setattr(processes.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
+    here, encode = [], bands.BandEncoder.encode
+    monkeypatch.setattr(bands.BandEncoder, "encode", lambda self, part: here.append(part) or encode(self, part))
     began = time.monotonic()
     (a, b), got = _copy(path, 10, 1010)
     assert time.monotonic() - began < 15 and here == [] and all(c.returncode is not None for c in children)

@@ -169,6 +169,10 @@ class BandEncoder:
         payloads = [self.deflate(flat[k * size:(k + 1) * size]) for k in np.flatnonzero(keep).tolist()]
         return (start + np.flatnonzero(keep)).tolist(), payloads, (start + np.flatnonzero(~keep)).tolist()
 
+    def result(self, part: int) -> tuple[list[int], list[bytes], list[int]]:
+        """What :meth:`BandPlan.read_frame` makes of a child's frame for ``part``: :meth:`encode`'s."""
+        return self.encode(part)
+
     def frame(self, part: int) -> tuple[int, int, list[bytes]]:
         """Part ``part`` as a child sends it: counts and payload for :meth:`BandPlan.read_frame`."""
         stored, payloads, empty = self.encode(part)

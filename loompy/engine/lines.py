@@ -214,6 +214,10 @@ class LineReducer:
                     line_values.append(v)
         return [np.concatenate(v).astype(d, copy=False) for v, d in zip(values, plan.result_dtypes)]
 
+    def result(self, part: int) -> list[np.ndarray]:
+        """What :meth:`LinePlan.read_frame` makes of a child's frame for ``part``: :meth:`reduce`'s."""
+        return self.reduce(part)
+
     def frame(self, part: int) -> tuple[int, int, list[bytes]]:
         """Part ``part`` as a child sends it: counts and payload for :meth:`LinePlan.read_frame`."""
         values = self.reduce(part)

@@ -36,10 +36,10 @@ from collections.abc import Callable
 import numpy as np
 
 from . import codecs
-from .bands import BandEncoder, BandPlan
+from .bands import BandPlan
 from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH_PREFIX, check_locks
 from .lines import LinePlan
-from .workers import QUEUED_TASKS, THREADS, run_all, run_in_order
+from .workers import QUEUED_TASKS, THREADS, run_in_order
 
 MIN_CHUNKS = 20000  # jobs over fewer chunks than this run on threads: starting children costs about
 # 0.1 s of CPU each, re-encoding about 25 us per chunk, inflating and reducing about 10 us
@@ -134,6 +134,22 @@ class ChildJob:
             return
         for child in self.children:  # closing (never writing: a dead child would raise SIGPIPE) says go
             child.stdin.close()
+
+    def work_all(self, handle: Callable[[int, object], None]) -> None:
+        """``handle(part, result)`` on this thread for every part: the children's as their frames
+        come (:meth:`collect`), then the parts they did not give, worked here on the workers (each
+        thread keeps the worker ``plan.worker`` makes: it holds buffers)."""
+        plan, fd = self.plan, self.fd
+        done = self.collect(handle)
+        mine = threading.local()
+
+        def work(part: int) -> tuple[int, object]:
+            if not hasattr(mine, "worker"):
+                mine.worker = plan.worker(fd)
+            return part, mine.worker.result(part)
+
+        tasks = [functools.partial(work, p) for p in np.flatnonzero(~done).tolist()]
+        run_in_order(tasks, lambda finished: handle(*finished), QUEUED_TASKS)
 
     def collect(self, handle: Callable[[int, object], None]) -> np.ndarray:
         """``handle(part, result)`` for each part a child works (``result``: what the plan's
@@ -235,18 +251,9 @@ class BandJob(ChildJob):
 
     def store_all(self, store: Store) -> None:
         """Hand every part to ``store`` as (band, tile numbers, their bytes, all-zero tile numbers),
-        each as soon as it is encoded; the parts children did not give are encoded here at the end."""
-        plan, fd = self.plan, self.fd
-        done = self.collect(lambda part, result: store(plan.part(part)[0], *result))
-        mine = threading.local()  # each thread's encoder (it keeps buffers)
-
-        def encode(part: int) -> tuple:
-            if not hasattr(mine, "encoder"):
-                mine.encoder = BandEncoder(plan, fd)
-            return (plan.part(part)[0], *mine.encoder.encode(part))
-
-        tasks = [functools.partial(encode, p) for p in np.flatnonzero(~done).tolist()]
-        run_in_order(tasks, lambda result: store(*result), QUEUED_TASKS)
+        each as soon as it is encoded (see :meth:`ChildJob.work_all`)."""
+        plan = self.plan
+        self.work_all(lambda part, result: store(plan.part(part)[0], *result))
 
 
 class LineJob(ChildJob):
@@ -254,20 +261,12 @@ class LineJob(ChildJob):
 
     def reduce_all(self, results: list[np.ndarray]) -> None:
         """Fill ``results`` (one array per function of the plan, a value per line) with every part's
-        values; the parts children did not give are reduced here at the end, on the workers."""
-        plan, fd = self.plan, self.fd
+        values (see :meth:`ChildJob.work_all`)."""
+        plan = self.plan
 
         def place(part: int, values: list[np.ndarray]) -> None:
             lines = plan.part_lines(part)
             for result, v in zip(results, values):
                 result[lines.start:lines.stop] = v
 
-        done = self.collect(place)
-        mine = threading.local()  # each thread's reducer (it keeps buffers)
-
-        def reduce(part: int) -> None:
-            if not hasattr(mine, "reducer"):
-                mine.reducer = plan.worker(fd)
-            place(part, mine.reducer.reduce(part))
-
-        run_all([functools.partial(reduce, p) for p in np.flatnonzero(~done).tolist()])
+        self.work_all(place)
