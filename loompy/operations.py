@@ -14,7 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import engine
+from . import engine, files
 from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, select_axis
@@ -299,7 +299,8 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     also writes a Loom file with one column per group, labelled by a column attribute named as
     ``group_by`` (``"Group"`` for labels given as an array), besides those of ``aggr_ca_by``.
     Sums, means and medians of the matrix's floats are float64, as in loompy 3; the mean of a
-    float column attribute keeps its dtype (float32 stays float32), as there.
+    float column attribute keeps its dtype (float32 stays float32), as there. ``out_file`` and the
+    column attributes are checked before the matrix is read; the file being aggregated is refused.
     """
     where = f"{ds.filename}: aggregate"
     if aggr_by not in AGGREGATORS:
@@ -323,6 +324,10 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
         if how != "join" and how not in AGGREGATORS:
             raise LoomValueError(f"{where}: unknown aggregation '{how}' for column attribute '{name}'")
     dataset = ds.layers[layer]._dataset
+    col_attrs = None  # (with out_file: checked, and the output's column attributes made, before the pass)
+    if out_file is not None:
+        _check_output(ds, out_file)
+        col_attrs = _aggregated_columns(ds, where, group_by, groups, members, aggr_ca_by, aggr_ca_if_equal)
     func = AGGREGATORS[aggr_by]
     result: np.ndarray | None = None
     everything = np.arange(ds.shape[0], dtype=np.int64)
@@ -338,24 +343,41 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
             result[start:start + len(batch)] = stacked
     if result is None:
         result = np.zeros((ds.shape[0], len(groups)))
-    if out_file is not None:
-        group_name = group_by if isinstance(group_by, str) else "Group"
-        col_attrs: dict[str, Any] = {group_name: groups}
-        for name, how in (aggr_ca_by or {}).items():
-            values = ds.ca[name]
-            col_attrs[name] = np.array([_aggregate_values(values[m], how, f"{where}: '{name}'") for m in members])
-        if aggr_ca_if_equal:
-            for name in ds.ca.keys():
-                if name in col_attrs or ds.ca[name].ndim != 1:
-                    continue
-                values = ds.ca[name]
-                firsts = [values[m][0] for m in members]
-                if all(np.all(values[m] == f) for m, f in zip(members, firsts)):
-                    col_attrs[name] = np.array(firsts)
+    if col_attrs is not None:
         from .create import create
 
         create(out_file, result, dict(ds.ra.items()), col_attrs, file_attrs=None).close()
     return result
+
+
+def _check_output(ds: Any, out_file: str | os.PathLike) -> None:
+    """Where aggregate will write, checked before the pass over the matrix: never the file it reads
+    (loompy 3 refuses that too), and a place a Loom file can replace (see files.check_replaceable)."""
+    target = files.target_path(out_file)
+    if os.path.exists(target) and os.path.samefile(target, ds._path):
+        raise LoomFileError(f"{target}: is the file being aggregated; write the groups to another file")
+    files.check_replaceable(target)
+
+
+def _aggregated_columns(ds: Any, where: str, group_by: str | np.ndarray, groups: np.ndarray,
+                        members: list[np.ndarray], aggr_ca_by: dict[str, str] | None,
+                        aggr_ca_if_equal: bool) -> dict[str, Any]:
+    """The output's column attributes: the group labels, those of ``aggr_ca_by``, and (with
+    ``aggr_ca_if_equal``) any other that is the same for all of each group's columns."""
+    group_name = group_by if isinstance(group_by, str) else "Group"
+    col_attrs: dict[str, Any] = {group_name: groups}
+    for name, how in (aggr_ca_by or {}).items():
+        values = ds.ca[name]
+        col_attrs[name] = np.array([_aggregate_values(values[m], how, f"{where}: '{name}'") for m in members])
+    if aggr_ca_if_equal:
+        for name in ds.ca.keys():
+            if name in col_attrs or ds.ca[name].ndim != 1:
+                continue
+            values = ds.ca[name]
+            firsts = [values[m][0] for m in members]
+            if all(np.all(values[m] == f) for m, f in zip(members, firsts)):
+                col_attrs[name] = np.array(firsts)
+    return col_attrs
 
 
 # --------------------------------------------------------------------------- export

@@ -530,3 +530,27 @@ def test_map_takes_an_axis_given_as_any_number(tmp_path):
         for axis in (2, True, "0"):
             with pytest.raises(loompy.LoomValueError, match=r"a\.loom.*axis"):
                 ds.map(np.sum, axis=axis)
+
+
+def test_aggregate_checks_where_it_writes_before_reading_the_matrix(tmp_path, monkeypatch):
+    """Never over the file it reads (loompy 3 refuses that too), nor into a missing folder, nor with
+    column attributes that cannot be aggregated: each refused before the pass over the matrix,
+    leaving the file as it was."""
+    import importlib
+
+    path = tmp_path / "a.loom"
+    m = np.arange(24, dtype=np.float32).reshape(4, 6)
+    loompy.create(path, m, {"g": np.arange(4)}, {"Clusters": [0, 0, 1, 1, 2, 2], "Name": list("abcdef")}).close()
+    before = path.read_bytes()
+    operations = importlib.import_module("loompy.operations")
+    monkeypatch.setattr(operations.engine, "read_block", None)  # (any read of the matrix would fail)
+    with loompy.connect(path, "r") as ds:
+        with pytest.raises(loompy.LoomFileError, match="a.loom: is the file being aggregated"):
+            ds.aggregate(path)
+        with pytest.raises(loompy.LoomFileError, match="a.loom: is the file being aggregated"):
+            ds.aggregate(tmp_path / "." / "a.loom")
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            ds.aggregate(tmp_path / "missing" / "out.loom")
+        with pytest.raises(loompy.LoomError, match="a.loom.*Name"):
+            ds.aggregate(tmp_path / "out.loom", aggr_ca_by={"Name": "mean"})
+    assert path.read_bytes() == before and not (tmp_path / "out.loom").exists()
