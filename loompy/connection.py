@@ -34,6 +34,7 @@ from .errors import (
     LoomValueError,
 )
 from .graphs import GraphManager
+from .indexing import axis_number
 from .layers import LayerManager
 from .validator import check_structure, looks_like_loom
 from .view import WHAT_ALL, LoomView, ViewManager
@@ -251,9 +252,7 @@ class LoomConnection:
             raise LoomFileError(f"{self.filename}: the connection is closed")
 
     def _axis(self, axis: Any) -> int:
-        if axis not in (0, 1) or isinstance(axis, bool):
-            raise LoomValueError(f"{self.filename}: axis must be 0 (rows) or 1 (columns), got {axis!r}")
-        return int(axis)
+        return axis_number(axis, self.filename)
 
     def set_layer(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
                   chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
@@ -309,8 +308,7 @@ class LoomConnection:
 
     def map(self, f_list: Any, axis: int = 0, chunksize: int = 1000, selection: Any = None) -> Any:
         """Apply function(s) to every row (axis 0) or column (axis 1) in one pass; see :func:`operations.map_`."""
-        self._check_open()
-        return operations.map_(self.layers[""], f_list, axis, chunksize, selection)
+        return self.layers[""].map(f_list, axis, chunksize, selection)
 
     def aggregate(self, out_file: str | os.PathLike | None = None, select: Any = None, group_by: Any = "Clusters",
                   aggr_by: str = "mean", aggr_ca_by: dict[str, str] | None = None, layer: str = "",

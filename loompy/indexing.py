@@ -82,6 +82,20 @@ def _is_int_like(key: Any) -> bool:
         return False
 
 
+def axis_number(axis: Any, where: str) -> int:
+    """``axis`` as 0 (rows) or 1 (columns); 1.0 and np.int64(1) are axes too, as in loompy 3."""
+    if axis not in (0, 1) or isinstance(axis, bool):
+        raise LoomValueError(f"{where}: axis must be 0 (rows) or 1 (columns), got {axis!r}")
+    return int(axis)
+
+
+def batch_count(value: Any, where: str) -> int:
+    """A batch size (``batch_size``, ``chunksize``): a positive whole number of rows or columns."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise LoomValueError(f"{where} must be a positive number of rows or columns, got {value!r}")
+    return int(value)
+
+
 def select_axis(key: Any, length: int, axis: int) -> AxisSelection:
     """Normalise one axis's key (int, slice, list/array of ints, bool mask) against ``length``."""
     name = AXIS_NAMES[axis]

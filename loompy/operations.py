@@ -17,7 +17,7 @@ import numpy as np
 from . import engine, files
 from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
-from .indexing import AxisSelection, select_axis
+from .indexing import AxisSelection, axis_number, batch_count, select_axis
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
 
 
@@ -29,9 +29,8 @@ def _items(items: Any, length: int, axis: int) -> np.ndarray:
 
 
 def iter_batches(selected: np.ndarray, length: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
-    """(start, positions) for each file window ``[start, start + batch_size)`` holding selected positions."""
-    if batch_size < 1:
-        raise LoomValueError(f"batch_size must be positive, got {batch_size}")
+    """(start, positions) for each file window ``[start, start + batch_size)`` holding selected
+    positions (``batch_size`` checked by the caller: see :func:`~loompy.indexing.batch_count`)."""
     for start in range(0, length, batch_size):
         lo, hi = np.searchsorted(selected, [start, start + batch_size])
         if hi > lo:
@@ -91,6 +90,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     """
     ds._check_open()
     axis = ds._axis(axis)
+    batch_size = batch_count(batch_size, f"{ds.filename}: scan(batch_size=...)")
     unknown = set(what) - set(WHAT_ALL)
     if unknown:
         raise LoomValueError(f"{ds.filename}: scan(what=...) got unknown parts {sorted(unknown)}")
@@ -138,6 +138,7 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     read one batch ahead in a file open read-only, as :func:`scan`."""
     ds._check_open()
     axis = ds._axis(axis)
+    batch_size = batch_count(batch_size, f"{ds.filename}: batch_scan(batch_size=...)")
     datasets = {name: ds.layers[name]._dataset for name in layer_names(ds, layers)}
     rows = _items(genes, ds.shape[0], 0)
     cols = _items(cells, ds.shape[1], 1)
@@ -195,30 +196,30 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
     that line alone, as in loompy 3.
     """
     dataset = layer._dataset  # (LoomFileError when the connection is closed)
-    if axis not in (0, 1) or isinstance(axis, bool):
-        raise LoomValueError(f"{layer._where}: map(axis=...) must be 0 (rows) or 1 (columns), got {axis!r}")
-    axis = int(axis)  # (1.0 and np.int64(1) are accepted, as in loompy 3)
-    if isinstance(chunksize, bool) or not isinstance(chunksize, (int, np.integer)) or chunksize < 1:
-        raise LoomValueError(f"{layer._where}: map(chunksize=...) must be a positive number of rows or columns, "
-                             f"got {chunksize!r}")
+    axis = axis_number(axis, f"{layer._where}: map()")
+    chunksize = batch_count(chunksize, f"{layer._where}: map(chunksize=...)")
     single = callable(f_list)
     functions = [f_list] if single else list(f_list)
     if not functions or not all(callable(f) for f in functions):
         raise LoomTypeError(f"{layer._where}: map() needs a function or a list of functions")
-    length = dataset.shape[axis]
-    other = _items(selection, dataset.shape[1 - axis], 1 - axis)
-    if other.size and all(f in _VECTORISABLE for f in functions):
-        reduced = _reduce_lines(dataset, axis, functions, other, int(chunksize))
-        return reduced[0] if single else reduced
+    length, n_other = dataset.shape[axis], dataset.shape[1 - axis]
+    # the other axis's positions as given (order and repeats kept: each line is taken as row[selection])
+    other = AxisSelection(np.arange(n_other, dtype=np.int64), n_other) if selection is None \
+        else select_axis(np.asarray(selection), n_other, 1 - axis)
+    if other.indices.size and all(f in _VECTORISABLE for f in functions):
+        reduced = _reduce_lines(dataset, axis, functions, other.indices)
+        if reduced is not None:
+            return reduced[0] if single else reduced
     engine.expect_reads(dataset)
     if dataset.chunks and chunksize >= dataset.chunks[axis]:  # whole chunks: none is inflated twice
         chunksize = chunksize // dataset.chunks[axis] * dataset.chunks[axis]
-    batches = list(iter_batches(np.arange(length, dtype=np.int64), length, int(chunksize)))
+    batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
     recycler = engine.Recycler()  # a batch no function kept a part of lends its memory to a later one
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
         start, batch = item
-        return start, batch, read_strip(dataset, axis, batch, other, recycler)
+        block = read_strip(dataset, axis, batch, other.unique, recycler)
+        return start, batch, block if other.inverse is None else np.take(block, other.inverse, axis=1 - axis)
 
     results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
@@ -242,13 +243,14 @@ def _result_dtype(dtype: np.dtype) -> np.dtype:
     return np.result_type(np.float64, dtype) if dtype.kind in "biufc" else np.dtype(object)
 
 
-def _reduce_lines(dataset: Any, axis: int, functions: list[Callable], others: np.ndarray, batch: int
-                  ) -> list[np.ndarray]:
+def _reduce_lines(dataset: Any, axis: int, functions: list[Callable], others: np.ndarray
+                  ) -> list[np.ndarray] | None:
     """numpy reductions of every row or column, by the engine as each chunk row or column is
-    inflated (see :func:`~loompy.engine.reduce_lines`), instead of here a batch at a time."""
+    inflated (see :func:`~loompy.engine.reduce_lines`), instead of here a batch at a time; None
+    where the engine cannot read the chunks directly."""
     probe = np.zeros((1, others.size), dataset.dtype)
     dtypes = [_result_dtype(np.asarray(f(probe, axis=1)).dtype) for f in functions]
-    return engine.reduce_lines(dataset, axis, functions, others, dtypes, batch)
+    return engine.reduce_lines(dataset, axis, functions, others, dtypes)
 
 
 # --------------------------------------------------------------------------- aggregate

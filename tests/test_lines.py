@@ -292,3 +292,24 @@ def test_inflate_into_never_joins_a_chunk_never_written_to_the_next(tmp_path):
     finally:
         os.close(fd)
     np.testing.assert_array_equal(target, [np.full((8, 8), 9), expected[0]])
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_a_selection_is_taken_in_its_order_with_its_repeats(tmp_path, children, monkeypatch, axis):
+    """As loompy 3 takes ``row[selection]``: an index selection keeps its order and repeats, in
+    helper processes, on threads and in batches (a non-numpy function among numpy's)."""
+    path = tmp_path / "m.loom"
+    m = _matrix(path, (300, 700), np.float32)
+    selection = [30, 2, 2, 17, 150, 149]
+    lines = [(m[k] if axis == 0 else m[:, k])[selection] for k in range(m.shape[axis])]
+    first = lambda x: float(x[0])  # noqa: E731
+    for where in ("helpers", "threads"):
+        with loompy.connect(path, "r") as ds:
+            total, std = ds.map([np.sum, np.std], axis=axis, selection=selection)
+            also, heads = ds.map([np.sum, first], axis=axis, selection=selection)
+        np.testing.assert_array_equal(total, [np.sum(line) for line in lines], err_msg=where)
+        np.testing.assert_array_equal(std, [np.std(line) for line in lines], err_msg=where)
+        np.testing.assert_array_equal(also, total)
+        np.testing.assert_array_equal(heads, [line[0] for line in lines])
+        monkeypatch.setattr(processes, "MIN_CHUNKS", 10 ** 12)
+    assert len(children) == 2 and children.left == 1  # (numpy-only maps: helpers, then one part on threads)

@@ -94,7 +94,7 @@ class LinePlan:
     source_fill: float | int  # what chunks never written hold
     functions: list[str]
     result_dtypes: list[str]
-    others: np.ndarray  # sorted, unique
+    others: np.ndarray  # each line's positions on the other axis, in order (repeats allowed)
     offset: np.ndarray  # the chunk index, by (chunk row, chunk column); offset -1: never written
     size: np.ndarray
     mask: np.ndarray
@@ -184,7 +184,7 @@ class LineReducer:
         self.step = max(1, SLAB_BYTES // (needed.size * across * dtype.itemsize))
         self.slab = np.empty((min(self.step, plan.depth), needed.size * across), dtype=dtype)
         first, others = int(needed[0]) * across, plan.others
-        if int(others[-1]) - int(others[0]) + 1 == others.size:  # a run: a view of the joined chunks
+        if np.array_equal(others, np.arange(others[0], others[0] + others.size)):  # a run: a view of the joined chunks
             self.run: slice | None = slice(int(others[0]) - first, int(others[-1]) + 1 - first)
         else:  # their places in the joined chunks
             self.run = None

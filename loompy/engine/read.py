@@ -26,7 +26,7 @@ import scipy.sparse as sp
 
 from . import codecs
 from .codecs import DamagedChunk
-from .lines import LinePlan, numpy_name, reduce_block, reduce_columns
+from .lines import LinePlan, numpy_name
 from .memory import Scratch, fresh
 from .processes import LineJob
 from .storage import (
@@ -40,6 +40,7 @@ from .storage import (
     held_index,
     open_index,
     raw_chunk,
+    readable_directly,
     refresh,
 )
 from .workers import THREADS, on_worker, run_all
@@ -347,37 +348,29 @@ def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
 
 
 def reduce_lines(dataset: h5py.Dataset, axis: int, functions: list[Callable], others: np.ndarray,
-                 result_dtypes: list[np.dtype], batch: int = 1024) -> list[np.ndarray]:
+                 result_dtypes: list[np.dtype]) -> list[np.ndarray] | None:
     """Each of ``functions`` (numpy reductions) on every row (``axis`` 0) or column (1) of
-    ``dataset``, taken at ``others`` (sorted, unique positions on the other axis), as arrays of
-    ``result_dtypes``: exactly the values each function gives for each line alone.
+    ``dataset``, taken at ``others`` (positions on the other axis, in the order and with the
+    repeats each line is taken in), as arrays of ``result_dtypes``: exactly the values each
+    function gives for each line alone. None, with nothing done, where chunks cannot be read
+    directly (the caller reads batches instead).
 
-    Where chunks can be read directly, a chunk row or column is reduced as its chunks are inflated
-    (:mod:`.lines`): in the engine's helper processes for large matrices, else (and for parts a
-    failed helper did not give) on the workers. Otherwise ``batch`` lines at a time (rounded down
-    to whole chunks) are read and reduced here.
+    A chunk row or column is reduced as its chunks are inflated (:mod:`.lines`): in the engine's
+    helper processes for large matrices, else (and for parts a failed helper did not give) on the
+    workers.
     """
-    results = [np.empty(dataset.shape[axis], dtype=d) for d in result_dtypes]
-    if not _reduce_direct(dataset, axis, functions, others, results):
-        _reduce_in_strips(dataset, axis, functions, others, results, batch)
-    return results
-
-
-def _reduce_direct(dataset: h5py.Dataset, axis: int, functions: list[Callable], others: np.ndarray,
-                   results: list[np.ndarray]) -> bool:
-    """:func:`reduce_lines` from chunks read directly; False, with nothing done, where they cannot be."""
     layout = chunk_layout(dataset)
     names = [numpy_name(f) for f in functions]
-    if layout is None or None in names or any(r.dtype.kind not in "biufc" for r in results) \
-            or dataset.file.driver != "sec2" or not others.size:
-        return False
+    if layout is None or None in names or not readable_directly(dataset) or not others.size:
+        return None
     needed = np.unique(others // layout.chunks[1 - axis]).size
-    if layout.nbytes * needed > STRIP_BYTES:  # a band is held inflated: past this, strips through HDF5
-        return False
+    if layout.nbytes * needed > STRIP_BYTES:  # a band is held inflated (twice): past this, batches
+        return None
+    results = [np.empty(dataset.shape[axis], dtype=d) for d in result_dtypes]
     # (children start before the chunks are listed: they load numpy meanwhile)
     with LineJob(chunk_grid(dataset)[axis] * needed) as job, direct_reads(dataset) as direct:
         if direct is None:
-            return False
+            return None
         index, fd = direct
         job.begin(LinePlan(chunks=layout.chunks, shape=dataset.shape, axis=axis, dtype=dataset.dtype.str,
                            compressed=layout.compressed, source_fill=layout.fill, functions=names,
@@ -387,22 +380,7 @@ def _reduce_direct(dataset: h5py.Dataset, axis: int, functions: list[Callable], 
             job.reduce_all(results)
         except DamagedChunk as error:
             raise damaged(dataset, error) from error
-    return True
-
-
-def _reduce_in_strips(dataset: h5py.Dataset, axis: int, functions: list[Callable], others: np.ndarray,
-                      results: list[np.ndarray], batch: int) -> None:
-    """:func:`reduce_lines` a strip of lines at a time (whole chunks; no more than a quarter of
-    STRIP_BYTES unless one chunk's depth is more), read by :func:`read_block`."""
-    depth = dataset.chunks[axis] if dataset.chunks else 1
-    step = min(batch, max(depth, STRIP_BYTES // 4 // max(1, others.size * dataset.dtype.itemsize)))
-    step = step // depth * depth if step >= depth else max(1, step)
-    reduce = reduce_block if axis == 0 else reduce_columns
-    for a in range(0, dataset.shape[axis], step):
-        lines = np.arange(a, min(a + step, dataset.shape[axis]), dtype=np.int64)
-        block = read_block(dataset, lines, others) if axis == 0 else read_block(dataset, others, lines)
-        for result, values in zip(results, reduce(functions, block)):
-            result[a:a + lines.size] = values
+    return results
 
 
 def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:

@@ -175,9 +175,15 @@ class ChunkIndex:
         return fd
 
 
+def readable_directly(dataset: h5py.Dataset) -> bool:
+    """Whether ``dataset``'s chunks may be read from its file by byte offset: a plain file (HDF5's
+    default driver) on a system with ``os.pread``. (Its index may still show otherwise.)"""
+    return hasattr(os, "pread") and dataset.file.driver == "sec2"
+
+
 def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:
     """The chunk index of ``dataset``, or None when its chunks cannot be read from the file directly."""
-    if not hasattr(os, "pread") or dataset.file.driver != "sec2":
+    if not readable_directly(dataset):
         return None
     table = _listing(dataset)
     if table is None:

@@ -32,6 +32,7 @@ from .storage import (
     forget,
     groups,
     raw_chunk,
+    readable_directly,
     refresh,
     stored_chunks,
 )
@@ -360,7 +361,7 @@ def _band_job(src: h5py.Dataset, layout: ChunkLayout, target: ChunkLayout, sourc
     from ``src``'s (stored as ``layout``) from ``source_start``, or its columns ``order`` (all its
     rows); None when ``src``'s chunks cannot be read directly."""
     h, w = layout.chunks
-    tiles = -(-src.shape[0] // h) * -(-width // w) if src.file.driver == "sec2" else 0
+    tiles = -(-src.shape[0] // h) * -(-width // w) if readable_directly(src) else 0
     # children start now (when worth it): they import numpy while this process lists the source's chunks
     with BandJob(tiles) as job, direct_reads(src) as direct:
         if direct is None:
