@@ -165,8 +165,7 @@ class BandEncoder:
         if stop == plan.tiles_per_band:
             tiles[count - 1, :, plan.width - (plan.tiles_per_band - 1) * w:] = 0
         keep = codecs.tiles_to_store(tiles, plan.target_fill)
-        flat, size = memoryview(tiles.reshape(-1).view(np.uint8)), tiles[0].nbytes
-        payloads = [self.deflate(flat[k * size:(k + 1) * size]) for k in np.flatnonzero(keep).tolist()]
+        payloads = codecs.compress_kept(tiles, keep, self.deflate)
         return (start + np.flatnonzero(keep)).tolist(), payloads, (start + np.flatnonzero(~keep)).tolist()
 
     def result(self, part: int) -> tuple[list[int], list[bytes], list[int]]:

@@ -121,6 +121,14 @@ def inflate_into(target: memoryview, fd: int, stored: tuple[list[int], list[int]
             target[k * nbytes:(k + 1) * nbytes] = decode(run[at:at + sizes[k]], nbytes, compressed, masks[k])
 
 
+def compress_kept(tiles: np.ndarray, keep: np.ndarray, deflate: Callable[[Any], bytes | bytearray]) -> list:
+    """The stored bytes (``deflate``, from :func:`compressor`) of each of ``tiles`` (whole chunks
+    along the last two axes) where ``keep`` (their shape but the last two axes) is True, in order."""
+    flat = memoryview(np.ascontiguousarray(tiles).reshape(-1).view(np.uint8))
+    size = tiles.shape[-2] * tiles.shape[-1] * tiles.itemsize
+    return [deflate(flat[k * size:(k + 1) * size]) for k in np.flatnonzero(keep).tolist()]
+
+
 def compress(chunk: np.ndarray | memoryview, level: int | None) -> bytes:
     """Stored bytes for a full chunk (an array, or its raw bytes): zlib-wrapped deflate, as HDF5's
     gzip filter writes, or raw when ``level`` is None.

@@ -32,14 +32,17 @@ import sys
 import tempfile
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import codecs
-from .bands import BandPlan
 from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH_PREFIX, check_locks
-from .lines import LinePlan
 from .workers import QUEUED_TASKS, THREADS, run_in_order
+
+if TYPE_CHECKING:  # (the plans are only named here; the children load them)
+    from .bands import BandPlan
+    from .lines import LinePlan
 
 MIN_CHUNKS = 20000  # jobs over fewer chunks than this run on threads: starting children costs about
 # 0.1 s of CPU each, re-encoding about 25 us per chunk, inflating and reducing about 10 us
@@ -157,18 +160,13 @@ class ChildJob:
         child has ended or failed, or none has sent a byte for ``PATIENCE`` s; then end them all.
         Returns which parts were handled: the caller works the others."""
         done = np.zeros(self.plan.parts, dtype=bool)
-        if self.children:
-            self._collect(handle, done)
-        return done
-
-    def _collect(self, handle: Callable[[int, object], None], done: np.ndarray) -> None:
         listening = select.poll()  # (select.select cannot wait on descriptors past 1023)
         by_fd = {}
         for k, child in enumerate(self.children):
             if child is not None:
                 by_fd[child.stdout.fileno()] = k
                 listening.register(child.stdout.fileno(), select.POLLIN)
-        left = int(np.count_nonzero(~done))
+        left = self.plan.parts
         while by_fd and left:  # (once all are stored, a child still starting up is not waited for)
             ready = listening.poll(PATIENCE * 1000)
             if not ready:  # nothing from any child for PATIENCE seconds: this process does the rest
@@ -191,6 +189,7 @@ class ChildJob:
                 done[part] = True
                 left -= 1
         self.close()
+        return done
 
     def _next_frame(self, fd: int, done: np.ndarray) -> tuple[int, object] | None:
         """The next frame a child sends, as (part, its result); None when it has ended or failed a part."""

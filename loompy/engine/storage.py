@@ -33,9 +33,12 @@ class ChunkLayout:
 
     chunks: tuple[int, int]
     dtype: np.dtype
-    compressed: bool
-    level: int | None  # None exactly when not compressed
+    level: int | None  # the deflate level; None when chunks are stored as they are
     fill: float | int
+
+    @property
+    def compressed(self) -> bool:
+        return self.level is not None
 
     @property
     def nbytes(self) -> int:
@@ -57,7 +60,7 @@ def chunk_layout(dataset: h5py.Dataset) -> ChunkLayout | None:
     if not codecs.supported_pipeline(filters):
         return None
     level = int(filters[0][1][0]) if filters and filters[0][1] else (4 if filters else None)
-    return ChunkLayout(tuple(dataset.chunks), dataset.dtype, bool(filters), level, dataset.fillvalue)
+    return ChunkLayout(tuple(dataset.chunks), dataset.dtype, level, dataset.fillvalue)
 
 
 def groups(indices: np.ndarray, size: int) -> list[tuple[int, slice, slice | np.ndarray]]:

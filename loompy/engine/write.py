@@ -194,7 +194,6 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     length, across, unit = (nrows, ncols, h) if axis == 0 else (ncols, nrows, w)
     step = max(unit, TASK_BYTES // max(1, across * layout.dtype.itemsize) // unit * unit)
     deflate = codecs.compressor(layout.level)
-    size = layout.nbytes
     scratch = Scratch()  # each worker's tiles (and gathered columns), reused task after task
 
     def task(a: int, b: int) -> tuple[list, list, list]:
@@ -206,8 +205,7 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
         numbers = np.flatnonzero(keep)
         wide = keep.shape[1]
         coords = list(zip((top + numbers // wide * h).tolist(), (left + numbers % wide * w).tolist()))
-        flat = memoryview(tiles.reshape(-1).view(np.uint8))
-        payloads = [deflate(flat[k * size:(k + 1) * size]) for k in numbers.tolist()]
+        payloads = codecs.compress_kept(tiles, keep, deflate)
         i, j = np.nonzero(~keep)
         return coords, payloads, list(zip((top + i * h).tolist(), (left + j * w).tolist()))
 
