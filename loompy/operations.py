@@ -187,7 +187,8 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
     """Apply each function to every row (axis 0) or column (axis 1) of ``layer`` (a
     :class:`~loompy.layers.LoomLayer`: the main matrix or a named layer), in one pass over the file.
 
-    ``selection`` (mask or indices) restricts the *other* axis (the values each function sees).
+    ``selection`` (a mask, or indices in their order and with their repeats) picks the values of
+    the *other* axis each function sees: each line is taken as ``line[selection]``, as in loompy 3.
     Returns a list of arrays for a list of functions, one array for a single function.
     ``chunksize`` is how many rows or columns a batch holds, rounded down to whole chunks. When
     every function is a numpy reduction (np.mean, np.std, np.sum, ...), the engine reduces each

@@ -106,11 +106,6 @@ def test_narrow_matrices_go_several_bands_to_a_part(tmp_path, children, monkeypa
     np.testing.assert_array_equal(top, np.max(m, axis=1))
 
 
-def _first_child_then(flag, statement: str) -> str:
-    return ("import os\ntry:\n    os.close(os.open(" + repr(str(flag)) + ", os.O_CREAT | os.O_EXCL))\n"
-            "except FileExistsError:\n    pass\nelse:\n    " + statement + "\n")
-
-
 def test_the_rows_of_a_child_that_dies_are_reduced_here(tmp_path, children, monkeypatch):
     path = tmp_path / "m.loom"
     m = _matrix(path, (1000, 4200), np.float32)  # 16 bands, one a part
