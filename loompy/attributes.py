@@ -183,10 +183,12 @@ class AttributeManager(DotAccess, MutableMapping):
         fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
-        length = self._dims.shape[self.axis]
+        if self._file is not None and fmt.MATRIX not in self._file:
+            raise LoomValueError(f"{where}: the file has no matrix yet, so no rows or columns to describe; "
+                                 "its first add_columns (or add_loom, or ds.layers[''] = matrix) defines them")
         if dtype is not None:
             values = _convert(values, dtype, where)
-        arr = fmt.normalize_values(values, where, length=length if self._has_shape() else None)
+        arr = fmt.normalize_values(values, where, length=self._dims.shape[self.axis])
         if isinstance(values, np.ndarray) and np.shares_memory(arr, values):
             arr = arr.copy()  # the cache must not follow later changes to the caller's array
         if self._file is not None:
@@ -195,10 +197,6 @@ class AttributeManager(DotAccess, MutableMapping):
         self._cache[name] = arr
         if name not in self._names:
             self._names.append(name)
-
-    def _has_shape(self) -> bool:
-        """An empty file (from ``new()``) has no matrix yet; its first attribute defines the length."""
-        return self._dims.shape != (0, 0) or bool(self._names)
 
     def __delitem__(self, name: str) -> None:
         if name not in self._names:

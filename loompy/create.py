@@ -127,7 +127,8 @@ def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = Non
 def new(filename: str | os.PathLike, *, file_attrs: Mapping[str, Any] | None = None) -> LoomConnection:
     """Create an empty Loom file (no matrix yet) and return a read/write connection to it.
 
-    The first ``add_columns`` call defines the rows.
+    The first ``add_columns`` (or ``add_loom``, or ``ds.layers[""] = matrix``) defines the rows and
+    columns; row and column attributes set before it are refused, as there is nothing to describe yet.
     """
     globals_ = {name: fmt.normalize_global(value, name) for name, value in (file_attrs or {}).items()}
     if fmt.SPEC_VERSION_KEY in globals_:

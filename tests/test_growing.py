@@ -455,6 +455,32 @@ def test_first_add_columns_on_new_file_defines_rows(tmp_path):
         np.testing.assert_array_equal(ds[:, :], np.hstack([m, m + 1]))
         assert list(ds.ra.Gene) == ["x", "y", "z"] and "".join(ds.ca.CellID) == "abcdefgh"
 
+@pytest.mark.parametrize("write", ["ca", "ra", "ca empty", "ca set"])
+def test_attributes_before_the_first_columns_are_refused(tmp_path, write):
+    """A file from new() has no rows or columns yet: attributes set then had no length to agree with,
+    left a file connect refused, or one whose first columns did not match them. Refused, file unchanged."""
+    path = tmp_path / "n.loom"
+    loompy.new(path).close()
+    before = digest(path)
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomValueError, match=r"n\.loom: column attribute 'X'.*no matrix yet"
+                           if write != "ra" else r"n\.loom: row attribute 'X'.*no matrix yet"):
+            if write == "ca":
+                ds.ca.X = np.arange(5)
+            elif write == "ra":
+                ds.ra["X"] = np.arange(3)
+            elif write == "ca empty":
+                ds.ca.X = []
+            else:
+                ds.ca.set("X", np.arange(7), dtype="int64")
+        assert ds.shape == (0, 0) and "X" not in ds.ca and "X" not in ds.ra
+    assert digest(path) == before
+    with loompy.connect(path) as ds:  # still an empty Loom file; its first columns define everything
+        ds.add_columns(np.ones((3, 7), np.float32), {"Y": np.arange(7)}, row_attrs={"g": np.arange(3)})
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (3, 7) and list(ds.ca.keys()) == ["Y"] and ds.ra.g.tolist() == [0, 1, 2]
+
+
 
 def test_add_loom_aligns_rows_by_key_and_carries_graphs(tmp_path):
     rng = np.random.default_rng(4)
