@@ -2,7 +2,8 @@
 
 Compares it with this loompy's full read, sparse(), scan and map on the same file, each on a
 connection of its own (its chunk index listed within its time, as the floor's is), so the ratio to
-the floor shows how much is left above decompression.
+the floor shows how much is left above decompression; and measures what fresh memory the size of a
+full read's result costs here, which ``ds[:, :]`` pays and the floor does not.
 
     python benchmarks/floor.py FILE.loom [--repeats 3]
 """
@@ -10,6 +11,8 @@ the floor shows how much is left above decompression.
 from __future__ import annotations
 
 import argparse
+import functools
+import mmap
 import os
 import statistics
 import sys
@@ -23,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loompy  # noqa: E402
 from loompy import engine  # noqa: E402
-from loompy.engine import codecs, storage  # noqa: E402
+from loompy.engine import codecs, memory, storage  # noqa: E402
 
 
 def floor(path: str, threads: int) -> float:
@@ -57,6 +60,23 @@ def floor(path: str, threads: int) -> float:
         return time.perf_counter() - start
 
 
+def fresh_pages(nbytes: int, threads: int) -> float:
+    """Seconds to get ``nbytes`` of new memory, as a full read's result gets it, and touch every page of
+    it on ``threads`` threads: what any whole-matrix read pays on top of the floor, as the kernel maps
+    (and, in a virtual machine, the host backs) each page when it is first written."""
+    start = time.perf_counter()
+    pages = memory.fresh(nbytes, np.uint8)
+    step = mmap.PAGESIZE
+    bounds = np.linspace(0, nbytes, threads + 1).astype(int) // step * step
+
+    def touch(k: int) -> None:
+        pages[bounds[k]:bounds[k + 1]:step] = 1  # (numpy lets go of the GIL for the fill)
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(touch, range(threads)))
+    return time.perf_counter() - start
+
+
 def timed(path: str, action) -> float:
     """Seconds ``action(ds)`` takes on a connection opened for it alone: its chunk index is listed
     within the time, as the floor's is (a connection keeps the index it built for later reads)."""
@@ -71,8 +91,15 @@ def main() -> None:
     parser.add_argument("file")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    rows = {"floor, 1 thread: read + inflate every chunk": [floor(args.file, 1) for _ in range(args.repeats)],
-            f"floor, {engine.THREADS} threads": [floor(args.file, engine.THREADS) for _ in range(args.repeats)]}
+    with h5py.File(args.file, "r") as f:
+        result_bytes = f["matrix"].size * f["matrix"].dtype.itemsize
+    two = f"floor, {engine.THREADS} threads"
+    measures = {
+        "floor, 1 thread: read + inflate every chunk": lambda: floor(args.file, 1),
+        two: lambda: floor(args.file, engine.THREADS),
+        f"fresh pages: {result_bytes / 1e9:.1f} GB touched on {engine.THREADS} threads, nothing read":
+            lambda: fresh_pages(result_bytes, engine.THREADS),
+    }
     actions = {
         "ds[:, :]": lambda ds: ds[:, :],
         "sparse()": lambda ds: ds.sparse(),
@@ -81,15 +108,19 @@ def main() -> None:
         "map([np.mean, np.std])": lambda ds: ds.map([np.mean, np.std], axis=0),
         "map over columns": lambda ds: ds.map([np.mean, np.std], axis=1),
     }
-    for name, action in actions.items():
-        rows[name] = [timed(args.file, action) for _ in range(args.repeats)]
-    base = statistics.median(rows[f"floor, {engine.THREADS} threads"])
-    print(f"\n{args.file}: median of {args.repeats}\n")
+    measures.update({name: functools.partial(timed, args.file, action) for name, action in actions.items()})
+    # each round measures the floor and then everything else, so that a slow spell of this shared
+    # machine weighs on a round's floor as on its operations; the ratio is each round's, then the median
+    times: dict[str, list[float]] = {name: [] for name in measures}
+    for _ in range(args.repeats):
+        for name, measure in measures.items():
+            times[name].append(measure())
+    print(f"\n{args.file}: median of {args.repeats} rounds\n")
     print(f"| what | seconds | x floor ({engine.THREADS} threads) |")
     print("|---|---:|---:|")
-    for name, times in rows.items():
-        t = statistics.median(times)
-        print(f"| {name} | {t:.3f} | {t / base:.2f} |")
+    for name, seconds in times.items():
+        ratio = statistics.median(t / f for t, f in zip(seconds, times[two]))
+        print(f"| {name} | {statistics.median(seconds):.3f} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":
