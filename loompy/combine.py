@@ -19,7 +19,7 @@ from . import format as fmt
 from .attributes import check_writable
 from .connection import LoomConnection, connect
 from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError
-from .files import replacing
+from .files import check_not_input, replacing
 from .growing import align_rows, differing_globals, join_values, per_column
 from .indexing import select_axis
 
@@ -54,6 +54,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
     for path in files:
         if not os.path.exists(path):
             raise LoomFileNotFoundError(2, "no such Loom file", path)
+    for path in files:
+        check_not_input(output_file, [path], f"an input of combine ({path})")
     skip = set(skip_attrs or [])
     conns = [connect(p, "r") for p in files]
     try:
@@ -94,7 +96,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             parts = [column_values(c, k, sel) for c, sel in zip(conns, cols)]
             col_attrs[k] = join_values(parts, f"combine: column attribute '{k}'", True)
         converted.update({k: None for k in attr_names if any(k not in c.ca for c in conns)})
-        globals_ = {k: fmt.normalize_global(v, k) for k, v in (file_attrs or {}).items()}
+        globals_ = fmt.normalize_globals(file_attrs, os.fspath(output_file))
         n = first.shape[0]
         sources = {name: [(c.layers[name]._dataset, order, sel) for c, order, sel in zip(conns, orders, cols)]
                    for name in names}

@@ -75,12 +75,7 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
     for kind, group in (("row", rows), ("column", cols)):
         for name in group:
             fmt.check_name(name, f"{where}: {kind} attribute")
-    globals_ = {}
-    for name, value in (file_attrs or {}).items():
-        if name == fmt.SPEC_VERSION_KEY:
-            raise LoomValueError(f"{where}: global attribute '{name}' is managed by loompy and cannot be set")
-        globals_[name] = fmt.normalize_global(value, name)
-    return layer_dict, dtypes, rows, cols, globals_
+    return layer_dict, dtypes, rows, cols, fmt.normalize_globals(file_attrs, where)
 
 
 def write_contents(f: h5py.File, layer_dict: dict, dtypes: dict, rows: dict, cols: dict, globals_: dict, *,
@@ -130,9 +125,7 @@ def new(filename: str | os.PathLike, *, file_attrs: Mapping[str, Any] | None = N
     The first ``add_columns`` (or ``add_loom``, or ``ds.layers[""] = matrix``) defines the rows and
     columns; row and column attributes set before it are refused, as there is nothing to describe yet.
     """
-    globals_ = {name: fmt.normalize_global(value, name) for name, value in (file_attrs or {}).items()}
-    if fmt.SPEC_VERSION_KEY in globals_:
-        raise LoomValueError(f"{filename}: global attribute '{fmt.SPEC_VERSION_KEY}' is managed by loompy")
+    globals_ = fmt.normalize_globals(file_attrs, os.fspath(filename))
     with replacing(filename) as f:
         fmt.init_file(f)
         for name, value in globals_.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import numbers
 import operator
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -349,11 +350,12 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
 
 
 def check_name(name: Any, where: str, *, empty: bool = False) -> None:
-    """Refuse a name no layer, attribute or graph may have: not text, with '/', or empty (unless
-    ``empty``: the main matrix is layer "")."""
-    if not isinstance(name, str) or "/" in name or (not name and not empty):
+    """Refuse a name no layer, attribute or graph may have: not text, with '/' or a NUL (HDF5 ends
+    a name at its NUL, so "X\\0z" would overwrite "X"), or empty (unless ``empty``: the main
+    matrix is layer "")."""
+    if not isinstance(name, str) or "/" in name or "\0" in name or (not name and not empty):
         raise LoomValueError(f"{where}: name {name!r} is invalid (a {'' if empty else 'non-empty '}string "
-                             "without '/')")
+                             "without '/' or NUL)")
 
 
 def normalize_global(value: Any, name: str, filename: str = "") -> np.ndarray:
@@ -362,6 +364,18 @@ def normalize_global(value: Any, name: str, filename: str = "") -> np.ndarray:
     if isinstance(value, (dict, set)) or value is None:
         raise LoomTypeError(f"{where}: cannot store a value of type {type(value).__name__}")
     return normalize_values(value, where)
+
+
+def normalize_globals(file_attrs: Mapping[str, Any] | None, filename: str) -> dict[str, np.ndarray]:
+    """``file_attrs`` for a new file (create, new, combine), checked and ready for storage; the
+    spec version is loompy's own to write."""
+    globals_ = {}
+    for name, value in (file_attrs or {}).items():
+        check_name(name, f"{filename}: global attribute")
+        if name == SPEC_VERSION_KEY:
+            raise LoomValueError(f"{filename}: global attribute '{name}' is managed by loompy and cannot be set")
+        globals_[name] = normalize_global(value, name, filename)
+    return globals_
 
 
 ATTRIBUTE_BYTES = 64000  # HDF5 keeps a file's attributes in its object header: 64 KB each at most

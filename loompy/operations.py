@@ -356,10 +356,7 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
 def _check_output(ds: Any, out_file: str | os.PathLike) -> None:
     """Where aggregate will write, checked before the pass over the matrix: never the file it reads
     (loompy 3 refuses that too), and a place a Loom file can replace (see files.check_replaceable)."""
-    target = files.target_path(out_file)
-    if os.path.exists(target) and os.path.samefile(target, ds._path):
-        raise LoomFileError(f"{target}: is the file being aggregated; write the groups to another file")
-    files.check_replaceable(target)
+    files.check_replaceable(files.check_not_input(out_file, [ds._path], "the file being aggregated"))
 
 
 def _aggregated_columns(ds: Any, where: str, group_by: str | np.ndarray, groups: np.ndarray,

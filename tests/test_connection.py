@@ -606,6 +606,60 @@ def test_rejected_calls_leave_file_byte_identical(small):
         assert digest(path) == before, call
 
 
+def test_names_with_a_nul_are_refused_and_replace_nothing(small, tmp_path):
+    """HDF5 ends a name at its NUL: "Age\\0z" would have overwritten the attribute Age (a graph, a
+    global attribute alike), and in create one of two attributes was silently lost."""
+    path, m, ra, ca = small
+    with loompy.connect(path) as ds:
+        ds.col_graphs["g"] = sp.coo_matrix(([1.0], ([0], [1])), shape=(8, 8))
+    before = digest(path)
+    calls = {
+        "column attribute": lambda ds: ds.ca.__setitem__("Age\0z", np.zeros(8)),
+        "row attribute": lambda ds: ds.ra.__setitem__("Gene\0z", np.array(list("zzzzz"))),
+        "global attribute": lambda ds: ds.attrs.__setitem__("title\0z", "replaced"),
+        "column graph": lambda ds: ds.col_graphs.__setitem__("g\0z", sp.coo_matrix((8, 8))),
+        "layer": lambda ds: ds.layers.__setitem__("L\0z", m),
+    }
+    for kind, call in calls.items():
+        with loompy.connect(path) as ds:
+            with pytest.raises(loompy.LoomValueError, match=rf"small\.loom: {kind}.*NUL"):
+                call(ds)
+            assert ds.ca.Age.tolist() == ca["Age"].tolist() and ds.attrs.title == "Small <test>"
+            assert ds.col_graphs["g"].nnz == 1 and list(ds.ra.Gene) == list(ra["Gene"])
+        assert digest(path) == before, kind
+    for where, kwargs in {"row attribute": {"row_attrs": {"a\0b": np.arange(5), "a": np.arange(5)}},
+                          "global attribute": {"file_attrs": {"t\0": "x", "t": "y"}}}.items():
+        with pytest.raises(loompy.LoomValueError, match=rf"new\.loom: {where}.*NUL"):
+            loompy.create(tmp_path / "new.loom", m, kwargs.get("row_attrs", {}), {},
+                          file_attrs=kwargs.get("file_attrs"))
+        assert not (tmp_path / "new.loom").exists()
+    with pytest.raises(loompy.LoomValueError, match=r"new\.loom: global attribute.*NUL"):
+        loompy.new(tmp_path / "new.loom", file_attrs={"t\0": "x"})
+    with pytest.raises(loompy.LoomValueError, match=r"both\.loom: global attribute.*NUL"):
+        loompy.combine([path, path], tmp_path / "both.loom", file_attrs={"t\0": "x"})
+    with pytest.raises(loompy.LoomValueError, match=r"both\.loom: global attribute 'LOOM_SPEC_VERSION'"):
+        loompy.combine([path, path], tmp_path / "both.loom", file_attrs={"LOOM_SPEC_VERSION": "2.0.1"})
+    assert not (tmp_path / "both.loom").exists()
+
+
+def test_combine_refuses_to_write_over_one_of_its_inputs(small, tmp_path):
+    """combine([a, b], a) replaced the input a (and lost its graphs), under any name for it."""
+    path, m, ra, ca = small
+    other = tmp_path / "other.loom"
+    loompy.create(other, m + 1, ra, ca).close()
+    (tmp_path / "link.loom").symlink_to(other)
+    before = {p: digest(p) for p in (path, other)}
+    for combine in (loompy.combine, loompy.combine_faster):
+        for out in (path, other, tmp_path / "sub" / ".." / "small.loom", tmp_path / "link.loom"):
+            (tmp_path / "sub").mkdir(exist_ok=True)
+            with pytest.raises(loompy.LoomFileError, match=r"is an input of combine"):
+                combine([path, other], out)
+    assert {p: digest(p) for p in (path, other)} == before
+    loompy.combine([path, other], tmp_path / "both.loom")  # a new file is fine
+    with loompy.connect(tmp_path / "both.loom", "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], np.hstack([m, m + 1]))
+
+
 def test_error_messages_name_file_and_thing(small):
     path, *_ = small
     with loompy.connect(path) as ds:
