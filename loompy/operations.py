@@ -6,6 +6,7 @@ a few batches (plus the attributes), however large the file.
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ import numpy as np
 from . import engine, files
 from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
-from .indexing import AxisSelection, axis_number, batch_count, select_axis
+from .indexing import AxisSelection, axis_number, batch_count, expand, select_axis
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
 
 
@@ -28,22 +29,37 @@ def _items(items: Any, length: int, axis: int) -> np.ndarray:
     return np.unique(select_axis(np.asarray(items), length, axis).indices)
 
 
+def _requested(items: Any, length: int, axis: int) -> np.ndarray:
+    """Selected positions along an axis as a scan takes them: an index array in its order and with
+    its repeats, a boolean mask in file order, None for every position."""
+    if items is None:
+        return np.arange(length, dtype=np.int64)
+    return select_axis(items if isinstance(items, slice) else np.asarray(items), length, axis).indices
+
+
 def iter_batches(selected: np.ndarray, length: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """(start, positions) for each file window ``[start, start + batch_size)`` holding selected
-    positions (``batch_size`` checked by the caller: see :func:`~loompy.indexing.batch_count`)."""
-    for start in range(0, length, batch_size):
-        lo, hi = np.searchsorted(selected, [start, start + batch_size])
-        if hi > lo:
-            yield start, selected[lo:hi]
+    positions, in file order; within a window the positions keep their order in ``selected``
+    and their repeats, as loompy 3's scans take them (``batch_size`` checked by the caller: see
+    :func:`~loompy.indexing.batch_count`)."""
+    window = selected // batch_size
+    order = np.argsort(window, kind="stable")  # (the identity, and quick, for sorted positions)
+    window = window[order]
+    firsts = np.flatnonzero(np.diff(window, prepend=-1)).tolist()
+    for a, b in zip(firsts, [*firsts[1:], len(order)]):
+        yield int(window[a]) * batch_size, selected[order[a:b]]
 
 
 def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, recycler: engine.Recycler
                ) -> np.ndarray:
     """Values of one batch: rows ``batch`` x cols ``other`` (axis 0) or rows ``other`` x cols ``batch``
-    (axis 1), in memory from ``recycler`` (fresh memory costs page faults)."""
-    if axis == 0:
-        return engine.read_block(dataset, batch, other, recycler.get((batch.size, other.size), dataset.dtype))
-    return engine.read_block(dataset, other, batch, recycler.get((other.size, batch.size), dataset.dtype))
+    (axis 1), each in its order and with its repeats, read into memory from ``recycler`` (fresh
+    memory costs page faults)."""
+    rows, cols = (batch, other) if axis == 0 else (other, batch)
+    rows, cols = AxisSelection(rows, dataset.shape[0]), AxisSelection(cols, dataset.shape[1])
+    block = engine.read_block(dataset, rows.unique, cols.unique,
+                              recycler.get((rows.unique.size, cols.unique.size), dataset.dtype))
+    return expand(block, rows, cols)
 
 
 def _nothing_writes(ds: Any) -> bool:
@@ -84,8 +100,10 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
          ) -> Iterator[tuple[int, np.ndarray, LoomView]]:
     """Yield ``(ix, selection, view)`` per batch along ``axis``; ``ix`` is the batch's first file position.
 
-    ``items`` (indices or mask) restricts the items scanned; ``key`` orders the *other* axis by that
-    attribute; ``layers`` (a name or a list of names) and ``what`` restrict what each view carries.
+    ``items`` restricts the items scanned: a mask, indices (each batch holds those in its window of
+    ``batch_size`` positions, in their order and with their repeats, as in loompy 3), or one position
+    to start from; ``key`` orders the *other* axis by that attribute; ``layers`` (a name or a list
+    of names) and ``what`` restrict what each view carries.
     In a file open read-only, the next batch is read while the caller works on this one.
     """
     ds._check_open()
@@ -99,7 +117,9 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
         if name not in ds.layers:
             raise LoomKeyError(f"{ds.filename}: layer '{name}' does not exist")
     length, other_length = ds.shape[axis], ds.shape[1 - axis]
-    selected = _items(items, length, axis)
+    if isinstance(items, numbers.Integral) and not isinstance(items, (bool, np.bool_)):
+        items = slice(int(items), None)  # (loompy 3: scan from there on)
+    selected = _requested(items, length, axis)
     if key is None:
         other = np.arange(other_length, dtype=np.int64)
     else:
@@ -109,7 +129,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
         other = np.argsort(other_attrs[key], kind="stable").astype(np.int64)
     other_sel = AxisSelection(other, other_length)
     for name in names:
-        engine.expect_reads(ds.layers[name]._dataset, selected.size / max(1, length))
+        engine.expect_reads(ds.layers[name]._dataset, min(1, selected.size / max(1, length)))
     recyclers = {name: engine.Recycler() for name in names}  # batches let go of lend their memory to later ones
     # global attributes and graphs: read once in a file nobody writes, else again only when the stamps
     # of their groups say one was written since (every loompy write stamps its group)
@@ -140,11 +160,11 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     axis = ds._axis(axis)
     batch_size = batch_count(batch_size, f"{ds.filename}: batch_scan(batch_size=...)")
     datasets = {name: ds.layers[name]._dataset for name in layer_names(ds, layers)}
-    rows = _items(genes, ds.shape[0], 0)
-    cols = _items(cells, ds.shape[1], 1)
+    rows = _requested(genes, ds.shape[0], 0)
+    cols = _requested(cells, ds.shape[1], 1)
     along, other = (rows, cols) if axis == 0 else (cols, rows)
     for dataset in datasets.values():
-        engine.expect_reads(dataset, along.size / max(1, ds.shape[axis]))
+        engine.expect_reads(dataset, min(1, along.size / max(1, ds.shape[axis])))
     recyclers = {name: engine.Recycler() for name in datasets}  # as in scan
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import tracemalloc
 
@@ -57,7 +58,8 @@ def test_scan_items_key_layers_and_what(dataset):
             assert view.layers.keys() == ["spliced"] and view.ca.keys() == []
         assert seen == list(np.flatnonzero(mask))
         _, sel, view = next(ds.scan(items=[5, 3], axis=1, key="Order", what=["layers", "row_attrs"]))
-        np.testing.assert_array_equal(view[:, :], m[np.ix_(order, [3, 5])])
+        np.testing.assert_array_equal(view[:, :], m[np.ix_(order, [5, 3])])  # (in the order given)
+        assert sel.tolist() == [5, 3]
         assert list(view.ra.Order[:3]) == [0, 1, 2]
         with pytest.raises(ValueError):
             next(ds.scan(axis=2))
@@ -554,3 +556,40 @@ def test_aggregate_checks_where_it_writes_before_reading_the_matrix(tmp_path, mo
         with pytest.raises(loompy.LoomError, match="a.loom.*Name"):
             ds.aggregate(tmp_path / "out.loom", aggr_ca_by={"Name": "mean"})
     assert path.read_bytes() == before and not (tmp_path / "out.loom").exists()
+
+
+@pytest.mark.reference
+def test_scans_take_items_in_their_order_with_repeats_as_the_reference(tmp_path, reference):
+    """loompy 3 gives each window of batch_size positions the items in it in the order given, repeats
+    kept (scan items=[10, 2, 5] yields columns 10, 2, 5); we sorted them and dropped repeats."""
+    path = tmp_path / "s.loom"
+    m = np.arange(72, dtype=np.float32).reshape(6, 12)
+    loompy.create(path, m, {"g": np.arange(6) * 10}, {"c": np.arange(12) * 100}).close()
+    scans = [(1, [10, 2, 5], 512), (1, [3, 3, 1], 512), (1, [10, 2, 5, 3, 3], 4), (0, [4, 1, 1], 3), (1, 7, 4)]
+    batch_scans = [([5, 1, 1], [3, 0], 0, 2), ([5, 1, 1], [3, 0], 1, 4)]
+    theirs = reference.run("""
+        import sys, json, numpy as np, loompy
+        scans, batch_scans = json.loads(sys.argv[2]), json.loads(sys.argv[3])
+        out = []
+        with loompy.connect(sys.argv[1], "r") as ds:
+            for axis, items, size in scans:
+                items = items if isinstance(items, int) else np.array(items)
+                out.append([[ix, sel.tolist(), view[:, :].tolist(), view.ra.g.tolist(), view.ca.c.tolist()]
+                            for ix, sel, view in ds.scan(items=items, axis=axis, batch_size=size,
+                                                         what=["layers", "row_attrs", "col_attrs"])])
+            for cells, genes, axis, size in batch_scans:
+                out.append([[ix, sel.tolist(), vals.tolist()] for ix, sel, vals in
+                            ds.batch_scan(cells=np.array(cells), genes=np.array(genes), axis=axis, batch_size=size)])
+        print(json.dumps(out))
+    """, str(path), json.dumps(scans), json.dumps(batch_scans))
+    ours = []
+    with loompy.connect(path, "r") as ds:
+        for axis, items, size in scans:
+            ours.append([[ix, sel.tolist(), view[:, :].tolist(), view.ra.g.tolist(), view.ca.c.tolist()]
+                         for ix, sel, view in ds.scan(items=items if isinstance(items, int) else np.array(items),
+                                                      axis=axis, batch_size=size)])
+        for cells, genes, axis, size in batch_scans:
+            ours.append([[ix, sel.tolist(), vals.tolist()] for ix, sel, vals in
+                         ds.batch_scan(cells=np.array(cells), genes=np.array(genes), axis=axis, batch_size=size)])
+    assert ours == theirs
+    assert ours[0][0][1] == [10, 2, 5] and ours[0][0][2][0] == [10.0, 2.0, 5.0]  # (what the reference gives)
