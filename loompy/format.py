@@ -242,6 +242,10 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
             arr = decode_strings(arr)
         elif all(isinstance(x, (bool, np.bool_)) for x in items) and items:
             arr = arr.astype(bool)
+        elif None in items and all(x is None or isinstance(x, (str, bytes, numbers.Number)) for x in items):
+            # missing values (a pandas column's None): text, None as "None", as loompy 3 stores them
+            texts = [x if isinstance(x, (str, bytes)) else str(x) for x in items]
+            arr = decode_strings(np.array(texts, dtype=object).reshape(arr.shape))
         else:
             try:
                 arr = np.asarray(arr.tolist())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import shutil
 
 import h5py
@@ -975,3 +976,27 @@ def test_an_attribute_replacement_interrupted_between_its_renames(small, monkeyp
     ds.close()
     with loompy.connect(path, "r") as ds:
         assert ds.ca.Age.tolist() == (np.arange(8) * 2).tolist() and "loompy_swap" not in ds._file
+
+
+@pytest.mark.reference
+def test_missing_values_in_text_attributes_are_stored_as_the_reference_stores_them(small, reference):
+    """A pandas column with missing values (None among the strings) was refused; loompy 3 stores
+    each None as the text "None" (and numbers beside them as text)."""
+    path, *_ = small
+    theirs_path = shutil.copy(path, path.with_name("theirs.loom"))
+    columns = {"S": ["a", None] * 4, "N": [None] * 8, "F": [1.5, None] * 4}
+    theirs = reference.run("""
+        import sys, json, numpy as np, loompy
+        with loompy.connect(sys.argv[1]) as ds:
+            for name, values in json.loads(sys.argv[2]).items():
+                ds.ca[name] = np.array(values, dtype=object)
+            print(json.dumps({name: ds.ca[name].tolist() for name in json.loads(sys.argv[2])}))
+    """, str(theirs_path), json.dumps(columns))
+    with loompy.connect(path) as ds:
+        for name, values in columns.items():
+            ds.ca[name] = np.array(values, dtype=object)
+        with pytest.raises(loompy.LoomValueError, match="small.loom: column attribute 'D'"):
+            ds.ca["D"] = np.array([{"a": 1}, None] * 4, dtype=object)  # (neither text nor numbers)
+    with loompy.connect(path, "r") as ds:
+        assert {name: ds.ca[name].tolist() for name in columns} == theirs
+    assert theirs["S"][:2] == ["a", "None"] and theirs["F"][:2] == ["1.5", "None"]
