@@ -137,15 +137,41 @@ class AttributeManager(DotAccess, MutableMapping):
         return f"{file}: {AXIS_LABELS[self.axis]} attribute"
 
     def __getitem__(self, key: Any) -> Any:
+        """An attribute's values by name; with a tuple of names, those that exist (loompy 3's
+        alternative names: one, or several of one dtype side by side as columns); with a selection
+        (slice, indices, mask, int), every attribute at it, as an in-memory manager."""
         if isinstance(key, str):
             if key not in self._cache:
                 if key not in self._names:
                     raise LoomKeyError(f"{self._where} '{key}' does not exist")
                 self._cache[key] = fmt.read_values(self._group[key], self._legacy)
             return self._cache[key]
+        if isinstance(key, tuple) and key and all(isinstance(k, str) for k in key):
+            found = [self[k] for k in key if k in self._names]
+            if not found:
+                raise LoomKeyError(f"{self._where}: none of {list(key)} exists")
+            if len({v.dtype for v in found}) > 1:
+                raise LoomValueError(f"{self._where}: {[k for k in key if k in self._names]} differ in dtype, "
+                                     "so they cannot be taken side by side")
+            return found[0] if len(found) == 1 else np.column_stack(found)
         selection = select_axis(key, self._dims.shape[self.axis], self.axis)
         index = selection.indices[0] if selection.drop else selection.indices
-        return {name: self[name][index] for name in self._names}
+        shape = [0, 0]
+        shape[self.axis] = 1 if selection.drop else len(selection.indices)
+        return AttributeManager(None, self.axis, Dims(tuple(shape)),
+                                values={name: self[name][index] for name in self._names})
+
+    def last_modified(self, name: str | None = None) -> str:
+        """When attribute ``name`` (None: any of them) was last written, as ``ds.last_modified()``
+        gives it (in memory: now)."""
+        if self._file is None:
+            return fmt.timestamp()
+        if name is not None and name not in self._names:
+            raise LoomKeyError(f"{self._where} '{name}' does not exist")
+        group = self._group
+        if group is None:
+            return fmt.stamp(self._file)
+        return fmt.stamp(group if name is None else group[name])
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._names))

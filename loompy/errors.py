@@ -12,8 +12,9 @@ class LoomError(Exception):
     """Base class of every error raised by loompy."""
 
 
-class LoomKeyError(LoomError, KeyError):
-    """A named attribute, layer or graph does not exist."""
+class LoomKeyError(LoomError, KeyError, AttributeError):
+    """A named attribute, layer or graph does not exist (loompy 3 raised AttributeError for
+    ``ds.ca["X"]`` as for ``ds.ca.X``: ``except KeyError`` and ``except AttributeError`` both work)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""

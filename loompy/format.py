@@ -72,6 +72,15 @@ def touch(*objects: h5py.HLObject) -> None:
         objects[0].file.attrs[LAST_MODIFIED] = now
 
 
+def stamp(obj: h5py.HLObject) -> str:
+    """When ``obj`` (a dataset or group) was last written: its own stamp, else the file's (files
+    from other writers stamp less), else the epoch."""
+    value = obj.attrs.get(LAST_MODIFIED)
+    if value is None:
+        value = obj.file.attrs.get(LAST_MODIFIED, "19700101T000000.000000Z")
+    return decode_one(value) if isinstance(value, bytes) else str(value)
+
+
 # ----------------------------------------------------------------------------- spec versions
 @dataclass(frozen=True)
 class SpecVersion:
@@ -405,7 +414,8 @@ def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> 
 
 
 def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
-    """A global attribute as users see it: scalar strings as ``str``, arrays as arrays."""
+    """A global attribute as users see it: scalar strings as ``str``, arrays as arrays (the
+    one-element arrays R writers store for every value too, as loompy 3 gives them)."""
     if in_group:
         value = read_values(f[GLOBAL_ATTRS][name], legacy)
     else:
@@ -414,8 +424,6 @@ def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
             return decode_one(raw, xml_refs=legacy)
         raw = np.asarray(raw)
         value = present(raw, raw.dtype, legacy)
-        if value.dtype == object and value.shape == (1,):  # R writers store every scalar as a vector
-            return value[0]
     if value.shape == ():
         return value[()]
     return value

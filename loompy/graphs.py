@@ -12,6 +12,17 @@ import scipy.sparse as sp
 from . import format as fmt
 from .attributes import AXIS_LABELS, Dims, DotAccess, check_writable
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
+from .indexing import select_axis
+
+
+def renumber_graph(graph: sp.coo_matrix, selection: np.ndarray) -> sp.coo_matrix:
+    """The subgraph on ``selection`` (in its order), vertices renumbered 0..len-1; other edges dropped."""
+    new_index = np.full(graph.shape[0], -1, dtype=np.int64)
+    new_index[selection[::-1]] = np.arange(len(selection))[::-1]  # first occurrence wins for repeats
+    a, b = new_index[graph.row], new_index[graph.col]
+    keep = (a >= 0) & (b >= 0)
+    n = len(selection)
+    return sp.coo_matrix((graph.data[keep], (a[keep], b[keep])), shape=(n, n))
 
 
 def read_edges(g: h5py.Group, n: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -75,7 +86,21 @@ class GraphManager(DotAccess, MutableMapping):
     def __contains__(self, name: object) -> bool:
         return name in self.keys()
 
-    def __getitem__(self, name: str) -> sp.coo_matrix:
+    def __getitem__(self, name: Any) -> Any:
+        """A graph by name; with a tuple of names, the first that exists (loompy 3's alternative
+        names); with a selection of vertices (slice, indices, mask, int), every graph's subgraph on
+        them, renumbered in the selection's order, as an in-memory manager."""
+        if isinstance(name, tuple) and name and all(isinstance(k, str) for k in name):
+            for k in name:
+                if k in self:
+                    return self[k]
+            raise LoomKeyError(f"{self._where}: none of {list(name)} exists")
+        if not isinstance(name, str):
+            selection = select_axis(name, self._dims.shape[self.axis], self.axis).indices
+            shape = [0, 0]
+            shape[self.axis] = len(selection)
+            return GraphManager(None, self.axis, Dims(tuple(shape)),
+                                values={k: renumber_graph(self[k], selection) for k in self.keys()})
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         if self._file is None:
@@ -98,7 +123,10 @@ class GraphManager(DotAccess, MutableMapping):
             if arr.dtype.kind not in "biuf":
                 raise LoomValueError(f"{where}: weights must be real numbers, got {arr.dtype}")
             graph = sp.coo_matrix(arr)
-        graph = sp.coo_matrix(graph)
+        try:
+            graph = sp.coo_matrix(graph)
+        except (ValueError, TypeError) as exc:  # (scipy checks the indices of a COO matrix it is given)
+            raise LoomValueError(f"{where}: not a valid graph ({exc})") from exc
         if graph.shape != (n, n):
             raise LoomValueError(f"{where}: expected shape {(n, n)}, got {graph.shape}")
         a, b = graph.row.astype(np.int64), graph.col.astype(np.int64)
@@ -139,6 +167,18 @@ class GraphManager(DotAccess, MutableMapping):
         group = self._group
         del group[name]
         fmt.touch(group)
+
+    def last_modified(self, name: str | None = None) -> str:
+        """When graph ``name`` (None: any of them) was last written, as ``ds.last_modified()`` gives
+        it (in memory: now)."""
+        if self._file is None:
+            return fmt.timestamp()
+        if name is not None and name not in self:
+            raise LoomKeyError(f"{self._where} '{name}' does not exist")
+        group = self._group
+        if group is None:
+            return fmt.stamp(self._file)
+        return fmt.stamp(group if name is None else group[name])
 
     def _ipython_key_completions_(self) -> list[str]:
         return self.keys()

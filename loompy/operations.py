@@ -462,10 +462,7 @@ def last_modified(ds: Any, name: str | None = None, axis: int = 0) -> str:
         if name not in f.get(group, {}):
             raise LoomKeyError(f"{ds.filename}: {group[:-6]} attribute '{name}' does not exist")
         obj = f[group][name]
-    stamp = obj.attrs.get(fmt.LAST_MODIFIED)
-    if stamp is None:
-        stamp = f.attrs.get(fmt.LAST_MODIFIED, "19700101T000000.000000Z")
-    return fmt.decode_one(stamp) if isinstance(stamp, bytes) else str(stamp)
+    return fmt.stamp(obj)
 
 
 def get_changes_since(ds: Any, timestamp: str) -> dict[str, list[str]]:

@@ -15,7 +15,7 @@ import scipy.sparse as sp
 from .attributes import AttributeManager, Dims, DotAccess, attribute_shortcut
 from .engine import Recycler
 from .errors import LoomKeyError
-from .graphs import GraphManager
+from .graphs import GraphManager, renumber_graph
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 from .layers import LoomLayer, SparseForms
 
@@ -70,14 +70,13 @@ class MemoryLayerManager(DotAccess, Mapping):
         return list(self._layers)
 
 
-def renumber_graph(graph: sp.coo_matrix, selection: np.ndarray) -> sp.coo_matrix:
-    """The subgraph on ``selection`` (in its order), vertices renumbered 0..len-1; other edges dropped."""
-    new_index = np.full(graph.shape[0], -1, dtype=np.int64)
-    new_index[selection[::-1]] = np.arange(len(selection))[::-1]  # first occurrence wins for repeats
-    a, b = new_index[graph.row], new_index[graph.col]
-    keep = (a >= 0) & (b >= 0)
-    n = len(selection)
-    return sp.coo_matrix((graph.data[keep], (a[keep], b[keep])), shape=(n, n))
+class MemoryGlobals(DotAccess, dict):
+    """A view's copy of the file's global attributes: ``view.attrs.title`` reads ``view.attrs["title"]``."""
+
+    _where = "view: global attribute"
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
 
 
 class LoomView:
@@ -96,7 +95,7 @@ class LoomView:
         self.col_attrs = AttributeManager(None, 1, self._dims, values=col_attrs)
         self.row_graphs = GraphManager(None, 0, self._dims, values=row_graphs or {})
         self.col_graphs = GraphManager(None, 1, self._dims, values=col_graphs or {})
-        self.attrs = dict(file_attrs or {})
+        self.attrs = MemoryGlobals(file_attrs or {})
 
     ra = property(lambda self: self.row_attrs)
     ca = property(lambda self: self.col_attrs)

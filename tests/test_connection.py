@@ -1000,3 +1000,47 @@ def test_missing_values_in_text_attributes_are_stored_as_the_reference_stores_th
     with loompy.connect(path, "r") as ds:
         assert {name: ds.ca[name].tolist() for name in columns} == theirs
     assert theirs["S"][:2] == ["a", "None"] and theirs["F"][:2] == ["1.5", "None"]
+
+
+def test_loompy3_idioms_on_attribute_and_graph_managers(small):
+    """What loompy 3 code does with the managers: a slice of attributes or graphs is a manager
+    (dot access), a tuple names alternatives, last_modified() on each, and a missing name caught
+    by ``except AttributeError`` as by ``except KeyError``."""
+    path, m, ra, ca = small
+    with loompy.connect(path) as ds:
+        edges = ([0, 2, 5, 6], [1, 3, 6, 7], [1.0, 2.0, 3.0, 4.0])
+        ds.col_graphs["knn"] = sp.coo_matrix((edges[2], (edges[0], edges[1])), shape=(8, 8))
+        part = ds.ca[2:6]
+        assert isinstance(part, loompy.AttributeManager) and part.keys() == ds.ca.keys()
+        assert part.Age.tolist() == [4, 6, 8, 10] and list(part.CellID) == ["c2", "c3", "c4", "c5"]
+        assert ds.ca[ca["Keep"].astype(bool)].Age.tolist() == [0, 4, 8, 12] and ds.ra[1].Gene == "Gapdh"
+        assert ds.ca[("Missing", "Age")].tolist() == ca["Age"].tolist()
+        np.testing.assert_array_equal(ds.ca[("Age", "Missing", "Age")], np.column_stack([ca["Age"], ca["Age"]]))
+        with pytest.raises(AttributeError, match="small.loom: column attribute: none of"):
+            ds.ca[("x", "y")]
+        with pytest.raises(AttributeError, match="small.loom: column attribute 'nope' does not exist"):
+            ds.ca["nope"]
+        with pytest.raises(KeyError):
+            ds.layers["nope"]
+        sub = ds.col_graphs[2:7]  # vertices 2..6 become 0..4: edges 2->3 and 5->6 stay
+        assert isinstance(sub, loompy.GraphManager) and sub.keys() == ["knn"]
+        assert sorted(zip(sub.knn.row.tolist(), sub.knn.col.tolist(), sub.knn.data.tolist())) == \
+            [(0, 1, 2.0), (3, 4, 3.0)]
+        assert ds.col_graphs[np.arange(8) < 2].knn.toarray().tolist() == [[0, 1], [0, 0]]
+        assert ds.col_graphs[np.array([6, 5])].knn.toarray().tolist() == [[0, 0], [3, 0]]  # (in the order given)
+        assert ds.col_graphs[("none", "knn")].nnz == 4
+        bad = sp.coo_matrix(([1.0], ([0], [1])), shape=(8, 8))
+        bad.row[0] = -1
+        with pytest.raises(loompy.LoomValueError, match="small.loom: column graph 'bad'"):
+            ds.col_graphs["bad"] = bad
+        before = ds.last_modified()
+        ds.ca["Age"] = ca["Age"] + 1
+        assert ds.ca.last_modified("Age") > before and ds.ca.last_modified() == ds.ca.last_modified("Age")
+        assert ds.ra.last_modified("Gene") <= before and ds.col_graphs.last_modified("knn") <= before
+        ds.layers["extra"] = m * 2
+        assert ds.layers["extra"].last_modified() > before and ds.layers.last_modified() == \
+            ds.layers.last_modified("extra") > ds.layers[""].last_modified()
+        view = ds.view[:, 1:4]
+        assert view.attrs.title == "Small <test>" and view.attrs["title"] == "Small <test>"
+        with pytest.raises(AttributeError):
+            view.attrs.nothing
