@@ -27,7 +27,7 @@ def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
     elif isinstance(layers, (np.ndarray, LoomLayer)) or sp.issparse(layers):
         out = {"": layers}
     elif isinstance(layers, (list, tuple)):
-        out = {"": np.asarray(layers)}
+        out = {"": layers}
     else:
         raise LoomTypeError(f"{where}: layers must be an ndarray, a sparse matrix, a dict or a LayerManager, "
                             f"got {type(layers).__name__}")
@@ -36,7 +36,11 @@ def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
     for name, matrix in out.items():
         fmt.check_name(name, f"{where}: layer", empty=True)
         if not (sp.issparse(matrix) or isinstance(matrix, LoomLayer)):
-            out[name] = np.asarray(matrix)
+            fmt.refuse_masked(matrix, f"{where}: layer '{name}'")
+            try:
+                out[name] = np.asarray(matrix)
+            except ValueError as exc:  # ragged nesting
+                raise LoomValueError(f"{where}: layer '{name}': cannot make a matrix of the values ({exc})") from exc
     return out
 
 

@@ -233,12 +233,21 @@ def _has_nul(values: Any) -> bool:
     return False
 
 
+def refuse_masked(values: Any, where: str) -> None:
+    """Refuse a numpy masked array with masked entries: a Loom file has no mask, and numpy would
+    hand over whatever lies under it."""
+    if isinstance(values, np.ma.MaskedArray) and np.ma.is_masked(values):
+        raise LoomValueError(f"{where}: {int(np.ma.count_masked(values))} values are masked, and a Loom file "
+                             "stores no mask; fill them first (values.filled(...))")
+
+
 def normalize_values(values: Any, where: str, length: int | None = None) -> np.ndarray:
     """Validate and convert user values into the array that will be stored.
 
     Strings become an object array of ``str``; booleans become ``uint8``; numbers keep their
     dtype. ``length`` (if given) is the required size of the first dimension.
     """
+    refuse_masked(values, where)
     if _has_nul(values):  # (checked before numpy, whose fixed-width strings drop trailing NULs)
         raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
     try:

@@ -165,6 +165,9 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     check_writable(f, f"{where}: columns")
     layer_dict = _as_layer_dict(layers, where)
     layer_dict = {k: (v[:, :] if hasattr(v, "_dataset") else v) for k, v in layer_dict.items()}
+    for name, matrix in layer_dict.items():
+        if len(matrix.shape) != 2:
+            raise LoomValueError(f"{where}: layer '{name}' must be two-dimensional, got shape {tuple(matrix.shape)}")
     n_new = layer_dict[""].shape[1]
     n_rows = layer_dict[""].shape[0]
     empty = "" not in ds.layers

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LoomIndexError, LoomTypeError, LoomValueError
-from .format import cast_values
+from .format import cast_values, refuse_masked
 
 AXIS_NAMES = ("row", "column")
 
@@ -173,6 +173,7 @@ def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dty
                       ) -> np.ndarray:
     """For writes: broadcast ``values`` to the selection and keep, per unique cell, the last value given."""
     target = result_shape(rows, cols)
+    refuse_masked(values, where)
     try:
         values = np.asarray(values)
     except ValueError as exc:  # ragged nesting

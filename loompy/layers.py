@@ -257,6 +257,7 @@ class LayerManager(DotAccess, MutableMapping):
         if isinstance(matrix, LoomLayer):
             matrix = matrix[:, :]
         if matrix is not None and not sp.issparse(matrix):
+            fmt.refuse_masked(matrix, where)
             try:
                 matrix = np.asarray(matrix)
             except ValueError as exc:  # ragged nesting

@@ -598,6 +598,12 @@ def test_rejected_calls_leave_file_byte_identical(small):
         lambda ds: ds.layers.__setitem__("L", [[1, 2], [3]]),  # ragged
         lambda ds: ds.__setitem__((0, 0), "abc"),
         lambda ds: ds.ca.__setitem__("Age", np.array([{"a": 1}] * 8, dtype=object)),
+        # a mask would be dropped (numpy hands over what lies under it); 1-D and ragged new columns
+        lambda ds: ds.ca.__setitem__("Age", np.ma.masked_array(np.arange(8), mask=np.arange(8) == 2)),
+        lambda ds: ds.layers.__setitem__("L", np.ma.masked_array(m, mask=m == 3)),
+        lambda ds: ds.__setitem__((0, slice(None)), np.ma.masked_array(np.zeros(8), mask=np.eye(8)[0])),
+        lambda ds: ds.add_columns({"": np.ones(5)}, {"CellID": ["x"], "Age": [1], "Keep": [1]}),
+        lambda ds: ds.add_columns([[1.0], [2.0, 3.0], [1.0], [1.0], [1.0]], {"CellID": ["x"], "Age": [1], "Keep": [1]}),
     ]
     for call in bad_calls:
         with loompy.connect(path) as ds:
