@@ -173,12 +173,64 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
                          "also below outs/)")
 
 
+def _by_barcode(path: Path) -> dict[str, list[str]]:
+    """The rows of a Cell Ranger analysis table (a header line, then a barcode and values), by barcode."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row[0]: row[1:] for row in list(csv.reader(handle))[1:] if row}
+
+
+def _analysis(outs: Path, barcodes: np.ndarray) -> dict[str, np.ndarray]:
+    """What Cell Ranger's secondary analysis in ``outs`` says of each cell, as loompy 3 imports it:
+    tSNE coordinates as X and Y (float32), the graph-based cluster as ClusterID (numbered from 0).
+    Matched by barcode: a cell the analysis left out gets NaN, and cluster -1."""
+    attrs: dict[str, np.ndarray] = {}
+    analysis = outs / "analysis"
+    tables = {"tsne": next((p for p in (analysis / "tsne" / "projection.csv",
+                                        analysis / "tsne" / "2_components" / "projection.csv") if p.is_file()), None),
+              "clusters": analysis / "clustering" / "graphclust" / "clusters.csv"}
+    for kind, path in tables.items():
+        if path is None or not path.is_file():
+            continue
+        rows = _by_barcode(path)
+        try:
+            if kind == "tsne":
+                xy = np.array([rows[b][:2] if b in rows else ["nan", "nan"] for b in barcodes], dtype=np.float64)
+                attrs["X"], attrs["Y"] = (xy[:, k].astype(np.float32) for k in (0, 1))
+            else:
+                attrs["ClusterID"] = np.array([int(rows[b][0]) - 1 if b in rows else -1 for b in barcodes],
+                                              dtype=np.int64)
+        except (ValueError, IndexError) as exc:
+            raise LoomValueError(f"{path}: not a Cell Ranger {kind} table ({exc})") from exc
+    return attrs
+
+
+def _run_record(sample: Path, genome_known: bool) -> dict[str, str]:
+    """Cell Ranger's record of the run in the sample folder, as loompy 3 imports it: Cmdline
+    (``_cmdline``), Versions (``_versions``, on one line) and, where nothing else names it, Genome
+    (the ``reference_path`` in ``_invocation``)."""
+    import re
+
+    record = {}
+    invocation = sample / "_invocation"
+    if not genome_known and invocation.is_file():
+        found = re.search(r'reference_path.+"([^"]+)"', invocation.read_text(encoding="utf-8", errors="replace"))
+        if found:
+            record["Genome"] = found.group(1)
+    for name, key in (("_cmdline", "Cmdline"), ("_versions", "Versions")):
+        if (sample / name).is_file():
+            record[key] = (sample / name).read_text(encoding="utf-8", errors="replace").strip().replace("\n", " ")
+    return record
+
+
 def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike | None = None, *args: Any,
                            genome: str | None = None, file_attrs: Mapping[str, Any] | None = None,
                            selected_cellids: Sequence[str] | None = None, loom_file: str | os.PathLike | None = None,
                            cell_id_prefix: str | None = None,
                            sample_annotation: Mapping[str, Any] | None = None) -> str:
-    """Create a ``.loom`` file from 10x Genomics Cell Ranger output; returns its path.
+    """Create a ``.loom`` file from 10x Genomics Cell Ranger output (with its secondary analysis and
+    run record, as loompy 3 reads them: see the README); returns its path.
 
     Two calling conventions are accepted. loompy 3's: ``create_from_cellranger(indir, outdir=None,
     genome=None, file_attrs=None, selected_cellids=None)`` writes ``{outdir}/{sample}.loom`` with cell
@@ -213,18 +265,24 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     sample = (named.parent.name if named.name == "outs" else named.name) or "sample"
     data = read_10x(indir, genome)
     prefix = f"{sample}:" if cell_id_prefix is None else cell_id_prefix
-    cell_ids = np.array([prefix + b for b in data.barcodes], dtype=object)
+    sample_folder = named.parent if named.name == "outs" else named
+    if indir.is_file():  # a Cell Ranger .h5, in outs/ or in a folder of its own
+        sample_folder = folder.parent if folder.name == "outs" else folder
+    outs = sample_folder / "outs" if (sample_folder / "outs").is_dir() else sample_folder
+    col_attrs: dict[str, Any] = {"CellID": np.array([prefix + b for b in data.barcodes], dtype=object),
+                                 **_analysis(outs, data.barcodes)}
     matrix = data.matrix
     if selected_cellids is not None:
-        keep = np.isin(cell_ids, np.asarray(list(selected_cellids), dtype=object))
-        matrix, cell_ids = matrix[:, keep], cell_ids[keep]
-    col_attrs: dict[str, Any] = {"CellID": cell_ids}
+        keep = np.isin(col_attrs["CellID"], np.asarray(list(selected_cellids), dtype=object))
+        matrix, col_attrs = matrix[:, keep], {name: values[keep] for name, values in col_attrs.items()}
+    cell_ids = col_attrs["CellID"]
     for name, value in (sample_annotation or {}).items():
         value = np.asarray(value)
         col_attrs[name] = np.full(len(cell_ids), value[()], dtype=value.dtype) if value.ndim == 0 else value
-    attrs = dict(file_attrs or {})
-    if data.genome and "Genome" not in attrs:
-        attrs["Genome"] = data.genome
+    genome_name = data.genome or genome
+    attrs = {**_run_record(sample_folder, genome_known=bool(genome_name)), **dict(file_attrs or {})}
+    if genome_name and "Genome" not in (file_attrs or {}):
+        attrs["Genome"] = genome_name
     target = Path(loom_file) if loom_file is not None else Path(outdir or folder) / f"{sample}.loom"
     from .create import create
 

@@ -158,3 +158,70 @@ def test_cellranger_sample_name_comes_from_the_folder_meant(tmp_path, monkeypatc
     assert path == str(tmp_path / "run3.loom")
     with loompy.connect(path, "r") as ds:
         assert ds.shape == (507, 1107) and ds.ca.CellID[0].startswith("run3:")
+
+
+def _with_analysis(sample, barcodes, order=None):
+    """Cell Ranger's secondary analysis and run record beside a sample's matrix: tSNE coordinates
+    (i / 2, -i) and graph clusters (i % 3 + 1) for cell i, rows in ``order`` (default: the barcodes')."""
+    order = range(len(barcodes)) if order is None else order
+    tsne = sample / "outs" / "analysis" / "tsne" / "2_components"
+    clusters = sample / "outs" / "analysis" / "clustering" / "graphclust"
+    tsne.mkdir(parents=True)
+    clusters.mkdir(parents=True)
+    (tsne / "projection.csv").write_text("Barcode,TSNE-1,TSNE-2\n" + "".join(
+        f"{barcodes[i]},{i / 2},{-i}\n" for i in order))
+    (clusters / "clusters.csv").write_text("Barcode,Cluster\n" + "".join(f"{barcodes[i]},{i % 3 + 1}\n" for i in order))
+    (sample / "_cmdline").write_text("cellranger count --id=sample1\n")
+    (sample / "_versions").write_text('{"pipelines": "2.1.0",\n "martian": "v2.3.2"}\n')
+
+
+@pytest.mark.reference
+def test_secondary_analysis_and_run_record_as_the_reference_imports_them(tmp_path, reference):
+    """loompy 3 adds the tSNE coordinates (X, Y), the graph clusters (ClusterID, from 0) and the run's
+    command line and versions; we did not. Ours matches cells by barcode (loompy 3 by row order)."""
+    sample = tmp_path / "sample1"
+    shutil.copytree(CR2 / "filtered_gene_bc_matrices", sample / "outs" / "filtered_gene_bc_matrices")
+    barcodes = [row[0] for row in lines(CR2 / "filtered_gene_bc_matrices/hg19_chr21/barcodes.tsv")]
+    _with_analysis(sample, barcodes)
+    (tmp_path / "ref").mkdir()
+    ref = reference.run("""
+        import sys, json, loompy
+        p = loompy.create_from_cellranger(sys.argv[1], sys.argv[2])
+        with loompy.connect(p, "r") as ds:
+            print(json.dumps({"X": ds.ca.X.tolist(), "Y": ds.ca.Y.tolist(), "ClusterID": ds.ca.ClusterID.tolist(),
+                              "dtypes": [ds.ca.X.dtype.str, ds.ca.ClusterID.dtype.kind],
+                              "Cmdline": ds.attrs["Cmdline"], "Versions": ds.attrs["Versions"]}))
+    """, str(sample), str(tmp_path / "ref"))
+    with loompy.connect(loompy.create_from_cellranger(sample, tmp_path), "r") as ds:
+        ours = {"X": ds.ca.X.tolist(), "Y": ds.ca.Y.tolist(), "ClusterID": ds.ca.ClusterID.tolist(),
+                "dtypes": [ds.ca.X.dtype.str, ds.ca.ClusterID.dtype.kind],
+                "Cmdline": ds.attrs.Cmdline, "Versions": ds.attrs.Versions}
+    assert ours == ref
+    assert ref["X"][:3] == [0.0, 0.5, 1.0] and ref["ClusterID"][:3] == [0, 1, 2]
+    assert ref["Cmdline"] == "cellranger count --id=sample1" and "\n" not in ref["Versions"]
+
+
+def test_secondary_analysis_is_matched_by_barcode(tmp_path):
+    """Rows in another order, a cell missing from the analysis (NaN, cluster -1), and the cells a
+    selection keeps: each cell gets its own values. Genome from _invocation when nothing else names it."""
+    sample = tmp_path / "s"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
+    barcodes = [row[0] for row in lines(CR3 / "filtered_feature_bc_matrix/barcodes.tsv.gz")]
+    order = list(range(len(barcodes)))[::-1]
+    order.remove(5)
+    _with_analysis(sample, barcodes, order)
+    (sample / "_invocation").write_text('call SC_RNA_COUNTER_CS(\n    reference_path = "/refs/GRCh38-3.0.0",\n)\n')
+    with loompy.connect(loompy.create_from_cellranger(sample, tmp_path), "r") as ds:
+        assert ds.ca.X[:5].tolist() == [0.0, 0.5, 1.0, 1.5, 2.0] and ds.ca.Y[10] == -10
+        assert np.isnan(ds.ca.X[5]) and np.isnan(ds.ca.Y[5]) and ds.ca.ClusterID[5] == -1
+        assert ds.ca.ClusterID[:5].tolist() == [0, 1, 2, 0, 1] and ds.attrs.Genome == "/refs/GRCh38-3.0.0"
+    picked = [f"s:{barcodes[i]}" for i in (7, 3)]
+    out = tmp_path / "sel"
+    out.mkdir()
+    path = loompy.create_from_cellranger(sample, out, selected_cellids=picked, file_attrs={"Genome": "mine"})
+    with loompy.connect(path, "r") as ds:
+        assert list(ds.ca.CellID) == [f"s:{barcodes[i]}" for i in (3, 7)]  # (in the matrix's order)
+        assert ds.ca.X.tolist() == [1.5, 3.5] and ds.ca.ClusterID.tolist() == [0, 1] and ds.attrs.Genome == "mine"
+    (sample / "outs/analysis/clustering/graphclust/clusters.csv").write_text(f"Barcode,Cluster\n{barcodes[0]},one\n")
+    with pytest.raises(loompy.LoomValueError, match="clusters.csv: not a Cell Ranger clusters table"):
+        loompy.create_from_cellranger(sample, out)
