@@ -14,6 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from . import encoding
 from . import format as fmt
 from .errors import LoomAttributeError, LoomFileError, LoomKeyError, LoomValueError
 from .indexing import select_axis
@@ -144,7 +145,7 @@ class AttributeManager(DotAccess, MutableMapping):
             if key not in self._cache:
                 if key not in self._names:
                     raise LoomKeyError(f"{self._where} '{key}' does not exist")
-                self._cache[key] = fmt.read_values(self._group[key], self._legacy)
+                self._cache[key] = encoding.read_values(self._group[key], self._legacy)
             return self._cache[key]
         if isinstance(key, tuple) and key and all(isinstance(k, str) for k in key):
             found = [self[k] for k in key if k in self._names]
@@ -214,12 +215,12 @@ class AttributeManager(DotAccess, MutableMapping):
                                  "its first add_columns (or add_loom, or ds.layers[''] = matrix) defines them")
         if dtype is not None:
             values = _convert(values, dtype, where)
-        arr = fmt.normalize_values(values, where, length=self._dims.shape[self.axis])
+        arr = encoding.normalize_values(values, where, length=self._dims.shape[self.axis])
         if isinstance(values, np.ndarray) and np.shares_memory(arr, values):
             arr = arr.copy()  # the cache must not follow later changes to the caller's array
         if self._file is not None:
             group = self._file.require_group(self._group_name)
-            fmt.write_values(group, name, arr, resizable=self.axis == 1, where=where)
+            fmt.write_values(group, name, arr, resizable=self.axis == 1, where=where, legacy=self._legacy)
         self._cache[name] = arr
         if name not in self._names:
             self._names.append(name)

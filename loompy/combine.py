@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine, swaps
+from . import encoding, engine, swaps
 from . import format as fmt
 from .attributes import check_writable
 from .connection import LoomConnection, connect
@@ -77,7 +77,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         def column_values(c: LoomConnection, a: str, sel: np.ndarray) -> np.ndarray:
             """A file's values of column attribute ``a``: its own, else (convert_attrs) its file attribute."""
             if a in c.ca:
-                return fmt.normalize_values(c.ca[a][sel], f"{c.filename}: column attribute '{a}'")
+                return encoding.normalize_values(c.ca[a][sel], f"{c.filename}: column attribute '{a}'")
             return per_column([c.attrs[a] if a in c.attrs else None], [len(sel)], f"{c.filename}: attribute '{a}'")
 
         for a in attr_names:
@@ -383,8 +383,9 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
         legacy = (ds.ra if axis == 0 else ds.ca)._legacy
         for key, obj in f[attr_group].items() if attr_group in f else []:  # the file's, not a cached list:
             if isinstance(obj, h5py.Dataset):                              # other connections may have added some
-                values = fmt.read_values(obj, legacy)[order]
-                fmt.write_values(dst_attrs, key, values, resizable=axis == 1, where=f"attribute '{key}'")
+                values = encoding.read_values(obj, legacy)[order]
+                fmt.write_values(dst_attrs, key, values, resizable=axis == 1, where=f"attribute '{key}'",
+                                 legacy=legacy)
             else:
                 f.copy(obj, dst_attrs, name=key)
         graphs = ds.row_graphs if axis == 0 else ds.col_graphs

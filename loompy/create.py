@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine
+from . import encoding, engine
 from . import format as fmt
 from .attributes import AttributeManager
 from .connection import LoomConnection, connect
@@ -36,7 +36,7 @@ def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
     for name, matrix in out.items():
         fmt.check_name(name, f"{where}: layer", empty=True)
         if not (sp.issparse(matrix) or isinstance(matrix, LoomLayer)):
-            fmt.refuse_masked(matrix, f"{where}: layer '{name}'")
+            encoding.refuse_masked(matrix, f"{where}: layer '{name}'")
             try:
                 out[name] = np.asarray(matrix)
             except ValueError as exc:  # ragged nesting
@@ -72,9 +72,9 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
         wanted = dtype if (dtype is not None and name == "") else matrix.dtype
         dtypes[name] = fmt.check_matrix_dtype(wanted, lw)
         fmt.check_fits(matrix, dtypes[name], lw)
-    rows = {name: fmt.normalize_values(v, f"{where}: row attribute '{name}'", shape[0])
+    rows = {name: encoding.normalize_values(v, f"{where}: row attribute '{name}'", shape[0])
             for name, v in _as_attr_dict(row_attrs, where).items()}
-    cols = {name: fmt.normalize_values(v, f"{where}: column attribute '{name}'", shape[1])
+    cols = {name: encoding.normalize_values(v, f"{where}: column attribute '{name}'", shape[1])
             for name, v in _as_attr_dict(col_attrs, where).items()}
     for kind, group in (("row", rows), ("column", cols)):
         for name in group:

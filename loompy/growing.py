@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine
+from . import encoding, engine
 from . import format as fmt
 from .attributes import check_writable, writable
 from .create import _as_attr_dict, _as_layer_dict
@@ -141,7 +141,7 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
         if not isinstance(fill, str):
             raise LoomValueError(f"{where}: column attribute '{name}' holds text; its fill value must be a "
                                  f"string, got {fill!r}")
-        return fmt.normalize_values(np.full(shape, fill, dtype=object), f"{where}: column attribute '{name}'")
+        return encoding.normalize_values(np.full(shape, fill, dtype=object), f"{where}: column attribute '{name}'")
     value = np.asarray(fill)
     refused = LoomValueError(f"{what} holds {existing.dtype} values; its fill value {fill!r} is not one of them")
     if value.dtype.kind not in "biuf" or value.ndim != 0:
@@ -193,7 +193,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         fmt.check_fits(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")  # the engine casts as it writes
         matrices[name] = matrix
     combined = _column_attrs(ds, col_attrs, n_new, fill_values, convert_attrs)
-    new_row_attrs = {k: fmt.normalize_values(v, f"{where}: row attribute '{k}'", n)
+    new_row_attrs = {k: encoding.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in _as_attr_dict(row_attrs, where).items()}
     for name in [*new_row_attrs, *combined]:
         fmt.check_name(name, f"{where}: attribute")
@@ -210,7 +210,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             fmt.touch(dataset)
         group = f.require_group(fmt.COL_ATTRS)
         for name, (values, whole) in combined.items():
-            _append_attr(group, name, values, whole, m, where)
+            _append_attr(group, name, values, whole, m, where, ds.ca._legacy)
         f.flush()
         if journal:
             _commit(f)
@@ -231,7 +231,7 @@ def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False
     if every value survives. With ``convert_attrs``, text in any part makes all of them text."""
     kinds = {p.dtype == object for p in parts}
     if len(kinds) > 1 and convert_attrs and all(p.dtype.names is None for p in parts):
-        parts = [fmt.normalize_values(p.astype(str), where) for p in parts]
+        parts = [encoding.normalize_values(p.astype(str), where) for p in parts]
     first = parts[0]
     for p in parts[1:]:
         if (p.dtype == object) != (first.dtype == object) or p.shape[1:] != first.shape[1:]:
@@ -339,7 +339,8 @@ def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
     if all(isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in values):
         return np.concatenate([np.full(w, v) for v, w in zip(values, widths)])
     texts = ["" if v is None else str(v) for v in values]
-    return fmt.normalize_values(np.concatenate([np.full(w, t, dtype=object) for t, w in zip(texts, widths)]), where)
+    joined = np.concatenate([np.full(w, t, dtype=object) for t, w in zip(texts, widths)])
+    return encoding.normalize_values(joined, where)
 
 
 def _roll_back(ds: Any) -> None:
@@ -368,7 +369,7 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
             raise LoomFormatError(f"{where}: column attribute '{name}' has {dataset.shape[0] if dataset.shape else 0} "
                                   f"values for {m} columns; the file is damaged")
     samples = {name: _stored_values(ds, dataset, 1) for name, dataset in stored.items()}  # (dtype and shape)
-    new_attrs = {k: fmt.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
+    new_attrs = {k: encoding.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
                  for k, v in _as_attr_dict(col_attrs, where).items()}
     for name, sample in samples.items():
         if name not in new_attrs:
@@ -392,8 +393,8 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
 def _stored_values(ds: Any, dataset: h5py.Dataset, count: int | None = None) -> np.ndarray:
     """The first ``count`` (else all) stored values of a column attribute, as read."""
     if count is None:
-        return fmt.read_values(dataset, ds.ca._legacy)
-    return fmt.present(dataset[:count], dataset.dtype, ds.ca._legacy)
+        return encoding.read_values(dataset, ds.ca._legacy)
+    return encoding.present(dataset[:count], dataset.dtype, ds.ca._legacy)
 
 
 def _appendable(dataset: Any, values: np.ndarray) -> bool:
@@ -403,13 +404,15 @@ def _appendable(dataset: Any, values: np.ndarray) -> bool:
             and (values.dtype == object or np.can_cast(values.dtype, dataset.dtype, "safe")))
 
 
-def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, m: int, where: str) -> None:
+def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, m: int, where: str,
+                 legacy: bool) -> None:
     """Write a column attribute's ``values`` for the new columns from ``m`` (in place), or with
-    ``whole`` all of its values (the old one kept aside until the append is done)."""
+    ``whole`` all of its values (the old one kept aside until the append is done; ``legacy``: text
+    as a file before spec 3.0.0 stores it)."""
     if not whole:
         dataset = group[name]
         dataset.resize(m + len(values), axis=0)
-        dataset[m:] = fmt.storable(values, f"{where}: column attribute '{name}'")[0]
+        dataset[m:] = encoding.storable(values, f"{where}: column attribute '{name}'")[0]
         fmt.touch(dataset, group)
         return
     kept = group.file.require_group(BEFORE_APPEND)
@@ -421,7 +424,8 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
     elif name not in kept.attrs.get(ADDED, []):  # new: noted first, so that a rollback removes it
         kept.attrs[ADDED] = [*kept.attrs.get(ADDED, []), name]
         group.file.flush()
-    fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'")
+    fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'",
+                     legacy=legacy)
 
 
 def _commit(f: h5py.File) -> None:

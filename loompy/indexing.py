@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .encoding import refuse_masked
 from .errors import LoomIndexError, LoomTypeError, LoomValueError
-from .format import cast_values, refuse_masked
+from .format import cast_values
 
 AXIS_NAMES = ("row", "column")
 

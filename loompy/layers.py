@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine, swaps
+from . import encoding, engine, swaps
 from . import format as fmt
 from .attributes import Dims, DotAccess, check_writable
 from .errors import LoomError, LoomFileError, LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
@@ -257,7 +257,7 @@ class LayerManager(DotAccess, MutableMapping):
         if isinstance(matrix, LoomLayer):
             matrix = matrix[:, :]
         if matrix is not None and not sp.issparse(matrix):
-            fmt.refuse_masked(matrix, where)
+            encoding.refuse_masked(matrix, where)
             try:
                 matrix = np.asarray(matrix)
             except ValueError as exc:  # ragged nesting

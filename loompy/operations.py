@@ -15,7 +15,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import engine, files
+from . import encoding, engine, files
 from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
 from .indexing import AxisSelection, axis_number, batch_count, expand, select_axis
@@ -478,7 +478,7 @@ def get_changes_since(ds: Any, timestamp: str) -> dict[str, list[str]]:
              ("attrs", fmt.GLOBAL_ATTRS))
     def changed(obj: Any) -> bool:
         stamp = obj.attrs.get(fmt.LAST_MODIFIED)  # text, or bytes from other writers
-        return stamp is not None and str(fmt.decode_one(stamp) if isinstance(stamp, bytes) else stamp) > timestamp
+        return stamp is not None and str(encoding.decode_one(stamp) if isinstance(stamp, bytes) else stamp) > timestamp
 
     for label, group_name in parts:
         group = f.get(group_name)

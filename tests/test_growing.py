@@ -820,9 +820,9 @@ def test_appended_column_attributes_are_not_read_again_unless_they_must_be_rewri
     rng = np.random.default_rng(8)
     m = rng.integers(0, 5, size=(20, 30)).astype(np.float32)
     path = make(tmp_path / "a.loom", m)
-    fmt, growing = importlib.import_module("loompy.format"), importlib.import_module("loompy.growing")
-    reads, read_values, stored_values = [], fmt.read_values, growing._stored_values
-    monkeypatch.setattr(fmt, "read_values", lambda d, *a: reads.append(d.name) or read_values(d, *a))
+    encoding, growing = importlib.import_module("loompy.encoding"), importlib.import_module("loompy.growing")
+    reads, read_values, stored_values = [], encoding.read_values, growing._stored_values
+    monkeypatch.setattr(encoding, "read_values", lambda d, *a: reads.append(d.name) or read_values(d, *a))
     def spy(ds, dataset, count=None):
         if count is None:  # (a one-value sample is not a read of them all)
             reads.append(dataset.name)

@@ -234,3 +234,33 @@ def test_a_spec2_global_attribute_interrupted_while_replaced_is_kept(tmp_path, m
             loompy.connect(path, "r")
     with loompy.connect(path) as ds:
         assert ds.attrs["CreatedWith"] == old and "loompy_swap" not in ds._file
+
+
+@pytest.mark.reference
+def test_spec2_files_keep_their_layout_when_written_so_loompy3_still_opens_them(tmp_path, reference):
+    """Text written into a spec 2.0.1 file (attributes, globals, a permute's rewrite, new columns)
+    was stored as 3.0.0 stores it (variable-length UTF-8): loompy 3.0.8 then refused the file. It
+    is now fixed-length ASCII with XML character references, as that spec and loompy 3 have it."""
+    path = tmp_path / "cortex.loom"
+    shutil.copy(REAL / "scverse+scvi-tools/tests/test_data/Cortex.loom", path)
+    path.chmod(0o644)
+    with loompy.connect(path) as ds:
+        genes = list(ds.ra.Gene)
+        ds.ca["Name"] = np.array([f"cé{i}" for i in range(50)], dtype=object)
+        ds.ra["Note"] = np.array(["中文", "a", "", "b&c", "d", "e", "f", "g", "h", "i"], dtype=object)
+        ds.attrs["title"] = "Cortéx"
+        ds.permute(np.arange(10)[::-1], axis=0)
+        ds.add_columns(np.ones((10, 2), dtype=ds[:, :].dtype), {"Name": ["x", "ÿ"], "ClusterID": np.ones((2, 1))})
+    with h5py.File(path, "r") as f:
+        assert all(f[group][name].dtype.kind != "O" for group in ("row_attrs", "col_attrs") for name in f[group])
+        assert f["col_attrs/Name"].dtype.kind == "S" and f.attrs["title"] == b"Cort&#233;x"
+    theirs = reference.run("""
+        import sys, json, loompy
+        with loompy.connect(sys.argv[1], "r") as ds:  # (validate=True: loompy 3 checks the spec-2 layout)
+            print(json.dumps({"Name": list(ds.ca.Name), "Note": list(ds.ra.Note), "Gene": list(ds.ra.Gene),
+                              "title": str(ds.attrs.title), "shape": list(ds.shape)}))
+    """, str(path))
+    assert theirs == {"Name": [f"cé{i}" for i in range(50)] + ["x", "ÿ"], "shape": [10, 52], "title": "Cortéx",
+                      "Note": ["i", "h", "g", "f", "e", "d", "b&c", "", "a", "中文"], "Gene": genes[::-1]}
+    with loompy.connect(path, "r") as ds:  # and we read back what we wrote
+        assert list(ds.ca.Name)[-2:] == ["x", "ÿ"] and ds.ra.Note[-1] == "中文" and ds.attrs.title == "Cortéx"

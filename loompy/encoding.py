@@ -1,0 +1,222 @@
+"""Users' attribute values and what HDF5 stores for them, both ways.
+
+* strings are written as variable-length UTF-8 and always read back as ``str``;
+  bytes that are not valid UTF-8 are decoded with ``surrogateescape`` (lossless: writing
+  the string back restores the original bytes);
+* fixed-length ASCII strings in files older than spec 3.0.0 carry XML character
+  references (``&#233;``), which are decoded, and text written into such files is stored so;
+* booleans are stored as ``uint8`` (HDF5 has no boolean type), as the reference writer does.
+
+Where these values live in a file is :mod:`.format`'s business.
+"""
+
+from __future__ import annotations
+
+import numbers
+import re
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import LoomValueError
+
+STRING_DTYPE = h5py.string_dtype("utf-8")
+_XML_REF = re.compile(r"&#(?:x([0-9a-fA-F]+)|([0-9]+));")
+
+
+# ----------------------------------------------------------------------------- strings
+def decode_one(item: bytes | str, xml_refs: bool = False) -> str:
+    """Bytes to str losslessly (invalid UTF-8 becomes lone surrogates, see module docstring)."""
+    text = item.decode("utf-8", "surrogateescape") if isinstance(item, bytes) else str(item)
+    if xml_refs and "&#" in text:
+        text = _XML_REF.sub(_xml_ref_to_char, text)
+    return text
+
+
+def _xml_ref_to_char(match: re.Match) -> str:
+    hex_digits, dec_digits = match.groups()
+    code = int(hex_digits, 16) if hex_digits else int(dec_digits)
+    try:
+        return chr(code)
+    except (ValueError, OverflowError):
+        return match.group(0)
+
+
+def decode_strings(raw: np.ndarray, xml_refs: bool = False) -> np.ndarray:
+    """Any stored string array (fixed ``S``, vlen bytes or str) as an object array of ``str``."""
+    flat = [decode_one(x, xml_refs) for x in raw.ravel().tolist()]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(raw.shape)
+
+
+def encode_one(text: str, where: str) -> bytes:
+    """Str to the UTF-8 bytes HDF5 stores; a NUL cannot be stored in an HDF5 string."""
+    if "\x00" in text:
+        raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError as exc:  # a lone surrogate that did not come from undecodable bytes
+        raise LoomValueError(f"{where}: {text!r} cannot be written as UTF-8 ({exc.reason})") from None
+
+
+def is_string_kind(dtype: np.dtype) -> bool:
+    return dtype.kind in "SUO"
+
+
+def _string_fields(dtype: np.dtype) -> bool:
+    return dtype.names is not None and any(is_string_kind(dtype.fields[n][0]) for n in dtype.names)
+
+
+# ----------------------------------------------------------------------------- reading values
+def read_values(dataset: h5py.Dataset, legacy: bool) -> np.ndarray:
+    """A row/column/global attribute dataset as users see it (strings as ``str``)."""
+    dtype = dataset.dtype
+    if dataset.shape == ():
+        raw = np.asarray(dataset[()])
+    else:
+        raw = dataset[...]
+    return present(raw, dtype, legacy)
+
+
+def present(raw: np.ndarray, stored_dtype: np.dtype, legacy: bool) -> np.ndarray:
+    """Convert raw stored values to the user's view (strings decoded, compound string fields decoded)."""
+    if stored_dtype.kind == "S" or (stored_dtype.kind == "O" and h5py.check_string_dtype(stored_dtype)):
+        return decode_strings(np.asarray(raw), xml_refs=legacy and stored_dtype.kind == "S")
+    if stored_dtype.kind == "O" or raw.dtype.kind in "SO":
+        return decode_strings(np.asarray(raw, dtype=object), xml_refs=False)
+    if _string_fields(raw.dtype):
+        fields = []
+        for name in raw.dtype.names:
+            sub = raw.dtype.fields[name][0]
+            fields.append((name, object if is_string_kind(sub) else sub))
+        out = np.empty(raw.shape, dtype=fields)
+        for name in raw.dtype.names:
+            col = raw[name]
+            out[name] = decode_strings(col, xml_refs=legacy) if is_string_kind(col.dtype) else col
+        return out
+    return raw
+
+
+# ----------------------------------------------------------------------------- writing values
+def _has_nul(values: Any) -> bool:
+    """Whether a string, or a string in (nested) lists and tuples, holds a NUL character."""
+    if isinstance(values, str):
+        return "\x00" in values
+    if isinstance(values, (list, tuple)):
+        return any(_has_nul(v) for v in values)
+    return False
+
+
+def refuse_masked(values: Any, where: str) -> None:
+    """Refuse a numpy masked array with masked entries: a Loom file has no mask, and numpy would
+    hand over whatever lies under it."""
+    if isinstance(values, np.ma.MaskedArray) and np.ma.is_masked(values):
+        raise LoomValueError(f"{where}: {int(np.ma.count_masked(values))} values are masked, and a Loom file "
+                             "stores no mask; fill them first (values.filled(...))")
+
+
+def normalize_values(values: Any, where: str, length: int | None = None) -> np.ndarray:
+    """Validate and convert user values into the array that will be stored.
+
+    Strings become an object array of ``str``; booleans become ``uint8``; numbers keep their
+    dtype. ``length`` (if given) is the required size of the first dimension.
+    """
+    refuse_masked(values, where)
+    if _has_nul(values):  # (checked before numpy, whose fixed-width strings drop trailing NULs)
+        raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
+    try:
+        arr = np.asarray(values)
+    except Exception as exc:  # ragged lists and the like
+        raise LoomValueError(f"{where}: cannot convert values to an array ({exc})") from exc
+    if arr.dtype.kind == "O":
+        items = arr.ravel().tolist()
+        if all(isinstance(x, (str, bytes, np.str_, np.bytes_)) for x in items):
+            arr = decode_strings(arr)
+        elif all(isinstance(x, (bool, np.bool_)) for x in items) and items:
+            arr = arr.astype(bool)
+        elif None in items and all(x is None or isinstance(x, (str, bytes, numbers.Number)) for x in items):
+            # missing values (a pandas column's None): text, None as "None", as loompy 3 stores them
+            texts = [x if isinstance(x, (str, bytes)) else str(x) for x in items]
+            arr = decode_strings(np.array(texts, dtype=object).reshape(arr.shape))
+        else:
+            try:
+                arr = np.asarray(arr.tolist())
+            except Exception as exc:
+                raise LoomValueError(f"{where}: cannot store values of mixed types") from exc
+            if arr.dtype.kind == "O":
+                raise LoomValueError(f"{where}: cannot store values of mixed or unknown types")
+    if arr.dtype.kind in "US":
+        arr = decode_strings(arr)
+    if _string_fields(arr.dtype):
+        arr = _text_fields_as_str(arr, where)
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind in "mMcV" and arr.dtype.names is None:
+        raise LoomValueError(f"{where}: values of dtype {arr.dtype} cannot be stored in a Loom file")
+    if arr.dtype.kind == "O":
+        _check_storable_text(arr, where)
+    if length is not None:
+        if arr.ndim == 0:
+            raise LoomValueError(f"{where}: expected an array of length {length}, got a scalar")
+        if arr.shape[0] != length:
+            raise LoomValueError(f"{where}: expected {length} values, got {arr.shape[0]} (shape {arr.shape})")
+    return arr
+
+
+def _text_fields_as_str(arr: np.ndarray, where: str) -> np.ndarray:
+    """A compound array with its text fields (fixed or variable length) as object fields of ``str``."""
+    names = arr.dtype.names
+    kinds = [arr.dtype.fields[n][0] for n in names]
+    out = np.empty(arr.shape, dtype=[(n, object if is_string_kind(k) else k) for n, k in zip(names, kinds)])
+    for name, kind in zip(names, kinds):
+        if not is_string_kind(kind):
+            out[name] = arr[name]
+            continue
+        items = arr[name].ravel().tolist()
+        if not all(isinstance(x, (str, bytes)) for x in items):
+            raise LoomValueError(f"{where}: field '{name}' mixes text with other values")
+        out[name] = decode_strings(arr[name])
+        _check_storable_text(out[name], where)
+    return out
+
+
+def _check_storable_text(texts: np.ndarray, where: str) -> None:
+    """Refuse, before anything is written, text HDF5 cannot store: checked all at once (a joined
+    string encodes exactly when each part does), then one by one to name the culprit."""
+    joined = "".join(texts.ravel().tolist())
+    fine = "\x00" not in joined
+    try:
+        joined.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        fine = False
+    if not fine:
+        for text in texts.ravel():
+            encode_one(text, where)
+
+
+def storable(arr: np.ndarray, where: str, legacy: bool = False) -> tuple[np.ndarray, np.dtype]:
+    """The array h5py writes for normalized values, and its HDF5 dtype: text as UTF-8 variable-length
+    strings, also inside compound values; in a file before spec 3.0.0 (``legacy``), as that spec
+    (and loompy 3 writing to such a file) has it: fixed-length ASCII, other characters as XML
+    character references, so that its readers still take the file."""
+    if arr.dtype.kind == "O":
+        if legacy:
+            for text in arr.ravel().tolist():
+                encode_one(text, where)  # (the same refusals: NUL)
+            escaped = [s.encode("ascii", "xmlcharrefreplace") for s in arr.ravel().tolist()]
+            data = np.array(escaped, dtype=f"S{max(map(len, escaped), default=1) or 1}").reshape(arr.shape)
+            return data, data.dtype
+        data = np.empty(arr.shape, dtype=object)
+        data.ravel()[:] = [encode_one(s, where) for s in arr.ravel()]
+        return data, STRING_DTYPE
+    if arr.dtype.names is not None and any(arr.dtype.fields[n][0].kind == "O" for n in arr.dtype.names):
+        fields = {n: storable(arr[n], where, legacy) if arr.dtype.fields[n][0].kind == "O" else None
+                  for n in arr.dtype.names}
+        dtype = np.dtype([(n, arr.dtype.fields[n][0] if f is None else f[1]) for n, f in fields.items()])
+        data = np.empty(arr.shape, dtype=dtype)
+        for name, field in fields.items():
+            data[name] = arr[name] if field is None else field[0]
+        return data, dtype
+    return arr, arr.dtype
