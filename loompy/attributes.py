@@ -30,6 +30,11 @@ class Dims:
     def __init__(self, shape: tuple[int, int]) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
 
+    @classmethod
+    def along(cls, axis: int, length: int) -> Dims:
+        """The shape of a selection of ``length`` rows (axis 0) or columns (1) alone, in memory."""
+        return cls((length, 0) if axis == 0 else (0, length))
+
 
 READ_ONLY = "_loompy_read_only"  # set on the h5py.File of a connection opened with mode 'r'
 
@@ -101,6 +106,19 @@ class DotAccess:
             raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
 
 
+def last_written(manager: Any, name: str | None) -> str:
+    """When item ``name`` of an attribute or graph manager (None: any of them) was last written, as
+    ``ds.last_modified()`` gives it; in memory, now (nothing records it)."""
+    if name is not None and name not in manager:
+        raise LoomKeyError(f"{manager._where} '{name}' does not exist")
+    if manager._file is None:
+        return fmt.timestamp()
+    group = manager._group
+    if group is None:
+        return fmt.stamp(manager._file)
+    return fmt.stamp(group if name is None else group[name])
+
+
 def attribute_shortcut(row_attrs: AttributeManager, col_attrs: AttributeManager, name: str, where: str) -> Any:
     """``ds.Name``: the column attribute if there is one, else the row attribute."""
     if name in col_attrs:
@@ -157,22 +175,12 @@ class AttributeManager(DotAccess, MutableMapping):
             return found[0] if len(found) == 1 else np.column_stack(found)
         selection = select_axis(key, self._dims.shape[self.axis], self.axis)
         index = selection.indices[0] if selection.drop else selection.indices
-        shape = [0, 0]
-        shape[self.axis] = 1 if selection.drop else len(selection.indices)
-        return AttributeManager(None, self.axis, Dims(tuple(shape)),
+        return AttributeManager(None, self.axis, Dims.along(self.axis, 1 if selection.drop else len(index)),
                                 values={name: self[name][index] for name in self._names})
 
     def last_modified(self, name: str | None = None) -> str:
-        """When attribute ``name`` (None: any of them) was last written, as ``ds.last_modified()``
-        gives it (in memory: now)."""
-        if self._file is None:
-            return fmt.timestamp()
-        if name is not None and name not in self._names:
-            raise LoomKeyError(f"{self._where} '{name}' does not exist")
-        group = self._group
-        if group is None:
-            return fmt.stamp(self._file)
-        return fmt.stamp(group if name is None else group[name])
+        """When attribute ``name`` (None: any of them) was last written (see :func:`last_written`)."""
+        return last_written(self, name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(list(self._names))

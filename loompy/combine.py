@@ -54,8 +54,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
     for path in files:
         if not os.path.exists(path):
             raise LoomFileNotFoundError(2, "no such Loom file", path)
-    for path in files:
-        check_not_input(output_file, [path], f"an input of combine ({path})")
+    check_not_input(output_file, files, "an input of combine")
     skip = set(skip_attrs or [])
     conns = [connect(p, "r") for p in files]
     try:

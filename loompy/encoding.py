@@ -109,6 +109,12 @@ def _has_nul(values: Any) -> bool:
     return False
 
 
+def _missing(value: Any) -> bool:
+    """Whether ``value`` is a missing-value marker: None, or pandas' NA and NaT (known by their type's
+    name, so that pandas need not be imported)."""
+    return value is None or type(value).__name__ in ("NAType", "NaTType")
+
+
 def refuse_masked(values: Any, where: str) -> None:
     """Refuse a numpy masked array with masked entries: a Loom file has no mask, and numpy would
     hand over whatever lies under it."""
@@ -136,8 +142,9 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
             arr = decode_strings(arr)
         elif all(isinstance(x, (bool, np.bool_)) for x in items) and items:
             arr = arr.astype(bool)
-        elif None in items and all(x is None or isinstance(x, (str, bytes, numbers.Number)) for x in items):
-            # missing values (a pandas column's None): text, None as "None", as loompy 3 stores them
+        elif any(map(_missing, items)) and all(_missing(x) or isinstance(x, (str, bytes, numbers.Number))
+                                               for x in items):
+            # missing values (a pandas column's None, NA or NaT): text, as loompy 3 stores them ("None")
             texts = [x if isinstance(x, (str, bytes)) else str(x) for x in items]
             arr = decode_strings(np.array(texts, dtype=object).reshape(arr.shape))
         else:

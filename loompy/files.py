@@ -95,13 +95,13 @@ def _locked_by_a_writer(target: str) -> bool:
 
 def check_not_input(out_file: str | os.PathLike | bytes, inputs: Sequence[str | os.PathLike], what: str) -> str:
     """The target of ``out_file`` (see :func:`target_path`), refused when it is one of ``inputs``
-    under any name (a symlink, another spelling): writing there would replace data being read.
-    ``what`` names the inputs' part in the message."""
+    under any name (a symlink, a hard link, another spelling): writing there would replace data
+    being read. ``what`` names the inputs' part in the message."""
     target = target_path(out_file)
     if os.path.exists(target):
         for source in inputs:
             if os.path.exists(source) and os.path.samefile(target, source):
-                raise LoomFileError(f"{target}: is {what}; write to another file")
+                raise LoomFileError(f"{target}: is {what} ({os.fsdecode(os.fspath(source))}); write to another file")
     return target
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import format as fmt
-from .attributes import AXIS_LABELS, Dims, DotAccess, check_writable
+from .attributes import AXIS_LABELS, Dims, DotAccess, check_writable, last_written
+from .encoding import refuse_masked
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .indexing import select_axis
 
@@ -97,9 +98,7 @@ class GraphManager(DotAccess, MutableMapping):
             raise LoomKeyError(f"{self._where}: none of {list(name)} exists")
         if not isinstance(name, str):
             selection = select_axis(name, self._dims.shape[self.axis], self.axis).indices
-            shape = [0, 0]
-            shape[self.axis] = len(selection)
-            return GraphManager(None, self.axis, Dims(tuple(shape)),
+            return GraphManager(None, self.axis, Dims.along(self.axis, len(selection)),
                                 values={k: renumber_graph(self[k], selection) for k in self.keys()})
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
@@ -117,6 +116,7 @@ class GraphManager(DotAccess, MutableMapping):
         check_writable(self._file, where)
         n = self._dims.shape[self.axis]
         if not sp.issparse(graph):
+            refuse_masked(graph, where)
             arr = np.asarray(graph)
             if arr.ndim != 2:
                 raise LoomValueError(f"{where}: expected a sparse or square 2-D matrix, got shape {arr.shape}")
@@ -169,16 +169,8 @@ class GraphManager(DotAccess, MutableMapping):
         fmt.touch(group)
 
     def last_modified(self, name: str | None = None) -> str:
-        """When graph ``name`` (None: any of them) was last written, as ``ds.last_modified()`` gives
-        it (in memory: now)."""
-        if self._file is None:
-            return fmt.timestamp()
-        if name is not None and name not in self:
-            raise LoomKeyError(f"{self._where} '{name}' does not exist")
-        group = self._group
-        if group is None:
-            return fmt.stamp(self._file)
-        return fmt.stamp(group if name is None else group[name])
+        """When graph ``name`` (None: any of them) was last written (see :func:`~.attributes.last_written`)."""
+        return last_written(self, name)
 
     def _ipython_key_completions_(self) -> list[str]:
         return self.keys()

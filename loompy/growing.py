@@ -369,8 +369,10 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
             raise LoomFormatError(f"{where}: column attribute '{name}' has {dataset.shape[0] if dataset.shape else 0} "
                                   f"values for {m} columns; the file is damaged")
     samples = {name: _stored_values(ds, dataset, 1) for name, dataset in stored.items()}  # (dtype and shape)
-    new_attrs = {k: encoding.normalize_values(v, f"{where}: column attribute '{k}'", n_new)
-                 for k, v in _as_attr_dict(col_attrs, where).items()}
+    given = _as_attr_dict(col_attrs, where)
+    for name in given:  # (a bad name first: "K\0" would read as K, and be reported as missing)
+        fmt.check_name(name, f"{where}: column attribute")
+    new_attrs = {k: encoding.normalize_values(v, f"{where}: column attribute '{k}'", n_new) for k, v in given.items()}
     for name, sample in samples.items():
         if name not in new_attrs:
             new_attrs[name] = _fill_for(name, sample, fill_values, n_new, where)

@@ -7,6 +7,7 @@ itself) and picks the reader. Matrices stay sparse from file to Loom.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import os
 from collections.abc import Mapping, Sequence
@@ -175,10 +176,11 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
 
 def _by_barcode(path: Path) -> dict[str, list[str]]:
     """The rows of a Cell Ranger analysis table (a header line, then a barcode and values), by barcode."""
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as handle:
-        return {row[0]: row[1:] for row in list(csv.reader(handle))[1:] if row}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            return {row[0]: row[1:] for row in list(csv.reader(handle))[1:] if row}
+    except UnicodeDecodeError as exc:
+        raise LoomValueError(f"{path}: not a Cell Ranger analysis table (not UTF-8 text: {exc.reason})") from exc
 
 
 def _analysis(outs: Path, barcodes: np.ndarray) -> dict[str, np.ndarray]:
@@ -187,40 +189,34 @@ def _analysis(outs: Path, barcodes: np.ndarray) -> dict[str, np.ndarray]:
     Matched by barcode: a cell the analysis left out gets NaN, and cluster -1."""
     attrs: dict[str, np.ndarray] = {}
     analysis = outs / "analysis"
-    tables = {"tsne": next((p for p in (analysis / "tsne" / "projection.csv",
-                                        analysis / "tsne" / "2_components" / "projection.csv") if p.is_file()), None),
-              "clusters": analysis / "clustering" / "graphclust" / "clusters.csv"}
-    for kind, path in tables.items():
-        if path is None or not path.is_file():
-            continue
-        rows = _by_barcode(path)
-        try:
-            if kind == "tsne":
+    for tsne in (analysis / "tsne" / "projection.csv", analysis / "tsne" / "2_components" / "projection.csv"):
+        if tsne.is_file():
+            rows = _by_barcode(tsne)
+            try:
                 xy = np.array([rows[b][:2] if b in rows else ["nan", "nan"] for b in barcodes], dtype=np.float64)
-                attrs["X"], attrs["Y"] = (xy[:, k].astype(np.float32) for k in (0, 1))
-            else:
-                attrs["ClusterID"] = np.array([int(rows[b][0]) - 1 if b in rows else -1 for b in barcodes],
-                                              dtype=np.int64)
+            except ValueError as exc:
+                raise LoomValueError(f"{tsne}: not a Cell Ranger tSNE table ({exc})") from exc
+            attrs["X"], attrs["Y"] = xy[:, 0].astype(np.float32), xy[:, 1].astype(np.float32)
+            break
+    clusters = analysis / "clustering" / "graphclust" / "clusters.csv"
+    if clusters.is_file():
+        rows = _by_barcode(clusters)
+        try:
+            attrs["ClusterID"] = np.array([int(float(rows[b][0])) - 1 if b in rows else -1 for b in barcodes],
+                                          dtype=np.int64)
         except (ValueError, IndexError) as exc:
-            raise LoomValueError(f"{path}: not a Cell Ranger {kind} table ({exc})") from exc
+            raise LoomValueError(f"{clusters}: not a Cell Ranger clusters table ({exc})") from exc
     return attrs
 
 
-def _run_record(sample: Path, genome_known: bool) -> dict[str, str]:
+def _run_record(sample: Path) -> dict[str, str]:
     """Cell Ranger's record of the run in the sample folder, as loompy 3 imports it: Cmdline
-    (``_cmdline``), Versions (``_versions``, on one line) and, where nothing else names it, Genome
-    (the ``reference_path`` in ``_invocation``)."""
-    import re
-
+    (``_cmdline``) and Versions (``_versions``, on one line)."""
     record = {}
-    invocation = sample / "_invocation"
-    if not genome_known and invocation.is_file():
-        found = re.search(r'reference_path.+"([^"]+)"', invocation.read_text(encoding="utf-8", errors="replace"))
-        if found:
-            record["Genome"] = found.group(1)
     for name, key in (("_cmdline", "Cmdline"), ("_versions", "Versions")):
         if (sample / name).is_file():
-            record[key] = (sample / name).read_text(encoding="utf-8", errors="replace").strip().replace("\n", " ")
+            text = (sample / name).read_text(encoding="utf-8", errors="replace").strip()
+            record[key] = text.replace("\n", " ") if key == "Versions" else text
     return record
 
 
@@ -280,7 +276,7 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
         value = np.asarray(value)
         col_attrs[name] = np.full(len(cell_ids), value[()], dtype=value.dtype) if value.ndim == 0 else value
     genome_name = data.genome or genome
-    attrs = {**_run_record(sample_folder, genome_known=bool(genome_name)), **dict(file_attrs or {})}
+    attrs = {**_run_record(sample_folder), **dict(file_attrs or {})}
     if genome_name and "Genome" not in (file_attrs or {}):
         attrs["Genome"] = genome_name
     target = Path(loom_file) if loom_file is not None else Path(outdir or folder) / f"{sample}.loom"

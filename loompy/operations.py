@@ -22,14 +22,14 @@ from .indexing import AxisSelection, axis_number, batch_count, expand, select_ax
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
 
 
-def _items(items: Any, length: int, axis: int) -> np.ndarray:
+def _unique_positions(items: Any, length: int, axis: int) -> np.ndarray:
     """Selected positions along an axis, sorted and unique (an index array or a boolean mask)."""
     if items is None:
         return np.arange(length, dtype=np.int64)
     return np.unique(select_axis(np.asarray(items), length, axis).indices)
 
 
-def _requested(items: Any, length: int, axis: int) -> np.ndarray:
+def _positions(items: Any, length: int, axis: int) -> np.ndarray:
     """Selected positions along an axis as a scan takes them: an index array in its order and with
     its repeats, a boolean mask in file order, None for every position."""
     if items is None:
@@ -119,7 +119,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     length, other_length = ds.shape[axis], ds.shape[1 - axis]
     if isinstance(items, numbers.Integral) and not isinstance(items, (bool, np.bool_)):
         items = slice(int(items), None)  # (loompy 3: scan from there on)
-    selected = _requested(items, length, axis)
+    selected = _positions(items, length, axis)
     if key is None:
         other = np.arange(other_length, dtype=np.int64)
     else:
@@ -160,8 +160,8 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     axis = ds._axis(axis)
     batch_size = batch_count(batch_size, f"{ds.filename}: batch_scan(batch_size=...)")
     datasets = {name: ds.layers[name]._dataset for name in layer_names(ds, layers)}
-    rows = _requested(genes, ds.shape[0], 0)
-    cols = _requested(cells, ds.shape[1], 1)
+    rows = _positions(genes, ds.shape[0], 0)
+    cols = _positions(cells, ds.shape[1], 1)
     along, other = (rows, cols) if axis == 0 else (cols, rows)
     for dataset in datasets.values():
         engine.expect_reads(dataset, min(1, along.size / max(1, ds.shape[axis])))
@@ -337,7 +337,7 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     if labels_all.shape != (ds.shape[1],):
         raise LoomValueError(f"{where}: group_by must give one label per column ({ds.shape[1]}), "
                              f"got shape {labels_all.shape}")
-    cols = _items(select, ds.shape[1], 1)
+    cols = _unique_positions(select, ds.shape[1], 1)
     labels = labels_all[cols]
     groups, inverse = np.unique(labels, return_inverse=True)
     members = [cols[inverse == g] for g in range(len(groups))]
