@@ -8,7 +8,7 @@ through to the file at once. A manager without an HDF5 group holds values in mem
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import h5py
@@ -25,10 +25,17 @@ AXIS_LABELS = ("row", "column")
 class Dims:
     """The matrix shape, shared (not copied) between a connection and its managers."""
 
-    __slots__ = ("shape",)
+    __slots__ = ("shape", "watch")
 
-    def __init__(self, shape: tuple[int, int]) -> None:
+    def __init__(self, shape: tuple[int, int], watch: Callable[[], None] | None = None) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
+        self.watch = watch  # the connection's: takes the shape on disk (see sync)
+
+    def sync(self) -> None:
+        """Take the shape the file has now: another connection to it in this process may have
+        appended columns (writes at the old shape would leave attributes of the wrong length)."""
+        if self.watch is not None:
+            self.watch()
 
     @classmethod
     def along(cls, axis: int, length: int) -> Dims:
@@ -218,6 +225,7 @@ class AttributeManager(DotAccess, MutableMapping):
         fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
+        self._dims.sync()
         if self._file is not None and fmt.MATRIX not in self._file:
             raise LoomValueError(f"{where}: the file has no matrix yet, so no rows or columns to describe; "
                                  "its first add_columns (or add_loom, or ds.layers[''] = matrix) defines them")

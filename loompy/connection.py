@@ -6,7 +6,8 @@ import errno
 import html
 import os
 import re
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import h5py
@@ -101,6 +102,18 @@ def _unreadable(path: str, exc: Exception) -> LoomFileError:
     return LoomFileError(f"{path}: the file is damaged; HDF5 cannot read its structure ({exc})")
 
 
+def _shape_watcher(connection: weakref.ref) -> Callable[[], None]:
+    """What a connection's Dims calls to sync its shape (by weak reference: no cycle keeps an
+    unclosed connection, and its file, alive)."""
+
+    def watch() -> None:
+        alive = connection()
+        if alive is not None:
+            alive._sync_shape()
+
+    return watch
+
+
 class LoomConnection:
     """A connection to a ``.loom`` file: the matrix stays on disk, attributes load on first use."""
 
@@ -157,7 +170,8 @@ class LoomConnection:
         self.version = fmt.read_spec_version(f)
         legacy = self.version.is_legacy
         matrix = f.get(fmt.MATRIX)
-        self._dims = Dims(matrix.shape if isinstance(matrix, h5py.Dataset) else (0, 0))
+        self._dims = Dims(matrix.shape if isinstance(matrix, h5py.Dataset) else (0, 0),
+                          watch=_shape_watcher(weakref.ref(self)))
         self.layers = LayerManager(f, self._dims)
         self.row_attrs = AttributeManager(f, 0, self._dims, legacy=legacy)
         self.col_attrs = AttributeManager(f, 1, self._dims, legacy=legacy)
@@ -182,7 +196,17 @@ class LoomConnection:
     @property
     def shape(self) -> tuple[int, int]:
         """(rows, columns) of the main matrix; (0, 0) for an empty file made by ``new()``."""
+        self._dims.sync()
         return self._dims.shape
+
+    def _sync_shape(self) -> None:
+        """Take the matrix shape on disk, and the column attributes with it, when another
+        connection to the file in this process appended columns."""
+        matrix = self._file.get(fmt.MATRIX) if self._file else None
+        if isinstance(matrix, h5py.Dataset) and tuple(matrix.shape) != self._dims.shape:
+            self._dims.shape = tuple(matrix.shape)
+            self.row_attrs._forget()
+            self.col_attrs._forget()
 
     @property
     def mode(self) -> str:

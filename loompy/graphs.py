@@ -114,6 +114,7 @@ class GraphManager(DotAccess, MutableMapping):
         fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
+        self._dims.sync()
         n = self._dims.shape[self.axis]
         if not sp.issparse(graph):
             refuse_masked(graph, where)

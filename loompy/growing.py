@@ -163,6 +163,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     f = ds._file
     where = ds.filename
     check_writable(f, f"{where}: columns")
+    ds._dims.sync()
     layer_dict = _as_layer_dict(layers, where)
     layer_dict = {k: (v[:, :] if hasattr(v, "_dataset") else v) for k, v in layer_dict.items()}
     for name, matrix in layer_dict.items():

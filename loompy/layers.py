@@ -253,6 +253,7 @@ class LayerManager(DotAccess, MutableMapping):
         fmt.check_name(name, f"{self._file.filename}: layer", empty=True)
         where = f"{self._file.filename}: layer '{name}'"
         check_writable(self._file, where)
+        self._dims.sync()
         chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, where)
         if isinstance(matrix, LoomLayer):
             matrix = matrix[:, :]

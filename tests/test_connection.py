@@ -1050,3 +1050,26 @@ def test_loompy3_idioms_on_attribute_and_graph_managers(small):
         assert view.attrs.title == "Small <test>" and view.attrs["title"] == "Small <test>"
         with pytest.raises(AttributeError):
             view.attrs.nothing
+
+
+def test_a_second_connection_takes_the_shape_another_appended(small):
+    """Two connections to one file in a process: after one appended columns, the other wrote
+    attributes at the old width (a file connect then refused) and saw neither the new shape nor
+    the new columns' attributes."""
+    path, m, ra, ca = small
+    a, b = loompy.connect(path), loompy.connect(path)
+    try:
+        assert b.shape == (5, 8) and len(b.ca.Age) == 8
+        a.add_columns(np.ones((5, 2), np.float32), {"CellID": ["x", "y"], "Age": [100, 101], "Keep": [1, 0]})
+        with pytest.raises(loompy.LoomValueError, match="small.loom: column attribute 'New': expected 10 values"):
+            b.ca["New"] = np.arange(8)
+        assert b.shape == (5, 10) and b.ca.Age[-2:].tolist() == [100, 101]
+        b.col_graphs["g"] = sp.coo_matrix(([1.0], ([9], [0])), shape=(10, 10))
+        b.add_columns(np.zeros((5, 1), np.float32), {"CellID": ["z"], "Age": [102], "Keep": [1]})
+        assert a.shape == (5, 11) and a.ca.CellID[-3:].tolist() == ["x", "y", "z"]
+        np.testing.assert_array_equal(a[:, :8], m)
+    finally:
+        a.close()
+        b.close()
+    with loompy.connect(path, "r") as ds:  # (validates)
+        assert ds.shape == (5, 11) and ds.col_graphs["g"].nnz == 1
