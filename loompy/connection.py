@@ -64,6 +64,7 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
         raise LoomFileError(f"{path}: is a folder, not a Loom file")
     if os.path.getsize(path) == 0:  # HDF5 would write a header into it when opening it for writing
         raise LoomFileError(f"{path}: the file is empty, not a Loom file")
+    files.check_not_forked_from_writer(path)
     kwargs: dict[str, Any] = {}
     if locking is not None:
         kwargs["locking"] = locking

@@ -49,12 +49,33 @@ def target_path(path: str | os.PathLike | bytes) -> str:
     return os.path.realpath(os.path.expanduser(text))
 
 
-_connections: weakref.WeakSet = weakref.WeakSet()  # every LoomConnection opened in this process
+# every LoomConnection opened in this process (or, after a fork, in its parent): the process that
+# opened it, and whether for writing
+_connections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register(connection: Any) -> None:
     """Note an open connection, so that rewrites of its file know it is there."""
-    _connections.add(connection)
+    _connections[connection] = (os.getpid(), connection.mode == "r+")
+
+
+def _same_file(path: str, other: str) -> bool:
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return False
+
+
+def check_not_forked_from_writer(path: str) -> None:
+    """Refuse to open ``path`` in a process forked from one that has it open for writing: HDF5 here
+    would hand over the parent's open file, which it inherited, and its closing (or later writes)
+    would put back what the parent has since changed, damaging the file."""
+    me = os.getpid()
+    for connection, (pid, for_writing) in list(_connections.items()):
+        if pid != me and for_writing and not connection.closed and _same_file(path, connection._path):
+            raise LoomFileError(f"{path}: this process was forked from one that has the file open for writing, "
+                                "and HDF5 cannot open it again safely here; start workers with multiprocessing's "
+                                "'spawn' or 'forkserver' method, or fork before opening the file for writing")
 
 
 def _writers_here(target: str, own: Any) -> int:
@@ -64,8 +85,8 @@ def _writers_here(target: str, own: Any) -> int:
     except OSError:
         return 0
     count = 0
-    for connection in list(_connections):
-        if connection is own or connection.closed or connection.mode != "r+":
+    for connection, (pid, _) in list(_connections.items()):
+        if connection is own or pid != os.getpid() or connection.closed or connection.mode != "r+":
             continue
         try:
             found = os.stat(connection._path)

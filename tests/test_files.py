@@ -485,3 +485,41 @@ def test_small_files_are_synced_once_at_the_end(tmp_path, monkeypatch):
     monkeypatch.setattr(create.engine, "write_matrix", lambda *a, **k: time.sleep(0.1) or write(*a, **k))
     make(tmp_path / "a.loom")
     assert synced == [threading.current_thread().name]
+
+
+def _open_in_child(path, queue):
+    try:
+        with loompy.connect(path, "r") as ds:
+            queue.put(("opened", ds.shape))
+    except loompy.LoomError as error:
+        queue.put((type(error).__name__, str(error)))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_from_a_writer_is_refused_the_file(tmp_path):
+    """HDF5 in a forked child hands over the parent's inherited open file: a worker that opened it
+    'r' while the parent held it 'r+' put back stale metadata (the matrix back at its old width).
+    Refused, with the remedy named; a reading parent, or one that closed the file, is fine."""
+    import multiprocessing
+
+    path = tmp_path / "w.loom"
+    loompy.create(path, np.ones((20, 30), np.float32), {"g": np.arange(20)}, {"c": np.arange(30)}).close()
+    fork = multiprocessing.get_context("fork")
+
+    def child_says() -> tuple:
+        queue = fork.Queue()
+        process = fork.Process(target=_open_in_child, args=(str(path), queue))
+        process.start()
+        process.join(60)
+        return queue.get(timeout=10)
+
+    with loompy.connect(path) as ds:
+        ds.add_columns(np.zeros((20, 2), np.float32), {"c": [30, 31]})
+        kind, message = child_says()
+        assert kind == "LoomFileError" and "forked" in message and "'spawn'" in message and "w.loom" in message
+        assert ds.shape == (20, 32)
+    assert child_says() == ("opened", (20, 32))  # (the writer has closed it)
+    with loompy.connect(path, "r"):
+        assert child_says() == ("opened", (20, 32))
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (20, 32) and ds.ca.c[-1] == 31
