@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+import loompy
 from loompy import engine
 
 RNG = np.random.default_rng(42)
@@ -667,3 +668,47 @@ def test_large_fresh_arrays_are_kept_out_of_huge_pages():
         pytest.skip("/proc/self/smaps shows no VmFlags here")
     assert "nh" in flags(large)
     assert "nh" not in flags(before)
+
+
+def test_reads_beside_writes_from_another_thread_are_sound(tmp_path):
+    """A read through the chunk index while another thread wrote to the same layer took chunks
+    from where the writes had moved them: "the file is damaged" (8 reads of 8), or worse. Reads
+    and writes of one dataset now take turns (storage.reading, storage.writing)."""
+    import threading
+
+    rng = np.random.default_rng(3)
+    base = (rng.random((1280, 1280)) < 0.1).astype(np.float32)
+    path = tmp_path / "rw.loom"
+    loompy.create(path, base, {"g": np.arange(1280)}, {"c": np.arange(1280)}).close()
+    written, stop, problems = {}, threading.Event(), []
+    with loompy.connect(path) as ds:
+        def writer():
+            k = 0
+            while not stop.is_set():  # random values compress worse than the sparse base: chunks move
+                k += 1
+                block = np.random.default_rng(k).random((64, 64)).astype(np.float32)
+                block[0, 0] = 1000 + k  # (which write left a chunk)
+                written[1000 + k] = block
+                r, c = (k * 7) % 20 * 64, (k * 11) % 20 * 64
+                ds[r:r + 64, c:c + 64] = block
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            for _ in range(6):
+                try:
+                    whole, sums = ds[:, :], ds.map([np.sum], axis=1)[0]
+                except loompy.LoomError as error:
+                    problems.append(str(error))
+                    continue
+                for r in range(0, 1280, 64):
+                    for c in range(0, 1280, 64):  # each chunk as the base or one write left it
+                        block = whole[r:r + 64, c:c + 64]
+                        if not (np.array_equal(block, base[r:r + 64, c:c + 64])
+                                or np.array_equal(block, written.get(float(block[0, 0]), ()))):
+                            problems.append((r, c))
+                assert sums.shape == (1280,) and np.isfinite(sums).all()
+        finally:
+            stop.set()
+            thread.join()
+    assert not problems and len(written) > 10, (problems[:3], len(written))

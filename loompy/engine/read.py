@@ -41,6 +41,7 @@ from .storage import (
     open_index,
     raw_chunk,
     readable_directly,
+    reading,
     refresh,
 )
 from .workers import THREADS, on_worker, run_all
@@ -143,8 +144,9 @@ def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
     layout = chunk_layout(dataset)
     if layout is None:
         return _read_block_h5py(dataset, rows, cols, out)
-    read = _ChunkRead(dataset, layout, rows, cols)
-    read.run(lambda unit, buf: read.columns.place(out[unit.rows, unit.cols], unit, buf))
+    with reading(dataset):  # (writes from other threads wait: they would move chunks under the read)
+        read = _ChunkRead(dataset, layout, rows, cols)
+        read.run(lambda unit, buf: read.columns.place(out[unit.rows, unit.cols], unit, buf))
     return out
 
 
@@ -332,7 +334,7 @@ def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
             block = np.empty((rows[a:a + step].size, cols.size), dataset.dtype)
             handle(k, a, _read_block_h5py(dataset, rows[a:a + step], cols, block))
         return
-    with held_index(dataset):
+    with reading(dataset), held_index(dataset):
         read = _ChunkRead(dataset, layout, rows, cols, whole_rows=True)
         last = len(read.columns.groups)
         number = {id(unit): k for k, unit in enumerate(u for u in read.units if u.stop == last)}

@@ -10,6 +10,7 @@ dataset's chunks and kept until loompy next writes to that dataset (every engine
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
@@ -236,6 +237,7 @@ def open_index(dataset: h5py.Dataset, index: ChunkIndex) -> int | None:
 _cache: OrderedDict[tuple, ChunkIndex | None] = OrderedDict()
 _asked: dict[tuple, int] = {}
 _held: dict[tuple, ChunkIndex | None] = {}
+_turns: dict[tuple, _Turns] = {}  # per dataset: its readers and writer (see reading, writing)
 _lock = threading.RLock()  # loompy may be used from several threads; HDF5 calls are serialised anyway
 
 
@@ -290,11 +292,84 @@ def forget(dataset: h5py.Dataset) -> None:
         _held.pop(key, None)
 
 
+class _Turns:
+    """Who may use a dataset's chunks: any number of reading threads, or one writing thread.
+
+    A read through the chunk index takes positions the engine listed; a write from another thread
+    meanwhile moves chunks, and the read would take another chunk's bytes or half-written ones.
+    The writing thread may also read (a write merges its edges with what is stored), and a thread
+    may read within its own read. A writer waiting keeps new readers out, so writes are not
+    starved by a run of reads.
+    """
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.readers: dict[int, int] = {}  # thread -> depth
+        self.writer: int | None = None
+        self.depth = 0
+        self.waiting = 0  # writers
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self.changed:
+            if self.writer != me and me not in self.readers:
+                self.changed.wait_for(lambda: self.writer is None and not self.waiting)
+            self.readers[me] = self.readers.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.readers[me] -= 1
+                if not self.readers[me]:
+                    del self.readers[me]
+                    self.changed.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        me = threading.get_ident()
+        with self.changed:
+            if self.writer != me:
+                self.waiting += 1
+                try:
+                    self.changed.wait_for(lambda: self.writer is None and not set(self.readers) - {me})
+                finally:
+                    self.waiting -= 1
+                self.writer = me
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.depth -= 1
+                if not self.depth:
+                    self.writer = None
+                    self.changed.notify_all()
+
+
+def _turns_for(dataset: h5py.Dataset) -> _Turns:
+    key = _key(dataset)
+    with _lock:
+        if key not in _turns:
+            _turns[key] = _Turns()
+        return _turns[key]
+
+
+def reading(dataset: h5py.Dataset) -> contextlib.AbstractContextManager[None]:
+    """Hold ``dataset``'s chunks still while the block reads them: writes from other threads wait."""
+    return _turns_for(dataset).reading()
+
+
+def writing(dataset: h5py.Dataset) -> contextlib.AbstractContextManager[None]:
+    """Have ``dataset``'s chunks to this thread while the block writes them: reads from other threads wait."""
+    return _turns_for(dataset).writing()
+
+
 def forget_file(file: h5py.File) -> None:
     """Drop the indexes of every dataset of a file being closed (they hold memory, not handles)."""
     number = file.id.fileno
     with _lock:
-        for table in (_cache, _asked, _held):
+        for table in (_cache, _asked, _held, _turns):
             for key in [key for key in table if key[0] == number]:
                 del table[key]
         _layer_changes.pop(number, None)
@@ -325,8 +400,9 @@ def expect_reads(dataset: h5py.Dataset, share: float = 1.0) -> None:
 @contextmanager
 def direct_reads(dataset: h5py.Dataset) -> Iterator[tuple[ChunkIndex, int] | None]:
     """For reading all of ``dataset`` (and only reading it): its chunk index and a descriptor to
-    read its chunks through (closed after), or None when its chunks cannot be read directly."""
-    with held_index(dataset):
+    read its chunks through (closed after), or None when its chunks cannot be read directly.
+    Writes from other threads wait meanwhile (see :func:`reading`)."""
+    with reading(dataset), held_index(dataset):
         index = chunk_index(dataset, 0)
         fd = open_index(dataset, index) if index is not None else None
         if fd is None:

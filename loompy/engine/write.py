@@ -35,6 +35,7 @@ from .storage import (
     readable_directly,
     refresh,
     stored_chunks,
+    writing,
 )
 from .workers import QUEUED_TASKS, THREADS, run_in_order
 
@@ -42,16 +43,18 @@ TASK_BYTES = STRIP_BYTES // THREADS  # dense bytes a write task produces and com
 
 
 def _writes(function: Callable) -> Callable:
-    """Mark a function that writes to its first argument's dataset: its chunk index is dropped
-    before and after (chunks may move), so no read uses a stale one."""
+    """Mark a function that writes to its first argument's dataset: reads from other threads wait
+    until it is done (see :func:`~.storage.writing`), and its chunk index is dropped before and
+    after (chunks may move), so no read uses a stale one."""
 
     @functools.wraps(function)
     def wrapper(dataset: h5py.Dataset, *args, **kwargs):
-        forget(dataset)
-        try:
-            return function(dataset, *args, **kwargs)
-        finally:
+        with writing(dataset):
             forget(dataset)
+            try:
+                return function(dataset, *args, **kwargs)
+            finally:
+                forget(dataset)
 
     return wrapper
 
