@@ -292,16 +292,45 @@ AGGREGATORS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "first": lambda v, a: np.take(v, 0, axis=a),
     "nansum": lambda v, a: np.nansum(v, axis=a, dtype=np.float64 if v.dtype.kind == "f" else None),
     "mode": _mode,
+    # the other names loompy 3 took (numpy-groupies' functions), in float64 where numbers are averaged
+    "prod": lambda v, a: np.prod(v, axis=a, dtype=np.float64 if v.dtype.kind == "f" else None),
+    "var": lambda v, a: np.var(v, axis=a, dtype=np.float64),
+    "std": lambda v, a: np.std(v, axis=a, dtype=np.float64),
+    "all": lambda v, a: np.all(v, axis=a),
+    "any": lambda v, a: np.any(v, axis=a),
+    "last": lambda v, a: np.take(v, -1, axis=a),
+    "nanmean": lambda v, a: np.nanmean(v, axis=a, dtype=np.float64),
+    "nanvar": lambda v, a: np.nanvar(v, axis=a, dtype=np.float64),
+    "nanstd": lambda v, a: np.nanstd(v, axis=a, dtype=np.float64),
+    "nanmin": lambda v, a: np.nanmin(v, axis=a),
+    "nanmax": lambda v, a: np.nanmax(v, axis=a),
+    "nanprod": lambda v, a: np.nanprod(v, axis=a, dtype=np.float64 if v.dtype.kind == "f" else None),
+    "nanmedian": lambda v, a: np.nanmedian(v.astype(np.float64, copy=False), axis=a),
 }
+
+
+def _aggregator(how: Any, where: str) -> Callable[[np.ndarray, int], np.ndarray]:
+    """The function for aggregation ``how``: one of :data:`AGGREGATORS` by name, or a function of
+    a group's values (a numpy reduction such as ``np.sum`` is given the whole group at once)."""
+    if callable(how):
+        name = getattr(how, "__name__", None)
+        if getattr(np, name or "", None) is how and name in AGGREGATORS:
+            return AGGREGATORS[name]
+        return lambda v, a: np.apply_along_axis(how, a, v)
+    if how not in AGGREGATORS:
+        raise LoomValueError(f"{where}: unknown aggregation {how!r} (use one of {sorted(AGGREGATORS)}, "
+                             "or a function of a group's values)")
+    return AGGREGATORS[how]
 
 
 def _aggregate_values(values: np.ndarray, how: str, where: str) -> Any:
     """One value from a 1-D group of attribute values."""
     if how == "join":
         return ",".join(str(v) for v in values)
-    if how not in AGGREGATORS:
-        raise LoomValueError(f"{where}: unknown aggregation '{how}' (use one of {sorted(AGGREGATORS)} or 'join')")
-    if values.dtype == object and how not in ("first", "count", "mode"):
+    if callable(how):
+        return how(values)
+    _aggregator(how, where)  # (refuses unknown names)
+    if values.dtype == object and how not in ("first", "last", "count", "mode"):
         raise LoomValueError(f"{where}: cannot compute '{how}' of strings")
     if values.dtype == object and how == "mode":
         uniq, counts = np.unique(values, return_counts=True)
@@ -326,8 +355,7 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     column attributes are checked before the matrix is read; the file being aggregated is refused.
     """
     where = f"{ds.filename}: aggregate"
-    if aggr_by not in AGGREGATORS:
-        raise LoomValueError(f"{where}: unknown aggregation '{aggr_by}' (use one of {sorted(AGGREGATORS)})")
+    func = _aggregator(aggr_by, where)
     if isinstance(group_by, str):
         if group_by not in ds.ca:
             raise LoomKeyError(f"{where}: column attribute '{group_by}' does not exist")
@@ -344,14 +372,13 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     for name, how in (aggr_ca_by or {}).items():  # validate before any work
         if name not in ds.ca:
             raise LoomKeyError(f"{where}: column attribute '{name}' does not exist")
-        if how != "join" and how not in AGGREGATORS:
-            raise LoomValueError(f"{where}: unknown aggregation '{how}' for column attribute '{name}'")
+        if how != "join":
+            _aggregator(how, f"{where}: column attribute '{name}'")
     dataset = ds.layers[layer]._dataset
     col_attrs = None  # (with out_file: checked, and the output's column attributes made, before the pass)
     if out_file is not None:
         _check_output(ds, out_file)
         col_attrs = _aggregated_columns(ds, where, group_by, groups, members, aggr_ca_by, aggr_ca_if_equal)
-    func = AGGREGATORS[aggr_by]
     result: np.ndarray | None = None
     everything = np.arange(ds.shape[0], dtype=np.int64)
     step = max(1, (64 << 20) // max(1, 8 * len(cols)))

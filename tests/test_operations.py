@@ -593,3 +593,32 @@ def test_scans_take_items_in_their_order_with_repeats_as_the_reference(tmp_path,
                          ds.batch_scan(cells=np.array(cells), genes=np.array(genes), axis=axis, batch_size=size)])
     assert ours == theirs
     assert ours[0][0][1] == [10, 2, 5] and ours[0][0][2][0] == [10.0, 2.0, 5.0]  # (what the reference gives)
+
+
+@pytest.mark.reference
+def test_aggregate_takes_every_function_loompy3_took(tmp_path, reference):
+    """loompy 3 hands aggr_by to numpy-groupies, so std, var, prod, any, nanmean... and functions
+    such as np.sum worked; we took nine names. The values agree (ours in float64 where averaged)."""
+    path = tmp_path / "a.loom"
+    rng = np.random.default_rng(5)
+    m = rng.integers(0, 4, (30, 12)).astype(np.float32)
+    loompy.create(path, m, {"g": np.arange(30)}, {"Clusters": np.arange(12) % 3, "X": rng.random(12)}).close()
+    names = ["std", "var", "prod", "any", "nanmean", "last", "nanmax"]
+    theirs = reference.run("""
+        import sys, json, numpy as np, loompy
+        with loompy.connect(sys.argv[1], "r") as ds:
+            out = {n: ds.aggregate(aggr_by=n).tolist() for n in json.loads(sys.argv[2])}
+            out["np.sum"] = ds.aggregate(aggr_by=np.sum).tolist()
+        print(json.dumps(out))
+    """, str(path), json.dumps(names))
+    groups = [m[:, np.arange(12) % 3 == g] for g in range(3)]
+    with loompy.connect(path, "r") as ds:
+        for name in names:
+            np.testing.assert_allclose(ds.aggregate(aggr_by=name), np.array(theirs[name], dtype=float), rtol=1e-6,
+                                       err_msg=name)
+        np.testing.assert_allclose(ds.aggregate(aggr_by=np.sum), theirs["np.sum"], rtol=1e-6)
+        np.testing.assert_allclose(ds.aggregate(aggr_by=np.std)[:, 1], groups[1].std(axis=1), rtol=1e-6)
+        spread = ds.aggregate(aggr_by=lambda v: v.max() - v.min())  # any function of a group's values
+        np.testing.assert_array_equal(spread[:, 2], np.ptp(groups[2], axis=1))
+        with pytest.raises(loompy.LoomValueError, match="a.loom: aggregate: unknown aggregation 'average'"):
+            ds.aggregate(aggr_by="average")
