@@ -6,6 +6,8 @@ Built on the public API only, so every command does what the same Python call do
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -72,6 +74,10 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    if not os.path.exists(args.file):  # (exit 1 says the file breaks the spec: there is no file)
+        raise loompy.LoomFileNotFoundError(errno.ENOENT, "no such Loom file", args.file)
+    if os.path.isdir(args.file):
+        raise loompy.LoomFileError(f"{args.file}: is a folder, not a Loom file")
     validator = loompy.LoomValidator()
     ok = validator.validate(args.file, strictness=args.strictness)
     for line in validator.summary:
@@ -123,6 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except loompy.LoomError as exc:
         print(f"loompy {args.command}: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (``loompy demo | head``): no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
+        return 1
 
 
 if __name__ == "__main__":

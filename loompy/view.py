@@ -6,7 +6,7 @@ but never touches the file again; changes to it are not saved.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 from .attributes import AttributeManager, Dims, DotAccess, attribute_shortcut
 from .engine import Recycler
-from .errors import LoomKeyError
+from .errors import LoomKeyError, LoomValueError
 from .graphs import GraphManager, renumber_graph
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 from .layers import LoomLayer, SparseForms
@@ -47,13 +47,26 @@ class MemoryLayer(SparseForms):
         return sp.coo_matrix(self.values[np.ix_(r.indices, c.indices)])
 
 
-class MemoryLayerManager(DotAccess, Mapping):
-    """Layers of a view, by name (``""`` is the main matrix)."""
+class MemoryLayerManager(DotAccess, MutableMapping):
+    """Layers of a view, by name (``""`` is the main matrix); layers added to a view stay in memory."""
 
     _where = "view: layer"
 
-    def __init__(self, layers: dict[str, np.ndarray]) -> None:
+    def __init__(self, layers: dict[str, np.ndarray], dims: Dims | None = None) -> None:
         self._layers = {name: MemoryLayer(name, values) for name, values in layers.items()}
+        self._dims = dims
+
+    def __setitem__(self, name: str, values: Any) -> None:
+        matrix = np.asarray(values.toarray() if sp.issparse(values) else values)
+        if self._dims is not None and matrix.shape != self._dims.shape:
+            raise LoomValueError(f"{self._where} '{name}': shape {matrix.shape} differs from the view's "
+                                 f"{self._dims.shape}")
+        self._layers[name] = MemoryLayer(name, matrix)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._layers:
+            raise LoomKeyError(f"{self._where} '{name}' is not in this view")
+        del self._layers[name]
 
     def __getitem__(self, name: str) -> MemoryLayer:
         if name not in self._layers:
@@ -90,7 +103,7 @@ class LoomView:
             shape = next(iter(layers.values())).shape if layers else (0, 0)
         self._dims = Dims(shape)
         self.filename = filename
-        self.layers = MemoryLayerManager(layers)
+        self.layers = MemoryLayerManager(layers, self._dims)
         self.row_attrs = AttributeManager(None, 0, self._dims, values=row_attrs)
         self.col_attrs = AttributeManager(None, 1, self._dims, values=col_attrs)
         self.row_graphs = GraphManager(None, 0, self._dims, values=row_graphs or {})

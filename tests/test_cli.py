@@ -55,3 +55,23 @@ def test_python_dash_m_runs_the_tool(tmp_path):
     result = subprocess.run([sys.executable, "-m", "loompy", "--help"], capture_output=True, text=True,
                             cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path(loompy.__file__).parents[1])})
     assert result.returncode == 0 and "validate" in result.stdout
+
+
+def test_validate_without_a_file_is_a_usage_error_not_a_verdict(tmp_path, capsys):
+    """Exit 1 says the file breaks the spec; a missing path or a folder said so too, with HDF5's
+    text. Now exit 2 with a clear message, as `info` gives."""
+    assert main(["validate", str(tmp_path / "missing.loom")]) == 2
+    assert "no such Loom file" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`loompy demo | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(loompy.__file__).parents[1])}
+    run = subprocess.run(f"{sys.executable} -m loompy demo -o {tmp_path / 'd.loom'} | head -c 10",
+                         shell=True, capture_output=True, text=True, env=env, timeout=300)
+    assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr
