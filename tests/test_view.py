@@ -68,12 +68,13 @@ def test_view_display(ds):
 def test_a_view_takes_new_layers_in_memory(ds):
     """loompy 3 lets a view hold layers computed from it (view.layers["norm"] = ...); ours raised
     TypeError. Added and deleted in memory only; the shape must be the view's."""
-    view = ds.view[2:8, ::2]
+    conn, _, _ = ds
+    view = conn.view[2:8, ::2]
     view.layers["double"] = view[:, :] * 2
     view.layers["sparse"] = sp.csr_matrix(view[:, :])
     np.testing.assert_array_equal(view.layers["double"][:, :], view[:, :] * 2)
     np.testing.assert_array_equal(view.layers.sparse[:, :], view[:, :])
-    assert "double" not in ds.layers
+    assert "double" not in conn.layers
     with pytest.raises(loompy.LoomValueError, match=r"view: layer 'bad': shape \(2, 2\)"):
         view.layers["bad"] = np.ones((2, 2))
     del view.layers["double"]
