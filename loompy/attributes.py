@@ -166,6 +166,7 @@ class AttributeManager(DotAccess, MutableMapping):
         """An attribute's values by name; with a tuple of names, those that exist (loompy 3's
         alternative names: one, or several of one dtype side by side as columns); with a selection
         (slice, indices, mask, int), every attribute at it, as an in-memory manager."""
+        self._dims.sync()  # (columns another connection appended come with their values)
         if isinstance(key, str):
             if key not in self._cache:
                 if key not in self._names:

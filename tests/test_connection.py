@@ -1061,6 +1061,7 @@ def test_a_second_connection_takes_the_shape_another_appended(small):
     try:
         assert b.shape == (5, 8) and len(b.ca.Age) == 8
         a.add_columns(np.ones((5, 2), np.float32), {"CellID": ["x", "y"], "Age": [100, 101], "Keep": [1, 0]})
+        assert b.ca.CellID.size == 10 and b[:, b.ca.Age > 99].shape == (5, 2)  # (read before b.shape)
         with pytest.raises(loompy.LoomValueError, match="small.loom: column attribute 'New': expected 10 values"):
             b.ca["New"] = np.arange(8)
         assert b.shape == (5, 10) and b.ca.Age[-2:].tolist() == [100, 101]

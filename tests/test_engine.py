@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 import zlib
 
 import h5py
@@ -692,8 +693,13 @@ def test_reads_beside_writes_from_another_thread_are_sound(tmp_path):
                 r, c = (k * 7) % 20 * 64, (k * 11) % 20 * 64
                 ds[r:r + 64, c:c + 64] = block
 
-        thread = threading.Thread(target=writer)
-        thread.start()
+        def peeker():  # another part of the program opens the file and closes it (HDF5 shares it)
+            while not stop.is_set():
+                loompy.connect(path, "r").close()
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=peeker)]
+        for thread in threads:
+            thread.start()
         try:
             for _ in range(6):
                 try:
@@ -710,5 +716,41 @@ def test_reads_beside_writes_from_another_thread_are_sound(tmp_path):
                 assert sums.shape == (1280,) and np.isfinite(sums).all()
         finally:
             stop.set()
-            thread.join()
+            for thread in threads:
+                thread.join()
     assert not problems and len(written) > 10, (problems[:3], len(written))
+
+
+def test_a_reader_s_helper_threads_get_in_while_a_writer_waits(tmp_path):
+    """A thread holding a read whose helpers read the same layer, while another thread waits to
+    write: the helpers queued behind the waiting writer, the writer behind the holder, the holder
+    behind its helpers. Reads no longer wait for writers that only wait."""
+    import faulthandler
+    import threading
+
+    from loompy.engine import storage
+
+    path = tmp_path / "h.loom"
+    loompy.create(path, np.ones((300, 300), np.float32), {"g": np.arange(300)}, {"c": np.arange(300)}).close()
+    with loompy.connect(path) as ds:
+        dataset = ds.layers[""]._dataset
+        wrote = threading.Event()
+
+        def writer():
+            ds[0:64, 0:64] = np.zeros((64, 64), np.float32)
+            wrote.set()
+
+        faulthandler.dump_traceback_later(60, exit=True)  # (a hang fails the run with every stack)
+        try:
+            with storage.reading(dataset):
+                threading.Thread(target=writer, daemon=True).start()
+                time.sleep(0.2)  # the writer waits for this read now
+                assert not wrote.is_set()
+                helper = threading.Thread(target=lambda: engine.read_block(dataset, np.arange(10), np.arange(10)))
+                helper.start()
+                helper.join(20)
+                assert not helper.is_alive()
+            assert wrote.wait(20)
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        assert ds[0, 0] == 0 and ds[0, 64] == 1

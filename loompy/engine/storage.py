@@ -10,12 +10,11 @@ dataset's chunks and kept until loompy next writes to that dataset (every engine
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import h5py
@@ -23,6 +22,7 @@ import numpy as np
 
 from ..errors import LoomFileError
 from . import codecs
+from .workers import on_worker
 
 INDEX_SHARE = 3  # build an index once a third of a dataset's chunks have been asked for
 CACHED_INDEXES = 8  # indexes kept at once (each about 24 bytes per chunk)
@@ -298,8 +298,8 @@ class _Turns:
     A read through the chunk index takes positions the engine listed; a write from another thread
     meanwhile moves chunks, and the read would take another chunk's bytes or half-written ones.
     The writing thread may also read (a write merges its edges with what is stored), and a thread
-    may read within its own read. A writer waiting keeps new readers out, so writes are not
-    starved by a run of reads.
+    may read within its own read, or write within it when it reads alone. Reads never wait for a
+    writer that only waits (a reader's helpers must get in, or it could not finish).
     """
 
     def __init__(self) -> None:
@@ -307,14 +307,12 @@ class _Turns:
         self.readers: dict[int, int] = {}  # thread -> depth
         self.writer: int | None = None
         self.depth = 0
-        self.waiting = 0  # writers
 
     @contextmanager
     def reading(self) -> Iterator[None]:
         me = threading.get_ident()
         with self.changed:
-            if self.writer != me and me not in self.readers:
-                self.changed.wait_for(lambda: self.writer is None and not self.waiting)
+            self.changed.wait_for(lambda: self.writer in (None, me))
             self.readers[me] = self.readers.get(me, 0) + 1
         try:
             yield
@@ -329,13 +327,8 @@ class _Turns:
     def writing(self) -> Iterator[None]:
         me = threading.get_ident()
         with self.changed:
-            if self.writer != me:
-                self.waiting += 1
-                try:
-                    self.changed.wait_for(lambda: self.writer is None and not set(self.readers) - {me})
-                finally:
-                    self.waiting -= 1
-                self.writer = me
+            self.changed.wait_for(lambda: self.writer in (None, me) and not set(self.readers) - {me})
+            self.writer = me
             self.depth += 1
         try:
             yield
@@ -348,19 +341,22 @@ class _Turns:
 
 
 def _turns_for(dataset: h5py.Dataset) -> _Turns:
-    key = _key(dataset)
+    key = _key(dataset)  # (kept when a file closes: another connection may share its number)
     with _lock:
         if key not in _turns:
             _turns[key] = _Turns()
         return _turns[key]
 
 
-def reading(dataset: h5py.Dataset) -> contextlib.AbstractContextManager[None]:
-    """Hold ``dataset``'s chunks still while the block reads them: writes from other threads wait."""
-    return _turns_for(dataset).reading()
+def reading(dataset: h5py.Dataset) -> AbstractContextManager[None]:
+    """Hold ``dataset``'s chunks still while the block reads them: writes from other threads wait.
+
+    On the engine's workers nothing is taken: they read for a thread that waits for them and holds
+    what it needs (taking it again there could wait on a writer that waits on that thread)."""
+    return nullcontext() if on_worker() else _turns_for(dataset).reading()
 
 
-def writing(dataset: h5py.Dataset) -> contextlib.AbstractContextManager[None]:
+def writing(dataset: h5py.Dataset) -> AbstractContextManager[None]:
     """Have ``dataset``'s chunks to this thread while the block writes them: reads from other threads wait."""
     return _turns_for(dataset).writing()
 
@@ -369,7 +365,7 @@ def forget_file(file: h5py.File) -> None:
     """Drop the indexes of every dataset of a file being closed (they hold memory, not handles)."""
     number = file.id.fileno
     with _lock:
-        for table in (_cache, _asked, _held, _turns):
+        for table in (_cache, _asked, _held):
             for key in [key for key in table if key[0] == number]:
                 del table[key]
         _layer_changes.pop(number, None)
@@ -418,11 +414,13 @@ def direct_reads(dataset: h5py.Dataset) -> Iterator[tuple[ChunkIndex, int] | Non
 def held_index(dataset: h5py.Dataset) -> Iterator[None]:
     """Use one index for every read of ``dataset`` inside the block (kept even if the cache is full)."""
     key = _key(dataset)
-    if key in _held or chunk_layout(dataset) is None:
-        yield
-        return
-    _held[key] = _remember(dataset)
+    with _lock:  # (threads reading one dataset at once: the first one holds it for all)
+        mine = key not in _held and chunk_layout(dataset) is not None
+        if mine:
+            _held[key] = _remember(dataset)
     try:
         yield
     finally:
-        _held.pop(key, None)
+        if mine:
+            with _lock:
+                _held.pop(key, None)
