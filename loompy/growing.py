@@ -528,12 +528,15 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                         fmt.check_fits(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
         stored = sum(other.layers[name]._dataset.id.get_storage_size() for name in names)
         check_free_space(ds._file.filename, 2 * stored + (1 << 20), f"{ds.filename}: columns of {other.filename}")
+        # an empty file takes the other's rows: their attributes with the first batch, graphs after
+        row_attrs = other.ra.to_dict() if empty else None
+        row_graphs = {g: other.row_graphs[g] for g in other.row_graphs.keys()} if empty else {}
         try:
             _begin(ds._file, m0, first=empty)
-            for cols in batches:
+            for number, cols in enumerate(batches):
                 block = {name: other.layers[name][rows, cols] for name in names}
                 add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values,
-                            journal=False, convert_attrs=convert_attrs)
+                            journal=False, convert_attrs=convert_attrs, row_attrs=row_attrs if number == 0 else None)
             _commit(ds._file)
         except BaseException:  # back to the columns the file had (an empty file: empty again)
             _roll_back(ds)
@@ -542,6 +545,8 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
         for name in converted:  # now a column attribute: the file-level value no longer holds for every column
             if name in ds.attrs:
                 del ds.attrs[name]
+        for name, g in row_graphs.items():
+            ds.row_graphs[name] = g
     for name, g in graphs.items():
         mine = ds.col_graphs[name] if name in ds.col_graphs else sp.coo_matrix((m0, m0))
         total = ds.shape[1]

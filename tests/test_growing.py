@@ -863,3 +863,17 @@ def test_columns_added_to_a_file_without_column_attributes_or_with_a_short_one(t
         with pytest.raises(loompy.LoomFormatError, match="column attribute 'N' has 3 values for 4 columns"):
             ds.add_columns(m[:, :2], {"N": [7, 8]})
     assert digest(path) == before
+
+
+def test_a_new_file_takes_the_other_file_s_rows_whole(tmp_path):
+    """new() then add_loom(other): the rows came without their attributes (no Gene) and graphs."""
+    m = np.arange(24, dtype=np.float32).reshape(4, 6)
+    other = make(tmp_path / "other.loom", m, genes=["a", "b", "c", "d"])
+    with loompy.connect(other) as ds:
+        ds.row_graphs["net"] = sp.coo_matrix(([1.0, 2.0], ([0, 3], [1, 2])), shape=(4, 4))
+    with loompy.new(tmp_path / "new.loom") as ds:
+        ds.add_loom(other, batch_size=4)  # (two batches: the rows come with the first)
+    with loompy.connect(tmp_path / "new.loom", "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], m)
+        assert list(ds.ra.Gene) == ["a", "b", "c", "d"] and ds.row_graphs["net"].nnz == 2
+        assert list(ds.ca.CellID) == [f"c{i}" for i in range(6)]
