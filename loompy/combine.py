@@ -20,6 +20,7 @@ from .attributes import check_writable
 from .connection import LoomConnection, connect
 from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError
 from .files import check_not_input, replacing
+from .graphs import renumber_graph
 from .growing import align_rows, differing_globals, join_values, per_column
 from .indexing import select_axis
 
@@ -97,6 +98,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         converted.update({k: None for k in attr_names if any(k not in c.ca for c in conns)})
         globals_ = fmt.normalize_globals(file_attrs, os.fspath(output_file))
         n = first.shape[0]
+        col_graphs = _joined_column_graphs(conns, cols)
         sources = {name: [(c.layers[name]._dataset, order, sel) for c, order, sel in zip(conns, orders, cols)]
                    for name in names}
         with replacing(output_file) as out, contextlib.ExitStack() as job:
@@ -115,6 +117,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
                 fmt.write_values(out[fmt.COL_ATTRS], k, v, resizable=True, where=f"column attribute '{k}'")
             for g in first.row_graphs.keys():
                 write_graph(out, fmt.GRAPH_GROUPS[0], g, first.row_graphs[g])
+            for g, graph in col_graphs.items():
+                write_graph(out, fmt.GRAPH_GROUPS[1], g, graph)
             _combine_layer(out, fmt.MATRIX, sources[""], (n, total), dtypes[""], second)
             job.close()  # (its children are done)
             for name, dtype in dtypes.items():
@@ -123,6 +127,22 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
     finally:
         for c in conns:
             c.close()
+
+
+def _joined_column_graphs(conns: list[LoomConnection], cols: list[np.ndarray]) -> dict[str, sp.coo_matrix]:
+    """Every input's column graphs on its selected columns, numbered as those land in the output:
+    one graph per name, the union of the inputs' that have it (loompy 3 kept the first file's)."""
+    total, offset = sum(len(sel) for sel in cols), 0
+    parts: dict[str, list[tuple[sp.coo_matrix, int]]] = {}
+    for c, sel in zip(conns, cols):
+        for name in c.col_graphs.keys():
+            parts.setdefault(name, []).append((renumber_graph(c.col_graphs[name], sel), offset))
+        offset += len(sel)
+    joined = {}
+    for name, p in parts.items():
+        rows, cols_ = np.concatenate([g.row + o for g, o in p]), np.concatenate([g.col + o for g, o in p])
+        joined[name] = sp.coo_matrix((np.concatenate([g.data for g, _ in p]), (rows, cols_)), shape=(total, total))
+    return joined
 
 
 def _layer_dtype(datasets: list[h5py.Dataset], where: str) -> np.dtype:

@@ -877,3 +877,24 @@ def test_a_new_file_takes_the_other_file_s_rows_whole(tmp_path):
         np.testing.assert_array_equal(ds[:, :], m)
         assert list(ds.ra.Gene) == ["a", "b", "c", "d"] and ds.row_graphs["net"].nnz == 2
         assert list(ds.ca.CellID) == [f"c{i}" for i in range(6)]
+
+
+def test_combine_keeps_every_input_s_column_graphs(tmp_path):
+    """combine dropped column graphs (loompy 3 kept the first file's): each input's graph now lands
+    on its columns in the output, renumbered for selections; one graph per name."""
+    a = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))  # knn: 0 -> 1, 1 -> 0
+    b = make(tmp_path / "b.loom", np.ones((3, 3), np.float32), cells=["x", "y", "z"])
+    with loompy.connect(b) as ds:
+        ds.col_graphs["knn"] = sp.coo_matrix(([5.0, 6.0], ([0, 2], [2, 1])), shape=(3, 3))
+        ds.col_graphs["only_b"] = sp.coo_matrix(([7.0], ([1], [2])), shape=(3, 3))
+    loompy.combine([a, b], tmp_path / "ab.loom")
+    with loompy.connect(tmp_path / "ab.loom", "r") as ds:
+        knn = ds.col_graphs["knn"]
+        assert sorted(zip(knn.row.tolist(), knn.col.tolist(), knn.data.tolist())) == \
+            [(0, 1, 1.0), (1, 0, 1.0), (4, 6, 5.0), (6, 5, 6.0)]
+        only = ds.col_graphs["only_b"]
+        assert knn.shape == only.shape == (7, 7) and list(zip(only.row, only.col)) == [(5, 6)]
+    loompy.combine_faster([a, b], tmp_path / "sel.loom", selections=[[1, 0], [2, 1]])  # (file order, once each)
+    with loompy.connect(tmp_path / "sel.loom", "r") as ds:
+        knn = ds.col_graphs["knn"]
+        assert sorted(zip(knn.row.tolist(), knn.col.tolist())) == [(0, 1), (1, 0), (3, 2)]
