@@ -81,12 +81,18 @@ def check_writable(file: h5py.File | None, what: str) -> None:
 
 
 def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
-    """Apply an explicit dtype; ``"string"``/``"str"`` (the seed's names) mean text."""
+    """Apply an explicit dtype; ``"string"``/``"str"`` (the seed's names) mean text. Numbers are
+    converted only where that changes no value (1.5 does not become 1), as matrix writes are."""
     try:
         if dtype in ("string", "str", str):
             return np.asarray(values).astype(str)
+        wanted, arr = np.dtype(dtype), np.asarray(values)
+        if arr.dtype.kind in "biuf" and wanted.kind in "biuf":
+            return fmt.cast_values(arr, wanted, where)
         return np.asarray(values, dtype=dtype)
     except (TypeError, ValueError) as exc:
+        if isinstance(exc, LoomValueError):
+            raise
         raise LoomValueError(f"{where}: cannot convert values to dtype {dtype!r} ({exc})") from exc
 
 
@@ -285,6 +291,8 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
     def __setitem__(self, name: str, value: Any) -> None:
         fmt.check_name(name, self._where)
         if name == fmt.SPEC_VERSION_KEY:
+            if name in self and isinstance(value, str) and value == str(self[name]):
+                return  # (set to what it is: nothing changes, as in loompy 3)
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be changed")
         check_writable(self._file, f"{self._where} '{name}'")
         arr = fmt.normalize_global(value, name, self._file.filename)

@@ -356,6 +356,8 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     check_writable(ds._file, f"{ds.filename}: a permutation")
     length = ds.shape[axis]
     order = np.asarray(ordering)
+    if order.shape == (length, 1):  # a column vector, as loompy 3 takes it
+        order = order.ravel()
     if order.dtype.kind not in "iu" or order.shape != (length,) or \
             not np.array_equal(np.sort(order), np.arange(length)):
         raise LoomValueError(f"{ds.filename}: ordering must be a permutation of 0..{length - 1} "

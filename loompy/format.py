@@ -200,6 +200,8 @@ def normalize_globals(file_attrs: Mapping[str, Any] | None, filename: str) -> di
     for name, value in (file_attrs or {}).items():
         check_name(name, f"{filename}: global attribute")
         if name == SPEC_VERSION_KEY:
+            if isinstance(value, (str, bytes, np.ndarray)) and _scalar_text(value) == CURRENT_SPEC:
+                continue  # (another file's attributes, copied whole: the same version loompy writes)
             raise LoomValueError(f"{filename}: global attribute '{name}' is managed by loompy and cannot be set")
         globals_[name] = normalize_global(value, name, filename)
     return globals_
@@ -316,8 +318,7 @@ def cast_values(values: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
             same = whole and int(values.min()) >= info.min and int(values.max()) <= info.max and \
                 np.array_equal(converted.astype(values.dtype), values)
     if not same:
-        raise LoomValueError(f"{where}: values of dtype {values.dtype} do not fit the layer's dtype {dtype} "
-                             "without change")
+        raise LoomValueError(f"{where}: values of dtype {values.dtype} do not fit dtype {dtype} without change")
     return converted
 
 

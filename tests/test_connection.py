@@ -1074,3 +1074,26 @@ def test_a_second_connection_takes_the_shape_another_appended(small):
         b.close()
     with loompy.connect(path, "r") as ds:  # (validates)
         assert ds.shape == (5, 11) and ds.col_graphs["g"].nnz == 1
+
+
+def test_loompy3_calls_that_change_nothing_or_convert_exactly(small, tmp_path):
+    """Copying a file's attributes whole (LOOM_SPEC_VERSION among them, the version loompy writes)
+    was refused, as was setting it to what it is; set_attr(dtype="int") truncated 1.5 to 1 (matrix
+    writes refuse that); permute refused an ordering shaped as a column vector."""
+    path, m, ra, ca = small
+    with loompy.connect(path) as ds:
+        copied = loompy.create(tmp_path / "copy.loom", m, {}, {}, file_attrs=dict(ds.attrs))
+        assert copied.attrs.title == "Small <test>" and copied.attrs.LOOM_SPEC_VERSION == "3.0.0"
+        copied.close()
+        ds.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+        with pytest.raises(loompy.LoomValueError, match="LOOM_SPEC_VERSION"):
+            ds.attrs["LOOM_SPEC_VERSION"] = "2.0.1"
+        with pytest.raises(loompy.LoomValueError, match="small.loom: column attribute 'Half'.*without change"):
+            ds.set_attr("Half", np.arange(8) / 2, axis=1, dtype="int")
+        ds.set_attr("Whole", np.arange(8) * 1.0, axis=1, dtype="int32")
+        assert ds.ca.Whole.dtype == np.int32 and "Half" not in ds.ca
+        ds.permute(np.arange(8)[::-1].reshape(8, 1), axis=1)
+        assert ds.ca.Age.tolist() == ca["Age"][::-1].tolist()
+        np.testing.assert_array_equal(ds[:, :], m[:, ::-1])
+    with pytest.raises(loompy.LoomValueError, match="LOOM_SPEC_VERSION"):
+        loompy.create(tmp_path / "old.loom", m, {}, {}, file_attrs={"LOOM_SPEC_VERSION": "2.0.1"})
