@@ -43,7 +43,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
     """Concatenate the columns of several Loom files into a new one (rows aligned by ``key`` if given).
 
     ``selections`` picks columns per file (masks or indices); ``skip_attrs`` leaves column attributes out.
-    Layers and column attributes must be present in every file; a column attribute that is text in
+    Every file's layers are in the output, zeros where a file lacks one (as loompy 3 does); column
+    attributes must be present in every file; a column attribute that is text in
     some files and numbers in others is an error, or with ``convert_attrs`` is written as text.
     Global attributes come from ``file_attrs``, else the first file (with ``keep_first_attrs``, the
     first file's with ``file_attrs`` set over them, as :func:`combine` does). Nothing is written
@@ -61,12 +62,11 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
     try:
         first = conns[0]
         orders = [align_rows(first, c, key) for c in conns]
-        names = first.layers.keys()
+        names = list(dict.fromkeys(name for c in conns for name in c.layers.keys()))  # (a file lacking one: zeros)
         attr_names = [k for k in first.ca.keys() if k not in skip]
         cols = []
         for i, c in enumerate(conns):
-            lacking = [n for n in names if n not in c.layers] + \
-                [a for a in attr_names if a not in c.ca and not (convert_attrs and a in c.attrs)]
+            lacking = [a for a in attr_names if a not in c.ca and not (convert_attrs and a in c.attrs)]
             if lacking:
                 raise LoomValueError(f"{c.filename}: lacks {lacking}, which {first.filename} has")
             sel = None if selections is None or selections[i] is None else selections[i]
@@ -88,8 +88,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             col_attrs[a] = join_values(parts, f"combine: column attribute '{a}'", convert_attrs)
         # each layer holds every input's values unchanged: the dtype numpy would concatenate them in, or
         # when that would round 64-bit integers, one that holds the values the inputs have
-        dtypes = {name: _layer_dtype([c.layers[name]._dataset for c in conns], f"combine: layer '{name}'")
-                  for name in names}
+        dtypes = {name: _layer_dtype([c.layers[name]._dataset for c in conns if name in c.layers],
+                                     f"combine: layer '{name}'") for name in names}
         converted = differing_globals(conns) if convert_attrs else {}
         converted = {k: v for k, v in converted.items() if k not in col_attrs}
         for k in converted:  # file attributes that differ become column attributes, as in loompy 3
@@ -99,8 +99,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         globals_ = fmt.normalize_globals(file_attrs, os.fspath(output_file))
         n = first.shape[0]
         col_graphs = _joined_column_graphs(conns, cols)
-        sources = {name: [(c.layers[name]._dataset, order, sel) for c, order, sel in zip(conns, orders, cols)]
-                   for name in names}
+        sources = {name: [(c.layers[name]._dataset if name in c.layers else None, order, sel)
+                          for c, order, sel in zip(conns, orders, cols)] for name in names}
         with replacing(output_file) as out, contextlib.ExitStack() as job:
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
@@ -181,13 +181,14 @@ def _value_range(dataset: h5py.Dataset) -> tuple[int, int]:
     return lo, hi
 
 
-_Source = tuple[h5py.Dataset, np.ndarray | None, np.ndarray]  # layer, row order (or None), columns taken
+# layer (None: the file lacks it, zeros), row order (or None), columns taken
+_Source = tuple[h5py.Dataset | None, np.ndarray | None, np.ndarray]
 
 
 def _whole(source: _Source) -> bool:
     """True when every column of the source is taken, rows in place."""
     dataset, order, sel = source
-    return order is None and len(sel) == dataset.shape[1]
+    return dataset is not None and order is None and len(sel) == dataset.shape[1]
 
 
 def _copies_first(sources: list[_Source], shape: tuple[int, int], dtype: np.dtype) -> bool:
@@ -281,7 +282,9 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0,
             a, b = max(start, first), min(stop, first + len(sel))
             if a < b:
                 cols = sel[a - first:b - first]
-                if order is None:  # straight into place
+                if dataset is None:  # a file without this layer: zeros, as loompy 3 gives
+                    block[:, a - start:b - start] = 0
+                elif order is None:  # straight into place
                     engine.read_block(dataset, rows, cols, out=block[:, a - start:b - start])
                 else:
                     block[:, a - start:b - start] = np.take(engine.read_block(dataset, rows, cols), order, axis=0)
@@ -289,7 +292,8 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0,
 
     with contextlib.ExitStack() as stack:
         for _, dataset, _, _ in spans:  # inputs still to read (and only read)
-            stack.enter_context(engine.held_index(dataset))
+            if dataset is not None:
+                stack.enter_context(engine.held_index(dataset))
         for start, stop in needed:
             engine.write_columns(dst, start, stop - start, lambda a, b, start=start: gather(start + a, start + b))
 

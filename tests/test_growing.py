@@ -898,3 +898,24 @@ def test_combine_keeps_every_input_s_column_graphs(tmp_path):
     with loompy.connect(tmp_path / "sel.loom", "r") as ds:
         knn = ds.col_graphs["knn"]
         assert sorted(zip(knn.row.tolist(), knn.col.tolist())) == [(0, 1), (1, 0), (3, 2)]
+
+
+def test_combine_fills_layers_a_file_lacks_with_zeros(tmp_path):
+    """loompy 3's combine_faster documents zeros for "values in layers missing from one or more
+    files"; ours refused such files. Each layer is in the output; a file without it gives zeros."""
+    m1 = np.arange(12, dtype=np.float32).reshape(3, 4)
+    m2 = np.arange(9, dtype=np.float32).reshape(3, 3) + 100
+    a = make(tmp_path / "a.loom", m1, extra={"": m1, "x": (m1 * 2).astype(np.int32)})
+    b = make(tmp_path / "b.loom", m2, cells=["x", "y", "z"], extra={"": m2, "y": m2 + 0.5})
+    for combine in (loompy.combine, loompy.combine_faster):
+        out = tmp_path / f"{combine.__name__}.loom"
+        combine([a, b], out)
+        with loompy.connect(out, "r") as ds:
+            assert sorted(ds.layers.keys()) == ["", "x", "y"]
+            np.testing.assert_array_equal(ds[:, :], np.hstack([m1, m2]))
+            np.testing.assert_array_equal(ds.layers["x"][:, :], np.hstack([m1 * 2, np.zeros((3, 3))]))
+            np.testing.assert_array_equal(ds.layers["y"][:, :], np.hstack([np.zeros((3, 4)), m2 + 0.5]))
+            assert ds.layers["x"].dtype == np.int32 and ds.layers["y"].dtype == np.float32
+    loompy.combine_faster([b, a], tmp_path / "ba.loom", selections=[[2, 0], None])
+    with loompy.connect(tmp_path / "ba.loom", "r") as ds:
+        np.testing.assert_array_equal(ds.layers["x"][:, :], np.hstack([np.zeros((3, 2)), m1 * 2]))
