@@ -115,13 +115,16 @@ def auto_fill(values: np.ndarray) -> Any:
     return "" if values.dtype == object or values.dtype.kind in "SU" else 0
 
 
-def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: str) -> np.ndarray:
+def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: str,
+              lacking: str = "the new columns") -> np.ndarray:
+    """``n`` values of column attribute ``name`` (like ``existing``) for columns that have none
+    (``lacking`` says which, for the message), from ``fill_values``."""
     if isinstance(fill_values, str) and fill_values == "auto":
         fill = auto_fill(existing)
     elif isinstance(fill_values, Mapping) and name in fill_values:
         fill = fill_values[name]
     else:
-        raise LoomValueError(f"{where}: column attribute '{name}' has no values for the new columns "
+        raise LoomValueError(f"{where}: column attribute '{name}' has no values for {lacking} "
                              "(supply it, or pass fill_values={name: value} or fill_values='auto')")
     shape = (n,) + existing.shape[1:]
     what = f"{where}: column attribute '{name}'"
@@ -387,8 +390,8 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
                 out[name] = (joined[len(sample):], False)
                 continue
             old = _stored_values(ds, stored[name])  # (from the file: not an array the caller may have changed)
-        else:
-            old = _fill_for(name, values, fill_values, m, where)
+        else:  # (a new attribute: the file's columns have none)
+            old = _fill_for(name, values, fill_values, m, where, lacking="the file's existing columns")
         out[name] = (join_values([old, values], what, convert_attrs), True)
     return out
 

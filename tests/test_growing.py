@@ -919,3 +919,18 @@ def test_combine_fills_layers_a_file_lacks_with_zeros(tmp_path):
     loompy.combine_faster([b, a], tmp_path / "ba.loom", selections=[[2, 0], None])
     with loompy.connect(tmp_path / "ba.loom", "r") as ds:
         np.testing.assert_array_equal(ds.layers["x"][:, :], np.hstack([np.zeros((3, 2)), m1 * 2]))
+
+
+def test_a_new_column_attribute_without_fill_names_the_columns_that_lack_it(tmp_path):
+    """The message said the *new* columns had no values, when the file's existing ones lack them."""
+    path = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    before = digest(path)
+    with loompy.connect(path) as ds, pytest.raises(loompy.LoomValueError,
+                                                   match="'Batch' has no values for the file's existing columns"):
+        ds.add_columns({"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)},
+                       {"CellID": ["n"], "N": [9], "Batch": ["b2"]})
+    assert digest(path) == before
+    with loompy.connect(path) as ds:
+        ds.add_columns({"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)},
+                       {"CellID": ["n"], "N": [9], "Batch": ["b2"]}, fill_values={"Batch": "b1"})
+        assert list(ds.ca.Batch) == ["b1"] * 4 + ["b2"]
