@@ -39,11 +39,12 @@ def _advise() -> Callable[[int, int, int], int] | None:
 def fresh(shape: int | tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
     """``np.empty(shape, dtype)``, in 4 KB pages when very large.
 
-    numpy asks Linux for transparent huge pages for large arrays. Past what the free huge pages
-    hold, each 2 MB page costs a compaction when first touched: ``ds[:, :]`` of the benchmark
-    matrix (1.6 GB) took 0.84-2.40 s in huge pages against 0.99-1.11 s in small ones, with 1.2-3.4 s
-    of system time against 0.6-0.8 s (alternating runs). Arrays of tens of MB (a scan's batches)
-    do better in huge pages (scans 3-8% slower in small ones), hence ``SMALL_PAGES_FROM``.
+    numpy asks Linux for transparent huge pages for large arrays. On the benchmark machine (a
+    virtual machine) ``ds[:, :]`` of the benchmark matrix (1.6 GB) took 0.84-2.40 s in huge pages
+    against 0.99-1.11 s in small ones (alternating runs). Not from compaction (``/proc/vmstat``
+    counted none): new memory costs what the host takes to back it, 0.8-1.9 s of system time per
+    1.6 GB either way, and huge pages varied more. Arrays of tens of MB (a scan's batches) do
+    better in huge pages (scans 3-8% slower in small ones), hence ``SMALL_PAGES_FROM``.
     """
     array = np.empty(shape, dtype)
     advise = _advise() if array.nbytes >= SMALL_PAGES_FROM else None
