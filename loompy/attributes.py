@@ -291,6 +291,8 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
     def __setitem__(self, name: str, value: Any) -> None:
         fmt.check_name(name, self._where)
         if name == fmt.SPEC_VERSION_KEY:
+            if isinstance(value, bytes):  # (np.bytes_ too)
+                value = value.decode("utf-8", "replace")
             if name in self and isinstance(value, str) and value == str(self[name]):
                 return  # (set to what it is: nothing changes, as in loompy 3)
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be changed")

@@ -532,8 +532,9 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
         stored = sum(other.layers[name]._dataset.id.get_storage_size() for name in names)
         check_free_space(ds._file.filename, 2 * stored + (1 << 20), f"{ds.filename}: columns of {other.filename}")
         # an empty file takes the other's rows: their attributes with the first batch, graphs after
-        row_attrs = other.ra.to_dict() if empty else None
-        row_graphs = {g: other.row_graphs[g] for g in other.row_graphs.keys()} if empty else {}
+        takes_rows = empty and other.shape[1] > 0  # (no columns: nothing is added, the file stays empty)
+        row_attrs = other.ra.to_dict() if takes_rows else None
+        row_graphs = {g: other.row_graphs[g] for g in other.row_graphs.keys()} if takes_rows else {}
         try:
             _begin(ds._file, m0, first=empty)
             for number, cols in enumerate(batches):

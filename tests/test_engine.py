@@ -754,3 +754,43 @@ def test_a_reader_s_helper_threads_get_in_while_a_writer_waits(tmp_path):
         finally:
             faulthandler.cancel_dump_traceback_later()
         assert ds[0, 0] == 0 and ds[0, 64] == 1
+
+
+def test_combine_reads_its_inputs_while_no_other_thread_writes_them(tmp_path):
+    """combine's reads of an input run on the engine's workers, which take no turn of their own:
+    another thread rewriting that input (through its own connection) moved its chunks under
+    them ("the file is damaged", 6 of 10 combines). The input's held index now holds its turn."""
+    import threading
+
+    n, m = 1024, 2048
+    versions = [np.round(sp.random(n, m, density=d, random_state=s, dtype=np.float32).toarray() * 100)
+                for s, d in ((1, 0.02), (2, 0.3))]
+    a, b = tmp_path / "a.loom", tmp_path / "b.loom"
+    for path in (a, b):
+        loompy.create(path, versions[0], {"g": np.arange(n)}, {"c": np.arange(m)}).close()
+    stop, problems = threading.Event(), []
+
+    def writer():
+        with loompy.connect(a) as ds:
+            k = 0
+            while not stop.is_set():
+                k ^= 1
+                ds[:, :] = versions[k]
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(5):
+            try:
+                loompy.combine_faster([a, b], tmp_path / "out.loom", selections=[np.arange(m) % 2 == 0, None])
+            except loompy.LoomError as error:
+                problems.append(str(error))
+                continue
+            with loompy.connect(tmp_path / "out.loom", "r") as out:
+                half = out[:, :m // 2]
+            if not any(np.array_equal(half, v[:, ::2]) for v in versions):  # (one write or the other, whole)
+                problems.append("values from neither version")
+    finally:
+        stop.set()
+        thread.join()
+    assert not problems, problems[:2]

@@ -877,6 +877,11 @@ def test_a_new_file_takes_the_other_file_s_rows_whole(tmp_path):
         np.testing.assert_array_equal(ds[:, :], m)
         assert list(ds.ra.Gene) == ["a", "b", "c", "d"] and ds.row_graphs["net"].nnz == 2
         assert list(ds.ca.CellID) == [f"c{i}" for i in range(6)]
+    with loompy.create(tmp_path / "none.loom", np.zeros((4, 0), np.float32), {"Gene": list("abcd")}, {}) as ds:
+        ds.row_graphs["net"] = sp.coo_matrix(([1.0], ([0], [1])), shape=(4, 4))
+    with loompy.new(tmp_path / "still.loom") as ds:  # no columns to take: the file stays empty (it failed)
+        ds.add_loom(tmp_path / "none.loom")
+        assert ds.shape == (0, 0) and ds.row_graphs.keys() == []
 
 
 def test_combine_keeps_every_input_s_column_graphs(tmp_path):

@@ -334,7 +334,7 @@ def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
             block = np.empty((rows[a:a + step].size, cols.size), dataset.dtype)
             handle(k, a, _read_block_h5py(dataset, rows[a:a + step], cols, block))
         return
-    with reading(dataset), held_index(dataset):
+    with held_index(dataset):  # (which also keeps writes from other threads out)
         read = _ChunkRead(dataset, layout, rows, cols, whole_rows=True)
         last = len(read.columns.groups)
         number = {id(unit): k for k, unit in enumerate(u for u in read.units if u.stop == last)}

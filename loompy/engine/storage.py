@@ -398,7 +398,7 @@ def direct_reads(dataset: h5py.Dataset) -> Iterator[tuple[ChunkIndex, int] | Non
     """For reading all of ``dataset`` (and only reading it): its chunk index and a descriptor to
     read its chunks through (closed after), or None when its chunks cannot be read directly.
     Writes from other threads wait meanwhile (see :func:`reading`)."""
-    with reading(dataset), held_index(dataset):
+    with held_index(dataset):
         index = chunk_index(dataset, 0)
         fd = open_index(dataset, index) if index is not None else None
         if fd is None:
@@ -412,15 +412,18 @@ def direct_reads(dataset: h5py.Dataset) -> Iterator[tuple[ChunkIndex, int] | Non
 
 @contextmanager
 def held_index(dataset: h5py.Dataset) -> Iterator[None]:
-    """Use one index for every read of ``dataset`` inside the block (kept even if the cache is full)."""
+    """Use one index for every read of ``dataset`` inside the block (kept even if the cache is full),
+    and keep writes from other threads out meanwhile (see :func:`reading`): the block's reads may
+    run on the engine's workers, which take no turn of their own."""
     key = _key(dataset)
-    with _lock:  # (threads reading one dataset at once: the first one holds it for all)
-        mine = key not in _held and chunk_layout(dataset) is not None
-        if mine:
-            _held[key] = _remember(dataset)
-    try:
-        yield
-    finally:
-        if mine:
-            with _lock:
-                _held.pop(key, None)
+    with reading(dataset):
+        with _lock:  # (threads reading one dataset at once: the first one holds it for all)
+            mine = key not in _held and chunk_layout(dataset) is not None
+            if mine:
+                _held[key] = _remember(dataset)
+        try:
+            yield
+        finally:
+            if mine:
+                with _lock:
+                    _held.pop(key, None)
