@@ -768,17 +768,20 @@ def test_combine_reads_its_inputs_while_no_other_thread_writes_them(tmp_path):
     a, b = tmp_path / "a.loom", tmp_path / "b.loom"
     for path in (a, b):
         loompy.create(path, versions[0], {"g": np.arange(n)}, {"c": np.arange(m)}).close()
-    stop, problems = threading.Event(), []
+    stop, ready, problems, writes = threading.Event(), threading.Event(), [], []
 
     def writer():
-        with loompy.connect(a) as ds:
+        with loompy.connect(a) as ds:  # (open for writing before combine opens it to read: HDF5's order)
+            ready.set()
             k = 0
             while not stop.is_set():
                 k ^= 1
                 ds[:, :] = versions[k]
+                writes.append(k)
 
     thread = threading.Thread(target=writer)
     thread.start()
+    assert ready.wait(30)
     try:
         for _ in range(5):
             try:
@@ -793,4 +796,4 @@ def test_combine_reads_its_inputs_while_no_other_thread_writes_them(tmp_path):
     finally:
         stop.set()
         thread.join()
-    assert not problems, problems[:2]
+    assert not problems and len(writes) > 2, (problems[:2], len(writes))
