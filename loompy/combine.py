@@ -93,6 +93,10 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         converted = differing_globals(conns) if convert_attrs else {}
         converted = {k: v for k, v in converted.items() if k not in col_attrs}
         for k in converted:  # file attributes that differ become column attributes, as in loompy 3
+            if not any(k in c.ca for c in conns):  # (numbers stay numbers, 0 where a file has none)
+                col_attrs[k] = per_column([c.attrs[k] if k in c.attrs else None for c in conns],
+                                          [len(s) for s in cols], f"combine: column attribute '{k}'")
+                continue
             parts = [column_values(c, k, sel) for c, sel in zip(conns, cols)]
             col_attrs[k] = join_values(parts, f"combine: column attribute '{k}'", True)
         converted.update({k: None for k in attr_names if any(k not in c.ca for c in conns)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import shutil
 import stat
 import time
 
@@ -939,3 +940,24 @@ def test_a_new_column_attribute_without_fill_names_the_columns_that_lack_it(tmp_
         ds.add_columns({"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)},
                        {"CellID": ["n"], "N": [9], "Batch": ["b2"]}, fill_values={"Batch": "b1"})
         assert list(ds.ca.Batch) == ["b1"] * 4 + ["b2"]
+
+
+@pytest.mark.reference
+def test_convert_attrs_keeps_numbers_numbers_as_the_reference(tmp_path, reference):
+    """A numeric file attribute only some inputs have became text ('3.5', ''); loompy 3 makes it a
+    number column, 0 where a file had none."""
+    for i, extra in enumerate([{"score": 3.5, "t": "a"}, {"t": "b"}]):
+        loompy.create(tmp_path / f"in{i}.loom", np.ones((2, 2), np.float32), {"g": [1, 2]}, {"c": [1, 2]},
+                      file_attrs=extra).close()
+    inputs = [str(tmp_path / "in0.loom"), str(tmp_path / "in1.loom")]
+    copies = [shutil.copy(p, p + ".ref.loom") for p in inputs]  # (loompy 3 opens inputs r+ and writes to them)
+    theirs = reference.run("""
+        import sys, json, loompy
+        loompy.combine(sys.argv[1:3], sys.argv[3], convert_attrs=True)
+        with loompy.connect(sys.argv[3], "r") as ds:
+            print(json.dumps({"score": ds.ca.score.tolist(), "kind": ds.ca.score.dtype.kind, "t": list(ds.ca.t)}))
+    """, *copies, str(tmp_path / "theirs.loom"))
+    loompy.combine(inputs, tmp_path / "ours.loom", convert_attrs=True)
+    with loompy.connect(tmp_path / "ours.loom", "r") as ds:
+        assert {"score": ds.ca.score.tolist(), "kind": ds.ca.score.dtype.kind, "t": list(ds.ca.t)} == theirs
+    assert theirs["score"] == [3.5, 3.5, 0.0, 0.0]
