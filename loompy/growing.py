@@ -339,12 +339,13 @@ def _same_global(a: Any, b: Any) -> bool:
 
 def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
     """One file-level value per file (None: the file has none), repeated for each of its columns:
-    numbers when every value there is a number (0 where a file had none, as loompy 3 fills), else
-    text ("" where a file had none)."""
+    numbers when every value there is a number (a 0 of their common type where a file had none, as
+    loompy 3 fills), else text ("" where a file had none)."""
     present = [v for v in values if v is not None]
     if present and all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
                        for v in present):
-        return np.concatenate([np.full(w, 0 if v is None else v) for v, w in zip(values, widths)])
+        dtype = np.result_type(*[np.asarray(v) for v in present])  # (a bare 0 would widen uint64 to float)
+        return np.concatenate([np.full(w, 0 if v is None else v, dtype=dtype) for v, w in zip(values, widths)])
     texts = ["" if v is None else str(v) for v in values]
     joined = np.concatenate([np.full(w, t, dtype=object) for t, w in zip(texts, widths)])
     return encoding.normalize_values(joined, where)

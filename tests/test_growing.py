@@ -961,3 +961,29 @@ def test_convert_attrs_keeps_numbers_numbers_as_the_reference(tmp_path, referenc
     with loompy.connect(tmp_path / "ours.loom", "r") as ds:
         assert {"score": ds.ca.score.tolist(), "kind": ds.ca.score.dtype.kind, "t": list(ds.ca.t)} == theirs
     assert theirs["score"] == [3.5, 3.5, 0.0, 0.0]
+
+
+@pytest.mark.reference
+def test_convert_attrs_fills_a_zero_of_the_values_own_type_as_the_reference(tmp_path, reference):
+    """A missing numeric file attribute was filled with a plain 0, which widened the column: uint64
+    2**64-1 became float64 (its value lost), float32 float64, int8 int64."""
+    values = {"big": np.uint64(2**64 - 1), "f": np.float32(1.5), "small": np.int8(-3)}
+    loompy.create(tmp_path / "in0.loom", np.ones((2, 2), np.float32), {"g": [1, 2]}, {"c": [1, 2]},
+                  file_attrs=values).close()
+    loompy.create(tmp_path / "in1.loom", np.ones((2, 3), np.float32), {"g": [1, 2]}, {"c": [3, 4, 5]}).close()
+    inputs = [str(tmp_path / "in0.loom"), str(tmp_path / "in1.loom")]
+    copies = [shutil.copy(p, p + ".ref.loom") for p in inputs]  # (loompy 3 opens inputs r+ and writes to them)
+    theirs = reference.run("""
+        import sys, json, loompy
+        loompy.combine(sys.argv[1:3], sys.argv[3], convert_attrs=True)
+        with loompy.connect(sys.argv[3], "r") as ds:
+            print(json.dumps({k: [str(ds.ca[k].dtype), [str(v) for v in ds.ca[k]]] for k in ("big", "f", "small")}))
+    """, *copies, str(tmp_path / "theirs.loom"))
+    assert theirs["big"] == ["uint64", [str(2**64 - 1)] * 2 + ["0"] * 3]
+    loompy.combine(inputs, tmp_path / "ours.loom", convert_attrs=True)
+    with loompy.connect(tmp_path / "ours.loom", "r") as ds:
+        assert {k: [str(ds.ca[k].dtype), [str(v) for v in ds.ca[k]]] for k in ("big", "f", "small")} == theirs
+    with loompy.connect(tmp_path / "in1.loom") as ds:  # add_loom shares the conversion
+        ds.add_loom(inputs[0], convert_attrs=True)
+        assert str(ds.ca.big.dtype) == "uint64" and ds.ca.big.tolist() == [0] * 3 + [2**64 - 1] * 2
+        assert str(ds.ca.f.dtype) == "float32" and str(ds.ca.small.dtype) == "int8"
