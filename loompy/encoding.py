@@ -34,6 +34,15 @@ def decode_one(item: bytes | str, xml_refs: bool = False) -> str:
     return text
 
 
+def escape_legacy(text: str) -> bytes:
+    """Text as a file before spec 3.0.0 stores it: ASCII, other characters as XML character
+    references, and an ``&`` that would read as the start of one (literal ``&#36;``) as ``&#38;``,
+    so that what is read back is what was written."""
+    if "&#" in text:
+        text = _XML_REF.sub(lambda match: "&#38;" + match.group(0)[1:], text)
+    return text.encode("ascii", "xmlcharrefreplace")
+
+
 def _xml_ref_to_char(match: re.Match) -> str:
     hex_digits, dec_digits = match.groups()
     code = int(hex_digits, 16) if hex_digits else int(dec_digits)
@@ -212,7 +221,7 @@ def storable(arr: np.ndarray, where: str, legacy: bool = False) -> tuple[np.ndar
         if legacy:
             for text in arr.ravel().tolist():
                 encode_one(text, where)  # (the same refusals: NUL)
-            escaped = [s.encode("ascii", "xmlcharrefreplace") for s in arr.ravel().tolist()]
+            escaped = [escape_legacy(s) for s in arr.ravel().tolist()]
             data = np.array(escaped, dtype=f"S{max(map(len, escaped), default=1) or 1}").reshape(arr.shape)
             return data, data.dtype
         data = np.empty(arr.shape, dtype=object)

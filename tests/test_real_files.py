@@ -264,3 +264,26 @@ def test_spec2_files_keep_their_layout_when_written_so_loompy3_still_opens_them(
                       "Note": ["i", "h", "g", "f", "e", "d", "b&c", "", "a", "中文"], "Gene": genes[::-1]}
     with loompy.connect(path, "r") as ds:  # and we read back what we wrote
         assert list(ds.ca.Name)[-2:] == ["x", "ÿ"] and ds.ra.Note[-1] == "中文" and ds.attrs.title == "Cortéx"
+
+
+@pytest.mark.reference
+def test_literal_character_references_written_into_a_spec2_file_read_back_as_written(tmp_path, reference):
+    """Text like '&#36;5' written into a spec 2.0.1 file was stored as is and read back as '$5'
+    (globals at once, attributes after reopening): an '&' that would start a reference is now
+    stored as '&#38;'."""
+    path = tmp_path / "cortex.loom"
+    shutil.copy(REAL / "scverse+scvi-tools/tests/test_data/Cortex.loom", path)
+    path.chmod(0o644)
+    texts = ["price &#36;5", "&#x41;", "é&#233;", "a&#;b", "AT&T", "&#38;#36;", "f", "g", "h", "i"]
+    with loompy.connect(path) as ds:
+        ds.ra["Note"] = np.array(texts, dtype=object)
+        ds.attrs["note"] = "price &#36;5 &amp; up"
+        assert ds.attrs["note"] == "price &#36;5 &amp; up"
+    with loompy.connect(path, "r") as ds:
+        assert list(ds.ra.Note) == texts and ds.attrs["note"] == "price &#36;5 &amp; up"
+    theirs = reference.run("""
+        import sys, json, loompy
+        with loompy.connect(sys.argv[1], "r") as ds:
+            print(json.dumps(list(ds.ra.Note)))
+    """, str(path))
+    assert theirs == texts
