@@ -22,7 +22,7 @@ from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError
 from .files import check_not_input, replacing
 from .graphs import renumber_graph
 from .growing import align_rows, differing_globals, join_values, per_column
-from .indexing import select_axis
+from .indexing import batch_count, select_axis
 
 
 def _copy_extras(src: h5py.Group, dst: h5py.Group, skip: Sequence[str]) -> None:
@@ -311,6 +311,7 @@ def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, 
     column attribute that is text in some files and numbers in others as text; ``batch_size`` is
     accepted for loompy 3 compatibility (memory, not columns, sets batches).
     """
+    batch_count(batch_size, f"{os.fspath(output_file)}: combine(batch_size=...)")
     combine_faster(files, output_file, file_attrs=file_attrs, key=key, convert_attrs=convert_attrs,
                    keep_first_attrs=True)
 

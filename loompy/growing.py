@@ -24,6 +24,7 @@ from .attributes import check_writable, writable
 from .create import _as_attr_dict, _as_layer_dict
 from .errors import LoomFileError, LoomFormatError, LoomKeyError, LoomValueError
 from .files import check_free_space, stored_size_bound
+from .indexing import batch_count
 
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
@@ -511,6 +512,7 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
     from .connection import connect
 
     check_writable(ds._file, f"{ds.filename}: columns")
+    batch_size = batch_count(batch_size, f"{ds.filename}: add_loom(batch_size=...)")
     with connect(other_file, "r") as other:
         empty = "" not in ds.layers  # a file from new(): it takes the other's rows and layers
         order = None if empty else align_rows(ds, other, key)

@@ -987,3 +987,16 @@ def test_convert_attrs_fills_a_zero_of_the_values_own_type_as_the_reference(tmp_
         ds.add_loom(inputs[0], convert_attrs=True)
         assert str(ds.ca.big.dtype) == "uint64" and ds.ca.big.tolist() == [0] * 3 + [2**64 - 1] * 2
         assert str(ds.ca.f.dtype) == "float32" and str(ds.ca.small.dtype) == "int8"
+
+
+@pytest.mark.parametrize("size", [0, -1, 2.5, True])
+def test_add_loom_and_combine_refuse_a_batch_size_that_is_not_a_positive_count(tmp_path, size):
+    """add_loom(batch_size=-1) added nothing and returned; 0 raised range()'s bare message."""
+    a, b = make(tmp_path / "a.loom", np.ones((3, 4), np.float32)), make(tmp_path / "b.loom", np.ones((3, 2), np.float32))
+    before = digest(a)
+    with loompy.connect(a) as ds, pytest.raises(loompy.LoomValueError, match=r"a\.loom: add_loom\(batch_size"):
+        ds.add_loom(b, batch_size=size)
+    assert digest(a) == before
+    with pytest.raises(loompy.LoomValueError, match=r"ab\.loom: combine\(batch_size"):
+        loompy.combine([a, b], tmp_path / "ab.loom", batch_size=size)
+    assert not (tmp_path / "ab.loom").exists()
