@@ -145,6 +145,9 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         arr = np.asarray(values)
     except Exception as exc:  # ragged lists and the like
         raise LoomValueError(f"{where}: cannot convert values to an array ({exc})") from exc
+    if isinstance(values, (list, tuple)) and arr.dtype.kind == "f":  # (integers numpy made floats?)
+        whole = _integers(np.asarray(values, dtype=object).ravel().tolist(), where)
+        arr = arr if whole is None else whole.reshape(arr.shape)
     if arr.dtype.kind == "O":
         items = arr.ravel().tolist()
         if all(isinstance(x, (str, bytes, np.str_, np.bytes_)) for x in items):
@@ -156,6 +159,8 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
             # missing values (a pandas column's None, NA or NaT): text, as loompy 3 stores them ("None")
             texts = [x if isinstance(x, (str, bytes)) else str(x) for x in items]
             arr = decode_strings(np.array(texts, dtype=object).reshape(arr.shape))
+        elif (whole := _integers(items, where)) is not None:
+            arr = whole.reshape(arr.shape)
         else:
             try:
                 arr = np.asarray(arr.tolist())
@@ -179,6 +184,31 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         if arr.shape[0] != length:
             raise LoomValueError(f"{where}: expected {length} values, got {arr.shape[0]} (shape {arr.shape})")
     return arr
+
+
+def _integers(items: list, where: str) -> np.ndarray | None:
+    """Items that are all integers as int64, else uint64, exactly (numpy made ``[2**63 + 5, 1]``
+    float64, losing the first); None for other items, refused where integers mixed with
+    fractions would not keep their value as float64, or where one needs more than 64 bits."""
+    ints = [int(x) for x in items if isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))]
+    if not ints:
+        return None
+    if len(ints) < len(items):
+        if all(isinstance(x, (numbers.Real, np.number)) for x in items) and not all(_exact_float(x) for x in ints):
+            raise LoomValueError(f"{where}: integers mixed with fractions would lose digits as float64 "
+                                 f"(e.g. {next(x for x in ints if not _exact_float(x))}); give them as one dtype")
+        return None
+    for dtype in (np.int64, np.uint64):
+        if np.iinfo(dtype).min <= min(ints) and max(ints) <= np.iinfo(dtype).max:
+            return np.array(ints, dtype=dtype)
+    raise LoomValueError(f"{where}: integers from {min(ints)} to {max(ints)} do not fit one 64-bit integer type")
+
+
+def _exact_float(x: int) -> bool:
+    try:
+        return int(float(x)) == x
+    except OverflowError:
+        return False
 
 
 def _text_fields_as_str(arr: np.ndarray, where: str) -> np.ndarray:

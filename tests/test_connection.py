@@ -1098,3 +1098,24 @@ def test_loompy3_calls_that_change_nothing_or_convert_exactly(small, tmp_path):
         np.testing.assert_array_equal(ds[:, :], m[:, ::-1])
     with pytest.raises(loompy.LoomValueError, match="LOOM_SPEC_VERSION"):
         loompy.create(tmp_path / "old.loom", m, {}, {}, file_attrs={"LOOM_SPEC_VERSION": "2.0.1"})
+
+
+def test_integers_past_int64_are_stored_exactly_or_refused(small):
+    """numpy makes [2**63 + 5, 1, ...] float64: the attribute lost its last digits silently."""
+    path, *_ = small
+    big = [2**63 + 5, 1, 2, 3, 4]
+    with loompy.connect(path) as ds:
+        ds.ra["ids"] = big
+        assert ds.ra.ids.dtype == np.uint64 and ds.ra.ids.tolist() == big
+        ds.ra["obj"] = np.array(big, dtype=object)
+        assert ds.ra.obj.dtype == np.uint64 and ds.ra.obj.tolist() == big
+        ds.ra["mixed"] = [1, 2.5, 3, 4, 5]  # fractions and small integers: float64, as numpy has it
+        assert ds.ra.mixed.dtype == np.float64
+    before = digest(path)
+    with loompy.connect(path) as ds:
+        for values, message in [([np.uint64(2**64 - 3), np.int64(-1), 0, 0, 0], "from -1 to 18446744073709551613"),
+                                ([2**70] * 5, "do not fit one 64-bit"),
+                                ([2**53 + 1, 0.5, 0, 0, 0], "lose digits as float64")]:
+            with pytest.raises(loompy.LoomValueError, match=f"small.loom: row attribute 'x': .*{message}"):
+                ds.ra["x"] = values
+    assert digest(path) == before
