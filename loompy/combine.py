@@ -20,7 +20,7 @@ from .attributes import check_writable
 from .connection import LoomConnection, connect
 from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError
 from .files import check_not_input, replacing
-from .graphs import renumber_graph
+from .graphs import renumber_graph, store_graph
 from .growing import align_rows, differing_globals, join_values, per_column
 from .indexing import batch_count, select_axis
 
@@ -120,9 +120,9 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             for k, v in col_attrs.items():
                 fmt.write_values(out[fmt.COL_ATTRS], k, v, resizable=True, where=f"column attribute '{k}'")
             for g in first.row_graphs.keys():
-                write_graph(out, fmt.GRAPH_GROUPS[0], g, first.row_graphs[g])
+                store_graph(out.require_group(fmt.GRAPH_GROUPS[0]), g, first.row_graphs[g])
             for g, graph in col_graphs.items():
-                write_graph(out, fmt.GRAPH_GROUPS[1], g, graph)
+                store_graph(out.require_group(fmt.GRAPH_GROUPS[1]), g, graph)
             _combine_layer(out, fmt.MATRIX, sources[""], (n, total), dtypes[""], second)
             job.close()  # (its children are done)
             for name, dtype in dtypes.items():
@@ -328,13 +328,6 @@ def create_append(filename: str | os.PathLike, layers: Any, row_attrs: Any, col_
         create(filename, layers, row_attrs, col_attrs, file_attrs=file_attrs).close()
 
 
-def write_graph(f: h5py.File, where: str, name: str, graph: sp.coo_matrix) -> None:
-    """Store ``graph`` as the group ``where/name`` of a file being written (stamped as changed)."""
-    group = f.require_group(where).create_group(name)
-    parts = (("a", graph.row.astype(np.int64)), ("b", graph.col.astype(np.int64)), ("w", graph.data))
-    fmt.touch(*(group.create_dataset(part, data=values) for part, values in parts), group)
-
-
 class _Reordered:
     """Strips of ``src`` for permute: rows a:b as stored (axis 1: the engine's workers gather the
     columns), or columns a:b with the rows reordered (axis 0).
@@ -414,16 +407,19 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
         for key, obj in f[attr_group].items() if attr_group in f else []:  # the file's, not a cached list:
             if isinstance(obj, h5py.Dataset):                              # other connections may have added some
                 values = encoding.read_values(obj, legacy)[order]
-                fmt.write_values(dst_attrs, key, values, resizable=axis == 1, where=f"attribute '{key}'",
-                                 legacy=legacy)
+                written = fmt.write_values(dst_attrs, key, values, resizable=axis == 1, where=f"attribute '{key}'",
+                                           legacy=legacy)
+                swaps.carry_attrs(obj, written)
             else:
                 f.copy(obj, dst_attrs, name=key)
         graphs = ds.row_graphs if axis == 0 else ds.col_graphs
-        out.require_group(graph_group)
+        dst_graphs = out.require_group(graph_group)
+        if graph_group in f:  # what else the group holds (not graphs: nothing to renumber), as it is
+            _copy_extras(f[graph_group], dst_graphs, skip=graphs.keys())
         for key in graphs.keys():
             g = graphs[key]
             renumbered = sp.coo_matrix((g.data, (inverse[g.row], inverse[g.col])), shape=g.shape)
-            write_graph(out, graph_group, key, renumbered)
+            store_graph(dst_graphs, key, renumbered, like=f[graph_group][key])
         fmt.touch(out[attr_group], out[graph_group])
         engine.forget_file(ds._file)
         ds._file.close()  # the rename replaces the file under this handle; permute reopens it

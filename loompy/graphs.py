@@ -10,6 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import format as fmt
+from . import swaps
 from .attributes import AXIS_LABELS, Dims, DotAccess, check_writable, last_written
 from .encoding import refuse_masked
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
@@ -50,6 +51,33 @@ def read_edges(g: h5py.Group, n: int | None) -> tuple[np.ndarray, np.ndarray, np
     if problems:
         return a, b, w, problems
     return a.astype(np.int64), b.astype(np.int64), w, []
+
+
+def store_graph(parent: h5py.Group, name: str, graph: sp.coo_matrix, like: h5py.Group | None = None) -> h5py.Group:
+    """Write ``graph`` as the group ``parent[name]`` (``a``, ``b``, ``w``: chunked, compressed, able
+    to grow), stamped as changed. ``like``: the stored graph it replaces or was made from, whose
+    HDF5 attributes (the group's and each part's) and other members it keeps, and whose index dtype
+    when that holds the new indices exactly (R writers store them as floats)."""
+    group = parent.create_group(name)
+    parts = {"a": graph.row.astype(np.int64), "b": graph.col.astype(np.int64), "w": graph.data}
+    datasets = []
+    for key, values in parts.items():
+        old = like.get(key) if like is not None else None
+        old = old if isinstance(old, h5py.Dataset) else None
+        if old is not None and key != "w" and old.dtype.kind in "iuf":
+            kept = values.astype(old.dtype)
+            values = kept if np.array_equal(kept, values) else values
+        options = {"compression": "gzip", "compression_opts": fmt.DEFAULT_COMPRESSION_LEVEL, "chunks": True,
+                   "maxshape": (None,)} if values.size else {}
+        dataset = group.create_dataset(key, data=values, **options)
+        swaps.carry_attrs(old, dataset)
+        datasets.append(dataset)
+    for key in like.keys() if like is not None else ():  # what else it holds, as it is
+        if key not in parts:
+            like.copy(like[key], group, name=key)
+    swaps.carry_attrs(like, group)
+    fmt.touch(*datasets, group)
+    return group
 
 
 class GraphManager(DotAccess, MutableMapping):
@@ -142,15 +170,12 @@ class GraphManager(DotAccess, MutableMapping):
             self._memory[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
             return
         parent = self._file.require_group(self._group_name)
-        if name in parent:
-            del parent[name]
-        g = parent.create_group(name)
-        datasets = []
-        for key, values in (("a", a), ("b", b), ("w", w)):
-            options = {"compression": "gzip", "compression_opts": fmt.DEFAULT_COMPRESSION_LEVEL, "chunks": True,
-                       "maxshape": (None,)} if values.size else {}
-            datasets.append(g.create_dataset(key, data=values, **options))
-        fmt.touch(*datasets, g, parent)
+        existing = parent.get(name)
+        like = existing if isinstance(existing, h5py.Group) else None
+        graph = sp.coo_matrix((w, (a, b)), shape=(n, n))
+        # (written whole before it takes the name: refused or interrupted, the old graph stays)
+        swaps.replace(parent, name, lambda target: store_graph(parent, target, graph, like))
+        fmt.touch(parent)
 
     def __setattr__(self, name: str, graph: Any) -> None:
         if name.startswith("_") or name == "axis":

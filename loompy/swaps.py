@@ -1,4 +1,4 @@
-"""Replacing a value inside a Loom file (an attribute or a layer) so that an interruption never loses it.
+"""Replacing a value inside a Loom file (an attribute, a layer or a graph) so that an interruption never loses it.
 
 The replacement is written whole in a staging group, ``/loompy_swap``, that no listing shows; then
 the old value is moved there too, the new one moved to its name, and the old one deleted. The
@@ -97,9 +97,18 @@ def swap_in(group: h5py.Group, name: str, staged: str) -> h5py.Dataset:
     return f[target]
 
 
-def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.Dataset]) -> h5py.Dataset:
-    """The dataset ``group[name]`` as ``write(path)`` creates it at the path given: under the name
-    when it is free, else whole in the staging group and then swapped in. A write that fails or is
+def carry_attrs(source: h5py.HLObject | None, target: h5py.HLObject) -> None:
+    """Give ``target`` the HDF5 attributes of ``source`` (what it replaces) that it lacks: a user's
+    own notes outlive a rewrite. loompy's working marks (``loompy_...``) stay behind."""
+    for key, value in source.attrs.items() if source is not None else ():
+        if key not in target.attrs and not key.startswith("loompy_"):
+            target.attrs[key] = value
+
+
+def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:
+    """The value ``group[name]`` (a dataset or group) as ``write(path)`` creates it at the path
+    given: under the name when it is free, else whole in the staging group and then swapped in,
+    with the old value's HDF5 attributes (:func:`carry_attrs`). A write that fails or is
     interrupted leaves the old value, and nothing of the new one."""
     if name not in group:
         try:
@@ -110,7 +119,7 @@ def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.Dataset]) 
             raise
     staged = stage(group, name)
     try:
-        write(staged)
+        carry_attrs(group[name], write(staged))
     except BaseException:
         discard(group.file, staged)
         raise

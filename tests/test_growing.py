@@ -992,7 +992,8 @@ def test_convert_attrs_fills_a_zero_of_the_values_own_type_as_the_reference(tmp_
 @pytest.mark.parametrize("size", [0, -1, 2.5, True])
 def test_add_loom_and_combine_refuse_a_batch_size_that_is_not_a_positive_count(tmp_path, size):
     """add_loom(batch_size=-1) added nothing and returned; 0 raised range()'s bare message."""
-    a, b = make(tmp_path / "a.loom", np.ones((3, 4), np.float32)), make(tmp_path / "b.loom", np.ones((3, 2), np.float32))
+    a = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    b = make(tmp_path / "b.loom", np.ones((3, 2), np.float32))
     before = digest(a)
     with loompy.connect(a) as ds, pytest.raises(loompy.LoomValueError, match=r"a\.loom: add_loom\(batch_size"):
         ds.add_loom(b, batch_size=size)
@@ -1000,3 +1001,47 @@ def test_add_loom_and_combine_refuse_a_batch_size_that_is_not_a_positive_count(t
     with pytest.raises(loompy.LoomValueError, match=r"ab\.loom: combine\(batch_size"):
         loompy.combine([a, b], tmp_path / "ab.loom", batch_size=size)
     assert not (tmp_path / "ab.loom").exists()
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_permute_and_rewrites_keep_the_users_hdf5_attributes_and_graph_storage(tmp_path, axis):
+    """permute dropped HDF5 attributes users put on the permuted axis's attributes and graphs (and
+    what else a graph group held), and stored graphs contiguous and unable to grow; replacing a graph,
+    or an attribute with values of another dtype, dropped the old one's HDF5 attributes."""
+    m = np.arange(24, dtype=np.float32).reshape(4, 6)
+    path = make(tmp_path / "p.loom", m)
+    n = m.shape[axis]
+    attr_group, graph_group = ("row_attrs", "row_graphs") if axis == 0 else ("col_attrs", "col_graphs")
+    name = "Gene" if axis == 0 else "CellID"
+    with loompy.connect(path) as ds:
+        (ds.row_graphs if axis == 0 else ds.col_graphs)["net"] = sp.coo_matrix(([2.0, 3.0], ([0, 1], [n - 1, 0])),
+                                                                                shape=(n, n))
+    with h5py.File(path, "r+") as f:
+        f[f"{attr_group}/{name}"].attrs["unit"] = "HGNC"
+        f[f"{graph_group}/net"].attrs["k"] = 10
+        f[f"{graph_group}/net/w"].attrs["kind"] = "distance"
+        f[f"{graph_group}/net"]["meta"] = np.arange(3)
+        f[graph_group].attrs["note"] = "graphs"
+        f[graph_group]["loose"] = np.arange(2)
+    order = np.arange(n)[::-1]
+    with loompy.connect(path) as ds:
+        ds.permute(order, axis=axis)
+        graph = (ds.row_graphs if axis == 0 else ds.col_graphs)["net"]
+        expected = np.zeros((n, n))
+        expected[n - 1, 0], expected[n - 2, n - 1] = 2.0, 3.0
+        np.testing.assert_array_equal(graph.toarray(), expected)
+    with h5py.File(path, "r") as f:
+        assert f[f"{attr_group}/{name}"].attrs["unit"] == "HGNC"
+        assert f[f"{graph_group}/net"].attrs["k"] == 10 and f[f"{graph_group}/net/w"].attrs["kind"] == "distance"
+        assert list(f[f"{graph_group}/net/meta"][:]) == [0, 1, 2] and list(f[f"{graph_group}/loose"][:]) == [0, 1]
+        assert f[graph_group].attrs["note"] == "graphs"
+        for part in "abw":
+            stored = f[f"{graph_group}/net/{part}"]
+            assert stored.chunks and stored.compression == "gzip" and stored.maxshape == (None,)
+    with loompy.connect(path) as ds:  # replaced: a graph, an attribute with values of another dtype
+        (ds.row_graphs if axis == 0 else ds.col_graphs)["net"] = sp.coo_matrix(np.eye(n))
+        (ds.ra if axis == 0 else ds.ca)[name] = np.arange(n)
+    with h5py.File(path, "r") as f:
+        assert f[f"{graph_group}/net"].attrs["k"] == 10 and f[f"{graph_group}/net/w"].attrs["kind"] == "distance"
+        assert f[f"{attr_group}/{name}"].attrs["unit"] == "HGNC" and f[f"{attr_group}/{name}"].dtype.kind == "i"
+    assert loompy.LoomValidator().validate(path)
