@@ -1045,3 +1045,23 @@ def test_permute_and_rewrites_keep_the_users_hdf5_attributes_and_graph_storage(t
         assert f[f"{graph_group}/net"].attrs["k"] == 10 and f[f"{graph_group}/net/w"].attrs["kind"] == "distance"
         assert f[f"{attr_group}/{name}"].attrs["unit"] == "HGNC" and f[f"{attr_group}/{name}"].dtype.kind == "i"
     assert loompy.LoomValidator().validate(path)
+
+
+def test_a_graph_replacement_that_fails_leaves_the_old_graph(tmp_path, monkeypatch):
+    """The old graph was deleted before the new one was written: a failure in between lost it."""
+    path = make(tmp_path / "g.loom", np.ones((3, 4), np.float32))
+    with loompy.connect(path) as ds:
+        old = ds.col_graphs["knn"].toarray()
+        real = loompy.graphs.store_graph
+
+        def failing(parent, name, graph, like=None):
+            real(parent, name, graph, like)
+            raise OSError("disk full")
+
+        monkeypatch.setattr(loompy.graphs, "store_graph", failing)
+        with pytest.raises(OSError, match="disk full"):
+            ds.col_graphs["knn"] = sp.coo_matrix(np.eye(4))
+        monkeypatch.undo()
+        np.testing.assert_array_equal(ds.col_graphs["knn"].toarray(), old)
+    with h5py.File(path, "r") as f:
+        assert set(f) == {"matrix", "layers", "row_attrs", "col_attrs", "row_graphs", "col_graphs", "attrs"}
