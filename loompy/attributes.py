@@ -296,6 +296,9 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
             if name in self and isinstance(value, str) and value == str(self[name]):
                 return  # (set to what it is: nothing changes, as in loompy 3)
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be changed")
+        if name == fmt.LAST_MODIFIED and not self._in_group:  # (a file before spec 3.0.0: its own stamp)
+            raise LoomValueError(f"{self._where} '{name}': in a file that keeps its global attributes on its "
+                                 "root (before spec 3.0.0), that name is loompy's time stamp of the file")
         check_writable(self._file, f"{self._where} '{name}'")
         arr = fmt.normalize_global(value, name, self._file.filename)
         fmt.write_global(self._file, name, arr, self._in_group)

@@ -178,11 +178,11 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
 
 def check_name(name: Any, where: str, *, empty: bool = False) -> None:
     """Refuse a name no layer, attribute or graph may have: not text, with '/' or a NUL (HDF5 ends
-    a name at its NUL, so "X\\0z" would overwrite "X"), or empty (unless ``empty``: the main
-    matrix is layer "")."""
-    if not isinstance(name, str) or "/" in name or "\0" in name or (not name and not empty):
+    a name at its NUL, so "X\\0z" would overwrite "X"), '.' or '..' (HDF5 paths), or empty (unless
+    ``empty``: the main matrix is layer "")."""
+    if not isinstance(name, str) or "/" in name or "\0" in name or name in (".", "..") or (not name and not empty):
         raise LoomValueError(f"{where}: name {name!r} is invalid (a {'' if empty else 'non-empty '}string "
-                             "without '/' or NUL)")
+                             "without '/' or NUL, other than '.' and '..')")
 
 
 def normalize_global(value: Any, name: str, filename: str = "") -> np.ndarray:
@@ -213,7 +213,7 @@ ATTRIBUTE_BYTES = 64000  # HDF5 keeps a file's attributes in its object header: 
 def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> None:
     """Store a normalized global attribute where this file keeps them."""
     if in_group:
-        write_values(f[GLOBAL_ATTRS], name, value, resizable=False, where=f"global attribute '{name}'")
+        write_values(f[GLOBAL_ATTRS], name, value, resizable=False, where=f"{f.filename}: global attribute '{name}'")
         return
     where = f"{f.filename}: global attribute '{name}'"
     data, dtype = storable(value, where, legacy=True)  # (only files before spec 3.0.0 keep them on the root)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import h5py
@@ -287,3 +288,22 @@ def test_literal_character_references_written_into_a_spec2_file_read_back_as_wri
             print(json.dumps(list(ds.ra.Note)))
     """, str(path))
     assert theirs == texts
+
+
+def test_names_hdf5_reads_as_paths_and_a_spec2_files_time_stamp_are_refused(tmp_path):
+    """'.' failed inside h5py (raw errors, or one blaming the dtype); '..' was stored; in a spec-2
+    file a global 'last_modified' was accepted, then overwritten by the file's time stamp."""
+    path = tmp_path / "cortex.loom"
+    shutil.copy(REAL / "scverse+scvi-tools/tests/test_data/Cortex.loom", path)
+    path.chmod(0o644)
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with loompy.connect(path) as ds:
+        n, m = ds.shape
+        for name in (".", ".."):
+            for target, value in [(ds.layers, np.zeros((n, m))), (ds.row_graphs, sp.coo_matrix((n, n))),
+                                  (ds.ra, np.arange(n)), (ds.attrs, 1)]:
+                with pytest.raises(loompy.LoomValueError, match=r"cortex.loom: .*name '\.\.?' is invalid"):
+                    target[name] = value
+        with pytest.raises(loompy.LoomValueError, match="cortex.loom: global attribute 'last_modified'.*time stamp"):
+            ds.attrs["last_modified"] = "yesterday"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
