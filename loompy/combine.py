@@ -57,6 +57,9 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         if not os.path.exists(path):
             raise LoomFileNotFoundError(2, "no such Loom file", path)
     check_not_input(output_file, files, "an input of combine")
+    if selections is not None and len(selections) != len(files):
+        raise LoomValueError(f"{os.fspath(output_file)}: combine_faster got {len(selections)} selections for "
+                             f"{len(files)} files (one per file; None takes all of a file's columns)")
     skip = set(skip_attrs or [])
     conns = [connect(p, "r") for p in files]
     try:
@@ -70,8 +73,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             if lacking:
                 raise LoomValueError(f"{c.filename}: lacks {lacking}, which {first.filename} has")
             sel = None if selections is None or selections[i] is None else selections[i]
-            cols.append(np.unique(select_axis(np.asarray(sel), c.shape[1], 1).indices) if sel is not None
-                        else np.arange(c.shape[1], dtype=np.int64))
+            cols.append(select_axis(np.asarray(sel), c.shape[1], 1).indices.astype(np.int64) if sel is not None
+                        else np.arange(c.shape[1], dtype=np.int64))  # (indices: in their order, with repeats)
         total = int(sum(len(c) for c in cols))
         col_attrs = {}
         def column_values(c: LoomConnection, a: str, sel: np.ndarray) -> np.ndarray:
@@ -192,7 +195,7 @@ _Source = tuple[h5py.Dataset | None, np.ndarray | None, np.ndarray]
 def _whole(source: _Source) -> bool:
     """True when every column of the source is taken, rows in place."""
     dataset, order, sel = source
-    return dataset is not None and order is None and len(sel) == dataset.shape[1]
+    return dataset is not None and order is None and len(sel) == dataset.shape[1] and bool(np.all(np.diff(sel) > 0))
 
 
 def _copies_first(sources: list[_Source], shape: tuple[int, int], dtype: np.dtype) -> bool:
@@ -288,10 +291,12 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0,
                 cols = sel[a - first:b - first]
                 if dataset is None:  # a file without this layer: zeros, as loompy 3 gives
                     block[:, a - start:b - start] = 0
-                elif order is None:  # straight into place
+                elif order is None and np.all(np.diff(cols) > 0):  # straight into place
                     engine.read_block(dataset, rows, cols, out=block[:, a - start:b - start])
-                else:
-                    block[:, a - start:b - start] = np.take(engine.read_block(dataset, rows, cols), order, axis=0)
+                else:  # rows reordered, or columns out of order or repeated: each read once
+                    unique, back = np.unique(cols, return_inverse=True)
+                    read = engine.read_block(dataset, rows, unique)
+                    block[:, a - start:b - start] = read[np.ix_(rows if order is None else order, back)]
         return block
 
     with contextlib.ExitStack() as stack:

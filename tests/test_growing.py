@@ -900,10 +900,10 @@ def test_combine_keeps_every_input_s_column_graphs(tmp_path):
             [(0, 1, 1.0), (1, 0, 1.0), (4, 6, 5.0), (6, 5, 6.0)]
         only = ds.col_graphs["only_b"]
         assert knn.shape == only.shape == (7, 7) and list(zip(only.row, only.col)) == [(5, 6)]
-    loompy.combine_faster([a, b], tmp_path / "sel.loom", selections=[[1, 0], [2, 1]])  # (file order, once each)
+    loompy.combine_faster([a, b], tmp_path / "sel.loom", selections=[[1, 0], [2, 1]])  # (in the order given)
     with loompy.connect(tmp_path / "sel.loom", "r") as ds:
         knn = ds.col_graphs["knn"]
-        assert sorted(zip(knn.row.tolist(), knn.col.tolist())) == [(0, 1), (1, 0), (3, 2)]
+        assert sorted(zip(knn.row.tolist(), knn.col.tolist())) == [(0, 1), (1, 0), (2, 3)]
 
 
 def test_combine_fills_layers_a_file_lacks_with_zeros(tmp_path):
@@ -1065,3 +1065,25 @@ def test_a_graph_replacement_that_fails_leaves_the_old_graph(tmp_path, monkeypat
         np.testing.assert_array_equal(ds.col_graphs["knn"].toarray(), old)
     with h5py.File(path, "r") as f:
         assert set(f) == {"matrix", "layers", "row_attrs", "col_attrs", "row_graphs", "col_graphs", "attrs"}
+
+
+@pytest.mark.parametrize("key", [None, "Gene"])
+def test_combine_faster_takes_index_selections_in_their_order_with_repeats(tmp_path, key):
+    """Index selections were sorted and made unique: [0, 0, 1] and [3, 1] gave a0 a1 b1 b3."""
+    rng = np.random.default_rng(5)
+    m1, m2 = rng.random((5, 4)).astype(np.float32), rng.random((5, 6)).astype(np.float32)
+    a = make(tmp_path / "a.loom", m1)
+    genes = ["g3", "g0", "g4", "g1", "g2"]  # (rows of b in another order: aligned by key)
+    b = make(tmp_path / "b.loom", m2, genes=genes, cells=[f"b{i}" for i in range(6)])
+    selections = [[0, 0, 1], [3, 1, 5, 1]]
+    out = tmp_path / "out.loom"
+    loompy.combine_faster([a, b], out, selections=selections, key=key)
+    aligned = m2[np.argsort(genes)] if key else m2
+    with loompy.connect(out, "r") as ds:
+        expected = np.hstack([m1[:, selections[0]], aligned[:, selections[1]]])
+        np.testing.assert_array_equal(ds[:, :], expected)
+        np.testing.assert_array_equal(ds.layers["x"][:, :], (expected * 2).astype(np.int32))
+        assert list(ds.ca.CellID) == ["c0", "c0", "c1", "b3", "b1", "b5", "b1"]
+    with pytest.raises(loompy.LoomValueError, match="out2.loom: combine_faster got 1 selections for 2 files"):
+        loompy.combine_faster([a, b], tmp_path / "out2.loom", selections=[None])
+    assert not (tmp_path / "out2.loom").exists()
