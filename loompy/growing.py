@@ -116,6 +116,15 @@ def auto_fill(values: np.ndarray) -> Any:
     return "" if values.dtype == object or values.dtype.kind in "SU" else 0
 
 
+def check_fill_values(fill_values: Any, where: str) -> None:
+    """Refuse a ``fill_values`` that is neither None, ``"auto"`` nor a mapping of names to values
+    (any other would be ignored where every attribute is given)."""
+    if not (fill_values is None or isinstance(fill_values, Mapping) or
+            (isinstance(fill_values, str) and fill_values == "auto")):
+        raise LoomValueError(f"{where}: fill_values must be None, 'auto' or a dict of column attribute names "
+                             f"to values, got {fill_values!r}")
+
+
 def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: str,
               lacking: str = "the new columns") -> np.ndarray:
     """``n`` values of column attribute ``name`` (like ``existing``) for columns that have none
@@ -167,6 +176,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     f = ds._file
     where = ds.filename
     check_writable(f, f"{where}: columns")
+    check_fill_values(fill_values, where)
     ds._dims.sync()
     layer_dict = _as_layer_dict(layers, where)
     layer_dict = {k: (v[:, :] if hasattr(v, "_dataset") else v) for k, v in layer_dict.items()}
@@ -490,8 +500,10 @@ def align_rows(ds: Any, other: Any, key: str | None) -> np.ndarray | None:
     if len(np.unique(mine)) != len(mine):
         raise LoomValueError(f"{ds.filename}: key '{key}' has repeated values; rows cannot be aligned")
     lookup = {v: i for i, v in enumerate(theirs.tolist())}
+    if len(lookup) != len(theirs):
+        raise LoomValueError(f"{other.filename}: key '{key}' has repeated values; rows cannot be aligned")
     missing = [v for v in mine.tolist() if v not in lookup]
-    if missing or len(lookup) != len(theirs):
+    if missing:
         raise LoomValueError(f"{where}: key '{key}' values differ between the files (e.g. {missing[:3]})")
     order = np.array([lookup[v] for v in mine.tolist()], dtype=np.int64)
     return None if np.array_equal(order, np.arange(len(order))) else order
@@ -513,6 +525,7 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
 
     check_writable(ds._file, f"{ds.filename}: columns")
     batch_size = batch_count(batch_size, f"{ds.filename}: add_loom(batch_size=...)")
+    check_fill_values(fill_values, ds.filename)
     with connect(other_file, "r") as other:
         empty = "" not in ds.layers  # a file from new(): it takes the other's rows and layers
         order = None if empty else align_rows(ds, other, key)

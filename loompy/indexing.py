@@ -13,6 +13,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+import scipy.sparse as sp
 
 from .encoding import refuse_masked
 from .errors import LoomIndexError, LoomTypeError, LoomValueError
@@ -110,6 +111,8 @@ def select_axis(key: Any, length: int, axis: int) -> AxisSelection:
             raise LoomIndexError(f"{name} index {i} is out of bounds for {length} {name}s")
         return AxisSelection(np.array([i % length], dtype=np.int64), length, drop=True)
     if isinstance(key, slice):
+        if key.step is not None and operator.index(key.step) == 0:
+            raise LoomValueError(f"{name} slice step cannot be zero")
         start, stop, step = key.indices(length)
         return AxisSelection(np.arange(start, stop, step, dtype=np.int64), length)
     if isinstance(key, range):
@@ -175,6 +178,8 @@ def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dty
     """For writes: broadcast ``values`` to the selection and keep, per unique cell, the last value given."""
     target = result_shape(rows, cols)
     refuse_masked(values, where)
+    if sp.issparse(values):  # (the selection's size, dense: what is written anyway)
+        values = values.toarray()
     try:
         values = np.asarray(values)
     except ValueError as exc:  # ragged nesting

@@ -360,12 +360,15 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
         if group_by not in ds.ca:
             raise LoomKeyError(f"{where}: column attribute '{group_by}' does not exist")
         labels_all = ds.ca[group_by]
-    else:
-        labels_all = np.asarray(group_by)
+    else:  # (as a column attribute would store them: mixed labels, None, as text)
+        labels_all = encoding.normalize_values(group_by, f"{where}: group_by")
     if labels_all.shape != (ds.shape[1],):
         raise LoomValueError(f"{where}: group_by must give one label per column ({ds.shape[1]}), "
                              f"got shape {labels_all.shape}")
-    cols = _unique_positions(select, ds.shape[1], 1)
+    try:
+        cols = _unique_positions(select, ds.shape[1], 1)
+    except LoomError as error:
+        raise type(error)(f"{where}: select: {error}") from error
     labels = labels_all[cols]
     groups, inverse = np.unique(labels, return_inverse=True)
     members = [cols[inverse == g] for g in range(len(groups))]

@@ -1119,3 +1119,37 @@ def test_integers_past_int64_are_stored_exactly_or_refused(small):
             with pytest.raises(loompy.LoomValueError, match=f"small.loom: row attribute 'x': .*{message}"):
                 ds.ra["x"] = values
     assert digest(path) == before
+
+
+def test_clear_errors_for_odd_arguments_and_sparse_values_into_a_selection(small, tmp_path):
+    """Raw or misleading errors: a zero slice step (ValueError from Python), mixed aggregate labels
+    (TypeError from numpy's sort), a fill_values that is neither 'auto' nor a dict (ignored), a
+    combine_faster selection out of range (no file named), a sparse matrix written into a
+    selection ('dtype object'), repeated key values in add_loom ('values differ')."""
+    path, m, *_ = small
+    other = tmp_path / "other.loom"
+    shutil.copy(path, other)
+    with loompy.connect(other) as ds:
+        ds.ra["Gene"] = np.array(["Actb", "Actb", "Sox2", "x", "y"], dtype=object)
+    before = digest(path)
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomValueError, match="row slice step cannot be zero"):
+            ds[::0, 0] = 1.0
+        with pytest.raises(loompy.LoomValueError, match="fill_values must be None, 'auto' or a dict"):
+            ds.add_columns(np.ones((5, 1), np.float32), {"CellID": ["n"], "Age": [1], "Keep": [True]},
+                           fill_values="bogus")
+        with pytest.raises(loompy.LoomValueError, match="other.loom: key 'Gene' has repeated values"):
+            ds.add_loom(other, key="Gene")
+        labels = np.array([1, "a", None, "a", 1, 1, "a", None], dtype=object)
+        result = ds.aggregate(None, group_by=labels, aggr_by="sum")
+    assert digest(path) == before
+    groups = ["1", "None", "a"]  # (as text, sorted, as a column attribute would store them)
+    expected = np.stack([m[:, [str(x) == g for x in labels]].sum(axis=1) for g in groups], axis=1)
+    np.testing.assert_allclose(result, expected)
+    with pytest.raises(loompy.LoomIndexError, match="other.loom: selection: column index 9 is out of bounds"):
+        loompy.combine_faster([path, other], tmp_path / "out.loom", selections=[None, [9]])
+    with loompy.connect(path) as ds:
+        ds[1:3, 2:5] = sp.csr_matrix(np.full((2, 3), 7, np.float32))
+        expected = m.copy()
+        expected[1:3, 2:5] = 7
+        np.testing.assert_array_equal(ds[:, :], expected)
