@@ -174,6 +174,9 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         arr = _text_fields_as_str(arr, where)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.uint8)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:  # (numpy's longdouble: no portable HDF5 type)
+        raise LoomValueError(f"{where}: values of dtype {arr.dtype} are not portable across machines; "
+                             "cast them to float64")
     if arr.dtype.kind in "mMcV" and arr.dtype.names is None:
         raise LoomValueError(f"{where}: values of dtype {arr.dtype} cannot be stored in a Loom file")
     if arr.dtype.kind == "O":

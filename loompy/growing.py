@@ -208,10 +208,11 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         fmt.check_fits(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")  # the engine casts as it writes
         matrices[name] = matrix
     combined = _column_attrs(ds, col_attrs, n_new, fill_values, convert_attrs)
+    given_row_attrs = _as_attr_dict(row_attrs, where)
+    for name in given_row_attrs:
+        fmt.check_name(name, f"{where}: row attribute")
     new_row_attrs = {k: encoding.normalize_values(v, f"{where}: row attribute '{k}'", n)
-                     for k, v in _as_attr_dict(row_attrs, where).items()}
-    for name in [*new_row_attrs, *combined]:
-        fmt.check_name(name, f"{where}: attribute")
+                     for k, v in given_row_attrs.items()}
     needed = sum(stored_size_bound(matrix) for matrix in matrices.values())
     check_free_space(f.filename, needed + sum(v.nbytes for v, _ in combined.values() if v.dtype != object), where)
     # everything is valid: write, journalled

@@ -1153,3 +1153,17 @@ def test_clear_errors_for_odd_arguments_and_sparse_values_into_a_selection(small
         expected = m.copy()
         expected[1:3, 2:5] = 7
         np.testing.assert_array_equal(ds[:, :], expected)
+
+
+def test_long_double_attributes_are_refused_and_row_attribute_names_are_labelled(small):
+    """float128 (numpy's longdouble) was stored: a type other machines' HDF5 may not read."""
+    path, *_ = small
+    before = digest(path)
+    with loompy.connect(path) as ds:
+        if np.dtype(np.longdouble).itemsize > 8:  # (where longdouble is float64, it is float64)
+            with pytest.raises(loompy.LoomValueError, match="row attribute 'x': values of dtype float.* not portable"):
+                ds.ra["x"] = np.ones(5, dtype=np.longdouble)
+        with pytest.raises(loompy.LoomValueError, match="small.loom: row attribute: name 'a/b' is invalid"):
+            ds.add_columns(np.ones((5, 1), np.float32), {"CellID": ["n"], "Age": [1], "Keep": [True]},
+                           row_attrs={"a/b": np.arange(5)})
+    assert digest(path) == before
