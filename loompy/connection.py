@@ -360,8 +360,9 @@ class LoomConnection:
     # --------------------------------------------------------------- growing and reordering (growing.py)
     def add_columns(self, layers: Any = None, col_attrs: Any = None, *, row_attrs: Any = None,
                     fill_values: Any = None, submatrix: Any = None) -> None:
-        """Append columns (every layer, every column attribute); see :func:`loompy.growing.add_columns`.
-        ``submatrix=`` is the seed's name for ``layers``."""
+        """Append columns (every layer; column attributes as :meth:`add_loom` takes them, with
+        ``fill_values``); see :func:`loompy.growing.add_columns`. ``submatrix=`` is the seed's name
+        for ``layers``."""
         from .growing import add_columns
 
         if (layers is None) == (submatrix is None):
@@ -377,11 +378,12 @@ class LoomConnection:
         """Append the columns of another Loom file, rows aligned by ``key`` when given.
 
         ``fill_values`` supplies column attributes one file lacks (a dict, or ``"auto"``: 0 or "");
-        ``convert_attrs`` turns global attributes that differ between the files into column
-        attributes (and deletes them as global attributes here); ``include_graphs`` appends the
-        other file's column graphs, merged into this file's graph of the same name. The columns and
-        attributes are one journalled append; the graphs and converted global attributes are
-        written after it is committed.
+        with None, as in loompy 3, this file's attributes the other lacks are removed and the
+        other's that this file lacks ignored (with a warning). ``convert_attrs`` turns global
+        attributes that differ between the files into column attributes (and deletes them as
+        global attributes here); ``include_graphs`` appends the other file's column graphs, merged
+        into this file's graph of the same name. The columns and attributes are one journalled
+        append; the graphs and converted global attributes are written after it is committed.
         """
         from .growing import add_loom
 

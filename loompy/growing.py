@@ -11,6 +11,7 @@ reopens as before the append. An append that fails while writing does the same i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -167,11 +168,14 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
 
 
 def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
-                journal: bool = True, convert_attrs: bool = False) -> None:
-    """Append columns: every existing layer must be given; column attributes must cover every existing one
-    (or be filled by ``fill_values``: a dict, or ``"auto"`` for 0 / ""). On an empty file from ``new()``
-    the first call defines the rows (and ``row_attrs``). ``journal=False``: the caller keeps the
-    journal (:func:`add_loom`'s batches are one append).
+                journal: bool = True, convert_attrs: bool = False, drop: bool | None = None) -> None:
+    """Append columns: every existing layer must be given. A column attribute only the file or only
+    the new columns have is filled by ``fill_values`` (a dict, or ``"auto"`` for 0 / ""); with
+    ``fill_values=None``, as in loompy 3, the file's is removed and the new columns' ignored (with a
+    warning). On an empty file from ``new()`` the first call defines the rows (and ``row_attrs``); on
+    others, ``row_attrs`` add row attributes the file lacks (those it has are kept, as loompy 3 keeps
+    them). ``journal=False``: the caller keeps the journal (:func:`add_loom`'s batches are one
+    append); ``drop``: whether attributes are dropped (default: when ``fill_values`` is None).
     """
     f = ds._file
     where = ds.filename
@@ -207,12 +211,15 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
                                  "grow; loompy.combine writes a copy with these columns added")
         fmt.check_fits(matrix, ds.layers[name].dtype, f"{where}: layer '{name}'")  # the engine casts as it writes
         matrices[name] = matrix
-    combined = _column_attrs(ds, col_attrs, n_new, fill_values, convert_attrs)
+    drop = fill_values is None if drop is None else drop
+    combined, dropped, ignored = _column_attrs(ds, col_attrs, n_new, fill_values, convert_attrs, drop)
     given_row_attrs = _as_attr_dict(row_attrs, where)
     for name in given_row_attrs:
         fmt.check_name(name, f"{where}: row attribute")
     new_row_attrs = {k: encoding.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in given_row_attrs.items()}
+    differing = [k for k, v in new_row_attrs.items() if k in ds.ra and not _same_values(ds.ra[k], v)]
+    new_row_attrs = {k: v for k, v in new_row_attrs.items() if k not in ds.ra}
     needed = sum(stored_size_bound(matrix) for matrix in matrices.values())
     check_free_space(f.filename, needed + sum(v.nbytes for v, _ in combined.values() if v.dtype != object), where)
     # everything is valid: write, journalled
@@ -227,6 +234,8 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         group = f.require_group(fmt.COL_ATTRS)
         for name, (values, whole) in combined.items():
             _append_attr(group, name, values, whole, m, where, ds.ca._legacy)
+        for name in dropped:
+            _drop_attr(group, name)
         f.flush()
         if journal:
             _commit(f)
@@ -236,6 +245,11 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         raise
     ds._dims.shape = (n, m + n_new)  # the columns are in: the connection says so before anything else
     ds.col_attrs._forget()
+    if journal:  # (add_loom says it once)
+        _warn_left_out(where, dropped, ignored)
+    if differing:
+        warnings.warn(f"{where}: row attributes {differing} given with the new columns differ from the file's, "
+                      "which are kept (row_attrs only add row attributes the file lacks)", stacklevel=3)
     for name, values in new_row_attrs.items():
         ds.ra[name] = values
     f.flush()
@@ -374,14 +388,18 @@ def _roll_back(ds: Any) -> None:
     ds.col_attrs._forget()
 
 
-def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert_attrs: bool = False
-                  ) -> dict[str, tuple[np.ndarray, bool]]:
+def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert_attrs: bool = False,
+                  drop: bool = False) -> tuple[dict[str, tuple[np.ndarray, bool]], list[str], list[str]]:
     """Each column attribute's values to write for ``n_new`` appended columns, checked against what
     is stored, and whether they are every column's. Values that go after the stored ones unchanged
     (in the stored dtype, into a dataset that can grow) are the new columns' alone, and the stored
     values are never read (an append in batches would read them all again for each batch); else
     they are all: the stored values, then the new or filled ones (with ``convert_attrs``, text on
-    either side makes both text), and the attribute is rewritten."""
+    either side makes both text), and the attribute is rewritten.
+
+    An attribute only one side has and no fill value covers is refused, or with ``drop`` (what
+    ``fill_values=None`` means, as documented for loompy 3) left out: the file's is removed, the
+    new columns' ignored. Also returns those two lists of names."""
     where, m = ds.filename, ds.shape[1]
     stored = {name: ds.ca._group[name] for name in ds.ca.keys()}  # (no such group: none)
     for name, dataset in stored.items():
@@ -393,8 +411,12 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
     for name in given:  # (a bad name first: "K\0" would read as K, and be reported as missing)
         fmt.check_name(name, f"{where}: column attribute")
     new_attrs = {k: encoding.normalize_values(v, f"{where}: column attribute '{k}'", n_new) for k, v in given.items()}
+    dropped = [k for k in samples if k not in new_attrs and drop and not _has_fill(k, fill_values)]
+    ignored = [k for k in new_attrs if k not in samples and drop and not _has_fill(k, fill_values)]
+    for name in ignored:
+        del new_attrs[name]
     for name, sample in samples.items():
-        if name not in new_attrs:
+        if name not in new_attrs and name not in dropped:
             new_attrs[name] = _fill_for(name, sample, fill_values, n_new, where)
     out = {}
     for name, values in new_attrs.items():
@@ -409,7 +431,22 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
         else:  # (a new attribute: the file's columns have none)
             old = _fill_for(name, values, fill_values, m, where, lacking="the file's existing columns")
         out[name] = (join_values([old, values], what, convert_attrs), True)
-    return out
+    return out, dropped, ignored
+
+
+def _has_fill(name: str, fill_values: Any) -> bool:
+    return (isinstance(fill_values, str) and fill_values == "auto") or \
+        (isinstance(fill_values, Mapping) and name in fill_values)
+
+
+def _warn_left_out(where: str, dropped: list[str], ignored: list[str]) -> None:
+    """Say what ``fill_values=None`` left out (loompy 3 logged it at debug level only)."""
+    if dropped:
+        warnings.warn(f"{where}: column attributes {dropped} removed: the new columns have no values for them "
+                      "(fill_values=None; pass fill_values to keep them)", stacklevel=4)
+    if ignored:
+        warnings.warn(f"{where}: column attributes {ignored} of the new columns ignored: the file has no such "
+                      "attributes (fill_values=None; pass fill_values to add them)", stacklevel=4)
 
 
 def _stored_values(ds: Any, dataset: h5py.Dataset, count: int | None = None) -> np.ndarray:
@@ -448,6 +485,17 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
         group.file.flush()
     fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'",
                      legacy=legacy)
+
+
+def _drop_attr(group: h5py.Group, name: str) -> None:
+    """Remove a column attribute as part of an append: kept aside until it is done (a rollback puts
+    it back)."""
+    kept = group.file.require_group(BEFORE_APPEND)
+    if name in kept:  # kept aside by an earlier batch of this append already
+        if name in group:
+            del group[name]
+    elif name in group:
+        group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
 
 
 def _commit(f: h5py.File) -> None:
@@ -538,12 +586,14 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
         graphs = {g: other.col_graphs[g] for g in other.col_graphs.keys()} if include_graphs else {}
         m0 = ds.shape[1]
         converted: list[str] = []  # file attributes of this file that become column attributes
+        drop = fill_values is None  # (what None means, also once convert_attrs has given fill values)
         if convert_attrs and not empty:
             fill_values, converted = _file_attrs_as_columns(ds, other, attrs, fill_values)
         rows = np.arange(other.shape[0]) if order is None else order
         batches = [slice(a, min(other.shape[1], a + batch_size)) for a in range(0, other.shape[1], batch_size)]
+        left_out: tuple[list[str], list[str]] = ([], [])
         if not empty:  # (an empty file takes the first batch as it comes)
-            _column_attrs(ds, attrs, other.shape[1], fill_values, convert_attrs)
+            _, *left_out = _column_attrs(ds, attrs, other.shape[1], fill_values, convert_attrs, drop)
             for name in names:  # values a cast could change are read once to check them all
                 mine, theirs = ds.layers[name].dtype, other.layers[name].dtype
                 if not np.can_cast(theirs, mine, "safe"):
@@ -559,12 +609,13 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
             _begin(ds._file, m0, first=empty)
             for number, cols in enumerate(batches):
                 block = {name: other.layers[name][rows, cols] for name in names}
-                add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values,
+                add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values, drop=drop,
                             journal=False, convert_attrs=convert_attrs, row_attrs=row_attrs if number == 0 else None)
             _commit(ds._file)
         except BaseException:  # back to the columns the file had (an empty file: empty again)
             _roll_back(ds)
             raise
+        _warn_left_out(ds.filename, *left_out)
         ds._file.flush()
         for name in converted:  # now a column attribute: the file-level value no longer holds for every column
             if name in ds.attrs:

@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import time
+import warnings
 
 import h5py
 import numpy as np
@@ -64,7 +65,7 @@ def test_add_columns_rejects_bad_input_leaving_file_identical(tmp_path):
         ({"": np.ones((10, 2), np.float32)}, {"CellID": ["a", "b"], "N": [1, 2]}, None),  # missing layer x
         ({**good, "y": np.ones((10, 2))}, {"CellID": ["a", "b"], "N": [1, 2]}, None),  # unknown layer
         ({"": np.ones((9, 2), np.float32), "x": np.ones((9, 2), np.int32)}, {"CellID": ["a", "b"], "N": [1, 2]}, None),
-        (good, {"CellID": ["a", "b"]}, None),  # N missing and no fill values
+        (good, {"CellID": ["a", "b"]}, {"Other": 0}),  # N missing and no fill value for it
         (good, {"CellID": ["a"], "N": [1, 2]}, None),  # wrong length
         (good, {"CellID": [1, 2], "N": [1, 2]}, None),  # numbers for a text attribute
         ({"": np.ones((10, 2), np.float32), "x": np.full((10, 2), 0.5)}, {"CellID": ["a", "b"], "N": [1, 2]}, None),
@@ -934,7 +935,7 @@ def test_a_new_column_attribute_without_fill_names_the_columns_that_lack_it(tmp_
     with loompy.connect(path) as ds, pytest.raises(loompy.LoomValueError,
                                                    match="'Batch' has no values for the file's existing columns"):
         ds.add_columns({"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)},
-                       {"CellID": ["n"], "N": [9], "Batch": ["b2"]})
+                       {"CellID": ["n"], "N": [9], "Batch": ["b2"]}, fill_values={"Other": 0})
     assert digest(path) == before
     with loompy.connect(path) as ds:
         ds.add_columns({"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)},
@@ -1087,3 +1088,64 @@ def test_combine_faster_takes_index_selections_in_their_order_with_repeats(tmp_p
     with pytest.raises(loompy.LoomValueError, match="out2.loom: combine_faster got 1 selections for 2 files"):
         loompy.combine_faster([a, b], tmp_path / "out2.loom", selections=[None])
     assert not (tmp_path / "out2.loom").exists()
+
+
+@pytest.mark.reference
+def test_fill_values_none_drops_attributes_one_side_lacks_as_the_reference(tmp_path, reference):
+    """The seed documents fill_values=None as "drop missing attrs" (loompy 3: the file's attribute
+    the new columns lack is removed, theirs the file lacks ignored); ours refused the call."""
+    a = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    with loompy.connect(a) as ds:
+        ds.ca["Batch"] = ["b1"] * 4
+    b = make(tmp_path / "b.loom", np.full((3, 2), 2, np.float32), cells=["y0", "y1"])
+    with loompy.connect(b) as ds:
+        ds.ca["Tissue"] = ["t", "t"]
+    copies = [shutil.copy(p, tmp_path / f"ref-{p.name}") for p in (a, b)]
+    theirs = reference.run("""
+        import sys, json, loompy, numpy as np
+        with loompy.connect(sys.argv[1]) as ds:
+            ds.add_loom(sys.argv[2])
+            print(json.dumps({"ca": sorted(ds.ca.keys()), "CellID": list(ds.ca.CellID), "sum": float(ds[:, :].sum())}))
+    """, *map(str, copies))
+    assert theirs == {"ca": ["CellID", "N"], "CellID": ["c0", "c1", "c2", "c3", "y0", "y1"], "sum": 24.0}
+    with loompy.connect(a) as ds, pytest.warns(UserWarning) as warned:
+        ds.add_loom(b)
+        ours = {"ca": sorted(ds.ca.keys()), "CellID": list(ds.ca.CellID), "sum": float(ds[:, :].sum())}
+    assert ours == theirs
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 2 and "a.loom: column attributes ['Batch'] removed" in messages[0]
+    assert "a.loom: column attributes ['Tissue'] of the new columns ignored" in messages[1]
+    with loompy.connect(a) as ds, pytest.warns(UserWarning, match=r"\['N'\] removed"):  # add_columns alike
+        ds.add_columns({"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)}, {"CellID": ["z"]})
+        assert ds.ca.keys() == ["CellID"] and list(ds.ca.CellID)[-1] == "z"
+
+
+def test_attributes_dropped_by_an_append_that_fails_come_back(tmp_path, monkeypatch):
+    path = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    with loompy.connect(path) as ds:
+        values = ds.ca.N.copy()
+
+        def failing(*args, **kwargs):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(loompy.growing, "_commit", failing)
+        with pytest.raises(OSError, match="disk full"), warnings.catch_warnings():
+            warnings.simplefilter("error")  # (nothing was dropped: nothing to say)
+            ds.add_columns({"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)}, {"CellID": ["z"]})
+        monkeypatch.undo()
+    with loompy.connect(path) as ds:
+        assert ds.shape == (3, 4) and ds.ca.keys() == ["CellID", "N"]
+        np.testing.assert_array_equal(ds.ca.N, values)
+
+
+def test_row_attrs_of_new_columns_add_row_attributes_and_keep_the_files(tmp_path):
+    """On a file with columns, add_columns(row_attrs=...) overwrote its row attributes (loompy 3
+    uses them only for an empty file): a scan loop copying another file's rows relabelled them."""
+    path = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    columns = {"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)}
+    with loompy.connect(path) as ds:
+        ds.add_columns(columns, {"CellID": ["n"], "N": [9]}, row_attrs={"Gene": ["g0", "g1", "g2"], "Kind": [1, 2, 3]})
+        assert list(ds.ra.Gene) == ["g0", "g1", "g2"] and list(ds.ra.Kind) == [1, 2, 3]
+        with pytest.warns(UserWarning, match=r"row attributes \['Gene'\] given with the new columns differ"):
+            ds.add_columns(columns, {"CellID": ["m"], "N": [8]}, row_attrs={"Gene": ["x", "y", "z"]})
+        assert list(ds.ra.Gene) == ["g0", "g1", "g2"] and ds.shape == (3, 6)
