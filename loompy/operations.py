@@ -349,7 +349,8 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     Returns the (rows x groups) matrix, groups in sorted label order, as loompy 3 does (the
     connection's ``return_matrix`` keyword, from older loompy, changes nothing); with ``out_file``,
     also writes a Loom file with one column per group, labelled by a column attribute named as
-    ``group_by`` (``"Group"`` for labels given as an array), besides those of ``aggr_ca_by``.
+    ``group_by`` (``"Group"`` for labels given as an array), besides those of ``aggr_ca_by``
+    (``"tally"`` there counts each value of the attribute per group, as attributes ``name_value``).
     Sums, means and medians of the matrix's floats are float64, as in loompy 3; the mean of a
     float column attribute keeps its dtype (float32 stays float32), as there. ``out_file`` and the
     column attributes are checked before the matrix is read; the file being aggregated is refused.
@@ -375,7 +376,7 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     for name, how in (aggr_ca_by or {}).items():  # validate before any work
         if name not in ds.ca:
             raise LoomKeyError(f"{where}: column attribute '{name}' does not exist")
-        if how != "join":
+        if how not in ("join", "tally"):
             _aggregator(how, f"{where}: column attribute '{name}'")
     dataset = ds.layers[layer]._dataset
     col_attrs = None  # (with out_file: checked, and the output's column attributes made, before the pass)
@@ -418,6 +419,11 @@ def _aggregated_columns(ds: Any, where: str, group_by: str | np.ndarray, groups:
     col_attrs: dict[str, Any] = {group_name: groups}
     for name, how in (aggr_ca_by or {}).items():
         values = ds.ca[name]
+        if isinstance(how, str) and how == "tally":  # one count per value: attributes name_value
+            for value in np.unique(values):
+                label = str(value).replace("/", "-").replace(".", "_") if isinstance(value, str) else str(value)
+                col_attrs[f"{name}_{label}"] = np.array([int(np.count_nonzero(values[m] == value)) for m in members])
+            continue
         col_attrs[name] = np.array([_aggregate_values(values[m], how, f"{where}: '{name}'") for m in members])
     if aggr_ca_if_equal:
         for name in ds.ca.keys():

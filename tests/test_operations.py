@@ -622,3 +622,27 @@ def test_aggregate_takes_every_function_loompy3_took(tmp_path, reference):
         np.testing.assert_array_equal(spread[:, 2], np.ptp(groups[2], axis=1))
         with pytest.raises(loompy.LoomValueError, match="a.loom: aggregate: unknown aggregation 'average'"):
             ds.aggregate(aggr_by="average")
+
+
+@pytest.mark.reference
+def test_aggregate_tallies_a_column_attribute_as_the_reference(tmp_path, reference):
+    """loompy 3 documents aggr_ca_by={name: "tally"}: one count column per value (name_value, with
+    '/' and '.' in text values replaced); ours refused it as an unknown aggregation."""
+    path = tmp_path / "a.loom"
+    m = np.arange(24, dtype=np.float32).reshape(2, 12)
+    tissue = np.array(["brain", "gut", "a/b.c", "brain"] * 3, dtype=object)
+    loompy.create(path, m, {"g": np.arange(2)}, {"Clusters": np.arange(12) % 3, "Tissue": tissue,
+                                                 "Age": np.arange(12) % 2}).close()
+    theirs = reference.run("""
+        import sys, json, loompy
+        with loompy.connect(sys.argv[1], "r") as ds:
+            ds.aggregate(sys.argv[2], aggr_ca_by={"Tissue": "tally", "Age": "tally"})
+        with loompy.connect(sys.argv[2], "r") as out:
+            print(json.dumps({k: out.ca[k].tolist() for k in out.ca.keys()}))
+    """, str(path), str(tmp_path / "theirs.loom"))
+    assert sorted(theirs) == ["Age_0", "Age_1", "Tissue_a-b_c", "Tissue_brain", "Tissue_gut"]
+    assert theirs["Tissue_brain"] == [2, 2, 2] and theirs["Age_1"] == [2, 2, 2]
+    with loompy.connect(path, "r") as ds:
+        ds.aggregate(tmp_path / "ours.loom", aggr_ca_by={"Tissue": "tally", "Age": "tally"})
+    with loompy.connect(tmp_path / "ours.loom", "r") as out:  # (and the groups' labels, as ours always has)
+        assert {k: out.ca[k].tolist() for k in out.ca.keys()} == {**theirs, "Clusters": [0, 1, 2]}
