@@ -10,13 +10,12 @@ import os
 import re
 
 import h5py
+import numpy as np
 
 from . import format as fmt
-from .errors import LoomValueError
+from .encoding import read_values
+from .errors import LoomError, LoomValueError
 from .graphs import read_edges
-
-_CONVENTIONAL_ROW_ATTRS = ("Gene", "Accession")
-_CONVENTIONAL_COL_ATTRS = ("CellID",)
 
 
 def _attr_problems(f: h5py.File, group_name: str, length: int | None) -> list[str]:
@@ -197,16 +196,68 @@ class LoomValidator:
 
     # --------------------------------------------------------------- conventions
     def _check_conventions(self, f: h5py.File) -> None:
-        row_names = set(f[fmt.ROW_ATTRS].keys()) if isinstance(f.get(fmt.ROW_ATTRS), h5py.Group) else set()
-        col_names = set(f[fmt.COL_ATTRS].keys()) if isinstance(f.get(fmt.COL_ATTRS), h5py.Group) else set()
-        if not row_names & set(_CONVENTIONAL_ROW_ATTRS):
-            self.warnings.append("no row attribute 'Gene' or 'Accession' (conventional names for genes)")
-        if not col_names & set(_CONVENTIONAL_COL_ATTRS):
-            self.warnings.append("no column attribute 'CellID' (conventional name for cells)")
-        for name in set(_CONVENTIONAL_ROW_ATTRS) & row_names:
-            obj = f[fmt.ROW_ATTRS][name]
-            if isinstance(obj, h5py.Dataset) and obj.dtype.kind not in "SO":
-                self.warnings.append(f"row attribute '{name}' is conventionally a string")
+        """The Linnarsson lab's conventions for attribute names and types, which loompy 3's
+        ``strictness="conventions"`` checks: CellID, ClusterID, Gene and Accession are required;
+        the rest are checked when present (and noted when missing)."""
+        legacy = fmt.read_spec_version(f).is_legacy
+        rows, cols = (_attr_values(f, group, legacy) for group in fmt.ATTR_GROUPS)
+        for name in ("Description", "Journal", "Authors", "Title", "Year", "CreationDate"):
+            if not _has_global(f, name):
+                self.warnings.append(f"optional global attribute '{name}' is missing")
+        self._convention(cols, "column", "ClusterID", required=True, kind="integers")
+        ids = cols.get("ClusterID")
+        if ids is not None and ids.dtype.kind in "iu" and ids.size and \
+                not np.array_equal(np.unique(ids), np.arange(int(ids.max()) + 1)):
+            self.errors.append("column attribute 'ClusterID' must be the integers 0, 1, 2, ... with none missing")
+        if self._convention(cols, "column", "ClusterName", kind="strings") and ids is not None:
+            pairs = set(zip(ids.tolist(), cols["ClusterName"].tolist()))
+            if len(pairs) != len(set(ids.tolist())) or len(pairs) != len(set(cols["ClusterName"].tolist())):
+                self.errors.append("column attribute 'ClusterName' must correspond 1:1 with 'ClusterID'")
+        self._convention(cols, "column", "CellID", required=True, kind="strings", unique=True)
+        self._convention(cols, "column", "Valid", kind="flags")
+        self._convention(cols, "column", "Outliers", kind="flags")
+        self._convention(rows, "row", "Accession", required=True, kind="strings", unique=True)
+        self._convention(rows, "row", "Gene", required=True, kind="strings")
+        self._convention(rows, "row", "Valid", kind="flags")
+        self._convention(rows, "row", "Selected", kind="flags")
         matrix = f.get(fmt.MATRIX)
         if isinstance(matrix, h5py.Dataset) and matrix.chunks and matrix.chunks != fmt.matrix_chunks(matrix.shape):
             self.warnings.append(f"/matrix has chunks {matrix.chunks}; the convention is (64, 64)")
+
+    def _convention(self, values: dict[str, np.ndarray], axis: str, name: str, *, kind: str,
+                    required: bool = False, unique: bool = False) -> bool:
+        """Check one conventional attribute (``kind``: strings, integers, or flags, integers 0 or 1);
+        True when it is present."""
+        what = f"{axis} attribute '{name}'"
+        if name not in values:
+            (self.errors if required else self.warnings).append(f"{'' if required else 'optional '}{what} is missing")
+            return False
+        v = values[name]
+        if v.ndim != 1:
+            self.errors.append(f"{what} must be one-dimensional, not of shape {v.shape}")
+        elif kind == "strings" and v.dtype != object:
+            self.errors.append(f"{what} must be strings, not {v.dtype}")
+        elif kind in ("integers", "flags") and v.dtype.kind not in "iu":
+            self.errors.append(f"{what} must be integers, not {v.dtype}")
+        elif kind == "flags" and not np.all(np.isin(v, [0, 1])):
+            self.errors.append(f"{what} must be the integers 0 or 1 only")
+        elif unique and len(set(v.tolist())) != v.size:
+            self.errors.append(f"{what} cannot contain duplicate values")
+        return True
+
+
+def _attr_values(f: h5py.File, group_name: str, legacy: bool) -> dict[str, np.ndarray]:
+    """Values of a group's attribute datasets, as loompy reads them (text as str)."""
+    group = fmt.get_group(f, group_name)
+    values = {}
+    for name, obj in group.items() if group is not None else []:
+        try:
+            values[name] = read_values(obj, legacy) if isinstance(obj, h5py.Dataset) else None
+        except (OSError, ValueError, TypeError, LoomError):  # (what the spec checks report)
+            continue
+    return {name: v for name, v in values.items() if v is not None}
+
+
+def _has_global(f: h5py.File, name: str) -> bool:
+    group = fmt.get_group(f, fmt.GLOBAL_ATTRS)
+    return (group is not None and name in group) or name in f.attrs

@@ -786,8 +786,22 @@ def test_validator(small, tmp_path):
     v = loompy.LoomValidator()
     assert v.validate(path) and v.errors == []
     assert any("matrix" in line for line in v.summary)
-    assert v.validate(path, strictness="conventions")
-    assert not any("CellID" in w or "Accession" in w for w in v.warnings)  # the conventional names exist
+    assert not v.validate(path, strictness="conventions")  # (no ClusterID, no Accession)
+    assert v.errors == ["column attribute 'ClusterID' is missing", "row attribute 'Accession' is missing"]
+    with loompy.connect(path) as ds:
+        ds.ca.ClusterID = np.array([0, 1, 1, 2, 0, 0, 2, 1])
+        ds.ca.ClusterName = np.array(["a", "b", "b", "c", "a", "a", "c", "b"], dtype=object)
+        ds.ra.Accession = np.array([f"ENSG{i}" for i in range(5)], dtype=object)
+    assert v.validate(path, strictness="conventions"), v.errors
+    assert "optional column attribute 'Valid' is missing" in v.warnings
+    with loompy.connect(path) as ds:
+        ds.ca.ClusterID = np.array([0, 1, 1, 3, 0, 0, 3, 1])
+        ds.ra.Accession = np.array(["a", "a", "b", "c", "d"], dtype=object)
+        ds.ca.Valid = np.arange(8)
+    assert not v.validate(path, strictness="conventions")
+    assert sorted(v.errors) == ["column attribute 'ClusterID' must be the integers 0, 1, 2, ... with none missing",
+                                "column attribute 'Valid' must be the integers 0 or 1 only",
+                                "row attribute 'Accession' cannot contain duplicate values"]
     bad = tmp_path / "bad.loom"
     with h5py.File(bad, "w") as f:
         f["matrix"] = np.zeros((3, 4), dtype=complex)
@@ -1167,3 +1181,21 @@ def test_long_double_attributes_are_refused_and_row_attribute_names_are_labelled
             ds.add_columns(np.ones((5, 1), np.float32), {"CellID": ["n"], "Age": [1], "Keep": [True]},
                            row_attrs={"a/b": np.arange(5)})
     assert digest(path) == before
+
+
+@pytest.mark.reference
+def test_conventions_find_the_missing_attributes_the_reference_finds(tmp_path, reference):
+    """strictness='conventions' only warned about a few names; loompy 3 checks the Linnarsson lab's
+    conventions and calls a file without CellID, ClusterID, Gene or Accession invalid."""
+    path = tmp_path / "c.loom"
+    loompy.create(path, np.ones((3, 2), np.float32), {"Gene": ["a", "b", "c"]}, {"Age": [1, 2]}).close()
+    theirs = reference.run("""
+        import sys, json, loompy
+        v = loompy.LoomValidator()
+        print(json.dumps([v.validate(sys.argv[1], strictness="conventions"), v.errors]))
+    """, str(path))
+    v = loompy.LoomValidator()
+    assert [v.validate(path, strictness="conventions")] == theirs[:1] == [False]
+    missing = sorted(e.split("'")[1] for e in theirs[1] if "missing" in e)
+    ours = sorted(e.split("'")[1] for e in v.errors if "missing" in e)
+    assert missing == ours == ["Accession", "CellID", "ClusterID"]
