@@ -56,15 +56,15 @@ def read_edges(g: h5py.Group, n: int | None) -> tuple[np.ndarray, np.ndarray, np
 def store_graph(parent: h5py.Group, name: str, graph: sp.coo_matrix, like: h5py.Group | None = None) -> h5py.Group:
     """Write ``graph`` as the group ``parent[name]`` (``a``, ``b``, ``w``: chunked, compressed, able
     to grow), stamped as changed. ``like``: the stored graph it replaces or was made from, whose
-    HDF5 attributes (the group's and each part's) and other members it keeps, and whose index dtype
-    when that holds the new indices exactly (R writers store them as floats)."""
+    HDF5 attributes (the group's and each part's) and other members it keeps, and whose integer
+    index dtype when that holds the new indices exactly."""
     group = parent.create_group(name)
     parts = {"a": graph.row.astype(np.int64), "b": graph.col.astype(np.int64), "w": graph.data}
     datasets = []
     for key, values in parts.items():
         old = like.get(key) if like is not None else None
         old = old if isinstance(old, h5py.Dataset) else None
-        if old is not None and key != "w" and old.dtype.kind in "iuf":
+        if old is not None and key != "w" and old.dtype.kind in "iu":  # (vertices are integers: not R's floats)
             kept = values.astype(old.dtype)
             values = kept if np.array_equal(kept, values) else values
         options = {"compression": "gzip", "compression_opts": fmt.DEFAULT_COMPRESSION_LEVEL, "chunks": True,

@@ -275,7 +275,8 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     for name, value in (sample_annotation or {}).items():
         value = np.asarray(value)
         col_attrs[name] = np.full(len(cell_ids), value[()], dtype=value.dtype) if value.ndim == 0 else value
-    genome_name = data.genome or genome
+    single = np.unique(data.genomes) if data.genomes is not None else []
+    genome_name = data.genome or (str(single[0]) if len(single) == 1 else None) or genome  # (CR3 .h5: per feature)
     attrs = {**_run_record(sample_folder), **dict(file_attrs or {})}
     if genome_name and "Genome" not in (file_attrs or {}):
         attrs["Genome"] = genome_name

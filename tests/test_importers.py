@@ -158,6 +158,8 @@ def test_cellranger_sample_name_comes_from_the_folder_meant(tmp_path, monkeypatc
     assert path == str(tmp_path / "run3.loom")
     with loompy.connect(path, "r") as ds:
         assert ds.shape == (507, 1107) and ds.ca.CellID[0].startswith("run3:")
+        genomes = set(ds.ra.Genome)  # (one genome for every feature: also the file's, as Cell Ranger 2's)
+        assert len(genomes) == 1 and ds.attrs.Genome == genomes.pop()
 
 
 def _with_analysis(sample, barcodes, order=None):
