@@ -5,7 +5,8 @@ Two ways to reach a chunk's bytes. ``read_direct_chunk`` asks HDF5 for one chunk
 mask in one ``chunk_iter`` pass (about 1.3 us per chunk); with it, worker threads read chunks with
 ``os.pread``, which releases the GIL. An index is built once reads have asked for a third of a
 dataset's chunks and kept until loompy next writes to that dataset (every engine write calls
-:func:`forget` first) or the file is closed (HDF5 numbers each opening of a file afresh).
+:func:`forget` first) or the file is closed (HDF5 numbers each opening of a file afresh), or, in a
+file open for writing, until the file has grown (h5py moved chunks, see :func:`_moved`).
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ class ChunkIndex:
 
     path: str
     file_id: tuple[int, int]  # (device, inode) of the file HDF5 has open
+    end: int  # the file's size as HDF5 had it then (a write that moved chunks grew it, see chunk_index)
     offset: np.ndarray
     size: np.ndarray
     mask: np.ndarray
@@ -203,7 +205,7 @@ def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:
         stat = os.stat(path)
     except OSError:
         return None
-    index = ChunkIndex(path, (stat.st_dev, stat.st_ino), offset, size, mask)
+    index = ChunkIndex(path, (stat.st_dev, stat.st_ino), dataset.file.id.get_filesize(), offset, size, mask)
     return index if _agrees(dataset, index, table) else None
 
 
@@ -258,7 +260,7 @@ def chunk_index(dataset: h5py.Dataset, needed: int) -> ChunkIndex | None:
         if key in _held:
             return _held[key]
         index = _cache.get(key)
-        if index is not None and index.offset.shape == chunk_grid(dataset):
+        if index is not None and index.offset.shape == chunk_grid(dataset) and not _moved(dataset, index):
             _cache.move_to_end(key)
             return index
         if key in _cache and index is None:
@@ -270,12 +272,19 @@ def chunk_index(dataset: h5py.Dataset, needed: int) -> ChunkIndex | None:
     return _remember(dataset)
 
 
+def _moved(dataset: h5py.Dataset, index: ChunkIndex) -> bool:
+    """Whether chunks may have moved since ``index`` was built by writes loompy did not make (h5py
+    on the same open file): a chunk rewritten at another size goes to new space, and the file
+    grows. loompy's own writes drop the index themselves; in a file open read-only nothing moves."""
+    return dataset.file.mode != "r" and dataset.file.id.get_filesize() != index.end
+
+
 def _remember(dataset: h5py.Dataset) -> ChunkIndex | None:
     key = _key(dataset)
     with _lock:
         _asked.pop(key, None)
         index = _cache.get(key)
-        if index is None or index.offset.shape != chunk_grid(dataset):
+        if index is None or index.offset.shape != chunk_grid(dataset) or _moved(dataset, index):
             refresh(dataset)
             _cache[key] = build_index(dataset)
             while len(_cache) > CACHED_INDEXES:
