@@ -16,6 +16,7 @@ import zlib
 import h5py
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 import loompy
 from loompy import engine
@@ -500,3 +501,31 @@ def test_a_frame_whose_tiles_do_not_fit_its_part_is_refused():
     for numbers in ([5, 9, 2, 4, 4, 6], [5, 5, 2, 4, 4, 6], [5, 7, -2, 8, 4, 6]):  # outside, twice, negative
         with pytest.raises(ValueError, match="part 1"):
             plan.read_frame(1, 2, 2, reader(numbers))
+
+
+@pytest.mark.parametrize("how", ["dense", "sparse", "permute"])
+def test_edge_chunks_are_padded_with_the_fill_value_as_hdf5_pads_them(tmp_path, children, how):
+    """The engine padded partial edge chunks with zeros; HDF5 pads with the fill value, and a
+    dataset grown later (by h5py) shows the padding: 0 where h5py's own writes give the fill."""
+    path = tmp_path / "f.loom"
+    values = np.arange(130 * 70, dtype=np.float32).reshape(130, 70) + 1
+    with h5py.File(path, "w") as f:
+        f.create_dataset("matrix", data=np.zeros((130, 70), np.float32), chunks=(64, 64), maxshape=(None, None),
+                         fillvalue=3.0, compression="gzip")
+        for group in ("layers", "row_attrs", "col_attrs", "row_graphs", "col_graphs", "attrs"):
+            f.create_group(group)
+        f["attrs/LOOM_SPEC_VERSION"] = "3.0.0"
+    with loompy.connect(path) as ds:
+        if how == "permute":
+            ds[:, :] = values
+            with h5py.File(path, "r+") as f:  # (h5py's own padding first, then the permute's)
+                f["matrix"][...] = values
+            ds.permute(np.arange(70)[::-1], axis=1)
+            values = values[:, ::-1]
+        else:
+            ds[:, :] = sp.csr_matrix(values) if how == "sparse" else values
+    with h5py.File(path, "r+") as f:
+        f["matrix"].resize((192, 192))
+        grown = f["matrix"][...]
+    np.testing.assert_array_equal(grown[:130, :70], values)
+    assert (grown[130:] == 3.0).all() and (grown[:, 70:] == 3.0).all()

@@ -161,9 +161,10 @@ class BandEncoder:
             self.joined.reshape(h, -1, w)[...] = self.row.transpose(1, 0, 2)
             np.take(self.joined, self.local, axis=1, out=self.gathered, mode="clip")
             tiles[...] = self.gathered.reshape(h, count, w).transpose(1, 0, 2)
-        tiles[:, plan.rows - band * h:] = 0  # padding: below the last row, right of the last column
+        # padding, below the last row and right of the last column: the fill value, as HDF5 pads
+        tiles[:, plan.rows - band * h:] = plan.target_fill
         if stop == plan.tiles_per_band:
-            tiles[count - 1, :, plan.width - (plan.tiles_per_band - 1) * w:] = 0
+            tiles[count - 1, :, plan.width - (plan.tiles_per_band - 1) * w:] = plan.target_fill
         keep = codecs.tiles_to_store(tiles, plan.target_fill)
         payloads = codecs.compress_kept(tiles, keep, self.deflate)
         return (start + np.flatnonzero(keep)).tolist(), payloads, (start + np.flatnonzero(~keep)).tolist()

@@ -248,7 +248,7 @@ class ChunkStore:
 def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratch,
            columns: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``block`` (corner on a chunk boundary), or those ``columns`` of it in that order, as contiguous
-    (chunk row, chunk col, h, w) tiles, edges zero-padded, and which tiles to store: those with any
+    (chunk row, chunk col, h, w) tiles, edges padded with the fill value, and which tiles to store: those with any
     non-zero bit (-0.0 counts), or all of them when the fill value is not all zero bits. Tiles go into this
     thread's ``scratch``."""
     keep = None
@@ -266,6 +266,9 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
             gathered = np.take(rows, columns, axis=1, mode="wrap",
                                out=scratch.get("gathered", (rows.shape[0], m), rows.dtype))
             _dense_tiles(gathered.astype(layout.dtype, copy=False), h, w, tiles[k])
+    if not codecs.zero_bits(layout.fill, layout.dtype):  # edges padded as HDF5 pads them: the fill value
+        tiles[-1, :, n - (tiles.shape[0] - 1) * h:] = layout.fill
+        tiles[:, -1, :, m - (tiles.shape[1] - 1) * w:] = layout.fill
     if keep is None or not codecs.zero_bits(layout.fill, layout.dtype):  # (the scatter knows its non-zeros)
         keep = codecs.tiles_to_store(tiles, layout.fill)
     return tiles, keep
