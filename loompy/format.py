@@ -287,6 +287,7 @@ def check_matrix_dtype(dtype: Any, where: str) -> np.dtype:
         raise LoomTypeError(f"{where}: {dtype!r} is not a dtype") from exc
     if dt.kind == "b":  # the spec has no boolean matrices
         return np.dtype(np.uint8)
+    dt = dt.newbyteorder("=")  # (big-endian input is stored in this machine's order: the same values)
     if dt not in MATRIX_DTYPES:
         allowed = ", ".join(sorted(str(d) for d in MATRIX_DTYPES))
         raise LoomValueError(f"{where}: dtype {dt} is not allowed for a matrix (allowed: {allowed})")

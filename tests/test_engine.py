@@ -817,3 +817,21 @@ def test_a_kept_chunk_index_is_rebuilt_after_h5py_moved_chunks_of_an_open_file(t
         expected = matrix[...]
         np.testing.assert_array_equal(ds[:, :], expected)
         np.testing.assert_array_equal(ds.map([np.sum], axis=0)[0], [np.sum(row) for row in expected])
+
+
+def test_big_endian_matrices_read_sparse_and_are_taken_as_layers(tmp_path):
+    """scipy has no big-endian types: sparse() and as_coo/csr/csc of a '>f4' matrix raised; a '>f4'
+    layer was refused as a dtype not allowed."""
+    path = tmp_path / "be.loom"
+    values = np.arange(12, dtype=">f4").reshape(3, 4)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("matrix", data=values, chunks=(2, 2), compression="gzip")
+        for group in ("layers", "row_attrs", "col_attrs", "row_graphs", "col_graphs", "attrs"):
+            f.create_group(group)
+        f["attrs/LOOM_SPEC_VERSION"] = "3.0.0"
+    with loompy.connect(path) as ds:
+        for matrix in (ds.sparse(), ds.layers[""].as_coo(), ds.layers[""].as_csr(), ds.layers[""].as_csc()):
+            assert matrix.dtype == np.float32
+            np.testing.assert_array_equal(matrix.toarray(), values)
+        ds.layers["x"] = np.ones((3, 4), ">i8") * -2
+        assert ds.layers["x"].dtype == np.int64 and (ds.layers["x"][:, :] == -2).all()

@@ -393,7 +393,7 @@ def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp
     scipy.sparse has no float16: such layers come back as float32 (exactly the same values).
     """
     shape = (rows.size, cols.size)
-    dtype = np.dtype(np.float32) if dataset.dtype == np.float16 else dataset.dtype
+    dtype = np.dtype(np.float32) if dataset.dtype == np.float16 else dataset.dtype.newbyteorder("=")  # (scipy)
     index = np.int32 if max(shape) < 2**31 else np.int64  # what scipy would convert to anyway
     collected = _Collector(index, dtype)
     each_row_block(dataset, rows, cols,
