@@ -51,7 +51,7 @@ print("done", flush=True)
 
 def fingerprint(path) -> tuple:
     with loompy.connect(path) as ds:  # r+: an interrupted append is rolled back here
-        return ds.shape, float(ds[:, :].sum()), tuple(ds.ca.CellID[[0, -1]])
+        return ds.shape, float(ds[:, :].sum()), tuple(ds.ca.CellID[[0, -1]]), tuple(ds.ca.keys())
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,9 @@ def originals(tmp_path_factory):
     rng = np.random.default_rng(0)
     old = rng.poisson(0.5, size=(N, M)).astype(np.float32)
     path = base / "old.loom"
-    loompy.create(path, old, {"Gene": [f"g{i}" for i in range(N)]}, {"CellID": [f"o{i}" for i in range(M)]}).close()
+    # (add_columns gives no Batch: fill_values=None drops it, kept aside until the append is done)
+    loompy.create(path, old, {"Gene": [f"g{i}" for i in range(N)]},
+                  {"CellID": [f"o{i}" for i in range(M)], "Batch": np.arange(M) % 3}).close()
     return base, path
 
 
