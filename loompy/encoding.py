@@ -145,7 +145,7 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         arr = np.asarray(values)
     except Exception as exc:  # ragged lists and the like
         raise LoomValueError(f"{where}: cannot convert values to an array ({exc})") from exc
-    if isinstance(values, (list, tuple)) and arr.dtype.kind == "f":  # (integers numpy made floats?)
+    if isinstance(values, (list, tuple)) and _maybe_rounded(arr):  # (integers numpy made floats?)
         whole = _integers(np.asarray(values, dtype=object).ravel().tolist(), where)
         arr = arr if whole is None else whole.reshape(arr.shape)
     if arr.dtype.kind == "O":
@@ -159,13 +159,15 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
             # missing values (a pandas column's None, NA or NaT): text, as loompy 3 stores them ("None")
             texts = [x if isinstance(x, (str, bytes)) else str(x) for x in items]
             arr = decode_strings(np.array(texts, dtype=object).reshape(arr.shape))
-        elif (whole := _integers(items, where)) is not None:
-            arr = whole.reshape(arr.shape)
         else:
             try:
-                arr = np.asarray(arr.tolist())
+                numbers = np.asarray(arr.tolist())
             except Exception as exc:
                 raise LoomValueError(f"{where}: cannot store values of mixed types") from exc
+            if numbers.dtype.kind == "O" or _maybe_rounded(numbers):
+                whole = _integers(items, where)
+                numbers = numbers if whole is None else whole.reshape(arr.shape)
+            arr = numbers
             if arr.dtype.kind == "O":
                 raise LoomValueError(f"{where}: cannot store values of mixed or unknown types")
     if arr.dtype.kind in "US":
@@ -187,6 +189,15 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         if arr.shape[0] != length:
             raise LoomValueError(f"{where}: expected {length} values, got {arr.shape[0]} (shape {arr.shape})")
     return arr
+
+
+def _maybe_rounded(arr: np.ndarray) -> bool:
+    """Whether floats numpy made of Python values may have rounded integers: only those of 2**53
+    or more do (a cheap test before looking at every item)."""
+    if arr.dtype.kind != "f" or not arr.size:
+        return False
+    with np.errstate(invalid="ignore"):
+        return bool(np.nanmax(np.abs(arr)) >= 2.0**53) if not np.isnan(arr).all() else False
 
 
 def _integers(items: list, where: str) -> np.ndarray | None:
