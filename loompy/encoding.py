@@ -12,6 +12,7 @@ Where these values live in a file is :mod:`.format`'s business.
 
 from __future__ import annotations
 
+import html
 import numbers
 import re
 from typing import Any
@@ -36,10 +37,11 @@ def decode_one(item: bytes | str, xml_refs: bool = False) -> str:
 
 def escape_legacy(text: str) -> bytes:
     """Text as a file before spec 3.0.0 stores it: ASCII, other characters as XML character
-    references, and an ``&`` that would read as the start of one (literal ``&#36;``) as ``&#38;``,
-    so that what is read back is what was written."""
-    if "&#" in text:
-        text = _XML_REF.sub(lambda match: "&#38;" + match.group(0)[1:], text)
+    references. Where a reader would decode something in it (a literal ``&#36;``; loompy 3 also
+    decodes ``&amp;``, ``&#36`` and the like), every ``&`` is stored as ``&#38;``, so that what
+    is read back, by us or by loompy 3, is what was written; other text keeps its ``&`` as is."""
+    if "&" in text and (_XML_REF.search(text) or html.unescape(text) != text):
+        text = text.replace("&", "&#38;")
     return text.encode("ascii", "xmlcharrefreplace")
 
 
