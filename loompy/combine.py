@@ -30,7 +30,7 @@ def _copy_extras(src: h5py.Group, dst: h5py.Group, skip: Sequence[str]) -> None:
     unchanged: what ``dst`` lacks, but for ``skip`` and staging groups."""
     for name in src.keys():
         if name not in skip and name not in dst and not swaps.is_staging(src, name):  # (half-done replacements)
-            src.copy(src[name], dst, name=name)
+            swaps.copy_member(src, name, dst)
     for key, value in src.attrs.items():
         if key not in dst.attrs:
             dst.attrs[key] = value

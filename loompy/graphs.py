@@ -74,7 +74,7 @@ def store_graph(parent: h5py.Group, name: str, graph: sp.coo_matrix, like: h5py.
         datasets.append(dataset)
     for key in like.keys() if like is not None else ():  # what else it holds, as it is
         if key not in parts:
-            like.copy(like[key], group, name=key)
+            swaps.copy_member(like, key, group)
     swaps.carry_attrs(like, group)
     fmt.touch(*datasets, group)
     return group

@@ -591,9 +591,10 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
             fill_values, converted = _file_attrs_as_columns(ds, other, attrs, fill_values)
         rows = np.arange(other.shape[0]) if order is None else order
         batches = [slice(a, min(other.shape[1], a + batch_size)) for a in range(0, other.shape[1], batch_size)]
-        left_out: tuple[list[str], list[str]] = ([], [])
+        left_out: list[list[str]] = [[], []]
         if not empty:  # (an empty file takes the first batch as it comes)
             _, *left_out = _column_attrs(ds, attrs, other.shape[1], fill_values, convert_attrs, drop)
+            left_out = left_out if batches else [[], []]  # (no columns: no batch, nothing dropped)
             for name in names:  # values a cast could change are read once to check them all
                 mine, theirs = ds.layers[name].dtype, other.layers[name].dtype
                 if not np.can_cast(theirs, mine, "safe"):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import h5py
+import numpy as np
 
 from .errors import LoomFileError
 
@@ -99,10 +100,44 @@ def swap_in(group: h5py.Group, name: str, staged: str) -> h5py.Dataset:
 
 def carry_attrs(source: h5py.HLObject | None, target: h5py.HLObject) -> None:
     """Give ``target`` the HDF5 attributes of ``source`` (what it replaces) that it lacks: a user's
-    own notes outlive a rewrite. loompy's working marks (``loompy_...``) stay behind."""
-    for key, value in source.attrs.items() if source is not None else ():
-        if key not in target.attrs and not key.startswith("loompy_"):
-            target.attrs[key] = value
+    own notes outlive a rewrite. loompy's working marks (``loompy_...``) stay behind, and so do
+    object references (dimension scales among them), which would point nowhere from elsewhere."""
+    if source is None:
+        return
+    scale = source.attrs.get("CLASS") in (b"DIMENSION_SCALE", "DIMENSION_SCALE")
+    for key in source.attrs:
+        if key in target.attrs or key.startswith("loompy_") or (scale and key in ("CLASS", "NAME")) or \
+                _has_reference(source.attrs.get_id(key).dtype):
+            continue
+        target.attrs[key] = source.attrs[key]
+
+
+def _has_reference(dtype: np.dtype) -> bool:
+    """Whether values of ``dtype`` hold HDF5 object or region references (also inside compounds,
+    arrays and variable-length sequences)."""
+    if h5py.check_dtype(ref=dtype) is not None:
+        return True
+    base = h5py.check_dtype(vlen=dtype)
+    if isinstance(base, np.dtype):
+        return _has_reference(base)
+    if dtype.subdtype is not None:
+        return _has_reference(dtype.subdtype[0])
+    return any(_has_reference(dtype.fields[name][0]) for name in dtype.names or ())
+
+
+def copy_member(source: h5py.Group, name: str, target: h5py.Group) -> None:
+    """Copy ``source[name]`` into ``target`` as it is: an object whole, a soft or external link as
+    the same link (it may point nowhere, or to a file not at hand); in the same file, an object
+    is linked rather than copied (another name of it may be elsewhere in the file)."""
+    link = source.get(name, getlink=True)
+    if isinstance(link, h5py.SoftLink):
+        target[name] = h5py.SoftLink(link.path)
+    elif isinstance(link, h5py.ExternalLink):
+        target[name] = h5py.ExternalLink(link.filename, link.path)
+    elif source.file == target.file:  # (in the same file: the same object, linked once more)
+        target[name] = source[name]
+    else:
+        source.copy(source[name], target, name=name)
 
 
 def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:

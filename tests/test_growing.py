@@ -1164,3 +1164,41 @@ def test_permute_stores_graph_vertices_as_integers_whatever_the_writer_used(tmp_
         assert sorted(zip(ds.col_graphs.r.row.tolist(), ds.col_graphs.r.col.tolist())) == [(0, 1), (3, 2)]
     with h5py.File(path, "r") as f:
         assert f["col_graphs/r/a"].dtype == np.int64 and f["col_graphs/knn/a"].dtype == np.int64
+
+
+def test_rewrites_keep_links_as_links_and_leave_references_behind(tmp_path):
+    """A graph group holding a soft link to nothing or an external link to a missing file made
+    graph replacement and permute fail (a raw KeyError); HDF5 attributes holding object references
+    were carried into permute's new file, where they point at garbage."""
+    path = make(tmp_path / "l.loom", np.ones((3, 4), np.float32))
+    with h5py.File(path, "r+") as f:
+        g = f["col_graphs/knn"]
+        g["dangling"] = h5py.SoftLink("/nowhere")
+        g["outside"] = h5py.ExternalLink("missing.h5", "/x")
+        g["same"] = f["col_attrs/CellID"]  # (a hard link: another name of that dataset)
+        f["col_graphs"]["loose"] = h5py.SoftLink("/nowhere/either")
+        f["col_attrs/CellID"].attrs["ref"] = f["row_attrs/Gene"].ref
+        f["col_attrs/CellID"].attrs["note"] = "kept"
+    graph = sp.coo_matrix(([2.0], ([3], [0])), shape=(4, 4))
+    with loompy.connect(path) as ds:
+        ds.col_graphs["knn"] = graph
+        ds.permute([3, 2, 1, 0], axis=1)
+        assert list(zip(ds.col_graphs.knn.row, ds.col_graphs.knn.col)) == [(0, 3)]
+    with h5py.File(path, "r") as f:
+        g = f["col_graphs/knn"]
+        assert g.get("dangling", getlink=True).path == "/nowhere"
+        assert g.get("outside", getlink=True).filename == "missing.h5"
+        assert list(g["same"].asstr()[:]) == ["c0", "c1", "c2", "c3"]  # (copied as it was)
+        assert f["col_graphs"].get("loose", getlink=True).path == "/nowhere/either"
+        assert "ref" not in f["col_attrs/CellID"].attrs and f["col_attrs/CellID"].attrs["note"] == "kept"
+
+
+def test_add_loom_of_a_file_without_columns_drops_nothing_and_says_nothing(tmp_path):
+    path = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    empty = tmp_path / "e.loom"
+    loompy.create(empty, {"": np.zeros((3, 0), np.float32), "x": np.zeros((3, 0), np.int32)},
+                  {"Gene": ["g0", "g1", "g2"]}, {"Other": np.zeros(0)}).close()
+    with loompy.connect(path) as ds, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds.add_loom(empty)
+        assert ds.shape == (3, 4) and ds.ca.keys() == ["CellID", "N"]
