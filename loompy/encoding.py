@@ -163,13 +163,13 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
             arr = decode_strings(np.array(texts, dtype=object).reshape(arr.shape))
         else:
             try:
-                numbers = np.asarray(arr.tolist())
+                converted = np.asarray(arr.tolist())
             except Exception as exc:
                 raise LoomValueError(f"{where}: cannot store values of mixed types") from exc
-            if numbers.dtype.kind == "O" or _maybe_rounded(numbers):
+            if converted.dtype.kind == "O" or _maybe_rounded(converted):
                 whole = _integers(items, where)
-                numbers = numbers if whole is None else whole.reshape(arr.shape)
-            arr = numbers
+                converted = converted if whole is None else whole.reshape(arr.shape)
+            arr = converted
             if arr.dtype.kind == "O":
                 raise LoomValueError(f"{where}: cannot store values of mixed or unknown types")
     if arr.dtype.kind in "US":
