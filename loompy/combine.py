@@ -61,6 +61,7 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         raise LoomValueError(f"{os.fspath(output_file)}: combine_faster got {len(selections)} selections for "
                              f"{len(files)} files (one per file; None takes all of a file's columns)")
     skip = set(skip_attrs or [])
+    doing = f"{os.fspath(output_file)}: combine"  # (how messages about the inputs taken together begin)
     conns = [connect(p, "r") for p in files]
     try:
         first = conns[0]
@@ -89,22 +90,22 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         for a in attr_names:
             parts = [column_values(c, a, sel) for c, sel in zip(conns, cols)]
             if len({p.dtype == object for p in parts}) > 1 and not convert_attrs:
-                raise LoomValueError(f"combine: column attribute '{a}' is text in some files and numbers in "
+                raise LoomValueError(f"{doing}: column attribute '{a}' is text in some files and numbers in "
                                      "others (pass convert_attrs=True to store it as text)")
-            col_attrs[a] = join_values(parts, f"combine: column attribute '{a}'", convert_attrs)
+            col_attrs[a] = join_values(parts, f"{doing}: column attribute '{a}'", convert_attrs)
         # each layer holds every input's values unchanged: the dtype numpy would concatenate them in, or
         # when that would round 64-bit integers, one that holds the values the inputs have
         dtypes = {name: _layer_dtype([c.layers[name]._dataset for c in conns if name in c.layers],
-                                     f"combine: layer '{name}'") for name in names}
+                                     f"{doing}: layer '{name}'") for name in names}
         converted = differing_globals(conns) if convert_attrs else {}
         converted = {k: v for k, v in converted.items() if k not in col_attrs}
         for k in converted:  # file attributes that differ become column attributes, as in loompy 3
             if not any(k in c.ca for c in conns):  # (numbers stay numbers, 0 where a file has none)
                 col_attrs[k] = per_column([c.attrs[k] if k in c.attrs else None for c in conns],
-                                          [len(s) for s in cols], f"combine: column attribute '{k}'")
+                                          [len(s) for s in cols], f"{doing}: column attribute '{k}'")
                 continue
             parts = [column_values(c, k, sel) for c, sel in zip(conns, cols)]
-            col_attrs[k] = join_values(parts, f"combine: column attribute '{k}'", True)
+            col_attrs[k] = join_values(parts, f"{doing}: column attribute '{k}'", True)
         converted.update({k: None for k in attr_names if any(k not in c.ca for c in conns)})
         globals_ = fmt.normalize_globals(file_attrs, os.fspath(output_file))
         n = first.shape[0]

@@ -20,8 +20,9 @@ class LoomKeyError(LoomError, KeyError, AttributeError):
         return str(self.args[0]) if self.args else ""
 
 
-class LoomAttributeError(LoomError, AttributeError):
-    """Dot access to a name that is neither a method nor an attribute."""
+class LoomAttributeError(LoomKeyError):
+    """Dot access to a name that is neither a method nor an attribute (a :class:`LoomKeyError` too,
+    so ``except KeyError`` catches ``ds.ca.X`` as it catches ``ds.ca["X"]``)."""
 
 
 class LoomValueError(LoomError, ValueError):

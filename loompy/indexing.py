@@ -189,7 +189,7 @@ def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dty
     try:
         arr = np.broadcast_to(values, target)
     except ValueError as exc:
-        raise LoomIndexError(
+        raise LoomValueError(  # (a ValueError, as numpy's "could not broadcast")
             f"{where}: cannot assign values of shape {np.shape(values)} to a selection of shape {target}"
         ) from exc
     arr = arr.reshape(len(rows), len(cols))

@@ -119,7 +119,10 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     length, other_length = ds.shape[axis], ds.shape[1 - axis]
     if isinstance(items, numbers.Integral) and not isinstance(items, (bool, np.bool_)):
         items = slice(int(items), None)  # (loompy 3: scan from there on)
-    selected = _positions(items, length, axis)
+    try:
+        selected = _positions(items, length, axis)
+    except LoomError as error:
+        raise type(error)(f"{ds.filename}: scan(items=...): {error}") from error
     if key is None:
         other = np.arange(other_length, dtype=np.int64)
     else:
@@ -458,7 +461,7 @@ def _write_tab(ds: Any, out_file: str | os.PathLike, dataset: Any) -> None:
     row_names = list(ds.ra.keys())
     lead = len(row_names)
     cols = np.arange(ds.shape[1], dtype=np.int64)
-    with open(out_file, "w", encoding="utf-8") as out:
+    with open(out_file, "w", encoding="utf-8", errors="surrogateescape") as out:  # (text read so)
         for name in ds.ca.keys():
             out.write("\t" * lead + name + "\t" + "".join(v + "\t" for v in _as_text(ds.ca[name])) + "\n")
         out.write("".join(name + "\t" for name in row_names) + "\t" + "\t" * ds.shape[1] + "\n")

@@ -1199,3 +1199,28 @@ def test_conventions_find_the_missing_attributes_the_reference_finds(tmp_path, r
     missing = sorted(e.split("'")[1] for e in theirs[1] if "missing" in e)
     ours = sorted(e.split("'")[1] for e in v.errors if "missing" in e)
     assert missing == ours == ["Accession", "CellID", "ClusterID"]
+
+
+def test_documented_error_kinds_and_export_of_undecodable_text(small, tmp_path):
+    """Dot access to a missing name was not a KeyError (the README says it is); a mismatched
+    write raised an IndexError where numpy raises ValueError; export of text that is not valid
+    UTF-8 (read with surrogateescape) raised UnicodeEncodeError, a truncated file left behind; a
+    scan index past the end named no file."""
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        for get in (lambda: ds.ca.Missing, lambda: ds.ra.Missing, lambda: ds.attrs.missing, lambda: ds.Missing):
+            with pytest.raises(KeyError):
+                get()
+            with pytest.raises(AttributeError):
+                get()
+        with pytest.raises(ValueError, match="cannot assign values of shape"):
+            ds[:, 0] = np.ones(3)
+        with pytest.raises(IndexError, match=r"small.loom: scan\(items=...\): row index 9"):
+            next(ds.scan(items=np.array([9]), axis=0))
+    with h5py.File(path, "r+") as f:
+        del f["row_attrs/Gene"]
+        f["row_attrs/Gene"] = np.array([b"a\xff", b"b", b"c", b"d", b"e"], dtype=object)
+    with loompy.connect(path, "r") as ds:
+        ds.export(tmp_path / "out.tab")
+    lines = (tmp_path / "out.tab").read_bytes().split(b"\n")
+    assert len(lines) == 3 + 1 + 5 + 1 and lines[4].startswith(b"a\xff\t")  # (the bytes the file holds)

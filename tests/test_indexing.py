@@ -151,5 +151,5 @@ def test_assignment_equals_numpy(tmp_path):
         ds[0:2, 0:2] = 7.0  # broadcasting a scalar
         expected[0:2, 0:2] = 7.0
         np.testing.assert_array_equal(ds[:, :], expected)
-        with pytest.raises(IndexError):
+        with pytest.raises(ValueError):  # (as numpy: could not broadcast)
             ds[0:3, 0:3] = np.zeros((2, 2))
