@@ -198,7 +198,8 @@ def _apply(f: Callable, block: np.ndarray, axis: int) -> np.ndarray:
     if f in _VECTORISABLE:
         return (engine.reduce_block if axis == 0 else engine.reduce_columns)([f], block)[0]
     values = [f(line) for line in (block if axis == 0 else block.T)]
-    if any(isinstance(v, (str, bytes)) for v in values):  # (np.array would turn the numbers into text)
+    # (np.array would turn numbers into text beside text, and fail on arrays: each its own object)
+    if any(isinstance(v, (str, bytes)) or np.ndim(v) != 0 for v in values):
         kept = np.empty(len(values), dtype=object)
         kept[:] = values
         return kept

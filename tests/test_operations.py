@@ -646,3 +646,15 @@ def test_aggregate_tallies_a_column_attribute_as_the_reference(tmp_path, referen
         ds.aggregate(tmp_path / "ours.loom", aggr_ca_by={"Tissue": "tally", "Age": "tally"})
     with loompy.connect(tmp_path / "ours.loom", "r") as out:  # (and the groups' labels, as ours always has)
         assert {k: out.ca[k].tolist() for k in out.ca.keys()} == {**theirs, "Clusters": [0, 1, 2]}
+
+
+def test_map_keeps_each_lines_array_result_as_an_object(dataset):
+    """A function giving several values per line (np.percentile(x, [10, 90])) failed with numpy's
+    'could not broadcast'; the README says such results come back as objects."""
+    path, m = dataset[:2]
+    with loompy.connect(path, "r") as ds:
+        both = ds.map([lambda x: np.percentile(x, [10, 90]), np.sum], axis=1)
+    assert both[0].dtype == object and len(both[0]) == m.shape[1]
+    for j in (0, m.shape[1] // 2, m.shape[1] - 1):
+        np.testing.assert_array_equal(both[0][j], np.percentile(m[:, j], [10, 90]))
+    np.testing.assert_allclose(both[1], m.sum(axis=0), rtol=1e-5)
