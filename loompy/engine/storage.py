@@ -6,7 +6,8 @@ mask in one ``chunk_iter`` pass (about 1.3 us per chunk); with it, worker thread
 ``os.pread``, which releases the GIL. An index is built once reads have asked for a third of a
 dataset's chunks and kept until loompy next writes to that dataset (every engine write calls
 :func:`forget` first) or the file is closed (HDF5 numbers each opening of a file afresh), or, in a
-file open for writing, until the file has grown (h5py moved chunks, see :func:`_moved`).
+file open for writing, until the file's size or free space has changed (h5py moved chunks, see
+:func:`_moved`).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class ChunkIndex:
 
     path: str
     file_id: tuple[int, int]  # (device, inode) of the file HDF5 has open
-    end: int  # the file's size as HDF5 had it then (a write that moved chunks grew it, see chunk_index)
+    space: tuple[int, int]  # the file's size and free space as HDF5 had them then (see _moved)
     offset: np.ndarray
     size: np.ndarray
     mask: np.ndarray
@@ -205,7 +206,7 @@ def build_index(dataset: h5py.Dataset) -> ChunkIndex | None:
         stat = os.stat(path)
     except OSError:
         return None
-    index = ChunkIndex(path, (stat.st_dev, stat.st_ino), dataset.file.id.get_filesize(), offset, size, mask)
+    index = ChunkIndex(path, (stat.st_dev, stat.st_ino), _space(dataset), offset, size, mask)
     return index if _agrees(dataset, index, table) else None
 
 
@@ -272,11 +273,17 @@ def chunk_index(dataset: h5py.Dataset, needed: int) -> ChunkIndex | None:
     return _remember(dataset)
 
 
+def _space(dataset: h5py.Dataset) -> tuple[int, int]:
+    f = dataset.file.id
+    return f.get_filesize(), f.get_freespace()
+
+
 def _moved(dataset: h5py.Dataset, index: ChunkIndex) -> bool:
     """Whether chunks may have moved since ``index`` was built by writes loompy did not make (h5py
-    on the same open file): a chunk rewritten at another size goes to new space, and the file
-    grows. loompy's own writes drop the index themselves; in a file open read-only nothing moves."""
-    return dataset.file.mode != "r" and dataset.file.id.get_filesize() != index.end
+    on the same open file): a chunk rewritten at another size is freed and placed elsewhere, at
+    the end of the file or in space freed before, and the file's size or free space changes.
+    loompy's own writes drop the index themselves; in a file open read-only nothing moves."""
+    return dataset.file.mode != "r" and _space(dataset) != index.space
 
 
 def _remember(dataset: h5py.Dataset) -> ChunkIndex | None:
