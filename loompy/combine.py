@@ -31,9 +31,7 @@ def _copy_extras(src: h5py.Group, dst: h5py.Group, skip: Sequence[str]) -> None:
     for name in src.keys():
         if name not in skip and name not in dst and not swaps.is_staging(src, name):  # (half-done replacements)
             swaps.copy_member(src, name, dst)
-    for key, value in src.attrs.items():
-        if key not in dst.attrs:
-            dst.attrs[key] = value
+    swaps.carry_attrs(src, dst)
 
 
 def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
@@ -394,8 +392,7 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
             dst = group.create_dataset(fmt.MATRIX if name == "" else name, shape=src.shape, dtype=src.dtype,
                                        chunks=src.chunks, maxshape=src.maxshape, compression=src.compression,
                                        compression_opts=src.compression_opts, fillvalue=src.fillvalue)
-            for key, value in src.attrs.items():
-                dst.attrs[key] = value
+            swaps.carry_attrs(src, dst)
             if not (axis == 1 and engine.reorder_columns(src, dst, order)):  # (in helper processes)
                 with engine.held_index(src):  # nothing is written to src
                     if axis == 1:
@@ -410,8 +407,7 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
         if fmt.LAYERS in f:  # what else the layers group holds (not layers: nothing to reorder), as it is
             _copy_extras(f[fmt.LAYERS], layers, skip=())
         dst_attrs = out.require_group(attr_group)
-        for key, value in f[attr_group].attrs.items() if attr_group in f else []:
-            dst_attrs.attrs[key] = value
+        swaps.carry_attrs(f.get(attr_group), dst_attrs)
         legacy = (ds.ra if axis == 0 else ds.ca)._legacy
         for key, obj in f[attr_group].items() if attr_group in f else []:  # the file's, not a cached list:
             if isinstance(obj, h5py.Dataset):                              # other connections may have added some

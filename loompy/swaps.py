@@ -128,7 +128,8 @@ def _has_reference(dtype: np.dtype) -> bool:
 def copy_member(source: h5py.Group, name: str, target: h5py.Group) -> None:
     """Copy ``source[name]`` into ``target`` as it is: an object whole, a soft or external link as
     the same link (it may point nowhere, or to a file not at hand); in the same file, an object
-    is linked rather than copied (another name of it may be elsewhere in the file)."""
+    is linked rather than copied (another name of it may be elsewhere in the file); copied to
+    another file, without its object references (see :func:`drop_references`)."""
     link = source.get(name, getlink=True)
     if isinstance(link, h5py.SoftLink):
         target[name] = h5py.SoftLink(link.path)
@@ -138,6 +139,23 @@ def copy_member(source: h5py.Group, name: str, target: h5py.Group) -> None:
         target[name] = source[name]
     else:
         source.copy(source[name], target, name=name)
+        drop_references(target[name])
+
+
+def drop_references(obj: h5py.HLObject) -> None:
+    """Remove the HDF5 attributes holding object references (dimension scales' among them) from
+    ``obj`` and all under it, copied from another file: they would point at garbage here."""
+    def clean(item: h5py.HLObject) -> None:
+        if item.attrs.get("CLASS") in (b"DIMENSION_SCALE", "DIMENSION_SCALE"):
+            for key in ("CLASS", "NAME"):
+                if key in item.attrs:
+                    del item.attrs[key]
+        for key in [k for k in item.attrs if _has_reference(item.attrs.get_id(k).dtype)]:
+            del item.attrs[key]
+
+    clean(obj)
+    if isinstance(obj, h5py.Group):
+        obj.visititems(lambda _, item: clean(item))
 
 
 def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:

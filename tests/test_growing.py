@@ -1202,3 +1202,27 @@ def test_add_loom_of_a_file_without_columns_drops_nothing_and_says_nothing(tmp_p
         warnings.simplefilter("error")
         ds.add_loom(empty)
         assert ds.shape == (3, 4) and ds.ca.keys() == ["CellID", "N"]
+
+
+@pytest.mark.parametrize("how", ["permute", "repack"])
+def test_rewrites_into_a_new_file_leave_object_references_behind(tmp_path, how):
+    """permute and repack copied attributes holding object references (dimension scales') into the
+    new file, where they pointed at garbage or at another object; they are left behind."""
+    path = make(tmp_path / "r.loom", np.ones((3, 4), np.float32))
+    with h5py.File(path, "r+") as f:
+        f["col_attrs/N"].make_scale("N")
+        f["matrix"].dims[1].attach_scale(f["col_attrs/N"])
+        f.attrs["main"] = f["matrix"].ref
+        f["layers"].attrs["main"] = f["matrix"].ref
+        f["layers"].attrs["note"] = "kept"
+    if how == "permute":
+        with loompy.connect(path) as ds:
+            ds.permute([3, 2, 1, 0], axis=1)
+    else:
+        loompy.repack(path)
+    with h5py.File(path, "r") as f:
+        assert "main" not in f.attrs and "main" not in f["layers"].attrs and f["layers"].attrs["note"] == "kept"
+        assert [list(d) for d in f["matrix"].dims] == [[], []]
+        assert "CLASS" not in f["col_attrs/N"].attrs and "REFERENCE_LIST" not in f["col_attrs/N"].attrs
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (3, 4)
