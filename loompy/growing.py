@@ -30,6 +30,7 @@ from .indexing import batch_count
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
 ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
+ADDED_ROWS = "added_rows"  # its HDF5 attribute: names of the row attributes the append created
 FIRST = "first_columns"  # its HDF5 attribute: the append gives an empty file (new()) its first columns
 
 
@@ -70,6 +71,10 @@ def recover(f: h5py.File) -> int | None:
             for name in kept.attrs.get(ADDED, []):  # and those it created: gone
                 if name in group:
                     del group[name]
+        rows = fmt.get_group(f, fmt.ROW_ATTRS)
+        for name in kept.attrs.get(ADDED_ROWS, []) if kept is not None and rows is not None else []:
+            if name in rows:
+                del rows[name]
         if kept is not None:
             del f[BEFORE_APPEND]
         if group is not None:
@@ -236,6 +241,13 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
             _append_attr(group, name, values, whole, m, where, ds.ca._legacy)
         for name in dropped:
             _drop_attr(group, name)
+        if new_row_attrs:  # (noted first, so that a rollback removes them)
+            kept = f.require_group(BEFORE_APPEND)
+            kept.attrs[ADDED_ROWS] = [*kept.attrs.get(ADDED_ROWS, []), *new_row_attrs]
+            f.flush()
+            for name, values in new_row_attrs.items():
+                fmt.write_values(f.require_group(fmt.ROW_ATTRS), name, values, resizable=False,
+                                 where=f"{where}: row attribute '{name}'", legacy=ds.ra._legacy)
         f.flush()
         if journal:
             _commit(f)
@@ -245,14 +257,12 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         raise
     ds._dims.shape = (n, m + n_new)  # the columns are in: the connection says so before anything else
     ds.col_attrs._forget()
+    ds.row_attrs._forget()
     if journal:  # (add_loom says it once)
         _warn_left_out(where, dropped, ignored)
     if differing:
         warnings.warn(f"{where}: row attributes {differing} given with the new columns differ from the file's, "
                       "which are kept (row_attrs only add row attributes the file lacks)", stacklevel=3)
-    for name, values in new_row_attrs.items():
-        ds.ra[name] = values
-    f.flush()
 
 
 def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False) -> np.ndarray:

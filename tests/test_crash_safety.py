@@ -37,7 +37,7 @@ if op == "create":
     loompy.create(target, new, {{"Gene": genes}}, {{"CellID": cells}}).close()
 elif op == "add_columns":
     with loompy.connect(target) as ds:
-        ds.add_columns(new, {{"CellID": [f"n{{i}}" for i in range({NEW})]}})
+        ds.add_columns(new, {{"CellID": [f"n{{i}}" for i in range({NEW})]}}, row_attrs={{"Kind": np.arange({N})}})
 elif op == "combine":
     loompy.combine([extra, extra], target)
 elif op == "permute":
@@ -51,7 +51,7 @@ print("done", flush=True)
 
 def fingerprint(path) -> tuple:
     with loompy.connect(path) as ds:  # r+: an interrupted append is rolled back here
-        return ds.shape, float(ds[:, :].sum()), tuple(ds.ca.CellID[[0, -1]]), tuple(ds.ca.keys())
+        return ds.shape, float(ds[:, :].sum()), tuple(ds.ca.CellID[[0, -1]]), tuple(ds.ca.keys()), tuple(ds.ra.keys())
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def originals(tmp_path_factory):
     rng = np.random.default_rng(0)
     old = rng.poisson(0.5, size=(N, M)).astype(np.float32)
     path = base / "old.loom"
-    # (add_columns gives no Batch: fill_values=None drops it, kept aside until the append is done)
+    # (add_columns gives no Batch: fill_values=None drops it, kept aside until the append is done;
+    # it adds a row attribute, Kind, as part of the append)
     loompy.create(path, old, {"Gene": [f"g{i}" for i in range(N)]},
                   {"CellID": [f"o{i}" for i in range(M)], "Batch": np.arange(M) % 3}).close()
     return base, path

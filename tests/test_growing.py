@@ -1226,3 +1226,30 @@ def test_rewrites_into_a_new_file_leave_object_references_behind(tmp_path, how):
         assert "CLASS" not in f["col_attrs/N"].attrs and "REFERENCE_LIST" not in f["col_attrs/N"].attrs
     with loompy.connect(path, "r") as ds:
         assert ds.shape == (3, 4)
+
+
+def test_row_attributes_added_with_columns_are_part_of_the_append(tmp_path, monkeypatch):
+    """They were written after the append committed: a failure (or kill) there kept them for
+    columns that were rolled back, or lost them for columns that were added."""
+    path = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    columns = {"": np.ones((3, 1), np.float32), "x": np.ones((3, 1), np.int32)}
+
+    real = loompy.format.write_values
+
+    def failing(group, name, *args, **kwargs):
+        if name == "Kind":
+            raise OSError("disk full")
+        return real(group, name, *args, **kwargs)
+
+    with loompy.connect(path) as ds:
+        monkeypatch.setattr(loompy.format, "write_values", failing)
+        with pytest.raises(OSError, match="disk full"):  # (the columns go too)
+            ds.add_columns(columns, {"CellID": ["n"], "N": [9]}, row_attrs={"Kind": [1, 2, 3]})
+        monkeypatch.undo()
+        assert ds.shape == (3, 4) and "Kind" not in ds.ra
+    with loompy.connect(path) as ds:
+        assert ds.ra.keys() == ["Gene", "Score"]
+        ds.add_columns(columns, {"CellID": ["n"], "N": [9]}, row_attrs={"Kind": [1, 2, 3]})
+        assert ds.shape == (3, 5) and list(ds.ra.Kind) == [1, 2, 3]
+    with h5py.File(path, "r") as f:
+        assert "loompy_before_append" not in f and list(f["row_attrs/Kind"][:]) == [1, 2, 3]
