@@ -125,8 +125,7 @@ def auto_fill(values: np.ndarray) -> Any:
 def check_fill_values(fill_values: Any, where: str) -> None:
     """Refuse a ``fill_values`` that is neither None, ``"auto"`` nor a mapping of names to values
     (any other would be ignored where every attribute is given)."""
-    if not (fill_values is None or isinstance(fill_values, Mapping) or
-            (isinstance(fill_values, str) and fill_values == "auto")):
+    if not (fill_values is None or isinstance(fill_values, Mapping) or _is_auto(fill_values)):
         raise LoomValueError(f"{where}: fill_values must be None, 'auto' or a dict of column attribute names "
                              f"to values, got {fill_values!r}")
 
@@ -135,17 +134,14 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
               lacking: str = "the new columns") -> np.ndarray:
     """``n`` values of column attribute ``name`` (like ``existing``) for columns that have none
     (``lacking`` says which, for the message), from ``fill_values``."""
-    if isinstance(fill_values, str) and fill_values == "auto":
-        fill = auto_fill(existing)
-    elif isinstance(fill_values, Mapping) and name in fill_values:
-        fill = fill_values[name]
-    else:
+    if not _has_fill(name, fill_values):
         raise LoomValueError(f"{where}: column attribute '{name}' has no values for {lacking} "
                              "(supply it, or pass fill_values={name: value} or fill_values='auto')")
+    fill = auto_fill(existing) if _is_auto(fill_values) else fill_values[name]
     shape = (n,) + existing.shape[1:]
     what = f"{where}: column attribute '{name}'"
     if existing.dtype.names is not None:  # compound: "auto" is zeros (and "" in text fields)
-        if isinstance(fill_values, str) and fill_values == "auto":
+        if _is_auto(fill_values):
             out = np.zeros(shape, existing.dtype)
             for field in existing.dtype.names:
                 if existing.dtype.fields[field][0].kind == "O":
@@ -240,14 +236,13 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         for name, (values, whole) in combined.items():
             _append_attr(group, name, values, whole, m, where, ds.ca._legacy)
         for name in dropped:
-            _drop_attr(group, name)
-        if new_row_attrs:  # (noted first, so that a rollback removes them)
-            kept = f.require_group(BEFORE_APPEND)
-            kept.attrs[ADDED_ROWS] = [*kept.attrs.get(ADDED_ROWS, []), *new_row_attrs]
-            f.flush()
+            _set_aside(group, name)
+        if new_row_attrs:
+            _note_created(f, ADDED_ROWS, list(new_row_attrs))
+            rows = f.require_group(fmt.ROW_ATTRS)
             for name, values in new_row_attrs.items():
-                fmt.write_values(f.require_group(fmt.ROW_ATTRS), name, values, resizable=False,
-                                 where=f"{where}: row attribute '{name}'", legacy=ds.ra._legacy)
+                fmt.write_values(rows, name, values, resizable=False, where=f"{where}: row attribute '{name}'",
+                                 legacy=ds.ra._legacy)
         f.flush()
         if journal:
             _commit(f)
@@ -322,7 +317,7 @@ def _file_attrs_as_columns(ds: Any, other: Any, attrs: dict[str, np.ndarray], fi
     one value each. Returns the fill values to use and the file attributes of this file so replaced.
     """
     fills = dict(fill_values) if isinstance(fill_values, Mapping) else {}
-    if isinstance(fill_values, str) and fill_values == "auto":
+    if _is_auto(fill_values):
         fills = {k: auto_fill(ds.ca[k]) for k in ds.ca.keys()}
         fills.update({k: auto_fill(v) for k, v in attrs.items()})
     n, replaced = other.shape[1], []
@@ -444,9 +439,13 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
     return out, dropped, ignored
 
 
+def _is_auto(fill_values: Any) -> bool:
+    return isinstance(fill_values, str) and fill_values == "auto"
+
+
 def _has_fill(name: str, fill_values: Any) -> bool:
-    return (isinstance(fill_values, str) and fill_values == "auto") or \
-        (isinstance(fill_values, Mapping) and name in fill_values)
+    """Whether ``fill_values`` gives values for column attribute ``name``."""
+    return _is_auto(fill_values) or (isinstance(fill_values, Mapping) and name in fill_values)
 
 
 def _warn_left_out(where: str, dropped: list[str], ignored: list[str]) -> None:
@@ -484,28 +483,34 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
         dataset[m:] = encoding.storable(values, f"{where}: column attribute '{name}'")[0]
         fmt.touch(dataset, group)
         return
-    kept = group.file.require_group(BEFORE_APPEND)
     if name in group:
-        if name in kept:  # rewritten by an earlier batch of this append already
-            del group[name]
-        else:
-            group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
-    elif name not in kept.attrs.get(ADDED, []):  # new: noted first, so that a rollback removes it
-        kept.attrs[ADDED] = [*kept.attrs.get(ADDED, []), name]
-        group.file.flush()
+        _set_aside(group, name)
+    else:
+        _note_created(group.file, ADDED, [name])
     fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'",
                      legacy=legacy)
 
 
-def _drop_attr(group: h5py.Group, name: str) -> None:
-    """Remove a column attribute as part of an append: kept aside until it is done (a rollback puts
-    it back)."""
+def _set_aside(group: h5py.Group, name: str) -> None:
+    """Take a column attribute out of the file as part of an append (to rewrite or drop it): kept
+    aside until the append is done, so that a rollback puts it back; the first batch's move is
+    the one kept (a later batch's is its own rewrite, deleted)."""
     kept = group.file.require_group(BEFORE_APPEND)
-    if name in kept:  # kept aside by an earlier batch of this append already
+    if name in kept:
         if name in group:
             del group[name]
     elif name in group:
         group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
+
+
+def _note_created(f: h5py.File, key: str, names: list[str]) -> None:
+    """Note, before writing them, the attributes an append creates (``key``: ADDED for column
+    attributes, ADDED_ROWS for row attributes), so that a rollback removes them."""
+    kept = f.require_group(BEFORE_APPEND)
+    noted = list(kept.attrs.get(key, []))
+    if any(name not in noted for name in names):
+        kept.attrs[key] = [*noted, *(name for name in names if name not in noted)]
+        f.flush()
 
 
 def _commit(f: h5py.File) -> None:
