@@ -18,7 +18,7 @@ from . import encoding, engine, swaps
 from . import format as fmt
 from .attributes import check_writable
 from .connection import LoomConnection, connect
-from .errors import LoomError, LoomFileError, LoomFileNotFoundError, LoomValueError
+from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError, naming
 from .files import check_not_input, replacing
 from .graphs import renumber_graph, store_graph
 from .growing import align_rows, differing_globals, join_values, per_column
@@ -72,11 +72,9 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             if lacking:
                 raise LoomValueError(f"{c.filename}: lacks {lacking}, which {first.filename} has")
             sel = None if selections is None or selections[i] is None else selections[i]
-            try:  # (indices: in their order, with repeats)
+            with naming(f"{c.filename}: selection"):  # (indices: in their order, with repeats)
                 cols.append(select_axis(np.asarray(sel), c.shape[1], 1).indices.astype(np.int64) if sel is not None
                             else np.arange(c.shape[1], dtype=np.int64))
-            except LoomError as error:
-                raise type(error)(f"{c.filename}: selection: {error}") from error
         total = int(sum(len(c) for c in cols))
         col_attrs = {}
         def column_values(c: LoomConnection, a: str, sel: np.ndarray) -> np.ndarray:

@@ -7,6 +7,9 @@ reference loompy raises in the same situation, so ``except KeyError`` and
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class LoomError(Exception):
     """Base class of every error raised by loompy."""
@@ -51,3 +54,13 @@ class LoomLockError(LoomFileError):
 
 class LoomFormatError(LoomValueError):
     """The file's structure breaks the Loom specification in a way readers cannot work around."""
+
+
+@contextmanager
+def naming(where: str) -> Iterator[None]:
+    """Raise a loompy error from inside the block again, of the same class, with ``where`` (the
+    file and the argument at fault) before its message."""
+    try:
+        yield
+    except LoomError as error:
+        raise type(error)(f"{where}: {error}") from error

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 from . import encoding, engine, swaps
 from . import format as fmt
 from .attributes import Dims, DotAccess, check_writable
-from .errors import LoomError, LoomFileError, LoomIndexError, LoomKeyError, LoomTypeError, LoomValueError
+from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
 from .files import check_free_space, stored_size_bound
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
@@ -106,10 +106,8 @@ class LoomLayer(SparseForms):
 
     def _select(self, key: Any) -> tuple[AxisSelection, AxisSelection]:
         """The selection ``key`` on this layer; errors name the file and layer."""
-        try:
+        with naming(self._where):
             return select(key, self.shape)
-        except (LoomIndexError, LoomTypeError, LoomValueError) as exc:
-            raise type(exc)(f"{self._where}: {exc}") from None
 
     def _read(self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The block at sorted, unique ``rows`` x ``cols``, into ``out`` when given."""

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import encoding, engine, files
 from . import format as fmt
-from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError
+from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
 from .indexing import AxisSelection, axis_number, batch_count, expand, select_axis
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
 
@@ -119,10 +119,8 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     length, other_length = ds.shape[axis], ds.shape[1 - axis]
     if isinstance(items, numbers.Integral) and not isinstance(items, (bool, np.bool_)):
         items = slice(int(items), None)  # (loompy 3: scan from there on)
-    try:
+    with naming(f"{ds.filename}: scan(items=...)"):
         selected = _positions(items, length, axis)
-    except LoomError as error:
-        raise type(error)(f"{ds.filename}: scan(items=...): {error}") from error
     if key is None:
         other = np.arange(other_length, dtype=np.int64)
     else:
@@ -370,10 +368,8 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     if labels_all.shape != (ds.shape[1],):
         raise LoomValueError(f"{where}: group_by must give one label per column ({ds.shape[1]}), "
                              f"got shape {labels_all.shape}")
-    try:
+    with naming(f"{where}: select"):
         cols = _unique_positions(select, ds.shape[1], 1)
-    except LoomError as error:
-        raise type(error)(f"{where}: select: {error}") from error
     labels = labels_all[cols]
     groups, inverse = np.unique(labels, return_inverse=True)
     members = [cols[inverse == g] for g in range(len(groups))]
