@@ -104,12 +104,19 @@ def carry_attrs(source: h5py.HLObject | None, target: h5py.HLObject) -> None:
     object references (dimension scales among them), which would point nowhere from elsewhere."""
     if source is None:
         return
-    scale = source.attrs.get("CLASS") in (b"DIMENSION_SCALE", "DIMENSION_SCALE")
+    pointing = _pointing(source)
     for key in source.attrs:
-        if key in target.attrs or key.startswith("loompy_") or (scale and key in ("CLASS", "NAME")) or \
-                _has_reference(source.attrs.get_id(key).dtype):
-            continue
-        target.attrs[key] = source.attrs[key]
+        if key not in target.attrs and not key.startswith("loompy_") and key not in pointing:
+            target.attrs[key] = source.attrs[key]
+
+
+def _pointing(obj: h5py.HLObject) -> list[str]:
+    """The HDF5 attributes of ``obj`` that point at other objects of its file: those holding object
+    references, and a dimension scale's marks (its CLASS and NAME go with its references)."""
+    keys = [key for key in obj.attrs if _has_reference(obj.attrs.get_id(key).dtype)]
+    if obj.attrs.get("CLASS") in (b"DIMENSION_SCALE", "DIMENSION_SCALE"):
+        keys += [key for key in ("CLASS", "NAME") if key in obj.attrs]
+    return keys
 
 
 def _has_reference(dtype: np.dtype) -> bool:
@@ -146,11 +153,7 @@ def drop_references(obj: h5py.HLObject) -> None:
     """Remove the HDF5 attributes holding object references (dimension scales' among them) from
     ``obj`` and all under it, copied from another file: they would point at garbage here."""
     def clean(item: h5py.HLObject) -> None:
-        if item.attrs.get("CLASS") in (b"DIMENSION_SCALE", "DIMENSION_SCALE"):
-            for key in ("CLASS", "NAME"):
-                if key in item.attrs:
-                    del item.attrs[key]
-        for key in [k for k in item.attrs if _has_reference(item.attrs.get_id(k).dtype)]:
+        for key in _pointing(item):
             del item.attrs[key]
 
     clean(obj)
