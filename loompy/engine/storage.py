@@ -260,11 +260,11 @@ def chunk_index(dataset: h5py.Dataset, needed: int) -> ChunkIndex | None:
     with _lock:
         if key in _held:
             return _held[key]
-        index = _cache.get(key)
-        if index is not None and index.offset.shape == chunk_grid(dataset) and not _moved(dataset, index):
+        index = _kept(dataset, key)
+        if index is not None:
             _cache.move_to_end(key)
             return index
-        if key in _cache and index is None:
+        if key in _cache:
             return None  # known not to work for this dataset
         total = int(np.prod(chunk_grid(dataset)))  # (HDF5's get_num_chunks walks the whole index: slow)
         _asked[key] = _asked.get(key, 0) + needed
@@ -286,12 +286,21 @@ def _moved(dataset: h5py.Dataset, index: ChunkIndex) -> bool:
     return dataset.file.mode != "r" and _space(dataset) != index.space
 
 
+def _kept(dataset: h5py.Dataset, key: tuple) -> ChunkIndex | None:
+    """The kept index of ``dataset`` while it still describes it; a stale one (the dataset grew,
+    or chunks moved) is dropped. (Called under ``_lock``.)"""
+    index = _cache.get(key)
+    if index is not None and (index.offset.shape != chunk_grid(dataset) or _moved(dataset, index)):
+        del _cache[key]
+        return None
+    return index
+
+
 def _remember(dataset: h5py.Dataset) -> ChunkIndex | None:
     key = _key(dataset)
     with _lock:
         _asked.pop(key, None)
-        index = _cache.get(key)
-        if index is None or index.offset.shape != chunk_grid(dataset) or _moved(dataset, index):
+        if _kept(dataset, key) is None:
             refresh(dataset)
             _cache[key] = build_index(dataset)
             while len(_cache) > CACHED_INDEXES:

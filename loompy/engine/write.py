@@ -266,10 +266,11 @@ def _tiles(block: np.ndarray | sp.spmatrix, layout: ChunkLayout, scratch: Scratc
             gathered = np.take(rows, columns, axis=1, mode="wrap",
                                out=scratch.get("gathered", (rows.shape[0], m), rows.dtype))
             _dense_tiles(gathered.astype(layout.dtype, copy=False), h, w, tiles[k])
-    if not codecs.zero_bits(layout.fill, layout.dtype):  # edges padded as HDF5 pads them: the fill value
+    zero_fill = codecs.zero_bits(layout.fill, layout.dtype)
+    if not zero_fill:  # edges padded as HDF5 pads them: the fill value
         tiles[-1, :, n - (tiles.shape[0] - 1) * h:] = layout.fill
         tiles[:, -1, :, m - (tiles.shape[1] - 1) * w:] = layout.fill
-    if keep is None or not codecs.zero_bits(layout.fill, layout.dtype):  # (the scatter knows its non-zeros)
+    if keep is None or not zero_fill:  # (the scatter knows its non-zeros)
         keep = codecs.tiles_to_store(tiles, layout.fill)
     return tiles, keep
 
