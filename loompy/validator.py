@@ -200,7 +200,8 @@ class LoomValidator:
         ``strictness="conventions"`` checks: CellID, ClusterID, Gene and Accession are required;
         the rest are checked when present (and noted when missing)."""
         legacy = fmt.read_spec_version(f).is_legacy
-        rows, cols = (_attr_values(f, group, legacy) for group in fmt.ATTR_GROUPS)
+        rows = _attr_values(f, fmt.ROW_ATTRS, ("Accession", "Gene", "Valid", "Selected"), legacy)
+        cols = _attr_values(f, fmt.COL_ATTRS, ("ClusterID", "ClusterName", "CellID", "Valid", "Outliers"), legacy)
         for name in ("Description", "Journal", "Authors", "Title", "Year", "CreationDate"):
             if not _has_global(f, name):
                 self.warnings.append(f"optional global attribute '{name}' is missing")
@@ -246,16 +247,19 @@ class LoomValidator:
         return True
 
 
-def _attr_values(f: h5py.File, group_name: str, legacy: bool) -> dict[str, np.ndarray]:
-    """Values of a group's attribute datasets, as loompy reads them (text as str)."""
+def _attr_values(f: h5py.File, group_name: str, names: tuple[str, ...], legacy: bool) -> dict[str, np.ndarray]:
+    """The values of those of ``names`` the group has as readable datasets, as loompy reads them
+    (text as str); the spec checks report the rest."""
     group = fmt.get_group(f, group_name)
     values = {}
-    for name, obj in group.items() if group is not None else []:
+    for name in names:
+        obj = group.get(name) if group is not None else None
         try:
-            values[name] = read_values(obj, legacy) if isinstance(obj, h5py.Dataset) else None
-        except (OSError, ValueError, TypeError, LoomError):  # (what the spec checks report)
+            if isinstance(obj, h5py.Dataset):
+                values[name] = read_values(obj, legacy)
+        except (OSError, ValueError, TypeError, LoomError):
             continue
-    return {name: v for name, v in values.items() if v is not None}
+    return values
 
 
 def _has_global(f: h5py.File, name: str) -> bool:
