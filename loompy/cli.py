@@ -110,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_info)
     p = sub.add_parser("validate", help="check a .loom file against the spec (exit 1 on errors)")
     p.add_argument("file")
-    p.add_argument("--strictness", choices=["speconly", "conventions"], default="speconly")
+    p.add_argument("--strictness", choices=["speconly", "conventions"], default="speconly",
+                   help="conventions: also the Linnarsson lab's attribute conventions, as loompy 3 checks them "
+                        "(CellID, ClusterID, Gene and Accession required)")
     p.set_defaults(run=_validate)
     p = sub.add_parser("import", help="build a .loom from 10x Genomics output (folder or .h5)")
     p.add_argument("source")
