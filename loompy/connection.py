@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import html
 import os
 import re
 import weakref
@@ -16,13 +15,13 @@ import scipy.sparse as sp
 
 from . import engine, files, operations, swaps
 from . import format as fmt
+from .access import LoomAccess
 from .attributes import (
     READ_ONLY,
     AttributeManager,
     ClosedFile,
     Dims,
     GlobalAttributeManager,
-    attribute_shortcut,
     writable,
 )
 from .errors import (
@@ -36,6 +35,7 @@ from .errors import (
 )
 from .graphs import GraphManager
 from .indexing import axis_number
+from .journal import recover, refuse_if_pending_read_only
 from .layers import LayerManager
 from .validator import check_structure, looks_like_loom
 from .view import WHAT_ALL, LoomView, ViewManager
@@ -115,7 +115,7 @@ def _shape_watcher(connection: weakref.ref) -> Callable[[], None]:
     return watch
 
 
-class LoomConnection:
+class LoomConnection(LoomAccess):
     """A connection to a ``.loom`` file: the matrix stays on disk, attributes load on first use."""
 
     def __init__(self, filename: str | os.PathLike, mode: str = "r+", *, validate: bool = True,
@@ -129,8 +129,6 @@ class LoomConnection:
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
             setattr(self._file, READ_ONLY, True)
         try:
-            from .growing import recover, refuse_if_pending_read_only
-
             recover(self._file)  # an interrupted append is rolled back before anything else looks
             if writable(self._file):
                 swaps.settle(self._file)  # and an interrupted replacement settled
@@ -180,19 +178,6 @@ class LoomConnection:
         self.col_graphs = GraphManager(f, 1, self._dims, group_name=fmt.graph_group_name(f, 1))
         self.attrs = GlobalAttributeManager(f, in_group=fmt.globals_live_in_group(f), legacy=legacy)
 
-    # --------------------------------------------------------------- aliases kept from loompy 2/3
-    @property
-    def ra(self) -> AttributeManager:
-        return self.row_attrs
-
-    @property
-    def ca(self) -> AttributeManager:
-        return self.col_attrs
-
-    @property
-    def layer(self) -> LayerManager:
-        return self.layers
-
     # --------------------------------------------------------------- basic properties
     @property
     def shape(self) -> tuple[int, int]:
@@ -236,27 +221,11 @@ class LoomConnection:
         self.close()
 
     # --------------------------------------------------------------- matrix access
-    def __getitem__(self, key: Any) -> Any:
-        """``ds["layer"]`` is a layer; anything else selects from the main matrix."""
-        if isinstance(key, str):
-            return self.layers[key]
-        return self.layers[""][key]
-
     def __setitem__(self, key: Any, values: Any) -> None:
         if isinstance(key, str):
             self.layers[key] = values
         else:
             self.layers[""][key] = values
-
-    def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None) -> sp.coo_matrix:
-        """A layer (default: main matrix), or its ``rows`` x ``cols`` part, as a COO matrix."""
-        return self.layers["" if layer is None else layer].sparse(rows, cols)
-
-    def __getattr__(self, name: str) -> np.ndarray:
-        """``ds.Name``: a column attribute, else a row attribute (methods always win)."""
-        if name.startswith("_") or name in ("row_attrs", "col_attrs", "layers"):
-            raise AttributeError(name)
-        return attribute_shortcut(self.row_attrs, self.col_attrs, name, self.filename)
 
     # --------------------------------------------------------------- attribute and layer helpers
     def set_attr(self, name: str, values: Any, axis: int = 0, dtype: Any = None) -> None:
@@ -404,41 +373,6 @@ class LoomConnection:
         return (f"<LoomConnection to '{self.filename}' (mode {self.mode}, spec {self.version}): "
                 f"{n} rows x {m} columns; layers {self.layers.keys()}; "
                 f"row attributes {self.row_attrs.keys()}; column attributes {self.col_attrs.keys()}>")
-
-    def _repr_html_(self) -> str:
-        """Upper-left 10x10 corner with the attributes, for notebooks (every value HTML-escaped)."""
-        if self.closed:
-            return html.escape(repr(self))
-        return render_html(self)
-
-
-def render_html(ds: Any, size: int = 10) -> str:
-    """HTML table: shape, column attributes as header rows, row attributes as leading columns."""
-    esc = html.escape
-    n, m = ds.shape
-    rn, cn = min(n, size), min(m, size)
-    ra, ca = list(ds.ra.keys()), list(ds.ca.keys())
-    corner = ds[:rn, :cn] if rn and cn and "" in ds.layers else np.zeros((rn, cn))
-    more_cols = "<td>...</td>" if m > size else ""
-    cells = ["<p>" + esc(str(ds.shape)) + "</p><table><tbody>"]
-
-    def values(arr: np.ndarray, k: int) -> list[str]:
-        return [esc(str(v)) for v in np.asarray(arr)[:k].tolist()]
-
-    for name in ca:
-        cells.append("<tr>" + "<td>&nbsp;</td>" * max(0, len(ra) - 1) + f"<td><strong>{esc(name)}</strong></td>"
-                     + "".join(f"<td>{v}</td>" for v in values(ds.ca[name], cn)) + more_cols + "</tr>")
-    cells.append("<tr>" + "".join(f"<td><strong>{esc(name)}</strong></td>" for name in ra)
-                 + ("<td>&nbsp;</td>" if not ra else "") + "<td>&nbsp;</td>" * cn + more_cols + "</tr>")
-    row_values = [values(ds.ra[name], rn) for name in ra]
-    for i in range(rn):
-        lead = "".join(f"<td>{col[i]}</td>" for col in row_values) or "<td>&nbsp;</td>"
-        cells.append("<tr>" + lead + "".join(f"<td>{esc(str(v))}</td>" for v in corner[i].tolist())
-                     + more_cols + "</tr>")
-    if n > size:
-        cells.append("<tr>" + "<td>...</td>" * (max(1, len(ra)) + cn + (1 if m > size else 0)) + "</tr>")
-    cells.append("</tbody></table>")
-    return "".join(cells)
 
 
 def connect(filename: str | os.PathLike, mode: str = "r+", *, validate: bool = True,

@@ -1,12 +1,8 @@
 """Appending columns in place (``add_columns``, ``add_loom``) without ever losing what the file held.
 
-An append validates all input first, then records the old column count in a root HDF5 attribute
-(the *journal*), flushes, writes layers and column attributes, flushes, and removes the journal.
-A column attribute that cannot grow in place (another dtype, or not resizable) is rewritten, its
-old dataset kept aside in the root group ``loompy_before_append`` until the append is done. If the
-writer dies in between, :func:`recover` (run by ``connect``) finds the journal, puts the kept
-attributes back and cuts every layer and column attribute back to the old width: the file
-reopens as before the append. An append that fails while writing does the same itself.
+An append validates all input first (every value, fill and dtype is settled before the first
+write), then writes under the file's journal (:mod:`.journal`): interrupted, it is rolled back
+when the file is next opened; failing while it writes, it rolls itself back.
 """
 
 from __future__ import annotations
@@ -19,102 +15,13 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import encoding, engine
+from . import encoding, engine, journal
 from . import format as fmt
-from .attributes import check_writable, writable
+from .attributes import check_writable
 from .create import _as_attr_dict, _as_layer_dict
-from .errors import LoomFileError, LoomFormatError, LoomKeyError, LoomValueError
+from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import check_free_space, stored_size_bound
 from .indexing import batch_count
-
-JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
-BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
-ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
-ADDED_ROWS = "added_rows"  # its HDF5 attribute: names of the row attributes the append created
-FIRST = "first_columns"  # its HDF5 attribute: the append gives an empty file (new()) its first columns
-
-
-def pending_append(f: h5py.File) -> int | None:
-    """The column count to roll back to, if an append was interrupted."""
-    value = f.attrs.get(JOURNAL)
-    return None if value is None else int(value)
-
-
-def recover(f: h5py.File) -> int | None:
-    """Roll back an interrupted append (in ``r+``); returns the committed column count, or None if clean.
-
-    In read-only mode nothing is written; the caller presents the committed width instead.
-    """
-    width = pending_append(f)
-    if width is None and writable(f) and BEFORE_APPEND in f:  # what a finished append kept aside
-        del f[BEFORE_APPEND]
-        f.flush()
-    if width is None or not writable(f):
-        return width
-    try:
-        kept = fmt.get_group(f, BEFORE_APPEND)
-        if kept is not None and kept.attrs.get(FIRST):  # the file was empty: empty it again
-            _empty_again(f)
-            del f[BEFORE_APPEND]
-            del f.attrs[JOURNAL]
-            f.flush()
-            return 0
-        for ds in _matrices(f):
-            if ds.shape[1] > width:
-                engine.resize(ds, width, axis=1)
-        group = fmt.get_group(f, fmt.COL_ATTRS)
-        if group is not None and kept is not None:  # attributes the append rewrote: the old ones back
-            for name in list(kept):
-                if name in group:
-                    del group[name]
-                f.move(f"{BEFORE_APPEND}/{name}", f"{fmt.COL_ATTRS}/{name}")
-            for name in kept.attrs.get(ADDED, []):  # and those it created: gone
-                if name in group:
-                    del group[name]
-        rows = fmt.get_group(f, fmt.ROW_ATTRS)
-        for name in kept.attrs.get(ADDED_ROWS, []) if kept is not None and rows is not None else []:
-            if name in rows:
-                del rows[name]
-        if kept is not None:
-            del f[BEFORE_APPEND]
-        if group is not None:
-            for ds in group.values():
-                if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
-                    ds.resize(width, axis=0)
-        del f.attrs[JOURNAL]
-        f.flush()
-    except (RuntimeError, OSError, KeyError, ValueError) as exc:
-        raise LoomFileError(f"{f.filename}: could not roll back an interrupted append: {exc}") from exc
-    return width
-
-
-def _empty_again(f: h5py.File) -> None:
-    """Remove what the first columns of an empty file brought: matrix, layers, attributes, graphs."""
-    if fmt.MATRIX in f:
-        engine.forget(f[fmt.MATRIX])
-        del f[fmt.MATRIX]
-    for name in (fmt.LAYERS, fmt.ROW_ATTRS, fmt.COL_ATTRS, fmt.ROW_GRAPHS, fmt.COL_GRAPHS):
-        group = fmt.get_group(f, name)
-        for key in list(group) if group is not None else []:
-            if isinstance(group[key], h5py.Dataset):
-                engine.forget(group[key])
-            del group[key]
-
-
-def _begin(f: h5py.File, width: int, first: bool = False) -> None:
-    """Start a journalled append to a file of ``width`` columns (``first``: an empty one)."""
-    if first:
-        f.require_group(BEFORE_APPEND).attrs[FIRST] = True
-    f.attrs[JOURNAL] = width
-    f.flush()
-
-
-def _matrices(f: h5py.File) -> list[h5py.Dataset]:
-    out = [f[fmt.MATRIX]] if isinstance(f.get(fmt.MATRIX), h5py.Dataset) else []
-    layers = fmt.get_group(f, fmt.LAYERS)
-    if layers is not None:
-        out += [d for d in layers.values() if isinstance(d, h5py.Dataset)]
-    return out
 
 
 def auto_fill(values: np.ndarray) -> Any:
@@ -169,13 +76,13 @@ def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: 
 
 
 def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
-                journal: bool = True, convert_attrs: bool = False, drop: bool | None = None) -> None:
+                journalled: bool = True, convert_attrs: bool = False, drop: bool | None = None) -> None:
     """Append columns: every existing layer must be given. A column attribute only the file or only
     the new columns have is filled by ``fill_values`` (a dict, or ``"auto"`` for 0 / ""); with
     ``fill_values=None``, as in loompy 3, the file's is removed and the new columns' ignored (with a
     warning). On an empty file from ``new()`` the first call defines the rows (and ``row_attrs``); on
     others, ``row_attrs`` add row attributes the file lacks (those it has are kept, as loompy 3 keeps
-    them). ``journal=False``: the caller keeps the journal (:func:`add_loom`'s batches are one
+    them). ``journalled=False``: the caller keeps the journal (:func:`add_loom`'s batches are one
     append); ``drop``: whether attributes are dropped (default: when ``fill_values`` is None).
     """
     f = ds._file
@@ -192,7 +99,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     n_rows = layer_dict[""].shape[0]
     empty = "" not in ds.layers
     if empty:
-        _first_columns(ds, layer_dict, col_attrs, row_attrs, journal)
+        _first_columns(ds, layer_dict, col_attrs, row_attrs, journalled)
         return
     n, m = ds.shape
     if n_rows != n:
@@ -225,8 +132,8 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     check_free_space(f.filename, needed + sum(v.nbytes for v, _ in combined.values() if v.dtype != object), where)
     # everything is valid: write, journalled
     try:
-        if journal:
-            _begin(f, m)
+        if journalled:
+            journal.begin(f, m)
         for name, matrix in matrices.items():
             dataset = ds.layers[name]._dataset
             engine.resize(dataset, m + n_new, axis=1)
@@ -236,24 +143,24 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         for name, (values, whole) in combined.items():
             _append_attr(group, name, values, whole, m, where, ds.ca._legacy)
         for name in dropped:
-            _set_aside(group, name)
+            journal.set_aside(group, name)
         if new_row_attrs:
-            _note_created(f, ADDED_ROWS, list(new_row_attrs))
+            journal.note_created(f, journal.ADDED_ROWS, list(new_row_attrs))
             rows = f.require_group(fmt.ROW_ATTRS)
             for name, values in new_row_attrs.items():
                 fmt.write_values(rows, name, values, resizable=False, where=f"{where}: row attribute '{name}'",
                                  legacy=ds.ra._legacy)
         f.flush()
-        if journal:
-            _commit(f)
+        if journalled:
+            journal.commit(f)
     except BaseException:  # an I/O error, Ctrl-C: back to the old width (else the next r+ open does it)
-        if journal:
+        if journalled:
             _roll_back(ds)
         raise
     ds._dims.shape = (n, m + n_new)  # the columns are in: the connection says so before anything else
     ds.col_attrs._forget()
     ds.row_attrs._forget()
-    if journal:  # (add_loom says it once)
+    if journalled:  # (add_loom says it once)
         _warn_left_out(where, dropped, ignored)
     if differing:
         warnings.warn(f"{where}: row attributes {differing} given with the new columns differ from the file's, "
@@ -385,7 +292,7 @@ def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
 def _roll_back(ds: Any) -> None:
     """Undo a journalled append that failed while writing (or, when it was interrupted just after
     its commit, keep it done): the connection then says what the file holds."""
-    recover(ds._file)
+    journal.recover(ds._file)
     if fmt.MATRIX not in ds._file:  # an empty file again: the connection starts over
         ds._open_managers()
         return
@@ -484,54 +391,24 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
         fmt.touch(dataset, group)
         return
     if name in group:
-        _set_aside(group, name)
+        journal.set_aside(group, name)
     else:
-        _note_created(group.file, ADDED, [name])
+        journal.note_created(group.file, journal.ADDED, [name])
     fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'",
                      legacy=legacy)
 
 
-def _set_aside(group: h5py.Group, name: str) -> None:
-    """Take a column attribute out of the file as part of an append (to rewrite or drop it): kept
-    aside until the append is done, so that a rollback puts it back; the first batch's move is
-    the one kept (a later batch's is its own rewrite, deleted)."""
-    kept = group.file.require_group(BEFORE_APPEND)
-    if name in kept:
-        if name in group:
-            del group[name]
-    elif name in group:
-        group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
-
-
-def _note_created(f: h5py.File, key: str, names: list[str]) -> None:
-    """Note, before writing them, the attributes an append creates (``key``: ADDED for column
-    attributes, ADDED_ROWS for row attributes), so that a rollback removes them."""
-    kept = f.require_group(BEFORE_APPEND)
-    noted = list(kept.attrs.get(key, []))
-    if any(name not in noted for name in names):
-        kept.attrs[key] = [*noted, *(name for name in names if name not in noted)]
-        f.flush()
-
-
-def _commit(f: h5py.File) -> None:
-    """End a journalled append: drop the journal (the append is then done), then what it kept aside."""
-    del f.attrs[JOURNAL]
-    f.flush()
-    if BEFORE_APPEND in f:  # a kill right here leaves it behind: recover() drops it
-        del f[BEFORE_APPEND]
-
-
-def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, journal: bool) -> None:
+def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, journalled: bool) -> None:
     """An empty file's first columns define its rows: write it like ``create`` would, journalled
-    (undone, the file is empty again; ``journal=False``: the caller keeps the journal)."""
+    (undone, the file is empty again; ``journalled=False``: the caller keeps the journal)."""
     from .create import validate_contents
 
     contents = validate_contents(ds.filename, layer_dict, row_attrs, col_attrs, None, None)
     layer_dict, dtypes, rows, cols, _ = contents
     f = ds._file
     try:
-        if journal:
-            _begin(f, 0, first=True)
+        if journalled:
+            journal.begin(f, 0, first=True)
         for name, matrix in layer_dict.items():
             group = f if name == "" else f.require_group(fmt.LAYERS)
             dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, matrix.shape, dtypes[name])
@@ -542,10 +419,10 @@ def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, jo
         for name, values in cols.items():
             ds.ca[name] = values
         f.flush()
-        if journal:
-            _commit(f)
+        if journalled:
+            journal.commit(f)
     except BaseException:
-        if journal:
+        if journalled:
             _roll_back(ds)
         raise
 
@@ -622,12 +499,12 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
         row_attrs = other.ra.to_dict() if takes_rows else None
         row_graphs = {g: other.row_graphs[g] for g in other.row_graphs.keys()} if takes_rows else {}
         try:
-            _begin(ds._file, m0, first=empty)
+            journal.begin(ds._file, m0, first=empty)
             for number, cols in enumerate(batches):
                 block = {name: other.layers[name][rows, cols] for name in names}
                 add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values, drop=drop,
-                            journal=False, convert_attrs=convert_attrs, row_attrs=row_attrs if number == 0 else None)
-            _commit(ds._file)
+                            journalled=False, convert_attrs=convert_attrs, row_attrs=row_attrs if number == 0 else None)
+            journal.commit(ds._file)
         except BaseException:  # back to the columns the file had (an empty file: empty again)
             _roll_back(ds)
             raise
@@ -645,9 +522,3 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
                                 (np.concatenate([mine.row, g.row + m0]), np.concatenate([mine.col, g.col + m0]))),
                                shape=(total, total))
         ds.col_graphs[name] = merged
-
-
-def refuse_if_pending_read_only(f: h5py.File, filename: str) -> None:
-    if pending_append(f) is not None and not writable(f):
-        raise LoomFileError(f"{filename}: an append is unfinished (interrupted, or under way in another "
-                            "connection); open with mode 'r+' once to roll an interrupted one back")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
@@ -21,8 +22,32 @@ def _axis(selection: Any, length: int, axis: int) -> AxisSelection:
     return select_axis(slice(None) if selection is None else selection, length, axis)
 
 
-class SparseForms:
-    """The loompy 2 names for a whole layer as a sparse matrix, built on the subclass's ``sparse()``."""
+class SparseForms(ABC):
+    """A layer as a sparse matrix, for layers on disk and in views alike: ``sparse()`` over the
+    subclass's ``_sparse_block``, and the ``as_coo``/``as_csr``/``as_csc`` names of the seed README."""
+
+    shape: tuple[int, int]
+
+    @abstractmethod
+    def _sparse_block(self, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
+        """The block at sorted, unique ``rows`` x ``cols`` as a COO matrix, in the stored dtype."""
+
+    def sparse(self, rows: Any = None, cols: Any = None, dtype: Any = None) -> sp.coo_matrix:
+        """The layer (or the ``rows`` x ``cols`` part of it, in the order and with the repeats
+        given) as a COO matrix, in the stored dtype unless ``dtype`` is given."""
+        r = _axis(rows, self.shape[0], 0)
+        c = _axis(cols, self.shape[1], 1)
+        coo = self._sparse_block(r.unique, c.unique)
+        if dtype is not None:
+            coo = coo.astype(dtype, copy=False)
+        if r.inverse is None and c.inverse is None:
+            return coo
+        csr = coo.tocsr()
+        if r.inverse is not None:
+            csr = csr[r.inverse]
+        if c.inverse is not None:
+            csr = csr[:, c.inverse]
+        return csr.tocoo()
 
     def as_coo(self) -> sp.coo_matrix:
         return self.sparse()
@@ -138,22 +163,8 @@ class LoomLayer(SparseForms):
 
         return operations.map_(self, f_list, axis, chunksize, selection)
 
-    def sparse(self, rows: Any = None, cols: Any = None, dtype: Any = None) -> sp.coo_matrix:
-        """The layer (or the ``rows`` x ``cols`` part of it) as a COO matrix, in the stored dtype
-        unless ``dtype`` is given."""
-        r = _axis(rows, self.shape[0], 0)
-        c = _axis(cols, self.shape[1], 1)
-        coo = engine.read_sparse(self._dataset, r.unique, c.unique)
-        if dtype is not None:
-            coo = coo.astype(dtype, copy=False)
-        if r.inverse is None and c.inverse is None:
-            return coo
-        csr = coo.tocsr()
-        if r.inverse is not None:
-            csr = csr[r.inverse]
-        if c.inverse is not None:
-            csr = csr[:, c.inverse]
-        return csr.tocoo()
+    def _sparse_block(self, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
+        return engine.read_sparse(self._dataset, rows, cols)
 
     def __repr__(self) -> str:
         try:

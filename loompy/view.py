@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .attributes import AttributeManager, Dims, DotAccess, attribute_shortcut
+from .access import LoomAccess
+from .attributes import AttributeManager, Dims, DotAccess
 from .engine import Recycler
 from .errors import LoomKeyError, LoomValueError
 from .graphs import GraphManager, renumber_graph
-from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
+from .indexing import AxisSelection, expand, select, values_for_unique
 from .layers import LoomLayer, SparseForms
 
 
@@ -39,12 +40,11 @@ class MemoryLayer(SparseForms):
         self.values[np.ix_(rows.unique, cols.unique)] = values_for_unique(values, rows, cols, self.dtype, "view")
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return self.values if dtype is None else self.values.astype(dtype)
+        """The layer's values; a copy unless ``copy`` is False or None (numpy's protocol)."""
+        return np.array(self.values, dtype=dtype, copy=copy)
 
-    def sparse(self, rows: Any = None, cols: Any = None) -> sp.coo_matrix:
-        r = select_axis(slice(None) if rows is None else rows, self.shape[0], 0)
-        c = select_axis(slice(None) if cols is None else cols, self.shape[1], 1)
-        return sp.coo_matrix(self.values[np.ix_(r.indices, c.indices)])
+    def _sparse_block(self, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
+        return sp.coo_matrix(self.values[np.ix_(rows, cols)])
 
 
 class MemoryLayerManager(DotAccess, MutableMapping):
@@ -92,7 +92,7 @@ class MemoryGlobals(DotAccess, dict):
         self[name] = value
 
 
-class LoomView:
+class LoomView(LoomAccess):
     """A selection of a Loom file (or of another view), held in memory."""
 
     def __init__(self, layers: dict[str, np.ndarray], row_attrs: dict[str, np.ndarray],
@@ -110,10 +110,6 @@ class LoomView:
         self.col_graphs = GraphManager(None, 1, self._dims, values=col_graphs or {})
         self.attrs = MemoryGlobals(file_attrs or {})
 
-    ra = property(lambda self: self.row_attrs)
-    ca = property(lambda self: self.col_attrs)
-    layer = property(lambda self: self.layers)
-
     @property
     def shape(self) -> tuple[int, int]:
         return self._dims.shape
@@ -122,28 +118,10 @@ class LoomView:
     def view(self) -> ViewManager:
         return ViewManager(self)
 
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str):
-            return self.layers[key]
-        return self.layers[""][key]
-
-    def __getattr__(self, name: str) -> np.ndarray:
-        if name.startswith("_") or name in ("row_attrs", "col_attrs", "layers"):
-            raise AttributeError(name)
-        return attribute_shortcut(self.row_attrs, self.col_attrs, name, f"view of {self.filename}")
-
-    def sparse(self, rows: Any = None, cols: Any = None, layer: str | None = None) -> sp.coo_matrix:
-        return self.layers["" if layer is None else layer].sparse(rows, cols)
-
     def __repr__(self) -> str:
         n, m = self.shape
         return (f"<LoomView of '{self.filename}': {n} rows x {m} columns; layers {self.layers.keys()}; "
                 f"row attributes {self.ra.keys()}; column attributes {self.ca.keys()}>")
-
-    def _repr_html_(self) -> str:
-        from .connection import render_html
-
-        return render_html(self)
 
 
 WHAT_ALL = ("col_attrs", "row_attrs", "layers", "col_graphs", "row_graphs")

@@ -79,3 +79,28 @@ def test_a_view_takes_new_layers_in_memory(ds):
         view.layers["bad"] = np.ones((2, 2))
     del view.layers["double"]
     assert "double" not in view.layers
+
+
+def test_arrays_made_from_a_view_layer_are_copies_unless_asked_not_to_be(ds):
+    conn, m, _ = ds
+    view = conn.view[:, :]
+    copied = np.array(view.layers[""])
+    copied[0, 0] = -1
+    assert view[0, 0] == m[0, 0]  # (the view's values were changed through the copy)
+    as_float = np.array(view.layers["x"], dtype=np.float64)
+    assert as_float.dtype == np.float64 and np.array_equal(as_float, m * 2)
+    shared = np.asarray(view.layers[""])  # asarray may share the view's memory, as numpy allows
+    np.testing.assert_array_equal(shared, m)
+
+
+def test_view_layers_give_sparse_forms_as_file_layers_do(ds):
+    conn, m, _ = ds
+    view = conn.view[:, :]
+    for source in (conn, view):
+        layer = source.layers["x"]
+        picked = layer.sparse([3, 1, 3], [5, 0], dtype=np.float64)
+        assert picked.dtype == np.float64
+        np.testing.assert_array_equal(picked.toarray(), (m * 2)[np.ix_([3, 1, 3], [5, 0])])
+        assert layer.sparse().dtype == np.float32
+        np.testing.assert_array_equal(layer.as_csc().toarray(), m * 2)
+        np.testing.assert_array_equal(source.sparse([0, 2], None, layer="x").toarray(), (m * 2)[[0, 2]])

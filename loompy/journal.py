@@ -1,0 +1,147 @@
+"""The append journal: how an append of columns is recorded in the file, so that one interrupted
+by a crash or a kill is rolled back rather than left half done.
+
+An append (see :mod:`.growing`) records the old column count in a root HDF5 attribute (the
+*journal*) and flushes before it writes anything, then writes layers and column attributes,
+flushes, and removes the journal (:func:`commit`). A column attribute that cannot grow in place
+(another dtype, or not resizable) is rewritten, its old dataset kept aside in the root group
+``loompy_before_append`` until the append is done (:func:`set_aside`); attributes the append
+creates are noted there first (:func:`note_created`). If the writer dies in between,
+:func:`recover` (run by ``connect``) finds the journal, puts the kept attributes back, removes the
+created ones and cuts every layer and column attribute back to the old width: the file reopens
+as before the append.
+"""
+
+from __future__ import annotations
+
+import h5py
+
+from . import engine
+from . import format as fmt
+from .attributes import writable
+from .errors import LoomFileError
+
+JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
+BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
+ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
+ADDED_ROWS = "added_rows"  # its HDF5 attribute: names of the row attributes the append created
+FIRST = "first_columns"  # its HDF5 attribute: the append gives an empty file (new()) its first columns
+
+
+def pending_append(f: h5py.File) -> int | None:
+    """The column count to roll back to, if an append was interrupted."""
+    value = f.attrs.get(JOURNAL)
+    return None if value is None else int(value)
+
+
+def recover(f: h5py.File) -> int | None:
+    """Roll back an interrupted append (in ``r+``); returns the committed column count, or None if clean.
+
+    In read-only mode nothing is written; the caller presents the committed width instead.
+    """
+    width = pending_append(f)
+    if width is None and writable(f) and BEFORE_APPEND in f:  # what a finished append kept aside
+        del f[BEFORE_APPEND]
+        f.flush()
+    if width is None or not writable(f):
+        return width
+    try:
+        kept = fmt.get_group(f, BEFORE_APPEND)
+        if kept is not None and kept.attrs.get(FIRST):  # the file was empty: empty it again
+            _empty_again(f)
+            del f[BEFORE_APPEND]
+            del f.attrs[JOURNAL]
+            f.flush()
+            return 0
+        for ds in _matrices(f):
+            if ds.shape[1] > width:
+                engine.resize(ds, width, axis=1)
+        group = fmt.get_group(f, fmt.COL_ATTRS)
+        if group is not None and kept is not None:  # attributes the append rewrote: the old ones back
+            for name in list(kept):
+                if name in group:
+                    del group[name]
+                f.move(f"{BEFORE_APPEND}/{name}", f"{fmt.COL_ATTRS}/{name}")
+            for name in kept.attrs.get(ADDED, []):  # and those it created: gone
+                if name in group:
+                    del group[name]
+        rows = fmt.get_group(f, fmt.ROW_ATTRS)
+        for name in kept.attrs.get(ADDED_ROWS, []) if kept is not None and rows is not None else []:
+            if name in rows:
+                del rows[name]
+        if kept is not None:
+            del f[BEFORE_APPEND]
+        if group is not None:
+            for ds in group.values():
+                if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
+                    ds.resize(width, axis=0)
+        del f.attrs[JOURNAL]
+        f.flush()
+    except (RuntimeError, OSError, KeyError, ValueError) as exc:
+        raise LoomFileError(f"{f.filename}: could not roll back an interrupted append: {exc}") from exc
+    return width
+
+
+def _empty_again(f: h5py.File) -> None:
+    """Remove what the first columns of an empty file brought: matrix, layers, attributes, graphs."""
+    if fmt.MATRIX in f:
+        engine.forget(f[fmt.MATRIX])
+        del f[fmt.MATRIX]
+    for name in (fmt.LAYERS, fmt.ROW_ATTRS, fmt.COL_ATTRS, fmt.ROW_GRAPHS, fmt.COL_GRAPHS):
+        group = fmt.get_group(f, name)
+        for key in list(group) if group is not None else []:
+            if isinstance(group[key], h5py.Dataset):
+                engine.forget(group[key])
+            del group[key]
+
+
+def begin(f: h5py.File, width: int, first: bool = False) -> None:
+    """Start a journalled append to a file of ``width`` columns (``first``: an empty one)."""
+    if first:
+        f.require_group(BEFORE_APPEND).attrs[FIRST] = True
+    f.attrs[JOURNAL] = width
+    f.flush()
+
+
+def _matrices(f: h5py.File) -> list[h5py.Dataset]:
+    out = [f[fmt.MATRIX]] if isinstance(f.get(fmt.MATRIX), h5py.Dataset) else []
+    layers = fmt.get_group(f, fmt.LAYERS)
+    if layers is not None:
+        out += [d for d in layers.values() if isinstance(d, h5py.Dataset)]
+    return out
+
+
+def set_aside(group: h5py.Group, name: str) -> None:
+    """Take a column attribute out of the file as part of an append (to rewrite or drop it): kept
+    aside until the append is done, so that a rollback puts it back; the first batch's move is
+    the one kept (a later batch's is its own rewrite, deleted)."""
+    kept = group.file.require_group(BEFORE_APPEND)
+    if name in kept:
+        if name in group:
+            del group[name]
+    elif name in group:
+        group.file.move(f"{fmt.COL_ATTRS}/{name}", f"{BEFORE_APPEND}/{name}")
+
+
+def note_created(f: h5py.File, key: str, names: list[str]) -> None:
+    """Note, before writing them, the attributes an append creates (``key``: ADDED for column
+    attributes, ADDED_ROWS for row attributes), so that a rollback removes them."""
+    kept = f.require_group(BEFORE_APPEND)
+    noted = list(kept.attrs.get(key, []))
+    if any(name not in noted for name in names):
+        kept.attrs[key] = [*noted, *(name for name in names if name not in noted)]
+        f.flush()
+
+
+def commit(f: h5py.File) -> None:
+    """End a journalled append: drop the journal (the append is then done), then what it kept aside."""
+    del f.attrs[JOURNAL]
+    f.flush()
+    if BEFORE_APPEND in f:  # a kill right here leaves it behind: recover() drops it
+        del f[BEFORE_APPEND]
+
+
+def refuse_if_pending_read_only(f: h5py.File, filename: str) -> None:
+    if pending_append(f) is not None and not writable(f):
+        raise LoomFileError(f"{filename}: an append is unfinished (interrupted, or under way in another "
+                            "connection); open with mode 'r+' once to roll an interrupted one back")
