@@ -115,10 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(CellID, ClusterID, Gene and Accession required)")
     p.set_defaults(run=_validate)
     p = sub.add_parser("import", help="build a .loom from 10x Genomics output (folder or .h5)")
-    p.add_argument("source")
-    p.add_argument("output")
-    p.add_argument("--genome", help="genome to read when the output holds several")
-    p.add_argument("--cell-id-prefix", default="", help="text put before each barcode in CellID")
+    p.add_argument("source", help="a Cell Ranger sample folder, its outs/ folder, a matrix folder "
+                                  "(Matrix Market) or a Cell Ranger .h5 file")
+    p.add_argument("output", help="the .loom file to write (replaced if it exists)")
+    p.add_argument("--genome", help="the genome whose features to import, when the output holds several")
+    p.add_argument("--cell-id-prefix", default="", help="text put before each barcode in CellID (default: "
+                                                         "none, the bare barcodes)")
     p.set_defaults(run=_import)
     return parser
 

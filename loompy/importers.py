@@ -10,7 +10,8 @@ from __future__ import annotations
 import csv
 import gzip
 import os
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,15 @@ class TenXData:
     feature_types: np.ndarray | None = None  # Cell Ranger 3 only
     genomes: np.ndarray | None = None  # per feature (Cell Ranger 3 .h5)
     genome: str | None = None  # the genome folder/group (Cell Ranger 2)
+
+    def keep_rows(self, keep: np.ndarray) -> None:
+        """Keep only the features where ``keep`` is True (one genome's, of several)."""
+        self.matrix = sp.csc_matrix(self.matrix[keep, :])
+        self.genes, self.accessions = self.genes[keep], self.accessions[keep]
+        if self.feature_types is not None:
+            self.feature_types = self.feature_types[keep]
+        if self.genomes is not None:
+            self.genomes = self.genomes[keep]
 
     def row_attrs(self) -> dict[str, np.ndarray]:
         attrs = {"Gene": self.genes, "Accession": self.accessions}
@@ -94,8 +104,13 @@ class MexReader:
         accessions = np.array([row[0] for row in features], dtype=object)
         genes = np.array([row[1] if len(row) > 1 else row[0] for row in features], dtype=object)
         types = np.array([row[2] for row in features], dtype=object) if all(len(r) > 2 for r in features) else None
-        return TenXData(_counts(matrix), genes, accessions, barcodes, feature_types=types,
-                        genome=path.name if types is None else None)
+        label = None
+        if types is None:  # Cell Ranger 2: a folder per genome, named after it
+            if path.parent.name == V2_FOLDER:
+                label = _choose_genome([path.name], genome, path.parent)  # (another genome asked for: refused)
+            else:  # a folder the user named: ``genome``, if given, names its genome
+                label = genome or path.name
+        return TenXData(_counts(matrix), genes, accessions, barcodes, feature_types=types, genome=label)
 
 
 class H5Reader:
@@ -120,6 +135,8 @@ class H5Reader:
                                 _strings(g["barcodes"][...]),
                                 feature_types=_strings(feats["feature_type"][...]) if "feature_type" in feats else None,
                                 genomes=_strings(feats["genome"][...]) if "genome" in feats else None)
+                if genome is not None and data.genomes is not None:  # that genome's features only
+                    data.genome = _choose_genome(sorted(set(data.genomes.tolist())), genome, path)
             else:
                 names = [k for k, v in f.items() if isinstance(v, h5py.Group) and "indptr" in v]
                 chosen = _choose_genome(names, genome, path)
@@ -129,10 +146,15 @@ class H5Reader:
             shape = tuple(int(x) for x in g["shape"][...])
             # 10x stores CSC with genes in rows: column pointers index cells
             data.matrix = _counts(sp.csc_matrix((g["data"][...], g["indices"][...], g["indptr"][...]), shape=shape))
+        if data.genome is not None and data.genomes is not None:
+            data.keep_rows(data.genomes == data.genome)
         return data
 
 
 READERS = (MexReader, H5Reader)
+
+
+V2_FOLDER = "filtered_gene_bc_matrices"  # Cell Ranger 2: one Matrix Market folder per genome in it
 
 
 def _choose_genome(available: Sequence[str], genome: str | None, where: Path) -> str:
@@ -140,24 +162,31 @@ def _choose_genome(available: Sequence[str], genome: str | None, where: Path) ->
         return genome
     if genome is None and len(available) == 1:
         return available[0]
-    wanted = f"genome '{genome}' not found" if genome else "several genomes; pass genome="
+    wanted = f"genome '{genome}' not found" if genome else "several genomes; choose one with genome= (--genome)"
     raise LoomValueError(f"{where}: {wanted} (available: {', '.join(sorted(available)) or 'none'})")
 
 
-def _candidates(path: Path, genome: str | None) -> list[Path]:
-    """Where Cell Ranger puts its matrices, below ``path`` (which may be the sample or ``outs`` folder)."""
+def _genome_folder(parent: Path, genome: str | None) -> Iterator[Path]:
+    """The genome folder to read in a Cell Ranger 2 ``filtered_gene_bc_matrices`` folder (when ``parent`` is one)."""
+    genomes = sorted(p.name for p in parent.iterdir() if MexReader.can_open(p)) if parent.is_dir() else []
+    if genomes:
+        yield parent / _choose_genome(genomes, genome, parent)
+
+
+def _candidates(path: Path, genome: str | None) -> Iterator[Path]:
+    """Where Cell Ranger puts its matrices, below ``path`` (which may be the sample or ``outs`` folder,
+    or Cell Ranger 2's folder of genome folders), most likely first. A generator: a Cell Ranger 2
+    genome is chosen (or found ambiguous) only when no Cell Ranger 3 matrix came before it."""
+    yield path
     if path.is_file():
-        return [path]
-    found = [path]
+        return
+    if path.name == V2_FOLDER:
+        yield from _genome_folder(path, genome)
     for base in (path, path / "outs"):
-        found += [base / "filtered_feature_bc_matrix", base / "filtered_feature_bc_matrix.h5"]
-        v2 = base / "filtered_gene_bc_matrices"
-        if v2.is_dir():
-            genomes = sorted(p.name for p in v2.iterdir() if p.is_dir())
-            if genomes:
-                found.append(v2 / _choose_genome(genomes, genome, v2))
-        found.append(base / "filtered_gene_bc_matrices_h5.h5")
-    return found
+        yield base / "filtered_feature_bc_matrix"
+        yield base / "filtered_feature_bc_matrix.h5"
+        yield from _genome_folder(base / V2_FOLDER, genome)
+        yield base / "filtered_gene_bc_matrices_h5.h5"
 
 
 def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
@@ -220,6 +249,22 @@ def _run_record(sample: Path) -> dict[str, str]:
     return record
 
 
+def _selected(cell_ids: np.ndarray, selected_cellids: Sequence[str], where: Path) -> np.ndarray:
+    """Which cells ``selected_cellids`` keeps: refused when none (a prefix not matching is the usual
+    cause), a warning naming those not found."""
+    wanted = set(map(str, selected_cellids))
+    keep = np.array([c in wanted for c in cell_ids.tolist()], dtype=bool)
+    if not keep.any():
+        example = f"; they look like '{cell_ids[0]}'" if len(cell_ids) else ""
+        raise LoomValueError(f"{where}: none of the {len(wanted)} selected_cellids is a cell id of this "
+                             f"sample{example}")
+    missing = wanted.difference(cell_ids.tolist())
+    if missing:
+        warnings.warn(f"{where}: {len(missing)} of the selected_cellids are not cell ids of this sample "
+                      f"(e.g. '{sorted(missing)[0]}'); the {int(keep.sum())} found are imported", stacklevel=3)
+    return keep
+
+
 def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike | None = None, *args: Any,
                            genome: str | None = None, file_attrs: Mapping[str, Any] | None = None,
                            selected_cellids: Sequence[str] | None = None, loom_file: str | os.PathLike | None = None,
@@ -255,7 +300,9 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     if seed:
         loom_file, outdir = (outdir if loom_file is None else loom_file), None
         cell_id_prefix = "" if cell_id_prefix is None else cell_id_prefix
-    indir = Path(indir).resolve()  # ".", ".." and trailing separators name the folder they mean
+    # ".", ".." and trailing separators name the folder they mean; a symbolic link stays the path given
+    # (its sample folder, analysis and run record are where the user put the link, as in loompy 3)
+    indir = Path(os.path.abspath(indir))
     folder = indir.parent if indir.is_file() else indir  # a Cell Ranger .h5: its folder holds the output
     named = indir.with_suffix("") if indir.is_file() else indir
     sample = (named.parent.name if named.name == "outs" else named.name) or "sample"
@@ -269,7 +316,7 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
                                  **_analysis(outs, data.barcodes)}
     matrix = data.matrix
     if selected_cellids is not None:
-        keep = np.isin(col_attrs["CellID"], np.asarray(list(selected_cellids), dtype=object))
+        keep = _selected(col_attrs["CellID"], selected_cellids, indir)
         matrix, col_attrs = matrix[:, keep], {name: values[keep] for name, values in col_attrs.items()}
     cell_ids = col_attrs["CellID"]
     for name, value in (sample_annotation or {}).items():

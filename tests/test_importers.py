@@ -229,3 +229,93 @@ def test_secondary_analysis_is_matched_by_barcode(tmp_path):
     (sample / "outs/analysis/clustering/graphclust/clusters.csv").write_text(f"Barcode,Cluster\n{barcodes[0]},one\n")
     with pytest.raises(loompy.LoomValueError, match="clusters.csv: not a Cell Ranger clusters table"):
         loompy.create_from_cellranger(sample, out)
+
+
+def _two_genome_h5(path):
+    """Cell Ranger 3's .h5 of the real sample, its features split between two genomes (as a
+    barnyard experiment's): every other one labelled mm10."""
+    with h5py.File(CR3 / "filtered_feature_bc_matrix.h5", "r") as src, h5py.File(path, "w") as f:
+        src.copy(src["matrix"], f, name="matrix")
+        genomes = f["matrix/features/genome"][...].copy()
+        genomes[::2] = b"mm10"
+        del f["matrix/features/genome"]
+        f["matrix/features/genome"] = genomes
+    return genomes.astype(str)
+
+
+def test_genome_picks_that_genome_s_features_of_a_cellranger3_h5(tmp_path):
+    genomes = _two_genome_h5(tmp_path / "barnyard.h5")
+    whole = read_10x(CR3 / "filtered_feature_bc_matrix.h5")
+    for name in ("mm10", "GRCh38_chr21"):
+        path = loompy.create_from_cellranger(tmp_path / "barnyard.h5", str(tmp_path / f"{name}.loom"), genome=name)
+        rows = genomes == name
+        with loompy.connect(path, "r") as ds:
+            assert ds.attrs.Genome == name and set(ds.ra.Genome) == {name} and ds.shape == (rows.sum(), 1107)
+            np.testing.assert_array_equal(ds[:, :], whole.matrix.toarray()[rows])
+            assert list(ds.ra.Gene) == list(whole.genes[rows])
+    path = loompy.create_from_cellranger(tmp_path / "barnyard.h5", str(tmp_path / "both.loom"))
+    with loompy.connect(path, "r") as ds:  # no genome asked for: every feature, each with its genome
+        assert ds.shape == (507, 1107) and list(ds.ra.Genome) == list(genomes) and "Genome" not in ds.attrs
+    for source in (tmp_path / "barnyard.h5", CR3 / "filtered_feature_bc_matrix.h5"):
+        with pytest.raises(ValueError, match="genome 'hg19' not found") as info:
+            loompy.create_from_cellranger(source, str(tmp_path / "x.loom"), genome="hg19")
+        assert "GRCh38_chr21" in str(info.value)
+    assert not (tmp_path / "x.loom").exists()
+
+
+def test_genome_folders_of_cellranger2_given_directly(tmp_path):
+    genomes = tmp_path / "outs" / "filtered_gene_bc_matrices"
+    shutil.copytree(CR2 / "filtered_gene_bc_matrices", genomes)
+    with pytest.raises(ValueError, match="genome 'mm10' not found"):  # a genome folder, another genome asked for
+        loompy.create_from_cellranger(genomes / "hg19_chr21", str(tmp_path / "a.loom"), genome="mm10")
+    shutil.copytree(genomes / "hg19_chr21", genomes / "mm10")
+    for source in (genomes, genomes / "mm10"):  # the folder of genome folders is a source too
+        path = loompy.create_from_cellranger(source, str(tmp_path / "a.loom"), genome="mm10")
+        with loompy.connect(path, "r") as ds:
+            assert ds.attrs.Genome == "mm10" and ds.shape == (343, 12)
+    with pytest.raises(ValueError, match="several genomes"):
+        loompy.create_from_cellranger(genomes, str(tmp_path / "a.loom"))
+    # beside a Cell Ranger 3 matrix, several Cell Ranger 2 genomes do not stop the import
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", tmp_path / "outs" / "filtered_feature_bc_matrix")
+    path = loompy.create_from_cellranger(tmp_path, str(tmp_path / "b.loom"))
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (507, 1107)
+    # a matrix folder named by the user (not a genome folder): genome= names its genome
+    shutil.copytree(CR2 / "filtered_gene_bc_matrices/hg19_chr21", tmp_path / "my_counts")
+    path = loompy.create_from_cellranger(tmp_path / "my_counts", str(tmp_path / "c.loom"), genome="hg19")
+    with loompy.connect(path, "r") as ds:
+        assert ds.attrs.Genome == "hg19"
+
+
+def test_a_symlinked_source_is_read_where_the_user_put_it(tmp_path):
+    """The sample name, secondary analysis and run record come from the link's folder (loompy 3
+    does so too), not from wherever the link points."""
+    store = tmp_path / "store" / "run42"
+    store.mkdir(parents=True)
+    shutil.copy(CR3 / "filtered_feature_bc_matrix.h5", store / "filtered_feature_bc_matrix.h5")
+    sample = tmp_path / "donor7"
+    (sample / "outs").mkdir(parents=True)
+    (sample / "outs" / "filtered_feature_bc_matrix.h5").symlink_to(store / "filtered_feature_bc_matrix.h5")
+    barcodes = read_10x(store / "filtered_feature_bc_matrix.h5").barcodes
+    _with_analysis(sample, list(barcodes))
+    path = loompy.create_from_cellranger(sample / "outs" / "filtered_feature_bc_matrix.h5", str(tmp_path / "a.loom"))
+    with loompy.connect(path, "r") as ds:
+        assert {"X", "Y", "ClusterID"} <= set(ds.ca.keys()) and ds.attrs.Cmdline.startswith("cellranger count")
+        assert ds.ca.ClusterID[:3].tolist() == [0, 1, 2]
+    (tmp_path / "current").symlink_to(sample)
+    path = loompy.create_from_cellranger(tmp_path / "current", tmp_path)
+    assert path == str(tmp_path / "current.loom")
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.CellID[0] == f"current:{barcodes[0]}" and "X" in ds.ca
+
+
+def test_selected_cellids_that_match_nothing_are_refused_and_missing_ones_named(tmp_path):
+    sample = tmp_path / "s3"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
+    with pytest.raises(ValueError, match="none of the 2 selected_cellids.*s3:AAACCCAAGGAGAGTA-1"):
+        loompy.create_from_cellranger(sample, tmp_path, selected_cellids=["AAACCCAAGGAGAGTA-1", "x"])
+    assert not (tmp_path / "s3.loom").exists()
+    with pytest.warns(UserWarning, match="1 of the selected_cellids.*'s3:nope'"):
+        path = loompy.create_from_cellranger(sample, tmp_path, selected_cellids=["s3:AAACCCAAGGAGAGTA-1", "s3:nope"])
+    with loompy.connect(path, "r") as ds:
+        assert list(ds.ca.CellID) == ["s3:AAACCCAAGGAGAGTA-1"]
