@@ -128,17 +128,8 @@ def last_written(manager: Any, name: str | None) -> str:
         return fmt.timestamp()
     group = manager._group
     if group is None:
-        return fmt.stamp(manager._file)
-    return fmt.stamp(group if name is None else group[name])
-
-
-def attribute_shortcut(row_attrs: AttributeManager, col_attrs: AttributeManager, name: str, where: str) -> Any:
-    """``ds.Name``: the column attribute if there is one, else the row attribute."""
-    if name in col_attrs:
-        return col_attrs[name]
-    if name in row_attrs:
-        return row_attrs[name]
-    raise LoomAttributeError(f"{where}: no method, column attribute or row attribute named '{name}'")
+        return fmt.read_stamp(manager._file)
+    return fmt.read_stamp(group if name is None else group[name])
 
 
 class AttributeManager(DotAccess, MutableMapping):

@@ -1,6 +1,7 @@
-"""Whole-file operations: combine, permute and repack, each written to a temporary file and renamed into place.
-
-The target path always holds either the old file or the complete new one (see :mod:`loompy.files`).
+"""Whole-file operations: combine, permute and repack, each written to a temporary file and renamed
+into place, so that the target path always holds either the old file or the complete new one (see
+:mod:`loompy.files`); and ``create_append``, loompy 3's create-or-append, which appends in place
+through :mod:`.growing`.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from . import encoding, engine, swaps
 from . import format as fmt
 from .attributes import check_writable
 from .connection import LoomConnection, connect
+from .create import create
 from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError, naming
 from .files import check_not_input, replacing
 from .graphs import renumber_graph, store_graph
-from .growing import align_rows, differing_globals, join_values, per_column
-from .indexing import batch_count, select_axis
+from .growing import align_rows
+from .indexing import batch_count, positions
+from .joining import differing_globals, join_values, per_column
 
 
 def _copy_extras(src: h5py.Group, dst: h5py.Group, skip: Sequence[str]) -> None:
@@ -71,10 +74,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
             lacking = [a for a in attr_names if a not in c.ca and not (convert_attrs and a in c.attrs)]
             if lacking:
                 raise LoomValueError(f"{c.filename}: lacks {lacking}, which {first.filename} has")
-            sel = None if selections is None or selections[i] is None else selections[i]
             with naming(f"{c.filename}: selection"):  # (indices: in their order, with repeats)
-                cols.append(select_axis(np.asarray(sel), c.shape[1], 1).indices.astype(np.int64) if sel is not None
-                            else np.arange(c.shape[1], dtype=np.int64))
+                cols.append(positions(None if selections is None else selections[i], c.shape[1], 1))
         total = int(sum(len(c) for c in cols))
         col_attrs = {}
         def column_values(c: LoomConnection, a: str, sel: np.ndarray) -> np.ndarray:
@@ -324,8 +325,6 @@ def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, 
 def create_append(filename: str | os.PathLike, layers: Any, row_attrs: Any, col_attrs: Any, *,
                   file_attrs: dict[str, Any] | None = None, fill_values: Any = None) -> None:
     """Create ``filename`` from the data, or append the data as new columns if it already exists."""
-    from .create import create
-
     if os.path.exists(filename):
         with connect(filename) as ds:
             ds.add_columns(layers, col_attrs, fill_values=fill_values)

@@ -19,7 +19,7 @@ from .files import replacing
 from .layers import LayerManager, LoomLayer
 
 
-def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
+def as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
     if isinstance(layers, LayerManager):
         return {name: layers[name] for name in layers.keys()}
     if isinstance(layers, Mapping):
@@ -44,7 +44,7 @@ def _as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _as_attr_dict(attrs: Any, where: str) -> dict[str, Any]:
+def as_attr_dict(attrs: Any, where: str) -> dict[str, Any]:
     if attrs is None:
         return {}
     if isinstance(attrs, AttributeManager):
@@ -58,7 +58,7 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
                       dtype: Any) -> tuple[dict, dict, dict, dict, dict]:
     """Check and normalise everything ``create`` will write; nothing is written here."""
     where = os.fspath(filename)
-    layer_dict = _as_layer_dict(layers, where)
+    layer_dict = as_layer_dict(layers, where)
     shape = tuple(layer_dict[""].shape)
     if len(shape) != 2:
         raise LoomValueError(f"{where}: the main matrix must be two-dimensional, got shape {shape}")
@@ -73,9 +73,9 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
         dtypes[name] = fmt.check_matrix_dtype(wanted, lw)
         fmt.check_fits(matrix, dtypes[name], lw)
     rows = {name: encoding.normalize_values(v, f"{where}: row attribute '{name}'", shape[0])
-            for name, v in _as_attr_dict(row_attrs, where).items()}
+            for name, v in as_attr_dict(row_attrs, where).items()}
     cols = {name: encoding.normalize_values(v, f"{where}: column attribute '{name}'", shape[1])
-            for name, v in _as_attr_dict(col_attrs, where).items()}
+            for name, v in as_attr_dict(col_attrs, where).items()}
     for kind, group in (("row", rows), ("column", cols)):
         for name in group:
             fmt.check_name(name, f"{where}: {kind} attribute")

@@ -37,7 +37,6 @@ SPEC_VERSION_KEY = "LOOM_SPEC_VERSION"
 CREATION_DATE_KEY = "CreationDate"
 LAST_MODIFIED = "last_modified"
 CURRENT_SPEC = "3.0.0"
-MEDIA_TYPE = "application/vnd.loom"
 
 # ----------------------------------------------------------------------------- creation defaults
 DEFAULT_CHUNKS = (64, 64)
@@ -63,13 +62,18 @@ def touch(*objects: h5py.HLObject) -> None:
         objects[0].file.attrs[LAST_MODIFIED] = now
 
 
-def stamp(obj: h5py.HLObject) -> str:
-    """When ``obj`` (a dataset or group) was last written: its own stamp, else the file's (files
-    from other writers stamp less), else the epoch."""
+def own_stamp(obj: h5py.HLObject) -> str | None:
+    """``obj``'s own ``last_modified`` stamp (text, or bytes from other writers, as text); None if it has none."""
     value = obj.attrs.get(LAST_MODIFIED)
     if value is None:
-        value = obj.file.attrs.get(LAST_MODIFIED, "19700101T000000.000000Z")
+        return None
     return decode_one(value) if isinstance(value, bytes) else str(value)
+
+
+def read_stamp(obj: h5py.HLObject) -> str:
+    """When ``obj`` (a dataset or group) was last written: its own stamp, else the file's (files
+    from other writers stamp less), else the epoch."""
+    return own_stamp(obj) or own_stamp(obj.file) or "19700101T000000.000000Z"
 
 
 # ----------------------------------------------------------------------------- spec versions

@@ -15,64 +15,14 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import encoding, engine, journal
+from . import encoding, engine, joining, journal
 from . import format as fmt
 from .attributes import check_writable
-from .create import _as_attr_dict, _as_layer_dict
+from .connection import connect
+from .create import as_attr_dict, as_layer_dict, validate_contents
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import check_free_space, stored_size_bound
 from .indexing import batch_count
-
-
-def auto_fill(values: np.ndarray) -> Any:
-    """The ``fill_values="auto"`` value for an attribute like ``values``: "" for text, 0 for numbers."""
-    return "" if values.dtype == object or values.dtype.kind in "SU" else 0
-
-
-def check_fill_values(fill_values: Any, where: str) -> None:
-    """Refuse a ``fill_values`` that is neither None, ``"auto"`` nor a mapping of names to values
-    (any other would be ignored where every attribute is given)."""
-    if not (fill_values is None or isinstance(fill_values, Mapping) or _is_auto(fill_values)):
-        raise LoomValueError(f"{where}: fill_values must be None, 'auto' or a dict of column attribute names "
-                             f"to values, got {fill_values!r}")
-
-
-def _fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: str,
-              lacking: str = "the new columns") -> np.ndarray:
-    """``n`` values of column attribute ``name`` (like ``existing``) for columns that have none
-    (``lacking`` says which, for the message), from ``fill_values``."""
-    if not _has_fill(name, fill_values):
-        raise LoomValueError(f"{where}: column attribute '{name}' has no values for {lacking} "
-                             "(supply it, or pass fill_values={name: value} or fill_values='auto')")
-    fill = auto_fill(existing) if _is_auto(fill_values) else fill_values[name]
-    shape = (n,) + existing.shape[1:]
-    what = f"{where}: column attribute '{name}'"
-    if existing.dtype.names is not None:  # compound: "auto" is zeros (and "" in text fields)
-        if _is_auto(fill_values):
-            out = np.zeros(shape, existing.dtype)
-            for field in existing.dtype.names:
-                if existing.dtype.fields[field][0].kind == "O":
-                    out[field] = ""
-            return out
-        try:
-            return np.full(shape, np.array(fill, dtype=existing.dtype), dtype=existing.dtype)
-        except (TypeError, ValueError) as exc:
-            raise LoomValueError(f"{what} holds {existing.dtype} values; its fill value {fill!r} is not one "
-                                 "of them") from exc
-    if existing.dtype == object:
-        if not isinstance(fill, str):
-            raise LoomValueError(f"{where}: column attribute '{name}' holds text; its fill value must be a "
-                                 f"string, got {fill!r}")
-        return encoding.normalize_values(np.full(shape, fill, dtype=object), f"{where}: column attribute '{name}'")
-    value = np.asarray(fill)
-    refused = LoomValueError(f"{what} holds {existing.dtype} values; its fill value {fill!r} is not one of them")
-    if value.dtype.kind not in "biuf" or value.ndim != 0:
-        raise refused
-    try:
-        value = fmt.cast_values(value.reshape(1), existing.dtype, what)[0]
-    except LoomValueError:
-        raise refused from None
-    return np.full(shape, value, dtype=existing.dtype)
 
 
 def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
@@ -88,9 +38,9 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
     f = ds._file
     where = ds.filename
     check_writable(f, f"{where}: columns")
-    check_fill_values(fill_values, where)
+    joining.check_fill_values(fill_values, where)
     ds._dims.sync()
-    layer_dict = _as_layer_dict(layers, where)
+    layer_dict = as_layer_dict(layers, where)
     layer_dict = {k: (v[:, :] if hasattr(v, "_dataset") else v) for k, v in layer_dict.items()}
     for name, matrix in layer_dict.items():
         if len(matrix.shape) != 2:
@@ -121,12 +71,12 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
         matrices[name] = matrix
     drop = fill_values is None if drop is None else drop
     combined, dropped, ignored = _column_attrs(ds, col_attrs, n_new, fill_values, convert_attrs, drop)
-    given_row_attrs = _as_attr_dict(row_attrs, where)
+    given_row_attrs = as_attr_dict(row_attrs, where)
     for name in given_row_attrs:
         fmt.check_name(name, f"{where}: row attribute")
     new_row_attrs = {k: encoding.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in given_row_attrs.items()}
-    differing = [k for k, v in new_row_attrs.items() if k in ds.ra and not _same_values(ds.ra[k], v)]
+    differing = [k for k, v in new_row_attrs.items() if k in ds.ra and not joining.same_values(ds.ra[k], v)]
     new_row_attrs = {k: v for k, v in new_row_attrs.items() if k not in ds.ra}
     needed = sum(stored_size_bound(matrix) for matrix in matrices.values())
     check_free_space(f.filename, needed + sum(v.nbytes for v, _ in combined.values() if v.dtype != object), where)
@@ -167,54 +117,6 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
                       "which are kept (row_attrs only add row attributes the file lacks)", stacklevel=3)
 
 
-def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False) -> np.ndarray:
-    """Column attribute values of several sources, one after the other, with no value changed:
-    each part is taken in the first one's dtype when it fits it, else the parts are promoted only
-    if every value survives. With ``convert_attrs``, text in any part makes all of them text."""
-    kinds = {p.dtype == object for p in parts}
-    if len(kinds) > 1 and convert_attrs and all(p.dtype.names is None for p in parts):
-        parts = [encoding.normalize_values(p.astype(str), where) for p in parts]
-    first = parts[0]
-    for p in parts[1:]:
-        if (p.dtype == object) != (first.dtype == object) or p.shape[1:] != first.shape[1:]:
-            raise LoomValueError(f"{where}: values of {p.dtype}, shape {p.shape[1:]}, do not match the "
-                                 f"others ({first.dtype}, {first.shape[1:]})")
-    if first.dtype.kind in "biuf":  # in the first part's dtype when they fit it exactly: nothing changes
-        fitted = []
-        for p in parts:
-            try:
-                cast = fmt.cast_values(p, first.dtype, where) if p.dtype.kind in "biuf" else p
-            except LoomValueError:
-                cast = p
-            fitted.append(cast if _same_values(cast, p) else p)  # (no float rounding in attributes)
-        parts = fitted
-    try:
-        joined = np.concatenate(parts)
-    except (TypeError, ValueError) as exc:  # compound values with other fields, say
-        raise LoomValueError(f"{where}: values of {', '.join(str(p.dtype) for p in parts)} cannot be joined "
-                             f"({exc})") from exc
-    at = 0
-    for p in parts:  # a promotion (int64 with uint64 gives float64) must keep every value
-        if p.dtype != joined.dtype and not _same_values(joined[at:at + len(p)], p):
-            raise LoomValueError(f"{where}: joining {p.dtype} values with the others as {joined.dtype} would "
-                                 "change them")
-        at += len(p)
-    return joined
-
-
-def _same_values(part: np.ndarray, given: np.ndarray) -> bool:
-    """Whether ``part`` (promoted) holds exactly the values of ``given``, field by field for compounds."""
-    try:
-        back = part.astype(given.dtype)
-    except (TypeError, ValueError):
-        return False
-    if given.dtype.names is not None:
-        return all(_same_values(part[f], given[f]) for f in given.dtype.names)
-    if given.dtype == object:
-        return back.tolist() == given.tolist()
-    return bool(np.array_equal(back, given, equal_nan=given.dtype.kind in "fc"))
-
-
 def _file_attrs_as_columns(ds: Any, other: Any, attrs: dict[str, np.ndarray], fill_values: Any
                            ) -> tuple[Any, list[str]]:
     """``add_loom(convert_attrs=True)``: file attributes become column attributes, as in loompy 3.
@@ -224,69 +126,32 @@ def _file_attrs_as_columns(ds: Any, other: Any, attrs: dict[str, np.ndarray], fi
     one value each. Returns the fill values to use and the file attributes of this file so replaced.
     """
     fills = dict(fill_values) if isinstance(fill_values, Mapping) else {}
-    if _is_auto(fill_values):
-        fills = {k: auto_fill(ds.ca[k]) for k in ds.ca.keys()}
-        fills.update({k: auto_fill(v) for k, v in attrs.items()})
+    if joining.is_auto(fill_values):
+        fills = {k: joining.auto_fill(ds.ca[k]) for k in ds.ca.keys()}
+        fills.update({k: joining.auto_fill(v) for k, v in attrs.items()})
     n, replaced = other.shape[1], []
-    for name, (mine, theirs) in differing_globals([ds, other]).items():
+    for name, (mine, theirs) in joining.differing_globals([ds, other]).items():
         if name in ds.ca and name in attrs:
             continue  # a column attribute on both sides already
         where = f"{ds.filename}: column attribute '{name}'"
         if name in ds.ca:  # this file's columns have their own values; the other's take its file attribute
             if theirs is not None:
-                attrs[name] = per_column([theirs], [n], where)
+                attrs[name] = joining.per_column([theirs], [n], where)
             continue
         if name not in attrs:  # one value for this file's columns, one for the other's
-            both = per_column([mine, theirs], [1, n], where)
+            both = joining.per_column([mine, theirs], [1, n], where)
             attrs[name], fills[name] = both[1:], both[0]
         elif mine is not None:  # the other file's own column values; this file's value fills its old columns
-            fills[name] = per_column([mine], [1], where)[0]
+            fills[name] = joining.per_column([mine], [1], where)[0]
         else:
             continue
         replaced.append(name)
     for name in [k for k in ds.ca.keys() if k not in attrs and k in other.attrs]:  # equal on both sides
-        attrs[name] = per_column([other.attrs[name]], [n], f"{other.filename}: attribute '{name}'")
+        attrs[name] = joining.per_column([other.attrs[name]], [n], f"{other.filename}: attribute '{name}'")
     for name in [k for k in attrs if k not in ds.ca and k in ds.attrs and k not in replaced]:
-        fills[name] = per_column([ds.attrs[name]], [1], f"{ds.filename}: attribute '{name}'")[0]
+        fills[name] = joining.per_column([ds.attrs[name]], [1], f"{ds.filename}: attribute '{name}'")[0]
         replaced.append(name)
     return (fills if replaced else fill_values), replaced
-
-
-def differing_globals(conns: list[Any]) -> dict[str, list[Any]]:
-    """Global attributes whose (single) value differs between the files, or that some files lack:
-    name -> value per file (None where missing). ``convert_attrs`` makes them column attributes."""
-    skip = {fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY, fmt.LAST_MODIFIED}
-    names = sorted({k for c in conns for k in c.attrs.keys()} - skip)
-    out = {}
-    for name in names:
-        values = [c.attrs[name] if name in c.attrs else None for c in conns]
-        if any(v is not None and np.ndim(v) > 0 for v in values):
-            continue  # arrays stay global attributes (the first file's)
-        if any(not _same_global(v, values[0]) for v in values[1:]):
-            out[name] = values
-    return out
-
-
-def _same_global(a: Any, b: Any) -> bool:
-    """Equal file attribute values: numbers by value (1 and 1.0), text by text, None only with None."""
-    numbers = (int, float, np.number)
-    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
-        return bool(a == b)
-    return type(a) is type(b) and a == b
-
-
-def per_column(values: list[Any], widths: list[int], where: str) -> np.ndarray:
-    """One file-level value per file (None: the file has none), repeated for each of its columns:
-    numbers when every value there is a number (a 0 of their common type where a file had none, as
-    loompy 3 fills), else text ("" where a file had none)."""
-    present = [v for v in values if v is not None]
-    if present and all(isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))
-                       for v in present):
-        dtype = np.result_type(*[np.asarray(v) for v in present])  # (a bare 0 would widen uint64 to float)
-        return np.concatenate([np.full(w, 0 if v is None else v, dtype=dtype) for v, w in zip(values, widths)])
-    texts = ["" if v is None else str(v) for v in values]
-    joined = np.concatenate([np.full(w, t, dtype=object) for t, w in zip(texts, widths)])
-    return encoding.normalize_values(joined, where)
 
 
 def _roll_back(ds: Any) -> None:
@@ -319,40 +184,31 @@ def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert
             raise LoomFormatError(f"{where}: column attribute '{name}' has {dataset.shape[0] if dataset.shape else 0} "
                                   f"values for {m} columns; the file is damaged")
     samples = {name: _stored_values(ds, dataset, 1) for name, dataset in stored.items()}  # (dtype and shape)
-    given = _as_attr_dict(col_attrs, where)
+    given = as_attr_dict(col_attrs, where)
     for name in given:  # (a bad name first: "K\0" would read as K, and be reported as missing)
         fmt.check_name(name, f"{where}: column attribute")
     new_attrs = {k: encoding.normalize_values(v, f"{where}: column attribute '{k}'", n_new) for k, v in given.items()}
-    dropped = [k for k in samples if k not in new_attrs and drop and not _has_fill(k, fill_values)]
-    ignored = [k for k in new_attrs if k not in samples and drop and not _has_fill(k, fill_values)]
+    dropped = [k for k in samples if k not in new_attrs and drop and not joining.has_fill(k, fill_values)]
+    ignored = [k for k in new_attrs if k not in samples and drop and not joining.has_fill(k, fill_values)]
     for name in ignored:
         del new_attrs[name]
     for name, sample in samples.items():
         if name not in new_attrs and name not in dropped:
-            new_attrs[name] = _fill_for(name, sample, fill_values, n_new, where)
+            new_attrs[name] = joining.fill_for(name, sample, fill_values, n_new, where)
     out = {}
     for name, values in new_attrs.items():
         what = f"{where}: column attribute '{name}'"
         if name in stored:
             sample = samples[name]  # its dtype and shape decide how the new values join
-            joined = join_values([sample, values], what, convert_attrs)
+            joined = joining.join_values([sample, values], what, convert_attrs)
             if joined.dtype == sample.dtype and _appendable(stored[name], joined):
                 out[name] = (joined[len(sample):], False)
                 continue
             old = _stored_values(ds, stored[name])  # (from the file: not an array the caller may have changed)
         else:  # (a new attribute: the file's columns have none)
-            old = _fill_for(name, values, fill_values, m, where, lacking="the file's existing columns")
-        out[name] = (join_values([old, values], what, convert_attrs), True)
+            old = joining.fill_for(name, values, fill_values, m, where, lacking="the file's existing columns")
+        out[name] = (joining.join_values([old, values], what, convert_attrs), True)
     return out, dropped, ignored
-
-
-def _is_auto(fill_values: Any) -> bool:
-    return isinstance(fill_values, str) and fill_values == "auto"
-
-
-def _has_fill(name: str, fill_values: Any) -> bool:
-    """Whether ``fill_values`` gives values for column attribute ``name``."""
-    return _is_auto(fill_values) or (isinstance(fill_values, Mapping) and name in fill_values)
 
 
 def _warn_left_out(where: str, dropped: list[str], ignored: list[str]) -> None:
@@ -401,8 +257,6 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
 def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, journalled: bool) -> None:
     """An empty file's first columns define its rows: write it like ``create`` would, journalled
     (undone, the file is empty again; ``journalled=False``: the caller keeps the journal)."""
-    from .create import validate_contents
-
     contents = validate_contents(ds.filename, layer_dict, row_attrs, col_attrs, None, None)
     layer_dict, dtypes, rows, cols, _ = contents
     f = ds._file
@@ -462,11 +316,9 @@ def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any 
     deletion of this file's global attributes that became column attributes, are written after the
     append is committed.
     """
-    from .connection import connect
-
     check_writable(ds._file, f"{ds.filename}: columns")
     batch_size = batch_count(batch_size, f"{ds.filename}: add_loom(batch_size=...)")
-    check_fill_values(fill_values, ds.filename)
+    joining.check_fill_values(fill_values, ds.filename)
     with connect(other_file, "r") as other:
         empty = "" not in ds.layers  # a file from new(): it takes the other's rows and layers
         order = None if empty else align_rows(ds, other, key)

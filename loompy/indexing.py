@@ -59,15 +59,6 @@ class AxisSelection:
         is_last[:-1] = sorted_idx[1:] != sorted_idx[:-1]
         return order[is_last]
 
-    def as_slice(self) -> slice | None:
-        """A step-1 slice covering exactly :attr:`unique`, when it is contiguous."""
-        u = self.unique
-        if u.size == 0:
-            return slice(0, 0)
-        if int(u[-1]) - int(u[0]) + 1 == u.size:
-            return slice(int(u[0]), int(u[-1]) + 1)
-        return None
-
     def __len__(self) -> int:
         return int(self.indices.size)
 
@@ -96,6 +87,16 @@ def batch_count(value: Any, where: str) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
         raise LoomValueError(f"{where} must be a positive number of rows or columns, got {value!r}")
     return int(value)
+
+
+def positions(items: Any, length: int, axis: int, *, unique: bool = False) -> np.ndarray:
+    """Positions along an axis of ``length`` that ``items`` selects (None: all of them; a slice, an
+    index array in its order and with its repeats, or a boolean mask in file order), as int64;
+    sorted and unique with ``unique``."""
+    if items is None:
+        return np.arange(length, dtype=np.int64)
+    chosen = select_axis(items if isinstance(items, slice) else np.asarray(items), length, axis).indices
+    return np.unique(chosen) if unique else chosen.astype(np.int64, copy=False)
 
 
 def select_axis(key: Any, length: int, axis: int) -> AxisSelection:

@@ -154,7 +154,7 @@ class LoomLayer(SparseForms):
 
     def last_modified(self) -> str:
         """When this layer was last written, as ``ds.last_modified()`` gives it."""
-        return fmt.stamp(self._dataset)
+        return fmt.read_stamp(self._dataset)
 
     def map(self, f_list: Any, axis: int = 0, chunksize: int = 1000, selection: Any = None) -> Any:
         """Apply function(s) to every row (axis 0) or column (axis 1) of this layer in one pass, as
@@ -227,7 +227,7 @@ class LayerManager(DotAccess, MutableMapping):
         """When layer ``name`` (None: any of them) was last written, as ``ds.last_modified()`` gives it."""
         if name is not None:
             return self[name].last_modified()
-        return max((self[k].last_modified() for k in self.keys()), default=fmt.stamp(self._file))
+        return max((self[k].last_modified() for k in self.keys()), default=fmt.read_stamp(self._file))
 
     def _ipython_key_completions_(self) -> list[str]:
         return self.keys()

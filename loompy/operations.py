@@ -18,26 +18,11 @@ import numpy as np
 from . import encoding, engine, files
 from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
-from .indexing import AxisSelection, axis_number, batch_count, expand, select_axis
+from .indexing import AxisSelection, axis_number, batch_count, expand, positions, select_axis
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
 
 
-def _unique_positions(items: Any, length: int, axis: int) -> np.ndarray:
-    """Selected positions along an axis, sorted and unique (an index array or a boolean mask)."""
-    if items is None:
-        return np.arange(length, dtype=np.int64)
-    return np.unique(select_axis(np.asarray(items), length, axis).indices)
-
-
-def _positions(items: Any, length: int, axis: int) -> np.ndarray:
-    """Selected positions along an axis as a scan takes them: an index array in its order and with
-    its repeats, a boolean mask in file order, None for every position."""
-    if items is None:
-        return np.arange(length, dtype=np.int64)
-    return select_axis(items if isinstance(items, slice) else np.asarray(items), length, axis).indices
-
-
-def iter_batches(selected: np.ndarray, length: int, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+def iter_batches(selected: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
     """(start, positions) for each file window ``[start, start + batch_size)`` holding selected
     positions, in file order; within a window the positions keep their order in ``selected``
     and their repeats, as loompy 3's scans take them (``batch_size`` checked by the caller: see
@@ -120,7 +105,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     if isinstance(items, numbers.Integral) and not isinstance(items, (bool, np.bool_)):
         items = slice(int(items), None)  # (loompy 3: scan from there on)
     with naming(f"{ds.filename}: scan(items=...)"):
-        selected = _positions(items, length, axis)
+        selected = positions(items, length, axis)
     if key is None:
         other = np.arange(other_length, dtype=np.int64)
     else:
@@ -150,7 +135,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
             parts.update(whole_parts(ds, what), stamp=stamp)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
-    yield from _one_ahead(list(iter_batches(selected, length, batch_size)), build, fixed, ds._check_open)
+    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, fixed, ds._check_open)
 
 
 def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -161,8 +146,8 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     axis = ds._axis(axis)
     batch_size = batch_count(batch_size, f"{ds.filename}: batch_scan(batch_size=...)")
     datasets = {name: ds.layers[name]._dataset for name in layer_names(ds, layers)}
-    rows = _positions(genes, ds.shape[0], 0)
-    cols = _positions(cells, ds.shape[1], 1)
+    rows = positions(genes, ds.shape[0], 0)
+    cols = positions(cells, ds.shape[1], 1)
     along, other = (rows, cols) if axis == 0 else (cols, rows)
     for dataset in datasets.values():
         engine.expect_reads(dataset, min(1, along.size / max(1, ds.shape[axis])))
@@ -172,7 +157,7 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
         start, batch = item
         return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name]) for name, d in datasets.items()}
 
-    batches = list(iter_batches(along, ds.shape[axis], batch_size))
+    batches = list(iter_batches(along, batch_size))
     yield from _one_ahead(batches, build, _nothing_writes(ds), ds._check_open)
 
 
@@ -236,7 +221,7 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
     engine.expect_reads(dataset)
     if dataset.chunks and chunksize >= dataset.chunks[axis]:  # whole chunks: none is inflated twice
         chunksize = chunksize // dataset.chunks[axis] * dataset.chunks[axis]
-    batches = list(iter_batches(np.arange(length, dtype=np.int64), length, chunksize))
+    batches = list(iter_batches(np.arange(length, dtype=np.int64), chunksize))
     recycler = engine.Recycler()  # a batch no function kept a part of lends its memory to a later one
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
@@ -369,7 +354,7 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
         raise LoomValueError(f"{where}: group_by must give one label per column ({ds.shape[1]}), "
                              f"got shape {labels_all.shape}")
     with naming(f"{where}: select"):
-        cols = _unique_positions(select, ds.shape[1], 1)
+        cols = positions(select, ds.shape[1], 1, unique=True)
     labels = labels_all[cols]
     groups, inverse = np.unique(labels, return_inverse=True)
     members = [cols[inverse == g] for g in range(len(groups))]
@@ -388,7 +373,7 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     step = max(1, (64 << 20) // max(1, 8 * len(cols)))
     local = [np.searchsorted(cols, m) for m in members]
     with engine.held_index(dataset):  # nothing is written to the layer during the pass
-        for start, batch in iter_batches(everything, ds.shape[0], step):
+        for start, batch in iter_batches(everything, step):
             block = engine.read_block(dataset, batch, cols)
             parts = [np.asarray(func(block[:, idx], 1)) for idx in local]
             stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))
@@ -464,7 +449,7 @@ def _write_tab(ds: Any, out_file: str | os.PathLike, dataset: Any) -> None:
         out.write("".join(name + "\t" for name in row_names) + "\t" + "\t" * ds.shape[1] + "\n")
         row_values = [ds.ra[name] for name in row_names]
         with engine.held_index(dataset):  # nothing is written to the layer during the pass
-            for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), ds.shape[0], 1000):
+            for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), 1000):
                 block = engine.read_block(dataset, batch, cols)
                 for i, row in enumerate(block):
                     labels = "".join(str(v[start + i]) + "\t" for v in row_values)
@@ -490,15 +475,9 @@ def _as_text(values: np.ndarray) -> list[str]:
 def last_modified(ds: Any, name: str | None = None, axis: int = 0) -> str:
     """When the file (or, with ``name``, that row/column attribute) was last written (``YYYYmmddTHHMMSS.ffffffZ``)."""
     ds._check_open()
-    f = ds._file
     if name is None:
-        obj = f
-    else:
-        group = fmt.ATTR_GROUPS[ds._axis(axis)]
-        if name not in f.get(group, {}):
-            raise LoomKeyError(f"{ds.filename}: {group[:-6]} attribute '{name}' does not exist")
-        obj = f[group][name]
-    return fmt.stamp(obj)
+        return fmt.read_stamp(ds._file)
+    return ds._attr_manager(axis).last_modified(name)
 
 
 def get_changes_since(ds: Any, timestamp: str) -> dict[str, list[str]]:
@@ -513,8 +492,8 @@ def get_changes_since(ds: Any, timestamp: str) -> dict[str, list[str]]:
              ("row_attrs", fmt.ROW_ATTRS), ("col_attrs", fmt.COL_ATTRS), ("layers", fmt.LAYERS),
              ("attrs", fmt.GLOBAL_ATTRS))
     def changed(obj: Any) -> bool:
-        stamp = obj.attrs.get(fmt.LAST_MODIFIED)  # text, or bytes from other writers
-        return stamp is not None and str(encoding.decode_one(stamp) if isinstance(stamp, bytes) else stamp) > timestamp
+        stamp = fmt.own_stamp(obj)
+        return stamp is not None and stamp > timestamp
 
     for label, group_name in parts:
         group = f.get(group_name)
