@@ -5,6 +5,7 @@
 ...     ds[ds.ra.Gene == "Actb", :]
 """
 
+from .access import render_html as to_html
 from .attributes import AttributeManager, GlobalAttributeManager
 from .combine import combine, combine_faster, create_append, repack
 from .connection import LoomConnection, connect
@@ -22,14 +23,16 @@ from .errors import (
     LoomValueError,
 )
 from .format import CURRENT_SPEC as LOOM_SPEC_VERSION
-from .format import timestamp
+from .format import compare_loom_spec_version, get_loom_spec_version, timestamp
 from .graphs import GraphManager
 from .importers import create_from_cellranger
 from .layers import LayerManager, LoomLayer
 from .validator import LoomValidator
 from .view import LoomView, ViewManager
+from .view import MemoryLayer as MemoryLoomLayer
 
 __version__ = "4.0.0.dev0"
+loom_spec_version = LOOM_SPEC_VERSION  # (loompy 3's name for it)
 
 __all__ = [
     "AttributeManager",
@@ -51,15 +54,20 @@ __all__ = [
     "LoomValidator",
     "LoomValueError",
     "LoomView",
+    "MemoryLoomLayer",
     "ViewManager",
     "__version__",
     "combine",
     "combine_faster",
+    "compare_loom_spec_version",
     "connect",
     "create",
     "create_append",
     "create_from_cellranger",
+    "get_loom_spec_version",
+    "loom_spec_version",
     "new",
     "repack",
     "timestamp",
+    "to_html",
 ]

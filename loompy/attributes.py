@@ -1,6 +1,6 @@
 """Row, column and global attribute managers.
 
-Both are mutable mappings (``keys``, ``items``, ``in``, ``get``, ``update``...) with dot access.
+All three are mutable mappings (``keys``, ``items``, ``in``, ``get``, ``update``...) with dot access.
 Values are read from the file on first use and cached; assignment validates, then writes
 through to the file at once. A manager without an HDF5 group holds values in memory only
 (used by views).
@@ -8,7 +8,7 @@ through to the file at once. A manager without an HDF5 group holds values in mem
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import h5py
@@ -16,68 +16,9 @@ import numpy as np
 
 from . import encoding
 from . import format as fmt
-from .errors import LoomAttributeError, LoomFileError, LoomKeyError, LoomValueError
-from .indexing import select_axis
-
-AXIS_LABELS = ("row", "column")
-
-
-class Dims:
-    """The matrix shape, shared (not copied) between a connection and its managers."""
-
-    __slots__ = ("shape", "watch")
-
-    def __init__(self, shape: tuple[int, int], watch: Callable[[], None] | None = None) -> None:
-        self.shape = (int(shape[0]), int(shape[1]))
-        self.watch = watch  # the connection's: takes the shape on disk (see sync)
-
-    def sync(self) -> None:
-        """Take the shape the file has now: another connection to it in this process may have
-        appended columns (writes at the old shape would leave attributes of the wrong length)."""
-        if self.watch is not None:
-            self.watch()
-
-    @classmethod
-    def along(cls, axis: int, length: int) -> Dims:
-        """The shape of a selection of ``length`` rows (axis 0) or columns (1) alone, in memory."""
-        return cls((length, 0) if axis == 0 else (0, length))
-
-
-READ_ONLY = "_loompy_read_only"  # set on the h5py.File of a connection opened with mode 'r'
-
-
-def writable(file: h5py.File) -> bool:
-    """Whether loompy may write through this handle: HDF5 opened it for writing and the connection
-    did not ask for 'r' (HDF5 hands a second opening of a file open for writing in this process
-    that same writable file)."""
-    return file.mode == "r+" and not getattr(file, READ_ONLY, False)
-
-
-class ClosedFile:
-    """What a closed connection's managers hold instead of its file: any use says the connection is closed."""
-
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
-
-    def __bool__(self) -> bool:
-        return False
-
-    def __getattr__(self, name: str) -> Any:
-        raise LoomFileError(f"{self.filename}: the connection is closed")
-
-    def __contains__(self, name: object) -> bool:
-        raise LoomFileError(f"{self.filename}: the connection is closed")
-
-    def __getitem__(self, name: object) -> Any:
-        raise LoomFileError(f"{self.filename}: the connection is closed")
-
-
-def check_writable(file: h5py.File | None, what: str) -> None:
-    """Refuse a write before anything is touched when the file is open read-only (or closed)."""
-    if file is not None and not file:
-        raise LoomFileError(f"cannot write {what}: the connection is closed")
-    if file is not None and not writable(file):
-        raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
+from .errors import LoomAttributeError, LoomKeyError, LoomValueError
+from .handles import Dims, check_writable
+from .indexing import AXIS_NAMES, select_axis
 
 
 def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
@@ -157,7 +98,7 @@ class AttributeManager(DotAccess, MutableMapping):
     @property
     def _where(self) -> str:
         file = self._file.filename if self._file is not None else "<memory>"
-        return f"{file}: {AXIS_LABELS[self.axis]} attribute"
+        return f"{file}: {AXIS_NAMES[self.axis]} attribute"
 
     def __getitem__(self, key: Any) -> Any:
         """An attribute's values by name; with a tuple of names, those that exist (loompy 3's
@@ -206,7 +147,7 @@ class AttributeManager(DotAccess, MutableMapping):
         return list(super().__dir__()) + [n for n in self._names if n.isidentifier()]
 
     def __repr__(self) -> str:
-        return f"<{AXIS_LABELS[self.axis]} attributes: {', '.join(self._names) or 'none'}>"
+        return f"<{AXIS_NAMES[self.axis]} attributes: {', '.join(self._names) or 'none'}>"
 
     # --------------------------------------------------------------- writing
     def __setitem__(self, name: str, values: Any) -> None:

@@ -17,13 +17,13 @@ import scipy.sparse as sp
 
 from . import encoding, engine, swaps
 from . import format as fmt
-from .attributes import check_writable
 from .connection import LoomConnection, connect
 from .create import create
 from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError, naming
 from .files import check_not_input, replacing
 from .graphs import renumber_graph, store_graph
 from .growing import align_rows
+from .handles import check_writable
 from .indexing import batch_count, positions
 from .joining import differing_globals, join_values, per_column
 
@@ -385,8 +385,8 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
     with replacing(ds._path, own=ds) as out:
         for name in ds.layers.keys():
             src = ds.layers[name]._dataset
-            group = out if name == "" else out.require_group(fmt.LAYERS)
-            dst = group.create_dataset(fmt.MATRIX if name == "" else name, shape=src.shape, dtype=src.dtype,
+            group, key = fmt.layer_place(out, name)
+            dst = group.create_dataset(key, shape=src.shape, dtype=src.dtype,
                                        chunks=src.chunks, maxshape=src.maxshape, compression=src.compression,
                                        compression_opts=src.compression_opts, fillvalue=src.fillvalue)
             swaps.carry_attrs(src, dst)

@@ -1,10 +1,10 @@
-"""``LoomConnection``: an open Loom file. It holds the managers and delegates to them."""
+"""``LoomConnection``: an open Loom file. It holds the managers and delegates to them: attributes,
+layers and graphs to theirs, opening to :mod:`.files`, appends and rewrites to :mod:`.growing`
+and :mod:`.combine`, scans and computations to :mod:`.operations`."""
 
 from __future__ import annotations
 
-import errno
 import os
-import re
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -16,91 +16,21 @@ import scipy.sparse as sp
 from . import engine, files, operations, swaps
 from . import format as fmt
 from .access import LoomAccess
-from .attributes import (
-    READ_ONLY,
-    AttributeManager,
-    ClosedFile,
-    Dims,
-    GlobalAttributeManager,
-    writable,
-)
+from .attributes import AttributeManager, GlobalAttributeManager
 from .errors import (
     LoomError,
     LoomFileError,
-    LoomFileNotFoundError,
     LoomFormatError,
-    LoomLockError,
     LoomTypeError,
     LoomValueError,
 )
-from .graphs import GraphManager
+from .graphs import GraphManager, edge_problems
+from .handles import READ_ONLY, ClosedFile, Dims, writable
 from .indexing import axis_number
 from .journal import recover, refuse_if_pending_read_only
 from .layers import LayerManager
-from .validator import check_structure, looks_like_loom
+from .validator import check_structure
 from .view import WHAT_ALL, LoomView, ViewManager
-
-_LOCK_HINT = (
-    "HDF5 could not lock the file (another process may be writing it, or the file system does not "
-    "support locks, as on some NFS mounts). To read anyway, open read-only without locking: "
-    "loompy.connect(path, 'r', locking=False) or set HDF5_USE_FILE_LOCKING=FALSE."
-)
-
-
-def _is_lock_error(exc: OSError) -> bool:
-    text = str(exc).lower()  # "lock" as a word: HDF5 also speaks of its superblock ("sblock")
-    return bool(re.search(r"\block(ing|ed)?\b", text)) or \
-        getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK)
-
-
-def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = None) -> h5py.File:
-    """Open the HDF5 file behind a Loom file, turning HDF5's errors into loompy's."""
-    path = os.fspath(filename)
-    if mode not in ("r", "r+"):
-        raise LoomValueError(f"{path}: mode must be 'r' (read-only) or 'r+' (read/write), got {mode!r}")
-    if not os.path.exists(path):
-        raise LoomFileNotFoundError(errno.ENOENT, "no such Loom file", path)
-    if os.path.isdir(path):
-        raise LoomFileError(f"{path}: is a folder, not a Loom file")
-    if os.path.getsize(path) == 0:  # HDF5 would write a header into it when opening it for writing
-        raise LoomFileError(f"{path}: the file is empty, not a Loom file")
-    files.check_not_forked_from_writer(path)
-    kwargs: dict[str, Any] = {}
-    if locking is not None:
-        kwargs["locking"] = locking
-    if mode == "r+" and files.allocation_short(path):  # HDF5, opening it for writing, would trim it
-        if not _loom_or_unreadable(path, kwargs):
-            raise LoomFormatError(f"{path}: not a Loom file (and HDF5 would cut off its last bytes if it were "
-                                  "opened for writing)")
-        files.extend_allocation(path)  # a writer died, or its disk filled up, mid-write: keep what it stored
-    try:
-        return h5py.File(path, mode, **kwargs)
-    except OSError as exc:
-        if _is_lock_error(exc):
-            raise LoomLockError(f"{path}: {_LOCK_HINT} ({exc})") from exc
-        if "truncated file" in str(exc):
-            raise LoomFileError(f"{path}: the file is shorter than HDF5 recorded it (an incomplete copy or "
-                                f"download?) ({exc})") from exc
-        if "addr overflow" in str(exc):  # a writer died before HDF5 recorded the space it had used
-            raise _unreadable(path, exc) from exc
-        raise LoomFileError(f"{path}: cannot open as a Loom (HDF5) file: {exc}") from exc
-
-
-def _loom_or_unreadable(path: str, kwargs: dict[str, Any]) -> bool:
-    """Whether a file may be repaired before it is opened for writing: it looks like a Loom file, or
-    HDF5 cannot even read it (metadata past its recorded end: a writer's)."""
-    try:
-        with h5py.File(path, "r", **kwargs) as f:
-            return looks_like_loom(f)
-    except OSError:
-        return True
-
-
-def _unreadable(path: str, exc: Exception) -> LoomFileError:
-    """The error for a file HDF5 opened but cannot read the structure of."""
-    if "addr overflow" in str(exc):  # a writer died (or its disk filled up) before HDF5 recorded its space
-        return LoomFileError(f"{path}: a write was interrupted; open it once with mode 'r+' to repair it ({exc})")
-    return LoomFileError(f"{path}: the file is damaged; HDF5 cannot read its structure ({exc})")
 
 
 def _shape_watcher(connection: weakref.ref) -> Callable[[], None]:
@@ -125,7 +55,7 @@ class LoomConnection(LoomAccess):
         self.filename = os.fsdecode(os.fspath(filename))
         self._path = os.path.abspath(os.path.expanduser(self.filename))  # whole-file rewrites go there,
         self._locking = locking                                            # whatever the cwd later
-        self._file = open_h5(self._path, mode, locking=locking)
+        self._file = files.open_h5(self._path, mode, locking=locking)
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
             setattr(self._file, READ_ONLY, True)
         try:
@@ -144,7 +74,7 @@ class LoomConnection(LoomAccess):
         except BaseException as exc:
             self._file.close()
             if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, LoomError):
-                raise _unreadable(self.filename, exc) from exc
+                raise files.unreadable(self.filename, exc) from exc
             raise
         self.spec_version = spec_version
         files.register(self)
@@ -153,7 +83,7 @@ class LoomConnection(LoomAccess):
         """Open the file at this connection's path again for writing (after a whole-file rewrite
         replaced it), into the same managers: objects taken from them before (``ds.ca``, a layer)
         see the new file."""
-        self._file = open_h5(self._path, "r+", locking=self._locking)
+        self._file = files.open_h5(self._path, "r+", locking=self._locking)
         matrix = self._file.get(fmt.MATRIX)
         self._dims.shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else (0, 0)
         self._point_managers_at(self._file)
@@ -267,15 +197,9 @@ class LoomConnection(LoomAccess):
         """Store a graph from (from, to, weight) arrays of equal length."""
         graphs = self._graph_manager(axis)
         where = f"{self.filename}: graph '{name}'"
-        a, b, w = np.asarray(a), np.asarray(b), np.asarray(w)
-        if not a.shape == b.shape == w.shape or a.ndim != 1:
-            raise LoomValueError(f"{where}: a, b and w must be 1-D and of equal length")
-        for ends in (a, b):
-            if ends.dtype.kind not in "iuf" or (ends.dtype.kind == "f" and not np.array_equal(ends, np.round(ends))):
-                raise LoomValueError(f"{where}: vertex indices must be whole numbers, got {ends.dtype} values")
-        n = self.shape[axis]
-        if a.size and (a.min() < 0 or b.min() < 0 or a.max() >= n or b.max() >= n):
-            raise LoomValueError(f"{where}: vertex indices must lie in [0, {n})")
+        a, b, w, n = np.asarray(a), np.asarray(b), np.asarray(w), self.shape[axis]
+        for problem in edge_problems(a, b, w, n):
+            raise LoomValueError(f"{where}: {problem}")
         graphs[name] = sp.coo_matrix((w, (a.astype(np.int64), b.astype(np.int64))), shape=(n, n))
 
     # --------------------------------------------------------------- scanning and computing (operations.py, view.py)

@@ -89,8 +89,8 @@ def write_contents(f: h5py.File, layer_dict: dict, dtypes: dict, rows: dict, col
     for name, value in globals_.items():
         fmt.write_global(f, name, value, in_group=True)
     for name, matrix in layer_dict.items():
-        group = f if name == "" else f[fmt.LAYERS]
-        ds = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, matrix.shape, dtypes[name], chunks=chunks,
+        group, key = fmt.layer_place(f, name)
+        ds = fmt.create_matrix(group, key, matrix.shape, dtypes[name], chunks=chunks,
                                compression_opts=compression_opts, chunk_cache=chunk_cache)
         engine.write_matrix(ds, matrix[:, :] if isinstance(matrix, LoomLayer) else matrix)
     for axis, values in enumerate((rows, cols)):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import stat
 import threading
@@ -31,7 +32,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import LoomError, LoomFileError, LoomFileNotFoundError
+from .errors import LoomError, LoomFileError, LoomFileNotFoundError, LoomFormatError, LoomLockError, LoomValueError
+from .validator import looks_like_loom
 
 try:
     import fcntl
@@ -383,3 +385,67 @@ def extend_allocation(path: str) -> bool:
         fh.flush()
         os.fsync(fh.fileno())
     return True
+
+
+# ----------------------------------------------------------------------------- opening
+_LOCK_HINT = (
+    "HDF5 could not lock the file (another process may be writing it, or the file system does not "
+    "support locks, as on some NFS mounts). To read anyway, open read-only without locking: "
+    "loompy.connect(path, 'r', locking=False) or set HDF5_USE_FILE_LOCKING=FALSE."
+)
+
+
+def _is_lock_error(exc: OSError) -> bool:
+    text = str(exc).lower()  # "lock" as a word: HDF5 also speaks of its superblock ("sblock")
+    return bool(re.search(r"\block(ing|ed)?\b", text)) or \
+        getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK)
+
+
+def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = None) -> h5py.File:
+    """Open the HDF5 file behind a Loom file, turning HDF5's errors into loompy's."""
+    path = os.fspath(filename)
+    if mode not in ("r", "r+"):
+        raise LoomValueError(f"{path}: mode must be 'r' (read-only) or 'r+' (read/write), got {mode!r}")
+    if not os.path.exists(path):
+        raise LoomFileNotFoundError(errno.ENOENT, "no such Loom file", path)
+    if os.path.isdir(path):
+        raise LoomFileError(f"{path}: is a folder, not a Loom file")
+    if os.path.getsize(path) == 0:  # HDF5 would write a header into it when opening it for writing
+        raise LoomFileError(f"{path}: the file is empty, not a Loom file")
+    check_not_forked_from_writer(path)
+    kwargs: dict[str, Any] = {}
+    if locking is not None:
+        kwargs["locking"] = locking
+    if mode == "r+" and allocation_short(path):  # HDF5, opening it for writing, would trim it
+        if not _loom_or_unreadable(path, kwargs):
+            raise LoomFormatError(f"{path}: not a Loom file (and HDF5 would cut off its last bytes if it were "
+                                  "opened for writing)")
+        extend_allocation(path)  # a writer died, or its disk filled up, mid-write: keep what it stored
+    try:
+        return h5py.File(path, mode, **kwargs)
+    except OSError as exc:
+        if _is_lock_error(exc):
+            raise LoomLockError(f"{path}: {_LOCK_HINT} ({exc})") from exc
+        if "truncated file" in str(exc):
+            raise LoomFileError(f"{path}: the file is shorter than HDF5 recorded it (an incomplete copy or "
+                                f"download?) ({exc})") from exc
+        if "addr overflow" in str(exc):  # a writer died before HDF5 recorded the space it had used
+            raise unreadable(path, exc) from exc
+        raise LoomFileError(f"{path}: cannot open as a Loom (HDF5) file: {exc}") from exc
+
+
+def _loom_or_unreadable(path: str, kwargs: dict[str, Any]) -> bool:
+    """Whether a file may be repaired before it is opened for writing: it looks like a Loom file, or
+    HDF5 cannot even read it (metadata past its recorded end: a writer's)."""
+    try:
+        with h5py.File(path, "r", **kwargs) as f:
+            return looks_like_loom(f)
+    except OSError:
+        return True
+
+
+def unreadable(path: str, exc: Exception) -> LoomFileError:
+    """The error for a file HDF5 opened but cannot read the structure of."""
+    if "addr overflow" in str(exc):  # a writer died (or its disk filled up) before HDF5 recorded its space
+        return LoomFileError(f"{path}: a write was interrupted; open it once with mode 'r+' to repair it ({exc})")
+    return LoomFileError(f"{path}: the file is damaged; HDF5 cannot read its structure ({exc})")

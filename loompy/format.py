@@ -1,7 +1,9 @@
-"""Everything loompy knows about the on-disk layout of a Loom file.
+"""What the Loom spec says is where in the file: the paths of the matrix, layers, attributes and
+graphs, which spec version keeps global attributes where, and how datasets are laid out and
+stamped. :mod:`.encoding` converts between users' values and what these paths hold.
 
-This is the only module that names HDF5 paths and knows which spec version keeps global
-attributes where; :mod:`.encoding` converts between users' values and what these paths hold.
+Names loompy adds for its own crash safety (an append's journal, a swap's staging group, a layer
+being overwritten) live with the code that uses them: :mod:`.journal`, :mod:`.swaps`, :mod:`.layers`.
 """
 
 from __future__ import annotations
@@ -118,6 +120,25 @@ def get_group(f: h5py.File, name: str) -> h5py.Group | None:
     return group if isinstance(group, h5py.Group) else None
 
 
+def layer_path(name: str) -> str:
+    """Where layer ``name`` lives: the main matrix (``""``) at ``/matrix``, the others in ``/layers``."""
+    return MATRIX if name == "" else f"{LAYERS}/{name}"
+
+
+def layer_place(f: h5py.File, name: str) -> tuple[h5py.Group, str]:
+    """The group to create layer ``name`` in (``/layers`` made if missing) and its key there."""
+    return (f, MATRIX) if name == "" else (f.require_group(LAYERS), name)
+
+
+def matrix_datasets(f: h5py.File) -> dict[str, h5py.Dataset]:
+    """Every layer's dataset, by layer name (``""`` first, when the file has a main matrix)."""
+    out = {"": f[MATRIX]} if isinstance(f.get(MATRIX), h5py.Dataset) else {}
+    layers = get_group(f, LAYERS)
+    if layers is not None:
+        out.update((k, v) for k, v in layers.items() if isinstance(v, h5py.Dataset))
+    return out
+
+
 def read_spec_version(f: h5py.File) -> SpecVersion:
     """Find LOOM_SPEC_VERSION: first ``/attrs/LOOM_SPEC_VERSION``, then the root HDF5 attribute."""
     group = get_group(f, GLOBAL_ATTRS)
@@ -126,6 +147,23 @@ def read_spec_version(f: h5py.File) -> SpecVersion:
     if SPEC_VERSION_KEY in f.attrs:
         return SpecVersion(_scalar_text(f.attrs[SPEC_VERSION_KEY]))
     return SpecVersion(None)
+
+
+def get_loom_spec_version(f: h5py.File) -> str:
+    """The spec version an open HDF5 file says it follows, "0.0.0" when it says none (loompy 3's helper)."""
+    return read_spec_version(f).text or "0.0.0"
+
+
+def compare_loom_spec_version(f: h5py.File, version: str) -> int:
+    """-1, 0 or 1 as the file's spec version is below, equal to or above ``version`` (loompy 3's
+    helper), compared number by number ("3.0.10" is above "3.0.9")."""
+    def numbers(text: str) -> list[int]:
+        return [int(part) if part.isdigit() else 0 for part in text.split(".")]
+
+    mine, theirs = numbers(get_loom_spec_version(f)), numbers(version)
+    width = max(len(mine), len(theirs))
+    mine, theirs = mine + [0] * (width - len(mine)), theirs + [0] * (width - len(theirs))
+    return (mine > theirs) - (mine < theirs)
 
 
 def globals_live_in_group(f: h5py.File) -> bool:

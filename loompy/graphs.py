@@ -11,10 +11,11 @@ import scipy.sparse as sp
 
 from . import format as fmt
 from . import swaps
-from .attributes import AXIS_LABELS, Dims, DotAccess, check_writable, last_written
+from .attributes import DotAccess, last_written
 from .encoding import refuse_masked
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
-from .indexing import select_axis
+from .handles import Dims, check_writable
+from .indexing import AXIS_NAMES, select_axis
 
 
 def renumber_graph(graph: sp.coo_matrix, selection: np.ndarray) -> sp.coo_matrix:
@@ -39,18 +40,24 @@ def read_edges(g: h5py.Group, n: int | None) -> tuple[np.ndarray, np.ndarray, np
     values = {k: np.asarray(v[()]) for k, v in parts.items() if isinstance(v, h5py.Dataset)}
     a, b = values["a"], values["b"]
     w = values.get("w", np.ones(a.shape, dtype=np.float64))
-    problems = []
-    if not all(x.ndim == 1 for x in (a, b, w)) or not a.shape == b.shape == w.shape:
-        problems.append(f"a, b, w must be 1-D and of equal length (shapes {a.shape}, {b.shape}, {w.shape})")
-    elif a.dtype.kind not in "iuf" or b.dtype.kind not in "iuf" or w.dtype.kind not in "biuf":
-        problems.append(f"a, b, w must be numbers (dtypes {a.dtype}, {b.dtype}, {w.dtype})")
-    elif any(x.dtype.kind == "f" and not np.array_equal(x, np.round(x)) for x in (a, b)):  # (integers are)
-        problems.append("vertex indices are not whole numbers")
-    elif n is not None and a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
-        problems.append(f"vertex indices outside [0, {n})")
+    problems = edge_problems(a, b, w, n)
     if problems:
         return a, b, w, problems
     return a.astype(np.int64), b.astype(np.int64), w, []
+
+
+def edge_problems(a: np.ndarray, b: np.ndarray, w: np.ndarray, n: int | None) -> list[str]:
+    """What keeps (from, to, weight) arrays from being a graph of ``n`` vertices (None: unchecked);
+    empty when nothing does. Stored graphs and ``set_edges`` are checked alike."""
+    if not all(x.ndim == 1 for x in (a, b, w)) or not a.shape == b.shape == w.shape:
+        return [f"a, b, w must be 1-D and of equal length (shapes {a.shape}, {b.shape}, {w.shape})"]
+    if a.dtype.kind not in "iuf" or b.dtype.kind not in "iuf" or w.dtype.kind not in "biuf":
+        return [f"a, b, w must be numbers (dtypes {a.dtype}, {b.dtype}, {w.dtype})"]
+    if any(x.dtype.kind == "f" and not np.array_equal(x, np.round(x)) for x in (a, b)):  # (integers are)
+        return ["vertex indices are not whole numbers"]
+    if n is not None and a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
+        return [f"vertex indices outside [0, {n})"]
+    return []
 
 
 def store_graph(parent: h5py.Group, name: str, graph: sp.coo_matrix, like: h5py.Group | None = None) -> h5py.Group:
@@ -94,7 +101,7 @@ class GraphManager(DotAccess, MutableMapping):
     @property
     def _where(self) -> str:
         file = self._file.filename if self._file is not None else "<memory>"
-        return f"{file}: {AXIS_LABELS[self.axis]} graph"
+        return f"{file}: {AXIS_NAMES[self.axis]} graph"
 
     @property
     def _group(self) -> h5py.Group | None:
@@ -202,4 +209,4 @@ class GraphManager(DotAccess, MutableMapping):
         return self.keys()
 
     def __repr__(self) -> str:
-        return f"<{AXIS_LABELS[self.axis]} graphs: {', '.join(self.keys()) or 'none'}>"
+        return f"<{AXIS_NAMES[self.axis]} graphs: {', '.join(self.keys()) or 'none'}>"

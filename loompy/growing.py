@@ -17,11 +17,11 @@ import scipy.sparse as sp
 
 from . import encoding, engine, joining, journal
 from . import format as fmt
-from .attributes import check_writable
 from .connection import connect
 from .create import as_attr_dict, as_layer_dict, validate_contents
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import check_free_space, stored_size_bound
+from .handles import check_writable
 from .indexing import batch_count
 
 
@@ -264,8 +264,7 @@ def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, jo
         if journalled:
             journal.begin(f, 0, first=True)
         for name, matrix in layer_dict.items():
-            group = f if name == "" else f.require_group(fmt.LAYERS)
-            dataset = fmt.create_matrix(group, fmt.MATRIX if name == "" else name, matrix.shape, dtypes[name])
+            dataset = fmt.create_matrix(*fmt.layer_place(f, name), matrix.shape, dtypes[name])
             engine.write_matrix(dataset, matrix)
         ds._dims.shape = tuple(layer_dict[""].shape)
         for name, values in rows.items():

@@ -18,8 +18,8 @@ import h5py
 
 from . import engine
 from . import format as fmt
-from .attributes import writable
 from .errors import LoomFileError
+from .handles import writable
 
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
@@ -53,7 +53,7 @@ def recover(f: h5py.File) -> int | None:
             del f.attrs[JOURNAL]
             f.flush()
             return 0
-        for ds in _matrices(f):
+        for ds in fmt.matrix_datasets(f).values():
             if ds.shape[1] > width:
                 engine.resize(ds, width, axis=1)
         group = fmt.get_group(f, fmt.COL_ATTRS)
@@ -101,14 +101,6 @@ def begin(f: h5py.File, width: int, first: bool = False) -> None:
         f.require_group(BEFORE_APPEND).attrs[FIRST] = True
     f.attrs[JOURNAL] = width
     f.flush()
-
-
-def _matrices(f: h5py.File) -> list[h5py.Dataset]:
-    out = [f[fmt.MATRIX]] if isinstance(f.get(fmt.MATRIX), h5py.Dataset) else []
-    layers = fmt.get_group(f, fmt.LAYERS)
-    if layers is not None:
-        out += [d for d in layers.values() if isinstance(d, h5py.Dataset)]
-    return out
 
 
 def set_aside(group: h5py.Group, name: str) -> None:

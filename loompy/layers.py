@@ -12,9 +12,10 @@ import scipy.sparse as sp
 
 from . import encoding, engine, swaps
 from . import format as fmt
-from .attributes import Dims, DotAccess, check_writable
+from .attributes import DotAccess
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
 from .files import check_free_space, stored_size_bound
+from .handles import Dims, check_writable
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -193,16 +194,11 @@ class LayerManager(DotAccess, MutableMapping):
 
     # --------------------------------------------------------------- reading
     def _dataset(self, name: str) -> h5py.Dataset | None:
-        path = fmt.MATRIX if name == "" else f"{fmt.LAYERS}/{name}"
-        obj = self._file.get(path)
+        obj = self._file.get(fmt.layer_path(name))
         return obj if isinstance(obj, h5py.Dataset) else None
 
     def keys(self) -> list[str]:
-        names = [""] if isinstance(self._file.get(fmt.MATRIX), h5py.Dataset) else []
-        group = fmt.get_group(self._file, fmt.LAYERS)
-        if group is not None:
-            names += [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
-        return names
+        return list(fmt.matrix_datasets(self._file))
 
     def __getitem__(self, name: str) -> LoomLayer:
         if not isinstance(name, str):
@@ -300,8 +296,7 @@ class LayerManager(DotAccess, MutableMapping):
             engine.layers_changed(self._file)
             fmt.touch(existing, existing.parent)
             return
-        group = self._file if name == "" else self._file.require_group(fmt.LAYERS)
-        final = fmt.MATRIX if name == "" else name
+        group, final = fmt.layer_place(self._file, name)
 
         def write(target: str) -> h5py.Dataset:
             dataset = fmt.create_matrix(group, target, shape, target_dtype, chunks=chunks,

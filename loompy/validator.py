@@ -16,9 +16,11 @@ from . import format as fmt
 from .encoding import read_values
 from .errors import LoomError, LoomValueError
 from .graphs import read_edges
+from .indexing import AXIS_NAMES
 
 
-def _attr_problems(f: h5py.File, group_name: str, length: int | None) -> list[str]:
+def _attr_problems(f: h5py.File, axis: int, length: int | None) -> list[str]:
+    group_name = fmt.ATTR_GROUPS[axis]
     problems: list[str] = []
     group = f.get(group_name)
     if group is None:
@@ -29,7 +31,7 @@ def _attr_problems(f: h5py.File, group_name: str, length: int | None) -> list[st
         if not isinstance(obj, h5py.Dataset):
             continue  # nested groups are tolerated (kept intact, not exposed)
         if obj.shape == ():
-            problems.append(f"/{group_name}/{name} is a scalar; attributes need one value per {group_name[:3]}")
+            problems.append(f"/{group_name}/{name} is a scalar; attributes need one value per {AXIS_NAMES[axis]}")
         elif length is not None and obj.shape[0] != length:
             problems.append(f"/{group_name}/{name} has {obj.shape[0]} values, expected {length}")
     return problems
@@ -63,8 +65,8 @@ def check_structure(f: h5py.File) -> list[str]:
         for name, obj in layers.items():
             if isinstance(obj, h5py.Dataset) and obj.shape != shape:
                 problems.append(f"layer '{name}' has shape {obj.shape}, but /matrix has shape {shape}")
-    for axis, group_name in enumerate(fmt.ATTR_GROUPS):
-        problems += _attr_problems(f, group_name, shape[axis] if shape else None)
+    for axis in (0, 1):
+        problems += _attr_problems(f, axis, shape[axis] if shape else None)
     for axis in (0, 1):
         group = f.get(fmt.graph_group_name(f, axis))
         if not isinstance(group, h5py.Group):
@@ -149,14 +151,14 @@ class LoomValidator:
                 if isinstance(obj, h5py.Dataset) and obj.ndim == 2:
                     self._check_matrix(f"/layers/{name}", obj)
                     self.summary.append(f"layer '{name}': dtype {obj.dtype}")
-        for group_name in fmt.ATTR_GROUPS:
+        for axis, group_name in enumerate(fmt.ATTR_GROUPS):
             group = f.get(group_name)
             if not isinstance(group, h5py.Group):
                 continue
             for name, obj in group.items():
                 if isinstance(obj, h5py.Dataset):
                     self._check_attribute(f"/{group_name}/{name}", obj, spec)
-                    self.summary.append(f"{group_name[:-6]} attribute '{name}': {obj.dtype}, shape {obj.shape}")
+                    self.summary.append(f"{AXIS_NAMES[axis]} attribute '{name}': {obj.dtype}, shape {obj.shape}")
                 else:
                     self.warnings.append(f"/{group_name}/{name} is a group, not an attribute dataset (kept, not read)")
         for axis in (0, 1):

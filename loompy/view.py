@@ -13,10 +13,11 @@ import numpy as np
 import scipy.sparse as sp
 
 from .access import LoomAccess
-from .attributes import AttributeManager, Dims, DotAccess
+from .attributes import AttributeManager, DotAccess
 from .engine import Recycler
 from .errors import LoomKeyError, LoomValueError
 from .graphs import GraphManager, renumber_graph
+from .handles import Dims
 from .indexing import AxisSelection, expand, select, values_for_unique
 from .layers import LoomLayer, SparseForms
 

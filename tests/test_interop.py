@@ -145,3 +145,40 @@ def test_export_writes_what_the_reference_writes_byte_for_byte(tmp_path, referen
                 ds.export(sys.argv[2], layer=sys.argv[3])
         """, str(path), str(theirs), layer, parse_json=False)
         assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_loompy3_module_helpers_answer_as_the_reference(tmp_path, reference):
+    """loompy 3's module-level names: the spec version helpers on an HDF5 file (ours, a loompy 2
+    file, one with no version), the spec version constant, to_html and MemoryLoomLayer."""
+    import h5py
+
+    from .conftest import REAL
+
+    m, _, _ = data()
+    ours = tmp_path / "ours.loom"
+    loompy.create(ours, m, {"Gene": ASCII_GENES}, {"CellID": [f"c{i}" for i in range(70)]}).close()
+    bare = tmp_path / "bare.h5"
+    h5py.File(bare, "w").close()
+    paths = [str(ours), str(REAL / "linnarsson-lab+loompy/_history/bc58ebdd2632/test.loom"), str(bare)]
+    versions = ["2.0.1", "3.0.0", "3.0.1", "0.0.0"]
+    got = reference.run("""
+        import sys, json, h5py, loompy
+        out = {"const": loompy.loom_spec_version, "files": []}
+        for path in sys.argv[1:]:
+            with h5py.File(path, "r") as f:
+                out["files"].append([loompy.get_loom_spec_version(f)]
+                                    + [loompy.compare_loom_spec_version(f, v) for v in %r])
+        print(json.dumps(out))
+    """ % versions, *paths)
+    assert loompy.loom_spec_version == got["const"] == loompy.LOOM_SPEC_VERSION
+    for path, expected in zip(paths, got["files"]):
+        with h5py.File(path, "r") as f:
+            assert [loompy.get_loom_spec_version(f)] + [loompy.compare_loom_spec_version(f, v)
+                                                        for v in versions] == expected
+    with h5py.File(ours, "r") as f:  # numbers compared as numbers (loompy 3 joined the digits: 3.0.10 < 3.1)
+        assert loompy.compare_loom_spec_version(f, "3.0.10") == -1 and loompy.compare_loom_spec_version(f, "3") == 0
+    with loompy.connect(ours, "r") as ds:
+        view = ds.view[:, :3]
+        assert isinstance(view.layers[""], loompy.MemoryLoomLayer)
+        html = loompy.to_html(view)
+        assert html == view._repr_html_() and "c2" in html and "c3" not in html

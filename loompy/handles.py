@@ -1,0 +1,71 @@
+"""An open Loom file as every part of loompy shares it: the matrix shape the managers of a
+connection see (:class:`Dims`), whether the file may be written through this handle
+(:func:`writable`, :func:`check_writable`), and what a closed connection's managers hold instead
+of the file (:class:`ClosedFile`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import h5py
+
+from .errors import LoomFileError
+
+
+class Dims:
+    """The matrix shape, shared (not copied) between a connection and its managers."""
+
+    __slots__ = ("shape", "watch")
+
+    def __init__(self, shape: tuple[int, int], watch: Callable[[], None] | None = None) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.watch = watch  # the connection's: takes the shape on disk (see sync)
+
+    def sync(self) -> None:
+        """Take the shape the file has now: another connection to it in this process may have
+        appended columns (writes at the old shape would leave attributes of the wrong length)."""
+        if self.watch is not None:
+            self.watch()
+
+    @classmethod
+    def along(cls, axis: int, length: int) -> Dims:
+        """The shape of a selection of ``length`` rows (axis 0) or columns (1) alone, in memory."""
+        return cls((length, 0) if axis == 0 else (0, length))
+
+
+READ_ONLY = "_loompy_read_only"  # set on the h5py.File of a connection opened with mode 'r'
+
+
+def writable(file: h5py.File) -> bool:
+    """Whether loompy may write through this handle: HDF5 opened it for writing and the connection
+    did not ask for 'r' (HDF5 hands a second opening of a file open for writing in this process
+    that same writable file)."""
+    return file.mode == "r+" and not getattr(file, READ_ONLY, False)
+
+
+class ClosedFile:
+    """What a closed connection's managers hold instead of its file: any use says the connection is closed."""
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str) -> Any:
+        raise LoomFileError(f"{self.filename}: the connection is closed")
+
+    def __contains__(self, name: object) -> bool:
+        raise LoomFileError(f"{self.filename}: the connection is closed")
+
+    def __getitem__(self, name: object) -> Any:
+        raise LoomFileError(f"{self.filename}: the connection is closed")
+
+
+def check_writable(file: h5py.File | None, what: str) -> None:
+    """Refuse a write before anything is touched when the file is open read-only (or closed)."""
+    if file is not None and not file:
+        raise LoomFileError(f"cannot write {what}: the connection is closed")
+    if file is not None and not writable(file):
+        raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
