@@ -175,7 +175,13 @@ class AttributeManager(DotAccess, MutableMapping):
             arr = arr.copy()  # the cache must not follow later changes to the caller's array
         if self._file is not None:
             group = self._file.require_group(self._group_name)
-            fmt.write_values(group, name, arr, resizable=self.axis == 1, where=where, legacy=self._legacy)
+            try:
+                fmt.write_values(group, name, arr, resizable=self.axis == 1, where=where, legacy=self._legacy)
+            except BaseException:  # the file holds the old value, or (failed after it was stored) the new one
+                self._cache.pop(name, None)  # so it is read from the file next time
+                if isinstance(group.get(name), h5py.Dataset) and name not in self._names:
+                    self._names.append(name)
+                raise
         self._cache[name] = arr
         if name not in self._names:
             self._names.append(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,17 +41,26 @@ def _copy_extras(src: h5py.Group, dst: h5py.Group, skip: Sequence[str]) -> None:
 def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
                    file_attrs: dict[str, Any] | None = None, selections: Sequence[Any] | None = None,
                    key: str | None = None, skip_attrs: Sequence[str] | None = None, *,
-                   convert_attrs: bool = False, keep_first_attrs: bool = False) -> None:
+                   convert_attrs: bool = False) -> None:
     """Concatenate the columns of several Loom files into a new one (rows aligned by ``key`` if given).
 
     ``selections`` picks columns per file (masks or indices); ``skip_attrs`` leaves column attributes out.
-    Every file's layers are in the output, zeros where a file lacks one (as loompy 3 does); column
-    attributes must be present in every file; a column attribute that is text in
+    Every file's layers are in the output, zeros where a file lacks one (as loompy 3 does); a column
+    attribute some files lack is refused (leave it out with ``skip_attrs``); one that is text in
     some files and numbers in others is an error, or with ``convert_attrs`` is written as text.
-    Global attributes come from ``file_attrs``, else the first file (with ``keep_first_attrs``, the
-    first file's with ``file_attrs`` set over them, as :func:`combine` does). Nothing is written
-    until every input has been checked.
+    Global attributes come from ``file_attrs``, else the first file. Nothing is written until
+    every input has been checked.
     """
+    _combine(files, output_file, file_attrs, selections, key, skip_attrs, convert_attrs=convert_attrs,
+             keep_first_attrs=False, drop_partial=False)
+
+
+def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, file_attrs: dict[str, Any] | None,
+             selections: Sequence[Any] | None, key: str | None, skip_attrs: Sequence[str] | None, *,
+             convert_attrs: bool, keep_first_attrs: bool, drop_partial: bool) -> None:
+    """What :func:`combine` and :func:`combine_faster` do; ``keep_first_attrs``: the first file's
+    global attributes with ``file_attrs`` set over them; ``drop_partial``: a column attribute some
+    files lack is left out with a warning (else refused)."""
     files = [os.fspath(p) for p in files]
     if not files:
         raise LoomValueError("combine: no input files")
@@ -68,12 +78,21 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
         first = conns[0]
         orders = [align_rows(first, c, key) for c in conns]
         names = list(dict.fromkeys(name for c in conns for name in c.layers.keys()))  # (a file lacking one: zeros)
-        attr_names = [k for k in first.ca.keys() if k not in skip]
+        attr_names = list(dict.fromkeys(k for c in conns for k in c.ca.keys() if k not in skip))
+        lacking = {a: [c.filename for c in conns if a not in c.ca and not (convert_attrs and a in c.attrs)]
+                   for a in attr_names}
+        lacking = {a: where for a, where in lacking.items() if where}
+        if lacking and not drop_partial:
+            name, where = next(iter(lacking.items()))
+            raise LoomValueError(f"{doing}: column attribute '{name}' is not in {', '.join(where)} (every input "
+                                 "needs it; leave it out with skip_attrs)")
+        if lacking:
+            where = "; ".join(f"{a} not in {', '.join(files_)}" for a, files_ in lacking.items())
+            warnings.warn(f"{doing}: column attributes {list(lacking)} are left out: not every input has them "
+                          f"({where})", stacklevel=3)
+            attr_names = [a for a in attr_names if a not in lacking]
         cols = []
         for i, c in enumerate(conns):
-            lacking = [a for a in attr_names if a not in c.ca and not (convert_attrs and a in c.attrs)]
-            if lacking:
-                raise LoomValueError(f"{c.filename}: lacks {lacking}, which {first.filename} has")
             with naming(f"{c.filename}: selection"):  # (indices: in their order, with repeats)
                 cols.append(positions(None if selections is None else selections[i], c.shape[1], 1))
         total = int(sum(len(c) for c in cols))
@@ -193,7 +212,7 @@ def _value_range(dataset: h5py.Dataset) -> tuple[int, int]:
 _Source = tuple[h5py.Dataset | None, np.ndarray | None, np.ndarray]
 
 
-def _whole(source: _Source) -> bool:
+def _every_column(source: _Source) -> bool:
     """True when every column of the source is taken, rows in place."""
     dataset, order, sel = source
     return dataset is not None and order is None and len(sel) == dataset.shape[1] and bool(np.all(np.diff(sel) > 0))
@@ -202,7 +221,7 @@ def _whole(source: _Source) -> bool:
 def _copies_first(sources: list[_Source], shape: tuple[int, int], dtype: np.dtype) -> bool:
     """Whether a layer of the output starts as HDF5's copy of the first input's (see :func:`_combine_layer`)."""
     first = sources[0][0]
-    return _whole(sources[0]) and first.dtype == dtype and fmt.stored_as_new_matrix(first, shape)
+    return _every_column(sources[0]) and first.dtype == dtype and fmt.stored_as_new_matrix(first, shape)
 
 
 _Finish = Callable[[h5py.Dataset], tuple[int, int]]  # a copy under way: do it into dst, say which columns
@@ -212,7 +231,7 @@ def _start_second(sources: list[_Source], shape: tuple[int, int], dtype: np.dtyp
                   ) -> _Finish | None:
     """Start copying a whole second input when the first is HDF5's copy (its re-encoding, if any,
     runs in the engine's helper processes until the layer is written); None otherwise."""
-    if not _copies_first(sources, shape, dtype) or len(sources) < 2 or not _whole(sources[1]):
+    if not _copies_first(sources, shape, dtype) or len(sources) < 2 or not _every_column(sources[1]):
         return None
     first = sources[0][0]
     return stack.enter_context(engine.copying_columns(sources[1][0], engine.chunk_layout(first), shape,
@@ -275,7 +294,7 @@ def _concatenate_layer(dst: h5py.Dataset, sources: list[_Source], held: int = 0,
             if k == 1 and second is not None:
                 a, b = second(dst)
             else:
-                a, b = engine.copy_columns(dataset, dst, offset) if _whole(source) else (offset, offset)
+                a, b = engine.copy_columns(dataset, dst, offset) if _every_column(source) else (offset, offset)
             need(max(offset, held), a)
             need(max(b, held), end)
             if (a, b) != (offset, end):
@@ -313,13 +332,14 @@ def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, 
     """Combine Loom files column-wise into ``output_file`` (rows aligned by ``key`` when given).
 
     Global attributes are the first file's, with ``file_attrs`` set over them, as in loompy 3
-    (:func:`combine_faster` takes ``file_attrs`` alone when given). ``convert_attrs`` stores a
+    (:func:`combine_faster` takes ``file_attrs`` alone when given). A column attribute not every
+    file has is left out, with a warning, as loompy 3 leaves it out. ``convert_attrs`` stores a
     column attribute that is text in some files and numbers in others as text; ``batch_size`` is
     accepted for loompy 3 compatibility (memory, not columns, sets batches).
     """
     batch_count(batch_size, f"{os.fspath(output_file)}: combine(batch_size=...)")
-    combine_faster(files, output_file, file_attrs=file_attrs, key=key, convert_attrs=convert_attrs,
-                   keep_first_attrs=True)
+    _combine(files, output_file, file_attrs, None, key, None, convert_attrs=convert_attrs, keep_first_attrs=True,
+             drop_partial=True)
 
 
 def create_append(filename: str | os.PathLike, layers: Any, row_attrs: Any, col_attrs: Any, *,

@@ -133,12 +133,23 @@ class LoomConnection(LoomAccess):
         return not bool(self._file)
 
     def close(self, suppress_warning: bool = False) -> None:
-        """Close the file; the connection cannot be used afterwards."""
-        if self._file:
-            self._file.flush()
-            engine.forget_file(self._file)
-            self._file.close()
-            self._point_managers_at(ClosedFile(self.filename))  # later uses through the managers say so
+        """Close the file; the connection cannot be used afterwards. If writing out what HDF5 still
+        holds fails (a full disk), the file is closed all the same and the error raised.
+        (``suppress_warning`` is loompy 3's, accepted and unused: closing warns of nothing.)"""
+        if not self._file:
+            return
+        file = self._file
+        try:
+            file.flush()
+        finally:
+            engine.forget_file(file)
+            self._file = ClosedFile(self.filename)
+            self._point_managers_at(self._file)  # later uses through the managers say so
+            try:
+                file.close()
+            except Exception:  # (the flush's error, if any, is the one to tell; HDF5 lets go of the file anyway)
+                if file:
+                    raise
 
     def flush(self) -> None:
         self._check_open()

@@ -195,21 +195,24 @@ def write_values(group: h5py.Group, name: str, values: np.ndarray, *, resizable:
             existing[...] = data
         touch(existing, group)
         return existing
-    def create(target: str) -> h5py.Dataset:
+    def create(target: str) -> h5py.Dataset:  # (stamped too: a failure to stamp it leaves no new value)
         if data.shape == ():
-            return group.create_dataset(target, data=data, dtype=dtype)
-        maxshape = (None,) + data.shape[1:] if resizable else None
-        chunks = (max(1, min(len(data), 4096)),) + data.shape[1:] if data.ndim else None
-        if 0 in data.shape[1:] or (len(data) == 0 and not resizable):
-            chunks, maxshape = None, None
-        return group.create_dataset(
-            target, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
-            compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
-        )
+            dataset = group.create_dataset(target, data=data, dtype=dtype)
+        else:
+            maxshape = (None,) + data.shape[1:] if resizable else None
+            chunks = (max(1, min(len(data), 4096)),) + data.shape[1:] if data.ndim else None
+            if 0 in data.shape[1:] or (len(data) == 0 and not resizable):
+                chunks, maxshape = None, None
+            dataset = group.create_dataset(
+                target, data=data, dtype=dtype, maxshape=maxshape, chunks=chunks,
+                compression="gzip" if chunks else None, compression_opts=DEFAULT_COMPRESSION_LEVEL if chunks else None,
+            )
+        dataset.attrs[LAST_MODIFIED] = timestamp()
+        return dataset
 
     try:  # a replacement is written whole before it takes the name: refused or interrupted, the old one stays
         ds = swaps.replace(group, name, create)
-    except (TypeError, ValueError, OSError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # (an OSError is the disk's or the file's, not the values')
         if isinstance(exc, LoomError):
             raise
         raise LoomValueError(f"{where}: HDF5 cannot store values of dtype {values.dtype} ({exc})") from exc

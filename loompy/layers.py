@@ -60,17 +60,6 @@ class SparseForms(ABC):
         return self.sparse().tocsc()
 
 
-OVERWRITING = "loompy_overwriting"  # a layer's HDF5 attribute while loompy overwrites it in place
-
-
-def _whole(dataset: h5py.Dataset, filename: str, name: str) -> h5py.Dataset:
-    """``dataset``, unless an overwrite of it was interrupted (its values are then part old, part new)."""
-    if OVERWRITING in dataset.attrs:
-        raise LoomFileError(f"{filename}: layer '{name}' was being overwritten when its writer stopped, so it "
-                            "holds part old, part new values; write it again, or delete it")
-    return dataset
-
-
 class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
@@ -104,7 +93,7 @@ class LoomLayer(SparseForms):
         dataset = file.get(self._path)
         if not isinstance(dataset, h5py.Dataset):
             raise LoomKeyError(f"{self._filename}: layer '{self.name}' no longer exists")
-        self._known = (key, _whole(dataset, self._filename, self.name))
+        self._known = (key, dataset)
         return dataset
 
     @property
@@ -208,7 +197,7 @@ class LayerManager(DotAccess, MutableMapping):
         dataset = self._dataset(name)
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        return LoomLayer(name, _whole(dataset, self._file.filename, name), self)
+        return LoomLayer(name, dataset, self)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._dataset(name) is not None
@@ -249,11 +238,10 @@ class LayerManager(DotAccess, MutableMapping):
                   compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL) -> None:
         """Create or overwrite layer ``name`` from a dense or sparse matrix (or zeros of ``dtype`` when None).
 
-        The stored dtype is ``dtype`` if given, else the input's (booleans as uint8). An existing layer
-        of the same shape, dtype and chunks is overwritten in place (no second copy of it); if
-        that is interrupted, reading the layer raises LoomFileError until it is written again or
-        deleted. Any other replacement is written beside the old layer and swapped in once complete
-        (interrupted, the old layer stays); its old space HDF5 does not reuse, ``repack`` does.
+        The stored dtype is ``dtype`` if given, else the input's (booleans as uint8). A replacement
+        is written beside the old layer and swapped in once complete: failed, interrupted or killed,
+        the old layer stays. The old layer's space HDF5 reuses only while the file stays open;
+        ``repack`` reclaims it.
         """
         fmt.check_name(name, f"{self._file.filename}: layer", empty=True)
         where = f"{self._file.filename}: layer '{name}'"
@@ -281,21 +269,6 @@ class LayerManager(DotAccess, MutableMapping):
             fmt.check_fits(matrix, target_dtype, where)
         check_free_space(self._file.filename, stored_size_bound(matrix), where)
         existing = self._dataset(name)
-        if existing is not None and existing.dtype == target_dtype and existing.shape == shape \
-                and existing.chunks == fmt.matrix_chunks(shape, chunks) \
-                and (existing.compression, existing.compression_opts) == \
-                (("gzip", compression_opts) if compression_opts is not None else (None, None)):
-            # overwritten in place, so that the file takes no second copy (HDF5 would not reuse the old
-            # layer's space once the file is closed); marked meanwhile, so that an interrupted
-            # overwrite is never read as if it were whole
-            existing.attrs[OVERWRITING] = 1
-            self._file.flush()
-            engine.layers_changed(self._file)  # layer objects held elsewhere look again (and see the mark)
-            engine.write_matrix(existing, sp.csc_matrix(shape, dtype=target_dtype) if matrix is None else matrix)
-            del existing.attrs[OVERWRITING]
-            engine.layers_changed(self._file)
-            fmt.touch(existing, existing.parent)
-            return
         group, final = fmt.layer_place(self._file, name)
 
         def write(target: str) -> h5py.Dataset:

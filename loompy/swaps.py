@@ -36,12 +36,22 @@ def _staging(f: h5py.File, create: bool = False) -> h5py.Group | None:
         return group
     if not create:
         return None
+    if group is not None and not _cut_short(group):
+        raise LoomFileError(f"{f.filename}: /{STAGING} is not loompy's, so values cannot be replaced safely")
     if group is None:
         group = f.create_group(STAGING)
-    elif not (isinstance(group, h5py.Group) and len(group) == 0 and not group.attrs):  # (empty: ours, cut short)
-        raise LoomFileError(f"{f.filename}: /{STAGING} is not loompy's, so values cannot be replaced safely")
-    group.attrs[_MARK] = 1
+    try:
+        group.attrs[_MARK] = 1
+    except BaseException:
+        del f[STAGING]  # (not left behind empty and unmarked)
+        raise
     return group
+
+
+def _cut_short(group: h5py.HLObject) -> bool:
+    """Whether an unmarked ``/loompy_swap`` is loompy's own, left when it was cut short before its
+    mark was set: an empty group with no HDF5 attributes."""
+    return isinstance(group, h5py.Group) and len(group) == 0 and not group.attrs
 
 
 def is_staging(f: h5py.File, name: str) -> bool:
@@ -198,6 +208,8 @@ def settle(f: h5py.File) -> None:
     """After an interruption (an ``r+`` open): old values whose name is free go back, the rest goes."""
     staging = _staging(f)
     if staging is None:
+        if STAGING in f and _cut_short(f[STAGING]):
+            del f[STAGING]
         return
     for key, value in list(staging.attrs.items()):
         if key.startswith("new") and f"{key}.old" in staging and str(value) not in f:

@@ -854,3 +854,54 @@ def test_big_endian_matrices_read_sparse_and_are_taken_as_layers(tmp_path):
             np.testing.assert_array_equal(matrix.toarray(), values)
         ds.layers["x"] = np.ones((3, 4), ">i8") * -2
         assert ds.layers["x"].dtype == np.int64 and (ds.layers["x"][:, :] == -2).all()
+
+
+@pytest.mark.parametrize("how", ["aligned chunks", "unaligned region", "scattered rows"])
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_partial_write_that_fails_leaves_none_of_it(tmp_path, monkeypatch, how, failure):
+    """ds[rows, cols] = values fails (a full disk, Ctrl-C) after some of its chunks were stored:
+    what those chunks held is put back, chunks it allocated read as the fill value again, and the
+    layer reads as before, in this connection and after reopening."""
+    write_module = importlib.import_module("loompy.engine.write")
+    rng = np.random.default_rng(3)
+    m = rng.integers(0, 9, size=(200, 300)).astype(np.float32)
+    m[:, 128:] = 0  # chunks never written (all zero): a failed write must not leave them allocated
+    path = tmp_path / "p.loom"
+    loompy.create(path, m, {"g": np.arange(200)}, {"c": np.arange(300)}).close()
+    rows, cols = {"aligned chunks": (slice(0, 200), slice(0, 300)),
+                  "unaligned region": (slice(3, 190), slice(5, 290)),
+                  "scattered rows": ([1, 70, 150, 199], slice(10, 280))}[how]
+    calls = []
+
+    def failing_after_the_first(real):  # the second write goes in, then fails (once: the rest works)
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            result = real(*args, **kwargs)
+            if len(calls) == (1 if how == "unaligned region" else 2):
+                raise failure
+            return result
+        return wrapped
+
+    real_init = write_module.ChunkStore.__init__
+
+    def store_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self.write = failing_after_the_first(self.write)
+
+    monkeypatch.setattr(write_module.ChunkStore, "__init__", store_init)
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", failing_after_the_first(h5py.Dataset.__setitem__))
+    with loompy.connect(path) as ds:
+        with pytest.raises(type(failure)):
+            ds[rows, cols] = m[rows, cols] + 100
+        assert calls  # (some of the write was stored before it failed)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(ds[:, :], m)
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], m)
+        if how == "aligned chunks":  # the all-zero chunks hold no values again (as zeros, or not stored)
+            assert ds._file["matrix"].id.get_storage_size() < m.nbytes
+    with loompy.connect(path) as ds:  # and the write, done again, goes through whole
+        ds[rows, cols] = m[rows, cols] + 100
+        expected = m.copy()
+        expected[np.ix_(np.arange(200)[rows], np.arange(300)[cols])] += 100
+        np.testing.assert_array_equal(ds[:, :], expected)

@@ -523,3 +523,29 @@ def test_a_process_forked_from_a_writer_is_refused_the_file(tmp_path):
         assert child_says() == ("opened", (20, 32))
     with loompy.connect(path, "r") as ds:
         assert ds.shape == (20, 32) and ds.ca.c[-1] == 31
+
+
+def test_a_staging_group_cut_short_is_never_left_behind(tmp_path, monkeypatch):
+    """A full disk as the staging group gets its mark: the group goes (it stayed, empty, for good),
+    the old value stays, and the error says what happened (it said the values' dtype could not be
+    stored). An empty unmarked one an older interruption left is dropped by the next r+ open."""
+    path = make(tmp_path / "a.loom")
+    real = h5py.AttributeManager.__setitem__
+
+    def full_at_the_mark(self, key, value):
+        if key == "loompy_staging":
+            raise OSError(28, "No space left on device")
+        return real(self, key, value)
+
+    with loompy.connect(path) as ds:
+        before = ds.ca.c.tolist()
+        monkeypatch.setattr(h5py.AttributeManager, "__setitem__", full_at_the_mark)
+        with pytest.raises(OSError, match="No space left") as info:
+            ds.ca["c"] = np.array(["w", "x", "y", "z"])  # another dtype: staged
+        assert not isinstance(info.value, ValueError)
+        monkeypatch.undo()
+        assert "loompy_swap" not in ds._file and ds.ca.c.tolist() == before
+    with h5py.File(path, "r+") as f:
+        f.create_group("loompy_swap")  # as an older interruption left it
+    with loompy.connect(path) as ds:
+        assert "loompy_swap" not in ds._file and ds.ca.c.tolist() == before

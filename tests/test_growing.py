@@ -1253,3 +1253,33 @@ def test_row_attributes_added_with_columns_are_part_of_the_append(tmp_path, monk
         assert ds.shape == (3, 5) and list(ds.ra.Kind) == [1, 2, 3]
     with h5py.File(path, "r") as f:
         assert "loompy_before_append" not in f and list(f["row_attrs/Kind"][:]) == [1, 2, 3]
+
+
+def test_combine_leaves_out_attributes_not_every_input_has_as_the_reference(tmp_path, reference):
+    """loompy 3's combine leaves out a column attribute some inputs lack, whichever file has it; ours
+    used to refuse it when the first file had it and drop it silently when a later one did. Now it
+    is left out in both orders, with a warning naming it; combine_faster refuses it in both orders."""
+    a = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    b = make(tmp_path / "b.loom", np.full((3, 2), 2, np.float32), cells=["y0", "y1"])
+    with loompy.connect(a) as ds:
+        ds.ca["Batch"] = ["b1"] * 4
+    for order in ([a, b], [b, a]):
+        out = tmp_path / f"out-{order[0].stem}.loom"
+        theirs = reference.run("""
+            import sys, json, loompy
+            loompy.combine(sys.argv[1:3], sys.argv[3])
+            with loompy.connect(sys.argv[3], "r") as ds:
+                print(json.dumps({"ca": sorted(ds.ca.keys()), "CellID": list(ds.ca.CellID)}))
+        """, *map(str, order), str(tmp_path / f"ref-{order[0].stem}.loom"))
+        with pytest.warns(UserWarning, match=r"column attributes \['Batch'\] are left out.*Batch not in .*b\.loom"):
+            loompy.combine(order, out)
+        with loompy.connect(out, "r") as ds:
+            assert {"ca": sorted(ds.ca.keys()), "CellID": list(ds.ca.CellID)} == theirs
+            assert theirs["ca"] == ["CellID", "N"]
+        faster = tmp_path / f"faster-{order[0].stem}.loom"
+        with pytest.raises(loompy.LoomValueError, match=r"column attribute 'Batch' is not in .*b\.loom.*skip_attrs"):
+            loompy.combine_faster(order, faster)
+        assert not faster.exists()
+        loompy.combine_faster(order, faster, skip_attrs=["Batch"])
+        with loompy.connect(faster, "r") as ds:
+            assert sorted(ds.ca.keys()) == ["CellID", "N"] and ds.shape == (3, 6)

@@ -164,12 +164,13 @@ def test_loompy3_module_helpers_answer_as_the_reference(tmp_path, reference):
     got = reference.run("""
         import sys, json, h5py, loompy
         out = {"const": loompy.loom_spec_version, "files": []}
-        for path in sys.argv[1:]:
+        versions = json.loads(sys.argv[1])
+        for path in sys.argv[2:]:
             with h5py.File(path, "r") as f:
                 out["files"].append([loompy.get_loom_spec_version(f)]
-                                    + [loompy.compare_loom_spec_version(f, v) for v in %r])
+                                    + [loompy.compare_loom_spec_version(f, v) for v in versions])
         print(json.dumps(out))
-    """ % versions, *paths)
+    """, json.dumps(versions), *paths)
     assert loompy.loom_spec_version == got["const"] == loompy.LOOM_SPEC_VERSION
     for path, expected in zip(paths, got["files"]):
         with h5py.File(path, "r") as f:

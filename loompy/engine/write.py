@@ -12,6 +12,8 @@ them with what their chunks hold.
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -19,6 +21,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import LoomFileError
 from . import codecs
 from .bands import BandPlan
 from .memory import Scratch
@@ -61,10 +64,16 @@ def _writes(function: Callable) -> Callable:
 
 @_writes
 def write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
-    """Store ``values`` (shape ``(len(rows), len(cols))``) at ``np.ix_(rows, cols)``."""
+    """Store ``values`` (shape ``(len(rows), len(cols))``) at ``np.ix_(rows, cols)``: all of them,
+    or, when the write fails or is interrupted, none (see :func:`_restored_on_failure`)."""
     if rows.size == 0 or cols.size == 0:
         return
     values = np.asarray(values, dtype=dataset.dtype)
+    with _restored_on_failure(dataset, rows, cols):
+        _write_block(dataset, rows, cols, values)
+
+
+def _write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, values: np.ndarray) -> None:
     r0, r1 = int(rows[0]), int(rows[-1]) + 1
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     if r1 - r0 == rows.size and c1 - c0 == cols.size:
@@ -82,6 +91,68 @@ def write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, value
         block = read_block(dataset, np.arange(r0, r1), np.arange(c0, c1))
         block[np.ix_(r - r0, cols - c0)] = values[part]
         dataset[r0:r1, c0:c1] = block
+
+
+@contextmanager
+def _restored_on_failure(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> Iterator[None]:
+    """Keep what the chunks a write to ``rows`` x ``cols`` touches hold (their stored bytes, which
+    are compressed: no second copy of the values), and put it back if the write raises (a full
+    disk, Ctrl-C), so that the dataset never holds part of a write. A process killed mid-write
+    is not covered: that would take a journal on disk."""
+    refresh(dataset)  # (HDF5's cache written out: the stored bytes are current)
+    kept = _stored_bytes(dataset, rows, cols)
+    try:
+        yield
+    except BaseException as error:
+        try:
+            with deferred_interrupts():
+                _put_back(dataset, kept)
+        except Exception as second:
+            raise LoomFileError(f"{dataset.file.filename}: {dataset.name} holds part of a write that failed "
+                                f"({error!r}), and its old values could not be put back ({second})") from error
+        raise
+
+
+def _stored_bytes(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> tuple[str, list]:
+    """What :func:`_put_back` needs: each touched chunk's (corner, stored bytes or None), or for a
+    dataset without chunks, the values of the rectangle the write spans."""
+    if dataset.chunks is None:
+        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        return "values", [((r0, c0), dataset[r0:r1, c0:c1])]
+    h, w = dataset.chunks
+    chunk_rows, chunk_cols = np.unique(rows // h).tolist(), np.unique(cols // w).tolist()
+    return "chunks", [((r * h, c * w), raw_chunk(dataset, r * h, c * w)) for r in chunk_rows for c in chunk_cols]
+
+
+def _put_back(dataset: h5py.Dataset, kept: tuple[str, list]) -> None:
+    """Store again what :func:`_stored_bytes` kept (a chunk never written gets its fill value)."""
+    kind, items = kept
+    dataset.flush()  # (what the failed write left in HDF5's chunk cache goes out first, not after)
+    for (r, c), stored in items:
+        if kind == "values":
+            dataset[r:r + stored.shape[0], c:c + stored.shape[1]] = stored
+        elif stored is not None:
+            dataset.id.write_direct_chunk((r, c), stored[1], filter_mask=stored[0])
+        elif raw_chunk(dataset, r, c) is not None:  # written by the failed write: its fill value again
+            h, w = dataset.chunks
+            dataset[r:r + h, c:c + w] = dataset.fillvalue
+    dataset.flush()
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C back until the block is done (on the main thread; elsewhere none arrives)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[tuple] = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(*caught[0])
 
 
 def _dense(block: np.ndarray | sp.spmatrix, dtype: np.dtype) -> np.ndarray:
