@@ -132,12 +132,10 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
             second = _start_second(sources[""], (n, total), dtypes[""], job)
-            fmt.init_file(out)
-            for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else []):
-                if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted and k not in globals_:
-                    fmt.write_global(out, k, fmt.normalize_global(first.attrs[k], k), in_group=True)
-            for k, v in globals_.items():
-                fmt.write_global(out, k, v, in_group=True)
+            kept = {k: fmt.normalize_global(first.attrs[k], k)
+                    for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else [])
+                    if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted}
+            fmt.init_file(out, {**kept, **globals_})
             for k, v in first.ra.items():
                 fmt.write_values(out[fmt.ROW_ATTRS], k, v, resizable=False, where=f"row attribute '{k}'")
             for k, v in col_attrs.items():

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import h5py
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 
 from . import engine, files, operations, swaps
@@ -33,16 +34,16 @@ from .validator import check_structure
 from .view import WHAT_ALL, LoomView, ViewManager
 
 
-def _shape_watcher(connection: weakref.ref) -> Callable[[], None]:
+def _shape_syncer(connection: weakref.ref) -> Callable[[], None]:
     """What a connection's Dims calls to sync its shape (by weak reference: no cycle keeps an
     unclosed connection, and its file, alive)."""
 
-    def watch() -> None:
+    def sync() -> None:
         alive = connection()
         if alive is not None:
             alive._sync_shape()
 
-    return watch
+    return sync
 
 
 class LoomConnection(LoomAccess):
@@ -100,7 +101,7 @@ class LoomConnection(LoomAccess):
         legacy = self.version.is_legacy
         matrix = f.get(fmt.MATRIX)
         self._dims = Dims(matrix.shape if isinstance(matrix, h5py.Dataset) else (0, 0),
-                          watch=_shape_watcher(weakref.ref(self)))
+                          on_sync=_shape_syncer(weakref.ref(self)))
         self.layers = LayerManager(f, self._dims)
         self.row_attrs = AttributeManager(f, 0, self._dims, legacy=legacy)
         self.col_attrs = AttributeManager(f, 1, self._dims, legacy=legacy)
@@ -169,7 +170,7 @@ class LoomConnection(LoomAccess):
             self.layers[""][key] = values
 
     # --------------------------------------------------------------- attribute and layer helpers
-    def set_attr(self, name: str, values: Any, axis: int = 0, dtype: Any = None) -> None:
+    def set_attr(self, name: str, values: npt.ArrayLike, axis: int = 0, dtype: npt.DTypeLike = None) -> None:
         """Create or overwrite a row (``axis=0``) or column (``axis=1``) attribute."""
         self._attr_manager(axis).set(name, values, dtype=dtype)
 
@@ -235,7 +236,8 @@ class LoomConnection(LoomAccess):
         """Like :meth:`batch_scan`, yielding a dict of layers."""
         return operations.batch_scan_layers(self, cells, genes, axis, batch_size, layers)
 
-    def map(self, f_list: Any, axis: int = 0, chunksize: int = 1000, selection: Any = None) -> Any:
+    def map(self, f_list: Callable | Sequence[Callable], axis: int = 0, chunksize: int = 1000,
+            selection: npt.ArrayLike | None = None) -> list[np.ndarray] | np.ndarray:
         """Apply function(s) to every row (axis 0) or column (axis 1) in one pass; see :func:`operations.map_`."""
         return self.layers[""].map(f_list, axis, chunksize, selection)
 
@@ -293,7 +295,7 @@ class LoomConnection(LoomAccess):
 
         add_loom(self, other_file, key, fill_values, batch_size, convert_attrs, include_graphs)
 
-    def permute(self, ordering: Any, axis: int) -> None:
+    def permute(self, ordering: npt.ArrayLike, axis: int) -> None:
         """Reorder rows (axis 0) or columns (axis 1) everywhere; the file is rewritten atomically."""
         from .combine import permute
 

@@ -36,11 +36,7 @@ def as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
     for name, matrix in out.items():
         fmt.check_name(name, f"{where}: layer", empty=True)
         if not (sp.issparse(matrix) or isinstance(matrix, LoomLayer)):
-            encoding.refuse_masked(matrix, f"{where}: layer '{name}'")
-            try:
-                out[name] = np.asarray(matrix)
-            except ValueError as exc:  # ragged nesting
-                raise LoomValueError(f"{where}: layer '{name}': cannot make a matrix of the values ({exc})") from exc
+            out[name] = encoding.matrix_values(matrix, f"{where}: layer '{name}'")
     return out
 
 
@@ -67,8 +63,6 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
         lw = f"{where}: layer '{name}'"
         if tuple(matrix.shape) != shape:
             raise LoomValueError(f"{lw}: shape {tuple(matrix.shape)} differs from the main matrix's {shape}")
-        if not isinstance(matrix, LoomLayer) and matrix.dtype.kind not in "biuf":
-            raise LoomValueError(f"{lw}: cannot store values of dtype {matrix.dtype} in a matrix")
         wanted = dtype if (dtype is not None and name == "") else matrix.dtype
         dtypes[name] = fmt.check_matrix_dtype(wanted, lw)
         fmt.check_fits(matrix, dtypes[name], lw)
@@ -85,18 +79,23 @@ def validate_contents(filename: str, layers: Any, row_attrs: Any, col_attrs: Any
 def write_contents(f: h5py.File, layer_dict: dict, dtypes: dict, rows: dict, cols: dict, globals_: dict, *,
                    chunks: tuple[int, int], chunk_cache: int, compression_opts: int | None) -> None:
     """Write validated contents into a freshly created (empty) HDF5 file."""
-    fmt.init_file(f)
-    for name, value in globals_.items():
-        fmt.write_global(f, name, value, in_group=True)
+    fmt.init_file(f, globals_)
+    write_layers(f, layer_dict, dtypes, chunks=chunks, chunk_cache=chunk_cache, compression_opts=compression_opts)
+    for axis, values in enumerate((rows, cols)):
+        group = f[fmt.ATTR_GROUPS[axis]]
+        for name, arr in values.items():
+            fmt.write_values(group, name, arr, resizable=axis == 1, where=f"attribute '{name}'")
+
+
+def write_layers(f: h5py.File, layer_dict: dict, dtypes: dict, *, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
+                 chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB,
+                 compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL) -> None:
+    """Create and write each validated layer of a file that has none yet."""
     for name, matrix in layer_dict.items():
         group, key = fmt.layer_place(f, name)
         ds = fmt.create_matrix(group, key, matrix.shape, dtypes[name], chunks=chunks,
                                compression_opts=compression_opts, chunk_cache=chunk_cache)
         engine.write_matrix(ds, matrix[:, :] if isinstance(matrix, LoomLayer) else matrix)
-    for axis, values in enumerate((rows, cols)):
-        group = f[fmt.ATTR_GROUPS[axis]]
-        for name, arr in values.items():
-            fmt.write_values(group, name, arr, resizable=axis == 1, where=f"attribute '{name}'")
 
 
 def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = None, col_attrs: Any = None,
@@ -131,7 +130,5 @@ def new(filename: str | os.PathLike, *, file_attrs: Mapping[str, Any] | None = N
     """
     globals_ = fmt.normalize_globals(file_attrs, os.fspath(filename))
     with replacing(filename) as f:
-        fmt.init_file(f)
-        for name, value in globals_.items():
-            fmt.write_global(f, name, value, in_group=True)
+        fmt.init_file(f, globals_)
     return connect(filename, "r+")

@@ -134,6 +134,19 @@ def refuse_masked(values: Any, where: str) -> None:
                              "stores no mask; fill them first (values.filled(...))")
 
 
+def matrix_values(values: Any, where: str) -> np.ndarray:
+    """A user's dense matrix values as an array of numbers: masked entries, ragged nesting and
+    values that are not numbers (text, objects) are refused."""
+    refuse_masked(values, where)
+    try:
+        arr = np.asarray(values)
+    except ValueError as exc:  # ragged nesting
+        raise LoomValueError(f"{where}: cannot make a matrix of the values ({exc})") from exc
+    if arr.dtype.kind not in "biuf":
+        raise LoomValueError(f"{where}: cannot store values of dtype {arr.dtype} in a matrix")
+    return arr
+
+
 def normalize_values(values: Any, where: str, length: int | None = None) -> np.ndarray:
     """Validate and convert user values into the array that will be stored.
 

@@ -305,8 +305,9 @@ def has_global(f: h5py.File, name: str, in_group: bool) -> bool:
     return name != LAST_MODIFIED and name in f.attrs
 
 
-def init_file(f: h5py.File) -> None:
-    """Lay out an empty spec 3.0.0 file: the six groups, LOOM_SPEC_VERSION and CreationDate."""
+def init_file(f: h5py.File, globals_: Mapping[str, np.ndarray] | None = None) -> None:
+    """Lay out an empty spec 3.0.0 file: the six groups, LOOM_SPEC_VERSION and CreationDate, and
+    the global attributes ``globals_`` (normalized: see :func:`normalize_globals`)."""
     for name in GROUPS:
         f.require_group(name)
     now = timestamp()
@@ -316,6 +317,8 @@ def init_file(f: h5py.File) -> None:
     for name in GROUPS:
         f[name].attrs[LAST_MODIFIED] = now
     f.attrs[LAST_MODIFIED] = now
+    for name, value in (globals_ or {}).items():
+        write_global(f, name, value, in_group=True)
 
 
 # ----------------------------------------------------------------------------- matrices

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 from . import encoding, engine, joining, journal
 from . import format as fmt
 from .connection import connect
-from .create import as_attr_dict, as_layer_dict, validate_contents
+from .create import as_attr_dict, as_layer_dict, validate_contents, write_layers
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import check_free_space, stored_size_bound
 from .handles import check_writable
@@ -263,9 +263,7 @@ def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, jo
     try:
         if journalled:
             journal.begin(f, 0, first=True)
-        for name, matrix in layer_dict.items():
-            dataset = fmt.create_matrix(*fmt.layer_place(f, name), matrix.shape, dtypes[name])
-            engine.write_matrix(dataset, matrix)
+        write_layers(f, layer_dict, dtypes)
         ds._dims.shape = tuple(layer_dict[""].shape)
         for name, values in rows.items():
             ds.ra[name] = values

@@ -16,17 +16,17 @@ from .errors import LoomFileError
 class Dims:
     """The matrix shape, shared (not copied) between a connection and its managers."""
 
-    __slots__ = ("shape", "watch")
+    __slots__ = ("shape", "on_sync")
 
-    def __init__(self, shape: tuple[int, int], watch: Callable[[], None] | None = None) -> None:
+    def __init__(self, shape: tuple[int, int], on_sync: Callable[[], None] | None = None) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
-        self.watch = watch  # the connection's: takes the shape on disk (see sync)
+        self.on_sync = on_sync  # the connection's: takes the shape on disk (see sync)
 
     def sync(self) -> None:
         """Take the shape the file has now: another connection to it in this process may have
         appended columns (writes at the old shape would leave attributes of the wrong length)."""
-        if self.watch is not None:
-            self.watch()
+        if self.on_sync is not None:
+            self.on_sync()
 
     @classmethod
     def along(cls, axis: int, length: int) -> Dims:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .encoding import refuse_masked
+from .encoding import matrix_values
 from .errors import LoomIndexError, LoomTypeError, LoomValueError
 from .format import cast_values
 
@@ -178,15 +178,9 @@ def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dty
                       ) -> np.ndarray:
     """For writes: broadcast ``values`` to the selection and keep, per unique cell, the last value given."""
     target = result_shape(rows, cols)
-    refuse_masked(values, where)
     if sp.issparse(values):  # (the selection's size, dense: what is written anyway)
         values = values.toarray()
-    try:
-        values = np.asarray(values)
-    except ValueError as exc:  # ragged nesting
-        raise LoomValueError(f"{where}: cannot make an array of the values ({exc})") from exc
-    if values.dtype.kind not in "biuf":
-        raise LoomValueError(f"{where}: cannot store values of dtype {values.dtype} in a matrix")
+    values = matrix_values(values, where)
     try:
         arr = np.broadcast_to(values, target)
     except ValueError as exc:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import h5py
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 
 from . import encoding, engine, swaps
@@ -33,7 +34,8 @@ class SparseForms(ABC):
     def _sparse_block(self, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
         """The block at sorted, unique ``rows`` x ``cols`` as a COO matrix, in the stored dtype."""
 
-    def sparse(self, rows: Any = None, cols: Any = None, dtype: Any = None) -> sp.coo_matrix:
+    def sparse(self, rows: npt.ArrayLike | slice | None = None, cols: npt.ArrayLike | slice | None = None,
+               dtype: npt.DTypeLike = None) -> sp.coo_matrix:
         """The layer (or the ``rows`` x ``cols`` part of it, in the order and with the repeats
         given) as a COO matrix, in the stored dtype unless ``dtype`` is given."""
         r = _axis(rows, self.shape[0], 0)
@@ -146,7 +148,8 @@ class LoomLayer(SparseForms):
         """When this layer was last written, as ``ds.last_modified()`` gives it."""
         return fmt.read_stamp(self._dataset)
 
-    def map(self, f_list: Any, axis: int = 0, chunksize: int = 1000, selection: Any = None) -> Any:
+    def map(self, f_list: Callable | Sequence[Callable], axis: int = 0, chunksize: int = 1000,
+            selection: npt.ArrayLike | None = None) -> list[np.ndarray] | np.ndarray:
         """Apply function(s) to every row (axis 0) or column (axis 1) of this layer in one pass, as
         the connection's ``map`` does for the main matrix; see :func:`loompy.operations.map_`."""
         from . import operations  # (operations imports the view module, which imports this one)
@@ -251,11 +254,7 @@ class LayerManager(DotAccess, MutableMapping):
         if isinstance(matrix, LoomLayer):
             matrix = matrix[:, :]
         if matrix is not None and not sp.issparse(matrix):
-            encoding.refuse_masked(matrix, where)
-            try:
-                matrix = np.asarray(matrix)
-            except ValueError as exc:  # ragged nesting
-                raise LoomValueError(f"{where}: cannot make a matrix of the values ({exc})") from exc
+            matrix = encoding.matrix_values(matrix, where)
         target_dtype = fmt.check_matrix_dtype(dtype if dtype is not None else _input_dtype(matrix), where)
         shape = self._dims.shape if matrix is None else tuple(matrix.shape)
         if len(shape) != 2:
@@ -263,8 +262,6 @@ class LayerManager(DotAccess, MutableMapping):
         defines_shape = self._dims.shape == (0, 0) and name == "" and "" not in self
         if not defines_shape and shape != self._dims.shape:
             raise LoomValueError(f"{where}: shape {shape} does not match the matrix shape {self._dims.shape}")
-        if matrix is not None and not sp.issparse(matrix) and matrix.dtype.kind not in "biuf":
-            raise LoomValueError(f"{where}: cannot store values of dtype {matrix.dtype} in a matrix")
         if matrix is not None:
             fmt.check_fits(matrix, target_dtype, where)
         check_free_space(self._file.filename, stored_size_bound(matrix), where)

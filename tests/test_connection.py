@@ -1283,3 +1283,16 @@ def test_an_attribute_write_that_fails_leaves_file_and_connection_agreeing(small
         assert ("New" in ds.ra.keys()) == listed == (at == "the group's stamp")
         if listed:
             np.testing.assert_array_equal(ds.ra.New, values)
+
+
+def test_deleting_a_missing_name_raises_and_pop_takes_a_default(small):
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        for delete in (lambda: ds.ca.__delattr__("Temp"), lambda: ds.layers.__delitem__("x"),
+                       lambda: ds.ra.__delitem__("Temp"), lambda: ds.col_graphs.__delitem__("none")):
+            with pytest.raises(KeyError):
+                delete()
+        assert ds.ca.pop("Temp", None) is None and ds.layers.pop("x", None) is None
+        ds.ca["Temp"] = np.arange(ds.shape[1])
+        np.testing.assert_array_equal(ds.ca.pop("Temp", None), np.arange(ds.shape[1]))
+        assert "Temp" not in ds.ca

@@ -45,6 +45,9 @@ elif op == "permute":
         ds.permute(np.arange(ds.shape[1])[::-1], axis=1)
 elif op == "repack":
     loompy.repack(target)
+elif op == "set_layer":  # the main matrix replaced by one of the same shape and dtype
+    with loompy.connect(target) as ds:
+        ds.layers[""] = rng.poisson(0.7, size=ds.shape).astype("float32")
 print("done", flush=True)
 """
 
@@ -116,7 +119,7 @@ def campaign(op, kills, seed, base, old_path):
     return bad
 
 
-OPERATIONS = ["create", "add_columns", "combine", "permute", "repack"]
+OPERATIONS = ["create", "add_columns", "combine", "permute", "repack", "set_layer"]
 
 
 @pytest.mark.parametrize("op", OPERATIONS)

@@ -1283,3 +1283,17 @@ def test_combine_leaves_out_attributes_not_every_input_has_as_the_reference(tmp_
         loompy.combine_faster(order, faster, skip_attrs=["Batch"])
         with loompy.connect(faster, "r") as ds:
             assert sorted(ds.ca.keys()) == ["CellID", "N"] and ds.shape == (3, 6)
+
+
+def test_attributes_that_cannot_join_are_described_in_words(tmp_path):
+    path = tmp_path / "a.loom"
+    loompy.create(path, np.zeros((2, 2), np.float32), {"g": np.arange(2)},
+                  {"A": np.array(["x", "y"]), "E": np.zeros((2, 3))}).close()
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomValueError, match=r"'A': values of one source \(uint8 values, one per column\) "
+                                                        r"cannot join those of the first \(text, one per column\)"):
+            ds.add_columns(np.ones((2, 1), np.float32), {"A": np.array([5], np.uint8), "E": np.zeros((1, 3))})
+        with pytest.raises(loompy.LoomValueError, match=r"'E': .*\(float64 values, one per column\).*"
+                                                        r"\(float64 values, 3 per column\)"):
+            ds.add_columns(np.ones((2, 1), np.float32), {"A": np.array(["z"]), "E": np.zeros(1)})
+        assert ds.shape == (2, 2)
