@@ -28,10 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 import reference  # noqa: E402  (tests/reference.py: the reference's own venv)
 
-PRELUDE = """
-import json, os, sys, threading, time, numpy as np, scipy.sparse as sp, loompy
-base, work, extra = sys.argv[1], sys.argv[2], sys.argv[3]
+LIBRARIES = """
+import numpy as np, scipy.sparse as sp, loompy
 rng = np.random.default_rng(7)
+"""
+
+PRELUDE = """
+import json, os, sys, threading, time
+base, work, extra = sys.argv[1], sys.argv[2], sys.argv[3]
 helpers = {}  # pid -> peak RSS (kB) of the processes this one started, sampled every 50 ms
 def watch_helpers():
     me, seen = os.getpid(), set()
@@ -60,6 +64,7 @@ STARTS_HELPERS = {"combine (2 files)", "permute (columns)", "map([np.mean, np.st
 
 # name -> (setup, timed statement, needs a private copy of the base file)
 OPERATIONS: dict[str, tuple[str, str, bool]] = {
+    "import loompy": ("", "import loompy", False),  # (from nothing: numpy, h5py, scipy and the package)
     "create from scipy.sparse": (
         "d = np.load(extra + '/data.npz', allow_pickle=True); m = sp.csc_matrix((d['data'], d['indices'], "
         "d['indptr']), shape=tuple(d['shape'])); ra = {'Gene': d['genes']}; ca = {'CellID': d['cells']}",
@@ -105,6 +110,7 @@ def make_data(folder: Path, genes: int, cells: int, density: float) -> None:
 def run(python: str, env: dict, op: str, base: Path, work: Path, extra: Path) -> dict | None:
     setup, statement, _ = OPERATIONS[op]
     watch = "\nthreading.Thread(target=watch_helpers, daemon=True).start()" if op in STARTS_HELPERS else ""
+    setup = setup if op == "import loompy" else LIBRARIES + setup
     body = PRELUDE + setup + watch + "\nt = time.perf_counter()\n" + statement + "\ndone(time.perf_counter() - t)\n"
     proc = subprocess.run([python, "-c", textwrap.dedent(body), str(base), str(work), str(extra)],
                           capture_output=True, text=True, env=env, cwd="/")

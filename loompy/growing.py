@@ -17,7 +17,7 @@ import scipy.sparse as sp
 
 from . import encoding, engine, joining, journal
 from . import format as fmt
-from .connection import connect
+from .connection import LoomConnection, connect
 from .create import as_attr_dict, as_layer_dict, validate_contents, write_layers
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import check_free_space, stored_size_bound
@@ -25,7 +25,7 @@ from .handles import check_writable
 from .indexing import batch_count
 
 
-def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
+def add_columns(ds: LoomConnection, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
                 journalled: bool = True, convert_attrs: bool = False, drop: bool | None = None) -> None:
     """Append columns: every existing layer must be given. A column attribute only the file or only
     the new columns have is filled by ``fill_values`` (a dict, or ``"auto"`` for 0 / ""); with
@@ -117,7 +117,7 @@ def add_columns(ds: Any, layers: Any, col_attrs: Any, *, row_attrs: Any = None, 
                       "which are kept (row_attrs only add row attributes the file lacks)", stacklevel=3)
 
 
-def _file_attrs_as_columns(ds: Any, other: Any, attrs: dict[str, np.ndarray], fill_values: Any
+def _file_attrs_as_columns(ds: LoomConnection, other: LoomConnection, attrs: dict[str, np.ndarray], fill_values: Any
                            ) -> tuple[Any, list[str]]:
     """``add_loom(convert_attrs=True)``: file attributes become column attributes, as in loompy 3.
 
@@ -154,7 +154,7 @@ def _file_attrs_as_columns(ds: Any, other: Any, attrs: dict[str, np.ndarray], fi
     return (fills if replaced else fill_values), replaced
 
 
-def _roll_back(ds: Any) -> None:
+def _roll_back(ds: LoomConnection) -> None:
     """Undo a journalled append that failed while writing (or, when it was interrupted just after
     its commit, keep it done): the connection then says what the file holds."""
     journal.recover(ds._file)
@@ -165,7 +165,7 @@ def _roll_back(ds: Any) -> None:
     ds.col_attrs._forget()
 
 
-def _column_attrs(ds: Any, col_attrs: Any, n_new: int, fill_values: Any, convert_attrs: bool = False,
+def _column_attrs(ds: LoomConnection, col_attrs: Any, n_new: int, fill_values: Any, convert_attrs: bool = False,
                   drop: bool = False) -> tuple[dict[str, tuple[np.ndarray, bool]], list[str], list[str]]:
     """Each column attribute's values to write for ``n_new`` appended columns, checked against what
     is stored, and whether they are every column's. Values that go after the stored ones unchanged
@@ -221,7 +221,7 @@ def _warn_left_out(where: str, dropped: list[str], ignored: list[str]) -> None:
                       "attributes (fill_values=None; pass fill_values to add them)", stacklevel=4)
 
 
-def _stored_values(ds: Any, dataset: h5py.Dataset, count: int | None = None) -> np.ndarray:
+def _stored_values(ds: LoomConnection, dataset: h5py.Dataset, count: int | None = None) -> np.ndarray:
     """The first ``count`` (else all) stored values of a column attribute, as read."""
     if count is None:
         return encoding.read_values(dataset, ds.ca._legacy)
@@ -254,7 +254,7 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
                      legacy=legacy)
 
 
-def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, journalled: bool) -> None:
+def _first_columns(ds: LoomConnection, layer_dict: dict, col_attrs: Any, row_attrs: Any, journalled: bool) -> None:
     """An empty file's first columns define its rows: write it like ``create`` would, journalled
     (undone, the file is empty again; ``journalled=False``: the caller keeps the journal)."""
     contents = validate_contents(ds.filename, layer_dict, row_attrs, col_attrs, None, None)
@@ -278,7 +278,7 @@ def _first_columns(ds: Any, layer_dict: dict, col_attrs: Any, row_attrs: Any, jo
         raise
 
 
-def align_rows(ds: Any, other: Any, key: str | None) -> np.ndarray | None:
+def align_rows(ds: LoomConnection, other: LoomConnection, key: str | None) -> np.ndarray | None:
     """Row order of ``other`` matching ``ds`` by the row attribute ``key`` (None: same order already)."""
     where = f"{ds.filename} + {other.filename}"
     if other.shape[0] != ds.shape[0]:
@@ -301,8 +301,8 @@ def align_rows(ds: Any, other: Any, key: str | None) -> np.ndarray | None:
     return None if np.array_equal(order, np.arange(len(order))) else order
 
 
-def add_loom(ds: Any, other_file: Any, key: str | None = None, fill_values: Any = None, batch_size: int = 1000,
-             convert_attrs: bool = False, include_graphs: bool = False) -> None:
+def add_loom(ds: LoomConnection, other_file: Any, key: str | None = None, fill_values: Any = None,
+             batch_size: int = 1000, convert_attrs: bool = False, include_graphs: bool = False) -> None:
     """Append every column of another Loom file, rows aligned by ``key`` when given.
 
     Layers of the other file that this file lacks are ignored. The batches are one journalled

@@ -10,7 +10,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
@@ -20,6 +20,9 @@ from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
 from .indexing import AxisSelection, axis_number, batch_count, expand, positions, select_axis
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
+
+if TYPE_CHECKING:  # (the connection imports this module)
+    from .connection import LoomConnection
 
 
 def iter_batches(selected: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -47,7 +50,7 @@ def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, re
     return expand(block, rows, cols)
 
 
-def _nothing_writes(ds: Any) -> bool:
+def _nothing_writes(ds: LoomConnection) -> bool:
     """Whether no one in this process can write the file while a scan reads ahead: HDF5 itself
     opened it read-only (a connection asking for 'r' may share a file open for writing)."""
     return ds._file.mode == "r"  # (callers checked that the connection is open)
@@ -80,7 +83,7 @@ def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Cal
             yield built
 
 
-def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterable[str] | None = None,
+def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, layers: Iterable[str] | None = None,
          key: str | None = None, batch_size: int = 512, what: Sequence[str] = WHAT_ALL
          ) -> Iterator[tuple[int, np.ndarray, LoomView]]:
     """Yield ``(ix, selection, view)`` per batch along ``axis``; ``ix`` is the batch's first file position.
@@ -138,7 +141,7 @@ def scan(ds: Any, *, items: Any = None, axis: int | None = None, layers: Iterabl
     yield from _one_ahead(list(iter_batches(selected, batch_size)), build, fixed, ds._check_open)
 
 
-def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
+def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
                       layers: Iterable[str] | None = None) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
     """Yield ``(ix, selection, {layer: values})`` per batch of rows (axis 0) or columns (axis 1);
     read one batch ahead in a file open read-only, as :func:`scan`."""
@@ -161,7 +164,7 @@ def batch_scan_layers(ds: Any, cells: Any = None, genes: Any = None, axis: int =
     yield from _one_ahead(batches, build, _nothing_writes(ds), ds._check_open)
 
 
-def batch_scan(ds: Any, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
+def batch_scan(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
                layer: str | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield ``(ix, selection, values)`` per batch; the older, single-layer form of :func:`scan`."""
     name = "" if layer is None else layer
@@ -327,7 +330,7 @@ def _aggregate_values(values: np.ndarray, how: str, where: str) -> Any:
     return AGGREGATORS[how](values, 0)
 
 
-def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = None,
+def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, select: Any = None,
               group_by: str | np.ndarray = "Clusters", aggr_by: str = "mean",
               aggr_ca_by: dict[str, str] | None = None, layer: str = "",
               aggr_ca_if_equal: bool = False) -> np.ndarray:
@@ -389,13 +392,13 @@ def aggregate(ds: Any, out_file: str | os.PathLike | None = None, select: Any = 
     return result
 
 
-def _check_output(ds: Any, out_file: str | os.PathLike) -> None:
+def _check_output(ds: LoomConnection, out_file: str | os.PathLike) -> None:
     """Where aggregate will write, checked before the pass over the matrix: never the file it reads
     (loompy 3 refuses that too), and a place a Loom file can replace (see files.check_replaceable)."""
     files.check_replaceable(files.check_not_input(out_file, [ds._path], "the file being aggregated"))
 
 
-def _aggregated_columns(ds: Any, where: str, group_by: str | np.ndarray, groups: np.ndarray,
+def _aggregated_columns(ds: LoomConnection, where: str, group_by: str | np.ndarray, groups: np.ndarray,
                         members: list[np.ndarray], aggr_ca_by: dict[str, str] | None,
                         aggr_ca_if_equal: bool) -> dict[str, Any]:
     """The output's column attributes: the group labels, those of ``aggr_ca_by``, and (with
@@ -422,7 +425,7 @@ def _aggregated_columns(ds: Any, where: str, group_by: str | np.ndarray, groups:
 
 
 # --------------------------------------------------------------------------- export
-def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:
+def export(ds: LoomConnection, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:
     """Write a layer as tab-separated text: column attributes on top, row attributes on the left."""
     if format != "tab":
         raise LoomValueError(f"{ds.filename}: export format '{format}' is not supported (only 'tab')")
@@ -436,7 +439,7 @@ def export(ds: Any, out_file: str | os.PathLike, layer: str | None = None, forma
         raise LoomFileError(f"{os.fspath(out_file)}: cannot write the export there ({exc.strerror or exc})") from exc
 
 
-def _write_tab(ds: Any, out_file: str | os.PathLike, dataset: Any) -> None:
+def _write_tab(ds: LoomConnection, out_file: str | os.PathLike, dataset: Any) -> None:
     """loompy 3's layout, byte for byte: every cell followed by a tab, so that every line has the
     same number of fields (row attribute names, then the column attribute names' cell, then one
     per column)."""
@@ -472,7 +475,7 @@ def _as_text(values: np.ndarray) -> list[str]:
 
 
 # --------------------------------------------------------------------------- change tracking
-def last_modified(ds: Any, name: str | None = None, axis: int = 0) -> str:
+def last_modified(ds: LoomConnection, name: str | None = None, axis: int = 0) -> str:
     """When the file (or, with ``name``, that row/column attribute) was last written (``YYYYmmddTHHMMSS.ffffffZ``)."""
     ds._check_open()
     if name is None:
@@ -480,7 +483,7 @@ def last_modified(ds: Any, name: str | None = None, axis: int = 0) -> str:
     return ds._attr_manager(axis).last_modified(name)
 
 
-def get_changes_since(ds: Any, timestamp: str) -> dict[str, list[str]]:
+def get_changes_since(ds: LoomConnection, timestamp: str) -> dict[str, list[str]]:
     """Names of everything written after ``timestamp`` (as ``last_modified`` gives), per part of the file."""
     ds._check_open()
     if not isinstance(timestamp, str):
