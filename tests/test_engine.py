@@ -217,13 +217,38 @@ def test_aligned_write_block_stores_chunks_directly(tmp_path):
         rows, cols = np.arange(64, 150), np.arange(64, 192)
         values = sparse_counts((86, 128), np.float32, density=0.5)
         values[:, :64] = 0  # over stored chunks: the zeros must replace them, not leave old values
-        assert engine.aligned(d, engine.chunk_layout(d), 64, 150, 64, 192)
         engine.write_block(d, rows, cols, values)
         m[np.ix_(rows, cols)] = values
         np.testing.assert_array_equal(engine.read_block(d, np.arange(150), np.arange(200)), m)
         assert d.id.get_chunk_info_by_coord((64, 64)).size > 0
     with h5py.File(tmp_path / "d.h5", "r") as f:  # plain HDF5 gzip filter reads what the engine wrote
         np.testing.assert_array_equal(f["m"][...], m)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unaligned_regions_store_whole_chunks_inside_and_merge_the_strips_around(tmp_path, monkeypatch, seed):
+    """A rectangle at any offset: the whole chunks inside it go through the engine (one region),
+    the strips around them are merged with what their chunks hold; numpy and plain HDF5 agree."""
+    write_module = importlib.import_module("loompy.engine.write")
+    rng = np.random.default_rng(seed)
+    m = sparse_counts((200, 260), np.float32, density=0.3)
+    r0, c0 = int(rng.integers(0, 120)), int(rng.integers(0, 150))
+    r1, c1 = int(rng.integers(r0 + 1, 201)), int(rng.integers(c0 + 1, 261))
+    values = sparse_counts((r1 - r0, c1 - c0), np.float32, density=0.5)
+    regions = []
+    real = write_module.store_region
+    monkeypatch.setattr(write_module, "store_region", lambda d, layout, *args, **kw: (regions.append(args[:4]),
+                                                                                      real(d, layout, *args, **kw)))
+    with h5py.File(tmp_path / "d.h5", "w") as f:
+        d = f.create_dataset("m", data=m, chunks=(64, 64), compression="gzip", compression_opts=2)
+        engine.write_block(d, np.arange(r0, r1), np.arange(c0, c1), values)
+        m[r0:r1, c0:c1] = values
+        np.testing.assert_array_equal(engine.read_block(d, np.arange(200), np.arange(260)), m)
+    with h5py.File(tmp_path / "d.h5", "r") as f:
+        np.testing.assert_array_equal(f["m"][...], m)
+    a0, b0 = -(-r0 // 64) * 64, -(-c0 // 64) * 64
+    a1, b1 = (r1 if r1 == 200 else r1 // 64 * 64), (c1 if c1 == 260 else c1 // 64 * 64)
+    assert regions == ([(a0, b0, a1 - a0, b1 - b0)] if a0 < a1 and b0 < b1 else [])
 
 
 def test_negative_zero_chunks_are_stored(tmp_path):

@@ -26,7 +26,6 @@ from .storage import (
 )
 from .workers import THREADS
 from .write import (
-    aligned,
     copy_columns,
     copying_columns,
     reorder_columns,
@@ -39,7 +38,7 @@ from .write import (
 )
 
 __all__ = [
-    "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "aligned", "chunk_layout", "copy_columns",
+    "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes",
     "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
     "reorder_columns", "resize", "store_region", "write_block", "write_columns", "write_matrix", "write_rows",

@@ -77,12 +77,7 @@ def _write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, valu
     r0, r1 = int(rows[0]), int(rows[-1]) + 1
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     if r1 - r0 == rows.size and c1 - c0 == cols.size:
-        layout = chunk_layout(dataset)
-        if aligned(dataset, layout, r0, r1, c0, c1):
-            refresh(dataset)
-            store_region(dataset, layout, r0, c0, r1 - r0, c1 - c0, lambda a, b: values[:, a:b])
-        else:
-            dataset[r0:r1, c0:c1] = values
+        _write_region(dataset, r0, c0, values)
         return
     height = dataset.chunks[0] if dataset.chunks else 64
     for _, part, _ in groups(rows, height):
@@ -91,6 +86,29 @@ def _write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, valu
         block = read_block(dataset, np.arange(r0, r1), np.arange(c0, c1))
         block[np.ix_(r - r0, cols - c0)] = values[part]
         dataset[r0:r1, c0:c1] = block
+
+
+def _write_region(dataset: h5py.Dataset, r0: int, c0: int, values: np.ndarray) -> None:
+    """Store ``values`` at rows ``r0:`` and columns ``c0:``: the whole chunks inside through the
+    engine, the strips around them (parts of chunks, merged with what those hold) through h5py."""
+    r1, c1 = r0 + values.shape[0], c0 + values.shape[1]
+    layout = chunk_layout(dataset)
+    if layout is None:
+        dataset[r0:r1, c0:c1] = values
+        return
+    (h, w), (n, m) = layout.chunks, dataset.shape
+    # the whole chunks inside: from the first chunk boundary to the last (or the dataset's end)
+    a0, a1 = -(-r0 // h) * h, (r1 if r1 == n else r1 // h * h)
+    b0, b1 = -(-c0 // w) * w, (c1 if c1 == m else c1 // w * w)
+    if a0 >= a1 or b0 >= b1:
+        dataset[r0:r1, c0:c1] = values
+        return
+    refresh(dataset)
+    core = values[a0 - r0:a1 - r0, b0 - c0:b1 - c0]
+    store_region(dataset, layout, a0, b0, a1 - a0, b1 - b0, lambda a, b: core[:, a:b])
+    for (top, bottom, left, right) in ((r0, a0, c0, c1), (a1, r1, c0, c1), (a0, a1, c0, b0), (a0, a1, b1, c1)):
+        if top < bottom and left < right:
+            dataset[top:bottom, left:right] = values[top - r0:bottom - r0, left - c0:right - c0]
 
 
 @contextmanager
@@ -235,15 +253,6 @@ def write_rows(dataset: h5py.Dataset, produce: Producer, columns: np.ndarray | N
 def resize(dataset: h5py.Dataset, size: int, axis: int) -> None:
     """Resize a matrix along ``axis`` (shrinking may rewrite its edge chunks, so reads forget them)."""
     dataset.resize(size, axis=axis)
-
-
-def aligned(dataset: h5py.Dataset, layout: ChunkLayout | None, r0: int, r1: int, c0: int, c1: int) -> bool:
-    """True when rows r0:r1 and columns c0:c1 cover whole chunks (edge chunks count as whole)."""
-    if layout is None:
-        return False
-    h, w = layout.chunks
-    n, m = dataset.shape
-    return r0 % h == 0 and c0 % w == 0 and (r1 % h == 0 or r1 == n) and (c1 % w == 0 or c1 == m)
 
 
 @_writes
