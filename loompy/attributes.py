@@ -17,7 +17,7 @@ import numpy as np
 from . import encoding
 from . import format as fmt
 from .errors import LoomAttributeError, LoomKeyError, LoomValueError
-from .handles import Dims, check_writable
+from .handles import Dims, approximate_nbytes, check_room, check_writable
 from .indexing import AXIS_NAMES, select_axis
 
 
@@ -174,6 +174,7 @@ class AttributeManager(DotAccess, MutableMapping):
         if isinstance(values, np.ndarray) and np.shares_memory(arr, values):
             arr = arr.copy()  # the cache must not follow later changes to the caller's array
         if self._file is not None:
+            check_room(self._file, approximate_nbytes(arr), where)
             group = self._file.require_group(self._group_name)
             try:
                 fmt.write_values(group, name, arr, resizable=self.axis == 1, where=where, legacy=self._legacy)
@@ -239,6 +240,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
                                  "root (before spec 3.0.0), that name is loompy's time stamp of the file")
         check_writable(self._file, f"{self._where} '{name}'")
         arr = fmt.normalize_global(value, name, self._file.filename)
+        check_room(self._file, approximate_nbytes(np.asarray(arr)), f"{self._where} '{name}'")
         fmt.write_global(self._file, name, arr, self._in_group)
 
     def __setattr__(self, name: str, value: Any) -> None:

@@ -51,8 +51,8 @@ def combine_faster(files: Sequence[str | os.PathLike], output_file: str | os.Pat
     Global attributes come from ``file_attrs``, else the first file. Nothing is written until
     every input has been checked.
     """
-    _combine(files, output_file, file_attrs, selections, key, skip_attrs, convert_attrs=convert_attrs,
-             keep_first_attrs=False, drop_partial=False)
+    _combine(files, output_file, file_attrs=file_attrs, selections=selections, key=key, skip_attrs=skip_attrs,
+             convert_attrs=convert_attrs, keep_first_attrs=False, drop_partial=False)
 
 
 def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, file_attrs: dict[str, Any] | None,
@@ -336,8 +336,8 @@ def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, 
     accepted for loompy 3 compatibility (memory, not columns, sets batches).
     """
     batch_count(batch_size, f"{os.fspath(output_file)}: combine(batch_size=...)")
-    _combine(files, output_file, file_attrs, None, key, None, convert_attrs=convert_attrs, keep_first_attrs=True,
-             drop_partial=True)
+    _combine(files, output_file, file_attrs=file_attrs, selections=None, key=key, skip_attrs=None,
+             convert_attrs=convert_attrs, keep_first_attrs=True, drop_partial=True)
 
 
 def create_append(filename: str | os.PathLike, layers: Any, row_attrs: Any, col_attrs: Any, *,

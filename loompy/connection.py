@@ -135,22 +135,28 @@ class LoomConnection(LoomAccess):
 
     def close(self, suppress_warning: bool = False) -> None:
         """Close the file; the connection cannot be used afterwards. If writing out what HDF5 still
-        holds fails (a full disk), the file is closed all the same and the error raised.
+        holds fails (a full disk), the file is closed all the same and a LoomFileError raised; if
+        HDF5 cannot even close it, the connection stays open, and ``close()`` may be tried again.
         (``suppress_warning`` is loompy 3's, accepted and unused: closing warns of nothing.)"""
         if not self._file:
             return
-        file = self._file
+        file, failure = self._file, None
         try:
             file.flush()
-        finally:
-            engine.forget_file(file)
+        except Exception as error:
+            failure = error
+        engine.forget_file(file)
+        try:
+            file.close()
+        except Exception as error:
+            failure = failure or error
+        if not file:
             self._file = ClosedFile(self.filename)
             self._point_managers_at(self._file)  # later uses through the managers say so
-            try:
-                file.close()
-            except Exception:  # (the flush's error, if any, is the one to tell; HDF5 lets go of the file anyway)
-                if file:
-                    raise
+        if failure is not None:
+            still = "" if not file else "; the file is still open: close() may be tried again"
+            raise LoomFileError(f"{self.filename}: writing out the file's last changes failed ({failure}){still}"
+                                ) from failure
 
     def flush(self) -> None:
         self._check_open()

@@ -326,20 +326,6 @@ def stored_size_bound(matrix: Any) -> int:
     return data + size // 4096 * 100 + (1 << 20)
 
 
-def check_free_space(path: str, needed: int, where: str) -> None:
-    """Refuse an in-place write the file's disk has no room for: HDF5 running out of space mid-write
-    can leave the file's index pointing at metadata it never wrote, damaged beyond repair."""
-    try:
-        info = os.statvfs(os.path.dirname(os.path.realpath(path)))  # the disk the file is on, links followed
-    except (AttributeError, OSError):  # no statvfs (Windows), or it failed: nothing to go by
-        return
-    free = info.f_bavail * info.f_frsize
-    if free < needed:
-        raise LoomFileError(f"{where}: about {needed / 1e6:.1f} MB may be needed on the file's disk and only "
-                            f"{free / 1e6:.1f} MB are free; a write running out of space can damage the file "
-                            "beyond repair, so nothing was written")
-
-
 def _short_allocation(fh: BinaryIO) -> tuple[int, int] | None:
     """(position of the end-of-allocation field, file size past the base address) when the open file
     ``fh`` is longer than its superblock says HDF5 allocated, else None. Only version 0/1 superblocks

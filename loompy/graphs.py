@@ -14,7 +14,7 @@ from . import swaps
 from .attributes import DotAccess, last_written
 from .encoding import refuse_masked
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
-from .handles import Dims, check_writable
+from .handles import Dims, check_room, check_writable
 from .indexing import AXIS_NAMES, select_axis
 
 
@@ -176,6 +176,7 @@ class GraphManager(DotAccess, MutableMapping):
         if self._file is None:
             self._memory[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
             return
+        check_room(self._file, a.nbytes + b.nbytes + w.nbytes, where)
         parent = self._file.require_group(self._group_name)
         existing = parent.get(name)
         like = existing if isinstance(existing, h5py.Group) else None

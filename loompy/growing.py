@@ -20,8 +20,8 @@ from . import format as fmt
 from .connection import LoomConnection, connect
 from .create import as_attr_dict, as_layer_dict, validate_contents, write_layers
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
-from .files import check_free_space, stored_size_bound
-from .handles import check_writable
+from .files import stored_size_bound
+from .handles import check_free_space, check_writable
 from .indexing import batch_count
 
 

@@ -5,10 +5,12 @@ of the file (:class:`ClosedFile`)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import h5py
+import numpy as np
 
 from .errors import LoomFileError
 
@@ -63,9 +65,44 @@ class ClosedFile:
         raise LoomFileError(f"{self.filename}: the connection is closed")
 
 
-def check_writable(file: h5py.File | None, what: str) -> None:
-    """Refuse a write before anything is touched when the file is open read-only (or closed)."""
+SPARE_BYTES = 2 << 20  # room every in-place write wants besides its own data: HDF5 metadata it writes out
+
+
+def check_writable(file: h5py.File | None, what: str, nbytes: int = 0) -> None:
+    """Refuse a write before anything is touched when the file is open read-only (or closed), or
+    when its disk has no room for about twice ``nbytes`` (the data to write, once written beside
+    what it replaces) and HDF5's metadata (:func:`check_free_space`)."""
     if file is not None and not file:
         raise LoomFileError(f"cannot write {what}: the connection is closed")
     if file is not None and not writable(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
+    if file is not None:
+        check_room(file, nbytes, what)
+
+
+def check_room(file: h5py.File, nbytes: int, what: str) -> None:
+    """Refuse an in-place write of about ``nbytes`` whose file's disk lacks room for twice that and
+    HDF5's metadata (a full disk mid-write can damage an HDF5 file beyond repair)."""
+    where = what if file.filename in what else f"{file.filename}: {what}"
+    check_free_space(file.filename, 2 * nbytes + SPARE_BYTES, where)
+
+
+def approximate_nbytes(values: np.ndarray) -> int:
+    """About how many bytes ``values`` take stored (text: a little per string and per character)."""
+    if values.dtype == object:
+        return 16 * values.size + 3 * sum(len(v) for v in values.ravel().tolist() if isinstance(v, (str, bytes)))
+    return int(values.nbytes)
+
+
+def check_free_space(path: str, needed: int, where: str) -> None:
+    """Refuse an in-place write the file's disk has no room for: HDF5 running out of space mid-write
+    can leave the file's index pointing at metadata it never wrote, damaged beyond repair."""
+    try:
+        info = os.statvfs(os.path.dirname(os.path.realpath(path)))  # the disk the file is on, links followed
+    except (AttributeError, OSError):  # no statvfs (Windows), or it failed: nothing to go by
+        return
+    free = info.f_bavail * info.f_frsize
+    if free < needed:
+        raise LoomFileError(f"{where}: about {needed / 1e6:.1f} MB may be needed on the file's disk and only "
+                            f"{free / 1e6:.1f} MB are free; a write running out of space can damage the file "
+                            "beyond repair, so nothing was written")

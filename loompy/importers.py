@@ -249,6 +249,16 @@ def _run_record(sample: Path) -> dict[str, str]:
     return record
 
 
+def _sample_folder(path: Path) -> Path:
+    """The sample folder of a folder Cell Ranger made in it (``outs``, its matrix folders, a
+    Cell Ranger 2 genome folder), or ``path`` itself when it is none of those."""
+    if path.parent.name == V2_FOLDER:  # a genome folder
+        path = path.parent
+    if path.name in (V2_FOLDER, "filtered_feature_bc_matrix"):
+        path = path.parent
+    return path.parent if path.name == "outs" else path
+
+
 def _selected(cell_ids: np.ndarray, selected_cellids: Sequence[str], where: Path) -> np.ndarray:
     """Which cells ``selected_cellids`` keeps: refused when none (a prefix not matching is the usual
     cause), a warning naming those not found."""
@@ -303,14 +313,15 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     # ".", ".." and trailing separators name the folder they mean; a symbolic link stays the path given
     # (its sample folder, analysis and run record are where the user put the link, as in loompy 3)
     indir = Path(os.path.abspath(indir))
-    folder = indir.parent if indir.is_file() else indir  # a Cell Ranger .h5: its folder holds the output
-    named = indir.with_suffix("") if indir.is_file() else indir
-    sample = (named.parent.name if named.name == "outs" else named.name) or "sample"
     data = read_10x(indir, genome)
-    prefix = f"{sample}:" if cell_id_prefix is None else cell_id_prefix
-    sample_folder = named.parent if named.name == "outs" else named
-    if indir.is_file():  # a Cell Ranger .h5, in outs/ or in a folder of its own
+    if indir.is_file():  # a Cell Ranger .h5, in outs/ or in a folder of its own: named after the file
+        folder, sample = indir.parent, indir.stem
         sample_folder = folder.parent if folder.name == "outs" else folder
+    else:  # a sample folder, or a folder Cell Ranger made in it: named after the sample
+        sample_folder = _sample_folder(indir)
+        folder, sample = sample_folder, sample_folder.name
+    sample = sample or "sample"
+    prefix = f"{sample}:" if cell_id_prefix is None else cell_id_prefix
     outs = sample_folder / "outs" if (sample_folder / "outs").is_dir() else sample_folder
     col_attrs: dict[str, Any] = {"CellID": np.array([prefix + b for b in data.barcodes], dtype=object),
                                  **_analysis(outs, data.barcodes)}

@@ -15,8 +15,8 @@ from . import encoding, engine, swaps
 from . import format as fmt
 from .attributes import DotAccess
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
-from .files import check_free_space, stored_size_bound
-from .handles import Dims, check_writable
+from .files import stored_size_bound
+from .handles import Dims, check_free_space, check_room, check_writable
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -135,6 +135,7 @@ class LoomLayer(SparseForms):
         rows, cols = self._select(key)
         dataset = self._dataset
         data = values_for_unique(values, rows, cols, dataset.dtype, self._where)
+        check_room(self._file, stored_size_bound(data), self._where)  # (and as much again to put back)
         engine.write_block(dataset, rows.unique, cols.unique, data)
         fmt.touch(dataset)
 

@@ -7,8 +7,9 @@ carry nothing. An interruption leaves at most staged values: the next ``r+`` ope
 back if its name is free (the new one never got it) and drops everything else (:func:`settle`); a
 read-only open refuses the file while a value is only to be found there (:func:`pending`). A
 user's own names are never touched, whatever they look like; of a group named ``loompy_swap``
-without loompy's mark, only an empty one is taken for loompy's own (one an interruption cut short),
-and one holding anything makes replacements fail with a clear error.
+without loompy's mark, only an empty one with no HDF5 attributes is taken for loompy's own (one an
+interruption cut short before marking it: an ``r+`` open removes it), and one holding anything
+makes replacements fail with a clear error.
 """
 
 from __future__ import annotations

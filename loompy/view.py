@@ -10,6 +10,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 
 from .access import LoomAccess
@@ -18,7 +19,7 @@ from .engine import Recycler
 from .errors import LoomKeyError, LoomValueError
 from .graphs import GraphManager, renumber_graph
 from .handles import Dims
-from .indexing import AxisSelection, expand, select, values_for_unique
+from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 from .layers import LoomLayer, SparseForms
 
 
@@ -46,6 +47,15 @@ class MemoryLayer(SparseForms):
 
     def _sparse_block(self, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
         return sp.coo_matrix(self.values[np.ix_(rows, cols)])
+
+    def permute(self, ordering: npt.ArrayLike, *, axis: int) -> None:
+        """Reorder the rows (``axis=0``) or columns (``axis=1``) of this layer alone, as loompy 3's
+        in-memory layers do (the view's other layers and attributes keep their order)."""
+        order = select_axis(np.asarray(ordering), self.shape[axis], axis).indices
+        if len(order) != self.shape[axis] or len(np.unique(order)) != len(order):
+            raise LoomValueError(f"view: layer '{self.name}': an ordering of axis {axis} must list each of its "
+                                 f"{self.shape[axis]} positions once")
+        self.values = self.values[order] if axis == 0 else self.values[:, order]
 
 
 class MemoryLayerManager(DotAccess, MutableMapping):

@@ -930,3 +930,73 @@ def test_a_partial_write_that_fails_leaves_none_of_it(tmp_path, monkeypatch, how
         expected = m.copy()
         expected[np.ix_(np.arange(200)[rows], np.arange(300)[cols])] += 100
         np.testing.assert_array_equal(ds[:, :], expected)
+
+
+def test_ctrl_c_is_held_back_while_old_values_go_back_then_delivered(tmp_path):
+    """deferred_interrupts: Python's handler gets the Ctrl-C after the block; with the system's
+    default handler the process is stopped by it after the block; off the main thread, or with a
+    handler Python did not set, nothing is changed."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from loompy.engine.write import deferred_interrupts
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            done.append("block finished")
+    assert done == ["block finished"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    script = ("import os, signal, time\nfrom loompy.engine.write import deferred_interrupts\n"
+              "signal.signal(signal.SIGINT, signal.SIG_DFL)\n"
+              "with deferred_interrupts():\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(0.05)\n"
+              "    print('block finished', flush=True)\nprint('went on')\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(loompy.__file__))})
+    assert run.returncode == -signal.SIGINT and run.stdout == "block finished\n"
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(_handler_inside(deferred_interrupts)))
+    thread.start()
+    thread.join()
+    assert seen == [signal.default_int_handler]
+
+
+def _handler_inside(context):
+    import signal
+
+    with context():
+        return signal.getsignal(signal.SIGINT)
+
+
+def test_a_failed_write_into_a_matrix_stored_without_chunks_keeps_only_what_it_replaces(tmp_path, monkeypatch):
+    m = np.arange(300 * 200, dtype=np.float32).reshape(300, 200)
+    path = tmp_path / "c.loom"
+    loompy.create(path, m, {"g": np.arange(300)}, {"c": np.arange(200)}).close()
+    with h5py.File(path, "r+") as f:  # (as some other writer stores it: one contiguous block)
+        del f["matrix"]
+        f.create_dataset("matrix", data=m)
+    real, calls, reads = h5py.Dataset.__setitem__, [], []
+    real_get = h5py.Dataset.__getitem__
+
+    def failing_second(self, key, value):
+        calls.append(1)
+        real(self, key, value)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+
+    def counted(self, key):
+        out = real_get(self, key)
+        reads.append(np.asarray(out).size)
+        return out
+
+    with loompy.connect(path, validate=False) as ds:
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", failing_second)
+        monkeypatch.setattr(h5py.Dataset, "__getitem__", counted)
+        with pytest.raises(OSError):
+            ds[[0, 299], :] = -1  # two row runs: the second write fails after it went in
+        monkeypatch.undo()
+        np.testing.assert_array_equal(ds[:, :], m)
+        assert max(reads) <= 2 * 200  # (what the write replaces, not every row between)

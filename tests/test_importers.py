@@ -319,3 +319,19 @@ def test_selected_cellids_that_match_nothing_are_refused_and_missing_ones_named(
         path = loompy.create_from_cellranger(sample, tmp_path, selected_cellids=["s3:AAACCCAAGGAGAGTA-1", "s3:nope"])
     with loompy.connect(path, "r") as ds:
         assert list(ds.ca.CellID) == ["s3:AAACCCAAGGAGAGTA-1"]
+
+
+@pytest.mark.parametrize("inner", ["outs", "outs/filtered_gene_bc_matrices",
+                                   "outs/filtered_gene_bc_matrices/hg19_chr21"])
+def test_folders_cell_ranger_made_in_a_sample_are_named_after_the_sample(tmp_path, inner):
+    """Given a folder Cell Ranger made inside the sample folder, the sample is still the sample:
+    its name, its secondary analysis and run record, and (no output folder given) the file's place."""
+    sample = tmp_path / "donor7"
+    shutil.copytree(CR2 / "filtered_gene_bc_matrices", sample / "outs" / "filtered_gene_bc_matrices")
+    barcodes = list(read_10x(sample).barcodes)
+    _with_analysis(sample, barcodes)
+    path = loompy.create_from_cellranger(sample / inner)
+    assert path == str(sample / "donor7.loom")
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.CellID[0] == f"donor7:{barcodes[0]}" and {"X", "Y", "ClusterID"} <= set(ds.ca.keys())
+        assert ds.attrs.Cmdline.startswith("cellranger count") and ds.attrs.Genome == "hg19_chr21"

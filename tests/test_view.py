@@ -104,3 +104,16 @@ def test_view_layers_give_sparse_forms_as_file_layers_do(ds):
         assert layer.sparse().dtype == np.float32
         np.testing.assert_array_equal(layer.as_csc().toarray(), m * 2)
         np.testing.assert_array_equal(source.sparse([0, 2], None, layer="x").toarray(), (m * 2)[[0, 2]])
+
+
+def test_a_view_layer_permutes_alone_as_loompy3_memory_layers(ds):
+    conn, m, _ = ds
+    view = conn.view[:, :]
+    order = np.random.default_rng(4).permutation(30)
+    view.layers["x"].permute(order, axis=1)
+    np.testing.assert_array_equal(view.layers["x"][:, :], (m * 2)[:, order])
+    np.testing.assert_array_equal(view[:, :], m)  # (the other layers keep their order)
+    view.layers[""].permute(np.arange(20)[::-1], axis=0)
+    np.testing.assert_array_equal(view[:, :], m[::-1])
+    with pytest.raises(loompy.LoomValueError, match="each of its 30 positions once"):
+        view.layers["x"].permute([0, 0, 1], axis=1)

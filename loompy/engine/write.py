@@ -12,10 +12,12 @@ them with what their chunks hold.
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import h5py
 import numpy as np
@@ -113,64 +115,77 @@ def _write_region(dataset: h5py.Dataset, r0: int, c0: int, values: np.ndarray) -
 
 @contextmanager
 def _restored_on_failure(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> Iterator[None]:
-    """Keep what the chunks a write to ``rows`` x ``cols`` touches hold (their stored bytes, which
-    are compressed: no second copy of the values), and put it back if the write raises (a full
-    disk, Ctrl-C), so that the dataset never holds part of a write. A process killed mid-write
-    is not covered: that would take a journal on disk."""
+    """Keep what a write to ``rows`` x ``cols`` replaces (the stored bytes of the chunks it touches:
+    compressed, so for counts a fraction of the values' size, for random floats nearly all of it),
+    and put it back if the write raises (a full disk, Ctrl-C): the dataset never holds part of a
+    write. A process killed mid-write is not covered: that would take a journal on disk."""
     refresh(dataset)  # (HDF5's cache written out: the stored bytes are current)
-    kept = _stored_bytes(dataset, rows, cols)
+    kept = _Kept.of(dataset, rows, cols)
     try:
         yield
     except BaseException as error:
         try:
             with deferred_interrupts():
-                _put_back(dataset, kept)
+                kept.put_back(dataset)
         except Exception as second:
             raise LoomFileError(f"{dataset.file.filename}: {dataset.name} holds part of a write that failed "
                                 f"({error!r}), and its old values could not be put back ({second})") from error
         raise
 
 
-def _stored_bytes(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> tuple[str, list]:
-    """What :func:`_put_back` needs: each touched chunk's (corner, stored bytes or None), or for a
-    dataset without chunks, the values of the rectangle the write spans."""
-    if dataset.chunks is None:
-        r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-        return "values", [((r0, c0), dataset[r0:r1, c0:c1])]
-    h, w = dataset.chunks
-    chunk_rows, chunk_cols = np.unique(rows // h).tolist(), np.unique(cols // w).tolist()
-    return "chunks", [((r * h, c * w), raw_chunk(dataset, r * h, c * w)) for r in chunk_rows for c in chunk_cols]
+@dataclass
+class _Kept:
+    """What a write replaces: each touched chunk's (corner, stored bytes or None when never written),
+    or for a dataset stored without chunks, the touched rows' values in the columns written."""
 
+    chunks: list[tuple[tuple[int, int], tuple[int, bytes] | None]]
+    rows: np.ndarray | None = None
+    cols: slice | None = None
+    values: np.ndarray | None = None
 
-def _put_back(dataset: h5py.Dataset, kept: tuple[str, list]) -> None:
-    """Store again what :func:`_stored_bytes` kept (a chunk never written gets its fill value)."""
-    kind, items = kept
-    dataset.flush()  # (what the failed write left in HDF5's chunk cache goes out first, not after)
-    for (r, c), stored in items:
-        if kind == "values":
-            dataset[r:r + stored.shape[0], c:c + stored.shape[1]] = stored
-        elif stored is not None:
-            dataset.id.write_direct_chunk((r, c), stored[1], filter_mask=stored[0])
-        elif raw_chunk(dataset, r, c) is not None:  # written by the failed write: its fill value again
-            h, w = dataset.chunks
-            dataset[r:r + h, c:c + w] = dataset.fillvalue
-    dataset.flush()
+    @classmethod
+    def of(cls, dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> _Kept:
+        if dataset.chunks is None:
+            span = slice(int(cols[0]), int(cols[-1]) + 1)
+            return cls([], rows, span, dataset[rows, span])
+        h, w = dataset.chunks
+        chunk_rows, chunk_cols = np.unique(rows // h).tolist(), np.unique(cols // w).tolist()
+        return cls([((r * h, c * w), raw_chunk(dataset, r * h, c * w)) for r in chunk_rows for c in chunk_cols])
+
+    def put_back(self, dataset: h5py.Dataset) -> None:
+        """Store again what was kept. A chunk never written before gets its fill value (it reads as
+        before, but stays stored: HDF5 cannot take a chunk back)."""
+        dataset.flush()  # (what the failed write left in HDF5's chunk cache goes out first, not after)
+        if self.values is not None:
+            dataset[self.rows, self.cols] = self.values
+        for (r, c), stored in self.chunks:
+            if stored is not None:
+                dataset.id.write_direct_chunk((r, c), stored[1], filter_mask=stored[0])
+            elif raw_chunk(dataset, r, c) is not None:  # written by the failed write: its fill value again
+                h, w = dataset.chunks
+                dataset[r:r + h, c:c + w] = dataset.fillvalue
+        dataset.flush()
 
 
 @contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold Ctrl-C back until the block is done (on the main thread; elsewhere none arrives)."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C back until the block is done, then deliver it as it would have been: to the
+    handler in place (Python's raises KeyboardInterrupt), or by the signal again when that is the
+    system's default. Only on the main thread (no other gets signals) and when Python set the handler."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
         yield
         return
     caught: list[tuple] = []
-    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    signal.signal(signal.SIGINT, lambda *args: caught.append(args))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
         if caught and callable(previous):
             previous(*caught[0])
+        elif caught and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def _dense(block: np.ndarray | sp.spmatrix, dtype: np.dtype) -> np.ndarray:
