@@ -128,7 +128,8 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
         col_graphs = _joined_column_graphs(conns, cols)
         sources = {name: [(c.layers[name]._dataset if name in c.layers else None, order, sel)
                           for c, order, sel in zip(conns, orders, cols)] for name in names}
-        with replacing(output_file) as out, contextlib.ExitStack() as job:
+        size = sum(os.path.getsize(c._path) for c in conns)  # (what the inputs store: the output's size at most)
+        with replacing(output_file, size=size) as out, contextlib.ExitStack() as job:
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
             second = _start_second(sources[""], (n, total), dtypes[""], job)
@@ -400,7 +401,7 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
 def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: np.ndarray, axis: int) -> None:
     """Write the permuted file beside ``ds``'s and rename it into place (``ds``'s file is closed then)."""
     m = ds.shape[1]
-    with replacing(ds._path, own=ds) as out:
+    with replacing(ds._path, own=ds, size=os.path.getsize(ds._path)) as out:
         for name in ds.layers.keys():
             src = ds.layers[name]._dataset
             group, key = fmt.layer_place(out, name)
@@ -450,5 +451,5 @@ def repack(filename: str | os.PathLike) -> None:
 
     The file is opened as ``connect(filename, "r")`` opens it: one with an unfinished append or
     replacement must be opened once with ``r+`` first, which repairs it."""
-    with connect(filename, "r") as ds, replacing(ds._path) as out:
+    with connect(filename, "r") as ds, replacing(ds._path, size=os.path.getsize(ds._path)) as out:
         _copy_extras(ds._file, out, skip=())  # everything but what an interrupted replacement left aside

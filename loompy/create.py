@@ -15,7 +15,8 @@ from . import format as fmt
 from .attributes import AttributeManager
 from .connection import LoomConnection, connect
 from .errors import LoomTypeError, LoomValueError
-from .files import replacing
+from .files import replacing, stored_size_bound
+from .handles import approximate_nbytes
 from .layers import LayerManager, LoomLayer
 
 
@@ -117,7 +118,10 @@ def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = Non
     chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, str(filename))
     contents = validate_contents(filename, layers if layers is not None else matrix, row_attrs, col_attrs,
                                  file_attrs, dtype)
-    with replacing(filename) as f:
+    layer_dict, _, rows, cols, _ = contents
+    size = sum(stored_size_bound(m) for m in layer_dict.values()) + sum(
+        approximate_nbytes(v) for values in (rows, cols) for v in values.values())
+    with replacing(filename, size=size) as f:
         write_contents(f, *contents, chunks=chunks, chunk_cache=chunk_cache, compression_opts=compression_opts)
     return connect(filename, "r+")
 

@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import LoomError, LoomFileError, LoomFileNotFoundError, LoomFormatError, LoomLockError, LoomValueError
+from .handles import SPARE_BYTES, check_free_space
 from .validator import looks_like_loom
 
 try:
@@ -168,15 +169,18 @@ def _temporary_name(directory: str, base: str) -> str:
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike | bytes, own: Any = None) -> Iterator[h5py.File]:
+def replacing(path: str | os.PathLike | bytes, own: Any = None, size: int = 0) -> Iterator[h5py.File]:
     """Write a new HDF5 file that replaces ``path`` (the file it names) on success.
 
     The target always holds either its old content or the complete new file; a failure (or a
     kill) leaves at most a stray ``.*.loom-tmp`` file, never a broken target. The new file keeps
-    the old one's permission bits and, where allowed, its owner and group.
+    the old one's permission bits and, where allowed, its owner and group. ``size``: about what the
+    new file takes; a disk without room for it (and 2 MB) is refused before anything is written,
+    as HDF5 running out of space has been seen to bring down the process, not just fail.
     """
     target = target_path(path)
     check_replaceable(target, own)
+    check_free_space(target, size + SPARE_BYTES, f"{target}: the new file")
     tmp = _temporary_name(*os.path.split(target))
     try:
         f = h5py.File(tmp, "x")  # a new file: it gets the umask's permissions like any (mkstemp: 0600)
