@@ -165,8 +165,16 @@ class LoomConnection(LoomAccess):
     def __enter__(self) -> LoomConnection:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        """Close; when the block raised, a failure to close is noted on that error, not put in its place."""
+        if error is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except LoomError as failure:
+            if hasattr(error, "add_note"):  # (Python 3.11+)
+                error.add_note(str(failure))
 
     # --------------------------------------------------------------- matrix access
     def __setitem__(self, key: Any, values: Any) -> None:

@@ -320,14 +320,15 @@ def _keep_ownership(old: str, new: str) -> None:
 def stored_size_bound(matrix: Any) -> int:
     """A generous estimate of the bytes ``matrix`` takes once compressed into a Loom file: twice what
     its non-zeros need plus a little per element for the runs of zeros, but never more than its raw
-    size and 1% (deflate stores what it cannot shrink), plus 1 MB and 100 bytes a chunk of metadata."""
+    size and 1% (deflate stores what it cannot shrink), plus 100 bytes a chunk of index. (HDF5's other
+    metadata: see :data:`~.handles.SPARE_BYTES`, which callers add once.)"""
     if matrix is None:
-        return 1 << 20
+        return 0
     size = int(np.prod(matrix.shape))
     nonzero = int(matrix.nnz) if sp.issparse(matrix) else int(np.count_nonzero(matrix))
     itemsize = np.dtype(matrix.dtype).itemsize
     data = min(2 * (nonzero * (itemsize + 2) + size // 64), size * itemsize + size // 100)
-    return data + size // 4096 * 100 + (1 << 20)
+    return data + size // 4096 * 100
 
 
 def _short_allocation(fh: BinaryIO) -> tuple[int, int] | None:

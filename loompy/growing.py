@@ -21,7 +21,7 @@ from .connection import LoomConnection, connect
 from .create import as_attr_dict, as_layer_dict, validate_contents, write_layers
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import stored_size_bound
-from .handles import check_free_space, check_writable
+from .handles import SPARE_BYTES, check_free_space, check_writable
 from .indexing import batch_count
 
 
@@ -79,7 +79,8 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: Any, *, row_attrs: A
     differing = [k for k, v in new_row_attrs.items() if k in ds.ra and not joining.same_values(ds.ra[k], v)]
     new_row_attrs = {k: v for k, v in new_row_attrs.items() if k not in ds.ra}
     needed = sum(stored_size_bound(matrix) for matrix in matrices.values())
-    check_free_space(f.filename, needed + sum(v.nbytes for v, _ in combined.values() if v.dtype != object), where)
+    check_free_space(f.filename, needed + SPARE_BYTES + sum(v.nbytes for v, _ in combined.values()
+                                                           if v.dtype != object), where)
     # everything is valid: write, journalled
     try:
         if journalled:
@@ -342,7 +343,7 @@ def add_loom(ds: LoomConnection, other_file: Any, key: str | None = None, fill_v
                     for cols in batches:
                         fmt.check_fits(other.layers[name][rows, cols], mine, f"{ds.filename}: layer '{name}'")
         stored = sum(other.layers[name]._dataset.id.get_storage_size() for name in names)
-        check_free_space(ds._file.filename, 2 * stored + (1 << 20), f"{ds.filename}: columns of {other.filename}")
+        check_free_space(ds._file.filename, 2 * stored + SPARE_BYTES, f"{ds.filename}: columns of {other.filename}")
         # an empty file takes the other's rows: their attributes with the first batch, graphs after
         takes_rows = empty and other.shape[1] > 0  # (no columns: nothing is added, the file stays empty)
         row_attrs = other.ra.to_dict() if takes_rows else None

@@ -103,6 +103,6 @@ def check_free_space(path: str, needed: int, where: str) -> None:
         return
     free = info.f_bavail * info.f_frsize
     if free < needed:
-        raise LoomFileError(f"{where}: about {needed / 1e6:.1f} MB may be needed on the file's disk and only "
-                            f"{free / 1e6:.1f} MB are free; a write running out of space can damage the file "
+        raise LoomFileError(f"{where}: about {needed / 1e6:.2f} MB may be needed on the file's disk and only "
+                            f"{free / 1e6:.2f} MB are free; a write running out of space can damage the file "
                             "beyond repair, so nothing was written")

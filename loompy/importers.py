@@ -33,7 +33,8 @@ class TenXData:
     barcodes: np.ndarray
     feature_types: np.ndarray | None = None  # Cell Ranger 3 only
     genomes: np.ndarray | None = None  # per feature (Cell Ranger 3 .h5)
-    genome: str | None = None  # the genome folder/group (Cell Ranger 2)
+    genome: str | None = None  # the genome folder/group (Cell Ranger 2), or the one chosen
+    genome_checked: bool = False  # the source says which genome its features belong to (genome= was checked)
 
     def keep_rows(self, keep: np.ndarray) -> None:
         """Keep only the features where ``keep`` is True (one genome's, of several)."""
@@ -104,13 +105,10 @@ class MexReader:
         accessions = np.array([row[0] for row in features], dtype=object)
         genes = np.array([row[1] if len(row) > 1 else row[0] for row in features], dtype=object)
         types = np.array([row[2] for row in features], dtype=object) if all(len(r) > 2 for r in features) else None
-        label = None
-        if types is None:  # Cell Ranger 2: a folder per genome, named after it
-            if path.parent.name == V2_FOLDER:
-                label = _choose_genome([path.name], genome, path.parent)  # (another genome asked for: refused)
-            else:  # a folder the user named: ``genome``, if given, names its genome
-                label = genome or path.name
-        return TenXData(_counts(matrix), genes, accessions, barcodes, feature_types=types, genome=label)
+        checked = types is None and path.parent.name in V2_FOLDERS  # Cell Ranger 2: a folder per genome
+        label = _choose_genome([path.name], genome, path.parent) if checked else genome  # (else: as given)
+        return TenXData(_counts(matrix), genes, accessions, barcodes, feature_types=types, genome=label,
+                        genome_checked=checked)
 
 
 class H5Reader:
@@ -137,12 +135,13 @@ class H5Reader:
                                 genomes=_strings(feats["genome"][...]) if "genome" in feats else None)
                 if genome is not None and data.genomes is not None:  # that genome's features only
                     data.genome = _choose_genome(sorted(set(data.genomes.tolist())), genome, path)
+                    data.genome_checked = True
             else:
                 names = [k for k, v in f.items() if isinstance(v, h5py.Group) and "indptr" in v]
                 chosen = _choose_genome(names, genome, path)
                 g = f[chosen]
                 data = TenXData(None, _strings(g["gene_names"][...]), _strings(g["genes"][...]),
-                                _strings(g["barcodes"][...]), genome=chosen)
+                                _strings(g["barcodes"][...]), genome=chosen, genome_checked=True)
             shape = tuple(int(x) for x in g["shape"][...])
             # 10x stores CSC with genes in rows: column pointers index cells
             data.matrix = _counts(sp.csc_matrix((g["data"][...], g["indices"][...], g["indptr"][...]), shape=shape))
@@ -154,7 +153,8 @@ class H5Reader:
 READERS = (MexReader, H5Reader)
 
 
-V2_FOLDER = "filtered_gene_bc_matrices"  # Cell Ranger 2: one Matrix Market folder per genome in it
+V2_FOLDERS = ("filtered_gene_bc_matrices", "raw_gene_bc_matrices")  # Cell Ranger 2: a MEX folder per genome
+V3_FOLDERS = ("filtered_feature_bc_matrix", "raw_feature_bc_matrix")  # Cell Ranger 3: one MEX folder
 
 
 def _choose_genome(available: Sequence[str], genome: str | None, where: Path) -> str:
@@ -180,12 +180,12 @@ def _candidates(path: Path, genome: str | None) -> Iterator[Path]:
     yield path
     if path.is_file():
         return
-    if path.name == V2_FOLDER:
+    if path.name in V2_FOLDERS:
         yield from _genome_folder(path, genome)
     for base in (path, path / "outs"):
         yield base / "filtered_feature_bc_matrix"
         yield base / "filtered_feature_bc_matrix.h5"
-        yield from _genome_folder(base / V2_FOLDER, genome)
+        yield from _genome_folder(base / V2_FOLDERS[0], genome)
         yield base / "filtered_gene_bc_matrices_h5.h5"
 
 
@@ -194,10 +194,16 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
     root = Path(path)
     if not root.exists():
         raise LoomFileNotFoundError(2, "no such 10x output", str(root))
-    for candidate in _candidates(root, genome):
+    found = None  # with genome=, a source that cannot tell genomes apart (Cell Ranger 3's MEX files)
+    for candidate in _candidates(root, genome):  # is used only when none that can follows (its .h5)
         for reader in READERS:
             if candidate.exists() and reader.can_open(candidate):
-                return reader.read(candidate, genome)
+                data = reader.read(candidate, genome)
+                if genome is None or data.genome_checked:
+                    return data
+                found = found or data
+    if found is not None:
+        return found
     raise LoomValueError(f"{root}: no 10x Genomics matrix found (looked for a Matrix Market folder with "
                          "matrix.mtx, barcodes.tsv and genes.tsv/features.tsv, or a Cell Ranger .h5 file, "
                          "also below outs/)")
@@ -252,9 +258,9 @@ def _run_record(sample: Path) -> dict[str, str]:
 def _sample_folder(path: Path) -> Path:
     """The sample folder of a folder Cell Ranger made in it (``outs``, its matrix folders, a
     Cell Ranger 2 genome folder), or ``path`` itself when it is none of those."""
-    if path.parent.name == V2_FOLDER:  # a genome folder
+    if path.parent.name in V2_FOLDERS:  # a genome folder
         path = path.parent
-    if path.name in (V2_FOLDER, "filtered_feature_bc_matrix"):
+    if path.name in V2_FOLDERS + V3_FOLDERS:
         path = path.parent
     return path.parent if path.name == "outs" else path
 

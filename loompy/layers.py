@@ -16,7 +16,7 @@ from . import format as fmt
 from .attributes import DotAccess
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
 from .files import stored_size_bound
-from .handles import Dims, check_free_space, check_room, check_writable
+from .handles import SPARE_BYTES, Dims, check_free_space, check_room, check_writable
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -60,6 +60,14 @@ class SparseForms(ABC):
 
     def as_csc(self) -> sp.csc_matrix:
         return self.sparse().tocsc()
+
+
+def _touched_bytes(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> int:
+    """The raw size of the chunks a write to ``rows`` x ``cols`` rewrites (at most what they store again)."""
+    if dataset.chunks is None:
+        return rows.size * cols.size * dataset.dtype.itemsize
+    h, w = dataset.chunks
+    return len(np.unique(rows // h)) * len(np.unique(cols // w)) * h * w * dataset.dtype.itemsize
 
 
 class LoomLayer(SparseForms):
@@ -135,7 +143,7 @@ class LoomLayer(SparseForms):
         rows, cols = self._select(key)
         dataset = self._dataset
         data = values_for_unique(values, rows, cols, dataset.dtype, self._where)
-        check_room(self._file, stored_size_bound(data), self._where)  # (and as much again to put back)
+        check_room(self._file, _touched_bytes(dataset, rows.unique, cols.unique), self._where)
         engine.write_block(dataset, rows.unique, cols.unique, data)
         fmt.touch(dataset)
 
@@ -265,7 +273,7 @@ class LayerManager(DotAccess, MutableMapping):
             raise LoomValueError(f"{where}: shape {shape} does not match the matrix shape {self._dims.shape}")
         if matrix is not None:
             fmt.check_fits(matrix, target_dtype, where)
-        check_free_space(self._file.filename, stored_size_bound(matrix), where)
+        check_free_space(self._file.filename, stored_size_bound(matrix) + SPARE_BYTES, where)
         existing = self._dataset(name)
         group, final = fmt.layer_place(self._file, name)
 

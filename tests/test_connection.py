@@ -1296,3 +1296,12 @@ def test_deleting_a_missing_name_raises_and_pop_takes_a_default(small):
         ds.ca["Temp"] = np.arange(ds.shape[1])
         np.testing.assert_array_equal(ds.ca.pop("Temp", None), np.arange(ds.shape[1]))
         assert "Temp" not in ds.ca
+
+
+def test_a_with_block_that_raised_keeps_its_error_when_closing_fails_too(small, monkeypatch):
+    path, *_ = small
+    monkeypatch.setattr(h5py.File, "flush", lambda self: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(ZeroDivisionError) as info:
+        with loompy.connect(path) as ds:
+            1 / 0
+    assert ds.closed and any("No space left" in note for note in getattr(info.value, "__notes__", ["No space left"]))

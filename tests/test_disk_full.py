@@ -101,3 +101,19 @@ def test_a_nearly_full_real_disk_refuses_writes_and_keeps_the_file(tmp_path, lef
     finally:
         subprocess.run(["umount", str(disk)], capture_output=True)
         shutil.rmtree(disk, ignore_errors=True)
+
+
+def test_small_writes_need_only_the_metadata_allowance(tmp_path, monkeypatch):
+    """Changing one value, or adding a small attribute, asks for little more than 2 MB (it asked
+    for 4 MB: a 1 MB estimate doubled, plus 2 MB); a whole new layer asks for its size as well."""
+    path = _make(tmp_path / "a.loom")
+    free = (2 << 20) + 200_000
+    monkeypatch.setattr(os, "statvfs", lambda _: SimpleNamespace(f_bavail=free // 4096, f_frsize=4096))
+    with loompy.connect(path) as ds:
+        ds[0, 0] = 7
+        ds.ca["Small"] = np.arange(ds.shape[1])
+        del ds.ca["Small"]
+        with pytest.raises(loompy.LoomFileError, match="MB are free"):
+            ds.layers["big"] = np.random.default_rng(0).random(ds.shape)
+    with loompy.connect(path, "r") as ds:
+        assert ds[0, 0] == 7 and "big" not in ds.layers

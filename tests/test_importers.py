@@ -335,3 +335,32 @@ def test_folders_cell_ranger_made_in_a_sample_are_named_after_the_sample(tmp_pat
     with loompy.connect(path, "r") as ds:
         assert ds.ca.CellID[0] == f"donor7:{barcodes[0]}" and {"X", "Y", "ClusterID"} <= set(ds.ca.keys())
         assert ds.attrs.Cmdline.startswith("cellranger count") and ds.attrs.Genome == "hg19_chr21"
+
+
+def test_genome_in_a_sample_folder_reads_the_source_that_tells_genomes_apart(tmp_path):
+    """A Cell Ranger 3 sample holds MEX files (no genome per feature) and the .h5 (with it): with
+    genome= the .h5 is read, so the features are that genome's; without, the MEX files as before."""
+    outs = tmp_path / "barn" / "outs"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", outs / "filtered_feature_bc_matrix")
+    genomes = _two_genome_h5(outs / "filtered_feature_bc_matrix.h5")
+    path = loompy.create_from_cellranger(tmp_path / "barn", genome="mm10")
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == ((genomes == "mm10").sum(), 1107) and ds.attrs.Genome == "mm10"
+    with pytest.raises(ValueError, match="genome 'hg19' not found"):
+        loompy.create_from_cellranger(tmp_path / "barn", str(tmp_path / "x.loom"), genome="hg19")
+    path = loompy.create_from_cellranger(tmp_path / "barn", str(tmp_path / "all.loom"))
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (507, 1107) and "Genome" not in ds.attrs
+
+
+def test_a_folder_the_user_named_gets_no_genome_unless_given_and_raw_matrices_name_the_sample(tmp_path):
+    shutil.copytree(CR2 / "filtered_gene_bc_matrices/hg19_chr21", tmp_path / "mydata")
+    path = loompy.create_from_cellranger(tmp_path / "mydata", str(tmp_path / "a.loom"))
+    with loompy.connect(path, "r") as ds:
+        assert "Genome" not in ds.attrs  # (it was the folder's name: "mydata")
+    sample = tmp_path / "donor8"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "raw_feature_bc_matrix")
+    path = loompy.create_from_cellranger(sample / "outs" / "raw_feature_bc_matrix")
+    assert path == str(sample / "donor8.loom")
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.CellID[0].startswith("donor8:")
