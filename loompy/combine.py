@@ -71,7 +71,7 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
     if selections is not None and len(selections) != len(files):
         raise LoomValueError(f"{os.fspath(output_file)}: combine_faster got {len(selections)} selections for "
                              f"{len(files)} files (one per file; None takes all of a file's columns)")
-    skip = set(skip_attrs or [])
+    skip = {skip_attrs} if isinstance(skip_attrs, str) else set(skip_attrs or [])  # (one name, or several)
     doing = f"{os.fspath(output_file)}: combine"  # (how messages about the inputs taken together begin)
     conns = [connect(p, "r") for p in files]
     try:

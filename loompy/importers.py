@@ -21,6 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import LoomFileNotFoundError, LoomTypeError, LoomValueError
+from .files import check_not_input
 
 
 @dataclass
@@ -345,6 +346,7 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     if genome_name and "Genome" not in (file_attrs or {}):
         attrs["Genome"] = genome_name
     target = Path(loom_file) if loom_file is not None else Path(outdir or folder) / f"{sample}.loom"
+    check_not_input(target, [indir], "the 10x source being imported")
     from .create import create
 
     create(target, matrix, data.row_attrs(), col_attrs, file_attrs=attrs).close()

@@ -14,6 +14,7 @@ makes replacements fail with a clear error.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -172,7 +173,16 @@ def drop_references(obj: h5py.HLObject) -> None:
         obj.visititems(lambda _, item: clean(item))
 
 
+_swapping = threading.RLock()  # one replacement at a time: threads share the staging group's names
+
+
 def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:
+    """One replacement at a time in this process (see :func:`_replace`)."""
+    with _swapping:
+        return _replace(group, name, write)
+
+
+def _replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:
     """The value ``group[name]`` (a dataset or group) as ``write(path)`` creates it at the path
     given: under the name when it is free, else whole in the staging group and then swapped in,
     with the old value's HDF5 attributes (:func:`carry_attrs`). A write that fails or is
@@ -221,6 +231,12 @@ def settle(f: h5py.File) -> None:
 
 
 def replace_root_attribute(f: h5py.File, name: str, data: Any, dtype: Any) -> None:
+    """One replacement at a time in this process (see :func:`_replace_root_attribute`)."""
+    with _swapping:
+        _replace_root_attribute(f, name, data, dtype)
+
+
+def _replace_root_attribute(f: h5py.File, name: str, data: Any, dtype: Any) -> None:
     """Store a spec-2 global attribute (on the file's root), the old value kept on the staging group
     meanwhile: HDF5 replaces an attribute by deleting it, then creating the new one. Raises what
     HDF5 raises if it refuses the value (tried on the staging group first: the old value stays)."""

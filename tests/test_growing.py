@@ -1297,3 +1297,16 @@ def test_attributes_that_cannot_join_are_described_in_words(tmp_path):
                                                         r"\(float64 values, 3 per column\)"):
             ds.add_columns(np.ones((2, 1), np.float32), {"A": np.array(["z"]), "E": np.zeros(1)})
         assert ds.shape == (2, 2)
+
+
+def test_skip_attrs_takes_one_name_as_a_string(tmp_path):
+    a = make(tmp_path / "a.loom", np.ones((3, 4), np.float32))
+    b = make(tmp_path / "b.loom", np.ones((3, 2), np.float32), cells=["y0", "y1"])
+    with loompy.connect(a) as ds:
+        ds.ca["X"] = np.arange(4)
+        ds.ca["Xenium"] = np.arange(4)
+    with pytest.raises(loompy.LoomValueError, match="'X' is not in"):  # (a string was split into letters,
+        loompy.combine_faster([a, b], tmp_path / "o.loom", skip_attrs="Xenium")  # skipping X, not Xenium)
+    loompy.combine_faster([a, b], tmp_path / "o.loom", skip_attrs=["Xenium", "X"])
+    with loompy.connect(tmp_path / "o.loom", "r") as ds:
+        assert sorted(ds.ca.keys()) == ["CellID", "N"]

@@ -364,3 +364,12 @@ def test_a_folder_the_user_named_gets_no_genome_unless_given_and_raw_matrices_na
     assert path == str(sample / "donor8.loom")
     with loompy.connect(path, "r") as ds:
         assert ds.ca.CellID[0].startswith("donor8:")
+
+
+def test_a_cell_ranger_h5_is_never_replaced_by_its_own_import(tmp_path):
+    source = tmp_path / "f.h5"
+    shutil.copy(CR3 / "filtered_feature_bc_matrix.h5", source)
+    before = source.read_bytes()
+    with pytest.raises(loompy.LoomFileError, match="is the 10x source being imported"):
+        loompy.create_from_cellranger(source, loom_file=source)
+    assert source.read_bytes() == before
