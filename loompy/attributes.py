@@ -191,6 +191,8 @@ class AttributeManager(DotAccess, MutableMapping):
         if name not in self._names:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         check_writable(self._file, f"{self._where} '{name}'")
+        if self._file is not None:  # (a delete rewrites some of HDF5's metadata)
+            check_room(self._file, 0, f"{self._where} '{name}'")
         group = self._group
         if group is not None and name in group:
             del group[name]
@@ -255,6 +257,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         check_writable(self._file, f"{self._where} '{name}'")
+        check_room(self._file, 0, f"{self._where} '{name}'")  # (a delete rewrites some of HDF5's metadata)
         if self._in_group:
             del self._file[fmt.GLOBAL_ATTRS][name]
             fmt.touch(self._file[fmt.GLOBAL_ATTRS])

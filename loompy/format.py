@@ -2,8 +2,8 @@
 graphs, which spec version keeps global attributes where, and how datasets are laid out and
 stamped. :mod:`.encoding` converts between users' values and what these paths hold.
 
-Names loompy adds for its own crash safety (an append's journal, a swap's staging group, a layer
-being overwritten) live with the code that uses them: :mod:`.journal`, :mod:`.swaps`, :mod:`.layers`.
+Names loompy adds for its own crash safety (an append's journal, a swap's staging group) live
+with the code that uses them: :mod:`.journal`, :mod:`.swaps`.
 """
 
 from __future__ import annotations

@@ -198,6 +198,7 @@ class GraphManager(DotAccess, MutableMapping):
         if self._file is None:
             del self._memory[name]
             return
+        check_room(self._file, 0, f"{self._where} '{name}'")  # (a delete rewrites some of HDF5's metadata)
         group = self._group
         del group[name]
         fmt.touch(group)

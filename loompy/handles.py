@@ -68,16 +68,13 @@ class ClosedFile:
 SPARE_BYTES = 2 << 20  # room every in-place write wants besides its own data: HDF5 metadata it writes out
 
 
-def check_writable(file: h5py.File | None, what: str, nbytes: int = 0) -> None:
-    """Refuse a write before anything is touched when the file is open read-only (or closed), or
-    when its disk has no room for about twice ``nbytes`` (the data to write, once written beside
-    what it replaces) and HDF5's metadata (:func:`check_free_space`)."""
+def check_writable(file: h5py.File | None, what: str) -> None:
+    """Refuse a write before anything is touched when the file is open read-only (or closed).
+    (Room on its disk is asked for once the size of the write is known: :func:`check_room`.)"""
     if file is not None and not file:
         raise LoomFileError(f"cannot write {what}: the connection is closed")
     if file is not None and not writable(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
-    if file is not None:
-        check_room(file, nbytes, what)
 
 
 def check_room(file: h5py.File, nbytes: int, what: str) -> None:

@@ -320,7 +320,6 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     # ".", ".." and trailing separators name the folder they mean; a symbolic link stays the path given
     # (its sample folder, analysis and run record are where the user put the link, as in loompy 3)
     indir = Path(os.path.abspath(indir))
-    data = read_10x(indir, genome)
     if indir.is_file():  # a Cell Ranger .h5, in outs/ or in a folder of its own: named after the file
         folder, sample = indir.parent, indir.stem
         sample_folder = folder.parent if folder.name == "outs" else folder
@@ -328,6 +327,9 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
         sample_folder = _sample_folder(indir)
         folder, sample = sample_folder, sample_folder.name
     sample = sample or "sample"
+    target = Path(loom_file) if loom_file is not None else Path(outdir or folder) / f"{sample}.loom"
+    check_not_input(target, [indir], "the 10x source being imported")  # (before anything is read)
+    data = read_10x(indir, genome)
     prefix = f"{sample}:" if cell_id_prefix is None else cell_id_prefix
     outs = sample_folder / "outs" if (sample_folder / "outs").is_dir() else sample_folder
     col_attrs: dict[str, Any] = {"CellID": np.array([prefix + b for b in data.barcodes], dtype=object),
@@ -345,8 +347,6 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     attrs = {**_run_record(sample_folder), **dict(file_attrs or {})}
     if genome_name and "Genome" not in (file_attrs or {}):
         attrs["Genome"] = genome_name
-    target = Path(loom_file) if loom_file is not None else Path(outdir or folder) / f"{sample}.loom"
-    check_not_input(target, [indir], "the 10x source being imported")
     from .create import create
 
     create(target, matrix, data.row_attrs(), col_attrs, file_attrs=attrs).close()

@@ -301,6 +301,7 @@ class LayerManager(DotAccess, MutableMapping):
         if name not in self:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
         check_writable(self._file, f"{self._file.filename}: layer '{name}'")
+        check_room(self._file, 0, f"layer '{name}'")  # (a delete rewrites some of HDF5's metadata)
         group = self._file[fmt.LAYERS]
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         del group[name]

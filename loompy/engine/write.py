@@ -92,7 +92,8 @@ def _write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, valu
 
 def _write_region(dataset: h5py.Dataset, r0: int, c0: int, values: np.ndarray) -> None:
     """Store ``values`` at rows ``r0:`` and columns ``c0:``: the whole chunks inside through the
-    engine, the strips around them (parts of chunks, merged with what those hold) through h5py."""
+    engine, the strips around them (parts of chunks, merged with what those hold) through h5py,
+    after them (HDF5's cache was written out by :func:`_restored_on_failure`, before)."""
     r1, c1 = r0 + values.shape[0], c0 + values.shape[1]
     layout = chunk_layout(dataset)
     if layout is None:
@@ -105,7 +106,6 @@ def _write_region(dataset: h5py.Dataset, r0: int, c0: int, values: np.ndarray) -
     if a0 >= a1 or b0 >= b1:
         dataset[r0:r1, c0:c1] = values
         return
-    refresh(dataset)
     core = values[a0 - r0:a1 - r0, b0 - c0:b1 - c0]
     store_region(dataset, layout, a0, b0, a1 - a0, b1 - b0, lambda a, b: core[:, a:b])
     for (top, bottom, left, right) in ((r0, a0, c0, c1), (a1, r1, c0, c1), (a0, a1, c0, b0), (a0, a1, b1, c1)):
