@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from ..errors import LoomFileError
-from . import codecs
+from . import btree, codecs
 from .workers import on_worker
 
 INDEX_SHARE = 3  # build an index once a third of a dataset's chunks have been asked for
@@ -133,8 +133,12 @@ def chunk_grid(dataset: h5py.Dataset) -> tuple[int, int]:
 
 
 def _listing(dataset: h5py.Dataset) -> np.ndarray | None:
-    """One row per stored chunk (chunk row, chunk column, byte offset, size, filter mask), from one
-    ``chunk_iter`` pass; None when HDF5 cannot list chunks."""
+    """One row per stored chunk (chunk row, chunk column, byte offset, size, filter mask), read from
+    HDF5's B-tree in the file (:mod:`.btree`) or else listed by one ``chunk_iter`` pass; None when
+    HDF5 cannot list chunks."""
+    table = btree.list_chunks(dataset)
+    if table is not None:
+        return table
     if not hasattr(dataset.id, "chunk_iter"):
         return None
     found: list[tuple[int, int, int, int, int]] = []

@@ -1,0 +1,115 @@
+"""Listing chunks from HDF5's B-tree in the file (loompy.engine.btree) against HDF5's own chunk_iter."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from loompy import engine
+from loompy.engine import btree, storage
+
+
+def hdf5_listing(dataset: h5py.Dataset) -> np.ndarray:
+    """The independent expectation: HDF5's chunk_iter, rows sorted."""
+    found = []
+    dataset.id.chunk_iter(lambda c: found.append((*c.chunk_offset, c.byte_offset, c.size, c.filter_mask)))
+    table = np.array(found, dtype=np.int64).reshape(-1, 5)
+    table[:, :2] //= np.array(dataset.chunks)
+    return sorted_rows(table)
+
+
+def sorted_rows(table: np.ndarray) -> np.ndarray:
+    return table[np.lexsort((table[:, 1], table[:, 0]))]
+
+
+def make(path, libver="earliest", track_order=False, attrs=0, shape=(300, 200), chunks=(64, 64),
+         fill="dense", userblock=0, seed=0):
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w", libver=libver, track_order=track_order, userblock_size=userblock) as f:
+        d = f.create_dataset("m", shape=shape, chunks=chunks, dtype="f4", compression="gzip",
+                             maxshape=(None, None), track_times=True)
+        for k in range(attrs):  # enough to need header continuation blocks
+            d.attrs[f"attribute {k}"] = np.arange(k)
+        if fill == "dense":
+            d[...] = rng.random(shape)
+        elif fill == "sparse":
+            d[0, 0], d[-1, -1] = 1, 2
+    return path
+
+
+@pytest.mark.parametrize("libver, track_order, attrs, shape, chunks, fill", list(itertools.product(
+    ["earliest", "v108"], [False, True], [0, 40], [(300, 200), (5, 3)], [(64, 64), (7, 5)],
+    ["dense", "sparse", "none"])))
+def test_the_b_tree_lists_what_hdf5_lists(tmp_path, libver, track_order, attrs, shape, chunks, fill):
+    path = make(tmp_path / "f.h5", libver, track_order, attrs, shape, chunks, fill)
+    with h5py.File(path, "r") as f:
+        table = btree.list_chunks(f["m"])
+        assert table is not None  # version 1 and 2 object headers, layout version 3: read here
+        np.testing.assert_array_equal(sorted_rows(table), hdf5_listing(f["m"]))
+    with h5py.File(path, "r+") as f:  # chunks HDF5 still holds in its caches, from a grown dataset
+        d = f["m"]
+        d.resize((shape[0] + 70, shape[1]))
+        d[-1, :] = 3
+        d[0, :2] = 5
+        table = btree.list_chunks(d)
+        np.testing.assert_array_equal(sorted_rows(table), hdf5_listing(d))
+
+
+@pytest.mark.parametrize("libver, userblock", [("v110", 0), ("latest", 0), ("earliest", 512)])
+def test_other_indexes_are_left_to_hdf5_and_read_the_same(tmp_path, libver, userblock):
+    path = make(tmp_path / "f.h5", libver, userblock=userblock, shape=(300, 260), chunks=(8, 8))
+    with h5py.File(path, "r") as f:
+        assert btree.list_chunks(f["m"]) is None
+        np.testing.assert_array_equal(sorted_rows(storage._listing(f["m"])), hdf5_listing(f["m"]))
+        expected = f["m"][...]
+    with h5py.File(path, "r") as f:  # through the index HDF5 listed
+        assert storage.build_index(f["m"]) is not None
+        np.testing.assert_array_equal(engine.read_block(f["m"], np.arange(300), np.arange(260)), expected)
+
+
+def test_a_tree_of_several_levels(tmp_path):
+    path = make(tmp_path / "f.h5", shape=(90, 100), chunks=(1, 1))  # 9,000 chunks: more than 64 x 64
+    with h5py.File(path, "r") as f:
+        d = f["m"]
+        table = btree.list_chunks(d)
+        np.testing.assert_array_equal(sorted_rows(table), hdf5_listing(d))
+        assert table.shape[0] == 9000
+        with open(path, "rb") as raw:
+            raw.seek(btree._btree_address(os.open(path, os.O_RDONLY), btree._header_address(d), 1 << 40))
+            assert raw.read(6)[5] >= 2  # the root's level
+
+
+def test_the_header_address_is_the_one_hdf5_reports(tmp_path):
+    path = make(tmp_path / "f.h5", fill="none")
+    with h5py.File(path, "r") as f:
+        assert btree._header_address(f["m"]) == h5py.h5o.get_info(f["m"].id).addr
+
+
+def test_a_damaged_node_leaves_the_listing_to_hdf5(tmp_path):
+    path = make(tmp_path / "f.h5", shape=(640, 640), chunks=(8, 8))
+    with h5py.File(path, "r") as f:
+        expected = hdf5_listing(f["m"])
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            root = btree._btree_address(fd, btree._header_address(f["m"]), os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    with open(path, "r+b") as raw:
+        raw.seek(root)
+        raw.write(b"EERT")
+    with h5py.File(path, "r") as f:
+        assert btree.list_chunks(f["m"]) is None
+        assert expected.shape[0] == 6400
+
+
+def test_a_listing_short_of_hdf5_s_count_is_not_used(tmp_path, monkeypatch):
+    path = make(tmp_path / "f.h5")
+    leaves = btree._leaves
+    monkeypatch.setattr(btree, "_leaves", lambda *a: leaves(*a)[1:])
+    with h5py.File(path, "r") as f:
+        assert btree.list_chunks(f["m"]) is None
+        np.testing.assert_array_equal(sorted_rows(storage._listing(f["m"])), hdf5_listing(f["m"]))
