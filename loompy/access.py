@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import LoomAttributeError
+from .errors import LoomAttributeError, LoomTypeError
 
 
 class LoomAccess:
@@ -70,6 +70,8 @@ class LoomAccess:
 
 def render_html(ds: Any, size: int = 10) -> str:
     """HTML table: shape, column attributes as header rows, row attributes as leading columns."""
+    if not all(hasattr(ds, name) for name in ("shape", "ra", "ca", "layers")):
+        raise LoomTypeError(f"to_html takes a Loom connection or view, not {type(ds).__name__}")
     esc = html.escape
     n, m = ds.shape
     rn, cn = min(n, size), min(m, size)

@@ -20,7 +20,7 @@ from . import encoding, engine, swaps
 from . import format as fmt
 from .connection import LoomConnection, connect
 from .create import create
-from .errors import LoomFileError, LoomFileNotFoundError, LoomValueError, naming
+from .errors import LoomFileError, LoomFileNotFoundError, LoomTypeError, LoomValueError, naming
 from .files import check_not_input, replacing
 from .graphs import renumber_graph, store_graph
 from .growing import align_rows
@@ -61,6 +61,9 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
     """What :func:`combine` and :func:`combine_faster` do; ``keep_first_attrs``: the first file's
     global attributes with ``file_attrs`` set over them; ``drop_partial``: a column attribute some
     files lack is left out with a warning (else refused)."""
+    if isinstance(files, (str, bytes, os.PathLike)):
+        raise LoomTypeError(f"{os.fspath(output_file)}: combine takes a list of Loom files, not the single "
+                            f"path {os.fsdecode(files)!r}")
     files = [os.fspath(p) for p in files]
     if not files:
         raise LoomValueError("combine: no input files")

@@ -157,10 +157,14 @@ def get_loom_spec_version(f: h5py.File) -> str:
 def compare_loom_spec_version(f: h5py.File, version: str) -> int:
     """-1, 0 or 1 as the file's spec version is below, equal to or above ``version`` (loompy 3's
     helper), compared number by number ("3.0.10" is above "3.0.9")."""
-    def numbers(text: str) -> list[int]:
-        return [int(part) if part.isdigit() else 0 for part in text.split(".")]
+    def numbers(text: Any, what: str) -> list[int]:
+        parts = text.split(".") if isinstance(text, str) else None
+        if not parts or not all(part.isascii() and part.isdigit() for part in parts):
+            raise LoomValueError(f"{what} {text!r} is not a version number such as '3.0.0'")
+        return [int(part) for part in parts]
 
-    mine, theirs = numbers(get_loom_spec_version(f)), numbers(version)
+    mine = numbers(get_loom_spec_version(f), f"{f.filename}: LOOM_SPEC_VERSION")
+    theirs = numbers(version, "compare_loom_spec_version: version")
     width = max(len(mine), len(theirs))
     mine, theirs = mine + [0] * (width - len(mine)), theirs + [0] * (width - len(theirs))
     return (mine > theirs) - (mine < theirs)
@@ -241,6 +245,9 @@ def normalize_global(value: Any, name: str, filename: str = "") -> np.ndarray:
 def normalize_globals(file_attrs: Mapping[str, Any] | None, filename: str) -> dict[str, np.ndarray]:
     """``file_attrs`` for a new file (create, new, combine), checked and ready for storage; the
     spec version is loompy's own to write."""
+    if file_attrs is not None and not isinstance(file_attrs, Mapping):
+        raise LoomTypeError(f"{filename}: file_attrs must be a dict of global attributes, not "
+                            f"{type(file_attrs).__name__}")
     globals_ = {}
     for name, value in (file_attrs or {}).items():
         check_name(name, f"{filename}: global attribute")

@@ -11,7 +11,9 @@ import csv
 import gzip
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import LoomFileNotFoundError, LoomTypeError, LoomValueError
+from .errors import LoomError, LoomFileNotFoundError, LoomTypeError, LoomValueError
 from .files import check_not_input
 
 
@@ -64,6 +66,18 @@ def _counts(matrix: sp.spmatrix) -> sp.csc_matrix:
     return m
 
 
+@contextmanager
+def _reading(path: Path) -> Iterator[Path]:
+    """Give ``path`` to read; the errors gzip, Matrix Market, text decoding or HDF5 raise on a
+    malformed file become one that names it."""
+    try:
+        yield path
+    except LoomError:
+        raise
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zlib.error) as exc:
+        raise LoomValueError(f"{path}: not a readable 10x Genomics matrix ({type(exc).__name__}: {exc})") from exc
+
+
 def _open_text(path: Path):
     return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
 
@@ -97,9 +111,12 @@ class MexReader:
     def read(path: Path, genome: str | None = None) -> TenXData:
         import scipy.io  # only importers need it; keep ``import loompy`` light
 
-        matrix = scipy.io.mmread(str(_find(path, "matrix.mtx")))
-        features = _table(_find(path, "features.tsv", "genes.tsv"))
-        barcodes = np.array([row[0] for row in _table(_find(path, "barcodes.tsv"))], dtype=object)
+        with _reading(_find(path, "matrix.mtx")) as source:
+            matrix = scipy.io.mmread(str(source))
+        with _reading(_find(path, "features.tsv", "genes.tsv")) as source:
+            features = _table(source)
+        with _reading(_find(path, "barcodes.tsv")) as source:
+            barcodes = np.array([row[0] for row in _table(source)], dtype=object)
         if matrix.shape != (len(features), len(barcodes)):
             raise LoomValueError(f"{path}: matrix shape {matrix.shape} does not match {len(features)} features "
                                  f"x {len(barcodes)} barcodes")
@@ -199,7 +216,8 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
     for candidate in _candidates(root, genome):  # is used only when none that can follows (its .h5)
         for reader in READERS:
             if candidate.exists() and reader.can_open(candidate):
-                data = reader.read(candidate, genome)
+                with _reading(candidate):
+                    data = reader.read(candidate, genome)
                 if genome is None or data.genome_checked:
                     return data
                 found = found or data
@@ -266,10 +284,24 @@ def _sample_folder(path: Path) -> Path:
     return path.parent if path.name == "outs" else path
 
 
-def _selected(cell_ids: np.ndarray, selected_cellids: Sequence[str], where: Path) -> np.ndarray:
+def _cell_id_list(selected_cellids: Any, where: Path) -> list[str]:
+    """``selected_cellids`` as a list of cell ids, checked before anything is read: one id given as
+    text, a mask or numbers would select nothing, or the wrong cells."""
+    if isinstance(selected_cellids, (str, bytes)) or not isinstance(selected_cellids, Iterable):
+        raise LoomTypeError(f"{where}: selected_cellids must be a list of cell ids (sample:barcode), "
+                            f"not {type(selected_cellids).__name__}")
+    ids = list(selected_cellids)
+    odd = next((v for v in ids if not isinstance(v, (str, np.str_))), None)
+    if odd is not None:
+        raise LoomTypeError(f"{where}: selected_cellids must be a list of cell ids (sample:barcode), "
+                            f"not of {type(odd).__name__} such as {odd!r}")
+    return [str(v) for v in ids]
+
+
+def _selected(cell_ids: np.ndarray, selected_cellids: list[str], where: Path) -> np.ndarray:
     """Which cells ``selected_cellids`` keeps: refused when none (a prefix not matching is the usual
     cause), a warning naming those not found."""
-    wanted = set(map(str, selected_cellids))
+    wanted = set(selected_cellids)
     keep = np.array([c in wanted for c in cell_ids.tolist()], dtype=bool)
     if not keep.any():
         example = f"; they look like '{cell_ids[0]}'" if len(cell_ids) else ""
@@ -329,6 +361,11 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     sample = sample or "sample"
     target = Path(loom_file) if loom_file is not None else Path(outdir or folder) / f"{sample}.loom"
     check_not_input(target, [indir], "the 10x source being imported")  # (before anything is read)
+    if file_attrs is not None and not isinstance(file_attrs, Mapping):
+        raise LoomTypeError(f"{target}: file_attrs must be a dict of global attributes, not "
+                            f"{type(file_attrs).__name__}")
+    if selected_cellids is not None:
+        selected_cellids = _cell_id_list(selected_cellids, indir)
     data = read_10x(indir, genome)
     prefix = f"{sample}:" if cell_id_prefix is None else cell_id_prefix
     outs = sample_folder / "outs" if (sample_folder / "outs").is_dir() else sample_folder

@@ -51,6 +51,8 @@ class MemoryLayer(SparseForms):
     def permute(self, ordering: npt.ArrayLike, *, axis: int) -> None:
         """Reorder the rows (``axis=0``) or columns (``axis=1``) of this layer alone, as loompy 3's
         in-memory layers do (the view's other layers and attributes keep their order)."""
+        if axis not in (0, 1):
+            raise LoomValueError(f"view: layer '{self.name}': axis must be 0 (rows) or 1 (columns), not {axis!r}")
         order = select_axis(np.asarray(ordering), self.shape[axis], axis).indices
         if len(order) != self.shape[axis] or len(np.unique(order)) != len(order):
             raise LoomValueError(f"view: layer '{self.name}': an ordering of axis {axis} must list each of its "

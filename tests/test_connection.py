@@ -669,6 +669,36 @@ def test_combine_refuses_to_write_over_one_of_its_inputs(small, tmp_path):
         np.testing.assert_array_equal(ds[:, :], np.hstack([m, m + 1]))
 
 
+def test_misused_module_helpers_say_what_they_take(small, tmp_path):
+    """combine given one path (it combined the path's characters), file_attrs given a list, to_html
+    given something else than a connection, spec versions that are not numbers, a permutation of
+    an in-memory layer along a third axis: each refused with what it takes, no file written."""
+    import h5py
+
+    path, m, _, _ = small
+    for combine in (loompy.combine, loompy.combine_faster):
+        with pytest.raises(TypeError, match=r"combine takes a list of Loom files, not the single path"):
+            combine(path, tmp_path / "out.loom")
+        with pytest.raises(TypeError, match=r"out.loom: file_attrs must be a dict"):
+            combine([path, path], tmp_path / "out.loom", file_attrs=["title"])
+    with pytest.raises(TypeError, match=r"new.loom: file_attrs must be a dict"):
+        loompy.create(tmp_path / "new.loom", m, {}, {}, file_attrs=[("title", "x")])
+    assert not (tmp_path / "out.loom").exists() and not (tmp_path / "new.loom").exists()
+    with pytest.raises(TypeError, match="to_html takes a Loom connection or view, not ndarray"):
+        loompy.to_html(m)
+    with h5py.File(path, "r") as f:
+        for version in ("3.0.1-rc1", "three", "", "3..0", 3):
+            with pytest.raises(ValueError, match="is not a version number such as '3.0.0'"):
+                loompy.compare_loom_spec_version(f, version)
+        assert loompy.compare_loom_spec_version(f, "3.0.0") == 0
+    with loompy.connect(path, "r") as ds:
+        layer = ds.view[:, :4].layers[""]
+        for axis in (2, -1):
+            with pytest.raises(ValueError, match=f"axis must be 0 \\(rows\\) or 1 \\(columns\\), not {axis}"):
+                layer.permute([1, 0, 2, 3], axis=axis)
+        np.testing.assert_array_equal(layer[:, :], m[:, :4])
+
+
 def test_error_messages_name_file_and_thing(small):
     path, *_ = small
     with loompy.connect(path) as ds:

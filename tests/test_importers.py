@@ -373,3 +373,44 @@ def test_a_cell_ranger_h5_is_never_replaced_by_its_own_import(tmp_path):
     with pytest.raises(loompy.LoomFileError, match="is the 10x source being imported"):
         loompy.create_from_cellranger(source, loom_file=source)
     assert source.read_bytes() == before
+
+
+@pytest.mark.parametrize("damage", ["matrix not gzip", "features not UTF-8", "h5 without barcodes"])
+def test_a_malformed_10x_source_is_refused_naming_its_file(tmp_path, damage):
+    if damage == "h5 without barcodes":
+        source = tmp_path / "f.h5"
+        shutil.copy(CR3 / "filtered_feature_bc_matrix.h5", source)
+        with h5py.File(source, "r+") as f:
+            del f["matrix/barcodes"]
+        culprit = source
+    else:
+        source = tmp_path / "mex"
+        shutil.copytree(CR3 / "filtered_feature_bc_matrix", source)
+        if damage == "matrix not gzip":
+            culprit = source / "matrix.mtx.gz"
+            culprit.write_bytes(b"%%MatrixMarket matrix coordinate integer general\n")
+        else:
+            culprit = source / "features.tsv.gz"
+            culprit.write_bytes(gzip.compress(b"\xff\xfe gene\tname\n"))
+    with pytest.raises(loompy.LoomValueError, match=f"{culprit}: not a readable 10x Genomics matrix"):
+        loompy.create_from_cellranger(source, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("selection", ["s3:AAACCCAAGGAGAGTA-1", b"s3:AAACCCAAGGAGAGTA-1", [True, False],
+                                       np.ones(3, dtype=bool), [1, 2], 5])
+def test_selected_cellids_that_are_not_a_list_of_ids_are_refused_before_reading(tmp_path, selection, monkeypatch):
+    sample = tmp_path / "s3"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
+    monkeypatch.setattr(loompy.importers, "read_10x", lambda *a: pytest.fail("read before the check"))
+    with pytest.raises(TypeError, match="selected_cellids must be a list of cell ids"):
+        loompy.create_from_cellranger(sample, tmp_path, selected_cellids=selection)
+    assert not (tmp_path / "s3.loom").exists()
+
+
+def test_file_attrs_that_are_not_a_dict_are_refused_naming_the_output(tmp_path):
+    sample = tmp_path / "s3"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
+    with pytest.raises(TypeError, match=r"s3.loom: file_attrs must be a dict"):
+        loompy.create_from_cellranger(sample, tmp_path, file_attrs=["title"])
+    assert not (tmp_path / "s3.loom").exists()
