@@ -14,6 +14,7 @@ makes replacements fail with a clear error.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -94,9 +95,10 @@ def swap_in(group: h5py.Group, name: str, staged: str) -> h5py.Dataset:
     f = group.file
     target, backup = _path(group, name), f"{staged}.old"
     try:
-        if target in f:
-            f.move(target, backup)
-        f.move(staged, target)
+        with _h5py_lock:  # (no other thread can find the name missing between the two moves)
+            if target in f:
+                f.move(target, backup)
+            f.move(staged, target)
     except BaseException:
         if target not in f and backup in f:
             f.move(backup, target)
@@ -174,6 +176,10 @@ def drop_references(obj: h5py.HLObject) -> None:
 
 
 _swapping = threading.RLock()  # one replacement at a time: threads share the staging group's names
+try:  # the lock h5py takes around every HDF5 call (reentrant): held, no other thread uses HDF5
+    from h5py._objects import phil as _h5py_lock
+except ImportError:  # pragma: no cover - a later h5py; readers may then see a name missing briefly
+    _h5py_lock = contextlib.nullcontext()
 
 
 def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:
