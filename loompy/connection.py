@@ -26,7 +26,7 @@ from .errors import (
     LoomValueError,
 )
 from .graphs import GraphManager, edge_problems
-from .handles import READ_ONLY, ClosedFile, Dims, writable
+from .handles import OPENED_IN, READ_ONLY, ClosedFile, Dims, abandon, check_writable, forked_copy, writable
 from .indexing import axis_number
 from .journal import recover, refuse_if_pending_read_only
 from .layers import LayerManager
@@ -59,6 +59,7 @@ class LoomConnection(LoomAccess):
         self._file = files.open_h5(self._path, mode, locking=locking)
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
             setattr(self._file, READ_ONLY, True)
+        setattr(self._file, OPENED_IN, os.getpid())
         try:
             recover(self._file)  # an interrupted append is rolled back before anything else looks
             if writable(self._file):
@@ -141,6 +142,11 @@ class LoomConnection(LoomAccess):
         if not self._file:
             return
         file, failure = self._file, None
+        if forked_copy(file) and file.mode == "r+":  # (see handles.abandon)
+            abandon(file)
+            self._file = ClosedFile(self.filename)
+            self._point_managers_at(self._file)
+            return
         try:
             file.flush()
         except Exception as error:
@@ -160,6 +166,8 @@ class LoomConnection(LoomAccess):
 
     def flush(self) -> None:
         self._check_open()
+        if forked_copy(self._file) and self._file.mode == "r+":
+            check_writable(self._file, "the file's last changes")  # (refused: see handles.abandon)
         self._file.flush()
 
     def __enter__(self) -> LoomConnection:

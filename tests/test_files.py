@@ -525,6 +525,51 @@ def test_a_process_forked_from_a_writer_is_refused_the_file(tmp_path):
         assert ds.shape == (20, 32) and ds.ca.c[-1] == 31
 
 
+def _use_inherited_connection(ds, queue):
+    said = []
+    for write in (lambda: ds.__setitem__((slice(0, 5), slice(0, 5)), np.zeros((5, 5))),
+                  lambda: setattr(ds.ca, "Y", np.arange(30)), lambda: ds.layers.__setitem__("z", np.ones((20, 30))),
+                  lambda: ds.attrs.__setitem__("title", "child"), lambda: ds.flush()):
+        try:
+            write()
+            said.append("written")
+        except loompy.LoomFileError as error:
+            said.append(str(error))
+    said.append(ds[1, :3].tolist())
+    ds.close()
+    queue.put(said)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_cannot_write_through_the_parent_s_connection(tmp_path):
+    """A child forked from a process with a connection open for writing wrote through its copy of
+    HDF5's state of the file, and its close wrote that state out over the parent's later changes.
+    Its writes are refused, naming the file; it may read; its close leaves the file to the parent."""
+    import multiprocessing
+
+    path = tmp_path / "w.loom"
+    m = np.arange(600, dtype=np.float32).reshape(20, 30)
+    loompy.create(path, m, {"g": np.arange(20)}, {"c": np.arange(30)}).close()
+    fork = multiprocessing.get_context("fork")
+    with loompy.connect(path) as ds:
+        ds.ca.X = np.arange(30) * 3
+        queue = fork.Queue()
+        process = fork.Process(target=_use_inherited_connection, args=(ds, queue))
+        process.start()
+        said = queue.get(timeout=60)
+        process.join(60)
+        assert said[-1] == [30.0, 31.0, 32.0]
+        for message in said[:-1]:
+            assert "w.loom was opened by process" in message and "forked" in message, said
+        ds.ca.Z = np.arange(30) * 2  # the parent goes on writing
+        ds[0, 0] = -1
+    with loompy.connect(path, "r") as ds:
+        assert sorted(ds.ca.keys()) == ["X", "Z", "c"] and "z" not in ds.layers and "title" not in ds.attrs
+        expected = m.copy()
+        expected[0, 0] = -1
+        np.testing.assert_array_equal(ds[:, :], expected)
+
+
 def test_a_staging_group_cut_short_is_never_left_behind(tmp_path, monkeypatch):
     """A full disk as the staging group gets its mark: the group goes (it stayed, empty, for good),
     the old value stays, and the error says what happened (it said the values' dtype could not be
