@@ -62,8 +62,7 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
     global attributes with ``file_attrs`` set over them; ``drop_partial``: a column attribute some
     files lack is left out with a warning (else refused)."""
     if isinstance(files, (str, bytes, os.PathLike)):
-        raise LoomTypeError(f"{os.fspath(output_file)}: combine takes a list of Loom files, not the single "
-                            f"path {os.fsdecode(files)!r}")
+        raise LoomTypeError(f"combine takes a list of Loom files, not the single path {os.fsdecode(files)!r}")
     files = [os.fspath(p) for p in files]
     if not files:
         raise LoomValueError("combine: no input files")
@@ -71,6 +70,7 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
         if not os.path.exists(path):
             raise LoomFileNotFoundError(2, "no such Loom file", path)
     check_not_input(output_file, files, "an input of combine")
+    globals_ = fmt.normalize_globals(file_attrs, os.fspath(output_file))  # (before any input is read)
     if selections is not None and len(selections) != len(files):
         raise LoomValueError(f"{os.fspath(output_file)}: combine_faster got {len(selections)} selections for "
                              f"{len(files)} files (one per file; None takes all of a file's columns)")
@@ -126,7 +126,6 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
             parts = [column_values(c, k, sel) for c, sel in zip(conns, cols)]
             col_attrs[k] = join_values(parts, f"{doing}: column attribute '{k}'", True)
         converted.update({k: None for k in attr_names if any(k not in c.ca for c in conns)})
-        globals_ = fmt.normalize_globals(file_attrs, os.fspath(output_file))
         n = first.shape[0]
         col_graphs = _joined_column_graphs(conns, cols)
         sources = {name: [(c.layers[name]._dataset if name in c.layers else None, order, sel)

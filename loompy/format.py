@@ -158,7 +158,7 @@ def compare_loom_spec_version(f: h5py.File, version: str) -> int:
     """-1, 0 or 1 as the file's spec version is below, equal to or above ``version`` (loompy 3's
     helper), compared number by number ("3.0.10" is above "3.0.9")."""
     def numbers(text: Any, what: str) -> list[int]:
-        parts = text.split(".") if isinstance(text, str) else None
+        parts = text.strip().split(".") if isinstance(text, str) else None  # (int() took spaces too)
         if not parts or not all(part.isascii() and part.isdigit() for part in parts):
             raise LoomValueError(f"{what} {text!r} is not a version number such as '3.0.0'")
         return [int(part) for part in parts]
@@ -246,7 +246,7 @@ def normalize_globals(file_attrs: Mapping[str, Any] | None, filename: str) -> di
     """``file_attrs`` for a new file (create, new, combine), checked and ready for storage; the
     spec version is loompy's own to write."""
     if file_attrs is not None and not isinstance(file_attrs, Mapping):
-        raise LoomTypeError(f"{filename}: file_attrs must be a dict of global attributes, not "
+        raise LoomTypeError(f"{filename}: file_attrs must be a mapping (a dict) of global attributes, not "
                             f"{type(file_attrs).__name__}")
     globals_ = {}
     for name, value in (file_attrs or {}).items():

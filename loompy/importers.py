@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from . import format as fmt
 from .errors import LoomError, LoomFileNotFoundError, LoomTypeError, LoomValueError
 from .files import check_not_input
 
@@ -75,6 +76,8 @@ def _reading(path: Path) -> Iterator[Path]:
     except LoomError:
         raise
     except (OSError, ValueError, KeyError, IndexError, EOFError, zlib.error) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise  # the system's own (permission, I/O): not about the file's contents
         raise LoomValueError(f"{path}: not a readable 10x Genomics matrix ({type(exc).__name__}: {exc})") from exc
 
 
@@ -215,9 +218,10 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
     found = None  # with genome=, a source that cannot tell genomes apart (Cell Ranger 3's MEX files)
     for candidate in _candidates(root, genome):  # is used only when none that can follows (its .h5)
         for reader in READERS:
-            if candidate.exists() and reader.can_open(candidate):
-                with _reading(candidate):
-                    data = reader.read(candidate, genome)
+            with _reading(candidate):
+                if not (candidate.exists() and reader.can_open(candidate)):
+                    continue
+                data = reader.read(candidate, genome)
                 if genome is None or data.genome_checked:
                     return data
                 found = found or data
@@ -291,6 +295,8 @@ def _cell_id_list(selected_cellids: Any, where: Path) -> list[str]:
         raise LoomTypeError(f"{where}: selected_cellids must be a list of cell ids (sample:barcode), "
                             f"not {type(selected_cellids).__name__}")
     ids = list(selected_cellids)
+    if not ids:
+        raise LoomValueError(f"{where}: selected_cellids is empty (no cell would be imported)")
     odd = next((v for v in ids if not isinstance(v, (str, np.str_))), None)
     if odd is not None:
         raise LoomTypeError(f"{where}: selected_cellids must be a list of cell ids (sample:barcode), "
@@ -361,9 +367,7 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     sample = sample or "sample"
     target = Path(loom_file) if loom_file is not None else Path(outdir or folder) / f"{sample}.loom"
     check_not_input(target, [indir], "the 10x source being imported")  # (before anything is read)
-    if file_attrs is not None and not isinstance(file_attrs, Mapping):
-        raise LoomTypeError(f"{target}: file_attrs must be a dict of global attributes, not "
-                            f"{type(file_attrs).__name__}")
+    fmt.normalize_globals(file_attrs, str(target))  # (checked now; stored with the run record below)
     if selected_cellids is not None:
         selected_cellids = _cell_id_list(selected_cellids, indir)
     data = read_10x(indir, genome)

@@ -679,9 +679,9 @@ def test_misused_module_helpers_say_what_they_take(small, tmp_path):
     for combine in (loompy.combine, loompy.combine_faster):
         with pytest.raises(TypeError, match=r"combine takes a list of Loom files, not the single path"):
             combine(path, tmp_path / "out.loom")
-        with pytest.raises(TypeError, match=r"out.loom: file_attrs must be a dict"):
+        with pytest.raises(TypeError, match=r"out.loom: file_attrs must be a mapping \(a dict\)"):
             combine([path, path], tmp_path / "out.loom", file_attrs=["title"])
-    with pytest.raises(TypeError, match=r"new.loom: file_attrs must be a dict"):
+    with pytest.raises(TypeError, match=r"new.loom: file_attrs must be a mapping \(a dict\)"):
         loompy.create(tmp_path / "new.loom", m, {}, {}, file_attrs=[("title", "x")])
     assert not (tmp_path / "out.loom").exists() and not (tmp_path / "new.loom").exists()
     with pytest.raises(TypeError, match="to_html takes a Loom connection or view, not ndarray"):
@@ -690,13 +690,15 @@ def test_misused_module_helpers_say_what_they_take(small, tmp_path):
         for version in ("3.0.1-rc1", "three", "", "3..0", 3):
             with pytest.raises(ValueError, match="is not a version number such as '3.0.0'"):
                 loompy.compare_loom_spec_version(f, version)
-        assert loompy.compare_loom_spec_version(f, "3.0.0") == 0
+        assert loompy.compare_loom_spec_version(f, "3.0.0") == loompy.compare_loom_spec_version(f, " 3.0.0\n") == 0
     with loompy.connect(path, "r") as ds:
         layer = ds.view[:, :4].layers[""]
-        for axis in (2, -1):
-            with pytest.raises(ValueError, match=f"axis must be 0 \\(rows\\) or 1 \\(columns\\), not {axis}"):
+        for axis in (2, -1, True):
+            with pytest.raises(ValueError, match=f"axis must be 0 \\(rows\\) or 1 \\(columns\\), got {axis}"):
                 layer.permute([1, 0, 2, 3], axis=axis)
         np.testing.assert_array_equal(layer[:, :], m[:, :4])
+        layer.permute([1, 0, 2, 3], axis=1.0)  # (an axis as loompy 3 takes it)
+        np.testing.assert_array_equal(layer[:, :], m[:, [1, 0, 2, 3]])
 
 
 def test_error_messages_name_file_and_thing(small):
@@ -1407,3 +1409,14 @@ def test_a_layer_being_replaced_never_goes_missing_to_other_threads(small, monke
             thread.join(timeout=60)
         np.testing.assert_array_equal(ds.layers["x"][:, :], m + 39)
     assert failures == [] and reads[0] > 20, (failures[:3], reads[0])
+
+
+def test_combine_checks_file_attrs_before_opening_its_inputs(small, tmp_path, monkeypatch):
+    path, *_ = small
+    combine_module = __import__("importlib").import_module("loompy.combine")
+    monkeypatch.setattr(combine_module, "connect", lambda *a, **k: pytest.fail("an input was opened first"))
+    for combine in (loompy.combine, loompy.combine_faster):
+        with pytest.raises(TypeError, match="file_attrs must be a mapping"):
+            combine([path, path], tmp_path / "out.loom", file_attrs=["title"])
+        with pytest.raises(ValueError, match="LOOM_SPEC_VERSION"):
+            combine([path, path], tmp_path / "out.loom", file_attrs={"LOOM_SPEC_VERSION": "9.9.9"})

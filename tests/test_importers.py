@@ -411,6 +411,31 @@ def test_selected_cellids_that_are_not_a_list_of_ids_are_refused_before_reading(
 def test_file_attrs_that_are_not_a_dict_are_refused_naming_the_output(tmp_path):
     sample = tmp_path / "s3"
     shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
-    with pytest.raises(TypeError, match=r"s3.loom: file_attrs must be a dict"):
+    with pytest.raises(TypeError, match=r"s3.loom: file_attrs must be a mapping \(a dict\)"):
         loompy.create_from_cellranger(sample, tmp_path, file_attrs=["title"])
     assert not (tmp_path / "s3.loom").exists()
+
+
+def test_a_truncated_h5_and_an_empty_selection_are_refused_naming_the_file(tmp_path):
+    source = tmp_path / "f.h5"
+    data = (CR3 / "filtered_feature_bc_matrix.h5").read_bytes()
+    source.write_bytes(data[:len(data) // 2])
+    with pytest.raises(loompy.LoomValueError, match=f"{source}: not a readable 10x Genomics matrix"):
+        loompy.create_from_cellranger(source, tmp_path / "out")
+    sample = tmp_path / "s3"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
+    with pytest.raises(ValueError, match="selected_cellids is empty"):
+        loompy.create_from_cellranger(sample, tmp_path, selected_cellids=[])
+
+
+def test_a_10x_file_that_cannot_be_opened_keeps_its_own_error(tmp_path, monkeypatch):
+    """Not being allowed to read a file is not a malformed matrix: the system's error stays."""
+    source = tmp_path / "mex"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", source)
+
+    def refused(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(loompy.importers.gzip, "open", refused)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        loompy.create_from_cellranger(source, tmp_path / "out")

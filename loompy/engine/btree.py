@@ -6,7 +6,8 @@ HDF5 keeps for datasets written with its default (oldest-compatible) format is a
 whose leaves hold each chunk's size, filter mask, position and address; read node by node here
 with ``os.pread`` and numpy, the same listing takes about a tenth of that.
 
-Only that case is handled: data layout message version 3 (chunked, version 1 B-tree), no userblock.
+Only that case is handled: data layout message version 3 (chunked, version 1 B-tree), no userblock,
+HDF5's default file driver (the file is read through HDF5's own descriptor).
 Anything else, and anything that does not look exactly as the HDF5 file format specification says
 (signatures, node types, levels, positions on the chunk grid, addresses inside the file, the number
 of chunks HDF5 counts), gives None and the caller lists chunks with ``chunk_iter`` instead.
@@ -14,6 +15,7 @@ of chunks HDF5 counts), gives None and the caller lists chunks with ``chunk_iter
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 
@@ -22,7 +24,7 @@ import numpy as np
 
 _LAYOUT = 0x0008  # object header message types used here
 _CONTINUATION = 0x0010
-_SHARED_OR_CONSTANT = 0x02  # message flags: a shared message is stored elsewhere (layouts never are)
+_SHARED = 0x02  # message flag: the message is stored elsewhere (a layout never is)
 _MAX_HEADER_BLOCKS = 64  # continuation blocks followed before giving up on a header
 _MAX_LEVELS = 32
 _UNDEFINED = (1 << 64) - 1  # HDF5's address of nothing
@@ -39,16 +41,17 @@ def list_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
     f = dataset.file
     try:
         fcpl = f.id.get_create_plist()
-        if fcpl.get_userblock() != 0 or fcpl.get_sizes() != (8, 8) or dataset.ndim != 2:
+        if (f.driver != "sec2" or not hasattr(os, "pread") or fcpl.get_userblock() != 0
+                or fcpl.get_sizes() != (8, 8) or dataset.ndim != 2):
             return None
         if f.mode != "r":
             f.flush()  # HDF5 may hold newer B-tree nodes in its metadata cache
         header = _header_address(dataset)
-        fd = os.open(f.filename, os.O_RDONLY)
+        fd = f.id.get_vfd_handle()  # the file HDF5 has open (its name may now be another's); not ours to close
+        eof = os.fstat(fd).st_size
     except (OSError, ValueError, RuntimeError, AttributeError, TypeError):
         return None
     try:
-        eof = os.fstat(fd).st_size
         root = _btree_address(fd, header, eof)
         if root == _UNDEFINED:  # no chunk written yet
             table = np.empty((0, 5), dtype=np.int64)
@@ -57,10 +60,8 @@ def list_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
         if table.shape[0] != dataset.id.get_num_chunks():
             return None
         return table
-    except (_Unexpected, OSError, ValueError, struct.error):
+    except (_Unexpected, OSError, ValueError, IndexError, RuntimeError, struct.error):  # (HDF5's count too)
         return None
-    finally:
-        os.close(fd)
 
 
 def _header_address(dataset: h5py.Dataset) -> int:
@@ -88,7 +89,7 @@ def _btree_address(fd: int, header: int, eof: int) -> int:
     for kind, flags, body in _messages(fd, header, eof):
         if kind != _LAYOUT:
             continue
-        if flags & _SHARED_OR_CONSTANT or len(body) < 11 or body[0] != 3 or body[1] != 2 or body[2] != 3:
+        if flags & _SHARED or len(body) < 11 or body[0] != 3 or body[1] != 2 or body[2] != 3:
             raise _Unexpected("not a version 3 chunked layout of two dimensions")
         return struct.unpack_from("<Q", body, 3)[0]
     raise _Unexpected("no data layout message")
@@ -98,12 +99,12 @@ def _messages(fd: int, header: int, eof: int):
     """(type, flags, body) of every message of the object header at ``header`` (versions 1 and 2)."""
     start = _read(fd, header, 16, eof)
     if start[:4] == b"OHDR":
-        blocks = [_v2_first_block(fd, header, eof, start)]
-        walk = _v2_messages
+        flags, first = _v2_first_block(fd, header, eof, start)
+        blocks, signed = [first], True  # (continuation blocks: a signature before, a checksum after)
+        walk = functools.partial(_v2_messages, ordered=bool(flags & 0x04))
     elif start[0] == 1:
         size = struct.unpack_from("<I", start, 8)[0]
-        blocks = [_read(fd, header + 16, size, eof)]
-        walk = _v1_messages
+        blocks, signed, walk = [_read(fd, header + 16, size, eof)], False, _v1_messages
     else:
         raise _Unexpected("unknown object header version")
     seen = 0
@@ -115,7 +116,7 @@ def _messages(fd: int, header: int, eof: int):
             if kind == _CONTINUATION:
                 where, length = struct.unpack_from("<QQ", body)
                 data = _read(fd, where, length, eof)
-                if walk is _v2_messages:
+                if signed:
                     if data[:4] != b"OCHK":
                         raise _Unexpected("bad continuation block signature")
                     data = data[4:-4]  # (signature and checksum)
@@ -132,7 +133,8 @@ def _v1_messages(block: bytes):
         at += 8 + size
 
 
-def _v2_first_block(fd: int, header: int, eof: int, start: bytes) -> bytes:
+def _v2_first_block(fd: int, header: int, eof: int, start: bytes) -> tuple[int, bytes]:
+    """A version 2 object header's flags and its first block of messages."""
     if start[4] != 2:
         raise _Unexpected("unknown object header version")
     flags = start[5]
@@ -140,14 +142,13 @@ def _v2_first_block(fd: int, header: int, eof: int, start: bytes) -> bytes:
     width = 1 << (flags & 0x03)
     head = _read(fd, header, at + width, eof)
     size = int.from_bytes(head[at:at + width], "little")
-    return bytes([flags]) + _read(fd, header + at + width, size, eof)
+    return flags, _read(fd, header + at + width, size, eof)
 
 
-def _v2_messages(block: bytes):
-    # the first byte is the header's flags (bit 2: messages carry a creation order)
-    ordered = block[0] & 0x04
+def _v2_messages(block: bytes, ordered: bool):
+    """Messages of a version 2 block; ``ordered`` (header flag bit 2): each carries a creation order."""
     step = 6 if ordered else 4
-    at = 1
+    at = 0
     while at + step <= len(block):
         kind, size, flags = struct.unpack_from("<BHB", block, at)
         yield kind, flags, block[at + step:at + step + size]
