@@ -2,7 +2,8 @@
 
 Two ways to reach a chunk's bytes. ``read_direct_chunk`` asks HDF5 for one chunk at a time (about
 3.5 us each, holding the GIL). A :class:`ChunkIndex` lists every chunk's file offset, size and filter
-mask in one ``chunk_iter`` pass (about 1.3 us per chunk); with it, worker threads read chunks with
+mask, read from HDF5's B-tree in the file (:mod:`.btree`, about 0.3 us per chunk) or else from one
+``chunk_iter`` pass (about 1.5 us per chunk); with it, worker threads read chunks with
 ``os.pread``, which releases the GIL. An index is built once reads have asked for a third of a
 dataset's chunks and kept until loompy next writes to that dataset (every engine write calls
 :func:`forget` first) or the file is closed (HDF5 numbers each opening of a file afresh), or, in a
