@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
-from . import engine, files, operations, swaps
+from . import engine, files, forks, operations, swaps
 from . import format as fmt
 from .access import LoomAccess
 from .attributes import AttributeManager, GlobalAttributeManager
@@ -26,7 +26,7 @@ from .errors import (
     LoomValueError,
 )
 from .graphs import GraphManager, edge_problems
-from .handles import OPENED_IN, READ_ONLY, ClosedFile, Dims, abandon, check_writable, forked_copy, writable
+from .handles import READ_ONLY, ClosedFile, Dims, check_writable, writable
 from .indexing import axis_number
 from .journal import recover, refuse_if_pending_read_only
 from .layers import LayerManager
@@ -59,7 +59,6 @@ class LoomConnection(LoomAccess):
         self._file = files.open_h5(self._path, mode, locking=locking)
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
             setattr(self._file, READ_ONLY, True)
-        setattr(self._file, OPENED_IN, os.getpid())
         try:
             recover(self._file)  # an interrupted append is rolled back before anything else looks
             if writable(self._file):
@@ -80,12 +79,14 @@ class LoomConnection(LoomAccess):
             raise
         self.spec_version = spec_version
         files.register(self)
+        forks.watch(self)
 
     def _reopen(self) -> None:
         """Open the file at this connection's path again for writing (after a whole-file rewrite
         replaced it), into the same managers: objects taken from them before (``ds.ca``, a layer)
         see the new file."""
         self._file = files.open_h5(self._path, "r+", locking=self._locking)
+        forks.watch(self)
         matrix = self._file.get(fmt.MATRIX)
         self._dims.shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else (0, 0)
         self._point_managers_at(self._file)
@@ -142,8 +143,9 @@ class LoomConnection(LoomAccess):
         if not self._file:
             return
         file, failure = self._file, None
-        if forked_copy(file) and file.mode == "r+":  # (see handles.abandon)
-            abandon(file)
+        if forks.inherited(file):  # (HDF5 closing it here would write its state out: see forks)
+            forks.abandon(file)
+            forks.unwatch(self)
             self._file = ClosedFile(self.filename)
             self._point_managers_at(self._file)
             return
@@ -152,6 +154,7 @@ class LoomConnection(LoomAccess):
         except Exception as error:
             failure = error
         engine.forget_file(file)
+        forks.unwatch(self)  # (before its descriptor goes: another file may get the number)
         try:
             file.close()
         except Exception as error:
@@ -159,6 +162,8 @@ class LoomConnection(LoomAccess):
         if not file:
             self._file = ClosedFile(self.filename)
             self._point_managers_at(self._file)  # later uses through the managers say so
+        else:
+            forks.watch(self)
         if failure is not None:
             still = "" if not file else "; the file is still open: close() may be tried again"
             raise LoomFileError(f"{self.filename}: writing out the file's last changes failed ({failure}){still}"
@@ -166,8 +171,8 @@ class LoomConnection(LoomAccess):
 
     def flush(self) -> None:
         self._check_open()
-        if forked_copy(self._file) and self._file.mode == "r+":
-            check_writable(self._file, "the file's last changes")  # (refused: see handles.abandon)
+        if forks.inherited(self._file):
+            check_writable(self._file, "the file's last changes")  # (refused: see forks)
         self._file.flush()
 
     def __enter__(self) -> LoomConnection:

@@ -32,6 +32,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from . import forks
 from .errors import LoomError, LoomFileError, LoomFileNotFoundError, LoomFormatError, LoomLockError, LoomValueError
 from .handles import SPARE_BYTES, check_free_space
 from .validator import looks_like_loom
@@ -75,7 +76,8 @@ def check_not_forked_from_writer(path: str) -> None:
     would put back what the parent has since changed, damaging the file."""
     me = os.getpid()
     for connection, (pid, for_writing) in list(_connections.items()):
-        if pid != me and for_writing and not connection.closed and _same_file(path, connection._path):
+        if forks.inherited_path(path) or (pid != me and for_writing and not connection.closed
+                                          and _same_file(path, connection._path)):
             raise LoomFileError(f"{path}: this process was forked from one that has the file open for writing, "
                                 "and HDF5 cannot open it again safely here; start workers with multiprocessing's "
                                 "'spawn' or 'forkserver' method, or fork before opening the file for writing")

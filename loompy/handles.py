@@ -12,6 +12,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from . import forks
 from .errors import LoomFileError
 
 
@@ -37,7 +38,6 @@ class Dims:
 
 
 READ_ONLY = "_loompy_read_only"  # set on the h5py.File of a connection opened with mode 'r'
-OPENED_IN = "_loompy_opened_in"  # and the process that opened it (a forked child must not write it)
 
 
 def writable(file: h5py.File) -> bool:
@@ -69,22 +69,6 @@ class ClosedFile:
 SPARE_BYTES = 2 << 20  # room every in-place write wants besides its own data: HDF5 metadata it writes out
 
 
-def forked_copy(file: h5py.File) -> bool:
-    """Whether ``file`` was opened by the process this one was forked from: HDF5's state of it here
-    (its caches, what it has still to write) is a copy of that process's at the fork."""
-    return getattr(file, OPENED_IN, os.getpid()) != os.getpid()
-
-
-_ABANDONED: list[h5py.File] = []  # forked copies of files open for writing, never closed here
-
-
-def abandon(file: h5py.File) -> None:
-    """Let go of a forked copy of a file open for writing without HDF5 closing it: closing writes
-    out HDF5's state of the file, which here is the parent's as it was at the fork, over what the
-    parent has written since. The handle is kept so that nothing closes it later."""
-    _ABANDONED.append(file)
-
-
 def check_writable(file: h5py.File | None, what: str) -> None:
     """Refuse a write before anything is touched when the file is open read-only (or closed).
     (Room on its disk is asked for once the size of the write is known: :func:`check_room`.)"""
@@ -92,11 +76,11 @@ def check_writable(file: h5py.File | None, what: str) -> None:
         raise LoomFileError(f"cannot write {what}: the connection is closed")
     if file is not None and not writable(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
-    if file is not None and forked_copy(file):
-        raise LoomFileError(f"cannot write {what}: {file.filename} was opened by process {getattr(file, OPENED_IN)}, "
-                            "which this one was forked from, and HDF5's state of the file here is a copy of that "
-                            "process's: writing through it would damage the file (connect in this process instead, "
-                            "once the other has closed it)")
+    if file is not None and forks.inherited(file):
+        raise LoomFileError(f"cannot write {what}: {file.filename} was open for writing in the process this one "
+                            "was forked from, and HDF5's state of the file here is a copy of that process's: writing "
+                            "through it would damage the file (let that process write, or connect in a process "
+                            "started with multiprocessing's 'spawn' method)")
 
 
 def check_room(file: h5py.File, nbytes: int, what: str) -> None:

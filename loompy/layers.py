@@ -73,13 +73,14 @@ def _touched_bytes(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) ->
 class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
-    def __init__(self, name: str, dataset: h5py.Dataset, owner: LayerManager) -> None:
+    def __init__(self, name: str, dataset: h5py.Dataset, owner: LayerManager, state: tuple[int, int]) -> None:
+        """``dataset``: what the manager found at the layer's path in file state ``state`` (taken
+        before it looked: a replacement in another thread meanwhile makes the next use look again)."""
         self.name = name
-        self._path = dataset.name
+        self._path = fmt.layer_path(name)  # (not dataset.name: a swap may be moving it right now)
         self._owner = owner  # the connection's layer manager: its file is the connection's, even reopened
         self._filename = owner._filename
-        # (file state, dataset) last looked up: the manager has just looked this one up and checked it
-        self._known: tuple[Any, h5py.Dataset] = (self._state(owner._file), dataset)
+        self._known: tuple[Any, h5py.Dataset] = (state, dataset)  # (file state, dataset) last looked up
 
     @staticmethod
     def _state(file: h5py.File) -> tuple[int, int]:
@@ -206,10 +207,11 @@ class LayerManager(DotAccess, MutableMapping):
             raise LoomTypeError(f"{self._filename}: layer names are strings, got {type(name).__name__}")
         if not self._file:
             raise LoomFileError(f"{self._filename}: the connection is closed")
+        state = LoomLayer._state(self._file)
         dataset = self._dataset(name)
         if dataset is None:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        return LoomLayer(name, dataset, self)
+        return LoomLayer(name, dataset, self, state)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._dataset(name) is not None

@@ -1420,3 +1420,29 @@ def test_combine_checks_file_attrs_before_opening_its_inputs(small, tmp_path, mo
             combine([path, path], tmp_path / "out.loom", file_attrs=["title"])
         with pytest.raises(ValueError, match="LOOM_SPEC_VERSION"):
             combine([path, path], tmp_path / "out.loom", file_attrs={"LOOM_SPEC_VERSION": "9.9.9"})
+
+
+def test_a_layer_looked_up_as_another_thread_replaces_it_reads_the_new_one(small, monkeypatch):
+    """A layer object made just as another thread replaced the layer kept the old dataset for good
+    (its file state was taken after the lookup), and one made while the old dataset sat in the
+    staging group took that as its path. It now reads the layer by name, looked up again."""
+    from loompy.layers import LayerManager
+
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        ds.layers["L"] = m
+        real, replaced = LayerManager._dataset, []
+
+        def lookup_then_replaced(self, name):
+            found = real(self, name)
+            if name == "L" and not replaced:  # another thread's replacement lands right after the lookup
+                replaced.append(True)
+                ds.layers["L"] = m + 1
+            return found
+
+        monkeypatch.setattr(LayerManager, "_dataset", lookup_then_replaced)
+        layer = ds.layers["L"]
+        monkeypatch.undo()
+        np.testing.assert_array_equal(layer[:, :], m + 1)
+        ds.layers["L"] = m + 2
+        np.testing.assert_array_equal(layer[:, :], m + 2)

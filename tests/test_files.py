@@ -525,26 +525,50 @@ def test_a_process_forked_from_a_writer_is_refused_the_file(tmp_path):
         assert ds.shape == (20, 32) and ds.ca.c[-1] == 31
 
 
-def _use_inherited_connection(ds, queue):
+def _use_inherited_connection(ds, queue, go_on, how_to_end):
+    """A forked child's use of the parent's connection: writes, reads, then (once the parent has
+    written more) reads again and ends as asked."""
     said = []
     for write in (lambda: ds.__setitem__((slice(0, 5), slice(0, 5)), np.zeros((5, 5))),
                   lambda: setattr(ds.ca, "Y", np.arange(30)), lambda: ds.layers.__setitem__("z", np.ones((20, 30))),
-                  lambda: ds.attrs.__setitem__("title", "child"), lambda: ds.flush()):
+                  lambda: ds.attrs.__setitem__("title", "child"), lambda: ds.flush(),
+                  lambda: ds.col_graphs.__setitem__("g", np.eye(30)), lambda: ds.permute(np.arange(30), axis=1)):
         try:
             write()
             said.append("written")
         except loompy.LoomFileError as error:
             said.append(str(error))
     said.append(ds[1, :3].tolist())
-    ds.close()
     queue.put(said)
+    go_on.wait(60)
+    try:  # the parent has changed the file since: reads may fail, but must not write
+        ds[:, :], ds.ca.X, ds.sparse()
+    except loompy.LoomError as error:
+        assert "forked from has changed the file since the fork" in str(error)
+    if how_to_end == "close, connect again":
+        ds.close()
+        try:
+            loompy.connect(ds._path)
+            queue.put("connected again")
+        except loompy.LoomFileError as error:
+            queue.put(str(error))
+    elif how_to_end == "dropped":
+        del ds
+        __import__("gc").collect()
+        queue.put("dropped")
+    else:
+        queue.put("exits")
+    sys.exit(0)  # (a normal exit: HDF5 closes what is still open)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_cannot_write_through_the_parent_s_connection(tmp_path):
+@pytest.mark.parametrize("how_to_end", ["exit", "close, connect again", "dropped"])
+@pytest.mark.parametrize("permuted_first", [False, True])
+def test_a_forked_child_cannot_write_through_the_parent_s_connection(tmp_path, how_to_end, permuted_first):
     """A child forked from a process with a connection open for writing wrote through its copy of
-    HDF5's state of the file, and its close wrote that state out over the parent's later changes.
-    Its writes are refused, naming the file; it may read; its close leaves the file to the parent."""
+    HDF5's state of the file; its reads, exit or close wrote that state out over the parent's later
+    changes (the parent then read "the file is damaged"). Now its writes are refused, naming the
+    file; HDF5's descriptor there is read-only; the parent's file stays as the parent wrote it."""
     import multiprocessing
 
     path = tmp_path / "w.loom"
@@ -552,22 +576,38 @@ def test_a_forked_child_cannot_write_through_the_parent_s_connection(tmp_path):
     loompy.create(path, m, {"g": np.arange(20)}, {"c": np.arange(30)}).close()
     fork = multiprocessing.get_context("fork")
     with loompy.connect(path) as ds:
-        ds.ca.X = np.arange(30) * 3
-        queue = fork.Queue()
-        process = fork.Process(target=_use_inherited_connection, args=(ds, queue))
+        if permuted_first:  # (a whole-file rewrite reopens the file)
+            ds.permute(np.arange(30)[::-1], axis=1)
+            ds.permute(np.arange(30)[::-1], axis=1)
+        ds.ca.X = np.arange(30) * 3  # not yet written out at the fork
+        ds[2, 2] = -2
+        queue, go_on = fork.Queue(), fork.Event()
+        process = fork.Process(target=_use_inherited_connection, args=(ds, queue, go_on, how_to_end))
         process.start()
         said = queue.get(timeout=60)
-        process.join(60)
         assert said[-1] == [30.0, 31.0, 32.0]
         for message in said[:-1]:
-            assert "w.loom was opened by process" in message and "forked" in message, said
-        ds.ca.Z = np.arange(30) * 2  # the parent goes on writing
-        ds[0, 0] = -1
-    with loompy.connect(path, "r") as ds:
-        assert sorted(ds.ca.keys()) == ["X", "Z", "c"] and "z" not in ds.layers and "title" not in ds.attrs
+            assert "w.loom was open for writing in the process this one was forked from" in message, said
+        ds.ca.Z = np.arange(30) * 2  # the parent goes on writing: new chunks and attributes move things
+        ds[0, :] = np.random.default_rng(0).random(30)
+        ds.layers["p"] = m * 2
+        ds.flush()
+        go_on.set()
+        ending = queue.get(timeout=60)
+        process.join(60)
+        assert process.exitcode == 0
+        if how_to_end == "close, connect again":
+            assert "forked from one that has the file open for writing" in ending
         expected = m.copy()
-        expected[0, 0] = -1
+        expected[2, 2] = -2
+        expected[0, :] = np.random.default_rng(0).random(30).astype(np.float32)
+        ds[19, 29] = 7  # and after the child is gone
+        expected[19, 29] = 7
+    with loompy.connect(path, "r") as ds:
+        assert sorted(ds.ca.keys()) == ["X", "Z", "c"] and "title" not in ds.attrs
+        assert sorted(ds.layers.keys()) == ["", "p"] and not len(ds.col_graphs)
         np.testing.assert_array_equal(ds[:, :], expected)
+        np.testing.assert_array_equal(ds.layers["p"][:, :], m * 2)
 
 
 def test_a_staging_group_cut_short_is_never_left_behind(tmp_path, monkeypatch):

@@ -22,6 +22,8 @@ import struct
 import h5py
 import numpy as np
 
+from .. import forks
+
 _LAYOUT = 0x0008  # object header message types used here
 _CONTINUATION = 0x0010
 _SHARED = 0x02  # message flag: the message is stored elsewhere (a layout never is)
@@ -44,7 +46,7 @@ def list_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
         if (f.driver != "sec2" or not hasattr(os, "pread") or fcpl.get_userblock() != 0
                 or fcpl.get_sizes() != (8, 8) or dataset.ndim != 2):
             return None
-        if f.mode != "r":
+        if f.mode != "r" and not forks.inherited(f):
             f.flush()  # HDF5 may hold newer B-tree nodes in its metadata cache
         header = _header_address(dataset)
         fd = f.id.get_vfd_handle()  # the file HDF5 has open (its name may now be another's); not ours to close

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import h5py
 import numpy as np
 
+from .. import forks
 from ..errors import LoomFileError
 from . import btree, codecs
 from .workers import on_worker
@@ -110,7 +111,8 @@ def raw_chunk(dataset: h5py.Dataset, row: int, col: int) -> tuple[int, bytes] | 
 
 def damaged(dataset: h5py.Dataset, error: Exception) -> LoomFileError:
     """The error to raise for a chunk of ``dataset`` that cannot be read (see :class:`~.codecs.DamagedChunk`)."""
-    return LoomFileError(f"{dataset.file.filename}: {dataset.name}: {error}; the file is damaged")
+    return LoomFileError(f"{dataset.file.filename}: {dataset.name}: {error}; the file is damaged"
+                         f"{forks.stale_note(dataset.file)}")
 
 
 def _unallocated(dataset: h5py.Dataset, row: int, col: int) -> bool:
@@ -122,8 +124,9 @@ def _unallocated(dataset: h5py.Dataset, row: int, col: int) -> bool:
 
 
 def refresh(dataset: h5py.Dataset) -> None:
-    """Make writes still in HDF5's chunk cache visible to raw chunk reads."""
-    if dataset.file.mode == "r+":
+    """Make writes still in HDF5's chunk cache visible to raw chunk reads (none are in a file
+    inherited from the process this one was forked from: see :mod:`loompy.forks`)."""
+    if dataset.file.mode == "r+" and not forks.inherited(dataset.file):
         dataset.flush()
 
 
