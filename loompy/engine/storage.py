@@ -296,8 +296,12 @@ def _moved(dataset: h5py.Dataset, index: ChunkIndex) -> bool:
 
 def _kept(dataset: h5py.Dataset, key: tuple) -> ChunkIndex | None:
     """The kept index of ``dataset`` while it still describes it; a stale one (the dataset grew,
-    or chunks moved) is dropped. (Called under ``_lock``.)"""
+    or chunks moved) is dropped. (Called under ``_lock``.) Chunks h5py still holds in its cache
+    (written through another handle of the dataset) are written out first: they may move then,
+    and until then the file holds their old values."""
     index = _cache.get(key)
+    if index is not None:
+        refresh(dataset)
     if index is not None and (index.offset.shape != chunk_grid(dataset) or _moved(dataset, index)):
         del _cache[key]
         return None
