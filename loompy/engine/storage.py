@@ -4,7 +4,7 @@ Two ways to reach a chunk's bytes. ``read_direct_chunk`` asks HDF5 for one chunk
 3.5 us each, holding the GIL). A :class:`ChunkIndex` lists every chunk's file offset, size and filter
 mask, read from HDF5's B-tree in the file (:mod:`.btree`, about 0.3 us per chunk) or else from one
 ``chunk_iter`` pass (about 1.5 us per chunk); with it, worker threads read chunks with
-``os.pread``, which releases the GIL. An index is built once reads have asked for a third of a
+``os.pread``, which releases the GIL. An index is built once reads have asked for a tenth of a
 dataset's chunks and kept until loompy next writes to that dataset (every engine write calls
 :func:`forget` first) or the file is closed (HDF5 numbers each opening of a file afresh), or, in a
 file open for writing, until the file's size or free space has changed (h5py moved chunks, see
@@ -28,7 +28,9 @@ from ..errors import LoomFileError
 from . import btree, codecs
 from .workers import on_worker
 
-INDEX_SHARE = 3  # build an index once a third of a dataset's chunks have been asked for
+INDEX_SHARE = 10  # build an index once a tenth of a dataset's chunks have been asked for: listing
+# costs about 0.3 us a chunk of the dataset, a chunk read through HDF5 2.5-7 us more than through the
+# index (200 single rows of the benchmark matrix: 0.62-0.71 s, against 0.71-0.75 s waiting for a third)
 CACHED_INDEXES = 8  # indexes kept at once (each about 24 bytes per chunk)
 
 
@@ -260,7 +262,7 @@ def _key(dataset: h5py.Dataset) -> tuple:
 def chunk_index(dataset: h5py.Dataset, needed: int) -> ChunkIndex | None:
     """An index for a read of ``needed`` chunks, when one exists or is worth building; else None.
 
-    One is built once reads of the dataset have asked for a third of its chunks in all (a single
+    One is built once reads of the dataset have asked for a tenth of its chunks in all (a single
     large read, or the first batches of a scan), then kept until loompy writes to the dataset
     (:func:`forget`) or the file is closed; :func:`held_index` keeps one around a loop of reads.
     """
