@@ -79,14 +79,14 @@ class LoomConnection(LoomAccess):
             raise
         self.spec_version = spec_version
         files.register(self)
-        forks.watch(self)
+        forks.watch(self, self._file, self._path)
 
     def _reopen(self) -> None:
         """Open the file at this connection's path again for writing (after a whole-file rewrite
         replaced it), into the same managers: objects taken from them before (``ds.ca``, a layer)
         see the new file."""
         self._file = files.open_h5(self._path, "r+", locking=self._locking)
-        forks.watch(self)
+        forks.watch(self, self._file, self._path)
         matrix = self._file.get(fmt.MATRIX)
         self._dims.shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else (0, 0)
         self._point_managers_at(self._file)
@@ -144,8 +144,7 @@ class LoomConnection(LoomAccess):
             return
         file, failure = self._file, None
         if forks.inherited(file):  # (HDF5 closing it here would write its state out: see forks)
-            forks.abandon(file)
-            forks.unwatch(self)
+            engine.forget_file(file)
             self._file = ClosedFile(self.filename)
             self._point_managers_at(self._file)
             return
@@ -163,7 +162,7 @@ class LoomConnection(LoomAccess):
             self._file = ClosedFile(self.filename)
             self._point_managers_at(self._file)  # later uses through the managers say so
         else:
-            forks.watch(self)
+            forks.watch(self, file, self._path)
         if failure is not None:
             still = "" if not file else "; the file is still open: close() may be tried again"
             raise LoomFileError(f"{self.filename}: writing out the file's last changes failed ({failure}){still}"

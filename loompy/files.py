@@ -77,7 +77,7 @@ def check_not_forked_from_writer(path: str) -> None:
     me = os.getpid()
     for connection, (pid, for_writing) in list(_connections.items()):
         if forks.inherited_path(path) or (pid != me and for_writing and not connection.closed
-                                          and _same_file(path, connection._path)):
+                                          and _same_file(path, connection._path)):  # (no fork hooks)
             raise LoomFileError(f"{path}: this process was forked from one that has the file open for writing, "
                                 "and HDF5 cannot open it again safely here; start workers with multiprocessing's "
                                 "'spawn' or 'forkserver' method, or fork before opening the file for writing")
@@ -194,9 +194,13 @@ def replacing(path: str | os.PathLike | bytes, own: Any = None, size: int = 0) -
         with contextlib.ExitStack() as stack:
             stack.callback(_close_quietly, f)  # (should the flusher's start be interrupted: f is closed below)
             flusher = stack.enter_context(_EarlyFlush(tmp))
+            forks.watch(f, f, tmp)
             try:
                 with f:
-                    yield f
+                    try:
+                        yield f
+                    finally:
+                        forks.unwatch(f)  # (before its descriptor goes)
             except (OSError, RuntimeError) as error:  # HDF5's (a full disk): the target is untouched
                 if isinstance(error, LoomError):
                     raise
@@ -218,6 +222,7 @@ def replacing(path: str | os.PathLike | bytes, own: Any = None, size: int = 0) -
 
 def _close_quietly(f: h5py.File) -> None:
     """Close ``f`` if it is still open, whatever HDF5 says: a last resort on the way out of a failure."""
+    forks.unwatch(f)
     with contextlib.suppress(Exception):
         f.close()
 

@@ -6,60 +6,72 @@ size. HDF5 in the child writes that state out whenever it flushes, evicts a cach
 the file (also when the child exits normally), over what the parent has written since, and the
 file is damaged. So, at the fork:
 
-- the parent first writes out what HDF5 holds for each file it has open for writing, so that the
-  child's copy has nothing left to write;
+- the parent first writes out what HDF5 holds for each file it has open for writing (connections
+  and the new files that create, combine and permute write), so that the child's copy has nothing
+  left to write;
 - in the child, HDF5's descriptor of each such file is swapped for a read-only one on the same
-  file: reads work as before, and any write HDF5 attempts there fails instead of landing;
-- loompy refuses every write through such a connection (naming the file), skips the flushes its
-  reads make, and its ``close`` lets go of the file without HDF5 closing it.
-
-The child sees the file as it was at the fork; once the parent changes it, the child's reads may
-fail. Nothing here calls h5py in the child: a lock h5py held in another thread of the parent at
-the fork stays held there.
+  file: reads work as before, and any write HDF5 attempts there fails instead of landing; the
+  handles are kept for good, so that HDF5 never closes them there (it does when the process ends,
+  and that write fails too);
+- loompy refuses every write through them (naming the file), skips the flushes its reads make,
+  refuses to open them again, and refuses matrix reads once the parent has written to the file
+  (its size or modification time changed): HDF5 here would read it as it was at the fork.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from typing import Any
 
 import h5py
 
-_guarded: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # connection -> (fd, number, dev, ino)
-_inherited_numbers: set[int] = set()  # HDF5's numbers of the files this process inherited open for writing
-_inherited_files: set[tuple[int, int]] = set()  # and their (device, inode)
-_abandoned: list[h5py.File] = []  # inherited files let go of without HDF5 closing them
+from .errors import LoomFileError
+
+# owner (a connection, or the h5py file being written) -> (file, fd or None, number, device, inode)
+_watched: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_lock = threading.Lock()  # taken around the fork: no thread is changing _watched as it is copied
+_inherited: dict[int, tuple[int | None, int, int]] = {}  # HDF5's file number -> (fd, size, mtime) at the fork
+_inherited_files: set[tuple[int, int]] = set()  # (device, inode) of the files inherited open for writing
+_kept: list[Any] = []  # (only where the interpreter's own reference counting cannot be used)
 
 
-def watch(connection: Any) -> None:
-    """Note how to reach the HDF5 descriptor of a connection's file at a fork (open for writing, in
-    HDF5's default driver); called when it opens or reopens its file."""
-    file = connection._file
-    _guarded.pop(connection, None)
-    if file.mode != "r+" or file.driver != "sec2":
+def watch(owner: Any, file: h5py.File, path: str) -> None:
+    """Note a file open for writing (``owner`` holds it at ``path``), so that a fork protects it;
+    called when it is opened or reopened. Files open read-only need nothing."""
+    if file.mode != "r+":
+        unwatch(owner)
         return
+    fd = None
     try:
-        fd = file.id.get_vfd_handle()
-        found = os.fstat(fd)
+        if file.driver == "sec2":
+            fd = file.id.get_vfd_handle()
+            found = os.fstat(fd)
+        else:
+            found = os.stat(path)
+        entry = (file, fd, file.id.fileno, found.st_dev, found.st_ino)
     except (OSError, ValueError, RuntimeError, AttributeError):
+        unwatch(owner)
         return
-    _guarded[connection] = (fd, file.id.fileno, found.st_dev, found.st_ino)
+    with _lock:
+        _watched[owner] = entry
 
 
-def unwatch(connection: Any) -> None:
-    """The connection's file is closed: its descriptor may now be another file's."""
-    _guarded.pop(connection, None)
+def unwatch(owner: Any) -> None:
+    """``owner``'s file is about to be closed: its descriptor may then be another file's."""
+    with _lock:
+        _watched.pop(owner, None)
 
 
 def inherited(file: h5py.File) -> bool:
     """Whether ``file`` is one this process inherited open for writing from the process it was forked from."""
-    return bool(_inherited_numbers) and file.id.fileno in _inherited_numbers
+    return bool(_inherited) and file.id.fileno in _inherited
 
 
 def inherited_path(path: str) -> bool:
     """Whether ``path`` names a file this process inherited open for writing (HDF5 here would hand
-    that inherited file over to a new connection)."""
+    that inherited file over to a new opening of it)."""
     if not _inherited_files:
         return False
     try:
@@ -69,57 +81,73 @@ def inherited_path(path: str) -> bool:
     return (found.st_dev, found.st_ino) in _inherited_files
 
 
-def abandon(file: h5py.File) -> None:
-    """Let go of an inherited file without HDF5 closing it (which would write its state out)."""
-    _keep_forever(file)
-
-
-def _keep_forever(file: h5py.File) -> None:
-    """Hold a reference to ``file``'s HDF5 handle that nothing drops, not even the interpreter's
-    shutdown: dropping the last one closes the file, and here that write fails (and is reported at
-    exit). HDF5 itself lets go of it when the process ends, silently."""
+def check_unchanged(file: h5py.File) -> None:
+    """Refuse to read an inherited file that the parent has written to since the fork."""
+    fd, size, mtime = _inherited[file.id.fileno]
     try:
-        import ctypes
-
-        ctypes.pythonapi.Py_IncRef(ctypes.py_object(file.id))
-    except (ImportError, AttributeError, OSError):  # (then only this module's list holds it)
-        _abandoned.append(file)
-
-
-def stale_note(file: h5py.File) -> str:
-    """What to add to a message about an unreadable part of ``file`` when it is an inherited one."""
-    if not inherited(file):
-        return ""
-    return (" (or the process this one was forked from has changed the file since the fork: here HDF5 "
-            "sees it as it was then)")
+        now = os.fstat(fd) if fd is not None else os.stat(file.filename)
+    except OSError:
+        return
+    if (now.st_size, now.st_mtime_ns) != (size, mtime):
+        raise LoomFileError(f"{file.filename}: the process this one was forked from has written to the file since "
+                            "the fork, and HDF5 here would read it as it was then (connect in a process started "
+                            "with multiprocessing's 'spawn' method to read it as it is)")
 
 
 def _before_fork() -> None:
-    for connection in list(_guarded):
+    _lock.acquire()
+    for file, *_ in list(_watched.values()):
         try:
-            connection._file.flush()
+            file.flush()
         except Exception:  # (a failing flush is reported by the parent's own next flush or close)
             pass
 
 
-def _in_child() -> None:
-    for connection, (fd, number, dev, ino) in list(_guarded.items()):
-        _inherited_numbers.add(number)
+def _after_in_parent() -> None:
+    _lock.release()
+
+
+def _after_in_child() -> None:
+    global _lock
+    _lock = threading.Lock()  # (the parent's is held by the forking thread, which is this one)
+    for file, fd, number, dev, ino in list(_watched.values()):
         _inherited_files.add((dev, ino))
-        _keep_forever(connection._file)  # (a connection dropped unclosed must not let HDF5 close it)
-        try:
-            reading = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY) if os.path.isdir("/proc/self/fd") \
-                else os.open(connection._path, os.O_RDONLY)
+        _keep_forever(file)
+        state: tuple[int | None, int, int] = (fd, -1, -1)
+        if fd is not None:
             try:
-                found = os.fstat(reading)
-                if (found.st_dev, found.st_ino) == (dev, ino):
-                    os.dup2(reading, fd)
-            finally:
-                os.close(reading)
-        except OSError:  # (loompy still refuses to write; HDF5 keeps its writable descriptor)
-            pass
-    _guarded.clear()
+                found = os.fstat(fd)
+                state = (fd, found.st_size, found.st_mtime_ns)
+                _read_only(fd, dev, ino)
+            except OSError:  # (loompy still refuses to write; HDF5 keeps its writable descriptor)
+                pass
+        _inherited[number] = state
+    _watched.clear()
+
+
+def _read_only(fd: int, dev: int, ino: int) -> None:
+    """Put a read-only descriptor of the same file in place of ``fd``."""
+    where = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}"
+    reading = os.open(where, os.O_RDONLY)
+    try:
+        found = os.fstat(reading)
+        if (found.st_dev, found.st_ino) == (dev, ino):
+            os.dup2(reading, fd)
+    finally:
+        os.close(reading)
+
+
+def _keep_forever(file: h5py.File) -> None:
+    """Hold a reference to ``file``'s HDF5 handle that nothing drops, not even the interpreter's
+    shutdown: dropping the last one makes HDF5 close the file, whose write here fails (and is
+    reported at exit). HDF5 itself lets go of it when the process ends, silently."""
+    try:
+        import ctypes
+
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(file.id))
+    except (ImportError, AttributeError, OSError):
+        _kept.append(file)
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(before=_before_fork, after_in_child=_in_child)
+    os.register_at_fork(before=_before_fork, after_in_parent=_after_in_parent, after_in_child=_after_in_child)

@@ -56,6 +56,7 @@ def test_the_b_tree_lists_what_hdf5_lists(tmp_path, libver, track_order, attrs, 
         d.resize((shape[0] + 70, shape[1]))
         d[-1, :] = 3
         d[0, :2] = 5
+        storage.refresh(d)  # (what callers do first: HDF5 writes out its caches, B-tree nodes too)
         table = btree.list_chunks(d)
         np.testing.assert_array_equal(sorted_rows(table), hdf5_listing(d))
 
@@ -152,4 +153,24 @@ def test_a_b_tree_hdf5_itself_cannot_count_is_left_to_hdf5():
     with h5py.File(Path(__file__).parent / "data" / "damaged_btree.h5", "r") as f:
         with pytest.raises(RuntimeError):
             f["m"].id.get_num_chunks()
+        assert btree.list_chunks(f["m"]) is None
+
+
+def test_a_chunk_position_past_every_signed_number_is_not_taken(tmp_path):
+    """Positions were checked as signed numbers: a damaged key of 2**64 - 8 became -8, passed, and
+    named chunk column -1 (another chunk's place in the index)."""
+    path = make(tmp_path / "f.h5", shape=(64, 64), chunks=(8, 8))  # 64 chunks: the root is the only leaf
+    with h5py.File(path, "r") as f:
+        assert btree.list_chunks(f["m"]) is not None
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            root = btree._btree_address(fd, btree._header_address(f["m"]), os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+    with open(path, "r+b") as raw:
+        raw.seek(root)
+        assert raw.read(6)[5] == 0  # (a leaf)
+        raw.seek(root + 24 + 8 + 8)  # the first key's position along the columns
+        raw.write((2**64 - 8).to_bytes(8, "little"))
+    with h5py.File(path, "r") as f:
         assert btree.list_chunks(f["m"]) is None

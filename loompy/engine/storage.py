@@ -113,8 +113,7 @@ def raw_chunk(dataset: h5py.Dataset, row: int, col: int) -> tuple[int, bytes] | 
 
 def damaged(dataset: h5py.Dataset, error: Exception) -> LoomFileError:
     """The error to raise for a chunk of ``dataset`` that cannot be read (see :class:`~.codecs.DamagedChunk`)."""
-    return LoomFileError(f"{dataset.file.filename}: {dataset.name}: {error}; the file is damaged"
-                         f"{forks.stale_note(dataset.file)}")
+    return LoomFileError(f"{dataset.file.filename}: {dataset.name}: {error}; the file is damaged")
 
 
 def _unallocated(dataset: h5py.Dataset, row: int, col: int) -> bool:
@@ -126,9 +125,15 @@ def _unallocated(dataset: h5py.Dataset, row: int, col: int) -> bool:
 
 
 def refresh(dataset: h5py.Dataset) -> None:
-    """Make writes still in HDF5's chunk cache visible to raw chunk reads (none are in a file
-    inherited from the process this one was forked from: see :mod:`loompy.forks`)."""
-    if dataset.file.mode == "r+" and not forks.inherited(dataset.file):
+    """Make writes still in HDF5's chunk cache (and its index) visible to raw chunk reads. In a file
+    inherited from the process this one was forked from, refuse instead if that process has written
+    to it since (see :mod:`loompy.forks`)."""
+    file = dataset.file
+    if file.mode != "r+":
+        return
+    if forks.inherited(file):
+        forks.check_unchanged(file)
+    else:
         dataset.flush()
 
 
@@ -159,6 +164,7 @@ def _listing(dataset: h5py.Dataset) -> np.ndarray | None:
 
 def stored_chunks(dataset: h5py.Dataset) -> np.ndarray | bool:
     """Which chunks have been written, by (chunk row, chunk column); False when HDF5 cannot list them."""
+    refresh(dataset)
     table = _listing(dataset)
     if table is None:
         return False
@@ -298,12 +304,9 @@ def _moved(dataset: h5py.Dataset, index: ChunkIndex) -> bool:
 
 def _kept(dataset: h5py.Dataset, key: tuple) -> ChunkIndex | None:
     """The kept index of ``dataset`` while it still describes it; a stale one (the dataset grew,
-    or chunks moved) is dropped. (Called under ``_lock``.) Chunks h5py still holds in its cache
-    (written through another handle of the dataset) are written out first: they may move then,
-    and until then the file holds their old values."""
+    or chunks moved) is dropped. (Called under ``_lock``, after :func:`refresh`: chunks h5py still
+    holds in its cache, written through another handle of the dataset, move as they are written out.)"""
     index = _cache.get(key)
-    if index is not None:
-        refresh(dataset)
     if index is not None and (index.offset.shape != chunk_grid(dataset) or _moved(dataset, index)):
         del _cache[key]
         return None
@@ -456,6 +459,7 @@ def held_index(dataset: h5py.Dataset) -> Iterator[None]:
     run on the engine's workers, which take no turn of their own."""
     key = _key(dataset)
     with reading(dataset):
+        refresh(dataset)
         with _lock:  # (threads reading one dataset at once: the first one holds it for all)
             mine = key not in _held and chunk_layout(dataset) is not None
             if mine:
