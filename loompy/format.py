@@ -156,7 +156,8 @@ def get_loom_spec_version(f: h5py.File) -> str:
 
 def compare_loom_spec_version(f: h5py.File, version: str) -> int:
     """-1, 0 or 1 as the file's spec version is below, equal to or above ``version`` (loompy 3's
-    helper), compared number by number ("3.0.10" is above "3.0.9")."""
+    helper), compared number by number ("3.0.10" is above "3.0.9"); LoomValueError (a ValueError,
+    as loompy 3 raised) when either is not a version number."""
     def numbers(text: Any, what: str) -> list[int]:
         parts = text.strip().split(".") if isinstance(text, str) else None  # (int() took spaces too)
         if not parts or not all(part.isascii() and part.isdigit() for part in parts):

@@ -69,8 +69,8 @@ def _counts(matrix: sp.spmatrix) -> sp.csc_matrix:
 
 @contextmanager
 def _reading(path: Path) -> Iterator[Path]:
-    """Give ``path`` to read; the errors gzip, Matrix Market, text decoding or HDF5 raise on a
-    malformed file become one that names it."""
+    """Around the reading of ``path``: the errors gzip, Matrix Market, text decoding or HDF5 raise
+    on a malformed file become one that names it."""
     try:
         yield path
     except LoomError:
@@ -288,7 +288,7 @@ def _sample_folder(path: Path) -> Path:
     return path.parent if path.name == "outs" else path
 
 
-def _cell_id_list(selected_cellids: Any, where: Path) -> list[str]:
+def _cell_id_list(selected_cellids: Any, where: str | os.PathLike) -> list[str]:
     """``selected_cellids`` as a list of cell ids, checked before anything is read: one id given as
     text, a mask or numbers would select nothing, or the wrong cells."""
     if isinstance(selected_cellids, (str, bytes)) or not isinstance(selected_cellids, Iterable):

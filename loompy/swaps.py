@@ -24,6 +24,11 @@ import numpy as np
 
 from .errors import LoomFileError
 
+try:  # the lock h5py takes around every HDF5 call (reentrant): held, no other thread uses HDF5
+    from h5py._objects import phil as _h5py_lock
+except ImportError:  # pragma: no cover - a later h5py; readers may then see a name missing briefly
+    _h5py_lock = contextlib.nullcontext()
+
 STAGING = "loompy_swap"  # root group of values being swapped in or out
 _MARK = "loompy_staging"  # its HDF5 attribute: the group is loompy's
 _OLD_ATTR = "attr:"  # a spec-2 global attribute's old value, kept on the staging group while replaced
@@ -176,10 +181,6 @@ def drop_references(obj: h5py.HLObject) -> None:
 
 
 _swapping = threading.RLock()  # one replacement at a time: threads share the staging group's names
-try:  # the lock h5py takes around every HDF5 call (reentrant): held, no other thread uses HDF5
-    from h5py._objects import phil as _h5py_lock
-except ImportError:  # pragma: no cover - a later h5py; readers may then see a name missing briefly
-    _h5py_lock = contextlib.nullcontext()
 
 
 def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:
