@@ -23,6 +23,16 @@ def hdf5_listing(dataset: h5py.Dataset) -> np.ndarray:
     return sorted_rows(table)
 
 
+def root_address(path) -> int:
+    """Where the B-tree of dataset ``m`` of the file at ``path`` starts."""
+    with h5py.File(path, "r") as f:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return btree._btree_address(fd, btree._header_address(f["m"]), os.fstat(fd).st_size)
+        finally:
+            os.close(fd)
+
+
 def sorted_rows(table: np.ndarray) -> np.ndarray:
     return table[np.lexsort((table[:, 1], table[:, 0]))]
 
@@ -80,9 +90,9 @@ def test_a_tree_of_several_levels(tmp_path):
         table = btree.list_chunks(d)
         np.testing.assert_array_equal(sorted_rows(table), hdf5_listing(d))
         assert table.shape[0] == 9000
-        with open(path, "rb") as raw:
-            raw.seek(btree._btree_address(os.open(path, os.O_RDONLY), btree._header_address(d), 1 << 40))
-            assert raw.read(6)[5] >= 2  # the root's level
+    with open(path, "rb") as raw:
+        raw.seek(root_address(path))
+        assert raw.read(6)[5] >= 2  # the root's level
 
 
 def test_the_header_address_is_the_one_hdf5_reports(tmp_path):
@@ -95,11 +105,7 @@ def test_a_damaged_node_leaves_the_listing_to_hdf5(tmp_path):
     path = make(tmp_path / "f.h5", shape=(640, 640), chunks=(8, 8))
     with h5py.File(path, "r") as f:
         expected = hdf5_listing(f["m"])
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            root = btree._btree_address(fd, btree._header_address(f["m"]), os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+    root = root_address(path)
     with open(path, "r+b") as raw:
         raw.seek(root)
         raw.write(b"EERT")
@@ -162,11 +168,7 @@ def test_a_chunk_position_past_every_signed_number_is_not_taken(tmp_path):
     path = make(tmp_path / "f.h5", shape=(64, 64), chunks=(8, 8))  # 64 chunks: the root is the only leaf
     with h5py.File(path, "r") as f:
         assert btree.list_chunks(f["m"]) is not None
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            root = btree._btree_address(fd, btree._header_address(f["m"]), os.fstat(fd).st_size)
-        finally:
-            os.close(fd)
+    root = root_address(path)
     with open(path, "r+b") as raw:
         raw.seek(root)
         assert raw.read(6)[5] == 0  # (a leaf)
