@@ -14,7 +14,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import encoding
+from . import encoding, forks
 from . import format as fmt
 from .errors import LoomAttributeError, LoomKeyError, LoomValueError
 from .handles import Dims, approximate_nbytes, check_room, check_writable
@@ -109,6 +109,7 @@ class AttributeManager(DotAccess, MutableMapping):
             if key not in self._cache:
                 if key not in self._names:
                     raise LoomKeyError(f"{self._where} '{key}' does not exist")
+                forks.check_current(self._file)
                 self._cache[key] = encoding.read_values(self._group[key], self._legacy)
             return self._cache[key]
         if isinstance(key, tuple) and key and all(isinstance(k, str) for k in key):

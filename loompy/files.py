@@ -78,9 +78,10 @@ def check_not_forked_from_writer(path: str) -> None:
     for connection, (pid, for_writing) in list(_connections.items()):
         if forks.inherited_path(path) or (pid != me and for_writing and not connection.closed
                                           and _same_file(path, connection._path)):  # (no fork hooks)
-            raise LoomFileError(f"{path}: this process was forked from one that has the file open for writing, "
-                                "and HDF5 cannot open it again safely here; start workers with multiprocessing's "
-                                "'spawn' or 'forkserver' method, or fork before opening the file for writing")
+            raise LoomFileError(f"{path}: this process was forked from one that had the file open for writing, "
+                                "and HDF5 cannot open it again safely here: have that process close the file (or "
+                                "open it read-only) before it starts workers, with any start method, and connect in "
+                                "each worker")
 
 
 def _writers_here(target: str, own: Any) -> int:

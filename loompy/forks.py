@@ -14,8 +14,9 @@ file is damaged. So, at the fork:
   handles are kept for good, so that HDF5 never closes them there (it does when the process ends,
   and that write fails too);
 - loompy refuses every write through them (naming the file), skips the flushes its reads make,
-  refuses to open them again, and refuses matrix reads once the parent has written to the file
-  (its size or modification time changed): HDF5 here would read it as it was at the fork.
+  refuses to open them again, and refuses reads of the matrix, layers, attributes and graphs not
+  read before once the parent has written to the file (its size or modification time changed):
+  HDF5 here would read it as it was at the fork.
 """
 
 from __future__ import annotations
@@ -81,6 +82,13 @@ def inherited_path(path: str) -> bool:
     return (found.st_dev, found.st_ino) in _inherited_files
 
 
+def check_current(file: h5py.File) -> None:
+    """Before values are read from ``file``: refuse when it is an inherited one that the parent has
+    written to since the fork (see :func:`check_unchanged`)."""
+    if inherited(file):
+        check_unchanged(file)
+
+
 def check_unchanged(file: h5py.File) -> None:
     """Refuse to read an inherited file that the parent has written to since the fork."""
     fd, size, mtime = _inherited[file.id.fileno]
@@ -90,8 +98,8 @@ def check_unchanged(file: h5py.File) -> None:
         return
     if (now.st_size, now.st_mtime_ns) != (size, mtime):
         raise LoomFileError(f"{file.filename}: the process this one was forked from has written to the file since "
-                            "the fork, and HDF5 here would read it as it was then (connect in a process started "
-                            "with multiprocessing's 'spawn' method to read it as it is)")
+                            "the fork, and HDF5 here would read it as it was then (to read it as it is, have that "
+                            "process close the file before it starts workers, and connect in each worker)")
 
 
 def _before_fork() -> None:

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
+from . import forks, swaps
 from . import format as fmt
-from . import swaps
 from .attributes import DotAccess, last_written
 from .encoding import refuse_masked
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
@@ -140,6 +140,7 @@ class GraphManager(DotAccess, MutableMapping):
         if self._file is None:
             return self._memory[name]
         n = self._dims.shape[self.axis]
+        forks.check_current(self._file)
         a, b, w, problems = read_edges(self._group[name], n)
         if problems:
             raise LoomFormatError(f"{self._where} '{name}': " + "; ".join(problems))

@@ -79,8 +79,8 @@ def check_writable(file: h5py.File | None, what: str) -> None:
     if file is not None and forks.inherited(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} was open for writing in the process this one "
                             "was forked from, and HDF5's state of the file here is a copy of that process's: writing "
-                            "through it would damage the file (let that process write, or connect in a process "
-                            "started with multiprocessing's 'spawn' method)")
+                            "through it would damage the file (let that process write, or have it close the file "
+                            "before it starts workers, and connect in each worker)")
 
 
 def check_room(file: h5py.File, nbytes: int, what: str) -> None:

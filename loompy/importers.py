@@ -227,6 +227,9 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
                 found = found or data
     if found is not None:
         return found
+    if root.is_file():
+        raise LoomValueError(f"{root}: not a Cell Ranger .h5 file (it holds a group 'matrix', or one per genome, "
+                             "with data, indices, indptr and shape)")
     raise LoomValueError(f"{root}: no 10x Genomics matrix found (looked for a Matrix Market folder with "
                          "matrix.mtx, barcodes.tsv and genes.tsv/features.tsv, or a Cell Ranger .h5 file, "
                          "also below outs/)")
@@ -297,10 +300,10 @@ def _cell_id_list(selected_cellids: Any, where: str | os.PathLike) -> list[str]:
     ids = list(selected_cellids)
     if not ids:
         raise LoomValueError(f"{where}: selected_cellids is empty (no cell would be imported)")
-    odd = next((v for v in ids if not isinstance(v, (str, np.str_))), None)
-    if odd is not None:
+    odd = [v for v in ids if not isinstance(v, (str, np.str_))]  # (None among them too)
+    if odd:
         raise LoomTypeError(f"{where}: selected_cellids must be a list of cell ids (sample:barcode), "
-                            f"not of {type(odd).__name__} such as {odd!r}")
+                            f"not of {type(odd[0]).__name__} such as {odd[0]!r}")
     return [str(v) for v in ids]
 
 
@@ -315,8 +318,9 @@ def _selected(cell_ids: np.ndarray, selected_cellids: list[str], where: Path) ->
                              f"sample{example}")
     missing = wanted.difference(cell_ids.tolist())
     if missing:
-        warnings.warn(f"{where}: {len(missing)} of the selected_cellids are not cell ids of this sample "
-                      f"(e.g. '{sorted(missing)[0]}'); the {int(keep.sum())} found are imported", stacklevel=3)
+        warnings.warn(f"{where}: {len(missing)} of the {len(wanted)} selected_cellids "
+                      f"{'is' if len(missing) == 1 else 'are'} not a cell id of this sample (e.g. "
+                      f"'{sorted(missing)[0]}'); the {int(keep.sum())} found are imported", stacklevel=3)
     return keep
 
 

@@ -315,7 +315,7 @@ def test_selected_cellids_that_match_nothing_are_refused_and_missing_ones_named(
     with pytest.raises(ValueError, match="none of the 2 selected_cellids.*s3:AAACCCAAGGAGAGTA-1"):
         loompy.create_from_cellranger(sample, tmp_path, selected_cellids=["AAACCCAAGGAGAGTA-1", "x"])
     assert not (tmp_path / "s3.loom").exists()
-    with pytest.warns(UserWarning, match="1 of the selected_cellids.*'s3:nope'"):
+    with pytest.warns(UserWarning, match="1 of the 2 selected_cellids is not a cell id.*'s3:nope'"):
         path = loompy.create_from_cellranger(sample, tmp_path, selected_cellids=["s3:AAACCCAAGGAGAGTA-1", "s3:nope"])
     with loompy.connect(path, "r") as ds:
         assert list(ds.ca.CellID) == ["s3:AAACCCAAGGAGAGTA-1"]
@@ -398,7 +398,7 @@ def test_a_malformed_10x_source_is_refused_naming_its_file(tmp_path, damage):
 
 
 @pytest.mark.parametrize("selection", ["s3:AAACCCAAGGAGAGTA-1", b"s3:AAACCCAAGGAGAGTA-1", [True, False],
-                                       np.ones(3, dtype=bool), [1, 2], 5])
+                                       np.ones(3, dtype=bool), [1, 2], 5, ["s3:AAACCCAAGGAGAGTA-1", None]])
 def test_selected_cellids_that_are_not_a_list_of_ids_are_refused_before_reading(tmp_path, selection, monkeypatch):
     sample = tmp_path / "s3"
     shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
@@ -422,6 +422,9 @@ def test_a_truncated_h5_and_an_empty_selection_are_refused_naming_the_file(tmp_p
     source.write_bytes(data[:len(data) // 2])
     with pytest.raises(loompy.LoomValueError, match=f"{source}: not a readable 10x Genomics matrix"):
         loompy.create_from_cellranger(source, tmp_path / "out")
+    (tmp_path / "empty.h5").write_bytes(b"not HDF5 at all")
+    with pytest.raises(loompy.LoomValueError, match="empty.h5: not a Cell Ranger .h5 file"):
+        loompy.create_from_cellranger(tmp_path / "empty.h5", tmp_path / "out")
     sample = tmp_path / "s3"
     shutil.copytree(CR3 / "filtered_feature_bc_matrix", sample / "outs" / "filtered_feature_bc_matrix")
     with pytest.raises(ValueError, match="selected_cellids is empty"):
