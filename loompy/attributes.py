@@ -17,7 +17,7 @@ import numpy as np
 from . import encoding, forks
 from . import format as fmt
 from .errors import LoomAttributeError, LoomKeyError, LoomValueError
-from .handles import Dims, approximate_nbytes, check_room, check_writable
+from .handles import Dims, approximate_nbytes, check_deletable, check_room, check_writable
 from .indexing import AXIS_NAMES, select_axis
 
 
@@ -191,9 +191,7 @@ class AttributeManager(DotAccess, MutableMapping):
     def __delitem__(self, name: str) -> None:
         if name not in self._names:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
-        check_writable(self._file, f"{self._where} '{name}'")
-        if self._file is not None:  # (a delete rewrites some of HDF5's metadata)
-            check_room(self._file, 0, f"{self._where} '{name}'")
+        check_deletable(self._file, f"{self._where} '{name}'")
         group = self._group
         if group is not None and name in group:
             del group[name]
@@ -257,8 +255,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be deleted")
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
-        check_writable(self._file, f"{self._where} '{name}'")
-        check_room(self._file, 0, f"{self._where} '{name}'")  # (a delete rewrites some of HDF5's metadata)
+        check_deletable(self._file, f"{self._where} '{name}'")
         if self._in_group:
             del self._file[fmt.GLOBAL_ATTRS][name]
             fmt.touch(self._file[fmt.GLOBAL_ATTRS])

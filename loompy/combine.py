@@ -25,7 +25,7 @@ from .files import check_not_input, replacing
 from .graphs import renumber_graph, store_graph
 from .growing import align_rows
 from .handles import check_writable
-from .indexing import batch_count, positions
+from .indexing import batch_count, permutation, positions
 from .joining import differing_globals, join_values, per_column
 
 
@@ -382,14 +382,7 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     axis = ds._axis(axis)
     check_writable(ds._file, f"{ds.filename}: a permutation")
     length = ds.shape[axis]
-    order = np.asarray(ordering)
-    if order.shape == (length, 1):  # a column vector, as loompy 3 takes it
-        order = order.ravel()
-    if order.dtype.kind not in "iu" or order.shape != (length,) or \
-            not np.array_equal(np.sort(order), np.arange(length)):
-        raise LoomValueError(f"{ds.filename}: ordering must be a permutation of 0..{length - 1} "
-                             f"(got shape {order.shape}, dtype {order.dtype})")
-    order = order.astype(np.int64)
+    order = permutation(ordering, length, ds.filename)
     inverse = np.empty(length, dtype=np.int64)
     inverse[order] = np.arange(length)
     f = ds._file

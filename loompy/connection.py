@@ -143,30 +143,33 @@ class LoomConnection(LoomAccess):
         if not self._file:
             return
         file, failure = self._file, None
+        engine.forget_file(file)
         if forks.inherited(file):  # (HDF5 closing it here would write its state out: see forks)
-            engine.forget_file(file)
-            self._file = ClosedFile(self.filename)
-            self._point_managers_at(self._file)
+            self._let_go()
             return
         try:
             file.flush()
         except Exception as error:
             failure = error
-        engine.forget_file(file)
         forks.unwatch(self)  # (before its descriptor goes: another file may get the number)
         try:
             file.close()
         except Exception as error:
             failure = failure or error
         if not file:
-            self._file = ClosedFile(self.filename)
-            self._point_managers_at(self._file)  # later uses through the managers say so
+            self._let_go()
         else:
             forks.watch(self, file, self._path)
         if failure is not None:
             still = "" if not file else "; the file is still open: close() may be tried again"
             raise LoomFileError(f"{self.filename}: writing out the file's last changes failed ({failure}){still}"
                                 ) from failure
+
+    def _let_go(self) -> None:
+        """The file is closed (or, inherited from the process this one was forked from, left open
+        for good): later uses, also through the managers, say the connection is closed."""
+        self._file = ClosedFile(self.filename)
+        self._point_managers_at(self._file)
 
     def flush(self) -> None:
         self._check_open()

@@ -53,35 +53,13 @@ def target_path(path: str | os.PathLike | bytes) -> str:
     return os.path.realpath(os.path.expanduser(text))
 
 
-# every LoomConnection opened in this process (or, after a fork, in its parent): the process that
-# opened it, and whether for writing
+# every LoomConnection opened in this process (or, after a fork, in its parent): the process that opened it
 _connections: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def register(connection: Any) -> None:
     """Note an open connection, so that rewrites of its file know it is there."""
-    _connections[connection] = (os.getpid(), connection.mode == "r+")
-
-
-def _same_file(path: str, other: str) -> bool:
-    try:
-        return os.path.samefile(path, other)
-    except OSError:
-        return False
-
-
-def check_not_forked_from_writer(path: str) -> None:
-    """Refuse to open ``path`` in a process forked from one that has it open for writing: HDF5 here
-    would hand over the parent's open file, which it inherited, and its closing (or later writes)
-    would put back what the parent has since changed, damaging the file."""
-    me = os.getpid()
-    for connection, (pid, for_writing) in list(_connections.items()):
-        if forks.inherited_path(path) or (pid != me and for_writing and not connection.closed
-                                          and _same_file(path, connection._path)):  # (no fork hooks)
-            raise LoomFileError(f"{path}: this process was forked from one that had the file open for writing, "
-                                "and HDF5 cannot open it again safely here: have that process close the file (or "
-                                "open it read-only) before it starts workers, with any start method, and connect in "
-                                "each worker")
+    _connections[connection] = os.getpid()
 
 
 def _writers_here(target: str, own: Any) -> int:
@@ -91,7 +69,7 @@ def _writers_here(target: str, own: Any) -> int:
     except OSError:
         return 0
     count = 0
-    for connection, (pid, _) in list(_connections.items()):
+    for connection, pid in list(_connections.items()):
         if connection is own or pid != os.getpid() or connection.closed or connection.mode != "r+":
             continue
         try:
@@ -411,7 +389,7 @@ def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = No
         raise LoomFileError(f"{path}: is a folder, not a Loom file")
     if os.path.getsize(path) == 0:  # HDF5 would write a header into it when opening it for writing
         raise LoomFileError(f"{path}: the file is empty, not a Loom file")
-    check_not_forked_from_writer(path)
+    forks.refuse_inherited(path)
     kwargs: dict[str, Any] = {}
     if locking is not None:
         kwargs["locking"] = locking

@@ -30,10 +30,11 @@ import h5py
 
 from .errors import LoomFileError
 
-# owner (a connection, or the h5py file being written) -> (file, fd or None, number, device, inode)
+# owner (a connection, or the h5py file being written) -> (file, path, fd or None, number, device, inode)
 _watched: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _lock = threading.Lock()  # taken around the fork: no thread is changing _watched as it is copied
-_inherited: dict[int, tuple[int | None, int, int]] = {}  # HDF5's file number -> (fd, size, mtime) at the fork
+# HDF5's number of each file inherited open for writing -> (path, fd, its size and modification time at the fork)
+_inherited: dict[int, tuple[str, int | None, tuple[int, int] | None]] = {}
 _inherited_files: set[tuple[int, int]] = set()  # (device, inode) of the files inherited open for writing
 _kept: list[Any] = []  # (only where the interpreter's own reference counting cannot be used)
 
@@ -51,7 +52,7 @@ def watch(owner: Any, file: h5py.File, path: str) -> None:
             found = os.fstat(fd)
         else:
             found = os.stat(path)
-        entry = (file, fd, file.id.fileno, found.st_dev, found.st_ino)
+        entry = (file, path, fd, file.id.fileno, found.st_dev, found.st_ino)
     except (OSError, ValueError, RuntimeError, AttributeError):
         unwatch(owner)
         return
@@ -70,16 +71,20 @@ def inherited(file: h5py.File) -> bool:
     return bool(_inherited) and file.id.fileno in _inherited
 
 
-def inherited_path(path: str) -> bool:
-    """Whether ``path`` names a file this process inherited open for writing (HDF5 here would hand
-    that inherited file over to a new opening of it)."""
+def refuse_inherited(path: str) -> None:
+    """Refuse to open ``path`` when it names a file this process inherited open for writing: HDF5
+    here would hand over that inherited file, with the parent's state of it at the fork."""
     if not _inherited_files:
-        return False
+        return
     try:
         found = os.stat(path)
     except OSError:
-        return False
-    return (found.st_dev, found.st_ino) in _inherited_files
+        return
+    if (found.st_dev, found.st_ino) in _inherited_files:
+        raise LoomFileError(f"{path}: this process was forked from one that had the file open for writing, "
+                            "and HDF5 cannot open it again safely here: have that process close the file (or "
+                            "open it read-only) before it starts workers, with any start method, and connect in "
+                            "each worker")
 
 
 def check_current(file: h5py.File) -> None:
@@ -89,14 +94,20 @@ def check_current(file: h5py.File) -> None:
         check_unchanged(file)
 
 
+def _state(path: str, fd: int | None) -> tuple[int, int] | None:
+    """What changes when a file is written to: its size and modification time (None: unknown)."""
+    try:
+        found = os.fstat(fd) if fd is not None else os.stat(path)
+    except OSError:
+        return None
+    return found.st_size, found.st_mtime_ns
+
+
 def check_unchanged(file: h5py.File) -> None:
     """Refuse to read an inherited file that the parent has written to since the fork."""
-    fd, size, mtime = _inherited[file.id.fileno]
-    try:
-        now = os.fstat(fd) if fd is not None else os.stat(file.filename)
-    except OSError:
-        return
-    if (now.st_size, now.st_mtime_ns) != (size, mtime):
+    path, fd, then = _inherited[file.id.fileno]
+    now = _state(path, fd)
+    if then is not None and now is not None and now != then:
         raise LoomFileError(f"{file.filename}: the process this one was forked from has written to the file since "
                             "the fork, and HDF5 here would read it as it was then (to read it as it is, have that "
                             "process close the file before it starts workers, and connect in each worker)")
@@ -104,7 +115,7 @@ def check_unchanged(file: h5py.File) -> None:
 
 def _before_fork() -> None:
     _lock.acquire()
-    for file, *_ in list(_watched.values()):
+    for file, *_ in list(_watched.values()):  # (file, path, fd, number, device, inode)
         try:
             file.flush()
         except Exception:  # (a failing flush is reported by the parent's own next flush or close)
@@ -118,18 +129,15 @@ def _after_in_parent() -> None:
 def _after_in_child() -> None:
     global _lock
     _lock = threading.Lock()  # (the parent's is held by the forking thread, which is this one)
-    for file, fd, number, dev, ino in list(_watched.values()):
+    for file, path, fd, number, dev, ino in list(_watched.values()):
         _inherited_files.add((dev, ino))
+        _inherited[number] = (path, fd, _state(path, fd))
         _keep_forever(file)
-        state: tuple[int | None, int, int] = (fd, -1, -1)
         if fd is not None:
             try:
-                found = os.fstat(fd)
-                state = (fd, found.st_size, found.st_mtime_ns)
                 _read_only(fd, dev, ino)
             except OSError:  # (loompy still refuses to write; HDF5 keeps its writable descriptor)
                 pass
-        _inherited[number] = state
     _watched.clear()
 
 

@@ -14,7 +14,7 @@ from . import format as fmt
 from .attributes import DotAccess, last_written
 from .encoding import refuse_masked
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
-from .handles import Dims, check_room, check_writable
+from .handles import Dims, check_deletable, check_room, check_writable
 from .indexing import AXIS_NAMES, select_axis
 
 
@@ -195,11 +195,10 @@ class GraphManager(DotAccess, MutableMapping):
     def __delitem__(self, name: str) -> None:
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
-        check_writable(self._file, f"{self._where} '{name}'")
+        check_deletable(self._file, f"{self._where} '{name}'")
         if self._file is None:
             del self._memory[name]
             return
-        check_room(self._file, 0, f"{self._where} '{name}'")  # (a delete rewrites some of HDF5's metadata)
         group = self._group
         del group[name]
         fmt.touch(group)

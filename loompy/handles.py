@@ -83,6 +83,14 @@ def check_writable(file: h5py.File | None, what: str) -> None:
                             "before it starts workers, and connect in each worker)")
 
 
+def check_deletable(file: h5py.File | None, what: str) -> None:
+    """Refuse a delete as :func:`check_writable` refuses a write, and when the disk lacks room for
+    the metadata HDF5 rewrites to delete (``file`` None: an in-memory manager, nothing to ask)."""
+    check_writable(file, what)
+    if file is not None:
+        check_room(file, 0, what)
+
+
 def check_room(file: h5py.File, nbytes: int, what: str) -> None:
     """Refuse an in-place write of about ``nbytes`` whose file's disk lacks room for twice that and
     HDF5's metadata (a full disk mid-write can damage an HDF5 file beyond repair)."""

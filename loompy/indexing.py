@@ -89,6 +89,19 @@ def batch_count(value: Any, where: str) -> int:
     return int(value)
 
 
+def permutation(ordering: Any, length: int, where: str) -> np.ndarray:
+    """``ordering`` as int64 positions, when it lists each of ``length`` positions once (a column
+    vector too, as loompy 3 takes it)."""
+    order = np.asarray(ordering)
+    if order.shape == (length, 1):
+        order = order.ravel()
+    if order.dtype.kind not in "iu" or order.shape != (length,) or \
+            not np.array_equal(np.sort(order), np.arange(length)):
+        raise LoomValueError(f"{where}: ordering must be a permutation of 0..{length - 1}, each of its {length} "
+                             f"positions once (got shape {order.shape}, dtype {order.dtype})")
+    return order.astype(np.int64)
+
+
 def positions(items: Any, length: int, axis: int, *, unique: bool = False) -> np.ndarray:
     """Positions along an axis of ``length`` that ``items`` selects (None: all of them; a slice, an
     index array in its order and with its repeats, or a boolean mask in file order), as int64;

@@ -16,7 +16,7 @@ from . import format as fmt
 from .attributes import DotAccess
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
 from .files import stored_size_bound
-from .handles import SPARE_BYTES, Dims, check_free_space, check_room, check_writable
+from .handles import SPARE_BYTES, Dims, check_deletable, check_free_space, check_room, check_writable
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -302,8 +302,7 @@ class LayerManager(DotAccess, MutableMapping):
             raise LoomValueError(f"{self._file.filename}: the main matrix (layer '') cannot be deleted")
         if name not in self:
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        check_writable(self._file, f"{self._file.filename}: layer '{name}'")
-        check_room(self._file, 0, f"layer '{name}'")  # (a delete rewrites some of HDF5's metadata)
+        check_deletable(self._file, f"{self._file.filename}: layer '{name}'")
         group = self._file[fmt.LAYERS]
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         del group[name]

@@ -15,9 +15,10 @@ makes replacements fail with a clear error.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -181,19 +182,24 @@ def drop_references(obj: h5py.HLObject) -> None:
 
 
 _swapping = threading.RLock()  # one replacement at a time: threads share the staging group's names
+T = TypeVar("T")
 
 
+def _one_at_a_time(function: Callable[..., T]) -> Callable[..., T]:
+    """``function`` under ``_swapping``: one replacement at a time in this process."""
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        with _swapping:
+            return function(*args, **kwargs)
+    return wrapper
+
+
+@_one_at_a_time
 def replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:
-    """One replacement at a time in this process (see :func:`_replace`)."""
-    with _swapping:
-        return _replace(group, name, write)
-
-
-def _replace(group: h5py.Group, name: str, write: Callable[[str], h5py.HLObject]) -> h5py.HLObject:
     """The value ``group[name]`` (a dataset or group) as ``write(path)`` creates it at the path
     given: under the name when it is free, else whole in the staging group and then swapped in,
     with the old value's HDF5 attributes (:func:`carry_attrs`). A write that fails or is
-    interrupted leaves the old value, and nothing of the new one."""
+    interrupted leaves the old value, and nothing of the new one. One replacement at a time in this process."""
     if name not in group:
         try:
             return write(name)
@@ -237,16 +243,12 @@ def settle(f: h5py.File) -> None:
     del f[STAGING]
 
 
+@_one_at_a_time
 def replace_root_attribute(f: h5py.File, name: str, data: Any, dtype: Any) -> None:
-    """One replacement at a time in this process (see :func:`_replace_root_attribute`)."""
-    with _swapping:
-        _replace_root_attribute(f, name, data, dtype)
-
-
-def _replace_root_attribute(f: h5py.File, name: str, data: Any, dtype: Any) -> None:
     """Store a spec-2 global attribute (on the file's root), the old value kept on the staging group
     meanwhile: HDF5 replaces an attribute by deleting it, then creating the new one. Raises what
-    HDF5 raises if it refuses the value (tried on the staging group first: the old value stays)."""
+    HDF5 raises if it refuses the value (tried on the staging group first: the old value stays).
+    One replacement at a time in this process."""
     if name not in f.attrs:  # nothing to lose: a refused value leaves no attribute behind
         f.attrs.create(name, data, dtype=dtype)
         return

@@ -19,7 +19,7 @@ from .engine import Recycler
 from .errors import LoomKeyError, LoomValueError
 from .graphs import GraphManager, renumber_graph
 from .handles import Dims
-from .indexing import AxisSelection, axis_number, expand, select, select_axis, values_for_unique
+from .indexing import AxisSelection, axis_number, expand, permutation, select, values_for_unique
 from .layers import LoomLayer, SparseForms
 
 
@@ -52,10 +52,7 @@ class MemoryLayer(SparseForms):
         """Reorder the rows (``axis=0``) or columns (``axis=1``) of this layer alone, as loompy 3's
         in-memory layers do (the view's other layers and attributes keep their order)."""
         axis = axis_number(axis, f"view: layer '{self.name}'")
-        order = select_axis(np.asarray(ordering), self.shape[axis], axis).indices
-        if len(order) != self.shape[axis] or len(np.unique(order)) != len(order):
-            raise LoomValueError(f"view: layer '{self.name}': an ordering of axis {axis} must list each of its "
-                                 f"{self.shape[axis]} positions once")
+        order = permutation(ordering, self.shape[axis], f"view: layer '{self.name}': axis {axis}")
         self.values = self.values[order] if axis == 0 else self.values[:, order]
 
 

@@ -668,3 +668,35 @@ def test_a_new_file_being_written_is_inherited_read_only_by_a_forked_child(tmp_p
         f.create_dataset("b", data=np.ones(10))
     with h5py.File(path, "r") as g:
         assert sorted(g) == ["a", "b"] and g["a"][-1] == 999
+
+
+def _connect_after_dropping(held, queue):
+    path = held[0]._path
+    held.clear()  # (the child's only reference to its copy of the parent's connection)
+    __import__("gc").collect()
+    try:
+        loompy.connect(path).close()
+        queue.put("connected")
+    except loompy.LoomFileError as error:
+        queue.put(str(error))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_that_dropped_the_inherited_connection_still_cannot_open_the_file(tmp_path):
+    """The refusal to open an inherited file looked through the child's connections: once the child
+    had let go of its copy of the parent's, nothing refused HDF5's inherited file to a new one."""
+    import multiprocessing
+
+    path = tmp_path / "w.loom"
+    loompy.create(path, np.ones((20, 30), np.float32), {"g": np.arange(20)}, {"c": np.arange(30)}).close()
+    fork = multiprocessing.get_context("fork")
+    held = [loompy.connect(path)]
+    try:
+        queue = fork.Queue()
+        process = fork.Process(target=_connect_after_dropping, args=(held, queue))
+        process.start()
+        said = queue.get(timeout=60)
+        process.join(60)
+    finally:
+        held[0].close()
+    assert "w.loom: this process was forked from one that had the file open for writing" in said
