@@ -127,6 +127,19 @@ class LoomView(LoomAccess):
     def view(self) -> ViewManager:
         return ViewManager(self)
 
+    def permute(self, ordering: npt.ArrayLike, *, axis: int) -> None:
+        """Reorder the view's rows (``axis=0``) or columns (``axis=1``) in memory: every layer, and
+        the attributes and graphs of that axis (``ordering[i]`` is the item placed at position i)."""
+        axis = axis_number(axis, "view.permute")
+        order = permutation(ordering, self.shape[axis], f"view.permute: axis {axis}")
+        for layer in self.layers.values():
+            layer.values = layer.values[order] if axis == 0 else layer.values[:, order]
+        attrs, graphs = (self.row_attrs, self.row_graphs) if axis == 0 else (self.col_attrs, self.col_graphs)
+        for name, values in list(attrs.items()):
+            attrs[name] = values[order]
+        for name in list(graphs.keys()):
+            graphs[name] = renumber_graph(graphs[name], order)
+
     def __repr__(self) -> str:
         n, m = self.shape
         return (f"<LoomView of '{self.filename}': {n} rows x {m} columns; layers {self.layers.keys()}; "

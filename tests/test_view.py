@@ -117,3 +117,29 @@ def test_a_view_layer_permutes_alone_as_loompy3_memory_layers(ds):
     np.testing.assert_array_equal(view[:, :], m[::-1])
     with pytest.raises(loompy.LoomValueError, match="each of its 30 positions once"):
         view.layers["x"].permute([0, 0, 1], axis=1)
+
+
+def test_a_view_permutes_its_layers_attributes_and_graphs_in_memory(ds):
+    conn, m, edges = ds
+    view = conn.view[:, :]
+    order = np.random.default_rng(5).permutation(30)
+    view.permute(order, axis=1)
+    np.testing.assert_array_equal(view[:, :], m[:, order])
+    np.testing.assert_array_equal(view.layers["x"][:, :], (m * 2)[:, order])
+    assert list(view.ca.CellID) == [f"c{i}" for i in order]
+    # an edge between cells i and j now joins the positions where they went
+    np.testing.assert_array_equal(view.col_graphs["knn"].toarray(), edges.toarray()[np.ix_(order, order)])
+    np.testing.assert_array_equal(view.row_graphs["net"].toarray(), np.eye(20))  # the other axis: untouched
+    assert list(view.ra.Gene) == [f"g{i}" for i in range(20)]
+    rows = np.arange(20)[::-1]
+    view.permute(rows, axis=0)
+    np.testing.assert_array_equal(view[:, :], m[rows][:, order])
+    assert list(view.ra.Gene) == [f"g{i}" for i in rows]
+    np.testing.assert_array_equal(conn[:, :], m)  # the file: untouched
+    before = view[:, :].copy()
+    for bad in ([0] * 20, np.arange(19), np.arange(20) + 1):
+        with pytest.raises(loompy.LoomValueError, match="permutation"):
+            view.permute(bad, axis=0)
+    with pytest.raises(ValueError, match="axis"):
+        view.permute(rows, axis=2)
+    np.testing.assert_array_equal(view[:, :], before)  # refused before anything moved
