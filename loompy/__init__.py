@@ -27,6 +27,7 @@ from .format import compare_loom_spec_version, get_loom_spec_version, timestamp
 from .graphs import GraphManager
 from .importers import create_from_cellranger
 from .layers import LayerManager, LoomLayer
+from .text_importers import create_from_matrix_market, create_from_tsv
 from .validator import LoomValidator
 from .view import LoomView, ViewManager
 from .view import MemoryLayer as MemoryLoomLayer
@@ -64,6 +65,8 @@ __all__ = [
     "create",
     "create_append",
     "create_from_cellranger",
+    "create_from_matrix_market",
+    "create_from_tsv",
     "get_loom_spec_version",
     "loom_spec_version",
     "new",
