@@ -41,8 +41,8 @@ class SparseForms(ABC):
         r = _axis(rows, self.shape[0], 0)
         c = _axis(cols, self.shape[1], 1)
         coo = self._sparse_block(r.unique, c.unique)
-        if dtype is not None:
-            coo = coo.astype(dtype, copy=False)
+        if dtype is not None and np.dtype(dtype) != coo.dtype:  # (scipy's astype copies the indices too: 4.5x
+            coo = sp.coo_matrix((coo.data.astype(dtype), (coo.row, coo.col)), shape=coo.shape)  # the result)
         if r.inverse is None and c.inverse is None:
             return coo
         csr = coo.tocsr()

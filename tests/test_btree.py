@@ -176,3 +176,48 @@ def test_a_chunk_position_past_every_signed_number_is_not_taken(tmp_path):
         raw.write((2**64 - 8).to_bytes(8, "little"))
     with h5py.File(path, "r") as f:
         assert btree.list_chunks(f["m"]) is None
+
+
+def _earray_loom(path, written):
+    """A Loom file written with libver='latest' whose matrix has one unlimited axis (HDF5's extensible-array
+    chunk index), 16 x 16 chunks on a 16 x 16 grid (enough for the engine to list them), only the chunks
+    ``written`` (chunk row, chunk column) stored."""
+    rng = np.random.default_rng(4)
+    m = np.zeros((256, 256), dtype=np.float32)
+    for r, c in written:
+        m[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = rng.random((16, 16)) * (rng.random((16, 16)) < 0.3)
+    with h5py.File(path, "w", libver="latest") as f:
+        f.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+        d = f.create_dataset("matrix", shape=m.shape, dtype=m.dtype, chunks=(16, 16), compression="gzip",
+                             maxshape=(256, None))
+        for r, c in written:
+            d[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] = m[r * 16:(r + 1) * 16, c * 16:(c + 1) * 16]
+        f.create_dataset("row_attrs/Gene", data=np.array([f"g{i}" for i in range(256)], dtype="S"))
+        f.create_dataset("col_attrs/CellID", data=np.array([f"c{i}" for i in range(256)], dtype="S"))
+        for g in ("layers", "row_graphs", "col_graphs"):
+            f.create_group(g)
+    return m
+
+
+@pytest.mark.parametrize("written", [[(1, 0), (2, 0)], [(r, c) for r in range(16) for c in range(16)]])
+def test_chunks_of_an_extensible_array_index_are_not_listed_by_hdf5(tmp_path, written):
+    """HDF5 2.0 lists such chunks at the wrong positions (chunk (1, 0) as (0, 1)): with only chunks
+    (1, 0) and (2, 0) written, a listing believed read them as the chunks to the right of (0, 0)."""
+    import loompy
+
+    path = tmp_path / "earray.loom"
+    m = _earray_loom(path, written)
+    with loompy.connect(path, "r") as ds:
+        assert not btree.chunk_queries_trusted(ds._file["matrix"])
+        np.testing.assert_array_equal(ds[:, :], m)
+        np.testing.assert_array_equal(ds.sparse().toarray(), m)
+        np.testing.assert_array_equal(ds[[70, 3, 200], :], m[[70, 3, 200]])
+        np.testing.assert_allclose(ds.map([np.sum], axis=1)[0], m.sum(axis=0), rtol=1e-5)
+        for _ix, selection, view in ds.scan(axis=0, batch_size=100):
+            np.testing.assert_array_equal(view[:, :], m[selection])
+    with loompy.connect(path) as ds:
+        ds[60:140, 10:90] = np.full((80, 80), 7, dtype=np.float32)
+        m[60:140, 10:90] = 7
+        np.testing.assert_array_equal(ds[:, :], m)
+    with h5py.File(path, "r") as f:
+        np.testing.assert_array_equal(f["matrix"][()], m)

@@ -1310,3 +1310,26 @@ def test_skip_attrs_takes_one_name_as_a_string(tmp_path):
     loompy.combine_faster([a, b], tmp_path / "o.loom", skip_attrs=["Xenium", "X"])
     with loompy.connect(tmp_path / "o.loom", "r") as ds:
         assert sorted(ds.ca.keys()) == ["CellID", "N"]
+
+
+@pytest.mark.parametrize("shape", [(150, 0), (0, 70)])
+def test_permute_of_a_matrix_with_no_rows_or_no_columns(tmp_path, shape):
+    path = tmp_path / "empty.loom"
+    with h5py.File(path, "w") as f:
+        f.attrs["LOOM_SPEC_VERSION"] = "3.0.0"
+        f.create_dataset("matrix", shape=shape, dtype="float32", chunks=(64, 64), compression="gzip",
+                         maxshape=(None, None))
+        f.create_dataset("layers/x", shape=shape, dtype="int32", chunks=(64, 64), compression="gzip",
+                         maxshape=(None, None))
+        f.create_dataset("row_attrs/Gene", data=np.array([f"g{i}" for i in range(shape[0])], dtype="S"))
+        f.create_dataset("col_attrs/CellID", data=np.array([f"c{i}" for i in range(shape[1])], dtype="S"))
+        for g in ("row_graphs", "col_graphs"):
+            f.create_group(g)
+    for axis in (0, 1):
+        order = np.arange(shape[axis])[::-1]
+        with loompy.connect(path) as ds:
+            ds.permute(order, axis=axis)
+            assert ds.shape == shape and ds.layers["x"][:, :].shape == shape
+            names = ds.ra.Gene if axis == 0 else ds.ca.CellID
+            assert list(names) == [f"{'gc'[axis]}{i}" for i in order]
+            ds.permute(order, axis=axis)  # (back)

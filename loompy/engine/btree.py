@@ -39,17 +39,10 @@ def list_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
     """One row per stored chunk (chunk row, chunk column, byte offset, size, filter mask), as
     ``chunk_iter`` would give, in any order; None when the B-tree cannot be read here. The caller
     has written out what HDF5 holds of the dataset (:func:`.storage.refresh`): its B-tree nodes too."""
-    f = dataset.file
-    try:
-        fcpl = f.id.get_create_plist()
-        if (f.driver != "sec2" or not hasattr(os, "pread") or fcpl.get_userblock() != 0
-                or fcpl.get_sizes() != (8, 8) or dataset.ndim != 2):
-            return None
-        header = _header_address(dataset)
-        fd = f.id.get_vfd_handle()  # the file HDF5 has open (its name may now be another's); not ours to close
-        eof = os.fstat(fd).st_size
-    except (OSError, ValueError, RuntimeError, AttributeError, TypeError):
+    where = _where(dataset)
+    if where is None:
         return None
+    fd, header, eof = where
     try:
         root = _btree_address(fd, header, eof)
         if root == _UNDEFINED:  # no chunk written yet
@@ -60,6 +53,39 @@ def list_chunks(dataset: h5py.Dataset) -> np.ndarray | None:
             return None
         return table
     except (_Unexpected, OSError, ValueError, IndexError, RuntimeError, struct.error):  # (HDF5's count too)
+        return None
+
+
+def chunk_queries_trusted(dataset: h5py.Dataset) -> bool:
+    """Whether HDF5's own chunk queries (``chunk_iter``, ``get_chunk_info_by_coord``) may be believed
+    for ``dataset``. Not for an extensible-array chunk index (``libver="latest"`` files whose dataset
+    has one unlimited axis, as loompy 3 makes the matrix): HDF5 2.0 lists such chunks at positions
+    they are not at (chunk (1, 2) of a 4 x 4 grid as (0, 576)), and says chunks that are there are
+    not. Reads of single chunks (``read_direct_chunk``) are right there."""
+    if sum(m is None for m in (dataset.maxshape or ())) != 1:
+        return True  # (that index serves exactly one unlimited axis)
+    where = _where(dataset)
+    if where is None:
+        return False  # (cannot tell: believe nothing)
+    try:
+        return _layout(*where)[0] == 3  # layout version 3: a version 1 B-tree, listed right
+    except (_Unexpected, OSError, ValueError, IndexError, struct.error):
+        return False
+
+
+def _where(dataset: h5py.Dataset) -> tuple[int, int, int] | None:
+    """(HDF5's descriptor of the file, the dataset's object header address, the file's size), or None
+    when the file is not one read here (see the module's docstring)."""
+    f = dataset.file
+    try:
+        fcpl = f.id.get_create_plist()
+        if (f.driver != "sec2" or not hasattr(os, "pread") or fcpl.get_userblock() != 0
+                or fcpl.get_sizes() != (8, 8) or dataset.ndim != 2):
+            return None
+        header = _header_address(dataset)
+        fd = f.id.get_vfd_handle()  # the file HDF5 has open (its name may now be another's); not ours to close
+        return fd, header, os.fstat(fd).st_size
+    except (OSError, ValueError, RuntimeError, AttributeError, TypeError):
         return None
 
 
@@ -83,15 +109,22 @@ def _read(fd: int, offset: int, size: int, eof: int) -> bytes:
     return data
 
 
+def _layout(fd: int, header: int, eof: int) -> bytes:
+    """The body of the data layout message of the object header at ``header``."""
+    for kind, flags, body in _messages(fd, header, eof):
+        if kind == _LAYOUT:
+            if flags & _SHARED or not body:
+                raise _Unexpected("a shared or empty layout message")
+            return body
+    raise _Unexpected("no data layout message")
+
+
 def _btree_address(fd: int, header: int, eof: int) -> int:
     """The address of the dataset's chunk B-tree, from the data layout message of its object header."""
-    for kind, flags, body in _messages(fd, header, eof):
-        if kind != _LAYOUT:
-            continue
-        if flags & _SHARED or len(body) < 11 or body[0] != 3 or body[1] != 2 or body[2] != 3:
-            raise _Unexpected("not a version 3 chunked layout of two dimensions")
-        return struct.unpack_from("<Q", body, 3)[0]
-    raise _Unexpected("no data layout message")
+    body = _layout(fd, header, eof)
+    if len(body) < 11 or body[0] != 3 or body[1] != 2 or body[2] != 3:
+        raise _Unexpected("not a version 3 chunked layout of two dimensions")
+    return struct.unpack_from("<Q", body, 3)[0]
 
 
 def _messages(fd: int, header: int, eof: int):

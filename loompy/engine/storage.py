@@ -118,6 +118,8 @@ def damaged(dataset: h5py.Dataset, error: Exception) -> LoomFileError:
 
 def _unallocated(dataset: h5py.Dataset, row: int, col: int) -> bool:
     """Whether HDF5's chunk index says the chunk at (row, col) was never written (slow: walks the index)."""
+    if not btree.chunk_queries_trusted(dataset):
+        return False
     try:
         return dataset.id.get_chunk_info_by_coord((row, col)).byte_offset is None
     except (OSError, KeyError, RuntimeError, ValueError):
@@ -150,7 +152,7 @@ def _listing(dataset: h5py.Dataset) -> np.ndarray | None:
     table = btree.list_chunks(dataset)
     if table is not None:
         return table
-    if not hasattr(dataset.id, "chunk_iter"):
+    if not hasattr(dataset.id, "chunk_iter") or not btree.chunk_queries_trusted(dataset):
         return None
     found: list[tuple[int, int, int, int, int]] = []
     try:
@@ -158,7 +160,11 @@ def _listing(dataset: h5py.Dataset) -> np.ndarray | None:
     except (RuntimeError, OSError, ValueError):
         return None
     table = np.array(found, dtype=np.int64).reshape(-1, 5)
-    table[:, :2] //= np.array(dataset.chunks)
+    positions, chunks, grid = table[:, :2].copy(), np.array(dataset.chunks), np.array(chunk_grid(dataset))
+    table[:, :2] //= chunks
+    if (np.any(positions % chunks) or np.any(table[:, :2] >= grid) or np.any(table[:, :2] < 0)
+            or len(np.unique(table[:, 0] * grid[1] + table[:, 1])) != len(table)):
+        return None  # (HDF5 listed a chunk off the grid, or twice: believe none of it)
     return table
 
 

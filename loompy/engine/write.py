@@ -288,6 +288,8 @@ def store_region(dataset: h5py.Dataset, layout: ChunkLayout, row0: int, col0: in
     All-zero chunks never stored stay unallocated (they read as 0); stored ones are overwritten
     with zeros.
     """
+    if nrows <= 0 or ncols <= 0:
+        return  # (an empty matrix: no chunk to store)
     h, w = layout.chunks
     length, across, unit = (nrows, ncols, h) if axis == 0 else (ncols, nrows, w)
     step = max(unit, TASK_BYTES // max(1, across * layout.dtype.itemsize) // unit * unit)
