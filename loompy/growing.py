@@ -85,11 +85,12 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: Any, *, row_attrs: A
     try:
         if journalled:
             journal.begin(f, m)
-        for name, matrix in matrices.items():
-            dataset = ds.layers[name]._dataset
-            engine.resize(dataset, m + n_new, axis=1)
-            engine.write_matrix(dataset, matrix, col_offset=m)
-            fmt.touch(dataset)
+        with engine.writing_all([ds.layers[name]._dataset for name in matrices]):  # (reads: all or none)
+            for name, matrix in matrices.items():
+                dataset = ds.layers[name]._dataset
+                engine.resize(dataset, m + n_new, axis=1)
+                engine.write_matrix(dataset, matrix, col_offset=m)
+                fmt.touch(dataset)
         group = f.require_group(fmt.COL_ATTRS)
         for name, (values, whole) in combined.items():
             _append_attr(group, name, values, whole, m, where, ds.ca._legacy)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -182,6 +183,16 @@ def drop_references(obj: h5py.HLObject) -> None:
 
 
 _swapping = threading.RLock()  # one replacement at a time: threads share the staging group's names
+
+
+def _after_fork_in_child() -> None:
+    global _swapping
+    _swapping = threading.RLock()  # (another thread of the parent may have held it: not to be released here)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 T = TypeVar("T")
 
 

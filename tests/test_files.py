@@ -700,3 +700,57 @@ def test_a_forked_child_that_dropped_the_inherited_connection_still_cannot_open_
     finally:
         held[0].close()
     assert "w.loom: this process was forked from one that had the file open for writing" in said
+
+
+def _read_in_child(path, queue):
+    """In a forked child: read through the inherited connection and a new read-only one."""
+    ds = _read_in_child.inherited
+    said = []
+    for name in ("", "other"):
+        try:
+            said.append(float(ds.layers[name][:, :].sum()))
+        except loompy.LoomFileError as error:
+            said.append(str(error))
+    queue.put(said)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_other_threads_read_and_write_does_not_wait_for_them(tmp_path):
+    """The engine's lock and each dataset's turns (one writer or many readers) were copied into a
+    forked child held by threads that do not exist there: the child waited for them for good (28 of
+    40 children, forked as another thread wrote). Now the child starts them afresh; a dataset that
+    another thread was writing at the fork is half written in the child, and its reads are refused."""
+    import multiprocessing
+    import threading
+
+    from loompy.engine import storage
+
+    path = tmp_path / "w.loom"
+    m = np.ones((300, 300), np.float32)
+    with loompy.create(path, m, {"g": np.arange(300)}, {"c": np.arange(300)}) as ds:
+        ds.layers["other"] = m * 2
+    fork = multiprocessing.get_context("fork")
+    with loompy.connect(path) as ds:
+        inside, leave = threading.Event(), threading.Event()
+
+        def hold():  # as a thread in the middle of writing the main matrix, with the engine's lock
+            with storage.writing(ds.layers[""]._dataset), storage._lock:
+                inside.set()
+                leave.wait(60)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        try:
+            assert inside.wait(60)
+            _read_in_child.inherited = ds
+            queue = fork.Queue()
+            process = fork.Process(target=_read_in_child, args=(path, queue))
+            process.start()
+            said = queue.get(timeout=60)
+            process.join(60)
+        finally:
+            leave.set()
+            holder.join()
+        assert process.exitcode == 0
+        assert "/matrix was being written by another thread of the process this one was forked from" in said[0]
+        assert said[1] == 2 * 300 * 300

@@ -1333,3 +1333,39 @@ def test_permute_of_a_matrix_with_no_rows_or_no_columns(tmp_path, shape):
             names = ds.ra.Gene if axis == 0 else ds.ca.CellID
             assert list(names) == [f"{'gc'[axis]}{i}" for i in order]
             ds.permute(order, axis=axis)  # (back)
+
+
+def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_path, monkeypatch):
+    """add_columns resizes a layer, then writes its new columns: a read from another thread in between
+    got the new width with the new columns all zero (5-10 reads in 200, beside 25 appends)."""
+    import threading
+
+    from loompy import engine
+
+    path = tmp_path / "a.loom"
+    m = np.ones((200, 150), np.float32)
+    loompy.create(path, m, {"g": np.arange(200)}, {"c": np.arange(150)}).close()
+    resized, go = threading.Event(), threading.Event()
+    real = engine.write_matrix
+
+    def write_after_a_pause(dataset, matrix, col_offset=0):
+        resized.set()
+        go.wait(60)
+        real(dataset, matrix, col_offset=col_offset)
+
+    monkeypatch.setattr(engine, "write_matrix", write_after_a_pause)
+    got = []
+    with loompy.connect(path) as ds:
+        writer = threading.Thread(target=ds.add_columns, args=(np.full((200, 40), 5, np.float32), {"c": np.arange(40)}))
+        writer.start()
+        assert resized.wait(60)
+        reader = threading.Thread(target=lambda: got.append(ds.layers[""][:, :]))
+        reader.start()
+        reader.join(1.0)  # (it waits for the append; before, it read the new width at once)
+        go.set()
+        reader.join(60)
+        writer.join(60)
+    expected = np.hstack([m, np.full((200, 40), 5, np.float32)])
+    assert got[0].shape in ((200, 150), (200, 190))
+    np.testing.assert_array_equal(got[0], expected[:, :got[0].shape[1]])
+    assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)

@@ -23,6 +23,7 @@ from .storage import (
     held_index,
     layer_changes,
     layers_changed,
+    writing_all,
 )
 from .workers import THREADS
 from .write import (
@@ -42,4 +43,5 @@ __all__ = [
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes",
     "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
     "reorder_columns", "resize", "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
+    "writing_all",
 ]

@@ -17,7 +17,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import h5py
@@ -401,12 +401,47 @@ def reading(dataset: h5py.Dataset) -> AbstractContextManager[None]:
 
     On the engine's workers nothing is taken: they read for a thread that waits for them and holds
     what it needs (taking it again there could wait on a writer that waits on that thread)."""
+    if _written_at_fork and _key(dataset) in _written_at_fork:
+        raise LoomFileError(f"{dataset.file.filename}: {dataset.name} was being written by another thread of the "
+                            "process this one was forked from, and HDF5 here holds it half written (connect "
+                            "again once that process has closed the file)")
     return nullcontext() if on_worker() else _turns_for(dataset).reading()
 
 
 def writing(dataset: h5py.Dataset) -> AbstractContextManager[None]:
     """Have ``dataset``'s chunks to this thread while the block writes them: reads from other threads wait."""
     return _turns_for(dataset).writing()
+
+
+@contextmanager
+def writing_all(datasets: list[h5py.Dataset]) -> Iterator[None]:
+    """:func:`writing` for several datasets at once, through a write of several steps (an append
+    resizes, then writes, layer after layer): reads from other threads see all of it or none. Turns
+    are taken in one order, so two threads doing this never wait for each other crosswise."""
+    with ExitStack() as stack:
+        for dataset in sorted(datasets, key=_key):
+            stack.enter_context(writing(dataset))
+        yield
+
+
+_written_at_fork: set[tuple] = set()  # in a forked child: datasets other threads of the parent were writing
+
+
+def _after_fork_in_child() -> None:
+    """A forked child runs only the thread that forked: the lock and the turns that other threads of
+    the parent held are theirs, never to be given back here (the child would wait for them for good).
+    Start afresh, remembering the datasets those threads were writing: their chunks here are half
+    old, half new."""
+    global _lock
+    me = threading.get_ident()
+    _written_at_fork.update(key for key, turns in _turns.items() if turns.writer not in (None, me))
+    _lock = threading.RLock()
+    for table in (_turns, _held, _asked, _cache):
+        table.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def forget_file(file: h5py.File) -> None:
