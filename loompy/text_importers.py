@@ -27,8 +27,9 @@ _QUOTED = re.compile(r'^"(.*)"$')  # R's write.table quotes names: "Gapdh" is Ga
 
 
 def _open_text(path: str | os.PathLike):
-    return gzip.open(path, "rt", encoding="utf-8") if os.fspath(path).endswith(".gz") \
-        else open(path, encoding="utf-8")
+    """UTF-8 text, gzipped or not; a byte-order mark (Excel's) is not part of the first name."""
+    return gzip.open(path, "rt", encoding="utf-8-sig") if os.fspath(path).endswith(".gz") \
+        else open(path, encoding="utf-8-sig")
 
 
 @contextmanager
@@ -50,10 +51,22 @@ def _unquoted(field: str) -> str:
     return _QUOTED.sub(r"\1", field.strip())
 
 
+def _split(line: str, delim: str) -> list[str]:
+    return line.rstrip("\r\n").split(delim)
+
+
+def _trimmed(fields: list[str]) -> list[str]:
+    """``fields`` without empty ones at the end (lines ending in a delimiter, as spreadsheets write them)."""
+    end = len(fields)
+    while end > 1 and not fields[end - 1].strip():
+        end -= 1
+    return fields[:end]
+
+
 def _lines(path: str | os.PathLike, delim: str, skip_header: bool) -> list[list[str]]:
     """The non-empty lines of a list file, split at ``delim``, names unquoted."""
     with _reading(path, "list"), _open_text(path) as handle:
-        rows = [[_unquoted(f) for f in line.rstrip("\r\n").split(delim)] for line in handle if line.strip()]
+        rows = [[_unquoted(f) for f in _trimmed(_split(line, delim))] for line in handle if line.strip()]
     return rows[1:] if skip_header else rows
 
 
@@ -88,6 +101,8 @@ def create_from_matrix_market(out_file: str | os.PathLike, sample_id: str, layer
     for name, path in layer_paths.items():
         with _reading(path, "Matrix Market file"):
             matrix = scipy.io.mmread(os.fspath(path))
+        if matrix.dtype.kind not in "biuf":
+            raise LoomValueError(f"{path}: layer '{name}' holds {matrix.dtype} values; a Loom layer holds real numbers")
         matrix = sp.csr_matrix(matrix.T if matrix_transposed else matrix)
         if matrix.shape != (len(rows), len(cols)):
             raise LoomValueError(f"{path}: layer '{name}' is {matrix.shape[0]} x {matrix.shape[1]}"
@@ -97,7 +112,11 @@ def create_from_matrix_market(out_file: str | os.PathLike, sample_id: str, layer
     if "" not in layers:
         layers = {"": sum(layers.values()), **layers}
     row_attrs = {"Accession": np.array([r[0] for r in rows], dtype=object)}
-    if rows and all(len(r) > 1 for r in rows):
+    if rows and any(len(r) > 1 for r in rows):
+        short = next((k for k, r in enumerate(rows) if len(r) < 2), None)
+        if short is not None:
+            raise LoomValueError(f"{row_metadata_path}: row {short + 1} has no second field (the gene name) where "
+                                 "others have one")
         row_attrs["Gene"] = np.array([r[1] for r in rows], dtype=object)
     col_attrs = {"CellID": np.array([f"{sample_id}:{c[0]}" for c in cols], dtype=object)}
     from .create import create
@@ -110,10 +129,12 @@ def _table_header(path: str | os.PathLike, delim: str) -> tuple[list[str], bool]
     """The cell ids of a table's header, and whether the header starts with a corner field (it has as
     many fields as the data lines, which start with the gene id)."""
     with _reading(path, "table"), _open_text(path) as handle:
-        header = handle.readline().rstrip("\r\n").split(delim)
-        first = handle.readline().rstrip("\r\n").split(delim)
-    if not header or header == [""]:
+        header = _trimmed(_split(handle.readline(), delim))
+        first = _trimmed(_split(handle.readline(), delim))
+    if header == [""]:
         raise LoomValueError(f"{path}: the table is empty (its first line should list the cell ids)")
+    if first == [""]:
+        raise LoomValueError(f"{path}: the table has no line of values after its header")
     corner = len(first) == len(header)
     return [_unquoted(f) for f in (header[1:] if corner else header)], corner
 
@@ -128,7 +149,9 @@ def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dty
         for number, line in enumerate(handle, start=2):
             if not line.strip():
                 continue
-            fields = line.rstrip("\r\n").split(delim)
+            fields = _split(line, delim)
+            if len(fields) > n_cells + 1:
+                fields = _trimmed(fields)
             if len(fields) != n_cells + 1:
                 raise LoomValueError(f"{path}: line {number} has {len(fields) - 1} values after its gene id; "
                                      f"the header lists {n_cells} cells")
@@ -136,13 +159,13 @@ def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dty
                 values = np.array(fields[1:], dtype=np.float64).astype(dtype)
             except ValueError as exc:
                 raise LoomValueError(f"{path}: line {number} holds a value that is not a number ({exc})") from None
-            where = np.flatnonzero(values)
+            where = np.flatnonzero(values).astype(np.int32)
             indices.append(where)
             data.append(values[where])
             indptr.append(indptr[-1] + where.size)
             genes.append(_unquoted(fields[0]))
     matrix = sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, dtype),
-                            np.concatenate(indices) if indices else np.zeros(0, np.int64), indptr),
+                            np.concatenate(indices) if indices else np.zeros(0, np.int32), indptr),
                            shape=(len(genes), n_cells), dtype=dtype)
     return genes, matrix
 
@@ -150,10 +173,14 @@ def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dty
 def _column_metadata(path: str | os.PathLike, delim: str, cell_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Column attributes from a table with a header of attribute names and a line per cell, in the
     matrix's order, each starting with the cell's id (kept as text, as loompy 3 keeps them)."""
-    rows = _lines(path, delim, False)
+    with _reading(path, "list"), _open_text(path) as handle:
+        rows = [[_unquoted(f) for f in _split(line, delim)] for line in handle if line.strip()]
     if not rows:
         raise LoomValueError(f"{path}: the cell metadata is empty (its first line should name the attributes)")
-    names, lines = rows[0], rows[1:]
+    names, lines = _trimmed(rows[0]), rows[1:]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise LoomValueError(f"{path}: attributes named more than once: {twice}")
     if len(lines) != len(cell_ids):
         raise LoomValueError(f"{path}: {len(lines)} cells described, the matrix has {len(cell_ids)}")
     columns: dict[str, list[str]] = {name: [] for name in names}
@@ -161,6 +188,8 @@ def _column_metadata(path: str | os.PathLike, delim: str, cell_ids: np.ndarray) 
         if fields[0] != cell_id:
             raise LoomValueError(f"{path}: line {k + 2} describes cell '{fields[0]}' where the matrix has "
                                  f"'{cell_id}' (the lines must follow the matrix's columns)")
+        if len(fields) > len(names) + 1:
+            fields = _trimmed(fields)
         skip = 0 if len(fields) == len(names) else 1  # the line's first field is the id, unnamed in the header
         if len(fields) - skip != len(names):
             raise LoomValueError(f"{path}: line {k + 2} has {len(fields)} fields for {len(names)} attributes")
@@ -183,7 +212,13 @@ def create_from_tsv(out_file: str | os.PathLike, tsv_file: str | os.PathLike,
     attributes (header: their names; a line per cell, in the table's order, starting with its id).
     ``.gz`` files are read as gzip. Returns the new file's path.
     """
-    dtype = np.dtype(dtype)
+    try:
+        wanted = np.dtype(dtype)
+    except TypeError as exc:
+        raise LoomTypeError(f"create_from_tsv: dtype={dtype!r} is not a dtype") from exc
+    if wanted.kind not in "biuf":
+        raise LoomValueError(f"create_from_tsv: dtype={dtype!r}: a Loom matrix holds real numbers")
+    dtype = wanted
     target = _check_output(out_file, [tsv_file, row_metadata_loomfile, col_metadata_tsv], file_attrs)
     header, _ = _table_header(tsv_file, delim)
     cell_ids = np.array([sample_id + c for c in header], dtype=object)
@@ -215,7 +250,7 @@ def _follow_rows(loom_file: str | os.PathLike, attr: str, genes: list[str], matr
         reference = [str(v) for v in ds.ra[attr]]
         if not row_attrs:
             row_attrs[attr] = ds.ra[attr]
-    position = {name: k for k, name in reversed(list(enumerate(reference)))}  # first occurrence wins
+    position = {name: k for k, name in enumerate(reference)}  # a name given twice: its last row (as in loompy 3)
     found = np.array([position.get(g, -1) for g in genes], dtype=np.int64)
     missing = int((found < 0).sum())
     if missing:

@@ -90,6 +90,14 @@ def test_matrix_market_bad_input_is_named_and_nothing_is_written(tmp_path):
     (tmp_path / "bad.mtx").write_text("not a matrix\n")
     with pytest.raises(loompy.LoomValueError, match=r"bad\.mtx: not a readable Matrix Market"):
         loompy.create_from_matrix_market(out, "S", {"": str(tmp_path / "bad.mtx")}, genes, barcodes)
+    scipy.io.mmwrite(str(tmp_path / "complex.mtx"), scipy.sparse.coo_matrix(np.eye(2) * 1j))
+    with pytest.raises(loompy.LoomValueError, match=r"complex\.mtx: layer '' holds complex128 values"):
+        loompy.create_from_matrix_market(out, "S", {"": str(tmp_path / "complex.mtx")}, genes, barcodes)
+    uneven = tmp_path / "uneven.tsv"
+    uneven.write_text("".join(line if k != 3 else line.split("\t")[0] + "\n"
+                              for k, line in enumerate(genes.read_text().splitlines(keepends=True))))
+    with pytest.raises(loompy.LoomValueError, match=r"uneven\.tsv: row 4 has no second field"):
+        loompy.create_from_matrix_market(out, "S", {"": str(mtx)}, uneven, barcodes)
     with pytest.raises(loompy.LoomTypeError, match="layer_paths"):
         loompy.create_from_matrix_market(out, "S", str(mtx), genes, barcodes)
     with pytest.raises(loompy.LoomFileError, match="one of the files being imported"):
@@ -101,26 +109,29 @@ def test_matrix_market_bad_input_is_named_and_nothing_is_written(tmp_path):
                                               len(barcodes.read_text().splitlines()))
 
 
-def _table(path, header_corner=True, quoted=False):
-    """A table of 4 genes x 5 cells, zeros and fractions among the values; returns the matrix."""
+def _table(path, header_corner=True, quoted=False, trailing=""):
+    """A table of 4 genes x 5 cells, zeros and fractions among the values (each line ending in
+    ``trailing``); returns the matrix."""
     m = np.array([[0, 1, 2.5, 0, 0], [3, 0, 0, 0, 4], [0, 0, 0, 0, 0], [7, 8, 9, 10, 11.25]])
     q = '"' if quoted else ""
     cells = [f"{q}c{j}{q}" for j in range(5)]
     lines = ["\t".join((["gene"] if header_corner else []) + cells)]
     lines += ["\t".join([f"{q}G{i}{q}"] + [repr(float(v)) for v in row]) for i, row in enumerate(m)]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("".join(line + trailing + "\n" for line in lines))
     return m
 
 
 @pytest.mark.reference
 def test_tsv_as_the_reference_imports_it(tmp_path, reference):
-    loompy.create(tmp_path / "genes.loom", np.zeros((6, 2)), {"Accession": ["G3", "Gx", "G0", "G1", "Gy", "G2"],
-                                                              "Gene": list("abcdef"), "Other": np.arange(6)},
-                  {"CellID": ["a", "b"]}).close()
+    loompy.create(tmp_path / "genes.loom", np.zeros((7, 2)),  # (G1 twice: its last row takes it, as in loompy 3)
+                  {"Accession": ["G3", "Gx", "G1", "G0", "G1", "Gy", "G2"], "Gene": list("abcdefg"),
+                   "Other": np.arange(7)}, {"CellID": ["a", "b"]}).close()
     (tmp_path / "meta.tsv").write_text("Age\tTissue\n" + "".join(f"S_c{j}\t{j * 10}\tliver\n" for j in range(5)))
+    (tmp_path / "meta_tabs.tsv").write_text("Age\tTissue\t\n" + "".join(f"c{j}\t{j}\tgut\t\n" for j in range(5)))
     cases = [({}, {"header_corner": True}), ({}, {"header_corner": False, "quoted": True}),
              ({"row_metadata_loomfile": str(tmp_path / "genes.loom"), "sample_id": "S_",
-               "col_metadata_tsv": str(tmp_path / "meta.tsv")}, {"header_corner": True})]
+               "col_metadata_tsv": str(tmp_path / "meta.tsv")}, {"header_corner": True}),
+             ({"col_metadata_tsv": str(tmp_path / "meta_tabs.tsv")}, {"trailing": "\t"})]  # (as spreadsheets save)
     for k, (kwargs, shape) in enumerate(cases):
         table = tmp_path / f"t{k}.tsv"
         _table(table, **shape)
@@ -168,4 +179,23 @@ def test_tsv_bad_input_is_named_and_nothing_is_written(tmp_path):
         loompy.create_from_tsv(out, tmp_path / "t.tsv", row_metadata_loomfile=tmp_path / "g.loom")
     with pytest.raises(loompy.LoomFileError, match="one of the files being imported"):
         loompy.create_from_tsv(tmp_path / "t.tsv", tmp_path / "t.tsv")
+    bad.write_text(lines[0] + "\n")
+    with pytest.raises(loompy.LoomValueError, match=r"bad\.tsv: the table has no line of values"):
+        loompy.create_from_tsv(out, bad)
+    (tmp_path / "twice.tsv").write_text("Age\tAge\n" + "".join(f"c{j}\t1\t2\n" for j in range(5)))
+    with pytest.raises(loompy.LoomValueError, match=r"twice\.tsv: attributes named more than once: \['Age'\]"):
+        loompy.create_from_tsv(out, tmp_path / "t.tsv", col_metadata_tsv=tmp_path / "twice.tsv")
+    with pytest.raises(loompy.LoomValueError, match="dtype='str'"):
+        loompy.create_from_tsv(out, tmp_path / "t.tsv", dtype="str")
     assert out.read_bytes() == b"kept"
+
+
+def test_tsv_with_a_byte_order_mark(tmp_path):
+    m = _table(tmp_path / "t.tsv")
+    (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf" + (tmp_path / "t.tsv").read_bytes())
+    meta = b"CellID\tAge\n" + b"".join(b"c%d\t%d\n" % (j, j) for j in range(5))
+    (tmp_path / "meta.tsv").write_bytes(b"\xef\xbb\xbf" + meta)
+    out = loompy.create_from_tsv(tmp_path / "b.loom", tmp_path / "bom.tsv", col_metadata_tsv=tmp_path / "meta.tsv")
+    with loompy.connect(out, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], m)
+        assert sorted(ds.ca.keys()) == ["Age", "CellID"] and list(ds.ca.Age) == [str(j) for j in range(5)]
