@@ -17,7 +17,7 @@ import numpy as np
 from . import encoding, forks
 from . import format as fmt
 from .errors import LoomAttributeError, LoomKeyError, LoomValueError
-from .handles import Dims, approximate_nbytes, check_deletable, check_room, check_writable
+from .handles import Dims, approximate_nbytes, check_deletable, check_room, check_writable, one_of_the_writes
 from .indexing import AXIS_NAMES, select_axis
 
 
@@ -160,6 +160,7 @@ class AttributeManager(DotAccess, MutableMapping):
         else:
             self.set(name, values)
 
+    @one_of_the_writes
     def set(self, name: str, values: Any, dtype: Any = None) -> None:
         """Validate ``values`` (one per row/column), then create or overwrite attribute ``name``."""
         fmt.check_name(name, self._where)
@@ -188,6 +189,7 @@ class AttributeManager(DotAccess, MutableMapping):
         if name not in self._names:
             self._names.append(name)
 
+    @one_of_the_writes
     def __delitem__(self, name: str) -> None:
         if name not in self._names:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
@@ -228,6 +230,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         return fmt.read_global(self._file, name, self._in_group, self._legacy)
 
+    @one_of_the_writes
     def __setitem__(self, name: str, value: Any) -> None:
         fmt.check_name(name, self._where)
         if name == fmt.SPEC_VERSION_KEY:
@@ -250,6 +253,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         else:
             self[name] = value
 
+    @one_of_the_writes
     def __delitem__(self, name: str) -> None:
         if name == fmt.SPEC_VERSION_KEY:
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be deleted")

@@ -24,7 +24,7 @@ from .errors import LoomFileError, LoomFileNotFoundError, LoomTypeError, LoomVal
 from .files import check_not_input, replacing
 from .graphs import renumber_graph, store_graph
 from .growing import align_rows
-from .handles import check_writable
+from .handles import ClosedFile, check_writable, rewriting
 from .indexing import batch_count, permutation, positions
 from .joining import differing_globals, join_values, per_column
 
@@ -386,11 +386,14 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     inverse = np.empty(length, dtype=np.int64)
     inverse[order] = np.arange(length)
     f = ds._file
-    try:
-        _permute_into(ds, f, order, inverse, axis)
-    finally:  # the file is the permuted one, or (after a failure) the old one, unchanged: reopen it
-        if not ds._file:
-            ds._reopen()
+    # writes of other threads (loompy's, to any part of the file) wait for the rewrite, then are refused;
+    # their reads of the layers wait too
+    with rewriting(f), engine.writing_all([ds.layers[name]._dataset for name in ds.layers.keys()]):
+        try:
+            _permute_into(ds, f, order, inverse, axis)
+        finally:  # the file is the permuted one, or (after a failure) the old one, unchanged: reopen it
+            if not ds._file:
+                ds._reopen()
 
 
 def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: np.ndarray, axis: int) -> None:
@@ -438,7 +441,9 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
             store_graph(dst_graphs, key, renumbered, like=f[graph_group][key])
         fmt.touch(out[attr_group], out[graph_group])
         engine.forget_file(ds._file)
-        ds._file.close()  # the rename replaces the file under this handle; permute reopens it
+        old, ds._file = ds._file, ClosedFile(ds.filename, "its file is being replaced by permute in another thread")
+        ds._point_managers_at(ds._file)  # (until permute reopens it: other threads are told so)
+        old.close()  # the rename replaces the file under this handle
 
 
 def repack(filename: str | os.PathLike) -> None:

@@ -26,7 +26,7 @@ from .errors import (
     LoomValueError,
 )
 from .graphs import GraphManager, edge_problems
-from .handles import READ_ONLY, ClosedFile, Dims, check_writable, writable
+from .handles import READ_ONLY, ClosedFile, Dims, check_writable, rewriting, writable
 from .indexing import axis_number
 from .journal import recover, refuse_if_pending_read_only
 from .layers import LayerManager
@@ -142,6 +142,12 @@ class LoomConnection(LoomAccess):
         (``suppress_warning`` is loompy 3's, accepted and unused: closing warns of nothing.)"""
         if not self._file:
             return
+        with rewriting(self._file):  # (loompy's writes under way in other threads end first; later ones are refused)
+            self._close_now()
+
+    def _close_now(self) -> None:
+        if not self._file:
+            return  # (another thread closed it meanwhile)
         file, failure = self._file, None
         engine.forget_file(file)
         if forks.inherited(file):  # (HDF5 closing it here would write its state out: see forks)
@@ -214,7 +220,7 @@ class LoomConnection(LoomAccess):
 
     def _check_open(self) -> None:
         if not self._file:
-            raise LoomFileError(f"{self.filename}: the connection is closed")
+            raise LoomFileError(f"{self.filename}: {getattr(self._file, 'why', 'the connection is closed')}")
 
     def _axis(self, axis: Any) -> int:
         return axis_number(axis, self.filename)

@@ -14,7 +14,7 @@ from . import format as fmt
 from .attributes import DotAccess, last_written
 from .encoding import refuse_masked
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
-from .handles import Dims, check_deletable, check_room, check_writable
+from .handles import Dims, check_deletable, check_room, check_writable, one_of_the_writes
 from .indexing import AXIS_NAMES, select_axis
 
 
@@ -146,6 +146,7 @@ class GraphManager(DotAccess, MutableMapping):
             raise LoomFormatError(f"{self._where} '{name}': " + "; ".join(problems))
         return sp.coo_matrix((w, (a, b)), shape=(n, n))
 
+    @one_of_the_writes
     def __setitem__(self, name: str, graph: Any) -> None:
         fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
@@ -192,6 +193,7 @@ class GraphManager(DotAccess, MutableMapping):
         else:
             self[name] = graph
 
+    @one_of_the_writes
     def __delitem__(self, name: str) -> None:
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")

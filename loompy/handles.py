@@ -5,9 +5,12 @@ of the file (:class:`ClosedFile`)."""
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Callable
-from typing import Any
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
@@ -48,22 +51,111 @@ def writable(file: h5py.File) -> bool:
 
 
 class ClosedFile:
-    """What a closed connection's managers hold instead of its file: any use says the connection is closed."""
+    """What a closed connection's managers hold instead of its file: any use says the connection is
+    closed (or, while ``permute`` swaps the file in, that it is being replaced)."""
 
-    def __init__(self, filename: str) -> None:
+    def __init__(self, filename: str, why: str = "the connection is closed") -> None:
         self.filename = filename
+        self.why = why
 
     def __bool__(self) -> bool:
         return False
 
     def __getattr__(self, name: str) -> Any:
-        raise LoomFileError(f"{self.filename}: the connection is closed")
+        raise LoomFileError(f"{self.filename}: {self.why}")
 
     def __contains__(self, name: object) -> bool:
-        raise LoomFileError(f"{self.filename}: the connection is closed")
+        raise LoomFileError(f"{self.filename}: {self.why}")
 
     def __getitem__(self, name: object) -> Any:
-        raise LoomFileError(f"{self.filename}: the connection is closed")
+        raise LoomFileError(f"{self.filename}: {self.why}")
+
+
+class _Gate:
+    """loompy's writes to one open file (any number, from any threads) and a rewrite of the whole
+    file (permute), which waits for those under way and holds off new ones until it is done."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.writers: dict[int, int] = {}  # thread -> depth
+        self.rewriter: int | None = None
+
+
+_gates: dict[int, _Gate] = {}  # by HDF5's number of the open file
+_gates_lock = threading.Lock()
+
+
+def _gate(file: h5py.File) -> _Gate:
+    with _gates_lock:
+        return _gates.setdefault(file.id.fileno, _Gate())
+
+
+@contextmanager
+def writing_to(file: h5py.File) -> Iterator[None]:
+    """Around one of loompy's writes to ``file``: it waits for a rewrite of the file under way in
+    another thread, and is refused if that replaced the file meanwhile (what it would write was
+    meant for the file as it was)."""
+    gate, me, name = _gate(file), threading.get_ident(), file.filename
+    with gate.changed:
+        gate.changed.wait_for(lambda: gate.rewriter in (None, me))
+        if not file:
+            raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in "
+                                "another thread while this write waited for it; nothing was written")
+        gate.writers[me] = gate.writers.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with gate.changed:
+            gate.writers[me] -= 1
+            if not gate.writers[me]:
+                del gate.writers[me]
+                gate.changed.notify_all()
+
+
+@contextmanager
+def rewriting(file: h5py.File) -> Iterator[None]:
+    """Around a rewrite of the whole of ``file`` (permute): waits for loompy's writes to it under
+    way in other threads, and holds off new ones (which would be lost with the old file)."""
+    gate, me, number = _gate(file), threading.get_ident(), file.id.fileno
+    with gate.changed:
+        gate.changed.wait_for(lambda: gate.rewriter is None and not set(gate.writers) - {me})
+        gate.rewriter = me
+    try:
+        yield
+    finally:
+        with gate.changed:
+            gate.rewriter = None
+            gate.changed.notify_all()
+        if not file:  # (replaced: writes waiting for it hold the gate itself)
+            with _gates_lock:
+                _gates.pop(number, None)
+
+
+T = TypeVar("T")
+
+
+def one_of_the_writes(method: Callable[..., T]) -> Callable[..., T]:
+    """``method`` of an object with a ``_file`` (a manager, a layer, a connection) as one of the
+    file's writes (see :func:`writing_to`); objects held in memory (``_file`` None) pass through."""
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
+        file = self._file
+        if not isinstance(file, h5py.File) or not file:
+            return method(self, *args, **kwargs)  # (in memory, or closed: the method says so)
+        with writing_to(file):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+def _after_fork_in_child() -> None:
+    """Gates held by other threads of the parent are never given back in a forked child."""
+    global _gates_lock
+    _gates_lock = threading.Lock()
+    _gates.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 SPARE_BYTES = 2 << 20  # room every in-place write wants besides its own data: HDF5 metadata it writes out

@@ -16,7 +16,15 @@ from . import format as fmt
 from .attributes import DotAccess
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
 from .files import stored_size_bound
-from .handles import SPARE_BYTES, Dims, check_deletable, check_free_space, check_room, check_writable
+from .handles import (
+    SPARE_BYTES,
+    Dims,
+    check_deletable,
+    check_free_space,
+    check_room,
+    check_writable,
+    one_of_the_writes,
+)
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
 
@@ -139,6 +147,7 @@ class LoomLayer(SparseForms):
         """The block at sorted, unique ``rows`` x ``cols``, into ``out`` when given."""
         return engine.read_block(self._dataset, rows, cols, out)
 
+    @one_of_the_writes
     def __setitem__(self, key: Any, values: Any) -> None:
         check_writable(self._file, f"layer '{self.name}'")
         rows, cols = self._select(key)
@@ -247,6 +256,7 @@ class LayerManager(DotAccess, MutableMapping):
         else:
             self[name] = matrix
 
+    @one_of_the_writes
     def set_layer(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
                   chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
                   compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL) -> None:
@@ -297,6 +307,7 @@ class LayerManager(DotAccess, MutableMapping):
         if defines_shape:
             self._dims.shape = shape
 
+    @one_of_the_writes
     def __delitem__(self, name: str) -> None:
         if name == "":
             raise LoomValueError(f"{self._file.filename}: the main matrix (layer '') cannot be deleted")

@@ -1369,3 +1369,132 @@ def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_
     assert got[0].shape in ((200, 150), (200, 190))
     np.testing.assert_array_equal(got[0], expected[:, :got[0].shape[1]])
     assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)
+
+
+def _pause_permute_after_its_layers(monkeypatch):
+    """Make permute stop, once, after it has copied the layers (before the attributes): (paused, go)."""
+    import sys
+    import threading
+
+    combine = sys.modules["loompy.combine"]
+    paused, go = threading.Event(), threading.Event()
+    real = combine._copy_extras
+
+    def copy_then_pause(*args, **kwargs):
+        real(*args, **kwargs)
+        if not paused.is_set():
+            paused.set()
+            go.wait(60)
+
+    monkeypatch.setattr(combine, "_copy_extras", copy_then_pause)
+    return paused, go
+
+
+@pytest.mark.parametrize("write", ["matrix", "attribute", "layer", "graph"])
+def test_a_write_from_another_thread_during_permute_is_refused_not_lost(tmp_path, monkeypatch, write):
+    """permute copies the file, then renames the copy into place: a write another thread made after
+    the copy had passed it went to the old file and was lost, though the call returned normally."""
+    import threading
+
+    path = tmp_path / "p.loom"
+    m = np.arange(200 * 150, dtype=np.float32).reshape(200, 150)
+    loompy.create(path, m, {"g": np.arange(200)}, {"c": np.arange(150)}).close()
+    paused, go = _pause_permute_after_its_layers(monkeypatch)
+    outcome = []
+    writes = {"matrix": lambda ds: ds.__setitem__((0, 0), -5.0),
+              "attribute": lambda ds: setattr(ds.ca, "New", np.arange(150)),
+              "layer": lambda ds: ds.layers.__setitem__("x", m),
+              "graph": lambda ds: ds.col_graphs.__setitem__("knn", sp.eye(150))}
+
+    def try_to_write(ds):
+        try:
+            writes[write](ds)
+            outcome.append("written")
+        except loompy.LoomFileError as error:
+            outcome.append(str(error))
+
+    order = np.arange(150)[::-1]
+    with loompy.connect(path) as ds:
+        permuting = threading.Thread(target=ds.permute, args=(order, 1))
+        permuting.start()
+        assert paused.wait(60)
+        writer = threading.Thread(target=try_to_write, args=(ds,))
+        writer.start()
+        writer.join(1.0)  # (it waits for the permute)
+        go.set()
+        permuting.join(60)
+        writer.join(60)
+        np.testing.assert_array_equal(ds[:, :], m[:, order])
+        assert "New" not in ds.ca and list(ds.layers.keys()) == [""] and "knn" not in ds.col_graphs
+    assert outcome and "the file was replaced by permute (or the connection closed) in another thread while this " \
+        "write waited for it; nothing was written" in outcome[0], outcome
+
+
+def test_reads_from_other_threads_during_permute_give_the_old_order_the_new_or_a_clear_error(tmp_path, monkeypatch):
+    import threading
+
+    path = tmp_path / "p.loom"
+    m = np.arange(200 * 150, dtype=np.float32).reshape(200, 150)
+    loompy.create(path, m, {"g": np.arange(200)}, {"c": np.arange(150)}).close()
+    paused, go = _pause_permute_after_its_layers(monkeypatch)
+    order = np.arange(150)[::-1]
+    said = []
+
+    def read(ds):
+        try:
+            said.append(ds[:, :])
+        except loompy.LoomError as error:
+            said.append(str(error))
+
+    with loompy.connect(path) as ds:
+        permuting = threading.Thread(target=ds.permute, args=(order, 1))
+        permuting.start()
+        assert paused.wait(60)
+        reader = threading.Thread(target=read, args=(ds,))
+        reader.start()
+        reader.join(1.0)
+        go.set()
+        permuting.join(60)
+        reader.join(60)
+        np.testing.assert_array_equal(ds[:, :], m[:, order])
+    got = said[0]
+    if isinstance(got, str):  # (it waited for the layers, which permute then replaced)
+        assert "the file was replaced by permute (or the connection closed) in another thread while this read " \
+            "waited for it; read again" in got
+    else:
+        assert np.array_equal(got, m) or np.array_equal(got, m[:, order])
+
+
+def test_close_waits_for_a_write_under_way_in_another_thread(tmp_path, monkeypatch):
+    """close() in one thread while another wrote: the write met a closed file mid-way (h5py's raw
+    ValueError) and its values were lost. close now lets it finish first."""
+    import threading
+
+    from loompy import engine
+
+    path = tmp_path / "c.loom"
+    loompy.create(path, np.zeros((100, 80), np.float32), {"g": np.arange(100)}, {"c": np.arange(80)}).close()
+    started, go = threading.Event(), threading.Event()
+    real = engine.write_block
+
+    def slow_write_block(*args, **kwargs):
+        started.set()
+        go.wait(60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "write_block", slow_write_block)
+    outcome = []
+    ds = loompy.connect(path)
+    writer = threading.Thread(target=lambda: outcome.append(ds.__setitem__((slice(0, 10), slice(0, 10)), 3.0)))
+    writer.start()
+    assert started.wait(60)
+    closing = threading.Thread(target=ds.close)
+    closing.start()
+    closing.join(1.0)
+    assert closing.is_alive()  # (waiting for the write)
+    go.set()
+    writer.join(60)
+    closing.join(60)
+    assert outcome == [None] and ds.closed
+    with loompy.connect(path, "r") as again:
+        np.testing.assert_array_equal(again[:10, :10], np.full((10, 10), 3.0, np.float32))

@@ -405,7 +405,18 @@ def reading(dataset: h5py.Dataset) -> AbstractContextManager[None]:
         raise LoomFileError(f"{dataset.file.filename}: {dataset.name} was being written by another thread of the "
                             "process this one was forked from, and HDF5 here holds it half written (connect "
                             "again once that process has closed the file)")
-    return nullcontext() if on_worker() else _turns_for(dataset).reading()
+    return nullcontext() if on_worker() else _still_there(_turns_for(dataset).reading(), dataset)
+
+
+@contextmanager
+def _still_there(turn: AbstractContextManager[None], dataset: h5py.Dataset) -> Iterator[None]:
+    """``turn``, then a refusal if the file went while it waited (permute replaced it in another thread)."""
+    name = dataset.file.filename
+    with turn:
+        if not dataset.id.valid:
+            raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in another "
+                                "thread while this read waited for it; read again")
+        yield
 
 
 def writing(dataset: h5py.Dataset) -> AbstractContextManager[None]:
