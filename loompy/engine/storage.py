@@ -350,7 +350,8 @@ class _Turns:
     writer that only waits (a reader's helpers must get in, or it could not finish).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
         self.changed = threading.Condition()
         self.readers: dict[int, int] = {}  # thread -> depth
         self.writer: int | None = None
@@ -392,7 +393,7 @@ def _turns_for(dataset: h5py.Dataset) -> _Turns:
     key = _key(dataset)  # (kept when a file closes: another connection may share its number)
     with _lock:
         if key not in _turns:
-            _turns[key] = _Turns()
+            _turns[key] = _Turns(dataset.file.filename)
         return _turns[key]
 
 
@@ -405,17 +406,16 @@ def reading(dataset: h5py.Dataset) -> AbstractContextManager[None]:
         raise LoomFileError(f"{dataset.file.filename}: {dataset.name} was being written by another thread of the "
                             "process this one was forked from, and HDF5 here holds it half written (connect "
                             "again once that process has closed the file)")
-    return nullcontext() if on_worker() else _still_there(_turns_for(dataset).reading(), dataset)
+    return nullcontext() if on_worker() else _still_there(_turns_for(dataset), dataset)
 
 
 @contextmanager
-def _still_there(turn: AbstractContextManager[None], dataset: h5py.Dataset) -> Iterator[None]:
-    """``turn``, then a refusal if the file went while it waited (permute replaced it in another thread)."""
-    name = dataset.file.filename
-    with turn:
+def _still_there(turns: _Turns, dataset: h5py.Dataset) -> Iterator[None]:
+    """A reading turn, then a refusal if the file went while it waited (permute replaced it in another thread)."""
+    with turns.reading():
         if not dataset.id.valid:
-            raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in another "
-                                "thread while this read waited for it; read again")
+            raise LoomFileError(f"{turns.filename}: the file was replaced by permute (or the connection closed) in "
+                                "another thread while this read waited for it; read again")
         yield
 
 
