@@ -28,7 +28,7 @@ def root_address(path) -> int:
     with h5py.File(path, "r") as f:
         fd = os.open(path, os.O_RDONLY)
         try:
-            return btree._btree_address(fd, btree._header_address(f["m"]), os.fstat(fd).st_size)
+            return btree._btree_address(fd, btree.header_address(f["m"]), os.fstat(fd).st_size)
         finally:
             os.close(fd)
 
@@ -98,7 +98,7 @@ def test_a_tree_of_several_levels(tmp_path):
 def test_the_header_address_is_the_one_hdf5_reports(tmp_path):
     path = make(tmp_path / "f.h5", fill="none")
     with h5py.File(path, "r") as f:
-        assert btree._header_address(f["m"]) == h5py.h5o.get_info(f["m"].id).addr
+        assert btree.header_address(f["m"]) == h5py.h5o.get_info(f["m"].id).addr
 
 
 def test_a_damaged_node_leaves_the_listing_to_hdf5(tmp_path):

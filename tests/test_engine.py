@@ -1027,3 +1027,22 @@ def test_a_failed_write_into_a_matrix_stored_without_chunks_keeps_only_what_it_r
         monkeypatch.undo()
         np.testing.assert_array_equal(ds[:, :], m)
         assert max(reads) <= 2 * 200  # (what the write replaces, not every row between)
+
+
+def test_a_kept_index_is_not_used_for_another_dataset_h5py_renamed_into_its_place(tmp_path):
+    """Indexes are kept by dataset name: two layers whose names h5py swapped (the file's size and
+    free space unchanged) read as each other, all 409,600 values of each."""
+    rng = np.random.default_rng(10)
+    path = tmp_path / "r.loom"
+    x, y = rng.random((640, 640)).astype(np.float32), rng.random((640, 640)).astype(np.float32)
+    with loompy.create(path, x, {"g": np.arange(640)}, {"c": np.arange(640)}) as ds:
+        ds.layers["y"] = y
+    with loompy.connect(path) as ds:
+        np.testing.assert_array_equal(ds.layers[""][:, :], x)  # (their indexes are built and kept)
+        np.testing.assert_array_equal(ds.layers["y"][:, :], y)
+        f = ds._file
+        f.move("matrix", "swap")
+        f.move("layers/y", "matrix")
+        f.move("swap", "layers/y")
+        np.testing.assert_array_equal(ds.layers[""][:, :], y)
+        np.testing.assert_array_equal(ds.layers["y"][:, :], x)

@@ -82,14 +82,14 @@ def _where(dataset: h5py.Dataset) -> tuple[int, int, int] | None:
         if (f.driver != "sec2" or not hasattr(os, "pread") or fcpl.get_userblock() != 0
                 or fcpl.get_sizes() != (8, 8) or dataset.ndim != 2):
             return None
-        header = _header_address(dataset)
+        header = header_address(dataset)
         fd = f.id.get_vfd_handle()  # the file HDF5 has open (its name may now be another's); not ours to close
         return fd, header, os.fstat(fd).st_size
     except (OSError, ValueError, RuntimeError, AttributeError, TypeError):
         return None
 
 
-def _header_address(dataset: h5py.Dataset) -> int:
+def header_address(dataset: h5py.Dataset) -> int:
     """The file address of the dataset's object header. ``H5Oget_info`` also sums the sizes of the
     dataset's metadata (walking the whole B-tree: 7-16 ms for the benchmark matrix), ``H5Gget_objinfo``
     does not (0.05 ms); its number is the address split into two C longs."""

@@ -7,8 +7,8 @@ mask, read from HDF5's B-tree in the file (:mod:`.btree`, about 0.3 us per chunk
 ``os.pread``, which releases the GIL. An index is built once reads have asked for a tenth of a
 dataset's chunks and kept until loompy next writes to that dataset (every engine write calls
 :func:`forget` first) or the file is closed (HDF5 numbers each opening of a file afresh), or, in a
-file open for writing, until the file's size or free space has changed (h5py moved chunks, see
-:func:`_moved`).
+file open for writing, until the file's size or free space has changed (h5py moved chunks) or
+the name leads to another dataset (h5py renamed one): see :func:`_moved`.
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ class ChunkIndex:
 
     path: str
     file_id: tuple[int, int]  # (device, inode) of the file HDF5 has open
-    space: tuple[int, int]  # the file's size and free space as HDF5 had them then (see _moved)
+    space: tuple[int, int, int]  # the file's size and free space, the dataset's address, then (see _moved)
     offset: np.ndarray
     size: np.ndarray
     mask: np.ndarray
@@ -295,16 +295,17 @@ def chunk_index(dataset: h5py.Dataset, needed: int) -> ChunkIndex | None:
     return _remember(dataset)
 
 
-def _space(dataset: h5py.Dataset) -> tuple[int, int]:
+def _space(dataset: h5py.Dataset) -> tuple[int, int, int]:
     f = dataset.file.id
-    return f.get_filesize(), f.get_freespace()
+    return f.get_filesize(), f.get_freespace(), btree.header_address(dataset)
 
 
 def _moved(dataset: h5py.Dataset, index: ChunkIndex) -> bool:
     """Whether chunks may have moved since ``index`` was built by writes loompy did not make (h5py
     on the same open file): a chunk rewritten at another size is freed and placed elsewhere, at
-    the end of the file or in space freed before, and the file's size or free space changes.
-    loompy's own writes drop the index themselves; in a file open read-only nothing moves."""
+    the end of the file or in space freed before, and the file's size or free space changes; a
+    dataset renamed in its place has another object header. loompy's own writes drop the index
+    themselves; in a file open read-only nothing moves."""
     return dataset.file.mode != "r" and _space(dataset) != index.space
 
 
