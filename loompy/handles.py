@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -73,31 +74,59 @@ class ClosedFile:
 
 class _Gate:
     """loompy's writes to one open file (any number, from any threads) and a rewrite of the whole
-    file (permute), which waits for those under way and holds off new ones until it is done."""
+    file (permute, close), which waits for those under way and holds off new ones until it is done."""
 
     def __init__(self) -> None:
         self.changed = threading.Condition()
         self.writers: dict[int, int] = {}  # thread -> depth
         self.rewriter: int | None = None
+        self.waiting = 0  # rewrites waiting for their turn: new writes wait behind them
 
 
-_gates: dict[int, _Gate] = {}  # by HDF5's number of the open file
+# by HDF5's number of the open file; a gate nobody holds has nothing to remember, and goes
+_gates: weakref.WeakValueDictionary[int, _Gate] = weakref.WeakValueDictionary()
 _gates_lock = threading.Lock()
+_reads = threading.local()  # how many reading turns of datasets this thread holds (see engine.storage)
+
+
+def reads_held() -> int:
+    """How many reading turns of datasets (:func:`loompy.engine.storage.reading`) this thread holds."""
+    return getattr(_reads, "depth", 0)
+
+
+def count_read(step: int) -> None:
+    _reads.depth = reads_held() + step
+
+
+def would_wait_for_own_read(what: str) -> LoomFileError:
+    """The refusal of a write from a thread inside a read (a function given to map or aggregate,
+    say) that would wait for another thread, which may itself be waiting for that read to end."""
+    return LoomFileError(f"cannot write {what} now: this thread is inside a read of the file (a function given to "
+                         "map or aggregate?) while another thread writes, permutes or closes it, and each would "
+                         "wait for the other for good; write after the read")
 
 
 def _gate(file: h5py.File) -> _Gate:
     with _gates_lock:
-        return _gates.setdefault(file.id.fileno, _Gate())
+        gate = _gates.get(file.id.fileno)
+        if gate is None:
+            gate = _gates[file.id.fileno] = _Gate()
+        return gate
 
 
 @contextmanager
 def writing_to(file: h5py.File) -> Iterator[None]:
-    """Around one of loompy's writes to ``file``: it waits for a rewrite of the file under way in
-    another thread, and is refused if that replaced the file meanwhile (what it would write was
-    meant for the file as it was)."""
+    """Around one of loompy's writes to ``file``: it waits for a rewrite of the file under way (or
+    waiting) in another thread, and is refused if that replaced the file meanwhile (what it would
+    write was meant for the file as it was)."""
     gate, me, name = _gate(file), threading.get_ident(), file.filename
     with gate.changed:
-        gate.changed.wait_for(lambda: gate.rewriter in (None, me))
+        def may_go() -> bool:  # (a thread already writing goes on: the rewrite waits for it anyway)
+            return me in gate.writers or (gate.rewriter in (None, me) and not gate.waiting)
+
+        if not may_go() and reads_held():
+            raise would_wait_for_own_read(name)
+        gate.changed.wait_for(may_go)
         if not file:
             raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in "
                                 "another thread while this write waited for it; nothing was written")
@@ -116,9 +145,13 @@ def writing_to(file: h5py.File) -> Iterator[None]:
 def rewriting(file: h5py.File) -> Iterator[None]:
     """Around a rewrite of the whole of ``file`` (permute): waits for loompy's writes to it under
     way in other threads, and holds off new ones (which would be lost with the old file)."""
-    gate, me, number = _gate(file), threading.get_ident(), file.id.fileno
+    gate, me = _gate(file), threading.get_ident()
     with gate.changed:
-        gate.changed.wait_for(lambda: gate.rewriter is None and not set(gate.writers) - {me})
+        gate.waiting += 1
+        try:
+            gate.changed.wait_for(lambda: gate.rewriter is None and not set(gate.writers) - {me})
+        finally:
+            gate.waiting -= 1
         gate.rewriter = me
     try:
         yield
@@ -126,9 +159,6 @@ def rewriting(file: h5py.File) -> Iterator[None]:
         with gate.changed:
             gate.rewriter = None
             gate.changed.notify_all()
-        if not file:  # (replaced: writes waiting for it hold the gate itself)
-            with _gates_lock:
-                _gates.pop(number, None)
 
 
 T = TypeVar("T")
@@ -149,9 +179,9 @@ def one_of_the_writes(method: Callable[..., T]) -> Callable[..., T]:
 
 def _after_fork_in_child() -> None:
     """Gates held by other threads of the parent are never given back in a forked child."""
-    global _gates_lock
+    global _gates_lock, _gates
     _gates_lock = threading.Lock()
-    _gates.clear()
+    _gates = weakref.WeakValueDictionary()
 
 
 if hasattr(os, "register_at_fork"):

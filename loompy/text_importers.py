@@ -129,14 +129,15 @@ def _table_header(path: str | os.PathLike, delim: str) -> tuple[list[str], bool]
     """The cell ids of a table's header, and whether the header starts with a corner field (it has as
     many fields as the data lines, which start with the gene id)."""
     with _reading(path, "table"), _open_text(path) as handle:
-        header = _trimmed(_split(handle.readline(), delim))
-        first = _trimmed(_split(handle.readline(), delim))
-    if header == [""]:
+        header = _split(handle.readline(), delim)
+        first = _split(handle.readline(), delim)
+    if _trimmed(header) == [""]:
         raise LoomValueError(f"{path}: the table is empty (its first line should list the cell ids)")
-    if first == [""]:
+    if _trimmed(first) == [""]:
         raise LoomValueError(f"{path}: the table has no line of values after its header")
-    corner = len(first) == len(header)
-    return [_unquoted(f) for f in (header[1:] if corner else header)], corner
+    corner = len(first) == len(header)  # (as written: a missing last value is still a field)
+    names = _trimmed(header)
+    return [_unquoted(f) for f in (names[1:] if corner else names)], corner
 
 
 def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dtype

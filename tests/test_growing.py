@@ -1498,3 +1498,99 @@ def test_close_waits_for_a_write_under_way_in_another_thread(tmp_path, monkeypat
     assert outcome == [None] and ds.closed
     with loompy.connect(path, "r") as again:
         np.testing.assert_array_equal(again[:10, :10], np.full((10, 10), 3.0, np.float32))
+
+
+def test_a_write_from_inside_a_read_that_a_permute_waits_for_is_refused_not_a_deadlock(tmp_path):
+    """A function given to aggregate runs inside the pass's read of the layer: its write waited for a
+    permute in another thread, which waited for that read to end (both hung, 3 of 3 runs)."""
+    import threading
+
+    from loompy import handles
+
+    path = tmp_path / "a.loom"
+    m = np.arange(100 * 60, dtype=np.float32).reshape(100, 60)
+    loompy.create(path, m, {"g": np.arange(100)}, {"c": np.arange(60), "k": np.arange(60) % 3}).close()
+    said, threads = [], []
+    with loompy.connect(path) as ds:
+        def sum_and_write(values):
+            if not threads:
+                permuting = threading.Thread(target=ds.permute, args=(np.arange(60)[::-1], 1))
+                threads.append(permuting)
+                permuting.start()
+                gate = handles._gate(ds._file)
+                for _ in range(600):  # (until the permute waits for this read)
+                    if gate.waiting or gate.rewriter is not None:
+                        break
+                    __import__("time").sleep(0.01)
+                try:
+                    ds.ra["note"] = np.zeros(100)
+                except loompy.LoomFileError as error:
+                    said.append(str(error))
+            return values.sum()
+
+        result = ds.aggregate(None, None, "k", sum_and_write)
+        threads[0].join(60)
+        assert not threads[0].is_alive()
+        np.testing.assert_array_equal(result, np.stack([m[:, k::3].sum(axis=1) for k in range(3)], axis=1))
+        np.testing.assert_array_equal(ds[:, :], m[:, ::-1])
+    assert said and "this thread is inside a read of the file" in said[0]
+
+
+@pytest.mark.parametrize("rewrite", ["close", "permute"])
+def test_close_and_permute_are_not_held_off_by_a_steady_stream_of_writes(tmp_path, rewrite):
+    """New writes kept getting in while close or permute waited for the writes under way (they
+    returned only when the writing loops stopped, 14,000 writes later)."""
+    import threading
+    import time
+
+    path = tmp_path / "s.loom"
+    loompy.create(path, np.zeros((50, 40), np.float32), {"g": np.arange(50)}, {"c": np.arange(40)}).close()
+    ds = loompy.connect(path)
+    stop, running = threading.Event(), []
+
+    def keep_writing():
+        end, k = time.monotonic() + 20, 0
+        while not stop.is_set() and time.monotonic() < end:
+            try:
+                ds.ca["k"] = np.full(40, k)
+            except loompy.LoomFileError as error:
+                if "the connection is closed" in str(error):
+                    break
+            k += 1
+        running.append(time.monotonic() < end)  # (it stopped before its 20 s were up)
+
+    writers = [threading.Thread(target=keep_writing)]
+    for writer in writers:
+        writer.start()
+    time.sleep(0.2)
+    try:
+        if rewrite == "close":
+            ds.close()
+        else:
+            ds.permute(np.arange(40)[::-1], 1)
+        stopped_early = [writer.is_alive() for writer in writers]
+    finally:
+        stop.set()
+        for writer in writers:
+            writer.join(60)
+        ds.close()
+    assert any(stopped_early) or rewrite == "close" and all(running)  # (back while they still wrote)
+
+
+def test_write_gates_go_with_the_files_nobody_writes(tmp_path):
+    """The table of write gates grew by one for every file written and dropped without close()."""
+    import gc
+
+    from loompy import handles
+
+    path = tmp_path / "g.loom"
+    loompy.create(path, np.zeros((10, 8), np.float32), {"g": np.arange(10)}, {"c": np.arange(8)}).close()
+    for k in range(20):
+        ds = loompy.connect(path)
+        ds.ca["x"] = np.arange(8) + k
+        number = ds._file.id.fileno
+        del ds
+        gc.collect()
+        assert number not in handles._gates
+    with loompy.connect(path, "r") as ds:
+        assert list(ds.ca.x) == list(np.arange(8) + 19)

@@ -179,6 +179,9 @@ def test_tsv_bad_input_is_named_and_nothing_is_written(tmp_path):
         loompy.create_from_tsv(out, tmp_path / "t.tsv", row_metadata_loomfile=tmp_path / "g.loom")
     with pytest.raises(loompy.LoomFileError, match="one of the files being imported"):
         loompy.create_from_tsv(tmp_path / "t.tsv", tmp_path / "t.tsv")
+    bad.write_text("\n".join([lines[0].split("\t", 1)[1], lines[1].rsplit("\t", 1)[0] + "\t"] + lines[2:]) + "\n")
+    with pytest.raises(loompy.LoomValueError, match=r"bad\.tsv: line 2 holds a value that is not a number"):
+        loompy.create_from_tsv(out, bad)  # (a missing last value; the header without its corner field)
     bad.write_text(lines[0] + "\n")
     with pytest.raises(loompy.LoomValueError, match=r"bad\.tsv: the table has no line of values"):
         loompy.create_from_tsv(out, bad)

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import forks
 from ..errors import LoomFileError
+from ..handles import count_read, reads_held, would_wait_for_own_read
 from . import btree, codecs
 from .workers import on_worker
 
@@ -364,9 +365,11 @@ class _Turns:
         with self.changed:
             self.changed.wait_for(lambda: self.writer in (None, me))
             self.readers[me] = self.readers.get(me, 0) + 1
+        count_read(1)
         try:
             yield
         finally:
+            count_read(-1)
             with self.changed:
                 self.readers[me] -= 1
                 if not self.readers[me]:
@@ -377,6 +380,10 @@ class _Turns:
     def writing(self) -> Iterator[None]:
         me = threading.get_ident()
         with self.changed:
+            # a thread reading other datasets (a function given to map or aggregate) that would wait for
+            # another thread's write: that thread may be waiting for the read this one is in
+            if self.writer not in (None, me) and reads_held() > self.readers.get(me, 0):
+                raise would_wait_for_own_read(self.filename)
             self.changed.wait_for(lambda: self.writer in (None, me) and not set(self.readers) - {me})
             self.writer = me
             self.depth += 1
@@ -404,9 +411,9 @@ def reading(dataset: h5py.Dataset) -> AbstractContextManager[None]:
     On the engine's workers nothing is taken: they read for a thread that waits for them and holds
     what it needs (taking it again there could wait on a writer that waits on that thread)."""
     if _written_at_fork and _key(dataset) in _written_at_fork:
-        raise LoomFileError(f"{dataset.file.filename}: {dataset.name} was being written by another thread of the "
-                            "process this one was forked from, and HDF5 here holds it half written (connect "
-                            "again once that process has closed the file)")
+        raise LoomFileError(f"{dataset.file.filename}: {dataset.name} was being written (or the file permuted) by "
+                            "another thread of the process this one was forked from, and HDF5 here may hold it half "
+                            "written (connect again once that process has closed the file)")
     return nullcontext() if on_worker() else _still_there(_turns_for(dataset), dataset)
 
 
