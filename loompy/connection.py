@@ -142,7 +142,11 @@ class LoomConnection(LoomAccess):
         (``suppress_warning`` is loompy 3's, accepted and unused: closing warns of nothing.)"""
         if not self._file:
             return
-        with rewriting(self._file):  # (loompy's writes under way in other threads end first; later ones are refused)
+        try:
+            gate = rewriting(self._file)  # (loompy's writes under way in other threads end first; later ones wait)
+        except LoomFileError:
+            return  # (another thread closed it just now)
+        with gate:
             self._close_now()
 
     def _close_now(self) -> None:

@@ -10,7 +10,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, TypeVar
 
 import h5py
@@ -72,19 +72,76 @@ class ClosedFile:
         raise LoomFileError(f"{self.filename}: {self.why}")
 
 
-class _Gate:
-    """loompy's writes to one open file (any number, from any threads) and a rewrite of the whole
-    file (permute, close), which waits for those under way and holds off new ones until it is done."""
+class SharedOrAlone:
+    """A lock held by any number of threads at once (shared) or by one alone, which may also take
+    it shared; both reentrant. Dataset turns (reads shared, a write alone) and file write gates
+    (writes shared, a permute or close alone) are such locks.
 
-    def __init__(self) -> None:
+    ``alone_first``: threads new to the lock wait behind one waiting to hold it alone (a steady
+    stream of shared holders would otherwise keep it waiting for good). ``refuse(lock, me)``, given
+    to the two ways in, may return an error to raise instead of waiting (a wait that could be endless).
+    """
+
+    def __init__(self, alone_first: bool = False, name: str = "") -> None:
+        self.name = name  # (what it guards, for messages)
         self.changed = threading.Condition()
-        self.writers: dict[int, int] = {}  # thread -> depth
-        self.rewriter: int | None = None
-        self.waiting = 0  # rewrites waiting for their turn: new writes wait behind them
+        self.shared: dict[int, int] = {}  # thread -> depth
+        self.owner: int | None = None  # the thread holding it alone
+        self.depth = 0
+        self.waiting = 0  # threads waiting to hold it alone
+        self.alone_first = alone_first
+
+    def _may_share(self, me: int) -> bool:
+        return me in self.shared or (self.owner in (None, me) and not (self.alone_first and self.waiting))
+
+    def _may_own(self, me: int) -> bool:
+        return self.owner in (None, me) and not set(self.shared) - {me}
+
+    def _enter(self, may: Callable[[int], bool], refuse: Callable[..., Exception | None] | None, me: int) -> None:
+        if not may(me) and refuse is not None:
+            error = refuse(self, me)
+            if error is not None:
+                raise error
+        self.changed.wait_for(lambda: may(me))
+
+    @contextmanager
+    def sharing(self, refuse: Callable[..., Exception | None] | None = None) -> Iterator[None]:
+        me = threading.get_ident()
+        with self.changed:
+            self._enter(self._may_share, refuse, me)
+            self.shared[me] = self.shared.get(me, 0) + 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.shared[me] -= 1
+                if not self.shared[me]:
+                    del self.shared[me]
+                    self.changed.notify_all()
+
+    @contextmanager
+    def alone(self, refuse: Callable[..., Exception | None] | None = None) -> Iterator[None]:
+        me = threading.get_ident()
+        with self.changed:
+            self.waiting += 1
+            try:
+                self._enter(self._may_own, refuse, me)
+            finally:
+                self.waiting -= 1
+            self.owner = me
+            self.depth += 1
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.depth -= 1
+                if not self.depth:
+                    self.owner = None
+                    self.changed.notify_all()
 
 
-# by HDF5's number of the open file; a gate nobody holds has nothing to remember, and goes
-_gates: weakref.WeakValueDictionary[int, _Gate] = weakref.WeakValueDictionary()
+# a file's write gate, by HDF5's number of the open file; one nobody holds has nothing to remember, and goes
+_gates: weakref.WeakValueDictionary[int, SharedOrAlone] = weakref.WeakValueDictionary()
 _gates_lock = threading.Lock()
 _reads = threading.local()  # how many reading turns of datasets this thread holds (see engine.storage)
 
@@ -106,11 +163,16 @@ def would_wait_for_own_read(what: str) -> LoomFileError:
                          "wait for the other for good; write after the read")
 
 
-def _gate(file: h5py.File) -> _Gate:
+def _gate(file: h5py.File) -> SharedOrAlone:
+    try:
+        number = file.id.fileno
+    except (ValueError, RuntimeError) as error:  # (HDF5's answer for a file closed as this began)
+        raise LoomFileError("the connection was closed by another thread as this began; nothing was written"
+                            ) from error
     with _gates_lock:
-        gate = _gates.get(file.id.fileno)
+        gate = _gates.get(number)
         if gate is None:
-            gate = _gates[file.id.fileno] = _Gate()
+            gate = _gates[number] = SharedOrAlone(alone_first=True)
         return gate
 
 
@@ -119,46 +181,23 @@ def writing_to(file: h5py.File) -> Iterator[None]:
     """Around one of loompy's writes to ``file``: it waits for a rewrite of the file under way (or
     waiting) in another thread, and is refused if that replaced the file meanwhile (what it would
     write was meant for the file as it was)."""
-    gate, me, name = _gate(file), threading.get_ident(), file.filename
-    with gate.changed:
-        def may_go() -> bool:  # (a thread already writing goes on: the rewrite waits for it anyway)
-            return me in gate.writers or (gate.rewriter in (None, me) and not gate.waiting)
-
-        if not may_go() and reads_held():
-            raise would_wait_for_own_read(name)
-        gate.changed.wait_for(may_go)
+    gate = _gate(file)
+    try:
+        name = file.filename
+    except (ValueError, RuntimeError) as error:
+        raise LoomFileError("the connection was closed by another thread as this began; nothing was written"
+                            ) from error
+    with gate.sharing(lambda lock, me: would_wait_for_own_read(name) if reads_held() else None):
         if not file:
             raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in "
                                 "another thread while this write waited for it; nothing was written")
-        gate.writers[me] = gate.writers.get(me, 0) + 1
-    try:
         yield
-    finally:
-        with gate.changed:
-            gate.writers[me] -= 1
-            if not gate.writers[me]:
-                del gate.writers[me]
-                gate.changed.notify_all()
 
 
-@contextmanager
-def rewriting(file: h5py.File) -> Iterator[None]:
-    """Around a rewrite of the whole of ``file`` (permute): waits for loompy's writes to it under
-    way in other threads, and holds off new ones (which would be lost with the old file)."""
-    gate, me = _gate(file), threading.get_ident()
-    with gate.changed:
-        gate.waiting += 1
-        try:
-            gate.changed.wait_for(lambda: gate.rewriter is None and not set(gate.writers) - {me})
-        finally:
-            gate.waiting -= 1
-        gate.rewriter = me
-    try:
-        yield
-    finally:
-        with gate.changed:
-            gate.rewriter = None
-            gate.changed.notify_all()
+def rewriting(file: h5py.File) -> AbstractContextManager[None]:
+    """Around a rewrite of the whole of ``file`` (permute, close): waits for loompy's writes to it
+    under way in other threads, and holds off new ones (which would be lost with the old file)."""
+    return _gate(file).alone()
 
 
 T = TypeVar("T")

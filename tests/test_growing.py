@@ -1519,7 +1519,7 @@ def test_a_write_from_inside_a_read_that_a_permute_waits_for_is_refused_not_a_de
                 permuting.start()
                 gate = handles._gate(ds._file)
                 for _ in range(600):  # (until the permute waits for this read)
-                    if gate.waiting or gate.rewriter is not None:
+                    if gate.waiting or gate.owner is not None:
                         break
                     __import__("time").sleep(0.01)
                 try:

@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import forks
 from ..errors import LoomFileError
-from ..handles import count_read, reads_held, would_wait_for_own_read
+from ..handles import SharedOrAlone, count_read, reads_held, would_wait_for_own_read
 from . import btree, codecs
 from .workers import on_worker
 
@@ -263,7 +263,7 @@ def open_index(dataset: h5py.Dataset, index: ChunkIndex) -> int | None:
 _cache: OrderedDict[tuple, ChunkIndex | None] = OrderedDict()
 _asked: dict[tuple, int] = {}
 _held: dict[tuple, ChunkIndex | None] = {}
-_turns: dict[tuple, _Turns] = {}  # per dataset: its readers and writer (see reading, writing)
+_turns: dict[tuple, SharedOrAlone] = {}  # per dataset: its readers and writer (see reading, writing)
 _lock = threading.RLock()  # loompy may be used from several threads; HDF5 calls are serialised anyway
 
 
@@ -342,7 +342,15 @@ def forget(dataset: h5py.Dataset) -> None:
         _held.pop(key, None)
 
 
-class _Turns:
+def _refuse_inside_a_read(turns: SharedOrAlone, me: int) -> LoomFileError | None:
+    """A write that would wait for another thread's write while this thread reads other datasets (a
+    function given to map or aggregate): that thread may be waiting for the read this one is in."""
+    if turns.owner not in (None, me) and reads_held() > turns.shared.get(me, 0):
+        return would_wait_for_own_read(turns.name)
+    return None
+
+
+def _turns_for(dataset: h5py.Dataset) -> SharedOrAlone:
     """Who may use a dataset's chunks: any number of reading threads, or one writing thread.
 
     A read through the chunk index takes positions the engine listed; a write from another thread
@@ -351,57 +359,10 @@ class _Turns:
     may read within its own read, or write within it when it reads alone. Reads never wait for a
     writer that only waits (a reader's helpers must get in, or it could not finish).
     """
-
-    def __init__(self, filename: str) -> None:
-        self.filename = filename
-        self.changed = threading.Condition()
-        self.readers: dict[int, int] = {}  # thread -> depth
-        self.writer: int | None = None
-        self.depth = 0
-
-    @contextmanager
-    def reading(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self.changed:
-            self.changed.wait_for(lambda: self.writer in (None, me))
-            self.readers[me] = self.readers.get(me, 0) + 1
-        count_read(1)
-        try:
-            yield
-        finally:
-            count_read(-1)
-            with self.changed:
-                self.readers[me] -= 1
-                if not self.readers[me]:
-                    del self.readers[me]
-                    self.changed.notify_all()
-
-    @contextmanager
-    def writing(self) -> Iterator[None]:
-        me = threading.get_ident()
-        with self.changed:
-            # a thread reading other datasets (a function given to map or aggregate) that would wait for
-            # another thread's write: that thread may be waiting for the read this one is in
-            if self.writer not in (None, me) and reads_held() > self.readers.get(me, 0):
-                raise would_wait_for_own_read(self.filename)
-            self.changed.wait_for(lambda: self.writer in (None, me) and not set(self.readers) - {me})
-            self.writer = me
-            self.depth += 1
-        try:
-            yield
-        finally:
-            with self.changed:
-                self.depth -= 1
-                if not self.depth:
-                    self.writer = None
-                    self.changed.notify_all()
-
-
-def _turns_for(dataset: h5py.Dataset) -> _Turns:
     key = _key(dataset)  # (kept when a file closes: another connection may share its number)
     with _lock:
         if key not in _turns:
-            _turns[key] = _Turns(dataset.file.filename)
+            _turns[key] = SharedOrAlone(name=dataset.file.filename)  # (messages name it once the file has gone)
         return _turns[key]
 
 
@@ -418,18 +379,22 @@ def reading(dataset: h5py.Dataset) -> AbstractContextManager[None]:
 
 
 @contextmanager
-def _still_there(turns: _Turns, dataset: h5py.Dataset) -> Iterator[None]:
+def _still_there(turns: SharedOrAlone, dataset: h5py.Dataset) -> Iterator[None]:
     """A reading turn, then a refusal if the file went while it waited (permute replaced it in another thread)."""
-    with turns.reading():
-        if not dataset.id.valid:
-            raise LoomFileError(f"{turns.filename}: the file was replaced by permute (or the connection closed) in "
-                                "another thread while this read waited for it; read again")
-        yield
+    with turns.sharing():
+        count_read(1)
+        try:
+            if not dataset.id.valid:
+                raise LoomFileError(f"{turns.name}: the file was replaced by permute (or the connection closed) "
+                                    "in another thread while this read waited for it; read again")
+            yield
+        finally:
+            count_read(-1)
 
 
 def writing(dataset: h5py.Dataset) -> AbstractContextManager[None]:
     """Have ``dataset``'s chunks to this thread while the block writes them: reads from other threads wait."""
-    return _turns_for(dataset).writing()
+    return _turns_for(dataset).alone(_refuse_inside_a_read)
 
 
 @contextmanager
@@ -453,7 +418,7 @@ def _after_fork_in_child() -> None:
     old, half new."""
     global _lock
     me = threading.get_ident()
-    _written_at_fork.update(key for key, turns in _turns.items() if turns.writer not in (None, me))
+    _written_at_fork.update(key for key, turns in _turns.items() if turns.owner not in (None, me))
     _lock = threading.RLock()
     for table in (_turns, _held, _asked, _cache):
         table.clear()
