@@ -670,6 +670,19 @@ def test_a_new_file_being_written_is_inherited_read_only_by_a_forked_child(tmp_p
         assert sorted(g) == ["a", "b"] and g["a"][-1] == 999
 
 
+def _said_by_a_forked_child(target, *args):
+    """Run ``target(*args, queue)`` in a child forked from this process: (what it put on the queue, its exit code)."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    queue = fork.Queue()
+    process = fork.Process(target=target, args=(*args, queue))
+    process.start()
+    said = queue.get(timeout=60)
+    process.join(60)
+    return said, process.exitcode
+
+
 def _connect_after_dropping(held, queue):
     path = held[0]._path
     held.clear()  # (the child's only reference to its copy of the parent's connection)
@@ -685,18 +698,12 @@ def _connect_after_dropping(held, queue):
 def test_a_forked_child_that_dropped_the_inherited_connection_still_cannot_open_the_file(tmp_path):
     """The refusal to open an inherited file looked through the child's connections: once the child
     had let go of its copy of the parent's, nothing refused HDF5's inherited file to a new one."""
-    import multiprocessing
 
     path = tmp_path / "w.loom"
     loompy.create(path, np.ones((20, 30), np.float32), {"g": np.arange(20)}, {"c": np.arange(30)}).close()
-    fork = multiprocessing.get_context("fork")
     held = [loompy.connect(path)]
     try:
-        queue = fork.Queue()
-        process = fork.Process(target=_connect_after_dropping, args=(held, queue))
-        process.start()
-        said = queue.get(timeout=60)
-        process.join(60)
+        said, _ = _said_by_a_forked_child(_connect_after_dropping, held)
     finally:
         held[0].close()
     assert "w.loom: this process was forked from one that had the file open for writing" in said
@@ -720,7 +727,6 @@ def test_a_child_forked_while_other_threads_read_and_write_does_not_wait_for_the
     forked child held by threads that do not exist there: the child waited for them for good (28 of
     40 children, forked as another thread wrote). Now the child starts them afresh; a dataset that
     another thread was writing at the fork is half written in the child, and its reads are refused."""
-    import multiprocessing
     import threading
 
     from loompy.engine import storage
@@ -729,7 +735,6 @@ def test_a_child_forked_while_other_threads_read_and_write_does_not_wait_for_the
     m = np.ones((300, 300), np.float32)
     with loompy.create(path, m, {"g": np.arange(300)}, {"c": np.arange(300)}) as ds:
         ds.layers["other"] = m * 2
-    fork = multiprocessing.get_context("fork")
     with loompy.connect(path) as ds:
         inside, leave = threading.Event(), threading.Event()
 
@@ -743,15 +748,11 @@ def test_a_child_forked_while_other_threads_read_and_write_does_not_wait_for_the
         try:
             assert inside.wait(60)
             _read_in_child.inherited = ds
-            queue = fork.Queue()
-            process = fork.Process(target=_read_in_child, args=(path, queue))
-            process.start()
-            said = queue.get(timeout=60)
-            process.join(60)
+            said, exitcode = _said_by_a_forked_child(_read_in_child, path)
         finally:
             leave.set()
             holder.join()
-        assert process.exitcode == 0
+        assert exitcode == 0
         assert "/matrix was being written (or the file permuted) by another thread of the process this one was " \
             "forked from" in said[0]
         assert said[1] == 2 * 300 * 300

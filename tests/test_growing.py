@@ -1371,8 +1371,10 @@ def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_
     assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)
 
 
-def _pause_permute_after_its_layers(monkeypatch):
-    """Make permute stop, once, after it has copied the layers (before the attributes): (paused, go)."""
+def _beside_a_permute(monkeypatch, ds, order, action):
+    """Permute ``ds``'s columns into ``order`` in another thread, stopped once after it has copied the
+    layers (before the attributes), and run ``action(ds)`` in a third thread meanwhile (given a
+    second to finish before the permute goes on)."""
     import sys
     import threading
 
@@ -1387,19 +1389,25 @@ def _pause_permute_after_its_layers(monkeypatch):
             go.wait(60)
 
     monkeypatch.setattr(combine, "_copy_extras", copy_then_pause)
-    return paused, go
+    permuting = threading.Thread(target=ds.permute, args=(order, 1))
+    permuting.start()
+    assert paused.wait(60)
+    other = threading.Thread(target=action, args=(ds,))
+    other.start()
+    other.join(1.0)  # (it waits for the permute, or is done)
+    go.set()
+    permuting.join(60)
+    other.join(60)
 
 
 @pytest.mark.parametrize("write", ["matrix", "attribute", "layer", "graph"])
 def test_a_write_from_another_thread_during_permute_is_refused_not_lost(tmp_path, monkeypatch, write):
     """permute copies the file, then renames the copy into place: a write another thread made after
     the copy had passed it went to the old file and was lost, though the call returned normally."""
-    import threading
 
     path = tmp_path / "p.loom"
     m = np.arange(200 * 150, dtype=np.float32).reshape(200, 150)
     loompy.create(path, m, {"g": np.arange(200)}, {"c": np.arange(150)}).close()
-    paused, go = _pause_permute_after_its_layers(monkeypatch)
     outcome = []
     writes = {"matrix": lambda ds: ds.__setitem__((0, 0), -5.0),
               "attribute": lambda ds: setattr(ds.ca, "New", np.arange(150)),
@@ -1415,15 +1423,7 @@ def test_a_write_from_another_thread_during_permute_is_refused_not_lost(tmp_path
 
     order = np.arange(150)[::-1]
     with loompy.connect(path) as ds:
-        permuting = threading.Thread(target=ds.permute, args=(order, 1))
-        permuting.start()
-        assert paused.wait(60)
-        writer = threading.Thread(target=try_to_write, args=(ds,))
-        writer.start()
-        writer.join(1.0)  # (it waits for the permute)
-        go.set()
-        permuting.join(60)
-        writer.join(60)
+        _beside_a_permute(monkeypatch, ds, order, try_to_write)
         np.testing.assert_array_equal(ds[:, :], m[:, order])
         assert "New" not in ds.ca and list(ds.layers.keys()) == [""] and "knn" not in ds.col_graphs
     assert outcome and "the file was replaced by permute (or the connection closed) in another thread while this " \
@@ -1431,12 +1431,10 @@ def test_a_write_from_another_thread_during_permute_is_refused_not_lost(tmp_path
 
 
 def test_reads_from_other_threads_during_permute_give_the_old_order_the_new_or_a_clear_error(tmp_path, monkeypatch):
-    import threading
 
     path = tmp_path / "p.loom"
     m = np.arange(200 * 150, dtype=np.float32).reshape(200, 150)
     loompy.create(path, m, {"g": np.arange(200)}, {"c": np.arange(150)}).close()
-    paused, go = _pause_permute_after_its_layers(monkeypatch)
     order = np.arange(150)[::-1]
     said = []
 
@@ -1447,15 +1445,7 @@ def test_reads_from_other_threads_during_permute_give_the_old_order_the_new_or_a
             said.append(str(error))
 
     with loompy.connect(path) as ds:
-        permuting = threading.Thread(target=ds.permute, args=(order, 1))
-        permuting.start()
-        assert paused.wait(60)
-        reader = threading.Thread(target=read, args=(ds,))
-        reader.start()
-        reader.join(1.0)
-        go.set()
-        permuting.join(60)
-        reader.join(60)
+        _beside_a_permute(monkeypatch, ds, order, read)
         np.testing.assert_array_equal(ds[:, :], m[:, order])
     got = said[0]
     if isinstance(got, str):  # (it waited for the layers, which permute then replaced)
