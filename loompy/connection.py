@@ -142,6 +142,9 @@ class LoomConnection(LoomAccess):
         (``suppress_warning`` is loompy 3's, accepted and unused: closing warns of nothing.)"""
         if not self._file:
             return
+        if not writable(self._file):  # (nothing of its own to wait for: HDF5 shares the file with writers)
+            self._close_now()
+            return
         try:
             gate = rewriting(self._file)  # (loompy's writes under way in other threads end first; later ones wait)
         except LoomFileError:

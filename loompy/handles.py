@@ -234,7 +234,7 @@ def check_writable(file: h5py.File | None, what: str) -> None:
     """Refuse a write before anything is touched when the file is open read-only (or closed).
     (Room on its disk is asked for once the size of the write is known: :func:`check_room`.)"""
     if file is not None and not file:
-        raise LoomFileError(f"cannot write {what}: the connection is closed")
+        raise LoomFileError(f"cannot write {what}: {getattr(file, 'why', 'the connection is closed')}")
     if file is not None and not writable(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
     if file is not None and forks.inherited(file):

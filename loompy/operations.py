@@ -375,14 +375,14 @@ def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, sel
     everything = np.arange(ds.shape[0], dtype=np.int64)
     step = max(1, (64 << 20) // max(1, 8 * len(cols)))
     local = [np.searchsorted(cols, m) for m in members]
-    with engine.held_index(dataset):  # nothing is written to the layer during the pass
-        for start, batch in iter_batches(everything, step):
-            block = engine.read_block(dataset, batch, cols)
-            parts = [np.asarray(func(block[:, idx], 1)) for idx in local]
-            stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))
-            if result is None:
-                result = np.empty((ds.shape[0], len(groups)), dtype=stacked.dtype)
-            result[start:start + len(batch)] = stacked
+    engine.expect_reads(dataset)  # (the function may be the user's: no read is held while it runs, as it
+    for start, batch in iter_batches(everything, step):  # could wait for a thread that waits for that read)
+        block = engine.read_block(dataset, batch, cols)
+        parts = [np.asarray(func(block[:, idx], 1)) for idx in local]
+        stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))
+        if result is None:
+            result = np.empty((ds.shape[0], len(groups)), dtype=stacked.dtype)
+        result[start:start + len(batch)] = stacked
     if result is None:
         result = np.zeros((ds.shape[0], len(groups)))
     if col_attrs is not None:
