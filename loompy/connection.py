@@ -26,7 +26,7 @@ from .errors import (
     LoomValueError,
 )
 from .graphs import GraphManager, edge_problems
-from .handles import READ_ONLY, ClosedFile, Dims, check_writable, rewriting, writable
+from .handles import READ_ONLY, ClosedFile, Dims, check_writable, rewriting, why_closed, writable
 from .indexing import axis_number
 from .journal import recover, refuse_if_pending_read_only
 from .layers import LayerManager
@@ -136,9 +136,11 @@ class LoomConnection(LoomAccess):
         return not bool(self._file)
 
     def close(self, suppress_warning: bool = False) -> None:
-        """Close the file; the connection cannot be used afterwards. If writing out what HDF5 still
-        holds fails (a full disk), the file is closed all the same and a LoomFileError raised; if
-        HDF5 cannot even close it, the connection stays open, and ``close()`` may be tried again.
+        """Close the file; the connection cannot be used afterwards. loompy's writes under way in
+        other threads finish first (later ones are refused); reads are not waited for. If writing
+        out what HDF5 still holds fails (a full disk), the file is closed all the same and a
+        LoomFileError raised; if HDF5 cannot even close it, the connection stays open, and
+        ``close()`` may be tried again.
         (``suppress_warning`` is loompy 3's, accepted and unused: closing warns of nothing.)"""
         if not self._file:
             return
@@ -227,7 +229,7 @@ class LoomConnection(LoomAccess):
 
     def _check_open(self) -> None:
         if not self._file:
-            raise LoomFileError(f"{self.filename}: {getattr(self._file, 'why', 'the connection is closed')}")
+            raise LoomFileError(f"{self.filename}: {why_closed(self._file)}")
 
     def _axis(self, axis: Any) -> int:
         return axis_number(axis, self.filename)
@@ -338,7 +340,9 @@ class LoomConnection(LoomAccess):
         add_loom(self, other_file, key, fill_values, batch_size, convert_attrs, include_graphs)
 
     def permute(self, ordering: npt.ArrayLike, axis: int) -> None:
-        """Reorder rows (axis 0) or columns (axis 1) everywhere; the file is rewritten atomically."""
+        """Reorder rows (axis 0) or columns (axis 1) everywhere; the file is rewritten atomically.
+        loompy's writes under way in other threads finish first; writes and reads of layers asked
+        for meanwhile wait, then are refused (they were meant for the old order)."""
         from .combine import permute
 
         permute(self, ordering, axis)

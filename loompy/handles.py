@@ -51,6 +51,11 @@ def writable(file: h5py.File) -> bool:
     return file.mode == "r+" and not getattr(file, READ_ONLY, False)
 
 
+def why_closed(file: Any) -> str:
+    """What to say of a file that is no longer open: a :class:`ClosedFile` says why."""
+    return getattr(file, "why", "the connection is closed")
+
+
 class ClosedFile:
     """What a closed connection's managers hold instead of its file: any use says the connection is
     closed (or, while ``permute`` swaps the file in, that it is being replaced)."""
@@ -163,12 +168,18 @@ def would_wait_for_own_read(what: str) -> LoomFileError:
                          "wait for the other for good; write after the read")
 
 
-def _gate(file: h5py.File) -> SharedOrAlone:
+def _number_and_name(file: h5py.File) -> tuple[int, str]:
+    """HDF5's number of the open ``file`` and its name, or the refusal of a write whose file another
+    thread closed as it began."""
     try:
-        number = file.id.fileno
-    except (ValueError, RuntimeError) as error:  # (HDF5's answer for a file closed as this began)
+        return file.id.fileno, file.filename
+    except (ValueError, RuntimeError) as error:  # (HDF5's answer for a closed file)
         raise LoomFileError("the connection was closed by another thread as this began; nothing was written"
                             ) from error
+
+
+def _gate(file: h5py.File) -> SharedOrAlone:
+    number, _ = _number_and_name(file)
     with _gates_lock:
         gate = _gates.get(number)
         if gate is None:
@@ -181,12 +192,7 @@ def writing_to(file: h5py.File) -> Iterator[None]:
     """Around one of loompy's writes to ``file``: it waits for a rewrite of the file under way (or
     waiting) in another thread, and is refused if that replaced the file meanwhile (what it would
     write was meant for the file as it was)."""
-    gate = _gate(file)
-    try:
-        name = file.filename
-    except (ValueError, RuntimeError) as error:
-        raise LoomFileError("the connection was closed by another thread as this began; nothing was written"
-                            ) from error
+    gate, (_, name) = _gate(file), _number_and_name(file)
     with gate.sharing(lambda lock, me: would_wait_for_own_read(name) if reads_held() else None):
         if not file:
             raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in "
@@ -234,7 +240,7 @@ def check_writable(file: h5py.File | None, what: str) -> None:
     """Refuse a write before anything is touched when the file is open read-only (or closed).
     (Room on its disk is asked for once the size of the write is known: :func:`check_room`.)"""
     if file is not None and not file:
-        raise LoomFileError(f"cannot write {what}: {getattr(file, 'why', 'the connection is closed')}")
+        raise LoomFileError(f"cannot write {what}: {why_closed(file)}")
     if file is not None and not writable(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
     if file is not None and forks.inherited(file):

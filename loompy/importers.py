@@ -68,9 +68,10 @@ def _counts(matrix: sp.spmatrix) -> sp.csc_matrix:
 
 
 @contextmanager
-def _reading(path: Path) -> Iterator[Path]:
-    """Around the reading of ``path``: the errors gzip, Matrix Market, text decoding or HDF5 raise
-    on a malformed file become one that names it."""
+def reading_source(path: str | os.PathLike, what: str = "10x Genomics matrix") -> Iterator[str | os.PathLike]:
+    """Around the reading of ``path`` (a ``what``): the errors gzip, Matrix Market, text decoding or
+    HDF5 raise on a malformed file become one that names it; the system's own (a missing file,
+    permissions, I/O) stay what they are."""
     try:
         yield path
     except LoomError:
@@ -78,15 +79,18 @@ def _reading(path: Path) -> Iterator[Path]:
     except (OSError, ValueError, KeyError, IndexError, EOFError, zlib.error) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise  # the system's own (permission, I/O): not about the file's contents
-        raise LoomValueError(f"{path}: not a readable 10x Genomics matrix ({type(exc).__name__}: {exc})") from exc
+        raise LoomValueError(f"{os.fsdecode(os.fspath(path))}: not a readable {what} ({type(exc).__name__}: {exc})"
+                             ) from exc
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+def open_text(path: str | os.PathLike):
+    """UTF-8 text, gzipped (``.gz``) or not; a byte-order mark (Excel's) is not part of the first line."""
+    return gzip.open(path, "rt", encoding="utf-8-sig") if os.fspath(path).endswith(".gz") \
+        else open(path, encoding="utf-8-sig")
 
 
 def _table(path: Path) -> list[list[str]]:
-    with _open_text(path) as handle:
+    with open_text(path) as handle:
         return [line.rstrip("\n").split("\t") for line in handle if line.strip()]
 
 
@@ -114,11 +118,11 @@ class MexReader:
     def read(path: Path, genome: str | None = None) -> TenXData:
         import scipy.io  # only importers need it; keep ``import loompy`` light
 
-        with _reading(_find(path, "matrix.mtx")) as source:
+        with reading_source(_find(path, "matrix.mtx")) as source:
             matrix = scipy.io.mmread(str(source))
-        with _reading(_find(path, "features.tsv", "genes.tsv")) as source:
+        with reading_source(_find(path, "features.tsv", "genes.tsv")) as source:
             features = _table(source)
-        with _reading(_find(path, "barcodes.tsv")) as source:
+        with reading_source(_find(path, "barcodes.tsv")) as source:
             barcodes = np.array([row[0] for row in _table(source)], dtype=object)
         if matrix.shape != (len(features), len(barcodes)):
             raise LoomValueError(f"{path}: matrix shape {matrix.shape} does not match {len(features)} features "
@@ -218,7 +222,7 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
     found = None  # with genome=, a source that cannot tell genomes apart (Cell Ranger 3's MEX files)
     for candidate in _candidates(root, genome):  # is used only when none that can follows (its .h5)
         for reader in READERS:
-            with _reading(candidate):
+            with reading_source(candidate):
                 if not (candidate.exists() and reader.can_open(candidate)):
                     continue
                 data = reader.read(candidate, genome)

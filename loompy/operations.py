@@ -375,8 +375,10 @@ def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, sel
     everything = np.arange(ds.shape[0], dtype=np.int64)
     step = max(1, (64 << 20) // max(1, 8 * len(cols)))
     local = [np.searchsorted(cols, m) for m in members]
-    engine.expect_reads(dataset)  # (the function may be the user's: no read is held while it runs, as it
-    for start, batch in iter_batches(everything, step):  # could wait for a thread that waits for that read)
+    # each batch is its own read: the function (perhaps the user's, perhaps writing) runs outside any read,
+    # which a thread it waits for could itself be waiting on
+    engine.expect_reads(dataset)
+    for start, batch in iter_batches(everything, step):
         block = engine.read_block(dataset, batch, cols)
         parts = [np.asarray(func(block[:, idx], 1)) for idx in local]
         stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))

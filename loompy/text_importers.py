@@ -8,43 +8,21 @@ does: to a temporary path, renamed into place when complete.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
 from . import format as fmt
-from .errors import LoomError, LoomTypeError, LoomValueError
+from .errors import LoomTypeError, LoomValueError
 from .files import check_not_input
+from .importers import open_text, reading_source
 
 _QUOTED = re.compile(r'^"(.*)"$')  # R's write.table quotes names: "Gapdh" is Gapdh
-
-
-def _open_text(path: str | os.PathLike):
-    """UTF-8 text, gzipped or not; a byte-order mark (Excel's) is not part of the first name."""
-    return gzip.open(path, "rt", encoding="utf-8-sig") if os.fspath(path).endswith(".gz") \
-        else open(path, encoding="utf-8-sig")
-
-
-@contextmanager
-def _reading(path: str | os.PathLike, what: str) -> Iterator[None]:
-    """Errors met reading ``path`` (not gzip, not UTF-8, not Matrix Market) become one naming it;
-    the system's own (missing file, permissions) pass through."""
-    try:
-        yield
-    except LoomError:
-        raise
-    except (OSError, ValueError, EOFError, IndexError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise
-        raise LoomValueError(f"{os.fsdecode(os.fspath(path))}: not a readable {what} "
-                             f"({type(exc).__name__}: {exc})") from exc
 
 
 def _unquoted(field: str) -> str:
@@ -65,7 +43,7 @@ def _trimmed(fields: list[str]) -> list[str]:
 
 def _lines(path: str | os.PathLike, delim: str, skip_header: bool) -> list[list[str]]:
     """The non-empty lines of a list file, split at ``delim``, names unquoted."""
-    with _reading(path, "list"), _open_text(path) as handle:
+    with reading_source(path, "list"), open_text(path) as handle:
         rows = [[_unquoted(f) for f in _trimmed(_split(line, delim))] for line in handle if line.strip()]
     return rows[1:] if skip_header else rows
 
@@ -99,7 +77,7 @@ def create_from_matrix_market(out_file: str | os.PathLike, sample_id: str, layer
     cols = _lines(column_metadata_path, delim, skip_colums_headers)
     layers: dict[str, sp.csr_matrix] = {}
     for name, path in layer_paths.items():
-        with _reading(path, "Matrix Market file"):
+        with reading_source(path, "Matrix Market file"):
             matrix = scipy.io.mmread(os.fspath(path))
         if matrix.dtype.kind not in "biuf":
             raise LoomValueError(f"{path}: layer '{name}' holds {matrix.dtype} values; a Loom layer holds real numbers")
@@ -128,7 +106,7 @@ def create_from_matrix_market(out_file: str | os.PathLike, sample_id: str, layer
 def _table_header(path: str | os.PathLike, delim: str) -> tuple[list[str], bool]:
     """The cell ids of a table's header, and whether the header starts with a corner field (it has as
     many fields as the data lines, which start with the gene id)."""
-    with _reading(path, "table"), _open_text(path) as handle:
+    with reading_source(path, "table"), open_text(path) as handle:
         header = _split(handle.readline(), delim)
         first = _split(handle.readline(), delim)
     if _trimmed(header) == [""]:
@@ -145,7 +123,7 @@ def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dty
     """Gene ids and values (as ``dtype``, kept sparse) of every data line of a table."""
     genes: list[str] = []
     indptr, indices, data = [0], [], []
-    with _reading(path, "table"), _open_text(path) as handle:
+    with reading_source(path, "table"), open_text(path) as handle:
         handle.readline()
         for number, line in enumerate(handle, start=2):
             if not line.strip():
@@ -174,7 +152,7 @@ def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dty
 def _column_metadata(path: str | os.PathLike, delim: str, cell_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Column attributes from a table with a header of attribute names and a line per cell, in the
     matrix's order, each starting with the cell's id (kept as text, as loompy 3 keeps them)."""
-    with _reading(path, "list"), _open_text(path) as handle:
+    with reading_source(path, "list"), open_text(path) as handle:
         rows = [[_unquoted(f) for f in _split(line, delim)] for line in handle if line.strip()]
     if not rows:
         raise LoomValueError(f"{path}: the cell metadata is empty (its first line should name the attributes)")

@@ -133,7 +133,7 @@ class LoomView(LoomAccess):
         axis = axis_number(axis, "view.permute")
         order = permutation(ordering, self.shape[axis], f"view.permute: axis {axis}")
         for layer in self.layers.values():
-            layer.values = layer.values[order] if axis == 0 else layer.values[:, order]
+            layer.permute(order, axis=axis)
         attrs, graphs = (self.row_attrs, self.row_graphs) if axis == 0 else (self.col_attrs, self.col_graphs)
         for name, values in list(attrs.items()):
             attrs[name] = values[order]

@@ -210,15 +210,27 @@ def _leaves(fd: int, root: int, eof: int, chunks: tuple[int, int], shape: tuple[
         nodes, level = table["child"].tolist(), level - 1
     else:
         raise _Unexpected("B-tree too deep")
-    (h, w), (n, m) = chunks, shape
     position, address, size = table["position"], table["child"], table["size"]  # (unsigned, as stored)
-    if (np.any(position[:, 0] >= n) or np.any(position[:, 1] >= m) or np.any(position[:, 2])
-            or np.any(position[:, 0] % h) or np.any(position[:, 1] % w)
+    cells = chunk_cells(position[:, 0], position[:, 1], chunks, shape)
+    if (cells is None or np.any(position[:, 2])
             or np.any(address == 0) or np.any(address >= eof) or np.any(size == 0) or np.any(size > eof)
             or np.any(address + size.astype(np.uint64) > eof)):  # (each below eof: no wrapping)
-        raise _Unexpected("a leaf entry is off the chunk grid or outside the file")
-    rows, cols = (position[:, 0] // h).astype(np.int64), (position[:, 1] // w).astype(np.int64)
-    address, size = address.astype(np.int64), size.astype(np.int64)
+        raise _Unexpected("a leaf entry is off the chunk grid, listed twice or outside the file")
+    rows, cols = cells
+    return np.stack([rows, cols, address.astype(np.int64), size.astype(np.int64), table["mask"].astype(np.int64)],
+                    axis=1)
+
+
+def chunk_cells(first: np.ndarray, second: np.ndarray, chunks: tuple[int, int], shape: tuple[int, int]
+                ) -> tuple[np.ndarray, np.ndarray] | None:
+    """The chunk rows and columns of chunks listed at element positions (``first``, ``second``), or
+    None when one is off the chunk grid (negative, not a multiple of the chunk shape, outside the
+    dataset) or two are listed at one place: then nothing of the listing is to be believed."""
+    (h, w), (n, m) = chunks, shape
+    if (np.any(first < 0) or np.any(second < 0) or np.any(first >= n) or np.any(second >= m)
+            or np.any(first % h) or np.any(second % w)):
+        return None
+    rows, cols = (first // h).astype(np.int64), (second // w).astype(np.int64)
     if rows.size and np.bincount(rows * -(-m // w) + cols).max() > 1:
-        raise _Unexpected("a chunk is listed twice")
-    return np.stack([rows, cols, address, size, table["mask"].astype(np.int64)], axis=1)
+        return None
+    return rows, cols

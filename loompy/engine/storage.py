@@ -161,11 +161,10 @@ def _listing(dataset: h5py.Dataset) -> np.ndarray | None:
     except (RuntimeError, OSError, ValueError):
         return None
     table = np.array(found, dtype=np.int64).reshape(-1, 5)
-    positions, chunks, grid = table[:, :2].copy(), np.array(dataset.chunks), np.array(chunk_grid(dataset))
-    table[:, :2] //= chunks
-    if (np.any(positions % chunks) or np.any(table[:, :2] >= grid) or np.any(table[:, :2] < 0)
-            or len(np.unique(table[:, 0] * grid[1] + table[:, 1])) != len(table)):
+    cells = btree.chunk_cells(table[:, 0], table[:, 1], dataset.chunks, dataset.shape)
+    if cells is None:
         return None  # (HDF5 listed a chunk off the grid, or twice: believe none of it)
+    table[:, 0], table[:, 1] = cells
     return table
 
 
