@@ -25,8 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import loompy  # noqa: E402
-from loompy import engine  # noqa: E402
-from loompy.engine import codecs, memory, storage  # noqa: E402
+from loompy.engine import codecs, memory, storage, workers  # noqa: E402
 
 
 def floor(path: str, threads: int) -> float:
@@ -93,12 +92,12 @@ def main() -> None:
     args = parser.parse_args()
     with h5py.File(args.file, "r") as f:
         result_bytes = f["matrix"].size * f["matrix"].dtype.itemsize
-    two = f"floor, {engine.THREADS} threads"
+    two = f"floor, {workers.THREADS} threads"
     measures = {
         "floor, 1 thread: read + inflate every chunk": lambda: floor(args.file, 1),
-        two: lambda: floor(args.file, engine.THREADS),
-        f"fresh pages: {result_bytes / 1e9:.1f} GB touched on {engine.THREADS} threads, nothing read":
-            lambda: fresh_pages(result_bytes, engine.THREADS),
+        two: lambda: floor(args.file, workers.THREADS),
+        f"fresh pages: {result_bytes / 1e9:.1f} GB touched on {workers.THREADS} threads, nothing read":
+            lambda: fresh_pages(result_bytes, workers.THREADS),
     }
     actions = {
         "ds[:, :]": lambda ds: ds[:, :],
@@ -116,7 +115,7 @@ def main() -> None:
         for name, measure in measures.items():
             times[name].append(measure())
     print(f"\n{args.file}: median of {args.repeats} rounds\n")
-    print(f"| what | seconds | x floor ({engine.THREADS} threads) |")
+    print(f"| what | seconds | x floor ({workers.THREADS} threads) |")
     print("|---|---:|---:|")
     for name, seconds in times.items():
         ratio = statistics.median(t / f for t, f in zip(seconds, times[two]))

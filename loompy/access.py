@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .errors import LoomAttributeError, LoomTypeError
+from .errors import LoomAttributeError, LoomError, LoomTypeError
 
 
 class LoomAccess:
@@ -60,6 +60,21 @@ class LoomAccess:
         if name in self.row_attrs:
             return self.row_attrs[name]
         raise LoomAttributeError(f"{self._label}: no method, column attribute or row attribute named '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """``ds.Name = values``, where ``ds.Name`` reads an attribute, is refused: it would only hide
+        the attribute behind a Python one, writing nothing (``ds.ca.Name = values`` writes it)."""
+        if not name.startswith("_") and name not in self.__dict__ and "col_attrs" in self.__dict__ \
+                and not hasattr(type(self), name):
+            try:
+                axis = "ca" if name in self.col_attrs else "ra" if name in self.row_attrs else None
+            except LoomError:  # (closed: nothing to hide)
+                axis = None
+            if axis is not None:
+                raise LoomAttributeError(f"{self._label}: ds.{name} is the {'column' if axis == 'ca' else 'row'} "
+                                         f"attribute '{name}'; write it with ds.{axis}.{name} = ... (nothing "
+                                         "was written)")
+        object.__setattr__(self, name, value)
 
     def _repr_html_(self) -> str:
         """Upper-left 10x10 corner with the attributes, for notebooks (every value HTML-escaped)."""

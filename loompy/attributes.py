@@ -2,7 +2,7 @@
 
 All three are mutable mappings (``keys``, ``items``, ``in``, ``get``, ``update``...) with dot access.
 Values are read from the file on first use and cached; assignment validates, then writes
-through to the file at once. A manager without an HDF5 group holds values in memory only
+through to the file at once. A manager made with ``file=None`` holds values in memory only
 (used by views).
 """
 
@@ -260,12 +260,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         check_deletable(self._file, f"{self._where} '{name}'")
-        if self._in_group:
-            del self._file[fmt.GLOBAL_ATTRS][name]
-            fmt.touch(self._file[fmt.GLOBAL_ATTRS])
-        else:
-            del self._file.attrs[name]
-            self._file.attrs[fmt.LAST_MODIFIED] = fmt.timestamp()
+        fmt.delete_global(self._file, name, self._in_group)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and fmt.has_global(self._file, name, self._in_group)

@@ -65,7 +65,7 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
         raise LoomTypeError(f"combine takes a list of Loom files, not the single path {os.fsdecode(files)!r}")
     files = [os.fspath(p) for p in files]
     if not files:
-        raise LoomValueError("combine: no input files")
+        raise LoomValueError(f"{os.fspath(output_file)}: combine was given no input files")
     for path in files:
         if not os.path.exists(path):
             raise LoomFileNotFoundError(2, "no such Loom file", path)
@@ -383,30 +383,25 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     check_writable(ds._file, f"{ds.filename}: a permutation")
     length = ds.shape[axis]
     order = permutation(ordering, length, ds.filename)
-    inverse = np.empty(length, dtype=np.int64)
-    inverse[order] = np.arange(length)
     f = ds._file
     # writes of other threads (loompy's, to any part of the file) wait for the rewrite, then are refused;
     # their reads of the layers wait too
     with rewriting(f), engine.writing_all([ds.layers[name]._dataset for name in ds.layers.keys()]):
         try:
-            _permute_into(ds, f, order, inverse, axis)
+            _permute_into(ds, f, order, axis)
         finally:  # the file is the permuted one, or (after a failure) the old one, unchanged: reopen it
             if not ds._file:
                 ds._reopen()
 
 
-def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: np.ndarray, axis: int) -> None:
+def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, axis: int) -> None:
     """Write the permuted file beside ``ds``'s and rename it into place (``ds``'s file is closed then)."""
     m = ds.shape[1]
     with replacing(ds._path, own=ds, size=os.path.getsize(ds._path)) as out:
         for name in ds.layers.keys():
             src = ds.layers[name]._dataset
             group, key = fmt.layer_place(out, name)
-            dst = group.create_dataset(key, shape=src.shape, dtype=src.dtype,
-                                       chunks=src.chunks, maxshape=src.maxshape, compression=src.compression,
-                                       compression_opts=src.compression_opts, fillvalue=src.fillvalue)
-            swaps.carry_attrs(src, dst)
+            dst = fmt.create_matrix_like(group, key, src)
             if not (axis == 1 and engine.reorder_columns(src, dst, order)):  # (in helper processes)
                 with engine.held_index(src):  # nothing is written to src
                     if axis == 1:
@@ -436,9 +431,7 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, inverse: 
         if graph_group in f:  # what else the group holds (not graphs: nothing to renumber), as it is
             _copy_extras(f[graph_group], dst_graphs, skip=graphs.keys())
         for key in graphs.keys():
-            g = graphs[key]
-            renumbered = sp.coo_matrix((g.data, (inverse[g.row], inverse[g.col])), shape=g.shape)
-            store_graph(dst_graphs, key, renumbered, like=f[graph_group][key])
+            store_graph(dst_graphs, key, renumber_graph(graphs[key], order), like=f[graph_group][key])
         fmt.touch(out[attr_group], out[graph_group])
         engine.forget_file(ds._file)
         old, ds._file = ds._file, ClosedFile(ds.filename, "its file is being replaced by permute in another thread")

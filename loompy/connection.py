@@ -77,7 +77,6 @@ class LoomConnection(LoomAccess):
             if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, LoomError):
                 raise files.unreadable(self.filename, exc) from exc
             raise
-        self.spec_version = spec_version
         files.register(self)
         forks.watch(self, self._file, self._path)
 
@@ -129,10 +128,12 @@ class LoomConnection(LoomAccess):
 
     @property
     def mode(self) -> str:
+        """``'r+'`` or ``'r'`` as the file is open, ``'closed'`` once closed."""
         return ("r+" if writable(self._file) else "r") if self._file else "closed"
 
     @property
     def closed(self) -> bool:
+        """Whether the connection is closed (closing never reopens it)."""
         return not bool(self._file)
 
     def close(self, suppress_warning: bool = False) -> None:
@@ -187,6 +188,7 @@ class LoomConnection(LoomAccess):
         self._point_managers_at(self._file)
 
     def flush(self) -> None:
+        """Write out what HDF5 still holds in memory, so other readers of the file see it."""
         self._check_open()
         if forks.inherited(self._file):
             check_writable(self._file, "the file's last changes")  # (refused: see forks)
@@ -219,6 +221,7 @@ class LoomConnection(LoomAccess):
         self._attr_manager(axis).set(name, values, dtype=dtype)
 
     def delete_attr(self, name: str, axis: int = 0) -> None:
+        """Delete a row (``axis=0``) or column (``axis=1``) attribute (loompy 3's name for ``del ds.ra[name]``)."""
         del self._attr_manager(axis)[name]
 
     def _attr_manager(self, axis: int) -> AttributeManager:
@@ -242,6 +245,7 @@ class LoomConnection(LoomAccess):
                               compression_opts=compression_opts)
 
     def list_edges(self, axis: int) -> list[str]:
+        """Names of the row (``axis=0``) or column (``axis=1``) graphs."""
         return self._graph_manager(axis).keys()
 
     def get_edges(self, name: str, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -362,7 +366,9 @@ def connect(filename: str | os.PathLike, mode: str = "r+", *, validate: bool = T
             spec_version: str = fmt.CURRENT_SPEC, locking: bool | None = None) -> LoomConnection:
     """Open a Loom file. ``mode`` is ``'r+'`` (read/write, default) or ``'r'`` (read-only).
 
-    ``validate`` checks the structure (cheap: no data is read). ``locking=False`` opens without
+    ``validate`` checks the structure (cheap: no data is read) against the spec version the file
+    says it follows (``ds.version``); ``spec_version`` is loompy 3's argument, accepted and unused
+    there as here. ``locking=False`` opens without
     HDF5 file locks, for file systems that refuse them (NFS); use it only with ``mode='r'`` and
     when no other process writes the file.
     """

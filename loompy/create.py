@@ -25,9 +25,7 @@ def as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
         return {name: layers[name] for name in layers.keys()}
     if isinstance(layers, Mapping):
         out = dict(layers)
-    elif isinstance(layers, (np.ndarray, LoomLayer)) or sp.issparse(layers):
-        out = {"": layers}
-    elif isinstance(layers, (list, tuple)):
+    elif isinstance(layers, (np.ndarray, LoomLayer, list, tuple)) or sp.issparse(layers):
         out = {"": layers}
     else:
         raise LoomTypeError(f"{where}: layers must be an ndarray, a sparse matrix, a dict or a LayerManager, "
@@ -112,9 +110,9 @@ def create(filename: str | os.PathLike, layers: Any = None, row_attrs: Any = Non
     connection (use it in a ``with`` block, or close it).
     """
     if layers is None and matrix is None:
-        raise LoomTypeError("create() needs the matrix: pass layers (or matrix=)")
+        raise LoomTypeError(f"{filename}: create() needs the matrix: pass layers (or matrix=)")
     if layers is not None and matrix is not None:
-        raise LoomTypeError("create() takes either layers or matrix=, not both")
+        raise LoomTypeError(f"{filename}: create() takes either layers or matrix=, not both")
     chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, str(filename))
     contents = validate_contents(filename, layers if layers is not None else matrix, row_attrs, col_attrs,
                                  file_attrs, dtype)

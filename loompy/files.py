@@ -10,7 +10,7 @@ be lost), or another user's file in a sticky folder (only its owner may replace 
 with a :class:`~loompy.errors.LoomFileError`.
 
 In-place writes (appends, layer replacements) cannot be made safe against a full disk that way:
-:func:`check_free_space` refuses them first when the disk clearly lacks the room. And a file a
+:func:`~.handles.check_free_space` refuses them first when the disk clearly lacks the room. And a file a
 writer left longer than its superblock records (killed, or out of space, mid-write) is counted
 whole before HDF5 opens it for writing (:func:`extend_allocation`), which would trim it.
 """

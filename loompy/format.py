@@ -21,6 +21,7 @@ import numpy as np
 from . import swaps
 from .encoding import STRING_DTYPE, decode_one, normalize_values, present, read_values, storable
 from .errors import LoomError, LoomFileError, LoomTypeError, LoomValueError
+from .handles import ClosedFile, why_closed
 
 # ----------------------------------------------------------------------------- paths
 MATRIX = "matrix"
@@ -115,7 +116,7 @@ def _scalar_text(value: Any) -> str:
 def get_group(f: h5py.File, name: str) -> h5py.Group | None:
     """The group at ``name``, or None when the file has none there (or something else)."""
     if not f:
-        raise LoomFileError("the connection is closed")
+        raise LoomFileError(f"{f.filename if isinstance(f, ClosedFile) else 'the file'}: {why_closed(f)}")
     group = f.get(name)
     return group if isinstance(group, h5py.Group) else None
 
@@ -284,6 +285,16 @@ def write_global(f: h5py.File, name: str, value: np.ndarray, in_group: bool) -> 
     f.attrs[LAST_MODIFIED] = timestamp()
 
 
+def delete_global(f: h5py.File, name: str, in_group: bool) -> None:
+    """Delete a global attribute from where this file keeps them, stamping the change."""
+    if in_group:
+        del f[GLOBAL_ATTRS][name]
+        touch(f[GLOBAL_ATTRS])
+    else:
+        del f.attrs[name]
+        f.attrs[LAST_MODIFIED] = timestamp()
+
+
 def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
     """A global attribute as users see it: scalar strings as ``str``, arrays as arrays (the
     one-element arrays R writers store for every value too, as loompy 3 gives them)."""
@@ -447,6 +458,22 @@ def create_matrix(
     )
     touch(ds)
     return ds
+
+
+def create_matrix_like(group: h5py.Group, name: str, source: h5py.Dataset) -> h5py.Dataset:
+    """Create an empty matrix dataset stored as ``source`` is (shape, dtype, chunks, growth,
+    compression, fill value), carrying its HDF5 attributes."""
+    ds = group.create_dataset(name, shape=source.shape, dtype=source.dtype, chunks=source.chunks,
+                              maxshape=source.maxshape, compression=source.compression,
+                              compression_opts=source.compression_opts, fillvalue=source.fillvalue)
+    swaps.carry_attrs(source, ds)
+    return ds
+
+
+def stamped_groups(f: h5py.File) -> list[str]:
+    """The groups whose stamps say a graph or a global attribute was written: both graph groups,
+    and the globals' group (spec 3.0.0) or the root (older files keep globals on it)."""
+    return [graph_group_name(f, 0), graph_group_name(f, 1), GLOBAL_ATTRS if globals_live_in_group(f) else "/"]
 
 
 def stored_as_new_matrix(dataset: h5py.Dataset, shape: tuple[int, int]) -> bool:

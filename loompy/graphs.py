@@ -17,6 +17,19 @@ from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .handles import Dims, check_deletable, check_room, check_writable, one_of_the_writes
 from .indexing import AXIS_NAMES, select_axis
 
+PARTS = ("a", "b", "w")  # a stored graph's datasets: from, to and (optional, 1 when missing) weight
+
+
+def stored_parts(g: h5py.Group) -> dict[str, h5py.Dataset]:
+    """The datasets among a stored graph group's parts, by name."""
+    return {k: v for k in PARTS if isinstance(v := g.get(k), h5py.Dataset)}
+
+
+def is_graph(obj: Any) -> bool:
+    """Whether a member of a graph group is taken for a graph: a group with an ``a`` and a ``b``
+    (reading it says what is wrong when they are not datasets)."""
+    return isinstance(obj, h5py.Group) and "a" in obj and "b" in obj
+
 
 def renumber_graph(graph: sp.coo_matrix, selection: np.ndarray) -> sp.coo_matrix:
     """The subgraph on ``selection`` (in its order), vertices renumbered 0..len-1; other edges dropped."""
@@ -34,10 +47,10 @@ def read_edges(g: h5py.Group, n: int | None) -> tuple[np.ndarray, np.ndarray, np
     Vertex indices come back as int64: some writers (R) store them as whole floats. ``n``: the
     number of vertices, to check indices against (None: unchecked).
     """
-    parts = {k: g.get(k) for k in ("a", "b", "w")}
-    if not all(isinstance(parts[k], h5py.Dataset) for k in "ab"):
+    parts = stored_parts(g)
+    if not {"a", "b"} <= parts.keys():
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0), ["its 'a' or 'b' is not a dataset"]
-    values = {k: np.asarray(v[()]) for k, v in parts.items() if isinstance(v, h5py.Dataset)}
+    values = {k: np.asarray(v[()]) for k, v in parts.items()}
     a, b = values["a"], values["b"]
     w = values.get("w", np.ones(a.shape, dtype=np.float64))
     problems = edge_problems(a, b, w, n)
@@ -52,12 +65,27 @@ def edge_problems(a: np.ndarray, b: np.ndarray, w: np.ndarray, n: int | None) ->
     if not all(x.ndim == 1 for x in (a, b, w)) or not a.shape == b.shape == w.shape:
         return [f"a, b, w must be 1-D and of equal length (shapes {a.shape}, {b.shape}, {w.shape})"]
     if a.dtype.kind not in "iuf" or b.dtype.kind not in "iuf" or w.dtype.kind not in "biuf":
-        return [f"a, b, w must be numbers (dtypes {a.dtype}, {b.dtype}, {w.dtype})"]
+        return [f"a, b, w must be real numbers (dtypes {a.dtype}, {b.dtype}, {w.dtype})"]
     if any(x.dtype.kind == "f" and not np.array_equal(x, np.round(x)) for x in (a, b)):  # (integers are)
         return ["vertex indices are not whole numbers"]
     if n is not None and a.size and (min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n):
         return [f"vertex indices outside [0, {n})"]
     return []
+
+
+def _float_weights(w: np.ndarray, where: str) -> np.ndarray:
+    """Weights as the spec stores them, floats: booleans and integers as float64 when that keeps
+    every value (loompy 3 refuses to open a file whose graph weights are not floats)."""
+    if w.dtype.kind == "f" and w.dtype.itemsize > 8:  # (numpy's longdouble: no portable HDF5 type)
+        raise LoomValueError(f"{where}: weights of dtype {w.dtype} are not portable across machines; "
+                             "cast them to float64")
+    if w.dtype.kind == "f":
+        return w
+    as_float = w.astype(np.float64)
+    if w.dtype.kind != "b" and not np.array_equal(as_float.astype(w.dtype), w):
+        raise LoomValueError(f"{where}: integer weights of dtype {w.dtype} too large for float64 to hold "
+                             "exactly (Loom graphs store weights as floats)")
+    return as_float
 
 
 def store_graph(parent: h5py.Group, name: str, graph: sp.coo_matrix, like: h5py.Group | None = None) -> h5py.Group:
@@ -111,7 +139,7 @@ class GraphManager(DotAccess, MutableMapping):
         group = self._group
         if group is None:
             return list(self._memory)
-        return [k for k, v in group.items() if isinstance(v, h5py.Group) and {"a", "b"} <= set(v.keys())]
+        return [k for k, v in group.items() if is_graph(v)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -160,21 +188,16 @@ class GraphManager(DotAccess, MutableMapping):
                 raise LoomValueError(f"{where}: expected a sparse or square 2-D matrix, got shape {arr.shape}")
             if arr.dtype.kind not in "biuf":
                 raise LoomValueError(f"{where}: weights must be real numbers, got {arr.dtype}")
-            graph = sp.coo_matrix(arr)
         try:
             graph = sp.coo_matrix(graph)
-        except (ValueError, TypeError) as exc:  # (scipy checks the indices of a COO matrix it is given)
-            raise LoomValueError(f"{where}: not a valid graph ({exc})") from exc
+        except (ValueError, TypeError) as exc:  # (scipy checks the indices of a COO matrix it is given,
+            raise LoomValueError(f"{where}: not a valid graph ({exc})") from exc  # and refuses float16)
         if graph.shape != (n, n):
             raise LoomValueError(f"{where}: expected shape {(n, n)}, got {graph.shape}")
-        a, b = graph.row.astype(np.int64), graph.col.astype(np.int64)
-        if a.size and (a.min() < 0 or b.min() < 0 or a.max() >= n or b.max() >= n):
-            raise LoomValueError(f"{where}: vertex indices must lie in [0, {n})")
-        w = graph.data
-        if w.dtype.kind not in "biuf":
-            raise LoomValueError(f"{where}: weights must be real numbers, got {w.dtype}")
-        if w.dtype.kind == "b":
-            w = w.astype(np.float64)
+        a, b, w = graph.row.astype(np.int64), graph.col.astype(np.int64), graph.data
+        for problem in edge_problems(a, b, w, n):
+            raise LoomValueError(f"{where}: {problem}")
+        w = _float_weights(w, where)
         if self._file is None:
             self._memory[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
             return

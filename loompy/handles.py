@@ -1,7 +1,9 @@
 """An open Loom file as every part of loompy shares it: the matrix shape the managers of a
 connection see (:class:`Dims`), whether the file may be written through this handle
-(:func:`writable`, :func:`check_writable`), and what a closed connection's managers hold instead
-of the file (:class:`ClosedFile`)."""
+(:func:`writable`, :func:`check_writable`), what a closed connection's managers hold instead
+of the file (:class:`ClosedFile`), the lock threads take turns at (:class:`SharedOrAlone`: each
+file's write gate, :func:`writing_to` and :func:`rewriting`, and the engine's dataset turns), and
+whether the file's disk has room for a write (:func:`check_room`, :func:`check_free_space`)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import h5py
 import numpy as np
@@ -83,7 +83,7 @@ def reading_source(path: str | os.PathLike, what: str = "10x Genomics matrix") -
                              ) from exc
 
 
-def open_text(path: str | os.PathLike):
+def open_text(path: str | os.PathLike) -> TextIO:
     """UTF-8 text, gzipped (``.gz``) or not; a byte-order mark (Excel's) is not part of the first line."""
     return gzip.open(path, "rt", encoding="utf-8-sig") if os.fspath(path).endswith(".gz") \
         else open(path, encoding="utf-8-sig")
@@ -91,7 +91,7 @@ def open_text(path: str | os.PathLike):
 
 def _table(path: Path) -> list[list[str]]:
     with open_text(path) as handle:
-        return [line.rstrip("\n").split("\t") for line in handle if line.strip()]
+        return [line.rstrip("\r\n").split("\t") for line in handle if line.strip()]
 
 
 def _find(folder: Path, *names: str) -> Path | None:
@@ -328,18 +328,19 @@ def _selected(cell_ids: np.ndarray, selected_cellids: list[str], where: Path) ->
     return keep
 
 
-def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike | None = None, *args: Any,
-                           genome: str | None = None, file_attrs: Mapping[str, Any] | None = None,
+def create_from_cellranger(indir: str | os.PathLike | None = None, outdir: str | os.PathLike | None = None,
+                           *args: Any, genome: str | None = None, file_attrs: Mapping[str, Any] | None = None,
                            selected_cellids: Sequence[str] | None = None, loom_file: str | os.PathLike | None = None,
-                           cell_id_prefix: str | None = None,
-                           sample_annotation: Mapping[str, Any] | None = None) -> str:
+                           cell_id_prefix: str | None = None, sample_annotation: Mapping[str, Any] | None = None,
+                           folder: str | os.PathLike | None = None) -> str:
     """Create a ``.loom`` file from 10x Genomics Cell Ranger output (with its secondary analysis and
     run record, as loompy 3 reads them: see the README); returns its path.
 
     Two calling conventions are accepted. loompy 3's: ``create_from_cellranger(indir, outdir=None,
     genome=None, file_attrs=None, selected_cellids=None)`` writes ``{outdir}/{sample}.loom`` with cell
     ids ``{sample}:{barcode}``. The seed's: ``create_from_cellranger(folder, loom_file, cell_id_prefix='',
-    sample_annotation=None, genome=None)``, recognised by a second argument ending in ``.loom``, writes
+    sample_annotation=None, genome=None)``, recognised by ``loom_file=`` or a second argument ending in
+    ``.loom`` (any case; any other second argument must be an existing folder), writes
     ``loom_file`` with cell ids ``{cell_id_prefix}{barcode}``. Arguments after the second are read in
     the order of the convention in use; keywords mean what they say in both. ``genome`` picks one
     of several genomes (None: the only one). Both return the path (a string), so code written for
@@ -347,7 +348,14 @@ def create_from_cellranger(indir: str | os.PathLike, outdir: str | os.PathLike |
     """
     if loom_file is not None and outdir is not None:
         raise LoomTypeError("create_from_cellranger: pass outdir (a folder) or loom_file, not both")
-    seed = loom_file is not None or (outdir is not None and os.fspath(outdir).endswith(".loom"))
+    if (indir is None) == (folder is None):
+        raise LoomTypeError("create_from_cellranger: pass the Cell Ranger output as indir (loompy 3's name) "
+                            "or folder (the seed's), once")
+    indir = indir if folder is None else folder
+    seed = loom_file is not None or (outdir is not None and os.fspath(outdir).lower().endswith(".loom"))
+    if not seed and outdir is not None and not os.path.isdir(outdir):  # (before the arguments are read as loompy 3's)
+        raise LoomValueError(f"create_from_cellranger: {os.fspath(outdir)} is neither an existing folder "
+                             "(loompy 3's outdir) nor a file name ending in .loom (the seed's loom_file)")
     order = ("cell_id_prefix", "sample_annotation", "genome") if seed else ("genome", "file_attrs", "selected_cellids")
     if len(args) > len(order):
         raise LoomTypeError(f"create_from_cellranger takes at most {2 + len(order)} positional arguments "

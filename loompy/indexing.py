@@ -2,7 +2,7 @@
 
 Selections are *outer* (orthogonal): ``ds[rows, cols]`` equals ``m[np.ix_(rows, cols)]`` on
 the dense matrix, and an integer on an axis drops that axis, as in numpy. Readers fetch the
-sorted unique indices once and then reorder/repeat in memory (:meth:`AxisSelection.expand`).
+sorted unique indices once and then reorder/repeat in memory (:func:`expand`).
 """
 
 from __future__ import annotations
@@ -95,10 +95,15 @@ def permutation(ordering: Any, length: int, where: str) -> np.ndarray:
     order = np.asarray(ordering)
     if order.shape == (length, 1):
         order = order.ravel()
-    if order.dtype.kind not in "iu" or order.shape != (length,) or \
-            not np.array_equal(np.sort(order), np.arange(length)):
-        raise LoomValueError(f"{where}: ordering must be a permutation of 0..{length - 1}, each of its {length} "
-                             f"positions once (got shape {order.shape}, dtype {order.dtype})")
+    wanted = f"{where}: ordering must be a permutation of 0..{length - 1}, each of its {length} positions once"
+    if order.dtype.kind not in "iu" or order.shape != (length,):
+        raise LoomValueError(f"{wanted} (got shape {order.shape}, dtype {order.dtype})")
+    if not np.array_equal(np.sort(order), np.arange(length)):
+        outside = order[(order < 0) | (order >= length)]
+        counts = np.bincount(order[(order >= 0) & (order < length)], minlength=length)
+        why = f"{int(outside[0])} is out of range" if outside.size else \
+            f"{int(np.flatnonzero(counts > 1)[0])} is repeated and {int(np.flatnonzero(counts == 0)[0])} missing"
+        raise LoomValueError(f"{wanted} ({why})")
     return order.astype(np.int64)
 
 
@@ -132,6 +137,8 @@ def select_axis(key: Any, length: int, axis: int) -> AxisSelection:
     if isinstance(key, range):
         key = list(key)
     arr = np.asarray(key)
+    if arr.ndim == 0:  # (a float, a string: numpy refuses them as indices too)
+        raise LoomIndexError(f"a {name} index must be an integer, a slice, a list or a mask, got {key!r}")
     if arr.ndim != 1:
         raise LoomIndexError(f"{name} selection must be one-dimensional, got shape {arr.shape}")
     if arr.dtype.kind == "b":

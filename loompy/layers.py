@@ -24,6 +24,7 @@ from .handles import (
     check_room,
     check_writable,
     one_of_the_writes,
+    why_closed,
 )
 from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
 
@@ -61,12 +62,15 @@ class SparseForms(ABC):
         return csr.tocoo()
 
     def as_coo(self) -> sp.coo_matrix:
+        """loompy 3's name for :meth:`sparse` of the whole layer."""
         return self.sparse()
 
     def as_csr(self) -> sp.csr_matrix:
+        """The whole layer as CSR (loompy 3's name)."""
         return self.sparse().tocsr()
 
     def as_csc(self) -> sp.csc_matrix:
+        """The whole layer as CSC (loompy 3's name)."""
         return self.sparse().tocsc()
 
 
@@ -105,7 +109,7 @@ class LoomLayer(SparseForms):
         replaced layer is a new dataset, a permuted file a new file)."""
         file = self._file
         if not file:
-            raise LoomFileError(f"{self._filename}: the connection is closed")
+            raise LoomFileError(f"{self._filename}: {why_closed(file)}")
         key = self._state(file)
         if key == self._known[0]:
             return self._known[1]
@@ -186,8 +190,6 @@ class LoomLayer(SparseForms):
 
 
 def _input_dtype(matrix: Any) -> np.dtype:
-    if isinstance(matrix, LoomLayer):
-        return matrix.dtype
     return matrix.dtype if hasattr(matrix, "dtype") else np.asarray(matrix).dtype
 
 
@@ -215,7 +217,7 @@ class LayerManager(DotAccess, MutableMapping):
         if not isinstance(name, str):
             raise LoomTypeError(f"{self._filename}: layer names are strings, got {type(name).__name__}")
         if not self._file:
-            raise LoomFileError(f"{self._filename}: the connection is closed")
+            raise LoomFileError(f"{self._filename}: {why_closed(self._file)}")
         state = LoomLayer._state(self._file)
         dataset = self._dataset(name)
         if dataset is None:
@@ -245,10 +247,7 @@ class LayerManager(DotAccess, MutableMapping):
 
     # --------------------------------------------------------------- writing
     def __setitem__(self, name: str, matrix: Any) -> None:
-        if isinstance(matrix, (str, np.dtype, type)):
-            self.set_layer(name, None, dtype=matrix)
-        else:
-            self.set_layer(name, matrix)
+        self.set_layer(name, matrix)
 
     def __setattr__(self, name: str, matrix: Any) -> None:
         if name.startswith("_"):
@@ -260,7 +259,8 @@ class LayerManager(DotAccess, MutableMapping):
     def set_layer(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
                   chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
                   compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL) -> None:
-        """Create or overwrite layer ``name`` from a dense or sparse matrix (or zeros of ``dtype`` when None).
+        """Create or overwrite layer ``name`` from a dense or sparse matrix (or zeros of ``dtype`` when
+        None, or when ``matrix`` is itself a dtype or its name, as loompy 3 takes it).
 
         The stored dtype is ``dtype`` if given, else the input's (booleans as uint8). A replacement
         is written beside the old layer and swapped in once complete: failed, interrupted or killed,
@@ -270,6 +270,10 @@ class LayerManager(DotAccess, MutableMapping):
         fmt.check_name(name, f"{self._file.filename}: layer", empty=True)
         where = f"{self._file.filename}: layer '{name}'"
         check_writable(self._file, where)
+        if isinstance(matrix, (str, np.dtype, type)):  # an empty layer of that dtype
+            if dtype is not None:
+                raise LoomValueError(f"{where}: the dtype is given twice ({matrix!r} and dtype={dtype!r})")
+            matrix, dtype = None, matrix
         self._dims.sync()
         chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, where)
         if isinstance(matrix, LoomLayer):

@@ -124,9 +124,7 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
     # of their groups say one was written since (every loompy write stamps its group)
     parts: dict[str, Any] = {"stamp": None}
     fixed = _nothing_writes(ds)
-    f = ds._file
-    stamped = [fmt.graph_group_name(f, 0), fmt.graph_group_name(f, 1),
-               fmt.GLOBAL_ATTRS if fmt.globals_live_in_group(f) else "/"]  # (spec 2: on the root)
+    stamped = fmt.stamped_groups(ds._file)
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, LoomView]:
         start, batch = item
@@ -166,7 +164,7 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
 
 def batch_scan(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
                layer: str | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(ix, selection, values)`` per batch; the older, single-layer form of :func:`scan`."""
+    """Yield ``(ix, selection, values)`` per batch: :func:`batch_scan_layers` of one layer (loompy 3's name)."""
     name = "" if layer is None else layer
     for start, batch, values in batch_scan_layers(ds, cells, genes, axis, batch_size, layers=[name]):
         yield start, batch, values[name]
@@ -369,7 +367,7 @@ def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, sel
     dataset = ds.layers[layer]._dataset
     col_attrs = None  # (with out_file: checked, and the output's column attributes made, before the pass)
     if out_file is not None:
-        _check_output(ds, out_file)
+        _check_aggregate_target(ds, out_file)
         col_attrs = _aggregated_columns(ds, where, group_by, groups, members, aggr_ca_by, aggr_ca_if_equal)
     result: np.ndarray | None = None
     everything = np.arange(ds.shape[0], dtype=np.int64)
@@ -394,7 +392,7 @@ def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, sel
     return result
 
 
-def _check_output(ds: LoomConnection, out_file: str | os.PathLike) -> None:
+def _check_aggregate_target(ds: LoomConnection, out_file: str | os.PathLike) -> None:
     """Where aggregate will write, checked before the pass over the matrix: never the file it reads
     (loompy 3 refuses that too), and a place a Loom file can replace (see files.check_replaceable)."""
     files.check_replaceable(files.check_not_input(out_file, [ds._path], "the file being aggregated"))

@@ -41,14 +41,16 @@ def _trimmed(fields: list[str]) -> list[str]:
     return fields[:end]
 
 
-def _lines(path: str | os.PathLike, delim: str, skip_header: bool) -> list[list[str]]:
-    """The non-empty lines of a list file, split at ``delim``, names unquoted."""
+def _lines(path: str | os.PathLike, delim: str, skip_header: bool, trim: bool = True) -> list[list[str]]:
+    """The non-empty lines of a list file, split at ``delim``, names unquoted; ``trim``: without
+    empty fields at the end."""
     with reading_source(path, "list"), open_text(path) as handle:
-        rows = [[_unquoted(f) for f in _trimmed(_split(line, delim))] for line in handle if line.strip()]
+        rows = [[_unquoted(f) for f in (_trimmed if trim else list)(_split(line, delim))]
+                for line in handle if line.strip()]
     return rows[1:] if skip_header else rows
 
 
-def _check_output(out_file: str | os.PathLike, inputs: list[str | os.PathLike], file_attrs: Any) -> str:
+def _checked_target(out_file: str | os.PathLike, inputs: list[str | os.PathLike], file_attrs: Any) -> str:
     target = check_not_input(out_file, [p for p in inputs if p is not None], "one of the files being imported")
     fmt.normalize_globals(file_attrs, target)
     return target
@@ -72,7 +74,7 @@ def create_from_matrix_market(out_file: str | os.PathLike, sample_id: str, layer
     if not isinstance(layer_paths, Mapping) or not layer_paths:
         raise LoomTypeError("create_from_matrix_market: layer_paths must map layer names to .mtx files, "
                             f"e.g. {{'': 'matrix.mtx'}} (got {layer_paths!r})")
-    target = _check_output(out_file, [*layer_paths.values(), row_metadata_path, column_metadata_path], file_attrs)
+    target = _checked_target(out_file, [*layer_paths.values(), row_metadata_path, column_metadata_path], file_attrs)
     rows = _lines(row_metadata_path, delim, skip_row_headers)
     cols = _lines(column_metadata_path, delim, skip_colums_headers)
     layers: dict[str, sp.csr_matrix] = {}
@@ -152,8 +154,7 @@ def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dty
 def _column_metadata(path: str | os.PathLike, delim: str, cell_ids: np.ndarray) -> dict[str, np.ndarray]:
     """Column attributes from a table with a header of attribute names and a line per cell, in the
     matrix's order, each starting with the cell's id (kept as text, as loompy 3 keeps them)."""
-    with reading_source(path, "list"), open_text(path) as handle:
-        rows = [[_unquoted(f) for f in _split(line, delim)] for line in handle if line.strip()]
+    rows = _lines(path, delim, skip_header=False, trim=False)
     if not rows:
         raise LoomValueError(f"{path}: the cell metadata is empty (its first line should name the attributes)")
     names, lines = _trimmed(rows[0]), rows[1:]
@@ -198,7 +199,7 @@ def create_from_tsv(out_file: str | os.PathLike, tsv_file: str | os.PathLike,
     if wanted.kind not in "biuf":
         raise LoomValueError(f"create_from_tsv: dtype={dtype!r}: a Loom matrix holds real numbers")
     dtype = wanted
-    target = _check_output(out_file, [tsv_file, row_metadata_loomfile, col_metadata_tsv], file_attrs)
+    target = _checked_target(out_file, [tsv_file, row_metadata_loomfile, col_metadata_tsv], file_attrs)
     header, _ = _table_header(tsv_file, delim)
     cell_ids = np.array([sample_id + c for c in header], dtype=object)
     genes, matrix = _read_table(tsv_file, delim, len(header), dtype)

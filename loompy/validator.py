@@ -15,7 +15,7 @@ import numpy as np
 from . import format as fmt
 from .encoding import read_values
 from .errors import LoomError, LoomValueError
-from .graphs import read_edges
+from .graphs import read_edges, stored_parts
 from .indexing import AXIS_NAMES
 
 
@@ -74,7 +74,7 @@ def check_structure(f: h5py.File) -> list[str]:
         for name, g in group.items():
             if not isinstance(g, h5py.Group):
                 continue
-            parts = {k: g[k].shape for k in ("a", "b", "w") if isinstance(g.get(k), h5py.Dataset)}
+            parts = {k: d.shape for k, d in stored_parts(g).items()}
             if not {"a", "b"} <= set(parts):
                 problems.append(f"graph '{group.name}/{name}' lacks its 'a' or 'b' dataset")
             elif len(set(parts.values())) != 1:
@@ -144,12 +144,12 @@ class LoomValidator:
             matrix = None  # check_structure has said why
         if matrix is not None:
             self.summary.append(f"matrix: shape {matrix.shape}, dtype {matrix.dtype}, chunks {matrix.chunks}")
-            self._check_matrix("/matrix", matrix)
+            self._check_matrix("/" + fmt.MATRIX, matrix)
         layers = f.get(fmt.LAYERS)
         if isinstance(layers, h5py.Group):
             for name, obj in layers.items():
                 if isinstance(obj, h5py.Dataset) and obj.ndim == 2:
-                    self._check_matrix(f"/layers/{name}", obj)
+                    self._check_matrix("/" + fmt.layer_path(name), obj)
                     self.summary.append(f"layer '{name}': dtype {obj.dtype}")
         for axis, group_name in enumerate(fmt.ATTR_GROUPS):
             group = f.get(group_name)
@@ -188,12 +188,16 @@ class LoomValidator:
         if not isinstance(group, h5py.Group):
             return
         for g in group.values():
-            if not isinstance(g, h5py.Group) or not all(isinstance(g.get(k), h5py.Dataset) for k in "ab"):
+            if not isinstance(g, h5py.Group) or not {"a", "b"} <= stored_parts(g).keys():
                 continue  # check_structure reports these
             a, b, _, problems = read_edges(g, n)
             self.errors += [f"graph {g.name}: {problem}" for problem in problems]
             if not problems and (g["a"].dtype.kind == "f" or g["b"].dtype.kind == "f"):
                 self.warnings.append(f"graph {g.name}: vertex indices are stored as floats")
+            weights = stored_parts(g).get("w")
+            if weights is not None and weights.dtype.kind != "f":
+                self.errors.append(f"graph {g.name}: weights are stored as {weights.dtype}; the spec stores "
+                                   "floats (loompy 3 refuses to open the file)")
             self.summary.append(f"graph {g.name}: {a.size} edges")
 
     # --------------------------------------------------------------- conventions
@@ -204,8 +208,9 @@ class LoomValidator:
         legacy = fmt.read_spec_version(f).is_legacy
         rows = _attr_values(f, fmt.ROW_ATTRS, ("Accession", "Gene", "Valid", "Selected"), legacy)
         cols = _attr_values(f, fmt.COL_ATTRS, ("ClusterID", "ClusterName", "CellID", "Valid", "Outliers"), legacy)
-        for name in ("Description", "Journal", "Authors", "Title", "Year", "CreationDate"):
-            if not _has_global(f, name):
+        in_group = fmt.globals_live_in_group(f)
+        for name in ("Description", "Journal", "Authors", "Title", "Year", fmt.CREATION_DATE_KEY):
+            if not fmt.has_global(f, name, in_group):
                 self.warnings.append(f"optional global attribute '{name}' is missing")
         self._convention(cols, "column", "ClusterID", required=True, kind="integers")
         ids = cols.get("ClusterID")
@@ -225,7 +230,8 @@ class LoomValidator:
         self._convention(rows, "row", "Selected", kind="flags")
         matrix = f.get(fmt.MATRIX)
         if isinstance(matrix, h5py.Dataset) and matrix.chunks and matrix.chunks != fmt.matrix_chunks(matrix.shape):
-            self.warnings.append(f"/matrix has chunks {matrix.chunks}; the convention is (64, 64)")
+            self.warnings.append(f"/matrix has chunks {matrix.chunks}; the convention for its shape is "
+                                 f"{fmt.matrix_chunks(matrix.shape)}")
 
     def _convention(self, values: dict[str, np.ndarray], axis: str, name: str, *, kind: str,
                     required: bool = False, unique: bool = False) -> bool:
@@ -263,7 +269,3 @@ def _attr_values(f: h5py.File, group_name: str, names: tuple[str, ...], legacy: 
             continue
     return values
 
-
-def _has_global(f: h5py.File, name: str) -> bool:
-    group = fmt.get_group(f, fmt.GLOBAL_ATTRS)
-    return (group is not None and name in group) or name in f.attrs

@@ -1446,3 +1446,42 @@ def test_a_layer_looked_up_as_another_thread_replaces_it_reads_the_new_one(small
         np.testing.assert_array_equal(layer[:, :], m + 1)
         ds.layers["L"] = m + 2
         np.testing.assert_array_equal(layer[:, :], m + 2)
+
+
+def test_set_layer_takes_a_dtype_name_as_layers_assignment_does(small):
+    """loompy 3's set_layer(name, "int16") makes an empty int16 layer, as ds.layers[name] = "int16" does."""
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        ds.set_layer("a", "int16")
+        ds.layers["b"] = np.float64
+        assert ds.layers["a"].dtype == np.int16 and ds.layers["b"].dtype == np.float64
+        np.testing.assert_array_equal(ds.layers["a"][:, :], np.zeros(m.shape, np.int16))
+        with pytest.raises(ValueError, match="given twice"):
+            ds.set_layer("c", "int16", dtype="float32")
+        assert "c" not in ds.layers
+
+
+def test_refusals_name_the_file_and_what_is_wrong(small, tmp_path):
+    """Refusals found naming neither the file nor the fault: permute's ordering (which position),
+    create without a matrix, combine of nothing, a graph deleted through a closed connection."""
+    path, m, *_ = small
+    before = digest(path)
+    with loompy.connect(path) as ds:
+        with pytest.raises(ValueError, match=r"\(8 is out of range\)") as info:
+            ds.permute([0, 1, 2, 3, 4, 5, 6, 8], axis=1)
+        assert str(path) in str(info.value)
+        with pytest.raises(ValueError, match=r"\(0 is repeated and 7 missing\)"):
+            ds.permute([0, 0, 1, 2, 3, 4, 5, 6], axis=1)
+        with pytest.raises(AttributeError, match="ds.ca.CellID"):
+            ds.CellID = np.arange(8)  # (would only hide the attribute)
+        assert list(ds.CellID) == list(ds.ca.CellID)
+    assert digest(path) == before
+    ds.close()
+    with pytest.raises(OSError, match=str(path)):
+        del ds.col_graphs["any"]
+    target = tmp_path / "new.loom"
+    with pytest.raises(TypeError, match=str(target)):
+        loompy.create(target, None)
+    with pytest.raises(ValueError, match=str(target)):
+        loompy.combine([], target)
+    assert not target.exists()

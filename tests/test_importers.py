@@ -89,6 +89,20 @@ def test_create_from_cellranger_both_conventions(tmp_path):
         assert path == str(out) and ds.ca.CellID[0] == "AAACCCAAGGAGAGTA-1"
     with pytest.raises(TypeError):
         loompy.create_from_cellranger(sample, str(out), "S3_", cell_id_prefix="S4_")
+    # the seed's name for the folder, and its file name in any case: its arguments read in its order
+    upper = tmp_path / "S5.LOOM"
+    path = loompy.create_from_cellranger(folder=sample, loom_file=upper, cell_id_prefix="S5_")
+    assert path == str(upper)
+    path = loompy.create_from_cellranger(sample, str(upper), "S6_", {"Donor": "d6"})
+    with loompy.connect(path, "r") as ds:
+        assert ds.ca.CellID[0] == "S6_AAACCCAAGGAGAGTA-1" and set(ds.ca.Donor) == {"d6"}
+        assert "Genome" not in ds.attrs or ds.attrs.Genome != "S6_"
+    # a second argument neither a folder nor a .loom file: refused before anything is written
+    with pytest.raises(ValueError, match="neither an existing folder"):
+        loompy.create_from_cellranger(sample, str(tmp_path / "nowhere"), "S7_", {"Donor": "d7"})
+    assert not (tmp_path / "nowhere").exists()
+    with pytest.raises(TypeError):
+        loompy.create_from_cellranger(sample, folder=sample)
     keep = ["sample3:AAACCCAAGGAGAGTA-1", "sample3:AAACGCTTCAGCCCAG-1"]
     path = loompy.create_from_cellranger(sample, tmp_path, selected_cellids=keep)
     with loompy.connect(path, "r") as ds:
@@ -392,6 +406,7 @@ def test_a_malformed_10x_source_is_refused_naming_its_file(tmp_path, damage):
         else:
             culprit = source / "features.tsv.gz"
             culprit.write_bytes(gzip.compress(b"\xff\xfe gene\tname\n"))
+    (tmp_path / "out").mkdir()
     with pytest.raises(loompy.LoomValueError, match=f"{culprit}: not a readable 10x Genomics matrix"):
         loompy.create_from_cellranger(source, tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
@@ -420,6 +435,7 @@ def test_a_truncated_h5_and_an_empty_selection_are_refused_naming_the_file(tmp_p
     source = tmp_path / "f.h5"
     data = (CR3 / "filtered_feature_bc_matrix.h5").read_bytes()
     source.write_bytes(data[:len(data) // 2])
+    (tmp_path / "out").mkdir()
     with pytest.raises(loompy.LoomValueError, match=f"{source}: not a readable 10x Genomics matrix"):
         loompy.create_from_cellranger(source, tmp_path / "out")
     (tmp_path / "empty.h5").write_bytes(b"not HDF5 at all")
@@ -440,5 +456,6 @@ def test_a_10x_file_that_cannot_be_opened_keeps_its_own_error(tmp_path, monkeypa
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(loompy.importers.gzip, "open", refused)
+    (tmp_path / "out").mkdir()
     with pytest.raises(PermissionError, match="Permission denied"):
         loompy.create_from_cellranger(source, tmp_path / "out")

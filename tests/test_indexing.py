@@ -114,6 +114,14 @@ def test_invalid_keys_are_rejected(matrix_file, key):
         ds[key]
 
 
+@pytest.mark.parametrize("key", [2.0, np.float64(2), "2"])
+def test_a_scalar_that_is_not_an_integer_is_named_as_such(matrix_file, key):
+    path, _ = matrix_file
+    with loompy.connect(path, "r") as ds, pytest.raises(IndexError, match="index must be an integer") as info:
+        ds[key, :]
+    assert repr(key) in str(info.value)
+
+
 def test_select_helpers():
     sel = select_axis([3, 1, 3, 2], 5, 0)
     np.testing.assert_array_equal(sel.unique, [1, 2, 3])

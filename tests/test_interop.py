@@ -183,3 +183,35 @@ def test_loompy3_module_helpers_answer_as_the_reference(tmp_path, reference):
         assert isinstance(view.layers[""], loompy.MemoryLoomLayer)
         html = loompy.to_html(view)
         assert html == view._repr_html_() and "c2" in html and "c3" not in html
+
+
+def test_graph_weights_given_as_integers_are_stored_as_floats_the_reference_opens(tmp_path, reference):
+    """The spec's weights are floats, and loompy 3 refuses to open a file whose are not (a 0/1
+    integer adjacency matrix is a natural input): integers and booleans are stored as float64,
+    values kept; weights float64 cannot hold exactly, or float128 ones, are refused."""
+    path = tmp_path / "g.loom"
+    adjacency = np.array([[0, 1, 0], [1, 0, 2], [0, 2, 0]], dtype=np.int8)
+    with loompy.create(path, np.ones((3, 3), np.float32), {"G": np.arange(3)}, {"C": np.arange(3)}) as ds:
+        ds.col_graphs["knn"] = adjacency
+        ds.row_graphs["same"] = sp.eye(3, dtype=bool)
+        ds.set_edges("e", [0, 1], [1, 2], np.array([3, 4], dtype=np.uint16), axis=1)
+        for bad in (np.eye(3, dtype=np.longdouble), np.eye(3, dtype=np.int64) * (2**62 + 1),
+                    np.eye(3, dtype=np.float16)):
+            with pytest.raises(ValueError, match="column graph 'bad'"):
+                ds.col_graphs["bad"] = bad
+    with h5py.File(path, "r") as f:
+        assert {f[g]["w"].dtype for g in ("col_graphs/knn", "row_graphs/same", "col_graphs/e")} == {np.dtype(np.float64)}
+        assert "bad" not in f["col_graphs"]
+    assert loompy.LoomValidator().validate(str(path))
+    read = reference.run("""
+        import sys, json, loompy
+        with loompy.connect(sys.argv[1], "r") as ds:
+            print(json.dumps(ds.col_graphs["knn"].toarray().tolist()))
+    """, str(path))
+    np.testing.assert_array_equal(read, adjacency)
+    with h5py.File(path, "r+") as f:  # another writer's integer weights: the validator says so
+        del f["col_graphs/knn/w"]
+        f["col_graphs/knn/w"] = np.array([1, 1, 2, 2], dtype=np.int32)
+    validator = loompy.LoomValidator()
+    assert not validator.validate(str(path))
+    assert any("weights are stored as int32" in e for e in validator.errors)

@@ -245,10 +245,13 @@ def test_export_with_a_two_dimensional_column_attribute(tmp_path):
 def test_scan_of_one_layer_by_name(dataset):
     """layers="" (a single name) is the main matrix alone, as in loompy 3."""
     path, m, *_ = dataset
+    seen = []
     with loompy.connect(path, "r") as ds:
         for _, selection, view in ds.scan(axis=1, layers="", batch_size=100):
             assert view.layers.keys() == [""]
             np.testing.assert_array_equal(view[:, :], m[:, selection])
+            seen.append(selection)
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(m.shape[1]))
 
 
 def test_batch_scan_of_one_layer_by_name(tmp_path):
@@ -256,10 +259,13 @@ def test_batch_scan_of_one_layer_by_name(tmp_path):
     m = np.arange(12, dtype=np.float32).reshape(3, 4)
     path = tmp_path / "one.loom"
     loompy.create(path, {"": m, "sp": m * 2}, {"g": np.arange(3)}, {"c": np.arange(4)}).close()
+    seen = []
     with loompy.connect(path, "r") as ds:
         for _, selection, values in ds.batch_scan_layers(axis=0, layers="sp", batch_size=2):
             assert list(values) == ["sp"]
             np.testing.assert_array_equal(values["sp"], m[selection] * 2)
+            seen.append(selection)
+    np.testing.assert_array_equal(np.concatenate(seen), np.arange(3))
 
 
 def test_changes_with_stamps_other_writers_store_as_bytes(tmp_path):

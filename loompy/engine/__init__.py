@@ -15,7 +15,6 @@ from .lines import reduce_block, reduce_columns
 from .memory import Recycler, Scratch
 from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_lines
 from .storage import (
-    ChunkLayout,
     chunk_layout,
     expect_reads,
     forget,
@@ -25,13 +24,11 @@ from .storage import (
     layers_changed,
     writing_all,
 )
-from .workers import THREADS
 from .write import (
     copy_columns,
     copying_columns,
     reorder_columns,
     resize,
-    store_region,
     write_block,
     write_columns,
     write_matrix,
@@ -39,9 +36,9 @@ from .write import (
 )
 
 __all__ = [
-    "STRIP_BYTES", "THREADS", "ChunkLayout", "Recycler", "Scratch", "chunk_layout", "copy_columns",
+    "STRIP_BYTES", "Recycler", "Scratch", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "held_index", "layer_changes",
     "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
-    "reorder_columns", "resize", "store_region", "write_block", "write_columns", "write_matrix", "write_rows",
+    "reorder_columns", "resize", "write_block", "write_columns", "write_matrix", "write_rows",
     "writing_all",
 ]
