@@ -203,6 +203,7 @@ class AttributeManager(DotAccess, MutableMapping):
 
     # --------------------------------------------------------------- helpers for other modules
     def to_dict(self) -> dict[str, np.ndarray]:
+        """Every attribute's values, by name (read from the file as needed)."""
         return {name: self[name] for name in self._names}
 
     def _forget(self) -> None:

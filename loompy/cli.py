@@ -99,6 +99,7 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``loompy`` command and its subcommands."""
     parser = argparse.ArgumentParser(prog="loompy", description="Work with Loom files.")
     parser.add_argument("--version", action="version", version=f"loompy {loompy.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line on ``argv`` (None: the process's); the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -21,6 +21,7 @@ from .layers import LayerManager, LoomLayer
 
 
 def as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
+    """``create``'s ``layers`` as a dict by layer name, ``""`` required; dense ones as checked arrays."""
     if isinstance(layers, LayerManager):
         return {name: layers[name] for name in layers.keys()}
     if isinstance(layers, Mapping):
@@ -40,6 +41,7 @@ def as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
 
 
 def as_attr_dict(attrs: Any, where: str) -> dict[str, Any]:
+    """Row or column attributes as a dict by name (None: none), names checked."""
     if attrs is None:
         return {}
     if isinstance(attrs, AttributeManager):

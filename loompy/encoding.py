@@ -73,6 +73,7 @@ def encode_one(text: str, where: str) -> bytes:
 
 
 def is_string_kind(dtype: np.dtype) -> bool:
+    """Whether values of ``dtype`` are text (bytes, str, or objects, which hold text here)."""
     return dtype.kind in "SUO"
 
 

@@ -312,6 +312,8 @@ def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
 
 
 def global_names(f: h5py.File, in_group: bool) -> list[str]:
+    """The names of the global attributes (``in_group``: the file keeps them in ``/attrs``), without
+    loompy 1 and 2's stamp on the root."""
     if in_group:
         return [k for k, v in f[GLOBAL_ATTRS].items() if isinstance(v, h5py.Dataset)]
     return [k for k in f.attrs.keys() if k != LAST_MODIFIED]

@@ -159,6 +159,7 @@ def reads_held() -> int:
 
 
 def count_read(step: int) -> None:
+    """Note that this thread begins (``step`` 1) or ends (-1) a read of a dataset."""
     _reads.depth = reads_held() + step
 
 
@@ -195,7 +196,7 @@ def writing_to(file: h5py.File) -> Iterator[None]:
     waiting) in another thread, and is refused if that replaced the file meanwhile (what it would
     write was meant for the file as it was)."""
     gate, (_, name) = _gate(file), _number_and_name(file)
-    with gate.sharing(lambda lock, me: would_wait_for_own_read(name) if reads_held() else None):
+    with gate.sharing(lambda _lock, _me: would_wait_for_own_read(name) if reads_held() else None):
         if not file:
             raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in "
                                 "another thread while this write waited for it; nothing was written")

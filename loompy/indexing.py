@@ -191,6 +191,7 @@ def expand(block: np.ndarray, rows: AxisSelection, cols: AxisSelection) -> np.nd
 
 
 def result_shape(rows: AxisSelection, cols: AxisSelection) -> tuple[int, ...]:
+    """The shape numpy gives the selection: an axis selected by an integer is dropped."""
     return tuple(len(s) for s in (rows, cols) if not s.drop)
 
 

@@ -70,6 +70,7 @@ def fill_for(name: str, existing: np.ndarray, fill_values: Any, n: int, where: s
 
 
 def is_auto(fill_values: Any) -> bool:
+    """Whether ``fill_values`` is loompy 3's ``"auto"`` (a value per attribute chosen by its type)."""
     return isinstance(fill_values, str) and fill_values == "auto"
 
 

@@ -134,6 +134,7 @@ def commit(f: h5py.File) -> None:
 
 
 def refuse_if_pending_read_only(f: h5py.File, filename: str) -> None:
+    """Refuse a read-only open of a file whose append is unfinished (only a writer can roll it back)."""
     if pending_append(f) is not None and not writable(f):
         raise LoomFileError(f"{filename}: an append is unfinished (interrupted, or under way in another "
                             "connection); open with mode 'r+' once to roll an interrupted one back")

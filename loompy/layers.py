@@ -211,6 +211,7 @@ class LayerManager(DotAccess, MutableMapping):
         return obj if isinstance(obj, h5py.Dataset) else None
 
     def keys(self) -> list[str]:
+        """Layer names, ``""`` (the main matrix) first."""
         return list(fmt.matrix_datasets(self._file))
 
     def __getitem__(self, name: str) -> LoomLayer:

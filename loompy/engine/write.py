@@ -432,7 +432,7 @@ def copying_columns(src: h5py.Dataset, target: ChunkLayout | None, shape: tuple[
     at once when there are enough chunks (see :mod:`.processes`), so that work done before calling
     ``finish`` (HDF5 copying another input) overlaps with theirs; else on threads, inside ``finish``.
     """
-    layout, nothing = chunk_layout(src), (lambda dst: (col_offset, col_offset))
+    layout, nothing = chunk_layout(src), (lambda _dst: (col_offset, col_offset))
     if not _reencodable(src, layout, target, shape[0]):
         yield nothing
         return
