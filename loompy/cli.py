@@ -68,7 +68,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    with loompy.connect(args.file, "r") as ds:
+    try:
+        ds = loompy.connect(args.file, "r")
+    except loompy.LoomLockError:  # a writer elsewhere holds it: still worth a look, as validate gives one
+        ds = loompy.connect(args.file, "r", locking=False)
+        print(f"warning: {args.file}: another process holds the file's lock; read without it (what it is "
+              "writing may show half done)", file=sys.stderr)
+    with ds:
         print(summary(ds))
     return 0
 
@@ -104,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"loompy {loompy.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="build a .loom from the example 10x dataset and show it")
-    p.add_argument("-o", "--output", help="where to write the .loom (default: a temporary folder)")
+    p.add_argument("-o", "--output", help="where to write the .loom (default: a new temporary folder, "
+                                                "kept for you to open)")
     p.set_defaults(run=_demo)
     p = sub.add_parser("info", help="summarise a .loom file")
     p.add_argument("file")

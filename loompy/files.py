@@ -124,9 +124,10 @@ def check_replaceable(target: str, own: Any = None) -> None:
         raise LoomFileError(f"{target}: is a folder; a Loom file cannot replace it")
     if not os.path.exists(target):
         return
-    if not os.access(target, os.W_OK):
-        raise LoomFileError(f"{target}: the file is read-only")
     folder, info, me = os.stat(directory), os.stat(target), os.geteuid() if hasattr(os, "geteuid") else None
+    # (root may write anything: a file nobody may write, made so on purpose, is refused to root too)
+    if not os.access(target, os.W_OK) or not info.st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH):
+        raise LoomFileError(f"{target}: the file is read-only")
     if folder.st_mode & stat.S_ISVTX and me not in (None, 0, info.st_uid, folder.st_uid):
         raise LoomFileError(f"{target}: it belongs to another user in a folder where only owners may replace "
                             "files (sticky bit)")

@@ -188,13 +188,14 @@ class LoomValidator:
         if not isinstance(group, h5py.Group):
             return
         for g in group.values():
-            if not isinstance(g, h5py.Group) or not {"a", "b"} <= stored_parts(g).keys():
+            parts = stored_parts(g) if isinstance(g, h5py.Group) else {}
+            if not {"a", "b"} <= parts.keys() or len({d.shape for d in parts.values()}) != 1:
                 continue  # check_structure reports these
             a, b, _, problems = read_edges(g, n)
             self.errors += [f"graph {g.name}: {problem}" for problem in problems]
             if not problems and (g["a"].dtype.kind == "f" or g["b"].dtype.kind == "f"):
                 self.warnings.append(f"graph {g.name}: vertex indices are stored as floats")
-            weights = stored_parts(g).get("w")
+            weights = parts.get("w")
             if weights is not None and weights.dtype.kind != "f":
                 self.errors.append(f"graph {g.name}: weights are stored as {weights.dtype}; the spec stores "
                                    "floats (loompy 3 refuses to open the file)")

@@ -75,3 +75,38 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     run = subprocess.run(f"{sys.executable} -m loompy demo -o {tmp_path / 'd.loom'} | head -c 10",
                          shell=True, capture_output=True, text=True, env=env, timeout=300)
     assert "Traceback" not in run.stderr and "BrokenPipe" not in run.stderr
+
+
+def test_info_reads_a_file_another_process_holds_locked_with_a_warning(tmp_path, capsys):
+    """validate read such a file with a warning; info refused it (exit 2)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    path = tmp_path / "held.loom"
+    loompy.create(path, np.ones((3, 4), np.float32), {"Gene": ["a", "b", "c"]}, {"CellID": list("wxyz")}).close()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import h5py, time
+        f = h5py.File({str(path)!r}, "r+")
+        print("open", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        assert main(["info", str(path)]) == 0
+        out = capsys.readouterr()
+        assert "3 rows x 4 columns" in out.out and "holds the file's lock" in out.err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_validator_reports_a_graph_of_unequal_parts_once(tmp_path):
+    path = tmp_path / "g.loom"
+    loompy.create(path, np.ones((3, 3), np.float32), {"G": np.arange(3)}, {"C": np.arange(3)}).close()
+    with h5py.File(path, "r+") as f:
+        g = f["col_graphs"].create_group("knn")
+        g["a"], g["b"], g["w"] = np.array([0, 1]), np.array([1, 2]), np.array([1.0])
+    validator = loompy.LoomValidator()
+    assert not validator.validate(str(path))
+    assert len([e for e in validator.errors if "knn" in e]) == 1, validator.errors

@@ -756,3 +756,16 @@ def test_a_child_forked_while_other_threads_read_and_write_does_not_wait_for_the
         assert "/matrix was being written (or the file permuted) by another thread of the process this one was " \
             "forked from" in said[0]
         assert said[1] == 2 * 300 * 300
+
+
+def test_a_file_nobody_may_write_is_not_replaced_even_by_root(tmp_path):
+    """The check asked the system whether this user may write the file: root may write anything,
+    so as root create and repack replaced a file made read-only on purpose (chmod 444)."""
+    path = make(tmp_path / "ro.loom")
+    os.chmod(path, 0o444)
+    before = path.read_bytes()
+    with pytest.raises(loompy.LoomFileError, match="ro.loom: the file is read-only"):
+        loompy.create(path, np.zeros((2, 2), np.float32), {"g": [1, 2]}, {"c": [1, 2]})
+    with pytest.raises(loompy.LoomFileError, match="read-only"):
+        loompy.repack(path)
+    assert path.read_bytes() == before
