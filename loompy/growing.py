@@ -357,6 +357,7 @@ def add_loom(ds: LoomConnection, other_file: Any, key: str | None = None, fill_v
                 block = {name: other.layers[name][rows, cols] for name in names}
                 add_columns(ds, block, {k: v[cols] for k, v in attrs.items()}, fill_values=fill_values, drop=drop,
                             journalled=False, convert_attrs=convert_attrs, row_attrs=row_attrs if number == 0 else None)
+                del block  # (before the next batch is read: two batches held at once took twice the memory)
             journal.commit(ds._file)
         except BaseException:  # back to the columns the file had (an empty file: empty again)
             _roll_back(ds)

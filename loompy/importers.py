@@ -59,12 +59,15 @@ class TenXData:
 
 
 def _counts(matrix: sp.spmatrix) -> sp.csc_matrix:
-    """Counts as int32 when they fit (the .h5 files' own type), so MEX and .h5 give the same file."""
-    m = sp.csc_matrix(matrix)
-    if m.dtype.kind in "iu" and (m.nnz == 0 or (m.data.min() >= np.iinfo(np.int32).min
-                                                and m.data.max() <= np.iinfo(np.int32).max)):
-        m = m.astype(np.int32)
-    return m
+    """Counts as int32 when they fit (the .h5 files' own type), so MEX and .h5 give the same file.
+    The values are cast before the matrix is converted, so no int64 copy of it is made on the way
+    (a Matrix Market file reads as int64: three copies at once took 3x the counts' size)."""
+    data = matrix.data
+    if data.dtype.kind in "iu" and data.dtype != np.int32 and (data.size == 0 or (
+            data.min() >= np.iinfo(np.int32).min and data.max() <= np.iinfo(np.int32).max)):
+        matrix.data = data.astype(np.int32)  # (the caller's matrix: it lets go of it)
+    del data
+    return sp.csc_matrix(matrix)
 
 
 @contextmanager
@@ -119,7 +122,7 @@ class MexReader:
         import scipy.io  # only importers need it; keep ``import loompy`` light
 
         with reading_source(_find(path, "matrix.mtx")) as source:
-            matrix = scipy.io.mmread(str(source))
+            matrix = sp.coo_matrix(scipy.io.mmread(str(source)))
         with reading_source(_find(path, "features.tsv", "genes.tsv")) as source:
             features = _table(source)
         with reading_source(_find(path, "barcodes.tsv")) as source:

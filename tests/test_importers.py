@@ -459,3 +459,18 @@ def test_a_10x_file_that_cannot_be_opened_keeps_its_own_error(tmp_path, monkeypa
     (tmp_path / "out").mkdir()
     with pytest.raises(PermissionError, match="Permission denied"):
         loompy.create_from_cellranger(source, tmp_path / "out")
+
+
+def test_matrix_market_counts_become_int32_before_the_matrix_is_converted(monkeypatch):
+    """scipy reads Matrix Market integers as int64: converting to CSC, then to int32, held three
+    copies of the counts at once (3x their size)."""
+    import scipy.sparse as sp
+
+    converted = []
+    original = sp.coo_matrix.tocsc
+    monkeypatch.setattr(sp.coo_matrix, "tocsc",
+                        lambda self, copy=False: converted.append(self.dtype) or original(self, copy=copy))
+    data = read_10x(CR3 / "filtered_feature_bc_matrix")
+    assert converted == [np.int32] and data.matrix.dtype == np.int32
+    expected = scipy.io.mmread(str(CR3 / "filtered_feature_bc_matrix/matrix.mtx.gz")).toarray()
+    np.testing.assert_array_equal(data.matrix.toarray(), expected)

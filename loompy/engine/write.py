@@ -81,13 +81,40 @@ def _write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, valu
     if r1 - r0 == rows.size and c1 - c0 == cols.size:
         _write_region(dataset, r0, c0, values)
         return
-    height = dataset.chunks[0] if dataset.chunks else 64
-    for _, part, _ in groups(rows, height):
-        r = rows[part]
-        r0, r1 = int(r[0]), int(r[-1]) + 1
-        block = read_block(dataset, np.arange(r0, r1), np.arange(c0, c1))
-        block[np.ix_(r - r0, cols - c0)] = values[part]
-        dataset[r0:r1, c0:c1] = block
+    layout = chunk_layout(dataset)
+    if layout is None:  # (h5py merges each band with what its chunks hold)
+        height = dataset.chunks[0] if dataset.chunks else 64
+        for _, part, _ in groups(rows, height):
+            r = rows[part]
+            r0, r1 = int(r[0]), int(r[-1]) + 1
+            block = read_block(dataset, np.arange(r0, r1), np.arange(c0, c1))
+            block[np.ix_(r - r0, cols - c0)] = values[part]
+            dataset[r0:r1, c0:c1] = block
+        return
+    # scattered: the runs of whole chunks the selection touches are read, changed and stored again
+    # through the engine (through h5py, one zlib stream at a time, half the rows and columns of a
+    # 20,000 x 5,000 matrix took 4.7 s, against 0.66 s for a block of the same chunks)
+    (h, w), (n, m) = layout.chunks, dataset.shape
+    for left, right, col_part in _chunk_runs(cols, w, m, len(cols)):
+        tall = max(1, STRIP_BYTES // max(1, h * (right - left) * dataset.dtype.itemsize))
+        for top, bottom, row_part in _chunk_runs(rows, h, n, tall):
+            block = read_block(dataset, np.arange(top, bottom), np.arange(left, right))
+            block[np.ix_(rows[row_part] - top, cols[col_part] - left)] = values[row_part, col_part]
+            _write_region(dataset, top, left, block)
+
+
+def _chunk_runs(indices: np.ndarray, size: int, length: int, most: int) -> list[tuple[int, int, slice]]:
+    """Sorted unique ``indices`` as runs of consecutive chunks (of ``size``; at most ``most`` each):
+    (first index of the run's first chunk, end of its last chunk or ``length``, positions in ``indices``)."""
+    chunks = indices // size
+    starts = np.flatnonzero(np.concatenate([[True], np.diff(chunks) > 1]))  # a chunk skipped: a new run
+    runs = []
+    for a, b in zip(starts.tolist(), [*starts[1:].tolist(), indices.size]):
+        first, last = int(chunks[a]), int(chunks[b - 1])
+        for c in range(first, last + 1, most):
+            lo, hi = np.searchsorted(chunks[a:b], [c, c + most]) + a
+            runs.append((c * size, min(length, (c + most) * size, (last + 1) * size), slice(int(lo), int(hi))))
+    return runs
 
 
 def _write_region(dataset: h5py.Dataset, r0: int, c0: int, values: np.ndarray) -> None:
@@ -204,8 +231,19 @@ def write_matrix(dataset: h5py.Dataset, matrix: np.ndarray | sp.spmatrix, col_of
     if not sp.issparse(matrix):
         write_columns(dataset, col_offset, matrix.shape[1], lambda a, b: matrix[:, a:b])
         return
+    if matrix.format == "csr" and col_offset == 0 and matrix.shape[1] == dataset.shape[1]:
+        csr = sp.csr_matrix(matrix)  # (strips of rows from its arrays: no copy of the whole, as CSC would be)
+        write_rows(dataset, lambda a, b: _rows(csr, a, b))
+        return
     csc = sp.csc_matrix(matrix)  # shares the caller's arrays when it is CSC already
     write_columns(dataset, col_offset, csc.shape[1], lambda a, b: _columns(csc, a, b))
+
+
+def _rows(matrix: sp.csr_matrix, a: int, b: int) -> sp.csr_matrix:
+    """Rows a:b of a CSR matrix, sharing its arrays (as :func:`_columns`)."""
+    start, stop = matrix.indptr[a], matrix.indptr[b]
+    return sp.csr_matrix((matrix.data[start:stop], matrix.indices[start:stop], matrix.indptr[a:b + 1] - start),
+                         shape=(b - a, matrix.shape[1]), copy=False)
 
 
 def _columns(matrix: sp.csc_matrix, a: int, b: int) -> sp.csc_matrix:
