@@ -130,11 +130,16 @@ def test_export_writes_what_the_reference_writes_byte_for_byte(tmp_path, referen
     integers, text, several values per column), for the main matrix and a named layer. (ASCII text:
     loompy 3.0.8 reads "Ménage" as "Mnage", see test_non_ascii_strings_read_by_reference_as_it_reads_its_own.)"""
     path = tmp_path / "e.loom"
-    m = np.array([[0.1, 1e-8, 3], [2.5, -1, 1e10]], dtype=np.float32)
-    loompy.create(path, {"": m, "i": np.arange(6, dtype=np.int32).reshape(2, 3)},
-                  {"Gene": ["a", "b&c"], "F": np.array([0.1, 2.0])},
-                  {"CellID": ["c1", "c2", "c3"], "N": np.arange(3), "XY": np.arange(6.0).reshape(3, 2)}).close()
-    for layer in ("", "i"):
+    # zeros share one text, and -0.0 is not zero there; the other values are printed one by one
+    m = np.array([[0.1, 1e-8, 3, 0.0, -0.0], [2.5, -1, 1e10, np.nan, np.inf], [0, 0, 0, 0, 0],
+                  [1e-45, -np.inf, 7, 0, 16777217]], dtype=np.float32)
+    with np.errstate(over="ignore"):
+        half = m.astype(np.float16)  # (1e10 and 16777217 beyond float16: inf)
+    loompy.create(path, {"": m, "i": np.arange(20, dtype=np.int32).reshape(4, 5) % 3 - 1, "h": half},
+                  {"Gene": ["a", "b&c", "d", "e"], "F": np.array([0.1, 2.0, 0, -0.0])},
+                  {"CellID": ["c1", "c2", "c3", "c4", "c5"], "N": np.arange(5),
+                   "XY": np.arange(10.0).reshape(5, 2)}).close()
+    for layer in ("", "i", "h"):
         ours = tmp_path / f"ours{layer}.tab"
         with loompy.connect(path, "r") as ds:
             ds.export(ours, layer=layer)
