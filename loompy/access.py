@@ -64,8 +64,8 @@ class LoomAccess:
     def __setattr__(self, name: str, value: Any) -> None:
         """``ds.Name = values``, where ``ds.Name`` reads an attribute, is refused: it would only hide
         the attribute behind a Python one, writing nothing (``ds.ca.Name = values`` writes it)."""
-        if not name.startswith("_") and name not in self.__dict__ and "col_attrs" in self.__dict__ \
-                and not hasattr(type(self), name):
+        if self.__dict__.get("_ready") and not name.startswith("_") and name not in self.__dict__ \
+                and not hasattr(type(self), name):  # (not while it is being set up: its managers' names)
             try:
                 axis = "ca" if name in self.col_attrs else "ra" if name in self.row_attrs else None
             except LoomError:  # (closed: nothing to hide)

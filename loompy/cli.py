@@ -72,8 +72,8 @@ def _info(args: argparse.Namespace) -> int:
         ds = loompy.connect(args.file, "r")
     except loompy.LoomLockError:  # a writer elsewhere holds it: still worth a look, as validate gives one
         ds = loompy.connect(args.file, "r", locking=False)
-        print(f"warning: {args.file}: another process holds the file's lock; read without it (what it is "
-              "writing may show half done)", file=sys.stderr)
+        print(f"warning: {args.file}: the file's lock cannot be taken (another process holds it, or the file "
+              "system has no locks); read without it (what a writer is writing may show half done)", file=sys.stderr)
     with ds:
         print(summary(ds))
     return 0

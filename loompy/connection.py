@@ -79,6 +79,7 @@ class LoomConnection(LoomAccess):
             raise
         files.register(self)
         forks.watch(self, self._file, self._path)
+        self._ready = True  # (ds.Name = values is refused from now on: see LoomAccess.__setattr__)
 
     def _reopen(self) -> None:
         """Open the file at this connection's path again for writing (after a whole-file rewrite

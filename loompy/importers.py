@@ -60,14 +60,18 @@ class TenXData:
 
 def _counts(matrix: sp.spmatrix) -> sp.csc_matrix:
     """Counts as int32 when they fit (the .h5 files' own type), so MEX and .h5 give the same file.
-    The values are cast before the matrix is converted, so no int64 copy of it is made on the way
-    (a Matrix Market file reads as int64: three copies at once took 3x the counts' size)."""
-    data = matrix.data
-    if data.dtype.kind in "iu" and data.dtype != np.int32 and (data.size == 0 or (
-            data.min() >= np.iinfo(np.int32).min and data.max() <= np.iinfo(np.int32).max)):
+    When even all counts together fit, they are cast before the matrix is converted, so no int64
+    copy of it is made on the way (a Matrix Market file reads as int64: three copies at once took
+    3x the counts' size); else after (the conversion sums repeated entries, which might not fit)."""
+    data, limit = matrix.data, np.iinfo(np.int32)
+    if data.dtype.kind in "iu" and data.dtype != np.int32 and np.abs(data).sum(dtype=np.float64) < 2e9:
         matrix.data = data.astype(np.int32)  # (the caller's matrix: it lets go of it)
     del data
-    return sp.csc_matrix(matrix)
+    m = sp.csc_matrix(matrix)
+    if m.dtype.kind in "iu" and m.dtype != np.int32 and (m.nnz == 0 or (m.data.min() >= limit.min
+                                                                        and m.data.max() <= limit.max)):
+        m = m.astype(np.int32)
+    return m
 
 
 @contextmanager
@@ -355,9 +359,11 @@ def create_from_cellranger(indir: str | os.PathLike | None = None, outdir: str |
         raise LoomTypeError("create_from_cellranger: pass the Cell Ranger output as indir (loompy 3's name) "
                             "or folder (the seed's), once")
     indir = indir if folder is None else folder
+    if outdir is not None and os.fspath(outdir) == "":
+        outdir = os.curdir  # (loompy 3 joins "" and the file's name: the current folder)
     seed = loom_file is not None or (outdir is not None and os.fspath(outdir).lower().endswith(".loom"))
     if not seed and outdir is not None and not os.path.isdir(outdir):  # (before the arguments are read as loompy 3's)
-        raise LoomValueError(f"create_from_cellranger: {os.fspath(outdir)} is neither an existing folder "
+        raise LoomValueError(f"create_from_cellranger: {os.fspath(outdir)!r} is neither an existing folder "
                              "(loompy 3's outdir) nor a file name ending in .loom (the seed's loom_file)")
     order = ("cell_id_prefix", "sample_annotation", "genome") if seed else ("genome", "file_attrs", "selected_cellids")
     if len(args) > len(order):

@@ -196,7 +196,7 @@ class LoomValidator:
             if not problems and (g["a"].dtype.kind == "f" or g["b"].dtype.kind == "f"):
                 self.warnings.append(f"graph {g.name}: vertex indices are stored as floats")
             weights = parts.get("w")
-            if weights is not None and weights.dtype.kind != "f":
+            if not problems and weights is not None and weights.dtype.kind != "f":
                 self.errors.append(f"graph {g.name}: weights are stored as {weights.dtype}; the spec stores "
                                    "floats (loompy 3 refuses to open the file)")
             self.summary.append(f"graph {g.name}: {a.size} edges")

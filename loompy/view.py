@@ -118,6 +118,7 @@ class LoomView(LoomAccess):
         self.row_graphs = GraphManager(None, 0, self._dims, values=row_graphs or {})
         self.col_graphs = GraphManager(None, 1, self._dims, values=col_graphs or {})
         self.attrs = MemoryGlobals(file_attrs or {})
+        self._ready = True  # (see LoomAccess.__setattr__)
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -95,7 +95,7 @@ def test_info_reads_a_file_another_process_holds_locked_with_a_warning(tmp_path,
         assert holder.stdout.readline().strip() == "open"
         assert main(["info", str(path)]) == 0
         out = capsys.readouterr()
-        assert "3 rows x 4 columns" in out.out and "holds the file's lock" in out.err
+        assert "3 rows x 4 columns" in out.out and "lock cannot be taken" in out.err
     finally:
         holder.kill()
         holder.wait()
@@ -107,6 +107,9 @@ def test_validator_reports_a_graph_of_unequal_parts_once(tmp_path):
     with h5py.File(path, "r+") as f:
         g = f["col_graphs"].create_group("knn")
         g["a"], g["b"], g["w"] = np.array([0, 1]), np.array([1, 2]), np.array([1.0])
+        g = f["col_graphs"].create_group("named")
+        g["a"], g["b"], g["w"] = np.array([0, 1]), np.array([1, 2]), np.array([b"x", b"y"])
     validator = loompy.LoomValidator()
     assert not validator.validate(str(path))
     assert len([e for e in validator.errors if "knn" in e]) == 1, validator.errors
+    assert len([e for e in validator.errors if "named" in e]) == 1, validator.errors

@@ -1485,3 +1485,18 @@ def test_refusals_name_the_file_and_what_is_wrong(small, tmp_path):
     with pytest.raises(ValueError, match=str(target)):
         loompy.combine([], target)
     assert not target.exists()
+
+
+@pytest.mark.parametrize("name", ["attrs", "row_graphs", "col_graphs", "filename", "version", "layers"])
+def test_attributes_named_as_the_connections_own_parts_open_and_scan(tmp_path, name):
+    """The refusal of ds.Name = values (an attribute hidden by a Python one) refused loompy's own
+    setup of a connection or view whose file has an attribute of such a name: the file could not
+    be opened or created."""
+    path = tmp_path / "n.loom"
+    with loompy.create(path, np.ones((3, 2), np.float32), {name: np.arange(3)}, {name: np.arange(2)}):
+        pass
+    with loompy.connect(path) as ds:
+        np.testing.assert_array_equal(ds.ra[name], np.arange(3))
+        np.testing.assert_array_equal(ds.view[:, 1:].ca[name], [1])
+        for _, selection, view in ds.scan(axis=1, batch_size=1):
+            np.testing.assert_array_equal(view.ca[name], selection)

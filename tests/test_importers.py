@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 
 import h5py
@@ -103,6 +104,13 @@ def test_create_from_cellranger_both_conventions(tmp_path):
     assert not (tmp_path / "nowhere").exists()
     with pytest.raises(TypeError):
         loompy.create_from_cellranger(sample, folder=sample)
+    # an empty outdir is the current folder, as loompy 3 joins it with the file's name
+    here = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        assert os.path.samefile(loompy.create_from_cellranger(sample, ""), tmp_path / "sample3.loom")
+    finally:
+        os.chdir(here)
     keep = ["sample3:AAACCCAAGGAGAGTA-1", "sample3:AAACGCTTCAGCCCAG-1"]
     path = loompy.create_from_cellranger(sample, tmp_path, selected_cellids=keep)
     with loompy.connect(path, "r") as ds:
@@ -474,3 +482,21 @@ def test_matrix_market_counts_become_int32_before_the_matrix_is_converted(monkey
     assert converted == [np.int32] and data.matrix.dtype == np.int32
     expected = scipy.io.mmread(str(CR3 / "filtered_feature_bc_matrix/matrix.mtx.gz")).toarray()
     np.testing.assert_array_equal(data.matrix.toarray(), expected)
+
+
+def test_repeated_matrix_market_entries_summed_beyond_int32_stay_exact(tmp_path):
+    """Counts cast to int32 before the conversion that sums repeated entries overflowed:
+    two entries of 2e9 in one cell came back as -294967296."""
+    folder = tmp_path / "mex"
+    folder.mkdir()
+    (folder / "matrix.mtx").write_text("%%MatrixMarket matrix coordinate integer general\n"
+                                       "2 2 3\n1 1 2000000000\n1 1 2000000000\n2 2 5\n")
+    (folder / "features.tsv").write_text("E1\tG1\tGene Expression\nE2\tG2\tGene Expression\n")
+    (folder / "barcodes.tsv").write_text("AAA-1\nCCC-1\n")
+    data = read_10x(folder)
+    np.testing.assert_array_equal(data.matrix.toarray(), [[4000000000, 0], [0, 5]])
+    (folder / "matrix.mtx").write_text("%%MatrixMarket matrix coordinate integer general\n"
+                                       "2 2 3\n1 1 2\n1 1 3\n2 2 5\n")
+    data = read_10x(folder)
+    assert data.matrix.dtype == np.int32
+    np.testing.assert_array_equal(data.matrix.toarray(), [[5, 0], [0, 5]])

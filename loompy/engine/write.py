@@ -94,13 +94,15 @@ def _write_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, valu
     # scattered: the runs of whole chunks the selection touches are read, changed and stored again
     # through the engine (through h5py, one zlib stream at a time, half the rows and columns of a
     # 20,000 x 5,000 matrix took 4.7 s, against 0.66 s for a block of the same chunks)
+    # (the chunks between the columns' chunks too, as they are: one store per run of chunk rows, not
+    # per chunk, where rows and columns are far apart: every 128th of 8,000 each, 2.0 s against 0.6 s)
     (h, w), (n, m) = layout.chunks, dataset.shape
-    for left, right, col_part in _chunk_runs(cols, w, m, len(cols)):
-        tall = max(1, STRIP_BYTES // max(1, h * (right - left) * dataset.dtype.itemsize))
-        for top, bottom, row_part in _chunk_runs(rows, h, n, tall):
-            block = read_block(dataset, np.arange(top, bottom), np.arange(left, right))
-            block[np.ix_(rows[row_part] - top, cols[col_part] - left)] = values[row_part, col_part]
-            _write_region(dataset, top, left, block)
+    left, right = c0 // w * w, min(m, -(-c1 // w) * w)
+    tall = max(1, STRIP_BYTES // max(1, h * (right - left) * dataset.dtype.itemsize))
+    for top, bottom, row_part in _chunk_runs(rows, h, n, tall):
+        block = read_block(dataset, np.arange(top, bottom), np.arange(left, right))
+        block[np.ix_(rows[row_part] - top, cols - left)] = values[row_part]
+        _write_region(dataset, top, left, block)
 
 
 def _chunk_runs(indices: np.ndarray, size: int, length: int, most: int) -> list[tuple[int, int, slice]]:
