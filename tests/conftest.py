@@ -1,9 +1,13 @@
 """Shared fixtures: real files from the field, the reference loompy, the engine's helper processes
-forced on, and the --run-slow switch."""
+forced on, a file held open for writing by another process, and the --run-slow switch."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -31,6 +35,23 @@ def reference():
 
     ref.ensure_reference()
     return ref
+
+
+@contextlib.contextmanager
+def held_for_writing(path):
+    """Another process has ``path`` open for writing with h5py (and so its HDF5 lock) meanwhile."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import h5py, time
+        f = h5py.File({str(path)!r}, "r+")
+        print("open", flush=True)
+        time.sleep(30)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 class Helpers(list):

@@ -11,7 +11,7 @@ import numpy as np
 import loompy
 from loompy.cli import main
 
-from .conftest import REAL
+from .conftest import REAL, held_for_writing
 
 CR3_H5 = REAL / "scverse+scanpy/tests/_data/10x_data/3.0.0/filtered_feature_bc_matrix.h5"
 
@@ -79,26 +79,12 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
 
 def test_info_reads_a_file_another_process_holds_locked_with_a_warning(tmp_path, capsys):
     """validate read such a file with a warning; info refused it (exit 2)."""
-    import subprocess
-    import sys
-    import textwrap
-
     path = tmp_path / "held.loom"
     loompy.create(path, np.ones((3, 4), np.float32), {"Gene": ["a", "b", "c"]}, {"CellID": list("wxyz")}).close()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import h5py, time
-        f = h5py.File({str(path)!r}, "r+")
-        print("open", flush=True)
-        time.sleep(30)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with held_for_writing(path):
         assert main(["info", str(path)]) == 0
         out = capsys.readouterr()
         assert "3 rows x 4 columns" in out.out and "lock cannot be taken" in out.err
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_validator_reports_a_graph_of_unequal_parts_once(tmp_path):

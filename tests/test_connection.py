@@ -14,7 +14,7 @@ import scipy.sparse as sp
 
 import loompy
 
-from .conftest import REAL
+from .conftest import REAL, held_for_writing
 
 
 def digest(path) -> str:
@@ -742,26 +742,12 @@ def test_connect_errors(tmp_path):
 
 def test_lock_error_names_the_lock_and_unlocked_read_only_works(small):
     path, *_ = small
-    import subprocess
-    import sys
-    import textwrap
-
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import h5py, sys, time
-        f = h5py.File({str(path)!r}, "r+")
-        print("open", flush=True)
-        time.sleep(30)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "open"
+    with held_for_writing(path):
         with pytest.raises(loompy.LoomLockError) as info:
             loompy.connect(path, "r")
         assert "lock" in str(info.value).lower() and "locking=False" in str(info.value)
         with loompy.connect(path, "r", locking=False) as ds:
             assert ds.shape == (5, 8)
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_repr_and_html_escape_everything(tmp_path):
