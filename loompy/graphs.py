@@ -92,9 +92,11 @@ def store_graph(parent: h5py.Group, name: str, graph: sp.coo_matrix, like: h5py.
     """Write ``graph`` as the group ``parent[name]`` (``a``, ``b``, ``w``: chunked, compressed, able
     to grow), stamped as changed. ``like``: the stored graph it replaces or was made from, whose
     HDF5 attributes (the group's and each part's) and other members it keeps, and whose integer
-    index dtype when that holds the new indices exactly."""
+    index dtype when that holds the new indices exactly. Vertex indices are int32 where they fit, as
+    loompy 3 stores them (scipy's own index type), else int64."""
     group = parent.create_group(name)
-    parts = {"a": graph.row.astype(np.int64), "b": graph.col.astype(np.int64), "w": graph.data}
+    index = np.int32 if graph.shape[0] <= np.iinfo(np.int32).max else np.int64
+    parts = {"a": graph.row.astype(index), "b": graph.col.astype(index), "w": graph.data}
     datasets = []
     for key, values in parts.items():
         old = like.get(key) if like is not None else None

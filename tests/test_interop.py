@@ -207,6 +207,7 @@ def test_graph_weights_given_as_integers_are_stored_as_floats_the_reference_open
     with h5py.File(path, "r") as f:
         stored = {f[g]["w"].dtype for g in ("col_graphs/knn", "row_graphs/same", "col_graphs/e")}
         assert stored == {np.dtype(np.float64)}
+        assert f["col_graphs/knn/a"].dtype == f["col_graphs/knn/b"].dtype == np.int32  # (as loompy 3 stores them)
         assert "bad" not in f["col_graphs"]
     assert loompy.LoomValidator().validate(str(path))
     read = reference.run("""
