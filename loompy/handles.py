@@ -111,40 +111,47 @@ class SharedOrAlone:
                 raise error
         self.changed.wait_for(lambda: may(me))
 
+    # (a turn is given back by comparing with what this thread held before, in one try: an interrupt
+    # (Ctrl-C) landing between taking it and the try that gives it back would keep it for good)
     @contextmanager
     def sharing(self, refuse: Callable[..., Exception | None] | None = None) -> Iterator[None]:
         me = threading.get_ident()
-        with self.changed:
-            self._enter(self._may_share, refuse, me)
-            self.shared[me] = self.shared.get(me, 0) + 1
+        before = self.shared.get(me, 0)  # (only this thread changes its own count)
         try:
+            with self.changed:
+                self._enter(self._may_share, refuse, me)
+                self.shared[me] = before + 1
             yield
         finally:
             with self.changed:
-                self.shared[me] -= 1
-                if not self.shared[me]:
-                    del self.shared[me]
-                    self.changed.notify_all()
+                if self.shared.get(me, 0) > before:
+                    if before:
+                        self.shared[me] = before
+                    else:
+                        del self.shared[me]
+                        self.changed.notify_all()
 
     @contextmanager
     def alone(self, refuse: Callable[..., Exception | None] | None = None) -> Iterator[None]:
         me = threading.get_ident()
-        with self.changed:
-            self.waiting += 1
-            try:
-                self._enter(self._may_own, refuse, me)
-            finally:
-                self.waiting -= 1
-            self.owner = me
-            self.depth += 1
+        before = self.depth if self.owner == me else 0
         try:
+            with self.changed:
+                self.waiting += 1
+                try:
+                    self._enter(self._may_own, refuse, me)
+                finally:
+                    self.waiting -= 1
+                self.depth = before + 1  # (before the owner: an interrupt between leaves no owner)
+                self.owner = me
             yield
         finally:
             with self.changed:
-                self.depth -= 1
-                if not self.depth:
-                    self.owner = None
-                    self.changed.notify_all()
+                if self.owner == me and self.depth > before:
+                    self.depth = before
+                    if not before:
+                        self.owner = None
+                        self.changed.notify_all()
 
 
 # a file's write gate, by HDF5's number of the open file; one nobody holds has nothing to remember, and goes

@@ -1486,3 +1486,30 @@ def test_attributes_named_as_the_connections_own_parts_open_and_scan(tmp_path, n
         np.testing.assert_array_equal(ds.view[:, 1:].ca[name], [1])
         for _, selection, view in ds.scan(axis=1, batch_size=1):
             np.testing.assert_array_equal(view.ca[name], selection)
+
+
+@pytest.mark.parametrize("way", ["sharing", "alone"])
+def test_an_interrupt_as_a_turn_is_taken_does_not_keep_it(way):
+    """A turn was recorded before the try that gives it back: a Ctrl-C landing in between (here:
+    as the lock's condition is left) kept it for good, and every other thread waited on it."""
+    import threading
+
+    from loompy.handles import SharedOrAlone
+
+    class InterruptedOnce(threading.Condition):
+        armed = True
+
+        def __exit__(self, *exc):
+            super().__exit__(*exc)
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt
+
+    lock = SharedOrAlone()
+    lock.changed = InterruptedOnce()
+    with pytest.raises(KeyboardInterrupt):
+        with getattr(lock, way)():
+            pass
+    assert lock.shared == {} and lock.owner is None and lock.depth == 0
+    with lock.alone(), lock.sharing():  # (taken again, as usual)
+        assert lock.owner is not None

@@ -1518,14 +1518,25 @@ def test_a_write_from_inside_a_read_that_a_permute_waits_for_is_refused_not_a_de
         np.testing.assert_array_equal(ds[:, :], m[:, ::-1])
 
 
-def test_a_function_given_to_aggregate_may_write_while_another_thread_permutes(tmp_path):
+def test_a_function_given_to_aggregate_may_write_while_another_thread_permutes(tmp_path, monkeypatch):
     """aggregate no longer holds its read while the function runs: the function's write waits for
-    the permute and is refused as any write meant for the old order is."""
+    the permute and is refused as any write meant for the old order is. (The permute is held
+    mid-way until the write waits: a permute done before the write began made this test pass or
+    fail by the threads' timing.)"""
+    import sys
     import threading
-    import time
 
-    from loompy import handles
+    combine = sys.modules["loompy.combine"]
+    paused, go = threading.Event(), threading.Event()
+    real = combine._copy_extras
 
+    def copy_then_pause(*args, **kwargs):
+        real(*args, **kwargs)
+        if not paused.is_set():
+            paused.set()
+            go.wait(60)
+
+    monkeypatch.setattr(combine, "_copy_extras", copy_then_pause)
     path = tmp_path / "a.loom"
     m = np.arange(100 * 60, dtype=np.float32).reshape(100, 60)
     loompy.create(path, m, {"g": np.arange(100)}, {"c": np.arange(60), "k": np.arange(60) % 3}).close()
@@ -1535,11 +1546,8 @@ def test_a_function_given_to_aggregate_may_write_while_another_thread_permutes(t
             if not threads:
                 threads.append(threading.Thread(target=ds.permute, args=(np.arange(60)[::-1], 1)))
                 threads[0].start()
-                gate = handles._gate(ds._file)
-                for _ in range(600):
-                    if gate.waiting or gate.owner is not None:
-                        break
-                    time.sleep(0.01)
+                assert paused.wait(60)
+                threading.Timer(0.5, go.set).start()  # (the write below waits for the permute meanwhile)
                 try:
                     ds.ra["note"] = np.zeros(100)
                 except loompy.LoomFileError as error:
@@ -1553,6 +1561,7 @@ def test_a_function_given_to_aggregate_may_write_while_another_thread_permutes(t
         threads[0].join(60)
         assert not threads[0].is_alive()
         np.testing.assert_array_equal(ds[:, :], m[:, ::-1])
+        assert "note" not in ds.ra
     assert said and "permute" in said[0], said
 
 

@@ -43,6 +43,7 @@ from .storage import (
     readable_directly,
     reading,
     refresh,
+    reports_closed_file,
 )
 from .workers import THREADS, on_worker, run_all
 
@@ -134,6 +135,7 @@ class _Columns:
             target[:, :, x:] = part[:, g, :, :ncols - x]
 
 
+@reports_closed_file
 def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
                out: np.ndarray | None = None) -> np.ndarray:
     """Dense ``dataset[np.ix_(rows, cols)]`` for sorted unique ``rows`` and ``cols`` (into ``out`` if given)."""
@@ -317,6 +319,7 @@ def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, 
     return out
 
 
+@reports_closed_file
 def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
                    handle: Callable[[int, int, np.ndarray], None]) -> None:
     """Call ``handle(k, first, block)`` with ``dataset[np.ix_(rows, cols)]`` a chunk row at a time:
@@ -349,6 +352,7 @@ def each_row_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
         read.run(consume)
 
 
+@reports_closed_file
 def reduce_lines(dataset: h5py.Dataset, axis: int, functions: list[Callable], others: np.ndarray,
                  result_dtypes: list[np.dtype]) -> list[np.ndarray] | None:
     """Each of ``functions`` (numpy reductions) on every row (``axis`` 0) or column (1) of
@@ -385,6 +389,7 @@ def reduce_lines(dataset: h5py.Dataset, axis: int, functions: list[Callable], ot
     return results
 
 
+@reports_closed_file
 def read_sparse(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
     """``dataset[np.ix_(rows, cols)]`` as a COO matrix in the stored dtype, entries in row-major order.
 

@@ -13,18 +13,20 @@ the name leads to another dataset (h5py renamed one): see :func:`_moved`.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import h5py
 import numpy as np
 
 from .. import forks
-from ..errors import LoomFileError
+from ..errors import LoomError, LoomFileError
 from ..handles import SharedOrAlone, count_read, reads_held, would_wait_for_own_read
 from . import btree, codecs
 from .workers import on_worker
@@ -114,7 +116,8 @@ def raw_chunk(dataset: h5py.Dataset, row: int, col: int) -> tuple[int, bytes] | 
 
 def damaged(dataset: h5py.Dataset, error: Exception) -> LoomFileError:
     """The error to raise for a chunk of ``dataset`` that cannot be read (see :class:`~.codecs.DamagedChunk`)."""
-    return LoomFileError(f"{dataset.file.filename}: {dataset.name}: {error}; the file is damaged")
+    return LoomFileError(f"{dataset.file.filename}: {dataset.name}: {error}; the file is damaged (or, read "
+                         "without file locks, another program was writing it: read it once that program is done)")
 
 
 def _unallocated(dataset: h5py.Dataset, row: int, col: int) -> bool:
@@ -374,7 +377,37 @@ def reading(dataset: h5py.Dataset) -> AbstractContextManager[None]:
         raise LoomFileError(f"{dataset.file.filename}: {dataset.name} was being written (or the file permuted) by "
                             "another thread of the process this one was forked from, and HDF5 here may hold it half "
                             "written (connect again once that process has closed the file)")
-    return nullcontext() if on_worker() else _still_there(_turns_for(dataset), dataset)
+    if on_worker():
+        return nullcontext()
+    try:
+        turns = _turns_for(dataset)
+    except (ValueError, RuntimeError, KeyError) as error:  # (h5py's, of a file closed just now)
+        raise _gone(dataset, "began") from error
+    return _still_there(turns, dataset)
+
+
+T = TypeVar("T")
+
+
+def reports_closed_file(read: Callable[..., T]) -> Callable[..., T]:
+    """For the engine's reads (their first argument the dataset): h5py's own errors, met because the
+    file was closed in another thread as the read ran (``close`` does not wait for reads), become a
+    :class:`~loompy.errors.LoomFileError` saying so."""
+    @functools.wraps(read)
+    def reading_or_saying_why_not(dataset: h5py.Dataset, *args: Any, **kwargs: Any) -> T:
+        try:
+            return read(dataset, *args, **kwargs)
+        except (ValueError, RuntimeError, KeyError, OSError) as error:
+            if isinstance(error, LoomError) or dataset.id.valid:
+                raise
+            raise _gone(dataset, "ran") from error
+    return reading_or_saying_why_not
+
+
+def _gone(dataset: h5py.Dataset, when: str, name: str | None = None) -> LoomFileError:
+    """What a read says of a file closed (or replaced by permute) in another thread as it ``when``."""
+    return LoomFileError(f"{name or 'the file'}: the connection was closed (or the file replaced by permute) "
+                         f"in another thread as this read {when}; nothing was read")
 
 
 @contextmanager
@@ -452,6 +485,7 @@ def layer_changes(file: h5py.File) -> int:
     return _layer_changes.get(file.id.fileno, 0)
 
 
+@reports_closed_file
 def expect_reads(dataset: h5py.Dataset, share: float = 1.0) -> None:
     """Say that reads of ``share`` of the dataset follow (a scan): if that is enough to be worth an
     index (see :func:`chunk_index`), it is built now rather than after the first batches."""
