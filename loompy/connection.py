@@ -121,9 +121,14 @@ class LoomConnection(LoomAccess):
     def _sync_shape(self) -> None:
         """Take the matrix shape on disk, and the column attributes with it, when another
         connection to the file in this process appended columns."""
-        matrix = self._file.get(fmt.MATRIX) if self._file else None
-        if isinstance(matrix, h5py.Dataset) and tuple(matrix.shape) != self._dims.shape:
-            self._dims.shape = tuple(matrix.shape)
+        try:
+            matrix = self._file.get(fmt.MATRIX) if self._file else None
+            shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else None
+        except (ValueError, RuntimeError, KeyError):  # (h5py's, of a file another thread closed just now)
+            self._check_open()
+            raise
+        if shape is not None and shape != self._dims.shape:
+            self._dims.shape = shape
             self.row_attrs._forget()
             self.col_attrs._forget()
 

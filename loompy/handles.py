@@ -87,22 +87,37 @@ class SharedOrAlone:
     ``alone_first``: threads new to the lock wait behind one waiting to hold it alone (a steady
     stream of shared holders would otherwise keep it waiting for good). ``refuse(lock, me)``, given
     to the two ways in, may return an error to raise instead of waiting (a wait that could be endless).
+
+    Each turn taken is a token in a list, put there in one step inside the ``try`` that takes it
+    out: an interrupt (Ctrl-C) anywhere leaves no turn behind, and turns given back in any order
+    (generators closed late) take out only their own.
     """
 
     def __init__(self, alone_first: bool = False, name: str = "") -> None:
         self.name = name  # (what it guards, for messages)
         self.changed = threading.Condition()
-        self.shared: dict[int, int] = {}  # thread -> depth
-        self.owner: int | None = None  # the thread holding it alone
-        self.depth = 0
+        self.shared: dict[int, list[object]] = {}  # thread -> its shared turns
+        self.owned: list[object] = []  # the turns of the thread holding it alone
+        self.owner: int | None = None  # that thread (set once it has a turn)
         self.waiting = 0  # threads waiting to hold it alone
         self.alone_first = alone_first
 
+    @property
+    def depth(self) -> int:
+        """How many turns the thread holding it alone has taken."""
+        return len(self.owned)
+
+    def shared_by(self, me: int) -> int:
+        """How many shared turns thread ``me`` holds."""
+        return len(self.shared.get(me, ()))
+
     def _may_share(self, me: int) -> bool:
-        return me in self.shared or (self.owner in (None, me) and not (self.alone_first and self.waiting))
+        # (its owner may always share it: waiting behind a thread that waits for the owner would be for good)
+        return me in self.shared or self.owner == me or (
+            self.owner is None and not self.owned and not (self.alone_first and self.waiting))
 
     def _may_own(self, me: int) -> bool:
-        return self.owner in (None, me) and not set(self.shared) - {me}
+        return (self.owner == me or (self.owner is None and not self.owned)) and not set(self.shared) - {me}
 
     def _enter(self, may: Callable[[int], bool], refuse: Callable[..., Exception | None] | None, me: int) -> None:
         if not may(me) and refuse is not None:
@@ -111,30 +126,26 @@ class SharedOrAlone:
                 raise error
         self.changed.wait_for(lambda: may(me))
 
-    # (a turn is given back by comparing with what this thread held before, in one try: an interrupt
-    # (Ctrl-C) landing between taking it and the try that gives it back would keep it for good)
     @contextmanager
     def sharing(self, refuse: Callable[..., Exception | None] | None = None) -> Iterator[None]:
-        me = threading.get_ident()
-        before = self.shared.get(me, 0)  # (only this thread changes its own count)
+        me, token = threading.get_ident(), object()
         try:
             with self.changed:
                 self._enter(self._may_share, refuse, me)
-                self.shared[me] = before + 1
+                self.shared.setdefault(me, []).append(token)
             yield
         finally:
             with self.changed:
-                if self.shared.get(me, 0) > before:
-                    if before:
-                        self.shared[me] = before
-                    else:
+                mine = self.shared.get(me, [])
+                if token in mine:
+                    mine.remove(token)
+                    if not mine:
                         del self.shared[me]
                         self.changed.notify_all()
 
     @contextmanager
     def alone(self, refuse: Callable[..., Exception | None] | None = None) -> Iterator[None]:
-        me = threading.get_ident()
-        before = self.depth if self.owner == me else 0
+        me, token = threading.get_ident(), object()
         try:
             with self.changed:
                 self.waiting += 1
@@ -142,14 +153,15 @@ class SharedOrAlone:
                     self._enter(self._may_own, refuse, me)
                 finally:
                     self.waiting -= 1
-                self.depth = before + 1  # (before the owner: an interrupt between leaves no owner)
+                    self.changed.notify_all()  # (sharers held behind a waiter that gave up may go on)
+                self.owned.append(token)  # (before the owner: an interrupt between leaves no owner behind)
                 self.owner = me
             yield
         finally:
             with self.changed:
-                if self.owner == me and self.depth > before:
-                    self.depth = before
-                    if not before:
+                if token in self.owned:
+                    self.owned.remove(token)
+                    if not self.owned:
                         self.owner = None
                         self.changed.notify_all()
 

@@ -222,6 +222,8 @@ class LayerManager(DotAccess, MutableMapping):
         state = LoomLayer._state(self._file)
         dataset = self._dataset(name)
         if dataset is None:
+            if not self._file:  # (closed by another thread as this looked: no layer is there to find)
+                raise LoomFileError(f"{self._filename}: {why_closed(self._file)}")
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
         return LoomLayer(name, dataset, self, state)
 

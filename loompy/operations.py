@@ -53,7 +53,11 @@ def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, re
 def _nothing_writes(ds: LoomConnection) -> bool:
     """Whether no one in this process can write the file while a scan reads ahead: HDF5 itself
     opened it read-only (a connection asking for 'r' may share a file open for writing)."""
-    return ds._file.mode == "r"  # (callers checked that the connection is open)
+    try:
+        return ds._file.mode == "r"  # (callers checked that the connection is open)
+    except (ValueError, RuntimeError):  # (h5py's, of a file another thread closed just now: say that)
+        ds._check_open()
+        raise
 
 
 def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Callable[[], None]) -> Iterator[Any]:
@@ -66,20 +70,28 @@ def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Cal
     what the caller writes meanwhile. A caller that stops early waits for at most the one batch
     being built.
     """
+    def build_saying_why(item: Any) -> Any:
+        try:
+            return build(item)
+        except (ValueError, RuntimeError, KeyError, OSError) as error:
+            if not isinstance(error, LoomError):
+                check()  # (h5py's own error of a connection another thread closed meanwhile: say that)
+            raise
+
     if not ahead or len(items) < 2:
         for item in items:
             check()
-            yield build(item)
+            yield build_saying_why(item)
         return
     with ThreadPoolExecutor(max_workers=1) as helper:
-        future = helper.submit(build, items[0])
+        future = helper.submit(build_saying_why, items[0])
         for k in range(len(items)):
             try:
                 built = future.result()
             finally:
                 check()
             if k + 1 < len(items):
-                future = helper.submit(build, items[k + 1])
+                future = helper.submit(build_saying_why, items[k + 1])
             yield built
 
 
@@ -103,6 +115,7 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
     names = layer_names(ds, layers)
     for name in names:
         if name not in ds.layers:
+            ds._check_open()  # (a connection closed meanwhile lists no layers: say that instead)
             raise LoomKeyError(f"{ds.filename}: layer '{name}' does not exist")
     length, other_length = ds.shape[axis], ds.shape[1 - axis]
     if isinstance(items, numbers.Integral) and not isinstance(items, (bool, np.bool_)):
@@ -433,6 +446,11 @@ def export(ds: LoomConnection, out_file: str | os.PathLike, layer: str | None = 
     _refuse_to_overwrite_hdf5(out_file)
     try:
         _write_tab(ds, out_file, dataset)
+    except (ValueError, RuntimeError, KeyError) as exc:
+        if isinstance(exc, LoomError) or ds._file:
+            raise
+        ds._check_open()  # (h5py's own error of a connection another thread closed meanwhile: say that)
+        raise
     except OSError as exc:  # a folder, a missing folder, no permission, a full disk
         if isinstance(exc, LoomError):  # (reading the file: the engine's errors say what is wrong)
             raise

@@ -1513,3 +1513,79 @@ def test_an_interrupt_as_a_turn_is_taken_does_not_keep_it(way):
     assert lock.shared == {} and lock.owner is None and lock.depth == 0
     with lock.alone(), lock.sharing():  # (taken again, as usual)
         assert lock.owner is not None
+
+
+def test_turns_given_back_out_of_order_and_by_their_owner_while_others_wait():
+    """Found by a review of the turn-keeping: (1) turns given back out of order (a generator closed
+    late) freed the lock while another was still held; (2) a thread holding the lock alone that takes
+    it shared, while another waits to hold it alone, waited for good; (3) a thread that gave up
+    waiting to hold it alone (Ctrl-C) left those held behind it asleep."""
+    import threading
+    import time
+
+    from loompy.handles import SharedOrAlone
+
+    lock = SharedOrAlone(alone_first=True)
+    first, second = lock.sharing(), lock.sharing()
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)  # (1): the first given back first
+    assert lock.shared_by(threading.get_ident()) == 1
+    second.__exit__(None, None, None)
+    assert lock.shared == {}
+
+    got = []
+    with lock.alone():
+        waiter = threading.Thread(target=lambda: lock.alone().__enter__() and None, daemon=True)
+        waiter.start()
+        while not lock.waiting:
+            time.sleep(0.001)
+        with lock.sharing():  # (2): its owner shares it, though a thread waits to hold it alone
+            got.append("shared")
+    waiter.join(5)
+    assert got == ["shared"] and not waiter.is_alive()
+
+    class GivingUp(threading.Condition):
+        """The waiter's wait ends in a Ctrl-C once another thread waits behind it."""
+        waiter = None
+
+        def wait_for(self, predicate, timeout=None):
+            if threading.get_ident() != self.waiter:
+                return super().wait_for(predicate, timeout)
+            deadline = time.monotonic() + 5
+            while not self._waiters and time.monotonic() < deadline:
+                self.wait(0.01)
+            raise KeyboardInterrupt
+
+    lock = SharedOrAlone(alone_first=True)
+    lock.changed = GivingUp()
+    release, gave_up, shared = threading.Event(), threading.Event(), threading.Event()
+
+    def hold():
+        with lock.sharing():
+            release.wait(10)
+
+    def wait_then_give_up():
+        GivingUp.waiter = threading.get_ident()
+        try:
+            with lock.alone():
+                pass
+        except KeyboardInterrupt:
+            gave_up.set()
+
+    def share():
+        with lock.sharing():
+            shared.set()
+
+    threading.Thread(target=hold, daemon=True).start()
+    while not lock.shared:
+        time.sleep(0.001)
+    threading.Thread(target=wait_then_give_up, daemon=True).start()
+    while not lock.waiting:
+        time.sleep(0.001)
+    threading.Thread(target=share, daemon=True).start()
+    try:
+        assert gave_up.wait(5)
+        assert shared.wait(2)  # (3): woken when the waiter gave up, not left asleep
+    finally:
+        release.set()

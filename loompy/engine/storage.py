@@ -347,7 +347,7 @@ def forget(dataset: h5py.Dataset) -> None:
 def _refuse_inside_a_read(turns: SharedOrAlone, me: int) -> LoomFileError | None:
     """A write that would wait for another thread's write while this thread reads other datasets (a
     function given to map or aggregate): that thread may be waiting for the read this one is in."""
-    if turns.owner not in (None, me) and reads_held() > turns.shared.get(me, 0):
+    if turns.owner not in (None, me) and reads_held() > turns.shared_by(me):
         return would_wait_for_own_read(turns.name)
     return None
 
