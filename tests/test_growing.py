@@ -1372,10 +1372,9 @@ def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_
     assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)
 
 
-def _beside_a_permute(monkeypatch, ds, order, action):
-    """Permute ``ds``'s columns into ``order`` in another thread, stopped once after it has copied the
-    layers (before the attributes), and run ``action(ds)`` in a third thread meanwhile (given a
-    second to finish before the permute goes on)."""
+def _paused_permutes(monkeypatch):
+    """Have the next permute stop once, after it has copied the layers (before the attributes),
+    until ``go`` is set; returns the events (paused, go)."""
     import sys
     import threading
 
@@ -1390,6 +1389,16 @@ def _beside_a_permute(monkeypatch, ds, order, action):
             go.wait(60)
 
     monkeypatch.setattr(combine, "_copy_extras", copy_then_pause)
+    return paused, go
+
+
+def _beside_a_permute(monkeypatch, ds, order, action):
+    """Permute ``ds``'s columns into ``order`` in another thread, stopped once after it has copied the
+    layers (before the attributes), and run ``action(ds)`` in a third thread meanwhile (given a
+    second to finish before the permute goes on)."""
+    import threading
+
+    paused, go = _paused_permutes(monkeypatch)
     permuting = threading.Thread(target=ds.permute, args=(order, 1))
     permuting.start()
     assert paused.wait(60)
@@ -1523,20 +1532,9 @@ def test_a_function_given_to_aggregate_may_write_while_another_thread_permutes(t
     the permute and is refused as any write meant for the old order is. (The permute is held
     mid-way until the write waits: a permute done before the write began made this test pass or
     fail by the threads' timing.)"""
-    import sys
     import threading
 
-    combine = sys.modules["loompy.combine"]
-    paused, go = threading.Event(), threading.Event()
-    real = combine._copy_extras
-
-    def copy_then_pause(*args, **kwargs):
-        real(*args, **kwargs)
-        if not paused.is_set():
-            paused.set()
-            go.wait(60)
-
-    monkeypatch.setattr(combine, "_copy_extras", copy_then_pause)
+    paused, go = _paused_permutes(monkeypatch)
     path = tmp_path / "a.loom"
     m = np.arange(100 * 60, dtype=np.float32).reshape(100, 60)
     loompy.create(path, m, {"g": np.arange(100)}, {"c": np.arange(60), "k": np.arange(60) % 3}).close()
