@@ -88,16 +88,17 @@ class SharedOrAlone:
     stream of shared holders would otherwise keep it waiting for good). ``refuse(lock, me)``, given
     to the two ways in, may return an error to raise instead of waiting (a wait that could be endless).
 
-    Each turn taken is a token in a list, put there in one step inside the ``try`` that takes it
-    out: an interrupt (Ctrl-C) anywhere leaves no turn behind, and turns given back in any order
-    (generators closed late) take out only their own.
+    Each turn is a token in a dict, put there and taken out by plain subscripting (no call
+    between the steps, where Python could raise a KeyboardInterrupt) inside the ``try`` that takes it
+    out, again if an interrupt lands as it is given back: an interrupt (Ctrl-C) leaves no turn
+    behind, and turns given back in any order (generators closed late) take out only their own.
     """
 
     def __init__(self, alone_first: bool = False, name: str = "") -> None:
         self.name = name  # (what it guards, for messages)
         self.changed = threading.Condition()
-        self.shared: dict[int, list[object]] = {}  # thread -> its shared turns
-        self.owned: list[object] = []  # the turns of the thread holding it alone
+        self.shared: dict[int, dict[object, None]] = {}  # thread -> its shared turns
+        self.owned: dict[object, None] = {}  # the turns of the thread holding it alone
         self.owner: int | None = None  # that thread (set once it has a turn)
         self.waiting = 0  # threads waiting to hold it alone
         self.alone_first = alone_first
@@ -132,16 +133,20 @@ class SharedOrAlone:
         try:
             with self.changed:
                 self._enter(self._may_share, refuse, me)
-                self.shared.setdefault(me, []).append(token)
+                if me in self.shared:
+                    self.shared[me][token] = None
+                else:
+                    self.shared[me] = {token: None}
             yield
         finally:
-            with self.changed:
-                mine = self.shared.get(me, [])
-                if token in mine:
-                    mine.remove(token)
-                    if not mine:
+            def take_out() -> None:
+                if me in self.shared and token in self.shared[me]:
+                    del self.shared[me][token]
+                    if not self.shared[me]:
                         del self.shared[me]
                         self.changed.notify_all()
+
+            self._give_back(take_out)
 
     @contextmanager
     def alone(self, refuse: Callable[..., Exception | None] | None = None) -> Iterator[None]:
@@ -151,19 +156,37 @@ class SharedOrAlone:
                 self.waiting += 1
                 try:
                     self._enter(self._may_own, refuse, me)
-                finally:
+                except BaseException:
                     self.waiting -= 1
                     self.changed.notify_all()  # (sharers held behind a waiter that gave up may go on)
-                self.owned.append(token)  # (before the owner: an interrupt between leaves no owner behind)
+                    raise
+                self.waiting -= 1
+                self.owned[token] = None  # (before the owner: an interrupt between leaves no owner behind)
                 self.owner = me
             yield
         finally:
-            with self.changed:
+            def take_out() -> None:
                 if token in self.owned:
-                    self.owned.remove(token)
+                    del self.owned[token]
                     if not self.owned:
                         self.owner = None
                         self.changed.notify_all()
+
+            self._give_back(take_out)
+
+    def _give_back(self, take_out: Callable[[], None]) -> None:
+        """``take_out()`` (which does nothing the second time) under the condition, again if an
+        interrupt landed as the condition was taken; the interrupt is raised once it is done."""
+        interrupted: BaseException | None = None
+        while True:
+            try:
+                with self.changed:
+                    take_out()
+                break
+            except KeyboardInterrupt as error:
+                interrupted = error
+        if interrupted is not None:
+            raise interrupted
 
 
 # a file's write gate, by HDF5's number of the open file; one nobody holds has nothing to remember, and goes
