@@ -26,7 +26,7 @@ from .errors import (
     LoomValueError,
 )
 from .graphs import GraphManager, edge_problems
-from .handles import READ_ONLY, ClosedFile, Dims, check_writable, rewriting, why_closed, writable
+from .handles import READ_ONLY, ClosedFile, Dims, check_writable, closed_meanwhile, rewriting, why_closed, writable
 from .indexing import axis_number
 from .journal import recover, refuse_if_pending_read_only
 from .layers import LayerManager
@@ -121,12 +121,9 @@ class LoomConnection(LoomAccess):
     def _sync_shape(self) -> None:
         """Take the matrix shape on disk, and the column attributes with it, when another
         connection to the file in this process appended columns."""
-        try:
+        with closed_meanwhile(self._check_open):
             matrix = self._file.get(fmt.MATRIX) if self._file else None
             shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else None
-        except (ValueError, RuntimeError, KeyError):  # (h5py's, of a file another thread closed just now)
-            self._check_open()
-            raise
         if shape is not None and shape != self._dims.shape:
             self._dims.shape = shape
             self.row_attrs._forget()

@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from . import forks
-from .errors import LoomFileError
+from .errors import LoomError, LoomFileError
 
 
 class Dims:
@@ -56,6 +56,20 @@ def writable(file: h5py.File) -> bool:
 def why_closed(file: Any) -> str:
     """What to say of a file that is no longer open: a :class:`ClosedFile` says why."""
     return getattr(file, "why", "the connection is closed")
+
+
+@contextmanager
+def closed_meanwhile(check: Callable[[], None]) -> Iterator[None]:
+    """Around work that touches an open file through h5py: h5py's own error (ValueError,
+    RuntimeError, KeyError, OSError), met because another thread closed the file as the work ran
+    (``close`` does not wait for reads), becomes ``check()``'s :class:`LoomFileError` saying so;
+    ``check`` raises nothing while the file is open, and any other error passes unchanged."""
+    try:
+        yield
+    except (ValueError, RuntimeError, KeyError, OSError) as error:
+        if not isinstance(error, LoomError):
+            check()
+        raise
 
 
 class ClosedFile:

@@ -18,6 +18,7 @@ import numpy as np
 from . import encoding, engine, files
 from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
+from .handles import closed_meanwhile
 from .indexing import AxisSelection, axis_number, batch_count, expand, positions, select_axis
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
 
@@ -53,11 +54,8 @@ def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, re
 def _nothing_writes(ds: LoomConnection) -> bool:
     """Whether no one in this process can write the file while a scan reads ahead: HDF5 itself
     opened it read-only (a connection asking for 'r' may share a file open for writing)."""
-    try:
+    with closed_meanwhile(ds._check_open):
         return ds._file.mode == "r"  # (callers checked that the connection is open)
-    except (ValueError, RuntimeError):  # (h5py's, of a file another thread closed just now: say that)
-        ds._check_open()
-        raise
 
 
 def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Callable[[], None]) -> Iterator[Any]:
@@ -71,12 +69,8 @@ def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Cal
     being built.
     """
     def build_saying_why(item: Any) -> Any:
-        try:
+        with closed_meanwhile(check):
             return build(item)
-        except (ValueError, RuntimeError, KeyError, OSError) as error:
-            if not isinstance(error, LoomError):
-                check()  # (h5py's own error of a connection another thread closed meanwhile: say that)
-            raise
 
     if not ahead or len(items) < 2:
         for item in items:
@@ -445,12 +439,8 @@ def export(ds: LoomConnection, out_file: str | os.PathLike, layer: str | None = 
     dataset = ds.layers["" if layer is None else layer]._dataset
     _refuse_to_overwrite_hdf5(out_file)
     try:
-        _write_tab(ds, out_file, dataset)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        if isinstance(exc, LoomError) or ds._file:
-            raise
-        ds._check_open()  # (h5py's own error of a connection another thread closed meanwhile: say that)
-        raise
+        with closed_meanwhile(ds._check_open):
+            _write_tab(ds, out_file, dataset)
     except OSError as exc:  # a folder, a missing folder, no permission, a full disk
         if isinstance(exc, LoomError):  # (reading the file: the engine's errors say what is wrong)
             raise

@@ -26,8 +26,8 @@ import h5py
 import numpy as np
 
 from .. import forks
-from ..errors import LoomError, LoomFileError
-from ..handles import SharedOrAlone, count_read, reads_held, would_wait_for_own_read
+from ..errors import LoomFileError
+from ..handles import SharedOrAlone, closed_meanwhile, count_read, reads_held, would_wait_for_own_read
 from . import btree, codecs
 from .workers import on_worker
 
@@ -377,13 +377,7 @@ def reading(dataset: h5py.Dataset) -> AbstractContextManager[None]:
         raise LoomFileError(f"{dataset.file.filename}: {dataset.name} was being written (or the file permuted) by "
                             "another thread of the process this one was forked from, and HDF5 here may hold it half "
                             "written (connect again once that process has closed the file)")
-    if on_worker():
-        return nullcontext()
-    try:
-        turns = _turns_for(dataset)
-    except (ValueError, RuntimeError, KeyError) as error:  # (h5py's, of a file closed just now)
-        raise _gone(dataset, "began") from error
-    return _still_there(turns, dataset)
+    return nullcontext() if on_worker() else _still_there(_turns_for(dataset), dataset)
 
 
 T = TypeVar("T")
@@ -395,19 +389,14 @@ def reports_closed_file(read: Callable[..., T]) -> Callable[..., T]:
     :class:`~loompy.errors.LoomFileError` saying so."""
     @functools.wraps(read)
     def reading_or_saying_why_not(dataset: h5py.Dataset, *args: Any, **kwargs: Any) -> T:
-        try:
+        def check() -> None:
+            if not dataset.id.valid:
+                raise LoomFileError("the connection was closed (or the file replaced by permute) in another "
+                                    "thread as this read ran; nothing was read")
+
+        with closed_meanwhile(check):
             return read(dataset, *args, **kwargs)
-        except (ValueError, RuntimeError, KeyError, OSError) as error:
-            if isinstance(error, LoomError) or dataset.id.valid:
-                raise
-            raise _gone(dataset, "ran") from error
     return reading_or_saying_why_not
-
-
-def _gone(dataset: h5py.Dataset, when: str, name: str | None = None) -> LoomFileError:
-    """What a read says of a file closed (or replaced by permute) in another thread as it ``when``."""
-    return LoomFileError(f"{name or 'the file'}: the connection was closed (or the file replaced by permute) "
-                         f"in another thread as this read {when}; nothing was read")
 
 
 @contextmanager
