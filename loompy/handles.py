@@ -101,6 +101,8 @@ class SharedOrAlone:
     ``alone_first``: threads new to the lock wait behind one waiting to hold it alone (a steady
     stream of shared holders would otherwise keep it waiting for good). ``refuse(lock, me)``, given
     to the two ways in, may return an error to raise instead of waiting (a wait that could be endless).
+    Whatever ``refuse`` says, a thread whose wait would close a circle of threads waiting for each
+    other, through any of these locks, is refused (:class:`LoomFileError`) instead of waiting for good.
 
     Each turn is a token in a dict, put there and taken out by plain subscripting (no call
     between the steps, where Python could raise a KeyboardInterrupt) inside the ``try`` that takes it
@@ -109,14 +111,22 @@ class SharedOrAlone:
     turns given back in any order (generators closed late) take out only their own.
     """
 
-    def __init__(self, alone_first: bool = False, name: str = "") -> None:
+    def __init__(self, alone_first: bool = False, name: str = "", acts: tuple[str, str] = ("read", "write")) -> None:
         self.name = name  # (what it guards, for messages)
+        self.acts = acts  # what taking it shared and taking it alone do (for messages)
         self.changed = threading.Condition()
         self.shared: dict[int, dict[object, None]] = {}  # thread -> its shared turns
         self.owned: dict[object, None] = {}  # the turns of the thread holding it alone
         self.owner: int | None = None  # that thread (set once it has a turn)
-        self.waiting = 0  # threads waiting to hold it alone
+        self.waiters: set[int] = set()  # threads waiting to hold it alone
         self.alone_first = alone_first
+        self.owner_at_fork: int | None = None  # in a forked child: the parent's other thread that held it alone
+        _every_lock.add(self)
+
+    @property
+    def waiting(self) -> int:
+        """How many threads wait to hold it alone."""
+        return len(self.waiters)
 
     @property
     def depth(self) -> int:
@@ -130,24 +140,56 @@ class SharedOrAlone:
     def _may_share(self, me: int) -> bool:
         # (its owner may always share it: waiting behind a thread that waits for the owner would be for good)
         return me in self.shared or self.owner == me or (
-            self.owner is None and not self.owned and not (self.alone_first and self.waiting))
+            self.owner is None and not self.owned and not (self.alone_first and self.waiters))
 
     def _may_own(self, me: int) -> bool:
         return (self.owner == me or (self.owner is None and not self.owned)) and not set(self.shared) - {me}
 
-    def _enter(self, may: Callable[[int], bool], refuse: Callable[..., Exception | None] | None, me: int) -> None:
-        if not may(me) and refuse is not None:
+    def blockers(self, me: int, alone: bool) -> set[int]:
+        """The threads thread ``me`` waits for to take it (alone or shared): none when it may."""
+        if alone:
+            return ({self.owner} | set(self.shared)) - {None, me}
+        if me in self.shared or self.owner == me or self.owner is None and not (self.alone_first and self.waiters):
+            return set()
+        return ({self.owner} | (set(self.waiters) if self.alone_first else set())) - {None, me}
+
+    def _enter(self, may: Callable[[int], bool], refuse: Callable[..., Exception | None] | None, me: int,
+               alone: bool) -> None:
+        if may(me):
+            return
+        if refuse is not None:
             error = refuse(self, me)
             if error is not None:
                 raise error
-        self.changed.wait_for(lambda: may(me))
+        try:
+            with _waits_lock:
+                if _waits_for_itself(self, me, alone):
+                    act = self.acts[alone]
+                    raise LoomFileError(f"{self.name or 'the file'}: cannot {act} now: this thread would wait for "
+                                        "another thread that waits for this one (two threads that each read a "
+                                        "layer and then write it, say), each for good; nothing was done, "
+                                        f"{act} again once the other thread is done")
+                _waiting_on[me] = (self, alone)
+            self.changed.wait_for(lambda: may(me))
+        finally:
+            with _waits_lock:
+                _waiting_on.pop(me, None)
+
+    def _after_fork(self, me: int) -> None:
+        """In a forked child only thread ``me`` runs: the other threads' turns and waits went with them
+        (and the condition may have been copied held by one of them)."""
+        self.changed = threading.Condition()
+        self.shared = {me: self.shared[me]} if me in self.shared else {}
+        if self.owner != me:
+            self.owner_at_fork, self.owner, self.owned = self.owner, None, {}
+        self.waiters = set()
 
     @contextmanager
     def sharing(self, refuse: Callable[..., Exception | None] | None = None) -> Iterator[None]:
         me, token = threading.get_ident(), object()
         try:
             with self.changed:
-                self._enter(self._may_share, refuse, me)
+                self._enter(self._may_share, refuse, me, alone=False)
                 if me in self.shared:
                     self.shared[me][token] = None
                 else:
@@ -168,14 +210,14 @@ class SharedOrAlone:
         me, token = threading.get_ident(), object()
         try:
             with self.changed:
-                self.waiting += 1
+                self.waiters.add(me)
                 try:
-                    self._enter(self._may_own, refuse, me)
+                    self._enter(self._may_own, refuse, me, alone=True)
                 except BaseException:
-                    self.waiting -= 1
+                    self.waiters.discard(me)
                     self.changed.notify_all()  # (sharers held behind a waiter that gave up may go on)
                     raise
-                self.waiting -= 1
+                self.waiters.discard(me)
                 self.owned[token] = None  # (before the owner: an interrupt between leaves no owner behind)
                 self.owner = me
             yield
@@ -202,6 +244,29 @@ class SharedOrAlone:
                 interrupted = error
         if interrupted is not None:
             raise interrupted
+
+
+_every_lock: weakref.WeakSet[SharedOrAlone] = weakref.WeakSet()  # (see _after_fork_in_child)
+_waits_lock = threading.Lock()
+_waiting_on: dict[int, tuple[SharedOrAlone, bool]] = {}  # thread -> the lock it waits for, and whether alone
+
+
+def _waits_for_itself(lock: SharedOrAlone, me: int, alone: bool) -> bool:
+    """Whether thread ``me``, waiting for ``lock``, would wait for itself: for a thread that waits,
+    maybe through others, for a lock ``me`` holds. (Under ``_waits_lock``: every wait is checked as it
+    begins, so the thread that would close such a circle is the one refused.)"""
+    seen: set[int] = set()
+    ahead = lock.blockers(me, alone)
+    while ahead:
+        thread = ahead.pop()
+        if thread == me:
+            return True
+        if thread not in seen:
+            seen.add(thread)
+            if thread in _waiting_on:
+                other, other_alone = _waiting_on[thread]
+                ahead |= other.blockers(thread, other_alone)
+    return False
 
 
 # a file's write gate, by HDF5's number of the open file; one nobody holds has nothing to remember, and goes
@@ -239,11 +304,12 @@ def _number_and_name(file: h5py.File) -> tuple[int, str]:
 
 
 def _gate(file: h5py.File) -> SharedOrAlone:
-    number, _ = _number_and_name(file)
+    number, name = _number_and_name(file)
     with _gates_lock:
         gate = _gates.get(number)
         if gate is None:
-            gate = _gates[number] = SharedOrAlone(alone_first=True)
+            gate = _gates[number] = SharedOrAlone(alone_first=True, name=name,
+                                                  acts=("write", "permute or close the file"))
         return gate
 
 
@@ -283,10 +349,14 @@ def one_of_the_writes(method: Callable[..., T]) -> Callable[..., T]:
 
 
 def _after_fork_in_child() -> None:
-    """Gates held by other threads of the parent are never given back in a forked child."""
-    global _gates_lock, _gates
-    _gates_lock = threading.Lock()
+    """Turns and waits of other threads of the parent are never given back in a forked child."""
+    global _gates_lock, _gates, _waits_lock
+    _gates_lock, _waits_lock = threading.Lock(), threading.Lock()
     _gates = weakref.WeakValueDictionary()
+    _waiting_on.clear()
+    me = threading.get_ident()
+    for lock in list(_every_lock):
+        lock._after_fork(me)
 
 
 if hasattr(os, "register_at_fork"):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
 import shutil
+import time
 
 import h5py
 import numpy as np
@@ -1589,3 +1591,133 @@ def test_turns_given_back_out_of_order_and_by_their_owner_while_others_wait():
         assert shared.wait(2)  # (3): woken when the waiter gave up, not left asleep
     finally:
         release.set()
+
+
+def _two_threads(first, second, timeout=20):
+    """Run ``first`` and ``second`` on two threads at once: what each returned or raised, and
+    whether either still runs after ``timeout`` seconds (waiting for good)."""
+    import threading
+
+    said = {}
+
+    def run(name, work):
+        try:
+            said[name] = work()
+        except Exception as error:  # (the refusal under test)
+            said[name] = error
+
+    threads = [threading.Thread(target=run, args=(name, work), daemon=True)
+               for name, work in (("first", first), ("second", second))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    return said, [thread.name for thread in threads if thread.is_alive()]
+
+
+def test_two_threads_that_each_read_a_layer_and_then_write_it_are_not_left_waiting_for_good(tmp_path):
+    """Each held a reading turn of the layer and waited for the other's to end before writing it:
+    both waited for good. Now the second to wait is refused (naming the file) and the first writes."""
+    import threading
+
+    from loompy.engine import storage
+
+    path = tmp_path / "r.loom"
+    loompy.create(path, np.ones((20, 30), np.float32), {"g": np.arange(20)}, {"c": np.arange(30)}).close()
+    with loompy.connect(path) as ds:
+        dataset = ds.layers[""]._dataset
+        both_read = threading.Barrier(2)
+
+        def read_then_write():
+            with storage.reading(dataset):
+                both_read.wait(10)
+                with storage.writing(dataset):
+                    return "wrote"
+
+        said, still_waiting = _two_threads(read_then_write, read_then_write)
+        assert still_waiting == []
+        refused = [v for v in said.values() if isinstance(v, loompy.LoomFileError)]
+        assert sorted(map(str, said.values()))[-1] == "wrote" and len(refused) == 1
+        assert str(path) in str(refused[0]) and "would wait for another thread that waits for this one" in \
+            str(refused[0])
+
+
+def test_a_write_inside_a_read_that_closes_a_circle_of_waits_begun_later_is_refused(tmp_path):
+    """A reads X and waits to write Y; C, inside its read of Y, writes Y (nobody else reads it), then
+    X, which A reads: each waits for the other. Only C's write of X can see the circle, and the
+    refusal of writes inside reads was asked only of writes whose dataset another thread writes."""
+    import threading
+    import time
+
+    from loompy.engine import storage
+
+    path = tmp_path / "x.loom"
+    loompy.create(path, np.ones((20, 30), np.float32), {"g": np.arange(20)}, {"c": np.arange(30)}).close()
+    with loompy.connect(path) as ds:
+        ds.layers["y"] = np.zeros((20, 30), np.float32)
+        x, y = ds.layers[""]._dataset, ds.layers["y"]._dataset
+        a_reads, c_reads = threading.Event(), threading.Event()
+
+        def a():
+            with storage.reading(x):
+                a_reads.set()
+                assert c_reads.wait(10)
+                with storage.writing(y):
+                    return "a wrote y"
+
+        def c():
+            assert a_reads.wait(10)
+            with storage.reading(y):
+                c_reads.set()
+                while not storage._turns_for(y).waiting:  # (A waits to write Y)
+                    time.sleep(0.001)
+                with storage.writing(y), storage.writing(x):
+                    return "c wrote both"
+
+        said, still_waiting = _two_threads(a, c)
+        assert still_waiting == []
+        assert said["first"] == "a wrote y"
+        assert isinstance(said["second"], loompy.LoomFileError) and "cannot write now" in str(said["second"])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_another_thread_held_a_locks_condition_gives_back_its_turn(tmp_path):
+    """The condition of a lock was copied into a forked child held by a thread that does not exist
+    there: the child waited for good when it gave back a turn it held (15 of 30 such forks)."""
+    import threading
+
+    from loompy.handles import SharedOrAlone
+
+    lock = SharedOrAlone()
+    turn = lock.sharing()
+    turn.__enter__()
+    holding, leave = threading.Event(), threading.Event()
+
+    def hold_the_condition():
+        with lock.changed:
+            holding.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold_the_condition, daemon=True)
+    holder.start()
+    assert holding.wait(10)
+    pid = os.fork()
+    if pid == 0:  # the child: give the turn back, then take the lock alone
+        try:
+            turn.__exit__(None, None, None)
+            with lock.alone():
+                pass
+        finally:
+            os._exit(0 if lock.shared == {} and lock.owner is None else 1)
+    try:
+        deadline = time.monotonic() + 20
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done[0] == pid and os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        leave.set()
+        holder.join()
+        turn.__exit__(None, None, None)

@@ -439,7 +439,8 @@ def _after_fork_in_child() -> None:
     old, half new."""
     global _lock
     me = threading.get_ident()
-    _written_at_fork.update(key for key, turns in _turns.items() if turns.owner not in (None, me))
+    _written_at_fork.update(key for key, turns in _turns.items()
+                            if turns.owner not in (None, me) or turns.owner_at_fork is not None)
     _lock = threading.RLock()
     for table in (_turns, _held, _asked, _cache):
         table.clear()
