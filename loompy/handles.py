@@ -272,17 +272,13 @@ def _waits_for_itself(lock: SharedOrAlone, me: int, alone: bool) -> bool:
 # a file's write gate, by HDF5's number of the open file; one nobody holds has nothing to remember, and goes
 _gates: weakref.WeakValueDictionary[int, SharedOrAlone] = weakref.WeakValueDictionary()
 _gates_lock = threading.Lock()
-_reads = threading.local()  # how many reading turns of datasets this thread holds (see engine.storage)
 
 
-def reads_held() -> int:
-    """How many reading turns of datasets (:func:`loompy.engine.storage.reading`) this thread holds."""
-    return getattr(_reads, "depth", 0)
-
-
-def count_read(step: int) -> None:
-    """Note that this thread begins (``step`` 1) or ends (-1) a read of a dataset."""
-    _reads.depth = reads_held() + step
+def reads_held(me: int | None = None) -> int:
+    """How many reading turns of datasets (:func:`loompy.engine.storage.reading`) thread ``me`` (this
+    one by default) holds, wherever they will be given back from."""
+    me = threading.get_ident() if me is None else me
+    return sum(lock.shared_by(me) for lock in list(_every_lock) if lock.acts[0] == "read")
 
 
 def would_wait_for_own_read(what: str) -> LoomFileError:

@@ -1721,3 +1721,47 @@ def test_a_child_forked_while_another_thread_held_a_locks_condition_gives_back_i
         leave.set()
         holder.join()
         turn.__exit__(None, None, None)
+
+
+def test_a_reading_turn_given_back_by_another_thread_leaves_no_read_behind(tmp_path):
+    """Reads were counted per thread: a reading turn given back from another thread (a generator
+    closed there) left its thread counted as inside a read, and that thread's next write, while
+    another thread wrote, was refused as a write from inside a read."""
+    import threading
+
+    from loompy.engine import storage
+
+    path = tmp_path / "c.loom"
+    loompy.create(path, np.ones((20, 30), np.float32), {"g": np.arange(20)}, {"c": np.arange(30)}).close()
+    with loompy.connect(path) as ds:
+        ds.layers["y"] = np.zeros((20, 30), np.float32)
+        x, y = ds.layers[""]._dataset, ds.layers["y"]._dataset
+        turn = storage.reading(x)
+        turn.__enter__()
+        given_back = threading.Thread(target=turn.__exit__, args=(None, None, None))
+        given_back.start()
+        given_back.join()
+        writing, leave = threading.Event(), threading.Event()
+
+        def write_y_a_while():
+            with storage.writing(y):
+                writing.set()
+                leave.wait(10)
+
+        other = threading.Thread(target=write_y_a_while)
+        other.start()
+        assert writing.wait(10)
+        threading.Timer(0.2, leave.set).start()
+        with storage.writing(y):  # (waits for the other thread's write, then writes)
+            pass
+        other.join()
+
+
+def test_loompy_3s_module_of_the_connection_imports(tmp_path):
+    """The SCope viewer's server writes ``from loompy.loompy import LoomConnection``, loompy 3's module."""
+    from loompy.loompy import LoomConnection, connect, create
+
+    path = tmp_path / "m.loom"
+    create(path, np.ones((2, 3), np.float32), {"g": np.arange(2)}, {"c": np.arange(3)}).close()
+    with connect(path, "r") as ds:
+        assert isinstance(ds, LoomConnection) and LoomConnection is loompy.LoomConnection and ds.shape == (2, 3)

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import forks
 from ..errors import LoomFileError
-from ..handles import SharedOrAlone, closed_meanwhile, count_read, reads_held, would_wait_for_own_read
+from ..handles import SharedOrAlone, closed_meanwhile, reads_held, would_wait_for_own_read
 from . import btree, codecs
 from .workers import on_worker
 
@@ -347,7 +347,7 @@ def forget(dataset: h5py.Dataset) -> None:
 def _refuse_inside_a_read(turns: SharedOrAlone, me: int) -> LoomFileError | None:
     """A write that would wait for another thread's write while this thread reads other datasets (a
     function given to map or aggregate): that thread may be waiting for the read this one is in."""
-    if turns.owner not in (None, me) and reads_held() > turns.shared_by(me):
+    if turns.owner not in (None, me) and reads_held(me) > turns.shared_by(me):
         return would_wait_for_own_read(turns.name)
     return None
 
@@ -403,14 +403,10 @@ def reports_closed_file(read: Callable[..., T]) -> Callable[..., T]:
 def _still_there(turns: SharedOrAlone, dataset: h5py.Dataset) -> Iterator[None]:
     """A reading turn, then a refusal if the file went while it waited (permute replaced it in another thread)."""
     with turns.sharing():
-        count_read(1)
-        try:
-            if not dataset.id.valid:
-                raise LoomFileError(f"{turns.name}: the file was replaced by permute (or the connection closed) "
-                                    "in another thread while this read waited for it; read again")
-            yield
-        finally:
-            count_read(-1)
+        if not dataset.id.valid:
+            raise LoomFileError(f"{turns.name}: the file was replaced by permute (or the connection closed) "
+                                "in another thread while this read waited for it; read again")
+        yield
 
 
 def writing(dataset: h5py.Dataset) -> AbstractContextManager[None]:
