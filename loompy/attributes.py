@@ -166,7 +166,7 @@ class AttributeManager(DotAccess, MutableMapping):
         fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
-        self._dims.sync()
+        self._dims.sync(on_disk=True)
         if self._file is not None and fmt.MATRIX not in self._file:
             raise LoomValueError(f"{where}: the file has no matrix yet, so no rows or columns to describe; "
                                  "its first add_columns (or add_loom, or ds.layers[''] = matrix) defines them")

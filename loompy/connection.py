@@ -26,7 +26,17 @@ from .errors import (
     LoomValueError,
 )
 from .graphs import GraphManager, edge_problems
-from .handles import READ_ONLY, ClosedFile, Dims, check_writable, closed_meanwhile, rewriting, why_closed, writable
+from .handles import (
+    READ_ONLY,
+    ClosedFile,
+    Dims,
+    check_writable,
+    closed_meanwhile,
+    reshapes,
+    rewriting,
+    why_closed,
+    writable,
+)
 from .indexing import axis_number
 from .journal import recover, refuse_if_pending_read_only
 from .layers import LayerManager
@@ -38,10 +48,10 @@ def _shape_syncer(connection: weakref.ref) -> Callable[[], None]:
     """What a connection's Dims calls to sync its shape (by weak reference: no cycle keeps an
     unclosed connection, and its file, alive)."""
 
-    def sync() -> None:
+    def sync(on_disk: bool) -> None:
         alive = connection()
         if alive is not None:
-            alive._sync_shape()
+            alive._sync_shape(on_disk)
 
     return sync
 
@@ -87,6 +97,7 @@ class LoomConnection(LoomAccess):
         see the new file."""
         self._file = files.open_h5(self._path, "r+", locking=self._locking)
         forks.watch(self, self._file, self._path)
+        self._shape_seen = (self._file, self._file.id.fileno, reshapes(self._file.id.fileno))
         matrix = self._file.get(fmt.MATRIX)
         self._dims.shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else (0, 0)
         self._point_managers_at(self._file)
@@ -101,6 +112,7 @@ class LoomConnection(LoomAccess):
         f = self._file
         self.version = fmt.read_spec_version(f)
         legacy = self.version.is_legacy
+        self._shape_seen = (f, f.id.fileno, reshapes(f.id.fileno))  # (see _sync_shape)
         matrix = f.get(fmt.MATRIX)
         self._dims = Dims(matrix.shape if isinstance(matrix, h5py.Dataset) else (0, 0),
                           on_sync=_shape_syncer(weakref.ref(self)))
@@ -118,11 +130,17 @@ class LoomConnection(LoomAccess):
         self._dims.sync()
         return self._dims.shape
 
-    def _sync_shape(self) -> None:
+    def _sync_shape(self, on_disk: bool = False) -> None:
         """Take the matrix shape on disk, and the column attributes with it, when another
-        connection to the file in this process appended columns."""
+        connection to the file in this process appended columns (``on_disk``: look whether it did)."""
+        file, seen = self._file, self._shape_seen
+        if not on_disk and seen[0] is file and reshapes(seen[1]) == seen[2]:
+            return
         with closed_meanwhile(self._check_open):
-            matrix = self._file.get(fmt.MATRIX) if self._file else None
+            if not file:
+                return
+            self._shape_seen = (file, file.id.fileno, reshapes(file.id.fileno))
+            matrix = file.get(fmt.MATRIX)
             shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else None
         if shape is not None and shape != self._dims.shape:
             self._dims.shape = shape

@@ -181,7 +181,7 @@ class GraphManager(DotAccess, MutableMapping):
         fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
-        self._dims.sync()
+        self._dims.sync(on_disk=True)
         n = self._dims.shape[self.axis]
         if not sp.issparse(graph):
             refuse_masked(graph, where)

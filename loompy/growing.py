@@ -40,7 +40,7 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: Any, *, row_attrs: A
     where = ds.filename
     check_writable(f, f"{where}: columns")
     joining.check_fill_values(fill_values, where)
-    ds._dims.sync()
+    ds._dims.sync(on_disk=True)
     layer_dict = as_layer_dict(layers, where)
     layer_dict = {k: (v[:, :] if hasattr(v, "_dataset") else v) for k, v in layer_dict.items()}
     for name, matrix in layer_dict.items():

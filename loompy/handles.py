@@ -31,16 +31,35 @@ class Dims:
         self.shape = (int(shape[0]), int(shape[1]))
         self.on_sync = on_sync  # the connection's: takes the shape on disk (see sync)
 
-    def sync(self) -> None:
+    def sync(self, on_disk: bool = False) -> None:
         """Take the shape the file has now: another connection to it in this process may have
-        appended columns (writes at the old shape would leave attributes of the wrong length)."""
+        appended columns (writes at the old shape would leave attributes of the wrong length).
+        Reads ask only whether loompy changed the matrix's shape since (:func:`note_reshaped`: a
+        look at the file took 40-50 us, and every ``ds.ra.Gene`` asks); writes (``on_disk``)
+        look at the file itself."""
         if self.on_sync is not None:
-            self.on_sync()
+            self.on_sync(on_disk)
 
     @classmethod
     def along(cls, axis: int, length: int) -> Dims:
         """The shape of a selection of ``length`` rows (axis 0) or columns (1) alone, in memory."""
         return cls((length, 0) if axis == 0 else (0, length))
+
+
+_reshaped: dict[int, int] = {}  # HDF5's number of an open file -> how often loompy changed its matrix's shape
+
+
+def note_reshaped(file: h5py.File) -> None:
+    """Have the file's other connections in this process take the matrix's shape on disk again at
+    their next use (see :meth:`Dims.sync`)."""
+    number = file.id.fileno
+    _reshaped[number] = _reshaped.get(number, 0) + 1
+
+
+def reshapes(number: int) -> int:
+    """How often loompy changed, in this process, the matrix's shape in the open file HDF5 numbers
+    ``number`` (``file.id.fileno``)."""
+    return _reshaped.get(number, 0)
 
 
 READ_ONLY = "_loompy_read_only"  # set on the h5py.File of a connection opened with mode 'r'

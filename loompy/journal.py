@@ -19,7 +19,7 @@ import h5py
 from . import engine
 from . import format as fmt
 from .errors import LoomFileError
-from .handles import writable
+from .handles import note_reshaped, writable
 
 JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
@@ -87,6 +87,7 @@ def _empty_again(f: h5py.File) -> None:
     if fmt.MATRIX in f:
         engine.forget(f[fmt.MATRIX])
         del f[fmt.MATRIX]
+        note_reshaped(f)
     for name in (fmt.LAYERS, fmt.ROW_ATTRS, fmt.COL_ATTRS, fmt.ROW_GRAPHS, fmt.COL_GRAPHS):
         group = fmt.get_group(f, name)
         for key in list(group) if group is not None else []:

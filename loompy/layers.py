@@ -23,6 +23,7 @@ from .handles import (
     check_free_space,
     check_room,
     check_writable,
+    note_reshaped,
     one_of_the_writes,
     why_closed,
 )
@@ -277,7 +278,7 @@ class LayerManager(DotAccess, MutableMapping):
             if dtype is not None:
                 raise LoomValueError(f"{where}: the dtype is given twice ({matrix!r} and dtype={dtype!r})")
             matrix, dtype = None, matrix
-        self._dims.sync()
+        self._dims.sync(on_disk=True)
         chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, where)
         if isinstance(matrix, LoomLayer):
             matrix = matrix[:, :]
@@ -313,6 +314,7 @@ class LayerManager(DotAccess, MutableMapping):
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape
+            note_reshaped(self._file)
 
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:

@@ -24,6 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import LoomFileError
+from ..handles import note_reshaped
 from . import codecs
 from .bands import BandPlan
 from .memory import Scratch
@@ -308,6 +309,7 @@ def write_rows(dataset: h5py.Dataset, produce: Producer, columns: np.ndarray | N
 def resize(dataset: h5py.Dataset, size: int, axis: int) -> None:
     """Resize a matrix along ``axis`` (shrinking may rewrite its edge chunks, so reads forget them)."""
     dataset.resize(size, axis=axis)
+    note_reshaped(dataset.file)
 
 
 @_writes
