@@ -137,6 +137,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (None: the process's); the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # (names a code page lacks, as Windows' redirected output has)
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return args.run(args)
     except loompy.LoomError as exc:

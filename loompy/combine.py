@@ -444,5 +444,6 @@ def repack(filename: str | os.PathLike) -> None:
 
     The file is opened as ``connect(filename, "r")`` opens it: one with an unfinished append or
     replacement must be opened once with ``r+`` first, which repairs it."""
-    with connect(filename, "r") as ds, replacing(ds._path, size=os.path.getsize(ds._path)) as out:
+    with connect(filename, "r") as ds, replacing(ds._path, ds, size=os.path.getsize(ds._path)) as out:
         _copy_extras(ds._file, out, skip=())  # everything but what an interrupted replacement left aside
+        ds.close()  # (before the new file replaces it: Windows cannot replace a file that is open)

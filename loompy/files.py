@@ -62,15 +62,20 @@ def register(connection: Any) -> None:
     _connections[connection] = os.getpid()
 
 
+OPEN_FILES_STAY = os.name == "nt"  # Windows cannot replace a file open anywhere, even only for reading
+
+
 def _writers_here(target: str, own: Any) -> int:
-    """How many connections of this process (besides ``own``) have ``target`` open for writing."""
+    """How many connections of this process (besides ``own``) have ``target`` open for writing (on
+    Windows, open at all)."""
     try:
         wanted = os.stat(target)
     except OSError:
         return 0
     count = 0
     for connection, pid in list(_connections.items()):
-        if connection is own or pid != os.getpid() or connection.closed or connection.mode != "r+":
+        if connection is own or pid != os.getpid() or connection.closed or (
+                connection.mode != "r+" and not OPEN_FILES_STAY):
             continue
         try:
             found = os.stat(connection._path)
@@ -136,6 +141,9 @@ def check_replaceable(target: str, own: Any = None) -> None:
         raise LoomFileError(f"{target}: the file has {links} hard links, and rewriting it would leave the "
                             "other names with the old content; make it a file of its own first")
     if _writers_here(target, own):
+        if OPEN_FILES_STAY:
+            raise LoomFileError(f"{target}: the file is open in another connection, and Windows cannot replace "
+                                "a file that is open; close it first")
         raise LoomFileError(f"{target}: the file is open for writing by another connection; close it first "
                             "(its later writes would be lost)")
     if own is None and _locked_by_a_writer(target):
@@ -146,8 +154,10 @@ def _temporary_name(directory: str, base: str) -> str:
     """A hidden, unused-looking name beside the target, short enough for any file name the target has
     (names that are not UTF-8 included)."""
     token = secrets.token_hex(8)
-    stem = os.fsencode(base)[:NAME_MAX - len(token) - 12]
-    return os.path.join(directory, os.fsdecode(b".%s.%s.loom-tmp" % (stem, token.encode())))
+    stem = base
+    while len(os.fsencode(stem)) > NAME_MAX - len(token) - 12:
+        stem = stem[:-1]  # (a character at a time: cutting its bytes could split one, a name no system takes)
+    return os.path.join(directory, f".{stem}.{token}.loom-tmp")
 
 
 @contextlib.contextmanager
@@ -230,7 +240,7 @@ class _EarlyFlush:
 
     def __enter__(self) -> _EarlyFlush:
         try:
-            self.fd = os.open(self.path, os.O_RDONLY)
+            self.fd = os.open(self.path, os.O_RDWR)  # (Windows syncs only what may be written: fsync needs it)
             self.thread = threading.Thread(target=self._run, name="loompy-flush", daemon=True)
             self.thread.start()
         except (OSError, RuntimeError):  # no early flushes: the final sync does it all
@@ -286,7 +296,7 @@ class _EarlyFlush:
         if self.error is not None:
             raise self.error
         if self.fd is None:
-            self.fd = os.open(self.path, os.O_RDONLY)
+            self.fd = os.open(self.path, os.O_RDWR)
         try:
             os.fsync(self.fd)
         finally:

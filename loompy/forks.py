@@ -135,22 +135,28 @@ def _after_in_child() -> None:
         _keep_forever(file)
         if fd is not None:
             try:
-                _read_only(fd, dev, ino)
+                _read_only(fd, path, dev, ino)
             except OSError:  # (loompy still refuses to write; HDF5 keeps its writable descriptor)
                 pass
     _watched.clear()
 
 
-def _read_only(fd: int, dev: int, ino: int) -> None:
-    """Put a read-only descriptor of the same file in place of ``fd``."""
-    where = f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}"
-    reading = os.open(where, os.O_RDONLY)
-    try:
-        found = os.fstat(reading)
-        if (found.st_dev, found.st_ino) == (dev, ino):
-            os.dup2(reading, fd)
-    finally:
-        os.close(reading)
+def _read_only(fd: int, path: str, dev: int, ino: int) -> None:
+    """Put a read-only descriptor of the same file (opened through Linux's /proc, else by its path,
+    when that still names it) in place of ``fd``. (Not through /dev/fd: on macOS and the BSDs that
+    gives the same open file again, still writable.)"""
+    for where in ([f"/proc/self/fd/{fd}"] if os.path.isdir("/proc/self/fd") else []) + [path]:
+        try:
+            reading = os.open(where, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            found = os.fstat(reading)
+            if (found.st_dev, found.st_ino) == (dev, ino):
+                os.dup2(reading, fd)
+                return
+        finally:
+            os.close(reading)
 
 
 def _keep_forever(file: h5py.File) -> None:

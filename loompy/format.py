@@ -311,6 +311,15 @@ def read_global(f: h5py.File, name: str, in_group: bool, legacy: bool) -> Any:
     return value
 
 
+def address(where: h5py.File | h5py.Dataset, path: str = ".") -> tuple[int, int] | None:
+    """HDF5's number of the object at ``path`` (from a file; a dataset itself: "."), which another object
+    moved to that path does not share; None if nothing is there."""
+    try:
+        return h5py.h5g.get_objinfo(where.id, path.encode()).objno
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
 def global_names(f: h5py.File, in_group: bool) -> list[str]:
     """The names of the global attributes (``in_group``: the file keeps them in ``/attrs``), without
     loompy 1 and 2's stamp on the root."""

@@ -99,3 +99,19 @@ def test_validator_reports_a_graph_of_unequal_parts_once(tmp_path):
     assert not validator.validate(str(path))
     assert len([e for e in validator.errors if "knn" in e]) == 1, validator.errors
     assert len([e for e in validator.errors if "named" in e]) == 1, validator.errors
+
+
+def test_info_into_a_code_page_without_the_names_characters_does_not_crash(tmp_path):
+    """Windows writes redirected output in its code page (cp1252): `loompy info f.loom > out.txt`
+    with Japanese gene names ended in a UnicodeEncodeError traceback. They are escaped now."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "names.loom"
+    loompy.create(path, np.ones((2, 2), np.float32), {"Gene": np.array(["遺伝子", "Actb"])}, {"CellID": ["a", "b"]}
+                  ).close()
+    result = subprocess.run([sys.executable, "-m", "loompy", "info", str(path)], capture_output=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONIOENCODING": "cp1252",
+                                 "PYTHONPATH": str(Path(loompy.__file__).parents[1])})
+    assert result.returncode == 0, result.stderr.decode("cp1252", "replace")
+    assert b"\\u907a\\u4f1d\\u5b50" in result.stdout and b"Actb" in result.stdout

@@ -462,7 +462,7 @@ def test_an_interrupt_as_the_flusher_starts_leaves_nothing_open(tmp_path, monkey
     before, real_open = path.read_bytes(), os.open
 
     def interrupted(name, flags, *args, **kwargs):
-        if str(name).endswith(".loom-tmp") and flags == os.O_RDONLY:
+        if str(name).endswith(".loom-tmp") and flags == os.O_RDWR:
             raise KeyboardInterrupt
         return real_open(name, flags, *args, **kwargs)
 
@@ -769,3 +769,112 @@ def test_a_file_nobody_may_write_is_not_replaced_even_by_root(tmp_path):
     with pytest.raises(loompy.LoomFileError, match="read-only"):
         loompy.repack(path)
     assert path.read_bytes() == before
+
+
+# ------------------------------------------------------------------ other systems' rules, on Linux
+
+
+def test_a_file_is_made_where_fsync_needs_a_writable_descriptor(tmp_path, monkeypatch):
+    """Windows' fsync (FlushFileBuffers) needs write access: the new file's flush descriptor was
+    opened read-only, so every create, combine, permute and repack failed there ("Bad file
+    descriptor"). Here fsync refuses read-only descriptors as Windows does."""
+    import errno
+    import fcntl
+
+    real_fsync = os.fsync
+
+    def windows_fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    path = tmp_path / "w.loom"
+    loompy.create(path, np.eye(3, dtype=np.float32), {"g": np.arange(3)}, {"c": np.arange(3)}).close()
+    loompy.repack(path)
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, :], np.eye(3))
+
+
+def test_a_layer_hdf5_never_stored_reads_as_zeros_without_pread(tmp_path, monkeypatch):
+    """Without ``os.pread`` (Windows) chunks are read through HDF5, which says "storage is not
+    initialized" for a dataset it never stored a chunk of (an all-zero layer): that was taken for
+    a damaged file, and every read of the layer refused."""
+    path = tmp_path / "z.loom"
+    with loompy.create(path, np.ones((70, 80), np.float32), {"g": np.arange(70)}, {"c": np.arange(80)}) as ds:
+        ds.layers["zeros"] = np.zeros((70, 80), np.float32)
+    monkeypatch.delattr(os, "pread")
+    with loompy.connect(path) as ds:
+        assert ds.layers["zeros"]._dataset.id.get_storage_size() == 0
+        np.testing.assert_array_equal(ds.layers["zeros"][:, :], np.zeros((70, 80)))
+        np.testing.assert_array_equal(ds.layers["zeros"][5:9, [1, 70]], np.zeros((4, 2)))
+        ds.permute(np.arange(80)[::-1], axis=1)
+        np.testing.assert_array_equal(ds.layers["zeros"][:, :], np.zeros((70, 80)))
+
+
+def test_rewrites_where_an_open_file_cannot_be_replaced(tmp_path, monkeypatch):
+    """Windows cannot replace a file that is open: repack kept its own connection open through the
+    rename, so it always failed there; a rewrite of a file another connection of this process had
+    open for reading failed only after all its work. Here the rename refuses open files as Windows does."""
+    from loompy import files
+
+    real_replace = os.replace
+
+    def windows_replace(src, dst):
+        open_here = {os.path.realpath(h5py.h5f.FileID(i).name) for i in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)}
+        if os.path.realpath(dst) in open_here:
+            raise PermissionError(13, "The process cannot access the file because it is being used by another process")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", windows_replace)
+    monkeypatch.setattr(files, "OPEN_FILES_STAY", True)
+    path = tmp_path / "o.loom"
+    m = np.arange(12, dtype=np.float32).reshape(3, 4)
+    loompy.create(path, m, {"g": np.arange(3)}, {"c": np.arange(4)}).close()
+    loompy.repack(path)
+    with loompy.connect(path, "r") as reader:
+        before = os.stat(path).st_mtime_ns
+        with pytest.raises(loompy.LoomFileError, match="o.loom: the file is open in another connection, and "
+                                                       "Windows cannot replace a file that is open"):
+            loompy.create(path, m * 2, {"g": np.arange(3)}, {"c": np.arange(4)})
+        assert os.stat(path).st_mtime_ns == before and not [p for p in os.listdir(tmp_path) if "loom-tmp" in p]
+        np.testing.assert_array_equal(reader[:, :], m)
+
+
+def test_the_temporary_name_of_a_long_non_ascii_name_is_whole_characters(tmp_path):
+    """The name beside the target was cut at a byte count, which could split a character: Windows
+    raised UnicodeDecodeError, macOS refused the name (not UTF-8)."""
+    from loompy.files import NAME_MAX, _temporary_name
+
+    for base in ("遺伝子" * 30 + ".loom", "é" * 200 + ".loom", "a" * 240 + ".loom"):
+        name = os.path.basename(_temporary_name(str(tmp_path), base))
+        assert len(name.encode("utf-8")) <= NAME_MAX and name.endswith(".loom-tmp")
+    path = tmp_path / ("遺伝子" * 25 + ".loom")
+    loompy.create(path, np.ones((2, 2), np.float32), {"g": np.arange(2)}, {"c": np.arange(2)}).close()
+    assert loompy.connect(path, "r").close() is None
+
+
+def test_a_forked_childs_descriptor_is_made_read_only_where_dev_fd_is_the_same_open_file(tmp_path, monkeypatch):
+    """On macOS and the BSDs, opening /dev/fd/N gives the same open file again, still writable:
+    a forked child's HDF5 descriptor stayed writable (its exit could write a stale superblock over
+    the parent's file). Here /proc is hidden and /dev/fd/N behaves as there."""
+    import fcntl
+
+    from loompy import forks
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"loom")
+    fd = os.open(path, os.O_RDWR)
+    real_open, real_isdir = os.open, os.path.isdir
+    monkeypatch.setattr(os.path, "isdir", lambda p: False if str(p).startswith("/proc") else real_isdir(p))
+    monkeypatch.setattr(os, "open", lambda p, flags, *a: os.dup(int(str(p)[8:])) if str(p).startswith("/dev/fd/")
+                        else real_open(p, flags, *a))
+    try:
+        info = os.fstat(fd)
+        forks._read_only(fd, str(path), info.st_dev, info.st_ino)
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        with pytest.raises(OSError):
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"loom"

@@ -61,8 +61,32 @@ class ChunkLayout:
         return codecs.fill_bytes(self.chunks, self.fill, self.dtype)
 
 
+@dataclass(frozen=True)
+class _Facts:
+    """What never changes about a dataset while an h5py object of it exists (kept on that object:
+    asking h5py again took 45 us per read, a tenth of a small read)."""
+
+    layout: ChunkLayout | None
+    writable: bool  # its file is open for writing: raw reads must first see what HDF5 still caches
+
+
+_FACTS = "_loompy_facts"  # (the attribute of the h5py.Dataset holding them)
+
+
+def _facts(dataset: h5py.Dataset) -> _Facts:
+    facts = dataset.__dict__.get(_FACTS)
+    if facts is None:
+        facts = _Facts(_layout_of(dataset), dataset.file.mode == "r+")
+        dataset.__dict__[_FACTS] = facts
+    return facts
+
+
 def chunk_layout(dataset: h5py.Dataset) -> ChunkLayout | None:
     """The dataset's layout when the fast path can handle it, else None (use h5py)."""
+    return _facts(dataset).layout
+
+
+def _layout_of(dataset: h5py.Dataset) -> ChunkLayout | None:
     if dataset.chunks is None or dataset.ndim != 2 or dataset.dtype.kind not in "iuf":
         return None
     dcpl = dataset.id.get_create_plist()
@@ -108,7 +132,7 @@ def raw_chunk(dataset: h5py.Dataset, row: int, col: int) -> tuple[int, bytes] | 
     except MemoryError:  # h5py's answer when HDF5 gives a stored size of 0: never written
         return None
     except (OSError, KeyError, RuntimeError) as error:  # never written (so HDF5 says), or worse
-        if "not allocated" in str(error) or _unallocated(dataset, row, col):
+        if "not allocated" in str(error) or _unallocated(dataset, row, col) or _no_storage(dataset):
             return None
         raise LoomFileError(f"{dataset.file.filename}: the chunk of {dataset.name} at ({row}, {col}) "
                             f"cannot be read (is the file damaged or truncated?): {error}") from error
@@ -130,13 +154,23 @@ def _unallocated(dataset: h5py.Dataset, row: int, col: int) -> bool:
         return False
 
 
+def _no_storage(dataset: h5py.Dataset) -> bool:
+    """Whether HDF5 never stored any chunk of the dataset (an all-zero layer, say), so that none can be
+    damaged: HDF5 then says "storage is not initialized", and where :func:`_unallocated` cannot ask
+    (no ``os.pread``: Windows) every read of it was taken for a damaged file."""
+    try:
+        return dataset.id.get_storage_size() == 0
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
 def refresh(dataset: h5py.Dataset) -> None:
     """Make writes still in HDF5's chunk cache (and its index) visible to raw chunk reads. In a file
     inherited from the process this one was forked from, refuse instead if that process has written
     to it since (see :mod:`loompy.forks`)."""
-    file = dataset.file
-    if file.mode != "r+":
+    if not _facts(dataset).writable:
         return
+    file = dataset.file
     if forks.inherited(file):
         forks.check_unchanged(file)
     else:
