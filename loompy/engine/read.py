@@ -54,6 +54,8 @@ LARGEST_UNIT = 128  # chunks: wide reads split chunk rows into units of at most 
 # ones stack whole chunk rows up to it (2 MB for 64 x 64 float32: larger units lost the CPU's cache,
 # smaller ones cost more Python work per chunk; measured on row and column scans)
 READ_BATCH = 1024  # chunks read by this thread before the workers inflate them (no index)
+CLOSE_ROWS = 4  # contiguous storage: rows this close are read in one run with the rows between
+MANY_RUNS = 64  # contiguous storage: more runs than this are read as one selection of rows
 
 
 @dataclass
@@ -301,7 +303,8 @@ def _stack(row_groups: list[tuple], height: int, most: int) -> list[tuple]:
 
 
 def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """h5py's own path: one bounding-box read per strip of chunk rows, then pick the elements."""
+    """h5py's own path: one bounding-box read per strip of chunk rows (contiguous storage: per run of
+    rows close together), then pick the elements."""
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     cols_contiguous = c1 - c0 == cols.size
     if cols_contiguous and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
@@ -310,8 +313,19 @@ def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, 
         else:
             out[...] = dataset[int(rows[0]):int(rows[-1]) + 1, c0:c1]
         return out
-    height = dataset.chunks[0] if dataset.chunks else 64
-    for _, part, _ in groups(rows, height):
+    if dataset.chunks is None:  # (strips of 64 rows read 10x the rows of 500 scattered ones of 5,000)
+        starts = np.flatnonzero(np.diff(rows, prepend=-CLOSE_ROWS - 1) > CLOSE_ROWS)
+        if starts.size > MANY_RUNS:  # h5py's own selection of the rows, one read (500 rows: 6 ms, by run 9)
+            if cols_contiguous and out.flags.c_contiguous:
+                dataset.read_direct(out, np.s_[rows, c0:c1])
+            else:
+                block = dataset[rows, c0:c1]
+                out[...] = block if cols_contiguous else block[:, cols - c0]
+            return out
+        runs = [slice(a, b) for a, b in zip(starts.tolist(), [*starts[1:].tolist(), rows.size])]
+    else:
+        runs = [part for _, part, _ in groups(rows, dataset.chunks[0])]
+    for part in runs:
         r = rows[part]
         r0, r1 = int(r[0]), int(r[-1]) + 1
         block = dataset[r0:r1, c0:c1]
