@@ -6,6 +6,7 @@ Built on the public API only, so every command does what the same Python call do
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import sys
@@ -137,9 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line on ``argv`` (None: the process's); the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    for stream in (sys.stdout, sys.stderr):  # (names a code page lacks, as Windows' redirected output has)
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    streams = [s for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")]
+    before = [s.errors for s in streams]
+    for stream in streams:  # (names a code page lacks, as Windows' redirected output has, escaped)
+        stream.reconfigure(errors="backslashreplace")
     try:
         return args.run(args)
     except loompy.LoomError as exc:
@@ -148,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (``loompy demo | head``): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
         return 1
+    finally:
+        for stream, errors in zip(streams, before):
+            with contextlib.suppress(ValueError, OSError):  # (a stream closed meanwhile)
+                stream.reconfigure(errors=errors)
 
 
 if __name__ == "__main__":

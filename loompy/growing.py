@@ -21,7 +21,7 @@ from .connection import LoomConnection, connect
 from .create import as_attr_dict, as_layer_dict, validate_contents, write_layers
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import stored_size_bound
-from .handles import SPARE_BYTES, check_free_space, check_writable, one_of_the_writes
+from .handles import SPARE_BYTES, check_free_space, check_writable, note_reshaped, one_of_the_writes
 from .indexing import batch_count
 
 
@@ -268,6 +268,7 @@ def _first_columns(ds: LoomConnection, layer_dict: dict, col_attrs: Any, row_att
             journal.begin(f, 0, first=True)
         write_layers(f, layer_dict, dtypes)
         ds._dims.shape = tuple(layer_dict[""].shape)
+        note_reshaped(f)  # (other connections to the file in this process take the new shape)
         for name, values in rows.items():
             ds.ra[name] = values
         for name, values in cols.items():

@@ -140,7 +140,8 @@ class SharedOrAlone:
         self.waiters: set[int] = set()  # threads waiting to hold it alone
         self.alone_first = alone_first
         self.owner_at_fork: int | None = None  # in a forked child: the parent's other thread that held it alone
-        _every_lock.add(self)
+        with _every_lock_guard:
+            _every_lock.add(self)
 
     @property
     def waiting(self) -> int:
@@ -265,7 +266,8 @@ class SharedOrAlone:
             raise interrupted
 
 
-_every_lock: weakref.WeakSet[SharedOrAlone] = weakref.WeakSet()  # (see _after_fork_in_child)
+_every_lock: weakref.WeakSet[SharedOrAlone] = weakref.WeakSet()  # (see reads_held, _after_fork_in_child)
+_every_lock_guard = threading.Lock()  # (a lock made as another thread lists them would stop the listing)
 _waits_lock = threading.Lock()
 _waiting_on: dict[int, tuple[SharedOrAlone, bool]] = {}  # thread -> the lock it waits for, and whether alone
 
@@ -297,7 +299,9 @@ def reads_held(me: int | None = None) -> int:
     """How many reading turns of datasets (:func:`loompy.engine.storage.reading`) thread ``me`` (this
     one by default) holds, wherever they will be given back from."""
     me = threading.get_ident() if me is None else me
-    return sum(lock.shared_by(me) for lock in list(_every_lock) if lock.acts[0] == "read")
+    with _every_lock_guard:
+        locks = list(_every_lock)
+    return sum(lock.shared_by(me) for lock in locks if lock.acts[0] == "read")
 
 
 def would_wait_for_own_read(what: str) -> LoomFileError:
@@ -365,8 +369,8 @@ def one_of_the_writes(method: Callable[..., T]) -> Callable[..., T]:
 
 def _after_fork_in_child() -> None:
     """Turns and waits of other threads of the parent are never given back in a forked child."""
-    global _gates_lock, _gates, _waits_lock
-    _gates_lock, _waits_lock = threading.Lock(), threading.Lock()
+    global _gates_lock, _gates, _waits_lock, _every_lock_guard
+    _gates_lock, _waits_lock, _every_lock_guard = threading.Lock(), threading.Lock(), threading.Lock()
     _gates = weakref.WeakValueDictionary()
     _waiting_on.clear()
     me = threading.get_ident()

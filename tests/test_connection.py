@@ -1785,3 +1785,73 @@ def test_loompy_3s_module_of_the_connection_imports(tmp_path):
     create(path, np.ones((2, 3), np.float32), {"g": np.arange(2)}, {"c": np.arange(3)}).close()
     with connect(path, "r") as ds:
         assert isinstance(ds, LoomConnection) and LoomConnection is loompy.LoomConnection and ds.shape == (2, 3)
+
+
+def test_a_second_connection_to_a_new_file_takes_its_first_columns(tmp_path):
+    """The first columns of a new() file gave it a shape another connection to it did not take
+    (it kept (0, 0) and no attributes while its reads gave the matrix): only resizes said so."""
+    path = tmp_path / "n.loom"
+    a = loompy.new(path)
+    b = loompy.connect(path)
+    try:
+        assert b.shape == (0, 0)
+        a.add_columns(np.ones((7, 3), np.float32), {"c": np.arange(3)}, row_attrs={"g": np.arange(7)})
+        assert b.shape == (7, 3) and b.ca.keys() == ["c"] and b.ra.g.tolist() == list(range(7))
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_layer_held_through_another_connections_close_sees_later_replacements(tmp_path):
+    """Closing one of two connections to a file started its count of layer changes over, so a
+    layer object held from the other one took a later replacement for a state it had seen and
+    read the old layer's values."""
+    path = tmp_path / "h.loom"
+    loompy.create(path, np.zeros((20, 10), np.float32), {"g": np.arange(20)}, {"c": np.arange(10)}).close()
+    with loompy.connect(path) as ds:
+        ds.layers["x"] = np.full((20, 10), 1.0, np.float32)
+    a, b = loompy.connect(path), loompy.connect(path)
+    try:
+        held = b.layers["x"]
+        a.layers["x"] = np.full((20, 10), 2.0, np.float32)
+        assert held[0, 0] == 2.0
+        a.close()
+        b.layers["x"] = np.full((20, 10), 3.0, np.float32)
+        assert held[0, 0] == 3.0 and held[:, :].sum() == 600
+    finally:
+        a.close()
+        b.close()
+
+
+def test_locks_made_while_another_thread_lists_them_do_not_stop_it():
+    """Every lock is listed when a write that must wait asks what reads its thread holds; a lock
+    made meanwhile (every write makes its file's write gate) stopped the listing with a bare
+    RuntimeError ("Set changed size during iteration")."""
+    import sys
+    import threading
+
+    from loompy.handles import SharedOrAlone, reads_held
+
+    interval, stop, errors = sys.getswitchinterval(), threading.Event(), []
+    sys.setswitchinterval(1e-6)
+
+    def make():
+        kept = []
+        while not stop.is_set():
+            kept.append(SharedOrAlone())
+            del kept[:-50]
+
+    maker = threading.Thread(target=make, daemon=True)
+    maker.start()
+    try:
+        for _ in range(3000):
+            try:
+                reads_held()
+            except RuntimeError as error:
+                errors.append(error)
+                break
+    finally:
+        stop.set()
+        maker.join()
+        sys.setswitchinterval(interval)
+    assert errors == []

@@ -1175,3 +1175,40 @@ def test_scattered_rows_of_contiguous_storage_are_read_alone(tmp_path, monkeypat
             np.testing.assert_array_equal(ds[rows, :], m[rows])
             np.testing.assert_array_equal(ds[rows, 5:20:3], m[rows, 5:20:3])
             assert sum(rows_read) <= 2 * 5 * rows.size
+
+
+def test_close_rows_of_contiguous_storage_are_read_in_bounded_parts(tmp_path, monkeypatch):
+    """Rows at most four apart made one run read whole: every 4th row of 40,000 read all 40,000
+    rows at once (430 MB for an 80 MB result). Runs are read in parts of at most RUN_BYTES."""
+    from loompy.engine import read
+
+    monkeypatch.setattr(read, "RUN_BYTES", 30 * 4 * 50)  # (50 rows of 30 float32)
+    rng = np.random.default_rng(4)
+    path = tmp_path / "c.loom"
+    m = rng.random((2000, 30)).astype(np.float32)
+    loompy.create(path, np.zeros((1, 1), np.float32), {}, {}).close()
+    with h5py.File(path, "r+") as f:
+        del f["matrix"]
+        f.create_dataset("matrix", data=m)
+        for axis, n in (("row_attrs", 2000), ("col_attrs", 30)):
+            for name in list(f[axis]):
+                del f[axis][name]
+            f[axis].create_dataset("id", data=np.arange(n, dtype=np.float64))
+    largest = []
+    getitem = h5py.Dataset.__getitem__
+
+    def recording(self, key):
+        values = getitem(self, key)
+        if self.name == "/matrix":
+            largest.append(values.nbytes)
+        return values
+
+    monkeypatch.setattr(h5py.Dataset, "__getitem__", recording)
+    with loompy.connect(path, "r") as ds:
+        rows = np.arange(0, 2000, 4)
+        largest.clear()
+        np.testing.assert_array_equal(ds[rows[:40], :], m[rows[:40]])  # (one run, fewer than MANY_RUNS)
+        assert max(largest) <= 30 * 4 * 50
+        largest.clear()
+        np.testing.assert_array_equal(ds[np.r_[0:900:3, 901], 4:29], m[np.r_[0:900:3, 901], 4:29])
+        assert len(largest) > 1 and max(largest) <= 30 * 4 * 50

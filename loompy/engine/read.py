@@ -56,6 +56,7 @@ LARGEST_UNIT = 128  # chunks: wide reads split chunk rows into units of at most 
 READ_BATCH = 1024  # chunks read by this thread before the workers inflate them (no index)
 CLOSE_ROWS = 4  # contiguous storage: rows this close are read in one run with the rows between
 MANY_RUNS = 64  # contiguous storage: more runs than this are read as one selection of rows
+RUN_BYTES = 8 << 20  # contiguous storage: a run of rows is read in parts of at most this many bytes
 
 
 @dataclass
@@ -322,7 +323,13 @@ def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, 
                 block = dataset[rows, c0:c1]
                 out[...] = block if cols_contiguous else block[:, cols - c0]
             return out
-        runs = [slice(a, b) for a, b in zip(starts.tolist(), [*starts[1:].tolist(), rows.size])]
+        span = max(1, RUN_BYTES // max(1, (c1 - c0) * dataset.dtype.itemsize))  # rows read at once, at most
+        runs = []
+        for a, b in zip(starts.tolist(), [*starts[1:].tolist(), rows.size]):
+            while a < b:  # (every 4th row of 40,000 would be one read of all of them)
+                stop = a + int(np.searchsorted(rows[a:b], rows[a] + span))
+                runs.append(slice(a, stop))
+                a = stop
     else:
         runs = [part for _, part, _ in groups(rows, dataset.chunks[0])]
     for part in runs:

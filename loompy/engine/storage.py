@@ -487,7 +487,8 @@ def forget_file(file: h5py.File) -> None:
         for table in (_cache, _asked, _held):
             for key in [key for key in table if key[0] == number]:
                 del table[key]
-        _layer_changes.pop(number, None)
+        # (its layer changes stay counted: another connection may share the opening, and a count
+        # starting over would repeat a state layer objects already saw)
 
 
 _layer_changes: dict[int, int] = {}  # per opening of a file (shared by its connections): see layers_changed
