@@ -32,6 +32,7 @@ from .handles import (
     Dims,
     check_writable,
     closed_meanwhile,
+    forget_reshapes,
     reshapes,
     rewriting,
     why_closed,
@@ -79,6 +80,9 @@ class LoomConnection(LoomAccess):
             refuse_if_pending_read_only(self._file, self.filename)
             if validate:
                 problems = check_structure(self._file)
+                if problems:  # (an append in another thread of this process may have begun as it looked)
+                    refuse_if_pending_read_only(self._file, self.filename)
+                    problems = check_structure(self._file)
                 if problems:
                     raise LoomFormatError(f"{self.filename}: not a valid Loom file: " + "; ".join(problems))
             self._open_managers()
@@ -180,7 +184,8 @@ class LoomConnection(LoomAccess):
         if not self._file:
             return  # (another thread closed it meanwhile)
         file, failure = self._file, None
-        engine.forget_file(file)
+        if engine.forget_file(file):  # (no other connection shares this opening of the file)
+            forget_reshapes(file.id.fileno)
         if forks.inherited(file):  # (HDF5 closing it here would write its state out: see forks)
             self._let_go()
             return

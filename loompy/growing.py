@@ -330,6 +330,10 @@ def add_loom(ds: LoomConnection, other_file: Any, key: str | None = None, fill_v
         names = other.layers.keys() if empty else ds.layers.keys()
         attrs = other.ca.to_dict()
         graphs = {g: other.col_graphs[g] for g in other.col_graphs.keys()} if include_graphs else {}
+        # (another thread of this process may be appending to that file: what was read must be one state)
+        journal.refuse_if_pending_read_only(other._file, other.filename, seen_whole=all(
+            len(v) == other.shape[1] for v in attrs.values()) and all(
+            other.layers[name].shape == other.shape for name in names))
         m0 = ds.shape[1]
         converted: list[str] = []  # file attributes of this file that become column attributes
         drop = fill_values is None  # (what None means, also once convert_attrs has given fill values)

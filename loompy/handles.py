@@ -56,6 +56,11 @@ def note_reshaped(file: h5py.File) -> None:
     _reshaped[number] = _reshaped.get(number, 0) + 1
 
 
+def forget_reshapes(number: int) -> None:
+    """The file HDF5 numbers ``number`` is closed for good in this process: its count goes."""
+    _reshaped.pop(number, None)
+
+
 def reshapes(number: int) -> int:
     """How often loompy changed, in this process, the matrix's shape in the open file HDF5 numbers
     ``number`` (``file.id.fileno``)."""

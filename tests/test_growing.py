@@ -1681,3 +1681,38 @@ def test_functions_given_to_aggregate_in_two_threads_may_write_the_layer_they_ag
         results = _finish_together(lambda: ds.aggregate(None, None, "k", summing_and_writing),
                                    lambda: ds.aggregate(None, None, "k", summing_and_writing))
         assert all(r is not None and r[0] == "ok" for r in results), results
+
+
+def test_add_loom_of_a_file_another_thread_begins_appending_to_as_it_reads_is_refused(tmp_path, monkeypatch):
+    """add_loom read the other file's width and its column attributes at different moments: when
+    an append to that file (another thread's, through a connection sharing its opening) began in
+    between, it saw 40 columns and 20 cell ids and failed saying its own file's attribute was
+    wrong; connect's check could likewise call the file invalid. Both now say an append is unfinished."""
+    from loompy import attributes, engine, journal
+
+    paths = []
+    for k in (1, 2):
+        paths.append(tmp_path / f"{k}.loom")
+        loompy.create(paths[-1], np.full((30, 20), k, np.float32), {"Gene": [f"g{i}" for i in range(30)]},
+                      {"CellID": [f"f{k}c{j}" for j in range(20)]}).close()
+    one, two = loompy.connect(paths[0]), loompy.connect(paths[1])
+    to_dict = attributes.AttributeManager.to_dict
+
+    def an_append_begins_meanwhile(self):
+        values = to_dict(self)
+        if self.axis == 1 and self._file.filename == str(paths[0]) and journal.pending_append(one._file) is None:
+            journal.begin(one._file, 20)
+            engine.resize(one._file["matrix"], 40, axis=1)
+        return values
+
+    try:
+        monkeypatch.setattr(attributes.AttributeManager, "to_dict", an_append_begins_meanwhile)
+        with pytest.raises(loompy.LoomFileError, match="1.loom: an append is unfinished"):
+            two.add_loom(paths[0], key="Gene")
+        monkeypatch.undo()
+        assert two.shape == (30, 20) and two.ca.CellID.size == 20
+    finally:
+        two.close()
+        one.close()
+    with loompy.connect(paths[0]) as ds:  # (the half-begun append is rolled back)
+        assert ds.shape == (30, 20)
