@@ -1143,21 +1143,26 @@ def test_repeated_small_reads_ask_hdf5_once_for_what_never_changes(tmp_path, mon
         assert ds.layers["x"].dtype == np.int16 and ds.layers["x"]._dataset.chunks == (32, 16)
 
 
-def test_scattered_rows_of_contiguous_storage_are_read_alone(tmp_path, monkeypatch):
-    """Storage without chunks was read in strips of 64 rows around the rows asked for: 500
-    scattered rows of 5,000 read ten times their rows (3x slower than loompy 3). Runs of rows
-    close together are read now; values as numpy's."""
-    rng = np.random.default_rng(3)
-    path = tmp_path / "c.loom"
-    m = rng.random((2000, 30)).astype(np.float32)
+def _contiguous_loom(path, seed):
+    """A 2,000 x 30 Loom file whose matrix is stored without chunks (as other writers may store it)."""
+    m = np.random.default_rng(seed).random((2000, 30)).astype(np.float32)
     loompy.create(path, np.zeros((1, 1), np.float32), {}, {}).close()
-    with h5py.File(path, "r+") as f:  # (as other writers store it)
+    with h5py.File(path, "r+") as f:
         del f["matrix"]
         f.create_dataset("matrix", data=m)
         for axis, n in (("row_attrs", 2000), ("col_attrs", 30)):
             for name in list(f[axis]):
                 del f[axis][name]
             f[axis].create_dataset("id", data=np.arange(n, dtype=np.float64))
+    return path, m
+
+
+def test_scattered_rows_of_contiguous_storage_are_read_alone(tmp_path, monkeypatch):
+    """Storage without chunks was read in strips of 64 rows around the rows asked for: 500
+    scattered rows of 5,000 read ten times their rows (3x slower than loompy 3). Runs of rows
+    close together are read now; values as numpy's."""
+    path, m = _contiguous_loom(tmp_path / "c.loom", seed=3)
+    rng = np.random.default_rng(3)
     rows_read = []
     getitem = h5py.Dataset.__getitem__
 
@@ -1183,17 +1188,7 @@ def test_close_rows_of_contiguous_storage_are_read_in_bounded_parts(tmp_path, mo
     from loompy.engine import read
 
     monkeypatch.setattr(read, "RUN_BYTES", 30 * 4 * 50)  # (50 rows of 30 float32)
-    rng = np.random.default_rng(4)
-    path = tmp_path / "c.loom"
-    m = rng.random((2000, 30)).astype(np.float32)
-    loompy.create(path, np.zeros((1, 1), np.float32), {}, {}).close()
-    with h5py.File(path, "r+") as f:
-        del f["matrix"]
-        f.create_dataset("matrix", data=m)
-        for axis, n in (("row_attrs", 2000), ("col_attrs", 30)):
-            for name in list(f[axis]):
-                del f[axis][name]
-            f[axis].create_dataset("id", data=np.arange(n, dtype=np.float64))
+    path, m = _contiguous_loom(tmp_path / "c.loom", seed=4)
     largest = []
     getitem = h5py.Dataset.__getitem__
 

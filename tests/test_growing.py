@@ -1644,14 +1644,20 @@ def _finish_together(*actions):
     return results
 
 
+def _two_files(folder):
+    """1.loom and 2.loom: 30 genes (the same) x 20 cells each (their own), values 1 and 2."""
+    paths = []
+    for k in (1, 2):
+        paths.append(folder / f"{k}.loom")
+        loompy.create(paths[-1], np.full((30, 20), k, np.float32), {"Gene": [f"g{i}" for i in range(30)]},
+                      {"CellID": [f"f{k}c{j}" for j in range(20)]}).close()
+    return paths
+
+
 def test_two_files_each_appended_to_the_other_at_once(tmp_path):
     """add_loom holds its file's write gate and closes its read-only connection to the other file;
     that close waited for the other file's gate, held by the other thread doing the same (both hung)."""
-    paths = []
-    for k in (1, 2):
-        paths.append(tmp_path / f"{k}.loom")
-        loompy.create(paths[-1], np.full((30, 20), k, np.float32), {"Gene": [f"g{i}" for i in range(30)]},
-                      {"CellID": [f"f{k}c{j}" for j in range(20)]}).close()
+    paths = _two_files(tmp_path)
     one, two = loompy.connect(paths[0]), loompy.connect(paths[1])
     try:
         results = _finish_together(lambda: one.add_loom(paths[1], key="Gene"),
@@ -1690,11 +1696,7 @@ def test_add_loom_of_a_file_another_thread_begins_appending_to_as_it_reads_is_re
     wrong; connect's check could likewise call the file invalid. Both now say an append is unfinished."""
     from loompy import attributes, engine, journal
 
-    paths = []
-    for k in (1, 2):
-        paths.append(tmp_path / f"{k}.loom")
-        loompy.create(paths[-1], np.full((30, 20), k, np.float32), {"Gene": [f"g{i}" for i in range(30)]},
-                      {"CellID": [f"f{k}c{j}" for j in range(20)]}).close()
+    paths = _two_files(tmp_path)
     one, two = loompy.connect(paths[0]), loompy.connect(paths[1])
     to_dict = attributes.AttributeManager.to_dict
 
