@@ -56,7 +56,7 @@ LARGEST_UNIT = 128  # chunks: wide reads split chunk rows into units of at most 
 READ_BATCH = 1024  # chunks read by this thread before the workers inflate them (no index)
 CLOSE_ROWS = 4  # contiguous storage: rows this close are read in one run with the rows between
 MANY_RUNS = 64  # contiguous storage: more runs than this are read as one selection of rows
-RUN_BYTES = 8 << 20  # contiguous storage: a run of rows is read in parts of at most this many bytes
+RUN_BYTES = 1 << 20  # contiguous storage: a run of rows is read in parts of at most this many bytes (in cache)
 
 
 @dataclass
