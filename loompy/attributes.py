@@ -256,7 +256,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
 
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:
-        if name == fmt.SPEC_VERSION_KEY:
+        if name == fmt.SPEC_VERSION_KEY or (name == fmt.LAST_MODIFIED and not self._in_group):
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be deleted")
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")

@@ -321,18 +321,18 @@ def address(where: h5py.File | h5py.Dataset, path: str = ".") -> tuple[int, int]
 
 
 def global_names(f: h5py.File, in_group: bool) -> list[str]:
-    """The names of the global attributes (``in_group``: the file keeps them in ``/attrs``), without
-    loompy 1 and 2's stamp on the root."""
+    """The names of the global attributes (``in_group``: the file keeps them in ``/attrs``; else on the
+    root, with loompy 1 and 2's stamp ``last_modified``, listed as loompy 3 lists it)."""
     if in_group:
         return [k for k, v in f[GLOBAL_ATTRS].items() if isinstance(v, h5py.Dataset)]
-    return [k for k in f.attrs.keys() if k != LAST_MODIFIED]
+    return list(f.attrs.keys())
 
 
 def has_global(f: h5py.File, name: str, in_group: bool) -> bool:
     """Whether global attribute ``name`` exists (without listing them all)."""
     if in_group:
         return isinstance(f[GLOBAL_ATTRS].get(name), h5py.Dataset)
-    return name != LAST_MODIFIED and name in f.attrs
+    return name in f.attrs
 
 
 def init_file(f: h5py.File, globals_: Mapping[str, np.ndarray] | None = None) -> None:
