@@ -137,7 +137,8 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
             second = _start_second(sources[""], (n, total), dtypes[""], job)
             kept = {k: fmt.normalize_global(first.attrs[k], k)
                     for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else [])
-                    if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted}
+                    if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted
+                    and not (k == fmt.LAST_MODIFIED and not fmt.globals_live_in_group(first._file))}
             fmt.init_file(out, {**kept, **globals_})
             for k, v in first.ra.items():
                 fmt.write_values(out[fmt.ROW_ATTRS], k, v, resizable=False, where=f"row attribute '{k}'")
@@ -436,7 +437,9 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, axis: int
         engine.forget_file(ds._file)
         old, ds._file = ds._file, ClosedFile(ds.filename, "its file is being replaced by permute in another thread")
         ds._point_managers_at(ds._file)  # (until permute reopens it: other threads are told so)
+        number = old.id.fileno
         old.close()  # the rename replaces the file under this handle
+        engine.forget_opening(number)
 
 
 def repack(filename: str | os.PathLike) -> None:

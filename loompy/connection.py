@@ -32,7 +32,6 @@ from .handles import (
     Dims,
     check_writable,
     closed_meanwhile,
-    forget_reshapes,
     reshapes,
     rewriting,
     why_closed,
@@ -184,8 +183,8 @@ class LoomConnection(LoomAccess):
         if not self._file:
             return  # (another thread closed it meanwhile)
         file, failure = self._file, None
-        if engine.forget_file(file):  # (no other connection shares this opening of the file)
-            forget_reshapes(file.id.fileno)
+        number = file.id.fileno
+        engine.forget_file(file)
         if forks.inherited(file):  # (HDF5 closing it here would write its state out: see forks)
             self._let_go()
             return
@@ -199,6 +198,7 @@ class LoomConnection(LoomAccess):
         except Exception as error:
             failure = failure or error
         if not file:
+            engine.forget_opening(number)
             self._let_go()
         else:
             forks.watch(self, file, self._path)

@@ -1860,3 +1860,16 @@ def test_locks_made_while_another_thread_lists_them_do_not_stop_it():
         maker.join()
         sys.setswitchinterval(interval)
     assert errors == []
+
+
+def test_combine_of_a_loompy_2_file_does_not_carry_its_stamp_as_a_global_attribute(tmp_path):
+    """Once ds.attrs listed a loompy 2 file's root stamp, combine copied it into the new file's
+    global attributes, the old time kept as if a user had stored it."""
+    path = tmp_path / "legacy.loom"
+    shutil.copy(REAL / "linnarsson-lab+loompy/_history/bc58ebdd2632/test.loom", path)
+    with loompy.connect(path, "r") as ds:
+        assert "last_modified" in ds.attrs.keys()
+    out = tmp_path / "out.loom"
+    loompy.combine([path, path], out)
+    with loompy.connect(out, "r") as ds:
+        assert "last_modified" not in ds.attrs.keys() and "CreationDate" in ds.attrs.keys()

@@ -1234,3 +1234,35 @@ def test_what_is_kept_per_file_goes_when_its_last_connection_closes(tmp_path):
     assert held[0, 0] == 1 and len(storage._turns) > before[0]
     b.close()
     assert len(storage._turns) == before[0]
+
+
+def test_a_turn_held_as_its_files_last_connection_closes_is_kept(tmp_path):
+    """The turns of a closing file were dropped before it closed, held or not: a connection made
+    during the close's flush shared the opening, got a new lock under the same name, and wrote
+    while a read on the closing connection still held the old one."""
+    import threading
+
+    from loompy.engine import storage
+
+    path = tmp_path / "t.loom"
+    loompy.create(path, np.ones((70, 70), np.float32), {"g": np.arange(70)}, {"c": np.arange(70)}).close()
+    ds = loompy.connect(path)
+    dataset = ds.layers[""]._dataset
+    key = storage._key(dataset)
+    reading, leave = threading.Event(), threading.Event()
+
+    def read_a_while():
+        with storage.reading(dataset):
+            reading.set()
+            leave.wait(10)
+
+    reader = threading.Thread(target=read_a_while)
+    reader.start()
+    assert reading.wait(10)
+    try:
+        held = storage._turns[key]
+        ds.close()
+        assert storage._turns.get(key) is held  # (held: kept)
+    finally:
+        leave.set()
+        reader.join()

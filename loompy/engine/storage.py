@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import forks
 from ..errors import LoomFileError
-from ..handles import SharedOrAlone, closed_meanwhile, reads_held, would_wait_for_own_read
+from ..handles import SharedOrAlone, closed_meanwhile, forget_reshapes, reads_held, would_wait_for_own_read
 from . import btree, codecs
 from .workers import on_worker
 
@@ -480,23 +480,32 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def forget_file(file: h5py.File) -> bool:
-    """Drop the indexes of every dataset of a file being closed (they hold memory, not handles), and,
-    when no other connection of this process shares its opening, its datasets' turns and its count of
-    layer changes (they were kept for good: 2.5 KB per file opened). Whether none does."""
+def forget_file(file: h5py.File) -> None:
+    """Drop the indexes of every dataset of a file being closed (they hold memory, not handles)."""
     number = file.id.fileno
-    try:
-        last = h5py.h5f.get_obj_count(file.id, h5py.h5f.OBJ_FILE) <= 1
-    except (ValueError, RuntimeError):
-        last = False
     with _lock:
-        tables = (_cache, _asked, _held, _turns) if last else (_cache, _asked, _held)
-        for table in tables:
+        for table in (_cache, _asked, _held):
             for key in [key for key in table if key[0] == number]:
                 del table[key]
-        if last:  # (while another connection shares the opening, the count goes on: layer objects saw it)
-            _layer_changes.pop(number, None)
-    return last
+
+
+def forget_opening(number: tuple) -> None:
+    """After a close: once nothing in this process has the opening HDF5 numbers ``number`` open (a
+    connection made meanwhile shares it), drop its datasets' turns that nobody holds or waits for,
+    its count of layer changes and its count of shape changes. (They were kept for good: 2.5 KB per
+    file opened; a turn still held, by a read the close did not wait for, stays.)"""
+    with _lock:
+        try:
+            if any(f.fileno == number for f in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)):
+                return
+        except (ValueError, RuntimeError):
+            return
+        for key in [key for key in _turns if key[0] == number]:
+            turns = _turns[key]
+            if not turns.shared and not turns.owned and turns.owner is None and not turns.waiters:
+                del _turns[key]
+        _layer_changes.pop(number, None)
+        forget_reshapes(number)
 
 
 _layer_changes: dict[int, int] = {}  # per opening of a file (shared by its connections): see layers_changed
