@@ -54,6 +54,29 @@ def held_for_writing(path):
         holder.wait()
 
 
+@contextlib.contextmanager
+def held_in_another_thread(context):
+    """``context`` (a dataset's turn, say) entered on another thread and held there until the block
+    ends, or until the event the block is given is set."""
+    import threading
+
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with context:
+            inside.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(10)
+        yield leave
+    finally:
+        leave.set()
+        holder.join()
+
+
 class Helpers(list):
     """The helper processes started; ``left``: how many parts of their jobs this process's threads
     did instead (0 when the helpers did everything)."""

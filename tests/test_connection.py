@@ -16,7 +16,7 @@ import scipy.sparse as sp
 
 import loompy
 
-from .conftest import REAL, held_for_writing
+from .conftest import REAL, held_for_writing, held_in_another_thread
 
 
 def digest(path) -> str:
@@ -1766,20 +1766,10 @@ def test_a_reading_turn_given_back_by_another_thread_leaves_no_read_behind(tmp_p
         given_back = threading.Thread(target=turn.__exit__, args=(None, None, None))
         given_back.start()
         given_back.join()
-        writing, leave = threading.Event(), threading.Event()
-
-        def write_y_a_while():
-            with storage.writing(y):
-                writing.set()
-                leave.wait(10)
-
-        other = threading.Thread(target=write_y_a_while)
-        other.start()
-        assert writing.wait(10)
-        threading.Timer(0.2, leave.set).start()
-        with storage.writing(y):  # (waits for the other thread's write, then writes)
-            pass
-        other.join()
+        with held_in_another_thread(storage.writing(y)) as leave:
+            threading.Timer(0.2, leave.set).start()
+            with storage.writing(y):  # (waits for the other thread's write, then writes)
+                pass
 
 
 def test_loompy_3s_module_of_the_connection_imports(tmp_path):

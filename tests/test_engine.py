@@ -15,6 +15,8 @@ import scipy.sparse as sp
 import loompy
 from loompy import engine
 
+from .conftest import held_in_another_thread
+
 RNG = np.random.default_rng(42)
 
 
@@ -1240,8 +1242,6 @@ def test_a_turn_held_as_its_files_last_connection_closes_is_kept(tmp_path):
     """The turns of a closing file were dropped before it closed, held or not: a connection made
     during the close's flush shared the opening, got a new lock under the same name, and wrote
     while a read on the closing connection still held the old one."""
-    import threading
-
     from loompy.engine import storage
 
     path = tmp_path / "t.loom"
@@ -1249,20 +1249,7 @@ def test_a_turn_held_as_its_files_last_connection_closes_is_kept(tmp_path):
     ds = loompy.connect(path)
     dataset = ds.layers[""]._dataset
     key = storage._key(dataset)
-    reading, leave = threading.Event(), threading.Event()
-
-    def read_a_while():
-        with storage.reading(dataset):
-            reading.set()
-            leave.wait(10)
-
-    reader = threading.Thread(target=read_a_while)
-    reader.start()
-    assert reading.wait(10)
-    try:
+    with held_in_another_thread(storage.reading(dataset)):
         held = storage._turns[key]
         ds.close()
         assert storage._turns.get(key) is held  # (held: kept)
-    finally:
-        leave.set()
-        reader.join()

@@ -3,6 +3,7 @@ writers, ownership, odd names, late failures."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 
 import loompy
+
+from .conftest import held_in_another_thread
 
 
 def make(path, m=None):
@@ -727,8 +730,6 @@ def test_a_child_forked_while_other_threads_read_and_write_does_not_wait_for_the
     forked child held by threads that do not exist there: the child waited for them for good (28 of
     40 children, forked as another thread wrote). Now the child starts them afresh; a dataset that
     another thread was writing at the fork is half written in the child, and its reads are refused."""
-    import threading
-
     from loompy.engine import storage
 
     path = tmp_path / "w.loom"
@@ -736,22 +737,14 @@ def test_a_child_forked_while_other_threads_read_and_write_does_not_wait_for_the
     with loompy.create(path, m, {"g": np.arange(300)}, {"c": np.arange(300)}) as ds:
         ds.layers["other"] = m * 2
     with loompy.connect(path) as ds:
-        inside, leave = threading.Event(), threading.Event()
-
-        def hold():  # as a thread in the middle of writing the main matrix, with the engine's lock
+        @contextlib.contextmanager
+        def writing_with_the_engines_lock():  # as a thread in the middle of writing the main matrix
             with storage.writing(ds.layers[""]._dataset), storage._lock:
-                inside.set()
-                leave.wait(60)
+                yield
 
-        holder = threading.Thread(target=hold)
-        holder.start()
-        try:
-            assert inside.wait(60)
+        with held_in_another_thread(writing_with_the_engines_lock()):
             _read_in_child.inherited = ds
             said, exitcode = _said_by_a_forked_child(_read_in_child, path)
-        finally:
-            leave.set()
-            holder.join()
         assert exitcode == 0
         assert "/matrix was being written (or the file permuted) by another thread of the process this one was " \
             "forked from" in said[0]
