@@ -136,9 +136,8 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
             # the attributes meanwhile (each other layer's starts just before that layer is written)
             second = _start_second(sources[""], (n, total), dtypes[""], job)
             kept = {k: fmt.normalize_global(first.attrs[k], k)
-                    for k in (first.attrs.keys() if file_attrs is None or keep_first_attrs else [])
-                    if k not in (fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY) and k not in converted
-                    and not (k == fmt.LAST_MODIFIED and not fmt.globals_live_in_group(first._file))}
+                    for k in (fmt.carried_globals(first._file) if file_attrs is None or keep_first_attrs else [])
+                    if k not in converted}
             fmt.init_file(out, {**kept, **globals_})
             for k, v in first.ra.items():
                 fmt.write_values(out[fmt.ROW_ATTRS], k, v, resizable=False, where=f"row attribute '{k}'")

@@ -328,6 +328,15 @@ def global_names(f: h5py.File, in_group: bool) -> list[str]:
     return list(f.attrs.keys())
 
 
+def carried_globals(f: h5py.File) -> list[str]:
+    """The global attributes a file made from this one carries over: all but what loompy writes into
+    every file itself (the spec version, the creation date and, in files before spec 3.0.0, the root's
+    ``last_modified`` stamp)."""
+    in_group = globals_live_in_group(f)
+    own = {SPEC_VERSION_KEY, CREATION_DATE_KEY} | (set() if in_group else {LAST_MODIFIED})
+    return [name for name in global_names(f, in_group) if name not in own]
+
+
 def has_global(f: h5py.File, name: str, in_group: bool) -> bool:
     """Whether global attribute ``name`` exists (without listing them all)."""
     if in_group:

@@ -154,6 +154,11 @@ class SharedOrAlone:
         return len(self.waiters)
 
     @property
+    def idle(self) -> bool:
+        """Whether no thread holds it or waits for it."""
+        return not self.shared and not self.owned and self.owner is None and not self.waiters
+
+    @property
     def depth(self) -> int:
         """How many turns the thread holding it alone has taken."""
         return len(self.owned)

@@ -137,8 +137,7 @@ def same_values(part: np.ndarray, given: np.ndarray) -> bool:
 def differing_globals(conns: list[Any]) -> dict[str, list[Any]]:
     """Global attributes whose (single) value differs between the files, or that some files lack:
     name -> value per file (None where missing). ``convert_attrs`` makes them column attributes."""
-    skip = {fmt.SPEC_VERSION_KEY, fmt.CREATION_DATE_KEY, fmt.LAST_MODIFIED}
-    names = sorted({k for c in conns for k in c.attrs.keys()} - skip)
+    names = sorted({k for c in conns for k in fmt.carried_globals(c._file)})
     out = {}
     for name in names:
         values = [c.attrs[name] if name in c.attrs else None for c in conns]

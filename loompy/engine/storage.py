@@ -501,8 +501,7 @@ def forget_opening(number: tuple) -> None:
         except (ValueError, RuntimeError):
             return
         for key in [key for key in _turns if key[0] == number]:
-            turns = _turns[key]
-            if not turns.shared and not turns.owned and turns.owner is None and not turns.waiters:
+            if _turns[key].idle:
                 del _turns[key]
         _layer_changes.pop(number, None)
         forget_reshapes(number)
