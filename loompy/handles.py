@@ -135,9 +135,11 @@ class SharedOrAlone:
     turns given back in any order (generators closed late) take out only their own.
     """
 
-    def __init__(self, alone_first: bool = False, name: str = "", acts: tuple[str, str] = ("read", "write")) -> None:
+    def __init__(self, alone_first: bool = False, name: str = "", acts: tuple[str, str] = ("read", "write"),
+                 guards_reads: bool = False) -> None:
         self.name = name  # (what it guards, for messages)
         self.acts = acts  # what taking it shared and taking it alone do (for messages)
+        self.guards_reads = guards_reads  # a dataset's turns: its shared turns are reads (see reads_held)
         self.changed = threading.Condition()
         self.shared: dict[int, dict[object, None]] = {}  # thread -> its shared turns
         self.owned: dict[object, None] = {}  # the turns of the thread holding it alone
@@ -311,7 +313,7 @@ def reads_held(me: int | None = None) -> int:
     me = threading.get_ident() if me is None else me
     with _every_lock_guard:
         locks = list(_every_lock)
-    return sum(lock.shared_by(me) for lock in locks if lock.acts[0] == "read")
+    return sum(lock.shared_by(me) for lock in locks if lock.guards_reads)
 
 
 def would_wait_for_own_read(what: str) -> LoomFileError:

@@ -398,7 +398,8 @@ def _turns_for(dataset: h5py.Dataset) -> SharedOrAlone:
     key = _key(dataset)  # (dropped when the last connection sharing the file's opening closes)
     with _lock:
         if key not in _turns:
-            _turns[key] = SharedOrAlone(name=dataset.file.filename)  # (messages name it once the file has gone)
+            # (named: messages name the file once it has gone)
+            _turns[key] = SharedOrAlone(name=dataset.file.filename, guards_reads=True)
         return _turns[key]
 
 
