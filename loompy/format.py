@@ -245,8 +245,12 @@ def normalize_global(value: Any, name: str, filename: str = "") -> np.ndarray:
 
 
 def normalize_globals(file_attrs: Mapping[str, Any] | None, filename: str) -> dict[str, np.ndarray]:
-    """``file_attrs`` for a new file (create, new, combine), checked and ready for storage; the
-    spec version is loompy's own to write."""
+    """``file_attrs`` for a new file (create, new, combine), checked and ready for storage.
+
+    The spec version is loompy's own to write: a new file is laid out as ``CURRENT_SPEC`` says. A
+    version number given here (another file's attributes copied whole, a loompy 2 file's "2.0.1"
+    among them) is set aside, as loompy 3 does; anything else under that name is refused.
+    """
     if file_attrs is not None and not isinstance(file_attrs, Mapping):
         raise LoomTypeError(f"{filename}: file_attrs must be a mapping (a dict) of global attributes, not "
                             f"{type(file_attrs).__name__}")
@@ -254,11 +258,23 @@ def normalize_globals(file_attrs: Mapping[str, Any] | None, filename: str) -> di
     for name, value in (file_attrs or {}).items():
         check_name(name, f"{filename}: global attribute")
         if name == SPEC_VERSION_KEY:
-            if isinstance(value, (str, bytes, np.ndarray)) and _scalar_text(value) == CURRENT_SPEC:
-                continue  # (another file's attributes, copied whole: the same version loompy writes)
-            raise LoomValueError(f"{filename}: global attribute '{name}' is managed by loompy and cannot be set")
+            if _is_version(value):
+                continue
+            raise LoomValueError(f"{filename}: global attribute '{name}' is managed by loompy and cannot be set "
+                                 f"(got {value!r}, not a version number)")
         globals_[name] = normalize_global(value, name, filename)
     return globals_
+
+
+def _is_version(value: Any) -> bool:
+    """Whether ``value`` is a single text of dot-separated numbers, such as '2.0.1'."""
+    if not isinstance(value, (str, bytes, np.ndarray)):
+        return False
+    try:
+        parts = _scalar_text(value).split(".")
+    except LoomValueError:
+        return False
+    return all(part.isascii() and part.isdigit() for part in parts)
 
 
 ATTRIBUTE_BYTES = 64000  # HDF5 keeps a file's attributes in its object header: 64 KB each at most

@@ -308,3 +308,22 @@ def test_names_hdf5_reads_as_paths_and_a_spec2_files_time_stamp_are_refused(tmp_
         with pytest.raises(loompy.LoomValueError, match="cortex.loom: global attribute 'last_modified'.*time stamp"):
             ds.attrs["last_modified"] = "yesterday"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize("name", [n for n in LOOMS if EXPECTED[n][2] == "2.0.1"])
+def test_a_new_file_takes_an_older_files_global_attributes_whole(name, tmp_path):
+    """create(..., file_attrs=dict(ds.attrs)) from a loompy 2 file was refused on its
+    LOOM_SPEC_VERSION "2.0.1" (loompy 3.0.8 sets it aside): the new file is laid out as spec 3.0.0
+    and says so, and keeps every other attribute as it was."""
+    with loompy.connect(REAL / name, "r") as ds:
+        given = dict(ds.attrs)
+        matrix = ds[:, :]
+    new = loompy.create(tmp_path / "new.loom", matrix, {}, {}, file_attrs=given)
+    with new:
+        assert new.attrs.LOOM_SPEC_VERSION == "3.0.0" and set(new.attrs.keys()) == set(given) | {"CreationDate"}
+        for key in set(given) - {"LOOM_SPEC_VERSION"}:
+            np.testing.assert_array_equal(new.attrs[key], given[key])
+    for value in (3, "", "three", ["2.0.1", "3.0.0"]):
+        with pytest.raises(loompy.LoomValueError, match=r"other\.loom: global attribute 'LOOM_SPEC_VERSION'"):
+            loompy.create(tmp_path / "other.loom", matrix, {}, {}, file_attrs={**given, "LOOM_SPEC_VERSION": value})
+        assert not (tmp_path / "other.loom").exists()
