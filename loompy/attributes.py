@@ -28,13 +28,27 @@ def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
         if dtype in ("string", "str", str):
             return np.asarray(values).astype(str)
         wanted, arr = np.dtype(dtype), np.asarray(values)
+        if arr.dtype.kind in "US" and wanted.kind in "iuf":  # numbers written out: read exactly, then as numbers
+            arr = _numbers_in_text(arr, wanted)
         if arr.dtype.kind in "biuf" and wanted.kind in "biuf":
             return fmt.cast_values(arr, wanted, where)
         return np.asarray(values, dtype=dtype)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         if isinstance(exc, LoomValueError):
             raise
         raise LoomValueError(f"{where}: cannot convert values to dtype {dtype!r} ({exc})") from exc
+
+
+def _numbers_in_text(texts: np.ndarray, wanted: np.dtype) -> np.ndarray:
+    """The numbers ``texts`` spell, as float64 for a float ``wanted``, else as exact integers
+    (int64 or uint64: "1.5" is not an integer, and "300" stays 300 for the caller to refuse as uint8)."""
+    if wanted.kind == "f":
+        return texts.astype(np.float64)
+    whole = [int(x) for x in texts.ravel().tolist()]
+    for kind in (np.int64, np.uint64):
+        if not whole or (np.iinfo(kind).min <= min(whole) and max(whole) <= np.iinfo(kind).max):
+            return np.array(whole, dtype=kind).reshape(texts.shape)
+    raise ValueError(f"integers from {min(whole)} to {max(whole)} do not fit a 64-bit integer type")
 
 
 class DotAccess:

@@ -161,7 +161,8 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         arr = np.asarray(values)
     except Exception as exc:  # ragged lists and the like
         raise LoomValueError(f"{where}: cannot convert values to an array ({exc})") from exc
-    if isinstance(values, (list, tuple)) and _maybe_rounded(arr):  # (integers numpy made floats?)
+    # integers numpy made floats? (Python values, and pandas' nullable integers with missing ones)
+    if not isinstance(values, np.ndarray) and _maybe_rounded(arr):
         whole = _integers(np.asarray(values, dtype=object).ravel().tolist(), where)
         arr = arr if whole is None else whole.reshape(arr.shape)
     if arr.dtype.kind == "O":
@@ -224,9 +225,12 @@ def _integers(items: list, where: str) -> np.ndarray | None:
     if not ints:
         return None
     if len(ints) < len(items):
-        if all(isinstance(x, (numbers.Real, np.number)) for x in items) and not all(_exact_float(x) for x in ints):
-            raise LoomValueError(f"{where}: integers mixed with fractions would lose digits as float64 "
-                                 f"(e.g. {next(x for x in ints if not _exact_float(x))}); give them as one dtype")
+        if all(isinstance(x, (numbers.Real, np.number)) or _missing(x) for x in items) and \
+                not all(_exact_float(x) for x in ints):
+            others, advice = ("missing values", "fill those first") if any(map(_missing, items)) else \
+                ("fractions", "give them as one dtype")
+            raise LoomValueError(f"{where}: integers mixed with {others} would lose digits as float64 "
+                                 f"(e.g. {next(x for x in ints if not _exact_float(x))}); {advice}")
         return None
     for dtype in (np.int64, np.uint64):
         if np.iinfo(dtype).min <= min(ints) and max(ints) <= np.iinfo(dtype).max:

@@ -138,6 +138,9 @@ def refuse_if_pending_read_only(f: h5py.File, filename: str, seen_whole: bool = 
     """Refuse a read-only open of a file whose append is unfinished (only a writer can roll it back),
     or a read of one that was not ``seen_whole`` (its matrix and its attributes of different widths:
     an append in another thread of this process began, and perhaps ended, as it was read)."""
-    if (pending_append(f) is not None and not writable(f)) or not seen_whole:
+    if not seen_whole:  # (a writable file's interrupted append was rolled back when it was opened)
+        raise LoomFileError(f"{filename}: another connection of this process is appending to it; "
+                            "read it once that append is done")
+    if pending_append(f) is not None and not writable(f):
         raise LoomFileError(f"{filename}: an append is unfinished (interrupted, or under way in another "
                             "connection); open with mode 'r+' once to roll an interrupted one back")

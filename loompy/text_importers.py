@@ -162,7 +162,9 @@ def _column_metadata(path: str | os.PathLike, delim: str, cell_ids: np.ndarray) 
     if twice:
         raise LoomValueError(f"{path}: attributes named more than once: {twice}")
     if len(lines) != len(cell_ids):
-        raise LoomValueError(f"{path}: {len(lines)} cells described, the matrix has {len(cell_ids)}")
+        headless = len(lines) + 1 == len(cell_ids) and rows[0][:1] == [cell_ids[0]]
+        raise LoomValueError(f"{path}: {len(lines)} cells described, the matrix has {len(cell_ids)}" + (
+            f" (its first line, which should name the attributes, describes cell '{cell_ids[0]}')" if headless else ""))
     columns: dict[str, list[str]] = {name: [] for name in names}
     for k, (fields, cell_id) in enumerate(zip(lines, cell_ids)):
         if fields[0] != cell_id:

@@ -1863,3 +1863,40 @@ def test_combine_of_a_loompy_2_file_does_not_carry_its_stamp_as_a_global_attribu
     loompy.combine([path, path], out)
     with loompy.connect(out, "r") as ds:
         assert "last_modified" not in ds.attrs.keys() and "CreationDate" in ds.attrs.keys()
+
+
+def test_pandas_nullable_integers_keep_every_digit_or_are_refused(small):
+    """pandas' nullable Int64 / UInt64 with a missing value reach numpy as float64: 2**62 + 1 was
+    stored as 2**62, silently. Without missing values they are exact integers."""
+    pd = pytest.importorskip("pandas")
+    path, *_ = small
+    before = digest(path)
+    with loompy.connect(path) as ds:
+        for big, dtype in ((2**62 + 1, "Int64"), (2**64 - 1, "UInt64")):
+            with pytest.raises(loompy.LoomValueError,
+                               match=rf"small.loom: column attribute 'id'.*missing values.*{big}.*fill those first"):
+                ds.ca["id"] = pd.array([big, None, 3, 4, 5, 6, 7, 8], dtype=dtype)
+    assert digest(path) == before
+    with loompy.connect(path) as ds:
+        ds.ca["id"] = pd.array([2**62 + 1, 2, 3, 4, 5, 6, 7, 8], dtype="Int64")
+        ds.ca["small"] = pd.array([1, None, 3, 4, 5, 6, 7, 8], dtype="Int64")  # (exact as float64: NaN there)
+        assert ds.ca.id.tolist() == [2**62 + 1, 2, 3, 4, 5, 6, 7, 8] and ds.ca.id.dtype == np.int64
+        np.testing.assert_array_equal(ds.ca.small, [1, np.nan, 3, 4, 5, 6, 7, 8])
+
+
+def test_text_given_a_numeric_dtype_is_read_exactly_or_refused(small):
+    """set_attr(text, dtype=float16) stored "70000" as inf, and dtype=uint8 raised numpy's bare
+    OverflowError for "300" (naming neither file nor attribute): text now converts as numbers do."""
+    path, *_ = small
+    before = digest(path)
+    with loompy.connect(path) as ds:
+        for texts, dtype in ((["70000"] + ["2"] * 7, "float16"), (["300"] + ["2"] * 7, "uint8"),
+                             (["1.5"] + ["2"] * 7, "int32"), ([str(2**64)] + ["2"] * 7, "uint64")):
+            with pytest.raises(loompy.LoomValueError, match="small.loom: column attribute 'T'"):
+                ds.set_attr("T", np.array(texts), axis=1, dtype=dtype)
+    assert digest(path) == before
+    with loompy.connect(path) as ds:
+        ds.set_attr("T", np.array([str(2**63 + 5)] + ["2"] * 7), axis=1, dtype="uint64")
+        assert ds.ca.T.dtype == np.uint64 and ds.ca.T[0] == 2**63 + 5
+        ds.set_attr("F", np.array(["0.5", "-2", "1e3"] + ["0"] * 5), axis=1, dtype="float32")
+        assert ds.ca.F.dtype == np.float32 and ds.ca.F[:3].tolist() == [0.5, -2.0, 1000.0]

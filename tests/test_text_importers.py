@@ -190,6 +190,10 @@ def test_tsv_bad_input_is_named_and_nothing_is_written(tmp_path):
         loompy.create_from_tsv(out, tmp_path / "t.tsv", col_metadata_tsv=tmp_path / "twice.tsv")
     with pytest.raises(loompy.LoomValueError, match="dtype='str'"):
         loompy.create_from_tsv(out, tmp_path / "t.tsv", dtype="str")
+    (tmp_path / "headless.tsv").write_text("".join(f"c{j}\t{j}\n" for j in range(5)))
+    with pytest.raises(loompy.LoomValueError, match=r"headless\.tsv: 4 cells described, the matrix has 5 \(its first "
+                                                     r"line, which should name the attributes, describes cell 'c0'\)"):
+        loompy.create_from_tsv(out, tmp_path / "t.tsv", col_metadata_tsv=tmp_path / "headless.tsv")
     assert out.read_bytes() == b"kept"
 
 
