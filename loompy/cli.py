@@ -147,6 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except loompy.LoomError as exc:
         print(f"loompy {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: a new file is written whole or not at all, so no traceback is needed
+        print(f"loompy {args.command}: interrupted", file=sys.stderr)
+        return 130  # (what shells report for a command ended by SIGINT)
     except BrokenPipeError:  # the reader went away (``loompy demo | head``): no traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (Python flushes stdout at exit)
         return 1

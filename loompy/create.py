@@ -35,7 +35,7 @@ def as_layer_dict(layers: Any, where: str) -> dict[str, Any]:
         raise LoomValueError(f"{where}: layers must include the main matrix under the name ''")
     for name, matrix in out.items():
         fmt.check_name(name, f"{where}: layer", empty=True)
-        if not (sp.issparse(matrix) or isinstance(matrix, LoomLayer)):
+        if not isinstance(matrix, LoomLayer):
             out[name] = encoding.matrix_values(matrix, f"{where}: layer '{name}'")
     return out
 

@@ -135,9 +135,15 @@ def refuse_masked(values: Any, where: str) -> None:
                              "stores no mask; fill them first (values.filled(...))")
 
 
-def matrix_values(values: Any, where: str) -> np.ndarray:
-    """A user's dense matrix values as an array of numbers: masked entries, ragged nesting and
-    values that are not numbers (text, objects) are refused."""
+def matrix_values(values: Any, where: str) -> Any:
+    """A user's matrix values: dense ones as an array of numbers (masked entries, ragged nesting and
+    values that are not numbers, such as text or objects, are refused); a scipy.sparse matrix as it
+    is, once its structure is found sound."""
+    if hasattr(values, "tocsc") and hasattr(values, "nnz"):  # (scipy.sparse, without importing it here)
+        _check_sparse(values, where)
+        if values.dtype.kind not in "biuf":
+            raise LoomValueError(f"{where}: cannot store values of dtype {values.dtype} in a matrix")
+        return values
     refuse_masked(values, where)
     try:
         arr = np.asarray(values)
@@ -146,6 +152,24 @@ def matrix_values(values: Any, where: str) -> np.ndarray:
     if arr.dtype.kind not in "biuf":
         raise LoomValueError(f"{where}: cannot store values of dtype {arr.dtype} in a matrix")
     return arr
+
+
+def _check_sparse(matrix: Any, where: str) -> None:
+    """Refuse a sparse matrix whose arrays do not fit its shape (a row index past its last row, column
+    pointers out of order): built from damaged arrays, scipy takes it as it is, and its entries would
+    be stored in the wrong place or lost. The user's matrix itself is left as it is."""
+    try:
+        if matrix.format in ("csr", "csc", "bsr"):  # (a copy sharing its arrays: scipy's check may retype them)
+            type(matrix)((matrix.data, matrix.indices, matrix.indptr), shape=matrix.shape,
+                         copy=False).check_format(full_check=True)
+        elif matrix.format == "coo":
+            for index, size in ((matrix.row, matrix.shape[0]), (matrix.col, matrix.shape[1])):
+                if index.size and (int(index.min()) < 0 or int(index.max()) >= size):
+                    raise ValueError(f"an index from {int(index.min())} to {int(index.max())} for {size} rows or "
+                                     "columns")
+    except ValueError as exc:
+        raise LoomValueError(f"{where}: the sparse matrix of shape {tuple(matrix.shape)} is malformed ({exc})") \
+            from exc
 
 
 def normalize_values(values: Any, where: str, length: int | None = None) -> np.ndarray:

@@ -14,7 +14,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -39,6 +39,7 @@ class TenXData:
     genomes: np.ndarray | None = None  # per feature (Cell Ranger 3 .h5)
     genome: str | None = None  # the genome folder/group (Cell Ranger 2), or the one chosen
     genome_checked: bool = False  # the source says which genome its features belong to (genome= was checked)
+    sources: list[Path] = field(default_factory=list)  # the files read (a new file must not replace one)
 
     def keep_rows(self, keep: np.ndarray) -> None:
         """Keep only the features where ``keep`` is True (one genome's, of several)."""
@@ -84,8 +85,8 @@ def reading_source(path: str | os.PathLike, what: str = "10x Genomics matrix") -
     except LoomError:
         raise
     except (OSError, ValueError, KeyError, IndexError, EOFError, zlib.error) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise  # the system's own (permission, I/O): not about the file's contents
+        if isinstance(exc, OSError) and (exc.errno is not None or isinstance(exc, FileNotFoundError)):
+            raise  # the system's own (a missing file, permission, I/O): not about the file's contents
         raise LoomValueError(f"{os.fsdecode(os.fspath(path))}: not a readable {what} ({type(exc).__name__}: {exc})"
                              ) from exc
 
@@ -125,11 +126,12 @@ class MexReader:
     def read(path: Path, genome: str | None = None) -> TenXData:
         import scipy.io  # only importers need it; keep ``import loompy`` light
 
-        with reading_source(_find(path, "matrix.mtx")) as source:
+        sources = [_find(path, "matrix.mtx"), _find(path, "features.tsv", "genes.tsv"), _find(path, "barcodes.tsv")]
+        with reading_source(sources[0]) as source:
             matrix = sp.coo_matrix(scipy.io.mmread(str(source)))
-        with reading_source(_find(path, "features.tsv", "genes.tsv")) as source:
+        with reading_source(sources[1]) as source:
             features = _table(source)
-        with reading_source(_find(path, "barcodes.tsv")) as source:
+        with reading_source(sources[2]) as source:
             barcodes = np.array([row[0] for row in _table(source)], dtype=object)
         if matrix.shape != (len(features), len(barcodes)):
             raise LoomValueError(f"{path}: matrix shape {matrix.shape} does not match {len(features)} features "
@@ -140,7 +142,7 @@ class MexReader:
         checked = types is None and path.parent.name in V2_FOLDERS  # Cell Ranger 2: a folder per genome
         label = _choose_genome([path.name], genome, path.parent) if checked else genome  # (else: as given)
         return TenXData(_counts(matrix), genes, accessions, barcodes, feature_types=types, genome=label,
-                        genome_checked=checked)
+                        genome_checked=checked, sources=sources)
 
 
 class H5Reader:
@@ -175,8 +177,13 @@ class H5Reader:
                 data = TenXData(None, _strings(g["gene_names"][...]), _strings(g["genes"][...]),
                                 _strings(g["barcodes"][...]), genome=chosen, genome_checked=True)
             shape = tuple(int(x) for x in g["shape"][...])
-            # 10x stores CSC with genes in rows: column pointers index cells
-            data.matrix = _counts(sp.csc_matrix((g["data"][...], g["indices"][...], g["indptr"][...]), shape=shape))
+            if (len(data.genes), len(data.barcodes)) != shape:
+                raise LoomValueError(f"{path}: matrix shape {shape} does not match {len(data.genes)} features x "
+                                     f"{len(data.barcodes)} barcodes")
+            # 10x stores CSC with genes in rows: column pointers index cells (scipy checks no index: we do)
+            counts = sp.csc_matrix((g["data"][...], g["indices"][...], g["indptr"][...]), shape=shape)
+            counts.check_format(full_check=True)  # (a ValueError: reading_source names the file)
+            data.matrix, data.sources = _counts(counts), [path]
         if data.genome is not None and data.genomes is not None:
             data.keep_rows(data.genomes == data.genome)
         return data
@@ -255,14 +262,16 @@ def _by_barcode(path: Path) -> dict[str, list[str]]:
         raise LoomValueError(f"{path}: not a Cell Ranger analysis table (not UTF-8 text: {exc.reason})") from exc
 
 
-def _analysis(outs: Path, barcodes: np.ndarray) -> dict[str, np.ndarray]:
+def _analysis(outs: Path, barcodes: np.ndarray, read: list[Path]) -> dict[str, np.ndarray]:
     """What Cell Ranger's secondary analysis in ``outs`` says of each cell, as loompy 3 imports it:
     tSNE coordinates as X and Y (float32), the graph-based cluster as ClusterID (numbered from 0).
-    Matched by barcode: a cell the analysis left out gets NaN, and cluster -1."""
+    Matched by barcode: a cell the analysis left out gets NaN, and cluster -1. The files it reads
+    are added to ``read``."""
     attrs: dict[str, np.ndarray] = {}
     analysis = outs / "analysis"
     for tsne in (analysis / "tsne" / "projection.csv", analysis / "tsne" / "2_components" / "projection.csv"):
         if tsne.is_file():
+            read.append(tsne)
             rows = _by_barcode(tsne)
             try:
                 xy = np.array([rows[b][:2] if b in rows else ["nan", "nan"] for b in barcodes], dtype=np.float64)
@@ -272,6 +281,7 @@ def _analysis(outs: Path, barcodes: np.ndarray) -> dict[str, np.ndarray]:
             break
     clusters = analysis / "clustering" / "graphclust" / "clusters.csv"
     if clusters.is_file():
+        read.append(clusters)
         rows = _by_barcode(clusters)
         try:
             attrs["ClusterID"] = np.array([int(float(rows[b][0])) - 1 if b in rows else -1 for b in barcodes],
@@ -281,12 +291,13 @@ def _analysis(outs: Path, barcodes: np.ndarray) -> dict[str, np.ndarray]:
     return attrs
 
 
-def _run_record(sample: Path) -> dict[str, str]:
+def _run_record(sample: Path, read: list[Path]) -> dict[str, str]:
     """Cell Ranger's record of the run in the sample folder, as loompy 3 imports it: Cmdline
-    (``_cmdline``) and Versions (``_versions``, on one line)."""
+    (``_cmdline``) and Versions (``_versions``, on one line). The files it reads are added to ``read``."""
     record = {}
     for name, key in (("_cmdline", "Cmdline"), ("_versions", "Versions")):
         if (sample / name).is_file():
+            read.append(sample / name)
             text = (sample / name).read_text(encoding="utf-8", errors="replace").strip()
             record[key] = text.replace("\n", " ") if key == "Versions" else text
     return record
@@ -398,8 +409,9 @@ def create_from_cellranger(indir: str | os.PathLike | None = None, outdir: str |
     data = read_10x(indir, genome)
     prefix = f"{sample}:" if cell_id_prefix is None else cell_id_prefix
     outs = sample_folder / "outs" if (sample_folder / "outs").is_dir() else sample_folder
+    read = list(data.sources)
     col_attrs: dict[str, Any] = {"CellID": np.array([prefix + b for b in data.barcodes], dtype=object),
-                                 **_analysis(outs, data.barcodes)}
+                                 **_analysis(outs, data.barcodes, read)}
     matrix = data.matrix
     if selected_cellids is not None:
         keep = _selected(col_attrs["CellID"], selected_cellids, indir)
@@ -410,9 +422,10 @@ def create_from_cellranger(indir: str | os.PathLike | None = None, outdir: str |
         col_attrs[name] = np.full(len(cell_ids), value[()], dtype=value.dtype) if value.ndim == 0 else value
     single = np.unique(data.genomes) if data.genomes is not None else []
     genome_name = data.genome or (str(single[0]) if len(single) == 1 else None) or genome  # (CR3 .h5: per feature)
-    attrs = {**_run_record(sample_folder), **dict(file_attrs or {})}
+    attrs = {**_run_record(sample_folder, read), **dict(file_attrs or {})}
     if genome_name and "Genome" not in (file_attrs or {}):
         attrs["Genome"] = genome_name
+    check_not_input(target, read, "a file of the 10x output being imported")
     from .create import create
 
     create(target, matrix, data.row_attrs(), col_attrs, file_attrs=attrs).close()

@@ -199,9 +199,9 @@ def values_for_unique(values: Any, rows: AxisSelection, cols: AxisSelection, dty
                       ) -> np.ndarray:
     """For writes: broadcast ``values`` to the selection and keep, per unique cell, the last value given."""
     target = result_shape(rows, cols)
+    values = matrix_values(values, where)
     if sp.issparse(values):  # (the selection's size, dense: what is written anyway)
         values = values.toarray()
-    values = matrix_values(values, where)
     try:
         arr = np.broadcast_to(values, target)
     except ValueError as exc:

@@ -289,7 +289,7 @@ class LayerManager(DotAccess, MutableMapping):
         chunks, compression_opts, chunk_cache = fmt.check_storage(chunks, compression_opts, chunk_cache, where)
         if isinstance(matrix, LoomLayer):
             matrix = matrix[:, :]
-        if matrix is not None and not sp.issparse(matrix):
+        if matrix is not None:
             matrix = encoding.matrix_values(matrix, where)
         target_dtype = fmt.check_matrix_dtype(dtype if dtype is not None else _input_dtype(matrix), where)
         shape = self._dims.shape if matrix is None else tuple(matrix.shape)

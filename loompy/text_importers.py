@@ -117,7 +117,11 @@ def _table_header(path: str | os.PathLike, delim: str) -> tuple[list[str], bool]
         raise LoomValueError(f"{path}: the table has no line of values after its header")
     corner = len(first) == len(header)  # (as written: a missing last value is still a field)
     names = _trimmed(header)
-    return [_unquoted(f) for f in (names[1:] if corner else names)], corner
+    cells = [_unquoted(f) for f in (names[1:] if corner else names)]
+    if not cells:  # (one field per line: most likely another separator than delim)
+        raise LoomValueError(f"{path}: its header lists no cell ids when split at {delim!r}; is the table "
+                             "separated by another character? (pass it as delim=)")
+    return cells, corner
 
 
 def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dtype
@@ -137,9 +141,10 @@ def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dty
                 raise LoomValueError(f"{path}: line {number} has {len(fields) - 1} values after its gene id; "
                                      f"the header lists {n_cells} cells")
             try:
-                values = np.array(fields[1:], dtype=np.float64).astype(dtype)
+                values = np.array(fields[1:], dtype=np.float64)
             except ValueError as exc:
                 raise LoomValueError(f"{path}: line {number} holds a value that is not a number ({exc})") from None
+            values = fmt.cast_values(values, dtype, f"{path}: line {number}")  # (0.5 into integers is refused)
             where = np.flatnonzero(values).astype(np.int32)
             indices.append(where)
             data.append(values[where])

@@ -115,3 +115,16 @@ def test_info_into_a_code_page_without_the_names_characters_does_not_crash(tmp_p
                                  "PYTHONPATH": str(Path(loompy.__file__).parents[1])})
     assert result.returncode == 0, result.stderr.decode("cp1252", "replace")
     assert b"\\u907a\\u4f1d\\u5b50" in result.stdout and b"Actb" in result.stdout
+
+
+def test_ctrl_c_during_an_import_ends_with_one_line_and_leaves_no_file(tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed the whole traceback of wherever the import was."""
+    from loompy import engine
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "write_matrix", interrupted)
+    assert main(["import", str(CR3_H5), str(tmp_path / "cr3.loom")]) == 130
+    assert capsys.readouterr().err == "loompy import: interrupted\n"
+    assert list(tmp_path.iterdir()) == []

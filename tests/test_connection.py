@@ -1900,3 +1900,36 @@ def test_text_given_a_numeric_dtype_is_read_exactly_or_refused(small):
         assert ds.ca.T.dtype == np.uint64 and ds.ca.T[0] == 2**63 + 5
         ds.set_attr("F", np.array(["0.5", "-2", "1e3"] + ["0"] * 5), axis=1, dtype="float32")
         assert ds.ca.F.dtype == np.float32 and ds.ca.F[:3].tolist() == [0.5, -2.0, 1000.0]
+
+
+def test_a_sparse_matrix_built_from_damaged_arrays_is_refused_before_anything_is_written(small, tmp_path):
+    """scipy builds a CSC matrix from (data, indices, indptr) without checking the indices: a row just
+    past the last was dropped (one count fewer, silently), one far past it raised a bare IndexError
+    from the engine. Every way in now names the matrix, and the user's matrix is left as it was."""
+    path, m, *_ = small
+    n, k = m.shape
+    for bad_row in (n, 10**6, -1):
+        indices = np.array([0, 1, bad_row, 2], dtype=np.int64)
+        csc = sp.csc_matrix((np.ones(4, np.float32), indices, np.array([0, 2, 4] + [4] * (k - 2))), shape=(n, k))
+        coo = sp.coo_matrix((np.ones(2), (np.array([0, 0]), np.array([0, 1]))), shape=(n, k))
+        coo.row[1] = bad_row  # (scipy checks a COO matrix's indices when it is built only)
+        bad_col = k if bad_row == n else bad_row
+        csr = sp.csr_matrix((np.ones(2), np.array([0, bad_col]), np.array([0] + [2] * n)), shape=(n, k))
+        held = csc.indices
+        for matrix in (csc, csr, coo):
+            with pytest.raises(loompy.LoomValueError, match=r"new\.loom: layer '': the sparse matrix .*malformed"):
+                loompy.create(tmp_path / "new.loom", matrix, {}, {})
+            assert not (tmp_path / "new.loom").exists()
+            before = digest(path)
+            with loompy.connect(path) as ds:
+                with pytest.raises(loompy.LoomValueError, match=r"small\.loom: layer 'L'.*malformed"):
+                    ds.layers["L"] = matrix
+                with pytest.raises(loompy.LoomValueError, match=r"small\.loom.*malformed"):
+                    ds[:, :] = matrix
+                with pytest.raises(loompy.LoomValueError, match=r"small\.loom.*malformed"):
+                    ds.add_columns(matrix, {"Age": np.arange(k), "CellID": np.arange(k).astype(str)})
+            assert digest(path) == before
+        assert csc.indices is held  # (the check did not retype the user's matrix)
+    good = sp.csc_matrix(m)
+    with loompy.create(tmp_path / "good.loom", good, {}, {}) as ds:
+        np.testing.assert_array_equal(ds[:, :], m)

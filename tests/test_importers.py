@@ -397,13 +397,41 @@ def test_a_cell_ranger_h5_is_never_replaced_by_its_own_import(tmp_path):
     assert source.read_bytes() == before
 
 
-@pytest.mark.parametrize("damage", ["matrix not gzip", "features not UTF-8", "h5 without barcodes"])
+def test_no_file_the_import_reads_is_replaced_by_its_output(tmp_path):
+    """The output was checked against the source given (a folder) alone: naming the folder's
+    matrix.mtx, genes list, analysis table or run record as the new file replaced it."""
+    sample = tmp_path / "sample"
+    shutil.copytree(CR2, sample / "outs")
+    matrix_folder = sample / "outs" / "filtered_gene_bc_matrices" / "hg19_chr21"
+    _with_analysis(sample, lines(matrix_folder / "barcodes.tsv"))
+    for read in (matrix_folder / "matrix.mtx", matrix_folder / "genes.tsv", sample / "_cmdline",
+                 sample / "outs" / "analysis" / "clustering" / "graphclust" / "clusters.csv"):
+        before = read.read_bytes()
+        with pytest.raises(loompy.LoomFileError, match=f"{read}: is a file of the 10x output being imported"):
+            loompy.create_from_cellranger(sample, loom_file=read)
+        assert read.read_bytes() == before
+    written = loompy.create_from_cellranger(sample, loom_file=sample / "sample.loom")  # (beside them: fine)
+    with loompy.connect(written, "r") as ds:
+        assert ds.shape == scipy.io.mmread(matrix_folder / "matrix.mtx").shape and "ClusterID" in ds.ca
+
+
+@pytest.mark.parametrize("damage", ["matrix not gzip", "features not UTF-8", "h5 without barcodes",
+                                    "h5 row index past the last", "h5 barcodes short"])
 def test_a_malformed_10x_source_is_refused_naming_its_file(tmp_path, damage):
-    if damage == "h5 without barcodes":
+    """A row index past the last in a .h5 was dropped (one count fewer) or raised a bare IndexError;
+    a short list of barcodes there was blamed on the new file's CellID."""
+    if damage.startswith("h5"):
         source = tmp_path / "f.h5"
         shutil.copy(CR3 / "filtered_feature_bc_matrix.h5", source)
         with h5py.File(source, "r+") as f:
-            del f["matrix/barcodes"]
+            if damage == "h5 without barcodes":
+                del f["matrix/barcodes"]
+            elif damage == "h5 barcodes short":
+                short = f["matrix/barcodes"][:-3]
+                del f["matrix/barcodes"]
+                f["matrix/barcodes"] = short
+            else:
+                f["matrix/indices"][5] = f["matrix/shape"][0]
         culprit = source
     else:
         source = tmp_path / "mex"
@@ -415,7 +443,9 @@ def test_a_malformed_10x_source_is_refused_naming_its_file(tmp_path, damage):
             culprit = source / "features.tsv.gz"
             culprit.write_bytes(gzip.compress(b"\xff\xfe gene\tname\n"))
     (tmp_path / "out").mkdir()
-    with pytest.raises(loompy.LoomValueError, match=f"{culprit}: not a readable 10x Genomics matrix"):
+    message = "matrix shape .* does not match" if damage == "h5 barcodes short" else \
+        "not a readable 10x Genomics matrix"
+    with pytest.raises(loompy.LoomValueError, match=f"{culprit}: {message}"):
         loompy.create_from_cellranger(source, tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

@@ -76,6 +76,9 @@ def test_matrix_market_gzipped_transposed_with_headers(tmp_path):
                                            CR3 / "features.tsv.gz", CR3 / "barcodes.tsv.gz")
     with loompy.connect(out, "r") as ds:
         np.testing.assert_array_equal(ds[:, :], m)
+    with pytest.raises(FileNotFoundError):  # (as loompy 3: it was a LoomValueError calling it unreadable)
+        loompy.create_from_matrix_market(tmp_path / "no.loom", "X", {"": str(tmp_path / "missing.mtx")},
+                                         CR3 / "features.tsv.gz", CR3 / "barcodes.tsv.gz")
 
 
 def test_matrix_market_bad_input_is_named_and_nothing_is_written(tmp_path):
@@ -190,6 +193,13 @@ def test_tsv_bad_input_is_named_and_nothing_is_written(tmp_path):
         loompy.create_from_tsv(out, tmp_path / "t.tsv", col_metadata_tsv=tmp_path / "twice.tsv")
     with pytest.raises(loompy.LoomValueError, match="dtype='str'"):
         loompy.create_from_tsv(out, tmp_path / "t.tsv", dtype="str")
+    (tmp_path / "commas.csv").write_text("gene,c0,c1\ng1,1,0\ng2,0,5\n")  # (read at tabs: one field a line)
+    with pytest.raises(loompy.LoomValueError, match=r"commas\.csv: its header lists no cell ids when split at '\\t'"):
+        loompy.create_from_tsv(out, tmp_path / "commas.csv")
+    for dtype, value in (("float32", "1e300"), ("int32", "0.5"), ("uint16", "-3")):  # (cast silently, before)
+        bad.write_text("gene\tc0\tc1\ng1\t1\t0\ng2\t2\t" + value + "\n")
+        with pytest.raises(loompy.LoomValueError, match=rf"bad\.tsv: line 3: values .* do not fit dtype {dtype}"):
+            loompy.create_from_tsv(out, bad, dtype=dtype)
     (tmp_path / "headless.tsv").write_text("".join(f"c{j}\t{j}\n" for j in range(5)))
     with pytest.raises(loompy.LoomValueError, match=r"headless\.tsv: 4 cells described, the matrix has 5 \(its first "
                                                      r"line, which should name the attributes, describes cell 'c0'\)"):
