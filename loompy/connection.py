@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -56,6 +56,19 @@ def _shape_syncer(connection: weakref.ref) -> Callable[[], None]:
     return sync
 
 
+class _ShapeSeen(NamedTuple):
+    """When a connection last took the matrix's shape: its file object, that file's opening (HDF5's
+    file number) and how many times loompy had reshaped the matrix of that opening then."""
+
+    file: h5py.File
+    opening: int
+    reshapes: int
+
+    @classmethod
+    def now(cls, file: h5py.File) -> _ShapeSeen:
+        return cls(file, file.id.fileno, reshapes(file.id.fileno))
+
+
 class LoomConnection(LoomAccess):
     """A connection to a ``.loom`` file: the matrix stays on disk, attributes load on first use."""
 
@@ -100,7 +113,7 @@ class LoomConnection(LoomAccess):
         see the new file."""
         self._file = files.open_h5(self._path, "r+", locking=self._locking)
         forks.watch(self, self._file, self._path)
-        self._shape_seen = (self._file, self._file.id.fileno, reshapes(self._file.id.fileno))
+        self._shape_seen = _ShapeSeen.now(self._file)
         matrix = self._file.get(fmt.MATRIX)
         self._dims.shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else (0, 0)
         self._point_managers_at(self._file)
@@ -115,7 +128,7 @@ class LoomConnection(LoomAccess):
         f = self._file
         self.version = fmt.read_spec_version(f)
         legacy = self.version.is_legacy
-        self._shape_seen = (f, f.id.fileno, reshapes(f.id.fileno))  # (see _sync_shape)
+        self._shape_seen = _ShapeSeen.now(f)  # (see _sync_shape)
         matrix = f.get(fmt.MATRIX)
         self._dims = Dims(matrix.shape if isinstance(matrix, h5py.Dataset) else (0, 0),
                           on_sync=_shape_syncer(weakref.ref(self)))
@@ -137,12 +150,12 @@ class LoomConnection(LoomAccess):
         """Take the matrix shape on disk, and the column attributes with it, when another
         connection to the file in this process appended columns (``on_disk``: look whether it did)."""
         file, seen = self._file, self._shape_seen
-        if not on_disk and seen[0] is file and reshapes(seen[1]) == seen[2]:
+        if not on_disk and seen.file is file and reshapes(seen.opening) == seen.reshapes:
             return
         with closed_meanwhile(self._check_open):
             if not file:
                 return
-            self._shape_seen = (file, file.id.fileno, reshapes(file.id.fileno))
+            self._shape_seen = _ShapeSeen.now(file)
             matrix = file.get(fmt.MATRIX)
             shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else None
         if shape is not None and shape != self._dims.shape:

@@ -80,7 +80,7 @@ def run_in_order(tasks: Sequence[Callable[[], T]], consume: Callable[[T], None],
                 return
             try:
                 run(k)
-            except BaseException:
+            except BaseException:  # (run recorded it in failures: the calling thread raises it)
                 return
 
     helpers = [threading.Thread(target=helper, daemon=True) for _ in range(min(THREADS - 1, len(tasks) - 1))]
