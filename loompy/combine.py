@@ -384,14 +384,18 @@ def permute(ds: LoomConnection, ordering: Any, axis: int) -> None:
     length = ds.shape[axis]
     order = permutation(ordering, length, ds.filename)
     f = ds._file
+    number = f.id.fileno
     # writes of other threads (loompy's, to any part of the file) wait for the rewrite, then are refused;
     # their reads of the layers wait too
-    with rewriting(f), engine.writing_all([ds.layers[name]._dataset for name in ds.layers.keys()]):
-        try:
-            _permute_into(ds, f, order, axis)
-        finally:  # the file is the permuted one, or (after a failure) the old one, unchanged: reopen it
-            if not ds._file:
-                ds._reopen()
+    try:
+        with rewriting(f), engine.writing_all([ds.layers[name]._dataset for name in ds.layers.keys()]):
+            try:
+                _permute_into(ds, f, order, axis)
+            finally:  # the file is the permuted one, or (after a failure) the old one, unchanged: reopen it
+                if not ds._file:
+                    ds._reopen()
+    finally:  # the old file's turns, given back only now, once it is closed (it is, unless this failed early)
+        engine.forget_opening(number)
 
 
 def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, axis: int) -> None:
@@ -436,9 +440,7 @@ def _permute_into(ds: LoomConnection, f: h5py.File, order: np.ndarray, axis: int
         engine.forget_file(ds._file)
         old, ds._file = ds._file, ClosedFile(ds.filename, "its file is being replaced by permute in another thread")
         ds._point_managers_at(ds._file)  # (until permute reopens it: other threads are told so)
-        number = old.id.fileno
-        old.close()  # the rename replaces the file under this handle
-        engine.forget_opening(number)
+        old.close()  # the rename replaces the file under this handle (its turns: see permute)
 
 
 def repack(filename: str | os.PathLike) -> None:

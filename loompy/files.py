@@ -33,6 +33,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from . import forks
+from .engine import forget_opening
 from .errors import LoomError, LoomFileError, LoomFileNotFoundError, LoomFormatError, LoomLockError, LoomValueError
 from .handles import SPARE_BYTES, check_free_space
 from .validator import looks_like_loom
@@ -185,6 +186,7 @@ def replacing(path: str | os.PathLike | bytes, own: Any = None, size: int = 0) -
             stack.callback(_close_quietly, f)  # (should the flusher's start be interrupted: f is closed below)
             flusher = stack.enter_context(_EarlyFlush(tmp))
             forks.watch(f, f, tmp)
+            stack.callback(forget_opening, f.id.fileno)  # (the engine's turns for its datasets, once it is closed)
             try:
                 with f:
                     try:

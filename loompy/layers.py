@@ -201,7 +201,9 @@ class LayerManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_file", file)
         object.__setattr__(self, "_filename", file.filename)
         object.__setattr__(self, "_dims", dims)
-        object.__setattr__(self, "_found", {})  # name -> (the layer given out last, its dataset's address)
+        # name -> (dataset, file state, address) last found: not the layer object, which refers to this
+        # manager (a cycle would keep the file open, and locked, after a connection is let go of unclosed)
+        object.__setattr__(self, "_found", {})
 
     @property
     def _where(self) -> str:
@@ -224,16 +226,15 @@ class LayerManager(DotAccess, MutableMapping):
         state = LoomLayer._state(self._file)
         found = self._found.get(name)
         # nothing changed the layers (an h5py rename would leave another dataset at the address): 3 us, a lookup 33
-        if found is not None and found[0]._known[0] == state and found[1] == fmt.address(self._file, found[0]._path):
-            return found[0]
+        if found is not None and found[1] == state and found[2] == fmt.address(self._file, fmt.layer_path(name)):
+            return LoomLayer(name, found[0], self, state)
         dataset = self._dataset(name)
         if dataset is None:
             if not self._file:  # (closed by another thread as this looked: no layer is there to find)
                 raise LoomFileError(f"{self._filename}: {why_closed(self._file)}")
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        layer = LoomLayer(name, dataset, self, state)
-        self._found[name] = (layer, fmt.address(dataset))
-        return layer
+        self._found[name] = (dataset, state, fmt.address(dataset))
+        return LoomLayer(name, dataset, self, state)
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._dataset(name) is not None

@@ -1933,3 +1933,29 @@ def test_a_sparse_matrix_built_from_damaged_arrays_is_refused_before_anything_is
     good = sp.csc_matrix(m)
     with loompy.create(tmp_path / "good.loom", good, {}, {}) as ds:
         np.testing.assert_array_equal(ds[:, :], m)
+
+
+def test_a_connection_let_go_of_without_close_unlocks_its_file_at_once(small):
+    """The seed says there is usually no need to close: a connection dropped unclosed kept its file
+    open, and locked against other processes, until Python's cycle collector ran (a layer and its
+    manager referred to each other)."""
+    import gc
+    import subprocess
+    import sys
+
+    path, m, *_ = small
+    gc.disable()
+    try:
+        for mode in ("r", "r+"):
+            ds = loompy.connect(path, mode)
+            ds[0:2, :]
+            layer = ds.layers[""]
+            assert layer[0, 0] == m[0, 0] and ds.layers[""][1, 1] == m[1, 1]
+            del ds, layer
+            opened = subprocess.run([sys.executable, "-c", "import h5py, sys; h5py.File(sys.argv[1], 'r+').close()",
+                                     str(path)], capture_output=True, text=True)
+            assert opened.returncode == 0, (mode, opened.stderr[-300:])
+    finally:
+        gc.enable()
+    rows = loompy.connect(path).layers[""]  # (the layer alone keeps what it needs open)
+    np.testing.assert_array_equal(rows[0:2, :], m[0:2, :])

@@ -1238,6 +1238,24 @@ def test_what_is_kept_per_file_goes_when_its_last_connection_closes(tmp_path):
     assert len(storage._turns) == before[0]
 
 
+def test_what_is_kept_per_file_goes_after_rewrites_too(tmp_path):
+    """create, combine and permute left the turns of the files they wrote (the new file before its
+    rename; permute's old file too) for good: one or two per call, about 2.6 KB each."""
+    from loompy.engine import storage
+
+    path, other = tmp_path / "k.loom", tmp_path / "c.loom"
+    m = np.ones((70, 70), np.float32)
+    loompy.create(path, m, {"g": np.arange(70)}, {"c": np.arange(70)}).close()
+    before = len(storage._turns)
+    for k in range(20):
+        loompy.create(path, m, {"g": np.arange(70)}, {"c": np.arange(70)}).close()
+        loompy.combine([path, path], other)
+        with loompy.connect(path) as ds:
+            ds.permute(np.random.default_rng(k).permutation(70), axis=k % 2)
+            ds[0:2, :]
+    assert len(storage._turns) == before
+
+
 def test_a_turn_held_as_its_files_last_connection_closes_is_kept(tmp_path):
     """The turns of a closing file were dropped before it closed, held or not: a connection made
     during the close's flush shared the opening, got a new lock under the same name, and wrote
