@@ -41,6 +41,13 @@ class AxisSelection:
         return self.indices if self.is_sorted_unique else np.unique(self.indices)
 
     @cached_property
+    def is_reversed(self) -> bool:
+        """Whether the request is its unique indices backwards (``::-1`` steps): a reversed view of
+        the block read gives it, with no second copy."""
+        idx = self.indices
+        return bool(idx.size > 1 and np.all(idx[1:] < idx[:-1]))
+
+    @cached_property
     def inverse(self) -> np.ndarray | None:
         """Positions in :attr:`unique` giving the requested order, or None when it is the identity."""
         if self.is_sorted_unique:
@@ -173,9 +180,22 @@ def select(key: Any, shape: tuple[int, int]) -> tuple[AxisSelection, AxisSelecti
     return select_axis(parts[0], shape[0], 0), select_axis(parts[1], shape[1], 1)
 
 
-def expand(block: np.ndarray, rows: AxisSelection, cols: AxisSelection) -> np.ndarray:
-    """From a block read at (rows.unique, cols.unique) to the requested result (order, repeats, drops)."""
-    if rows.inverse is not None and cols.inverse is not None:
+def reversed_target(block: np.ndarray, rows: AxisSelection, cols: AxisSelection) -> np.ndarray | None:
+    """Where to read (rows.unique, cols.unique) so that ``block`` (fresh, that shape) holds the request
+    once :func:`expand` has it: ``block`` backwards along each reversed axis, when each axis is in
+    order or reversed; None when some axis needs a gather (expand copies then)."""
+    if not (rows.is_reversed or cols.is_reversed) or any(
+            s.inverse is not None and not s.is_reversed for s in (rows, cols)):
+        return None
+    return block[::-1 if rows.is_reversed else 1, ::-1 if cols.is_reversed else 1]
+
+
+def expand(block: np.ndarray, rows: AxisSelection, cols: AxisSelection, in_order: bool = False) -> np.ndarray:
+    """From a block read at (rows.unique, cols.unique) to the requested result (order, repeats, drops);
+    ``in_order``: the block is in the requested order already (see :func:`reversed_target`)."""
+    if in_order:
+        pass
+    elif rows.inverse is not None and cols.inverse is not None:
         block = block[np.ix_(rows.inverse, cols.inverse)]
     elif rows.inverse is not None:
         block = block[rows.inverse]

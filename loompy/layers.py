@@ -27,7 +27,7 @@ from .handles import (
     one_of_the_writes,
     why_closed,
 )
-from .indexing import AxisSelection, expand, select, select_axis, values_for_unique
+from .indexing import AxisSelection, expand, reversed_target, select, select_axis, values_for_unique
 
 
 def _axis(selection: Any, length: int, axis: int) -> AxisSelection:
@@ -137,7 +137,12 @@ class LoomLayer(SparseForms):
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, cols = self._select(key)
-        return expand(self._read(rows.unique, cols.unique), rows, cols)
+        block = engine.fresh((rows.unique.size, cols.unique.size), self.dtype)
+        target = reversed_target(block, rows, cols)  # (a reversed read is placed backwards, not copied after)
+        if target is not None:
+            self._read(rows.unique, cols.unique, target)
+            return expand(block, rows, cols, in_order=True)
+        return expand(self._read(rows.unique, cols.unique, block), rows, cols)
 
     @property
     def _where(self) -> str:

@@ -12,7 +12,7 @@ so every valid file still reads and writes correctly. Measurements behind the ch
 """
 
 from .lines import reduce_block, reduce_columns
-from .memory import Recycler, Scratch
+from .memory import Recycler, Scratch, fresh
 from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_lines
 from .storage import (
     chunk_layout,
@@ -38,8 +38,8 @@ from .write import (
 
 __all__ = [
     "STRIP_BYTES", "Recycler", "Scratch", "chunk_layout", "copy_columns",
-    "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "forget_opening", "held_index",
-    "layer_changes",
+    "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "forget_opening", "fresh",
+    "held_index", "layer_changes",
     "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
     "reorder_columns", "resize", "write_block", "write_columns", "write_matrix", "write_rows",
     "writing_all",

@@ -309,10 +309,13 @@ def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, 
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     cols_contiguous = c1 - c0 == cols.size
     if cols_contiguous and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
+        r0 = int(rows[0])
         if out.flags.c_contiguous:
-            dataset.read_direct(out, np.s_[int(rows[0]):int(rows[-1]) + 1, c0:c1])
-        else:
-            out[...] = dataset[int(rows[0]):int(rows[-1]) + 1, c0:c1]
+            dataset.read_direct(out, np.s_[r0:r0 + rows.size, c0:c1])
+            return out
+        step = max(1, RUN_BYTES // max(1, (c1 - c0) * dataset.dtype.itemsize))  # (into a reversed view, say:
+        for a in range(0, rows.size, step):                                      # a strip at a time)
+            out[a:a + step] = dataset[r0 + a:r0 + min(rows.size, a + step), c0:c1]
         return out
     if dataset.chunks is None:  # (strips of 64 rows read 10x the rows of 500 scattered ones of 5,000)
         starts = np.flatnonzero(np.diff(rows, prepend=-CLOSE_ROWS - 1) > CLOSE_ROWS)
