@@ -105,6 +105,8 @@ class LoomConnection(LoomAccess):
             raise
         files.register(self)
         forks.watch(self, self._file, self._path)
+        engine.forget_let_go()  # (what earlier connections let go of unclosed kept for their files)
+        self._forget_if_let_go()
         self._ready = True  # (ds.Name = values is refused from now on: see LoomAccess.__setattr__)
 
     def _reopen(self) -> None:
@@ -113,12 +115,20 @@ class LoomConnection(LoomAccess):
         see the new file."""
         self._file = files.open_h5(self._path, "r+", locking=self._locking)
         forks.watch(self, self._file, self._path)
+        self._forget_unclosed.detach()  # (the old opening: permute forgot it)
+        self._forget_if_let_go()
         self._shape_seen = _ShapeSeen.now(self._file)
         matrix = self._file.get(fmt.MATRIX)
         self._dims.shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else (0, 0)
         self._point_managers_at(self._file)
         self.row_attrs._forget()
         self.col_attrs._forget()
+
+    def _forget_if_let_go(self) -> None:
+        """Have the engine forget this connection's opening of the file, should the connection be let
+        go of without close() (see engine.forget_later); close() forgets it itself."""
+        self._forget_unclosed = weakref.finalize(self, engine.forget_later, self._file.id.fileno)
+        self._forget_unclosed.atexit = False  # (at exit nothing needs forgetting)
 
     def _point_managers_at(self, file: h5py.File | ClosedFile) -> None:
         for manager in (self.layers, self.row_attrs, self.col_attrs, self.row_graphs, self.col_graphs, self.attrs):
@@ -212,6 +222,7 @@ class LoomConnection(LoomAccess):
             failure = failure or error
         if not file:
             engine.forget_opening(number)
+            self._forget_unclosed.detach()
             self._let_go()
         else:
             forks.watch(self, file, self._path)

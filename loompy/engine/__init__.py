@@ -19,6 +19,8 @@ from .storage import (
     expect_reads,
     forget,
     forget_file,
+    forget_later,
+    forget_let_go,
     forget_opening,
     held_index,
     layer_changes,
@@ -38,7 +40,8 @@ from .write import (
 
 __all__ = [
     "STRIP_BYTES", "Recycler", "Scratch", "chunk_layout", "copy_columns",
-    "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "forget_opening", "fresh",
+    "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "forget_later",
+    "forget_let_go", "forget_opening", "fresh",
     "held_index", "layer_changes",
     "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
     "reorder_columns", "resize", "write_block", "write_columns", "write_matrix", "write_rows",

@@ -490,22 +490,42 @@ def forget_file(file: h5py.File) -> None:
                 del table[key]
 
 
-def forget_opening(number: tuple) -> None:
+def forget_opening(number: tuple) -> bool:
     """After a close: once nothing in this process has the opening HDF5 numbers ``number`` open (a
     connection made meanwhile shares it), drop its datasets' turns that nobody holds or waits for,
-    its count of layer changes and its count of shape changes. (They were kept for good: 2.5 KB per
-    file opened; a turn still held, by a read the close did not wait for, stays.)"""
+    its count of layer changes and its count of shape changes, and say True. (They were kept for
+    good: 2.5 KB per file opened; a turn still held, by a read the close did not wait for, stays.)"""
     with _lock:
         try:
             if any(f.fileno == number for f in h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)):
-                return
+                return False
         except (ValueError, RuntimeError):
-            return
+            return False
         for key in [key for key in _turns if key[0] == number]:
             if _turns[key].idle:
                 del _turns[key]
         _layer_changes.pop(number, None)
         forget_reshapes(number)
+        return True
+
+
+_let_go: set[tuple] = set()  # openings of connections let go of unclosed, to forget once they are closed
+
+
+def forget_later(number: tuple) -> None:
+    """Note that a connection with the opening ``number`` was let go of without close(): its file
+    closes as the last object referring to it goes, and :func:`forget_let_go` then forgets it."""
+    with _lock:
+        _let_go.add(number)
+
+
+def forget_let_go() -> None:
+    """Forget the openings of connections let go of unclosed that are closed by now (a process that
+    connects without closing, as the seed allows, kept 2.5 KB for each)."""
+    if _let_go:
+        for number in list(_let_go):
+            if forget_opening(number):
+                _let_go.discard(number)
 
 
 _layer_changes: dict[int, int] = {}  # per opening of a file (shared by its connections): see layers_changed
