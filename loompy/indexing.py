@@ -44,8 +44,10 @@ class AxisSelection:
     def is_reversed(self) -> bool:
         """Whether the request is its unique indices backwards (``::-1`` steps): a reversed view of
         the block read gives it, with no second copy."""
+        if self.is_sorted_unique:  # (the usual case, known already: nothing to compute)
+            return False
         idx = self.indices
-        return bool(idx.size > 1 and np.all(idx[1:] < idx[:-1]))
+        return bool(np.all(idx[1:] < idx[:-1]))
 
     @cached_property
     def inverse(self) -> np.ndarray | None:

@@ -83,16 +83,28 @@ def _touched_bytes(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray) ->
     return len(np.unique(rows // h)) * len(np.unique(cols // w)) * h * w * dataset.dtype.itemsize
 
 
+class _SharedFile:
+    """The file a connection's layers are in, shared by its layer manager and the layers it gives out:
+    a file reopened (by permute) reaches them all. The layers refer to this, not to the manager, which
+    keeps them (a cycle kept a file open, and locked, after its connection was let go of unclosed)."""
+
+    __slots__ = ("file",)
+
+    def __init__(self, file: h5py.File) -> None:
+        self.file = file
+
+
 class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
-    def __init__(self, name: str, dataset: h5py.Dataset, owner: LayerManager, state: tuple[int, int]) -> None:
+    def __init__(self, name: str, dataset: h5py.Dataset, shared: _SharedFile, filename: str,
+                 state: tuple[int, int]) -> None:
         """``dataset``: what the manager found at the layer's path in file state ``state`` (taken
         before it looked: a replacement in another thread meanwhile makes the next use look again)."""
         self.name = name
         self._path = fmt.layer_path(name)  # (not dataset.name: a swap may be moving it right now)
-        self._owner = owner  # the connection's layer manager: its file is the connection's, even reopened
-        self._filename = owner._filename
+        self._shared = shared  # the connection's file, even reopened
+        self._filename = filename
         self._known: tuple[Any, h5py.Dataset] = (state, dataset)  # (file state, dataset) last looked up
 
     @staticmethod
@@ -102,7 +114,7 @@ class LoomLayer(SparseForms):
 
     @property
     def _file(self) -> h5py.File:
-        return self._owner._file
+        return self._shared.file
 
     @property
     def _dataset(self) -> h5py.Dataset:
@@ -137,12 +149,14 @@ class LoomLayer(SparseForms):
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, cols = self._select(key)
-        block = engine.fresh((rows.unique.size, cols.unique.size), self.dtype)
-        target = reversed_target(block, rows, cols)  # (a reversed read is placed backwards, not copied after)
-        if target is not None:
-            self._read(rows.unique, cols.unique, target)
-            return expand(block, rows, cols, in_order=True)
-        return expand(self._read(rows.unique, cols.unique, block), rows, cols)
+        if rows.is_reversed or cols.is_reversed:  # (placed backwards as it is read, not copied after)
+            block = engine.fresh((rows.unique.size, cols.unique.size), self.dtype)
+            target = reversed_target(block, rows, cols)
+            if target is not None:
+                self._read(rows.unique, cols.unique, target)
+                return expand(block, rows, cols, in_order=True)
+            return expand(self._read(rows.unique, cols.unique, block), rows, cols)
+        return expand(self._read(rows.unique, cols.unique), rows, cols)
 
     @property
     def _where(self) -> str:
@@ -203,12 +217,18 @@ class LayerManager(DotAccess, MutableMapping):
     """Layers by name; ``""`` is the main matrix at ``/matrix``."""
 
     def __init__(self, file: h5py.File, dims: Dims) -> None:
-        object.__setattr__(self, "_file", file)
+        object.__setattr__(self, "_shared", _SharedFile(file))
         object.__setattr__(self, "_filename", file.filename)
         object.__setattr__(self, "_dims", dims)
-        # name -> (dataset, file state, address) last found: not the layer object, which refers to this
-        # manager (a cycle would keep the file open, and locked, after a connection is let go of unclosed)
-        object.__setattr__(self, "_found", {})
+        object.__setattr__(self, "_found", {})  # name -> (the layer given out last, its dataset's address)
+
+    @property
+    def _file(self) -> h5py.File:
+        return self._shared.file
+
+    @_file.setter
+    def _file(self, file: h5py.File) -> None:  # (the connection's file, reopened or closed)
+        self._shared.file = file
 
     @property
     def _where(self) -> str:
@@ -231,15 +251,16 @@ class LayerManager(DotAccess, MutableMapping):
         state = LoomLayer._state(self._file)
         found = self._found.get(name)
         # nothing changed the layers (an h5py rename would leave another dataset at the address): 3 us, a lookup 33
-        if found is not None and found[1] == state and found[2] == fmt.address(self._file, fmt.layer_path(name)):
-            return LoomLayer(name, found[0], self, state)
+        if found is not None and found[0]._known[0] == state and found[1] == fmt.address(self._file, found[0]._path):
+            return found[0]
         dataset = self._dataset(name)
         if dataset is None:
             if not self._file:  # (closed by another thread as this looked: no layer is there to find)
                 raise LoomFileError(f"{self._filename}: {why_closed(self._file)}")
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        self._found[name] = (dataset, state, fmt.address(dataset))
-        return LoomLayer(name, dataset, self, state)
+        layer = LoomLayer(name, dataset, self._shared, self._filename, state)
+        self._found[name] = (layer, fmt.address(dataset))
+        return layer
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self._dataset(name) is not None
