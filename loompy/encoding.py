@@ -251,7 +251,8 @@ def _integers(items: list, where: str) -> np.ndarray | None:
     if len(ints) < len(items):
         if all(isinstance(x, (numbers.Real, np.number)) or _missing(x) for x in items) and \
                 not all(_exact_float(x) for x in ints):
-            others, advice = ("missing values", "fill those first") if any(map(_missing, items)) else \
+            gaps = any(_missing(x) or (isinstance(x, (float, np.floating)) and x != x) for x in items)  # (NaN)
+            others, advice = ("missing values", "fill those first") if gaps else \
                 ("fractions", "give them as one dtype")
             raise LoomValueError(f"{where}: integers mixed with {others} would lose digits as float64 "
                                  f"(e.g. {next(x for x in ints if not _exact_float(x))}); {advice}")

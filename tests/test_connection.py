@@ -1876,6 +1876,8 @@ def test_pandas_nullable_integers_keep_every_digit_or_are_refused(small):
             with pytest.raises(loompy.LoomValueError,
                                match=rf"small.loom: column attribute 'id'.*missing values.*{big}.*fill those first"):
                 ds.ca["id"] = pd.array([big, None, 3, 4, 5, 6, 7, 8], dtype=dtype)
+        with pytest.raises(loompy.LoomValueError, match=r"column attribute 'id'.*missing values.*fill those first"):
+            ds.ca["id"] = [2**62 + 1, float("nan"), 3, 4, 5, 6, 7, 8]
     assert digest(path) == before
     with loompy.connect(path) as ds:
         ds.ca["id"] = pd.array([2**62 + 1, 2, 3, 4, 5, 6, 7, 8], dtype="Int64")

@@ -1295,3 +1295,43 @@ def test_what_is_kept_per_file_goes_after_connections_let_go_of_unclosed(tmp_pat
     loompy.connect(path).close()
     assert (len(storage._turns), len(storage._layer_changes), len(handles._reshaped)) == before
     assert not storage._let_go
+
+
+def test_a_connection_collected_in_a_cycle_inside_h5py_does_not_deadlock(tmp_path):
+    """What a connection let go of unclosed leaves is noted when the cycle collector frees it, which
+    may be in a thread inside h5py (holding h5py's lock) while another thread holds the engine's lock
+    and waits for h5py: noting it took the engine's lock, and both threads waited for good."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import gc, threading
+        import h5py, numpy as np, loompy
+        from h5py._objects import phil
+        from loompy.engine import storage
+        path = {str(tmp_path / "d.loom")!r}
+        loompy.create(path, np.ones((3, 3), np.float32), {{}}, {{}}).close()
+        gc.disable()
+        ds = loompy.connect(path)
+        cycle = [ds, None]
+        cycle[1] = cycle
+        del ds, cycle
+        locked, go = threading.Event(), threading.Event()
+        def engine_then_h5py():
+            with storage._lock:
+                locked.set()
+                go.wait()
+                h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)
+        threading.Thread(target=engine_then_h5py, daemon=True).start()
+        locked.wait()
+        with phil:
+            go.set()
+            gc.collect()
+        print("done")
+    """)
+    try:
+        run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two threads waited for each other")
+    assert run.stdout.strip() == "done", run.stderr[-500:]

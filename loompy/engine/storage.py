@@ -514,9 +514,11 @@ _let_go: set[tuple] = set()  # openings of connections let go of unclosed, to fo
 
 def forget_later(number: tuple) -> None:
     """Note that a connection with the opening ``number`` was let go of without close(): its file
-    closes as the last object referring to it goes, and :func:`forget_let_go` then forgets it."""
-    with _lock:
-        _let_go.add(number)
+    closes as the last object referring to it goes, and :func:`forget_let_go` then forgets it.
+
+    Takes no lock: the cycle collector may call it in any thread, also one inside h5py while another
+    holds ``_lock`` and waits for h5py (both waited for good). A set's ``add`` is atomic as it is."""
+    _let_go.add(number)
 
 
 def forget_let_go() -> None:
