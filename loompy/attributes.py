@@ -29,7 +29,7 @@ def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
             return np.asarray(values).astype(str)
         wanted, arr = np.dtype(dtype), np.asarray(values)
         if arr.dtype.kind in "US" and wanted.kind in "iuf":  # numbers written out: read exactly, then as numbers
-            arr = _numbers_in_text(arr, wanted)
+            arr = _numbers_in_text(arr, wanted, where)
         if arr.dtype.kind in "biuf" and wanted.kind in "biuf":
             return fmt.cast_values(arr, wanted, where)
         return np.asarray(values, dtype=dtype)
@@ -39,16 +39,12 @@ def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
         raise LoomValueError(f"{where}: cannot convert values to dtype {dtype!r} ({exc})") from exc
 
 
-def _numbers_in_text(texts: np.ndarray, wanted: np.dtype) -> np.ndarray:
+def _numbers_in_text(texts: np.ndarray, wanted: np.dtype, where: str) -> np.ndarray:
     """The numbers ``texts`` spell, as float64 for a float ``wanted``, else as exact integers
     (int64 or uint64: "1.5" is not an integer, and "300" stays 300 for the caller to refuse as uint8)."""
-    if wanted.kind == "f":
-        return texts.astype(np.float64)
-    whole = [int(x) for x in texts.ravel().tolist()]
-    for kind in (np.int64, np.uint64):
-        if not whole or (np.iinfo(kind).min <= min(whole) and max(whole) <= np.iinfo(kind).max):
-            return np.array(whole, dtype=kind).reshape(texts.shape)
-    raise ValueError(f"integers from {min(whole)} to {max(whole)} do not fit a 64-bit integer type")
+    if wanted.kind == "f" or not texts.size:
+        return texts.astype(np.float64 if wanted.kind == "f" else np.int64)
+    return encoding.exact_integers([int(x) for x in texts.ravel().tolist()], where).reshape(texts.shape)
 
 
 class DotAccess:

@@ -19,6 +19,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import scipy.sparse as sp
 
 from .errors import LoomValueError
 
@@ -139,7 +140,7 @@ def matrix_values(values: Any, where: str) -> Any:
     """A user's matrix values: dense ones as an array of numbers (masked entries, ragged nesting and
     values that are not numbers, such as text or objects, are refused); a scipy.sparse matrix as it
     is, once its structure is found sound."""
-    if hasattr(values, "tocsc") and hasattr(values, "nnz"):  # (scipy.sparse, without importing it here)
+    if sp.issparse(values):
         _check_sparse(values, where)
         if values.dtype.kind not in "biuf":
             raise LoomValueError(f"{where}: cannot store values of dtype {values.dtype} in a matrix")
@@ -187,7 +188,7 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         raise LoomValueError(f"{where}: cannot convert values to an array ({exc})") from exc
     # integers numpy made floats? (Python values, and pandas' nullable integers with missing ones)
     if not isinstance(values, np.ndarray) and _maybe_rounded(arr):
-        whole = _integers(np.asarray(values, dtype=object).ravel().tolist(), where)
+        whole = exact_integers(np.asarray(values, dtype=object).ravel().tolist(), where)
         arr = arr if whole is None else whole.reshape(arr.shape)
     if arr.dtype.kind == "O":
         items = arr.ravel().tolist()
@@ -206,7 +207,7 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
             except Exception as exc:
                 raise LoomValueError(f"{where}: cannot store values of mixed types") from exc
             if converted.dtype.kind == "O" or _maybe_rounded(converted):
-                whole = _integers(items, where)
+                whole = exact_integers(items, where)
                 converted = converted if whole is None else whole.reshape(arr.shape)
             arr = converted
             if arr.dtype.kind == "O":
@@ -241,7 +242,7 @@ def _maybe_rounded(arr: np.ndarray) -> bool:
         return bool(np.nanmax(np.abs(arr)) >= 2.0**53) if not np.isnan(arr).all() else False
 
 
-def _integers(items: list, where: str) -> np.ndarray | None:
+def exact_integers(items: list, where: str) -> np.ndarray | None:
     """Items that are all integers as int64, else uint64, exactly (numpy made ``[2**63 + 5, 1]``
     float64, losing the first); None for other items, refused where integers mixed with
     fractions would not keep their value as float64, or where one needs more than 64 bits."""
