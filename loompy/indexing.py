@@ -182,27 +182,28 @@ def select(key: Any, shape: tuple[int, int]) -> tuple[AxisSelection, AxisSelecti
     return select_axis(parts[0], shape[0], 0), select_axis(parts[1], shape[1], 1)
 
 
-def reversed_target(block: np.ndarray, rows: AxisSelection, cols: AxisSelection) -> np.ndarray | None:
-    """Where to read (rows.unique, cols.unique) so that ``block`` (fresh, that shape) holds the request
-    once :func:`expand` has it: ``block`` backwards along each reversed axis, when each axis is in
-    order or reversed; None when some axis needs a gather (expand copies then)."""
+def reversed_steps(rows: AxisSelection, cols: AxisSelection) -> tuple[slice, slice] | None:
+    """When an axis is reversed and neither needs a gather: the steps (``::-1`` on each reversed
+    axis) that make a block of (rows.unique, cols.unique) the request, as a view to read into."""
     if not (rows.is_reversed or cols.is_reversed) or any(
             s.inverse is not None and not s.is_reversed for s in (rows, cols)):
         return None
-    return block[::-1 if rows.is_reversed else 1, ::-1 if cols.is_reversed else 1]
+    return slice(None, None, -1 if rows.is_reversed else 1), slice(None, None, -1 if cols.is_reversed else 1)
 
 
-def expand(block: np.ndarray, rows: AxisSelection, cols: AxisSelection, in_order: bool = False) -> np.ndarray:
-    """From a block read at (rows.unique, cols.unique) to the requested result (order, repeats, drops);
-    ``in_order``: the block is in the requested order already (see :func:`reversed_target`)."""
-    if in_order:
-        pass
-    elif rows.inverse is not None and cols.inverse is not None:
+def expand(block: np.ndarray, rows: AxisSelection, cols: AxisSelection) -> np.ndarray:
+    """From a block read at (rows.unique, cols.unique) to the requested result (order, repeats, drops)."""
+    if rows.inverse is not None and cols.inverse is not None:
         block = block[np.ix_(rows.inverse, cols.inverse)]
     elif rows.inverse is not None:
         block = block[rows.inverse]
     elif cols.inverse is not None:
         block = block[:, cols.inverse]
+    return dropped(block, rows, cols)
+
+
+def dropped(block: np.ndarray, rows: AxisSelection, cols: AxisSelection) -> np.ndarray:
+    """``block``, in the request's order, without the axes an integer selected."""
     if rows.drop and cols.drop:
         return block[0, 0]
     if rows.drop:

@@ -27,7 +27,7 @@ from .handles import (
     one_of_the_writes,
     why_closed,
 )
-from .indexing import AxisSelection, expand, reversed_target, select, select_axis, values_for_unique
+from .indexing import AxisSelection, dropped, expand, reversed_steps, select, select_axis, values_for_unique
 
 
 def _axis(selection: Any, length: int, axis: int) -> AxisSelection:
@@ -149,13 +149,11 @@ class LoomLayer(SparseForms):
 
     def __getitem__(self, key: Any) -> np.ndarray:
         rows, cols = self._select(key)
-        if rows.is_reversed or cols.is_reversed:  # (placed backwards as it is read, not copied after)
+        steps = reversed_steps(rows, cols)
+        if steps is not None:  # (placed backwards as it is read, not copied after)
             block = engine.fresh((rows.unique.size, cols.unique.size), self.dtype)
-            target = reversed_target(block, rows, cols)
-            if target is not None:
-                self._read(rows.unique, cols.unique, target)
-                return expand(block, rows, cols, in_order=True)
-            return expand(self._read(rows.unique, cols.unique, block), rows, cols)
+            self._read(rows.unique, cols.unique, block[steps])
+            return dropped(block, rows, cols)
         return expand(self._read(rows.unique, cols.unique), rows, cols)
 
     @property

@@ -308,14 +308,14 @@ def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, 
     rows close together), then pick the elements."""
     c0, c1 = int(cols[0]), int(cols[-1]) + 1
     cols_contiguous = c1 - c0 == cols.size
+    span = max(1, RUN_BYTES // max(1, (c1 - c0) * dataset.dtype.itemsize))  # rows read at once, at most
     if cols_contiguous and int(rows[-1]) - int(rows[0]) + 1 == rows.size:
         r0 = int(rows[0])
         if out.flags.c_contiguous:
             dataset.read_direct(out, np.s_[r0:r0 + rows.size, c0:c1])
             return out
-        step = max(1, RUN_BYTES // max(1, (c1 - c0) * dataset.dtype.itemsize))  # (into a reversed view, say:
-        for a in range(0, rows.size, step):                                      # a strip at a time)
-            out[a:a + step] = dataset[r0 + a:r0 + min(rows.size, a + step), c0:c1]
+        for a in range(0, rows.size, span):  # (into a reversed view, say: a strip at a time)
+            out[a:a + span] = dataset[r0 + a:r0 + min(rows.size, a + span), c0:c1]
         return out
     if dataset.chunks is None:  # (strips of 64 rows read 10x the rows of 500 scattered ones of 5,000)
         starts = np.flatnonzero(np.diff(rows, prepend=-CLOSE_ROWS - 1) > CLOSE_ROWS)
@@ -326,7 +326,6 @@ def _read_block_h5py(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray, 
                 block = dataset[rows, c0:c1]
                 out[...] = block if cols_contiguous else block[:, cols - c0]
             return out
-        span = max(1, RUN_BYTES // max(1, (c1 - c0) * dataset.dtype.itemsize))  # rows read at once, at most
         runs = []
         for a, b in zip(starts.tolist(), [*starts[1:].tolist(), rows.size]):
             while a < b:  # (every 4th row of 40,000 would be one read of all of them)
