@@ -28,7 +28,7 @@ def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
         if dtype in ("string", "str", str):
             return np.asarray(values).astype(str)
         wanted, arr = np.dtype(dtype), np.asarray(values)
-        if arr.dtype.kind in "US" and wanted.kind in "iuf":  # numbers written out: read exactly, then as numbers
+        if arr.dtype.kind in "US" and wanted.kind in "biuf":  # written out: read exactly, then as numbers
             arr = _numbers_in_text(arr, wanted, where)
         if arr.dtype.kind in "biuf" and wanted.kind in "biuf":
             return fmt.cast_values(arr, wanted, where)
@@ -39,9 +39,20 @@ def _convert(values: Any, dtype: Any, where: str) -> np.ndarray:
         raise LoomValueError(f"{where}: cannot convert values to dtype {dtype!r} ({exc})") from exc
 
 
+_TRUTHS = {"true": True, "1": True, "false": False, "0": False}  # what text may say for a boolean
+
+
 def _numbers_in_text(texts: np.ndarray, wanted: np.dtype, where: str) -> np.ndarray:
-    """The numbers ``texts`` spell, as float64 for a float ``wanted``, else as exact integers
-    (int64 or uint64: "1.5" is not an integer, and "300" stays 300 for the caller to refuse as uint8)."""
+    """The numbers ``texts`` spell, as float64 for a float ``wanted``, booleans for a boolean one
+    (numpy would take any non-empty text, "False" too, for True), else as exact integers (int64 or
+    uint64: "1.5" is not an integer, and "300" stays 300 for the caller to refuse as uint8)."""
+    if wanted.kind == "b":
+        words = [(x.decode("utf-8", "replace") if isinstance(x, bytes) else x).strip().lower()
+                 for x in texts.ravel().tolist()]
+        wrong = [w for w in words if w not in _TRUTHS]
+        if wrong:
+            raise ValueError(f"'{wrong[0]}' is not a boolean (true, false, 1 or 0)")
+        return np.array([_TRUTHS[w] for w in words], dtype=bool).reshape(texts.shape)
     if wanted.kind == "f" or not texts.size:
         return texts.astype(np.float64 if wanted.kind == "f" else np.int64)
     return encoding.exact_integers([int(x) for x in texts.ravel().tolist()], where).reshape(texts.shape)

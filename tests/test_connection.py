@@ -1961,3 +1961,16 @@ def test_a_connection_let_go_of_without_close_unlocks_its_file_at_once(small):
         gc.enable()
     rows = loompy.connect(path).layers[""]  # (the layer alone keeps what it needs open)
     np.testing.assert_array_equal(rows[0:2, :], m[0:2, :])
+
+
+def test_text_given_a_boolean_dtype_is_read_as_what_it_says(small):
+    """numpy takes any non-empty text for True: set_attr(["False", "True", ...], dtype=bool) stored
+    every value as True."""
+    path, *_ = small
+    with loompy.connect(path) as ds:
+        ds.set_attr("B", np.array(["False", "True", "0", "1", "true", " FALSE ", "1", "0"]), axis=1, dtype=bool)
+        assert ds.ca.B.tolist() == [0, 1, 0, 1, 1, 0, 1, 0]
+        before = ds.ca.B.copy()
+        with pytest.raises(loompy.LoomValueError, match=r"small\.loom: column attribute 'B'.*'yes' is not a boolean"):
+            ds.set_attr("B", np.array(["yes"] * 8), axis=1, dtype=bool)
+        np.testing.assert_array_equal(ds.ca.B, before)
