@@ -144,10 +144,10 @@ def _read_table(path: str | os.PathLike, delim: str, n_cells: int, dtype: np.dty
                 values = np.array(fields[1:], dtype=np.float64)
             except ValueError as exc:
                 raise LoomValueError(f"{path}: line {number} holds a value that is not a number ({exc})") from None
-            values = fmt.cast_values(values, dtype, f"{path}: line {number}")  # (0.5 into integers is refused)
             where = np.flatnonzero(values).astype(np.int32)
             indices.append(where)
-            data.append(values[where])
+            # (only the non-zeros need the check: 0.5 into integers is refused, and 0 fits any dtype)
+            data.append(fmt.cast_values(values[where], dtype, f"{path}: line {number}"))
             indptr.append(indptr[-1] + where.size)
             genes.append(_unquoted(fields[0]))
     matrix = sp.csr_matrix((np.concatenate(data) if data else np.zeros(0, dtype),
