@@ -311,7 +311,9 @@ def _aggregator(how: Any, where: str) -> Callable[[np.ndarray, int], np.ndarray]
         name = getattr(how, "__name__", None)
         if getattr(np, name or "", None) is how and name in AGGREGATORS:
             return AGGREGATORS[name]
-        return lambda v, a: np.apply_along_axis(how, a, v)
+        # (one value per line, then one array of them all: numpy's apply_along_axis gives every
+        # line the dtype of the first line's value, so 2.5 became 2 after a first 0)
+        return lambda v, a: np.array([how(line) for line in (v if a == 1 else v.T)])
     if how not in AGGREGATORS:
         raise LoomValueError(f"{where}: unknown aggregation {how!r} (use one of {sorted(AGGREGATORS)}, "
                              "or a function of a group's values)")
@@ -333,6 +335,9 @@ def _aggregate_values(values: np.ndarray, how: str, where: str) -> Any:
     if how == "mean" and values.dtype.kind == "f":  # in the attribute's own dtype, as loompy 3 stores it
         return AGGREGATORS[how](values, 0).astype(values.dtype)  # (summed in float64, then rounded once)
     return AGGREGATORS[how](values, 0)
+
+
+AGGREGATE_BATCH_BYTES = 64 << 20  # rows read at once by aggregate: this many bytes as float64
 
 
 def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, select: Any = None,
@@ -378,7 +383,7 @@ def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, sel
         col_attrs = _aggregated_columns(ds, where, group_by, groups, members, aggr_ca_by, aggr_ca_if_equal)
     result: np.ndarray | None = None
     everything = np.arange(ds.shape[0], dtype=np.int64)
-    step = max(1, (64 << 20) // max(1, 8 * len(cols)))
+    step = max(1, AGGREGATE_BATCH_BYTES // max(1, 8 * len(cols)))
     local = [np.searchsorted(cols, m) for m in members]
     # each batch is its own read: the function (perhaps the user's, perhaps writing) runs outside any read,
     # which a thread it waits for could itself be waiting on
@@ -389,6 +394,8 @@ def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, sel
         stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))
         if result is None:
             result = np.empty((ds.shape[0], len(groups)), dtype=stacked.dtype)
+        elif np.result_type(result.dtype, stacked.dtype) != result.dtype:  # (a function's 0 first, 0.5 later)
+            result = result.astype(np.result_type(result.dtype, stacked.dtype))
         result[start:start + len(batch)] = stacked
     if result is None:
         result = np.zeros((ds.shape[0], len(groups)))

@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 import loompy
+from loompy import operations
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +191,25 @@ def test_aggregate_of_float32_sums_and_averages_in_float64(tmp_path):
                               ("median", np.median(exact, axis=1)), ("nansum", exact.sum(axis=1))):
             got = ds.aggregate(group_by="Clusters", aggr_by=how)
             assert got.dtype == np.float64 and got[:, 0].tolist() == expected.tolist(), how
+
+
+def test_aggregate_with_a_function_keeps_every_value_whatever_the_first_gives(tmp_path, monkeypatch):
+    """A function giving 0 for the first rows and halves later: every value kept, within a batch
+    and across batches (numpy's apply_along_axis gives all of a batch the first value's dtype)."""
+    m = np.arange(24, dtype=np.int32).reshape(6, 4)
+    path = tmp_path / "f.loom"
+    loompy.create(path, m, {"g": np.arange(6)}, {"Clusters": np.array([0, 0, 1, 1])}).close()
+
+    def half_unless_small(values):
+        return 0 if values.max() < 4 else values.sum() / 2
+
+    expected = np.array([[half_unless_small(row[:2]), half_unless_small(row[2:])] for row in m])
+    assert expected.dtype == np.float64 and expected[0, 0] == 0 and expected[1, 0] == 4.5
+    for batch_bytes in (64 << 20, 8 * 4):  # one batch; batches of one row each
+        monkeypatch.setattr(operations, "AGGREGATE_BATCH_BYTES", batch_bytes)
+        with loompy.connect(path, "r") as ds:
+            got = ds.aggregate(group_by="Clusters", aggr_by=half_unless_small)
+        assert got.tolist() == expected.tolist(), batch_bytes
 
 
 def test_aggregate_writes_a_file(dataset, tmp_path):
