@@ -357,6 +357,7 @@ class LayerManager(DotAccess, MutableMapping):
         check_deletable(self._file, f"{self._file.filename}: layer '{name}'")
         group = self._file[fmt.LAYERS]
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
+        self._found.pop(name, None)  # (nor keep the deleted dataset open)
         del group[name]
         engine.layers_changed(self._file)
         fmt.touch(group)

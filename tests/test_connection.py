@@ -249,6 +249,18 @@ def test_a_replaced_or_deleted_layer_leaves_no_chunk_index_behind(tmp_path):
         np.testing.assert_array_equal(ds[:, :], m)
 
 
+def test_a_deleted_layer_is_not_kept_open(small):
+    """Once deleted, a layer that was read holds no dataset of the file open (its space is free to reuse)."""
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        ds.layers["extra"] = m
+        open_datasets = h5py.h5f.get_obj_count(ds._file.id, h5py.h5f.OBJ_DATASET)
+        np.testing.assert_array_equal(ds.layers["extra"][:, :], m)
+        assert h5py.h5f.get_obj_count(ds._file.id, h5py.h5f.OBJ_DATASET) == open_datasets + 1
+        del ds.layers["extra"]
+        assert h5py.h5f.get_obj_count(ds._file.id, h5py.h5f.OBJ_DATASET) == open_datasets
+
+
 def test_compound_attributes_with_text_fields_are_stored_and_carried_through(small, tmp_path):
     path, m, *_ = small
     values = np.zeros(8, dtype=[("name", "U5"), ("v", "f8")])
