@@ -28,9 +28,9 @@ _XML_REF = re.compile(r"&#(?:x([0-9a-fA-F]+)|([0-9]+));")
 
 
 # ----------------------------------------------------------------------------- strings
-def decode_one(item: bytes | str, xml_refs: bool = False) -> str:
-    """Bytes to str losslessly (invalid UTF-8 becomes lone surrogates, see module docstring)."""
-    text = item.decode("utf-8", "surrogateescape") if isinstance(item, bytes) else str(item)
+def decode_one(item: bytes | str, xml_refs: bool = False, errors: str = "surrogateescape") -> str:
+    """Bytes to str, by default losslessly (invalid UTF-8 becomes lone surrogates, see module docstring)."""
+    text = item.decode("utf-8", errors) if isinstance(item, bytes) else str(item)
     if xml_refs and "&#" in text:
         text = _XML_REF.sub(_xml_ref_to_char, text)
     return text
@@ -55,12 +55,30 @@ def _xml_ref_to_char(match: re.Match) -> str:
         return match.group(0)
 
 
-def decode_strings(raw: np.ndarray, xml_refs: bool = False) -> np.ndarray:
+def decode_strings(raw: np.ndarray, xml_refs: bool = False, errors: str = "surrogateescape") -> np.ndarray:
     """Any stored string array (fixed ``S``, vlen bytes or str) as an object array of ``str``."""
-    flat = [decode_one(x, xml_refs) for x in raw.ravel().tolist()]
+    flat = [decode_one(x, xml_refs, errors) for x in raw.ravel().tolist()]
     out = np.empty(len(flat), dtype=object)
     out[:] = flat
     return out.reshape(raw.shape)
+
+
+def given_text(values: np.ndarray, where: str) -> np.ndarray:
+    """Text a user gives (str or bytes) as an object array of ``str``. Bytes must be UTF-8: the file
+    declares its strings so, and other readers refuse anything else (text read from a file comes
+    back as ``str`` and is written back as it was, see the module docstring)."""
+    try:
+        return decode_strings(values, errors="strict")
+    except UnicodeDecodeError:
+        for item in values.ravel().tolist():
+            if isinstance(item, bytes):
+                try:
+                    item.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise LoomValueError(f"{where}: {item[:60]!r} is not UTF-8 text ({exc.reason} at byte "
+                                         f"{exc.start}); decode it to str first, e.g. with .decode('latin-1')"
+                                         ) from None
+        raise
 
 
 def encode_one(text: str, where: str) -> bytes:
@@ -183,7 +201,10 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
     if _has_nul(values):  # (checked before numpy, whose fixed-width strings drop trailing NULs)
         raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
     try:
-        arr = np.asarray(values)
+        try:
+            arr = np.asarray(values)
+        except UnicodeDecodeError:  # (numpy reads bytes beside str as ASCII: taken as objects, decoded below)
+            arr = np.asarray(values, dtype=object)
     except Exception as exc:  # ragged lists and the like
         raise LoomValueError(f"{where}: cannot convert values to an array ({exc})") from exc
     # integers numpy made floats? (Python values, and pandas' nullable integers with missing ones)
@@ -193,14 +214,14 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
     if arr.dtype.kind == "O":
         items = arr.ravel().tolist()
         if all(isinstance(x, (str, bytes, np.str_, np.bytes_)) for x in items):
-            arr = decode_strings(arr)
+            arr = given_text(arr, where)
         elif all(isinstance(x, (bool, np.bool_)) for x in items) and items:
             arr = arr.astype(bool)
         elif any(map(_missing, items)) and all(_missing(x) or isinstance(x, (str, bytes, numbers.Number))
                                                for x in items):
             # missing values (a pandas column's None, NA or NaT): text, as loompy 3 stores them ("None")
             texts = [x if isinstance(x, (str, bytes)) else str(x) for x in items]
-            arr = decode_strings(np.array(texts, dtype=object).reshape(arr.shape))
+            arr = given_text(np.array(texts, dtype=object).reshape(arr.shape), where)
         else:
             try:
                 converted = np.asarray(arr.tolist())
@@ -213,7 +234,7 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
             if arr.dtype.kind == "O":
                 raise LoomValueError(f"{where}: cannot store values of mixed or unknown types")
     if arr.dtype.kind in "US":
-        arr = decode_strings(arr)
+        arr = given_text(arr, where)
     if _string_fields(arr.dtype):
         arr = _text_fields_as_str(arr, where)
     if arr.dtype.kind == "b":
@@ -283,7 +304,7 @@ def _text_fields_as_str(arr: np.ndarray, where: str) -> np.ndarray:
         items = arr[name].ravel().tolist()
         if not all(isinstance(x, (str, bytes)) for x in items):
             raise LoomValueError(f"{where}: field '{name}' mixes text with other values")
-        out[name] = decode_strings(arr[name])
+        out[name] = given_text(arr[name], f"{where} (field '{name}')")
         _check_storable_text(out[name], where)
     return out
 
