@@ -59,9 +59,12 @@ def _numbers_in_text(texts: np.ndarray, wanted: np.dtype, where: str) -> np.ndar
 
 
 class DotAccess:
-    """``m.name`` reads ``m["name"]`` and ``del m.name`` deletes it; a missing name raises AttributeError.
+    """``m.name`` reads ``m["name"]``, ``m.name = value`` writes it and ``del m.name`` deletes it; a
+    missing name raises AttributeError.
 
-    Subclasses are mappings with a ``_where`` property naming the file and the kind of item.
+    Every name assigned with a dot is written, ``_Flag`` and ``axis`` too (loompy 3 writes them):
+    subclasses set their own state with ``object.__setattr__``. Subclasses are mappings with a
+    ``_where`` property naming the file and the kind of item.
     """
 
     _where: str
@@ -73,6 +76,9 @@ class DotAccess:
             return self[name]  # type: ignore[index]
         except KeyError:
             raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value  # type: ignore[index]
 
     def __delattr__(self, name: str) -> None:
         try:
@@ -175,12 +181,6 @@ class AttributeManager(DotAccess, MutableMapping):
     def __setitem__(self, name: str, values: Any) -> None:
         self.set(name, values)
 
-    def __setattr__(self, name: str, values: Any) -> None:
-        if name.startswith("_") or name == "axis":
-            object.__setattr__(self, name, values)
-        else:
-            self.set(name, values)
-
     @one_of_the_writes
     def set(self, name: str, values: Any, dtype: Any = None) -> None:
         """Validate ``values`` (one per row/column), then create or overwrite attribute ``name``."""
@@ -261,19 +261,14 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
             if name in self and isinstance(value, str) and value == str(self[name]):
                 return  # (set to what it is: nothing changes, as in loompy 3)
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be changed")
-        if name == fmt.LAST_MODIFIED and not self._in_group:  # (a file before spec 3.0.0: its own stamp)
+        if name in (fmt.LAST_MODIFIED, fmt.APPEND_JOURNAL) and not self._in_group:  # (a file before spec 3.0.0)
+            use = "time stamp of the file" if name == fmt.LAST_MODIFIED else "record of an unfinished append"
             raise LoomValueError(f"{self._where} '{name}': in a file that keeps its global attributes on its "
-                                 "root (before spec 3.0.0), that name is loompy's time stamp of the file")
+                                 f"root (before spec 3.0.0), that name is loompy's {use}")
         check_writable(self._file, f"{self._where} '{name}'")
         arr = fmt.normalize_global(value, name, self._file.filename)
         check_room(self._file, approximate_nbytes(np.asarray(arr)), f"{self._where} '{name}'")
         fmt.write_global(self._file, name, arr, self._in_group)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name.startswith("_"):
-            object.__setattr__(self, name, value)
-        else:
-            self[name] = value
 
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:

@@ -39,6 +39,7 @@ LEGACY_GRAPH_GROUPS = ("row_edges", "col_edges")  # loompy 1 and some R writers
 SPEC_VERSION_KEY = "LOOM_SPEC_VERSION"
 CREATION_DATE_KEY = "CreationDate"
 LAST_MODIFIED = "last_modified"
+APPEND_JOURNAL = "loompy_append_from_columns"  # root attribute while an append is unfinished (see .journal)
 CURRENT_SPEC = "3.0.0"
 
 # ----------------------------------------------------------------------------- creation defaults
@@ -341,7 +342,7 @@ def global_names(f: h5py.File, in_group: bool) -> list[str]:
     root, with loompy 1 and 2's stamp ``last_modified``, listed as loompy 3 lists it)."""
     if in_group:
         return [k for k, v in f[GLOBAL_ATTRS].items() if isinstance(v, h5py.Dataset)]
-    return list(f.attrs.keys())
+    return [k for k in f.attrs.keys() if k != APPEND_JOURNAL]
 
 
 def carried_globals(f: h5py.File) -> list[str]:
@@ -357,7 +358,7 @@ def has_global(f: h5py.File, name: str, in_group: bool) -> bool:
     """Whether global attribute ``name`` exists (without listing them all)."""
     if in_group:
         return isinstance(f[GLOBAL_ATTRS].get(name), h5py.Dataset)
-    return name in f.attrs
+    return name in f.attrs and name != APPEND_JOURNAL
 
 
 def init_file(f: h5py.File, globals_: Mapping[str, np.ndarray] | None = None) -> None:

@@ -212,12 +212,6 @@ class GraphManager(DotAccess, MutableMapping):
         swaps.replace(parent, name, lambda target: store_graph(parent, target, graph, like))
         fmt.touch(parent)
 
-    def __setattr__(self, name: str, graph: Any) -> None:
-        if name.startswith("_") or name == "axis":
-            object.__setattr__(self, name, graph)
-        else:
-            self[name] = graph
-
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:
         if name not in self:

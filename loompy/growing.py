@@ -21,11 +21,11 @@ from .connection import LoomConnection, connect
 from .create import as_attr_dict, as_layer_dict, validate_contents, write_layers
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import stored_size_bound
-from .handles import SPARE_BYTES, check_free_space, check_writable, note_reshaped, one_of_the_writes
+from .handles import SPARE_BYTES, check_free_space, check_writable, note_reshaped, the_only_write
 from .indexing import batch_count
 
 
-@one_of_the_writes
+@the_only_write
 def add_columns(ds: LoomConnection, layers: Any, col_attrs: Any, *, row_attrs: Any = None, fill_values: Any = None,
                 journalled: bool = True, convert_attrs: bool = False, drop: bool | None = None) -> None:
     """Append columns: every existing layer must be given. A column attribute only the file or only
@@ -305,7 +305,7 @@ def align_rows(ds: LoomConnection, other: LoomConnection, key: str | None) -> np
     return None if np.array_equal(order, np.arange(len(order))) else order
 
 
-@one_of_the_writes
+@the_only_write
 def add_loom(ds: LoomConnection, other_file: Any, key: str | None = None, fill_values: Any = None,
              batch_size: int = 1000, convert_attrs: bool = False, include_graphs: bool = False) -> None:
     """Append every column of another Loom file, rows aligned by ``key`` when given.

@@ -340,17 +340,20 @@ def _gate(file: h5py.File) -> SharedOrAlone:
         gate = _gates.get(number)
         if gate is None:
             gate = _gates[number] = SharedOrAlone(alone_first=True, name=name,
-                                                  acts=("write", "permute or close the file"))
+                                                  acts=("write", "append to, permute or close the file"))
         return gate
 
 
 @contextmanager
-def writing_to(file: h5py.File) -> Iterator[None]:
+def writing_to(file: h5py.File, alone: bool = False) -> Iterator[None]:
     """Around one of loompy's writes to ``file``: it waits for a rewrite of the file under way (or
     waiting) in another thread, and is refused if that replaced the file meanwhile (what it would
-    write was meant for the file as it was)."""
+    write was meant for the file as it was). ``alone``: also waits for the writes of other threads
+    under way, and holds off new ones until done (an append: a write of another thread made
+    meanwhile would be made at the old width)."""
     gate, (_, name) = _gate(file), _number_and_name(file)
-    with gate.sharing(lambda _lock, _me: would_wait_for_own_read(name) if reads_held() else None):
+    enter = gate.alone if alone else gate.sharing
+    with enter(lambda _lock, _me: would_wait_for_own_read(name) if reads_held() else None):
         if not file:
             raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in "
                                 "another thread while this write waited for it; nothing was written")
@@ -369,12 +372,21 @@ T = TypeVar("T")
 def one_of_the_writes(method: Callable[..., T]) -> Callable[..., T]:
     """``method`` of an object with a ``_file`` (a manager, a layer, a connection) as one of the
     file's writes (see :func:`writing_to`); objects held in memory (``_file`` None) pass through."""
+    return _a_write(method, alone=False)
+
+
+def the_only_write(method: Callable[..., T]) -> Callable[..., T]:
+    """:func:`one_of_the_writes`, made while no other thread writes the file (appends of columns)."""
+    return _a_write(method, alone=True)
+
+
+def _a_write(method: Callable[..., T], alone: bool) -> Callable[..., T]:
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> T:
         file = self._file
         if not isinstance(file, h5py.File) or not file:
             return method(self, *args, **kwargs)  # (in memory, or closed: the method says so)
-        with writing_to(file):
+        with writing_to(file, alone):
             return method(self, *args, **kwargs)
     return wrapper
 

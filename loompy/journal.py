@@ -21,7 +21,7 @@ from . import format as fmt
 from .errors import LoomFileError
 from .handles import note_reshaped, writable
 
-JOURNAL = "loompy_append_from_columns"  # root attribute: column count before an unfinished append
+JOURNAL = fmt.APPEND_JOURNAL  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
 ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
 ADDED_ROWS = "added_rows"  # its HDF5 attribute: names of the row attributes the append created

@@ -285,12 +285,6 @@ class LayerManager(DotAccess, MutableMapping):
     def __setitem__(self, name: str, matrix: Any) -> None:
         self.set_layer(name, matrix)
 
-    def __setattr__(self, name: str, matrix: Any) -> None:
-        if name.startswith("_"):
-            object.__setattr__(self, name, matrix)
-        else:
-            self[name] = matrix
-
     @one_of_the_writes
     def set_layer(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
                   chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,

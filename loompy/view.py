@@ -62,8 +62,8 @@ class MemoryLayerManager(DotAccess, MutableMapping):
     _where = "view: layer"
 
     def __init__(self, layers: dict[str, np.ndarray], dims: Dims | None = None) -> None:
-        self._layers = {name: MemoryLayer(name, values) for name, values in layers.items()}
-        self._dims = dims
+        object.__setattr__(self, "_layers", {name: MemoryLayer(name, values) for name, values in layers.items()})
+        object.__setattr__(self, "_dims", dims)
 
     def __setitem__(self, name: str, values: Any) -> None:
         matrix = np.asarray(values.toarray() if sp.issparse(values) else values)
@@ -96,9 +96,6 @@ class MemoryGlobals(DotAccess, dict):
     """A view's copy of the file's global attributes: ``view.attrs.title`` reads ``view.attrs["title"]``."""
 
     _where = "view: global attribute"
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        self[name] = value
 
 
 class LoomView(LoomAccess):

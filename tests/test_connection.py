@@ -102,6 +102,30 @@ def test_dot_access_precedence(tmp_path):
             ds.Missing
 
 
+def test_every_name_assigned_with_a_dot_is_written(small):
+    """``ds.ra._Valid = ...`` (and on the other managers) set a Python attribute of the manager and
+    wrote nothing, though it read back; ``ds.ca.axis = ...`` replaced the manager's own axis and broke
+    every later write through it. loompy 3 writes both."""
+    path, m, *_ = small
+    with loompy.connect(path) as ds:
+        ds.ra._Valid = np.arange(5)
+        ds.ca._Total, ds.ca.axis = np.arange(8), np.arange(8) * 2
+        ds.attrs._note = "kept"
+        ds.layers._spliced = m * 2
+        ds.col_graphs._knn, ds.row_graphs.axis = sp.eye(8), sp.eye(5)
+        ds.ca.After = np.ones(8)  # (the manager still works)
+        view = ds.view[:, :3]
+        view.layers.extra, view.attrs.seen = np.ones((5, 3)), 1
+        assert "extra" in view.layers.keys() and view.attrs["seen"] == 1
+    with h5py.File(path, "r") as f:
+        assert f["row_attrs/_Valid"][:].tolist() == list(range(5))
+        assert f["col_attrs/_Total"][:].tolist() == list(range(8))
+        assert f["col_attrs/axis"][:].tolist() == list(range(0, 16, 2)) and "After" in f["col_attrs"]
+        assert f["attrs/_note"].asstr()[()] == "kept"
+        np.testing.assert_array_equal(f["layers/_spliced"][:, :], m * 2)
+        assert set(f["col_graphs"]) == {"_knn"} and set(f["row_graphs"]) == {"axis"}
+
+
 def test_overwriting_attribute_in_place_does_not_grow_file(small):
     path, *_ = small
     with loompy.connect(path) as ds:

@@ -128,6 +128,21 @@ def test_bytes_a_user_gives_must_be_utf8_text(tmp_path):
         assert f["col_attrs/Mixed"].asstr()[0] == "café" and f["attrs/Bytes"].asstr()[()] == "été"
 
 
+def test_a_file_before_spec_3_takes_no_global_named_as_the_append_record(tmp_path):
+    """Such files keep global attributes on the root, beside loompy's record of an unfinished append:
+    ds.attrs took that name, and the next connect 'rolled back' an append that never was, cutting
+    the matrix to the value's width. Now refused with the file unchanged."""
+    path = make(tmp_path / "old.loom", spec="2.0.1", spec_where="root")
+    before = path.read_bytes()
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomValueError, match="old.loom: global attribute 'loompy_append_from_columns'"
+                                                        ".*record of an unfinished append"):
+            ds.attrs["loompy_append_from_columns"] = 1
+    assert path.read_bytes() == before
+    with loompy.connect(path) as ds:
+        assert ds.shape == (3, 4) and ds[:, :].tolist() == np.arange(12).reshape(3, 4).tolist()
+
+
 def test_enums_nested_groups_and_extra_groups_survive(tmp_path):
     path = make(tmp_path / "e.loom", spec="3.0.0")
     with h5py.File(path, "r+") as f:

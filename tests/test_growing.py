@@ -1373,6 +1373,62 @@ def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_
     assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)
 
 
+@pytest.mark.parametrize("write", ["layer", "attribute", "attribute of another dtype"])
+def test_a_write_from_another_thread_during_add_columns_waits_for_it(tmp_path, monkeypatch, write):
+    """Writes ran beside an append: a layer replaced meanwhile was swapped in at the old width (the
+    next append left 50-100 of its columns zero), a column attribute replaced meanwhile was put back
+    short (the file then failed to open). Now they wait for the append, then are checked at the new
+    width (and refused here, being made for the old one): the file holds the append whole."""
+    import threading
+
+    from loompy import engine
+
+    path = tmp_path / "w.loom"
+    m = np.ones((200, 150), np.float32)
+    loompy.create(path, {"": m, "L": m}, {"g": np.arange(200)}, {"c": np.arange(150.0)}).close()
+    resized, go = threading.Event(), threading.Event()
+    real = engine.write_matrix
+
+    def write_after_a_pause(dataset, matrix, col_offset=0):
+        if threading.current_thread().name == "appending":
+            resized.set()
+            go.wait(60)
+        real(dataset, matrix, col_offset=col_offset)
+
+    monkeypatch.setattr(engine, "write_matrix", write_after_a_pause)
+    errors = []
+
+    def old_width_write(ds):
+        try:
+            if write == "layer":
+                ds.layers["L"] = np.full((200, 150), 3, np.float32)
+            else:
+                ds.ca["c"] = np.arange(150, dtype=np.float64 if write == "attribute" else np.int16)
+        except loompy.LoomValueError as error:
+            errors.append(str(error))
+
+    new = np.full((200, 40), 5, np.float32)
+    with loompy.connect(path) as ds:
+        appending = threading.Thread(target=ds.add_columns, args=({"": new, "L": new}, {"c": np.arange(40.0)}),
+                                     name="appending")
+        appending.start()
+        assert resized.wait(60)
+        other = threading.Thread(target=old_width_write, args=(ds,))
+        other.start()
+        other.join(1.0)
+        waited = other.is_alive()  # (it waits for the append)
+        go.set()
+        appending.join(60)
+        other.join(60)
+    assert waited
+    assert len(errors) == 1 and "w.loom" in errors[0] and ("190" in errors[0]), errors
+    with loompy.connect(path, "r") as ds:
+        expected = np.hstack([m, new])
+        np.testing.assert_array_equal(ds.layers["L"][:, :], expected)
+        np.testing.assert_array_equal(ds[:, :], expected)
+        assert ds.ca["c"].tolist() == list(range(150)) + list(range(40))
+
+
 def _paused_permutes(monkeypatch):
     """Have the next permute stop once, after it has copied the layers (before the attributes),
     until ``go`` is set; returns the events (paused, go)."""
