@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 class LoomError(Exception):
@@ -64,3 +65,21 @@ def naming(where: str) -> Iterator[None]:
         yield
     except LoomError as error:
         raise type(error)(f"{where}: {error}") from error
+
+
+class naming_the_file:  # noqa: N801 (used as a function: ``with naming_the_file(name):``)
+    """Raise a loompy error from inside the block that does not name ``filename`` again, of the
+    same class, with the file's name before its message (an error of the engine, which knows
+    datasets, not files). (A class, not a generator: it is on the path of every small read.)"""
+
+    __slots__ = ("filename",)
+
+    def __init__(self, filename: str) -> None:
+        self.filename = filename
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: Any) -> None:
+        if isinstance(error, LoomError) and self.filename not in str(error):
+            raise type(error)(f"{self.filename}: {error}") from error

@@ -82,18 +82,25 @@ def why_closed(file: Any) -> str:
     return getattr(file, "why", "the connection is closed")
 
 
-@contextmanager
-def closed_meanwhile(check: Callable[[], None]) -> Iterator[None]:
+class closed_meanwhile:  # noqa: N801 (used as a function: ``with closed_meanwhile(check):``)
     """Around work that touches an open file through h5py: h5py's own error (ValueError,
     RuntimeError, KeyError, OSError), met because another thread closed the file as the work ran
     (``close`` does not wait for reads), becomes ``check()``'s :class:`LoomFileError` saying so;
-    ``check`` raises nothing while the file is open, and any other error passes unchanged."""
-    try:
-        yield
-    except (ValueError, RuntimeError, KeyError, OSError) as error:
-        if not isinstance(error, LoomError):
-            check()
-        raise
+    ``check`` raises nothing while the file is open, and any other error passes unchanged.
+    (A class, not a generator: it is on the path of every small read.)"""
+
+    __slots__ = ("check",)
+
+    def __init__(self, check: Callable[[], None]) -> None:
+        self.check = check
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, trace: Any) -> bool:
+        if isinstance(error, (ValueError, RuntimeError, KeyError, OSError)) and not isinstance(error, LoomError):
+            self.check()
+        return False
 
 
 class ClosedFile:

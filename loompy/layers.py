@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from . import encoding, engine, swaps
 from . import format as fmt
 from .attributes import DotAccess
-from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
+from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming, naming_the_file
 from .files import stored_size_bound
 from .handles import (
     SPARE_BYTES,
@@ -23,6 +23,7 @@ from .handles import (
     check_free_space,
     check_room,
     check_writable,
+    closed_meanwhile,
     note_reshaped,
     one_of_the_writes,
     why_closed,
@@ -116,17 +117,22 @@ class LoomLayer(SparseForms):
     def _file(self) -> h5py.File:
         return self._shared.file
 
+    def _check_open(self) -> None:
+        file = self._file
+        if not file:
+            raise LoomFileError(f"{self._filename}: {why_closed(file)}")
+
     @property
     def _dataset(self) -> h5py.Dataset:
         """The layer's dataset now: looked up again whenever its manager's file or layers changed (a
         replaced layer is a new dataset, a permuted file a new file)."""
+        self._check_open()
         file = self._file
-        if not file:
-            raise LoomFileError(f"{self._filename}: {why_closed(file)}")
-        key = self._state(file)
-        if key == self._known[0]:
-            return self._known[1]
-        dataset = file.get(self._path)
+        with closed_meanwhile(self._check_open):  # (closed by another thread as this looks)
+            key = self._state(file)
+            if key == self._known[0]:
+                return self._known[1]
+            dataset = file.get(self._path)
         if not isinstance(dataset, h5py.Dataset):
             raise LoomKeyError(f"{self._filename}: layer '{self.name}' no longer exists")
         self._known = (key, dataset)
@@ -134,11 +140,13 @@ class LoomLayer(SparseForms):
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self._dataset.shape)  # type: ignore[return-value]
+        with closed_meanwhile(self._check_open):
+            return tuple(self._dataset.shape)  # type: ignore[return-value]
 
     @property
     def dtype(self) -> np.dtype:
-        return self._dataset.dtype
+        with closed_meanwhile(self._check_open):
+            return self._dataset.dtype
 
     @property
     def ndim(self) -> int:
@@ -162,12 +170,14 @@ class LoomLayer(SparseForms):
 
     def _select(self, key: Any) -> tuple[AxisSelection, AxisSelection]:
         """The selection ``key`` on this layer; errors name the file and layer."""
+        shape = self.shape  # (outside: its errors name the file already)
         with naming(self._where):
-            return select(key, self.shape)
+            return select(key, shape)
 
     def _read(self, rows: np.ndarray, cols: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """The block at sorted, unique ``rows`` x ``cols``, into ``out`` when given."""
-        return engine.read_block(self._dataset, rows, cols, out)
+        with naming_the_file(self._filename):
+            return engine.read_block(self._dataset, rows, cols, out)
 
     @one_of_the_writes
     def __setitem__(self, key: Any, values: Any) -> None:
@@ -198,7 +208,8 @@ class LoomLayer(SparseForms):
         return operations.map_(self, f_list, axis, chunksize, selection)
 
     def _sparse_block(self, rows: np.ndarray, cols: np.ndarray) -> sp.coo_matrix:
-        return engine.read_sparse(self._dataset, rows, cols)
+        with naming_the_file(self._filename):
+            return engine.read_sparse(self._dataset, rows, cols)
 
     def __repr__(self) -> str:
         try:
@@ -232,6 +243,10 @@ class LayerManager(DotAccess, MutableMapping):
     def _where(self) -> str:
         return f"{self._file.filename}: layer"
 
+    def _check_open(self) -> None:
+        if not self._file:
+            raise LoomFileError(f"{self._filename}: {why_closed(self._file)}")
+
     # --------------------------------------------------------------- reading
     def _dataset(self, name: str) -> h5py.Dataset | None:
         obj = self._file.get(fmt.layer_path(name))
@@ -244,17 +259,17 @@ class LayerManager(DotAccess, MutableMapping):
     def __getitem__(self, name: str) -> LoomLayer:
         if not isinstance(name, str):
             raise LoomTypeError(f"{self._filename}: layer names are strings, got {type(name).__name__}")
-        if not self._file:
-            raise LoomFileError(f"{self._filename}: {why_closed(self._file)}")
-        state = LoomLayer._state(self._file)
-        found = self._found.get(name)
-        # nothing changed the layers (an h5py rename would leave another dataset at the address): 3 us, a lookup 33
-        if found is not None and found[0]._known[0] == state and found[1] == fmt.address(self._file, found[0]._path):
-            return found[0]
-        dataset = self._dataset(name)
+        self._check_open()
+        with closed_meanwhile(self._check_open):  # (closed by another thread as this looks)
+            state = LoomLayer._state(self._file)
+            found = self._found.get(name)
+            # nothing changed the layers (an h5py rename would leave another dataset at the address): 3 us, a lookup 33
+            if found is not None and found[0]._known[0] == state and \
+                    found[1] == fmt.address(self._file, found[0]._path):
+                return found[0]
+            dataset = self._dataset(name)
         if dataset is None:
-            if not self._file:  # (closed by another thread as this looked: no layer is there to find)
-                raise LoomFileError(f"{self._filename}: {why_closed(self._file)}")
+            self._check_open()  # (closed by another thread as this looked: no layer is there to find)
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
         layer = LoomLayer(name, dataset, self._shared, self._filename, state)
         self._found[name] = (layer, fmt.address(dataset))

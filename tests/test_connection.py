@@ -1284,6 +1284,30 @@ def test_conventions_find_the_missing_attributes_the_reference_finds(tmp_path, r
     assert missing == ours == ["Accession", "CellID", "ClusterID"]
 
 
+@pytest.mark.parametrize("read", ["ds[...]", "sparse()", "shape"])
+def test_a_read_the_connection_closes_under_says_so_naming_the_file(small, monkeypatch, read):
+    """close() in another thread as a read looked its layer up gave h5py's own ValueError ("Invalid
+    location identifier") or RuntimeError; some messages named no file, one named it twice."""
+    from loompy import engine
+
+    path, *_ = small
+    ds = loompy.connect(path)
+    real, closed = engine.layer_changes, []
+
+    def closing_first(file):  # (what another thread's close() does at the worst moment)
+        if not closed:
+            closed.append(True)
+            ds.close()
+        return real(file)
+
+    monkeypatch.setattr(engine, "layer_changes", closing_first)
+    action = {"ds[...]": lambda: ds[0:2, 0:2], "sparse()": lambda: ds.sparse(),
+              "shape": lambda: ds.layers[""].shape}[read]
+    with pytest.raises(loompy.LoomFileError) as caught:
+        action()
+    assert str(caught.value).count(str(path)) == 1 and "closed" in str(caught.value)
+
+
 def test_documented_error_kinds_and_export_of_undecodable_text(small, tmp_path):
     """Dot access to a missing name was not a KeyError (the README says it is); a mismatched
     write raised an IndexError where numpy raises ValueError; export of text that is not valid

@@ -424,10 +424,10 @@ def reports_closed_file(read: Callable[..., T]) -> Callable[..., T]:
     :class:`~loompy.errors.LoomFileError` saying so."""
     @functools.wraps(read)
     def reading_or_saying_why_not(dataset: h5py.Dataset, *args: Any, **kwargs: Any) -> T:
-        def check() -> None:
+        def check() -> None:  # (callers that know the file name it: see errors.naming_the_file)
             if not dataset.id.valid:
-                raise LoomFileError("the connection was closed (or the file replaced by permute) in another "
-                                    "thread as this read ran; nothing was read")
+                raise LoomFileError("the connection was closed (or the file replaced by permute) in "
+                                    "another thread as this read ran; nothing was read")
 
         with closed_meanwhile(check):
             return read(dataset, *args, **kwargs)
