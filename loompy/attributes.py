@@ -16,7 +16,7 @@ import numpy as np
 
 from . import encoding, forks
 from . import format as fmt
-from .errors import LoomAttributeError, LoomKeyError, LoomValueError
+from .errors import LoomAttributeError, LoomKeyError, LoomValueError, naming
 from .handles import Dims, approximate_nbytes, check_deletable, check_room, check_writable, one_of_the_writes
 from .indexing import AXIS_NAMES, select_axis
 
@@ -147,7 +147,8 @@ class AttributeManager(DotAccess, MutableMapping):
                 raise LoomValueError(f"{self._where}: {[k for k in key if k in self._names]} differ in dtype, "
                                      "so they cannot be taken side by side")
             return found[0] if len(found) == 1 else np.column_stack(found)
-        selection = select_axis(key, self._dims.shape[self.axis], self.axis)
+        with naming(f"{self._where}s"):
+            selection = select_axis(key, self._dims.shape[self.axis], self.axis)
         index = selection.indices[0] if selection.drop else selection.indices
         return AttributeManager(None, self.axis, Dims.along(self.axis, 1 if selection.drop else len(index)),
                                 values={name: self[name][index] for name in self._names})

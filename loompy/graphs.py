@@ -13,7 +13,7 @@ from . import forks, swaps
 from . import format as fmt
 from .attributes import DotAccess, last_written
 from .encoding import refuse_masked
-from .errors import LoomFormatError, LoomKeyError, LoomValueError
+from .errors import LoomFormatError, LoomKeyError, LoomValueError, naming
 from .handles import Dims, check_deletable, check_room, check_writable, one_of_the_writes
 from .indexing import AXIS_NAMES, select_axis
 
@@ -162,7 +162,8 @@ class GraphManager(DotAccess, MutableMapping):
                     return self[k]
             raise LoomKeyError(f"{self._where}: none of {list(name)} exists")
         if not isinstance(name, str):
-            selection = select_axis(name, self._dims.shape[self.axis], self.axis).indices
+            with naming(f"{self._where}s"):
+                selection = select_axis(name, self._dims.shape[self.axis], self.axis).indices
             return GraphManager(None, self.axis, Dims.along(self.axis, len(selection)),
                                 values={k: renumber_graph(self[k], selection) for k in self.keys()})
         if name not in self:

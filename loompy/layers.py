@@ -49,8 +49,9 @@ class SparseForms(ABC):
                dtype: npt.DTypeLike = None) -> sp.coo_matrix:
         """The layer (or the ``rows`` x ``cols`` part of it, in the order and with the repeats
         given) as a COO matrix, in the stored dtype unless ``dtype`` is given."""
-        r = _axis(rows, self.shape[0], 0)
-        c = _axis(cols, self.shape[1], 1)
+        shape = self.shape
+        with naming(f"{self._where}: sparse()"):
+            r, c = _axis(rows, shape[0], 0), _axis(cols, shape[1], 1)
         coo = self._sparse_block(r.unique, c.unique)
         if dtype is not None and np.dtype(dtype) != coo.dtype:  # (scipy's astype copies the indices too: 4.5x
             coo = sp.coo_matrix((coo.data.astype(dtype), (coo.row, coo.col)), shape=coo.shape)  # the result)

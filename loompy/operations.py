@@ -89,6 +89,20 @@ def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Cal
             yield built
 
 
+def _same_order(ds: LoomConnection, call: str) -> Callable[[], None]:
+    """What a scan checks before each batch: the connection is open, and its file is the one the
+    scan began on (permute in between replaces it: later batches, cut for the old order, would
+    repeat some items and miss others)."""
+    began_on = ds._file
+
+    def check() -> None:
+        ds._check_open()
+        if ds._file is not began_on:
+            raise LoomFileError(f"{ds.filename}: {call}: the file was permuted since the scan began, and its "
+                                "later batches would mix the two orders; scan again")
+    return check
+
+
 def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, layers: Iterable[str] | None = None,
          key: str | None = None, batch_size: int = 512, what: Sequence[str] = WHAT_ALL
          ) -> Iterator[tuple[int, np.ndarray, LoomView]]:
@@ -143,7 +157,7 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
             parts.update(whole_parts(ds, what), stamp=stamp)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
-    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, fixed, ds._check_open)
+    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, fixed, _same_order(ds, "scan"))
 
 
 def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -154,8 +168,10 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
     axis = ds._axis(axis)
     batch_size = batch_count(batch_size, f"{ds.filename}: batch_scan(batch_size=...)")
     datasets = {name: ds.layers[name]._dataset for name in layer_names(ds, layers)}
-    rows = positions(genes, ds.shape[0], 0)
-    cols = positions(cells, ds.shape[1], 1)
+    with naming(f"{ds.filename}: batch_scan(genes=...)"):
+        rows = positions(genes, ds.shape[0], 0)
+    with naming(f"{ds.filename}: batch_scan(cells=...)"):
+        cols = positions(cells, ds.shape[1], 1)
     along, other = (rows, cols) if axis == 0 else (cols, rows)
     for dataset in datasets.values():
         engine.expect_reads(dataset, min(1, along.size / max(1, ds.shape[axis])))
@@ -166,7 +182,7 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
         return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name]) for name, d in datasets.items()}
 
     batches = list(iter_batches(along, batch_size))
-    yield from _one_ahead(batches, build, _nothing_writes(ds), ds._check_open)
+    yield from _one_ahead(batches, build, _nothing_writes(ds), _same_order(ds, "batch_scan"))
 
 
 def batch_scan(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -220,8 +236,9 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
         raise LoomTypeError(f"{layer._where}: map() needs a function or a list of functions")
     length, n_other = dataset.shape[axis], dataset.shape[1 - axis]
     # the other axis's positions as given (order and repeats kept: each line is taken as row[selection])
-    other = AxisSelection(np.arange(n_other, dtype=np.int64), n_other) if selection is None \
-        else select_axis(np.asarray(selection), n_other, 1 - axis)
+    with naming(f"{layer._where}: map(selection=...)"):
+        other = AxisSelection(np.arange(n_other, dtype=np.int64), n_other) if selection is None \
+            else select_axis(np.asarray(selection), n_other, 1 - axis)
     if other.indices.size and all(f in _VECTORISABLE for f in functions):
         reduced = _reduce_lines(dataset, axis, functions, other.indices)
         if reduced is not None:

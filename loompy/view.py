@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from .access import LoomAccess
 from .attributes import AttributeManager, DotAccess
 from .engine import Recycler
-from .errors import LoomKeyError, LoomValueError
+from .errors import LoomKeyError, LoomValueError, naming
 from .graphs import GraphManager, renumber_graph
 from .handles import Dims
 from .indexing import AxisSelection, axis_number, expand, permutation, select, values_for_unique
@@ -33,13 +33,19 @@ class MemoryLayer(SparseForms):
     shape = property(lambda self: self.values.shape)
     dtype = property(lambda self: self.values.dtype)
 
+    @property
+    def _where(self) -> str:
+        return f"view: layer '{self.name}'"
+
     def __getitem__(self, key: Any) -> np.ndarray:
-        rows, cols = select(key, self.shape)
+        with naming(self._where):
+            rows, cols = select(key, self.shape)
         return expand(self.values[np.ix_(rows.unique, cols.unique)], rows, cols)
 
     def __setitem__(self, key: Any, values: Any) -> None:
-        rows, cols = select(key, self.shape)
-        self.values[np.ix_(rows.unique, cols.unique)] = values_for_unique(values, rows, cols, self.dtype, "view")
+        with naming(self._where):
+            rows, cols = select(key, self.shape)
+        self.values[np.ix_(rows.unique, cols.unique)] = values_for_unique(values, rows, cols, self.dtype, self._where)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """The layer's values; a copy unless ``copy`` is False or None (numpy's protocol)."""
@@ -206,7 +212,8 @@ class ViewManager:
         self._source = source
 
     def __getitem__(self, key: Any) -> LoomView:
-        rows, cols = select(key, self._source.shape)
+        with naming(f"{getattr(self._source, 'filename', 'view')}: view"):
+            rows, cols = select(key, self._source.shape)
         rows = AxisSelection(rows.indices, rows.length)  # a view keeps both axes, even for an int
         cols = AxisSelection(cols.indices, cols.length)
         return make_view(self._source, rows, cols)

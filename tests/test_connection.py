@@ -6,6 +6,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import time
 
@@ -759,6 +760,26 @@ def test_error_messages_name_file_and_thing(small):
         with pytest.raises(KeyError) as info:
             ds.layers["nope"]
         assert "nope" in str(info.value) and "small.loom" in str(info.value)
+
+
+def test_index_errors_name_the_file_and_the_call_everywhere(small):
+    """ds[...] named the file in its index errors; sparse(), ds.view[...], attribute and graph
+    selections, map(selection=...) and batch_scan(genes=/cells=...) did not."""
+    path, *_ = small
+    with loompy.connect(path, "r") as ds:
+        calls = {r"layer '': sparse\(\)": lambda: ds.sparse([100]),
+                 "view": lambda: ds.view[[100], :],
+                 "column attributes": lambda: ds.ca[np.ones(3, bool)],
+                 "column graphs": lambda: ds.col_graphs[[100]],
+                 r"layer '': map\(selection=...\)": lambda: ds.map([np.sum], axis=0, selection=[100]),
+                 r"batch_scan\(genes=...\)": lambda: list(ds.batch_scan(axis=0, genes=[100])),
+                 r"batch_scan\(cells=...\)": lambda: list(ds.batch_scan(axis=0, cells=[100]))}
+        for where, call in calls.items():
+            with pytest.raises(loompy.LoomIndexError, match=rf"^{re.escape(str(path))}: {where}: (row|column|boolean)"):
+                call()
+        view = ds.view[:, :3]
+        with pytest.raises(loompy.LoomIndexError, match=r"^view: layer '': row index 100 is out of bounds"):
+            view[[100], :]
 
 
 def test_connect_errors(tmp_path):

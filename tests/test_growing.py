@@ -1429,6 +1429,25 @@ def test_a_write_from_another_thread_during_add_columns_waits_for_it(tmp_path, m
         assert ds.ca["c"].tolist() == list(range(150)) + list(range(40))
 
 
+@pytest.mark.parametrize("how", ["scan", "batch_scan"])
+def test_a_scan_left_suspended_across_a_permute_of_its_connection_is_refused(tmp_path, how):
+    """A scan suspended after its first batch went on over the permuted file: 100 rows came twice
+    and 100 never, with no error (loompy 3 does the same). Now its next batch is refused."""
+    n = 600
+    m = np.repeat(np.arange(n, dtype=np.float32)[:, None], 5, axis=1)  # row i holds i
+    path = tmp_path / "s.loom"
+    loompy.create(path, m, {"ri": np.arange(n)}, {"c": np.arange(5)}).close()
+    with loompy.connect(path) as ds:
+        batches = ds.scan(axis=0, batch_size=100) if how == "scan" else ds.batch_scan(axis=0, batch_size=100)
+        first = next(batches)
+        assert first[0] == 0
+        ds.permute(np.arange(n)[::-1], axis=0)
+        with pytest.raises(loompy.LoomFileError, match=rf"s.loom: {how}: the file was permuted since the scan began"):
+            next(batches)
+        assert [v[:, 0].tolist() for _, _, v in ds.scan(axis=0, batch_size=300)] == \
+            [list(range(599, 299, -1)), list(range(299, -1, -1))]
+
+
 def _paused_permutes(monkeypatch):
     """Have the next permute stop once, after it has copied the layers (before the attributes),
     until ``go`` is set; returns the events (paused, go)."""
