@@ -368,8 +368,8 @@ def init_file(f: h5py.File, globals_: Mapping[str, np.ndarray] | None = None) ->
         f.require_group(name)
     now = timestamp()
     attrs = f[GLOBAL_ATTRS]
-    attrs.create_dataset(SPEC_VERSION_KEY, data=CURRENT_SPEC.encode(), dtype=STRING_DTYPE)
-    attrs.create_dataset(CREATION_DATE_KEY, data=now.encode(), dtype=STRING_DTYPE)
+    for key, value in ((SPEC_VERSION_KEY, CURRENT_SPEC), (CREATION_DATE_KEY, now)):
+        attrs.create_dataset(key, data=value.encode(), dtype=STRING_DTYPE).attrs[LAST_MODIFIED] = now
     for name in GROUPS:
         f[name].attrs[LAST_MODIFIED] = now
     f.attrs[LAST_MODIFIED] = now

@@ -45,6 +45,22 @@ def test_create_returns_open_connection_usable_in_with(small, tmp_path):
         np.testing.assert_array_equal(ds2[:, :], m.astype(np.int16))
 
 
+def test_a_new_file_stamps_every_dataset_and_group_it_writes(small, tmp_path):
+    """The spec keeps a last_modified stamp on each attribute, layer and graph written, and on the
+    groups and the root; /attrs/CreationDate and LOOM_SPEC_VERSION had none."""
+    path, m, ra, ca = small
+    with loompy.create(tmp_path / "s.loom", {"": m, "L": m}, ra, ca, file_attrs={"title": "t"}) as ds:
+        ds.col_graphs["knn"] = sp.eye(m.shape[1])
+    unstamped = []
+    with h5py.File(tmp_path / "s.loom", "r") as f:
+        def look(name, obj):
+            if "last_modified" not in obj.attrs and not name.startswith("col_graphs/knn/"):  # (the graph's group)
+                unstamped.append(name)
+        f.visititems(look)
+        assert "last_modified" in f.attrs and "last_modified" in f["col_graphs/knn"].attrs
+    assert unstamped == []
+
+
 def test_attributes_round_trip_and_dict_protocol(small):
     path, m, ra, ca = small
     with loompy.connect(path) as ds:
