@@ -27,6 +27,7 @@ from .format import compare_loom_spec_version, get_loom_spec_version, timestamp
 from .graphs import GraphManager
 from .importers import create_from_cellranger
 from .layers import LayerManager, LoomLayer
+from .normalize import materialize_attr_values, normalize_attr_values
 from .text_importers import create_from_matrix_market, create_from_tsv
 from .validator import LoomValidator
 from .view import LoomView, ViewManager
@@ -69,7 +70,9 @@ __all__ = [
     "create_from_tsv",
     "get_loom_spec_version",
     "loom_spec_version",
+    "materialize_attr_values",
     "new",
+    "normalize_attr_values",
     "repack",
     "timestamp",
     "to_html",

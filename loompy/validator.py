@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import h5py
 import numpy as np
@@ -112,6 +113,19 @@ class LoomValidator:
                 self._check_conventions(f)
         return not self.errors
 
+    def validate_spec(self, file: h5py.File) -> bool:
+        """The spec checks of :meth:`validate` on a file open with h5py (loompy 3's method); the
+        errors, warnings and summary are added to those held."""
+        self._check(file)
+        return not self.errors
+
+    def validate_conventions(self, ds: Any) -> bool:
+        """The conventions' checks of ``validate(..., "conventions")`` on a connection (loompy 3's
+        method); the errors and warnings are added to those held."""
+        ds._check_open()
+        self._check_conventions(ds._file)
+        return not self.errors
+
     # --------------------------------------------------------------- spec checks
     def _check(self, f: h5py.File) -> None:
         try:
@@ -180,17 +194,26 @@ class LoomValidator:
             self.warnings.append(f"{path} stores fixed-length strings; spec 3.0.0 asks for variable-length UTF-8")
         elif kind == "O" and not h5py.check_string_dtype(ds.dtype):
             self.errors.append(f"{path} has an object dtype that is not a string")
-        elif kind not in "biufSOV":
+        elif kind == "b":
+            self.errors.append(f"{path} has dtype bool, which the spec does not allow (booleans are stored as "
+                               "uint8; loompy reads it all the same)")
+        elif kind not in "iufSOV":
             self.errors.append(f"{path} has dtype {ds.dtype}, which the spec does not allow for attributes")
 
     def _check_graphs(self, f: h5py.File, axis: int, n: int | None) -> None:
         group = f.get(fmt.graph_group_name(f, axis))
         if not isinstance(group, h5py.Group):
             return
-        for g in group.values():
-            parts = stored_parts(g) if isinstance(g, h5py.Group) else {}
+        for name, g in group.items():
+            if not isinstance(g, h5py.Group):
+                self.warnings.append(f"{group.name}/{name} is a dataset, not a graph's group (kept, not read)")
+                continue
+            parts = stored_parts(g)
             if not {"a", "b"} <= parts.keys() or len({d.shape for d in parts.values()}) != 1:
                 continue  # check_structure reports these
+            if "w" not in parts:
+                self.warnings.append(f"graph {g.name} has no 'w' dataset (the spec stores weights): read with "
+                                     "every weight 1")
             a, b, _, problems = read_edges(g, n)
             self.errors += [f"graph {g.name}: {problem}" for problem in problems]
             if not problems and (g["a"].dtype.kind == "f" or g["b"].dtype.kind == "f"):

@@ -915,6 +915,46 @@ def test_validator(small, tmp_path):
     assert "complex" in joined and "vertex" in joined and "/attrs" in joined
 
 
+def test_validator_names_what_a_reader_would_take_silently(small):
+    """A graph without weights (read with weights 1), a dataset where a graph's group belongs (not
+    read) and a boolean attribute (the spec stores uint8) passed with no word."""
+    path, *_ = small
+    v = loompy.LoomValidator()
+    assert v.validate(path) and v.warnings == [] and v.errors == []
+    with h5py.File(path, "r+") as f:
+        f["col_graphs/knn/a"], f["col_graphs/knn/b"] = np.array([0, 1]), np.array([1, 2])
+        f["col_graphs/flat"] = np.zeros(3)
+    assert v.validate(path)
+    assert v.warnings == ["/col_graphs/flat is a dataset, not a graph's group (kept, not read)",
+                          "graph /col_graphs/knn has no 'w' dataset (the spec stores weights): read with "
+                          "every weight 1"]
+    with h5py.File(path, "r+") as f:
+        f["col_attrs/Flag"] = np.zeros(8, dtype=bool)
+    assert not v.validate(path) and v.errors == [
+        "/col_attrs/Flag has dtype bool, which the spec does not allow (booleans are stored as uint8; "
+        "loompy reads it all the same)"]
+
+
+def test_loompy3_helpers_and_validator_methods_are_there(small):
+    """loompy 3's public helpers the seed does not name: its validator's two halves, the
+    attribute conversions, and the modules loompy.utils and loompy.normalize."""
+    from loompy.normalize import materialize_attr_values as materialize
+    from loompy.utils import compare_loom_spec_version, deprecated, get_loom_spec_version, timestamp
+
+    path, *_ = small
+    v = loompy.LoomValidator()
+    with h5py.File(path, "r") as f:
+        assert v.validate_spec(f) and get_loom_spec_version(f) == "3.0.0" and compare_loom_spec_version(f, "3.0.0") == 0
+    with loompy.connect(path, "r") as ds:
+        assert not v.validate_conventions(ds) and "column attribute 'ClusterID' is missing" in v.errors
+    assert loompy.normalize_attr_values(["a", "é"]).tolist() == ["a", "é"]
+    assert loompy.normalize_attr_values([True, False]).tolist() == [1, 0] and loompy.normalize_attr_values(True) == 1
+    assert materialize(np.array([b"caf&#233;", b"x"])).tolist() == ["café", "x"] and materialize(b"&#233;") == "é"
+    assert materialize(np.arange(3)).tolist() == [0, 1, 2] and len(timestamp()) == len("20171005T094012.123456Z")
+    with pytest.warns(DeprecationWarning, match="old way"):
+        deprecated("old way")
+
+
 def test_validator_reports_broken_files_instead_of_failing(tmp_path):
     """Each broken file gets errors, never an exception; connect agrees, and a bad graph read says why."""
     def write(name, build):

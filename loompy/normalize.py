@@ -1,0 +1,32 @@
+"""loompy 3's conversions of attribute values, both ways, kept for code that calls them; this
+library's own rules are :mod:`.encoding`'s (see the README: strings are stored as UTF-8)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import encoding
+
+
+def normalize_attr_values(a: Any, use_object_strings: bool = False) -> Any:
+    """Values as an attribute stores them: text as ``str`` (``use_object_strings``, which loompy 3
+    also took, changes nothing: this library stores text as UTF-8, not as escaped ASCII), booleans
+    as uint8, numbers as they are; a scalar gives a scalar."""
+    scalar = np.isscalar(a)
+    values = encoding.normalize_values([a] if scalar else a, "normalize_attr_values")
+    return values[0] if scalar else values
+
+
+def materialize_attr_values(a: Any) -> Any:
+    """Stored attribute values as a user sees them: text (bytes or str, XML character references
+    decoded, as loompy 3 decodes them) as an object array of ``str``; numbers as they are."""
+    scalar = np.isscalar(a)
+    values = np.asarray([a] if scalar else a)
+    if values.dtype.kind in "SUO":
+        values = encoding.decode_strings(values, xml_refs=True)
+    return values[0] if scalar else values
+
+
+__all__ = ["materialize_attr_values", "normalize_attr_values"]
