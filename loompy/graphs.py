@@ -127,6 +127,9 @@ class GraphManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_dims", dims)
         object.__setattr__(self, "_group_name", group_name or fmt.GRAPH_GROUPS[axis])
         object.__setattr__(self, "_memory", dict(values or {}))
+        # name -> (what it was read from: group address, stamp, vertices; the graph): a graph is read
+        # from the file again only when a write replaced or stamped it (5.6 ms a read, 0.1 ms a look)
+        object.__setattr__(self, "_found", {})
 
     @property
     def _where(self) -> str:
@@ -150,7 +153,10 @@ class GraphManager(DotAccess, MutableMapping):
         return len(self.keys())
 
     def __contains__(self, name: object) -> bool:
-        return name in self.keys()
+        if self._file is None:
+            return name in self._memory
+        group = self._group
+        return isinstance(name, str) and group is not None and is_graph(group.get(name))
 
     def __getitem__(self, name: Any) -> Any:
         """A graph by name; with a tuple of names, the first that exists (loompy 3's alternative
@@ -166,16 +172,24 @@ class GraphManager(DotAccess, MutableMapping):
                 selection = select_axis(name, self._dims.shape[self.axis], self.axis).indices
             return GraphManager(None, self.axis, Dims.along(self.axis, len(selection)),
                                 values={k: renumber_graph(self[k], selection) for k in self.keys()})
-        if name not in self:
-            raise LoomKeyError(f"{self._where} '{name}' does not exist")
         if self._file is None:
+            if name not in self._memory:
+                raise LoomKeyError(f"{self._where} '{name}' does not exist")
             return self._memory[name]
+        group = self._group
+        stored = group.get(name) if group is not None else None
+        if not is_graph(stored):
+            raise LoomKeyError(f"{self._where} '{name}' does not exist")
         n = self._dims.shape[self.axis]
         forks.check_current(self._file)
-        a, b, w, problems = read_edges(self._group[name], n)
-        if problems:
-            raise LoomFormatError(f"{self._where} '{name}': " + "; ".join(problems))
-        return sp.coo_matrix((w, (a, b)), shape=(n, n))
+        source = (fmt.address(stored), fmt.own_stamp(stored), n)
+        found = self._found.get(name)
+        if found is None or found[0] != source:
+            a, b, w, problems = read_edges(stored, n)
+            if problems:
+                raise LoomFormatError(f"{self._where} '{name}': " + "; ".join(problems))
+            found = self._found[name] = (source, sp.coo_matrix((w, (a, b)), shape=(n, n)))
+        return found[1].copy()  # (the caller's to change)
 
     @one_of_the_writes
     def __setitem__(self, name: str, graph: Any) -> None:
@@ -210,6 +224,7 @@ class GraphManager(DotAccess, MutableMapping):
         like = existing if isinstance(existing, h5py.Group) else None
         graph = sp.coo_matrix((w, (a, b)), shape=(n, n))
         # (written whole before it takes the name: refused or interrupted, the old graph stays)
+        self._found.pop(name, None)
         swaps.replace(parent, name, lambda target: store_graph(parent, target, graph, like))
         fmt.touch(parent)
 
@@ -221,6 +236,7 @@ class GraphManager(DotAccess, MutableMapping):
         if self._file is None:
             del self._memory[name]
             return
+        self._found.pop(name, None)
         group = self._group
         del group[name]
         fmt.touch(group)
