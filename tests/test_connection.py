@@ -16,6 +16,7 @@ import pytest
 import scipy.sparse as sp
 
 import loompy
+from loompy import format as fmt
 
 from .conftest import REAL, held_for_writing, held_in_another_thread
 
@@ -257,6 +258,30 @@ def test_graphs(small):
         assert "knn" not in ds.col_graphs
     with h5py.File(path, "r") as f:
         assert set(f["col_graphs/edges"].keys()) == {"a", "b", "w"}
+
+
+def test_global_attributes_read_again_only_once_written_by_any_connection(small, monkeypatch):
+    """Global attributes are kept once read (a view read them all each time) until /attrs is written
+    again, through any connection of the process; an array given out is the caller's to change."""
+    path, *_ = small
+    reads = []
+    real = fmt.read_global
+    monkeypatch.setattr(fmt, "read_global", lambda f, name, *rest: reads.append(name) or real(f, name, *rest))
+    with loompy.connect(path) as ds, loompy.connect(path) as other:
+        ds.attrs["vector"] = np.arange(3)
+        for _ in range(3):
+            ds.view[:2, :2]
+            got = ds.attrs["vector"]
+            got[0] = 99
+        assert ds.attrs["vector"].tolist() == [0, 1, 2] and reads.count("vector") == 1
+        other.attrs["vector"] = np.arange(4)
+        assert ds.attrs["vector"].tolist() == [0, 1, 2, 3] and "extra" not in ds.attrs.keys()
+        other.attrs["extra"] = "x"
+        assert "extra" in ds.attrs.keys() and ds.attrs.extra == "x"
+        del other.attrs["extra"]
+        assert "extra" not in ds.attrs.keys() and "extra" not in ds.attrs
+        with pytest.raises(KeyError):
+            ds.attrs["extra"]
 
 
 def test_graphs_are_stored_gzip_compressed_in_whole_chunks_any_hdf5_reader_reads(small, monkeypatch):
