@@ -228,9 +228,12 @@ class AttributeManager(DotAccess, MutableMapping):
         """Every attribute's values, by name (read from the file as needed)."""
         return {name: self[name] for name in self._names}
 
-    def _forget(self) -> None:
-        """Drop cached values (after the file changed underneath, e.g. columns were appended)."""
-        self._cache.clear()
+    def _forget(self, values: bool = True) -> None:
+        """Drop cached values (after the file changed underneath, e.g. columns were appended) and list
+        the names again; ``values=False``: only list them (row attributes after columns were
+        appended: an append adds row attributes, but never changes those there)."""
+        if values:
+            self._cache.clear()
         group = self._group
         if group is not None:
             self._names[:] = [k for k, v in group.items() if isinstance(v, h5py.Dataset)]

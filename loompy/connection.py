@@ -169,8 +169,9 @@ class LoomConnection(LoomAccess):
             matrix = file.get(fmt.MATRIX)
             shape = tuple(matrix.shape) if isinstance(matrix, h5py.Dataset) else None
         if shape is not None and shape != self._dims.shape:
+            rows_changed = shape[0] != self._dims.shape[0]  # (an empty file's first columns)
             self._dims.shape = shape
-            self.row_attrs._forget()
+            self.row_attrs._forget(values=rows_changed)
             self.col_attrs._forget()
 
     @property

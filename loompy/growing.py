@@ -75,6 +75,9 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: Any, *, row_attrs: A
     given_row_attrs = as_attr_dict(row_attrs, where)
     for name in given_row_attrs:
         fmt.check_name(name, f"{where}: row attribute")
+    # (the file's own values given back, as loops that build a file pass them, are kept without a look:
+    # reading and comparing 30,000 gene names took 24 ms a call)
+    given_row_attrs = {k: v for k, v in given_row_attrs.items() if not _the_files_own(ds, k, v)}
     new_row_attrs = {k: encoding.normalize_values(v, f"{where}: row attribute '{k}'", n)
                      for k, v in given_row_attrs.items()}
     differing = [k for k, v in new_row_attrs.items() if k in ds.ra and not joining.same_values(ds.ra[k], v)]
@@ -255,6 +258,16 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
         journal.note_created(group.file, journal.ADDED, [name])
     fmt.write_values(group, name, values, resizable=True, where=f"{where}: column attribute '{name}'",
                      legacy=legacy)
+
+
+def _the_files_own(ds: LoomConnection, name: str, values: Any) -> bool:
+    """Whether ``values`` are row attribute ``name`` as this connection reads it: the same array, or
+    one of its dtype and shape holding the same values."""
+    if name not in ds.ra or not isinstance(values, np.ndarray):
+        return False
+    mine = ds.ra[name]
+    return values is mine or (values.dtype == mine.dtype and values.shape == mine.shape and
+                              bool(np.array_equal(values, mine)))
 
 
 def _first_columns(ds: LoomConnection, layer_dict: dict, col_attrs: Any, row_attrs: Any, journalled: bool) -> None:

@@ -148,6 +148,31 @@ def test_appends_at_unaligned_offsets(tmp_path):
         np.testing.assert_array_equal(f["m"][...], expected)
 
 
+def test_unaligned_column_edges_are_merged_by_the_engine_strip_by_strip(tmp_path, monkeypatch):
+    """The chunks of a column write's unaligned edges are read, merged and stored by the engine (h5py
+    rewrote them one zlib stream at a time: add_columns of 10 columns to 30,000 rows 2.4x slower),
+    a strip of rows at a time; the columns around the write keep their values."""
+    from loompy.engine import write
+
+    monkeypatch.setattr(write, "STRIP_BYTES", 64 * 64 * 4 * 2)  # (strips of 128 rows: 3 of them for 300)
+    h5py_writes = []
+    real_setitem = h5py.Dataset.__setitem__
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", lambda d, k, v: h5py_writes.append(k) or real_setitem(d, k, v))
+    old = sparse_counts((300, 300), np.float32, density=0.3)
+    with h5py.File(tmp_path / "e.h5", "w") as f:
+        d = f.create_dataset("m", shape=old.shape, dtype="f4", chunks=(64, 64), compression="gzip", fillvalue=0)
+        engine.write_matrix(d, old)
+        expected = old.copy()
+        for offset, width, sparse in ((37, 100, False), (130, 20, True), (250, 50, False), (5, 3, True)):
+            new = sparse_counts((300, width), np.float32, density=0.5)
+            engine.write_matrix(d, sp.csc_matrix(new) if sparse else new, col_offset=offset)
+            expected[:, offset:offset + width] = new
+            np.testing.assert_array_equal(engine.read_block(d, np.arange(300), np.arange(300)), expected)
+    assert h5py_writes == []
+    with h5py.File(tmp_path / "e.h5", "r") as f:
+        np.testing.assert_array_equal(f["m"][...], expected)
+
+
 def test_write_block_then_read_sees_it(tmp_path):
     m = sparse_counts((100, 120), np.float64)
     with h5py.File(tmp_path / "w.h5", "w") as f:
