@@ -261,12 +261,12 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
 
 
 def _the_files_own(ds: LoomConnection, name: str, values: Any) -> bool:
-    """Whether ``values`` are row attribute ``name`` as this connection reads it: the same array, or
-    one of its dtype and shape holding the same values."""
+    """Whether ``values`` are row attribute ``name`` as this connection reads it: an array of its
+    shape holding the same values (text as ``str``, numbers of any dtype: the file's are kept)."""
     if name not in ds.ra or not isinstance(values, np.ndarray):
         return False
     mine = ds.ra[name]
-    return values is mine or (values.dtype == mine.dtype and values.shape == mine.shape and
+    return values is mine or (values.shape == mine.shape and values.dtype.kind in "biufUO" and
                               bool(np.array_equal(values, mine)))
 
 

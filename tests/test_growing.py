@@ -1150,6 +1150,13 @@ def test_row_attrs_of_new_columns_add_row_attributes_and_keep_the_files(tmp_path
         with pytest.warns(UserWarning, match=r"row attributes \['Gene'\] given with the new columns differ"):
             ds.add_columns(columns, {"CellID": ["m"], "N": [8]}, row_attrs={"Gene": ["x", "y", "z"]})
         assert list(ds.ra.Gene) == ["g0", "g1", "g2"] and ds.shape == (3, 6)
+        with warnings.catch_warnings():  # (the file's own values given back, of any text or number dtype)
+            warnings.simplefilter("error")
+            for same in ({"Gene": ds.ra.Gene}, {"Gene": np.array(["g0", "g1", "g2"])}, {"Kind": np.array([1., 2, 3])}):
+                ds.add_columns(columns, {"CellID": ["o"], "N": [7]}, row_attrs=same)
+        with pytest.warns(UserWarning, match=r"row attributes \['Gene'\] given with the new columns differ"):
+            ds.add_columns(columns, {"CellID": ["p"], "N": [6]}, row_attrs={"Gene": np.array(["g0", "g1", "gX"])})
+        assert list(ds.ra.Gene) == ["g0", "g1", "g2"] and list(ds.ra.Kind) == [1, 2, 3] and ds.shape == (3, 10)
 
 
 def test_permute_stores_graph_vertices_as_integers_whatever_the_writer_used(tmp_path):
