@@ -6,6 +6,7 @@ median seconds, the ratio (reference / ours: above 1 means we are faster) and pe
 
     python benchmarks/bench.py                         # 20,000 x 20,000, 7% non-zero (slow)
     python benchmarks/bench.py --genes 5000 --cells 5000 --repeats 3
+    python benchmarks/bench.py --genes 2000 --cells 500 --everyday   # small, repeated, everyday calls
 """
 
 from __future__ import annotations
@@ -99,6 +100,24 @@ OPERATIONS: dict[str, tuple[str, str, bool]] = {
 }
 
 
+# everyday calls on small files, made many times in a session (--everyday): fixed costs per call show here
+KNN = "g = sp.random(ds.shape[1], ds.shape[1], density=10 / ds.shape[1], format='coo', random_state=2)"
+EVERYDAY: dict[str, tuple[str, str, bool]] = {
+    "graph read x20": (f"ds = loompy.connect(work); {KNN}; ds.col_graphs['knn'] = g",
+                       "for _ in range(20): ds.col_graphs['knn']", True),
+    "graph write x5": (f"ds = loompy.connect(work); {KNN}", "for k in range(5): ds.col_graphs[f'g{k}'] = g", True),
+    "view[:100, :100] x10": ("ds = loompy.connect(base, 'r')", "for _ in range(10): ds.view[:100, :100]", False),
+    "add_columns 20 x 10 (with row_attrs)": (
+        "ds = loompy.connect(work); ra = {'Gene': ds.ra.Gene}; cols = rng.random((ds.shape[0], 10)).astype('f4')",
+        "for i in range(20): ds.add_columns(cols, {'CellID': np.array([f'n{i}_{j}' for j in range(10)])}, "
+        "row_attrs=ra)\nds.close()", True),
+    "map(lambda) x5": ("ds = loompy.connect(base, 'r')",
+                       "for _ in range(5): ds.map([lambda x: float(x.sum())])", False),
+    "ra/ca by name x1000": ("ds = loompy.connect(base, 'r')", "for _ in range(500): ds.ra.Gene; ds.ca.CellID", False),
+}
+OPERATIONS.update(EVERYDAY)
+
+
 def make_data(folder: Path, genes: int, cells: int, density: float) -> None:
     rng = np.random.default_rng(0)
     m = sp.random(genes, cells, density=density, format="csc", random_state=rng, dtype=np.float32,
@@ -125,9 +144,12 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=20000)
     parser.add_argument("--density", type=float, default=0.07)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--ops", nargs="*", default=list(OPERATIONS), help="subset of operations (by name)")
+    parser.add_argument("--ops", nargs="*", default=None, help="subset of operations (by name)")
+    parser.add_argument("--everyday", action="store_true", help="the everyday calls, not the issue's list")
     parser.add_argument("--workdir", default=None)
     args = parser.parse_args()
+    if args.ops is None:
+        args.ops = list(EVERYDAY) if args.everyday else [op for op in OPERATIONS if op not in EVERYDAY]
 
     ref_python = str(reference.ensure_reference())
     subprocess.run([ref_python, "-m", "pip", "install", "-q", "anndata"], check=False, env=reference.environment())
