@@ -312,6 +312,14 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
     def __len__(self) -> int:
         return len(self.keys())
 
+    def to_dict(self) -> dict[str, Any]:
+        """Every global attribute, by name (one look at whether /attrs was written since they were read)."""
+        values, names = self._read_since()
+        if names is None or any(name not in values for name in names):
+            return {name: self[name] for name in self.keys()}
+        return {name: value.copy() if isinstance(value, np.ndarray) else value for name, value in values.items()
+                if name in names}
+
     def keys(self) -> list[str]:
         values, names = self._read_since()
         if names is None:

@@ -112,7 +112,7 @@ class LoomLayer(SparseForms):
     @staticmethod
     def _state(file: h5py.File) -> tuple[int, int]:
         """What the lookup depends on: HDF5's id of this opening of the file, and its layer changes."""
-        return file.id.id, engine.layer_changes(file)
+        return file.id.id, engine.changes(file, "layers")
 
     @property
     def _file(self) -> h5py.File:
@@ -352,7 +352,7 @@ class LayerManager(DotAccess, MutableMapping):
             dataset = swaps.replace(group, final, write)
         finally:
             if existing is not None:
-                engine.layers_changed(self._file)
+                engine.changed(self._file, "layers")
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape
@@ -369,5 +369,5 @@ class LayerManager(DotAccess, MutableMapping):
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         self._found.pop(name, None)  # (nor keep the deleted dataset open)
         del group[name]
-        engine.layers_changed(self._file)
+        engine.changed(self._file, "layers")
         fmt.touch(group)

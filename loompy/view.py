@@ -103,6 +103,9 @@ class MemoryGlobals(DotAccess, dict):
 
     _where = "view: global attribute"
 
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self)
+
 
 class LoomView(LoomAccess):
     """A selection of a Loom file (or of another view), held in memory."""
@@ -166,7 +169,7 @@ def whole_parts(source: Any, what: Any = WHAT_ALL) -> dict[str, Any]:
     attributes, and the graphs ``what`` asks for (renumbered per view)."""
     what = set(what)
     return {
-        "file_attrs": {k: source.attrs[k] for k in source.attrs.keys()},
+        "file_attrs": source.attrs.to_dict(),
         "row_graphs": {k: source.row_graphs[k] for k in source.row_graphs.keys()} if "row_graphs" in what else {},
         "col_graphs": {k: source.col_graphs[k] for k in source.col_graphs.keys()} if "col_graphs" in what else {},
     }

@@ -15,6 +15,8 @@ from .lines import reduce_block, reduce_columns
 from .memory import Recycler, Scratch, fresh
 from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_lines
 from .storage import (
+    changed,
+    changes,
     chunk_layout,
     expect_reads,
     forget,
@@ -23,8 +25,6 @@ from .storage import (
     forget_let_go,
     forget_opening,
     held_index,
-    layer_changes,
-    layers_changed,
     writing_all,
 )
 from .write import (
@@ -42,8 +42,8 @@ __all__ = [
     "STRIP_BYTES", "Recycler", "Scratch", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "forget_later",
     "forget_let_go", "forget_opening", "fresh",
-    "held_index", "layer_changes",
-    "layers_changed", "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
+    "held_index", "changed", "changes",
+    "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
     "reorder_columns", "resize", "write_block", "write_columns", "write_matrix", "write_rows",
     "writing_all",
 ]

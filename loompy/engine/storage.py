@@ -504,7 +504,7 @@ def forget_opening(number: tuple) -> bool:
         for key in [key for key in _turns if key[0] == number]:
             if _turns[key].idle:
                 del _turns[key]
-        _layer_changes.pop(number, None)
+        _changes.pop(number, None)
         forget_reshapes(number)
         return True
 
@@ -530,19 +530,21 @@ def forget_let_go() -> None:
                 _let_go.discard(number)
 
 
-_layer_changes: dict[int, int] = {}  # per opening of a file (shared by its connections): see layers_changed
+_changes: dict[int, dict[str, int]] = {}  # per opening of a file (shared by its connections): see changed
 
 
-def layers_changed(file: h5py.File) -> None:
-    """Note that a layer of ``file`` was replaced, deleted or is being overwritten, so that layer
-    objects of every connection to it look their dataset up again (see :func:`layer_changes`)."""
+def changed(file: h5py.File, what: str) -> None:
+    """Note that ``what`` of ``file`` (``"layers"``: one was replaced, deleted or is being overwritten;
+    ``"graphs"``: one was written or deleted) changed, so that what every connection to it keeps
+    of them is looked up again (see :func:`changes`)."""
     with _lock:
-        _layer_changes[file.id.fileno] = _layer_changes.get(file.id.fileno, 0) + 1
+        counts = _changes.setdefault(file.id.fileno, {})
+        counts[what] = counts.get(what, 0) + 1
 
 
-def layer_changes(file: h5py.File) -> int:
-    """How many times layers of ``file`` changed since it was opened (a cache key for layer objects)."""
-    return _layer_changes.get(file.id.fileno, 0)
+def changes(file: h5py.File, what: str) -> int:
+    """How many times ``what`` of ``file`` changed since it was opened (a cache key)."""
+    return _changes.get(file.id.fileno, {}).get(what, 0)
 
 
 @reports_closed_file
