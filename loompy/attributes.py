@@ -9,12 +9,13 @@ through to the file at once. A manager made with ``file=None`` holds values in m
 from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
 from typing import Any
 
 import h5py
 import numpy as np
 
-from . import encoding, forks
+from . import encoding, engine, forks
 from . import format as fmt
 from .errors import LoomAttributeError, LoomKeyError, LoomValueError, naming
 from .handles import Dims, approximate_nbytes, check_deletable, check_room, check_writable, one_of_the_writes
@@ -62,8 +63,9 @@ class DotAccess:
     """``m.name`` reads ``m["name"]``, ``m.name = value`` writes it and ``del m.name`` deletes it; a
     missing name raises AttributeError.
 
-    Every name assigned with a dot is written, ``_Flag`` and ``axis`` too (loompy 3 writes them):
-    subclasses set their own state with ``object.__setattr__``. Subclasses are mappings with a
+    Every name assigned with a dot is written, ``_Flag`` and ``axis`` too (loompy 3 writes them);
+    one that is also a method or property of the manager (``axis``, ``keys``) reads back only as
+    ``m["name"]``. Subclasses set their own state with ``object.__setattr__``. Subclasses are mappings with a
     ``_where`` property naming the file and the kind of item.
     """
 
@@ -253,13 +255,13 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         return f"{self._file.filename}: global attribute"
 
     def _read_since(self) -> tuple[dict[str, Any], list[str] | None]:
-        """Values and names read since /attrs was last written (every write stamps it; a view read
-        them all each time, 0.5 ms of a small view's 1.2), by any connection: where they are kept
-        for (names None: not listed yet). Files before spec 3.0.0 keep nothing."""
+        """Values and names read since a global attribute was last written or deleted through any
+        connection of this process (a view read them all each time, 0.5 ms of a small view's 1.2):
+        where they are kept for (names None: not listed yet). Files before spec 3.0.0 keep nothing."""
         if not self._in_group:
             return {}, None
-        group = self._file[fmt.GLOBAL_ATTRS]
-        source = (self._file.id.id, fmt.address(group), fmt.own_stamp(group))
+        source = (self._file.id.id, engine.changes(self._file, "globals"))
+        forks.check_current(self._file)  # (a forked child's counts stopped at the fork)
         if self._kept[0] != source:
             object.__setattr__(self, "_kept", (source, {}, None))
         return self._kept[1], self._kept[2]
@@ -292,7 +294,8 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         check_writable(self._file, f"{self._where} '{name}'")
         arr = fmt.normalize_global(value, name, self._file.filename)
         check_room(self._file, approximate_nbytes(np.asarray(arr)), f"{self._where} '{name}'")
-        fmt.write_global(self._file, name, arr, self._in_group)
+        with self._changing():
+            fmt.write_global(self._file, name, arr, self._in_group)
 
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:
@@ -301,7 +304,18 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         check_deletable(self._file, f"{self._where} '{name}'")
-        fmt.delete_global(self._file, name, self._in_group)
+        with self._changing():
+            fmt.delete_global(self._file, name, self._in_group)
+
+    @contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around a write: counted before and after, so that what a read in another thread meanwhile
+        kept is looked up again (see _read_since)."""
+        engine.changed(self._file, "globals")
+        try:
+            yield
+        finally:
+            engine.changed(self._file, "globals")
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and fmt.has_global(self._file, name, self._in_group)

@@ -115,7 +115,7 @@ def add_columns(ds: LoomConnection, layers: Any, col_attrs: Any, *, row_attrs: A
         raise
     ds._dims.shape = (n, m + n_new)  # the columns are in: the connection says so before anything else
     ds.col_attrs._forget()
-    ds.row_attrs._forget()
+    ds.row_attrs._forget(values=False)  # (the ones it added are listed; those there are unchanged)
     if journalled:  # (add_loom says it once)
         _warn_left_out(where, dropped, ignored)
     if differing:

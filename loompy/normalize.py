@@ -3,6 +3,7 @@ library's own rules are :mod:`.encoding`'s (see the README: strings are stored a
 
 from __future__ import annotations
 
+import html
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,16 @@ def normalize_attr_values(a: Any, use_object_strings: bool = False) -> Any:
 
 
 def materialize_attr_values(a: Any) -> Any:
-    """Stored attribute values as a user sees them: text (bytes or str, XML character references
-    decoded, as loompy 3 decodes them) as an object array of ``str``; numbers as they are."""
+    """Stored attribute values as a user sees them, as loompy 3 makes them: bytes and objects as
+    ``str`` with HTML character references decoded (``&#233;``, ``&amp;``), ``str`` arrays as they
+    are, in object arrays; numbers as they are. Unlike loompy 3 it keeps non-ASCII bytes (as UTF-8)."""
     scalar = np.isscalar(a)
     values = np.asarray([a] if scalar else a)
-    if values.dtype.kind in "SUO":
-        values = encoding.decode_strings(values, xml_refs=True)
+    if values.dtype.kind in "SO":
+        texts = encoding.decode_strings(values).ravel().tolist()
+        values = np.array([html.unescape(text) for text in texts], dtype=object).reshape(values.shape)
+    elif values.dtype.kind == "U":
+        values = values.astype(object)
     return values[0] if scalar else values
 
 

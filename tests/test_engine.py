@@ -148,10 +148,10 @@ def test_appends_at_unaligned_offsets(tmp_path):
         np.testing.assert_array_equal(f["m"][...], expected)
 
 
-def test_unaligned_column_edges_are_merged_by_the_engine_strip_by_strip(tmp_path, monkeypatch):
-    """The chunks of a column write's unaligned edges are read, merged and stored by the engine (h5py
-    rewrote them one zlib stream at a time: add_columns of 10 columns to 30,000 rows 2.4x slower),
-    a strip of rows at a time; the columns around the write keep their values."""
+def test_chunks_a_write_covers_in_part_are_merged_by_the_engine_strip_by_strip(tmp_path, monkeypatch):
+    """The chunks a column write or a region write covers only in part are read, merged and stored by
+    the engine (h5py rewrote them one zlib stream at a time: add_columns of 10 columns to 30,000 rows
+    2.4x slower), a strip of rows at a time; the values around the write are kept."""
     from loompy.engine import write
 
     monkeypatch.setattr(write, "STRIP_BYTES", 64 * 64 * 4 * 2)  # (strips of 128 rows: 3 of them for 300)
@@ -163,10 +163,18 @@ def test_unaligned_column_edges_are_merged_by_the_engine_strip_by_strip(tmp_path
         d = f.create_dataset("m", shape=old.shape, dtype="f4", chunks=(64, 64), compression="gzip", fillvalue=0)
         engine.write_matrix(d, old)
         expected = old.copy()
-        for offset, width, sparse in ((37, 100, False), (130, 20, True), (250, 50, False), (5, 3, True)):
+        for offset, width, sparse in ((37, 100, False), (130, 20, True), (250, 50, False), (5, 3, True),
+                                      (60, 10, False)):  # (the last across a chunk boundary, no whole chunk)
             new = sparse_counts((300, width), np.float32, density=0.5)
             engine.write_matrix(d, sp.csc_matrix(new) if sparse else new, col_offset=offset)
             expected[:, offset:offset + width] = new
+            np.testing.assert_array_equal(engine.read_block(d, np.arange(300), np.arange(300)), expected)
+        # regions: every side inside a chunk, or no whole chunk inside (rows or columns)
+        regions = ((10, 290, 3, 299), (60, 70, 0, 300), (0, 300, 60, 70), (5, 9, 5, 9), (130, 300, 200, 300))
+        for r0, r1, c0, c1 in regions:
+            values = RNG.random((r1 - r0, c1 - c0)).astype(np.float32)
+            engine.write_block(d, np.arange(r0, r1), np.arange(c0, c1), values)
+            expected[r0:r1, c0:c1] = values
             np.testing.assert_array_equal(engine.read_block(d, np.arange(300), np.arange(300)), expected)
     assert h5py_writes == []
     with h5py.File(tmp_path / "e.h5", "r") as f:
@@ -255,7 +263,7 @@ def test_aligned_write_block_stores_chunks_directly(tmp_path):
 @pytest.mark.parametrize("seed", range(6))
 def test_unaligned_regions_store_whole_chunks_inside_and_merge_the_strips_around(tmp_path, monkeypatch, seed):
     """A rectangle at any offset: the whole chunks inside it go through the engine (one region),
-    the strips around them are merged with what their chunks hold; numpy and plain HDF5 agree."""
+    then the chunks of the strips around it, merged with what they hold; numpy and plain HDF5 agree."""
     write_module = importlib.import_module("loompy.engine.write")
     rng = np.random.default_rng(seed)
     m = sparse_counts((200, 260), np.float32, density=0.3)
@@ -275,7 +283,9 @@ def test_unaligned_regions_store_whole_chunks_inside_and_merge_the_strips_around
         np.testing.assert_array_equal(f["m"][...], m)
     a0, b0 = -(-r0 // 64) * 64, -(-c0 // 64) * 64
     a1, b1 = (r1 if r1 == 200 else r1 // 64 * 64), (c1 if c1 == 260 else c1 // 64 * 64)
-    assert regions == ([(a0, b0, a1 - a0, b1 - b0)] if a0 < a1 and b0 < b1 else [])
+    core = [(a0, b0, a1 - a0, b1 - b0)] if a0 < a1 and b0 < b1 else []
+    assert regions[:len(core)] == core  # (then the chunks around it, merged and stored whole too)
+    assert all(top % 64 == 0 and left % 64 == 0 for top, left, _, _ in regions) and len(regions) <= len(core) + 4
 
 
 def test_negative_zero_chunks_are_stored(tmp_path):

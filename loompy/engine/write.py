@@ -4,9 +4,9 @@ Worker threads produce the values a task of whole chunks at a time, cut them int
 those (deflate releases the GIL); this thread stores the finished chunks with ``write_direct_chunk``,
 in order; all-zero chunks stay unallocated. Chunk rows re-encoded from another dataset's chunks
 (combine's inputs at an offset, permutes of columns) are compressed in helper processes instead
-(:mod:`.bands`, :mod:`.processes`) and stored here as they arrive. Unaligned edges and datasets
-the fast path does not handle (see :func:`~.storage.chunk_layout`) go through h5py, which merges
-them with what their chunks hold.
+(:mod:`.bands`, :mod:`.processes`) and stored here as they arrive. The chunks a write covers only
+in part are read, changed and stored whole (:func:`_patch`). Datasets the fast path does not handle
+(see :func:`~.storage.chunk_layout`) go through h5py, which merges writes with what chunks hold.
 """
 
 from __future__ import annotations
@@ -134,13 +134,13 @@ def _write_region(dataset: h5py.Dataset, r0: int, c0: int, values: np.ndarray) -
     a0, a1 = -(-r0 // h) * h, (r1 if r1 == n else r1 // h * h)
     b0, b1 = -(-c0 // w) * w, (c1 if c1 == m else c1 // w * w)
     if a0 >= a1 or b0 >= b1:
-        dataset[r0:r1, c0:c1] = values
+        _patch(dataset, layout, r0, c0, values)
         return
     core = values[a0 - r0:a1 - r0, b0 - c0:b1 - c0]
     store_region(dataset, layout, a0, b0, a1 - a0, b1 - b0, lambda a, b: core[:, a:b])
     for (top, bottom, left, right) in ((r0, a0, c0, c1), (a1, r1, c0, c1), (a0, a1, c0, b0), (a0, a1, b1, c1)):
         if top < bottom and left < right:
-            dataset[top:bottom, left:right] = values[top - r0:bottom - r0, left - c0:right - c0]
+            _patch(dataset, layout, top, left, values[top - r0:bottom - r0, left - c0:right - c0])
 
 
 @contextmanager
@@ -280,7 +280,7 @@ def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: P
         body = (first_full, last_full) if first_full < last_full else (stop, stop)
     for a, b in ((start, min(body[0], stop)), (max(body[1], start), stop)):
         if layout is not None and a < b:
-            _merge_edge(dataset, layout, a, _dense(produce(a - col_offset, b - col_offset), dataset.dtype))
+            _patch(dataset, layout, 0, a, _dense(produce(a - col_offset, b - col_offset), dataset.dtype))
             continue
         for s in range(a, b, strip):
             e = min(b, s + strip)
@@ -292,19 +292,23 @@ def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: P
                      lambda a, b: produce(shift + a, shift + b))
 
 
-def _merge_edge(dataset: h5py.Dataset, layout: ChunkLayout, start: int, values: np.ndarray) -> None:
-    """Store full-height ``values`` at columns ``start:``, all inside one chunk column: its chunks
-    are read, changed and stored again whole, a strip of rows at a time."""
+def _patch(dataset: h5py.Dataset, layout: ChunkLayout, r0: int, c0: int, values: np.ndarray) -> None:
+    """Store ``values`` at rows ``r0:`` and columns ``c0:`` where they cover chunks only in part: the
+    chunks they touch are read, changed and stored again whole, a strip of chunk rows at a time
+    (through h5py, one zlib stream at a time, the edge of 10 columns appended to 30,000 rows took
+    56 ms, against 9 here). Interrupted, the strips stored so far stay (as h5py's would)."""
     (h, w), (n, m) = layout.chunks, dataset.shape
-    left = start // w * w
-    right = min(m, left + w)
+    r1, c1 = r0 + values.shape[0], c0 + values.shape[1]
+    top, left = r0 // h * h, c0 // w * w
+    bottom, right = min(n, -(-r1 // h) * h), min(m, -(-c1 // w) * w)
     cols = np.arange(left, right)
     tall = max(h, STRIP_BYTES // max(1, (right - left) * dataset.dtype.itemsize) // h * h)
-    for top in range(0, n, tall):
-        bottom = min(n, top + tall)
-        block = read_block(dataset, np.arange(top, bottom), cols)
-        block[:, start - left:start - left + values.shape[1]] = values[top:bottom]
-        store_region(dataset, layout, top, left, bottom - top, right - left, lambda a, b, part=block: part[:, a:b])
+    for a in range(top, bottom, tall):
+        b = min(bottom, a + tall)
+        block = read_block(dataset, np.arange(a, b), cols)
+        x0, x1 = max(a, r0), min(b, r1)  # (the rows of values in this strip)
+        block[x0 - a:x1 - a, c0 - left:c1 - left] = values[x0 - r0:x1 - r0]
+        store_region(dataset, layout, a, left, b - a, right - left, lambda p, q, part=block: part[:, p:q])
 
 
 @_writes
