@@ -194,7 +194,8 @@ def main() -> None:
             continue
         ratio = cells[1][0] / cells[0][0] if cells[0][0] > 0 else float("inf")
         rss = [f"{c[1]:.0f}" + (f" (helpers: {c[2]:.0f} at most)" if c[2] >= 1 else "") for c in cells]
-        print(f"| {op} | {cells[0][0]:.3f} | {cells[1][0]:.3f} | {ratio:.1f}x | {rss[0]} | {rss[1]} |")
+        digits = 5 if args.everyday else 3  # (everyday calls take milliseconds)
+        print(f"| {op} | {cells[0][0]:.{digits}f} | {cells[1][0]:.{digits}f} | {ratio:.1f}x | {rss[0]} | {rss[1]} |")
 
 
 if __name__ == "__main__":
