@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import h5py
@@ -241,6 +242,16 @@ class AttributeManager(DotAccess, MutableMapping):
             self._names[:] = [k for k, v in group.items() if isinstance(v, h5py.Dataset)]
 
 
+@dataclass
+class _KeptGlobals:
+    """A global attribute manager's record of what it read: when (the file's opening and its count of
+    global writes), the values read so far, and the names (None: not listed yet)."""
+
+    source: tuple[int, int] | None
+    values: dict[str, Any] = field(default_factory=dict)
+    names: list[str] | None = None
+
+
 class GlobalAttributeManager(DotAccess, MutableMapping):
     """File-wide attributes (``title``, ``description``...); ``LOOM_SPEC_VERSION`` is read-only."""
 
@@ -248,26 +259,26 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_file", f)
         object.__setattr__(self, "_in_group", in_group)
         object.__setattr__(self, "_legacy", legacy)
-        object.__setattr__(self, "_kept", (None, {}, None))  # (what they were read from, values, names)
+        object.__setattr__(self, "_kept", _KeptGlobals(None))
 
     @property
     def _where(self) -> str:
         return f"{self._file.filename}: global attribute"
 
-    def _read_since(self) -> tuple[dict[str, Any], list[str] | None]:
-        """Values and names read since a global attribute was last written or deleted through any
-        connection of this process (a view read them all each time, 0.5 ms of a small view's 1.2):
-        where they are kept for (names None: not listed yet). Files before spec 3.0.0 keep nothing."""
+    def _read_since(self) -> _KeptGlobals:
+        """What was read since a global attribute was last written or deleted through any connection
+        of this process (a view read them all each time, 0.5 ms of a small view's 1.2), kept to be
+        added to. Files before spec 3.0.0 keep nothing (a new, empty record each time)."""
         if not self._in_group:
-            return {}, None
+            return _KeptGlobals(None)
         source = (self._file.id.id, engine.changes(self._file, "globals"))
         forks.check_current(self._file)  # (a forked child's counts stopped at the fork)
-        if self._kept[0] != source:
-            object.__setattr__(self, "_kept", (source, {}, None))
-        return self._kept[1], self._kept[2]
+        if self._kept.source != source:
+            object.__setattr__(self, "_kept", _KeptGlobals(source))
+        return self._kept
 
     def __getitem__(self, name: str) -> Any:
-        values, _ = self._read_since()
+        values = self._read_since().values
         if name not in values:
             if name not in self:
                 raise LoomKeyError(f"{self._where} '{name}' does not exist")
@@ -328,19 +339,17 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
 
     def to_dict(self) -> dict[str, Any]:
         """Every global attribute, by name (one look at whether /attrs was written since they were read)."""
-        values, names = self._read_since()
-        if names is None or any(name not in values for name in names):
+        kept = self._read_since()
+        if kept.names is None or any(name not in kept.values for name in kept.names):
             return {name: self[name] for name in self.keys()}
-        return {name: value.copy() if isinstance(value, np.ndarray) else value for name, value in values.items()
-                if name in names}
+        return {name: value.copy() if isinstance(value, np.ndarray) else value
+                for name, value in kept.values.items() if name in kept.names}
 
     def keys(self) -> list[str]:
-        values, names = self._read_since()
-        if names is None:
-            names = fmt.global_names(self._file, self._in_group)
-            if self._in_group:
-                object.__setattr__(self, "_kept", (self._kept[0], values, names))
-        return list(names)
+        kept = self._read_since()
+        if kept.names is None:
+            kept.names = fmt.global_names(self._file, self._in_group)
+        return list(kept.names)
 
     def _ipython_key_completions_(self) -> list[str]:
         return self.keys()

@@ -262,7 +262,8 @@ def _append_attr(group: h5py.Group, name: str, values: np.ndarray, whole: bool, 
 
 def _the_files_own(ds: LoomConnection, name: str, values: Any) -> bool:
     """Whether ``values`` are row attribute ``name`` as this connection reads it: an array of its
-    shape holding the same values (text as ``str``, numbers of any dtype: the file's are kept)."""
+    shape holding the same values (text as ``str``, numbers of any dtype). Such values need no look:
+    an append keeps the row attributes a file has as they are, whatever it is given."""
     if name not in ds.ra or not isinstance(values, np.ndarray):
         return False
     mine = ds.ra[name]
