@@ -9,7 +9,6 @@ through to the file at once. A manager made with ``file=None`` holds values in m
 from __future__ import annotations
 
 from collections.abc import Iterator, MutableMapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,10 +281,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         if name not in values:
             if name not in self:
                 raise LoomKeyError(f"{self._where} '{name}' does not exist")
-            value = fmt.read_global(self._file, name, self._in_group, self._legacy)
-            if not self._in_group:
-                return value
-            values[name] = value
+            values[name] = fmt.read_global(self._file, name, self._in_group, self._legacy)
         value = values[name]
         return value.copy() if isinstance(value, np.ndarray) else value  # (the caller's to change)
 
@@ -305,7 +301,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         check_writable(self._file, f"{self._where} '{name}'")
         arr = fmt.normalize_global(value, name, self._file.filename)
         check_room(self._file, approximate_nbytes(np.asarray(arr)), f"{self._where} '{name}'")
-        with self._changing():
+        with engine.changing(self._file, "globals"):
             fmt.write_global(self._file, name, arr, self._in_group)
 
     @one_of_the_writes
@@ -315,18 +311,8 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         check_deletable(self._file, f"{self._where} '{name}'")
-        with self._changing():
+        with engine.changing(self._file, "globals"):
             fmt.delete_global(self._file, name, self._in_group)
-
-    @contextmanager
-    def _changing(self) -> Iterator[None]:
-        """Around a write: counted before and after, so that what a read in another thread meanwhile
-        kept is looked up again (see _read_since)."""
-        engine.changed(self._file, "globals")
-        try:
-            yield
-        finally:
-            engine.changed(self._file, "globals")
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and fmt.has_global(self._file, name, self._in_group)

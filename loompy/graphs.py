@@ -246,17 +246,12 @@ class GraphManager(DotAccess, MutableMapping):
         like = existing if isinstance(existing, h5py.Group) else None
         graph = sp.coo_matrix((w, (a, b)), shape=(n, n))
         # (written whole before it takes the name: refused or interrupted, the old graph stays)
-        # counted before and after: a read in another thread meanwhile keeps what it read under a count
-        # the write has passed by the time it is done, so the next read looks again
-        before = engine.changes(self._file, "graphs") + 1
-        engine.changed(self._file, "graphs")
-        try:
+        start = engine.changes(self._file, "graphs")
+        with engine.changing(self._file, "graphs"):
             swaps.replace(parent, name, lambda target: store_graph(parent, target, graph, like))
-        finally:
-            engine.changed(self._file, "graphs")
         fmt.touch(parent)
-        if engine.changes(self._file, "graphs") == before + 1:  # (no other graph write meanwhile: keep it)
-            self._found[name] = ((self._file.id.id, before + 1, n), graph.copy())
+        if engine.changes(self._file, "graphs") == start + 2:  # (no other graph write meanwhile: keep it)
+            self._found[name] = ((self._file.id.id, start + 2, n), graph.copy())
 
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:

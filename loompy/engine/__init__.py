@@ -17,6 +17,7 @@ from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_l
 from .storage import (
     changed,
     changes,
+    changing,
     chunk_layout,
     expect_reads,
     forget,
@@ -42,7 +43,7 @@ __all__ = [
     "STRIP_BYTES", "Recycler", "Scratch", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "forget_later",
     "forget_let_go", "forget_opening", "fresh",
-    "held_index", "changed", "changes",
+    "held_index", "changed", "changes", "changing",
     "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
     "reorder_columns", "resize", "write_block", "write_columns", "write_matrix", "write_rows",
     "writing_all",

@@ -534,9 +534,9 @@ _changes: dict[int, dict[str, int]] = {}  # per opening of a file (shared by its
 
 
 def changed(file: h5py.File, what: str) -> None:
-    """Note that ``what`` of ``file`` (``"layers"``: one was replaced, deleted or is being overwritten;
-    ``"graphs"``: one was written or deleted) changed, so that what every connection to it keeps
-    of them is looked up again (see :func:`changes`)."""
+    """Note that ``what`` of ``file`` changed (``"layers"``: one was replaced, deleted or is being
+    overwritten; ``"graphs"``, ``"globals"``: one was written or deleted), so that what every
+    connection to it keeps of them is looked up again (see :func:`changes`)."""
     with _lock:
         counts = _changes.setdefault(file.id.fileno, {})
         counts[what] = counts.get(what, 0) + 1
@@ -545,6 +545,17 @@ def changed(file: h5py.File, what: str) -> None:
 def changes(file: h5py.File, what: str) -> int:
     """How many times ``what`` of ``file`` changed since it was opened (a cache key)."""
     return _changes.get(file.id.fileno, {}).get(what, 0)
+
+
+@contextmanager
+def changing(file: h5py.File, what: str) -> Iterator[None]:
+    """Around a write of ``what``: counted before and after, so that what a read in another thread
+    kept meanwhile, under a count the write has passed by its end, is looked up again."""
+    changed(file, what)
+    try:
+        yield
+    finally:
+        changed(file, what)
 
 
 @reports_closed_file
