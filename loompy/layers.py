@@ -90,10 +90,15 @@ class _SharedFile:
     a file reopened (by permute) reaches them all. The layers refer to this, not to the manager, which
     keeps them (a cycle kept a file open, and locked, after its connection was let go of unclosed)."""
 
-    __slots__ = ("file",)
+    __slots__ = ("file", "filename")
 
     def __init__(self, file: h5py.File) -> None:
-        self.file = file
+        self.file, self.filename = file, file.filename
+
+    def check_open(self) -> None:
+        """LoomFileError unless the file is open (closed, or being replaced by permute, it says which)."""
+        if not self.file:
+            raise LoomFileError(f"{self.filename}: {why_closed(self.file)}")
 
 
 class LoomLayer(SparseForms):
@@ -118,18 +123,13 @@ class LoomLayer(SparseForms):
     def _file(self) -> h5py.File:
         return self._shared.file
 
-    def _check_open(self) -> None:
-        file = self._file
-        if not file:
-            raise LoomFileError(f"{self._filename}: {why_closed(file)}")
-
     @property
     def _dataset(self) -> h5py.Dataset:
         """The layer's dataset now: looked up again whenever its manager's file or layers changed (a
         replaced layer is a new dataset, a permuted file a new file)."""
-        self._check_open()
+        self._shared.check_open()
         file = self._file
-        with closed_meanwhile(self._check_open):  # (closed by another thread as this looks)
+        with closed_meanwhile(self._shared.check_open):  # (closed by another thread as this looks)
             key = self._state(file)
             if key == self._known[0]:
                 return self._known[1]
@@ -141,12 +141,12 @@ class LoomLayer(SparseForms):
 
     @property
     def shape(self) -> tuple[int, int]:
-        with closed_meanwhile(self._check_open):
+        with closed_meanwhile(self._shared.check_open):
             return tuple(self._dataset.shape)  # type: ignore[return-value]
 
     @property
     def dtype(self) -> np.dtype:
-        with closed_meanwhile(self._check_open):
+        with closed_meanwhile(self._shared.check_open):
             return self._dataset.dtype
 
     @property
@@ -244,10 +244,6 @@ class LayerManager(DotAccess, MutableMapping):
     def _where(self) -> str:
         return f"{self._file.filename}: layer"
 
-    def _check_open(self) -> None:
-        if not self._file:
-            raise LoomFileError(f"{self._filename}: {why_closed(self._file)}")
-
     # --------------------------------------------------------------- reading
     def _dataset(self, name: str) -> h5py.Dataset | None:
         obj = self._file.get(fmt.layer_path(name))
@@ -260,8 +256,8 @@ class LayerManager(DotAccess, MutableMapping):
     def __getitem__(self, name: str) -> LoomLayer:
         if not isinstance(name, str):
             raise LoomTypeError(f"{self._filename}: layer names are strings, got {type(name).__name__}")
-        self._check_open()
-        with closed_meanwhile(self._check_open):  # (closed by another thread as this looks)
+        self._shared.check_open()
+        with closed_meanwhile(self._shared.check_open):  # (closed by another thread as this looks)
             state = LoomLayer._state(self._file)
             found = self._found.get(name)
             # nothing changed the layers (an h5py rename would leave another dataset at the address): 3 us, a lookup 33
@@ -270,7 +266,7 @@ class LayerManager(DotAccess, MutableMapping):
                 return found[0]
             dataset = self._dataset(name)
         if dataset is None:
-            self._check_open()  # (closed by another thread as this looked: no layer is there to find)
+            self._shared.check_open()  # (closed by another thread as this looked: no layer is there to find)
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
         layer = LoomLayer(name, dataset, self._shared, self._filename, state)
         self._found[name] = (layer, fmt.address(dataset))
