@@ -260,14 +260,18 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
         for i, f in enumerate(functions):
             values = _apply(f, block, axis)
             dtype = _result_dtype(values.dtype)
-            if results[i] is None:
-                results[i] = np.empty(length, dtype=dtype)
-            elif np.result_type(results[i].dtype, dtype) != results[i].dtype:  # 0 first, 0.5 later
-                results[i] = results[i].astype(np.result_type(results[i].dtype, dtype))
+            results[i] = np.empty(length, dtype=dtype) if results[i] is None else _holding(results[i], dtype)
             results[i][start:start + len(batch)] = values
         del block  # let go before the next batch is read ahead: two buffers take turns
     results = [r if r is not None else np.zeros(0) for r in results]
     return results[0] if single else results
+
+
+def _holding(results: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``results`` (a pass's values so far), widened when a later batch's values of ``dtype`` need it
+    (a function giving 0 for the first lines and 0.5 for later ones)."""
+    wanted = np.result_type(results.dtype, dtype)
+    return results if wanted == results.dtype else results.astype(wanted)
 
 
 def _result_dtype(dtype: np.dtype) -> np.dtype:
@@ -409,10 +413,8 @@ def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, sel
         block = engine.read_block(dataset, batch, cols)
         parts = [np.asarray(func(block[:, idx], 1)) for idx in local]
         stacked = np.stack(parts, axis=1) if parts else np.zeros((len(batch), 0))
-        if result is None:
-            result = np.empty((ds.shape[0], len(groups)), dtype=stacked.dtype)
-        elif np.result_type(result.dtype, stacked.dtype) != result.dtype:  # (a function's 0 first, 0.5 later)
-            result = result.astype(np.result_type(result.dtype, stacked.dtype))
+        result = np.empty((ds.shape[0], len(groups)), stacked.dtype) if result is None else \
+            _holding(result, stacked.dtype)
         result[start:start + len(batch)] = stacked
     if result is None:
         result = np.zeros((ds.shape[0], len(groups)))
