@@ -260,10 +260,8 @@ def _columns(matrix: sp.csc_matrix, a: int, b: int) -> sp.csc_matrix:
 def write_columns(dataset: h5py.Dataset, col_offset: int, ncols: int, produce: Producer) -> None:
     """Write ``ncols`` full-height columns from ``col_offset``; ``produce(a, b)`` gives relative columns a:b.
 
-    Whole chunks go through :func:`store_region` (``produce`` then runs on its worker threads);
-    the chunks of unaligned edges are read, merged with the new columns and stored again the same
-    way (through h5py, one zlib stream at a time, the edge of 10 columns appended to 30,000 rows
-    took 56 ms), or without an engine layout go through h5py.
+    Whole chunks go through :func:`store_region` (``produce`` then runs on its worker threads), the
+    chunks of unaligned edges through :func:`_patch`; without an engine layout, all through h5py.
     """
     n = dataset.shape[0]
     if n == 0 or ncols == 0:
