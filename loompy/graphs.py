@@ -146,6 +146,7 @@ class GraphManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_dims", dims)
         object.__setattr__(self, "_group_name", group_name or fmt.GRAPH_GROUPS[axis])
         object.__setattr__(self, "_memory", dict(values or {}))
+        object.__setattr__(self, "_names", None)  # (the file's opening and graph changes when listed, the names)
         # name -> (when it was read: the file's opening, its graph writes so far, vertices; the graph): a
         # graph is read from the file again only after a write to a graph of it, through any
         # connection of this process (5.6 ms a read)
@@ -161,10 +162,16 @@ class GraphManager(DotAccess, MutableMapping):
         return None if self._file is None else fmt.get_group(self._file, self._group_name)
 
     def keys(self) -> list[str]:
-        group = self._group
-        if group is None:
+        """Graph names: listed again only after a graph write or delete through a connection of this
+        process (a listing takes 0.1 ms)."""
+        if self._file is None:
             return list(self._memory)
-        return [k for k, v in group.items() if is_graph(v)]
+        state = (self._file.id.id, engine.changes(self._file, "graphs"))
+        if self._names is None or self._names[0] != state:
+            group = self._group
+            names = [] if group is None else [k for k, v in group.items() if is_graph(v)]
+            object.__setattr__(self, "_names", (state, names))
+        return list(self._names[1])
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())
@@ -175,8 +182,7 @@ class GraphManager(DotAccess, MutableMapping):
     def __contains__(self, name: object) -> bool:
         if self._file is None:
             return name in self._memory
-        group = self._group
-        return isinstance(name, str) and group is not None and is_graph(group.get(name))
+        return isinstance(name, str) and name in self.keys()
 
     def __getitem__(self, name: Any) -> Any:
         """A graph by name; with a tuple of names, the first that exists (loompy 3's alternative

@@ -280,7 +280,8 @@ def _first_columns(ds: LoomConnection, layer_dict: dict, col_attrs: Any, row_att
     try:
         if journalled:
             journal.begin(f, 0, first=True)
-        write_layers(f, layer_dict, dtypes)
+        with engine.changing(f, "layers"):  # (new names for the file's other connections to list)
+            write_layers(f, layer_dict, dtypes)
         ds._dims.shape = tuple(layer_dict[""].shape)
         note_reshaped(f)  # (other connections to the file in this process take the new shape)
         for name, values in rows.items():

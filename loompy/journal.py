@@ -94,6 +94,8 @@ def _empty_again(f: h5py.File) -> None:
             if isinstance(group[key], h5py.Dataset):
                 engine.forget(group[key])
             del group[key]
+    engine.changed(f, "layers")  # (what connections of this process keep of them is looked up again)
+    engine.changed(f, "graphs")
 
 
 def begin(f: h5py.File, width: int, first: bool = False) -> None:
