@@ -19,6 +19,8 @@ from .errors import (
     LoomIndexError,
     LoomKeyError,
     LoomLockError,
+    LoomMixedAttributesError,
+    LoomReadOnlyError,
     LoomTypeError,
     LoomValueError,
 )
@@ -29,6 +31,7 @@ from .importers import create_from_cellranger
 from .layers import LayerManager, LoomLayer
 from .normalize import materialize_attr_values, normalize_attr_values
 from .text_importers import create_from_matrix_market, create_from_tsv
+from .utils import deprecated  # (the module loompy.utils comes with it, as in loompy 3)
 from .validator import LoomValidator
 from .view import LoomView, ViewManager
 from .view import MemoryLayer as MemoryLoomLayer
@@ -52,6 +55,8 @@ __all__ = [
     "LoomKeyError",
     "LoomLayer",
     "LoomLockError",
+    "LoomMixedAttributesError",
+    "LoomReadOnlyError",
     "LoomTypeError",
     "LoomValidator",
     "LoomValueError",
@@ -68,6 +73,7 @@ __all__ = [
     "create_from_cellranger",
     "create_from_matrix_market",
     "create_from_tsv",
+    "deprecated",
     "get_loom_spec_version",
     "loom_spec_version",
     "materialize_attr_values",
@@ -77,3 +83,27 @@ __all__ = [
     "timestamp",
     "to_html",
 ]
+
+
+def _loompy3_module_paths() -> None:
+    """loompy 3's module paths (``from loompy.loom_view import LoomView``, ``loompy.layer_manager``),
+    each a module holding the names loompy 3 kept there, as this package's own."""
+    import sys
+    import types
+
+    kept_there = {
+        "attribute_manager": ["AttributeManager"], "global_attribute_manager": ["GlobalAttributeManager"],
+        "graph_manager": ["GraphManager"], "layer_manager": ["LayerManager"],
+        "loom_layer": ["LoomLayer", "MemoryLoomLayer"], "loom_view": ["LoomView"], "view_manager": ["ViewManager"],
+        "loom_validator": ["LoomValidator"],
+    }
+    package = sys.modules[__name__]
+    for module_name, names in kept_there.items():
+        module = types.ModuleType(f"{__name__}.{module_name}", f"loompy 3's module path for {', '.join(names)}.")
+        module.__dict__.update({name: getattr(package, name) for name in names}, __all__=names)
+        sys.modules[module.__name__] = module
+        setattr(package, module_name, module)
+
+
+_loompy3_module_paths()
+from . import loompy as loompy  # noqa: E402  (loompy 3's module, there after ``import loompy`` as it was)

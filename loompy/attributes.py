@@ -15,10 +15,19 @@ from typing import Any
 import h5py
 import numpy as np
 
-from . import encoding, engine, forks
+from . import encoding, forks
 from . import format as fmt
-from .errors import LoomAttributeError, LoomKeyError, LoomValueError, naming
-from .handles import Dims, approximate_nbytes, check_deletable, check_room, check_writable, one_of_the_writes
+from .errors import LoomAttributeError, LoomKeyError, LoomMixedAttributesError, LoomValueError, naming
+from .handles import (
+    Dims,
+    approximate_nbytes,
+    changes,
+    changing,
+    check_deletable,
+    check_room,
+    check_writable,
+    one_of_the_writes,
+)
 from .indexing import AXIS_NAMES, select_axis
 
 
@@ -146,8 +155,9 @@ class AttributeManager(DotAccess, MutableMapping):
             if not found:
                 raise LoomKeyError(f"{self._where}: none of {list(key)} exists")
             if len({v.dtype for v in found}) > 1:
-                raise LoomValueError(f"{self._where}: {[k for k in key if k in self._names]} differ in dtype, "
-                                     "so they cannot be taken side by side")
+                names = [k for k in key if k in self._names]
+                raise LoomMixedAttributesError(f"{self._where}: {names} differ in dtype, so they cannot be taken "
+                                               "side by side")
             return found[0] if len(found) == 1 else np.column_stack(found)
         with naming(f"{self._where}s"):
             selection = select_axis(key, self._dims.shape[self.axis], self.axis)
@@ -270,7 +280,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         added to. Files before spec 3.0.0 keep nothing (a new, empty record each time)."""
         if not self._in_group:
             return _KeptGlobals(None)
-        source = (self._file.id.id, engine.changes(self._file, "globals"))
+        source = (self._file.id.id, changes(self._file, "globals"))
         forks.check_current(self._file)  # (a forked child's counts stopped at the fork)
         if self._kept.source != source:
             object.__setattr__(self, "_kept", _KeptGlobals(source))
@@ -301,7 +311,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         check_writable(self._file, f"{self._where} '{name}'")
         arr = fmt.normalize_global(value, name, self._file.filename)
         check_room(self._file, approximate_nbytes(np.asarray(arr)), f"{self._where} '{name}'")
-        with engine.changing(self._file, "globals"):
+        with changing(self._file, "globals"):
             fmt.write_global(self._file, name, arr, self._in_group)
 
     @one_of_the_writes
@@ -311,7 +321,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         if name not in self:
             raise LoomKeyError(f"{self._where} '{name}' does not exist")
         check_deletable(self._file, f"{self._where} '{name}'")
-        with engine.changing(self._file, "globals"):
+        with changing(self._file, "globals"):
             fmt.delete_global(self._file, name, self._in_group)
 
     def __contains__(self, name: object) -> bool:

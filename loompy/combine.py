@@ -22,7 +22,7 @@ from .connection import LoomConnection, connect
 from .create import create
 from .errors import LoomFileError, LoomFileNotFoundError, LoomTypeError, LoomValueError, naming
 from .files import check_not_input, replacing
-from .graphs import renumber_graph, store_graph
+from .graphs import joined_graph, renumber_graph, store_graph
 from .growing import align_rows
 from .handles import ClosedFile, check_writable, rewriting
 from .indexing import batch_count, permutation, positions
@@ -166,11 +166,7 @@ def _joined_column_graphs(conns: list[LoomConnection], cols: list[np.ndarray]) -
         for name in c.col_graphs.keys():
             parts.setdefault(name, []).append((renumber_graph(c.col_graphs[name], sel), offset))
         offset += len(sel)
-    joined = {}
-    for name, p in parts.items():
-        rows, cols_ = np.concatenate([g.row + o for g, o in p]), np.concatenate([g.col + o for g, o in p])
-        joined[name] = sp.coo_matrix((np.concatenate([g.data for g, _ in p]), (rows, cols_)), shape=(total, total))
-    return joined
+    return {name: joined_graph(p, total) for name, p in parts.items()}
 
 
 def _layer_dtype(datasets: list[h5py.Dataset], where: str) -> np.dtype:

@@ -30,9 +30,9 @@ from .handles import (
     READ_ONLY,
     ClosedFile,
     Dims,
+    changes,
     check_writable,
     closed_meanwhile,
-    reshapes,
     rewriting,
     why_closed,
     writable,
@@ -66,7 +66,7 @@ class _ShapeSeen(NamedTuple):
 
     @classmethod
     def now(cls, file: h5py.File) -> _ShapeSeen:
-        return cls(file, file.id.fileno, reshapes(file.id.fileno))
+        return cls(file, file.id.fileno, changes(file.id.fileno, "shape"))
 
 
 class LoomConnection(LoomAccess):
@@ -160,7 +160,7 @@ class LoomConnection(LoomAccess):
         """Take the matrix shape on disk, and the column attributes with it, when another
         connection to the file in this process appended columns (``on_disk``: look whether it did)."""
         file, seen = self._file, self._shape_seen
-        if not on_disk and seen.file is file and reshapes(seen.opening) == seen.reshapes:
+        if not on_disk and seen.file is file and changes(seen.opening, "shape") == seen.reshapes:
             return
         with closed_meanwhile(self._check_open):
             if not file:
@@ -362,7 +362,7 @@ class LoomConnection(LoomAccess):
         return operations.get_changes_since(self, timestamp)
 
 
-    # --------------------------------------------------------------- growing and reordering (growing.py)
+    # --------------------------------------------------------------- growing and reordering (growing.py, combine.py)
     def add_columns(self, layers: Any = None, col_attrs: Any = None, *, row_attrs: Any = None,
                     fill_values: Any = None, submatrix: Any = None) -> None:
         """Append columns (every layer; column attributes as :meth:`add_loom` takes them, with

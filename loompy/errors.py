@@ -33,6 +33,11 @@ class LoomValueError(LoomError, ValueError):
     """A value has the wrong shape, type or content for where it is written."""
 
 
+class LoomMixedAttributesError(LoomValueError, AttributeError):
+    """Alternative attribute names (``ds.ca[("A", "B")]``) found with different dtypes, which cannot
+    be taken side by side (an AttributeError too, as loompy 3 raised)."""
+
+
 class LoomIndexError(LoomError, IndexError):
     """A selection reaches outside the matrix."""
 
@@ -43,6 +48,10 @@ class LoomTypeError(LoomError, TypeError):
 
 class LoomFileError(LoomError, OSError):
     """The file cannot be opened, is not a Loom file, or is open in the wrong mode."""
+
+
+class LoomReadOnlyError(LoomFileError, ValueError):
+    """A write to a file open read-only (a ValueError too, as loompy 3 raised for attribute writes)."""
 
 
 class LoomFileNotFoundError(LoomFileError, FileNotFoundError):

@@ -3,7 +3,8 @@ graphs, which spec version keeps global attributes where, and how datasets are l
 stamped. :mod:`.encoding` converts between users' values and what these paths hold.
 
 Names loompy adds for its own crash safety (an append's journal, a swap's staging group) live
-with the code that uses them: :mod:`.journal`, :mod:`.swaps`.
+with the code that uses them: :mod:`.journal`, :mod:`.swaps`; the journal's root attribute is named
+here too, as global attributes must step around it.
 """
 
 from __future__ import annotations
@@ -505,12 +506,6 @@ def create_matrix_like(group: h5py.Group, name: str, source: h5py.Dataset) -> h5
                               compression_opts=source.compression_opts, fillvalue=source.fillvalue)
     swaps.carry_attrs(source, ds)
     return ds
-
-
-def stamped_groups(f: h5py.File) -> list[str]:
-    """The groups whose stamps say a graph or a global attribute was written: both graph groups,
-    and the globals' group (spec 3.0.0) or the root (older files keep globals on it)."""
-    return [graph_group_name(f, 0), graph_group_name(f, 1), GLOBAL_ATTRS if globals_live_in_group(f) else "/"]
 
 
 def stored_as_new_matrix(dataset: h5py.Dataset, shape: tuple[int, int]) -> bool:

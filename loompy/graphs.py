@@ -9,13 +9,13 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import engine, forks, swaps
+from . import forks, swaps
 from . import format as fmt
 from .attributes import DotAccess, last_written
 from .encoding import refuse_masked
 from .engine import codecs
 from .errors import LoomFormatError, LoomKeyError, LoomValueError, naming
-from .handles import Dims, check_deletable, check_room, check_writable, one_of_the_writes
+from .handles import Dims, changed, changes, changing, check_deletable, check_room, check_writable, one_of_the_writes
 from .indexing import AXIS_NAMES, select_axis
 
 PARTS = ("a", "b", "w")  # a stored graph's datasets: from, to and (optional, 1 when missing) weight
@@ -40,6 +40,14 @@ def renumber_graph(graph: sp.coo_matrix, selection: np.ndarray) -> sp.coo_matrix
     keep = (a >= 0) & (b >= 0)
     n = len(selection)
     return sp.coo_matrix((graph.data[keep], (a[keep], b[keep])), shape=(n, n))
+
+
+def joined_graph(parts: list[tuple[sp.coo_matrix, int]], n: int) -> sp.coo_matrix:
+    """One graph of ``n`` vertices from graphs on stretches of them: each ``(graph, offset)``'s
+    vertices numbered from its offset (columns of several files, joined)."""
+    rows = np.concatenate([g.row.astype(np.int64) + offset for g, offset in parts])
+    cols = np.concatenate([g.col.astype(np.int64) + offset for g, offset in parts])
+    return sp.coo_matrix((np.concatenate([g.data for g, _ in parts]), (rows, cols)), shape=(n, n))
 
 
 def read_edges(g: h5py.Group, n: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
@@ -166,7 +174,7 @@ class GraphManager(DotAccess, MutableMapping):
         process (a listing takes 0.1 ms)."""
         if self._file is None:
             return list(self._memory)
-        state = (self._file.id.id, engine.changes(self._file, "graphs"))
+        state = (self._file.id.id, changes(self._file, "graphs"))
         if self._names is None or self._names[0] != state:
             group = self._group
             names = [] if group is None else [k for k, v in group.items() if is_graph(v)]
@@ -203,7 +211,7 @@ class GraphManager(DotAccess, MutableMapping):
                 raise LoomKeyError(f"{self._where} '{name}' does not exist")
             return self._memory[name]
         n = self._dims.shape[self.axis]
-        source = (self._file.id.id, engine.changes(self._file, "graphs"), n)
+        source = (self._file.id.id, changes(self._file, "graphs"), n)
         forks.check_current(self._file)  # (a forked child's counts stopped at the fork)
         found = self._found.get(name)
         if found is not None and found[0] == source:
@@ -252,11 +260,11 @@ class GraphManager(DotAccess, MutableMapping):
         like = existing if isinstance(existing, h5py.Group) else None
         graph = sp.coo_matrix((w, (a, b)), shape=(n, n))
         # (written whole before it takes the name: refused or interrupted, the old graph stays)
-        start = engine.changes(self._file, "graphs")
-        with engine.changing(self._file, "graphs"):
+        start = changes(self._file, "graphs")
+        with changing(self._file, "graphs"):
             swaps.replace(parent, name, lambda target: store_graph(parent, target, graph, like))
         fmt.touch(parent)
-        if engine.changes(self._file, "graphs") == start + 2:  # (no other graph write meanwhile: keep it)
+        if changes(self._file, "graphs") == start + 2:  # (no other graph write meanwhile: keep it)
             self._found[name] = ((self._file.id.id, start + 2, n), graph.copy())
 
     @one_of_the_writes
@@ -269,7 +277,7 @@ class GraphManager(DotAccess, MutableMapping):
             return
         group = self._group
         del group[name]
-        engine.changed(self._file, "graphs")
+        changed(self._file, "graphs")
         fmt.touch(group)
 
     def last_modified(self, name: str | None = None) -> str:

@@ -21,7 +21,8 @@ from .connection import LoomConnection, connect
 from .create import as_attr_dict, as_layer_dict, validate_contents, write_layers
 from .errors import LoomFormatError, LoomKeyError, LoomValueError
 from .files import stored_size_bound
-from .handles import SPARE_BYTES, check_free_space, check_writable, note_reshaped, the_only_write
+from .graphs import joined_graph
+from .handles import SPARE_BYTES, changed, changing, check_free_space, check_writable, the_only_write
 from .indexing import batch_count
 
 
@@ -280,10 +281,10 @@ def _first_columns(ds: LoomConnection, layer_dict: dict, col_attrs: Any, row_att
     try:
         if journalled:
             journal.begin(f, 0, first=True)
-        with engine.changing(f, "layers"):  # (new names for the file's other connections to list)
+        with changing(f, "layers"):  # (new names for the file's other connections to list)
             write_layers(f, layer_dict, dtypes)
         ds._dims.shape = tuple(layer_dict[""].shape)
-        note_reshaped(f)  # (other connections to the file in this process take the new shape)
+        changed(f, "shape")  # (other connections to the file in this process take the new shape)
         for name, values in rows.items():
             ds.ra[name] = values
         for name, values in cols.items():
@@ -391,8 +392,4 @@ def add_loom(ds: LoomConnection, other_file: Any, key: str | None = None, fill_v
             ds.row_graphs[name] = g
     for name, g in graphs.items():
         mine = ds.col_graphs[name] if name in ds.col_graphs else sp.coo_matrix((m0, m0))
-        total = ds.shape[1]
-        merged = sp.coo_matrix((np.concatenate([mine.data, g.data]),
-                                (np.concatenate([mine.row, g.row + m0]), np.concatenate([mine.col, g.col + m0]))),
-                               shape=(total, total))
-        ds.col_graphs[name] = merged
+        ds.col_graphs[name] = joined_graph([(mine, 0), (g, m0)], ds.shape[1])

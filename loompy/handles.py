@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from . import forks
-from .errors import LoomError, LoomFileError
+from .errors import LoomError, LoomFileError, LoomReadOnlyError
 
 
 class Dims:
@@ -34,7 +34,7 @@ class Dims:
     def sync(self, on_disk: bool = False) -> None:
         """Take the shape the file has now: another connection to it in this process may have
         appended columns (writes at the old shape would leave attributes of the wrong length).
-        Reads ask only whether loompy changed the matrix's shape since (:func:`note_reshaped`: a
+        Reads ask only whether loompy changed the matrix's shape since (:func:`changed` ``"shape"``: a
         look at the file took 40-50 us, and every ``ds.ra.Gene`` asks); writes (``on_disk``)
         look at the file itself."""
         if self.on_sync is not None:
@@ -46,25 +46,46 @@ class Dims:
         return cls((length, 0) if axis == 0 else (0, length))
 
 
-_reshaped: dict[int, int] = {}  # HDF5's number of an open file -> how often loompy changed its matrix's shape
+_counts: dict[tuple, dict[str, int]] = {}  # HDF5's number of an open file -> what loompy changed in it, counted
+_counts_lock = threading.Lock()
 
 
-def note_reshaped(file: h5py.File) -> None:
-    """Have the file's other connections in this process take the matrix's shape on disk again at
-    their next use (see :meth:`Dims.sync`)."""
-    number = file.id.fileno
-    _reshaped[number] = _reshaped.get(number, 0) + 1
+def changed(file: h5py.File, what: str) -> None:
+    """Count a change of ``what`` in ``file``, seen by all of its connections in this process
+    (HDF5 shares one opening among them), so that what they keep of it is looked up again:
+
+    - ``"shape"``: the matrix's shape (see :meth:`Dims.sync`);
+    - ``"layers"``: a layer was created, replaced or deleted;
+    - ``"graphs"``, ``"globals"``: a graph or global attribute was written or deleted;
+    - ``"writes"``: any of loompy's writes began or ended (see :func:`writing_to`).
+    """
+    with _counts_lock:
+        counts = _counts.setdefault(file.id.fileno, {})
+        counts[what] = counts.get(what, 0) + 1
 
 
-def forget_reshapes(number: int) -> None:
-    """The file HDF5 numbers ``number`` is closed for good in this process: its count goes."""
-    _reshaped.pop(number, None)
+def changes(file: h5py.File | tuple, what: str) -> int:
+    """How many times ``what`` changed in ``file`` (or the open file HDF5 numbers so, ``file.id.fileno``)
+    since it was opened: a key for what is kept of it."""
+    number = file if isinstance(file, tuple) else file.id.fileno
+    return _counts.get(number, {}).get(what, 0)
 
 
-def reshapes(number: int) -> int:
-    """How often loompy changed, in this process, the matrix's shape in the open file HDF5 numbers
-    ``number`` (``file.id.fileno``)."""
-    return _reshaped.get(number, 0)
+@contextmanager
+def changing(file: h5py.File, what: str) -> Iterator[None]:
+    """Around a write of ``what``: counted before and after, so that what a read in another thread
+    kept meanwhile, under a count the write has passed by its end, is looked up again."""
+    changed(file, what)
+    try:
+        yield
+    finally:
+        changed(file, what)
+
+
+def forget_changes(number: tuple) -> None:
+    """The file HDF5 numbers ``number`` is closed for good in this process: its counts go."""
+    with _counts_lock:
+        _counts.pop(number, None)
 
 
 READ_ONLY = "_loompy_read_only"  # set on the h5py.File of a connection opened with mode 'r'
@@ -364,7 +385,8 @@ def writing_to(file: h5py.File, alone: bool = False) -> Iterator[None]:
         if not file:
             raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in "
                                 "another thread while this write waited for it; nothing was written")
-        yield
+        with changing(file, "writes"):  # (what a scan read ahead meanwhile is read again)
+            yield
 
 
 def rewriting(file: h5py.File) -> AbstractContextManager[None]:
@@ -400,8 +422,9 @@ def _a_write(method: Callable[..., T], alone: bool) -> Callable[..., T]:
 
 def _after_fork_in_child() -> None:
     """Turns and waits of other threads of the parent are never given back in a forked child."""
-    global _gates_lock, _gates, _waits_lock, _every_lock_guard
+    global _gates_lock, _gates, _waits_lock, _every_lock_guard, _counts_lock
     _gates_lock, _waits_lock, _every_lock_guard = threading.Lock(), threading.Lock(), threading.Lock()
+    _counts_lock = threading.Lock()
     _gates = weakref.WeakValueDictionary()
     _waiting_on.clear()
     me = threading.get_ident()
@@ -422,7 +445,7 @@ def check_writable(file: h5py.File | None, what: str) -> None:
     if file is not None and not file:
         raise LoomFileError(f"cannot write {what}: {why_closed(file)}")
     if file is not None and not writable(file):
-        raise LoomFileError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
+        raise LoomReadOnlyError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
     if file is not None and forks.inherited(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} was open for writing in the process this one "
                             "was forked from, and HDF5's state of the file here is a copy of that process's: writing "

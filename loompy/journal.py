@@ -19,9 +19,8 @@ import h5py
 from . import engine
 from . import format as fmt
 from .errors import LoomFileError
-from .handles import note_reshaped, writable
+from .handles import changed, writable
 
-JOURNAL = fmt.APPEND_JOURNAL  # root attribute: column count before an unfinished append
 BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an append rewrote, kept until it is done
 ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
 ADDED_ROWS = "added_rows"  # its HDF5 attribute: names of the row attributes the append created
@@ -30,7 +29,7 @@ FIRST = "first_columns"  # its HDF5 attribute: the append gives an empty file (n
 
 def pending_append(f: h5py.File) -> int | None:
     """The column count to roll back to, if an append was interrupted."""
-    value = f.attrs.get(JOURNAL)
+    value = f.attrs.get(fmt.APPEND_JOURNAL)
     return None if value is None else int(value)
 
 
@@ -50,7 +49,7 @@ def recover(f: h5py.File) -> int | None:
         if kept is not None and kept.attrs.get(FIRST):  # the file was empty: empty it again
             _empty_again(f)
             del f[BEFORE_APPEND]
-            del f.attrs[JOURNAL]
+            del f.attrs[fmt.APPEND_JOURNAL]
             f.flush()
             return 0
         for ds in fmt.matrix_datasets(f).values():
@@ -75,7 +74,7 @@ def recover(f: h5py.File) -> int | None:
             for ds in group.values():
                 if isinstance(ds, h5py.Dataset) and ds.ndim and ds.shape[0] > width:
                     ds.resize(width, axis=0)
-        del f.attrs[JOURNAL]
+        del f.attrs[fmt.APPEND_JOURNAL]
         f.flush()
     except (RuntimeError, OSError, KeyError, ValueError) as exc:
         raise LoomFileError(f"{f.filename}: could not roll back an interrupted append: {exc}") from exc
@@ -87,22 +86,22 @@ def _empty_again(f: h5py.File) -> None:
     if fmt.MATRIX in f:
         engine.forget(f[fmt.MATRIX])
         del f[fmt.MATRIX]
-        note_reshaped(f)
+        changed(f, "shape")
     for name in (fmt.LAYERS, fmt.ROW_ATTRS, fmt.COL_ATTRS, fmt.ROW_GRAPHS, fmt.COL_GRAPHS):
         group = fmt.get_group(f, name)
         for key in list(group) if group is not None else []:
             if isinstance(group[key], h5py.Dataset):
                 engine.forget(group[key])
             del group[key]
-    engine.changed(f, "layers")  # (what connections of this process keep of them is looked up again)
-    engine.changed(f, "graphs")
+    changed(f, "layers")  # (what connections of this process keep of them is looked up again)
+    changed(f, "graphs")
 
 
 def begin(f: h5py.File, width: int, first: bool = False) -> None:
     """Start a journalled append to a file of ``width`` columns (``first``: an empty one)."""
     if first:
         f.require_group(BEFORE_APPEND).attrs[FIRST] = True
-    f.attrs[JOURNAL] = width
+    f.attrs[fmt.APPEND_JOURNAL] = width
     f.flush()
 
 
@@ -130,7 +129,7 @@ def note_created(f: h5py.File, key: str, names: list[str]) -> None:
 
 def commit(f: h5py.File) -> None:
     """End a journalled append: drop the journal (the append is then done), then what it kept aside."""
-    del f.attrs[JOURNAL]
+    del f.attrs[fmt.APPEND_JOURNAL]
     f.flush()
     if BEFORE_APPEND in f:  # a kill right here leaves it behind: recover() drops it
         del f[BEFORE_APPEND]

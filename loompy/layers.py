@@ -19,12 +19,13 @@ from .files import stored_size_bound
 from .handles import (
     SPARE_BYTES,
     Dims,
+    changed,
+    changes,
     check_deletable,
     check_free_space,
     check_room,
     check_writable,
     closed_meanwhile,
-    note_reshaped,
     one_of_the_writes,
     why_closed,
 )
@@ -117,7 +118,7 @@ class LoomLayer(SparseForms):
     @staticmethod
     def _state(file: h5py.File) -> tuple[int, int]:
         """What the lookup depends on: HDF5's id of this opening of the file, and its layer changes."""
-        return file.id.id, engine.changes(file, "layers")
+        return file.id.id, changes(file, "layers")
 
     @property
     def _file(self) -> h5py.File:
@@ -354,11 +355,11 @@ class LayerManager(DotAccess, MutableMapping):
         try:  # another dtype or shape: written whole before it takes the name (see swaps)
             dataset = swaps.replace(group, final, write)
         finally:
-            engine.changed(self._file, "layers")  # (a new name too: the names are listed again)
+            changed(self._file, "layers")  # (a new name too: the names are listed again)
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape
-            note_reshaped(self._file)
+            changed(self._file, "shape")
 
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:
@@ -371,5 +372,5 @@ class LayerManager(DotAccess, MutableMapping):
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         self._found.pop(name, None)  # (nor keep the deleted dataset open)
         del group[name]
-        engine.changed(self._file, "layers")
+        changed(self._file, "layers")
         fmt.touch(group)

@@ -18,7 +18,7 @@ import numpy as np
 from . import encoding, engine, files
 from . import format as fmt
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
-from .handles import closed_meanwhile
+from .handles import changes, closed_meanwhile
 from .indexing import AxisSelection, axis_number, batch_count, expand, positions, select_axis
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
 
@@ -51,40 +51,40 @@ def read_strip(dataset: Any, axis: int, batch: np.ndarray, other: np.ndarray, re
     return expand(block, rows, cols)
 
 
-def _nothing_writes(ds: LoomConnection) -> bool:
-    """Whether no one in this process can write the file while a scan reads ahead: HDF5 itself
-    opened it read-only (a connection asking for 'r' may share a file open for writing)."""
-    with closed_meanwhile(ds._check_open):
-        return ds._file.mode == "r"  # (callers checked that the connection is open)
+def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], None], opening: tuple
+               ) -> Iterator[Any]:
+    """``build(item)`` for each item in turn, the next one built on a helper thread while the caller
+    works on this one (reading overlaps the caller's computing, and the engine's workers do not
+    pause between batches). ``check()`` runs before each item is handed over, so a connection closed
+    meanwhile says so rather than what the read ahead met.
 
-
-def _one_ahead(items: list, build: Callable[[Any], Any], ahead: bool, check: Callable[[], None]) -> Iterator[Any]:
-    """``build(item)`` for each item in turn. With ``ahead``, the next one is built on a helper
-    thread while the caller works on this one (reading overlaps the caller's computing, and
-    the engine's workers do not pause between batches). ``check()`` runs before each item is
-    handed over, so a connection closed meanwhile says so rather than what the read ahead met.
-
-    scan and batch_scan only read ahead in files open read-only: a batch built ahead would miss
-    what the caller writes meanwhile. A caller that stops early waits for at most the one batch
-    being built.
+    An item built while one of loompy's writes to the file ``opening`` names (``file.id.fileno``)
+    began or ended (the caller's own, made while it worked on the item before, or another thread's)
+    is built again before it is handed over: it may hold values from before the write. A caller
+    that stops early waits for at most the one item being built.
     """
     def build_saying_why(item: Any) -> Any:
         with closed_meanwhile(check):
             return build(item)
 
-    if not ahead or len(items) < 2:
+    if len(items) < 2:
         for item in items:
             check()
             yield build_saying_why(item)
         return
     with ThreadPoolExecutor(max_workers=1) as helper:
+        began = changes(opening, "writes")
         future = helper.submit(build_saying_why, items[0])
         for k in range(len(items)):
             try:
                 built = future.result()
             finally:
                 check()
+            if changes(opening, "writes") != began:  # (written meanwhile: built again, after the write)
+                del built
+                built = build_saying_why(items[k])
             if k + 1 < len(items):
+                began = changes(opening, "writes")
                 future = helper.submit(build_saying_why, items[k + 1])
             yield built
 
@@ -112,7 +112,7 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
     ``batch_size`` positions, in their order and with their repeats, as in loompy 3), or one position
     to start from; ``key`` orders the *other* axis by that attribute; ``layers`` (a name or a list
     of names) and ``what`` restrict what each view carries.
-    In a file open read-only, the next batch is read while the caller works on this one.
+    The next batch is read while the caller works on this one (see :func:`_one_ahead`).
     """
     ds._check_open()
     axis = ds._axis(axis)
@@ -141,29 +141,26 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
     for name in names:
         engine.expect_reads(ds.layers[name]._dataset, min(1, selected.size / max(1, length)))
     recyclers = {name: engine.Recycler() for name in names}  # batches let go of lend their memory to later ones
-    # global attributes and graphs: read once in a file nobody writes, else again only when the stamps
-    # of their groups say one was written since (every loompy write stamps its group)
-    parts: dict[str, Any] = {"stamp": None}
-    fixed = _nothing_writes(ds)
-    stamped = fmt.stamped_groups(ds._file)
+    # global attributes and graphs: read again only after one of loompy's writes to the file
+    parts: dict[str, Any] = {"writes": None}
+    opening = ds._file.id.fileno
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, LoomView]:
         start, batch = item
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
-        stamp = "" if fixed else tuple(g.attrs.get(fmt.LAST_MODIFIED) if g is not None else None
-                                       for g in map(ds._file.get, stamped))
-        if parts["stamp"] != stamp:
-            parts.update(whole_parts(ds, what), stamp=stamp)
+        writes = changes(opening, "writes")
+        if parts["writes"] != writes:
+            parts.update(whole_parts(ds, what), writes=writes)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
-    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, fixed, _same_order(ds, "scan"))
+    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, _same_order(ds, "scan"), ds._file.id.fileno)
 
 
 def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
                       layers: Iterable[str] | None = None) -> Iterator[tuple[int, np.ndarray, dict[str, np.ndarray]]]:
     """Yield ``(ix, selection, {layer: values})`` per batch of rows (axis 0) or columns (axis 1);
-    read one batch ahead in a file open read-only, as :func:`scan`."""
+    read one batch ahead, as :func:`scan`."""
     ds._check_open()
     axis = ds._axis(axis)
     batch_size = batch_count(batch_size, f"{ds.filename}: batch_scan(batch_size=...)")
@@ -182,7 +179,7 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
         return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name]) for name, d in datasets.items()}
 
     batches = list(iter_batches(along, batch_size))
-    yield from _one_ahead(batches, build, _nothing_writes(ds), _same_order(ds, "batch_scan"))
+    yield from _one_ahead(batches, build, _same_order(ds, "batch_scan"), ds._file.id.fileno)
 
 
 def batch_scan(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -256,7 +253,7 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
 
     results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
-    for start, batch, block in _one_ahead(batches, build, True, lambda: layer._dataset):
+    for start, batch, block in _one_ahead(batches, build, lambda: layer._dataset, dataset.file.id.fileno):
         for i, f in enumerate(functions):
             values = _apply(f, block, axis)
             dtype = _result_dtype(values.dtype)

@@ -179,7 +179,7 @@ class LoomValidator:
             self._check_graphs(f, axis, matrix.shape[axis] if matrix is not None else None)
 
     def _check_matrix(self, path: str, ds: h5py.Dataset) -> None:
-        if ds.dtype not in fmt.MATRIX_DTYPES:
+        if ds.dtype.newbyteorder("=") not in fmt.MATRIX_DTYPES:  # (either byte order: HDF5 converts on reading)
             self.errors.append(f"{path} has dtype {ds.dtype}, which the spec does not allow for matrices")
         if ds.chunks is None:
             self.warnings.append(f"{path} is not chunked (columns cannot be appended)")

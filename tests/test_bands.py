@@ -158,7 +158,7 @@ def test_children_end_when_their_parent_is_killed(tmp_path):
         with h5py.File(sys.argv[1], "r+") as f:
             dst = f.create_dataset("dst", shape=(f["src"].shape[0], 1010), dtype="f4", chunks=(64, 64),
                                    compression="gzip")
-            write.copy_columns(f["src"], dst, 10)
+            importlib.import_module("loompy.engine.copying").copy_columns(f["src"], dst, 10)
     """)
     path = tmp_path / "s.h5"
     _source(path, shape=(3000, 1000))
@@ -361,13 +361,13 @@ def test_permutes_of_very_wide_matrices_go_a_strip_at_a_time(tmp_path, children,
     """A chunk row wider than the engine's strip is never held whole, four times over, in a child."""
     path = tmp_path / "s.h5"
     expected = _source(path, shape=(130, 700))
-    write = importlib.import_module("loompy.engine.write")
-    monkeypatch.setattr(write, "STRIP_BYTES", 64 * 600 * 4)  # less than a chunk row of 700 float32 columns
+    copying = importlib.import_module("loompy.engine.copying")
+    monkeypatch.setattr(copying, "STRIP_BYTES", 64 * 600 * 4)  # less than a chunk row of 700 float32 columns
     order = np.random.default_rng(3).permutation(700)
     with h5py.File(path, "r+") as f:
         dst = f.create_dataset("dst", shape=(130, 700), dtype="f4", chunks=(64, 64), compression="gzip")
         assert not engine.reorder_columns(f["src"], dst, order) and not children
-        monkeypatch.setattr(write, "STRIP_BYTES", 64 * 700 * 4)
+        monkeypatch.setattr(copying, "STRIP_BYTES", 64 * 700 * 4)
         assert engine.reorder_columns(f["src"], dst, order) and children
         np.testing.assert_array_equal(dst[...], expected[:, order])
 

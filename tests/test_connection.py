@@ -335,14 +335,14 @@ def test_a_graph_read_again_is_the_one_last_written_wherever_it_was_written(smal
 def test_a_graph_written_while_another_write_ran_is_read_again_not_kept(small, monkeypatch):
     """A graph write keeps what it wrote only if no other graph write ran meanwhile (another thread's
     write of the same name between the two would leave this connection keeping the wrong one)."""
-    from loompy import engine, graphs
+    from loompy import graphs, handles
 
     path, *_ = small
     real = graphs.swaps.replace
 
     def another_write_meanwhile(parent, name, build):
         done = real(parent, name, build)
-        engine.changed(parent.file, "graphs")  # (what another thread's write of a graph does)
+        handles.changed(parent.file, "graphs")  # (what another thread's write of a graph does)
         return done
 
     with loompy.connect(path) as ds:
@@ -436,6 +436,9 @@ def test_read_only_mode_refuses_writes_and_leaves_file_intact(small):
             with pytest.raises(OSError) as info:
                 action()
             assert str(path) in str(info.value)
+            assert isinstance(info.value, ValueError)  # (as loompy 3 raised)
+        with pytest.raises(AttributeError, match="differ in dtype"):  # (loompy 3's error)
+            ds.ca[("CellID", "Age")]
     assert digest(path) == before
 
 
@@ -1100,6 +1103,17 @@ def test_validator_names_what_a_reader_would_take_silently(small):
         "loompy reads it all the same)"]
 
 
+def test_the_validator_takes_a_big_endian_layer_loompy_reads(small):
+    """A '>f4' layer (another machine's writer), read as any other, was a spec error to the validator."""
+    path, m, *_ = small
+    with h5py.File(path, "r+") as f:
+        f.create_dataset("layers/big", data=m.astype(">f4"), chunks=(5, 8), maxshape=(5, None))
+    v = loompy.LoomValidator()
+    assert v.validate(path) and v.errors == [], v.errors
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds.layers["big"][:, :], m)
+
+
 def test_loompy3_helpers_and_validator_methods_are_there(small):
     """loompy 3's public helpers the seed does not name: its validator's two halves, the
     attribute conversions, and the modules loompy.utils and loompy.normalize."""
@@ -1532,11 +1546,11 @@ def test_conventions_find_the_missing_attributes_the_reference_finds(tmp_path, r
 def test_a_read_the_connection_closes_under_says_so_naming_the_file(small, monkeypatch, read):
     """close() in another thread as a read looked its layer up gave h5py's own ValueError ("Invalid
     location identifier") or RuntimeError; some messages named no file, one named it twice."""
-    from loompy import engine
+    from loompy import layers
 
     path, *_ = small
     ds = loompy.connect(path)
-    real, closed = engine.changes, []
+    real, closed = layers.changes, []
 
     def closing_first(file, what):  # (what another thread's close() does at the worst moment)
         if not closed:
@@ -1544,7 +1558,7 @@ def test_a_read_the_connection_closes_under_says_so_naming_the_file(small, monke
             ds.close()
         return real(file, what)
 
-    monkeypatch.setattr(engine, "changes", closing_first)
+    monkeypatch.setattr(layers, "changes", closing_first)
     action = {"ds[...]": lambda: ds[0:2, 0:2], "sparse()": lambda: ds.sparse(),
               "shape": lambda: ds.layers[""].shape}[read]
     with pytest.raises(loompy.LoomFileError) as caught:
@@ -2084,6 +2098,32 @@ def test_loompy_3s_module_of_the_connection_imports(tmp_path):
     create(path, np.ones((2, 3), np.float32), {"g": np.arange(2)}, {"c": np.arange(3)}).close()
     with connect(path, "r") as ds:
         assert isinstance(ds, LoomConnection) and LoomConnection is loompy.LoomConnection and ds.shape == (2, 3)
+
+
+def test_loompy_3s_module_paths_are_there_after_import_loompy():
+    """After ``import loompy``, loompy 3 had ``loompy.utils``, ``loompy.loompy``, ``loompy.deprecated`` and
+    its managers' modules (``from loompy.loom_view import LoomView``, for type hints); ours had none."""
+    import subprocess
+    import sys
+
+    script = """
+import loompy
+assert loompy.utils.timestamp and loompy.deprecated is loompy.utils.deprecated
+assert loompy.loompy.LoomConnection is loompy.LoomConnection
+from loompy.loom_view import LoomView
+from loompy.loom_layer import LoomLayer, MemoryLoomLayer
+from loompy.attribute_manager import AttributeManager
+from loompy.global_attribute_manager import GlobalAttributeManager
+from loompy.graph_manager import GraphManager
+from loompy.layer_manager import LayerManager
+from loompy.view_manager import ViewManager
+import loompy.loom_validator
+assert loompy.loom_validator.LoomValidator is loompy.LoomValidator and LoomView is loompy.LoomView
+assert (LoomLayer, MemoryLoomLayer, AttributeManager, GlobalAttributeManager, GraphManager, LayerManager,
+        ViewManager) == (loompy.LoomLayer, loompy.MemoryLoomLayer, loompy.AttributeManager,
+        loompy.GlobalAttributeManager, loompy.GraphManager, loompy.LayerManager, loompy.ViewManager)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
 
 
 def test_a_second_connection_to_a_new_file_takes_its_first_columns(tmp_path):

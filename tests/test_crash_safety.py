@@ -161,7 +161,7 @@ def test_superblock_left_behind_by_a_killed_writer_is_repaired(tmp_path):
     allocation ("addr overflow"; seen once in 50 kills of add_columns). Simulated exactly: an append
     interrupted after its chunks and metadata reached the file, with the superblock's old end of
     allocation put back. Read-only opening refuses with a clear error; r+ repairs and rolls back."""
-    from loompy import engine, journal
+    from loompy import engine
 
     n, m, k = 300, 700, 300
     rng = np.random.default_rng(0)
@@ -173,7 +173,7 @@ def test_superblock_left_behind_by_a_killed_writer_is_repaired(tmp_path):
     assert head[8] == 0
     old_end = head[eoa_field]
     with h5py.File(path, "r+") as f:
-        f.attrs[journal.JOURNAL] = m
+        f.attrs[loompy.format.APPEND_JOURNAL] = m
         f.flush()
         f["matrix"].resize(m + k, axis=1)
         engine.write_matrix(f["matrix"], rng.poisson(0.5, (n, k)).astype(np.float32), col_offset=m)

@@ -1255,13 +1255,13 @@ def test_what_is_kept_per_file_goes_when_its_last_connection_closes(tmp_path):
 
     path = tmp_path / "k.loom"
     loompy.create(path, np.ones((70, 70), np.float32), {"g": np.arange(70)}, {"c": np.arange(70)}).close()
-    before = (len(storage._turns), len(storage._changes), len(handles._reshaped))
+    before = (len(storage._turns), len(handles._counts))
     for _ in range(50):
         with loompy.connect(path) as ds:
             ds.layers["x"] = ds[:, :] * 2
             ds.add_columns({"": np.ones((70, 1), np.float32), "x": np.ones((70, 1), np.float32)}, {"c": [0]})
             assert ds.layers["x"][0:3, 0].tolist() == [2, 2, 2]
-    assert (len(storage._turns), len(storage._changes), len(handles._reshaped)) == before
+    assert (len(storage._turns), len(handles._counts)) == before
     a, b = loompy.connect(path), loompy.connect(path)  # (shared: the second keeps them)
     a[0:2, :]
     b.layers["x"] = np.zeros(b.shape, np.float32)
@@ -1319,7 +1319,7 @@ def test_what_is_kept_per_file_goes_after_connections_let_go_of_unclosed(tmp_pat
     path = tmp_path / "k.loom"
     loompy.create(path, np.ones((70, 70), np.float32), {"g": np.arange(70)}, {"c": np.arange(70)}).close()
     loompy.connect(path).close()
-    before = (len(storage._turns), len(storage._changes), len(handles._reshaped))
+    before = (len(storage._turns), len(handles._counts))
     for k in range(30):
         ds = loompy.connect(path, "r+" if k % 2 else "r")
         ds[0:3, :]
@@ -1328,7 +1328,7 @@ def test_what_is_kept_per_file_goes_after_connections_let_go_of_unclosed(tmp_pat
         del ds
         gc.collect()
     loompy.connect(path).close()
-    assert (len(storage._turns), len(storage._changes), len(handles._reshaped)) == before
+    assert (len(storage._turns), len(handles._counts)) == before
     assert not storage._let_go
 
 

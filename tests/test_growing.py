@@ -283,7 +283,7 @@ def test_a_writer_killed_after_its_commit_leaves_nothing_behind(tmp_path, monkey
         ds.ca["Small"] = np.array([1, 2], np.int16)
 
     def commit_then_die(f):
-        del f.attrs[journal.JOURNAL]
+        del f.attrs[loompy.format.APPEND_JOURNAL]
         f.flush()
         raise SystemExit  # stands in for the kill: nothing after this runs
 
@@ -312,7 +312,7 @@ def test_ctrl_c_as_an_append_starts_or_commits_leaves_file_and_connection_agreei
     real = getattr(journal, at)
 
     def interrupted(f, *args, **kwargs):
-        real(f, *args, **kwargs) if at == "commit" else f.attrs.__setitem__(journal.JOURNAL, 2)
+        real(f, *args, **kwargs) if at == "commit" else f.attrs.__setitem__(loompy.format.APPEND_JOURNAL, 2)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(journal, at, interrupted)

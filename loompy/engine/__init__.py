@@ -11,13 +11,11 @@ Anything else (shuffle, other codecs, checksums, contiguous storage) goes throug
 so every valid file still reads and writes correctly. Measurements behind the choices: ``benchmarks/README.md``.
 """
 
+from .copying import copy_columns, copying_columns, reorder_columns
 from .lines import reduce_block, reduce_columns
 from .memory import Recycler, Scratch, fresh
 from .read import STRIP_BYTES, each_row_block, read_block, read_sparse, reduce_lines
 from .storage import (
-    changed,
-    changes,
-    changing,
     chunk_layout,
     expect_reads,
     forget,
@@ -29,9 +27,6 @@ from .storage import (
     writing_all,
 )
 from .write import (
-    copy_columns,
-    copying_columns,
-    reorder_columns,
     resize,
     write_block,
     write_columns,
@@ -43,7 +38,7 @@ __all__ = [
     "STRIP_BYTES", "Recycler", "Scratch", "chunk_layout", "copy_columns",
     "copying_columns", "each_row_block", "expect_reads", "forget", "forget_file", "forget_later",
     "forget_let_go", "forget_opening", "fresh",
-    "held_index", "changed", "changes", "changing",
+    "held_index",
     "read_block", "read_sparse", "reduce_block", "reduce_columns", "reduce_lines",
     "reorder_columns", "resize", "write_block", "write_columns", "write_matrix", "write_rows",
     "writing_all",

@@ -27,7 +27,7 @@ import numpy as np
 
 from .. import forks
 from ..errors import LoomFileError
-from ..handles import SharedOrAlone, closed_meanwhile, forget_reshapes, reads_held, would_wait_for_own_read
+from ..handles import SharedOrAlone, closed_meanwhile, forget_changes, reads_held, would_wait_for_own_read
 from . import btree, codecs
 from .workers import on_worker
 
@@ -493,7 +493,7 @@ def forget_file(file: h5py.File) -> None:
 def forget_opening(number: tuple) -> bool:
     """After a close: once nothing in this process has the opening HDF5 numbers ``number`` open (a
     connection made meanwhile shares it), drop its datasets' turns that nobody holds or waits for,
-    its count of layer changes and its count of shape changes, and say True. (They were kept for
+    its counts of changes (see :func:`~loompy.handles.changed`), and say True. (They were kept for
     good: 2.5 KB per file opened; a turn still held, by a read the close did not wait for, stays.)"""
     with _lock:
         try:
@@ -504,8 +504,7 @@ def forget_opening(number: tuple) -> bool:
         for key in [key for key in _turns if key[0] == number]:
             if _turns[key].idle:
                 del _turns[key]
-        _changes.pop(number, None)
-        forget_reshapes(number)
+        forget_changes(number)
         return True
 
 
@@ -528,34 +527,6 @@ def forget_let_go() -> None:
         for number in list(_let_go):
             if forget_opening(number):
                 _let_go.discard(number)
-
-
-_changes: dict[int, dict[str, int]] = {}  # per opening of a file (shared by its connections): see changed
-
-
-def changed(file: h5py.File, what: str) -> None:
-    """Note that ``what`` of ``file`` changed (``"layers"``: one was replaced, deleted or is being
-    overwritten; ``"graphs"``, ``"globals"``: one was written or deleted), so that what every
-    connection to it keeps of them is looked up again (see :func:`changes`)."""
-    with _lock:
-        counts = _changes.setdefault(file.id.fileno, {})
-        counts[what] = counts.get(what, 0) + 1
-
-
-def changes(file: h5py.File, what: str) -> int:
-    """How many times ``what`` of ``file`` changed since it was opened (a cache key)."""
-    return _changes.get(file.id.fileno, {}).get(what, 0)
-
-
-@contextmanager
-def changing(file: h5py.File, what: str) -> Iterator[None]:
-    """Around a write of ``what``: counted before and after, so that what a read in another thread
-    kept meanwhile, under a count the write has passed by its end, is looked up again."""
-    changed(file, what)
-    try:
-        yield
-    finally:
-        changed(file, what)
 
 
 @reports_closed_file
