@@ -60,33 +60,39 @@ def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], Non
 
     An item built while one of loompy's writes to the file ``opening`` names (``file.id.fileno``)
     began or ended (the caller's own, made while it worked on the item before, or another thread's)
-    is built again before it is handed over: it may hold values from before the write. A caller
-    that stops early waits for at most the one item being built.
+    is built again before it is handed over: it may hold values from before the write. After a
+    caller that wrote while it worked on an item, the next is built when asked for (a loop writing
+    every batch would have each read twice). A caller that stops early waits for at most the one
+    item being built.
     """
     def build_saying_why(item: Any) -> Any:
         with closed_meanwhile(check):
             return build(item)
 
-    if len(items) < 2:
-        for item in items:
-            check()
-            yield build_saying_why(item)
-        return
+    def writes() -> int:
+        return changes(opening, "writes")
+
     with ThreadPoolExecutor(max_workers=1) as helper:
-        began = changes(opening, "writes")
-        future = helper.submit(build_saying_why, items[0])
-        for k in range(len(items)):
-            try:
-                built = future.result()
-            finally:
+        began, future = writes(), helper.submit(build_saying_why, items[0]) if len(items) > 1 else None
+        wrote = False
+        for k, item in enumerate(items):
+            if future is None:
                 check()
-            if changes(opening, "writes") != began:  # (written meanwhile: built again, after the write)
-                del built
-                built = build_saying_why(items[k])
-            if k + 1 < len(items):
-                began = changes(opening, "writes")
-                future = helper.submit(build_saying_why, items[k + 1])
+                built = build_saying_why(item)
+            else:
+                try:
+                    built = future.result()
+                finally:
+                    check()
+                if writes() != began:  # (written meanwhile: built again, after the write)
+                    del built
+                    built = build_saying_why(item)
+            future = None
+            if k + 1 < len(items) and not wrote:
+                began, future = writes(), helper.submit(build_saying_why, items[k + 1])
+            handed = writes()
             yield built
+            wrote = writes() != handed
 
 
 def _same_order(ds: LoomConnection, call: str) -> Callable[[], None]:

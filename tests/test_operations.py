@@ -440,6 +440,36 @@ def test_map_sees_what_its_function_wrote(tmp_path, monkeypatch, axis):
 
 
 @pytest.mark.parametrize("scan", ["scan", "batch_scan", "map"])
+def test_a_loop_writing_every_batch_has_each_read_about_once(tmp_path, monkeypatch, scan):
+    """Read ahead, every batch of a loop that writes as it goes would be read twice (the one read
+    ahead meanwhile, then again after the write): after a write the next batch is read when asked."""
+    path = tmp_path / "w.loom"
+    m = np.ones((640, 16), np.float32)
+    loompy.create(path, m, {"g": np.arange(640)}, {"c": np.arange(16)}).close()
+    real, reads = (operations.make_view if scan == "scan" else operations.read_strip), []
+    monkeypatch.setattr(operations, "make_view" if scan == "scan" else "read_strip",
+                        lambda *args, **kwargs: reads.append(1) or real(*args, **kwargs))
+    with loompy.connect(path) as ds:
+        if scan == "map":
+            done = []
+
+            def doubling(line):  # (each batch's first line writes the batch, read before)
+                done.append(1)
+                if len(done) % 64 == 1:
+                    ds[len(done) - 1:len(done) + 63, :] = m[:64] * 2
+                return float(line.sum())
+
+            assert ds.map([doubling], axis=0, chunksize=64)[0].tolist() == [16.0] * 640
+        else:
+            batches = ds.scan(axis=0, batch_size=64) if scan == "scan" else ds.batch_scan(axis=0, batch_size=64)
+            for _, selection, values in batches:
+                assert float((values[:, :] if scan == "scan" else values).sum()) == 64 * 16
+                ds[selection.min():selection.max() + 1, :] = m[selection] * 2
+            np.testing.assert_array_equal(ds[:, :], m * 2)
+    assert len(reads) <= 10 + 1
+
+
+@pytest.mark.parametrize("scan", ["scan", "batch_scan", "map"])
 def test_a_batch_read_ahead_as_another_thread_wrote_is_read_again(tmp_path, monkeypatch, scan):
     """Another thread's write that ended while the next batch was read ahead shows in that batch."""
     import threading
