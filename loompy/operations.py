@@ -461,6 +461,9 @@ def _aggregated_columns(ds: LoomConnection, where: str, group_by: str | np.ndarr
 
 
 # --------------------------------------------------------------------------- export
+EXPORT_BATCH_VALUES = 1 << 20  # values export turns into text at once (8 MB of pointers, the text of the non-zero ones)
+
+
 def export(ds: LoomConnection, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:
     """Write a layer as tab-separated text: column attributes on top, row attributes on the left."""
     if format != "tab":
@@ -489,7 +492,8 @@ def _write_tab(ds: LoomConnection, out_file: str | os.PathLike, dataset: Any) ->
         out.write("".join(name + "\t" for name in row_names) + "\t" + "\t" * ds.shape[1] + "\n")
         row_values = [ds.ra[name] for name in row_names]
         with engine.held_index(dataset):  # nothing is written to the layer during the pass
-            for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), 1000):
+            rows = max(1, EXPORT_BATCH_VALUES // max(1, ds.shape[1]))  # (text objects, not values: ~60 bytes each)
+            for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), rows):
                 block = engine.read_block(dataset, batch, cols)
                 texts, end = _block_as_text(block), "\t\n" if ds.shape[1] else "\n"  # (a tab after every cell)
                 for i in range(block.shape[0]):
@@ -504,7 +508,8 @@ def _block_as_text(block: np.ndarray) -> np.ndarray:
     zero = ~block.view(f"u{block.dtype.itemsize}").astype(bool) if block.dtype.kind in "fiu" else None
     if zero is None or not zero.any():
         return np.array(_as_text(block.reshape(-1)), dtype=object).reshape(block.shape)
-    texts = np.full(block.shape, _as_text(np.zeros(1, block.dtype))[0], dtype=object)
+    texts = np.empty(block.shape, dtype=object)
+    texts.fill(_as_text(np.zeros(1, block.dtype))[0])  # (one str: np.full made one for each value, 276 MB a batch)
     texts[~zero] = _as_text(block[~zero])
     return texts
 

@@ -299,6 +299,24 @@ def test_changes_with_stamps_other_writers_store_as_bytes(tmp_path):
         assert changes["layers"] == [] and changes["row_attrs"] == []
 
 
+def test_export_holds_a_few_million_texts_at_most(tmp_path):
+    """export held a text object for every value of 1,000 rows, zeros included (np.full makes one
+    per value): 650 MB to export an 80 MB layer of 4,000 columns."""
+    path = tmp_path / "e.loom"
+    m = sp.random(600, 4000, density=0.01, random_state=1, format="csr", dtype=np.float32)
+    loompy.create(path, m, {"g": np.arange(600)}, {"c": np.arange(4000)}).close()
+    with loompy.connect(path, "r") as ds:
+        tracemalloc.start()
+        ds.export(tmp_path / "e.tab")
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 30e6, peak  # (texts of 2.4 million values, one each: 150 MB)
+    lines = (tmp_path / "e.tab").read_text().splitlines()
+    dense = m.toarray()
+    for i in (0, 299, 599):
+        np.testing.assert_array_equal(np.array(lines[2 + i].split("\t")[2:-1], dtype=np.float32), dense[i])
+
+
 def test_export_writes_float32_as_numpy_prints_it(tmp_path):
     m = np.array([[0.1, 1 / 3], [2.5, 0.7]], np.float32)
     path = tmp_path / "f.loom"
