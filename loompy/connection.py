@@ -341,8 +341,8 @@ class LoomConnection(LoomAccess):
         return self.layers[""].map(f_list, axis, chunksize, selection)
 
     def aggregate(self, out_file: str | os.PathLike | None = None, select: Any = None, group_by: Any = "Clusters",
-                  aggr_by: str = "mean", aggr_ca_by: dict[str, str] | None = None, layer: str = "",
-                  aggr_ca_if_equal: bool = False, *, return_matrix: bool = True) -> np.ndarray:
+                  aggr_by: str | Callable = "mean", aggr_ca_by: dict[str, str | Callable] | None = None,
+                  layer: str = "", aggr_ca_if_equal: bool = False, *, return_matrix: bool = True) -> np.ndarray:
         """Aggregate columns by group, returning the matrix of groups (also when writing ``out_file``),
         with loompy 3's arguments in its order; ``return_matrix`` (older loompy's) changes nothing.
         See :func:`loompy.operations.aggregate`."""

@@ -344,7 +344,7 @@ def _aggregator(how: Any, where: str) -> Callable[[np.ndarray, int], np.ndarray]
     return AGGREGATORS[how]
 
 
-def _aggregate_values(values: np.ndarray, how: str, where: str) -> Any:
+def _aggregate_values(values: np.ndarray, how: str | Callable, where: str) -> Any:
     """One value from a 1-D group of attribute values."""
     if how == "join":
         return ",".join(str(v) for v in values)
@@ -365,8 +365,8 @@ AGGREGATE_BATCH_BYTES = 64 << 20  # rows read at once by aggregate: this many by
 
 
 def aggregate(ds: LoomConnection, out_file: str | os.PathLike | None = None, select: Any = None,
-              group_by: str | np.ndarray = "Clusters", aggr_by: str = "mean",
-              aggr_ca_by: dict[str, str] | None = None, layer: str = "",
+              group_by: str | np.ndarray = "Clusters", aggr_by: str | Callable = "mean",
+              aggr_ca_by: dict[str, str | Callable] | None = None, layer: str = "",
               aggr_ca_if_equal: bool = False) -> np.ndarray:
     """Aggregate columns by group (``group_by``: a column attribute name or one label per column).
 
@@ -435,7 +435,7 @@ def _check_aggregate_target(ds: LoomConnection, out_file: str | os.PathLike) -> 
 
 
 def _aggregated_columns(ds: LoomConnection, where: str, group_by: str | np.ndarray, groups: np.ndarray,
-                        members: list[np.ndarray], aggr_ca_by: dict[str, str] | None,
+                        members: list[np.ndarray], aggr_ca_by: dict[str, str | Callable] | None,
                         aggr_ca_if_equal: bool) -> dict[str, Any]:
     """The output's column attributes: the group labels, those of ``aggr_ca_by``, and (with
     ``aggr_ca_if_equal``) any other that is the same for all of each group's columns."""
