@@ -72,6 +72,10 @@ class MemoryLayerManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_dims", dims)
 
     def __setitem__(self, name: str, values: Any) -> None:
+        """Add or replace a layer of the view (in memory); a dtype or its name makes one of zeros, as
+        for a connection's layers."""
+        if isinstance(values, (str, np.dtype, type)) and self._dims is not None:
+            values = np.zeros(self._dims.shape, dtype=values)
         matrix = np.asarray(values.toarray() if sp.issparse(values) else values)
         if self._dims is not None and matrix.shape != self._dims.shape:
             raise LoomValueError(f"{self._where} '{name}': shape {matrix.shape} differs from the view's "

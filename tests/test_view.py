@@ -79,6 +79,9 @@ def test_a_view_takes_new_layers_in_memory(ds):
         view.layers["bad"] = np.ones((2, 2))
     del view.layers["double"]
     assert "double" not in view.layers
+    view.layers["counts"] = "int16"  # (an empty layer of that dtype, as a connection's layers take it)
+    assert view.layers["counts"].dtype == np.int16 and not view.layers["counts"][:, :].any()
+    assert view.layers["counts"].shape == view.shape
 
 
 def test_arrays_made_from_a_view_layer_are_copies_unless_asked_not_to_be(ds):
