@@ -393,6 +393,7 @@ def create_from_cellranger(indir: str | os.PathLike | None = None, outdir: str |
         cell_id_prefix = "" if cell_id_prefix is None else cell_id_prefix
     # ".", ".." and trailing separators name the folder they mean; a symbolic link stays the path given
     # (its sample folder, analysis and run record are where the user put the link, as in loompy 3)
+    relative = not os.path.isabs(os.fspath(indir))
     indir = Path(os.path.abspath(indir))
     if indir.is_file():  # a Cell Ranger .h5, in outs/ or in a folder of its own: named after the file
         folder, sample = indir.parent, indir.stem
@@ -429,4 +430,6 @@ def create_from_cellranger(indir: str | os.PathLike | None = None, outdir: str |
     from .create import create
 
     create(target, matrix, data.row_attrs(), col_attrs, file_attrs=attrs).close()
+    if relative and loom_file is None and outdir is None:  # (beside a folder given relative: as loompy 3 says it)
+        return os.path.relpath(target)
     return str(target)

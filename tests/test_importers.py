@@ -175,6 +175,9 @@ def test_cellranger_sample_name_comes_from_the_folder_meant(tmp_path, monkeypatc
     assert path == str(tmp_path / "donor7.loom")
     with loompy.connect(path, "r") as ds:
         assert ds.ca.CellID[0].startswith("donor7:")
+    monkeypatch.chdir(tmp_path)  # a folder given relative: the path given back is too, as loompy 3's
+    assert loompy.create_from_cellranger("donor7") == os.path.join("donor7", "donor7.loom")
+    assert os.path.isfile(tmp_path / "donor7" / "donor7.loom")
     shutil.copy(CR3 / "filtered_feature_bc_matrix.h5", tmp_path / "run3.h5")
     path = loompy.create_from_cellranger(tmp_path / "run3.h5")
     assert path == str(tmp_path / "run3.loom")
