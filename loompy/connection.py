@@ -4,6 +4,7 @@ and :mod:`.combine`, scans and computations to :mod:`.operations`."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -83,10 +84,14 @@ class LoomConnection(LoomAccess):
         if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
             setattr(self._file, READ_ONLY, True)
         try:
-            recover(self._file)  # an interrupted append is rolled back before anything else looks
-            if writable(self._file):
-                swaps.settle(self._file)  # and an interrupted replacement settled
-            elif pending := swaps.pending(self._file):
+            # an interrupted append is rolled back, and an interrupted replacement settled, before anything
+            # else looks: once the writes of other threads to the file (its opening shared) are done, as an
+            # append or replacement under way there is theirs, not an interrupted one
+            with rewriting(self._file) if writable(self._file) else contextlib.nullcontext():
+                recover(self._file)
+                if writable(self._file):
+                    swaps.settle(self._file)
+            if not writable(self._file) and (pending := swaps.pending(self._file)):
                 raise LoomFileError(f"{self.filename}: the replacement of {', '.join(pending)} was interrupted; "
                                     "open the file once with mode 'r+' to repair it")
             refuse_if_pending_read_only(self._file, self.filename)

@@ -1358,11 +1358,13 @@ def test_a_connection_collected_in_a_cycle_inside_h5py_does_not_deadlock(tmp_pat
                 locked.set()
                 go.wait()
                 h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)
-        threading.Thread(target=engine_then_h5py, daemon=True).start()
+        other = threading.Thread(target=engine_then_h5py, daemon=True)
+        other.start()
         locked.wait()
         with phil:
             go.set()
             gc.collect()
+        other.join(30)  # (a daemon thread stopped by the exit while it holds h5py's lock hangs the exit)
         print("done")
     """)
     try:

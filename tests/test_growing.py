@@ -1380,6 +1380,39 @@ def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_
     assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)
 
 
+def test_a_connection_made_during_another_threads_append_leaves_the_append_whole(tmp_path, monkeypatch):
+    """connect(r+) rolled back an append under way in another thread as if it were an interrupted one:
+    the appender returned without error, its columns gone (4000 x 200 for 4000 x 20200), and connect
+    raised. Now connect waits for the writes under way to the file, then finds nothing to undo."""
+    import threading
+
+    from loompy import engine
+
+    path = tmp_path / "a.loom"
+    loompy.create(path, np.ones((70, 30), np.float32), {"g": np.arange(70)}, {"c": np.arange(30.0)}).close()
+    writing, connected = threading.Event(), []
+    real = engine.write_matrix
+
+    def write_slowly(dataset, matrix, col_offset=0):
+        writing.set()
+        time.sleep(0.5)  # (the other thread connects now)
+        real(dataset, matrix, col_offset=col_offset)
+
+    monkeypatch.setattr(engine, "write_matrix", write_slowly)
+    with loompy.connect(path) as ds:
+        appending = threading.Thread(target=ds.add_columns,
+                                     args=({"": np.full((70, 40), 5, np.float32)}, {"c": np.arange(40.0)}))
+        appending.start()
+        assert writing.wait(60)
+        with loompy.connect(path) as other:
+            connected.append(other.shape)
+        appending.join(60)
+        assert ds.shape == (70, 70) and connected == [(70, 70)]
+    with loompy.connect(path, "r") as ds:
+        assert ds.shape == (70, 70) and ds.ca.c.tolist() == list(range(30)) + list(range(40))
+        assert (ds[:, 30:] == 5).all() and (ds[:, :30] == 1).all()
+
+
 @pytest.mark.parametrize("write", ["layer", "attribute", "attribute of another dtype"])
 def test_a_write_from_another_thread_during_add_columns_waits_for_it(tmp_path, monkeypatch, write):
     """Writes ran beside an append: a layer replaced meanwhile was swapped in at the old width (the
