@@ -58,12 +58,13 @@ def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], Non
     pause between batches). ``check()`` runs before each item is handed over, so a connection closed
     meanwhile says so rather than what the read ahead met.
 
-    An item built while one of loompy's writes to the file ``opening`` names (``file.id.fileno``)
-    began or ended (the caller's own, made while it worked on the item before, or another thread's)
-    is built again before it is handed over: it may hold values from before the write. After a
-    caller that wrote while it worked on an item, the next is built when asked for (a loop writing
-    every batch would have each read twice). A caller that stops early waits for at most the one
-    item being built.
+    An item built (or failed) while one of loompy's writes to the file ``opening`` names
+    (``file.id.fileno``) began or ended, the caller's own or another thread's, is built again before
+    it is handed over: it may hold values from before the write (or have met a layer deleted and
+    made again). The count of writes is read before an item is built (``began``), as it is handed
+    over (``handed``) and when the next is asked for: a caller that wrote while it worked on an item
+    gets the next one built when asked for, not ahead (a loop writing every batch would have each
+    read twice). A caller that stops early waits for at most the one item being built.
     """
     def build_saying_why(item: Any) -> Any:
         with closed_meanwhile(check):
@@ -76,18 +77,23 @@ def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], Non
         began, future = writes(), helper.submit(build_saying_why, items[0]) if len(items) > 1 else None
         wrote = False
         for k, item in enumerate(items):
-            if future is None:
+            built = None
+            if future is not None:
+                try:
+                    built = future.result()
+                except Exception:
+                    if writes() == began:  # (not a write's doing: the caller's to hear)
+                        check()
+                        raise
+                finally:
+                    future = None  # (it holds the item too: let go before one is built again)
+                if writes() != began:  # (written meanwhile: built again, after the write)
+                    built = None
+            if built is None:
                 check()
                 built = build_saying_why(item)
             else:
-                try:
-                    built = future.result()
-                finally:
-                    check()
-                if writes() != began:  # (written meanwhile: built again, after the write)
-                    del built
-                    built = build_saying_why(item)
-            future = None
+                check()
             if k + 1 < len(items) and not wrote:
                 began, future = writes(), helper.submit(build_saying_why, items[k + 1])
             handed = writes()
@@ -95,17 +101,24 @@ def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], Non
             wrote = writes() != handed
 
 
-def _same_order(ds: LoomConnection, call: str) -> Callable[[], None]:
-    """What a scan checks before each batch: the connection is open, and its file is the one the
-    scan began on (permute in between replaces it: later batches, cut for the old order, would
-    repeat some items and miss others)."""
-    began_on = ds._file
+def _same_order(source: Any, call: str) -> Callable[[], None]:
+    """What a scan (``source`` its connection) or map (``source`` its layer) checks before each batch:
+    the connection is open, its file is the one it began on (permute in between replaces it: later
+    batches, cut for the old order, would repeat some items and miss others), and the matrix has
+    the shape it had then (columns appended meanwhile would be missing from later batches)."""
+    filename = source.filename if hasattr(source, "filename") else source._filename
+    check_open = source._check_open if hasattr(source, "_check_open") else source._shared.check_open
+    began_on, shape = source._file, source.shape
 
     def check() -> None:
-        ds._check_open()
-        if ds._file is not began_on:
-            raise LoomFileError(f"{ds.filename}: {call}: the file was permuted since the scan began, and its "
-                                "later batches would mix the two orders; scan again")
+        check_open()
+        if source._file is not began_on:
+            raise LoomFileError(f"{filename}: {call}: the file was permuted since it began, and its later "
+                                "batches would mix the two orders; start again")
+        if source.shape != shape:
+            raise LoomFileError(f"{filename}: {call}: the matrix is {source.shape[0]} x {source.shape[1]} now, "
+                                f"{shape[0]} x {shape[1]} when it began (its later batches would miss the "
+                                "columns appended); start again")
     return check
 
 
@@ -147,20 +160,20 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
     for name in names:
         engine.expect_reads(ds.layers[name]._dataset, min(1, selected.size / max(1, length)))
     recyclers = {name: engine.Recycler() for name in names}  # batches let go of lend their memory to later ones
-    # global attributes and graphs: read again only after one of loompy's writes to the file
-    parts: dict[str, Any] = {"writes": None}
+    # global attributes and graphs: read again only after a write to them
+    parts: dict[str, Any] = {"changes": None}
     opening = ds._file.id.fileno
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, LoomView]:
         start, batch = item
         batch_sel = AxisSelection(batch, length)
         rows, cols = (batch_sel, other_sel) if axis == 0 else (other_sel, batch_sel)
-        writes = changes(opening, "writes")
-        if parts["writes"] != writes:
-            parts.update(whole_parts(ds, what), writes=writes)
+        now = (changes(opening, "globals"), changes(opening, "graphs"))
+        if parts["changes"] != now:
+            parts.update(whole_parts(ds, what), changes=now)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
-    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, _same_order(ds, "scan"), ds._file.id.fileno)
+    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, _same_order(ds, "scan"), opening)
 
 
 def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -170,7 +183,8 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
     ds._check_open()
     axis = ds._axis(axis)
     batch_size = batch_count(batch_size, f"{ds.filename}: batch_scan(batch_size=...)")
-    datasets = {name: ds.layers[name]._dataset for name in layer_names(ds, layers)}
+    found = {name: ds.layers[name] for name in layer_names(ds, layers)}  # (each batch asks for its dataset:
+    datasets = {name: layer._dataset for name, layer in found.items()}     # a layer may be replaced meanwhile)
     with naming(f"{ds.filename}: batch_scan(genes=...)"):
         rows = positions(genes, ds.shape[0], 0)
     with naming(f"{ds.filename}: batch_scan(cells=...)"):
@@ -182,7 +196,8 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
         start, batch = item
-        return start, batch, {name: read_strip(d, axis, batch, other, recyclers[name]) for name, d in datasets.items()}
+        return start, batch, {name: read_strip(layer._dataset, axis, batch, other, recyclers[name])
+                              for name, layer in found.items()}
 
     batches = list(iter_batches(along, batch_size))
     yield from _one_ahead(batches, build, _same_order(ds, "batch_scan"), ds._file.id.fileno)
@@ -254,12 +269,12 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, np.ndarray]:
         start, batch = item
-        block = read_strip(dataset, axis, batch, other.unique, recycler)
+        block = read_strip(layer._dataset, axis, batch, other.unique, recycler)  # (replaced meanwhile: the new one)
         return start, batch, block if other.inverse is None else np.take(block, other.inverse, axis=1 - axis)
 
     results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
-    for start, batch, block in _one_ahead(batches, build, lambda: layer._dataset, dataset.file.id.fileno):
+    for start, batch, block in _one_ahead(batches, build, _same_order(layer, "map"), dataset.file.id.fileno):
         for i, f in enumerate(functions):
             values = _apply(f, block, axis)
             dtype = _result_dtype(values.dtype)

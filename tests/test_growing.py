@@ -1482,7 +1482,7 @@ def test_a_scan_left_suspended_across_a_permute_of_its_connection_is_refused(tmp
         first = next(batches)
         assert first[0] == 0
         ds.permute(np.arange(n)[::-1], axis=0)
-        with pytest.raises(loompy.LoomFileError, match=rf"s.loom: {how}: the file was permuted since the scan began"):
+        with pytest.raises(loompy.LoomFileError, match=rf"s.loom: {how}: the file was permuted since it began"):
             next(batches)
         assert [v[:, 0].tolist() for _, _, v in ds.scan(axis=0, batch_size=300)] == \
             [list(range(599, 299, -1)), list(range(299, -1, -1))]
