@@ -88,6 +88,7 @@ __all__ = [
 def _loompy3_module_paths() -> None:
     """loompy 3's module paths (``from loompy.loom_view import LoomView``, ``loompy.layer_manager``),
     each a module holding the names loompy 3 kept there, as this package's own."""
+    import importlib.machinery
     import sys
     import types
 
@@ -100,7 +101,8 @@ def _loompy3_module_paths() -> None:
     package = sys.modules[__name__]
     for module_name, names in kept_there.items():
         module = types.ModuleType(f"{__name__}.{module_name}", f"loompy 3's module path for {', '.join(names)}.")
-        module.__dict__.update({name: getattr(package, name) for name in names}, __all__=names)
+        module.__dict__.update({name: getattr(package, name) for name in names}, __all__=names,
+                               __spec__=importlib.machinery.ModuleSpec(module.__name__, None))
         sys.modules[module.__name__] = module
         setattr(package, module_name, module)
 

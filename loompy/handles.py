@@ -7,6 +7,7 @@ whether the file's disk has room for a write (:func:`check_room`, :func:`check_f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -385,7 +386,8 @@ def writing_to(file: h5py.File, alone: bool = False) -> Iterator[None]:
         if not file:
             raise LoomFileError(f"{name}: the file was replaced by permute (or the connection closed) in "
                                 "another thread while this write waited for it; nothing was written")
-        with changing(file, "writes"):  # (what a scan read ahead meanwhile is read again)
+        # (a batch a scan read ahead meanwhile is read again; a file open read-only refuses every write)
+        with changing(file, "writes") if writable(file) else contextlib.nullcontext():
             yield
 
 

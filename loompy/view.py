@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
 
+from . import format as fmt
 from .access import LoomAccess
 from .attributes import AttributeManager, DotAccess
 from .engine import Recycler
@@ -75,7 +76,7 @@ class MemoryLayerManager(DotAccess, MutableMapping):
         """Add or replace a layer of the view (in memory); a dtype or its name makes one of zeros, as
         for a connection's layers."""
         if isinstance(values, (str, np.dtype, type)) and self._dims is not None:
-            values = np.zeros(self._dims.shape, dtype=values)
+            values = np.zeros(self._dims.shape, dtype=fmt.check_matrix_dtype(values, f"{self._where} '{name}'"))
         matrix = np.asarray(values.toarray() if sp.issparse(values) else values)
         if self._dims is not None and matrix.shape != self._dims.shape:
             raise LoomValueError(f"{self._where} '{name}': shape {matrix.shape} differs from the view's "

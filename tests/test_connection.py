@@ -437,6 +437,7 @@ def test_read_only_mode_refuses_writes_and_leaves_file_intact(small):
                 action()
             assert str(path) in str(info.value)
             assert isinstance(info.value, ValueError)  # (as loompy 3 raised)
+        assert loompy.handles.changes(ds._file, "writes") == 0  # (refused: no scan reads a batch again)
         with pytest.raises(AttributeError, match="differ in dtype"):  # (loompy 3's error)
             ds.ca[("CellID", "Age")]
     assert digest(path) == before
@@ -2118,12 +2119,14 @@ from loompy.graph_manager import GraphManager
 from loompy.layer_manager import LayerManager
 from loompy.view_manager import ViewManager
 import loompy.loom_validator
+import importlib.util
 assert loompy.loom_validator.LoomValidator is loompy.LoomValidator and LoomView is loompy.LoomView
+assert importlib.util.find_spec("loompy.loom_view").name == "loompy.loom_view"
 assert (LoomLayer, MemoryLoomLayer, AttributeManager, GlobalAttributeManager, GraphManager, LayerManager,
         ViewManager) == (loompy.LoomLayer, loompy.MemoryLoomLayer, loompy.AttributeManager,
         loompy.GlobalAttributeManager, loompy.GraphManager, loompy.LayerManager, loompy.ViewManager)
 """
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120, cwd=os.path.dirname(__file__))
 
 
 def test_a_second_connection_to_a_new_file_takes_its_first_columns(tmp_path):

@@ -82,6 +82,12 @@ def test_a_view_takes_new_layers_in_memory(ds):
     view.layers["counts"] = "int16"  # (an empty layer of that dtype, as a connection's layers take it)
     assert view.layers["counts"].dtype == np.int16 and not view.layers["counts"][:, :].any()
     assert view.layers["counts"].shape == view.shape
+    view.layers["flags"] = "bool"  # (stored as uint8, as in a file)
+    assert view.layers["flags"].dtype == np.uint8
+    with pytest.raises(loompy.LoomTypeError, match="view: layer 'bad': 'hello' is not a dtype"):
+        view.layers["bad"] = "hello"
+    with pytest.raises(loompy.LoomValueError, match="view: layer 'bad': dtype |S3 is not allowed"):
+        view.layers["bad"] = "S3"
 
 
 def test_arrays_made_from_a_view_layer_are_copies_unless_asked_not_to_be(ds):
