@@ -63,7 +63,7 @@ class _ShapeSeen(NamedTuple):
 
     file: h5py.File
     opening: int
-    reshapes: int
+    shape_changes: int
 
     @classmethod
     def now(cls, file: h5py.File) -> _ShapeSeen:
@@ -165,7 +165,7 @@ class LoomConnection(LoomAccess):
         """Take the matrix shape on disk, and the column attributes with it, when another
         connection to the file in this process appended columns (``on_disk``: look whether it did)."""
         file, seen = self._file, self._shape_seen
-        if not on_disk and seen.file is file and changes(seen.opening, "shape") == seen.reshapes:
+        if not on_disk and seen.file is file and changes(seen.opening, "shape") == seen.shape_changes:
             return
         with closed_meanwhile(self._check_open):
             if not file:

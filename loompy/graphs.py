@@ -15,7 +15,17 @@ from .attributes import DotAccess, last_written
 from .encoding import refuse_masked
 from .engine import codecs
 from .errors import LoomFormatError, LoomKeyError, LoomValueError, naming
-from .handles import Dims, changed, changes, changing, check_deletable, check_room, check_writable, one_of_the_writes
+from .handles import (
+    Dims,
+    KeptNames,
+    changed,
+    changes,
+    changing,
+    check_deletable,
+    check_room,
+    check_writable,
+    one_of_the_writes,
+)
 from .indexing import AXIS_NAMES, select_axis
 
 PARTS = ("a", "b", "w")  # a stored graph's datasets: from, to and (optional, 1 when missing) weight
@@ -154,7 +164,7 @@ class GraphManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_dims", dims)
         object.__setattr__(self, "_group_name", group_name or fmt.GRAPH_GROUPS[axis])
         object.__setattr__(self, "_memory", dict(values or {}))
-        object.__setattr__(self, "_names", None)  # (the file's opening and graph changes when listed, the names)
+        object.__setattr__(self, "_names", KeptNames("graphs"))
         # name -> (when it was read: the file's opening, its graph writes so far, vertices; the graph): a
         # graph is read from the file again only after a write to a graph of it, through any
         # connection of this process (5.6 ms a read)
@@ -174,12 +184,12 @@ class GraphManager(DotAccess, MutableMapping):
         process (a listing takes 0.1 ms)."""
         if self._file is None:
             return list(self._memory)
-        state = (self._file.id.id, changes(self._file, "graphs"))
-        if self._names is None or self._names[0] != state:
+
+        def listing() -> list[str]:
             group = self._group
-            names = [] if group is None else [k for k, v in group.items() if is_graph(v)]
-            object.__setattr__(self, "_names", (state, names))
-        return list(self._names[1])
+            return [] if group is None else [k for k, v in group.items() if is_graph(v)]
+
+        return self._names.get(self._file, listing)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.keys())

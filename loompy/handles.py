@@ -83,6 +83,24 @@ def changing(file: h5py.File, what: str) -> Iterator[None]:
         changed(file, what)
 
 
+class KeptNames:
+    """Names listed from a file (its layers, or its graphs of one axis), listed again only once a
+    change of ``what`` was counted (see :func:`changed`) or the file was opened anew."""
+
+    __slots__ = ("what", "kept")
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.kept: tuple[tuple[int, int], list[str]] | None = None
+
+    def get(self, file: h5py.File, listing: Callable[[], list[str]]) -> list[str]:
+        """The names ``listing()`` gives, listed now only if what was kept is out of date (a copy)."""
+        state = (file.id.id, changes(file, self.what))  # (read first: a change as it lists, listed again next time)
+        if self.kept is None or self.kept[0] != state:
+            self.kept = (state, listing())
+        return list(self.kept[1])
+
+
 def forget_changes(number: tuple) -> None:
     """The file HDF5 numbers ``number`` is closed for good in this process: its counts go."""
     with _counts_lock:

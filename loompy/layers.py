@@ -19,6 +19,7 @@ from .files import stored_size_bound
 from .handles import (
     SPARE_BYTES,
     Dims,
+    KeptNames,
     changed,
     changes,
     check_deletable,
@@ -232,7 +233,7 @@ class LayerManager(DotAccess, MutableMapping):
         object.__setattr__(self, "_filename", file.filename)
         object.__setattr__(self, "_dims", dims)
         object.__setattr__(self, "_found", {})  # name -> (the layer given out last, its dataset's address)
-        object.__setattr__(self, "_names", None)  # (LoomLayer._state when listed, the names then)
+        object.__setattr__(self, "_names", KeptNames("layers"))
 
     @property
     def _file(self) -> h5py.File:
@@ -256,10 +257,8 @@ class LayerManager(DotAccess, MutableMapping):
         replaced or deleted through a connection of this process (a listing takes 0.3 ms)."""
         self._shared.check_open()
         with closed_meanwhile(self._shared.check_open):
-            state = LoomLayer._state(self._file)
-            if self._names is None or self._names[0] != state:
-                object.__setattr__(self, "_names", (state, list(fmt.matrix_datasets(self._file))))
-        return list(self._names[1])
+            file = self._file
+            return self._names.get(file, lambda: list(fmt.matrix_datasets(file)))
 
     def __getitem__(self, name: str) -> LoomLayer:
         if not isinstance(name, str):

@@ -560,18 +560,18 @@ def get_changes_since(ds: LoomConnection, timestamp: str) -> dict[str, list[str]
         raise LoomTypeError(f"{ds.filename}: get_changes_since needs a timestamp string (as last_modified() "
                             f"returns), got {type(timestamp).__name__}")
     f = ds._file
-    changes: dict[str, list[str]] = {}
+    found: dict[str, list[str]] = {}
     parts = (("row_graphs", fmt.graph_group_name(f, 0)), ("col_graphs", fmt.graph_group_name(f, 1)),
              ("row_attrs", fmt.ROW_ATTRS), ("col_attrs", fmt.COL_ATTRS), ("layers", fmt.LAYERS),
              ("attrs", fmt.GLOBAL_ATTRS))
-    def changed(obj: Any) -> bool:
+    def written_since(obj: Any) -> bool:
         stamp = fmt.own_stamp(obj)
         return stamp is not None and stamp > timestamp
 
     for label, group_name in parts:
         group = f.get(group_name)
-        changes[label] = [key for key, obj in group.items() if changed(obj)] if group is not None else []
+        found[label] = [key for key, obj in group.items() if written_since(obj)] if group is not None else []
     matrix = f.get(fmt.MATRIX)
-    if matrix is not None and changed(matrix):
-        changes["layers"].insert(0, "")
-    return changes
+    if matrix is not None and written_since(matrix):
+        found["layers"].insert(0, "")
+    return found
