@@ -1380,6 +1380,44 @@ def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_
     assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)
 
 
+def test_a_connection_made_during_another_threads_layer_replacement_leaves_it_be(tmp_path, monkeypatch):
+    """connect(r+) settled another thread's replacement under way as an interrupted one (h5py's
+    "Unable to move link" for the replacing thread, 90 of 200 connects). It now waits for it."""
+    import threading
+
+    from loompy import engine
+
+    path = tmp_path / "r.loom"
+    m = np.ones((70, 30), np.float32)
+    loompy.create(path, {"": m, "x": m}, {"g": np.arange(70)}, {"c": np.arange(30.0)}).close()
+    writing, errors = threading.Event(), []
+    real = engine.write_matrix
+
+    def write_slowly(dataset, matrix, col_offset=0):
+        writing.set()
+        time.sleep(0.5)  # (the other thread connects now)
+        real(dataset, matrix, col_offset=col_offset)
+
+    monkeypatch.setattr(engine, "write_matrix", write_slowly)
+    with loompy.connect(path) as ds:
+
+        def replace():
+            try:
+                ds.layers["x"] = m.astype(np.float64) * 3  # (another dtype: written beside, then swapped in)
+            except Exception as error:  # (the test's to report)
+                errors.append(error)
+
+        replacing = threading.Thread(target=replace)
+        replacing.start()
+        assert writing.wait(60)
+        with loompy.connect(path) as other:
+            other.layers.keys()
+        replacing.join(60)
+        assert errors == []
+    with loompy.connect(path, "r") as ds:
+        assert ds.layers["x"].dtype == np.float64 and (ds.layers["x"][:, :] == 3).all()
+
+
 def test_a_connection_made_during_another_threads_append_leaves_the_append_whole(tmp_path, monkeypatch):
     """connect(r+) rolled back an append under way in another thread as if it were an interrupted one:
     the appender returned without error, its columns gone (4000 x 200 for 4000 x 20200), and connect
