@@ -70,6 +70,9 @@ class _ShapeSeen(NamedTuple):
         return cls(file, file.id.fileno, changes(file.id.fileno, "shape"))
 
 
+OPEN_TRIES = 5  # opens of a path other threads' permutes keep replacing before connect gives up
+
+
 class LoomConnection(LoomAccess):
     """A connection to a ``.loom`` file: the matrix stays on disk, attributes load on first use."""
 
@@ -80,39 +83,65 @@ class LoomConnection(LoomAccess):
         self.filename = os.fsdecode(os.fspath(filename))
         self._path = os.path.abspath(os.path.expanduser(self.filename))  # whole-file rewrites go there,
         self._locking = locking                                            # whatever the cwd later
-        self._file = files.open_h5(self._path, mode, locking=locking)
-        if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
-            setattr(self._file, READ_ONLY, True)
-        try:
-            # an interrupted append is rolled back, and an interrupted replacement settled, before anything
-            # else looks: once the writes of other threads to the file (its opening shared) are done, as an
-            # append or replacement under way there is theirs, not an interrupted one
-            with rewriting(self._file) if writable(self._file) else contextlib.nullcontext():
-                recover(self._file)
-                if writable(self._file):
-                    swaps.settle(self._file)
-            if not writable(self._file) and (pending := swaps.pending(self._file)):
-                raise LoomFileError(f"{self.filename}: the replacement of {', '.join(pending)} was interrupted; "
-                                    "open the file once with mode 'r+' to repair it")
-            refuse_if_pending_read_only(self._file, self.filename)
-            if validate:
-                problems = check_structure(self._file)
-                if problems:  # (an append in another thread of this process may have begun as it looked)
-                    refuse_if_pending_read_only(self._file, self.filename)
-                    problems = check_structure(self._file)
-                if problems:
-                    raise LoomFormatError(f"{self.filename}: not a valid Loom file: " + "; ".join(problems))
-            self._open_managers()
-        except BaseException as exc:
-            self._file.close()
-            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, LoomError):
-                raise files.unreadable(self.filename, exc) from exc
-            raise
+        for _ in range(OPEN_TRIES):
+            self._file = files.open_h5(self._path, mode, locking=locking)
+            if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
+                setattr(self._file, READ_ONLY, True)
+            if self._open_checked(validate):
+                break
+        else:
+            raise LoomFileError(f"{self.filename}: replaced by other threads of this process {OPEN_TRIES} times "
+                                "while connecting (permute?); connect again once they are done")
         files.register(self)
         forks.watch(self, self._file, self._path)
         engine.forget_let_go()  # (what earlier connections let go of unclosed kept for their files)
         self._forget_if_let_go()
         self._ready = True  # (ds.Name = values is refused from now on: see LoomAccess.__setattr__)
+
+    def _open_checked(self, validate: bool) -> bool:
+        """Repair what an interrupted write left in the file just opened (an append, a replacement),
+        check it and open its managers; False, the file closed, when another thread's permute
+        replaced the file at the path meanwhile (the new one is to be opened).
+
+        Opened for writing, all of it happens once the writes under way to the file in other threads
+        of this process are done, and holds off new ones: an append or replacement under way there
+        is theirs, not an interrupted one, and its file is checked whole."""
+        file = self._file
+        try:
+            with rewriting(file) if writable(file) else contextlib.nullcontext():
+                if writable(file) and files.replaced_since_opened(file, self._path):
+                    replaced = True
+                else:
+                    replaced = False
+                    self._repair_and_check(validate)
+                    self._open_managers()
+        except BaseException as exc:
+            file.close()
+            if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, LoomError):
+                raise files.unreadable(self.filename, exc) from exc
+            raise
+        if replaced:
+            file.close()
+        return not replaced
+
+    def _repair_and_check(self, validate: bool) -> None:
+        """Roll back an interrupted append and settle an interrupted replacement (read-only: refuse a
+        file that has either), then check the file's structure (with ``validate``)."""
+        f = self._file
+        recover(f)
+        if writable(f):
+            swaps.settle(f)
+        elif pending := swaps.pending(f):
+            raise LoomFileError(f"{self.filename}: the replacement of {', '.join(pending)} was interrupted; "
+                                "open the file once with mode 'r+' to repair it")
+        refuse_if_pending_read_only(f, self.filename)
+        if validate:
+            problems = check_structure(f)
+            if problems:  # (an append in another thread of this process may have begun as it looked)
+                refuse_if_pending_read_only(f, self.filename)
+                problems = check_structure(f)
+            if problems:
+                raise LoomFormatError(f"{self.filename}: not a valid Loom file: " + "; ".join(problems))
 
     def _reopen(self) -> None:
         """Open the file at this connection's path again for writing (after a whole-file rewrite

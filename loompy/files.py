@@ -391,6 +391,16 @@ def _is_lock_error(exc: OSError) -> bool:
         getattr(exc, "errno", None) in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOLCK)
 
 
+def replaced_since_opened(file: h5py.File, path: str) -> bool:
+    """Whether the file at ``path`` is no longer the one ``file`` has open (a permute in another
+    thread renamed a new one over it). False when that cannot be told (a driver without a descriptor)."""
+    try:
+        opened, now = os.fstat(file.id.get_vfd_handle()), os.stat(path)
+    except (OSError, ValueError, RuntimeError, TypeError):
+        return False
+    return (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino)
+
+
 def open_h5(filename: str | os.PathLike, mode: str, *, locking: bool | None = None) -> h5py.File:
     """Open the HDF5 file behind a Loom file, turning HDF5's errors into loompy's."""
     path = os.fspath(filename)

@@ -22,6 +22,7 @@ from .handles import (
     KeptNames,
     changed,
     changes,
+    changing,
     check_deletable,
     check_free_space,
     check_room,
@@ -370,6 +371,6 @@ class LayerManager(DotAccess, MutableMapping):
         group = self._file[fmt.LAYERS]
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         self._found.pop(name, None)  # (nor keep the deleted dataset open)
-        del group[name]
-        changed(self._file, "layers")
+        with changing(self._file, "layers"):  # (counted before too: an interrupt between leaves none kept)
+            del group[name]
         fmt.touch(group)

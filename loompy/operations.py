@@ -101,11 +101,12 @@ def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], Non
             wrote = writes() != handed
 
 
-def _same_order(source: Any, call: str) -> Callable[[], None]:
+def _same_order(source: Any, call: str, columns_given: bool = False) -> Callable[[], None]:
     """What a scan (``source`` its connection) or map (``source`` its layer) checks before each batch:
     the connection is open, its file is the one it began on (permute in between replaces it: later
-    batches, cut for the old order, would repeat some items and miss others), and the matrix has
-    the shape it had then (columns appended meanwhile would be missing from later batches)."""
+    batches, cut for the old order, would repeat some items and miss others), and, unless the pass
+    was given its columns, the matrix has the shape it had then (columns appended meanwhile would
+    be missing from later batches)."""
     filename = source.filename if hasattr(source, "filename") else source._filename
     check_open = source._check_open if hasattr(source, "_check_open") else source._shared.check_open
     began_on, shape = source._file, source.shape
@@ -115,7 +116,7 @@ def _same_order(source: Any, call: str) -> Callable[[], None]:
         if source._file is not began_on:
             raise LoomFileError(f"{filename}: {call}: the file was permuted since it began, and its later "
                                 "batches would mix the two orders; start again")
-        if source.shape != shape:
+        if not columns_given and source.shape != shape:
             raise LoomFileError(f"{filename}: {call}: the matrix is {source.shape[0]} x {source.shape[1]} now, "
                                 f"{shape[0]} x {shape[1]} when it began (its later batches would miss the "
                                 "columns appended); start again")
@@ -173,7 +174,8 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
             parts.update(whole_parts(ds, what), changes=now)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
-    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, _same_order(ds, "scan"), opening)
+    check = _same_order(ds, "scan", columns_given=axis == 1 and items is not None)
+    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, check, opening)
 
 
 def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -183,8 +185,11 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
     ds._check_open()
     axis = ds._axis(axis)
     batch_size = batch_count(batch_size, f"{ds.filename}: batch_scan(batch_size=...)")
-    found = {name: ds.layers[name] for name in layer_names(ds, layers)}  # (each batch asks for its dataset:
-    datasets = {name: layer._dataset for name, layer in found.items()}     # a layer may be replaced meanwhile)
+    names = layer_names(ds, layers)
+    if ds.shape == (0, 0) and set(names) <= {""}:  # an empty file (new()): no batches, as scan gives
+        return
+    found = {name: ds.layers[name] for name in names}  # (each batch asks for its dataset: one may be replaced)
+    datasets = {name: layer._dataset for name, layer in found.items()}
     with naming(f"{ds.filename}: batch_scan(genes=...)"):
         rows = positions(genes, ds.shape[0], 0)
     with naming(f"{ds.filename}: batch_scan(cells=...)"):
@@ -200,7 +205,8 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
                               for name, layer in found.items()}
 
     batches = list(iter_batches(along, batch_size))
-    yield from _one_ahead(batches, build, _same_order(ds, "batch_scan"), ds._file.id.fileno)
+    check = _same_order(ds, "batch_scan", columns_given=cells is not None)
+    yield from _one_ahead(batches, build, check, ds._file.id.fileno)
 
 
 def batch_scan(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -274,7 +280,8 @@ def map_(layer: Any, f_list: Callable | Sequence[Callable], axis: int = 0, chunk
 
     results: list[np.ndarray | None] = [None] * len(functions)
     # the next batch is read on a helper thread while the functions run on this one
-    for start, batch, block in _one_ahead(batches, build, _same_order(layer, "map"), dataset.file.id.fileno):
+    check = _same_order(layer, "map", columns_given=axis == 0 and selection is not None)
+    for start, batch, block in _one_ahead(batches, build, check, dataset.file.id.fileno):
         for i, f in enumerate(functions):
             values = _apply(f, block, axis)
             dtype = _result_dtype(values.dtype)

@@ -406,6 +406,28 @@ def test_layer_and_graph_names_are_listed_again_after_any_change_through_any_con
         assert other.layers.keys() == [] and ds.layers.keys() == []
 
 
+def test_names_kept_are_listed_again_after_a_delete_an_interrupt_cut_short(small, monkeypatch):
+    """Ctrl-C just after h5py deleted a layer or graph, before the change was counted, left every
+    connection of the process listing it (and handing out the deleted graph) for good."""
+    path, m, *_ = small
+    with loompy.connect(path) as ds, loompy.connect(path) as other:
+        ds.layers["x"] = m
+        ds.col_graphs["g"] = sp.coo_matrix(([1.0], ([0], [1])), shape=(8, 8))
+        assert other.layers.keys() == ["", "x"] and other.col_graphs.keys() == ["g"] and other.col_graphs["g"].nnz
+        real = h5py.Group.__delitem__
+
+        def delete_then_interrupted(group, name):
+            real(group, name)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(h5py.Group, "__delitem__", delete_then_interrupted)
+        for delete in (lambda: ds.layers.__delitem__("x"), lambda: ds.col_graphs.__delitem__("g")):
+            with pytest.raises(KeyboardInterrupt):
+                delete()
+        monkeypatch.undo()
+        assert other.layers.keys() == [""] and other.col_graphs.keys() == [] and "g" not in other.col_graphs
+
+
 def test_an_append_keeps_the_row_attribute_values_it_read(small, monkeypatch):
     """After add_columns the connection re-read every row attribute from the file (the rows do not
     change): in a loop passing row_attrs, each call read and decoded them all again."""

@@ -1380,6 +1380,69 @@ def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_
     assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)
 
 
+def test_a_connection_made_during_another_threads_permute_is_to_the_new_file(tmp_path, monkeypatch):
+    """connect(r+) as another thread permuted waited for it, then gave a connection to the replaced
+    file: its writes went into a deleted file, without a word. It now opens the new one."""
+    import threading
+
+    from loompy import engine
+
+    path = tmp_path / "p.loom"
+    loompy.create(path, np.arange(70 * 30, dtype=np.float32).reshape(70, 30), {"g": np.arange(70)},
+                  {"c": np.arange(30)}).close()
+    permuting = threading.Event()
+    real = engine.reorder_columns
+
+    def reorder_slowly(src, dst, order):
+        permuting.set()
+        time.sleep(0.5)  # (the other thread connects now)
+        return real(src, dst, order)
+
+    monkeypatch.setattr(engine, "reorder_columns", reorder_slowly)
+    with loompy.connect(path) as ds:
+        worker = threading.Thread(target=ds.permute, args=(np.arange(30)[::-1],), kwargs={"axis": 1})
+        worker.start()
+        assert permuting.wait(60)
+        with loompy.connect(path) as other:
+            assert other.ca.c.tolist() == list(range(30))[::-1]
+            other.ra.Written = np.ones(70)
+        worker.join(60)
+    with loompy.connect(path, "r") as ds:
+        assert "Written" in ds.ra and ds.ca.c[0] == 29
+
+
+def test_connections_made_while_another_thread_appends_all_open(tmp_path, monkeypatch):
+    """connect(r+) checked the file's structure after the writes of other threads it waited for: an
+    append begun meanwhile left column attributes short of the matrix, and 90 of 1,172 connects in
+    10 s were refused as "not a valid Loom file". Each now checks the file before other writes go on."""
+    import threading
+
+    path = tmp_path / "a.loom"
+    loompy.create(path, np.ones((2000, 20), np.float32), {"g": np.arange(2000)},
+                  {"c": np.array([f"c{i}" for i in range(20)]), "k": np.zeros(20, int)}).close()
+    stop, errors, opened = time.time() + 2, [], [0]
+    connection = importlib.import_module("loompy.connection")
+    real = connection.check_structure
+    monkeypatch.setattr(connection, "check_structure", lambda f: time.sleep(0.02) or real(f))  # (a wider window)
+
+    def appending():
+        with loompy.connect(path) as ds:
+            while time.time() < stop:
+                ds.add_columns(np.ones((2000, 50), np.float32), {"c": np.array([f"a{i}" for i in range(50)]),
+                                                                 "k": np.zeros(50, int)})
+
+    worker = threading.Thread(target=appending)
+    worker.start()
+    while time.time() < stop:
+        try:
+            with loompy.connect(path):
+                opened[0] += 1
+        except loompy.LoomError as error:
+            errors.append(str(error))
+    worker.join(60)
+    assert errors == [] and opened[0] > 0
+
+
 def test_a_connection_made_during_another_threads_layer_replacement_leaves_it_be(tmp_path, monkeypatch):
     """connect(r+) settled another thread's replacement under way as an interrupted one (h5py's
     "Unable to move link" for the replacing thread, 90 of 200 connects). It now waits for it."""

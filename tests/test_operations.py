@@ -521,6 +521,42 @@ def test_a_scan_or_map_whose_file_was_permuted_or_grew_meanwhile_says_so(tmp_pat
                         change_the_file()
 
 
+@pytest.mark.parametrize("scan", ["scan", "batch_scan", "map"])
+def test_a_pass_given_its_columns_goes_on_when_columns_are_appended(tmp_path, scan):
+    """A scan of chosen columns (or map at chosen columns) misses none when columns are appended:
+    it was refused like a scan of them all."""
+    path = tmp_path / "w.loom"
+    m = np.arange(256 * 16, dtype=np.float32).reshape(256, 16)
+    loompy.create(path, m, {"g": np.arange(256)}, {"c": np.arange(16)}).close()
+    with loompy.connect(path) as ds, loompy.connect(path) as other:
+        def append():
+            other.add_columns(np.ones((256, 2), np.float32), {"c": np.arange(2)})
+
+        chosen = np.arange(2, 12)
+        if scan == "map":
+            lines = []
+            sums = ds.map([lambda line: (lines.append(1), len(lines) == 70 and append(), float(line.sum()))[-1]],
+                          axis=0, chunksize=64, selection=chosen)[0]
+            np.testing.assert_array_equal(sums, m[:, chosen].sum(axis=1))
+            return
+        batches = ds.scan(axis=1, items=chosen, batch_size=4) if scan == "scan" else \
+            ds.batch_scan(axis=1, cells=chosen, batch_size=4)
+        seen = []
+        for k, (_, selection, _) in enumerate(batches):
+            seen += selection.tolist()
+            if k == 0:
+                append()
+        assert seen == chosen.tolist()
+
+
+def test_batch_scan_of_an_empty_file_gives_no_batches(tmp_path):
+    """batch_scan of a file from new() raised "layer '' does not exist", where scan gives nothing."""
+    path = tmp_path / "e.loom"
+    loompy.new(path).close()
+    with loompy.connect(path) as ds:
+        assert list(ds.batch_scan(axis=0)) == [] and list(ds.scan(axis=0)) == []
+
+
 def test_a_scan_reads_global_attributes_and_graphs_again_only_after_a_write_to_them(tmp_path, monkeypatch):
     """Each view carries the global attributes and graphs, read again (and copied) only after a
     write to them: a loop writing the matrix had them read again for every batch."""
