@@ -1380,6 +1380,23 @@ def test_a_read_during_add_columns_in_another_thread_sees_all_of_it_or_none(tmp_
     assert got[0].shape == (200, 190)  # (it waited: the read began after the resize)
 
 
+def _slowed_matrix_writes(monkeypatch):
+    """Have engine.write_matrix set the event returned, then pause 0.5 s: another thread acts then."""
+    import threading
+
+    from loompy import engine
+
+    writing, real = threading.Event(), engine.write_matrix
+
+    def write_slowly(dataset, matrix, col_offset=0):
+        writing.set()
+        time.sleep(0.5)
+        real(dataset, matrix, col_offset=col_offset)
+
+    monkeypatch.setattr(engine, "write_matrix", write_slowly)
+    return writing
+
+
 def test_a_connection_made_during_another_threads_permute_is_to_the_new_file(tmp_path, monkeypatch):
     """connect(r+) as another thread permuted waited for it, then gave a connection to the replaced
     file: its writes went into a deleted file, without a word. It now opens the new one."""
@@ -1448,20 +1465,11 @@ def test_a_connection_made_during_another_threads_layer_replacement_leaves_it_be
     "Unable to move link" for the replacing thread, 90 of 200 connects). It now waits for it."""
     import threading
 
-    from loompy import engine
 
     path = tmp_path / "r.loom"
     m = np.ones((70, 30), np.float32)
     loompy.create(path, {"": m, "x": m}, {"g": np.arange(70)}, {"c": np.arange(30.0)}).close()
-    writing, errors = threading.Event(), []
-    real = engine.write_matrix
-
-    def write_slowly(dataset, matrix, col_offset=0):
-        writing.set()
-        time.sleep(0.5)  # (the other thread connects now)
-        real(dataset, matrix, col_offset=col_offset)
-
-    monkeypatch.setattr(engine, "write_matrix", write_slowly)
+    writing, errors = _slowed_matrix_writes(monkeypatch), []
     with loompy.connect(path) as ds:
 
         def replace():
@@ -1487,19 +1495,10 @@ def test_a_connection_made_during_another_threads_append_leaves_the_append_whole
     raised. Now connect waits for the writes under way to the file, then finds nothing to undo."""
     import threading
 
-    from loompy import engine
 
     path = tmp_path / "a.loom"
     loompy.create(path, np.ones((70, 30), np.float32), {"g": np.arange(70)}, {"c": np.arange(30.0)}).close()
-    writing, connected = threading.Event(), []
-    real = engine.write_matrix
-
-    def write_slowly(dataset, matrix, col_offset=0):
-        writing.set()
-        time.sleep(0.5)  # (the other thread connects now)
-        real(dataset, matrix, col_offset=col_offset)
-
-    monkeypatch.setattr(engine, "write_matrix", write_slowly)
+    writing, connected = _slowed_matrix_writes(monkeypatch), []
     with loompy.connect(path) as ds:
         appending = threading.Thread(target=ds.add_columns,
                                      args=({"": np.full((70, 40), 5, np.float32)}, {"c": np.arange(40.0)}))
