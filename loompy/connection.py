@@ -84,6 +84,8 @@ class LoomConnection(LoomAccess):
         self._path = os.path.abspath(os.path.expanduser(self.filename))  # whole-file rewrites go there,
         self._locking = locking                                            # whatever the cwd later
         for _ in range(OPEN_TRIES):
+            if mode == "r+":
+                files.wait_while_replaced(self._path)
             self._file = files.open_h5(self._path, mode, locking=locking)
             if mode == "r":  # HDF5 may hand over a writable file (open for writing elsewhere in this process)
                 setattr(self._file, READ_ONLY, True)

@@ -161,6 +161,44 @@ def _temporary_name(directory: str, base: str) -> str:
     return os.path.join(directory, f".{stem}.{token}.loom-tmp")
 
 
+_replacements = threading.Condition()
+_being_replaced: dict[str, list[int]] = {}  # target path -> the threads replacing it in this process
+
+
+@contextlib.contextmanager
+def _replacement_of(target: str) -> Iterator[None]:
+    with _replacements:
+        _being_replaced.setdefault(target, []).append(threading.get_ident())
+    try:
+        yield
+    finally:
+        with _replacements:
+            threads = _being_replaced[target]
+            threads.remove(threading.get_ident())
+            if not threads:
+                del _being_replaced[target]
+            _replacements.notify_all()
+
+
+def wait_while_replaced(path: str | os.PathLike) -> None:
+    """Wait until no other thread of this process is replacing the file at ``path`` (a permute,
+    combine or create): a file opened meanwhile may be the old one, its writes lost with it."""
+    target, me = target_path(path), threading.get_ident()
+    with _replacements:
+        _replacements.wait_for(lambda: all(thread == me for thread in _being_replaced.get(target, ())))
+
+
+def _after_fork_in_child() -> None:
+    """Replacements by the parent's other threads never end in a forked child."""
+    global _replacements
+    _replacements = threading.Condition()
+    _being_replaced.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @contextlib.contextmanager
 def replacing(path: str | os.PathLike | bytes, own: Any = None, size: int = 0) -> Iterator[h5py.File]:
     """Write a new HDF5 file that replaces ``path`` (the file it names) on success.
@@ -174,42 +212,43 @@ def replacing(path: str | os.PathLike | bytes, own: Any = None, size: int = 0) -
     target = target_path(path)
     check_replaceable(target, own)
     check_free_space(target, size + SPARE_BYTES, f"{target}: the new file")
-    tmp = _temporary_name(*os.path.split(target))
-    try:
-        f = h5py.File(tmp, "x")  # a new file: it gets the umask's permissions like any (mkstemp: 0600)
-    except OSError as error:
-        with contextlib.suppress(OSError):  # HDF5 may have made the file before failing (a full disk)
-            os.remove(tmp)
-        raise LoomFileError(f"{target}: cannot write a new file beside it ({error})") from error
-    try:
-        with contextlib.ExitStack() as stack:
-            stack.callback(_close_quietly, f)  # (should the flusher's start be interrupted: f is closed below)
-            flusher = stack.enter_context(_EarlyFlush(tmp))
-            forks.watch(f, f, tmp)
-            stack.callback(forget_opening, f.id.fileno)  # (the engine's turns for its datasets, once it is closed)
-            try:
-                with f:
-                    try:
-                        yield f
-                    finally:
-                        forks.unwatch(f)  # (before its descriptor goes)
-            except (OSError, RuntimeError) as error:  # HDF5's (a full disk): the target is untouched
-                if isinstance(error, LoomError):
-                    raise
-                raise LoomFileError(f"{target}: the new file could not be written ({error}); the file is "
-                                    "unchanged") from error
-            try:
-                flusher.sync()
-                if os.path.exists(target):
-                    _keep_ownership(target, tmp)
-                os.replace(tmp, target)
-            except OSError as error:
-                raise LoomFileError(f"{target}: the new file could not replace it ({error}); it is "
-                                    "unchanged") from error
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    with _replacement_of(target):  # (a connect(r+) of the path meanwhile waits: see wait_while_replaced)
+        tmp = _temporary_name(*os.path.split(target))
+        try:
+            f = h5py.File(tmp, "x")  # a new file: it gets the umask's permissions like any (mkstemp: 0600)
+        except OSError as error:
+            with contextlib.suppress(OSError):  # HDF5 may have made the file before failing (a full disk)
+                os.remove(tmp)
+            raise LoomFileError(f"{target}: cannot write a new file beside it ({error})") from error
+        try:
+            with contextlib.ExitStack() as stack:
+                stack.callback(_close_quietly, f)  # (should the flusher's start be interrupted: f is closed below)
+                flusher = stack.enter_context(_EarlyFlush(tmp))
+                forks.watch(f, f, tmp)
+                stack.callback(forget_opening, f.id.fileno)  # (the engine's turns for its datasets, once it is closed)
+                try:
+                    with f:
+                        try:
+                            yield f
+                        finally:
+                            forks.unwatch(f)  # (before its descriptor goes)
+                except (OSError, RuntimeError) as error:  # HDF5's (a full disk): the target is untouched
+                    if isinstance(error, LoomError):
+                        raise
+                    raise LoomFileError(f"{target}: the new file could not be written ({error}); the file is "
+                                        "unchanged") from error
+                try:
+                    flusher.sync()
+                    if os.path.exists(target):
+                        _keep_ownership(target, tmp)
+                    os.replace(tmp, target)
+                except OSError as error:
+                    raise LoomFileError(f"{target}: the new file could not replace it ({error}); it is "
+                                        "unchanged") from error
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def _close_quietly(f: h5py.File) -> None:

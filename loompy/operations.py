@@ -123,6 +123,12 @@ def _same_order(source: Any, call: str, columns_given: bool = False) -> Callable
     return check
 
 
+def _chosen(items: Any) -> bool:
+    """Whether a scan's ``items`` name the items (indices, a mask), so that items appended later are
+    none of them; a start position or a slice runs to the end, wherever that is by then."""
+    return items is not None and not isinstance(items, slice)
+
+
 def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, layers: Iterable[str] | None = None,
          key: str | None = None, batch_size: int = 512, what: Sequence[str] = WHAT_ALL
          ) -> Iterator[tuple[int, np.ndarray, LoomView]]:
@@ -174,7 +180,7 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
             parts.update(whole_parts(ds, what), changes=now)
         return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
 
-    check = _same_order(ds, "scan", columns_given=axis == 1 and items is not None)
+    check = _same_order(ds, "scan", columns_given=axis == 1 and _chosen(items))
     yield from _one_ahead(list(iter_batches(selected, batch_size)), build, check, opening)
 
 
@@ -205,7 +211,7 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
                               for name, layer in found.items()}
 
     batches = list(iter_batches(along, batch_size))
-    check = _same_order(ds, "batch_scan", columns_given=cells is not None)
+    check = _same_order(ds, "batch_scan", columns_given=_chosen(cells))
     yield from _one_ahead(batches, build, check, ds._file.id.fileno)
 
 

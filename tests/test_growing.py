@@ -1428,6 +1428,37 @@ def test_a_connection_made_during_another_threads_permute_is_to_the_new_file(tmp
         assert "Written" in ds.ra and ds.ca.c[0] == 29
 
 
+def test_a_connection_made_as_another_threads_permute_renames_its_file_is_to_the_new_one(tmp_path, monkeypatch):
+    """Between permute closing the old file and renaming the new one over it (the new file's sync),
+    a connect(r+) opened the old file afresh, under a write gate nobody held: its writes went into
+    the file about to be unlinked. It now waits for the rename."""
+    import threading
+
+    from loompy import files
+
+    path = tmp_path / "p.loom"
+    loompy.create(path, np.arange(70 * 30, dtype=np.float32).reshape(70, 30), {"g": np.arange(70)},
+                  {"c": np.arange(30)}).close()
+    syncing, real = threading.Event(), files._EarlyFlush.sync
+
+    def sync_slowly(flusher):
+        syncing.set()
+        time.sleep(0.5)  # (the other thread connects now)
+        return real(flusher)
+
+    monkeypatch.setattr(files._EarlyFlush, "sync", sync_slowly)
+    with loompy.connect(path) as ds:
+        worker = threading.Thread(target=ds.permute, args=(np.arange(30)[::-1],), kwargs={"axis": 1})
+        worker.start()
+        assert syncing.wait(60)
+        with loompy.connect(path) as other:
+            assert other.ca.c[0] == 29
+            other.ra.Written = np.ones(70)
+        worker.join(60)
+    with loompy.connect(path, "r") as ds:
+        assert "Written" in ds.ra and ds.ca.c[0] == 29
+
+
 def test_connections_made_while_another_thread_appends_all_open(tmp_path, monkeypatch):
     """connect(r+) checked the file's structure after the writes of other threads it waited for: an
     append begun meanwhile left column attributes short of the matrix, and 90 of 1,172 connects in

@@ -547,6 +547,11 @@ def test_a_pass_given_its_columns_goes_on_when_columns_are_appended(tmp_path, sc
             if k == 0:
                 append()
         assert seen == chosen.tolist()
+        with pytest.raises(loompy.LoomFileError, match="when it began"):  # (from a position on: to the end)
+            for k, _ in enumerate(ds.scan(axis=1, items=2, batch_size=4) if scan == "scan" else
+                                  ds.batch_scan(axis=1, cells=slice(2, None), batch_size=4)):
+                if k == 0:
+                    append()
 
 
 def test_batch_scan_of_an_empty_file_gives_no_batches(tmp_path):
