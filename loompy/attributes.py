@@ -21,11 +21,11 @@ from .errors import LoomAttributeError, LoomKeyError, LoomMixedAttributesError, 
 from .handles import (
     Dims,
     approximate_nbytes,
-    changes,
     changing,
     check_deletable,
     check_room,
     check_writable,
+    kept_since,
     one_of_the_writes,
 )
 from .indexing import AXIS_NAMES, select_axis
@@ -280,7 +280,7 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         added to. Files before spec 3.0.0 keep nothing (a new, empty record each time)."""
         if not self._in_group:
             return _KeptGlobals(None)
-        source = (self._file.id.id, changes(self._file, "globals"))
+        source = kept_since(self._file, "globals")
         forks.check_current(self._file)  # (a forked child's counts stopped at the fork)
         if self._kept.source != source:
             object.__setattr__(self, "_kept", _KeptGlobals(source))

@@ -62,7 +62,7 @@ class _ShapeSeen(NamedTuple):
     file number) and how many times loompy had reshaped the matrix of that opening then."""
 
     file: h5py.File
-    opening: int
+    opening: tuple
     shape_changes: int
 
     @classmethod
@@ -111,10 +111,8 @@ class LoomConnection(LoomAccess):
         file = self._file
         try:
             with rewriting(file) if writable(file) else contextlib.nullcontext():
-                if writable(file) and files.replaced_since_opened(file, self._path):
-                    replaced = True
-                else:
-                    replaced = False
+                replaced = writable(file) and files.replaced_since_opened(file, self._path)
+                if not replaced:
                     self._repair_and_check(validate)
                     self._open_managers()
         except BaseException as exc:

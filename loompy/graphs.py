@@ -23,6 +23,7 @@ from .handles import (
     check_deletable,
     check_room,
     check_writable,
+    kept_since,
     one_of_the_writes,
 )
 from .indexing import AXIS_NAMES, select_axis
@@ -197,8 +198,6 @@ class GraphManager(DotAccess, MutableMapping):
         return len(self.keys())
 
     def __contains__(self, name: object) -> bool:
-        if self._file is None:
-            return name in self._memory
         return isinstance(name, str) and name in self.keys()
 
     def __getitem__(self, name: Any) -> Any:
@@ -220,7 +219,7 @@ class GraphManager(DotAccess, MutableMapping):
                 raise LoomKeyError(f"{self._where} '{name}' does not exist")
             return self._memory[name]
         n = self._dims.shape[self.axis]
-        source = (self._file.id.id, changes(self._file, "graphs"), n)
+        source = (*kept_since(self._file, "graphs"), n)
         forks.check_current(self._file)  # (a forked child's counts stopped at the fork)
         found = self._found.get(name)
         if found is not None and found[0] == source:
@@ -285,7 +284,7 @@ class GraphManager(DotAccess, MutableMapping):
             del self._memory[name]
             return
         group = self._group
-        with changing(self._file, "graphs"):  # (counted before too: an interrupt between leaves none kept)
+        with changing(self._file, "graphs"):  # (counted also as it ends: Ctrl-C just after the delete too)
             del group[name]
         fmt.touch(group)
 

@@ -83,6 +83,12 @@ def changing(file: h5py.File, what: str) -> Iterator[None]:
         changed(file, what)
 
 
+def kept_since(file: h5py.File, what: str) -> tuple[int, int]:
+    """The key of what a connection keeps of ``what`` in ``file`` (names, values, a dataset found):
+    HDF5's id of this opening of the file, and its count of changes of ``what``."""
+    return file.id.id, changes(file, what)
+
+
 class KeptNames:
     """Names listed from a file (its layers, or its graphs of one axis), listed again only once a
     change of ``what`` was counted (see :func:`changed`) or the file was opened anew."""
@@ -95,7 +101,7 @@ class KeptNames:
 
     def get(self, file: h5py.File, listing: Callable[[], list[str]]) -> list[str]:
         """The names ``listing()`` gives, listed now only if what was kept is out of date (a copy)."""
-        state = (file.id.id, changes(file, self.what))  # (read first: a change as it lists, listed again next time)
+        state = kept_since(file, self.what)  # (read first: a change as it lists, listed again next time)
         if self.kept is None or self.kept[0] != state:
             self.kept = (state, listing())
         return list(self.kept[1])

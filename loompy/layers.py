@@ -21,13 +21,13 @@ from .handles import (
     Dims,
     KeptNames,
     changed,
-    changes,
     changing,
     check_deletable,
     check_free_space,
     check_room,
     check_writable,
     closed_meanwhile,
+    kept_since,
     one_of_the_writes,
     why_closed,
 )
@@ -107,20 +107,22 @@ class _SharedFile:
 class LoomLayer(SparseForms):
     """One matrix of a Loom file, read and written lazily through the chunk engine."""
 
-    def __init__(self, name: str, dataset: h5py.Dataset, shared: _SharedFile, filename: str,
-                 state: tuple[int, int]) -> None:
+    def __init__(self, name: str, dataset: h5py.Dataset, shared: _SharedFile, state: tuple[int, int]) -> None:
         """``dataset``: what the manager found at the layer's path in file state ``state`` (taken
         before it looked: a replacement in another thread meanwhile makes the next use look again)."""
         self.name = name
         self._path = fmt.layer_path(name)  # (not dataset.name: a swap may be moving it right now)
         self._shared = shared  # the connection's file, even reopened
-        self._filename = filename
         self._known: tuple[Any, h5py.Dataset] = (state, dataset)  # (file state, dataset) last looked up
 
     @staticmethod
     def _state(file: h5py.File) -> tuple[int, int]:
-        """What the lookup depends on: HDF5's id of this opening of the file, and its layer changes."""
-        return file.id.id, changes(file, "layers")
+        """What the lookup depends on: this opening of the file and its layer changes."""
+        return kept_since(file, "layers")
+
+    @property
+    def _filename(self) -> str:
+        return self._shared.filename
 
     @property
     def _file(self) -> h5py.File:
@@ -231,7 +233,6 @@ class LayerManager(DotAccess, MutableMapping):
 
     def __init__(self, file: h5py.File, dims: Dims) -> None:
         object.__setattr__(self, "_shared", _SharedFile(file))
-        object.__setattr__(self, "_filename", file.filename)
         object.__setattr__(self, "_dims", dims)
         object.__setattr__(self, "_found", {})  # name -> (the layer given out last, its dataset's address)
         object.__setattr__(self, "_names", KeptNames("layers"))
@@ -239,6 +240,10 @@ class LayerManager(DotAccess, MutableMapping):
     @property
     def _file(self) -> h5py.File:
         return self._shared.file
+
+    @property
+    def _filename(self) -> str:
+        return self._shared.filename
 
     @_file.setter
     def _file(self, file: h5py.File) -> None:  # (the connection's file, reopened or closed)
@@ -276,7 +281,7 @@ class LayerManager(DotAccess, MutableMapping):
         if dataset is None:
             self._shared.check_open()  # (closed by another thread as this looked: no layer is there to find)
             raise LoomKeyError(f"{self._file.filename}: layer '{name}' does not exist")
-        layer = LoomLayer(name, dataset, self._shared, self._filename, state)
+        layer = LoomLayer(name, dataset, self._shared, state)
         self._found[name] = (layer, fmt.address(dataset))
         return layer
 
@@ -352,10 +357,10 @@ class LayerManager(DotAccess, MutableMapping):
 
         if existing is not None:
             engine.forget(existing)  # its chunk index must not outlive it (the name is reused)
-        try:  # another dtype or shape: written whole before it takes the name (see swaps)
+        # another dtype or shape: written whole before it takes the name (see swaps); a new name too is
+        # a change of the layers (their names are listed again)
+        with changing(self._file, "layers"):
             dataset = swaps.replace(group, final, write)
-        finally:
-            changed(self._file, "layers")  # (a new name too: the names are listed again)
         fmt.touch(dataset, dataset.parent)
         if defines_shape:
             self._dims.shape = shape
@@ -371,6 +376,6 @@ class LayerManager(DotAccess, MutableMapping):
         group = self._file[fmt.LAYERS]
         engine.forget(group[name])  # a layer made later under this name must not find its chunk index
         self._found.pop(name, None)  # (nor keep the deleted dataset open)
-        with changing(self._file, "layers"):  # (counted before too: an interrupt between leaves none kept)
+        with changing(self._file, "layers"):  # (counted also as it ends: Ctrl-C just after the delete too)
             del group[name]
         fmt.touch(group)

@@ -89,11 +89,9 @@ def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], Non
                     future = None  # (it holds the item too: let go before one is built again)
                 if writes() != began:  # (written meanwhile: built again, after the write)
                     built = None
+            check()
             if built is None:
-                check()
                 built = build_saying_why(item)
-            else:
-                check()
             if k + 1 < len(items) and not wrote:
                 began, future = writes(), helper.submit(build_saying_why, items[k + 1])
             handed = writes()

@@ -1573,7 +1573,7 @@ def test_a_read_the_connection_closes_under_says_so_naming_the_file(small, monke
 
     path, *_ = small
     ds = loompy.connect(path)
-    real, closed = layers.changes, []
+    real, closed = layers.kept_since, []
 
     def closing_first(file, what):  # (what another thread's close() does at the worst moment)
         if not closed:
@@ -1581,7 +1581,7 @@ def test_a_read_the_connection_closes_under_says_so_naming_the_file(small, monke
             ds.close()
         return real(file, what)
 
-    monkeypatch.setattr(layers, "changes", closing_first)
+    monkeypatch.setattr(layers, "kept_since", closing_first)
     action = {"ds[...]": lambda: ds[0:2, 0:2], "sparse()": lambda: ds.sparse(),
               "shape": lambda: ds.layers[""].shape}[read]
     with pytest.raises(loompy.LoomFileError) as caught:
