@@ -28,7 +28,8 @@ from . import codecs
 from .codecs import DamagedChunk
 from .lines import LinePlan, numpy_name
 from .memory import Scratch, fresh
-from .processes import LineJob
+from .picks import PickPlan, worth_picking
+from .processes import LineJob, PickJob
 from .storage import (
     ChunkLayout,
     chunk_grid,
@@ -149,10 +150,45 @@ def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
     layout = chunk_layout(dataset)
     if layout is None:
         return _read_block_h5py(dataset, rows, cols, out)
+    if _picked_in_children(dataset, layout, rows, cols, out):
+        return out
     with reading(dataset):  # (writes from other threads wait: they would move chunks under the read)
         read = _ChunkRead(dataset, layout, rows, cols)
         read.run(lambda unit, buf: read.columns.place(out[unit.rows, unit.cols], unit, buf))
     return out
+
+
+def _picked_in_children(dataset: h5py.Dataset, layout: ChunkLayout, rows: np.ndarray, cols: np.ndarray,
+                        out: np.ndarray) -> bool:
+    """Read ``dataset[np.ix_(rows, cols)]`` into ``out`` in the engine's helper processes (:mod:`.picks`)
+    when the rows are a few of each of many chunk rows, or the columns of chunk columns; False, with
+    nothing read, where that does not pay (few chunks, wide bands, called from a worker) or
+    children cannot start."""
+    if on_worker() or not readable_directly(dataset):
+        return False
+    axis = 0 if worth_picking(rows, layout.chunks[0]) else 1 if worth_picking(cols, layout.chunks[1]) else None
+    if axis is None:
+        return False
+    lines, others = (rows, cols) if axis == 0 else (cols, rows)
+    needed = np.unique(others // layout.chunks[1 - axis]).size
+    if layout.nbytes * needed > STRIP_BYTES:  # a band's needed chunks are held inflated
+        return False
+    # (children start before the chunks are listed: they load numpy meanwhile)
+    with PickJob(np.unique(lines // layout.chunks[axis]).size * needed) as job:
+        if not job.children:
+            return False
+        with direct_reads(dataset) as direct:
+            if direct is None:
+                return False
+            index, fd = direct
+            job.begin(PickPlan(chunks=layout.chunks, shape=dataset.shape, axis=axis, dtype=dataset.dtype.str,
+                               compressed=layout.compressed, source_fill=layout.fill, lines=lines, others=others,
+                               offset=index.offset, size=index.size, mask=index.mask), fd, index.path, index.file_id)
+            try:
+                job.pick_all(out)
+            except DamagedChunk as error:
+                raise damaged(dataset, error) from error
+    return True
 
 
 class _ChunkRead:
