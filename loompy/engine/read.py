@@ -9,7 +9,8 @@ call. With a :class:`~.storage.ChunkIndex` two workers read the chunks themselve
 and deflate both release the GIL); without one (smaller reads, see :func:`~.storage.chunk_index`)
 this thread reads a batch of chunks with ``read_direct_chunk`` and then the workers inflate them.
 Reads one to three chunks wide stay on this thread: there the hand-overs cost more than the
-inflating they share.
+inflating they share. Large reads of a few rows from each of many chunk rows (or columns of chunk
+columns) go to the engine's helper processes instead (:mod:`.picks`).
 """
 
 from __future__ import annotations
