@@ -3,7 +3,9 @@
 Compares it with this loompy's full read, sparse(), scan and map on the same file, each on a
 connection of its own (its chunk index listed within its time, as the floor's is), so the ratio to
 the floor shows how much is left above decompression; and measures what fresh memory the size of a
-full read's result costs here, which ``ds[:, :]`` pays and the floor does not.
+full read's result costs here, which ``ds[:, :]`` pays and the floor does not. The floor is measured
+on threads (the engine's scheme for reads) and in child processes (as its helper processes work),
+which share no GIL.
 
     python benchmarks/floor.py FILE.loom [--repeats 3]
 """
@@ -14,8 +16,11 @@ import argparse
 import functools
 import mmap
 import os
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -59,6 +64,50 @@ def floor(path: str, threads: int) -> float:
         return time.perf_counter() - start
 
 
+_CHILD = """import sys, types
+for name, folder in (("loompy", {package!r}), ("loompy.engine", {engine!r})):
+    module = types.ModuleType(name); module.__path__ = [folder]; sys.modules[name] = module
+import os
+import numpy as np
+from loompy.engine.child import inflate_band
+sys.stdin.buffer.read()  # the parent closes stdin once the index is written
+index = np.load({index!r})
+arrays = (index["offset"], index["size"], index["mask"])
+fd = os.open({path!r}, os.O_RDONLY)
+into = np.empty((arrays[0].shape[1], *{chunks!r}), dtype={dtype!r})
+for band in range({first}, arrays[0].shape[0], {count}):
+    inflate_band(into, fd, arrays, band, slice(None), {compressed!r}, {fill!r})
+"""
+
+
+def floor_in_processes(path: str, count: int, folder: str) -> float:
+    """Seconds for ``count`` child processes to read and inflate every stored chunk of /matrix (each
+    every ``count``-th chunk row), nothing assembled, as the engine's helper processes work: started
+    before this process lists the chunk index (in the time), loading numpy and the codecs only.
+
+    Where threads hand the GIL over at every inflate call, processes share nothing: on this
+    machine they came nearer to two cores' worth.
+    """
+    with h5py.File(path, "r") as f:
+        dataset = f["matrix"]
+        layout = storage.chunk_layout(dataset)
+        engine = str(Path(storage.__file__).parent)
+        start = time.perf_counter()
+        index_file = os.path.join(folder, "floor-index.npz")
+        children = [subprocess.Popen([sys.executable, "-I", "-c", _CHILD.format(
+            package=str(Path(engine).parent), engine=engine, index=index_file, path=path, chunks=layout.chunks,
+            dtype=layout.dtype.str, compressed=layout.compressed, fill=layout.fill_bytes(), first=k, count=count)],
+            stdin=subprocess.PIPE) for k in range(count)]
+        index = storage.build_index(dataset)
+        np.savez(index_file, offset=index.offset, size=index.size, mask=index.mask)
+        for child in children:
+            child.stdin.close()
+        for child in children:
+            if child.wait() != 0:
+                raise SystemExit(f"a child inflating {path} failed")
+        return time.perf_counter() - start
+
+
 def fresh_pages(nbytes: int, threads: int) -> float:
     """Seconds to get ``nbytes`` of new memory, as a full read's result gets it, and touch every page of
     it on ``threads`` threads: what any whole-matrix read pays on top of the floor, as the kernel maps
@@ -93,9 +142,12 @@ def main() -> None:
     with h5py.File(args.file, "r") as f:
         result_bytes = f["matrix"].size * f["matrix"].dtype.itemsize
     two = f"floor, {workers.THREADS} threads"
+    children = f"floor, {workers.THREADS} processes"
+    folder = tempfile.mkdtemp(prefix="loompy-floor-")
     measures = {
         "floor, 1 thread: read + inflate every chunk": lambda: floor(args.file, 1),
         two: lambda: floor(args.file, workers.THREADS),
+        children: lambda: floor_in_processes(args.file, workers.THREADS, folder),
         f"fresh pages: {result_bytes / 1e9:.1f} GB touched on {workers.THREADS} threads, nothing read":
             lambda: fresh_pages(result_bytes, workers.THREADS),
     }
@@ -111,15 +163,18 @@ def main() -> None:
     # each round measures the floor and then everything else, so that a slow spell of this shared
     # machine weighs on a round's floor as on its operations; the ratio is each round's, then the median
     times: dict[str, list[float]] = {name: [] for name in measures}
-    for _ in range(args.repeats):
-        for name, measure in measures.items():
-            times[name].append(measure())
+    try:
+        for _ in range(args.repeats):
+            for name, measure in measures.items():
+                times[name].append(measure())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     print(f"\n{args.file}: median of {args.repeats} rounds\n")
-    print(f"| what | seconds | x floor ({workers.THREADS} threads) |")
-    print("|---|---:|---:|")
+    print(f"| what | seconds | x floor ({workers.THREADS} threads) | x floor ({workers.THREADS} processes) |")
+    print("|---|---:|---:|---:|")
     for name, seconds in times.items():
-        ratio = statistics.median(t / f for t, f in zip(seconds, times[two]))
-        print(f"| {name} | {statistics.median(seconds):.3f} | {ratio:.2f} |")
+        ratios = [statistics.median(t / f for t, f in zip(seconds, times[base])) for base in (two, children)]
+        print(f"| {name} | {statistics.median(seconds):.3f} | {ratios[0]:.2f} | {ratios[1]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ def test_floor_and_deflate_libraries_run_on_a_small_file(tmp_path):
     assert [r.split("|")[1].strip() for r in rows][-6:] == ["ds[:, :]", "sparse()", "scan rows (512)",
                                                            "scan columns (512)", "map([np.mean, np.std])",
                                                            "map over columns"]
+    assert [r.split("|")[1].strip() for r in rows][2:4] == ["floor, 2 threads", "floor, 2 processes"]
+    assert all(float(r.split("|")[2]) > 0 for r in rows[1:])
     libraries = _run("deflate_libraries.py", str(path), "--chunks", "20")
     assert {"zlib", "libdeflate", "isal"} <= {line.split("|")[1].strip() for line in libraries.splitlines()
                                              if line.startswith("| ")}
