@@ -135,9 +135,10 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
             second = _start_second(sources[""], (n, total), dtypes[""], job)
-            kept = {k: fmt.normalize_global(first.attrs[k], k)
-                    for k in (fmt.carried_globals(first._file) if file_attrs is None or keep_first_attrs else [])
-                    if k not in converted}
+            names = fmt.carried_globals(first._file) if file_attrs is None or keep_first_attrs else []
+            if keep_first_attrs and fmt.CREATION_DATE_KEY in first.attrs:  # (loompy 3's combine copies the first file)
+                names = [fmt.CREATION_DATE_KEY, *names]
+            kept = {k: fmt.normalize_global(first.attrs[k], k) for k in names if k not in converted}
             fmt.init_file(out, {**kept, **globals_})
             for k, v in first.ra.items():
                 fmt.write_values(out[fmt.ROW_ATTRS], k, v, resizable=False, where=f"row attribute '{k}'")
@@ -328,8 +329,9 @@ def combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike, 
             file_attrs: dict[str, Any] | None = None, batch_size: int = 1000, convert_attrs: bool = False) -> None:
     """Combine Loom files column-wise into ``output_file`` (rows aligned by ``key`` when given).
 
-    Global attributes are the first file's, with ``file_attrs`` set over them, as in loompy 3
-    (:func:`combine_faster` takes ``file_attrs`` alone when given). A column attribute not every
+    Global attributes are the first file's, its ``CreationDate`` too, with ``file_attrs`` set over
+    them, as in loompy 3 (:func:`combine_faster` takes ``file_attrs`` alone when given, and dates
+    the new file). A column attribute not every
     file has is left out, with a warning, as loompy 3 leaves it out. ``convert_attrs`` stores a
     column attribute that is text in some files and numbers in others as text; ``batch_size`` is
     accepted for loompy 3 compatibility (memory, not columns, sets batches).

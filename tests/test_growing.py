@@ -534,12 +534,16 @@ def test_combine_keeps_the_first_files_attributes_under_file_attrs(tmp_path):
     for path, description in zip(paths, ("first", "second")):
         with loompy.connect(path) as ds:
             ds.attrs.title, ds.attrs.description = "old", description
+    with h5py.File(paths[0], "r+") as f:  # (a date no new file gets)
+        f["attrs/CreationDate"][()] = b"20171005T094012.123456Z"
     loompy.combine(paths, tmp_path / "c.loom", file_attrs={"title": "combined"})
     with loompy.connect(tmp_path / "c.loom", "r") as ds:
         assert (ds.attrs.title, ds.attrs.description) == ("combined", "first")
+        assert ds.attrs.CreationDate == "20171005T094012.123456Z"  # (loompy 3 copies the first file)
     loompy.combine_faster(paths, tmp_path / "f.loom", file_attrs={"title": "combined"})
     with loompy.connect(tmp_path / "f.loom", "r") as ds:
         assert ds.attrs.title == "combined" and "description" not in ds.attrs
+X
 
 
 def test_combine_output_reads_zero_where_chunks_are_never_written(tmp_path):
