@@ -25,12 +25,19 @@ BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an appen
 ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
 ADDED_ROWS = "added_rows"  # its HDF5 attribute: names of the row attributes the append created
 FIRST = "first_columns"  # its HDF5 attribute: the append gives an empty file (new()) its first columns
+OURS = "kept_by_loompy"  # its HDF5 attribute: the group is loompy's (a user's group of that name is left alone)
 
 
 def pending_append(f: h5py.File) -> int | None:
     """The column count to roll back to, if an append was interrupted."""
     value = f.attrs.get(fmt.APPEND_JOURNAL)
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise LoomFileError(f"{f.filename}: the root attribute '{fmt.APPEND_JOURNAL}' ({value!r}) is not the "
+                            "column count loompy's append journal keeps; nothing was changed") from None
 
 
 def recover(f: h5py.File) -> int | None:
@@ -39,7 +46,7 @@ def recover(f: h5py.File) -> int | None:
     In read-only mode nothing is written; the caller presents the committed width instead.
     """
     width = pending_append(f)
-    if width is None and writable(f) and BEFORE_APPEND in f:  # what a finished append kept aside
+    if width is None and writable(f) and _ours(f):  # what a finished append kept aside
         del f[BEFORE_APPEND]
         f.flush()
     if width is None or not writable(f):
@@ -98,9 +105,13 @@ def _empty_again(f: h5py.File) -> None:
 
 
 def begin(f: h5py.File, width: int, first: bool = False) -> None:
-    """Start a journalled append to a file of ``width`` columns (``first``: an empty one)."""
+    """Start a journalled append to a file of ``width`` columns (``first``: an empty one); refused,
+    with nothing written, where a user's group has the name of the one it keeps things aside in."""
+    if BEFORE_APPEND in f and not _ours(f):
+        raise LoomFileError(f"{f.filename}: the file has a '/{BEFORE_APPEND}' of its own, where an append keeps "
+                            "what it replaces until it is done; rename that group to append; nothing was changed")
     if first:
-        f.require_group(BEFORE_APPEND).attrs[FIRST] = True
+        _kept(f).attrs[FIRST] = True
     f.attrs[fmt.APPEND_JOURNAL] = width
     f.flush()
 
@@ -109,7 +120,7 @@ def set_aside(group: h5py.Group, name: str) -> None:
     """Take a column attribute out of the file as part of an append (to rewrite or drop it): kept
     aside until the append is done, so that a rollback puts it back; the first batch's move is
     the one kept (a later batch's is its own rewrite, deleted)."""
-    kept = group.file.require_group(BEFORE_APPEND)
+    kept = _kept(group.file)
     if name in kept:
         if name in group:
             del group[name]
@@ -120,7 +131,7 @@ def set_aside(group: h5py.Group, name: str) -> None:
 def note_created(f: h5py.File, key: str, names: list[str]) -> None:
     """Note, before writing them, the attributes an append creates (``key``: ADDED for column
     attributes, ADDED_ROWS for row attributes), so that a rollback removes them."""
-    kept = f.require_group(BEFORE_APPEND)
+    kept = _kept(f)
     noted = list(kept.attrs.get(key, []))
     if any(name not in noted for name in names):
         kept.attrs[key] = [*noted, *(name for name in names if name not in noted)]
@@ -131,8 +142,23 @@ def commit(f: h5py.File) -> None:
     """End a journalled append: drop the journal (the append is then done), then what it kept aside."""
     del f.attrs[fmt.APPEND_JOURNAL]
     f.flush()
-    if BEFORE_APPEND in f:  # a kill right here leaves it behind: recover() drops it
+    if _ours(f):  # a kill right here leaves it behind: recover() drops it
         del f[BEFORE_APPEND]
+
+
+def _kept(f: h5py.File) -> h5py.Group:
+    """The group an append keeps things aside in, made (and marked as loompy's) if need be."""
+    group = f.require_group(BEFORE_APPEND)
+    if not group.attrs.get(OURS):
+        group.attrs[OURS] = True
+    return group
+
+
+def _ours(f: h5py.File) -> bool:
+    """Whether the file holds a group an append kept things aside in: one a user made under that
+    name (without loompy's mark) is theirs, never deleted."""
+    group = fmt.get_group(f, BEFORE_APPEND)
+    return group is not None and bool(group.attrs.get(OURS))
 
 
 def refuse_if_pending_read_only(f: h5py.File, filename: str, seen_whole: bool = True) -> None:

@@ -299,6 +299,47 @@ def test_a_writer_killed_after_its_commit_leaves_nothing_behind(tmp_path, monkey
         assert journal.BEFORE_APPEND not in ds._file
 
 
+def _dump(path) -> dict:
+    """Every dataset's dtype, shape and values, and every HDF5 attribute, of the file at ``path``."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            attrs = {k: np.asarray(v).tolist() for k, v in obj.attrs.items()}
+            out[name] = (attrs, obj.dtype.str, obj.shape, np.asarray(obj[()]).tolist()) \
+                if isinstance(obj, h5py.Dataset) else (attrs,)
+        f.visititems(visit)
+        out["/"] = ({k: np.asarray(v).tolist() for k, v in f.attrs.items()},)
+    return out
+
+
+def test_a_users_group_named_as_the_append_keeps_things_aside_is_never_touched(tmp_path):
+    """A root group '/loompy_before_append' that loompy did not make was deleted by any r+ open (taken
+    for what a finished append left behind). It is the user's: kept, and an append is refused."""
+    path = make(tmp_path / "a.loom", np.ones((5, 2), np.float32))
+    with h5py.File(path, "r+") as f:
+        f.create_group("loompy_before_append")["mine"] = np.arange(10)
+    before = _dump(path)
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomFileError, match="a.loom.*loompy_before_append.*rename"):
+            ds.add_columns({k: np.ones((5, 1), np.float32) for k in ds.layers.keys()},
+                           {k: ds.ca[k][:1] for k in ds.ca.keys()})
+        assert ds.shape == (5, 2)
+    assert _dump(path) == before
+    with h5py.File(path, "r") as f:
+        assert f["loompy_before_append/mine"][:].tolist() == list(range(10))
+
+
+def test_a_journal_that_is_not_a_column_count_is_an_error_naming_it(tmp_path):
+    path = make(tmp_path / "a.loom", np.ones((5, 2), np.float32))
+    with h5py.File(path, "r+") as f:
+        f.attrs[loompy.format.APPEND_JOURNAL] = "junk"
+    before = _dump(path)
+    for mode in ("r+", "r"):
+        with pytest.raises(loompy.LoomFileError, match="a.loom.*loompy_append_from_columns.*'junk'"):
+            loompy.connect(path, mode)
+    assert _dump(path) == before
+
+
 @pytest.mark.parametrize("at", ["begin", "commit"])
 def test_ctrl_c_as_an_append_starts_or_commits_leaves_file_and_connection_agreeing(tmp_path, monkeypatch, at):
     """Interrupted while its journal is written (begin) the append is undone; interrupted as it is
