@@ -232,7 +232,9 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
                 converted = converted if whole is None else whole.reshape(arr.shape)
             arr = converted
             if arr.dtype.kind == "O":
-                raise LoomValueError(f"{where}: cannot store values of mixed or unknown types")
+                kinds = sorted({type(x).__qualname__ for x in items})
+                raise LoomValueError(f"{where}: cannot store values of type {', '.join(kinds[:4])}: a Loom file "
+                                     "holds numbers, text and booleans (str() them to store them as text)")
     if arr.dtype.kind in "US":
         arr = given_text(arr, where)
     if _string_fields(arr.dtype):

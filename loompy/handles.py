@@ -471,7 +471,8 @@ def check_writable(file: h5py.File | None, what: str) -> None:
     if file is not None and not file:
         raise LoomFileError(f"cannot write {what}: {why_closed(file)}")
     if file is not None and not writable(file):
-        raise LoomReadOnlyError(f"cannot write {what}: {file.filename} is open read-only (mode 'r')")
+        what = what.removeprefix(f"{file.filename}: ")  # (named once)
+        raise LoomReadOnlyError(f"{file.filename}: cannot write {what}: the file is open read-only (mode 'r')")
     if file is not None and forks.inherited(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} was open for writing in the process this one "
                             "was forked from, and HDF5's state of the file here is a copy of that process's: writing "

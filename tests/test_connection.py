@@ -578,8 +578,9 @@ def test_a_read_only_connection_to_a_file_open_for_writing_stays_read_only(small
             assert reader.mode == "r" and writer.mode == "r+"
             for write in (lambda: reader.__setitem__((0, 0), 5), lambda: reader.ca.__setitem__("X", np.ones(8)),
                           lambda: reader.layers[""].__setitem__((0, 0), 5), lambda: reader.attrs.__setitem__("t", "x")):
-                with pytest.raises(loompy.LoomFileError, match="read-only"):
+                with pytest.raises(loompy.LoomFileError, match="read-only") as refused:
                     write()
+                assert str(refused.value).count(str(path)) == 1, refused.value  # (the file named once)
             np.testing.assert_array_equal(reader[:, :], m)
 
 
@@ -1544,6 +1545,23 @@ def test_long_double_attributes_are_refused_and_row_attribute_names_are_labelled
         with pytest.raises(loompy.LoomValueError, match="small.loom: row attribute: name 'a/b' is invalid"):
             ds.add_columns(np.ones((5, 1), np.float32), {"CellID": ["n"], "Age": [1], "Keep": [True]},
                            row_attrs={"a/b": np.arange(5)})
+    assert digest(path) == before
+
+
+def test_values_of_a_type_no_loom_file_holds_are_refused_naming_the_type(small):
+    """Dates (which loompy 3 stored as their text) and generators were refused as "values of mixed
+    or unknown types", which they are not: the message names the type and what to do."""
+    import datetime
+
+    path, *_ = small
+    before = digest(path)
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomValueError, match="column attribute 'When'.*of type datetime: .*str()"):
+            ds.ca.When = [datetime.datetime(2020, 1, k + 1) for k in range(8)]
+        with pytest.raises(loompy.LoomValueError, match="row attribute 'G'.*of type generator"):
+            ds.ra.G = (k for k in range(5))
+        with pytest.raises(loompy.LoomValueError, match="of type int, object, str"):
+            ds.ca.Mixed = [1, "a", object(), 1, 1, 1, 1, 1]
     assert digest(path) == before
 
 
