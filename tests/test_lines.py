@@ -298,7 +298,7 @@ def test_a_selection_is_taken_in_its_order_with_its_repeats(tmp_path, children, 
     selection = [30, 2, 2, 17, 150, 149]
     lines = [(m[k] if axis == 0 else m[:, k])[selection] for k in range(m.shape[axis])]
     first = lambda x: float(x[0])  # noqa: E731
-    monkeypatch.setattr(importlib.import_module("loompy.engine.picks"), "FEW_LINES", 10 ** 9)  # (batches: threads)
+    monkeypatch.setattr(importlib.import_module("loompy.engine.picks"), "MOST_PICKED", 0)  # (batches: threads)
     for where in ("helpers", "threads"):
         with loompy.connect(path, "r") as ds:
             total, std = ds.map([np.sum, np.std], axis=axis, selection=selection)

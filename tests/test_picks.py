@@ -127,7 +127,7 @@ def test_column_parts_hold_about_part_columns_columns(tmp_path, children, monkey
     path = tmp_path / "m.loom"
     m = _matrix(path, SHAPE, np.float32)
     monkeypatch.setattr(picks, "PART_COLUMNS", 3)
-    monkeypatch.setattr(picks, "PART_CHUNKS", 1)
+    monkeypatch.setattr(picks, "MIN_PART_CHUNKS", 1)
     plans = _spied_plans(monkeypatch)
     cols = np.arange(5, 650, 64)
     with loompy.connect(path, "r") as ds:
@@ -139,7 +139,7 @@ def test_column_parts_hold_about_part_columns_columns(tmp_path, children, monkey
 def test_the_parts_of_a_child_that_dies_are_read_here(tmp_path, children, monkeypatch):
     path = tmp_path / "m.loom"
     m = _matrix(path, (1300, 650), np.float32)  # 21 bands holding rows, one a part
-    monkeypatch.setattr(picks, "PART_CHUNKS", 1)
+    monkeypatch.setattr(picks, "MIN_PART_CHUNKS", 1)
     dying = ("import os, time\nfrom loompy.engine import picks\npick = picks.LinePicker.pick\n"
              "picks.LinePicker.pick = lambda self, part: (time.sleep(0.5), os._exit(5)) if part in (3, 11) "
              "else pick(self, part)\n")
@@ -204,3 +204,41 @@ def test_a_plan_crosses_to_a_child_unchanged(axis):
         assert back.needed.tolist() == [0, 1, 3] and back.bands.tolist() == [0, 6]
         assert back.bands_per_part == 64 and back.part_lines(0) == range(2)
         np.testing.assert_array_equal(back.index[0], plan.offset.T)
+
+
+def test_an_interrupt_between_two_starts_ends_the_child_started(monkeypatch):
+    """A Ctrl-C as the second helper started left the first waiting on its stdin for as long as
+    this process ran (and more with each interrupt): now every child started is ended."""
+    import subprocess
+
+    started, real = [], subprocess.Popen
+
+    def popen(*args, **kwargs):
+        if started:
+            raise KeyboardInterrupt
+        started.append(real(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(processes, "MIN_CHUNKS", 0)
+    monkeypatch.setattr(processes.subprocess, "Popen", popen)
+    if not processes._can_start_children():
+        pytest.skip("no helper processes here")
+    with pytest.raises(KeyboardInterrupt):
+        processes.PickJob(1)
+    assert len(started) == 1 and started[0].returncode is not None  # (ended, not left waiting)
+    assert started[0].stdin.closed and started[0].stdout.closed
+
+
+def test_an_interrupt_as_one_child_is_ended_still_ends_the_others(monkeypatch):
+    monkeypatch.setattr(processes, "MIN_CHUNKS", 0)
+    if not processes._can_start_children():
+        pytest.skip("no helper processes here")
+    job = processes.PickJob(1)
+    children = list(job.children)
+    assert len(children) == 2
+    kill = children[0].kill
+    monkeypatch.setattr(children[0], "kill", lambda: (kill(), (_ for _ in ()).throw(KeyboardInterrupt)))
+    with pytest.raises(KeyboardInterrupt):
+        job.close()
+    children[0].wait()
+    assert children[1].returncode is not None and job.children == [] and job.shared is None

@@ -16,14 +16,12 @@ The children run this module (see :mod:`.child`): it imports numpy and :mod:`.co
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import codecs
-from .child import inflate_band, joined_columns, pack_plan, unpack_plan
+from .child import BandedPlan, inflate_band, placed, unpack_plan
 
 CACHE_BYTES = 1 << 20  # rows reduced together: numpy's passes over them stay in the CPU's cache
 SLAB_BYTES = CACHE_BYTES // 2  # rows joined at once in helper processes (with numpy's temporary, in the cache)
@@ -81,47 +79,20 @@ def numpy_name(f: Callable) -> str | None:
 
 
 @dataclass
-class LinePlan:
-    """Everything needed to reduce every row (``axis`` 0) or column (1) of a matrix: its chunks, the
-    positions on the other axis each line is taken at, and the functions (numpy's, by name) with
-    the dtypes their values are returned in."""
+class LinePlan(BandedPlan):
+    """Everything needed to reduce every row (``axis`` 0) or column (1) of a matrix, each taken at
+    ``others`` (repeats allowed): the functions (numpy's, by name) with the dtypes their values are
+    returned in."""
 
     KIND = "lines"  # (see .child.plan_class)
 
-    chunks: tuple[int, int]
-    shape: tuple[int, int]
-    axis: int
-    dtype: str
-    compressed: bool
-    source_fill: float | int  # what chunks never written hold
     functions: list[str]
     result_dtypes: list[str]
-    others: np.ndarray  # each line's positions on the other axis, in order (repeats allowed)
-    offset: np.ndarray  # the chunk index, by (chunk row, chunk column); offset -1: never written
-    size: np.ndarray
-    mask: np.ndarray
     bands_per_part: int = 0  # 0: as many as hold PART_CHUNKS chunks (decided here, sent to the children)
 
     def __post_init__(self) -> None:
         if not self.bands_per_part:
             self.bands_per_part = max(1, PART_CHUNKS // max(1, self.needed.size))
-
-    @property
-    def index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The chunk index by (band, chunk across it)."""
-        arrays = (self.offset, self.size, self.mask)
-        return arrays if self.axis == 0 else tuple(a.T for a in arrays)
-
-    @property
-    def depth(self) -> int:
-        """Lines in a band."""
-        return self.chunks[self.axis]
-
-    @functools.cached_property
-    def needed(self) -> np.ndarray:
-        """The chunks across a band that hold ``others``."""
-        return np.unique(self.others // self.chunks[1 - self.axis])
-
 
     @property
     def bands(self) -> int:
@@ -141,11 +112,6 @@ class LinePlan:
         bands = self.part_bands(number)
         return range(bands.start * self.depth, min(bands.stop * self.depth, self.shape[self.axis]))
 
-    @functools.cached_property
-    def fill(self) -> bytes:
-        """The raw bytes of a chunk never written."""
-        return codecs.fill_bytes(self.chunks, self.source_fill, self.dtype)
-
     def worker(self, fd: int) -> LineReducer:
         return LineReducer(self, fd)
 
@@ -158,10 +124,7 @@ class LinePlan:
         return [np.frombuffer(read(lines * np.dtype(d).itemsize), dtype=d) for d in self.result_dtypes]
 
     def to_bytes(self) -> bytes:
-        header = {k: getattr(self, k) for k in ("chunks", "shape", "axis", "dtype", "compressed", "functions",
-                                                "result_dtypes", "bands_per_part")}
-        header.update(source_fill=np.asarray(self.source_fill).item())
-        return pack_plan(header, (self.offset, self.size, self.mask), self.others)
+        return self.packed(("functions", "result_dtypes", "bands_per_part"), self.others)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LinePlan:
@@ -191,13 +154,9 @@ class LineReducer:
         self.step = max(1, SLAB_BYTES // (needed.size * across * dtype.itemsize))
         self.slab = np.empty((plan.depth if self.whole else min(self.step, plan.depth), needed.size * across),
                              dtype=dtype)
-        first, others = int(needed[0]) * across, plan.others
-        if np.array_equal(others, np.arange(others[0], others[0] + others.size)):  # a run: a view of the joined chunks
-            self.run: slice | None = slice(int(others[0]) - first, int(others[-1]) + 1 - first)
-        else:  # their places in the joined chunks
-            self.run = None
-            self.local = joined_columns(others, needed, plan.index[0].shape[1], across)
-            self.gathered = np.empty((self.slab.shape[0], others.size), dtype=dtype)
+        self.run, self.local = placed(plan)  # (where the lines' positions are in the joined chunks)
+        if self.run is None:
+            self.gathered = np.empty((self.slab.shape[0], plan.others.size), dtype=dtype)
 
     def reduce(self, part: int) -> list[np.ndarray]:
         """Each function's values for the lines of part ``part``, in its result dtype."""

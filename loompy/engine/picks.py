@@ -19,13 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import codecs
-from .child import inflate_band, joined_columns, pack_plan, unpack_plan
+from .child import BandedPlan, inflate_band, placed, unpack_plan
 
-PART_CHUNKS = 64  # a part is as many bands holding wanted lines as hold at least this many needed chunks
+MIN_PART_CHUNKS = 64  # a part is as many bands holding wanted lines as hold at least this many needed chunks
 PART_COLUMNS = 64  # and, for columns, about this many wanted ones (placed in the result's rows a part at a
 # time: a few columns at a time took 0.48 s of 2,000 random columns' 1.2 s)
-FEW_LINES = 4  # lines are picked in children when at most 1/FEW_LINES of their bands' lines are wanted
+MOST_PICKED = 0.25  # lines are picked in children when at most this share of their bands' lines is wanted
 # (rows of 20,000 x 20,000 float32, a fraction of them at random: 1/64 took 0.49 s in children
 # against 0.77-0.80 on threads, 1/4 1.0 s against 1.5, 1/2 2.3-2.6 s against 1.3-1.7)
 
@@ -34,56 +33,34 @@ def worth_picking(lines: np.ndarray, depth: int) -> bool:
     """Whether ``lines`` (rows or columns: sorted, unique) are few in the bands (chunk rows or
     columns, ``depth`` lines each) that hold them, so that most of what is inflated would be thrown
     away: then children pay off, as only the wanted values cross back."""
-    return lines.size * FEW_LINES <= np.unique(lines // depth).size * depth
+    return lines.size <= MOST_PICKED * np.unique(lines // depth).size * depth
 
 
 @dataclass
-class PickPlan:
+class PickPlan(BandedPlan):
     """Everything needed to read rows (``axis`` 0) or columns (1) ``lines`` at positions ``others``
-    on the other axis (both sorted, unique) of a matrix: its chunks and their index. A part is one
-    or more bands (chunk rows or columns) holding wanted lines; its result is those lines, in order,
-    each with its values at ``others``."""
+    on the other axis (both sorted, unique) of a matrix. A part is one or more bands (chunk rows or
+    columns) holding wanted lines; its result is its share of the result, rows by columns."""
 
     KIND = "picks"  # (see .child.plan_class)
 
-    chunks: tuple[int, int]
-    shape: tuple[int, int]
-    axis: int
-    dtype: str
-    compressed: bool
-    source_fill: float | int  # what chunks never written hold
     lines: np.ndarray
-    others: np.ndarray
-    offset: np.ndarray  # the chunk index, by (chunk row, chunk column); offset -1: never written
-    size: np.ndarray
-    mask: np.ndarray
-    bands_per_part: int = 0  # 0: enough to hold PART_CHUNKS needed chunks (decided here, sent to the children)
+    bands_per_part: int = 0  # 0: see __post_init__ (decided here, sent to the children)
 
     def __post_init__(self) -> None:
         if not self.bands_per_part:
             by_lines = -(-PART_COLUMNS * self.bands.size // self.lines.size) if self.axis == 1 else 1
-            self.bands_per_part = max(1, -(-PART_CHUNKS // max(1, self.needed.size)), by_lines)
-
-    @property
-    def index(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The chunk index by (band, chunk across it)."""
-        arrays = (self.offset, self.size, self.mask)
-        return arrays if self.axis == 0 else tuple(a.T for a in arrays)
-
-    @functools.cached_property
-    def needed(self) -> np.ndarray:
-        """The chunks across a band that hold ``others``."""
-        return np.unique(self.others // self.chunks[1 - self.axis])
+            self.bands_per_part = max(1, -(-MIN_PART_CHUNKS // max(1, self.needed.size)), by_lines)
 
     @functools.cached_property
     def bands(self) -> np.ndarray:
         """The bands that hold ``lines``."""
-        return np.unique(self.lines // self.chunks[self.axis])
+        return np.unique(self.lines // self.depth)
 
     @functools.cached_property
     def band_starts(self) -> np.ndarray:
         """Where each of ``bands`` begins in ``lines`` (and, last, the number of lines)."""
-        return np.searchsorted(self.lines, np.append(self.bands, self.bands[-1] + 1) * self.chunks[self.axis])
+        return np.searchsorted(self.lines, np.append(self.bands, self.bands[-1] + 1) * self.depth)
 
     @property
     def parts(self) -> int:
@@ -94,11 +71,6 @@ class PickPlan:
         first = number * self.bands_per_part
         stop = min(first + self.bands_per_part, self.bands.size)
         return range(int(self.band_starts[first]), int(self.band_starts[stop]))
-
-    @functools.cached_property
-    def fill(self) -> bytes:
-        """The raw bytes of a chunk never written."""
-        return codecs.fill_bytes(self.chunks, self.source_fill, self.dtype)
 
     def worker(self, fd: int) -> LinePicker:
         return LinePicker(self, fd)
@@ -114,9 +86,11 @@ class PickPlan:
         return block.reshape((lines, width) if self.axis == 0 else (width, lines))
 
     def to_bytes(self) -> bytes:
-        header = {k: getattr(self, k) for k in ("chunks", "shape", "axis", "dtype", "compressed", "bands_per_part")}
-        header.update(source_fill=np.asarray(self.source_fill).item(), line_count=int(self.lines.size))
-        return pack_plan(header, (self.offset, self.size, self.mask), np.concatenate([self.lines, self.others]))
+        return self.packed(("bands_per_part", "line_count"), np.concatenate([self.lines, self.others]))
+
+    @property
+    def line_count(self) -> int:
+        return int(self.lines.size)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PickPlan:
@@ -132,21 +106,13 @@ class LinePicker:
 
     def __init__(self, plan: PickPlan, fd: int):
         self.plan, self.fd = plan, fd
-        h, w = plan.chunks
-        self.inflated = np.empty((plan.needed.size, h, w), dtype=np.dtype(plan.dtype))  # a band's chunks
-        across, others = plan.chunks[1 - plan.axis], plan.others
-        first = int(plan.needed[0]) * across
-        if others[-1] - others[0] + 1 == others.size:  # a run: a slice of the joined chunks
-            self.run: slice | None = slice(int(others[0]) - first, int(others[-1]) + 1 - first)
-        else:  # their places in the joined chunks
-            self.run = None
-            self.local = joined_columns(others, plan.needed, plan.index[0].shape[1], across)
+        self.inflated = np.empty((plan.needed.size, *plan.chunks), dtype=np.dtype(plan.dtype))  # a band's chunks
+        self.run, self.local = placed(plan)  # (where the ``others`` are in the joined chunks)
 
     def pick(self, part: int) -> np.ndarray:
         """Part ``part``'s share of the result, rows by columns, C-ordered: its lines at the plan's
         ``others`` (columns: copied to rows by columns here, where it costs no time of the parent's)."""
         plan = self.plan
-        depth = plan.chunks[plan.axis]
         lines = plan.part_lines(part)
         block = np.empty((len(lines), plan.others.size), dtype=self.inflated.dtype)
         first_band = part * plan.bands_per_part
@@ -154,7 +120,7 @@ class LinePicker:
             band = int(plan.bands[k])
             a, b = int(plan.band_starts[k]), int(plan.band_starts[k + 1])
             inflate_band(self.inflated, self.fd, plan.index, band, plan.needed, plan.compressed, plan.fill)
-            local = plan.lines[a:b] - band * depth
+            local = plan.lines[a:b] - band * plan.depth
             if plan.axis == 0:  # the rows, each across the band's chunks side by side
                 joined = self.inflated[:, local, :].transpose(1, 0, 2).reshape(b - a, -1)
             else:  # the columns, each down the band's chunks one under another

@@ -1,5 +1,6 @@
 """Jobs in child processes: bands re-encoded (:mod:`.bands`; stored here as they come), lines
-reduced (:mod:`.lines`) or lines picked (:mod:`.picks`).
+reduced (:mod:`.lines`) or lines picked (:mod:`.picks`). Their frames come through pipes widened
+to 1 MB where the system allows.
 
 The children are fresh interpreters (``sys.executable``, when it is a Python) that load
 :mod:`.child`, the plans and :mod:`.codecs` from this package's folder without running
@@ -37,7 +38,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import codecs
-from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH_PREFIX, check_locks, fcntl
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not on Windows, where no child is started
+    fcntl = None
+from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH_PREFIX, check_locks
 from .workers import QUEUED_TASKS, THREADS, run_in_order
 
 if TYPE_CHECKING:  # (the plans are only named here; the children load them)
@@ -122,6 +128,9 @@ class ChildJob:
                 _widen(self.children[-1].stdout.fileno())
         except (OSError, ValueError):  # no children here: threads do it all
             self.close()
+        except BaseException:  # (Ctrl-C between two starts: the first child would wait on its stdin for good)
+            self.close()
+            raise
 
     def begin(self, plan: BandPlan | LinePlan | PickPlan, fd: int, path: str, file_id: tuple[int, int]) -> None:
         """Work ``plan``'s parts, reading the source through ``fd`` here and by ``path`` (which must
@@ -218,10 +227,15 @@ class ChildJob:
                 if not stream.closed:
                     stream.close()
 
-    def close(self) -> None:
-        """End every child still running (none is needed once its parts are handled) and forget them."""
-        for k in range(len(self.children)):
-            self._end(k)
+    def close(self, first: int = 0) -> None:
+        """End every child still running from the ``first`` on (none is needed once its parts are
+        handled) and forget them; an interrupt while one is ended still ends the others."""
+        if first < len(self.children):
+            try:
+                self._end(first)
+            finally:
+                self.close(first + 1)
+            return
         self.children = []
         if self.shared is not None:
             self.shared.close()
@@ -232,8 +246,9 @@ PIPE_BYTES = 1 << 20  # a child's pipe holds this much (Linux's default most; it
 
 
 def _widen(fd: int) -> None:
-    """Let the pipe ``fd`` hold ``PIPE_BYTES``, where the system allows: a quarter of the rows of
-    20,000 x 20,000 float32 (400 MB picked) took 1.5 s through 64 KB pipes, 1.0 s through 1 MB ones."""
+    """Let the pipe ``fd`` (a child's output, in any job) hold ``PIPE_BYTES``, where the system allows:
+    a quarter of the rows of 20,000 x 20,000 float32 (400 MB picked) took 1.5 s through 64 KB pipes,
+    1.0 s through 1 MB ones."""
     try:
         fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     except (AttributeError, OSError):  # (not Linux, or a lower limit: the pipe stays as it was)

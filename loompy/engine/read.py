@@ -163,16 +163,15 @@ def _picked_in_children(dataset: h5py.Dataset, layout: ChunkLayout, rows: np.nda
                         out: np.ndarray) -> bool:
     """Read ``dataset[np.ix_(rows, cols)]`` into ``out`` in the engine's helper processes (:mod:`.picks`)
     when the rows are a few of each of many chunk rows, or the columns of chunk columns; False, with
-    nothing read, where that does not pay (few chunks, wide bands, called from a worker) or
-    children cannot start."""
+    nothing read, where that does not pay (fewer than ``MIN_CHUNKS`` chunks; called from a worker),
+    where a band's needed chunks would take over ``STRIP_BYTES`` inflated, or children cannot start."""
     if on_worker() or not readable_directly(dataset):
         return False
-    axis = 0 if worth_picking(rows, layout.chunks[0]) else 1 if worth_picking(cols, layout.chunks[1]) else None
-    if axis is None:
-        return False
-    lines, others = (rows, cols) if axis == 0 else (cols, rows)
-    needed = np.unique(others // layout.chunks[1 - axis]).size
-    if layout.nbytes * needed > STRIP_BYTES:  # a band's needed chunks are held inflated
+    for axis, (lines, others) in enumerate(((rows, cols), (cols, rows))):
+        needed = np.unique(others // layout.chunks[1 - axis]).size
+        if worth_picking(lines, layout.chunks[axis]) and layout.nbytes * needed <= STRIP_BYTES:
+            break
+    else:
         return False
     # (children start before the chunks are listed: they load numpy meanwhile)
     with PickJob(np.unique(lines // layout.chunks[axis]).size * needed) as job:
