@@ -77,6 +77,24 @@ def held_in_another_thread(context):
         holder.join()
 
 
+def helpers_dying_in(monkeypatch, module: str, worker: str, method: str, parts: tuple[int, ...]) -> list[int]:
+    """Make the engine's helper processes die (exit status 5, half a second in) as they start on
+    ``parts`` in ``loompy.engine.<module>.<worker>.<method>(self, part)``; returns the parts this
+    process then works itself, as they are worked."""
+    processes = importlib.import_module("loompy.engine.processes")
+    dying = (f"import os, time\nfrom loompy.engine import {module}\nreal = {module}.{worker}.{method}\n"
+             f"{module}.{worker}.{method} = lambda self, part: (time.sleep(0.5), os._exit(5)) if part in {parts!r} "
+             "else real(self, part)\n")
+    boot = processes._BOOT.replace("from loompy.engine.child import child_main\n",
+                                   dying + "from loompy.engine.child import child_main\n")
+    assert boot != processes._BOOT
+    monkeypatch.setattr(processes, "_BOOT", boot)
+    here, cls = [], getattr(importlib.import_module(f"loompy.engine.{module}"), worker)
+    real = getattr(cls, method)
+    monkeypatch.setattr(cls, method, lambda self, part: here.append(part) or real(self, part))
+    return here
+
+
 class Helpers(list):
     """The helper processes started; ``left``: how many parts of their jobs this process's threads
     did instead (0 when the helpers did everything)."""

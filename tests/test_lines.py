@@ -17,6 +17,8 @@ import pytest
 import loompy
 from loompy.engine import codecs
 
+from .conftest import helpers_dying_in
+
 processes = importlib.import_module("loompy.engine.processes")
 lines_module = importlib.import_module("loompy.engine.lines")
 read_module = importlib.import_module("loompy.engine.read")
@@ -109,15 +111,7 @@ def test_narrow_matrices_go_several_bands_to_a_part(tmp_path, children, monkeypa
 def test_the_rows_of_a_child_that_dies_are_reduced_here(tmp_path, children, monkeypatch):
     path = tmp_path / "m.loom"
     m = _matrix(path, (1000, 4200), np.float32)  # 16 bands, one a part
-    dying = ("import os, time\nfrom loompy.engine import lines\nreduce = lines.LineReducer.reduce\n"
-             "lines.LineReducer.reduce = lambda self, part: (time.sleep(0.5), os._exit(5)) if part in (3, 11) "
-             "else reduce(self, part)\n")
-    boot = processes._BOOT.replace("from loompy.engine.child import child_main\n",
-                                   dying + "from loompy.engine.child import child_main\n")
-    assert boot != processes._BOOT
-    monkeypatch.setattr(processes, "_BOOT", boot)
-    here, reduce = [], lines_module.LineReducer.reduce  # (parts reduced in this process)
-    monkeypatch.setattr(lines_module.LineReducer, "reduce", lambda self, part: here.append(part) or reduce(self, part))
+    here = helpers_dying_in(monkeypatch, "lines", "LineReducer", "reduce", (3, 11))  # (parts reduced here)
     with loompy.connect(path, "r") as ds:
         mean, std = ds.map([np.mean, np.std], axis=0)
     # one died on part 3, the other on 11 (each once its frames were out)

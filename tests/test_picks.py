@@ -12,6 +12,8 @@ import pytest
 
 import loompy
 
+from .conftest import helpers_dying_in
+
 processes = importlib.import_module("loompy.engine.processes")
 picks = importlib.import_module("loompy.engine.picks")
 read_module = importlib.import_module("loompy.engine.read")
@@ -140,15 +142,7 @@ def test_the_parts_of_a_child_that_dies_are_read_here(tmp_path, children, monkey
     path = tmp_path / "m.loom"
     m = _matrix(path, (1300, 650), np.float32)  # 21 bands holding rows, one a part
     monkeypatch.setattr(picks, "MIN_PART_CHUNKS", 1)
-    dying = ("import os, time\nfrom loompy.engine import picks\npick = picks.LinePicker.pick\n"
-             "picks.LinePicker.pick = lambda self, part: (time.sleep(0.5), os._exit(5)) if part in (3, 11) "
-             "else pick(self, part)\n")
-    boot = processes._BOOT.replace("from loompy.engine.child import child_main\n",
-                                   dying + "from loompy.engine.child import child_main\n")
-    assert boot != processes._BOOT
-    monkeypatch.setattr(processes, "_BOOT", boot)
-    here, pick = [], picks.LinePicker.pick  # (parts picked in this process)
-    monkeypatch.setattr(picks.LinePicker, "pick", lambda self, part: here.append(part) or pick(self, part))
+    here = helpers_dying_in(monkeypatch, "picks", "LinePicker", "pick", (3, 11))  # (parts picked here)
     rows = np.arange(2, 1300, 64)
     with loompy.connect(path, "r") as ds:
         got = ds[rows, :]
