@@ -65,18 +65,21 @@ def floor(path: str, threads: int) -> float:
 
 
 _CHILD = """import sys, types
+sys.path[:] = {path_list!r}
 for name, folder in (("loompy", {package!r}), ("loompy.engine", {engine!r})):
     module = types.ModuleType(name); module.__path__ = [folder]; sys.modules[name] = module
 import os
 import numpy as np
 from loompy.engine.child import inflate_band
+from loompy.engine.codecs import fill_bytes
 sys.stdin.buffer.read()  # the parent closes stdin once the index is written
 index = np.load({index!r})
 arrays = (index["offset"], index["size"], index["mask"])
 fd = os.open({path!r}, os.O_RDONLY)
 into = np.empty((arrays[0].shape[1], *{chunks!r}), dtype={dtype!r})
+fill = fill_bytes({chunks!r}, {fill!r}, {dtype!r})
 for band in range({first}, arrays[0].shape[0], {count}):
-    inflate_band(into, fd, arrays, band, slice(None), {compressed!r}, {fill!r})
+    inflate_band(into, fd, arrays, band, slice(None), {compressed!r}, fill)
 """
 
 
@@ -95,8 +98,9 @@ def floor_in_processes(path: str, count: int, folder: str) -> float:
         start = time.perf_counter()
         index_file = os.path.join(folder, "floor-index.npz")
         children = [subprocess.Popen([sys.executable, "-I", "-c", _CHILD.format(
-            package=str(Path(engine).parent), engine=engine, index=index_file, path=path, chunks=layout.chunks,
-            dtype=layout.dtype.str, compressed=layout.compressed, fill=layout.fill_bytes(), first=k, count=count)],
+            path_list=[p for p in sys.path if p], package=str(Path(engine).parent), engine=engine,
+            index=index_file, path=path, chunks=layout.chunks, dtype=layout.dtype.str, compressed=layout.compressed,
+            fill=np.asarray(layout.fill).item(), first=k, count=count)],
             stdin=subprocess.PIPE) for k in range(count)]
         index = storage.build_index(dataset)
         np.savez(index_file, offset=index.offset, size=index.size, mask=index.mask)

@@ -233,8 +233,9 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
             arr = converted
             if arr.dtype.kind == "O":
                 kinds = sorted({type(x).__qualname__ for x in items})
-                raise LoomValueError(f"{where}: cannot store values of type {', '.join(kinds[:4])}: a Loom file "
-                                     "holds numbers, text and booleans (str() them to store them as text)")
+                what = f"type {kinds[0]}" if len(kinds) == 1 else f"mixed types ({', '.join(kinds[:4])})"
+                raise LoomValueError(f"{where}: cannot store values of {what}: a Loom file holds numbers, text or "
+                                     "booleans, one kind to an attribute (str() them to store them as text)")
     if arr.dtype.kind in "US":
         arr = given_text(arr, where)
     if _string_fields(arr.dtype):

@@ -471,7 +471,9 @@ def check_writable(file: h5py.File | None, what: str) -> None:
     if file is not None and not file:
         raise LoomFileError(f"cannot write {what}: {why_closed(file)}")
     if file is not None and not writable(file):
-        what = what.removeprefix(f"{file.filename}: ")  # (named once)
+        named, _, rest = what.partition(": ")
+        if rest and os.path.abspath(named) == os.path.abspath(file.filename):  # (named once, as the file says)
+            what = rest
         raise LoomReadOnlyError(f"{file.filename}: cannot write {what}: the file is open read-only (mode 'r')")
     if file is not None and forks.inherited(file):
         raise LoomFileError(f"cannot write {what}: {file.filename} was open for writing in the process this one "

@@ -15,6 +15,7 @@ as before the append.
 from __future__ import annotations
 
 import h5py
+import numpy as np
 
 from . import engine
 from . import format as fmt
@@ -25,7 +26,7 @@ BEFORE_APPEND = "loompy_before_append"  # root group: column attributes an appen
 ADDED = "added"  # its HDF5 attribute: names of the column attributes the append created
 ADDED_ROWS = "added_rows"  # its HDF5 attribute: names of the row attributes the append created
 FIRST = "first_columns"  # its HDF5 attribute: the append gives an empty file (new()) its first columns
-OURS = "kept_by_loompy"  # its HDF5 attribute: the group is loompy's (a user's group of that name is left alone)
+OURS = "kept_by_loompy"  # its HDF5 attribute: the group is loompy's (see _ours)
 
 
 def pending_append(f: h5py.File) -> int | None:
@@ -33,11 +34,11 @@ def pending_append(f: h5py.File) -> int | None:
     value = f.attrs.get(fmt.APPEND_JOURNAL)
     if value is None:
         return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
+    if np.ndim(value) or not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) \
+            or value < 0:
         raise LoomFileError(f"{f.filename}: the root attribute '{fmt.APPEND_JOURNAL}' ({value!r}) is not the "
-                            "column count loompy's append journal keeps; nothing was changed") from None
+                            "column count loompy's append journal keeps; nothing was changed")
+    return int(value)
 
 
 def recover(f: h5py.File) -> int | None:
@@ -108,8 +109,10 @@ def begin(f: h5py.File, width: int, first: bool = False) -> None:
     """Start a journalled append to a file of ``width`` columns (``first``: an empty one); refused,
     with nothing written, where a user's group has the name of the one it keeps things aside in."""
     if BEFORE_APPEND in f and not _ours(f):
-        raise LoomFileError(f"{f.filename}: the file has a '/{BEFORE_APPEND}' of its own, where an append keeps "
-                            "what it replaces until it is done; rename that group to append; nothing was changed")
+        raise LoomFileError(f"{f.filename}: the file has a '/{BEFORE_APPEND}' that loompy did not mark as its own, "
+                            "where an append keeps what it replaces until it is done: a group of yours (rename it "
+                            "to append), or one an older loompy left after an append it had finished (nothing in it "
+                            "is needed: delete it); nothing was changed")
     if first:
         _kept(f).attrs[FIRST] = True
     f.attrs[fmt.APPEND_JOURNAL] = width
@@ -155,8 +158,10 @@ def _kept(f: h5py.File) -> h5py.Group:
 
 
 def _ours(f: h5py.File) -> bool:
-    """Whether the file holds a group an append kept things aside in: one a user made under that
-    name (without loompy's mark) is theirs, never deleted."""
+    """Whether the file holds a group an append kept things aside in, marked as loompy's. One
+    without the mark is a user's, or an older loompy's: an open or an append never deletes it, and
+    only the rollback of an unfinished append (whose journal says the group is the append's, as an
+    older loompy's journal does) uses it."""
     group = fmt.get_group(f, BEFORE_APPEND)
     return group is not None and bool(group.attrs.get(OURS))
 

@@ -24,7 +24,7 @@ def _run(script: str, *args: str) -> str:
 
 def test_floor_and_deflate_libraries_run_on_a_small_file(tmp_path):
     path = tmp_path / "small.loom"
-    m = (np.random.default_rng(2).random((200, 300)) < 0.1).astype(np.float32)
+    m = (np.random.default_rng(2).random((200, 300)) < 0.1).astype(np.float64)  # (a float64 chunk: 32 KB)
     loompy.create(path, m, {"Gene": np.arange(200)}, {"CellID": np.arange(300)}).close()
     floor = _run("floor.py", str(path), "--repeats", "1")
     rows = [line for line in floor.splitlines() if line.startswith("| ") and "---" not in line]

@@ -1548,6 +1548,18 @@ def test_long_double_attributes_are_refused_and_row_attribute_names_are_labelled
     assert digest(path) == before
 
 
+def test_a_write_refused_by_a_read_only_file_names_it_once(small, monkeypatch):
+    """However the file was named to connect (here relatively), a refusal says its name once."""
+    path, m, *_ = small
+    monkeypatch.chdir(path.parent)
+    with loompy.connect(path.name, "r") as ds:
+        for write in (lambda: ds.add_columns(np.ones((5, 1), np.float32), {"CellID": ["n"], "Age": [1], "Keep": [1]}),
+                      lambda: ds.permute(np.arange(8), axis=1), lambda: ds.ca.__setitem__("X", np.ones(8))):
+            with pytest.raises(loompy.LoomReadOnlyError, match="small.loom") as refused:
+                write()
+            assert str(refused.value).count("small.loom") == 1, refused.value
+
+
 def test_values_of_a_type_no_loom_file_holds_are_refused_naming_the_type(small):
     """Dates (which loompy 3 stored as their text) and generators were refused as "values of mixed
     or unknown types", which they are not: the message names the type and what to do."""
@@ -1560,7 +1572,7 @@ def test_values_of_a_type_no_loom_file_holds_are_refused_naming_the_type(small):
             ds.ca.When = [datetime.datetime(2020, 1, k + 1) for k in range(8)]
         with pytest.raises(loompy.LoomValueError, match="row attribute 'G'.*of type generator"):
             ds.ra.G = (k for k in range(5))
-        with pytest.raises(loompy.LoomValueError, match="of type int, object, str"):
+        with pytest.raises(loompy.LoomValueError, match=r"of mixed types \(int, object, str\)"):
             ds.ca.Mixed = [1, "a", object(), 1, 1, 1, 1, 1]
     assert digest(path) == before
 

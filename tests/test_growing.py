@@ -329,13 +329,14 @@ def test_a_users_group_named_as_the_append_keeps_things_aside_is_never_touched(t
         assert f["loompy_before_append/mine"][:].tolist() == list(range(10))
 
 
-def test_a_journal_that_is_not_a_column_count_is_an_error_naming_it(tmp_path):
+@pytest.mark.parametrize("junk", ["junk", 3.7, -1, [2, 3]])
+def test_a_journal_that_is_not_a_column_count_is_an_error_naming_it(tmp_path, junk):
     path = make(tmp_path / "a.loom", np.ones((5, 2), np.float32))
     with h5py.File(path, "r+") as f:
-        f.attrs[loompy.format.APPEND_JOURNAL] = "junk"
+        f.attrs[loompy.format.APPEND_JOURNAL] = junk
     before = _dump(path)
     for mode in ("r+", "r"):
-        with pytest.raises(loompy.LoomFileError, match="a.loom.*loompy_append_from_columns.*'junk'"):
+        with pytest.raises(loompy.LoomFileError, match="a.loom.*loompy_append_from_columns.* is not the column count"):
             loompy.connect(path, mode)
     assert _dump(path) == before
 

@@ -93,7 +93,7 @@ def test_children_threads_and_strips_give_the_same_values(tmp_path, children, mo
 
 @pytest.mark.parametrize("part_chunks", [64, 16])
 def test_narrow_matrices_go_several_bands_to_a_part(tmp_path, children, monkeypatch, part_chunks):
-    """A part holds at least PART_CHUNKS chunks: with 2 chunk columns, 32 bands a part (8 for 16), as
+    """A part holds at most PART_CHUNKS chunks: with 2 chunk columns, 32 bands a part (8 for 16), as
     this process decides: the children are told, whatever their own PART_CHUNKS."""
     path = tmp_path / "narrow.loom"
     m = _matrix(path, (5000, 100), np.float32)

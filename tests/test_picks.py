@@ -121,6 +121,7 @@ def test_worth_picking_counts_the_bands_that_hold_the_lines():
     assert picks.worth_picking(np.arange(16), 64)  # a quarter of one band
     assert not picks.worth_picking(np.arange(17), 64)
     assert not picks.worth_picking(np.arange(0, 640, 3), 64)  # 214 of 640
+    assert not picks.worth_picking(np.zeros(0, dtype=np.int64), 64)  # (nothing to read)
 
 
 def test_column_parts_hold_about_part_columns_columns(tmp_path, children, monkeypatch):
@@ -130,12 +131,26 @@ def test_column_parts_hold_about_part_columns_columns(tmp_path, children, monkey
     m = _matrix(path, SHAPE, np.float32)
     monkeypatch.setattr(picks, "PART_COLUMNS", 3)
     monkeypatch.setattr(picks, "MIN_PART_CHUNKS", 1)
+    monkeypatch.setattr(picks, "MIN_PARTS", 1)
     plans = _spied_plans(monkeypatch)
     cols = np.arange(5, 650, 64)
     with loompy.connect(path, "r") as ds:
         np.testing.assert_array_equal(ds[:, cols], m[:, cols])
     assert (plans[0].bands_per_part, plans[0].parts) == (3, 4)
     assert [plans[0].part_lines(k) for k in range(4)] == [range(0, 3), range(3, 6), range(6, 9), range(9, 11)]
+    assert children.left == 0  # (the children took the parts as this process cut them)
+
+
+def test_a_read_has_parts_enough_for_every_helper(tmp_path, children, monkeypatch):
+    """11 bands holding one column each made one part of 64 columns' worth: one helper did it all
+    while the other waited. At least MIN_PARTS parts (here 6 of 2 bands, the last of 1)."""
+    path = tmp_path / "m.loom"
+    m = _matrix(path, SHAPE, np.float32)
+    plans = _spied_plans(monkeypatch)
+    cols = np.arange(5, 650, 64)
+    with loompy.connect(path, "r") as ds:
+        np.testing.assert_array_equal(ds[:, cols], m[:, cols])
+    assert (plans[0].bands_per_part, plans[0].parts) == (2, 6) and children.left == 0
 
 
 def test_the_parts_of_a_child_that_dies_are_read_here(tmp_path, children, monkeypatch):
@@ -163,7 +178,7 @@ def test_children_see_what_this_connection_wrote(tmp_path, children):
     np.testing.assert_array_equal(got, m[::50])
 
 
-def test_a_damaged_chunk_picked_by_a_child_is_an_error_naming_the_file(tmp_path, children):
+def test_a_damaged_chunk_picked_by_a_child_is_an_error_naming_the_file(tmp_path, children, monkeypatch):
     path = tmp_path / "m.loom"
     _matrix(path, SHAPE, np.float32)
     with h5py.File(path, "r") as f:
@@ -171,11 +186,13 @@ def test_a_damaged_chunk_picked_by_a_child_is_an_error_naming_the_file(tmp_path,
     data = bytearray(path.read_bytes())
     data[info.byte_offset + 5:info.byte_offset + 40] = b"\xff" * 35
     path.write_bytes(bytes(data))
+    here, pick = [], picks.LinePicker.pick  # (parts picked in this process: none, a child met the damage)
+    monkeypatch.setattr(picks.LinePicker, "pick", lambda self, part: here.append(part) or pick(self, part))
     with loompy.connect(path, "r") as ds:
         np.testing.assert_array_equal(ds[[1, 65], :].shape, (2, 650))  # (rows of other bands read)
         with pytest.raises(loompy.LoomFileError, match="m.loom.*damaged"):
             ds[[1, 130], :]
-    assert len(children) == 4
+    assert len(children) == 4 and here == []
 
 
 @pytest.mark.parametrize("axis", [0, 1])
@@ -185,7 +202,7 @@ def test_a_plan_crosses_to_a_child_unchanged(axis):
     plan = picks.PickPlan(chunks=(64, 32), shape=(300, 220), axis=axis, dtype=">f4", compressed=True,
                           source_fill=-1.5, lines=np.array([1, 2, 90, 299]) if axis == 0 else np.array([3, 219]),
                           others=np.array([0, 3, 70, 200]), offset=rng.integers(-1, 10 ** 9, grid),
-                          size=rng.integers(0, 999, grid), mask=rng.integers(0, 2, grid))
+                          size=rng.integers(0, 999, grid), mask=rng.integers(0, 2, grid), bands_per_part=5)
     back = picks.PickPlan.from_bytes(plan.to_bytes())
     for name in ("chunks", "shape", "axis", "dtype", "compressed", "source_fill", "bands_per_part"):
         assert getattr(back, name) == getattr(plan, name)
@@ -193,10 +210,10 @@ def test_a_plan_crosses_to_a_child_unchanged(axis):
         np.testing.assert_array_equal(getattr(back, name), getattr(plan, name))
     if axis == 0:  # rows 1, 2 in band 0, 90 in band 1, 299 in band 4; columns in chunk columns 0, 2, 6
         assert back.needed.tolist() == [0, 2, 6] and back.bands.tolist() == [0, 1, 4]
-        assert back.bands_per_part == 22 and back.part_lines(0) == range(4)
+        assert back.bands_per_part == 5 and back.part_lines(0) == range(4)
     else:  # columns 3 (band 0) and 219 (band 6); rows in chunk rows 0, 1 and 3
         assert back.needed.tolist() == [0, 1, 3] and back.bands.tolist() == [0, 6]
-        assert back.bands_per_part == 64 and back.part_lines(0) == range(2)
+        assert back.bands_per_part == 5 and back.part_lines(0) == range(2)
         np.testing.assert_array_equal(back.index[0], plan.offset.T)
 
 

@@ -102,10 +102,11 @@ class BandedPlan:
         """The raw bytes of a chunk never written."""
         return codecs.fill_bytes(self.chunks, self.source_fill, self.dtype)
 
-    def packed(self, names: tuple[str, ...], extra: np.ndarray) -> bytes:
-        """The plan as bytes (see :func:`pack_plan`): its geometry, the fields ``names`` and ``extra``."""
+    def packed(self, names: tuple[str, ...], extra: np.ndarray, **more: int) -> bytes:
+        """The plan as bytes (see :func:`pack_plan`): its geometry, the fields ``names``, ``more`` (for
+        the header) and ``extra`` (an array)."""
         header = {k: getattr(self, k) for k in (*self.HEADER, *names)}
-        header.update(source_fill=np.asarray(self.source_fill).item())
+        header.update(source_fill=np.asarray(self.source_fill).item(), **more)
         return pack_plan(header, (self.offset, self.size, self.mask), extra)
 
 

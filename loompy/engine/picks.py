@@ -22,6 +22,7 @@ import numpy as np
 from .child import BandedPlan, inflate_band, placed, unpack_plan
 
 MIN_PART_CHUNKS = 64  # a part is as many bands holding wanted lines as hold at least this many needed chunks
+MIN_PARTS = 8  # but there are at least this many parts where there are bands enough (the helpers share them)
 PART_COLUMNS = 64  # and, for columns, about this many wanted ones (placed in the result's rows a part at a
 # time: a few columns at a time took 0.48 s of 2,000 random columns' 1.2 s)
 MOST_PICKED = 0.25  # lines are picked in children when at most this share of their bands' lines is wanted
@@ -33,7 +34,7 @@ def worth_picking(lines: np.ndarray, depth: int) -> bool:
     """Whether ``lines`` (rows or columns: sorted, unique) are few in the bands (chunk rows or
     columns, ``depth`` lines each) that hold them, so that most of what is inflated would be thrown
     away: then children pay off, as only the wanted values cross back."""
-    return lines.size <= MOST_PICKED * np.unique(lines // depth).size * depth
+    return 0 < lines.size <= MOST_PICKED * np.unique(lines // depth).size * depth
 
 
 @dataclass
@@ -50,7 +51,8 @@ class PickPlan(BandedPlan):
     def __post_init__(self) -> None:
         if not self.bands_per_part:
             by_lines = -(-PART_COLUMNS * self.bands.size // self.lines.size) if self.axis == 1 else 1
-            self.bands_per_part = max(1, -(-MIN_PART_CHUNKS // max(1, self.needed.size)), by_lines)
+            most = -(-self.bands.size // MIN_PARTS)
+            self.bands_per_part = max(1, min(most, max(-(-MIN_PART_CHUNKS // max(1, self.needed.size)), by_lines)))
 
     @functools.cached_property
     def bands(self) -> np.ndarray:
@@ -86,17 +88,13 @@ class PickPlan(BandedPlan):
         return block.reshape((lines, width) if self.axis == 0 else (width, lines))
 
     def to_bytes(self) -> bytes:
-        return self.packed(("bands_per_part", "line_count"), np.concatenate([self.lines, self.others]))
-
-    @property
-    def line_count(self) -> int:
-        return int(self.lines.size)
+        return self.packed(("bands_per_part",), np.concatenate([self.lines, self.others]), lines=self.lines.size)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PickPlan:
         header, offset, size, mask, both = unpack_plan(data)
         header["shape"] = tuple(header["shape"])
-        count = header.pop("line_count")
+        count = header.pop("lines")
         return cls(offset=offset, size=size, mask=mask, lines=both[:count], others=both[count:], **header)
 
 
@@ -111,7 +109,8 @@ class LinePicker:
 
     def pick(self, part: int) -> np.ndarray:
         """Part ``part``'s share of the result, rows by columns, C-ordered: its lines at the plan's
-        ``others`` (columns: copied to rows by columns here, where it costs no time of the parent's)."""
+        ``others`` (columns: copied to rows by columns here, in the child, rather than by the parent
+        as it places them)."""
         plan = self.plan
         lines = plan.part_lines(part)
         block = np.empty((len(lines), plan.others.size), dtype=self.inflated.dtype)

@@ -15,9 +15,10 @@ copies its first input). Nothing is ever written to a child's pipe: a child that
 SIGPIPE, which kills programs that do not ignore it.
 
 Nothing here is needed for correctness: when children cannot be started (no ``pread``, a frozen
-interpreter or one that is not Python, one core, fewer than ``MIN_CHUNKS`` chunks) the same parts
-are worked on this process's threads, and the parts children did not give (one failed, or none
-sent anything for ``PATIENCE`` seconds) are worked on them at the end. A chunk a child finds
+interpreter or one that is not Python, one core, fewer than ``MIN_CHUNKS`` chunks, a temporary
+folder without file locks) the same parts are worked on this process's threads, and the parts
+children did not give (one failed, or none sent anything for ``PATIENCE`` seconds) are worked on
+them at the end. A chunk a child finds
 damaged raises :class:`~.codecs.DamagedChunk` here, as it would on a thread.
 """
 
@@ -227,14 +228,18 @@ class ChildJob:
                 if not stream.closed:
                     stream.close()
 
-    def close(self, first: int = 0) -> None:
-        """End every child still running from the ``first`` on (none is needed once its parts are
-        handled) and forget them; an interrupt while one is ended still ends the others."""
+    def close(self) -> None:
+        """End every child still running (none is needed once its parts are handled) and forget them."""
+        self._end_from(0)
+
+    def _end_from(self, first: int) -> None:
+        """End the children from the ``first`` on, then forget them all; an interrupt while one is
+        ended still ends the others."""
         if first < len(self.children):
             try:
                 self._end(first)
             finally:
-                self.close(first + 1)
+                self._end_from(first + 1)
             return
         self.children = []
         if self.shared is not None:

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 import scipy.sparse as sp
 
-from . import codecs
+from . import codecs, processes
 from .codecs import DamagedChunk
 from .lines import LinePlan, numpy_name
 from .memory import Scratch, fresh
@@ -165,6 +165,9 @@ def _picked_in_children(dataset: h5py.Dataset, layout: ChunkLayout, rows: np.nda
     when the rows are a few of each of many chunk rows, or the columns of chunk columns; False, with
     nothing read, where that does not pay (fewer than ``MIN_CHUNKS`` chunks; called from a worker),
     where a band's needed chunks would take over ``STRIP_BYTES`` inflated, or children cannot start."""
+    grid = chunk_grid(dataset)
+    if min(rows.size, grid[0]) * min(cols.size, grid[1]) < processes.MIN_CHUNKS:  # (most reads: nothing to count)
+        return False
     if on_worker() or not readable_directly(dataset):
         return False
     for axis, (lines, others) in enumerate(((rows, cols), (cols, rows))):
