@@ -77,7 +77,7 @@ index = np.load({index!r})
 arrays = (index["offset"], index["size"], index["mask"])
 fd = os.open({path!r}, os.O_RDONLY)
 into = np.empty((arrays[0].shape[1], *{chunks!r}), dtype={dtype!r})
-fill = fill_bytes({chunks!r}, {fill!r}, {dtype!r})
+fill = fill_bytes({chunks!r}, np.array({fill!r}).astype({dtype!r})[()], {dtype!r})  # (from text: nan, inf)
 for band in range({first}, arrays[0].shape[0], {count}):
     inflate_band(into, fd, arrays, band, slice(None), {compressed!r}, fill)
 """
@@ -100,7 +100,7 @@ def floor_in_processes(path: str, count: int, folder: str) -> float:
         children = [subprocess.Popen([sys.executable, "-I", "-c", _CHILD.format(
             path_list=[p for p in sys.path if p], package=str(Path(engine).parent), engine=engine,
             index=index_file, path=path, chunks=layout.chunks, dtype=layout.dtype.str, compressed=layout.compressed,
-            fill=np.asarray(layout.fill).item(), first=k, count=count)],
+            fill=str(np.asarray(layout.fill).item()), first=k, count=count)],
             stdin=subprocess.PIPE) for k in range(count)]
         index = storage.build_index(dataset)
         np.savez(index_file, offset=index.offset, size=index.size, mask=index.mask)

@@ -135,10 +135,10 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
             # the main matrix's re-encoding starts first, in helper processes; this process writes
             # the attributes meanwhile (each other layer's starts just before that layer is written)
             second = _start_second(sources[""], (n, total), dtypes[""], job)
-            names = fmt.carried_globals(first._file) if file_attrs is None or keep_first_attrs else []
+            carried = fmt.carried_globals(first._file) if file_attrs is None or keep_first_attrs else []
             if keep_first_attrs and fmt.CREATION_DATE_KEY in first.attrs:  # (loompy 3's combine copies the first file)
-                names = [fmt.CREATION_DATE_KEY, *names]
-            kept = {k: fmt.normalize_global(first.attrs[k], k) for k in names if k not in converted}
+                carried = [fmt.CREATION_DATE_KEY, *carried]
+            kept = {k: fmt.normalize_global(first.attrs[k], k) for k in carried if k not in converted}
             fmt.init_file(out, {**kept, **globals_})
             for k, v in first.ra.items():
                 fmt.write_values(out[fmt.ROW_ATTRS], k, v, resizable=False, where=f"row attribute '{k}'")

@@ -6,7 +6,9 @@ An append (see :mod:`.growing`) records the old column count in a root HDF5 attr
 flushes, and removes the journal (:func:`commit`). A column attribute that cannot grow in place
 (another dtype, or not resizable) is rewritten, its old dataset kept aside in the root group
 ``loompy_before_append`` until the append is done (:func:`set_aside`); attributes the append
-creates are noted there first (:func:`note_created`). If the writer dies in between,
+creates are noted there first (:func:`note_created`). The group carries loompy's mark (``OURS``):
+a group of that name without it (a user's) is never deleted by an open, and an append is refused
+while it is there. If the writer dies in between,
 :func:`recover` (run by ``connect``) finds the journal, puts the kept attributes back, removes the
 created ones and cuts every layer and column attribute back to the old width: the file reopens
 as before the append.
@@ -110,9 +112,10 @@ def begin(f: h5py.File, width: int, first: bool = False) -> None:
     with nothing written, where a user's group has the name of the one it keeps things aside in."""
     if BEFORE_APPEND in f and not _ours(f):
         raise LoomFileError(f"{f.filename}: the file has a '/{BEFORE_APPEND}' that loompy did not mark as its own, "
-                            "where an append keeps what it replaces until it is done: a group of yours (rename it "
-                            "to append), or one an older loompy left after an append it had finished (nothing in it "
-                            "is needed: delete it); nothing was changed")
+                            "where an append keeps what it replaces until it is done: a group of yours (rename it, "
+                            "then append), or one an older loompy left after an append it had finished (nothing in "
+                            f"it is needed: delete it, with h5py: del h5py.File(path, 'r+')['{BEFORE_APPEND}']); "
+                            "nothing was changed")
     if first:
         _kept(f).attrs[FIRST] = True
     f.attrs[fmt.APPEND_JOURNAL] = width

@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import codecs
-
 try:
     import fcntl
-except ImportError:  # pragma: no cover - not on Windows, where no child is started
+except ImportError:  # pragma: no cover - not on Windows (where no helper process is started)
     fcntl = None
+
+from . import codecs
 from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH_PREFIX, check_locks
 from .workers import QUEUED_TASKS, THREADS, run_in_order
 
