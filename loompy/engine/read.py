@@ -214,7 +214,10 @@ class _ChunkRead:
             row_groups = _stack(row_groups, h, LARGEST_UNIT // len(self.columns.groups))
         # workers pay off for many chunks, unless each chunk row gives them just a chunk or two
         # (not from a worker: a read inside a write task stays on that task's thread)
-        self.parallel = needed >= PARALLEL_CHUNKS and len(self.columns.groups) >= 4 and not on_worker()
+        # (nor for a few rows of one chunk row, a single row say: 4.4 ms a row of 20,000 columns on
+        # this thread against 5.6 on both, whose hand-overs of the GIL cost more than they share)
+        self.parallel = needed >= PARALLEL_CHUNKS and len(self.columns.groups) >= 4 and not on_worker() \
+            and not (len(row_groups) == 1 and _few(row_groups[0][3], h))
         # units of a few chunk columns' width at most; enough of them for every worker
         pieces = max(-(-2 * THREADS // len(row_groups)) if self.parallel and not whole_rows else 1,
                      -(-len(self.columns.groups) // LARGEST_UNIT))
@@ -293,7 +296,7 @@ class _ChunkRead:
         dtype, line = self.layout.dtype, w * self.layout.dtype.itemsize
         rows = unit.local_rows
         wanted = range(h)[rows] if isinstance(rows, slice) else rows.tolist()
-        few = len(wanted) * 4 <= h  # a few rows: join just those (byte ranges of each chunk)
+        few = _few(rows, h)  # a few rows: join just those (byte ranges of each chunk)
         if unit.raws is None:  # read them from the file through the index
             where = (slice(unit.chunk_row, unit.chunk_row + unit.stacked),
                      self.columns.chunk_cols_between(unit.first, unit.stop))
@@ -304,8 +307,7 @@ class _ChunkRead:
                 codecs.inflate_into(memoryview(out.reshape(-1).view(np.uint8)), fd, stored, h * line,
                                     self.layout.compressed, fill)
                 return out
-            read = codecs.read_stored
-            chunks = (fill if o < 0 else decode(read(fd, o, s), k) for o, s, k in zip(*stored))
+            chunks = codecs.each_inflated(fd, stored, h * line, self.layout.compressed, fill)
         else:
             raws, unit.raws = unit.raws, None
             chunks = (fill if raw is None else decode(raw[1], raw[0]) for raw in raws)
@@ -321,6 +323,11 @@ class _ChunkRead:
         for k, data in enumerate(chunks):
             target[k * size:(k + 1) * size] = data
         return out
+
+
+def _few(local_rows: slice | np.ndarray, height: int) -> bool:
+    """Whether ``local_rows`` are a few of a chunk's ``height`` rows: then a unit joins only those."""
+    return len(range(height)[local_rows] if isinstance(local_rows, slice) else local_rows) * 4 <= height
 
 
 def _stack(row_groups: list[tuple], height: int, most: int) -> list[tuple]:
