@@ -241,13 +241,13 @@ class LayerManager(DotAccess, MutableMapping):
     def _file(self) -> h5py.File:
         return self._shared.file
 
-    @property
-    def _filename(self) -> str:
-        return self._shared.filename
-
     @_file.setter
     def _file(self, file: h5py.File) -> None:  # (the connection's file, reopened or closed)
         self._shared.file = file
+
+    @property
+    def _filename(self) -> str:
+        return self._shared.filename
 
     @property
     def _where(self) -> str:

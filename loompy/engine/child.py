@@ -102,6 +102,10 @@ class BandedPlan:
         """The raw bytes of a chunk never written."""
         return codecs.fill_bytes(self.chunks, self.source_fill, self.dtype)
 
+    def inflate_band(self, into: np.ndarray, fd: int, band: int) -> None:
+        """The needed chunks of ``band`` into ``into`` (needed chunks, height, width), read through ``fd``."""
+        inflate_band(into, fd, self.index, band, self.needed, self.compressed, self.fill)
+
     def packed(self, names: tuple[str, ...], extra: np.ndarray, **more: int) -> bytes:
         """The plan as bytes (see :func:`pack_plan`): its geometry, the fields ``names``, ``more`` (for
         the header) and ``extra`` (an array)."""
@@ -139,7 +143,9 @@ def unpack_plan(data: bytes) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, 
     arrays = np.frombuffer(data, dtype=np.int64, offset=LENGTH_PREFIX.size + length)
     cells = grid[0] * grid[1]
     offset, size, mask = (arrays[k * cells:(k + 1) * cells].reshape(grid) for k in range(3))
-    header["chunks"] = tuple(header["chunks"])
+    for key in ("chunks", "shape"):  # (JSON gave lists)
+        if key in header:
+            header[key] = tuple(header[key])
     return header, offset, size, mask, None if extra is None else arrays[3 * cells:3 * cells + extra]
 
 

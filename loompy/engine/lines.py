@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .child import BandedPlan, inflate_band, placed, unpack_plan
+from .child import BandedPlan, placed, unpack_plan
 
 CACHE_BYTES = 1 << 20  # rows reduced together: numpy's passes over them stay in the CPU's cache
 SLAB_BYTES = CACHE_BYTES // 2  # rows joined at once in helper processes (with numpy's temporary, in the cache)
@@ -129,7 +129,6 @@ class LinePlan(BandedPlan):
     @classmethod
     def from_bytes(cls, data: bytes) -> LinePlan:
         header, offset, size, mask, others = unpack_plan(data)
-        header["shape"] = tuple(header["shape"])
         return cls(offset=offset, size=size, mask=mask, others=others, **header)
 
 
@@ -163,7 +162,7 @@ class LineReducer:
         plan, depth = self.plan, self.plan.depth
         values: list[list[np.ndarray]] = [[] for _ in self.functions]
         for band in plan.part_bands(part):
-            inflate_band(self.inflated, self.fd, plan.index, band, plan.needed, plan.compressed, plan.fill)
+            plan.inflate_band(self.inflated, self.fd, band)
             for slab in self._joined(min(depth, plan.shape[plan.axis] - band * depth)):
                 if self.run is not None:
                     block = slab[:, self.run]

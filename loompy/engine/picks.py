@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .child import BandedPlan, inflate_band, placed, unpack_plan
+from .child import BandedPlan, placed, unpack_plan
 
 MIN_PART_CHUNKS = 64  # a part is as many bands holding wanted lines as hold at least this many needed chunks
 MIN_PARTS = 8  # but there are at least this many parts where there are bands enough (the helpers share them)
@@ -50,9 +50,10 @@ class PickPlan(BandedPlan):
 
     def __post_init__(self) -> None:
         if not self.bands_per_part:
-            by_lines = -(-PART_COLUMNS * self.bands.size // self.lines.size) if self.axis == 1 else 1
-            most = -(-self.bands.size // MIN_PARTS)
-            self.bands_per_part = max(1, min(most, max(-(-MIN_PART_CHUNKS // max(1, self.needed.size)), by_lines)))
+            by_chunks = -(-MIN_PART_CHUNKS // max(1, self.needed.size))
+            by_columns = -(-PART_COLUMNS * self.bands.size // self.lines.size) if self.axis == 1 else 1
+            at_most = -(-self.bands.size // MIN_PARTS)  # (so that there are MIN_PARTS parts)
+            self.bands_per_part = max(1, min(at_most, max(by_chunks, by_columns)))
 
     @functools.cached_property
     def bands(self) -> np.ndarray:
@@ -93,7 +94,6 @@ class PickPlan(BandedPlan):
     @classmethod
     def from_bytes(cls, data: bytes) -> PickPlan:
         header, offset, size, mask, both = unpack_plan(data)
-        header["shape"] = tuple(header["shape"])
         count = header.pop("lines")
         return cls(offset=offset, size=size, mask=mask, lines=both[:count], others=both[count:], **header)
 
@@ -118,7 +118,7 @@ class LinePicker:
         for k in range(first_band, min(first_band + plan.bands_per_part, plan.bands.size)):
             band = int(plan.bands[k])
             a, b = int(plan.band_starts[k]), int(plan.band_starts[k + 1])
-            inflate_band(self.inflated, self.fd, plan.index, band, plan.needed, plan.compressed, plan.fill)
+            plan.inflate_band(self.inflated, self.fd, band)
             local = plan.lines[a:b] - band * plan.depth
             if plan.axis == 0:  # the rows, each across the band's chunks side by side
                 joined = self.inflated[:, local, :].transpose(1, 0, 2).reshape(b - a, -1)

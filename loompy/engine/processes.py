@@ -18,8 +18,8 @@ Nothing here is needed for correctness: when children cannot be started (no ``pr
 interpreter or one that is not Python, one core, fewer than ``MIN_CHUNKS`` chunks, a temporary
 folder without file locks) the same parts are worked on this process's threads, and the parts
 children did not give (one failed, or none sent anything for ``PATIENCE`` seconds) are worked on
-them at the end. A chunk a child finds
-damaged raises :class:`~.codecs.DamagedChunk` here, as it would on a thread.
+them at the end. A chunk a child finds damaged raises :class:`~.codecs.DamagedChunk` here, as it
+would on a thread.
 """
 
 from __future__ import annotations

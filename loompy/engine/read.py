@@ -8,9 +8,10 @@ the result with one or a few numpy copies, so the per-chunk Python work is a rea
 call. With a :class:`~.storage.ChunkIndex` two workers read the chunks themselves (``os.pread``
 and deflate both release the GIL); without one (smaller reads, see :func:`~.storage.chunk_index`)
 this thread reads a batch of chunks with ``read_direct_chunk`` and then the workers inflate them.
-Reads one to three chunks wide stay on this thread: there the hand-overs cost more than the
-inflating they share. Large reads of a few rows from each of many chunk rows (or columns of chunk
-columns) go to the engine's helper processes instead (:mod:`.picks`).
+Reads one to three chunks wide, and a few rows of one chunk row (a single row, say), stay on this
+thread: there the hand-overs cost more than the inflating they share. Large reads of a few rows
+from each of many chunk rows (or columns of chunk columns) go to the engine's helper processes
+instead (:mod:`.picks`).
 """
 
 from __future__ import annotations
@@ -165,8 +166,9 @@ def _picked_in_children(dataset: h5py.Dataset, layout: ChunkLayout, rows: np.nda
     when the rows are a few of each of many chunk rows, or the columns of chunk columns; False, with
     nothing read, where that does not pay (fewer than ``MIN_CHUNKS`` chunks; called from a worker),
     where a band's needed chunks would take over ``STRIP_BYTES`` inflated, or children cannot start."""
-    grid = chunk_grid(dataset)
-    if min(rows.size, grid[0]) * min(cols.size, grid[1]) < processes.MIN_CHUNKS:  # (most reads: nothing to count)
+    (h, w), n, m = layout.chunks, rows.size, cols.size  # (most reads stop here: nothing counted, h5py not asked)
+    if min(n, int(rows[-1]) // h - int(rows[0]) // h + 1) * min(m, int(cols[-1]) // w - int(cols[0]) // w + 1) \
+            < processes.MIN_CHUNKS:
         return False
     if on_worker() or not readable_directly(dataset):
         return False
