@@ -26,6 +26,7 @@ from .errors import (
     LoomTypeError,
     LoomValueError,
 )
+from .export import export_layer
 from .graphs import GraphManager, edge_problems
 from .handles import (
     READ_ONLY,
@@ -384,7 +385,7 @@ class LoomConnection(LoomAccess):
 
     def export(self, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:
         """Write a layer with its attributes as tab-separated text."""
-        operations.export(self, out_file, layer, format)
+        export_layer(self, out_file, layer, format)
 
     def last_modified(self, name: str | None = None, axis: int = 0) -> str:
         """Timestamp of the last write to the file (or to one row/column attribute)."""

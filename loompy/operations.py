@@ -1,4 +1,4 @@
-"""Out-of-core computation over a connection: scan, batch_scan, map, aggregate, export, change tracking.
+"""Out-of-core computation over a connection: scan, batch_scan, map, aggregate, change tracking.
 
 Everything streams the matrix in batches along one axis through the chunk engine, so memory holds
 a few batches (plus the attributes), however large the file.
@@ -6,18 +6,18 @@ a few batches (plus the attributes), however large the file.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import h5py
 import numpy as np
 
 from . import encoding, engine, files
 from . import format as fmt
-from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
+from .errors import LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming
 from .handles import changes, closed_meanwhile
 from .indexing import AxisSelection, axis_number, batch_count, expand, positions, select_axis
 from .view import WHAT_ALL, LoomView, layer_names, make_view, whole_parts
@@ -121,6 +121,27 @@ def _same_order(source: Any, call: str, columns_given: bool = False) -> Callable
     return check
 
 
+@contextlib.contextmanager
+def _helped(ds: LoomConnection, datasets: dict[str, Any], axis: int, batch_size: int, whole: bool
+            ) -> Iterator[dict[str, engine.BatchReads]]:
+    """For a pass over the ``whole`` matrix of a single layer (``datasets``: the layers read, by
+    name), in file order on both axes: its batches filled by the engine's helper processes, by
+    layer name (see :mod:`loompy.engine.scans`; none where they do not pay). They stop at the
+    first write to the file (its batches are then read here, after it) and as the pass ends."""
+    readers = {}
+    if whole and len(datasets) == 1:
+        opening = ds._file.id.fileno
+        began = changes(opening, "writes")
+        ((name, dataset),) = datasets.items()
+        reader = engine.BatchReads.start(dataset, axis, batch_size, lambda: changes(opening, "writes") != began)
+        readers = {name: reader} if reader is not None else {}
+    try:
+        yield readers
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
 def _chosen(items: Any) -> bool:
     """Whether a scan's ``items`` name the items (indices, a mask), so that items appended later are
     none of them; a start position or a slice runs to the end, wherever that is by then."""
@@ -176,10 +197,15 @@ def scan(ds: LoomConnection, *, items: Any = None, axis: int | None = None, laye
         now = (changes(opening, "globals"), changes(opening, "graphs"))
         if parts["changes"] != now:
             parts.update(whole_parts(ds, what), changes=now)
-        return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts)
+        blocks = {name: block for name, reader in helpers.items() if (block := reader.batch(start // batch_size))
+                  is not None}
+        return start, batch, make_view(ds, rows, cols, layers=names, what=what, recyclers=recyclers, parts=parts,
+                                       blocks=blocks)
 
     check = _same_order(ds, "scan", columns_given=axis == 1 and _chosen(items))
-    yield from _one_ahead(list(iter_batches(selected, batch_size)), build, check, opening)
+    whole = items is None and key is None and "layers" in what
+    with _helped(ds, {name: ds.layers[name]._dataset for name in names}, axis, batch_size, whole) as helpers:
+        yield from _one_ahead(list(iter_batches(selected, batch_size)), build, check, opening)
 
 
 def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -205,12 +231,14 @@ def batch_scan_layers(ds: LoomConnection, cells: Any = None, genes: Any = None, 
 
     def build(item: tuple[int, np.ndarray]) -> tuple[int, np.ndarray, dict[str, np.ndarray]]:
         start, batch = item
+        values = {name: reader.batch(start // batch_size) for name, reader in helpers.items()}
         return start, batch, {name: read_strip(layer._dataset, axis, batch, other, recyclers[name])
-                              for name, layer in found.items()}
+                              if values.get(name) is None else values[name] for name, layer in found.items()}
 
     batches = list(iter_batches(along, batch_size))
     check = _same_order(ds, "batch_scan", columns_given=_chosen(cells))
-    yield from _one_ahead(batches, build, check, ds._file.id.fileno)
+    with _helped(ds, datasets, axis, batch_size, genes is None and cells is None) as helpers:
+        yield from _one_ahead(batches, build, check, ds._file.id.fileno)
 
 
 def batch_scan(ds: LoomConnection, cells: Any = None, genes: Any = None, axis: int = 0, batch_size: int = 1000,
@@ -484,75 +512,6 @@ def _aggregated_columns(ds: LoomConnection, where: str, group_by: str | np.ndarr
             if all(np.all(values[m] == f) for m, f in zip(members, firsts)):
                 col_attrs[name] = np.array(firsts)
     return col_attrs
-
-
-# --------------------------------------------------------------------------- export
-EXPORT_BATCH_VALUES = 1 << 20  # values export turns into text at once (8 MB of pointers, the text of the non-zero ones)
-
-
-def export(ds: LoomConnection, out_file: str | os.PathLike, layer: str | None = None, format: str = "tab") -> None:
-    """Write a layer as tab-separated text: column attributes on top, row attributes on the left."""
-    if format != "tab":
-        raise LoomValueError(f"{ds.filename}: export format '{format}' is not supported (only 'tab')")
-    dataset = ds.layers["" if layer is None else layer]._dataset
-    _refuse_to_overwrite_hdf5(out_file)
-    try:
-        with closed_meanwhile(ds._check_open):
-            _write_tab(ds, out_file, dataset)
-    except OSError as exc:  # a folder, a missing folder, no permission, a full disk
-        if isinstance(exc, LoomError):  # (reading the file: the engine's errors say what is wrong)
-            raise
-        raise LoomFileError(f"{os.fspath(out_file)}: cannot write the export there ({exc.strerror or exc})") from exc
-
-
-def _write_tab(ds: LoomConnection, out_file: str | os.PathLike, dataset: Any) -> None:
-    """loompy 3's layout, byte for byte: every cell followed by a tab, so that every line has the
-    same number of fields (row attribute names, then the column attribute names' cell, then one
-    per column)."""
-    row_names = list(ds.ra.keys())
-    lead = len(row_names)
-    cols = np.arange(ds.shape[1], dtype=np.int64)
-    with open(out_file, "w", encoding="utf-8", errors="surrogateescape") as out:  # (text read so)
-        for name in ds.ca.keys():
-            out.write("\t" * lead + name + "\t" + "".join(v + "\t" for v in _as_text(ds.ca[name])) + "\n")
-        out.write("".join(name + "\t" for name in row_names) + "\t" + "\t" * ds.shape[1] + "\n")
-        row_values = [ds.ra[name] for name in row_names]
-        with engine.held_index(dataset):  # nothing is written to the layer during the pass
-            rows = max(1, EXPORT_BATCH_VALUES // max(1, ds.shape[1]))  # (text objects, not values: ~60 bytes each)
-            for start, batch in iter_batches(np.arange(ds.shape[0], dtype=np.int64), rows):
-                block = engine.read_block(dataset, batch, cols)
-                texts, end = _block_as_text(block), "\t\n" if ds.shape[1] else "\n"  # (a tab after every cell)
-                for i in range(block.shape[0]):
-                    labels = "".join(str(v[start + i]) + "\t" for v in row_values)
-                    out.write(labels + "\t" + "\t".join(texts[i].tolist()) + end)
-
-
-def _block_as_text(block: np.ndarray) -> np.ndarray:
-    """Each value of ``block`` as :func:`_as_text` writes it, in an array of str objects: zeros (all
-    bits zero: not -0.0) share one text, and only the others are turned into text. Counts are
-    mostly zeros: text for each of 8 million values took 1.8 s, for the non-zero ones 0.6 s."""
-    zero = ~block.view(f"u{block.dtype.itemsize}").astype(bool) if block.dtype.kind in "fiu" else None
-    if zero is None or not zero.any():
-        return np.array(_as_text(block.reshape(-1)), dtype=object).reshape(block.shape)
-    texts = np.empty(block.shape, dtype=object)
-    texts.fill(_as_text(np.zeros(1, block.dtype))[0])  # (one str: np.full made one for each value, 276 MB a batch)
-    texts[~zero] = _as_text(block[~zero])
-    return texts
-
-
-def _refuse_to_overwrite_hdf5(path: str | os.PathLike) -> None:
-    """Text never replaces an HDF5 file (a Loom file, perhaps the one being exported): a slip of the
-    output name must not destroy data."""
-    if os.path.isfile(path) and h5py.is_hdf5(os.fspath(path)):  # (h5py also finds it after a user block)
-        raise LoomFileError(f"{os.fspath(path)}: is an HDF5 file; export writes text, give it another name")
-
-
-def _as_text(values: np.ndarray) -> list[str]:
-    """Each value as numpy prints it: the shortest text that reads back as the same value in its own
-    dtype (float32 0.1 is "0.1", not the "0.10000000149011612" of the float64 it widens to)."""
-    if values.dtype.names is not None or values.ndim > 1:  # compound or several values per column, as
-        return [str(v) for v in values]                     # numpy prints them ("[0. 1.]"), as loompy 3 does
-    return values.astype(str).tolist()
 
 
 # --------------------------------------------------------------------------- change tracking

@@ -182,11 +182,12 @@ def whole_parts(source: Any, what: Any = WHAT_ALL) -> dict[str, Any]:
 
 def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: Any = None,
               what: Any = WHAT_ALL, recyclers: dict[str, Recycler] | None = None,
-              parts: dict[str, Any] | None = None) -> LoomView:
+              parts: dict[str, Any] | None = None, blocks: dict[str, np.ndarray] | None = None) -> LoomView:
     """Copy the ``rows`` x ``cols`` selection of a connection or view into a new :class:`LoomView`.
 
     With ``recyclers`` (a scan's, one per layer), a file's layers are read into memory that earlier
-    views no longer use; ``parts`` is :func:`whole_parts` of ``source``, read once by the caller.
+    views no longer use; ``parts`` is :func:`whole_parts` of ``source``, read once by the caller;
+    ``blocks``: layers' values already read (by a scan's helper processes), taken as they are.
     """
     what = set(what)
     names = layer_names(source, layers)
@@ -195,7 +196,9 @@ def make_view(source: Any, rows: AxisSelection, cols: AxisSelection, *, layers: 
     if "layers" in what:
         for name in names:
             layer, shape = source.layers[name], (len(rows.unique), len(cols.unique))
-            if not len(rows) or not len(cols):
+            if blocks is not None and name in blocks:
+                block = blocks[name]
+            elif not len(rows) or not len(cols):
                 block = np.zeros(shape, dtype=layer.dtype)
             elif recyclers is not None and isinstance(layer, LoomLayer):
                 block = layer._read(rows.unique, cols.unique, recyclers[name].get(shape, layer.dtype))

@@ -2,8 +2,9 @@
 send the result as a frame, until no part is left.
 
 A job is a *plan*: :class:`~.bands.BandPlan` (re-encode chunk rows: combine, permute),
-:class:`~.lines.LinePlan` (numpy reductions of every row or column: map) or
-:class:`~.picks.PickPlan` (a few rows or columns from each of many chunk rows or columns). Each
+:class:`~.lines.LinePlan` (numpy reductions of every row or column: map),
+:class:`~.picks.PickPlan` (a few rows or columns from each of many chunk rows or columns) or
+:class:`~.batches.BatchPlan` (a scan's batches, placed in memory shared with the parent). Each
 plan crosses to the children as bytes and makes a worker (``plan.worker(fd)``) whose
 ``frame(part)`` gives the part's result; the parent reads it back with ``plan.read_frame``.
 
@@ -180,6 +181,10 @@ def plan_class(kind: str) -> type:
         from .picks import PickPlan
 
         return PickPlan
+    if kind == "batches":
+        from .batches import BatchPlan
+
+        return BatchPlan
     raise ValueError(f"no job of kind {kind!r}")
 
 
@@ -188,7 +193,8 @@ def child_main() -> None:
     parent and the other children. Once stdin closes, that file holds its orders (the kind of job,
     the source's path and identity, how many bytes of frames may wait for the parent) and the plan;
     it claims parts (:func:`claim`) until none is left, and writes one frame for each to stdout."""
-    plan_class("bands"), plan_class("lines"), plan_class("picks")  # (loaded before the orders come, as numpy is)
+    for kind in ("bands", "lines", "picks", "batches"):  # (loaded before the orders come, as numpy is)
+        plan_class(kind)
     shared = int(sys.argv[1])
     sys.stdin.buffer.read()  # the parent closes stdin once the shared file holds the orders and plan
     # (the descriptor's offset is shared with the parent and the other children: read at fixed places)

@@ -49,6 +49,7 @@ from .workers import QUEUED_TASKS, THREADS, run_in_order
 
 if TYPE_CHECKING:  # (the plans are only named here; the children load them)
     from .bands import BandPlan
+    from .batches import BatchPlan
     from .lines import LinePlan
     from .picks import PickPlan
 
@@ -97,9 +98,11 @@ class ChildJob:
     any still running.
     """
 
-    def __init__(self, chunks: int):
-        """Start the children for a job over ``chunks`` chunks, when that many are worth it."""
-        self.plan: BandPlan | LinePlan | PickPlan | None = None
+    def __init__(self, chunks: int, passed: tuple[int, ...] = ()):
+        """Start the children for a job over ``chunks`` chunks, when that many are worth it; they
+        inherit the descriptors ``passed`` (under the same numbers)."""
+        self.plan: BandPlan | LinePlan | PickPlan | BatchPlan | None = None
+        self.passed = passed
         self.fd = -1
         self.children: list[subprocess.Popen | None] = []
         self.shared = None  # the temporary file the orders and plan go into
@@ -125,7 +128,7 @@ class ChildJob:
                 self.children.append(subprocess.Popen(
                     [sys.executable, "-I", "-c", boot, str(self.shared.fileno())],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                    pass_fds=(self.shared.fileno(),), bufsize=0, env=env))
+                    pass_fds=(self.shared.fileno(), *self.passed), bufsize=0, env=env))
                 _widen(self.children[-1].stdout.fileno())
         except (OSError, ValueError):  # no children here: threads do it all
             self.close()
@@ -133,7 +136,8 @@ class ChildJob:
             self.close()
             raise
 
-    def begin(self, plan: BandPlan | LinePlan | PickPlan, fd: int, path: str, file_id: tuple[int, int]) -> None:
+    def begin(self, plan: BandPlan | LinePlan | PickPlan | BatchPlan, fd: int, path: str,
+              file_id: tuple[int, int]) -> None:
         """Work ``plan``'s parts, reading the source through ``fd`` here and by ``path`` (which must
         still be the file ``file_id`` names) in the children."""
         self.plan, self.fd = plan, fd
@@ -321,3 +325,54 @@ class PickJob(ChildJob):
                 out[:, lines.start:lines.stop] = block
 
         self.work_all(place)
+
+
+class BatchJob(ChildJob):
+    """A :class:`ChildJob` filling a scan's batches in a ring shared with the children (see
+    :mod:`.batches`); this process waits for each batch's parts in turn."""
+
+    def __init__(self, chunks: int, ring: int):
+        super().__init__(chunks, passed=(ring,))
+        self.left: np.ndarray | None = None  # parts still to come, by batch
+        self.damage: dict[int, str] = {}  # what a child found damaged, by batch (an error once it is asked for)
+
+    def wait_for(self, batch: int) -> bool:
+        """Take the children's frames until every part of ``batch`` is in its slot: True then;
+        False, with the children ended, when one failed a part, all have ended, or none sent a
+        byte for ``PATIENCE`` s (the caller reads the batch itself). DamagedChunk when a chunk of
+        ``batch`` is damaged."""
+        if self.left is None:
+            self.left = self.plan.parts_per_batch.copy()
+        listening, by_fd = select.poll(), {}
+        for k, child in enumerate(self.children):
+            if child is not None:
+                by_fd[child.stdout.fileno()] = k
+                listening.register(child.stdout.fileno(), select.POLLIN)
+        while self.left[batch]:
+            if batch in self.damage:
+                raise codecs.DamagedChunk(self.damage[batch])
+            ready = listening.poll(PATIENCE * 1000) if by_fd else []
+            if not ready:
+                self.close()
+                return False
+            for fd, _ in ready:
+                try:
+                    head = _read(fd, FRAME.size, allow_end=True)
+                    if head is None:  # ended: done (it claimed past the last part) unless it failed
+                        listening.unregister(fd)
+                        child = self.children[by_fd.pop(fd)]
+                        if child.wait(PATIENCE) != 0:  # (died: a part it claimed will never come)
+                            raise EOFError(f"a helper process ended with status {child.returncode}")
+                        continue
+                    part, kind, count, second = FRAME.unpack(head)
+                    if not 0 <= part < self.plan.parts or kind not in (DATA, DAMAGED):
+                        raise ValueError(f"a frame of kind {kind} for part {part}")
+                    if kind == DAMAGED:  # (the batches before it are whole: they are handed over first)
+                        self.damage[int(self.plan.part_table[part, 0])] = _read(fd, count).decode(errors="replace")
+                        continue
+                    self.plan.read_frame(part, count, second, functools.partial(_read, fd))
+                except (EOFError, OSError, ValueError, struct.error):
+                    self.close()
+                    return False
+                self.left[self.plan.part_table[part, 0]] -= 1
+        return True
