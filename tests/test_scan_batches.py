@@ -181,3 +181,22 @@ def test_a_damaged_chunk_in_a_scan_from_helpers_is_an_error(tmp_path, handed):
         for _ in ds.scan(axis=0, batch_size=64):
             pass
     assert handed[:5] == [(0, k) for k in range(5)]
+
+
+@pytest.mark.parametrize("chunks", [(50, 30), (7, 64), (64, 7), (700, 1)])
+def test_scan_batches_of_any_chunk_shape(tmp_path, handed, chunks):
+    """Chunks of any shape, batches cutting through them anywhere: every value in its place."""
+    path = tmp_path / "m.loom"
+    rng = np.random.default_rng(3)
+    m = rng.random(SHAPE).astype(np.float32)
+    loompy.create(path, np.zeros((SHAPE[0], 1), "f4"), {"g": np.arange(SHAPE[0])}, {"c": [0]}).close()
+    with h5py.File(path, "r+") as f:
+        del f["matrix"], f["col_attrs/c"]
+        f.create_dataset("matrix", data=m, chunks=chunks, compression="gzip", maxshape=(SHAPE[0], None))
+        f["col_attrs/c"] = np.arange(SHAPE[1])
+    with loompy.connect(path, "r") as ds:
+        for axis in (0, 1):
+            for batch_size in (45, 128):
+                got = [view[""][:, :] for _, _, view in ds.scan(axis=axis, batch_size=batch_size)]
+                np.testing.assert_array_equal(np.concatenate(got, axis=axis), m, err_msg=f"{axis}, {batch_size}")
+    assert None not in handed and len(handed) == sum(-(-n // b) for n in SHAPE for b in (45, 128))

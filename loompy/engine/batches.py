@@ -27,8 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import codecs
 from .child import BandedPlan, unpack_plan
 
+PIECE_CHUNKS = 64  # chunks inflated at once before they are placed (1 MB of 64 x 64 float32: in the cache)
 LONGEST_NAP = 0.0005  # seconds a child waiting for a slot sleeps between looks at the control
 IDLE_AFTER, IDLE_NAP = 1.0, 0.05  # after this long waiting (a caller that holds a scan unfinished), longer naps
 
@@ -68,14 +70,30 @@ class BatchPlan(BandedPlan):
         lines = len(self.batch_lines(batch))
         return (lines, self.shape[1]) if self.axis == 0 else (self.shape[0], lines)
 
+    def batch_chunk_cols(self, batch: int) -> range:
+        """The chunk columns a batch's values are in: all of them for rows, else the batch's."""
+        width = self.chunks[1]
+        if self.axis == 0:
+            return range(-(-self.shape[1] // width))
+        lines = self.batch_lines(batch)
+        return range(lines.start // width, (lines.stop - 1) // width + 1)
+
     @functools.cached_property
     def part_table(self) -> np.ndarray:
-        """For every part, its batch and its band, in the order parts are claimed (batch by batch)."""
-        rows = []
+        """For every part, its batch and its chunk rows (first, stop), in the order parts are
+        claimed (batch by batch): for rows, one chunk row each; for columns, as many as hold about
+        ``PIECE_CHUNKS`` of the batch's chunks (a chunk column's chunks lie apart in the file, a
+        chunk row's side by side: read a chunk row's few at a time, they come in one read)."""
+        rows, height = [], self.chunks[0]
         for batch in range(self.batches):
-            lines = self.batch_lines(batch)
-            rows += [(batch, band) for band in range(lines.start // self.depth, (lines.stop - 1) // self.depth + 1)]
-        return np.array(rows, dtype=np.int64).reshape(-1, 2)
+            if self.axis == 0:
+                lines = self.batch_lines(batch)
+                rows += [(batch, r, r + 1) for r in range(lines.start // height, (lines.stop - 1) // height + 1)]
+            else:
+                grid_rows = -(-self.shape[0] // height)
+                step = -(-PIECE_CHUNKS // len(self.batch_chunk_cols(batch)))
+                rows += [(batch, r, min(r + step, grid_rows)) for r in range(0, grid_rows, step)]
+        return np.array(rows, dtype=np.int64).reshape(-1, 3)
 
     @property
     def parts(self) -> int:
@@ -97,6 +115,13 @@ class BatchPlan(BandedPlan):
 
     def slot_offset(self, slot: int) -> int:
         return self.control_bytes + slot * self.slot_bytes
+
+    def inflate_piece(self, into: np.ndarray, fd: int, chunk_rows: slice, chunk_cols: slice) -> None:
+        """The chunks at ``chunk_rows`` x ``chunk_cols`` into ``into`` (chunks, height, width), row
+        after row, read through ``fd``."""
+        stored = tuple(a[chunk_rows, chunk_cols].ravel().tolist() for a in (self.offset, self.size, self.mask))
+        codecs.inflate_into(memoryview(into.reshape(-1).view(np.uint8)), fd, stored, into[0].nbytes,
+                            self.compressed, self.fill)
 
     def worker(self, fd: int) -> BatchFiller:
         return BatchFiller(self, fd)
@@ -125,7 +150,7 @@ class BatchFiller:
 
     def __init__(self, plan: BatchPlan, fd: int):
         self.plan, self.fd = plan, fd
-        self.inflated = np.empty((plan.needed.size, *plan.chunks), dtype=np.dtype(plan.dtype))
+        self.inflated = np.empty((PIECE_CHUNKS, *plan.chunks), dtype=np.dtype(plan.dtype))
         self.control = np.frombuffer(mmap.mmap(plan.ring, plan.control_bytes), dtype=np.int64)
         self.slots: dict[int, np.ndarray] = {}
 
@@ -149,17 +174,32 @@ class BatchFiller:
         return self.slots[slot][:shape[0] * shape[1]].reshape(shape)
 
     def fill(self, part: int) -> None:
-        """Inflate part ``part``'s band and place its lines in its batch."""
+        """Inflate part ``part``'s chunks, about ``PIECE_CHUNKS`` at a time (they stay in the CPU's
+        cache until placed), and place their values in its batch."""
         plan = self.plan
-        batch, band = (int(v) for v in plan.part_table[part])
-        plan.inflate_band(self.inflated, self.fd, band)
-        lines = plan.batch_lines(batch)
-        first, stop = max(band * plan.depth, lines.start), min((band + 1) * plan.depth, lines.stop)
-        local = slice(first - band * plan.depth, stop - band * plan.depth)
+        batch, first_row, stop_row = (int(v) for v in plan.part_table[part])
+        height, width = plan.chunks
+        lines, chunk_cols = plan.batch_lines(batch), plan.batch_chunk_cols(batch)
         into = self.batch_array(batch)
-        into = into[first - lines.start:stop - lines.start] if plan.axis == 0 else \
-            into[:, first - lines.start:stop - lines.start]
-        place_band(into, self.inflated, local, plan.axis)
+        skip = lines.start if plan.axis == 0 else 0  # (the batch's first row)
+        origin = 0 if plan.axis == 0 else lines.start  # (its first column)
+        step = max(1, PIECE_CHUNKS // len(chunk_cols))  # (chunk rows inflated at once)
+        for r0 in range(first_row, stop_row, step):
+            r1 = min(r0 + step, stop_row)
+            for a in range(chunk_cols.start, chunk_cols.stop, PIECE_CHUNKS):
+                b = min(a + PIECE_CHUNKS, chunk_cols.stop)
+                piece = self.inflated[:(r1 - r0) * (b - a)]
+                plan.inflate_piece(piece, self.fd, slice(r0, r1), slice(a, b))
+                if plan.axis == 1 and r1 * height <= plan.shape[0]:  # (whole chunk rows: placed at once)
+                    place_piece(into[r0 * height:r1 * height].reshape(r1 - r0, height, -1),
+                                piece.reshape(r1 - r0, b - a, height, width), slice(0, height), a * width - origin)
+                    continue
+                for k, r in enumerate(range(r0, r1)):
+                    top, bottom = r * height, min((r + 1) * height, plan.shape[0])
+                    if plan.axis == 0:
+                        top, bottom = max(top, lines.start), min(bottom, lines.stop)
+                    place_piece(into[top - skip:bottom - skip], piece[k * (b - a):(k + 1) * (b - a)],
+                                slice(top - r * height, bottom - r * height), a * width - origin)
 
     def result(self, part: int) -> None:
         self.fill(part)
@@ -169,22 +209,20 @@ class BatchFiller:
         return 0, 0, []
 
 
-def place_band(into: np.ndarray, inflated: np.ndarray, local: slice, axis: int) -> None:
-    """Lines ``local`` of a band's chunks ``inflated`` (chunks, height, width: side by side for
-    rows, ``axis`` 0, one under another for columns) into ``into`` (those lines, across the whole
-    other axis)."""
-    count, height, width = inflated.shape
-    if axis == 0:
-        whole = into.shape[1] // width  # (chunks entirely within the matrix; the last may not be)
-        target = into[:, :whole * width]
-        target.shape = (target.shape[0], whole, width)  # (a view, never a copy: else this raises)
-        target[...] = inflated[:whole, local].transpose(1, 0, 2)
-        if whole < count:
-            into[:, whole * width:] = inflated[whole, local, :into.shape[1] - whole * width]
-    else:
-        whole = into.shape[0] // height
-        target = into[:whole * height]
-        target.shape = (whole, height, target.shape[1])
-        target[...] = inflated[:whole, :, local]
-        if whole < count:
-            into[whole * height:] = inflated[whole, :into.shape[0] - whole * height, local]
+def place_piece(into: np.ndarray, inflated: np.ndarray, local: slice, first: int) -> None:
+    """Rows ``local`` of chunks ``inflated`` (chunks, height, width), side by side, into ``into``
+    (those rows, by the batch's columns), where the chunks' first column is the batch's ``first``
+    (negative: it begins before the batch); whatever falls outside the batch is left out. Both may
+    have leading axes (several chunk rows at once: ``into`` by chunk row, ``inflated`` too)."""
+    count, _, width = inflated.shape[-3:]
+    n = into.shape[-1]
+    whole_first = max(0, -(first // width)) if first < 0 else 0  # (chunks wholly within the batch)
+    whole_stop = min(count, (n - first) // width) if n >= first else 0
+    if whole_stop > whole_first:
+        target = into[..., first + whole_first * width:first + whole_stop * width]
+        target.shape = (*target.shape[:-1], whole_stop - whole_first, width)  # (a view, never a copy: else raises)
+        target[...] = np.swapaxes(inflated[..., whole_first:whole_stop, local, :], -3, -2)
+    for k in [*range(0, min(whole_first, count)), *range(max(whole_stop, whole_first), count)]:  # (cut by an edge)
+        start, stop = max(first + k * width, 0), min(first + (k + 1) * width, n)
+        if stop > start:
+            into[..., start:stop] = inflated[..., k, local, start - first - k * width:stop - first - k * width]
