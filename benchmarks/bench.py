@@ -55,13 +55,14 @@ def watch_helpers():
         time.sleep(0.05)
 def done(seconds):
     # VmHWM: this process's own peak (ru_maxrss would carry over the parent's across exec); and
-    # the largest peak of a process the operation started (the helpers of combine, permute and map)
+    # the largest peak of a process the operation started (the helpers of combine, permute, map and scans)
     hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
     print(json.dumps({"s": seconds, "rss_mb": hwm / 1024, "helpers_mb": max(helpers.values(), default=0) / 1024}))
 """
 
 # operations whose helper processes' memory is sampled (elsewhere no sampling thread runs while timed)
-STARTS_HELPERS = {"combine (2 files)", "permute (columns)", "map([np.mean, np.std])", "map over columns"}
+STARTS_HELPERS = {"combine (2 files)", "permute (columns)", "map([np.mean, np.std])", "map over columns",
+                  "scan rows", "scan columns"}
 
 # name -> (setup, timed statement, needs a private copy of the base file)
 OPERATIONS: dict[str, tuple[str, str, bool]] = {

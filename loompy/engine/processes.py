@@ -1,6 +1,7 @@
 """Jobs in child processes: bands re-encoded (:mod:`.bands`; stored here as they come), lines
-reduced (:mod:`.lines`) or lines picked (:mod:`.picks`). Their frames come through pipes widened
-to 1 MB where the system allows.
+reduced (:mod:`.lines`), lines picked (:mod:`.picks`) or a scan's batches filled in memory shared
+with this process (:mod:`.batches`). Their frames come through pipes widened to 1 MB where the
+system allows.
 
 The children are fresh interpreters (``sys.executable``, when it is a Python) that load
 :mod:`.child`, the plans and :mod:`.codecs` from this package's folder without running
