@@ -200,3 +200,33 @@ def test_scan_batches_of_any_chunk_shape(tmp_path, handed, chunks):
                 got = [view[""][:, :] for _, _, view in ds.scan(axis=axis, batch_size=batch_size)]
                 np.testing.assert_array_equal(np.concatenate(got, axis=axis), m, err_msg=f"{axis}, {batch_size}")
     assert None not in handed and len(handed) == sum(-(-n // b) for n in SHAPE for b in (45, 128))
+
+
+def test_a_caller_keeping_many_batches_gets_the_rest_from_the_threads(tmp_path, monkeypatch, handed):
+    """The ring stops at MOST_SLOTS slots (each holds a file descriptor): kept batches stay whole."""
+    monkeypatch.setattr(scans, "MOST_SLOTS", 4)
+    path = tmp_path / "m.loom"
+    m = _matrix(path, SHAPE, np.float32)
+    with loompy.connect(path, "r") as ds:
+        kept = [values for _, _, values in ds.batch_scan(axis=0, batch_size=32)]
+    np.testing.assert_array_equal(np.concatenate(kept), m)
+    assert handed[:3] == [(0, 0), (0, 1), (0, 2)] and handed[-10:] == [None] * 10
+
+
+def test_a_ring_that_cannot_grow_falls_back_to_the_threads(tmp_path, monkeypatch, handed):
+    path = tmp_path / "m.loom"
+    m = _matrix(path, SHAPE, np.float32)
+    real = scans.os.ftruncate
+    grown = []
+
+    def full(fd, size):  # (the second slot finds no memory)
+        grown.append(size)
+        if len(grown) > 2:
+            raise OSError(28, "No space left on device")
+        real(fd, size)
+
+    monkeypatch.setattr(scans.os, "ftruncate", full)
+    with loompy.connect(path, "r") as ds:
+        kept = [view[""][:, :] for _, _, view in ds.scan(axis=1, batch_size=64)]
+    np.testing.assert_array_equal(np.concatenate(kept, axis=1), m)
+    assert handed[0] == (1, 0) and handed[-5:] == [None] * 5

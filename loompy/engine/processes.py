@@ -372,7 +372,7 @@ class BatchJob(ChildJob):
                         self.damage[int(self.plan.part_table[part, 0])] = _read(fd, count).decode(errors="replace")
                         continue
                     self.plan.read_frame(part, count, second, functools.partial(_read, fd))
-                except (EOFError, OSError, ValueError, struct.error):
+                except (EOFError, OSError, ValueError, struct.error, subprocess.TimeoutExpired):
                     self.close()
                     return False
                 self.left[self.plan.part_table[part, 0]] -= 1

@@ -3,7 +3,8 @@ them (:mod:`.batches`), handed to the caller without a copy.
 
 The ring of slots grows only when no slot is free: a slot is free once nothing refers to the batch
 it last held (reference counts, as :class:`~.memory.Recycler` reads them), so a batch the caller
-keeps is never written over, and a loop that lets go of each batch uses four slots or so.
+keeps is never written over, and a loop that lets go of each batch uses four slots. It stops at
+``MOST_SLOTS``: a caller keeping more batches gets the rest from the threads.
 
 Nothing here is needed for correctness: where the helpers cannot run (not Linux, no memfd, fewer
 than ``MIN_CHUNKS`` chunks, a filter the engine does not decode), once any write to the file
@@ -28,6 +29,8 @@ from .memory import _COUNTS_EXACT
 from .storage import chunk_layout, damaged, direct_reads, readable_directly
 
 AHEAD = 2  # batches the children may fill beyond the one asked for
+MOST_SLOTS = 16  # a ring grows to this many slots at most (each is a mapping, which holds a file
+# descriptor): a caller that keeps more batches gets the later ones from the threads
 
 
 class BatchReads:
@@ -93,11 +96,16 @@ class BatchReads:
         if self.changed():  # (the chunks may have moved since the children listed them)
             self.close()
             return None
-        for later in range(number, min(number + AHEAD + 1, self.plan.batches)):
-            if not self.control[later]:
-                slot = self._free_slot(number)
-                self.holds[slot] = later
-                self.control[later] = slot + 1  # (the children may fill it from now on)
+        try:
+            for later in range(number, min(number + AHEAD + 1, self.plan.batches)):
+                if not self.control[later]:
+                    slot = self._free_slot(number)
+                    self.holds[slot] = later
+                    self.control[later] = slot + 1  # (the children may fill it from now on)
+        except OSError:  # (no slot: MOST_SLOTS kept, no memory or descriptors left for one)
+            if not self.control[number]:
+                self.close()
+                return None
         try:
             ready = self.job.wait_for(number)
         except DamagedChunk as error:
@@ -119,6 +127,8 @@ class BatchReads:
             if self.holds[k] < asked and sys.getrefcount(self.owners[k]) == 2:  # (this list, the call)
                 return k
         k = len(self.owners)
+        if k >= MOST_SLOTS:
+            raise OSError(f"{MOST_SLOTS} slots kept")
         os.ftruncate(self.ring, self.plan.slot_offset(k + 1))
         memory = mmap.mmap(self.ring, self.plan.slot_bytes, offset=self.plan.slot_offset(k))
         self.owners.append(np.frombuffer(memory, dtype=np.dtype(self.plan.dtype)))
