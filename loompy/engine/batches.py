@@ -132,7 +132,7 @@ class BatchPlan(BandedPlan):
             raise ValueError(f"part {part} with counts {count}, {second}")
 
     def to_bytes(self) -> bytes:
-        return self.packed(("batch_size", "ring", "parent"), self.others)
+        return self.packed(("batch_size", "ring", "parent"), self.others)  # (others: every position)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> BatchPlan:
@@ -200,9 +200,6 @@ class BatchFiller:
                         top, bottom = max(top, lines.start), min(bottom, lines.stop)
                     place_piece(into[top - skip:bottom - skip], piece[k * (b - a):(k + 1) * (b - a)],
                                 slice(top - r * height, bottom - r * height), a * width - origin)
-
-    def result(self, part: int) -> None:
-        self.fill(part)
 
     def frame(self, part: int) -> tuple[int, int, list]:
         self.fill(part)
