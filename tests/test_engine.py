@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import mmap
 import os
+import resource
 import time
 import zlib
 
@@ -731,6 +733,67 @@ def test_large_fresh_arrays_are_kept_out_of_huge_pages():
         pytest.skip("/proc/self/smaps shows no VmFlags here")
     assert "nh" in flags(large)
     assert "nh" not in flags(before)
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@pytest.mark.skipif(importlib.import_module("loompy.engine.memory")._advise() is None,
+                    reason="no madvise here")
+def test_populating_faults_pages_in_ahead_and_keeps_what_they_hold():
+    from loompy.engine import memory
+
+    def new_small_pages():  # 64 MB: always a mapping of its own (glibc maps anything over 32 MB apart)
+        array = np.empty(16 << 20, np.float32)
+        first = -(-array.ctypes.data // mmap.PAGESIZE) * mmap.PAGESIZE
+        memory._advise()(first, array.nbytes - mmap.PAGESIZE, mmap.MADV_NOHUGEPAGE)
+        return array
+
+    pages = (64 << 20) // mmap.PAGESIZE
+    plain = new_small_pages()
+    before = _minor_faults()
+    plain[:] = 1
+    assert _minor_faults() - before > pages // 2  # (the count this test relies on: a fault per page)
+    ahead = new_small_pages()
+    if not memory.populate(ahead):
+        pytest.skip("this kernel cannot fault pages in ahead (MADV_POPULATE_WRITE: Linux 5.14)")
+    before = _minor_faults()
+    ahead[:] = 1
+    assert _minor_faults() - before < pages // 20
+    values = np.arange(3_000_000, dtype=np.float64)
+    assert memory.populate(values[12_345:2_000_001])  # (pages already there, an odd start and end)
+    assert not memory.populate(values[::2])  # (not contiguous: left alone)
+    np.testing.assert_array_equal(values, np.arange(3_000_000, dtype=np.float64))
+
+
+@pytest.mark.parametrize("how", ["index", "no index"])
+def test_a_large_new_result_is_faulted_in_a_band_at_a_time_as_it_is_read(tmp_path, monkeypatch, how):
+    from loompy.engine import memory, read, storage
+
+    path = tmp_path / "many.h5"
+    m = _many_chunk_file(path)
+    if how == "index":
+        monkeypatch.setattr(storage, "INDEX_SHARE", 10**9)
+    else:
+        monkeypatch.setattr(storage, "build_index", lambda dataset: None)
+    monkeypatch.setattr(read, "POPULATE_FROM", 0)
+    bands = []
+    monkeypatch.setattr(memory, "populate", lambda array: bands.append((array.ctypes.data, array.nbytes)) or True)
+    with h5py.File(path, "r") as f:
+        for rows, cols in [(np.arange(300), np.arange(700)), (np.arange(5, 290, 2), np.arange(30, 650)),
+                           (np.arange(300), np.arange(17, 150))]:
+            bands.clear()
+            got = engine.read_block(f["m"], rows, cols)
+            np.testing.assert_array_equal(got, m[np.ix_(rows, cols)])
+            # every band of rows once, and together the whole result
+            assert len(set(bands)) == len(bands) and sum(n for _, n in bands) == got.nbytes
+            assert sorted(a for a, _ in bands)[0] == got.ctypes.data
+        bands.clear()
+        out = np.zeros((300, 700), np.float32)  # (a result the caller gave: not new, left as it is)
+        engine.read_block(f["m"], np.arange(300), np.arange(700), out=out)
+        np.testing.assert_array_equal(out, m)
+        assert bands == []
 
 
 def test_reads_beside_writes_from_another_thread_are_sound(tmp_path):

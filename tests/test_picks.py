@@ -253,3 +253,22 @@ def test_an_interrupt_as_one_child_is_ended_still_ends_the_others(monkeypatch):
         job.close()
     children[0].wait()
     assert children[1].returncode is not None and job.children == [] and job.shared is None
+
+
+def test_a_large_picked_result_is_faulted_in_while_the_children_read(tmp_path, children, monkeypatch):
+    """This process only waits while the helpers pick: it faults the whole result in meanwhile."""
+    path = tmp_path / "m.loom"
+    m = _matrix(path, SHAPE, np.float32)
+    monkeypatch.setattr(processes, "POPULATE_FROM", 0)
+    populated = []
+    monkeypatch.setattr(processes, "populate", lambda array: populated.append((array.ctypes.data, array.shape)))
+    rows, cols = np.arange(3, 700, 64), np.arange(0, 650, 50)
+    with loompy.connect(path, "r") as ds:
+        got = ds[rows, :]
+        np.testing.assert_array_equal(got, m[rows])
+        assert populated == [(got.ctypes.data, got.shape)]
+        populated.clear()
+        got = ds[:, cols]
+        np.testing.assert_array_equal(got, m[:, cols])
+        assert populated == [(got.ctypes.data, got.shape)]
+    assert len(children) == 4 and children.left == 0

@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - not on Windows (where no helper proces
 
 from . import codecs
 from .child import COUNTER, DAMAGED, DATA, FAILED, FRAME, LENGTH_PREFIX, check_locks
+from .memory import POPULATE_FROM, populate
 from .workers import QUEUED_TASKS, THREADS, run_in_order
 
 if TYPE_CHECKING:  # (the plans are only named here; the children load them)
@@ -317,6 +318,10 @@ class PickJob(ChildJob):
         """Fill ``out`` (the plan's wanted lines by its other wanted positions, as rows by columns)
         with every part's block (see :meth:`ChildJob.work_all`)."""
         plan = self.plan
+        # this process only waits for the children meanwhile (2,000 columns of 20,000: 1.05-1.08 s
+        # against 1.25-1.38 with the result's pages faulted one by one as its columns came in)
+        if out.nbytes >= POPULATE_FROM:
+            populate(out)
 
         def place(part: int, block: np.ndarray) -> None:
             lines = plan.part_lines(part)

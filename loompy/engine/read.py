@@ -29,7 +29,7 @@ import scipy.sparse as sp
 from . import codecs, processes
 from .codecs import DamagedChunk
 from .lines import LinePlan, numpy_name
-from .memory import Scratch, fresh
+from .memory import POPULATE_FROM, Populated, Scratch, fresh
 from .picks import PickPlan, worth_picking
 from .processes import LineJob, PickJob
 from .storage import (
@@ -145,6 +145,7 @@ class _Columns:
 def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
                out: np.ndarray | None = None) -> np.ndarray:
     """Dense ``dataset[np.ix_(rows, cols)]`` for sorted unique ``rows`` and ``cols`` (into ``out`` if given)."""
+    new = out is None
     if out is None:
         out = fresh((rows.size, cols.size), dataset.dtype)
     if out.size == 0:
@@ -156,7 +157,16 @@ def read_block(dataset: h5py.Dataset, rows: np.ndarray, cols: np.ndarray,
         return out
     with reading(dataset):  # (writes from other threads wait: they would move chunks under the read)
         read = _ChunkRead(dataset, layout, rows, cols)
-        read.run(lambda unit, buf: read.columns.place(out[unit.rows, unit.cols], unit, buf))
+        if new and out.nbytes >= POPULATE_FROM:
+            populated = Populated(out)
+
+            def place(unit: _Unit, buf: np.ndarray) -> None:
+                populated.rows(unit.rows)
+                read.columns.place(out[unit.rows, unit.cols], unit, buf)
+
+            read.run(place)
+        else:
+            read.run(lambda unit, buf: read.columns.place(out[unit.rows, unit.cols], unit, buf))
     return out
 
 
