@@ -28,7 +28,8 @@ def test_floor_and_deflate_libraries_run_on_a_small_file(tmp_path):
     loompy.create(path, m, {"Gene": np.arange(200)}, {"CellID": np.arange(300)}).close()
     floor = _run("floor.py", str(path), "--repeats", "1")
     rows = [line for line in floor.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [r.split("|")[1].strip() for r in rows][-6:] == ["ds[:, :]", "sparse()", "scan rows (512)",
+    assert [r.split("|")[1].strip() for r in rows][-7:] == ["ds[:, :]", "ds[:, :] into memory already faulted in",
+                                                           "sparse()", "scan rows (512)",
                                                            "scan columns (512)", "map([np.mean, np.std])",
                                                            "map over columns"]
     assert [r.split("|")[1].strip() for r in rows][2:4] == ["floor, 2 threads", "floor, 2 processes"]
