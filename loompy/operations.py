@@ -75,9 +75,11 @@ def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], Non
 
     with ThreadPoolExecutor(max_workers=1) as helper:
         began, future = writes(), helper.submit(build_saying_why, items[0]) if len(items) > 1 else None
-        wrote = False
+        wrote, parent = False, os.getpid()
         for k, item in enumerate(items):
             built = None
+            if os.getpid() != parent:  # (in a process forked meanwhile: the helper thread stayed behind)
+                future = None
             if future is not None:
                 try:
                     built = future.result()
@@ -92,7 +94,7 @@ def _one_ahead(items: list, build: Callable[[Any], Any], check: Callable[[], Non
             check()
             if built is None:
                 built = build_saying_why(item)
-            if k + 1 < len(items) and not wrote:
+            if k + 1 < len(items) and not wrote and os.getpid() == parent:
                 began, future = writes(), helper.submit(build_saying_why, items[k + 1])
             handed = writes()
             yield built

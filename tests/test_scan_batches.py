@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import os
 import time
 
 import h5py
@@ -230,3 +231,67 @@ def test_a_ring_that_cannot_grow_falls_back_to_the_threads(tmp_path, monkeypatch
         kept = [view[""][:, :] for _, _, view in ds.scan(axis=1, batch_size=64)]
     np.testing.assert_array_equal(np.concatenate(kept, axis=1), m)
     assert handed[0] == (1, 0) and handed[-5:] == [None] * 5
+
+
+def _in_a_fork(work) -> int:
+    """Run ``work()`` (True: it went as it should) in a process forked from this one; its exit status."""
+    pid = os.fork()
+    if pid == 0:  # (the forked process never returns into pytest)
+        try:
+            os._exit(0 if work() else 1)
+        except BaseException:
+            os._exit(2)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_process_forked_while_batches_are_kept_has_its_own_copies(tmp_path, handed):
+    """As with any array: what one side changes after the fork, the other does not see, and batches
+    the helpers fill later do not land in the forked process's batches."""
+    path = tmp_path / "m.loom"
+    m = _matrix(path, SHAPE, np.float32)
+    with loompy.connect(path, "r") as ds:
+        scan = ds.batch_scan(axis=0, batch_size=100)
+        kept = [next(scan)[2], next(scan)[2]]
+        let_go = [next(scan)[2]]  # (the parent lets go of it after the fork)
+        before = [batch.copy() for batch in kept]
+
+        def changes_its_own() -> bool:
+            kept[0][:] = -1
+            time.sleep(0.5)  # (meanwhile the parent writes into the other batch and goes on scanning)
+            return (kept[0] == -1).all() and np.array_equal(kept[1], before[1]) \
+                and np.array_equal(let_go[0], m[200:300])
+
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os._exit(0 if changes_its_own() else 1)
+            except BaseException:
+                os._exit(2)
+        kept[1][:] = -2
+        let_go.clear()
+        rest = [values.copy() for _, _, values in scan]  # (the slot let go of is filled again)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        np.testing.assert_array_equal(kept[0], before[0])
+        assert (kept[1] == -2).all()
+        np.testing.assert_array_equal(np.concatenate(rest), m[300:])
+    assert None not in handed and len(handed) == 7
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_scan_continued_in_a_forked_process_leaves_the_helpers_to_its_parent(tmp_path, handed):
+    path = tmp_path / "m.loom"
+    m = _matrix(path, SHAPE, np.float32)
+    with loompy.connect(path, "r") as ds:
+        scan = ds.batch_scan(axis=0, batch_size=100)
+        got = [next(scan)[2].copy()]
+
+        def continues() -> bool:  # (read there on its own threads; closing the scan ends nothing of the parent's)
+            ok = np.array_equal(next(scan)[2], m[100:200])
+            scan.close()
+            return ok
+
+        assert _in_a_fork(continues) == 0
+        got += [values.copy() for _, _, values in scan]
+    np.testing.assert_array_equal(np.concatenate(got), m)
+    assert None not in handed and len(handed) == 7

@@ -93,6 +93,62 @@ class Populated:
             populate(self.array[rows])
 
 
+@functools.cache
+def _mapping_calls() -> tuple[Callable, Callable, Callable] | None:
+    """libc's mmap, mremap and munmap where Linux has them, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        new_map, remap, unmap = libc.mmap, libc.mremap, libc.munmap
+    except (ImportError, OSError, AttributeError):
+        return None
+    new_map.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    remap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+    unmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    new_map.restype = remap.restype = ctypes.c_void_p
+    return new_map, remap, unmap
+
+
+def _whole_pages(length: int) -> int:
+    return -(-length // mmap.PAGESIZE) * mmap.PAGESIZE
+
+
+def copy_pages(address: int, length: int) -> int | None:
+    """A new private mapping holding the bytes of the ``length`` bytes (whole pages) at ``address``;
+    None where it cannot be had. Give it to :func:`move_pages` or :func:`drop_pages`."""
+    calls = _mapping_calls()
+    if calls is None:
+        return None
+    import ctypes
+
+    length = _whole_pages(length)
+    copy = calls[0](None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if copy in (None, ctypes.c_void_p(-1).value):  # (MAP_FAILED)
+        return None
+    ctypes.memmove(copy, address, length)
+    return copy
+
+
+def move_pages(copy: int, address: int, length: int) -> bool:
+    """Put the pages of ``copy`` (from :func:`copy_pages`) at ``address``, in place of what is mapped
+    there, in one call (arrays viewing ``address`` then view the copy); False, with the copy let
+    go of, where that fails."""
+    _, remap, unmap = _mapping_calls()
+    length = _whole_pages(length)
+    if remap(copy, length, length, 1 | 2, address) == address:  # (MREMAP_MAYMOVE | MREMAP_FIXED)
+        return True
+    unmap(copy, length)
+    return False
+
+
+def drop_pages(copy: int, length: int) -> None:
+    """Let go of ``copy`` (from :func:`copy_pages`)."""
+    _mapping_calls()[2](copy, _whole_pages(length))
+
+
 class Scratch(threading.local):
     """Named arrays, one set per thread, each grown when a request is larger than what it holds.
 

@@ -6,6 +6,10 @@ it last held (reference counts, as :class:`~.memory.Recycler` reads them), so a 
 keeps is never written over, and a loop that lets go of each batch uses four slots. It stops at
 ``MOST_SLOTS``: a caller keeping more batches gets the rest from the threads.
 
+A process forked while batches live (``multiprocessing``'s workers, say) gets its own copy of
+every slot, as it would of any array (:func:`_copy_slots_before_fork`): writes on either side do
+not reach the other, nor do the helpers' later batches reach the forked process.
+
 Nothing here is needed for correctness: where the helpers cannot run (not Linux, no memfd, fewer
 than ``MIN_CHUNKS`` chunks, a filter the engine does not decode), once any write to the file
 began after the scan did (the children read the chunks as they were listed), or once a helper
@@ -17,6 +21,8 @@ from __future__ import annotations
 import mmap
 import os
 import sys
+import warnings
+import weakref
 from collections.abc import Callable
 
 import h5py
@@ -25,7 +31,7 @@ import numpy as np
 from . import processes
 from .batches import BatchPlan
 from .codecs import DamagedChunk
-from .memory import _COUNTS_EXACT
+from .memory import _COUNTS_EXACT, copy_pages, drop_pages, move_pages
 from .storage import chunk_layout, damaged, direct_reads, readable_directly
 
 AHEAD = 2  # batches the children may fill beyond the one asked for
@@ -42,6 +48,7 @@ class BatchReads:
         self.plan: BatchPlan = job.plan
         self.control = np.frombuffer(mmap.mmap(ring, self.plan.control_bytes), dtype=np.int64)
         self.owners: list[np.ndarray] = []  # each slot's memory (a batch handed out is a view of one)
+        self.pid = os.getpid()  # (a process forked from this one leaves the helpers to it)
         self.holds: list[int] = []  # the batch each slot was last given
 
     @classmethod
@@ -93,6 +100,9 @@ class BatchReads:
         helpers stopped (the caller reads it itself). Batches are asked for in order."""
         if self.job is None:
             return None
+        if os.getpid() != self.pid:
+            self.close()
+            return None
         if self.changed():  # (the chunks may have moved since the children listed them)
             self.close()
             return None
@@ -132,14 +142,53 @@ class BatchReads:
         os.ftruncate(self.ring, self.plan.slot_offset(k + 1))
         memory = mmap.mmap(self.ring, self.plan.slot_bytes, offset=self.plan.slot_offset(k))
         self.owners.append(np.frombuffer(memory, dtype=np.dtype(self.plan.dtype)))
+        _SLOTS[id(memory)] = (self.owners[-1].ctypes.data, self.plan.slot_bytes)
+        weakref.finalize(memory, _SLOTS.pop, id(memory), None)
         self.holds.append(asked)
         return k
 
     def close(self) -> None:
-        """End the helpers (batches already handed out stay the caller's)."""
+        """End the helpers (batches already handed out stay the caller's); in a process forked
+        from the one that started them, only forget them: they are its parent's."""
         job, self.job = self.job, None
-        if job is not None:
+        if job is not None and os.getpid() != self.pid:
+            os.close(self.ring)
+        elif job is not None:
             try:
                 job.close()
             finally:
                 os.close(self.ring)
+
+
+_SLOTS: dict[int, tuple[int, int]] = {}  # every slot mapped in this process: address and length, by mapping
+_COPIES: list[tuple[int, int, int | None]] = []  # while this process forks: each slot's address, length, copy
+
+
+def _copy_slots_before_fork() -> None:
+    """Copy every slot just before this process forks: the forked process takes the copies as
+    its slots (:func:`_own_slots_after_fork`). Shared, a batch it changed would change for this
+    process too, and this process's helpers would write new batches into slots the forked
+    process still sees as its batches. (Copied here, not there: there, this process would go on
+    writing while the copy was made.)"""
+    _COPIES[:] = [(address, length, copy_pages(address, length)) for address, length in list(_SLOTS.values())]
+
+
+def _own_slots_after_fork() -> None:
+    copies, _COPIES[:] = list(_COPIES), []
+    failed = sum(1 for address, length, copy in copies if copy is None or not move_pages(copy, address, length))
+    if failed:
+        warnings.warn(f"loompy: {failed} slots of scan batches are still shared with the process this one was "
+                      "forked from: copy batches kept through the fork (np.array) before changing them",
+                      RuntimeWarning, stacklevel=1)
+
+
+def _drop_copies_after_fork() -> None:
+    copies, _COPIES[:] = list(_COPIES), []
+    for _, length, copy in copies:
+        if copy is not None:
+            drop_pages(copy, length)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_copy_slots_before_fork, after_in_child=_own_slots_after_fork,
+                        after_in_parent=_drop_copies_after_fork)
