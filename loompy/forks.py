@@ -17,6 +17,9 @@ file is damaged. So, at the fork:
   refuses to open them again, and refuses reads of the matrix, layers, attributes and graphs not
   read before once the parent has written to the file (its size or modification time changed):
   HDF5 here would read it as it was at the fork.
+
+(A scan's batches, in memory shared with the engine's helper processes, are copied for the child
+by :mod:`loompy.engine.scans`.)
 """
 
 from __future__ import annotations
