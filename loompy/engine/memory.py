@@ -128,6 +128,9 @@ def copy_pages(address: int, length: int) -> int | None:
     copy = calls[0](None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
     if copy in (None, ctypes.c_void_p(-1).value):  # (MAP_FAILED)
         return None
+    advise = _advise()
+    if advise is not None:
+        advise(copy, length, _POPULATE_WRITE)  # (faulted in ahead: see populate)
     ctypes.memmove(copy, address, length)
     return copy
 
