@@ -89,8 +89,8 @@ def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False
     first = parts[0]
     for p in parts[1:]:
         if (p.dtype == object) != (first.dtype == object) or p.shape[1:] != first.shape[1:]:
-            raise LoomValueError(f"{where}: values of one source ({_described(p)}) cannot join those of the first "
-                                 f"({_described(first)})")
+            raise LoomValueError(f"{where}: values of one source ({described(p)}) cannot join those of the first "
+                                 f"({described(first)})")
     if first.dtype.kind in "biuf":  # in the first part's dtype when they fit it exactly: nothing changes
         fitted = []
         for p in parts:
@@ -114,7 +114,7 @@ def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False
     return joined
 
 
-def _described(values: np.ndarray) -> str:
+def described(values: np.ndarray) -> str:
     """What a column attribute's values are, for messages: their kind and how many per column."""
     kind = "text" if values.dtype == object else f"{values.dtype} values"
     each = "one per column" if values.ndim == 1 else f"{' x '.join(map(str, values.shape[1:]))} per column"

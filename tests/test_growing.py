@@ -1345,13 +1345,21 @@ def test_attributes_that_cannot_join_are_described_in_words(tmp_path):
     loompy.create(path, np.zeros((2, 2), np.float32), {"g": np.arange(2)},
                   {"A": np.array(["x", "y"]), "E": np.zeros((2, 3))}).close()
     with loompy.connect(path) as ds:
-        with pytest.raises(loompy.LoomValueError, match=r"'A': values of one source \(uint8 values, one per column\) "
-                                                        r"cannot join those of the first \(text, one per column\)"):
+        with pytest.raises(loompy.LoomValueError, match=r"'A' holds text, one per column, and the new columns' "
+                                                        r"values are uint8 values, one per column: .*"
+                                                        r"ds.ca\['A'\] = ds.ca\['A'\].astype\(str\)"):
             ds.add_columns(np.ones((2, 1), np.float32), {"A": np.array([5], np.uint8), "E": np.zeros((1, 3))})
+        with pytest.raises(loompy.LoomValueError, match=r"'E' holds float64 values, 3 per column, and the new "
+                                                        r"columns' values are text"):
+            ds.add_columns(np.ones((2, 1), np.float32), {"A": np.array(["z"]), "E": np.array(["q"])})
+        ds.ca["E2"] = np.arange(2)
+        ds.ca["E2"] = ds.ca["E2"].astype(str)  # (the way out the message gives)
+        ds.add_columns(np.ones((2, 1), np.float32), {"A": np.array(["z"]), "E": np.zeros((1, 3)), "E2": ["w"]})
+        assert list(ds.ca.E2) == ["0", "1", "w"]
         with pytest.raises(loompy.LoomValueError, match=r"'E': .*\(float64 values, one per column\).*"
                                                         r"\(float64 values, 3 per column\)"):
-            ds.add_columns(np.ones((2, 1), np.float32), {"A": np.array(["z"]), "E": np.zeros(1)})
-        assert ds.shape == (2, 2)
+            ds.add_columns(np.ones((2, 1), np.float32), {"A": np.array(["z"]), "E": np.zeros(1), "E2": ["v"]})
+        assert ds.shape == (2, 3)
 
 
 def test_skip_attrs_takes_one_name_as_a_string(tmp_path):
