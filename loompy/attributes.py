@@ -8,7 +8,7 @@ through to the file at once. A manager made with ``file=None`` holds values in m
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,6 +98,27 @@ class DotAccess:
             raise LoomAttributeError(f"{self._where} '{name}' does not exist") from None
 
 
+class CheckedUpdate:
+    """``update`` for a manager of a file's items: every item is checked before the first is written,
+    so that one bad item leaves the file as it was (MutableMapping's ``update`` would have written
+    the items before it). Subclasses give ``_checked(name, value)``: the checks of one item, which
+    return its write."""
+
+    _file: h5py.File | None
+    _checked: Callable[[str, Any], Callable[[], None]]
+
+    def _checked_all(self, pairs: list[tuple[str, Any]]) -> list[Callable[[], None]]:
+        return [self._checked(name, value) for name, value in pairs]
+
+    @one_of_the_writes
+    def update(self, other: Any = (), /, **more: Any) -> None:
+        """Write every item of ``other`` (a mapping, or pairs) and ``more``, all checked first."""
+        pairs = [(k, other[k]) for k in other.keys()] if hasattr(other, "keys") else list(other)
+        writes = self._checked_all(pairs + list(more.items()))
+        for write in writes:
+            write()
+
+
 def last_written(manager: Any, name: str | None) -> str:
     """When item ``name`` of an attribute or graph manager (None: any of them) was last written, as
     ``ds.last_modified()`` gives it; in memory, now (nothing records it)."""
@@ -111,7 +132,7 @@ def last_written(manager: Any, name: str | None) -> str:
     return fmt.read_stamp(group if name is None else group[name])
 
 
-class AttributeManager(DotAccess, MutableMapping):
+class AttributeManager(DotAccess, CheckedUpdate, MutableMapping):
     """Attributes along one axis (``axis=0``: rows, ``axis=1``: columns)."""
 
     def __init__(self, file: h5py.File | None, axis: int, dims: Dims, *, group_name: str | None = None,
@@ -197,6 +218,9 @@ class AttributeManager(DotAccess, MutableMapping):
     @one_of_the_writes
     def set(self, name: str, values: Any, dtype: Any = None) -> None:
         """Validate ``values`` (one per row/column), then create or overwrite attribute ``name``."""
+        self._checked(name, values, dtype)()
+
+    def _checked(self, name: str, values: Any, dtype: Any = None) -> Callable[[], None]:
         fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
@@ -211,6 +235,10 @@ class AttributeManager(DotAccess, MutableMapping):
             arr = arr.copy()  # the cache must not follow later changes to the caller's array
         if self._file is not None:
             check_room(self._file, approximate_nbytes(arr), where)
+        return lambda: self._store(name, arr, where)
+
+    def _store(self, name: str, arr: np.ndarray, where: str) -> None:
+        if self._file is not None:
             group = self._file.require_group(self._group_name)
             try:
                 fmt.write_values(group, name, arr, resizable=self.axis == 1, where=where, legacy=self._legacy)
@@ -261,7 +289,7 @@ class _KeptGlobals:
     names: list[str] | None = None
 
 
-class GlobalAttributeManager(DotAccess, MutableMapping):
+class GlobalAttributeManager(DotAccess, CheckedUpdate, MutableMapping):
     """File-wide attributes (``title``, ``description``...); ``LOOM_SPEC_VERSION`` is read-only."""
 
     def __init__(self, f: h5py.File, *, in_group: bool, legacy: bool) -> None:
@@ -297,12 +325,15 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
 
     @one_of_the_writes
     def __setitem__(self, name: str, value: Any) -> None:
+        self._checked(name, value)()
+
+    def _checked(self, name: str, value: Any) -> Callable[[], None]:
         fmt.check_name(name, self._where)
         if name == fmt.SPEC_VERSION_KEY:
             if isinstance(value, bytes):  # (np.bytes_ too)
                 value = value.decode("utf-8", "replace")
             if name in self and isinstance(value, str) and value == str(self[name]):
-                return  # (set to what it is: nothing changes, as in loompy 3)
+                return lambda: None  # (set to what it is: nothing changes, as in loompy 3)
             raise LoomValueError(f"{self._where} '{name}' is managed by loompy and cannot be changed")
         if name in (fmt.LAST_MODIFIED, fmt.APPEND_JOURNAL) and not self._in_group:  # (a file before spec 3.0.0)
             use = "time stamp of the file" if name == fmt.LAST_MODIFIED else "record of an unfinished append"
@@ -311,8 +342,11 @@ class GlobalAttributeManager(DotAccess, MutableMapping):
         check_writable(self._file, f"{self._where} '{name}'")
         arr = fmt.normalize_global(value, name, self._file.filename)
         check_room(self._file, approximate_nbytes(np.asarray(arr)), f"{self._where} '{name}'")
-        with changing(self._file, "globals"):
-            fmt.write_global(self._file, name, arr, self._in_group)
+
+        def write() -> None:
+            with changing(self._file, "globals"):
+                fmt.write_global(self._file, name, arr, self._in_group)
+        return write
 
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:

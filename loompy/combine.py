@@ -108,9 +108,12 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
 
         for a in attr_names:
             parts = [column_values(c, a, sel) for c, sel in zip(conns, cols)]
-            if len({p.dtype == object for p in parts}) > 1 and not convert_attrs:
-                raise LoomValueError(f"{doing}: column attribute '{a}' is text in some files and numbers in "
-                                     "others (pass convert_attrs=True to store it as text)")
+            text = {c.filename: p.dtype == object for c, p in zip(conns, parts) if len(p)}  # (none: no clash)
+            if len(set(text.values())) > 1 and not convert_attrs:
+                raise LoomValueError(f"{doing}: column attribute '{a}' is text in "
+                                     f"{', '.join(k for k, v in text.items() if v)} and numbers in "
+                                     f"{', '.join(k for k, v in text.items() if not v)} (pass convert_attrs=True "
+                                     "to store it as text)")
             col_attrs[a] = join_values(parts, f"{doing}: column attribute '{a}'", convert_attrs)
         # each layer holds every input's values unchanged: the dtype numpy would concatenate them in, or
         # when that would round 64-bit integers, one that holds the values the inputs have

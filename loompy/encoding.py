@@ -15,6 +15,7 @@ from __future__ import annotations
 import html
 import numbers
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import h5py
@@ -198,6 +199,10 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
     dtype. ``length`` (if given) is the required size of the first dimension.
     """
     refuse_masked(values, where)
+    if isinstance(values, Mapping):  # (numpy would take its keys: "expected 6 values, got 2")
+        names = [repr(k) for k in list(values)[:5]] + (["..."] if len(values) > 5 else [])
+        raise LoomValueError(f"{where}: expected an array of values, got a mapping ({type(values).__name__}: "
+                             f"{', '.join(names)})")
     if _has_nul(values):  # (checked before numpy, whose fixed-width strings drop trailing NULs)
         raise LoomValueError(f"{where}: strings cannot contain NUL characters (HDF5 would truncate them)")
     try:
@@ -242,6 +247,8 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         arr = _text_fields_as_str(arr, where)
     if arr.dtype.kind == "b":
         arr = arr.astype(np.uint8)
+    if arr.dtype.names is not None:
+        arr = _plain_fields(arr, where)
     if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:  # (numpy's longdouble: no portable HDF5 type)
         raise LoomValueError(f"{where}: values of dtype {arr.dtype} are not portable across machines; "
                              "cast them to float64")
@@ -255,6 +262,22 @@ def normalize_values(values: Any, where: str, length: int | None = None) -> np.n
         if arr.shape[0] != length:
             raise LoomValueError(f"{where}: expected {length} values, got {arr.shape[0]} (shape {arr.shape})")
     return arr
+
+
+def _plain_fields(arr: np.ndarray, where: str) -> np.ndarray:
+    """A compound array (pySCENIC's and SCope's attributes) whose fields follow the rules of plain
+    values: booleans as uint8; no complex numbers, dates, long doubles or nested records."""
+    kinds = [arr.dtype.fields[n][0] for n in arr.dtype.names]  # (a field may hold several values: .base, .shape)
+    for name, kind in zip(arr.dtype.names, kinds):
+        if kind.base.kind in "mMcV" or (kind.base.kind == "f" and kind.base.itemsize > 8):
+            raise LoomValueError(f"{where}: field '{name}' of dtype {kind} cannot be stored in a Loom file")
+    if not any(kind.base.kind == "b" for kind in kinds):
+        return arr
+    out = np.empty(arr.shape, dtype=[(n, (np.uint8, k.shape) if k.base.kind == "b" else k)
+                                     for n, k in zip(arr.dtype.names, kinds)])
+    for name in arr.dtype.names:
+        out[name] = arr[name]
+    return out
 
 
 def _maybe_rounded(arr: np.ndarray) -> bool:

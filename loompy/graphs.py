@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import h5py
@@ -11,7 +11,7 @@ import scipy.sparse as sp
 
 from . import forks, swaps
 from . import format as fmt
-from .attributes import DotAccess, last_written
+from .attributes import CheckedUpdate, DotAccess, last_written
 from .encoding import refuse_masked
 from .engine import codecs
 from .errors import LoomFormatError, LoomKeyError, LoomValueError, naming
@@ -154,7 +154,7 @@ def store_graph(parent: h5py.Group, name: str, graph: sp.coo_matrix, like: h5py.
     return group
 
 
-class GraphManager(DotAccess, MutableMapping):
+class GraphManager(DotAccess, CheckedUpdate, MutableMapping):
     """Graphs along one axis as ``scipy.sparse.coo_matrix`` (N x N for rows, M x M for columns)."""
 
     def __init__(self, file: h5py.File | None, axis: int, dims: Dims, *, group_name: str | None = None,
@@ -237,6 +237,9 @@ class GraphManager(DotAccess, MutableMapping):
 
     @one_of_the_writes
     def __setitem__(self, name: str, graph: Any) -> None:
+        self._checked(name, graph)()
+
+    def _checked(self, name: str, graph: Any) -> Callable[[], None]:
         fmt.check_name(name, self._where)
         where = f"{self._where} '{name}'"
         check_writable(self._file, where)
@@ -259,21 +262,24 @@ class GraphManager(DotAccess, MutableMapping):
         for problem in edge_problems(a, b, w, n):
             raise LoomValueError(f"{where}: {problem}")
         w = _float_weights(w, where)
+        if self._file is not None:
+            check_room(self._file, a.nbytes + b.nbytes + w.nbytes, where)
+        return lambda: self._store(name, sp.coo_matrix((w, (a, b)), shape=(n, n)))
+
+    def _store(self, name: str, graph: sp.coo_matrix) -> None:
         if self._file is None:
-            self._memory[name] = sp.coo_matrix((w, (a, b)), shape=(n, n))
+            self._memory[name] = graph
             return
-        check_room(self._file, a.nbytes + b.nbytes + w.nbytes, where)
         parent = self._file.require_group(self._group_name)
         existing = parent.get(name)
         like = existing if isinstance(existing, h5py.Group) else None
-        graph = sp.coo_matrix((w, (a, b)), shape=(n, n))
         # (written whole before it takes the name: refused or interrupted, the old graph stays)
         start = changes(self._file, "graphs")
         with changing(self._file, "graphs"):
             swaps.replace(parent, name, lambda target: store_graph(parent, target, graph, like))
         fmt.touch(parent)
         if changes(self._file, "graphs") == start + 2:  # (no other graph write meanwhile: keep it)
-            self._found[name] = ((self._file.id.id, start + 2, n), graph.copy())
+            self._found[name] = ((self._file.id.id, start + 2, graph.shape[0]), graph.copy())
 
     @one_of_the_writes
     def __delitem__(self, name: str) -> None:

@@ -207,7 +207,7 @@ def _column_attrs(ds: LoomConnection, col_attrs: Any, n_new: int, fill_values: A
         what = f"{where}: column attribute '{name}'"
         if name in stored:
             sample = samples[name]  # its dtype and shape decide how the new values join
-            if (sample.dtype == object) != (values.dtype == object) and not convert_attrs:
+            if (sample.dtype == object) != (values.dtype == object) and len(values) and not convert_attrs:
                 raise LoomValueError(f"{what} holds {joining.described(sample)}, and the new columns' values are "
                                      f"{joining.described(values)}: give the new columns the same kind of values "
                                      f"(or store the attribute as text first: ds.ca['{name}'] = "

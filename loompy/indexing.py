@@ -158,6 +158,8 @@ def select_axis(key: Any, length: int, axis: int) -> AxisSelection:
         return AxisSelection(np.zeros(0, dtype=np.int64), length)
     if arr.dtype.kind not in "iu":
         raise LoomIndexError(f"{name} indices must be integers or booleans, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and (arr >= length).any():  # (before int64, where 2**64 - 1 would read as -1)
+        raise LoomIndexError(f"{name} index {int(arr[arr >= length][0])} is out of bounds for {length} {name}s")
     idx = arr.astype(np.int64)
     bad = (idx < -length) | (idx >= length)
     if bad.any():

@@ -83,6 +83,9 @@ def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False
     """Column attribute values of several sources, one after the other, with no value changed:
     each part is taken in the first one's dtype when it fits it, else the parts are promoted only
     if every value survives. With ``convert_attrs``, text in any part makes all of them text."""
+    filled = [p for p in parts if len(p)]  # (a part without values, from a file without columns, fits any)
+    if filled and len(filled) < len(parts):
+        parts = [p if len(p) else np.empty((0, *filled[0].shape[1:]), filled[0].dtype) for p in parts]
     kinds = {p.dtype == object for p in parts}
     if len(kinds) > 1 and convert_attrs and all(p.dtype.names is None for p in parts):
         parts = [encoding.normalize_values(p.astype(str), where) for p in parts]

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 
 from . import encoding, engine, swaps
 from . import format as fmt
-from .attributes import DotAccess
+from .attributes import CheckedUpdate, DotAccess
 from .errors import LoomError, LoomFileError, LoomKeyError, LoomTypeError, LoomValueError, naming, naming_the_file
 from .files import stored_size_bound
 from .handles import (
@@ -228,7 +228,7 @@ def _input_dtype(matrix: Any) -> np.dtype:
     return matrix.dtype if hasattr(matrix, "dtype") else np.asarray(matrix).dtype
 
 
-class LayerManager(DotAccess, MutableMapping):
+class LayerManager(DotAccess, CheckedUpdate, MutableMapping):
     """Layers by name; ``""`` is the main matrix at ``/matrix``."""
 
     def __init__(self, file: h5py.File, dims: Dims) -> None:
@@ -322,6 +322,23 @@ class LayerManager(DotAccess, MutableMapping):
         the old layer stays. The old layer's space HDF5 reuses only while the file stays open;
         ``repack`` reclaims it.
         """
+        self._checked(name, matrix, chunks, chunk_cache, dtype, compression_opts)()
+
+    def _checked_all(self, pairs: list[tuple[str, Any]]) -> list[Callable[[], None]]:
+        # (the main matrix of a file that has none yet gives the shape the others are checked against)
+        first = [k for k, (name, _) in enumerate(pairs) if name == ""][:1]
+        pairs = [pairs[k] for k in first] + [p for k, p in enumerate(pairs) if k not in first]
+        writes: list[Callable[[], None]] = []
+        for name, matrix in pairs:
+            writes.append(self._checked(name, matrix, shape=getattr(writes[0], "shape", None) if writes else None))
+        return writes
+
+    def _checked(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
+                 chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
+                 compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL,
+                 shape: tuple[int, int] | None = None) -> Callable[[], None]:
+        """The checks of a ``set_layer``; returns its write (``shape``: the matrix's shape, when a
+        main matrix checked just before will define it)."""
         fmt.check_name(name, f"{self._file.filename}: layer", empty=True)
         where = f"{self._file.filename}: layer '{name}'"
         check_writable(self._file, where)
@@ -336,15 +353,25 @@ class LayerManager(DotAccess, MutableMapping):
         if matrix is not None:
             matrix = encoding.matrix_values(matrix, where)
         target_dtype = fmt.check_matrix_dtype(dtype if dtype is not None else _input_dtype(matrix), where)
-        shape = self._dims.shape if matrix is None else tuple(matrix.shape)
+        expected = shape or self._dims.shape
+        shape = expected if matrix is None else tuple(matrix.shape)
         if len(shape) != 2:
             raise LoomValueError(f"{where}: a layer must be two-dimensional, got shape {shape}")
         defines_shape = self._dims.shape == (0, 0) and name == "" and "" not in self
-        if not defines_shape and shape != self._dims.shape:
-            raise LoomValueError(f"{where}: shape {shape} does not match the matrix shape {self._dims.shape}")
+        if not defines_shape and shape != expected:
+            raise LoomValueError(f"{where}: shape {shape} does not match the matrix shape {expected}")
         if matrix is not None:
             fmt.check_fits(matrix, target_dtype, where)
         check_free_space(self._file.filename, stored_size_bound(matrix) + SPARE_BYTES, where)
+
+        def write() -> None:
+            self._store(name, matrix, shape, target_dtype, chunks, compression_opts, chunk_cache, defines_shape)
+        if defines_shape:
+            write.shape = shape  # (see _checked_all)
+        return write
+
+    def _store(self, name: str, matrix: Any, shape: tuple[int, int], target_dtype: np.dtype,
+               chunks: tuple[int, int], compression_opts: int | None, chunk_cache: int, defines_shape: bool) -> None:
         existing = self._dataset(name)
         group, final = fmt.layer_place(self._file, name)
 

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -113,9 +114,13 @@ def swap_in(group: h5py.Group, name: str, staged: str) -> h5py.Dataset:
             del f[backup]
         discard(f, staged)
         raise
-    if backup in f:
-        del f[backup]
-    discard(f, staged)  # (only its note is left to drop)
+    try:  # the new value is in place: a failure from here on is left for the next writable open
+        if backup in f:
+            del f[backup]
+        discard(f, staged)  # (only its note is left to drop)
+    except Exception as exc:
+        warnings.warn(f"{f.filename}: '{target}' is written, but its old value could not be deleted ({exc}); "
+                      "the file's next opening for writing deletes it", stacklevel=2)
     return f[target]
 
 

@@ -2373,3 +2373,35 @@ def test_text_given_a_boolean_dtype_is_read_as_what_it_says(small):
         with pytest.raises(loompy.LoomValueError, match=r"small\.loom: column attribute 'B'.*'yes' is not a boolean"):
             ds.set_attr("B", np.array(["yes"] * 8), axis=1, dtype=bool)
         np.testing.assert_array_equal(ds.ca.B, before)
+
+
+def test_a_mapping_given_as_attribute_values_is_named_as_one(small):
+    """An attribute manager given as values was read as its names ("expected 5 values, got 2")."""
+    path, m, ra, ca = small
+    with loompy.connect(path) as ds:
+        before = {k: ds.ra[k].tolist() for k in ds.ra.keys()}
+        with pytest.raises(loompy.LoomValueError, match=r"row attribute 'X': expected an array of values, got a "
+                                                        r"mapping \(AttributeManager: '"):
+            ds.ra["X"] = ds.view[:, :].ra
+        with pytest.raises(loompy.LoomValueError, match=r"column attribute 'G': .* mapping \(dict: 'a'\)"):
+            ds.ca.G = {"a": 1}
+        assert {k: ds.ra[k].tolist() for k in ds.ra.keys()} == before and "G" not in ds.ca
+
+
+def test_compound_attribute_fields_follow_the_rules_of_plain_values(small):
+    """A boolean field was stored as an HDF5 enum, a complex one as a compound of two floats, which
+    plain values refuse (booleans are stored as uint8; complex numbers not at all)."""
+    path, m, ra, ca = small
+    n = m.shape[1]
+    with loompy.connect(path) as ds:
+        given = np.array([(True, 1.5, [1, 0])] * n, dtype=[("x", "?"), ("y", "f2"), ("z", "?", (2,))])
+        ds.ca.s = given
+        assert ds.ca.s.dtype == np.dtype([("x", "u1"), ("y", "f2"), ("z", "u1", (2,))])
+        assert ds.ca.s["x"].tolist() == [1] * n and ds.ca.s["z"].tolist() == [[1, 0]] * n
+        for bad, dtype in (("complex64", [("x", "c8")]), (r"datetime64\[s\]", [("x", "M8[s]")]),
+                           (r"\[\('a', '<f4'\)\]", [("x", [("a", "f4")])])):
+            with pytest.raises(loompy.LoomValueError, match=f"column attribute 'q': field 'x' of dtype {bad} cannot"):
+                ds.ca.q = np.zeros(n, dtype=dtype)
+        assert "q" not in ds.ca
+    with h5py.File(path, "r") as f:
+        assert f["col_attrs/s"].dtype == np.dtype([("x", "u1"), ("y", "f2"), ("z", "u1", (2,))])

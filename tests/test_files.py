@@ -871,3 +871,31 @@ def test_a_forked_childs_descriptor_is_made_read_only_where_dev_fd_is_the_same_o
     finally:
         os.close(fd)
     assert path.read_bytes() == b"loom"
+
+
+def test_a_replacement_that_fails_only_to_delete_the_old_value_reports_it_done(tmp_path, monkeypatch):
+    """Once the new layer has taken the name, an error deleting the old one (an I/O error) raised
+    as if the write had failed; it is a warning now, and the next writable open deletes it."""
+    path = make(tmp_path / "a.loom")
+    swaps = __import__("importlib").import_module("loompy.swaps")
+    new = np.full((3, 4), 5, np.int16)
+    with loompy.connect(path) as ds:
+        ds.layers["x"] = np.ones((3, 4), np.int32)
+        deleting = h5py.Group.__delitem__
+
+        def failing(group, name):
+            if str(name).endswith(".old"):
+                raise OSError("injected: HDF5 could not delete it")
+            deleting(group, name)
+        monkeypatch.setattr(h5py.Group, "__delitem__", failing)
+        with pytest.warns(UserWarning, match=r"a\.loom: '/layers/x' is written, but its old value could not be "
+                                             r"deleted \(injected"):
+            ds.layers["x"] = new
+        monkeypatch.setattr(h5py.Group, "__delitem__", deleting)
+        assert ds.layers["x"][:, :].tolist() == new.tolist()
+    with h5py.File(path, "r") as f:
+        assert any(k.endswith(".old") for k in f[swaps.STAGING])  # (left for the next writable open)
+    with loompy.connect(path) as ds:
+        assert ds.layers["x"][:, :].tolist() == new.tolist()
+    with h5py.File(path, "r") as f:
+        assert swaps.STAGING not in f or not any(k.endswith(".old") for k in f[swaps.STAGING])

@@ -2020,3 +2020,79 @@ def test_add_loom_of_a_file_another_thread_begins_appending_to_as_it_reads_is_re
         one.close()
     with loompy.connect(paths[0]) as ds:  # (the half-begun append is rolled back)
         assert ds.shape == (30, 20)
+
+
+@pytest.mark.parametrize("manager, good, bad", [
+    ("ca", {"Val": np.zeros(3)}, {"B": np.ones(4)}),
+    ("ra", {"Val": np.zeros(5)}, {"B": np.ones(4)}),
+    ("attrs", {"title": "new"}, {"B": None}),
+    ("layers", {"": np.full((5, 3), 7, np.float32), "L": np.ones((5, 3))}, {"B": np.ones((5, 4))}),
+    ("col_graphs", {"G": np.eye(3)}, {"B": np.eye(4)}),
+    ("row_graphs", {"G": np.eye(5)}, {"B": np.array([[0, 1], [1, 0]])}),
+])
+def test_an_update_with_one_bad_item_writes_none_of_them(tmp_path, manager, good, bad):
+    """MutableMapping's update wrote the items before a bad one (an attribute overwritten, then an
+    error): every item is now checked first."""
+    path = make(tmp_path / "a.loom", np.arange(15, dtype=np.float32).reshape(5, 3))
+    with loompy.connect(path) as ds:
+        ds.ca.Val, ds.ra.Val, ds.attrs.title = np.arange(3.0), np.arange(5.0), "old"
+    before = _dump(path)
+    with loompy.connect(path) as ds:
+        with pytest.raises(loompy.LoomError, match=r"a\.loom: .*'B'"):
+            getattr(ds, manager).update({**good, **bad})
+        with pytest.raises(loompy.LoomError, match=r"a\.loom: .*'B'"):
+            getattr(ds, manager).update(list(good.items()), **bad)  # (pairs, and keywords)
+        assert ds.ca.Val.tolist() == [0, 1, 2] and ds.attrs.title == "old"
+    assert _dump(path) == before
+    with loompy.connect(path) as ds:  # all good: all written, as MutableMapping's update did
+        getattr(ds, manager).update(good)
+        for name, value in good.items():
+            got = getattr(ds, manager)[name]
+            got = got.toarray() if hasattr(got, "toarray") else got[:, :] if manager == "layers" else got
+            assert np.array_equal(got, value)
+
+
+def test_an_update_of_a_new_files_layers_takes_the_main_matrix_first(tmp_path):
+    path = tmp_path / "n.loom"
+    with loompy.new(path) as ds:
+        with pytest.raises(loompy.LoomValueError, match=r"layer 'a': shape \(2, 3\) .* \(2, 2\)"):
+            ds.layers.update({"a": np.ones((2, 3)), "": np.ones((2, 2), np.float32)})
+        assert ds.shape == (0, 0) and list(ds.layers.keys()) == []
+        ds.layers.update({"a": np.ones((2, 2)), "": np.full((2, 2), 3, np.float32)})
+        assert ds.shape == (2, 2) and ds[:, :].tolist() == [[3, 3], [3, 3]] and ds.layers["a"][0, 0] == 1
+
+
+def test_combine_names_the_files_where_a_column_attribute_is_text_and_where_numbers(tmp_path):
+    a = make(tmp_path / "a.loom", np.ones((3, 2), np.float32))
+    b = make(tmp_path / "b.loom", np.ones((3, 2), np.float32), cells=["y0", "y1"])
+    c = make(tmp_path / "c.loom", np.ones((3, 2), np.float32), cells=["z0", "z1"])
+    with loompy.connect(b) as ds:
+        ds.ca.N = np.array(["p", "q"])
+    out = tmp_path / "abc.loom"
+    with pytest.raises(loompy.LoomValueError, match=r"'N' is text in .*b\.loom and numbers in .*a\.loom, .*c\.loom "
+                                                    r"\(pass convert_attrs=True"):
+        loompy.combine([a, b, c], out)
+    assert not out.exists()
+
+
+def test_combine_takes_an_input_without_columns_whatever_its_attributes_dtypes(tmp_path):
+    """A file of no columns whose CellID is an empty float64 array (as np.array([]) gives) has no
+    value that could clash with the text of the others: it was refused as text against numbers."""
+    a = make(tmp_path / "a.loom", np.arange(6, dtype=np.float32).reshape(3, 2))
+    empty = tmp_path / "e.loom"
+    loompy.create(empty, np.zeros((3, 0), np.float32), {"Gene": [f"g{i}" for i in range(3)],
+                                                         "Score": np.arange(3) * 1.5},
+                  {"CellID": np.array([]), "N": np.array([], dtype=np.float64)}).close()
+    out = tmp_path / "ae.loom"
+    loompy.combine([empty, a], out, key="Gene")
+    with loompy.connect(out, "r") as ds:
+        assert ds.shape == (3, 2) and list(ds.ca.CellID) == ["c0", "c1"] and ds.ca.N.tolist() == [0, 1]
+        assert ds[:, :].tolist() == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_add_columns_of_no_columns_takes_empty_values_of_any_dtype(tmp_path):
+    path = make(tmp_path / "a.loom", np.ones((3, 2), np.float32))
+    with loompy.connect(path) as ds:
+        ds.add_columns({"": np.ones((3, 0), np.float32), "x": np.ones((3, 0), np.int32)},
+                       {"CellID": np.array([]), "N": np.array([], dtype=np.float64)})
+        assert ds.shape == (3, 2) and list(ds.ca.CellID) == ["c0", "c1"] and ds.ca.N.tolist() == [0, 1]

@@ -107,6 +107,24 @@ def test_out_of_bounds_raises_index_error(matrix_file, key):
     assert isinstance(info.value, loompy.LoomError)
 
 
+def test_unsigned_indices_past_int64_are_out_of_bounds_not_wrapped(tmp_path):
+    """np.uint64 2**64 - 1 read as int64 is -1: it selected, and wrote, the last row."""
+    m = np.arange(12, dtype=np.float32).reshape(4, 3)
+    path = tmp_path / "u.loom"
+    loompy.create(path, m, {"g": np.arange(4)}, {"c": np.arange(3)}).close()
+    with loompy.connect(path) as ds:
+        for big in (2**64 - 1, 2**63):
+            key = np.array([1, big], dtype=np.uint64)
+            with pytest.raises(loompy.LoomIndexError, match=f"row index {big} is out of bounds for 4 rows"):
+                ds[key, :] = -1
+            with pytest.raises(loompy.LoomIndexError, match=f"column index {big} is out"):
+                ds[:, key]
+            with pytest.raises(loompy.LoomIndexError, match=f"index {big} is out"):
+                ds.ca[key]
+        assert ds[:, :].tolist() == m.tolist()
+        assert ds[np.array([3, 0], np.uint64), :].tolist() == m[[3, 0]].tolist()
+
+
 @pytest.mark.parametrize("key", [(0, 0, 0), (..., 0, ...), (np.ones(3, bool), 0), ([0.5], 0), (None, 0)])
 def test_invalid_keys_are_rejected(matrix_file, key):
     path, _ = matrix_file
