@@ -168,7 +168,7 @@ class H5Reader:
                                 feature_types=_strings(feats["feature_type"][...]) if "feature_type" in feats else None,
                                 genomes=_strings(feats["genome"][...]) if "genome" in feats else None)
                 if genome is not None and data.genomes is not None:  # that genome's features only
-                    data.genome = _choose_genome(sorted(set(data.genomes.tolist())), genome, path)
+                    data.genome = _choose_genome(sorted(set(data.genomes.tolist()) - {""}), genome, path)
                     data.genome_checked = True
             else:
                 names = [k for k, v in f.items() if isinstance(v, h5py.Group) and "indptr" in v]
@@ -184,8 +184,8 @@ class H5Reader:
             counts = sp.csc_matrix((g["data"][...], g["indices"][...], g["indptr"][...]), shape=shape)
             counts.check_format(full_check=True)  # (a ValueError: reading_source names the file)
             data.matrix, data.sources = _counts(counts), [path]
-        if data.genome is not None and data.genomes is not None:
-            data.keep_rows(data.genomes == data.genome)
+        if data.genome is not None and data.genomes is not None:  # (and those of none: antibodies, guides)
+            data.keep_rows((data.genomes == data.genome) | (data.genomes == ""))
         return data
 
 
@@ -421,7 +421,7 @@ def create_from_cellranger(indir: str | os.PathLike | None = None, outdir: str |
     for name, value in (sample_annotation or {}).items():
         value = np.asarray(value)
         col_attrs[name] = np.full(len(cell_ids), value[()], dtype=value.dtype) if value.ndim == 0 else value
-    single = np.unique(data.genomes) if data.genomes is not None else []
+    single = np.setdiff1d(data.genomes, [""]) if data.genomes is not None else []
     genome_name = data.genome or (str(single[0]) if len(single) == 1 else None) or genome  # (CR3 .h5: per feature)
     attrs = {**_run_record(sample_folder, read), **dict(file_attrs or {})}
     if genome_name and "Genome" not in (file_attrs or {}):

@@ -288,6 +288,29 @@ def test_genome_picks_that_genome_s_features_of_a_cellranger3_h5(tmp_path):
     assert not (tmp_path / "x.loom").exists()
 
 
+def test_genome_keeps_the_features_of_no_genome_antibodies_and_guides(tmp_path):
+    """Cell Ranger 3 gives Antibody Capture features an empty genome: genome= dropped them (loompy 3
+    kept every feature), and a sample of one genome got no global Genome."""
+    path = tmp_path / "citeseq.h5"
+    with h5py.File(CR3 / "filtered_feature_bc_matrix.h5", "r") as src, h5py.File(path, "w") as f:
+        src.copy(src["matrix"], f, name="matrix")
+        genomes = f["matrix/features/genome"][...].copy()
+        genomes[-5:] = b""
+        types = f["matrix/features/feature_type"][...].astype("S32")
+        types[-5:] = b"Antibody Capture"
+        for name, values in (("genome", genomes), ("feature_type", types)):
+            del f[f"matrix/features/{name}"]
+            f[f"matrix/features/{name}"] = values
+    whole = read_10x(CR3 / "filtered_feature_bc_matrix.h5")
+    for genome in ("GRCh38_chr21", None):
+        out = loompy.create_from_cellranger(path, str(tmp_path / f"{genome}.loom"), genome=genome)
+        with loompy.connect(out, "r") as ds:
+            assert ds.shape == whole.matrix.shape and ds.attrs.Genome == "GRCh38_chr21"
+            assert list(ds.ra.FeatureType[-6:]) == ["Gene Expression"] + ["Antibody Capture"] * 5
+            assert list(ds.ra.Genome[-6:]) == ["GRCh38_chr21"] + [""] * 5
+            np.testing.assert_array_equal(ds[:, :], whole.matrix.toarray())
+
+
 def test_genome_folders_of_cellranger2_given_directly(tmp_path):
     genomes = tmp_path / "outs" / "filtered_gene_bc_matrices"
     shutil.copytree(CR2 / "filtered_gene_bc_matrices", genomes)
