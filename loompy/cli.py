@@ -22,17 +22,20 @@ EXAMPLE = Path(__file__).parent / "data" / "pbmc_cr3"
 
 
 def _describe(values: np.ndarray) -> str:
-    kind = "str" if values.dtype == object else str(values.dtype)
+    names = values.dtype.names
+    kind = ("str" if values.dtype == object else str(values.dtype) if names is None
+            else f"compound of {len(names)} fields ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
     shape = "" if values.ndim == 1 else f" shape {values.shape}"
-    preview = ", ".join(str(v) for v in values[:3].tolist())
-    return f"{kind}{shape}  [{preview}{', ...' if len(values) > 3 else ''}]"
+    preview = ", ".join(str(v) for v in values[:3].tolist()) + (", ..." if len(values) > 3 else "")
+    return f"{kind}{shape}  [{preview if len(preview) <= 80 else preview[:77] + '...'}]"
 
 
 def summary(ds: loompy.LoomConnection) -> str:
     """A plain-text summary of an open file: shape, layers, attributes, graphs, global attributes."""
     n, m = ds.shape
     lines = [f"{ds.filename}", f"  spec {ds.version}, {n} rows x {m} columns"]
-    lines.append("  layers: " + ", ".join(f"{name or '(main)'} {ds.layers[name].dtype}" for name in ds.layers.keys()))
+    lines.append("  layers: " + (", ".join(f"{name or '(main)'} {ds.layers[name].dtype}" for name in ds.layers.keys())
+                                 or "(none)"))
     for label, manager in (("row attributes", ds.ra), ("column attributes", ds.ca)):
         lines.append(f"  {label}:")
         lines += [f"    {name}: {_describe(manager[name])}" for name in manager.keys()] or ["    (none)"]

@@ -248,9 +248,12 @@ def read_10x(path: str | os.PathLike, genome: str | None = None) -> TenXData:
     if root.is_file():
         raise LoomValueError(f"{root}: not a Cell Ranger .h5 file (it holds a group 'matrix', or one per genome, "
                              "with data, indices, indptr and shape)")
+    raw = [p for base in (root, root / "outs") for p in (base / V3_FOLDERS[1], base / V2_FOLDERS[1],
+                                                         base / "raw_feature_bc_matrix.h5") if p.exists()]
+    hint = f"; the raw matrices are read only when named: give {raw[0]}" if raw else ""
     raise LoomValueError(f"{root}: no 10x Genomics matrix found (looked for a Matrix Market folder with "
                          "matrix.mtx, barcodes.tsv and genes.tsv/features.tsv, or a Cell Ranger .h5 file, "
-                         "also below outs/)")
+                         f"also below outs/, of filtered barcodes{hint})")
 
 
 def _by_barcode(path: Path) -> dict[str, list[str]]:

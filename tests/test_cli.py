@@ -128,3 +128,18 @@ def test_ctrl_c_during_an_import_ends_with_one_line_and_leaves_no_file(tmp_path,
     assert main(["import", str(CR3_H5), str(tmp_path / "cr3.loom")]) == 130
     assert capsys.readouterr().err == "loompy import: interrupted\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_info_of_an_empty_file_and_of_compound_attributes_stays_short(tmp_path, capsys):
+    empty = tmp_path / "new.loom"
+    loompy.new(empty).close()
+    assert main(["info", str(empty)]) == 0
+    assert "  layers: (none)\n" in capsys.readouterr().out
+    path = tmp_path / "c.loom"
+    fields = [(f"regulon_{k}(+)", "f8") for k in range(40)]
+    with loompy.create(path, np.ones((2, 4), np.float32), {"g": np.arange(2)}, {"c": np.arange(4)}) as ds:
+        ds.ca.RegulonsAUC = np.ones(4, dtype=fields)  # (as pySCENIC writes: a field per regulon)
+    assert main(["info", str(path)]) == 0
+    line = next(t for t in capsys.readouterr().out.splitlines() if "RegulonsAUC" in t)
+    assert "RegulonsAUC: compound of 40 fields (regulon_0(+), regulon_1(+), regulon_2(+), ...)  [(1.0, " in line
+    assert len(line) < 200 and line.endswith("...]")

@@ -556,3 +556,15 @@ def test_repeated_matrix_market_entries_summed_beyond_int32_stay_exact(tmp_path)
     data = read_10x(folder)
     assert data.matrix.dtype == np.int32
     np.testing.assert_array_equal(data.matrix.toarray(), [[5, 0], [0, 5]])
+
+
+def test_a_sample_with_only_raw_matrices_is_refused_naming_the_raw_folder_to_give(tmp_path):
+    raw = tmp_path / "sample" / "outs" / "raw_feature_bc_matrix"
+    shutil.copytree(CR3 / "filtered_feature_bc_matrix", raw)
+    with pytest.raises(loompy.LoomValueError, match=r"sample: no 10x Genomics matrix found .*of filtered barcodes; "
+                                                    r"the raw matrices are read only when named: give .*"
+                                                    r"outs/raw_feature_bc_matrix\)"):
+        loompy.create_from_cellranger(tmp_path / "sample", str(tmp_path / "s.loom"))
+    out = loompy.create_from_cellranger(raw, str(tmp_path / "raw.loom"))
+    with loompy.connect(out, "r") as ds:
+        assert ds.shape == read_10x(CR3 / "filtered_feature_bc_matrix").matrix.shape
