@@ -23,8 +23,12 @@ EXAMPLE = Path(__file__).parent / "data" / "pbmc_cr3"
 
 def _describe(values: np.ndarray) -> str:
     names = values.dtype.names
-    kind = ("str" if values.dtype == object else str(values.dtype) if names is None
-            else f"compound of {len(names)} fields ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+    if values.dtype == object:
+        kind = "str"
+    elif names is None:
+        kind = str(values.dtype)
+    else:  # (pySCENIC's regulons: a field each, hundreds of them)
+        kind = f"compound of {len(names)} fields ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
     shape = "" if values.ndim == 1 else f" shape {values.shape}"
     preview = ", ".join(str(v) for v in values[:3].tolist()) + (", ..." if len(values) > 3 else "")
     return f"{kind}{shape}  [{preview if len(preview) <= 80 else preview[:77] + '...'}]"

@@ -7,6 +7,7 @@ through :mod:`.growing`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -108,13 +109,8 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
 
         for a in attr_names:
             parts = [column_values(c, a, sel) for c, sel in zip(conns, cols)]
-            text = {c.filename: p.dtype == object for c, p in zip(conns, parts) if len(p)}  # (none: no clash)
-            if len(set(text.values())) > 1 and not convert_attrs:
-                raise LoomValueError(f"{doing}: column attribute '{a}' is text in "
-                                     f"{', '.join(k for k, v in text.items() if v)} and numbers in "
-                                     f"{', '.join(k for k, v in text.items() if not v)} (pass convert_attrs=True "
-                                     "to store it as text)")
-            col_attrs[a] = join_values(parts, f"{doing}: column attribute '{a}'", convert_attrs)
+            col_attrs[a] = join_values(parts, f"{doing}: column attribute '{a}'", convert_attrs,
+                                       clash=functools.partial(_text_and_numbers, conns, parts))
         # each layer holds every input's values unchanged: the dtype numpy would concatenate them in, or
         # when that would round 64-bit integers, one that holds the values the inputs have
         dtypes = {name: _layer_dtype([c.layers[name]._dataset for c in conns if name in c.layers],
@@ -159,6 +155,13 @@ def _combine(files: Sequence[str | os.PathLike], output_file: str | os.PathLike,
     finally:
         for c in conns:
             c.close()
+
+
+def _text_and_numbers(conns: list[LoomConnection], parts: list[np.ndarray]) -> str:
+    """Which inputs hold a column attribute as text and which as numbers (those without columns aside)."""
+    text = {c.filename: p.dtype == object for c, p in zip(conns, parts) if len(p)}
+    return (f" is text in {', '.join(k for k, v in text.items() if v)} and numbers in "
+            f"{', '.join(k for k, v in text.items() if not v)} (pass convert_attrs=True to store it as text)")
 
 
 def _joined_column_graphs(conns: list[LoomConnection], cols: list[np.ndarray]) -> dict[str, sp.coo_matrix]:

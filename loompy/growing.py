@@ -7,6 +7,7 @@ when the file is next opened; failing while it writes, it rolls itself back.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -207,12 +208,8 @@ def _column_attrs(ds: LoomConnection, col_attrs: Any, n_new: int, fill_values: A
         what = f"{where}: column attribute '{name}'"
         if name in stored:
             sample = samples[name]  # its dtype and shape decide how the new values join
-            if (sample.dtype == object) != (values.dtype == object) and len(values) and not convert_attrs:
-                raise LoomValueError(f"{what} holds {joining.described(sample)}, and the new columns' values are "
-                                     f"{joining.described(values)}: give the new columns the same kind of values "
-                                     f"(or store the attribute as text first: ds.ca['{name}'] = "
-                                     f"ds.ca['{name}'].astype(str))")
-            joined = joining.join_values([sample, values], what, convert_attrs)
+            joined = joining.join_values([sample, values], what, convert_attrs,
+                                         clash=functools.partial(_other_kind, name, sample, values))
             if joined.dtype == sample.dtype and _appendable(stored[name], joined):
                 out[name] = (joined[len(sample):], False)
                 continue
@@ -221,6 +218,13 @@ def _column_attrs(ds: LoomConnection, col_attrs: Any, n_new: int, fill_values: A
             old = joining.fill_for(name, values, fill_values, m, where, lacking="the file's existing columns")
         out[name] = (joining.join_values([old, values], what, convert_attrs), True)
     return out, dropped, ignored
+
+
+def _other_kind(name: str, stored: np.ndarray, new: np.ndarray) -> str:
+    """An append's text for a column attribute of numbers (or numbers for one of text), and the way out."""
+    return (f" holds {joining.described(stored)}, and the new columns' values are {joining.described(new)}: "
+            f"give the new columns the same kind of values (or store the attribute as text first: "
+            f"ds.ca['{name}'] = ds.ca['{name}'].astype(str))")
 
 
 def _warn_left_out(where: str, dropped: list[str], ignored: list[str]) -> None:

@@ -8,7 +8,7 @@ one side has no values for (``fill_values``), and file attributes that become pe
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -79,10 +79,13 @@ def has_fill(name: str, fill_values: Any) -> bool:
     return is_auto(fill_values) or (isinstance(fill_values, Mapping) and name in fill_values)
 
 
-def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False) -> np.ndarray:
+def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False,
+                clash: Callable[[], str] | None = None) -> np.ndarray:
     """Column attribute values of several sources, one after the other, with no value changed:
     each part is taken in the first one's dtype when it fits it, else the parts are promoted only
-    if every value survives. With ``convert_attrs``, text in any part makes all of them text."""
+    if every value survives. With ``convert_attrs``, text in any part makes all of them text;
+    without, text beside numbers is refused, ``clash()`` (when given) saying after ``where`` which
+    sources hold which, in the caller's words."""
     filled = [p for p in parts if len(p)]  # (a part without values, from a file without columns, fits any)
     if filled and len(filled) < len(parts):
         parts = [p if len(p) else np.empty((0, *filled[0].shape[1:]), filled[0].dtype) for p in parts]
@@ -91,6 +94,8 @@ def join_values(parts: list[np.ndarray], where: str, convert_attrs: bool = False
         parts = [encoding.normalize_values(p.astype(str), where) for p in parts]
     first = parts[0]
     for p in parts[1:]:
+        if (p.dtype == object) != (first.dtype == object) and clash is not None and not convert_attrs:
+            raise LoomValueError(f"{where}{clash()}")
         if (p.dtype == object) != (first.dtype == object) or p.shape[1:] != first.shape[1:]:
             raise LoomValueError(f"{where}: values of one source ({described(p)}) cannot join those of the first "
                                  f"({described(first)})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from typing import Any
@@ -324,21 +325,21 @@ class LayerManager(DotAccess, CheckedUpdate, MutableMapping):
         """
         self._checked(name, matrix, chunks, chunk_cache, dtype, compression_opts)()
 
-    def _checked_all(self, pairs: list[tuple[str, Any]]) -> list[Callable[[], None]]:
-        # (the main matrix of a file that has none yet gives the shape the others are checked against)
-        first = [k for k, (name, _) in enumerate(pairs) if name == ""][:1]
-        pairs = [pairs[k] for k in first] + [p for k, p in enumerate(pairs) if k not in first]
-        writes: list[Callable[[], None]] = []
-        for name, matrix in pairs:
-            writes.append(self._checked(name, matrix, shape=getattr(writes[0], "shape", None) if writes else None))
+    def _checked_all(self, pairs: list[tuple[str, Any]]) -> list[functools.partial]:
+        # the main matrix first: in a file that has none yet, its shape is the one the others must have
+        writes, main_shape = [], None
+        for name, matrix in sorted(pairs, key=lambda pair: pair[0] != ""):
+            writes.append(self._checked(name, matrix, main_shape=main_shape))
+            if writes[-1].keywords["defines_shape"]:
+                main_shape = writes[-1].keywords["shape"]
         return writes
 
     def _checked(self, name: str, matrix: Any, chunks: tuple[int, int] = fmt.DEFAULT_CHUNKS,
                  chunk_cache: int = fmt.DEFAULT_CHUNK_CACHE_MB, dtype: Any = None,
                  compression_opts: int | None = fmt.DEFAULT_COMPRESSION_LEVEL,
-                 shape: tuple[int, int] | None = None) -> Callable[[], None]:
-        """The checks of a ``set_layer``; returns its write (``shape``: the matrix's shape, when a
-        main matrix checked just before will define it)."""
+                 main_shape: tuple[int, int] | None = None) -> functools.partial:
+        """The checks of a ``set_layer``; returns its write (``main_shape``: the shape a main matrix
+        checked just before will give a file that has none yet)."""
         fmt.check_name(name, f"{self._file.filename}: layer", empty=True)
         where = f"{self._file.filename}: layer '{name}'"
         check_writable(self._file, where)
@@ -353,7 +354,7 @@ class LayerManager(DotAccess, CheckedUpdate, MutableMapping):
         if matrix is not None:
             matrix = encoding.matrix_values(matrix, where)
         target_dtype = fmt.check_matrix_dtype(dtype if dtype is not None else _input_dtype(matrix), where)
-        expected = shape or self._dims.shape
+        expected = main_shape or self._dims.shape
         shape = expected if matrix is None else tuple(matrix.shape)
         if len(shape) != 2:
             raise LoomValueError(f"{where}: a layer must be two-dimensional, got shape {shape}")
@@ -363,14 +364,11 @@ class LayerManager(DotAccess, CheckedUpdate, MutableMapping):
         if matrix is not None:
             fmt.check_fits(matrix, target_dtype, where)
         check_free_space(self._file.filename, stored_size_bound(matrix) + SPARE_BYTES, where)
+        return functools.partial(self._store, name, matrix, shape=shape, target_dtype=target_dtype, chunks=chunks,
+                                 compression_opts=compression_opts, chunk_cache=chunk_cache,
+                                 defines_shape=defines_shape)
 
-        def write() -> None:
-            self._store(name, matrix, shape, target_dtype, chunks, compression_opts, chunk_cache, defines_shape)
-        if defines_shape:
-            write.shape = shape  # (see _checked_all)
-        return write
-
-    def _store(self, name: str, matrix: Any, shape: tuple[int, int], target_dtype: np.dtype,
+    def _store(self, name: str, matrix: Any, *, shape: tuple[int, int], target_dtype: np.dtype,
                chunks: tuple[int, int], compression_opts: int | None, chunk_cache: int, defines_shape: bool) -> None:
         existing = self._dataset(name)
         group, final = fmt.layer_place(self._file, name)
